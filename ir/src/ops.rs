@@ -1,0 +1,606 @@
+//! The op set: a few composable ops able to express decoder-only transformers,
+//! their generic (name, positional, keyword) form used by the printer and parser,
+//! and their type rules.
+
+use crate::entities::{ParamId, ValueId};
+use crate::types::{DType, Dim, TensorType};
+
+/// RoPE pair layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RopeLayout {
+    /// Rotate element pairs (2i, 2i+1) — GGUF llama after its Q/K permutation.
+    Interleaved,
+    /// Rotate (i, i + rot/2) — "rotate_half", Hugging Face / GPT-NeoX style.
+    Neox,
+}
+
+impl RopeLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            RopeLayout::Interleaved => "interleaved",
+            RopeLayout::Neox => "neox",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "interleaved" => Some(RopeLayout::Interleaved),
+            "neox" => Some(RopeLayout::Neox),
+            _ => None,
+        }
+    }
+}
+
+/// Elementwise activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_tanh",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "silu" => Some(Activation::Silu),
+            "gelu_tanh" => Some(Activation::GeluTanh),
+            _ => None,
+        }
+    }
+}
+
+/// Attributes of an attention op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionAttrs {
+    /// KV-cache slot this op writes (when it has k and v) or reads (when it shares another's).
+    pub cache: u32,
+    pub heads: u64,
+    pub kv_heads: u64,
+    pub head_dim: u64,
+    /// Multiplier applied to q·k before the softmax.
+    pub scale: f32,
+    /// Sliding window in tokens (a key at position j is visible from i when i - j < window); 0 = unlimited.
+    pub window: u64,
+    /// Logit soft-cap (tanh(x/cap)·cap); 0 = off.
+    pub softcap: f32,
+}
+
+/// Attributes of a RoPE op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeAttrs {
+    pub head_dim: u64,
+    /// Number of leading dims of each head that rotate (≤ head_dim, even).
+    pub rot_dims: u64,
+    pub theta: f32,
+    /// Linear position scaling: angle = pos · freq_scale · theta^(-2i/rot).
+    pub freq_scale: f32,
+    pub layout: RopeLayout,
+}
+
+/// One instruction's operation. Values flow as f32 activations `[T, N]`
+/// (T = tokens of this forward call) unless noted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Graph input: token ids `i32[T]`.
+    Tokens,
+    /// Gather rows of `table` `[V, D]` at token ids: `[T, D]`.
+    Embed { table: ParamId, ids: ValueId },
+    /// RMS normalization over groups of `group` elements (0 = the whole row), times `weight`.
+    RmsNorm { x: ValueId, weight: Option<ParamId>, eps: f32, group: u64 },
+    /// Layer normalization over the row.
+    LayerNorm { x: ValueId, weight: Option<ParamId>, bias: Option<ParamId>, eps: f32 },
+    /// `x · wᵀ (+ bias)`, w `[out, in]` in any float or quantized dtype.
+    MatMul { x: ValueId, w: ParamId, bias: Option<ParamId> },
+    Add { a: ValueId, b: ValueId },
+    Mul { a: ValueId, b: ValueId },
+    Scale { x: ValueId, s: f32 },
+    Act { x: ValueId, kind: Activation },
+    /// `act(gate) * up`: SwiGLU with silu, GeGLU with gelu_tanh.
+    Glu { gate: ValueId, up: ValueId, kind: Activation },
+    /// Rotary position embedding per head, at positions pos..pos+T.
+    Rope { x: ValueId, attrs: RopeAttrs },
+    /// Softmax over the last dimension.
+    Softmax { x: ValueId },
+    /// Causal grouped-query attention over the KV cache. With `k`/`v` the op
+    /// appends them to its cache slot first; without, it reads a slot written
+    /// by an earlier attention op (cross-layer KV sharing).
+    Attention { q: ValueId, k: Option<ValueId>, v: Option<ValueId>, attrs: AttentionAttrs },
+}
+
+/// A literal or reference in the generic form of an op.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Arg {
+    Value(ValueId),
+    Param(ParamId),
+    Int(u64),
+    Float(f32),
+    Ident(String),
+}
+
+/// Generic form of an op: `name pos0, pos1, key=val, ...`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpForm {
+    pub name: &'static str,
+    pub pos: Vec<Arg>,
+    pub kw: Vec<(&'static str, Arg)>,
+}
+
+/// Every op name, for diagnostics.
+pub const OP_NAMES: &[&str] = &[
+    "tokens", "embed", "rms_norm", "layer_norm", "matmul", "add", "mul", "scale", "act", "glu",
+    "rope", "softmax", "attention",
+];
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Tokens => "tokens",
+            Op::Embed { .. } => "embed",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::MatMul { .. } => "matmul",
+            Op::Add { .. } => "add",
+            Op::Mul { .. } => "mul",
+            Op::Scale { .. } => "scale",
+            Op::Act { .. } => "act",
+            Op::Glu { .. } => "glu",
+            Op::Rope { .. } => "rope",
+            Op::Softmax { .. } => "softmax",
+            Op::Attention { .. } => "attention",
+        }
+    }
+
+    /// Value operands, in order.
+    pub fn values(&self) -> Vec<ValueId> {
+        match self {
+            Op::Tokens => vec![],
+            Op::Embed { ids, .. } => vec![*ids],
+            Op::RmsNorm { x, .. }
+            | Op::LayerNorm { x, .. }
+            | Op::MatMul { x, .. }
+            | Op::Scale { x, .. }
+            | Op::Act { x, .. }
+            | Op::Rope { x, .. }
+            | Op::Softmax { x } => vec![*x],
+            Op::Add { a, b } | Op::Mul { a, b } => vec![*a, *b],
+            Op::Glu { gate, up, .. } => vec![*gate, *up],
+            Op::Attention { q, k, v, .. } => {
+                let mut out = vec![*q];
+                out.extend(k.iter().copied());
+                out.extend(v.iter().copied());
+                out
+            }
+        }
+    }
+
+    /// Parameter operands, in order.
+    pub fn params(&self) -> Vec<ParamId> {
+        match self {
+            Op::Embed { table, .. } => vec![*table],
+            Op::RmsNorm { weight, .. } => weight.iter().copied().collect(),
+            Op::LayerNorm { weight, bias, .. } => weight.iter().chain(bias.iter()).copied().collect(),
+            Op::MatMul { w, bias, .. } => std::iter::once(*w).chain(bias.iter().copied()).collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Rewrites every value operand through `f` (used by passes that splice graphs).
+    pub fn map_values(&mut self, mut f: impl FnMut(ValueId) -> ValueId) {
+        match self {
+            Op::Tokens => {}
+            Op::Embed { ids, .. } => *ids = f(*ids),
+            Op::RmsNorm { x, .. }
+            | Op::LayerNorm { x, .. }
+            | Op::MatMul { x, .. }
+            | Op::Scale { x, .. }
+            | Op::Act { x, .. }
+            | Op::Rope { x, .. }
+            | Op::Softmax { x } => *x = f(*x),
+            Op::Add { a, b } | Op::Mul { a, b } => {
+                *a = f(*a);
+                *b = f(*b);
+            }
+            Op::Glu { gate, up, .. } => {
+                *gate = f(*gate);
+                *up = f(*up);
+            }
+            Op::Attention { q, k, v, .. } => {
+                *q = f(*q);
+                if let Some(k) = k {
+                    *k = f(*k);
+                }
+                if let Some(v) = v {
+                    *v = f(*v);
+                }
+            }
+        }
+    }
+
+    /// The generic form used by the textual IR.
+    pub fn to_form(&self) -> OpForm {
+        use Arg::*;
+        let (pos, kw): (Vec<Arg>, Vec<(&'static str, Arg)>) = match self {
+            Op::Tokens => (vec![], vec![]),
+            Op::Embed { table, ids } => (vec![Param(*table), Value(*ids)], vec![]),
+            Op::RmsNorm { x, weight, eps, group } => {
+                let mut kw = vec![];
+                if let Some(w) = weight {
+                    kw.push(("weight", Param(*w)));
+                }
+                kw.push(("eps", Float(*eps)));
+                if *group != 0 {
+                    kw.push(("group", Int(*group)));
+                }
+                (vec![Value(*x)], kw)
+            }
+            Op::LayerNorm { x, weight, bias, eps } => {
+                let mut kw = vec![];
+                if let Some(w) = weight {
+                    kw.push(("weight", Param(*w)));
+                }
+                if let Some(b) = bias {
+                    kw.push(("bias", Param(*b)));
+                }
+                kw.push(("eps", Float(*eps)));
+                (vec![Value(*x)], kw)
+            }
+            Op::MatMul { x, w, bias } => {
+                let kw = bias.iter().map(|b| ("bias", Param(*b))).collect();
+                (vec![Value(*x), Param(*w)], kw)
+            }
+            Op::Add { a, b } | Op::Mul { a, b } => (vec![Value(*a), Value(*b)], vec![]),
+            Op::Scale { x, s } => (vec![Value(*x)], vec![("s", Float(*s))]),
+            Op::Act { x, kind } => (vec![Value(*x)], vec![("kind", Ident(kind.name().into()))]),
+            Op::Glu { gate, up, kind } => {
+                (vec![Value(*gate), Value(*up)], vec![("kind", Ident(kind.name().into()))])
+            }
+            Op::Rope { x, attrs } => (
+                vec![Value(*x)],
+                vec![
+                    ("head_dim", Int(attrs.head_dim)),
+                    ("rot_dims", Int(attrs.rot_dims)),
+                    ("theta", Float(attrs.theta)),
+                    ("freq_scale", Float(attrs.freq_scale)),
+                    ("layout", Ident(attrs.layout.name().into())),
+                ],
+            ),
+            Op::Softmax { x } => (vec![Value(*x)], vec![]),
+            Op::Attention { q, k, v, attrs } => {
+                let mut kw = vec![];
+                if let Some(k) = k {
+                    kw.push(("k", Value(*k)));
+                }
+                if let Some(v) = v {
+                    kw.push(("v", Value(*v)));
+                }
+                kw.push(("cache", Int(attrs.cache as u64)));
+                kw.push(("heads", Int(attrs.heads)));
+                kw.push(("kv_heads", Int(attrs.kv_heads)));
+                kw.push(("head_dim", Int(attrs.head_dim)));
+                kw.push(("scale", Float(attrs.scale)));
+                if attrs.window != 0 {
+                    kw.push(("window", Int(attrs.window)));
+                }
+                if attrs.softcap != 0.0 {
+                    kw.push(("softcap", Float(attrs.softcap)));
+                }
+                (vec![Value(*q)], kw)
+            }
+        };
+        OpForm { name: self.name(), pos, kw }
+    }
+
+    /// Builds an op from its generic form; the error says what is wrong.
+    pub fn from_form(name: &str, pos: Vec<Arg>, kw: Vec<(String, Arg)>) -> Result<Op, String> {
+        let mut a = FormReader { name, pos: pos.into_iter().collect(), kw, next: 0 };
+        let op = match name {
+            "tokens" => Op::Tokens,
+            "embed" => Op::Embed { table: a.param()?, ids: a.value()? },
+            "rms_norm" => Op::RmsNorm {
+                x: a.value()?,
+                weight: a.opt_param("weight")?,
+                eps: a.float("eps")?,
+                group: a.opt_int("group")?.unwrap_or(0),
+            },
+            "layer_norm" => Op::LayerNorm {
+                x: a.value()?,
+                weight: a.opt_param("weight")?,
+                bias: a.opt_param("bias")?,
+                eps: a.float("eps")?,
+            },
+            "matmul" => Op::MatMul { x: a.value()?, w: a.param()?, bias: a.opt_param("bias")? },
+            "add" => Op::Add { a: a.value()?, b: a.value()? },
+            "mul" => Op::Mul { a: a.value()?, b: a.value()? },
+            "scale" => Op::Scale { x: a.value()?, s: a.float("s")? },
+            "act" => Op::Act { x: a.value()?, kind: a.activation()? },
+            "glu" => Op::Glu { gate: a.value()?, up: a.value()?, kind: a.activation()? },
+            "rope" => {
+                let x = a.value()?;
+                let head_dim = a.int("head_dim")?;
+                let rot_dims = a.int("rot_dims")?;
+                let theta = a.float("theta")?;
+                let freq_scale = a.float("freq_scale")?;
+                let layout_name = a.ident("layout")?;
+                let layout = RopeLayout::from_name(&layout_name)
+                    .ok_or_else(|| format!("unknown rope layout `{layout_name}` (interleaved|neox)"))?;
+                Op::Rope { x, attrs: RopeAttrs { head_dim, rot_dims, theta, freq_scale, layout } }
+            }
+            "softmax" => Op::Softmax { x: a.value()? },
+            "attention" => {
+                let q = a.value()?;
+                let k = a.opt_value("k")?;
+                let v = a.opt_value("v")?;
+                let cache = a.int("cache")?;
+                let cache = u32::try_from(cache).map_err(|_| format!("cache slot {cache} too large"))?;
+                Op::Attention {
+                    q,
+                    k,
+                    v,
+                    attrs: AttentionAttrs {
+                        cache,
+                        heads: a.int("heads")?,
+                        kv_heads: a.int("kv_heads")?,
+                        head_dim: a.int("head_dim")?,
+                        scale: a.float("scale")?,
+                        window: a.opt_int("window")?.unwrap_or(0),
+                        softcap: a.opt_float("softcap")?.unwrap_or(0.0),
+                    },
+                }
+            }
+            other => return Err(format!("unknown op `{other}`; known ops: {}", OP_NAMES.join(", "))),
+        };
+        a.finish()?;
+        Ok(op)
+    }
+}
+
+struct FormReader<'a> {
+    name: &'a str,
+    pos: Vec<Arg>,
+    kw: Vec<(String, Arg)>,
+    next: usize,
+}
+
+impl FormReader<'_> {
+    fn positional(&mut self, what: &str) -> Result<Arg, String> {
+        let arg = self
+            .pos
+            .get(self.next)
+            .cloned()
+            .ok_or_else(|| format!("`{}` expects a {what} as operand {}", self.name, self.next + 1))?;
+        self.next += 1;
+        Ok(arg)
+    }
+    fn value(&mut self) -> Result<ValueId, String> {
+        match self.positional("value (%N)")? {
+            Arg::Value(v) => Ok(v),
+            other => Err(format!("`{}` operand {}: expected a value, found {other:?}", self.name, self.next)),
+        }
+    }
+    fn param(&mut self) -> Result<ParamId, String> {
+        match self.positional("parameter (@name)")? {
+            Arg::Param(p) => Ok(p),
+            other => Err(format!("`{}` operand {}: expected a parameter, found {other:?}", self.name, self.next)),
+        }
+    }
+    fn take_kw(&mut self, key: &str) -> Option<Arg> {
+        let i = self.kw.iter().position(|(k, _)| k == key)?;
+        Some(self.kw.remove(i).1)
+    }
+    fn opt_param(&mut self, key: &str) -> Result<Option<ParamId>, String> {
+        match self.take_kw(key) {
+            None => Ok(None),
+            Some(Arg::Param(p)) => Ok(Some(p)),
+            Some(other) => Err(format!("`{}`: `{key}` must be a parameter, found {other:?}", self.name)),
+        }
+    }
+    fn opt_value(&mut self, key: &str) -> Result<Option<ValueId>, String> {
+        match self.take_kw(key) {
+            None => Ok(None),
+            Some(Arg::Value(v)) => Ok(Some(v)),
+            Some(other) => Err(format!("`{}`: `{key}` must be a value, found {other:?}", self.name)),
+        }
+    }
+    fn opt_int(&mut self, key: &str) -> Result<Option<u64>, String> {
+        match self.take_kw(key) {
+            None => Ok(None),
+            Some(Arg::Int(n)) => Ok(Some(n)),
+            Some(other) => Err(format!("`{}`: `{key}` must be an integer, found {other:?}", self.name)),
+        }
+    }
+    fn int(&mut self, key: &str) -> Result<u64, String> {
+        self.opt_int(key)?.ok_or_else(|| format!("`{}` needs `{key}=`", self.name))
+    }
+    fn opt_float(&mut self, key: &str) -> Result<Option<f32>, String> {
+        match self.take_kw(key) {
+            None => Ok(None),
+            Some(Arg::Float(x)) => Ok(Some(x)),
+            Some(Arg::Int(n)) => Ok(Some(n as f32)),
+            Some(other) => Err(format!("`{}`: `{key}` must be a number, found {other:?}", self.name)),
+        }
+    }
+    fn float(&mut self, key: &str) -> Result<f32, String> {
+        self.opt_float(key)?.ok_or_else(|| format!("`{}` needs `{key}=`", self.name))
+    }
+    fn ident(&mut self, key: &str) -> Result<String, String> {
+        match self.take_kw(key) {
+            Some(Arg::Ident(s)) => Ok(s),
+            Some(other) => Err(format!("`{}`: `{key}` must be a name, found {other:?}", self.name)),
+            None => Err(format!("`{}` needs `{key}=`", self.name)),
+        }
+    }
+    fn activation(&mut self) -> Result<Activation, String> {
+        let s = self.ident("kind")?;
+        Activation::from_name(&s).ok_or_else(|| format!("unknown activation `{s}` (silu|gelu_tanh)"))
+    }
+    fn finish(self) -> Result<(), String> {
+        if self.next < self.pos.len() {
+            return Err(format!("`{}` takes {} operand(s), found {}", self.name, self.next, self.pos.len()));
+        }
+        if let Some((k, _)) = self.kw.first() {
+            return Err(format!("`{}` has no attribute `{k}`", self.name));
+        }
+        Ok(())
+    }
+}
+
+/// What type inference needs to know about operands.
+pub trait TypeEnv {
+    fn value_type(&self, v: ValueId) -> Option<&TensorType>;
+    fn param_type(&self, p: ParamId) -> Option<&TensorType>;
+    fn param_name(&self, p: ParamId) -> String;
+}
+
+fn act_row(ty: &TensorType, what: &str) -> Result<u64, String> {
+    match (ty.dtype, ty.shape.as_slice()) {
+        (DType::F32, [Dim::Seq, Dim::Fixed(n)]) => Ok(*n),
+        _ => Err(format!("{what} must be f32[T, N], found {ty}")),
+    }
+}
+
+fn vector_param(env: &dyn TypeEnv, p: ParamId, n: u64, what: &str) -> Result<(), String> {
+    let ty = env.param_type(p).ok_or_else(|| format!("{what}: undefined parameter"))?;
+    if ty.dtype != DType::F32 || ty.shape != [Dim::Fixed(n)] {
+        return Err(format!("{what} @{} must be f32[{n}], found {ty}", env.param_name(p)));
+    }
+    Ok(())
+}
+
+impl Op {
+    /// Infers the result type from operand types, or says why the op is ill-typed.
+    pub fn infer(&self, env: &dyn TypeEnv) -> Result<TensorType, String> {
+        let vt = |v: ValueId| env.value_type(v).ok_or_else(|| format!("{v} used before it is defined"));
+        let pt = |p: ParamId| env.param_type(p).ok_or_else(|| format!("undefined parameter #{}", p.0));
+        let act = |n: u64| TensorType::new(DType::F32, vec![Dim::Seq, Dim::Fixed(n)]);
+        match self {
+            Op::Tokens => Ok(TensorType::new(DType::I32, vec![Dim::Seq])),
+            Op::Embed { table, ids } => {
+                let ids_t = vt(*ids)?;
+                if ids_t.dtype != DType::I32 || ids_t.shape != [Dim::Seq] {
+                    return Err(format!("embed ids must be i32[T], found {ids_t}"));
+                }
+                let t = pt(*table)?;
+                match t.fixed_dims().as_deref() {
+                    Some([_, d]) => Ok(act(*d)),
+                    _ => Err(format!("embedding table @{} must be 2-D, found {t}", env.param_name(*table))),
+                }
+            }
+            Op::RmsNorm { x, weight, group, .. } => {
+                let n = act_row(vt(*x)?, "rms_norm input")?;
+                let g = if *group == 0 { n } else { *group };
+                if n % g != 0 {
+                    return Err(format!("rms_norm group {g} does not divide row length {n}"));
+                }
+                if let Some(w) = weight {
+                    vector_param(env, *w, g, "rms_norm weight")?;
+                }
+                Ok(act(n))
+            }
+            Op::LayerNorm { x, weight, bias, .. } => {
+                let n = act_row(vt(*x)?, "layer_norm input")?;
+                for p in weight.iter().chain(bias.iter()) {
+                    vector_param(env, *p, n, "layer_norm weight/bias")?;
+                }
+                Ok(act(n))
+            }
+            Op::MatMul { x, w, bias } => {
+                let n_in = act_row(vt(*x)?, "matmul input")?;
+                let wt = pt(*w)?;
+                let Some([out, k]) = wt.fixed_dims().as_deref().map(|d| <[u64; 2]>::try_from(d).ok()).flatten()
+                else {
+                    return Err(format!("matmul weight @{} must be 2-D [out, in], found {wt}", env.param_name(*w)));
+                };
+                if k != n_in {
+                    return Err(format!(
+                        "matmul weight @{} is {wt} but the input rows have {n_in} elements",
+                        env.param_name(*w)
+                    ));
+                }
+                if wt.dtype == DType::I32 {
+                    return Err(format!("matmul weight @{} must be a float or quantized type", env.param_name(*w)));
+                }
+                if k % wt.dtype.block_elems() != 0 {
+                    return Err(format!(
+                        "matmul weight @{}: row length {k} is not a multiple of the {} block size {}",
+                        env.param_name(*w),
+                        wt.dtype,
+                        wt.dtype.block_elems()
+                    ));
+                }
+                if let Some(b) = bias {
+                    vector_param(env, *b, out, "matmul bias")?;
+                }
+                Ok(act(out))
+            }
+            Op::Add { a, b } | Op::Mul { a, b } => {
+                let (ta, tb) = (vt(*a)?, vt(*b)?);
+                act_row(ta, "elementwise operand")?;
+                if ta != tb {
+                    return Err(format!("operand types differ: {ta} vs {tb}"));
+                }
+                Ok(ta.clone())
+            }
+            Op::Scale { x, .. } | Op::Act { x, .. } | Op::Softmax { x } => {
+                let n = act_row(vt(*x)?, "operand")?;
+                Ok(act(n))
+            }
+            Op::Glu { gate, up, .. } => {
+                let (tg, tu) = (vt(*gate)?, vt(*up)?);
+                act_row(tg, "glu gate")?;
+                if tg != tu {
+                    return Err(format!("glu gate and up differ: {tg} vs {tu}"));
+                }
+                Ok(tg.clone())
+            }
+            Op::Rope { x, attrs } => {
+                let n = act_row(vt(*x)?, "rope input")?;
+                if attrs.head_dim == 0 || n % attrs.head_dim != 0 {
+                    return Err(format!("rope head_dim {} does not divide row length {n}", attrs.head_dim));
+                }
+                if attrs.rot_dims == 0 || attrs.rot_dims > attrs.head_dim || attrs.rot_dims % 2 != 0 {
+                    return Err(format!(
+                        "rope rot_dims {} must be even and in 1..={}",
+                        attrs.rot_dims, attrs.head_dim
+                    ));
+                }
+                if !(attrs.theta > 0.0 && attrs.theta.is_finite()) {
+                    return Err(format!("rope theta {} must be positive", attrs.theta));
+                }
+                Ok(act(n))
+            }
+            Op::Attention { q, k, v, attrs } => {
+                let nq = act_row(vt(*q)?, "attention q")?;
+                let AttentionAttrs { heads, kv_heads, head_dim, .. } = *attrs;
+                if heads == 0 || kv_heads == 0 || head_dim == 0 || heads % kv_heads != 0 {
+                    return Err(format!(
+                        "attention heads {heads} must be a nonzero multiple of kv_heads {kv_heads} (head_dim {head_dim})"
+                    ));
+                }
+                if nq != heads * head_dim {
+                    return Err(format!("attention q has {nq} columns, expected heads×head_dim = {}", heads * head_dim));
+                }
+                match (k, v) {
+                    (Some(k), Some(v)) => {
+                        for (name, t) in [("k", vt(*k)?), ("v", vt(*v)?)] {
+                            let n = act_row(t, "attention k/v")?;
+                            if n != kv_heads * head_dim {
+                                return Err(format!(
+                                    "attention {name} has {n} columns, expected kv_heads×head_dim = {}",
+                                    kv_heads * head_dim
+                                ));
+                            }
+                        }
+                    }
+                    (None, None) => {}
+                    _ => return Err("attention needs both k and v, or neither (shared cache)".into()),
+                }
+                Ok(act(nq))
+            }
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The verifier: checks types, shapes, quantized layouts and KV-cache references.
+//! Backends accept only a [`VerifiedModule`], which only [`verify`] can make.
+
+use std::collections::HashMap;
+use std::ops::Deref;
+
+use crate::entities::ValueId;
+use crate::error::{IrError, IrResult};
+use crate::module::{Env, Module};
+use crate::ops::Op;
+use crate::types::{DType, Dim};
+
+/// A module that passed the verifier. Read-only; `into_inner` gives the module back for passes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifiedModule {
+    module: Module,
+}
+
+impl VerifiedModule {
+    pub fn into_inner(self) -> Module {
+        self.module
+    }
+    pub fn module(&self) -> &Module {
+        &self.module
+    }
+}
+
+impl Deref for VerifiedModule {
+    type Target = Module;
+    fn deref(&self) -> &Module {
+        &self.module
+    }
+}
+
+fn fail<T>(at: impl Into<String>, msg: impl Into<String>) -> IrResult<T> {
+    Err(IrError::Verify { at: at.into(), msg: msg.into() })
+}
+
+/// Checks every invariant of a module.
+pub fn verify(module: Module) -> IrResult<VerifiedModule> {
+    check(&module)?;
+    Ok(VerifiedModule { module })
+}
+
+/// Checks without taking ownership.
+pub fn check(m: &Module) -> IrResult<()> {
+    let mut names = HashMap::new();
+    for p in &m.params {
+        let at = format!("param @{}", p.name);
+        if names.insert(p.name.as_str(), ()).is_some() {
+            return fail(at, "declared twice");
+        }
+        let Some(dims) = p.ty.fixed_dims() else {
+            return fail(at, "parameters must have fixed shapes");
+        };
+        if dims.is_empty() || dims.contains(&0) {
+            return fail(at, format!("empty shape {}", p.ty));
+        }
+        if p.ty.dtype == DType::I32 {
+            return fail(at, "i32 parameters are not supported");
+        }
+        if p.ty.storage_bytes().is_none() {
+            return fail(
+                at,
+                format!(
+                    "{}: last dimension {} is not a multiple of the {} block size {}",
+                    p.ty,
+                    dims[dims.len() - 1],
+                    p.ty.dtype,
+                    p.ty.dtype.block_elems()
+                ),
+            );
+        }
+    }
+
+    let mut tokens_seen = false;
+    // cache slot -> (writer value, kv_heads, head_dim)
+    let mut caches: HashMap<u32, (ValueId, u64, u64)> = HashMap::new();
+    for (i, inst) in m.insts.iter().enumerate() {
+        let at = format!("%{i} = {}", inst.op.name());
+        let env = Env { module: m, limit: i };
+        for v in inst.op.values() {
+            if v.index() >= i {
+                return fail(at, format!("{v} is used before it is defined"));
+            }
+        }
+        for p in inst.op.params() {
+            if p.index() >= m.params.len() {
+                return fail(at, format!("parameter #{} is not declared", p.0));
+            }
+        }
+        let ty = inst.op.infer(&env).or_else(|msg| fail(&at, msg))?;
+        if ty != inst.ty {
+            return fail(at, format!("declared type {} but the operands give {ty}", inst.ty));
+        }
+        match &inst.op {
+            Op::Tokens => {
+                if tokens_seen {
+                    return fail(at, "the graph has more than one `tokens` input");
+                }
+                tokens_seen = true;
+            }
+            Op::Attention { k, attrs, .. } => {
+                if k.is_some() {
+                    if let Some((w, _, _)) = caches.get(&attrs.cache) {
+                        return fail(at, format!("KV-cache slot {} is already written by {w}", attrs.cache));
+                    }
+                    caches.insert(attrs.cache, (ValueId(i as u32), attrs.kv_heads, attrs.head_dim));
+                } else {
+                    match caches.get(&attrs.cache) {
+                        None => {
+                            return fail(
+                                at,
+                                format!(
+                                    "reads KV-cache slot {} but no earlier attention writes it",
+                                    attrs.cache
+                                ),
+                            );
+                        }
+                        Some((w, kvh, hd)) if (*kvh, *hd) != (attrs.kv_heads, attrs.head_dim) => {
+                            return fail(
+                                at,
+                                format!(
+                                    "shares KV-cache slot {} written by {w} with kv_heads {kvh}, head_dim {hd}, \
+                                     but reads it as kv_heads {}, head_dim {}",
+                                    attrs.cache, attrs.kv_heads, attrs.head_dim
+                                ),
+                            );
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(out) = m.output else {
+        return fail("module", "no `output`");
+    };
+    if out.index() >= m.insts.len() {
+        return fail("output", format!("{out} is not defined"));
+    }
+    let ty = &m.insts[out.index()].ty;
+    if ty.dtype != DType::F32 || ty.shape.len() != 2 || ty.shape[0] != Dim::Seq {
+        return fail("output", format!("logits must be f32[T, vocab], found {ty}"));
+    }
+    Ok(())
+}
