@@ -1,3 +1,16 @@
 //! kiln importers: read GGUF files and Hugging Face directories and lower them to kiln IR.
 
+pub mod arch;
+pub mod decoder;
+pub mod error;
 pub mod gguf;
+pub mod gguf_import;
+pub mod import;
+pub mod hf;
+pub mod safetensors;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{FrontendError, FrontendResult};
+pub use weights::{SourceTensor, TensorBytes, Weights};
+pub use import::{ImportedModel, import};

@@ -1,0 +1,190 @@
+//! The 32-element "legacy" ggml block formats Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0: bit-exact dequantization and reference quantizers.
+//!
+//! Layouts (all little-endian, `d`/`m` are f16):
+//! - Q4_0 (18 B): `d`, `qs[16]`; element `j < 16` is `qs[j] & 15`, element `j + 16` is `qs[j] >> 4`; value `d * (q - 8)`.
+//! - Q4_1 (20 B): `d`, `m`, `qs[16]`; value `d * q + m`.
+//! - Q5_0 (22 B): `d`, `qh: u32`, `qs[16]`; bit `j` of `qh` is bit 4 of element `j`; value `d * (q - 16)`.
+//! - Q5_1 (24 B): `d`, `m`, `qh: u32`, `qs[16]`; value `d * q + m`.
+//! - Q8_0 (34 B): `d`, `qs[32]: i8`; value `q * d`.
+//!
+//! The arithmetic is done in f32 in the same order as ggml's
+//! `dequantize_row_*` and gguf-py's `dequantize_blocks`, so results are
+//! bit-identical. The quantizers follow ggml's `quantize_row_*_ref`.
+
+use super::plain::{f16_le, f32_to_f16_bits};
+
+pub(crate) const QK: usize = 32;
+
+#[inline]
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16_le([b[at], b[at + 1]])
+}
+
+#[inline]
+pub(crate) fn dequant_q4_0(b: &[u8; 18], out: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..18];
+    for j in 0..QK / 2 {
+        out[j] = d * f32::from((qs[j] & 0x0f) as i8 - 8);
+        out[j + QK / 2] = d * f32::from((qs[j] >> 4) as i8 - 8);
+    }
+}
+
+#[inline]
+pub(crate) fn dequant_q4_1(b: &[u8; 20], out: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qs = &b[4..20];
+    for j in 0..QK / 2 {
+        out[j] = d * f32::from(qs[j] & 0x0f) + m;
+        out[j + QK / 2] = d * f32::from(qs[j] >> 4) + m;
+    }
+}
+
+#[inline]
+pub(crate) fn dequant_q5_0(b: &[u8; 22], out: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    for j in 0..QK / 2 {
+        let h0 = (((qh >> j) & 1) << 4) as u8;
+        let h1 = (((qh >> (j + QK / 2)) & 1) << 4) as u8;
+        let q0 = ((qs[j] & 0x0f) | h0) as i8 - 16;
+        let q1 = ((qs[j] >> 4) | h1) as i8 - 16;
+        out[j] = d * f32::from(q0);
+        out[j + QK / 2] = d * f32::from(q1);
+    }
+}
+
+#[inline]
+pub(crate) fn dequant_q5_1(b: &[u8; 24], out: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let qs = &b[8..24];
+    for j in 0..QK / 2 {
+        let h0 = (((qh >> j) & 1) << 4) as u8;
+        let h1 = (((qh >> (j + QK / 2)) & 1) << 4) as u8;
+        out[j] = d * f32::from((qs[j] & 0x0f) | h0) + m;
+        out[j + QK / 2] = d * f32::from((qs[j] >> 4) | h1) + m;
+    }
+}
+
+#[inline]
+pub(crate) fn dequant_q8_0(b: &[u8; 34], out: &mut [f32; QK]) {
+    let d = f16_at(b, 0);
+    for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+        *o = f32::from(q as i8) * d;
+    }
+}
+
+/// `1/d`, or 0 when `d` is 0 (ggml's `d ? 1.0f/d : 0.0f`).
+#[inline]
+fn inverse(d: f32) -> f32 {
+    if d == 0.0 { 0.0 } else { 1.0 / d }
+}
+
+/// The element with the largest magnitude (the first one on ties), as ggml's
+/// `quantize_row_q4_0_ref` finds it.
+#[inline]
+fn signed_absmax(x: &[f32; QK]) -> f32 {
+    let mut amax = 0.0f32;
+    let mut max = 0.0f32;
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
+/// Minimum and maximum like ggml's reference loops (start at ±FLT_MAX).
+#[inline]
+fn min_max(x: &[f32; QK]) -> (f32, f32) {
+    let mut min = f32::MAX;
+    let mut max = -f32::MAX;
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    (min, max)
+}
+
+/// `(int8_t)(v)` for values ggml guarantees to be in range; saturating here
+/// (and 0 for NaN) instead of undefined behaviour.
+#[inline]
+fn trunc_i8(v: f32) -> i8 {
+    v as i8
+}
+
+pub(crate) fn quant_q4_0(x: &[f32; QK], b: &mut [u8; 18]) {
+    let d = signed_absmax(x) / -8.0;
+    let id = inverse(d);
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    for j in 0..QK / 2 {
+        let q0 = trunc_i8(x[j] * id + 8.5).clamp(0, 15) as u8;
+        let q1 = trunc_i8(x[j + QK / 2] * id + 8.5).clamp(0, 15) as u8;
+        b[2 + j] = q0 | (q1 << 4);
+    }
+}
+
+pub(crate) fn quant_q4_1(x: &[f32; QK], b: &mut [u8; 20]) {
+    let (min, max) = min_max(x);
+    let d = (max - min) / 15.0;
+    let id = inverse(d);
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    b[2..4].copy_from_slice(&f32_to_f16_bits(min).to_le_bytes());
+    for j in 0..QK / 2 {
+        let q0 = trunc_i8((x[j] - min) * id + 0.5).clamp(0, 15) as u8;
+        let q1 = trunc_i8((x[j + QK / 2] - min) * id + 0.5).clamp(0, 15) as u8;
+        b[4 + j] = q0 | (q1 << 4);
+    }
+}
+
+pub(crate) fn quant_q5_0(x: &[f32; QK], b: &mut [u8; 22]) {
+    let d = signed_absmax(x) / -16.0;
+    let id = inverse(d);
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    let mut qh = 0u32;
+    for j in 0..QK / 2 {
+        let q0 = trunc_i8(x[j] * id + 16.5).clamp(0, 31) as u8;
+        let q1 = trunc_i8(x[j + QK / 2] * id + 16.5).clamp(0, 31) as u8;
+        b[6 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+        qh |= u32::from(q0 >> 4) << j;
+        qh |= u32::from(q1 >> 4) << (j + QK / 2);
+    }
+    b[2..6].copy_from_slice(&qh.to_le_bytes());
+}
+
+pub(crate) fn quant_q5_1(x: &[f32; QK], b: &mut [u8; 24]) {
+    let (min, max) = min_max(x);
+    let d = (max - min) / 31.0;
+    let id = inverse(d);
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    b[2..4].copy_from_slice(&f32_to_f16_bits(min).to_le_bytes());
+    let mut qh = 0u32;
+    for j in 0..QK / 2 {
+        let q0 = trunc_i8((x[j] - min) * id + 0.5).clamp(0, 31) as u8;
+        let q1 = trunc_i8((x[j + QK / 2] - min) * id + 0.5).clamp(0, 31) as u8;
+        b[8 + j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+        qh |= u32::from(q0 >> 4) << j;
+        qh |= u32::from(q1 >> 4) << (j + QK / 2);
+    }
+    b[4..8].copy_from_slice(&qh.to_le_bytes());
+}
+
+pub(crate) fn quant_q8_0(x: &[f32; QK], b: &mut [u8; 34]) {
+    let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = inverse(d);
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    for (q, &v) in b[2..34].iter_mut().zip(x) {
+        // roundf: half away from zero; `as` saturates (ggml's is UB out of range).
+        *q = ((v * id).round() as i8) as u8;
+    }
+}

@@ -1,0 +1,115 @@
+//! The KV cache and causal grouped-query attention.
+//!
+//! A cache slot holds the keys and values of every cached position, f32,
+//! contiguous `[pos][kv_heads · head_dim]`. An attention op with `k`/`v`
+//! appends the `T` new rows to its slot, then every query token `t` at
+//! position `p` and head `h` attends to the cached positions `j ≤ p` (and
+//! `p − j < window` when `window > 0`) of KV head `h / (heads / kv_heads)`:
+//!
+//! ```text
+//! s_j = scale · (q · k_j)          (softcap > 0: s_j = cap · tanh(s_j / cap))
+//! a   = softmax(s)                 (max-subtracted, f64 sum, like ggml)
+//! out = Σ_j a_j · v_j
+//! ```
+//!
+//! An attention op without `k`/`v` reads a slot written by an earlier op of
+//! the same graph, which has already appended this call's rows.
+
+use kiln_ir::AttentionAttrs;
+use rayon::prelude::*;
+
+use super::kernels::{dot, softmax_row};
+
+/// One KV-cache slot.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct KvCache {
+    /// Floats per position: `kv_heads · head_dim`.
+    pub width: usize,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl KvCache {
+    pub fn new(width: usize) -> Self {
+        KvCache {
+            width,
+            k: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        if self.width == 0 {
+            0
+        } else {
+            self.k.len() / self.width
+        }
+    }
+
+    /// Appends rows of keys and values (`[n][width]` each).
+    pub fn append(&mut self, k: &[f32], v: &[f32]) {
+        self.k.extend_from_slice(k);
+        self.v.extend_from_slice(v);
+    }
+
+    /// Keeps only the first `pos` positions.
+    pub fn truncate(&mut self, pos: usize) {
+        self.k.truncate(pos * self.width);
+        self.v.truncate(pos * self.width);
+    }
+}
+
+/// Attention of query rows `q` (`[rows][heads · head_dim]`, row `t` at
+/// position `first_pos + t`) over `cache`, which must already hold every
+/// position up to the last query's. Returns `[rows][heads · head_dim]`.
+///
+/// Parallel over (token, head) pairs.
+pub(crate) fn attend(
+    q: &[f32],
+    first_pos: usize,
+    cache: &KvCache,
+    attrs: &AttentionAttrs,
+) -> Vec<f32> {
+    let heads = attrs.heads as usize;
+    let hd = attrs.head_dim as usize;
+    let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as usize;
+    let window = attrs.window as usize;
+    let width = cache.width;
+    let mut out = vec![0.0f32; q.len()];
+    if hd == 0 || heads == 0 {
+        return out;
+    }
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (idx, o)| {
+            let (t, h) = (idx / heads, idx % heads);
+            let p = first_pos + t;
+            let kv_off = (h / group) * hd;
+            let qh = &q[idx * hd..(idx + 1) * hd];
+            let lo = if window > 0 {
+                (p + 1).saturating_sub(window)
+            } else {
+                0
+            };
+            let hi = (p + 1).min(cache.len());
+            scores.clear();
+            for j in lo..hi {
+                let kj = &cache.k[j * width + kv_off..j * width + kv_off + hd];
+                let mut s = attrs.scale * dot(qh, kj);
+                if attrs.softcap > 0.0 {
+                    s = attrs.softcap * (s / attrs.softcap).tanh();
+                }
+                scores.push(s);
+            }
+            softmax_row(scores);
+            for (j, &a) in (lo..hi).zip(scores.iter()) {
+                let vj = &cache.v[j * width + kv_off..j * width + kv_off + hd];
+                for (od, &vd) in o.iter_mut().zip(vj) {
+                    *od += a * vd;
+                }
+            }
+        },
+    );
+    out
+}

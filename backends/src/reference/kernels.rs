@@ -1,0 +1,307 @@
+//! Row-wise kernels of the reference interpreter: the f32 dot product, norms,
+//! elementwise ops, activations, softmax and RoPE.
+//!
+//! Each function is the definition of its op. The arithmetic follows ggml's
+//! CPU kernels (operation order, where ggml accumulates in double, the form of
+//! each formula) so results stay close to llama.cpp; where that matters it is
+//! said at the function.
+//!
+//! Activations are row-major `[rows, cols]` slices of f32.
+
+use kiln_ir::{Activation, RopeAttrs, RopeLayout};
+
+/// Accumulator lanes of [`dot`].
+const LANES: usize = 8;
+
+/// Sums the accumulator lanes pairwise (the same tree as `quant::dot_row`).
+#[inline]
+fn sum_lanes(acc: &[f32; LANES]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `Σ a[i]·b[i]` over `min(a.len(), b.len())` elements, in eight interleaved
+/// f32 accumulators (element `i` goes to lane `i % 8`), the lanes summed
+/// pairwise, then the tail of fewer than eight elements added.
+///
+/// This is exactly the summation order of `quant::dot_row`, so a matmul that
+/// dequantizes a weight row and calls `dot` gives bit-identical results to
+/// one that calls `dot_row` on the stored row.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let (af, at) = a.as_chunks::<LANES>();
+    let (bf, bt) = b.as_chunks::<LANES>();
+    let mut acc = [0.0f32; LANES];
+    for (x, y) in af.iter().zip(bf) {
+        for k in 0..LANES {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in at.iter().zip(bt) {
+        tail += x * y;
+    }
+    sum_lanes(&acc) + tail
+}
+
+/// Four dot products of the rows `w[0..4]` with the same `x`, each in the
+/// order of [`dot`] (so each result is bit-identical to `dot(w[r], x)`),
+/// sharing the loads of `x`.
+#[inline]
+pub(crate) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
+    let n = x.len();
+    if w.iter().any(|r| r.len() != n) {
+        return w.map(|r| dot(r, x));
+    }
+    let (xf, xt) = x.as_chunks::<LANES>();
+    let rows = w.map(|r| r.as_chunks::<LANES>().0);
+    let mut acc = [[0.0f32; LANES]; 4];
+    for (c, xs) in xf.iter().enumerate() {
+        for r in 0..4 {
+            let ws = &rows[r][c];
+            for k in 0..LANES {
+                acc[r][k] += ws[k] * xs[k];
+            }
+        }
+    }
+    let full = xf.len() * LANES;
+    let mut out = [0.0f32; 4];
+    for r in 0..4 {
+        let mut tail = 0.0f32;
+        for (a, b) in w[r][full..].iter().zip(xt) {
+            tail += a * b;
+        }
+        out[r] = sum_lanes(&acc[r]) + tail;
+    }
+    out
+}
+
+/// RMS normalization of each group of `group` elements (0 = the whole row):
+/// `y = (x · 1/sqrt(mean(x²) + eps)) · w`.
+///
+/// As in ggml's `rms_norm`, the sum of squares is accumulated in f64 and the
+/// mean is rounded to f32 before `1/sqrtf(mean + eps)`; the weight multiply
+/// comes after the scaling (ggml applies it as a separate `mul`).
+pub(crate) fn rms_norm(
+    x: &[f32],
+    cols: usize,
+    group: usize,
+    eps: f32,
+    w: Option<&[f32]>,
+) -> Vec<f32> {
+    let g = if group == 0 { cols } else { group };
+    let mut y = x.to_vec();
+    if g == 0 {
+        return y;
+    }
+    for chunk in y.chunks_mut(g) {
+        let sum: f64 = chunk.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let mean = (sum / chunk.len() as f64) as f32;
+        let scale = 1.0f32 / (mean + eps).sqrt();
+        for v in chunk.iter_mut() {
+            *v *= scale;
+        }
+        if let Some(w) = w {
+            for (v, &wi) in chunk.iter_mut().zip(w) {
+                *v *= wi;
+            }
+        }
+    }
+    y
+}
+
+/// Layer normalization of each row: `y = (x − mean) / sqrt(var + eps) · w + b`
+/// (biased variance). As in ggml's `norm`, the sums for the mean and the
+/// variance are accumulated in f64 and rounded to f32.
+pub(crate) fn layer_norm(
+    x: &[f32],
+    cols: usize,
+    eps: f32,
+    w: Option<&[f32]>,
+    b: Option<&[f32]>,
+) -> Vec<f32> {
+    let mut y = x.to_vec();
+    if cols == 0 {
+        return y;
+    }
+    for row in y.chunks_mut(cols) {
+        let sum: f64 = row.iter().map(|&v| f64::from(v)).sum();
+        let mean = (sum / cols as f64) as f32;
+        let mut sum2 = 0.0f64;
+        for v in row.iter_mut() {
+            *v -= mean;
+            sum2 += f64::from(*v) * f64::from(*v);
+        }
+        let var = (sum2 / cols as f64) as f32;
+        let scale = 1.0f32 / (var + eps).sqrt();
+        for v in row.iter_mut() {
+            *v *= scale;
+        }
+        if let Some(w) = w {
+            for (v, &wi) in row.iter_mut().zip(w) {
+                *v *= wi;
+            }
+        }
+        if let Some(b) = b {
+            for (v, &bi) in row.iter_mut().zip(b) {
+                *v += bi;
+            }
+        }
+    }
+    y
+}
+
+/// `a + b`, elementwise.
+pub(crate) fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// `a · b`, elementwise.
+pub(crate) fn mul(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().zip(b).map(|(x, y)| x * y).collect()
+}
+
+/// `s · x`, elementwise.
+pub(crate) fn scale(x: &[f32], s: f32) -> Vec<f32> {
+    x.iter().map(|v| v * s).collect()
+}
+
+/// √(2/π), as ggml spells it.
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+/// The cubic coefficient of the tanh GELU approximation.
+const GELU_COEF_A: f32 = 0.044715;
+
+/// One activation: SiLU `x / (1 + e^(−x))` (= x·σ(x)), or tanh-GELU
+/// `0.5·x·(1 + tanh(√(2/π)·x·(1 + 0.044715·x²)))`, both in ggml's form.
+#[inline]
+pub(crate) fn activate(kind: Activation, x: f32) -> f32 {
+    match kind {
+        Activation::Silu => x / (1.0 + (-x).exp()),
+        Activation::GeluTanh => {
+            0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+        }
+    }
+}
+
+/// `act(x)`, elementwise.
+pub(crate) fn act(x: &[f32], kind: Activation) -> Vec<f32> {
+    x.iter().map(|&v| activate(kind, v)).collect()
+}
+
+/// `act(gate) · up`, elementwise (SwiGLU / GeGLU).
+pub(crate) fn glu(gate: &[f32], up: &[f32], kind: Activation) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| activate(kind, g) * u)
+        .collect()
+}
+
+/// Softmax of one row in place: `e^(x − max) / Σ e^(x − max)`. The sum is
+/// accumulated in f64 as in ggml's `soft_max`, then its f32 inverse scales
+/// the row. An all-−∞ row becomes all zeros.
+pub(crate) fn softmax_row(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0.0f64;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += f64::from(*v);
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Softmax over the last dimension of every row.
+pub(crate) fn softmax(x: &[f32], cols: usize) -> Vec<f32> {
+    let mut y = x.to_vec();
+    if cols > 0 {
+        y.chunks_mut(cols).for_each(softmax_row);
+    }
+    y
+}
+
+/// `(cos, sin)` of the rotation angle of each pair `i < rot_dims/2` at position `p`.
+///
+/// The angle is `p · freq_scale · theta^(−2i/rot_dims)`, computed the way
+/// ggml's `rope_cache_init` does so results match llama.cpp: `theta_scale =
+/// powf(theta, −2/rot_dims)`, a running f32 `t` starts at `p` and is
+/// multiplied by `theta_scale` after each pair, and the angle is
+/// `freq_scale · t`.
+pub(crate) fn rope_angles(p: usize, attrs: &RopeAttrs) -> Vec<(f32, f32)> {
+    let half = (attrs.rot_dims / 2) as usize;
+    let theta_scale = attrs.theta.powf(-2.0 / attrs.rot_dims as f32);
+    let mut t = p as f32;
+    let mut out = Vec::with_capacity(half);
+    for _ in 0..half {
+        let angle = attrs.freq_scale * t;
+        out.push((angle.cos(), angle.sin()));
+        t *= theta_scale;
+    }
+    out
+}
+
+/// Rotary position embedding of rows at positions `first_pos, first_pos+1, …`.
+///
+/// Each row is a sequence of heads of `head_dim` values; in each head the
+/// first `rot_dims` values rotate and the rest are copied. Pair `i` is
+/// `(2i, 2i+1)` for the interleaved layout and `(i, i + rot_dims/2)` for
+/// NeoX; it turns by its angle from [`rope_angles`]:
+/// `(x0, x1) ↦ (x0·cos − x1·sin, x0·sin + x1·cos)`.
+pub(crate) fn rope(x: &[f32], cols: usize, first_pos: usize, attrs: &RopeAttrs) -> Vec<f32> {
+    let mut y = x.to_vec();
+    let hd = attrs.head_dim as usize;
+    let rot = (attrs.rot_dims as usize).min(hd);
+    let half = rot / 2;
+    if cols == 0 || hd == 0 {
+        return y;
+    }
+    for (t, row) in y.chunks_mut(cols).enumerate() {
+        let cs = rope_angles(first_pos + t, attrs);
+        for head in row.chunks_exact_mut(hd) {
+            for (i, &(c, s)) in cs.iter().enumerate().take(half) {
+                let (i0, i1) = match attrs.layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::Neox => (i, i + half),
+                };
+                let (x0, x1) = (head[i0], head[i1]);
+                head[i0] = x0 * c - x1 * s;
+                head[i1] = x0 * s + x1 * c;
+            }
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot4_matches_dot_bitwise() {
+        let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<Vec<f32>> = (0..4)
+            .map(|r| {
+                (0..37)
+                    .map(|i| ((i * (r + 2)) as f32 * 0.11).cos())
+                    .collect()
+            })
+            .collect();
+        let got = dot4([&w[0], &w[1], &w[2], &w[3]], &x);
+        for r in 0..4 {
+            assert_eq!(got[r].to_bits(), dot(&w[r], &x).to_bits());
+        }
+    }
+
+    #[test]
+    fn softmax_of_neg_inf_row_is_zero() {
+        let mut r = [f32::NEG_INFINITY; 3];
+        softmax_row(&mut r);
+        assert_eq!(r, [0.0; 3]);
+    }
+}

@@ -1,0 +1,469 @@
+//! A reference session: the weights, the KV cache, and the op-by-op interpreter loop.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kiln_ir::{Op, ParamId, ValueId, VerifiedModule};
+
+use super::attention::{KvCache, attend};
+use super::kernels;
+use super::matmul::{Weight, matmul};
+use super::plan::{Rows, Schedule, executes};
+use crate::quant::{self, QuantError};
+use crate::{BackendError, Logits, Session, SessionOptions, WeightSource};
+
+const NAME: &str = "reference";
+
+fn internal(msg: impl Into<String>) -> BackendError {
+    BackendError::Internal {
+        backend: NAME,
+        msg: msg.into(),
+    }
+}
+
+fn quant_err(at: usize, e: QuantError) -> BackendError {
+    internal(format!("%{at}: {e}"))
+}
+
+/// A value during one forward call: rows `first..T` of a `[T, cols]` tensor
+/// (`first` is 0, or `T − 1` when only the last row was needed).
+#[derive(Debug)]
+enum Value {
+    Ids {
+        ids: Vec<u32>,
+        first: usize,
+    },
+    Act {
+        data: Vec<f32>,
+        cols: usize,
+        first: usize,
+    },
+}
+
+/// A session of the reference interpreter. Made by
+/// [`ReferenceBackend::prepare`](super::ReferenceBackend).
+pub struct ReferenceSession {
+    module: Arc<VerifiedModule>,
+    weights: Arc<dyn WeightSource>,
+    pool: Arc<rayon::ThreadPool>,
+    max_context: usize,
+    pos: usize,
+    vocab: usize,
+    /// Rows of the smallest embedding table: token ids must be below it.
+    embed_rows: Option<usize>,
+    /// f32 vectors (norm weights and biases), decoded once.
+    vectors: HashMap<ParamId, Vec<f32>>,
+    caches: HashMap<u32, KvCache>,
+    /// Schedules for [`Logits::All`] and [`Logits::Last`].
+    schedule_all: Arc<Schedule>,
+    schedule_last: Arc<Schedule>,
+}
+
+impl std::fmt::Debug for ReferenceSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReferenceSession")
+            .field("module", &self.module.name)
+            .field("pos", &self.pos)
+            .field("max_context", &self.max_context)
+            .field("vocab", &self.vocab)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fixed dimensions of parameter `p`, as `usize`.
+fn param_dims(m: &VerifiedModule, p: ParamId) -> Result<Vec<usize>, BackendError> {
+    let param = m
+        .params
+        .get(p.index())
+        .ok_or_else(|| internal(format!("parameter #{} is not declared", p.0)))?;
+    param
+        .ty
+        .fixed_dims()
+        .and_then(|d| d.into_iter().map(|n| usize::try_from(n).ok()).collect())
+        .ok_or_else(|| {
+            internal(format!(
+                "parameter @{} has no usable fixed shape",
+                param.name
+            ))
+        })
+}
+
+impl ReferenceSession {
+    pub(crate) fn new(
+        module: Arc<VerifiedModule>,
+        weights: Arc<dyn WeightSource>,
+        options: &SessionOptions,
+    ) -> Result<Self, BackendError> {
+        // Every parameter's bytes must be exactly its storage size.
+        for (i, p) in module.params.iter().enumerate() {
+            let want = p.ty.storage_bytes().and_then(|n| usize::try_from(n).ok());
+            let got = weights.bytes(ParamId(i as u32)).len();
+            if want != Some(got) {
+                return Err(BackendError::BadInput(format!(
+                    "weights for @{} ({}) hold {got} bytes, expected {}",
+                    p.name,
+                    p.ty,
+                    want.map_or_else(|| "a representable size".to_string(), |n| n.to_string())
+                )));
+            }
+        }
+        let out = module
+            .output
+            .ok_or_else(|| internal("module has no output"))?;
+        let vocab = module
+            .insts
+            .get(out.index())
+            .and_then(|i| i.ty.last_fixed())
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| internal("output has no fixed vocabulary dimension"))?;
+
+        let mut embed_rows: Option<usize> = None;
+        let mut vectors = HashMap::new();
+        let mut caches = HashMap::new();
+        for inst in &module.insts {
+            let vector_params: Vec<ParamId> = match &inst.op {
+                Op::Embed { table, .. } => {
+                    let rows = param_dims(&module, *table)?.first().copied().unwrap_or(0);
+                    embed_rows = Some(embed_rows.map_or(rows, |r| r.min(rows)));
+                    vec![]
+                }
+                Op::RmsNorm { weight, .. } => weight.iter().copied().collect(),
+                Op::LayerNorm { weight, bias, .. } => {
+                    weight.iter().chain(bias.iter()).copied().collect()
+                }
+                Op::MatMul { bias, .. } => bias.iter().copied().collect(),
+                Op::Attention {
+                    k: Some(_), attrs, ..
+                } => {
+                    let width = usize::try_from(attrs.kv_heads * attrs.head_dim)
+                        .map_err(|_| internal("attention width overflows"))?;
+                    caches.insert(attrs.cache, KvCache::new(width));
+                    vec![]
+                }
+                _ => vec![],
+            };
+            for p in vector_params {
+                if vectors.contains_key(&p) {
+                    continue;
+                }
+                let n = param_dims(&module, p)?.iter().product::<usize>();
+                let mut v = vec![0.0f32; n];
+                quant::dequantize_row(module.param(p).ty.dtype, weights.bytes(p), &mut v).map_err(
+                    |e| BackendError::BadInput(format!("@{}: {e}", module.param(p).name)),
+                )?;
+                vectors.insert(p, v);
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads)
+            .thread_name(|i| format!("kiln-ref-{i}"))
+            .build()
+            .map_err(|e| internal(format!("cannot start worker threads: {e}")))?;
+        let schedule_all = Arc::new(Schedule::new(&module, Logits::All));
+        let schedule_last = Arc::new(Schedule::new(&module, Logits::Last));
+        Ok(ReferenceSession {
+            module,
+            weights,
+            pool: Arc::new(pool),
+            max_context: options.max_context,
+            pos: 0,
+            vocab,
+            embed_rows,
+            vectors,
+            caches,
+            schedule_all,
+            schedule_last,
+        })
+    }
+
+    fn vector(&self, p: ParamId) -> Result<&[f32], BackendError> {
+        self.vectors
+            .get(&p)
+            .map(Vec::as_slice)
+            .ok_or_else(|| internal(format!("parameter #{} not decoded", p.0)))
+    }
+
+    /// Checks a forward call's input before anything changes.
+    fn check_input(&self, tokens: &[u32]) -> Result<(), BackendError> {
+        if tokens.is_empty() {
+            return Err(BackendError::BadInput(
+                "forward needs at least one token".into(),
+            ));
+        }
+        let end = self.pos.checked_add(tokens.len());
+        if end.is_none_or(|e| e > self.max_context) {
+            return Err(BackendError::BadInput(format!(
+                "{} cached positions + {} new tokens exceed the context of {} positions",
+                self.pos,
+                tokens.len(),
+                self.max_context
+            )));
+        }
+        if let Some(rows) = self.embed_rows {
+            if let Some((i, &id)) = tokens
+                .iter()
+                .enumerate()
+                .find(|(_, id)| **id as usize >= rows)
+            {
+                return Err(BackendError::BadInput(format!(
+                    "token {i} has id {id}, outside the embedding table of {rows} rows"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the graph for `tokens` at positions `pos..pos+T`, returning the
+    /// output value. Appends to the KV caches; the caller rolls them back on error.
+    fn run(&mut self, tokens: &[u32], logits: Logits) -> Result<Value, BackendError> {
+        let module = Arc::clone(&self.module);
+        let sched = Arc::clone(match logits {
+            Logits::All => &self.schedule_all,
+            Logits::Last => &self.schedule_last,
+        });
+        let mut values: Vec<Option<Value>> = Vec::with_capacity(module.insts.len());
+        values.resize_with(module.insts.len(), || None);
+
+        for (i, inst) in module.insts.iter().enumerate() {
+            let rows = sched.rows[i];
+            if !executes(&inst.op, rows) {
+                continue;
+            }
+            let result = self.exec(i, &inst.op, &values, tokens, rows)?;
+            values[i] = result;
+            for v in &sched.free_after[i] {
+                values[v.index()] = None;
+            }
+        }
+        let out = module
+            .output
+            .ok_or_else(|| internal("module has no output"))?;
+        values
+            .get_mut(out.index())
+            .and_then(Option::take)
+            .ok_or_else(|| internal("the output value was not computed"))
+    }
+
+    /// Executes instruction `i` for `rows` of this call's tokens; `None` when
+    /// it only had a side effect (an attention op whose result is not needed
+    /// still appends to its KV-cache slot).
+    fn exec(
+        &mut self,
+        i: usize,
+        op: &Op,
+        values: &[Option<Value>],
+        tokens: &[u32],
+        rows: Rows,
+    ) -> Result<Option<Value>, BackendError> {
+        let t_len = tokens.len();
+        let first = if rows == Rows::All {
+            0
+        } else {
+            t_len.saturating_sub(1)
+        };
+        let n_rows = t_len - first;
+        // Rows `first..` of an f32 operand, and its row length.
+        let act = |v: ValueId| -> Result<(&[f32], usize), BackendError> {
+            match values.get(v.index()) {
+                Some(Some(Value::Act {
+                    data,
+                    cols,
+                    first: f,
+                })) if *f <= first => {
+                    let start = (first - f) * cols;
+                    let end = start + n_rows * cols;
+                    data.get(start..end)
+                        .map(|d| (d, *cols))
+                        .ok_or_else(|| internal(format!("%{i}: operand {v} is too short")))
+                }
+                _ => Err(internal(format!(
+                    "%{i}: operand {v} is not available for rows {first}..{t_len}"
+                ))),
+            }
+        };
+        let out = |data: Vec<f32>, cols: usize| Ok(Some(Value::Act { data, cols, first }));
+        match op {
+            Op::Tokens => Ok(Some(Value::Ids {
+                ids: tokens.to_vec(),
+                first: 0,
+            })),
+            Op::Embed { table, ids } => {
+                let ids = match values.get(ids.index()) {
+                    Some(Some(Value::Ids { ids, first: f })) if *f <= first => &ids[first - f..],
+                    _ => return Err(internal(format!("%{i}: token ids are not available"))),
+                };
+                let dims = param_dims(&self.module, *table)?;
+                let (vrows, d) = match dims.as_slice() {
+                    [v, d] => (*v, *d),
+                    _ => return Err(internal(format!("%{i}: embedding table is not 2-D"))),
+                };
+                let dtype = self.module.param(*table).ty.dtype;
+                let bytes = self.weights.bytes(*table);
+                let rb = bytes.len() / vrows.max(1);
+                let mut data = vec![0.0f32; ids.len() * d];
+                for (&id, dst) in ids.iter().zip(data.chunks_mut(d.max(1))) {
+                    let id = id as usize;
+                    let src = bytes.get(id * rb..(id + 1) * rb).ok_or_else(|| {
+                        BackendError::BadInput(format!(
+                            "token id {id} is outside the embedding table"
+                        ))
+                    })?;
+                    quant::dequantize_row(dtype, src, dst).map_err(|e| quant_err(i, e))?;
+                }
+                out(data, d)
+            }
+            Op::RmsNorm {
+                x,
+                weight,
+                eps,
+                group,
+            } => {
+                let (x, cols) = act(*x)?;
+                let w = weight.map(|p| self.vector(p)).transpose()?;
+                out(kernels::rms_norm(x, cols, *group as usize, *eps, w), cols)
+            }
+            Op::LayerNorm {
+                x,
+                weight,
+                bias,
+                eps,
+            } => {
+                let (x, cols) = act(*x)?;
+                let w = weight.map(|p| self.vector(p)).transpose()?;
+                let b = bias.map(|p| self.vector(p)).transpose()?;
+                out(kernels::layer_norm(x, cols, *eps, w, b), cols)
+            }
+            Op::MatMul { x, w, bias } => {
+                let (x, k) = act(*x)?;
+                let dims = param_dims(&self.module, *w)?;
+                let n = match dims.as_slice() {
+                    [n, kk] if *kk == k => *n,
+                    _ => {
+                        return Err(internal(format!(
+                            "%{i}: weight shape {dims:?} does not fit input rows of {k}"
+                        )));
+                    }
+                };
+                let weight = Weight {
+                    bytes: self.weights.bytes(*w),
+                    dtype: self.module.param(*w).ty.dtype,
+                    n,
+                    k,
+                };
+                let b = bias.map(|p| self.vector(p)).transpose()?;
+                let y = matmul(x, n_rows, weight, b).map_err(|e| quant_err(i, e))?;
+                out(y, n)
+            }
+            Op::Add { a, b } => {
+                let ((a, cols), (b, _)) = (act(*a)?, act(*b)?);
+                out(kernels::add(a, b), cols)
+            }
+            Op::Mul { a, b } => {
+                let ((a, cols), (b, _)) = (act(*a)?, act(*b)?);
+                out(kernels::mul(a, b), cols)
+            }
+            Op::Scale { x, s } => {
+                let (x, cols) = act(*x)?;
+                out(kernels::scale(x, *s), cols)
+            }
+            Op::Act { x, kind } => {
+                let (x, cols) = act(*x)?;
+                out(kernels::act(x, *kind), cols)
+            }
+            Op::Glu { gate, up, kind } => {
+                let ((g, cols), (u, _)) = (act(*gate)?, act(*up)?);
+                out(kernels::glu(g, u, *kind), cols)
+            }
+            Op::Rope { x, attrs } => {
+                let (x, cols) = act(*x)?;
+                out(kernels::rope(x, cols, self.pos + first, attrs), cols)
+            }
+            Op::Softmax { x } => {
+                let (x, cols) = act(*x)?;
+                out(kernels::softmax(x, cols), cols)
+            }
+            Op::Attention { q, k, v, attrs } => {
+                let cache = self.caches.get_mut(&attrs.cache).ok_or_else(|| {
+                    internal(format!("%{i}: KV-cache slot {} has no writer", attrs.cache))
+                })?;
+                if let (Some(k), Some(v)) = (k, v) {
+                    // k and v are always computed for every row (see `plan`).
+                    let whole = |v: ValueId| match values.get(v.index()) {
+                        Some(Some(Value::Act { data, first: 0, .. }))
+                            if data.len() == t_len * cache.width =>
+                        {
+                            Ok(data.as_slice())
+                        }
+                        _ => Err(internal(format!(
+                            "%{i}: k/v operand {v} is not available for every row"
+                        ))),
+                    };
+                    if cache.len() != self.pos {
+                        return Err(internal(format!(
+                            "%{i}: KV-cache slot {} holds {} positions, expected {}",
+                            attrs.cache,
+                            cache.len(),
+                            self.pos
+                        )));
+                    }
+                    cache.append(whole(*k)?, whole(*v)?);
+                } else if cache.len() != self.pos + t_len {
+                    return Err(internal(format!(
+                        "%{i}: shared KV-cache slot {} holds {} positions, expected {}",
+                        attrs.cache,
+                        cache.len(),
+                        self.pos + t_len
+                    )));
+                }
+                if rows == Rows::Skip {
+                    // Only the cache append was needed.
+                    return Ok(None);
+                }
+                let (q, cols) = act(*q)?;
+                out(attend(q, self.pos + first, cache, attrs), cols)
+            }
+        }
+    }
+}
+
+impl Session for ReferenceSession {
+    fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, BackendError> {
+        self.check_input(tokens)?;
+        let pool = Arc::clone(&self.pool);
+        let result = pool.install(|| self.run(tokens, logits));
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let pos = self.pos;
+                self.caches.values_mut().for_each(|c| c.truncate(pos));
+                return Err(e);
+            }
+        };
+        self.pos += tokens.len();
+        let Value::Act { data, cols, .. } = value else {
+            return Err(internal("the output is not an f32 tensor"));
+        };
+        Ok(match logits {
+            Logits::All => data,
+            Logits::Last => {
+                let start = data.len().saturating_sub(cols);
+                data[start..].to_vec()
+            }
+        })
+    }
+
+    fn pos(&self) -> usize {
+        self.pos
+    }
+
+    fn truncate(&mut self, pos: usize) {
+        if pos < self.pos {
+            self.pos = pos;
+            self.caches.values_mut().for_each(|c| c.truncate(pos));
+        }
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+}
