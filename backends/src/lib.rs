@@ -78,3 +78,33 @@ pub fn first_unsupported(backend: &dyn Backend, module: &VerifiedModule) -> Opti
         (!backend.supports(module, &inst.op)).then(|| format!("op `{}` (%{i})", inst.op.name()))
     })
 }
+
+/// Backends recipes can name, and whether this build of kiln has them.
+pub const BACKEND_NAMES: &[(&str, &str)] = &[
+    ("reference", "the reference CPU interpreter"),
+    ("cpu", "the compiled CPU backend for laptops"),
+    ("wgpu", "WGSL kernels through wgpu (phones)"),
+    ("metal", "Metal Shading Language (Apple)"),
+    ("ptx", "CUDA via PTX"),
+    ("fixed", "integer-only C library for microcontrollers (watches)"),
+];
+
+/// The backend called `name`, or an error saying it is unknown or not available yet.
+pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
+    match name {
+        "reference" => Ok(Box::new(reference::ReferenceBackend::new())),
+        _ => match BACKEND_NAMES.iter().find(|(n, _)| *n == name) {
+            Some((n, what)) => Err(BackendError::Unsupported {
+                backend: "registry",
+                what: format!("backend `{n}` ({what}): not available yet in this version of kiln"),
+            }),
+            None => Err(BackendError::Unsupported {
+                backend: "registry",
+                what: format!(
+                    "unknown backend `{name}` (known: {})",
+                    BACKEND_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                ),
+            }),
+        },
+    }
+}

@@ -900,13 +900,7 @@ impl<'a> Parser<'a> {
             ),
             _ => MetaArray::Array(
                 (0..n)
-                    .map(|_| {
-                        let t = self.u32(item)?;
-                        if t != 9 {
-                            return Err(self.bad_type(item, t));
-                        }
-                        self.array(item, depth + 1)
-                    })
+                    .map(|_| self.array(item, depth + 1))
                     .collect::<Result<_, _>>()?,
             ),
         })
@@ -1419,13 +1413,13 @@ mod tests {
     fn truncated_tensor_info_message() {
         let w = Writer::new(3).tensor("w", &[4], 0, &[0; 16]);
         let b = w.bytes();
-        // Header 24 bytes; name length (8) + "w" + n_dims (4) = 37; cut inside the dims.
-        let e = GgufFile::from_bytes("t.gguf", b[..40].to_vec())
+        // Header 24 bytes, name length + "w" 9, n_dims 4, dims 8, type 4: cut inside the type.
+        let e = GgufFile::from_bytes("t.gguf", b[..48].to_vec())
             .map_err(|e| e.to_string())
             .err();
         assert_eq!(
             e.as_deref(),
-            Some("t.gguf: truncated: tensor info 0 ends at byte 45 but the file has 40 bytes")
+            Some("t.gguf: truncated: tensor info 0 ends at byte 49 but the file has 48 bytes")
         );
     }
 
@@ -1458,6 +1452,7 @@ mod tests {
         let mut key = (u64::MAX - 3).to_le_bytes().to_vec();
         key.extend([0; 16]);
         let mut b = Writer::new(3).bytes();
+        b.truncate(24);
         b[16..24].copy_from_slice(&1u64.to_le_bytes());
         b.extend(key);
         let e = GgufFile::from_bytes("k.gguf", b).err();

@@ -523,6 +523,10 @@ mod tests {
             "model.norm.weight".into(),
             json!("model-00001-of-00002.safetensors"),
         );
+        map.insert(
+            "model.layers.0.mlp.down_proj.weight".into(),
+            json!("model-00001-of-00002.safetensors"),
+        );
         write(
             &d.0,
             "model.safetensors.index.json",

@@ -230,7 +230,13 @@ struct PreSpec {
 }
 
 const fn spec(regexes: &'static [&'static str], clean_spaces: bool) -> PreSpec {
-    PreSpec { regexes, ignore_merges: false, clean_spaces, default_add_bos: false, no_bos: false }
+    PreSpec {
+        regexes,
+        ignore_merges: false,
+        clean_spaces,
+        default_add_bos: false,
+        no_bos: false,
+    }
 }
 
 /// The pre-tokenizer names this converter understands.
@@ -308,7 +314,10 @@ pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &[
 
 fn pre_spec(pre: &str) -> Option<PreSpec> {
     let s = match pre {
-        "default" => spec(&[RE_DEFAULT_PUNCT, RE_GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], true),
+        "default" => spec(
+            &[RE_DEFAULT_PUNCT, RE_GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
+            true,
+        ),
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
         | "lfm2" => PreSpec {
             ignore_merges: true,
@@ -316,12 +325,20 @@ fn pre_spec(pre: &str) -> Option<PreSpec> {
             ..spec(&[RE_LLAMA3], true)
         },
         "dbrx" | "smaug-bpe" => spec(&[RE_LLAMA3], true),
-        "deepseek-coder" => {
-            spec(&["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"], false)
-        }
-        "deepseek-v3" | "hunyuan-dense" | "joyai-llm" => {
-            spec(&[r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", RE_DEEPSEEK3_MAIN], false)
-        }
+        "deepseek-coder" => spec(
+            &[
+                "[\r\n]",
+                r"\s?\p{L}+",
+                r"\s?\p{P}+",
+                "[一-龥ࠀ-一가-퟿]+",
+                r"\p{N}",
+            ],
+            false,
+        ),
+        "deepseek-v3" | "hunyuan-dense" | "joyai-llm" => spec(
+            &[r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", RE_DEEPSEEK3_MAIN],
+            false,
+        ),
         "falcon" => spec(&[RE_FALCON_PUNCT, RE_GPT2, "[0-9][0-9][0-9]"], true),
         "mpt" | "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es"
         | "jina-v2-de" | "a.x-4.0" | "mellum" | "modern-bert" | "exaone4" | "olmo" | "jais" => {
@@ -340,8 +357,15 @@ fn pre_spec(pre: &str) -> Option<PreSpec> {
         "poro-chat" => spec(&[RE_PORO], false),
         "bloom" | "gpt3-finnish" => spec(&[RE_PORO], true),
         "viking" => spec(&[RE_PORO, r"\p{N}"], false),
-        "chatglm-bpe" => PreSpec { no_bos: true, ..spec(&[RE_CHATGLM4], true) },
-        "glm4" | "glm5" => PreSpec { no_bos: true, ignore_merges: true, ..spec(&[RE_CHATGLM4], true) },
+        "chatglm-bpe" => PreSpec {
+            no_bos: true,
+            ..spec(&[RE_CHATGLM4], true)
+        },
+        "glm4" | "glm5" => PreSpec {
+            no_bos: true,
+            ignore_merges: true,
+            ..spec(&[RE_CHATGLM4], true)
+        },
         "tekken" => PreSpec {
             ignore_merges: true,
             default_add_bos: true,
@@ -351,7 +375,10 @@ fn pre_spec(pre: &str) -> Option<PreSpec> {
         "seed-coder" => spec(&[RE_SEED_CODER], false),
         "bailingmoe" | "bailingmoe2" | "llada-moe" => spec(&[RE_BAILINGMOE], false),
         "ufakzeka" => spec(&[RE_UFAKZEKA], false),
-        "minicpm5" => PreSpec { ignore_merges: true, ..spec(&[r"\p{N}{1,3}", RE_MINICPM5], true) },
+        "minicpm5" => PreSpec {
+            ignore_merges: true,
+            ..spec(&[r"\p{N}{1,3}", RE_MINICPM5], true)
+        },
         _ => return None,
     };
     Some(s)
@@ -435,10 +462,16 @@ fn check_special(
 /// The document carries a `"kiln"` object ([`KilnTokenizerConfig`]) with BOS/EOS and
 /// end-of-generation ids. Serialize it with `serde_json::to_string` to write a file.
 pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, TokenizerConvertError> {
-    let origin = if vocab.origin.is_empty() { "GGUF vocabulary" } else { vocab.origin.as_str() };
+    let origin = if vocab.origin.is_empty() {
+        "GGUF vocabulary"
+    } else {
+        vocab.origin.as_str()
+    };
     let n = vocab.tokens.len();
     if n == 0 {
-        return Err(TokenizerConvertError::EmptyVocab { origin: origin.to_string() });
+        return Err(TokenizerConvertError::EmptyVocab {
+            origin: origin.to_string(),
+        });
     }
     if u32::try_from(n).is_err() {
         return Err(TokenizerConvertError::LengthMismatch {
@@ -450,7 +483,10 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
     }
     for (what, len) in [
         ("tokenizer.ggml.scores", vocab.scores.as_ref().map(Vec::len)),
-        ("tokenizer.ggml.token_type", vocab.token_types.as_ref().map(Vec::len)),
+        (
+            "tokenizer.ggml.token_type",
+            vocab.token_types.as_ref().map(Vec::len),
+        ),
     ] {
         if let Some(len) = len
             && len < n
@@ -469,10 +505,20 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
         .tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t.clone() })
+        .map(|(i, t)| {
+            if t.is_empty() {
+                format!("[EMPTY_{i}]")
+            } else {
+                t.clone()
+            }
+        })
         .collect();
     let token_type = |i: usize| -> i32 {
-        vocab.token_types.as_ref().and_then(|t| t.get(i).copied()).unwrap_or(TOKEN_TYPE_NORMAL)
+        vocab
+            .token_types
+            .as_ref()
+            .and_then(|t| t.get(i).copied())
+            .unwrap_or(TOKEN_TYPE_NORMAL)
     };
 
     let is_spm = match vocab.model.as_str() {
@@ -504,14 +550,24 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
     let pre = if is_spm {
         None
     } else {
-        Some(pre_spec(&pre_name).ok_or_else(|| TokenizerConvertError::UnsupportedPreTokenizer {
-            origin: origin.to_string(),
-            pre: pre_name.clone(),
-        })?)
+        Some(
+            pre_spec(&pre_name).ok_or_else(|| TokenizerConvertError::UnsupportedPreTokenizer {
+                origin: origin.to_string(),
+                pre: pre_name.clone(),
+            })?,
+        )
     };
-    let bos = if pre.is_some_and(|p| p.no_bos) { None } else { bos };
+    let bos = if pre.is_some_and(|p| p.no_bos) {
+        None
+    } else {
+        bos
+    };
 
-    let default_add_bos = if is_spm { true } else { pre.is_some_and(|p| p.default_add_bos) };
+    let default_add_bos = if is_spm {
+        true
+    } else {
+        pre.is_some_and(|p| p.default_add_bos)
+    };
     let add_bos = vocab.add_bos.unwrap_or(default_add_bos);
     let add_eos = vocab.add_eos.unwrap_or(false);
     if add_bos && bos.is_none() {
@@ -536,7 +592,10 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
     }
 
     // Added tokens: control and unknown tokens are special; user-defined are plain added tokens.
-    let named_special: BTreeSet<u32> = [bos, eos, unk, pad, eot, eom].into_iter().flatten().collect();
+    let named_special: BTreeSet<u32> = [bos, eos, unk, pad, eot, eom]
+        .into_iter()
+        .flatten()
+        .collect();
     let mut added = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
         let id = i as u32;
@@ -568,11 +627,16 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
         let merges = vocab
             .merges
             .as_ref()
-            .ok_or_else(|| TokenizerConvertError::MissingMerges { origin: origin.to_string() })?;
+            .ok_or_else(|| TokenizerConvertError::MissingMerges {
+                origin: origin.to_string(),
+            })?;
         let mut merge_list = Vec::with_capacity(merges.len());
         for (index, m) in merges.iter().enumerate() {
             // llama.cpp splits at the first space after the first byte.
-            let pos = m.as_bytes().get(1..).and_then(|rest| rest.iter().position(|&b| b == b' '));
+            let pos = m
+                .as_bytes()
+                .get(1..)
+                .and_then(|rest| rest.iter().position(|&b| b == b' '));
             let pos = pos.map(|p| p + 1);
             let Some(pos) = pos else {
                 return Err(TokenizerConvertError::BadMerge {
@@ -695,7 +759,11 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
 /// Derives BPE merges from a SentencePiece vocabulary: every split of a token into two
 /// tokens is a merge, ranked by the merged token's score (highest first, ties by id).
 fn spm_merges(tokens: &[String], scores: Option<&[f32]>, vocab: &Map<String, Value>) -> Vec<Value> {
-    let id_of: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let id_of: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let score = |i: usize| scores.and_then(|s| s.get(i).copied()).unwrap_or(0.0);
     let mut candidates: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
     for (id, t) in tokens.iter().enumerate() {
@@ -712,14 +780,21 @@ fn spm_merges(tokens: &[String], scores: Option<&[f32]>, vocab: &Map<String, Val
     }
     let s = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
     candidates.sort_by(|a, b| {
-        s(b.0).total_cmp(&s(a.0)).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2))
+        s(b.0)
+            .total_cmp(&s(a.0))
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
     });
-    candidates.into_iter().map(|(_, _, _, l, r)| json!([l, r])).collect()
+    candidates
+        .into_iter()
+        .map(|(_, _, _, l, r)| json!([l, r]))
+        .collect()
 }
 
 /// Reads the kiln settings stored in a `tokenizer.json` document, if present.
 pub fn kiln_config_of(doc: &Value) -> Option<KilnTokenizerConfig> {
-    doc.get(KILN_CONFIG_KEY).and_then(|v| serde_json::from_value(v.clone()).ok())
+    doc.get(KILN_CONFIG_KEY)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -747,10 +822,16 @@ pub fn is_glassllm_tokenizer(doc: &Value) -> bool {
 ///
 /// glassllm normalizes to NFC, replaces spaces with `▁`, splits chunks with
 /// `\n|▁*[^▁\n]+|▁+` and applies its merges by rank; its vocabulary is the four specials,
-/// then the alphabet, then one token per merge. Decoding drops the specials, renders
-/// `<unk>` as `⁇` and maps `▁` back to spaces.
-pub fn glassllm_to_tokenizer_json(doc: &Value, origin: &str) -> Result<Value, TokenizerConvertError> {
-    let bad = |detail: String| TokenizerConvertError::Glassllm { origin: origin.to_string(), detail };
+/// then the alphabet, then one token per merge. Its specials are never matched in text;
+/// decoding drops them, renders `<unk>` as `⁇` and maps `▁` back to spaces.
+pub fn glassllm_to_tokenizer_json(
+    doc: &Value,
+    origin: &str,
+) -> Result<Value, TokenizerConvertError> {
+    let bad = |detail: String| TokenizerConvertError::Glassllm {
+        origin: origin.to_string(),
+        detail,
+    };
     let file: GlassllmFile = serde_json::from_value(doc.clone()).map_err(|e| bad(e.to_string()))?;
     if file.version != 1 {
         return Err(bad(format!("unsupported version {}", file.version)));
@@ -764,14 +845,12 @@ pub fn glassllm_to_tokenizer_json(doc: &Value, origin: &str) -> Result<Value, To
     }
     for (i, (a, b)) in file.merges.iter().enumerate() {
         if !vocab_map.contains_key(a) || !vocab_map.contains_key(b) {
-            return Err(bad(format!("merge #{i} ({a:?}, {b:?}) uses a symbol that is not in the vocabulary")));
+            return Err(bad(format!(
+                "merge #{i} ({a:?}, {b:?}) uses a symbol that is not in the vocabulary"
+            )));
         }
     }
     let merges: Vec<Value> = file.merges.iter().map(|(a, b)| json!([a, b])).collect();
-    let added: Vec<Value> = ["<pad>", "<bos>", "<eos>"]
-        .iter()
-        .map(|s| added_token(vocab_map.get(*s).and_then(Value::as_u64).unwrap_or(0) as u32, s, true))
-        .collect();
     let config = KilnTokenizerConfig {
         source: "glassllm".to_string(),
         bos_id: Some(2),
@@ -787,7 +866,9 @@ pub fn glassllm_to_tokenizer_json(doc: &Value, origin: &str) -> Result<Value, To
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": added,
+        // glassllm never matches its specials in text, so they are not added tokens; the
+        // decoder drops them instead.
+        "added_tokens": [],
         "normalizer": {"type": "Sequence", "normalizers": [
             {"type": "NFC"},
             {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
@@ -797,6 +878,9 @@ pub fn glassllm_to_tokenizer_json(doc: &Value, origin: &str) -> Result<Value, To
         "post_processor": null,
         "decoder": {"type": "Sequence", "decoders": [
             {"type": "Replace", "pattern": {"String": "<unk>"}, "content": "\u{2047}"},
+            {"type": "Replace", "pattern": {"String": "<pad>"}, "content": ""},
+            {"type": "Replace", "pattern": {"String": "<bos>"}, "content": ""},
+            {"type": "Replace", "pattern": {"String": "<eos>"}, "content": ""},
             {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
             {"type": "Fuse"},
         ]},
@@ -825,9 +909,16 @@ mod tests {
             origin: "tiny.gguf".into(),
             model: "gpt2".into(),
             pre: Some(pre.into()),
-            tokens: ["a", "b", "ab", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-                .map(String::from)
-                .to_vec(),
+            tokens: [
+                "a",
+                "b",
+                "ab",
+                "<|endoftext|>",
+                "<|im_start|>",
+                "<|im_end|>",
+            ]
+            .map(String::from)
+            .to_vec(),
             token_types: Some(vec![1, 1, 1, 3, 3, 3]),
             merges: Some(vec!["a b".into(), "x y".into()]),
             bos: Some(3),
@@ -842,7 +933,13 @@ mod tests {
         assert_eq!(doc["model"]["type"], "BPE");
         // The unusable merge "x y" is dropped.
         assert_eq!(doc["model"]["merges"], json!([["a", "b"]]));
-        assert_eq!(doc["pre_tokenizer"]["pretokenizers"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            doc["pre_tokenizer"]["pretokenizers"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
         assert_eq!(doc["added_tokens"].as_array().unwrap().len(), 3);
         assert!(doc["post_processor"].is_null());
         let cfg = kiln_config_of(&doc).unwrap();
@@ -897,7 +994,10 @@ mod tests {
             gguf_vocab_to_tokenizer_json(&v),
             Err(TokenizerConvertError::LengthMismatch { .. })
         ));
-        let empty = GgufVocab { model: "gpt2".into(), ..Default::default() };
+        let empty = GgufVocab {
+            model: "gpt2".into(),
+            ..Default::default()
+        };
         assert!(matches!(
             gguf_vocab_to_tokenizer_json(&empty),
             Err(TokenizerConvertError::EmptyVocab { .. })
@@ -921,7 +1021,10 @@ mod tests {
             json!([["b", "c"], ["a", "b"], ["a", "bc"], ["ab", "c"]])
         );
         assert_eq!(doc["model"]["byte_fallback"], true);
-        assert_eq!(doc["post_processor"]["special_tokens"]["<s>"]["ids"], json!([1]));
+        assert_eq!(
+            doc["post_processor"]["special_tokens"]["<s>"]["ids"],
+            json!([1])
+        );
         let cfg = kiln_config_of(&doc).unwrap();
         assert!(cfg.add_bos);
         assert_eq!(cfg.eog_ids, vec![2]);
@@ -934,7 +1037,9 @@ mod tests {
         let out = glassllm_to_tokenizer_json(&doc, "en.tokenizer.json").unwrap();
         assert_eq!(out["model"]["vocab"]["\u{2581}ab"], 8);
         let bad = json!({"version": 1, "alphabet": ["a"], "merges": [["a", "q"]]});
-        let e = glassllm_to_tokenizer_json(&bad, "x.json").unwrap_err().to_string();
+        let e = glassllm_to_tokenizer_json(&bad, "x.json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.json") && e.contains("merge #0"), "{e}");
     }
 }

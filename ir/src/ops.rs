@@ -189,6 +189,30 @@ impl Op {
         }
     }
 
+    /// Rewrites every parameter operand through `f` (used by passes that drop or reorder params).
+    pub fn map_params(&mut self, mut f: impl FnMut(ParamId) -> ParamId) {
+        match self {
+            Op::Embed { table, .. } => *table = f(*table),
+            Op::RmsNorm { weight, .. } => {
+                if let Some(w) = weight {
+                    *w = f(*w);
+                }
+            }
+            Op::LayerNorm { weight, bias, .. } => {
+                for p in weight.iter_mut().chain(bias.iter_mut()) {
+                    *p = f(*p);
+                }
+            }
+            Op::MatMul { w, bias, .. } => {
+                *w = f(*w);
+                if let Some(b) = bias {
+                    *b = f(*b);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Rewrites every value operand through `f` (used by passes that splice graphs).
     pub fn map_values(&mut self, mut f: impl FnMut(ValueId) -> ValueId) {
         match self {

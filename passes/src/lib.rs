@@ -1,1 +1,58 @@
-//! kiln passes.
+//! kiln passes: rewrites of the IR (and of the weights it owns), one file per pass,
+//! registered in [`registry::PASSES`] under the name recipes use.
+//!
+//! Every pass reports what it did; the driver verifies the module after each one.
+
+pub mod dce;
+pub mod registry;
+
+use kiln_frontend::Weights;
+use kiln_ir::Module;
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+
+pub use registry::{PASSES, by_name, run_pipeline};
+
+#[derive(Debug, Error)]
+pub enum PassError {
+    /// The recipe gave the pass options it does not accept.
+    #[error("pass `{pass}`: bad options: {msg}")]
+    BadOptions { pass: &'static str, msg: String },
+    /// No pass with that name.
+    #[error("unknown pass `{name}` (known: {known})")]
+    Unknown { name: String, known: String },
+    /// The pass cannot handle this module.
+    #[error("pass `{pass}`: unsupported: {msg}")]
+    Unsupported { pass: &'static str, msg: String },
+    /// The pass produced a module that fails verification: a bug in the pass.
+    #[error("pass `{pass}` produced invalid IR: {err}")]
+    Broken { pass: String, err: kiln_ir::IrError },
+}
+
+/// What a pass is given besides the module and its weights.
+pub struct PassCtx<'a> {
+    /// The pass's options from the recipe (`{}` when none).
+    pub options: &'a Value,
+    /// The device being built.
+    pub device: &'a str,
+}
+
+/// What a pass did, for the build manifest and the console.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PassReport {
+    pub pass: String,
+    /// One line a human reads.
+    pub summary: String,
+    /// Machine-readable details (counts, bytes, bits per weight, ...).
+    pub details: Value,
+}
+
+/// One rewrite of the IR.
+pub trait Pass: Sync {
+    /// The name recipes use.
+    fn name(&self) -> &'static str;
+    /// One line saying what it does.
+    fn summary(&self) -> &'static str;
+    fn run(&self, module: &mut Module, weights: &mut Weights, ctx: &PassCtx) -> Result<PassReport, PassError>;
+}

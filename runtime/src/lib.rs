@@ -1,1 +1,15 @@
-//! kiln runtime.
+//! kiln runtime: loads a model (GGUF, Hugging Face directory or kiln build),
+//! tokenizes, generates text, measures perplexity and speed.
+
+pub mod artifact;
+pub mod bench;
+pub mod chat;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod ppl;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use error::{RuntimeError, RuntimeResult};
+pub use model::Model;

@@ -161,14 +161,15 @@ def perplexity(mpath):
     per_chunk_nll = [running_nll[0]] + [
         (k + 1) * running_nll[k] - k * running_nll[k - 1] for k in range(1, len(running_nll))]
     file_ids = run_jsonl([str(BIN / "kiln-greedy-ids"), "-m", str(mpath), "tok",
-                          ppl_path.read_text(encoding="utf-8")])[0]["ids"]
+                          ppl_path.read_text(encoding="utf-8")])[0]["ids_parse_special_false"]
     return {
         "file": PPL_FILE,
         "file_sha256": sha256(ppl_path),
         "file_tokens": len(file_ids),
         "ctx": PPL_CTX,
         "chunks": len(rows),
-        "chunk_layout": "chunk i = file tokens [i*ctx, (i+1)*ctx) (no BOS inserted for these models), "
+        "chunk_layout": "whole file tokenized with add_special=true, parse_special=false (no BOS for these models); "
+                        "chunk i = file tokens [i*ctx, (i+1)*ctx), the incomplete tail is dropped; "
                         "each chunk evaluated from an empty KV cache; scored: logits at positions "
                         "ctx/2 .. ctx-2 predicting the next token (ctx/2 - 1 = 255 tokens per chunk)",
         "scored_per_chunk": PPL_CTX // 2 - 1,

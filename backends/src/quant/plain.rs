@@ -3,19 +3,28 @@
 /// Converts IEEE half-precision bits to `f32`, exactly.
 ///
 /// NaN payloads are kept as they are (shifted into the f32 mantissa), the way
-/// numpy's conversion does, so signalling NaNs stay signalling.
+/// numpy's conversion does, so signalling NaNs stay signalling. Branch-free
+/// (selects only) so loops over it vectorize.
 #[inline]
 pub(crate) fn f16_to_f32(bits: u16) -> f32 {
-    let sign = u32::from(bits & 0x8000) << 16;
-    let exp = u32::from(bits >> 10) & 0x1f;
-    let man = u32::from(bits & 0x03ff);
-    match exp {
-        // Zero or subnormal: man * 2^-24, exact in f32.
-        0 => f32::from_bits((man as f32 * (1.0 / 16_777_216.0)).to_bits() | sign),
-        // Infinity or NaN.
-        0x1f => f32::from_bits(sign | 0x7f80_0000 | (man << 13)),
-        _ => f32::from_bits(sign | ((exp + 112) << 23) | (man << 13)),
-    }
+    let h = u32::from(bits);
+    // Exponent and mantissa moved into f32 position.
+    let o = (h & 0x7fff) << 13;
+    let exp = o & 0x0f80_0000;
+    // Normal numbers: rebias the exponent from 15 to 127.
+    let normal = o + 0x3800_0000;
+    // Infinity/NaN: exponent all ones, mantissa (payload) kept.
+    let inf_nan = normal + 0x3800_0000;
+    // Zero/subnormal: man * 2^-24, computed exactly as (2^-14 + man * 2^-24) - 2^-14.
+    let subnormal = (f32::from_bits(o + 0x3880_0000) - f32::from_bits(0x3880_0000)).to_bits();
+    let mag = if exp == 0x0f80_0000 {
+        inf_nan
+    } else if exp == 0 {
+        subnormal
+    } else {
+        normal
+    };
+    f32::from_bits(mag | ((h & 0x8000) << 16))
 }
 
 /// Reads the little-endian f16 at `bytes[0..2]` as `f32`.
@@ -84,37 +93,43 @@ pub(crate) fn quant_bf16(src: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// Dot product of a row of `N`-byte little-endian elements with `x`, using
-/// eight independent accumulators. `row` holds exactly `x.len()` elements.
+/// Dot product of a row of plain elements with `x`: converts 256 elements
+/// at a time into a stack buffer with `conv` (a vectorizable loop), then
+/// multiplies into eight accumulators. `row` holds exactly `x.len()`
+/// elements of `elem_bytes` bytes.
 #[inline]
-fn dot_elems<const N: usize>(row: &[u8], x: &[f32], conv: impl Fn([u8; N]) -> f32) -> f32 {
-    const LANES: usize = 8;
-    let (elems, _) = row.as_chunks::<N>();
-    let mut acc = [0.0f32; LANES];
-    let (x_full, x_tail) = x.as_chunks::<LANES>();
-    let (e_full, e_tail) = elems.split_at(x_full.len() * LANES);
-    for (xs, es) in x_full.iter().zip(e_full.chunks_exact(LANES)) {
-        for k in 0..LANES {
-            acc[k] += conv(es[k]) * xs[k];
-        }
-    }
+fn dot_buffered(row: &[u8], x: &[f32], elem_bytes: usize, conv: fn(&[u8], &mut [f32])) -> f32 {
+    const CHUNK: usize = 256;
+    let mut buf = [0.0f32; CHUNK];
+    let mut acc = [0.0f32; super::LANES];
     let mut tail = 0.0f32;
-    for (xv, e) in x_tail.iter().zip(e_tail) {
-        tail += conv(*e) * xv;
+    for (xs, rs) in x.chunks(CHUNK).zip(row.chunks(CHUNK * elem_bytes)) {
+        let w = &mut buf[..xs.len()];
+        conv(rs, w);
+        let (w_full, w_tail) = w.as_chunks::<{ super::LANES }>();
+        let (x_full, x_tail) = xs.as_chunks::<{ super::LANES }>();
+        for (ws, vs) in w_full.iter().zip(x_full) {
+            for k in 0..super::LANES {
+                acc[k] += ws[k] * vs[k];
+            }
+        }
+        for (wv, xv) in w_tail.iter().zip(x_tail) {
+            tail += wv * xv;
+        }
     }
     super::sum_lanes(&acc) + tail
 }
 
 pub(crate) fn dot_f32(row: &[u8], x: &[f32]) -> f32 {
-    dot_elems::<4>(row, x, f32::from_le_bytes)
+    dot_buffered(row, x, 4, dequant_f32)
 }
 
 pub(crate) fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-    dot_elems::<2>(row, x, f16_le)
+    dot_buffered(row, x, 2, dequant_f16)
 }
 
 pub(crate) fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-    dot_elems::<2>(row, x, |b| bf16_to_f32(u16::from_le_bytes(b)))
+    dot_buffered(row, x, 2, dequant_bf16)
 }
 
 #[cfg(test)]

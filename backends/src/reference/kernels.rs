@@ -45,34 +45,69 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum_lanes(&acc) + tail
 }
 
+/// Four f32 lanes, which the compiler keeps in one SIMD register.
+#[derive(Clone, Copy)]
+#[repr(align(16))]
+struct F32x4([f32; 4]);
+
+impl F32x4 {
+    const ZERO: F32x4 = F32x4([0.0; 4]);
+
+    #[inline(always)]
+    fn load(s: &[f32]) -> F32x4 {
+        F32x4([s[0], s[1], s[2], s[3]])
+    }
+
+    /// `self + a·b`, lane by lane (a multiply then an add, not fused).
+    #[inline(always)]
+    fn mul_add(self, a: F32x4, b: F32x4) -> F32x4 {
+        let (s, a, b) = (self.0, a.0, b.0);
+        F32x4([
+            s[0] + a[0] * b[0],
+            s[1] + a[1] * b[1],
+            s[2] + a[2] * b[2],
+            s[3] + a[3] * b[3],
+        ])
+    }
+}
+
 /// Four dot products of the rows `w[0..4]` with the same `x`, each in the
 /// order of [`dot`] (so each result is bit-identical to `dot(w[r], x)`),
-/// sharing the loads of `x`.
+/// sharing the loads of `x`: the matmul microkernel.
+///
+/// Written with explicit 4-lane groups (lanes 0–3 and 4–7 of each row's
+/// accumulator) so each group maps onto one SSE register.
 #[inline]
 pub(crate) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
     let n = x.len();
     if w.iter().any(|r| r.len() != n) {
         return w.map(|r| dot(r, x));
     }
-    let (xf, xt) = x.as_chunks::<LANES>();
-    let rows = w.map(|r| r.as_chunks::<LANES>().0);
-    let mut acc = [[0.0f32; LANES]; 4];
-    for (c, xs) in xf.iter().enumerate() {
+    let full = n / LANES * LANES;
+    let mut acc = [[F32x4::ZERO; 2]; 4];
+    let mut i = 0;
+    while i < full {
+        let x0 = F32x4::load(&x[i..i + 4]);
+        let x1 = F32x4::load(&x[i + 4..i + 8]);
         for r in 0..4 {
-            let ws = &rows[r][c];
-            for k in 0..LANES {
-                acc[r][k] += ws[k] * xs[k];
-            }
+            acc[r][0] = acc[r][0].mul_add(F32x4::load(&w[r][i..i + 4]), x0);
+            acc[r][1] = acc[r][1].mul_add(F32x4::load(&w[r][i + 4..i + 8]), x1);
         }
+        i += LANES;
     }
-    let full = xf.len() * LANES;
+    // Without this barrier the compiler sees the four per-row reductions
+    // below as one 4-wide operation and "vectorizes" the loop across rows,
+    // with shuffles in every iteration (2–3x slower).
+    let acc = std::hint::black_box(acc);
     let mut out = [0.0f32; 4];
-    for r in 0..4 {
+    for ((o, a), row) in out.iter_mut().zip(&acc).zip(&w) {
+        let (lo, hi) = (a[0].0, a[1].0);
+        let lanes = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
         let mut tail = 0.0f32;
-        for (a, b) in w[r][full..].iter().zip(xt) {
-            tail += a * b;
+        for (p, q) in row[full..].iter().zip(&x[full..]) {
+            tail += p * q;
         }
-        out[r] = sum_lanes(&acc[r]) + tail;
+        *o = sum_lanes(&lanes) + tail;
     }
     out
 }

@@ -1,13 +1,18 @@
 //! The matmul kernel: `y[t, o] = Σ_i x[t, i] · W[o, i]`, with `W` stored row by
-//! row in any float or quantized dtype, parallel over output rows.
+//! row in any float or quantized dtype, parallel over blocks of output rows.
 //!
-//! Two paths, with bit-identical results (both sum in the order of
-//! [`kernels::dot`], which is the order of `quant::dot_row`):
-//! - one token (decode): each weight row is dotted in place with
-//!   `quant::dot_row`, which dequantizes block by block on the stack;
-//! - several tokens (prefill): each task dequantizes a block of weight rows
-//!   once with `quant::dequantize_row` and dots them with every token's row,
-//!   so each weight row is dequantized once per call, not once per token.
+//! Each parallel task dequantizes its block of weight rows once with
+//! `quant::dequantize_row` and dots every row with every token's input row
+//! (four weight rows at a time, [`dot4`]), so each weight row is dequantized
+//! once per call, not once per token. The sums run in the order of
+//! `quant::dot_row` (see [`dot`]), so the result is bit-identical to calling
+//! `dot_row` per (token, weight row), and independent of how many tokens the
+//! call has: a prompt run in one call, in chunks, or token by token gives the
+//! same numbers.
+//!
+//! (Dequantizing a block then `dot4` measured as fast as `quant::dot_row` per
+//! row for single-token decode, and much faster for prefill, so there is one
+//! path for both.)
 
 use kiln_ir::DType;
 use rayon::prelude::*;
@@ -15,12 +20,13 @@ use rayon::prelude::*;
 use super::kernels::{dot, dot4};
 use crate::quant::{self, QuantError};
 
-/// Weight rows per parallel task in the single-token path.
-const DECODE_ROWS: usize = 64;
-/// Upper bound on the f32 bytes of dequantized weight rows one prefill task holds.
-const PREFILL_TILE_BYTES: usize = 128 * 1024;
+/// Upper bound on the f32 bytes of dequantized weight rows one task holds
+/// (so they stay in L2 while every token's row streams past).
+const TILE_BYTES: usize = 128 * 1024;
+/// Most weight rows per task.
+const MAX_BLOCK: usize = 64;
 
-/// A weight matrix `[n, k]` as stored: `n` rows of `row_bytes` bytes of `dtype`.
+/// A weight matrix `[n, k]` as stored: `n` rows of `k` elements of `dtype`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Weight<'a> {
     pub bytes: &'a [u8],
@@ -30,102 +36,79 @@ pub(crate) struct Weight<'a> {
 }
 
 impl Weight<'_> {
-    fn row_bytes(&self) -> usize {
-        if self.n == 0 {
+    /// Stored bytes of row `o` (empty when out of range; the caller checked sizes).
+    fn row(&self, o: usize) -> &[u8] {
+        let rb = if self.n == 0 {
             0
         } else {
             self.bytes.len() / self.n
-        }
-    }
-    fn row(&self, o: usize) -> &[u8] {
-        let rb = self.row_bytes();
+        };
         self.bytes.get(o * rb..(o + 1) * rb).unwrap_or(&[])
     }
 }
 
-/// `x · Wᵀ (+ bias)` for `x` of `rows` rows of `w.k` values; returns `[rows, w.n]`.
-///
-/// The bias is added after the dot product (as ggml's separate `add`).
+/// `x · Wᵀ (+ bias)` for `x` holding `rows` rows of `w.k` values; returns
+/// `[rows, w.n]`. The bias is added after the dot product (as ggml's
+/// separate `add`).
 pub(crate) fn matmul(
     x: &[f32],
     rows: usize,
     w: Weight<'_>,
     bias: Option<&[f32]>,
 ) -> Result<Vec<f32>, QuantError> {
-    let mut y = if rows == 1 {
-        matvec(x, w)?
-    } else {
-        matmat(x, rows, w)?
-    };
-    if let Some(b) = bias {
-        for row in y.chunks_mut(w.n.max(1)) {
-            for (v, &bi) in row.iter_mut().zip(b) {
-                *v += bi;
-            }
-        }
+    let (n, k) = (w.n, w.k);
+    if n == 0 || rows == 0 {
+        return Ok(vec![0.0; rows * n]);
     }
-    Ok(y)
-}
+    // Few enough rows per task that the dequantized block stays in L2, and
+    // enough tasks (about four per thread) to balance even a small matrix;
+    // a multiple of 4 for `dot4`.
+    let l2_rows = (TILE_BYTES / (4 * k.max(1))).clamp(4, MAX_BLOCK);
+    let balanced = n
+        .div_ceil(4 * rayon::current_num_threads())
+        .next_multiple_of(4);
+    let block = l2_rows.min(balanced).max(4) / 4 * 4;
 
-/// One token: `y[o] = dot_row(W[o], x)`, parallel over chunks of output rows.
-fn matvec(x: &[f32], w: Weight<'_>) -> Result<Vec<f32>, QuantError> {
-    let mut y = vec![0.0f32; w.n];
-    y.par_chunks_mut(DECODE_ROWS)
-        .enumerate()
-        .try_for_each(|(c, ys)| {
-            for (j, out) in ys.iter_mut().enumerate() {
-                *out = quant::dot_row(w.dtype, w.row(c * DECODE_ROWS + j), &x[..w.k])?;
-            }
-            Ok(())
-        })?;
-    Ok(y)
-}
-
-/// Several tokens: tasks over blocks of output rows; each dequantizes its
-/// block once and computes the `[rows, block]` tile, which is then copied
-/// into place.
-fn matmat(x: &[f32], rows: usize, w: Weight<'_>) -> Result<Vec<f32>, QuantError> {
-    let k = w.k;
-    // Enough rows per block to amortize the task, few enough that the
-    // dequantized block stays in L2; a multiple of 4 for `dot4`.
-    let block = (PREFILL_TILE_BYTES / (4 * k.max(1))).clamp(4, 64) / 4 * 4;
-    let nblocks = w.n.div_ceil(block);
-    let tiles: Vec<Vec<f32>> = (0..nblocks)
+    let tiles: Vec<Vec<f32>> = (0..n.div_ceil(block))
         .into_par_iter()
         .map(|b| {
             let o0 = b * block;
-            let nb = block.min(w.n - o0);
+            let nb = block.min(n - o0);
             let mut wbuf = vec![0.0f32; nb * k];
-            for (j, dst) in wbuf.chunks_mut(k.max(1)).enumerate() {
-                quant::dequantize_row(w.dtype, w.row(o0 + j), dst)?;
+            if k > 0 {
+                for (j, dst) in wbuf.chunks_mut(k).enumerate() {
+                    quant::dequantize_row(w.dtype, w.row(o0 + j), dst)?;
+                }
             }
-            let wrows: Vec<&[f32]> = if k == 0 {
-                vec![&[][..]; nb]
-            } else {
-                wbuf.chunks(k).collect()
-            };
+            let wrow = |j: usize| &wbuf[j * k..(j + 1) * k];
+            // tile[t][j] = x[t] · W[o0 + j]
             let mut tile = vec![0.0f32; rows * nb];
-            for (t, out) in tile.chunks_mut(nb).enumerate() {
-                let xt = &x[t * k..(t + 1) * k];
+            for (out, xt) in tile.chunks_mut(nb).zip(x.chunks(k.max(1))) {
                 let mut j = 0;
                 while j + 4 <= nb {
-                    let r = dot4([wrows[j], wrows[j + 1], wrows[j + 2], wrows[j + 3]], xt);
+                    let r = dot4([wrow(j), wrow(j + 1), wrow(j + 2), wrow(j + 3)], xt);
                     out[j..j + 4].copy_from_slice(&r);
                     j += 4;
                 }
-                for jj in j..nb {
-                    out[jj] = dot(wrows[jj], xt);
+                for (jj, o) in out.iter_mut().enumerate().skip(j) {
+                    *o = dot(wrow(jj), xt);
                 }
             }
             Ok(tile)
         })
         .collect::<Result<_, QuantError>>()?;
-    let mut y = vec![0.0f32; rows * w.n];
+
+    let mut y = vec![0.0f32; rows * n];
     for (b, tile) in tiles.iter().enumerate() {
         let o0 = b * block;
-        let nb = block.min(w.n - o0);
-        for (t, src) in tile.chunks(nb.max(1)).enumerate() {
-            y[t * w.n + o0..t * w.n + o0 + nb].copy_from_slice(src);
+        let nb = block.min(n - o0);
+        for (yt, src) in y.chunks_mut(n).zip(tile.chunks(nb)) {
+            yt[o0..o0 + nb].copy_from_slice(src);
+            if let Some(bias) = bias {
+                for (v, &bi) in yt[o0..o0 + nb].iter_mut().zip(&bias[o0.min(bias.len())..]) {
+                    *v += bi;
+                }
+            }
         }
     }
     Ok(y)

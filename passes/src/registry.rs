@@ -1,0 +1,46 @@
+//! The one table of passes. Adding a pass is one file and one line here.
+
+use kiln_frontend::Weights;
+use kiln_ir::Module;
+use serde_json::Value;
+
+use crate::{Pass, PassCtx, PassError, PassReport, dce};
+
+pub static PASSES: &[&dyn Pass] = &[&dce::DeadCode];
+
+pub fn by_name(name: &str) -> Result<&'static dyn Pass, PassError> {
+    PASSES.iter().copied().find(|p| p.name() == name).ok_or_else(|| PassError::Unknown {
+        name: name.to_string(),
+        known: PASSES.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Runs `(name, options)` passes in order, verifying the module after each.
+/// `on_pass` is called with each report (for progress output).
+pub fn run_pipeline(
+    module: &mut Module,
+    weights: &mut Weights,
+    passes: &[(String, Value)],
+    device: &str,
+    on_pass: &mut dyn FnMut(&PassReport),
+) -> Result<Vec<PassReport>, PassError> {
+    // Resolve every name first so a typo fails before any work is done.
+    let resolved = passes.iter().map(|(n, o)| Ok((by_name(n)?, o))).collect::<Result<Vec<_>, PassError>>()?;
+    let mut reports = vec![];
+    for (pass, options) in resolved {
+        let report = pass.run(module, weights, &PassCtx { options, device })?;
+        kiln_ir::check(module).map_err(|err| PassError::Broken { pass: pass.name().to_string(), err })?;
+        if weights.tensors.len() != module.params.len() {
+            return Err(PassError::Broken {
+                pass: pass.name().to_string(),
+                err: kiln_ir::IrError::Verify {
+                    at: "weights".into(),
+                    msg: format!("{} tensors for {} params", weights.tensors.len(), module.params.len()),
+                },
+            });
+        }
+        on_pass(&report);
+        reports.push(report);
+    }
+    Ok(reports)
+}

@@ -1,0 +1,124 @@
+//! Text generation: prompt (optionally through the chat template) → prefill →
+//! decode loop with sampling, streaming text as it is produced.
+
+use std::time::Instant;
+
+use kiln_backends::{Logits, Session};
+use serde::Serialize;
+
+use crate::chat::ChatMessage;
+use crate::error::{RuntimeError, RuntimeResult};
+use crate::model::Model;
+use crate::sampling::{Sampler, SamplerConfig};
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Wrap the prompt as a user message in the model's chat template.
+    pub chat: bool,
+    /// Stop at an end-of-generation token.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_tokens: 64, sampler: SamplerConfig::greedy(), chat: false, stop_at_eos: true }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateOutput {
+    pub prompt_tokens: Vec<u32>,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub stop_reason: &'static str,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    pub prefill_tokens_per_second: f64,
+    pub decode_tokens_per_second: f64,
+}
+
+/// The token ids a prompt becomes (chat template applied when asked).
+pub fn prompt_tokens(model: &Model, prompt: &str, chat: bool) -> RuntimeResult<Vec<u32>> {
+    if chat {
+        let tmpl = model
+            .chat
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Invalid(format!("{} has no chat template", model.path.display())))?;
+        let text = tmpl.render(&[ChatMessage::new("user", prompt)], true)?;
+        // The template writes BOS itself where the model wants it.
+        Ok(model.tokenizer.encode(&text, false)?)
+    } else {
+        Ok(model.tokenizer.encode(prompt, true)?)
+    }
+}
+
+/// Generates from `prompt`, calling `on_text` with each new piece of text.
+pub fn generate(
+    model: &Model,
+    session: &mut dyn Session,
+    prompt: &str,
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> RuntimeResult<GenerateOutput> {
+    let ids = prompt_tokens(model, prompt, opts.chat)?;
+    generate_from_tokens(model, session, &ids, opts, on_text)
+}
+
+pub fn generate_from_tokens(
+    model: &Model,
+    session: &mut dyn Session,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> RuntimeResult<GenerateOutput> {
+    if prompt_ids.is_empty() {
+        return Err(RuntimeError::Invalid("the prompt is empty".into()));
+    }
+    let mut sampler = Sampler::new(opts.sampler)?;
+    let mut stream = model.tokenizer.stream();
+    let t0 = Instant::now();
+    let mut logits = session.forward(prompt_ids, Logits::Last)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut history: Vec<u32> = prompt_ids.to_vec();
+    let mut out = vec![];
+    let mut text = String::new();
+    let mut stop_reason = "length";
+    let t1 = Instant::now();
+    for i in 0..opts.max_tokens {
+        let tok = sampler.sample(&logits, &history)?;
+        if opts.stop_at_eos && model.tokenizer.is_eos(tok) {
+            stop_reason = "eos";
+            break;
+        }
+        out.push(tok);
+        history.push(tok);
+        let piece = stream.push(tok)?;
+        if !piece.is_empty() {
+            on_text(&piece);
+            text.push_str(&piece);
+        }
+        if i + 1 == opts.max_tokens {
+            break;
+        }
+        logits = session.forward(&[tok], Logits::Last)?;
+    }
+    let rest = stream.finish()?;
+    if !rest.is_empty() {
+        on_text(&rest);
+        text.push_str(&rest);
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    Ok(GenerateOutput {
+        prompt_tokens: prompt_ids.to_vec(),
+        tokens: out.clone(),
+        text,
+        stop_reason,
+        prefill_seconds: prefill,
+        decode_seconds: decode,
+        prefill_tokens_per_second: rate(prompt_ids.len(), prefill),
+        decode_tokens_per_second: rate(out.len(), decode),
+    })
+}

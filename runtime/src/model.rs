@@ -1,0 +1,109 @@
+//! A runnable model: verified module + weights + tokenizer + chat template, loaded
+//! from a GGUF file, a Hugging Face directory or a kiln build.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_backends::{Session, SessionOptions, WeightSource};
+use kiln_ir::{ParamId, VerifiedModule};
+use serde_json::Value;
+
+use crate::artifact;
+use crate::chat::ChatTemplate;
+use crate::error::{RuntimeError, RuntimeResult};
+use crate::tokenizer::Tokenizer;
+
+/// Weights of a checkpoint imported directly (no build).
+pub struct ImportedWeights(pub kiln_frontend::Weights);
+
+impl WeightSource for ImportedWeights {
+    fn bytes(&self, p: ParamId) -> &[u8] {
+        self.0.bytes(p)
+    }
+}
+
+pub struct Model {
+    pub path: PathBuf,
+    pub module: Arc<VerifiedModule>,
+    pub weights: Arc<dyn WeightSource>,
+    pub tokenizer: Tokenizer,
+    pub chat: Option<ChatTemplate>,
+    /// Backend named by the build's manifest ("reference" for checkpoints).
+    pub backend: String,
+    /// The build manifest, when loaded from a build.
+    pub manifest: Option<Value>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("path", &self.path).field("backend", &self.backend).finish()
+    }
+}
+
+fn chat_template(tok: &Tokenizer, source: Option<&str>, origin: String) -> RuntimeResult<Option<ChatTemplate>> {
+    let Some(src) = source else { return Ok(None) };
+    let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+    let bos = name(tok.bos_id());
+    let eos = name(tok.config().eos_id);
+    Ok(Some(ChatTemplate::new(src, origin, bos, eos)?))
+}
+
+impl Model {
+    /// Loads MODEL: a kiln build directory, a Hugging Face directory or a GGUF file.
+    pub fn load(path: &Path) -> RuntimeResult<Model> {
+        if artifact::is_build(path) {
+            let b = artifact::open_build(path)?;
+            let origin = b.dir.join(artifact::TOKENIZER_FILE).display().to_string();
+            let tokenizer = Tokenizer::from_bytes(&b.tokenizer_json, &origin)?;
+            let chat = chat_template(
+                &tokenizer,
+                b.chat_template.as_deref(),
+                b.dir.join(artifact::CHAT_TEMPLATE_FILE).display().to_string(),
+            )?;
+            let backend = b.manifest.get("backend").and_then(Value::as_str).unwrap_or("reference").to_string();
+            return Ok(Model {
+                path: path.to_path_buf(),
+                module: b.module,
+                weights: b.weights,
+                tokenizer,
+                chat,
+                backend,
+                manifest: Some(b.manifest),
+            });
+        }
+        let imported = kiln_frontend::import(path)?;
+        let module = kiln_ir::verify(imported.module)
+            .map_err(|e| RuntimeError::bad(path, format!("imported module failed verification: {e}")))?;
+        let tokenizer = Tokenizer::from_bytes(imported.tokenizer_json.as_bytes(), &path.display().to_string())?;
+        let chat = chat_template(&tokenizer, imported.chat_template.as_deref(), format!("{}: chat template", path.display()))?;
+        Ok(Model {
+            path: path.to_path_buf(),
+            module: Arc::new(module),
+            weights: Arc::new(ImportedWeights(imported.weights)),
+            tokenizer,
+            chat,
+            backend: "reference".into(),
+            manifest: None,
+        })
+    }
+
+    /// The model's trained context length (from the IR metadata).
+    pub fn context_length(&self) -> usize {
+        self.module.meta_int("context_length").and_then(|n| usize::try_from(n).ok()).unwrap_or(2048)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.module.meta_int("vocab_size").and_then(|n| usize::try_from(n).ok()).unwrap_or(0)
+    }
+
+    /// Starts a session on the model's backend with room for `max_context` positions
+    /// (capped at the model's context length).
+    pub fn session(&self, max_context: usize, threads: usize) -> RuntimeResult<Box<dyn Session>> {
+        let backend = kiln_backends::backend_by_name(&self.backend)?;
+        if let Some(what) = kiln_backends::first_unsupported(backend.as_ref(), &self.module) {
+            return Err(RuntimeError::Invalid(format!("backend `{}` cannot run {what}", self.backend)));
+        }
+        let opts = SessionOptions { max_context: max_context.min(self.context_length()), threads };
+        Ok(backend.prepare(self.module.clone(), self.weights.clone(), &opts)?)
+    }
+}

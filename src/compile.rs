@@ -1,0 +1,102 @@
+//! The compile pipeline: recipe → fetch → import → passes (verified after each)
+//! → backend support check → atomic build directory with its manifest.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::error::{KilnError, KilnResult};
+use crate::models;
+use crate::recipe::{DEVICES, LoadedRecipe};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompileResult {
+    pub device: String,
+    pub backend: String,
+    pub out_dir: PathBuf,
+    pub manifest: Value,
+}
+
+/// Resolves the recipe's model to a local path (fetching registry models) and
+/// describes it for the manifest.
+fn source_of(r: &LoadedRecipe, log: &mut dyn FnMut(&str)) -> KilnResult<(PathBuf, Value)> {
+    let reg = models::registry()?;
+    if let Some(e) = reg.models.get(&r.recipe.model) {
+        let path = models::fetch(&r.recipe.model, log)?;
+        let pkgs: Vec<Value> = e.packages.iter().map(|p| json!({"name": p.name, "version": p.version, "sha256": p.sha256})).collect();
+        return Ok((path, json!({"model": r.recipe.model, "file": e.file, "sha256": e.sha256, "packages": pkgs})));
+    }
+    let base = r.path.parent().unwrap_or(Path::new("."));
+    let path = base.join(&r.recipe.model);
+    if !path.exists() {
+        let known = reg.models.keys().cloned().collect::<Vec<_>>().join(", ");
+        return Err(KilnError::bad(
+            &r.path,
+            format!("model `{}` is neither a registry id (known: {known}) nor an existing path ({})", r.recipe.model, path.display()),
+        ));
+    }
+    let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let sha = if path.is_file() { models::sha256_file(&path)? } else { String::new() };
+    Ok((path, json!({"model": r.recipe.model, "file": file_name, "sha256": sha})))
+}
+
+/// Compiles one device of a recipe into `out_root/<recipe>/<device>/`.
+pub fn compile_device(
+    r: &LoadedRecipe,
+    device: &str,
+    out_root: &Path,
+    log: &mut dyn FnMut(&str),
+) -> KilnResult<CompileResult> {
+    let spec = r.device(device)?;
+    // Fail before any work when the device's backend is not in this kiln.
+    let backend = kiln_backends::backend_by_name(&spec.backend)
+        .map_err(|e| KilnError::Unsupported(format!("{}: device `{device}`: {e}", r.path.display())))?;
+    let passes: Vec<(String, Value)> =
+        spec.passes.iter().map(|p| p.resolve().map_err(|m| KilnError::bad(&r.path, m))).collect::<KilnResult<_>>()?;
+    let (src_path, source) = source_of(r, log)?;
+    log(&format!("importing {}", src_path.display()));
+    let imported = kiln_frontend::import(&src_path)?;
+    let mut module = imported.module;
+    let mut weights = imported.weights;
+    kiln_ir::check(&module)?;
+    let reports = kiln_passes::run_pipeline(&mut module, &mut weights, &passes, device, &mut |rep| {
+        log(&format!("pass {}: {}", rep.pass, rep.summary));
+    })?;
+    let verified = kiln_ir::verify(module)?;
+    if let Some(what) = kiln_backends::first_unsupported(backend.as_ref(), &verified) {
+        return Err(KilnError::Unsupported(format!(
+            "{}: device `{device}`: backend `{}` does not support {what}",
+            r.path.display(),
+            spec.backend
+        )));
+    }
+    let out_dir = out_root.join(&r.recipe.name).join(device);
+    log(&format!("writing {}", out_dir.display()));
+    let recipe_name = r.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let extra = json!({
+        "recipe": {"name": r.recipe.name, "file": recipe_name, "sha256": kiln_runtime::artifact::sha256_hex(r.text.as_bytes())},
+        "device": device,
+        "backend": spec.backend,
+        "source": source,
+        "passes": reports,
+    });
+    let inputs = kiln_runtime::artifact::BuildInputs {
+        tokenizer_json: &imported.tokenizer_json,
+        chat_template: imported.chat_template.as_deref(),
+        manifest_extra: extra,
+    };
+    let manifest =
+        kiln_runtime::artifact::write_build(&out_dir, &verified, &|p| weights.bytes(p).to_vec(), &inputs)?;
+    Ok(CompileResult { device: device.to_string(), backend: spec.backend.clone(), out_dir, manifest })
+}
+
+/// Devices `--device` names: one, or `all` (every device the recipe lists, in watch/phone/laptop order).
+pub fn devices_for(r: &LoadedRecipe, device: &str) -> KilnResult<Vec<String>> {
+    if device == "all" {
+        Ok(DEVICES.iter().filter(|d| r.recipe.devices.contains_key(**d)).map(|d| d.to_string()).collect())
+    } else {
+        r.device(device)?;
+        Ok(vec![device.to_string()])
+    }
+}

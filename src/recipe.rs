@@ -1,0 +1,129 @@
+//! Recipes: one YAML file names a source model and, per device (`watch`, `phone`,
+//! `laptop`), the backend and the passes with their options.
+//!
+//! ```yaml
+//! name: smollm2-135m
+//! model: smollm2-135m-instruct      # a models.yaml id, or a path relative to the recipe
+//! devices:
+//!   laptop:
+//!     backend: reference
+//!     passes: [dce, { quantize: { format: q8_0 } }]
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{KilnError, KilnResult};
+
+pub const DEVICES: &[&str] = &["watch", "phone", "laptop"];
+/// Recipes larger than this are refused before parsing.
+const MAX_RECIPE_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub model: String,
+    pub devices: BTreeMap<String, DeviceSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    pub backend: String,
+    #[serde(default)]
+    pub passes: Vec<PassEntry>,
+}
+
+/// `- name` or `- name: { options }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PassEntry {
+    Name(String),
+    WithOptions(BTreeMap<String, Value>),
+}
+
+/// A recipe read from a file, with its text (hashed into the manifest).
+#[derive(Debug, Clone)]
+pub struct LoadedRecipe {
+    pub path: PathBuf,
+    pub text: String,
+    pub recipe: Recipe,
+}
+
+impl LoadedRecipe {
+    /// Reads, parses and checks a recipe: devices, backends and pass names must be known.
+    pub fn load(path: &Path) -> KilnResult<LoadedRecipe> {
+        let meta = std::fs::metadata(path).map_err(|e| KilnError::io(path, e))?;
+        if meta.len() > MAX_RECIPE_BYTES {
+            return Err(KilnError::bad(path, format!("{} bytes is too large for a recipe", meta.len())));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| KilnError::io(path, e))?;
+        let recipe: Recipe = serde_saphyr::from_str(&text).map_err(|e| KilnError::bad(path, format!("invalid recipe: {e}")))?;
+        let loaded = LoadedRecipe { path: path.to_path_buf(), text, recipe };
+        loaded.check()?;
+        Ok(loaded)
+    }
+
+    fn check(&self) -> KilnResult<()> {
+        let r = &self.recipe;
+        let bad = |msg: String| Err(KilnError::bad(&self.path, msg));
+        if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) || r.name.starts_with('.') {
+            return bad(format!("recipe name `{}` must be non-empty and use only letters, digits, `-`, `_`, `.`", r.name));
+        }
+        if r.devices.is_empty() {
+            return bad("the recipe lists no devices".into());
+        }
+        for (dev, spec) in &r.devices {
+            if !DEVICES.contains(&dev.as_str()) {
+                return bad(format!("unknown device `{dev}` (known: {})", DEVICES.join(", ")));
+            }
+            if !kiln_backends::BACKEND_NAMES.iter().any(|(n, _)| *n == spec.backend) {
+                let known: Vec<_> = kiln_backends::BACKEND_NAMES.iter().map(|(n, _)| *n).collect();
+                return bad(format!("device `{dev}`: unknown backend `{}` (known: {})", spec.backend, known.join(", ")));
+            }
+            for p in &spec.passes {
+                let (name, _) = p.resolve().map_err(|m| KilnError::bad(&self.path, format!("device `{dev}`: {m}")))?;
+                if let Err(e) = kiln_passes::by_name(&name) {
+                    return bad(format!("device `{dev}`: {e}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The device spec, or an error naming the recipe and the devices it has.
+    pub fn device(&self, device: &str) -> KilnResult<&DeviceSpec> {
+        self.recipe.devices.get(device).ok_or_else(|| {
+            let has: Vec<_> = self.recipe.devices.keys().map(String::as_str).collect();
+            if DEVICES.contains(&device) {
+                KilnError::bad(&self.path, format!("the recipe has no `{device}` device (it has: {})", has.join(", ")))
+            } else {
+                KilnError::bad(&self.path, format!("unknown device `{device}` (known: {})", DEVICES.join(", ")))
+            }
+        })
+    }
+}
+
+impl PassEntry {
+    /// The pass name and its options (`{}` when none).
+    pub fn resolve(&self) -> Result<(String, Value), String> {
+        match self {
+            PassEntry::Name(n) => Ok((n.clone(), Value::Object(Default::default()))),
+            PassEntry::WithOptions(m) if m.len() == 1 => {
+                let (k, v) = m.iter().next().ok_or("empty pass entry")?;
+                let v = if v.is_null() { Value::Object(Default::default()) } else { v.clone() };
+                Ok((k.clone(), v))
+            }
+            PassEntry::WithOptions(m) => Err(format!(
+                "a pass entry must be `name` or `name: {{options}}`, found keys {:?}",
+                m.keys().collect::<Vec<_>>()
+            )),
+        }
+    }
+}
