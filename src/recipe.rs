@@ -40,13 +40,10 @@ pub struct DeviceSpec {
     pub passes: Vec<PassEntry>,
 }
 
-/// `- name` or `- name: { options }`.
+/// `- name` or `- name: { options }` (kept as a value so a malformed entry gets a precise message).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-pub enum PassEntry {
-    Name(String),
-    WithOptions(BTreeMap<String, Value>),
-}
+#[serde(transparent)]
+pub struct PassEntry(pub Value);
 
 /// A recipe read from a file, with its text (hashed into the manifest).
 #[derive(Debug, Clone)]
@@ -113,17 +110,14 @@ impl LoadedRecipe {
 impl PassEntry {
     /// The pass name and its options (`{}` when none).
     pub fn resolve(&self) -> Result<(String, Value), String> {
-        match self {
-            PassEntry::Name(n) => Ok((n.clone(), Value::Object(Default::default()))),
-            PassEntry::WithOptions(m) if m.len() == 1 => {
+        match &self.0 {
+            Value::String(n) => Ok((n.clone(), Value::Object(Default::default()))),
+            Value::Object(m) if m.len() == 1 => {
                 let (k, v) = m.iter().next().ok_or("empty pass entry")?;
                 let v = if v.is_null() { Value::Object(Default::default()) } else { v.clone() };
                 Ok((k.clone(), v))
             }
-            PassEntry::WithOptions(m) => Err(format!(
-                "a pass entry must be `name` or `name: {{options}}`, found keys {:?}",
-                m.keys().collect::<Vec<_>>()
-            )),
+            other => Err(format!("a pass entry must be `name` or `name: {{options}}`, found {other}")),
         }
     }
 }

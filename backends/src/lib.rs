@@ -21,6 +21,12 @@ pub enum BackendError {
     /// The module uses something this backend cannot run.
     #[error("backend `{backend}` does not support {what}")]
     Unsupported { backend: &'static str, what: String },
+    /// A backend recipes may name but this build of kiln does not have yet.
+    #[error("backend `{name}` ({what}) is not available yet in this version of kiln")]
+    NotAvailable { name: &'static str, what: &'static str },
+    /// A backend name nobody knows.
+    #[error("unknown backend `{name}` (known: {known})")]
+    UnknownBackend { name: String, known: String },
     /// Input given at run time is out of range (too many tokens, bad token id, ...).
     #[error("{0}")]
     BadInput(String),
@@ -94,16 +100,10 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
     match name {
         "reference" => Ok(Box::new(reference::ReferenceBackend::new())),
         _ => match BACKEND_NAMES.iter().find(|(n, _)| *n == name) {
-            Some((n, what)) => Err(BackendError::Unsupported {
-                backend: "registry",
-                what: format!("backend `{n}` ({what}): not available yet in this version of kiln"),
-            }),
-            None => Err(BackendError::Unsupported {
-                backend: "registry",
-                what: format!(
-                    "unknown backend `{name}` (known: {})",
-                    BACKEND_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-                ),
+            Some((n, what)) => Err(BackendError::NotAvailable { name: n, what }),
+            None => Err(BackendError::UnknownBackend {
+                name: name.to_string(),
+                known: BACKEND_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
             }),
         },
     }

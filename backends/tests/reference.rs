@@ -220,6 +220,11 @@ fn layer_norm_known_numbers() {
     assert_close(&got, &want, 1e-6);
 }
 
+/// Builds one op from two inputs.
+type BuildOp = Box<dyn Fn(&mut Builder, ValueId, ValueId) -> ValueId>;
+/// The expected value of one element from the two inputs' elements.
+type Expected = Box<dyn Fn(f64, f64) -> f64>;
+
 #[test]
 fn elementwise_ops_known_numbers() {
     let xs = vec![-2.0f32, -0.5, 0.0, 1.5];
@@ -228,11 +233,7 @@ fn elementwise_ops_known_numbers() {
     let gelu = |x: f64| {
         0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
     };
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&mut Builder, ValueId, ValueId) -> ValueId>,
-        Box<dyn Fn(f64, f64) -> f64>,
-    )> = vec![
+    let cases: Vec<(&str, BuildOp, Expected)> = vec![
         (
             "add",
             Box::new(|b, x, y| b.push(Op::Add { a: x, b: y })),
@@ -294,8 +295,8 @@ fn elementwise_ops_known_numbers() {
     for (name, build, f) in cases {
         let mut b = Builder::new();
         let ids = b.push(Op::Tokens);
-        let x = b.input("x", ids, &[xs.clone()]);
-        let y = b.input("y", ids, &[ys.clone()]);
+        let x = b.input("x", ids, std::slice::from_ref(&xs));
+        let y = b.input("y", ids, std::slice::from_ref(&ys));
         let out = build(&mut b, x, y);
         let mut s = b.session(out, 4);
         let got = s.forward(&[0], Logits::All).unwrap();
@@ -455,7 +456,7 @@ fn rope_known_angles_both_layouts() {
         for (rot, fs) in [(4u64, 1.0f32), (4, 0.5), (2, 1.0)] {
             let mut b = Builder::new();
             let ids = b.push(Op::Tokens);
-            let x = b.input("x", ids, &[row.clone()]);
+            let x = b.input("x", ids, std::slice::from_ref(&row));
             let attrs = RopeAttrs {
                 head_dim: 4,
                 rot_dims: rot,

@@ -977,7 +977,7 @@ impl<'a> Parser<'a> {
             let Some(nbytes) = row_bytes.checked_mul(rows) else {
                 return Err(bad_shape("the byte size overflows 64 bits".into()));
             };
-            if rel_offset % alignment != 0 {
+            if !rel_offset.is_multiple_of(alignment) {
                 return Err(GgufError::MisalignedTensor {
                     file: self.file(),
                     tensor: name,
@@ -1546,6 +1546,57 @@ mod tests {
         assert!(ok.is_ok());
         let e = err(&base.clone().tensor("t", &[4], 0, &[0; 8])).to_string();
         assert!(e.starts_with("test.gguf: tensor \"t\" data ["), "{e}");
+    }
+
+    /// Checks what a successful parse promises: every tensor's bytes are in
+    /// the file, aligned, and disjoint from the others.
+    fn check_invariants(f: &GgufFile) -> Result<(), proptest::test_runner::TestCaseError> {
+        use proptest::prop_assert;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for t in f.tensors() {
+            prop_assert!(t.offset.checked_add(t.nbytes).is_some_and(|e| e <= f.len()));
+            prop_assert!(f.tensor_data(t).len() as u64 == t.nbytes);
+            prop_assert!((t.offset - f.data_offset()).is_multiple_of(f.alignment()));
+            prop_assert!(t.dims.len() <= GGML_MAX_DIMS);
+            if t.nbytes > 0 {
+                ranges.push((t.offset, t.offset + t.nbytes));
+            }
+        }
+        ranges.sort_unstable();
+        prop_assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0));
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2000))]
+
+        #[test]
+        fn mutated_files_never_panic(
+            edits in proptest::collection::vec((0usize..2048, proptest::num::u8::ANY), 1..8),
+            cut in 0usize..2048,
+        ) {
+            let mut b = sample(3).bytes();
+            let n = b.len();
+            for (i, v) in edits {
+                b[i % n] = v;
+            }
+            b.truncate(n - cut % (n / 4));
+            if let Ok(f) = GgufFile::from_bytes("m.gguf", b) {
+                check_invariants(&f)?;
+            }
+        }
+
+        #[test]
+        fn random_bodies_never_panic(body in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut b = Writer::new(3).bytes();
+            b.truncate(HEADER_BYTES);
+            b[8..16].copy_from_slice(&2u64.to_le_bytes());
+            b[16..24].copy_from_slice(&2u64.to_le_bytes());
+            b.extend(body);
+            if let Ok(f) = GgufFile::from_bytes("r.gguf", b) {
+                check_invariants(&f)?;
+            }
+        }
     }
 
     #[test]

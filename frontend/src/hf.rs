@@ -190,12 +190,11 @@ fn chat_template(dir: &Path) -> FrontendResult<Option<String>> {
 
 /// Whether a shard file name from the index is a plain file name inside the directory.
 fn plain_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name != "."
-        && name != ".."
-        && !name.contains(['/', '\\', '\0'])
-        && !name.contains("..")
-        && !(name.len() >= 2 && name.as_bytes()[1] == b':')
+    let forbidden = name.is_empty()
+        || name == "."
+        || name.contains("..")
+        || name.contains(['/', '\\', '\0', ':']);
+    !forbidden
 }
 
 /// The safetensors files of a directory, with kiln's canonical names mapped to the

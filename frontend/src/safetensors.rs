@@ -581,7 +581,7 @@ mod tests {
                 let i = (seed % v.len() as u64) as usize;
                 v[i] = (seed >> 32) as u8;
             }
-            if seed % 5 == 0 {
+            if seed.is_multiple_of(5) {
                 v.truncate((seed >> 40) as usize % v.len());
             }
             if let Ok(f) = SafetensorsFile::from_bytes("f", v) {

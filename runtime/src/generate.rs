@@ -77,7 +77,7 @@ pub fn generate_from_tokens(
         return Err(RuntimeError::Invalid("the prompt is empty".into()));
     }
     let mut sampler = Sampler::new(opts.sampler)?;
-    let mut stream = model.tokenizer.stream();
+    let mut stream = crate::tokenizer::TokenStream::with_context(&model.tokenizer, prompt_ids);
     let t0 = Instant::now();
     let mut logits = session.forward(prompt_ids, Logits::Last)?;
     let prefill = t0.elapsed().as_secs_f64();

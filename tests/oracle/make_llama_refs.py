@@ -263,14 +263,21 @@ def bench():
     parts.append(f"- Load average before run: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} "
                  "(other jobs on the machine skew these numbers)")
     parts.append("")
+    parts += ["The reference configuration is `-t 2`. It is followed by a `-t 1` run: when other "
+              "processes occupy the cores, llama.cpp's spinning thread barriers make the 2-thread numbers "
+              "collapse (token generation especially), while 1 thread degrades gracefully; a `-t 1` result "
+              "well above the `-t 2` one means the machine was contended.", ""]
     for name in MODELS:
         mpath = model_path(name)
-        cmd = [str(BIN / "llama-bench"), "-m", str(mpath), "-t", str(THREADS), "-p", "512", "-n", "128"]
-        print("running", " ".join(cmd), flush=True)
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
-        parts += [f"## {name} (`{MODELS[name]['file']}`)", "",
-                  f"`llama-bench -m {MODELS[name]['file']} -t {THREADS} -p 512 -n 128`", "",
-                  p.stdout.decode().strip(), ""]
+        parts += [f"## {name} (`{MODELS[name]['file']}`)", ""]
+        for threads in (THREADS, 1):
+            cmd = [str(BIN / "llama-bench"), "-m", str(mpath), "-t", str(threads), "-p", "512", "-n", "128"]
+            print("running", " ".join(cmd), flush=True)
+            la = os.getloadavg()[0]
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+            parts += [f"`llama-bench -m {MODELS[name]['file']} -t {threads} -p 512 -n 128` "
+                      f"(1-min load average at start: {la:.2f})", "",
+                      p.stdout.decode().strip(), ""]
     load1 = os.getloadavg()
     parts.append(f"Load average after run: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -364,9 +364,9 @@ impl GlassConfig {
             rope_base: float("rope_base")?,
             eps: float("eps")?,
         };
-        if c.d_model % c.n_heads != 0
-            || c.n_heads % c.n_kv_heads != 0
-            || (c.d_model / c.n_heads) % 2 != 0
+        if !c.d_model.is_multiple_of(c.n_heads)
+            || !c.n_heads.is_multiple_of(c.n_kv_heads)
+            || !(c.d_model / c.n_heads).is_multiple_of(2)
         {
             return Err(format!(
                 "inconsistent heads: d_model {} / {} heads / {} kv heads (head size must be even)",
@@ -636,7 +636,6 @@ pub fn tokenizer_json(glass: &Value, origin: &str, vocab_size: usize) -> Result<
 }
 
 pub fn tokenizer_config_json(cfg: &GlassConfig) -> Value {
-    let special = |t: &str| json!({"content": t, "lstrip": false, "normalized": false, "rstrip": false, "single_word": false, "special": true});
     json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": false,
@@ -647,12 +646,6 @@ pub fn tokenizer_config_json(cfg: &GlassConfig) -> Value {
         "pad_token": "<pad>",
         "clean_up_tokenization_spaces": false,
         "model_max_length": cfg.max_len,
-        "added_tokens_decoder": {
-            PAD_ID.to_string(): special("<pad>"),
-            UNK_ID.to_string(): special("<unk>"),
-            BOS_ID.to_string(): special("<bos>"),
-            EOS_ID.to_string(): special("<eos>"),
-        },
     })
 }
 
@@ -784,7 +777,7 @@ mod tests {
 
     fn npy(header: &str, data: &[u8]) -> Vec<u8> {
         let mut h = header.to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');
@@ -898,7 +891,7 @@ mod tests {
             seed ^= seed << 17;
             let i = (seed % v.len() as u64) as usize;
             v[i] = (seed >> 24) as u8;
-            if seed % 7 == 0 {
+            if seed.is_multiple_of(7) {
                 v.truncate((seed >> 40) as usize % v.len());
             }
             let _ = parse_npy(&v);

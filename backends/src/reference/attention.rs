@@ -40,11 +40,7 @@ impl KvCache {
 
     /// Cached positions.
     pub fn len(&self) -> usize {
-        if self.width == 0 {
-            0
-        } else {
-            self.k.len() / self.width
-        }
+        self.k.len().checked_div(self.width).unwrap_or(0)
     }
 
     /// Appends rows of keys and values (`[n][width]` each).

@@ -38,11 +38,7 @@ pub(crate) struct Weight<'a> {
 impl Weight<'_> {
     /// Stored bytes of row `o` (empty when out of range; the caller checked sizes).
     fn row(&self, o: usize) -> &[u8] {
-        let rb = if self.n == 0 {
-            0
-        } else {
-            self.bytes.len() / self.n
-        };
+        let rb = self.bytes.len().checked_div(self.n).unwrap_or(0);
         self.bytes.get(o * rb..(o + 1) * rb).unwrap_or(&[])
     }
 }

@@ -67,13 +67,11 @@ impl Schedule {
     pub fn new(module: &VerifiedModule, logits: Logits) -> Schedule {
         let n = module.insts.len();
         let mut rows = vec![Rows::Skip; n];
-        if let Some(out) = module.output {
-            if let Some(r) = rows.get_mut(out.index()) {
-                *r = match logits {
-                    Logits::All => Rows::All,
-                    Logits::Last => Rows::Last,
-                };
-            }
+        if let Some(r) = module.output.and_then(|out| rows.get_mut(out.index())) {
+            *r = match logits {
+                Logits::All => Rows::All,
+                Logits::Last => Rows::Last,
+            };
         }
         // Operands are always defined before their users (verified), so one
         // backward sweep settles every value.
@@ -94,10 +92,10 @@ impl Schedule {
         }
         let mut free_after = vec![Vec::new(); n];
         for (v, last) in last_use.iter().enumerate() {
-            if let Some(i) = last {
-                if module.output.map(|o| o.index()) != Some(v) {
-                    free_after[*i].push(ValueId(v as u32));
-                }
+            if let Some(i) = last
+                && module.output.map(|o| o.index()) != Some(v)
+            {
+                free_after[*i].push(ValueId(v as u32));
             }
         }
         Schedule { rows, free_after }

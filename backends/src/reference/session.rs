@@ -199,16 +199,15 @@ impl ReferenceSession {
                 self.max_context
             )));
         }
-        if let Some(rows) = self.embed_rows {
-            if let Some((i, &id)) = tokens
+        if let Some(rows) = self.embed_rows
+            && let Some((i, &id)) = tokens
                 .iter()
                 .enumerate()
                 .find(|(_, id)| **id as usize >= rows)
-            {
-                return Err(BackendError::BadInput(format!(
-                    "token {i} has id {id}, outside the embedding table of {rows} rows"
-                )));
-            }
+        {
+            return Err(BackendError::BadInput(format!(
+                "token {i} has id {id}, outside the embedding table of {rows} rows"
+            )));
         }
         Ok(())
     }

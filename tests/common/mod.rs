@@ -1,0 +1,69 @@
+//! Shared helpers for the CLI integration tests: run the built `kiln` binary,
+//! locate fetched models, make temporary directories.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn kiln() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+}
+
+pub fn run(args: &[&str]) -> Output {
+    kiln().args(args).output().expect("kiln runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("KILN_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln")
+}
+
+/// The cached file of a registry model. When it is absent the test is skipped with a
+/// printed reason, unless `KILN_REQUIRE_MODELS=1` (set by `.ci/run`), where it fails.
+pub fn model(file: &str) -> Option<PathBuf> {
+    let p = cache_dir().join("models").join(file);
+    if p.exists() {
+        return Some(p);
+    }
+    let msg = format!("{} is missing: run `cargo xtask fetch-models` first", p.display());
+    if std::env::var("KILN_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+pub fn smollm2() -> Option<PathBuf> {
+    model("smollm2-135m-instruct-q4_1.gguf")
+}
+
+pub fn qwen05() -> Option<PathBuf> {
+    model("qwen2.5-coder-0.5b.gguf")
+}
+
+/// A fresh temporary directory under the target dir (kept for inspection after failures).
+pub fn tempdir(name: &str) -> PathBuf {
+    let d = root().join("target").join("test-tmp").join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
+pub fn write(p: &Path, bytes: &[u8]) {
+    std::fs::write(p, bytes).expect("write file");
+}
