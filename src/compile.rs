@@ -24,7 +24,8 @@ fn source_of(r: &LoadedRecipe, log: &mut dyn FnMut(&str)) -> KilnResult<(PathBuf
     let reg = models::registry()?;
     if let Some(e) = reg.models.get(&r.recipe.model) {
         let path = models::fetch(&r.recipe.model, log)?;
-        let pkgs: Vec<Value> = e.packages.iter().map(|p| json!({"name": p.name, "version": p.version, "sha256": p.sha256})).collect();
+        let pkgs: Vec<Value> =
+            e.packages.iter().map(|p| json!({"name": p.name, "version": p.version, "sha256": p.sha256})).collect();
         return Ok((path, json!({"model": r.recipe.model, "file": e.file, "sha256": e.sha256, "packages": pkgs})));
     }
     let base = r.path.parent().unwrap_or(Path::new("."));
@@ -33,7 +34,11 @@ fn source_of(r: &LoadedRecipe, log: &mut dyn FnMut(&str)) -> KilnResult<(PathBuf
         let known = reg.models.keys().cloned().collect::<Vec<_>>().join(", ");
         return Err(KilnError::bad(
             &r.path,
-            format!("model `{}` is neither a registry id (known: {known}) nor an existing path ({})", r.recipe.model, path.display()),
+            format!(
+                "model `{}` is neither a registry id (known: {known}) nor an existing path ({})",
+                r.recipe.model,
+                path.display()
+            ),
         ));
     }
     let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -86,8 +91,7 @@ pub fn compile_device(
         chat_template: imported.chat_template.as_deref(),
         manifest_extra: extra,
     };
-    let manifest =
-        kiln_runtime::artifact::write_build(&out_dir, &verified, &|p| weights.bytes(p).to_vec(), &inputs)?;
+    let manifest = kiln_runtime::artifact::write_build(&out_dir, &verified, &|p| weights.bytes(p).to_vec(), &inputs)?;
     Ok(CompileResult { device: device.to_string(), backend: spec.backend.clone(), out_dir, manifest })
 }
 

@@ -1,6 +1,9 @@
 //! `kiln`: the command-line tool. Parses arguments and calls the library; errors are
 //! printed as one clear line (no backtrace) and exit nonzero.
 
+// Errors carry every lower crate's error by value; they travel once, on the cold path of a CLI.
+#![allow(clippy::result_large_err)]
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -131,13 +134,9 @@ struct CompileArgs {
 #[derive(Subcommand)]
 enum IrCmd {
     /// Print the IR of a model (GGUF, HF directory, build or registry id).
-    Dump {
-        model: String,
-    },
+    Dump { model: String },
     /// Parse and verify a textual IR file.
-    Check {
-        file: PathBuf,
-    },
+    Check { file: PathBuf },
 }
 
 #[derive(Args)]
@@ -210,12 +209,13 @@ fn cmd_run(a: RunArgs) -> KilnResult<()> {
         let _ = write!(stdout, "{}", a.prompt);
         let _ = stdout.flush();
     }
-    let out = kiln_runtime::generate::generate_from_tokens(&model, session.as_mut(), &prompt_ids, &opts, &mut |piece| {
-        if !json_out {
-            let _ = write!(stdout, "{piece}");
-            let _ = stdout.flush();
-        }
-    })?;
+    let out =
+        kiln_runtime::generate::generate_from_tokens(&model, session.as_mut(), &prompt_ids, &opts, &mut |piece| {
+            if !json_out {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+        })?;
     let _ = generate; // same entry point for library users
     if json_out {
         print_json(&json!({"model": model.path, "backend": model.backend, "prompt": a.prompt, "output": out}));
@@ -237,18 +237,29 @@ fn cmd_ppl(a: PplArgs) -> KilnResult<()> {
     let model = load_model(&a.model, !a.common.json)?;
     let text = std::fs::read_to_string(&a.file).map_err(|e| KilnError::io(&a.file, e))?;
     let pb = progress::bar(!a.common.json, 0, "perplexity");
-    let report = kiln_runtime::ppl::perplexity(&model, &text, a.ctx, a.chunks, threads(a.common.threads), &mut |i, n, running| {
-        pb.set_length(n as u64);
-        pb.set_position(i as u64);
-        pb.set_message(format!("perplexity {running:.4}"));
-    })?;
+    let report = kiln_runtime::ppl::perplexity(
+        &model,
+        &text,
+        a.ctx,
+        a.chunks,
+        threads(a.common.threads),
+        &mut |i, n, running| {
+            pb.set_length(n as u64);
+            pb.set_position(i as u64);
+            pb.set_message(format!("perplexity {running:.4}"));
+        },
+    )?;
     pb.finish_and_clear();
     if a.common.json {
         print_json(&json!({"model": model.path, "file": a.file, "report": report}));
     } else {
-        let chunks: Vec<String> = report.per_chunk.iter().enumerate().map(|(i, p)| format!("[{}]{p:.4}", i + 1)).collect();
+        let chunks: Vec<String> =
+            report.per_chunk.iter().enumerate().map(|(i, p)| format!("[{}]{p:.4}", i + 1)).collect();
         println!("{}", chunks.join(","));
-        println!("Final estimate: PPL = {:.4} ({} chunks of {} tokens, {} tokens scored)", report.ppl, report.chunks, report.ctx, report.tokens_scored);
+        println!(
+            "Final estimate: PPL = {:.4} ({} chunks of {} tokens, {} tokens scored)",
+            report.ppl, report.chunks, report.ctx, report.tokens_scored
+        );
     }
     Ok(())
 }
@@ -264,8 +275,14 @@ fn cmd_bench(a: BenchArgs) -> KilnResult<()> {
         println!("| model | backend | threads | test | t/s |");
         println!("| --- | --- | --- | --- | --- |");
         let name = model.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        println!("| {name} | {} | {} | pp{} | {:.2} |", r.backend, r.threads, r.prefill_tokens, r.prefill_tokens_per_second);
-        println!("| {name} | {} | {} | tg{} | {:.2} |", r.backend, r.threads, r.decode_tokens, r.decode_tokens_per_second);
+        println!(
+            "| {name} | {} | {} | pp{} | {:.2} |",
+            r.backend, r.threads, r.prefill_tokens, r.prefill_tokens_per_second
+        );
+        println!(
+            "| {name} | {} | {} | tg{} | {:.2} |",
+            r.backend, r.threads, r.decode_tokens, r.decode_tokens_per_second
+        );
         if let Some(rss) = r.peak_rss_bytes {
             println!("peak RSS: {:.1} MiB", rss as f64 / 1048576.0);
         }
@@ -281,7 +298,7 @@ fn cmd_compile(a: CompileArgs) -> KilnResult<()> {
     for d in devices {
         let pb = progress::spinner(!a.json, format!("{} / {d}", r.recipe.name));
         let pbc = pb.clone();
-        let mut log = move |s: &str| pbc.set_message(format!("{s}"));
+        let mut log = move |s: &str| pbc.set_message(s.to_string());
         match compile::compile_device(&r, &d, &a.out, &mut log) {
             Ok(res) => {
                 pb.finish_and_clear();

@@ -44,7 +44,8 @@ pub struct PackagePin {
 }
 
 pub fn registry() -> KilnResult<Registry> {
-    serde_saphyr::from_str(REGISTRY_YAML).map_err(|e| KilnError::bad("recipes/models.yaml", format!("invalid registry: {e}")))
+    serde_saphyr::from_str(REGISTRY_YAML)
+        .map_err(|e| KilnError::bad("recipes/models.yaml", format!("invalid registry: {e}")))
 }
 
 /// `$KILN_CACHE`, or `~/.cache/kiln`.
@@ -70,7 +71,10 @@ pub fn cached_path(id: &str) -> KilnResult<PathBuf> {
 fn unknown(id: &str, reg: &Registry) -> KilnError {
     KilnError::Fetch {
         model: id.to_string(),
-        msg: format!("not in the model registry (known: {})", reg.models.keys().cloned().collect::<Vec<_>>().join(", ")),
+        msg: format!(
+            "not in the model registry (known: {})",
+            reg.models.keys().cloned().collect::<Vec<_>>().join(", ")
+        ),
     }
 }
 

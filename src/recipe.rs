@@ -61,7 +61,8 @@ impl LoadedRecipe {
             return Err(KilnError::bad(path, format!("{} bytes is too large for a recipe", meta.len())));
         }
         let text = std::fs::read_to_string(path).map_err(|e| KilnError::io(path, e))?;
-        let recipe: Recipe = serde_saphyr::from_str(&text).map_err(|e| KilnError::bad(path, format!("invalid recipe: {e}")))?;
+        let recipe: Recipe =
+            serde_saphyr::from_str(&text).map_err(|e| KilnError::bad(path, format!("invalid recipe: {e}")))?;
         let loaded = LoadedRecipe { path: path.to_path_buf(), text, recipe };
         loaded.check()?;
         Ok(loaded)
@@ -70,8 +71,14 @@ impl LoadedRecipe {
     fn check(&self) -> KilnResult<()> {
         let r = &self.recipe;
         let bad = |msg: String| Err(KilnError::bad(&self.path, msg));
-        if r.name.is_empty() || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) || r.name.starts_with('.') {
-            return bad(format!("recipe name `{}` must be non-empty and use only letters, digits, `-`, `_`, `.`", r.name));
+        if r.name.is_empty()
+            || !r.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || r.name.starts_with('.')
+        {
+            return bad(format!(
+                "recipe name `{}` must be non-empty and use only letters, digits, `-`, `_`, `.`",
+                r.name
+            ));
         }
         if r.devices.is_empty() {
             return bad("the recipe lists no devices".into());
@@ -82,7 +89,11 @@ impl LoadedRecipe {
             }
             if !kiln_backends::BACKEND_NAMES.iter().any(|(n, _)| *n == spec.backend) {
                 let known: Vec<_> = kiln_backends::BACKEND_NAMES.iter().map(|(n, _)| *n).collect();
-                return bad(format!("device `{dev}`: unknown backend `{}` (known: {})", spec.backend, known.join(", ")));
+                return bad(format!(
+                    "device `{dev}`: unknown backend `{}` (known: {})",
+                    spec.backend,
+                    known.join(", ")
+                ));
             }
             for p in &spec.passes {
                 let (name, _) = p.resolve().map_err(|m| KilnError::bad(&self.path, format!("device `{dev}`: {m}")))?;

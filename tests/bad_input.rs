@@ -38,7 +38,10 @@ fn truncated_and_corrupted_gguf() {
     bad[..4].copy_from_slice(b"GGUX");
     let p = dir.join("magic.gguf");
     write(&p, &bad);
-    assert_clean_error(&run(&["run", p.to_str().unwrap(), "--prompt", "hi"]), &[p.to_str().unwrap(), "not a GGUF file"]);
+    assert_clean_error(
+        &run(&["run", p.to_str().unwrap(), "--prompt", "hi"]),
+        &[p.to_str().unwrap(), "not a GGUF file"],
+    );
     // A huge metadata count in a 32-byte file must not allocate or hang.
     let mut tiny = b"GGUF".to_vec();
     tiny.extend(3u32.to_le_bytes());
@@ -100,19 +103,39 @@ fn recipe_case(name: &str, text: &str, expect: &[&str]) {
     let mut want = vec![r.to_str().unwrap()];
     want.extend_from_slice(expect);
     assert_clean_error(&o, &want);
-    assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(), "partial build left in {}", out.display());
+    assert!(
+        !out.exists() || std::fs::read_dir(&out).unwrap().next().is_none(),
+        "partial build left in {}",
+        out.display()
+    );
 }
 
 #[test]
 fn bad_recipes() {
     recipe_case("syntax", "name: x\nmodel: [unclosed\n", &["invalid recipe"]);
     recipe_case("unknown-field", "name: x\nmodel: m\nmodle: y\ndevices: {laptop: {backend: reference}}\n", &["modle"]);
-    recipe_case("device", "name: x\nmodel: m\ndevices: {toaster: {backend: reference}}\n", &["unknown device `toaster`"]);
+    recipe_case(
+        "device",
+        "name: x\nmodel: m\ndevices: {toaster: {backend: reference}}\n",
+        &["unknown device `toaster`"],
+    );
     recipe_case("backend", "name: x\nmodel: m\ndevices: {laptop: {backend: tpu}}\n", &["unknown backend `tpu`"]);
-    recipe_case("pass", "name: x\nmodel: m\ndevices: {laptop: {backend: reference, passes: [quantise]}}\n", &["unknown pass `quantise`"]);
-    recipe_case("no-model", "name: x\nmodel: nothing-here.gguf\ndevices: {laptop: {backend: reference}}\n", &["nothing-here.gguf"]);
+    recipe_case(
+        "pass",
+        "name: x\nmodel: m\ndevices: {laptop: {backend: reference, passes: [quantise]}}\n",
+        &["unknown pass `quantise`"],
+    );
+    recipe_case(
+        "no-model",
+        "name: x\nmodel: nothing-here.gguf\ndevices: {laptop: {backend: reference}}\n",
+        &["nothing-here.gguf"],
+    );
     recipe_case("no-device", "name: x\nmodel: m\ndevices: {phone: {backend: reference}}\n", &["no `laptop` device"]);
-    recipe_case("pass-options", "name: x\nmodel: m\ndevices: {laptop: {backend: reference, passes: [{dce: {x: 1}, y: 2}]}}\n", &["pass entry"]);
+    recipe_case(
+        "pass-options",
+        "name: x\nmodel: m\ndevices: {laptop: {backend: reference, passes: [{dce: {x: 1}, y: 2}]}}\n",
+        &["pass entry"],
+    );
 }
 
 #[test]
@@ -128,7 +151,8 @@ fn corrupt_model_leaves_no_build() {
     let o = run(&["compile", "--recipe", r.to_str().unwrap(), "--device", "laptop", "--out", out.to_str().unwrap()]);
     assert_clean_error(&o, &["cut.gguf", "lies past the end of the file"]);
     assert!(!out.join("cut").join("laptop").exists(), "partial build left behind");
-    let leftovers: Vec<_> = std::fs::read_dir(out.join("cut")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(out.join("cut")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
 

@@ -27,19 +27,39 @@ fn default_recipe_builds_reproducibly_and_runs() {
     let mut outs = vec![];
     for i in 0..2 {
         let out = dir.join(format!("out{i}"));
-        let o = run(&["compile", "--recipe", recipe.to_str().unwrap(), "--device", "laptop", "--out", out.to_str().unwrap(), "--json"]);
+        let o = run(&[
+            "compile",
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--device",
+            "laptop",
+            "--out",
+            out.to_str().unwrap(),
+            "--json",
+        ]);
         assert!(o.status.success(), "compile failed: {}", stderr(&o));
         let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("compile --json prints JSON");
         assert_eq!(v["builds"][0]["device"], "laptop");
         outs.push(out.join("smollm2-135m").join("laptop"));
     }
     let (a, b) = (files(&outs[0]), files(&outs[1]));
-    assert_eq!(a.iter().map(|f| &f.0).collect::<Vec<_>>(), ["chat_template.jinja", "manifest.json", "model.kir", "tokenizer.json", "weights.bin"]);
+    assert_eq!(
+        a.iter().map(|f| &f.0).collect::<Vec<_>>(),
+        ["chat_template.jinja", "manifest.json", "model.kir", "tokenizer.json", "weights.bin"]
+    );
     for (fa, fb) in a.iter().zip(&b) {
         assert!(fa == fb, "{} differs between two builds", fa.0);
     }
     // Rebuilding into an existing directory replaces it atomically.
-    let o = run(&["compile", "--recipe", recipe.to_str().unwrap(), "--device", "laptop", "--out", dir.join("out0").to_str().unwrap()]);
+    let o = run(&[
+        "compile",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--device",
+        "laptop",
+        "--out",
+        dir.join("out0").to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(files(&outs[0]), b);
     let manifest: serde_json::Value = serde_json::from_slice(&a[1].1).unwrap();

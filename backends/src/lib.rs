@@ -80,9 +80,11 @@ pub trait Session: Send {
 
 /// First op in `module` that `backend` cannot run, as a message naming the op.
 pub fn first_unsupported(backend: &dyn Backend, module: &VerifiedModule) -> Option<String> {
-    module.insts.iter().enumerate().find_map(|(i, inst)| {
-        (!backend.supports(module, &inst.op)).then(|| format!("op `{}` (%{i})", inst.op.name()))
-    })
+    module
+        .insts
+        .iter()
+        .enumerate()
+        .find_map(|(i, inst)| (!backend.supports(module, &inst.op)).then(|| format!("op `{}` (%{i})", inst.op.name())))
 }
 
 /// Backends recipes can name, and whether this build of kiln has them.

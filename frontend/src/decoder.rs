@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use kiln_ir::{
-    Activation, AttentionAttrs, DType, Dim, Meta, Module, Op, ParamId, RopeAttrs, RopeLayout, TensorType,
-    ValueId,
+    Activation, AttentionAttrs, DType, Dim, Meta, Module, Op, ParamId, RopeAttrs, RopeLayout, TensorType, ValueId,
 };
 
 use crate::error::{FrontendError, FrontendResult};
@@ -126,8 +125,9 @@ impl Lowering<'_> {
         let t = if t.ty.dtype == DType::F32 {
             t
         } else {
-            let vals = plain_to_f32(t.ty.dtype, t.bytes.as_bytes())
-                .ok_or_else(|| self.bad(format!("tensor {name}: vectors must be f32/f16/bf16, found {}", t.ty.dtype)))?;
+            let vals = plain_to_f32(t.ty.dtype, t.bytes.as_bytes()).ok_or_else(|| {
+                self.bad(format!("tensor {name}: vectors must be f32/f16/bf16, found {}", t.ty.dtype))
+            })?;
             SourceTensor { ty: TensorType::fixed(DType::F32, &[n]), bytes: TensorBytes::from_f32(&vals) }
         };
         if t.bytes.as_bytes().chunks_exact(4).any(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()) {
@@ -156,13 +156,13 @@ impl Lowering<'_> {
         if c.layers.len() != c.n_layers {
             return Err(FrontendError::Internal("layer specs do not match the layer count".into()));
         }
-        if c.n_heads == 0 || c.n_kv_heads == 0 || c.n_heads % c.n_kv_heads != 0 {
+        if c.n_heads == 0 || c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) {
             return Err(self.bad(format!(
                 "attention head counts are inconsistent: {} heads, {} kv heads",
                 c.n_heads, c.n_kv_heads
             )));
         }
-        if c.rot_dims == 0 || c.rot_dims > hd || c.rot_dims % 2 != 0 {
+        if c.rot_dims == 0 || c.rot_dims > hd || !c.rot_dims.is_multiple_of(2) {
             return Err(self.bad(format!("rope dimension count {} does not fit head_dim {hd}", c.rot_dims)));
         }
         self.module.name = model_name.to_string();
@@ -248,12 +248,7 @@ impl Lowering<'_> {
 
 /// Lowers a Llama-family checkpoint to a module and its weights.
 pub fn lower(cfg: &DecoderConfig, src: &dyn TensorSource, model_name: &str) -> FrontendResult<(Module, Weights)> {
-    let l = Lowering {
-        cfg,
-        src,
-        file: src.file().to_path_buf(),
-        module: Module::default(),
-        weights: Weights::default(),
-    };
+    let l =
+        Lowering { cfg, src, file: src.file().to_path_buf(), module: Module::default(), weights: Weights::default() };
     l.run(model_name)
 }

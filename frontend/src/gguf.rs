@@ -47,83 +47,34 @@ pub enum GgufError {
     #[error("{file}: unsupported GGUF version {version} (supported: 2 and 3)")]
     UnsupportedVersion { file: PathBuf, version: u32 },
     #[error("{file}: truncated: {what} ends at byte {end} but the file has {len} bytes")]
-    Truncated {
-        file: PathBuf,
-        what: String,
-        end: u128,
-        len: u64,
-    },
+    Truncated { file: PathBuf, what: String, end: u128, len: u64 },
     #[error(
         "{file}: {what} claims {count} entries of at least {min_bytes} bytes each, \
          but only {remaining} bytes remain"
     )]
-    ImplausibleCount {
-        file: PathBuf,
-        what: String,
-        count: u64,
-        min_bytes: u64,
-        remaining: u64,
-    },
+    ImplausibleCount { file: PathBuf, what: String, count: u64, min_bytes: u64, remaining: u64 },
     #[error("{file}: {what} has unknown metadata value type {type_id}")]
-    BadValueType {
-        file: PathBuf,
-        what: String,
-        type_id: u32,
-    },
+    BadValueType { file: PathBuf, what: String, type_id: u32 },
     #[error("{file}: {what} nests arrays deeper than {MAX_ARRAY_NESTING} levels")]
     NestingTooDeep { file: PathBuf, what: String },
     #[error("{file}: {what} has invalid boolean byte {byte:#04x} (expected 0 or 1)")]
-    InvalidBool {
-        file: PathBuf,
-        what: String,
-        byte: u8,
-    },
+    InvalidBool { file: PathBuf, what: String, byte: u8 },
     #[error("{file}: {what} is not valid UTF-8")]
     InvalidUtf8 { file: PathBuf, what: String },
     #[error("{file}: duplicate metadata key \"{key}\"")]
     DuplicateKey { file: PathBuf, key: String },
     #[error("{file}: general.alignment is {value}; it must be a nonzero power of two")]
     BadAlignment { file: PathBuf, value: String },
-    #[error(
-        "{file}: tensor \"{tensor}\" has {n_dims} dimensions; at most {GGML_MAX_DIMS} are supported"
-    )]
-    TooManyDims {
-        file: PathBuf,
-        tensor: String,
-        n_dims: u32,
-    },
+    #[error("{file}: tensor \"{tensor}\" has {n_dims} dimensions; at most {GGML_MAX_DIMS} are supported")]
+    TooManyDims { file: PathBuf, tensor: String, n_dims: u32 },
     #[error("{file}: tensor \"{tensor}\" has unsupported ggml type id {type_id}")]
-    UnsupportedType {
-        file: PathBuf,
-        tensor: String,
-        type_id: u32,
-    },
+    UnsupportedType { file: PathBuf, tensor: String, type_id: u32 },
     #[error("{file}: tensor \"{tensor}\" has bad shape {dims:?}: {problem}")]
-    BadShape {
-        file: PathBuf,
-        tensor: String,
-        dims: Vec<u64>,
-        problem: String,
-    },
-    #[error(
-        "{file}: tensor \"{tensor}\" data offset {offset} is not a multiple of the alignment {alignment}"
-    )]
-    MisalignedTensor {
-        file: PathBuf,
-        tensor: String,
-        offset: u64,
-        alignment: u64,
-    },
-    #[error(
-        "{file}: tensor \"{tensor}\" data [{start}, {end}) lies past the end of the file ({len} bytes)"
-    )]
-    TensorOutOfBounds {
-        file: PathBuf,
-        tensor: String,
-        start: u128,
-        end: u128,
-        len: u64,
-    },
+    BadShape { file: PathBuf, tensor: String, dims: Vec<u64>, problem: String },
+    #[error("{file}: tensor \"{tensor}\" data offset {offset} is not a multiple of the alignment {alignment}")]
+    MisalignedTensor { file: PathBuf, tensor: String, offset: u64, alignment: u64 },
+    #[error("{file}: tensor \"{tensor}\" data [{start}, {end}) lies past the end of the file ({len} bytes)")]
+    TensorOutOfBounds { file: PathBuf, tensor: String, start: u128, end: u128, len: u64 },
     #[error("{file}: duplicate tensor name \"{tensor}\"")]
     DuplicateTensor { file: PathBuf, tensor: String },
     #[error(
@@ -143,12 +94,7 @@ pub enum GgufError {
     #[error("{file}: metadata key \"{key}\" is missing")]
     MissingKey { file: PathBuf, key: String },
     #[error("{file}: metadata key \"{key}\" is {found}, expected {expected}")]
-    WrongType {
-        file: PathBuf,
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongType { file: PathBuf, key: String, expected: &'static str, found: String },
 }
 
 /// One metadata value.
@@ -380,10 +326,7 @@ impl fmt::Debug for GgufFile {
 impl GgufFile {
     /// Memory-maps and validates the file at `path`.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
-        let io = |source| GgufError::Io {
-            file: path.to_path_buf(),
-            source,
-        };
+        let io = |source| GgufError::Io { file: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let bytes = if len == 0 {
@@ -476,19 +419,11 @@ impl GgufFile {
 
     /// The metadata value of `key`, or a missing-key error.
     pub fn get(&self, key: &str) -> Result<&MetaValue, GgufError> {
-        self.metadata.get(key).ok_or_else(|| GgufError::MissingKey {
-            file: self.path.clone(),
-            key: key.to_string(),
-        })
+        self.metadata.get(key).ok_or_else(|| GgufError::MissingKey { file: self.path.clone(), key: key.to_string() })
     }
 
     fn wrong_type(&self, key: &str, expected: &'static str, found: String) -> GgufError {
-        GgufError::WrongType {
-            file: self.path.clone(),
-            key: key.to_string(),
-            expected,
-            found,
-        }
+        GgufError::WrongType { file: self.path.clone(), key: key.to_string(), expected, found }
     }
 
     /// A non-negative integer of any width.
@@ -568,13 +503,7 @@ impl GgufFile {
             MetaArray::I64(v) => conv(v),
             _ => return Err(self.wrong_type(key, EXPECTED, v.type_name())),
         };
-        out.ok_or_else(|| {
-            self.wrong_type(
-                key,
-                EXPECTED,
-                format!("{} with an out-of-range element", v.type_name()),
-            )
-        })
+        out.ok_or_else(|| self.wrong_type(key, EXPECTED, format!("{} with an out-of-range element", v.type_name())))
     }
 }
 
@@ -656,10 +585,7 @@ impl<'a> Parser<'a> {
     }
 
     fn take(&mut self, n: u64, item: Item<'_>) -> Result<&'a [u8], GgufError> {
-        let len = usize::try_from(n)
-            .ok()
-            .filter(|&n| n <= self.remaining())
-            .ok_or_else(|| self.truncated(item, n))?;
+        let len = usize::try_from(n).ok().filter(|&n| n <= self.remaining()).ok_or_else(|| self.truncated(item, n))?;
         let s = &self.buf[self.pos..self.pos + len];
         self.pos += len;
         Ok(s)
@@ -687,11 +613,7 @@ impl<'a> Parser<'a> {
         match self.u8(item)? {
             0 => Ok(false),
             1 => Ok(true),
-            byte => Err(GgufError::InvalidBool {
-                file: self.file(),
-                what: item.to_string(),
-                byte,
-            }),
+            byte => Err(GgufError::InvalidBool { file: self.file(), what: item.to_string(), byte }),
         }
     }
 
@@ -700,31 +622,17 @@ impl<'a> Parser<'a> {
         let bytes = self.take(n, item)?;
         std::str::from_utf8(bytes)
             .map(str::to_owned)
-            .map_err(|_| GgufError::InvalidUtf8 {
-                file: self.file(),
-                what: item.to_string(),
-            })
+            .map_err(|_| GgufError::InvalidUtf8 { file: self.file(), what: item.to_string() })
     }
 
     /// Checks that `count` entries of at least `min_bytes` each can fit in
     /// the rest of the file, so allocating `count` entries is bounded by the
     /// file size.
-    fn bounded_count(
-        &self,
-        count: u64,
-        min_bytes: u64,
-        what: impl FnOnce() -> String,
-    ) -> Result<usize, GgufError> {
+    fn bounded_count(&self, count: u64, min_bytes: u64, what: impl FnOnce() -> String) -> Result<usize, GgufError> {
         let remaining = self.remaining() as u64;
         match usize::try_from(count) {
             Ok(n) if count <= remaining / min_bytes => Ok(n),
-            _ => Err(GgufError::ImplausibleCount {
-                file: self.file(),
-                what: what(),
-                count,
-                min_bytes,
-                remaining,
-            }),
+            _ => Err(GgufError::ImplausibleCount { file: self.file(), what: what(), count, min_bytes, remaining }),
         }
     }
 
@@ -734,10 +642,7 @@ impl<'a> Parser<'a> {
             if magic.len() < 4 && GGUF_MAGIC.starts_with(magic) {
                 return Err(self.truncated(Item::Header, HEADER_BYTES as u64));
             }
-            return Err(GgufError::BadMagic {
-                file: self.file(),
-                found: magic.to_vec(),
-            });
+            return Err(GgufError::BadMagic { file: self.file(), found: magic.to_vec() });
         }
         if self.buf.len() < HEADER_BYTES {
             return Err(self.truncated(Item::Header, HEADER_BYTES as u64));
@@ -750,34 +655,25 @@ impl<'a> Parser<'a> {
                 return Err(GgufError::BigEndian { file: self.file() });
             }
             _ => {
-                return Err(GgufError::UnsupportedVersion {
-                    file: self.file(),
-                    version,
-                });
+                return Err(GgufError::UnsupportedVersion { file: self.file(), version });
             }
         }
         let n_tensors = self.u64(Item::Header)?;
         let n_kv = self.u64(Item::Header)?;
 
-        let n_kv =
-            self.bounded_count(n_kv, MIN_KV_BYTES, || "the header's metadata count".into())?;
+        let n_kv = self.bounded_count(n_kv, MIN_KV_BYTES, || "the header's metadata count".into())?;
         let mut metadata = BTreeMap::new();
         for i in 0..n_kv as u64 {
             let key = self.string(Item::Key(i))?;
             let value = self.value(Item::Value(&key))?;
             if metadata.contains_key(&key) {
-                return Err(GgufError::DuplicateKey {
-                    file: self.file(),
-                    key,
-                });
+                return Err(GgufError::DuplicateKey { file: self.file(), key });
             }
             metadata.insert(key, value);
         }
         let alignment = self.alignment(&metadata)?;
 
-        let n_tensors = self.bounded_count(n_tensors, MIN_TENSOR_INFO_BYTES, || {
-            "the header's tensor count".into()
-        })?;
+        let n_tensors = self.bounded_count(n_tensors, MIN_TENSOR_INFO_BYTES, || "the header's tensor count".into())?;
         let mut raw = Vec::with_capacity(n_tensors);
         for i in 0..n_tensors as u64 {
             raw.push(self.tensor_info(Item::TensorInfo(i))?);
@@ -785,19 +681,9 @@ impl<'a> Parser<'a> {
 
         let data_offset = (self.pos as u64)
             .checked_next_multiple_of(alignment)
-            .ok_or_else(|| GgufError::DataOffsetOverflow {
-                file: self.file(),
-                alignment,
-            })?;
+            .ok_or_else(|| GgufError::DataOffsetOverflow { file: self.file(), alignment })?;
         let (tensors, index) = self.check_tensors(raw, data_offset, alignment)?;
-        Ok(Parsed {
-            version,
-            alignment,
-            data_offset,
-            metadata,
-            tensors,
-            index,
-        })
+        Ok(Parsed { version, alignment, data_offset, metadata, tensors, index })
     }
 
     fn alignment(&self, metadata: &BTreeMap<String, MetaValue>) -> Result<u64, GgufError> {
@@ -806,10 +692,7 @@ impl<'a> Parser<'a> {
         };
         match v.as_u64() {
             Some(a) if a.is_power_of_two() => Ok(a),
-            _ => Err(GgufError::BadAlignment {
-                file: self.file(),
-                value: format!("{v:?}"),
-            }),
+            _ => Err(GgufError::BadAlignment { file: self.file(), value: format!("{v:?}") }),
         }
     }
 
@@ -818,12 +701,7 @@ impl<'a> Parser<'a> {
         self.value_of_type(type_id, item, 0)
     }
 
-    fn value_of_type(
-        &mut self,
-        type_id: u32,
-        item: Item<'_>,
-        depth: usize,
-    ) -> Result<MetaValue, GgufError> {
+    fn value_of_type(&mut self, type_id: u32, item: Item<'_>, depth: usize) -> Result<MetaValue, GgufError> {
         Ok(match type_id {
             0 => MetaValue::U8(self.u8(item)?),
             1 => MetaValue::I8(self.i8(item)?),
@@ -843,19 +721,12 @@ impl<'a> Parser<'a> {
     }
 
     fn bad_type(&self, item: Item<'_>, type_id: u32) -> GgufError {
-        GgufError::BadValueType {
-            file: self.file(),
-            what: item.to_string(),
-            type_id,
-        }
+        GgufError::BadValueType { file: self.file(), what: item.to_string(), type_id }
     }
 
     fn array(&mut self, item: Item<'_>, depth: usize) -> Result<MetaArray, GgufError> {
         if depth >= MAX_ARRAY_NESTING {
-            return Err(GgufError::NestingTooDeep {
-                file: self.file(),
-                what: item.to_string(),
-            });
+            return Err(GgufError::NestingTooDeep { file: self.file(), what: item.to_string() });
         }
         let elem_type = self.u32(item)?;
         let count = self.u64(item)?;
@@ -872,12 +743,7 @@ impl<'a> Parser<'a> {
             ($variant:ident, $t:ty) => {{
                 let bytes = self.take(n as u64 * min_bytes, item)?;
                 MetaArray::$variant(
-                    bytes
-                        .as_chunks::<{ size_of::<$t>() }>()
-                        .0
-                        .iter()
-                        .map(|c| <$t>::from_le_bytes(*c))
-                        .collect(),
+                    bytes.as_chunks::<{ size_of::<$t>() }>().0.iter().map(|c| <$t>::from_le_bytes(*c)).collect(),
                 )
             }};
         }
@@ -893,16 +759,8 @@ impl<'a> Parser<'a> {
             11 => fixed!(I64, i64),
             12 => fixed!(F64, f64),
             7 => MetaArray::Bool((0..n).map(|_| self.bool(item)).collect::<Result<_, _>>()?),
-            8 => MetaArray::String(
-                (0..n)
-                    .map(|_| self.string(item))
-                    .collect::<Result<_, _>>()?,
-            ),
-            _ => MetaArray::Array(
-                (0..n)
-                    .map(|_| self.array(item, depth + 1))
-                    .collect::<Result<_, _>>()?,
-            ),
+            8 => MetaArray::String((0..n).map(|_| self.string(item)).collect::<Result<_, _>>()?),
+            _ => MetaArray::Array((0..n).map(|_| self.array(item, depth + 1)).collect::<Result<_, _>>()?),
         })
     }
 
@@ -910,11 +768,7 @@ impl<'a> Parser<'a> {
         let name = self.string(item)?;
         let n_dims = self.u32(item)?;
         if n_dims as usize > GGML_MAX_DIMS {
-            return Err(GgufError::TooManyDims {
-                file: self.file(),
-                tensor: name,
-                n_dims,
-            });
+            return Err(GgufError::TooManyDims { file: self.file(), tensor: name, n_dims });
         }
         let mut dims = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -922,12 +776,7 @@ impl<'a> Parser<'a> {
         }
         let type_id = self.u32(item)?;
         let rel_offset = self.u64(item)?;
-        Ok(RawTensor {
-            name,
-            dims,
-            type_id,
-            rel_offset,
-        })
+        Ok(RawTensor { name, dims, type_id, rel_offset })
     }
 
     fn check_tensors(
@@ -939,19 +788,9 @@ impl<'a> Parser<'a> {
         let len = self.buf.len() as u64;
         let mut tensors = Vec::with_capacity(raw.len());
         let mut index = HashMap::with_capacity(raw.len());
-        for RawTensor {
-            name,
-            dims,
-            type_id,
-            rel_offset,
-        } in raw
-        {
+        for RawTensor { name, dims, type_id, rel_offset } in raw {
             let Some(dtype) = dtype_from_ggml(type_id) else {
-                return Err(GgufError::UnsupportedType {
-                    file: self.file(),
-                    tensor: name,
-                    type_id,
-                });
+                return Err(GgufError::UnsupportedType { file: self.file(), tensor: name, type_id });
             };
             let bad_shape = |problem: String| GgufError::BadShape {
                 file: self.file(),
@@ -959,11 +798,7 @@ impl<'a> Parser<'a> {
                 dims: dims.clone(),
                 problem,
             };
-            if dims
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .is_none()
-            {
+            if dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).is_none() {
                 return Err(bad_shape("the element count overflows 64 bits".into()));
             }
             let row = dims.first().copied().unwrap_or(1);
@@ -988,29 +823,14 @@ impl<'a> Parser<'a> {
             let start = u128::from(data_offset) + u128::from(rel_offset);
             let end = start + u128::from(nbytes);
             if end > u128::from(len) {
-                return Err(GgufError::TensorOutOfBounds {
-                    file: self.file(),
-                    tensor: name,
-                    start,
-                    end,
-                    len,
-                });
+                return Err(GgufError::TensorOutOfBounds { file: self.file(), tensor: name, start, end, len });
             }
             if index.contains_key(&name) {
-                return Err(GgufError::DuplicateTensor {
-                    file: self.file(),
-                    tensor: name,
-                });
+                return Err(GgufError::DuplicateTensor { file: self.file(), tensor: name });
             }
             index.insert(name.clone(), tensors.len());
             // start < end <= len, which fits in u64.
-            tensors.push(TensorInfo {
-                name,
-                dtype,
-                dims,
-                offset: start as u64,
-                nbytes,
-            });
+            tensors.push(TensorInfo { name, dtype, dims, offset: start as u64, nbytes });
         }
 
         let mut order: Vec<&TensorInfo> = tensors.iter().filter(|t| t.nbytes > 0).collect();
@@ -1100,31 +920,21 @@ mod tests {
             let off = self.data.len().next_multiple_of(self.alignment);
             self.data.resize(off, 0);
             self.data.extend_from_slice(data);
-            self.tensors
-                .push((name.to_string(), dims.to_vec(), type_id, off as u64));
+            self.tensors.push((name.to_string(), dims.to_vec(), type_id, off as u64));
             self
         }
 
         /// Adds a tensor info only (offset given, no data).
         fn tensor_info(mut self, name: &str, dims: &[u64], type_id: u32, offset: u64) -> Self {
-            self.tensors
-                .push((name.to_string(), dims.to_vec(), type_id, offset));
+            self.tensors.push((name.to_string(), dims.to_vec(), type_id, offset));
             self
         }
 
         fn bytes(&self) -> Vec<u8> {
             let mut b = GGUF_MAGIC.to_vec();
             b.extend(self.version.to_le_bytes());
-            b.extend(
-                self.n_tensors_override
-                    .unwrap_or(self.tensors.len() as u64)
-                    .to_le_bytes(),
-            );
-            b.extend(
-                self.n_kv_override
-                    .unwrap_or(self.kvs.len() as u64)
-                    .to_le_bytes(),
-            );
+            b.extend(self.n_tensors_override.unwrap_or(self.tensors.len() as u64).to_le_bytes());
+            b.extend(self.n_kv_override.unwrap_or(self.kvs.len() as u64).to_le_bytes());
             for (k, t, v) in &self.kvs {
                 b.extend(str_bytes(k.as_bytes()));
                 b.extend(t.to_le_bytes());
@@ -1170,31 +980,11 @@ mod tests {
             .kv("u64", 10, u64::MAX.to_le_bytes().to_vec())
             .kv("i64", 11, (-1i64).to_le_bytes().to_vec())
             .kv("f64", 12, 0.25f64.to_le_bytes().to_vec())
-            .kv(
-                "tokens",
-                9,
-                array_bytes(
-                    8,
-                    3,
-                    &[str_bytes(b"a"), str_bytes(b""), str_bytes("é".as_bytes())].concat(),
-                ),
-            )
+            .kv("tokens", 9, array_bytes(8, 3, &[str_bytes(b"a"), str_bytes(b""), str_bytes("é".as_bytes())].concat()))
             .kv("scores", 9, array_bytes(6, 2, &f32_bytes(&[0.5, -2.0])))
-            .kv(
-                "types",
-                9,
-                array_bytes(5, 3, &[1i32, -1, 6].map(i32::to_le_bytes).concat()),
-            )
+            .kv("types", 9, array_bytes(5, 3, &[1i32, -1, 6].map(i32::to_le_bytes).concat()))
             .kv("small", 9, array_bytes(0, 2, &[3, 4]))
-            .kv(
-                "nested",
-                9,
-                array_bytes(
-                    9,
-                    2,
-                    &[array_bytes(0, 1, &[9]), array_bytes(7, 2, &[1, 0])].concat(),
-                ),
-            )
+            .kv("nested", 9, array_bytes(9, 2, &[array_bytes(0, 1, &[9]), array_bytes(7, 2, &[1, 0])].concat()))
             .tensor("norm", &[4], 0, &f32_bytes(&[1.0, 2.0, 3.0, 4.0]))
             .tensor("embd", &[32, 1], 8, &q8)
             .tensor("empty", &[0, 3], 0, &[])
@@ -1223,10 +1013,7 @@ mod tests {
             assert_eq!(f.get_f32("f64").ok(), Some(0.25));
             assert_eq!(f.get_bool("flag").ok(), Some(true));
             let tokens = f.get_str_array("tokens").map(<[String]>::to_vec).ok();
-            assert_eq!(
-                tokens,
-                Some(vec!["a".to_string(), String::new(), "é".to_string()])
-            );
+            assert_eq!(tokens, Some(vec!["a".to_string(), String::new(), "é".to_string()]));
             assert_eq!(f.get_f32_array("scores").ok(), Some(vec![0.5, -2.0]));
             assert_eq!(f.get_i32_array("types").ok(), Some(vec![1, -1, 6]));
             assert_eq!(f.get_i32_array("small").ok(), Some(vec![3, 4]));
@@ -1242,19 +1029,10 @@ mod tests {
             assert_eq!(f.tensors().len(), 3);
             let norm = f.tensor("norm").cloned();
             let norm = norm.as_ref();
-            assert_eq!(
-                norm.map(|t| (t.dtype, t.dims.clone(), t.nbytes)),
-                Some((DType::F32, vec![4], 16))
-            );
-            assert_eq!(
-                norm.map(|t| f.tensor_data(t).to_vec()),
-                Some(f32_bytes(&[1.0, 2.0, 3.0, 4.0]))
-            );
+            assert_eq!(norm.map(|t| (t.dtype, t.dims.clone(), t.nbytes)), Some((DType::F32, vec![4], 16)));
+            assert_eq!(norm.map(|t| f.tensor_data(t).to_vec()), Some(f32_bytes(&[1.0, 2.0, 3.0, 4.0])));
             let embd = f.tensor("embd").cloned();
-            assert_eq!(
-                embd.as_ref().map(|t| (t.dtype, t.nbytes, t.n_elements())),
-                Some((DType::Q8_0, 34, 32))
-            );
+            assert_eq!(embd.as_ref().map(|t| (t.dtype, t.nbytes, t.n_elements())), Some((DType::Q8_0, 34, 32)));
             assert_eq!(embd.as_ref().map(|t| t.offset % 32), Some(0));
             assert_eq!(embd.map(|t| f.tensor_data(&t)[2]), Some((-16i8) as u8));
             assert_eq!(f.tensor("empty").map(|t| t.nbytes), Some(0));
@@ -1268,20 +1046,11 @@ mod tests {
         w.alignment = 64;
         w.tensors.clear();
         w.data.clear();
-        let w = w.tensor("a", &[2], 0, &f32_bytes(&[1.0, 2.0])).tensor(
-            "b",
-            &[1],
-            0,
-            &f32_bytes(&[3.0]),
-        );
+        let w = w.tensor("a", &[2], 0, &f32_bytes(&[1.0, 2.0])).tensor("b", &[1], 0, &f32_bytes(&[3.0]));
         let f = w.parse().map_err(|e| e.to_string());
         assert_eq!(f.as_ref().map(|f| f.alignment()), Ok(64));
         assert_eq!(f.as_ref().map(|f| f.data_offset() % 64), Ok(0));
-        assert_eq!(
-            f.as_ref()
-                .map(|f| f.tensors()[1].offset - f.tensors()[0].offset),
-            Ok(64)
-        );
+        assert_eq!(f.as_ref().map(|f| f.tensors()[1].offset - f.tensors()[0].offset), Ok(64));
     }
 
     #[test]
@@ -1291,42 +1060,21 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         let msg = |r: Result<(), GgufError>| r.map_err(|e| e.to_string()).err().unwrap_or_default();
-        assert_eq!(
-            msg(f.get_u64("nope").map(drop)),
-            "test.gguf: metadata key \"nope\" is missing"
-        );
+        assert_eq!(msg(f.get_u64("nope").map(drop)), "test.gguf: metadata key \"nope\" is missing");
         assert_eq!(
             msg(f.get_u64("i32").map(drop)),
             "test.gguf: metadata key \"i32\" is the negative i32 -7, expected a non-negative integer"
         );
-        assert_eq!(
-            msg(f.get_str("u8").map(drop)),
-            "test.gguf: metadata key \"u8\" is u8, expected string"
-        );
+        assert_eq!(msg(f.get_str("u8").map(drop)), "test.gguf: metadata key \"u8\" is u8, expected string");
         assert!(matches!(f.get_f32("u8"), Err(GgufError::WrongType { .. })));
         assert!(matches!(f.get_bool("u8"), Err(GgufError::WrongType { .. })));
-        assert!(matches!(
-            f.get_str_array("scores"),
-            Err(GgufError::WrongType { .. })
-        ));
-        assert!(matches!(
-            f.get_f32_array("tokens"),
-            Err(GgufError::WrongType { .. })
-        ));
-        assert!(matches!(
-            f.get_i32_array("scores"),
-            Err(GgufError::WrongType { .. })
-        ));
-        assert!(matches!(
-            f.get_i32_array("u8"),
-            Err(GgufError::WrongType { .. })
-        ));
+        assert!(matches!(f.get_str_array("scores"), Err(GgufError::WrongType { .. })));
+        assert!(matches!(f.get_f32_array("tokens"), Err(GgufError::WrongType { .. })));
+        assert!(matches!(f.get_i32_array("scores"), Err(GgufError::WrongType { .. })));
+        assert!(matches!(f.get_i32_array("u8"), Err(GgufError::WrongType { .. })));
         let big = Writer::new(3).kv("big", 9, array_bytes(4, 1, &u32::MAX.to_le_bytes()));
         let f = big.parse().map_err(|e| e.to_string());
-        assert!(matches!(
-            f.map(|f| f.get_i32_array("big")),
-            Ok(Err(GgufError::WrongType { .. }))
-        ));
+        assert!(matches!(f.map(|f| f.get_i32_array("big")), Ok(Err(GgufError::WrongType { .. }))));
     }
 
     #[test]
@@ -1341,20 +1089,11 @@ mod tests {
         assert_eq!(f.as_ref().map(|f| f.tensors().len()), Ok(3));
         let empty = dir.join("empty.gguf");
         assert!(std::fs::write(&empty, b"").is_ok());
-        assert!(matches!(
-            GgufFile::open(&empty),
-            Err(GgufError::Truncated { .. })
-        ));
+        assert!(matches!(GgufFile::open(&empty), Err(GgufError::Truncated { .. })));
         let _ = std::fs::remove_dir_all(&dir);
         let missing = GgufFile::open(&dir.join("missing.gguf"));
         assert!(matches!(missing, Err(GgufError::Io { .. })));
-        assert!(
-            missing
-                .map_err(|e| e.to_string())
-                .err()
-                .unwrap_or_default()
-                .contains("missing.gguf: cannot read")
-        );
+        assert!(missing.map_err(|e| e.to_string()).err().unwrap_or_default().contains("missing.gguf: cannot read"));
     }
 
     fn err(w: &Writer) -> GgufError {
@@ -1370,27 +1109,13 @@ mod tests {
         b[0] = b'X';
         let e = GgufFile::from_bytes("x.gguf", b).err();
         assert!(matches!(e, Some(GgufError::BadMagic { .. })), "{e:?}");
-        assert!(matches!(
-            err(&Writer::new(1)),
-            GgufError::UnsupportedVersion { version: 1, .. }
-        ));
-        assert!(matches!(
-            err(&Writer::new(4)),
-            GgufError::UnsupportedVersion { version: 4, .. }
-        ));
-        assert!(matches!(
-            err(&Writer::new(3u32.swap_bytes())),
-            GgufError::BigEndian { .. }
-        ));
+        assert!(matches!(err(&Writer::new(1)), GgufError::UnsupportedVersion { version: 1, .. }));
+        assert!(matches!(err(&Writer::new(4)), GgufError::UnsupportedVersion { version: 4, .. }));
+        assert!(matches!(err(&Writer::new(3u32.swap_bytes())), GgufError::BigEndian { .. }));
         let e = GgufFile::from_bytes("x.gguf", b"GG".to_vec()).err();
         assert!(matches!(e, Some(GgufError::Truncated { .. })), "{e:?}");
-        let e = GgufFile::from_bytes("x.gguf", b"PK\x03\x04".to_vec())
-            .map_err(|e| e.to_string())
-            .err();
-        assert_eq!(
-            e.as_deref(),
-            Some("x.gguf: not a GGUF file: starts with [50, 4b, 03, 04], expected \"GGUF\"")
-        );
+        let e = GgufFile::from_bytes("x.gguf", b"PK\x03\x04".to_vec()).map_err(|e| e.to_string()).err();
+        assert_eq!(e.as_deref(), Some("x.gguf: not a GGUF file: starts with [50, 4b, 03, 04], expected \"GGUF\""));
     }
 
     #[test]
@@ -1402,9 +1127,7 @@ mod tests {
         }
         // A cut inside the tensor infos reports the item and the sizes.
         let cut = full.len() - 200;
-        let e = GgufFile::from_bytes("t.gguf", full[..cut].to_vec())
-            .map_err(|e| e.to_string())
-            .err();
+        let e = GgufFile::from_bytes("t.gguf", full[..cut].to_vec()).map_err(|e| e.to_string()).err();
         let e = e.unwrap_or_default();
         assert!(e.starts_with("t.gguf: "), "{e}");
     }
@@ -1414,13 +1137,8 @@ mod tests {
         let w = Writer::new(3).tensor("w", &[4], 0, &[0; 16]);
         let b = w.bytes();
         // Header 24 bytes, name length + "w" 9, n_dims 4, dims 8, type 4: cut inside the type.
-        let e = GgufFile::from_bytes("t.gguf", b[..48].to_vec())
-            .map_err(|e| e.to_string())
-            .err();
-        assert_eq!(
-            e.as_deref(),
-            Some("t.gguf: truncated: tensor info 0 ends at byte 49 but the file has 48 bytes")
-        );
+        let e = GgufFile::from_bytes("t.gguf", b[..48].to_vec()).map_err(|e| e.to_string()).err();
+        assert_eq!(e.as_deref(), Some("t.gguf: truncated: tensor info 0 ends at byte 49 but the file has 48 bytes"));
     }
 
     #[test]
@@ -1462,15 +1180,9 @@ mod tests {
     #[test]
     fn rejects_bad_metadata() {
         let e = err(&Writer::new(3).kv("x", 13, vec![0; 8]));
-        assert!(
-            matches!(e, GgufError::BadValueType { type_id: 13, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, GgufError::BadValueType { type_id: 13, .. }), "{e}");
         let e = err(&Writer::new(3).kv("x", 9, array_bytes(77, 0, &[])));
-        assert!(
-            matches!(e, GgufError::BadValueType { type_id: 77, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, GgufError::BadValueType { type_id: 77, .. }), "{e}");
         let e = err(&Writer::new(3).kv("x", 7, vec![2]));
         assert!(matches!(e, GgufError::InvalidBool { byte: 2, .. }), "{e}");
         let e = err(&Writer::new(3).kv("x", 8, str_bytes(&[0xff, 0xfe])));
@@ -1499,10 +1211,7 @@ mod tests {
         assert!(matches!(e, GgufError::TooManyDims { n_dims: 5, .. }), "{e}");
         for id in [4u32, 9, 15, 99, u32::MAX] {
             let e = err(&base.clone().tensor("t", &[32], id, &[0; 64]));
-            assert!(
-                matches!(e, GgufError::UnsupportedType { type_id, .. } if type_id == id),
-                "{e}"
-            );
+            assert!(matches!(e, GgufError::UnsupportedType { type_id, .. } if type_id == id), "{e}");
         }
         let e = err(&base.clone().tensor("t", &[u64::MAX, 2], 0, &[]));
         assert!(matches!(e, GgufError::BadShape { .. }), "{e}");
@@ -1510,39 +1219,20 @@ mod tests {
         assert!(matches!(e, GgufError::BadShape { .. }), "{e}");
         let e = err(&base.clone().tensor("t", &[33], 8, &[0; 36]));
         assert!(matches!(e, GgufError::BadShape { .. }), "{e}");
-        let e = err(&base
-            .clone()
-            .tensor("t", &[4], 0, &[0; 16])
-            .tensor_info("u", &[4], 0, 8));
-        assert!(
-            matches!(e, GgufError::MisalignedTensor { offset: 8, .. }),
-            "{e}"
-        );
+        let e = err(&base.clone().tensor("t", &[4], 0, &[0; 16]).tensor_info("u", &[4], 0, 8));
+        assert!(matches!(e, GgufError::MisalignedTensor { offset: 8, .. }), "{e}");
         let e = err(&base.clone().tensor("t", &[4], 0, &[0; 8]));
         assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
         let e = err(&base.clone().tensor_info("t", &[4], 0, u64::MAX - 31));
         assert!(matches!(e, GgufError::TensorOutOfBounds { .. }), "{e}");
-        let e = err(&base
-            .clone()
-            .tensor("t", &[4], 0, &[0; 16])
-            .tensor("t", &[4], 0, &[0; 16]));
+        let e = err(&base.clone().tensor("t", &[4], 0, &[0; 16]).tensor("t", &[4], 0, &[0; 16]));
         assert!(matches!(e, GgufError::DuplicateTensor { .. }), "{e}");
-        let e = err(&base
-            .clone()
-            .tensor("t", &[16], 0, &[0; 64])
-            .tensor_info("u", &[4], 0, 32));
+        let e = err(&base.clone().tensor("t", &[16], 0, &[0; 64]).tensor_info("u", &[4], 0, 32));
         assert!(matches!(e, GgufError::OverlappingTensors { .. }), "{e}");
-        let e = err(&base
-            .clone()
-            .tensor("t", &[16], 0, &[0; 64])
-            .tensor_info("u", &[16], 0, 0));
+        let e = err(&base.clone().tensor("t", &[16], 0, &[0; 64]).tensor_info("u", &[16], 0, 0));
         assert!(matches!(e, GgufError::OverlappingTensors { .. }), "{e}");
         // Adjacent (touching) ranges are fine.
-        let ok = base
-            .clone()
-            .tensor("t", &[8], 0, &[0; 32])
-            .tensor("u", &[8], 0, &[0; 32])
-            .parse();
+        let ok = base.clone().tensor("t", &[8], 0, &[0; 32]).tensor("u", &[8], 0, &[0; 32]).parse();
         assert!(ok.is_ok());
         let e = err(&base.clone().tensor("t", &[4], 0, &[0; 8])).to_string();
         assert!(e.starts_with("test.gguf: tensor \"t\" data ["), "{e}");

@@ -74,9 +74,7 @@ impl TensorSource for Source {
 
 fn vocab_of(g: &GgufFile) -> FrontendResult<GgufVocab> {
     let m = Meta(g);
-    let opt_u32 = |k: &str| -> FrontendResult<Option<u32>> {
-        Ok(m.u64(k)?.and_then(|v| u32::try_from(v).ok()))
-    };
+    let opt_u32 = |k: &str| -> FrontendResult<Option<u32>> { Ok(m.u64(k)?.and_then(|v| u32::try_from(v).ok())) };
     let opt_bool = |k: &str| m.opt(g.get_bool(k));
     Ok(GgufVocab {
         origin: g.path().display().to_string(),
@@ -103,10 +101,7 @@ pub fn import_gguf(path: &Path) -> FrontendResult<ImportedModel> {
     let file = Arc::new(GgufFile::open(path).map_err(from_gguf_err)?);
     let arch_name = file.get_str("general.architecture").map_err(from_gguf_err)?.to_string();
     let arch = arch::by_gguf_name(&arch_name).ok_or_else(|| {
-        FrontendError::unsupported(
-            path,
-            format!("architecture `{arch_name}` (kiln supports: {})", arch::known_names()),
-        )
+        FrontendError::unsupported(path, format!("architecture `{arch_name}` (kiln supports: {})", arch::known_names()))
     })?;
     if file.tensor("rope_freqs.weight").is_some() {
         return Err(FrontendError::unsupported(path, "per-dimension RoPE frequency tables (rope_freqs.weight)"));

@@ -23,16 +23,9 @@ const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
 /// Imports a Hugging Face model directory.
 pub fn import_dir(dir: &Path) -> FrontendResult<ImportedModel> {
     let config_path = dir.join("config.json");
-    let config_json = read_json(
-        &config_path,
-        MAX_JSON_BYTES,
-        "a Hugging Face model directory needs config.json",
-    )?;
+    let config_json = read_json(&config_path, MAX_JSON_BYTES, "a Hugging Face model directory needs config.json")?;
     let (arch, cfg_json) = find_arch(&config_path, &config_json)?;
-    let cfg = (arch.from_hf)(&HfConfig {
-        file: &config_path,
-        json: cfg_json,
-    })?;
+    let cfg = (arch.from_hf)(&HfConfig { file: &config_path, json: cfg_json })?;
 
     let source = HfTensors::open(dir, arch)?;
     let name = model_name(dir);
@@ -47,13 +40,7 @@ pub fn import_dir(dir: &Path) -> FrontendResult<ImportedModel> {
     serde_json::from_str::<serde::de::IgnoredAny>(&tokenizer_json)
         .map_err(|e| FrontendError::bad(&tokenizer_path, format!("not valid JSON: {e}")))?;
     let chat_template = chat_template(dir)?;
-    Ok(ImportedModel {
-        module,
-        weights,
-        tokenizer_json,
-        chat_template,
-        source: dir.to_path_buf(),
-    })
+    Ok(ImportedModel { module, weights, tokenizer_json, chat_template, source: dir.to_path_buf() })
 }
 
 /// The architecture for `model_type`, and the object holding the text model's hyperparameters
@@ -62,50 +49,28 @@ fn find_arch<'a>(file: &Path, json: &'a Value) -> FrontendResult<(&'static Arch,
     if !json.is_object() {
         return Err(FrontendError::bad(file, "config.json is not a JSON object"));
     }
-    let known = || {
-        arch::ARCHES
-            .iter()
-            .flat_map(|a| a.hf_model_types.iter().copied())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let known = || arch::ARCHES.iter().flat_map(|a| a.hf_model_types.iter().copied()).collect::<Vec<_>>().join(", ");
     let model_type = match json.get("model_type") {
         Some(Value::String(s)) => s.as_str(),
         Some(other) => {
-            return Err(FrontendError::bad(
-                file,
-                format!("`model_type` must be a string, found {other}"),
-            ));
+            return Err(FrontendError::bad(file, format!("`model_type` must be a string, found {other}")));
         }
         None => {
-            return Err(FrontendError::bad(
-                file,
-                format!("missing `model_type` (supported: {})", known()),
-            ));
+            return Err(FrontendError::bad(file, format!("missing `model_type` (supported: {})", known())));
         }
     };
-    let text = json
-        .get("text_config")
-        .filter(|t| t.is_object() && json.get("hidden_size").is_none());
-    let text_type = text
-        .and_then(|t| t.get("model_type"))
-        .and_then(Value::as_str);
-    let arch = arch::by_hf_model_type(model_type)
-        .or_else(|| text_type.and_then(arch::by_hf_model_type))
-        .ok_or_else(|| {
-            FrontendError::unsupported(
-                file,
-                format!("model_type `{model_type}` (supported: {})", known()),
-            )
+    let text = json.get("text_config").filter(|t| t.is_object() && json.get("hidden_size").is_none());
+    let text_type = text.and_then(|t| t.get("model_type")).and_then(Value::as_str);
+    let arch =
+        arch::by_hf_model_type(model_type).or_else(|| text_type.and_then(arch::by_hf_model_type)).ok_or_else(|| {
+            FrontendError::unsupported(file, format!("model_type `{model_type}` (supported: {})", known()))
         })?;
     Ok((arch, text.unwrap_or(json)))
 }
 
 fn model_name(dir: &Path) -> String {
     let named = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
-    named(dir)
-        .or_else(|| dir.canonicalize().ok().as_deref().and_then(named))
-        .unwrap_or_else(|| "model".to_string())
+    named(dir).or_else(|| dir.canonicalize().ok().as_deref().and_then(named)).unwrap_or_else(|| "model".to_string())
 }
 
 fn read_bounded(path: &Path, max: u64, missing_hint: &str) -> FrontendResult<Vec<u8>> {
@@ -113,22 +78,13 @@ fn read_bounded(path: &Path, max: u64, missing_hint: &str) -> FrontendResult<Vec
         if source.kind() == std::io::ErrorKind::NotFound {
             FrontendError::bad(path, format!("file not found; {missing_hint}"))
         } else {
-            FrontendError::Io {
-                file: path.to_path_buf(),
-                source,
-            }
+            FrontendError::Io { file: path.to_path_buf(), source }
         }
     })?;
     if meta.len() > max {
-        return Err(FrontendError::bad(
-            path,
-            format!("{} bytes is larger than the {max}-byte limit", meta.len()),
-        ));
+        return Err(FrontendError::bad(path, format!("{} bytes is larger than the {max}-byte limit", meta.len())));
     }
-    std::fs::read(path).map_err(|source| FrontendError::Io {
-        file: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| FrontendError::Io { file: path.to_path_buf(), source })
 }
 
 fn read_text(path: &Path, max: u64, missing_hint: &str) -> FrontendResult<String> {
@@ -138,8 +94,7 @@ fn read_text(path: &Path, max: u64, missing_hint: &str) -> FrontendResult<String
 
 fn read_json(path: &Path, max: u64, missing_hint: &str) -> FrontendResult<Value> {
     let bytes = read_bounded(path, max, missing_hint)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| FrontendError::bad(path, format!("not valid JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| FrontendError::bad(path, format!("not valid JSON: {e}")))
 }
 
 /// The chat template: `chat_template` of tokenizer_config.json (a string, or a list of
@@ -152,14 +107,8 @@ fn chat_template(dir: &Path) -> FrontendResult<Option<String>> {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) => return Ok(Some(s.clone())),
             Some(Value::Array(list)) => {
-                let template = |v: &Value| {
-                    v.get("template")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                };
-                let named = list
-                    .iter()
-                    .find(|v| v.get("name").and_then(Value::as_str) == Some("default"));
+                let template = |v: &Value| v.get("template").and_then(Value::as_str).map(str::to_string);
+                let named = list.iter().find(|v| v.get("name").and_then(Value::as_str) == Some("default"));
                 let chosen = named.or_else(|| list.first());
                 return match chosen {
                     None => Ok(None),
@@ -174,9 +123,7 @@ fn chat_template(dir: &Path) -> FrontendResult<Option<String>> {
             Some(other) => {
                 return Err(FrontendError::bad(
                     &path,
-                    format!(
-                        "`chat_template` must be a string or a list of named templates, found {other}"
-                    ),
+                    format!("`chat_template` must be a string or a list of named templates, found {other}"),
                 ));
             }
         }
@@ -190,10 +137,7 @@ fn chat_template(dir: &Path) -> FrontendResult<Option<String>> {
 
 /// Whether a shard file name from the index is a plain file name inside the directory.
 fn plain_file_name(name: &str) -> bool {
-    let forbidden = name.is_empty()
-        || name == "."
-        || name.contains("..")
-        || name.contains(['/', '\\', '\0', ':']);
+    let forbidden = name.is_empty() || name == "." || name.contains("..") || name.contains(['/', '\\', '\0', ':']);
     !forbidden
 }
 
@@ -213,17 +157,16 @@ impl HfTensors {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         // (shard index, HF name) pairs to map, and the file errors name.
-        let (file, shards, names): (PathBuf, Vec<Arc<SafetensorsFile>>, Vec<(usize, String)>) =
-            if single.is_file() {
-                let f = Arc::new(SafetensorsFile::open(&single)?);
-                let names = f.names().into_iter().map(|n| (0, n.to_string())).collect();
-                (single, vec![f], names)
-            } else if index.is_file() {
-                let (shards, names) = open_index(dir, &index)?;
-                (index, shards, names)
-            } else {
-                return Err(missing_weights(dir));
-            };
+        let (file, shards, names): (PathBuf, Vec<Arc<SafetensorsFile>>, Vec<(usize, String)>) = if single.is_file() {
+            let f = Arc::new(SafetensorsFile::open(&single)?);
+            let names = f.names().into_iter().map(|n| (0, n.to_string())).collect();
+            (single, vec![f], names)
+        } else if index.is_file() {
+            let (shards, names) = open_index(dir, &index)?;
+            (index, shards, names)
+        } else {
+            return Err(missing_weights(dir));
+        };
         let mut by_canonical: HashMap<String, (usize, String)> = HashMap::new();
         for (shard, hf) in names {
             let Some(canon) = (arch.hf_name)(&hf) else {
@@ -232,9 +175,7 @@ impl HfTensors {
             if let Some((_, prev)) = by_canonical.get(&canon) {
                 return Err(FrontendError::bad(
                     &file,
-                    format!(
-                        "tensors {prev} and {hf} both map to kiln's {canon}; the checkpoint is ambiguous"
-                    ),
+                    format!("tensors {prev} and {hf} both map to kiln's {canon}; the checkpoint is ambiguous"),
                 ));
             }
             by_canonical.insert(canon, (shard, hf));
@@ -242,18 +183,10 @@ impl HfTensors {
         if by_canonical.is_empty() {
             return Err(FrontendError::bad(
                 &file,
-                format!(
-                    "no tensor has a name kiln knows for the {} architecture",
-                    arch.gguf_name
-                ),
+                format!("no tensor has a name kiln knows for the {} architecture", arch.gguf_name),
             ));
         }
-        Ok(HfTensors {
-            file,
-            arch,
-            shards,
-            by_canonical,
-        })
+        Ok(HfTensors { file, arch, shards, by_canonical })
     }
 
     /// Number of tensors kiln can address by canonical name.
@@ -278,10 +211,7 @@ fn open_index(dir: &Path, index: &Path) -> FrontendResult<ShardSet> {
     let mut names = Vec::with_capacity(map.len());
     for (name, shard) in map {
         let Value::String(shard) = shard else {
-            return Err(FrontendError::bad(
-                index,
-                format!("weight_map entry {name} is not a file name: {shard}"),
-            ));
+            return Err(FrontendError::bad(index, format!("weight_map entry {name} is not a file name: {shard}")));
         };
         if !plain_file_name(shard) {
             return Err(FrontendError::bad(
@@ -312,12 +242,7 @@ fn open_index(dir: &Path, index: &Path) -> FrontendResult<ShardSet> {
 }
 
 fn missing_weights(dir: &Path) -> FrontendError {
-    let pickles = [
-        "pytorch_model.bin",
-        "pytorch_model.bin.index.json",
-        "model.pt",
-        "consolidated.00.pth",
-    ];
+    let pickles = ["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth"];
     if pickles.iter().any(|p| dir.join(p).exists()) {
         return FrontendError::unsupported(
             dir,
@@ -325,10 +250,7 @@ fn missing_weights(dir: &Path) -> FrontendError {
              loaded; convert them to safetensors (model.safetensors) first",
         );
     }
-    FrontendError::bad(
-        dir,
-        "no weights: expected model.safetensors or model.safetensors.index.json",
-    )
+    FrontendError::bad(dir, "no weights: expected model.safetensors or model.safetensors.index.json")
 }
 
 impl TensorSource for HfTensors {
@@ -341,15 +263,10 @@ impl TensorSource for HfTensors {
             return Ok(None);
         };
         let Some(shard) = self.shards.get(*shard) else {
-            return Err(FrontendError::Internal(format!(
-                "shard index out of range for {hf}"
-            )));
+            return Err(FrontendError::Internal(format!("shard index out of range for {hf}")));
         };
         let Some(t) = shard.tensor(hf)? else {
-            return Err(FrontendError::Internal(format!(
-                "{hf} vanished from {}",
-                shard.path().display()
-            )));
+            return Err(FrontendError::Internal(format!("{hf} vanished from {}", shard.path().display())));
         };
         let Some(fixup) = self.arch.hf_fixup else {
             return Ok(Some(t));
@@ -361,10 +278,7 @@ impl TensorSource for HfTensors {
             return Ok(Some(t));
         }
         let dims = t.ty.fixed_dims().unwrap_or_default();
-        Ok(Some(SourceTensor {
-            ty: TensorType::fixed(DType::F32, &dims),
-            bytes: TensorBytes::from_f32(&values),
-        }))
+        Ok(Some(SourceTensor { ty: TensorType::fixed(DType::F32, &dims), bytes: TensorBytes::from_f32(&values) }))
     }
 }
 
@@ -385,10 +299,7 @@ mod tests {
     }
 
     fn tensors() -> Vec<(String, Vec<u64>)> {
-        let mut v = vec![
-            ("model.embed_tokens.weight".to_string(), vec![10, 8]),
-            ("model.norm.weight".into(), vec![8]),
-        ];
+        let mut v = vec![("model.embed_tokens.weight".to_string(), vec![10, 8]), ("model.norm.weight".into(), vec![8])];
         let l = |n: &str| format!("model.layers.0.{n}");
         for (n, s) in [
             ("input_layernorm.weight", vec![8]),
@@ -416,10 +327,7 @@ mod tests {
             for _ in 0..elems {
                 data.extend_from_slice(&half::f16::from_f32(1.0).to_le_bytes());
             }
-            header.insert(
-                n.clone(),
-                json!({"dtype": "F16", "shape": shape, "data_offsets": [begin, data.len()]}),
-            );
+            header.insert(n.clone(), json!({"dtype": "F16", "shape": shape, "data_offsets": [begin, data.len()]}));
         }
         let h = serde_json::to_vec(&Value::Object(header)).unwrap();
         let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -436,9 +344,7 @@ mod tests {
     }
 
     fn dir(tag: &str) -> Dir {
-        let d = std::env::temp_dir()
-            .join(format!("kiln-hf-{tag}-{}", std::process::id()))
-            .join("tiny-llama");
+        let d = std::env::temp_dir().join(format!("kiln-hf-{tag}-{}", std::process::id())).join("tiny-llama");
         std::fs::remove_dir_all(&d).ok();
         std::fs::create_dir_all(&d).unwrap();
         Dir(d)
@@ -459,22 +365,13 @@ mod tests {
     #[test]
     fn imports_single_file() {
         let d = full("single");
-        write(
-            &d.0,
-            "tokenizer_config.json",
-            json!({"chat_template": "{{ x }}"}).to_string(),
-        );
+        write(&d.0, "tokenizer_config.json", json!({"chat_template": "{{ x }}"}).to_string());
         let m = import_dir(&d.0).unwrap();
         assert_eq!(m.module.name, "tiny-llama");
         assert_eq!(m.chat_template.as_deref(), Some("{{ x }}"));
         assert!(m.tokenizer_json.contains("BPE"));
         // Norm weights are converted to f32; matrices stay mapped F16.
-        assert!(
-            m.weights
-                .tensors
-                .iter()
-                .any(|t| matches!(t, TensorBytes::Mapped { .. }))
-        );
+        assert!(m.weights.tensors.iter().any(|t| matches!(t, TensorBytes::Mapped { .. })));
     }
 
     #[test]
@@ -493,11 +390,7 @@ mod tests {
         for (n, _) in b {
             map.insert(n.clone(), json!("model-00002-of-00002.safetensors"));
         }
-        write(
-            &d.0,
-            "model.safetensors.index.json",
-            json!({"weight_map": map}).to_string(),
-        );
+        write(&d.0, "model.safetensors.index.json", json!({"weight_map": map}).to_string());
         write(
             &d.0,
             "tokenizer_config.json",
@@ -508,29 +401,12 @@ mod tests {
         assert_eq!(m.chat_template.as_deref(), Some("D"));
 
         map.insert("model.norm.weight".into(), json!("../evil.safetensors"));
-        write(
-            &d.0,
-            "model.safetensors.index.json",
-            json!({"weight_map": map}).to_string(),
-        );
+        write(&d.0, "model.safetensors.index.json", json!({"weight_map": map}).to_string());
         let e = import_dir(&d.0).unwrap_err().to_string();
-        assert!(
-            e.contains("index.json") && e.contains("not a plain file name"),
-            "{e}"
-        );
-        map.insert(
-            "model.norm.weight".into(),
-            json!("model-00001-of-00002.safetensors"),
-        );
-        map.insert(
-            "model.layers.0.mlp.down_proj.weight".into(),
-            json!("model-00001-of-00002.safetensors"),
-        );
-        write(
-            &d.0,
-            "model.safetensors.index.json",
-            json!({"weight_map": map}).to_string(),
-        );
+        assert!(e.contains("index.json") && e.contains("not a plain file name"), "{e}");
+        map.insert("model.norm.weight".into(), json!("model-00001-of-00002.safetensors"));
+        map.insert("model.layers.0.mlp.down_proj.weight".into(), json!("model-00001-of-00002.safetensors"));
+        write(&d.0, "model.safetensors.index.json", json!({"weight_map": map}).to_string());
         let e = import_dir(&d.0).unwrap_err().to_string();
         assert!(e.contains("has no such tensor"), "{e}");
     }
@@ -540,33 +416,17 @@ mod tests {
         let d = full("errors");
         std::fs::remove_file(d.0.join("tokenizer.json")).unwrap();
         let e = import_dir(&d.0).unwrap_err().to_string();
-        assert!(
-            e.contains("tokenizer.json") && e.contains("not found"),
-            "{e}"
-        );
+        assert!(e.contains("tokenizer.json") && e.contains("not found"), "{e}");
         write(&d.0, "tokenizer.json", "{oops");
         let e = import_dir(&d.0).unwrap_err().to_string();
-        assert!(
-            e.contains("tokenizer.json") && e.contains("not valid JSON"),
-            "{e}"
-        );
+        assert!(e.contains("tokenizer.json") && e.contains("not valid JSON"), "{e}");
 
         write(&d.0, "config.json", "{");
         let e = import_dir(&d.0).unwrap_err().to_string();
-        assert!(
-            e.contains("config.json") && e.contains("not valid JSON"),
-            "{e}"
-        );
-        write(
-            &d.0,
-            "config.json",
-            json!({"model_type": "mamba"}).to_string(),
-        );
+        assert!(e.contains("config.json") && e.contains("not valid JSON"), "{e}");
+        write(&d.0, "config.json", json!({"model_type": "mamba"}).to_string());
         let e = import_dir(&d.0).unwrap_err().to_string();
-        assert!(
-            e.contains("unsupported") && e.contains("mamba") && e.contains("llama"),
-            "{e}"
-        );
+        assert!(e.contains("unsupported") && e.contains("mamba") && e.contains("llama"), "{e}");
         std::fs::remove_file(d.0.join("config.json")).unwrap();
         let e = import_dir(&d.0).unwrap_err().to_string();
         assert!(e.contains("config.json") && e.contains("not found"), "{e}");
@@ -584,28 +444,19 @@ mod tests {
         t.retain(|(n, _)| !n.contains("down_proj"));
         write(&d.0, "model.safetensors", image(&t));
         let e = import_dir(&d.0).unwrap_err().to_string();
-        assert!(
-            e.contains("model.safetensors") && e.contains("blk.0.ffn_down.weight"),
-            "{e}"
-        );
+        assert!(e.contains("model.safetensors") && e.contains("blk.0.ffn_down.weight"), "{e}");
     }
 
     #[test]
     fn gemma_fixup_converts_norms() {
         let d = dir("fixup");
-        let t = vec![
-            ("model.norm.weight".to_string(), vec![3u64]),
-            ("model.embed_tokens.weight".into(), vec![2, 3]),
-        ];
+        let t = vec![("model.norm.weight".to_string(), vec![3u64]), ("model.embed_tokens.weight".into(), vec![2, 3])];
         write(&d.0, "model.safetensors", image(&t));
         let arch = arch::by_hf_model_type("gemma3_text").unwrap();
         let src = HfTensors::open(&d.0, arch).unwrap();
         let n = src.get("output_norm.weight").unwrap().unwrap();
         assert_eq!(n.ty, TensorType::fixed(DType::F32, &[3]));
-        assert_eq!(
-            plain_to_f32(DType::F32, n.bytes.as_bytes()),
-            Some(vec![2.0; 3])
-        );
+        assert_eq!(plain_to_f32(DType::F32, n.bytes.as_bytes()), Some(vec![2.0; 3]));
         let e = src.get("token_embd.weight").unwrap().unwrap();
         assert_eq!(e.ty.dtype, DType::F16);
         assert!(src.get("output.weight").unwrap().is_none());

@@ -5,12 +5,12 @@ pub mod decoder;
 pub mod error;
 pub mod gguf;
 pub mod gguf_import;
-pub mod import;
 pub mod hf;
+pub mod import;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod weights;
 
 pub use error::{FrontendError, FrontendResult};
-pub use weights::{SourceTensor, TensorBytes, Weights};
 pub use import::{ImportedModel, import};
+pub use weights::{SourceTensor, TensorBytes, Weights};

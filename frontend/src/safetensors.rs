@@ -39,10 +39,7 @@ pub enum StDtype {
 
 impl StDtype {
     fn parse(name: &str) -> StDtype {
-        let other = |size: u64| StDtype::Other {
-            name: name.to_string(),
-            size: Some(size),
-        };
+        let other = |size: u64| StDtype::Other { name: name.to_string(), size: Some(size) };
         match name {
             "F32" => StDtype::Float(DType::F32),
             "F16" => StDtype::Float(DType::F16),
@@ -51,10 +48,7 @@ impl StDtype {
             "I16" | "U16" => other(2),
             "I32" | "U32" => other(4),
             "F64" | "I64" | "U64" => other(8),
-            _ => StDtype::Other {
-                name: name.to_string(),
-                size: None,
-            },
+            _ => StDtype::Other { name: name.to_string(), size: None },
         }
     }
 
@@ -124,10 +118,7 @@ impl ByteOwner for SafetensorsFile {
 impl SafetensorsFile {
     /// Memory-maps and validates the file at `path`.
     pub fn open(path: &Path) -> FrontendResult<SafetensorsFile> {
-        let io = |source| FrontendError::Io {
-            file: path.to_path_buf(),
-            source,
-        };
+        let io = |source| FrontendError::Io { file: path.to_path_buf(), source };
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let bytes = if len < 8 {
@@ -153,12 +144,7 @@ impl SafetensorsFile {
             Bytes::Owned(v) => v,
         };
         let (metadata, tensors) = parse_header(&path, data)?;
-        Ok(SafetensorsFile {
-            path,
-            bytes,
-            metadata,
-            tensors,
-        })
+        Ok(SafetensorsFile { path, bytes, metadata, tensors })
     }
 
     pub fn path(&self) -> &Path {
@@ -218,11 +204,7 @@ impl SafetensorsFile {
         let owner: Arc<dyn ByteOwner> = self.clone();
         Ok(Some(SourceTensor {
             ty: TensorType::fixed(dtype, &t.shape),
-            bytes: TensorBytes::Mapped {
-                owner,
-                offset: t.offset,
-                len: t.len,
-            },
+            bytes: TensorBytes::Mapped { owner, offset: t.offset, len: t.len },
         }))
     }
 }
@@ -233,28 +215,21 @@ fn parse_header(path: &Path, data: &[u8]) -> FrontendResult<Header> {
     let bad = |msg: String| FrontendError::bad(path, msg);
     let file_len = data.len() as u64;
     if file_len < 8 {
-        return Err(bad(format!(
-            "not a safetensors file: {file_len} bytes is too short for the header length"
-        )));
+        return Err(bad(format!("not a safetensors file: {file_len} bytes is too short for the header length")));
     }
     let mut len_bytes = [0u8; 8];
     len_bytes.copy_from_slice(&data[..8]);
     let n = u64::from_le_bytes(len_bytes);
     if n > MAX_HEADER_BYTES {
-        return Err(bad(format!(
-            "header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
-        )));
+        return Err(bad(format!("header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")));
     }
     if n > file_len - 8 {
-        return Err(bad(format!(
-            "header length {n} runs past the end of the {file_len}-byte file"
-        )));
+        return Err(bad(format!("header length {n} runs past the end of the {file_len}-byte file")));
     }
     // n <= file_len - 8, so these fit in usize.
     let data_start = 8 + n as usize;
     let header = &data[8..data_start];
-    let json: Value = serde_json::from_slice(header)
-        .map_err(|e| bad(format!("the header is not valid JSON: {e}")))?;
+    let json: Value = serde_json::from_slice(header).map_err(|e| bad(format!("the header is not valid JSON: {e}")))?;
     let Value::Object(entries) = json else {
         return Err(bad("the header is not a JSON object".into()));
     };
@@ -268,10 +243,7 @@ fn parse_header(path: &Path, data: &[u8]) -> FrontendResult<Header> {
             continue;
         }
         let (info, begin, end) = parse_entry(path, name, entry, data_len)?;
-        let info = TensorInfo {
-            offset: data_start + begin as usize,
-            ..info
-        };
+        let info = TensorInfo { offset: data_start + begin as usize, ..info };
         if end > begin {
             ranges.push((begin, end, name.as_str()));
         }
@@ -291,29 +263,18 @@ fn parse_header(path: &Path, data: &[u8]) -> FrontendResult<Header> {
 
 fn parse_metadata(path: &Path, v: &Value) -> FrontendResult<BTreeMap<String, String>> {
     let Value::Object(m) = v else {
-        return Err(FrontendError::bad(
-            path,
-            "`__metadata__` is not a JSON object",
-        ));
+        return Err(FrontendError::bad(path, "`__metadata__` is not a JSON object"));
     };
     m.iter()
         .map(|(k, v)| match v {
             Value::String(s) => Ok((k.clone(), s.clone())),
-            other => Err(FrontendError::bad(
-                path,
-                format!("`__metadata__` value of `{k}` is not a string: {other}"),
-            )),
+            other => Err(FrontendError::bad(path, format!("`__metadata__` value of `{k}` is not a string: {other}"))),
         })
         .collect()
 }
 
 /// Validates one tensor entry; returns it with offsets relative to the data region.
-fn parse_entry(
-    path: &Path,
-    name: &str,
-    v: &Value,
-    data_len: u64,
-) -> FrontendResult<(TensorInfo, u64, u64)> {
+fn parse_entry(path: &Path, name: &str, v: &Value, data_len: u64) -> FrontendResult<(TensorInfo, u64, u64)> {
     let bad = |msg: String| FrontendError::bad(path, format!("tensor {name}: {msg}"));
     let Value::Object(m) = v else {
         return Err(bad("the header entry is not a JSON object".into()));
@@ -326,17 +287,10 @@ fn parse_entry(
     let shape: Vec<u64> = match m.get("shape") {
         Some(Value::Array(a)) => {
             if a.len() > MAX_RANK {
-                return Err(bad(format!(
-                    "rank {} exceeds the limit of {MAX_RANK}",
-                    a.len()
-                )));
+                return Err(bad(format!("rank {} exceeds the limit of {MAX_RANK}", a.len())));
             }
             a.iter()
-                .map(|d| {
-                    d.as_u64().ok_or_else(|| {
-                        bad(format!("shape entry {d} is not a non-negative integer"))
-                    })
-                })
+                .map(|d| d.as_u64().ok_or_else(|| bad(format!("shape entry {d} is not a non-negative integer"))))
                 .collect::<FrontendResult<_>>()?
         }
         Some(other) => return Err(bad(format!("`shape` is not an array: {other}"))),
@@ -346,35 +300,26 @@ fn parse_entry(
         Some(Value::Array(a)) if a.len() == 2 => match (a[0].as_u64(), a[1].as_u64()) {
             (Some(b), Some(e)) => (b, e),
             _ => {
-                return Err(bad(format!(
-                    "`data_offsets` must be two non-negative integers, found {a:?}"
-                )));
+                return Err(bad(format!("`data_offsets` must be two non-negative integers, found {a:?}")));
             }
         },
         Some(other) => {
-            return Err(bad(format!(
-                "`data_offsets` must be [begin, end], found {other}"
-            )));
+            return Err(bad(format!("`data_offsets` must be [begin, end], found {other}")));
         }
         None => return Err(bad("missing `data_offsets`".into())),
     };
     if end < begin {
-        return Err(bad(format!(
-            "data_offsets [{begin}, {end}] end before they begin"
-        )));
+        return Err(bad(format!("data_offsets [{begin}, {end}] end before they begin")));
     }
     if end > data_len {
-        return Err(bad(format!(
-            "data_offsets [{begin}, {end}] run past the {data_len}-byte data region"
-        )));
+        return Err(bad(format!("data_offsets [{begin}, {end}] run past the {data_len}-byte data region")));
     }
     let stored = end - begin;
     if let Some(size) = dtype.elem_size() {
         let elems = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let need = elems.and_then(|e| e.checked_mul(size));
         if need != Some(stored) {
-            let need =
-                need.map_or_else(|| "an overflowing number of".to_string(), |n| n.to_string());
+            let need = need.map_or_else(|| "an overflowing number of".to_string(), |n| n.to_string());
             return Err(bad(format!(
                 "shape {shape:?} of {} needs {need} bytes but data_offsets [{begin}, {end}] hold {stored}",
                 dtype.name()
@@ -382,16 +327,7 @@ fn parse_entry(
         }
     }
     // end <= data_len <= file length, which fits in usize.
-    Ok((
-        TensorInfo {
-            dtype,
-            shape,
-            offset: begin as usize,
-            len: stored as usize,
-        },
-        begin,
-        end,
-    ))
+    Ok((TensorInfo { dtype, shape, offset: begin as usize, len: stored as usize }, begin, end))
 }
 
 #[cfg(test)]
@@ -439,15 +375,9 @@ mod tests {
         assert_eq!(a.bytes.as_bytes(), &data[..24]);
         assert!(matches!(a.bytes, TensorBytes::Mapped { .. }));
         let b = f.tensor("b").unwrap().unwrap();
-        assert_eq!(
-            crate::weights::plain_to_f32(b.ty.dtype, b.bytes.as_bytes()),
-            Some(vec![0.5])
-        );
+        assert_eq!(crate::weights::plain_to_f32(b.ty.dtype, b.bytes.as_bytes()), Some(vec![0.5]));
         let c = f.tensor("c").unwrap().unwrap();
-        assert_eq!(
-            crate::weights::plain_to_f32(c.ty.dtype, c.bytes.as_bytes()),
-            Some(vec![-2.0])
-        );
+        assert_eq!(crate::weights::plain_to_f32(c.ty.dtype, c.bytes.as_bytes()), Some(vec![-2.0]));
         assert!(f.tensor("missing").unwrap().is_none());
     }
 
@@ -457,10 +387,7 @@ mod tests {
                        "x": {"dtype": "F4_MYSTERY", "shape": [3], "data_offsets": [16, 17]}});
         let f = open(&h, &[0; 17]).unwrap();
         let e = f.tensor("ids").unwrap_err().to_string();
-        assert!(
-            e.contains("t.safetensors") && e.contains("ids") && e.contains("I64"),
-            "{e}"
-        );
+        assert!(e.contains("t.safetensors") && e.contains("ids") && e.contains("I64"), "{e}");
         let e = f.tensor("x").unwrap_err().to_string();
         assert!(e.contains("F4_MYSTERY"), "{e}");
         assert_eq!(f.raw_bytes("ids").map(<[u8]>::len), Some(16));
@@ -473,56 +400,31 @@ mod tests {
             (u64::MAX.to_le_bytes().to_vec(), "exceeds"),
             ([&50u64.to_le_bytes()[..], b"{}"].concat(), "past the end"),
             ([&2u64.to_le_bytes()[..], b"{x"].concat(), "not valid JSON"),
-            (
-                [&2u64.to_le_bytes()[..], b"[]"].concat(),
-                "not a JSON object",
-            ),
+            ([&2u64.to_le_bytes()[..], b"[]"].concat(), "not a JSON object"),
         ];
         for (bytes, want) in cases {
-            let e = SafetensorsFile::from_bytes("t.safetensors", bytes)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains(want) && e.starts_with("t.safetensors"),
-                "{e} (wanted {want})"
-            );
+            let e = SafetensorsFile::from_bytes("t.safetensors", bytes).unwrap_err().to_string();
+            assert!(e.contains(want) && e.starts_with("t.safetensors"), "{e} (wanted {want})");
         }
         let t = |entry: Value| json!({ "w": entry });
-        let ok = |dt: &str, shape: Value, off: Value| {
-            t(json!({"dtype": dt, "shape": shape, "data_offsets": off}))
-        };
+        let ok = |dt: &str, shape: Value, off: Value| t(json!({"dtype": dt, "shape": shape, "data_offsets": off}));
         let cases = [
             (ok("F32", json!([2]), json!([0, 4])), "needs 8 bytes"),
             (ok("F32", json!([2]), json!([8, 0])), "end before"),
             (ok("F32", json!([4]), json!([0, 16])), "run past"),
-            (
-                ok("F32", json!([u64::MAX, u64::MAX]), json!([0, 8])),
-                "overflowing",
-            ),
-            (
-                ok("F32", json!([1, 1, 1, 1, 1, 1, 1, 1, 1]), json!([0, 4])),
-                "rank 9",
-            ),
-            (
-                ok("F32", json!([-1]), json!([0, 4])),
-                "not a non-negative integer",
-            ),
+            (ok("F32", json!([u64::MAX, u64::MAX]), json!([0, 8])), "overflowing"),
+            (ok("F32", json!([1, 1, 1, 1, 1, 1, 1, 1, 1]), json!([0, 4])), "rank 9"),
+            (ok("F32", json!([-1]), json!([0, 4])), "not a non-negative integer"),
             (ok("F32", json!([1]), json!([0])), "data_offsets"),
             (ok("F32", json!("x"), json!([0, 4])), "not an array"),
-            (
-                t(json!({"shape": [1], "data_offsets": [0, 4]})),
-                "missing `dtype`",
-            ),
+            (t(json!({"shape": [1], "data_offsets": [0, 4]})), "missing `dtype`"),
             (t(json!(7)), "not a JSON object"),
             (json!({"__metadata__": {"a": 1}}), "not a string"),
             (json!({"__metadata__": []}), "not a JSON object"),
         ];
         for (h, want) in cases {
             let e = err(&h, &[0; 8]);
-            assert!(
-                e.contains(want) && e.starts_with("t.safetensors"),
-                "{e} (wanted {want})"
-            );
+            assert!(e.contains(want) && e.starts_with("t.safetensors"), "{e} (wanted {want})");
         }
     }
 
@@ -543,24 +445,13 @@ mod tests {
         let p = dir.join("empty.safetensors");
         std::fs::write(&p, b"").unwrap();
         let e = SafetensorsFile::open(&p).unwrap_err().to_string();
-        assert!(
-            e.contains("empty.safetensors") && e.contains("too short"),
-            "{e}"
-        );
+        assert!(e.contains("empty.safetensors") && e.contains("too short"), "{e}");
         let p2 = dir.join("good.safetensors");
-        std::fs::write(
-            &p2,
-            image(
-                &json!({"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}),
-                &[0; 4],
-            ),
-        )
-        .unwrap();
+        std::fs::write(&p2, image(&json!({"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}), &[0; 4]))
+            .unwrap();
         let f = Arc::new(SafetensorsFile::open(&p2).unwrap());
         assert_eq!(f.tensor("a").unwrap().unwrap().bytes.as_bytes(), &[0; 4]);
-        let e = SafetensorsFile::open(&dir.join("nope.safetensors"))
-            .unwrap_err()
-            .to_string();
+        let e = SafetensorsFile::open(&dir.join("nope.safetensors")).unwrap_err().to_string();
         assert!(e.contains("nope.safetensors"), "{e}");
         std::fs::remove_dir_all(&dir).ok();
     }

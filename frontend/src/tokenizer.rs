@@ -215,8 +215,7 @@ const RE_TEKKEN: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([
 const RE_GPT4O: &str = r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const RE_SEED_CODER: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+";
 const RE_BAILINGMOE: &str = r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+";
-const RE_UFAKZEKA: &str =
-    r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_UFAKZEKA: &str = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const RE_MINICPM5: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How one `tokenizer.ggml.pre` value tokenizes (mirrors llama.cpp's per-type settings).
@@ -230,13 +229,7 @@ struct PreSpec {
 }
 
 const fn spec(regexes: &'static [&'static str], clean_spaces: bool) -> PreSpec {
-    PreSpec {
-        regexes,
-        ignore_merges: false,
-        clean_spaces,
-        default_add_bos: false,
-        no_bos: false,
-    }
+    PreSpec { regexes, ignore_merges: false, clean_spaces, default_add_bos: false, no_bos: false }
 }
 
 /// The pre-tokenizer names this converter understands.
@@ -314,71 +307,38 @@ pub const SUPPORTED_PRE_TOKENIZERS: &[&str] = &[
 
 fn pre_spec(pre: &str) -> Option<PreSpec> {
     let s = match pre {
-        "default" => spec(
-            &[RE_DEFAULT_PUNCT, RE_GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
-            true,
-        ),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" => PreSpec {
-            ignore_merges: true,
-            default_add_bos: true,
-            ..spec(&[RE_LLAMA3], true)
-        },
-        "dbrx" | "smaug-bpe" => spec(&[RE_LLAMA3], true),
-        "deepseek-coder" => spec(
-            &[
-                "[\r\n]",
-                r"\s?\p{L}+",
-                r"\s?\p{P}+",
-                "[一-龥ࠀ-一가-퟿]+",
-                r"\p{N}",
-            ],
-            false,
-        ),
-        "deepseek-v3" | "hunyuan-dense" | "joyai-llm" => spec(
-            &[r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", RE_DEEPSEEK3_MAIN],
-            false,
-        ),
-        "falcon" => spec(&[RE_FALCON_PUNCT, RE_GPT2, "[0-9][0-9][0-9]"], true),
-        "mpt" | "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es"
-        | "jina-v2-de" | "a.x-4.0" | "mellum" | "modern-bert" | "exaone4" | "olmo" | "jais" => {
-            spec(&[RE_GPT2], true)
+        "default" => spec(&[RE_DEFAULT_PUNCT, RE_GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], true),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => {
+            PreSpec { ignore_merges: true, default_add_bos: true, ..spec(&[RE_LLAMA3], true) }
         }
+        "dbrx" | "smaug-bpe" => spec(&[RE_LLAMA3], true),
+        "deepseek-coder" => spec(&["[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", r"\p{N}"], false),
+        "deepseek-v3" | "hunyuan-dense" | "joyai-llm" => {
+            spec(&[r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+", RE_DEEPSEEK3_MAIN], false)
+        }
+        "falcon" => spec(&[RE_FALCON_PUNCT, RE_GPT2, "[0-9][0-9][0-9]"], true),
+        "mpt" | "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0"
+        | "mellum" | "modern-bert" | "exaone4" | "olmo" | "jais" => spec(&[RE_GPT2], true),
         "trillion" | "granite-docling" => spec(&[RE_GPT2], false),
         "jais-2" => spec(&[RE_JAIS2], true),
-        "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => {
-            spec(&[r"\p{N}", RE_GPT2], true)
-        }
+        "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => spec(&[r"\p{N}", RE_GPT2], true),
         "command-r" | "smollm" => spec(&[r"\p{N}", RE_GPT2], false),
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open"
-        | "grok-2" => spec(&[RE_QWEN2], false),
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "hunyuan" | "solar-open" | "grok-2" => {
+            spec(&[RE_QWEN2], false)
+        }
         "megrez" | "stablelm2" => spec(&[RE_QWEN2], true),
         "qwen35" => spec(&[RE_QWEN35], false),
         "poro-chat" => spec(&[RE_PORO], false),
         "bloom" | "gpt3-finnish" => spec(&[RE_PORO], true),
         "viking" => spec(&[RE_PORO, r"\p{N}"], false),
-        "chatglm-bpe" => PreSpec {
-            no_bos: true,
-            ..spec(&[RE_CHATGLM4], true)
-        },
-        "glm4" | "glm5" => PreSpec {
-            no_bos: true,
-            ignore_merges: true,
-            ..spec(&[RE_CHATGLM4], true)
-        },
-        "tekken" => PreSpec {
-            ignore_merges: true,
-            default_add_bos: true,
-            ..spec(&[RE_TEKKEN], false)
-        },
+        "chatglm-bpe" => PreSpec { no_bos: true, ..spec(&[RE_CHATGLM4], true) },
+        "glm4" | "glm5" => PreSpec { no_bos: true, ignore_merges: true, ..spec(&[RE_CHATGLM4], true) },
+        "tekken" => PreSpec { ignore_merges: true, default_add_bos: true, ..spec(&[RE_TEKKEN], false) },
         "gpt-4o" | "llama4" | "kanana2" | "talkie" => spec(&[RE_GPT4O], false),
         "seed-coder" => spec(&[RE_SEED_CODER], false),
         "bailingmoe" | "bailingmoe2" | "llada-moe" => spec(&[RE_BAILINGMOE], false),
         "ufakzeka" => spec(&[RE_UFAKZEKA], false),
-        "minicpm5" => PreSpec {
-            ignore_merges: true,
-            ..spec(&[r"\p{N}{1,3}", RE_MINICPM5], true)
-        },
+        "minicpm5" => PreSpec { ignore_merges: true, ..spec(&[r"\p{N}{1,3}", RE_MINICPM5], true) },
         _ => return None,
     };
     Some(s)
@@ -423,10 +383,7 @@ fn template_post_processor(bos: Option<(u32, &str)>, eos: Option<(u32, &str)>) -
     let mut full_pair = single.clone();
     full_pair.extend(pair);
     for (id, name) in [bos, eos].into_iter().flatten() {
-        special_tokens.insert(
-            name.to_string(),
-            json!({"id": name, "ids": [id], "tokens": [name]}),
-        );
+        special_tokens.insert(name.to_string(), json!({"id": name, "ids": [id], "tokens": [name]}));
     }
     json!({
         "type": "TemplateProcessing",
@@ -443,12 +400,9 @@ fn check_special(
     n_tokens: usize,
 ) -> Result<Option<u32>, TokenizerConvertError> {
     match id {
-        Some(id) if (id as usize) >= n_tokens => Err(TokenizerConvertError::SpecialOutOfRange {
-            origin: origin.to_string(),
-            what,
-            id,
-            n_tokens,
-        }),
+        Some(id) if (id as usize) >= n_tokens => {
+            Err(TokenizerConvertError::SpecialOutOfRange { origin: origin.to_string(), what, id, n_tokens })
+        }
         other => Ok(other),
     }
 }
@@ -462,16 +416,10 @@ fn check_special(
 /// The document carries a `"kiln"` object ([`KilnTokenizerConfig`]) with BOS/EOS and
 /// end-of-generation ids. Serialize it with `serde_json::to_string` to write a file.
 pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, TokenizerConvertError> {
-    let origin = if vocab.origin.is_empty() {
-        "GGUF vocabulary"
-    } else {
-        vocab.origin.as_str()
-    };
+    let origin = if vocab.origin.is_empty() { "GGUF vocabulary" } else { vocab.origin.as_str() };
     let n = vocab.tokens.len();
     if n == 0 {
-        return Err(TokenizerConvertError::EmptyVocab {
-            origin: origin.to_string(),
-        });
+        return Err(TokenizerConvertError::EmptyVocab { origin: origin.to_string() });
     }
     if u32::try_from(n).is_err() {
         return Err(TokenizerConvertError::LengthMismatch {
@@ -483,10 +431,7 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
     }
     for (what, len) in [
         ("tokenizer.ggml.scores", vocab.scores.as_ref().map(Vec::len)),
-        (
-            "tokenizer.ggml.token_type",
-            vocab.token_types.as_ref().map(Vec::len),
-        ),
+        ("tokenizer.ggml.token_type", vocab.token_types.as_ref().map(Vec::len)),
     ] {
         if let Some(len) = len
             && len < n
@@ -505,21 +450,10 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
         .tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| {
-            if t.is_empty() {
-                format!("[EMPTY_{i}]")
-            } else {
-                t.clone()
-            }
-        })
+        .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t.clone() })
         .collect();
-    let token_type = |i: usize| -> i32 {
-        vocab
-            .token_types
-            .as_ref()
-            .and_then(|t| t.get(i).copied())
-            .unwrap_or(TOKEN_TYPE_NORMAL)
-    };
+    let token_type =
+        |i: usize| -> i32 { vocab.token_types.as_ref().and_then(|t| t.get(i).copied()).unwrap_or(TOKEN_TYPE_NORMAL) };
 
     let is_spm = match vocab.model.as_str() {
         "gpt2" => false,
@@ -550,24 +484,14 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
     let pre = if is_spm {
         None
     } else {
-        Some(
-            pre_spec(&pre_name).ok_or_else(|| TokenizerConvertError::UnsupportedPreTokenizer {
-                origin: origin.to_string(),
-                pre: pre_name.clone(),
-            })?,
-        )
+        Some(pre_spec(&pre_name).ok_or_else(|| TokenizerConvertError::UnsupportedPreTokenizer {
+            origin: origin.to_string(),
+            pre: pre_name.clone(),
+        })?)
     };
-    let bos = if pre.is_some_and(|p| p.no_bos) {
-        None
-    } else {
-        bos
-    };
+    let bos = if pre.is_some_and(|p| p.no_bos) { None } else { bos };
 
-    let default_add_bos = if is_spm {
-        true
-    } else {
-        pre.is_some_and(|p| p.default_add_bos)
-    };
+    let default_add_bos = if is_spm { true } else { pre.is_some_and(|p| p.default_add_bos) };
     let add_bos = vocab.add_bos.unwrap_or(default_add_bos);
     let add_eos = vocab.add_eos.unwrap_or(false);
     if add_bos && bos.is_none() {
@@ -592,18 +516,13 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
     }
 
     // Added tokens: control and unknown tokens are special; user-defined are plain added tokens.
-    let named_special: BTreeSet<u32> = [bos, eos, unk, pad, eot, eom]
-        .into_iter()
-        .flatten()
-        .collect();
+    let named_special: BTreeSet<u32> = [bos, eos, unk, pad, eot, eom].into_iter().flatten().collect();
     let mut added = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
         let id = i as u32;
         let ty = token_type(i);
-        let special = ty == TOKEN_TYPE_CONTROL
-            || ty == TOKEN_TYPE_UNKNOWN
-            || named_special.contains(&id)
-            || eog.contains(&id);
+        let special =
+            ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_UNKNOWN || named_special.contains(&id) || eog.contains(&id);
         if special {
             added.push(added_token(id, t, true));
         } else if ty == TOKEN_TYPE_USER_DEFINED {
@@ -624,26 +543,15 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
     );
 
     let (source, normalizer, pre_tokenizer, model, decoder, clean_spaces) = if let Some(pre) = pre {
-        let merges = vocab
-            .merges
-            .as_ref()
-            .ok_or_else(|| TokenizerConvertError::MissingMerges {
-                origin: origin.to_string(),
-            })?;
+        let merges =
+            vocab.merges.as_ref().ok_or_else(|| TokenizerConvertError::MissingMerges { origin: origin.to_string() })?;
         let mut merge_list = Vec::with_capacity(merges.len());
         for (index, m) in merges.iter().enumerate() {
             // llama.cpp splits at the first space after the first byte.
-            let pos = m
-                .as_bytes()
-                .get(1..)
-                .and_then(|rest| rest.iter().position(|&b| b == b' '));
+            let pos = m.as_bytes().get(1..).and_then(|rest| rest.iter().position(|&b| b == b' '));
             let pos = pos.map(|p| p + 1);
             let Some(pos) = pos else {
-                return Err(TokenizerConvertError::BadMerge {
-                    origin: origin.to_string(),
-                    index,
-                    merge: m.clone(),
-                });
+                return Err(TokenizerConvertError::BadMerge { origin: origin.to_string(), index, merge: m.clone() });
             };
             let (left, right) = (&m[..pos], &m[pos + 1..]);
             if !vocab_map.contains_key(left)
@@ -659,9 +567,7 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
         let mut pre_tokenizers: Vec<Value> = pre
             .regexes
             .iter()
-            .map(|re| {
-                json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
-            })
+            .map(|re| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false}))
             .collect();
         pre_tokenizers.push(json!({
             "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false
@@ -759,11 +665,7 @@ pub fn gguf_vocab_to_tokenizer_json(vocab: &GgufVocab) -> Result<Value, Tokenize
 /// Derives BPE merges from a SentencePiece vocabulary: every split of a token into two
 /// tokens is a merge, ranked by the merged token's score (highest first, ties by id).
 fn spm_merges(tokens: &[String], scores: Option<&[f32]>, vocab: &Map<String, Value>) -> Vec<Value> {
-    let id_of: HashMap<&str, usize> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
+    let id_of: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let score = |i: usize| scores.and_then(|s| s.get(i).copied()).unwrap_or(0.0);
     let mut candidates: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
     for (id, t) in tokens.iter().enumerate() {
@@ -779,22 +681,13 @@ fn spm_merges(tokens: &[String], scores: Option<&[f32]>, vocab: &Map<String, Val
         }
     }
     let s = |x: f32| if x.is_nan() { f32::NEG_INFINITY } else { x };
-    candidates.sort_by(|a, b| {
-        s(b.0)
-            .total_cmp(&s(a.0))
-            .then(a.1.cmp(&b.1))
-            .then(a.2.cmp(&b.2))
-    });
-    candidates
-        .into_iter()
-        .map(|(_, _, _, l, r)| json!([l, r]))
-        .collect()
+    candidates.sort_by(|a, b| s(b.0).total_cmp(&s(a.0)).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    candidates.into_iter().map(|(_, _, _, l, r)| json!([l, r])).collect()
 }
 
 /// Reads the kiln settings stored in a `tokenizer.json` document, if present.
 pub fn kiln_config_of(doc: &Value) -> Option<KilnTokenizerConfig> {
-    doc.get(KILN_CONFIG_KEY)
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+    doc.get(KILN_CONFIG_KEY).and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -824,14 +717,8 @@ pub fn is_glassllm_tokenizer(doc: &Value) -> bool {
 /// `\n|▁*[^▁\n]+|▁+` and applies its merges by rank; its vocabulary is the four specials,
 /// then the alphabet, then one token per merge. Its specials are never matched in text;
 /// decoding drops them, renders `<unk>` as `⁇` and maps `▁` back to spaces.
-pub fn glassllm_to_tokenizer_json(
-    doc: &Value,
-    origin: &str,
-) -> Result<Value, TokenizerConvertError> {
-    let bad = |detail: String| TokenizerConvertError::Glassllm {
-        origin: origin.to_string(),
-        detail,
-    };
+pub fn glassllm_to_tokenizer_json(doc: &Value, origin: &str) -> Result<Value, TokenizerConvertError> {
+    let bad = |detail: String| TokenizerConvertError::Glassllm { origin: origin.to_string(), detail };
     let file: GlassllmFile = serde_json::from_value(doc.clone()).map_err(|e| bad(e.to_string()))?;
     if file.version != 1 {
         return Err(bad(format!("unsupported version {}", file.version)));
@@ -845,9 +732,7 @@ pub fn glassllm_to_tokenizer_json(
     }
     for (i, (a, b)) in file.merges.iter().enumerate() {
         if !vocab_map.contains_key(a) || !vocab_map.contains_key(b) {
-            return Err(bad(format!(
-                "merge #{i} ({a:?}, {b:?}) uses a symbol that is not in the vocabulary"
-            )));
+            return Err(bad(format!("merge #{i} ({a:?}, {b:?}) uses a symbol that is not in the vocabulary")));
         }
     }
     let merges: Vec<Value> = file.merges.iter().map(|(a, b)| json!([a, b])).collect();
@@ -909,16 +794,7 @@ mod tests {
             origin: "tiny.gguf".into(),
             model: "gpt2".into(),
             pre: Some(pre.into()),
-            tokens: [
-                "a",
-                "b",
-                "ab",
-                "<|endoftext|>",
-                "<|im_start|>",
-                "<|im_end|>",
-            ]
-            .map(String::from)
-            .to_vec(),
+            tokens: ["a", "b", "ab", "<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from).to_vec(),
             token_types: Some(vec![1, 1, 1, 3, 3, 3]),
             merges: Some(vec!["a b".into(), "x y".into()]),
             bos: Some(3),
@@ -933,13 +809,7 @@ mod tests {
         assert_eq!(doc["model"]["type"], "BPE");
         // The unusable merge "x y" is dropped.
         assert_eq!(doc["model"]["merges"], json!([["a", "b"]]));
-        assert_eq!(
-            doc["pre_tokenizer"]["pretokenizers"]
-                .as_array()
-                .unwrap()
-                .len(),
-            3
-        );
+        assert_eq!(doc["pre_tokenizer"]["pretokenizers"].as_array().unwrap().len(), 3);
         assert_eq!(doc["added_tokens"].as_array().unwrap().len(), 3);
         assert!(doc["post_processor"].is_null());
         let cfg = kiln_config_of(&doc).unwrap();
@@ -973,58 +843,32 @@ mod tests {
         let e = gguf_vocab_to_tokenizer_json(&v).unwrap_err().to_string();
         assert!(e.contains("merge #0"), "{e}");
         v.merges = None;
-        assert!(matches!(
-            gguf_vocab_to_tokenizer_json(&v),
-            Err(TokenizerConvertError::MissingMerges { .. })
-        ));
+        assert!(matches!(gguf_vocab_to_tokenizer_json(&v), Err(TokenizerConvertError::MissingMerges { .. })));
         v.model = "t5".into();
-        assert!(matches!(
-            gguf_vocab_to_tokenizer_json(&v),
-            Err(TokenizerConvertError::UnsupportedModel { .. })
-        ));
+        assert!(matches!(gguf_vocab_to_tokenizer_json(&v), Err(TokenizerConvertError::UnsupportedModel { .. })));
         let mut v = tiny_gpt2("gpt-2");
         v.eos = Some(99);
-        assert!(matches!(
-            gguf_vocab_to_tokenizer_json(&v),
-            Err(TokenizerConvertError::SpecialOutOfRange { .. })
-        ));
+        assert!(matches!(gguf_vocab_to_tokenizer_json(&v), Err(TokenizerConvertError::SpecialOutOfRange { .. })));
         v.eos = None;
         v.token_types = Some(vec![1]);
-        assert!(matches!(
-            gguf_vocab_to_tokenizer_json(&v),
-            Err(TokenizerConvertError::LengthMismatch { .. })
-        ));
-        let empty = GgufVocab {
-            model: "gpt2".into(),
-            ..Default::default()
-        };
-        assert!(matches!(
-            gguf_vocab_to_tokenizer_json(&empty),
-            Err(TokenizerConvertError::EmptyVocab { .. })
-        ));
+        assert!(matches!(gguf_vocab_to_tokenizer_json(&v), Err(TokenizerConvertError::LengthMismatch { .. })));
+        let empty = GgufVocab { model: "gpt2".into(), ..Default::default() };
+        assert!(matches!(gguf_vocab_to_tokenizer_json(&empty), Err(TokenizerConvertError::EmptyVocab { .. })));
     }
 
     #[test]
     fn spm_merges_follow_scores() {
         let v = GgufVocab {
             model: "llama".into(),
-            tokens: ["<unk>", "<s>", "</s>", "a", "b", "c", "ab", "bc", "abc"]
-                .map(String::from)
-                .to_vec(),
+            tokens: ["<unk>", "<s>", "</s>", "a", "b", "c", "ab", "bc", "abc"].map(String::from).to_vec(),
             scores: Some(vec![0.0, 0.0, 0.0, -1.0, -1.0, -1.0, -3.0, -2.0, -4.0]),
             token_types: Some(vec![2, 3, 3, 1, 1, 1, 1, 1, 1]),
             ..Default::default()
         };
         let doc = gguf_vocab_to_tokenizer_json(&v).unwrap();
-        assert_eq!(
-            doc["model"]["merges"],
-            json!([["b", "c"], ["a", "b"], ["a", "bc"], ["ab", "c"]])
-        );
+        assert_eq!(doc["model"]["merges"], json!([["b", "c"], ["a", "b"], ["a", "bc"], ["ab", "c"]]));
         assert_eq!(doc["model"]["byte_fallback"], true);
-        assert_eq!(
-            doc["post_processor"]["special_tokens"]["<s>"]["ids"],
-            json!([1])
-        );
+        assert_eq!(doc["post_processor"]["special_tokens"]["<s>"]["ids"], json!([1]));
         let cfg = kiln_config_of(&doc).unwrap();
         assert!(cfg.add_bos);
         assert_eq!(cfg.eog_ids, vec![2]);
@@ -1037,9 +881,7 @@ mod tests {
         let out = glassllm_to_tokenizer_json(&doc, "en.tokenizer.json").unwrap();
         assert_eq!(out["model"]["vocab"]["\u{2581}ab"], 8);
         let bad = json!({"version": 1, "alphabet": ["a"], "merges": [["a", "q"]]});
-        let e = glassllm_to_tokenizer_json(&bad, "x.json")
-            .unwrap_err()
-            .to_string();
+        let e = glassllm_to_tokenizer_json(&bad, "x.json").unwrap_err().to_string();
         assert!(e.contains("x.json") && e.contains("merge #0"), "{e}");
     }
 }

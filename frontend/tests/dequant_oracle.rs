@@ -23,15 +23,8 @@ const DEQUANT_TYPES: &[DType] = &[
 ];
 
 /// Dtypes with `<name>.quant.bin` fixtures (gguf-py quantization of `quant_input.f32`).
-const QUANT_TYPES: &[DType] = &[
-    DType::F16,
-    DType::BF16,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q8_0,
-];
+const QUANT_TYPES: &[DType] =
+    &[DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0];
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/dequant")
@@ -45,12 +38,7 @@ fn read(name: &str) -> Vec<u8> {
 fn read_f32(name: &str) -> Vec<f32> {
     let bytes = read(name);
     assert_eq!(bytes.len() % 4, 0, "{name}: not a whole number of f32");
-    bytes
-        .as_chunks::<4>()
-        .0
-        .iter()
-        .map(|c| f32::from_le_bytes(*c))
-        .collect()
+    bytes.as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect()
 }
 
 /// Compares bit patterns; a NaN only has to be matched by a NaN.
@@ -58,17 +46,9 @@ fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let mut mismatches = Vec::new();
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        let same = if w.is_nan() {
-            g.is_nan()
-        } else {
-            g.to_bits() == w.to_bits()
-        };
+        let same = if w.is_nan() { g.is_nan() } else { g.to_bits() == w.to_bits() };
         if !same {
-            mismatches.push(format!(
-                "[{i}] got {g:e} ({:#010x}) want {w:e} ({:#010x})",
-                g.to_bits(),
-                w.to_bits()
-            ));
+            mismatches.push(format!("[{i}] got {g:e} ({:#010x}) want {w:e} ({:#010x})", g.to_bits(), w.to_bits()));
         }
     }
     assert!(
@@ -112,13 +92,7 @@ fn dot_row_agrees_with_the_oracle_values() {
         let want = read_f32(&format!("{dtype}.f32"));
         // Drop non-finite oracle values by zeroing their x (they would poison the sum).
         let x: Vec<f32> = (0..want.len())
-            .map(|i| {
-                if want[i].is_finite() {
-                    ((i * 37 % 101) as f32 - 50.0) / 25.0
-                } else {
-                    0.0
-                }
-            })
+            .map(|i| if want[i].is_finite() { ((i * 37 % 101) as f32 - 50.0) / 25.0 } else { 0.0 })
             .collect();
         let got = dot_row(dtype, &src, &x).unwrap_or_else(|e| panic!("{e}"));
         if want.iter().any(|w| !w.is_finite()) {
@@ -126,20 +100,9 @@ fn dot_row_agrees_with_the_oracle_values() {
             assert!(got.is_nan(), "{dtype}: {got}");
             continue;
         }
-        let reference: f64 = want
-            .iter()
-            .zip(&x)
-            .map(|(w, x)| f64::from(*w) * f64::from(*x))
-            .sum();
-        let scale: f64 = want
-            .iter()
-            .zip(&x)
-            .map(|(w, x)| (f64::from(*w) * f64::from(*x)).abs())
-            .sum();
-        assert!(
-            (f64::from(got) - reference).abs() <= scale * 1e-5,
-            "{dtype}: dot {got} vs reference {reference}"
-        );
+        let reference: f64 = want.iter().zip(&x).map(|(w, x)| f64::from(*w) * f64::from(*x)).sum();
+        let scale: f64 = want.iter().zip(&x).map(|(w, x)| (f64::from(*w) * f64::from(*x)).abs()).sum();
+        assert!((f64::from(got) - reference).abs() <= scale * 1e-5, "{dtype}: dot {got} vs reference {reference}");
     }
 }
 
@@ -151,10 +114,7 @@ fn quantize_matches_gguf_py_bit_for_bit() {
         let mut got = vec![0u8; want.len()];
         quantize_row(dtype, &input, &mut got).unwrap_or_else(|e| panic!("{e}"));
         let bb = dtype.block_bytes() as usize;
-        let first_bad = got
-            .chunks(bb)
-            .zip(want.chunks(bb))
-            .position(|(g, w)| g != w);
+        let first_bad = got.chunks(bb).zip(want.chunks(bb)).position(|(g, w)| g != w);
         assert_eq!(
             first_bad,
             None,

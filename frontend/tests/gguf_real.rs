@@ -18,26 +18,19 @@ fn model_path(env_var: &str, cache_name: &str) -> Option<PathBuf> {
         None => {
             let cache = std::env::var_os("KILN_CACHE")
                 .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln"))
-                })?;
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/kiln")))?;
             cache.join("models").join(cache_name)
         }
     };
     if !path.is_file() {
-        eprintln!(
-            "skipped: {} does not exist (set {env_var} to the model file)",
-            path.display()
-        );
+        eprintln!("skipped: {} does not exist (set {env_var} to the model file)", path.display());
         return None;
     }
     Some(path)
 }
 
 fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/dequant")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/dequant").join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -46,8 +39,7 @@ fn open(path: &Path) -> GgufFile {
 }
 
 fn tensor<'a>(f: &'a GgufFile, name: &str) -> &'a TensorInfo {
-    f.tensor(name)
-        .unwrap_or_else(|| panic!("{}: no tensor {name}", f.path().display()))
+    f.tensor(name).unwrap_or_else(|| panic!("{}: no tensor {name}", f.path().display()))
 }
 
 /// Asserts that `fixture_name` starts with the first bytes of tensor `name`
@@ -65,18 +57,11 @@ fn dequantize_some_rows(f: &GgufFile) {
         let data = f.tensor_data(t);
         assert_eq!(data.len() as u64, t.nbytes, "{}", t.name);
         let row_elems = t.dims[0] as usize;
-        let rb = t
-            .dtype
-            .row_bytes(t.dims[0])
-            .unwrap_or_else(|| panic!("{}", t.name)) as usize;
+        let rb = t.dtype.row_bytes(t.dims[0]).unwrap_or_else(|| panic!("{}", t.name)) as usize;
         let mut out = vec![0.0f32; row_elems];
         for r in data.chunks(rb).take(2) {
             dequantize_row(t.dtype, r, &mut out).unwrap_or_else(|e| panic!("{}: {e}", t.name));
-            assert!(
-                out.iter().all(|v| v.is_finite()),
-                "{}: non-finite weights",
-                t.name
-            );
+            assert!(out.iter().all(|v| v.is_finite()), "{}: non-finite weights", t.name);
         }
     }
 }
@@ -99,46 +84,22 @@ fn smollm2_q4_1_opens_and_dequantizes() {
     assert_eq!(f.get_u64("llama.attention.head_count").ok(), Some(9));
     assert_eq!(f.get_u64("llama.attention.head_count_kv").ok(), Some(3));
     assert!(f.get_f32("llama.attention.layer_norm_rms_epsilon").is_ok());
-    let tokens = f
-        .get_str_array("tokenizer.ggml.tokens")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let tokens = f.get_str_array("tokenizer.ggml.tokens").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(tokens.len(), 49152);
-    let types = f
-        .get_i32_array("tokenizer.ggml.token_type")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let types = f.get_i32_array("tokenizer.ggml.token_type").unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(types.len(), 49152);
     assert_eq!(f.tensors().len(), 272);
-    assert_eq!(
-        (
-            count(&f, DType::Q4_1),
-            count(&f, DType::F32),
-            count(&f, DType::Q8_0)
-        ),
-        (210, 61, 1)
-    );
+    assert_eq!((count(&f, DType::Q4_1), count(&f, DType::F32), count(&f, DType::Q8_0)), (210, 61, 1));
 
     let embd = tensor(&f, "token_embd.weight");
-    assert_eq!(
-        (embd.dtype, embd.dims.as_slice()),
-        (DType::Q8_0, &[576u64, 49152][..])
-    );
-    let row_bytes = DType::Q8_0
-        .row_bytes(576)
-        .unwrap_or_else(|| panic!("row bytes")) as usize;
+    assert_eq!((embd.dtype, embd.dims.as_slice()), (DType::Q8_0, &[576u64, 49152][..]));
+    let row_bytes = DType::Q8_0.row_bytes(576).unwrap_or_else(|| panic!("row bytes")) as usize;
     let mut row = vec![0.0f32; 576];
-    dequantize_row(DType::Q8_0, &f.tensor_data(embd)[..row_bytes], &mut row)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let want: Vec<f32> = fixture("smollm2_token_embd_row0.f32")
-        .as_chunks::<4>()
-        .0
-        .iter()
-        .map(|c| f32::from_le_bytes(*c))
-        .collect();
+    dequantize_row(DType::Q8_0, &f.tensor_data(embd)[..row_bytes], &mut row).unwrap_or_else(|e| panic!("{e}"));
+    let want: Vec<f32> =
+        fixture("smollm2_token_embd_row0.f32").as_chunks::<4>().0.iter().map(|c| f32::from_le_bytes(*c)).collect();
     assert_eq!(want.len(), 576);
-    let same = row
-        .iter()
-        .zip(&want)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
+    let same = row.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
     assert!(same, "token_embd.weight row 0 differs from gguf-py");
 
     assert_fixture_is_prefix_of(&f, "blk.0.attn_q.weight", "q4_1.bin", 16);
@@ -156,8 +117,7 @@ fn qwen25_coder_q4_k_m_opens_and_dequantizes() {
     assert_eq!(f.get_u64("qwen2.block_count").ok(), Some(24));
     assert_eq!(f.get_u64("qwen2.embedding_length").ok(), Some(896));
     assert_eq!(f.tensors().len(), 291);
-    let counts =
-        [DType::Q5_0, DType::F32, DType::Q8_0, DType::Q6K, DType::Q4K].map(|d| count(&f, d));
+    let counts = [DType::Q5_0, DType::F32, DType::Q8_0, DType::Q6K, DType::Q4K].map(|d| count(&f, d));
     assert_eq!(counts, [133, 121, 13, 12, 12]);
     assert_eq!(tensor(&f, "token_embd.weight").dims, [896, 151936]);
 

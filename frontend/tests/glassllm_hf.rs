@@ -23,9 +23,7 @@ fn converted_dir() -> Option<PathBuf> {
         None => {
             let cache = match std::env::var_os("KILN_CACHE") {
                 Some(p) => PathBuf::from(p),
-                None => {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln")
-                }
+                None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/kiln"),
             };
             cache.join("models/glassllm-en-hf")
         }
@@ -49,11 +47,7 @@ fn reference() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 struct W(kiln_frontend::Weights);
@@ -76,51 +70,27 @@ fn glassllm_hf_imports_and_matches_glassllm() {
     assert!(names.contains(&"token_embd.weight") && !names.contains(&"output.weight"));
     assert_eq!(names.len(), 2 + 9 * 4);
     for p in &m.module.params {
-        let want = if p.name.ends_with("norm.weight") {
-            DType::F32
-        } else {
-            DType::F16
-        };
+        let want = if p.name.ends_with("norm.weight") { DType::F32 } else { DType::F16 };
         assert_eq!(p.ty.dtype, want, "{}", p.name);
     }
     let module = Arc::new(kiln_ir::verify(m.module).unwrap());
     let out = module.output.unwrap();
-    assert_eq!(
-        module.value_type(out).shape,
-        vec![Dim::Seq, Dim::Fixed(1024)]
-    );
+    assert_eq!(module.value_type(out).shape, vec![Dim::Seq, Dim::Fixed(1024)]);
 
     let weights: Arc<dyn WeightSource> = Arc::new(W(m.weights));
-    let opts = SessionOptions {
-        max_context: 128,
-        threads: 0,
-    };
+    let opts = SessionOptions { max_context: 128, threads: 0 };
     let r = reference();
     let mut worst = 0.0f32;
     for case in r["cases"].as_array().unwrap() {
         let prompt = ids(&case["ids"]);
-        let want: Vec<f32> = case["last_logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let mut s = ReferenceBackend::new()
-            .prepare(module.clone(), weights.clone(), &opts)
-            .unwrap();
+        let want: Vec<f32> =
+            case["last_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let mut s = ReferenceBackend::new().prepare(module.clone(), weights.clone(), &opts).unwrap();
         let mut logits = s.forward(&prompt, Logits::Last).unwrap();
         assert_eq!(logits.len(), want.len());
-        let diff = logits
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         worst = worst.max(diff);
-        assert!(
-            diff <= LOGIT_TOL,
-            "{:?}: max |logit diff| {diff} > {LOGIT_TOL}",
-            case["prompt"]
-        );
+        assert!(diff <= LOGIT_TOL, "{:?}: max |logit diff| {diff} > {LOGIT_TOL}", case["prompt"]);
 
         let want_greedy = ids(&case["greedy"]);
         let mut greedy = Vec::new();
@@ -128,18 +98,12 @@ fn glassllm_hf_imports_and_matches_glassllm() {
             let next = logits
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 { (i, v) } else { best }
-                })
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
                 .0 as u32;
             greedy.push(next);
             logits = s.forward(&[next], Logits::Last).unwrap();
         }
-        assert_eq!(
-            greedy, want_greedy,
-            "greedy continuation of {:?}",
-            case["prompt"]
-        );
+        assert_eq!(greedy, want_greedy, "greedy continuation of {:?}", case["prompt"]);
     }
     eprintln!("glassllm vs kiln reference interpreter: max |logit diff| = {worst:e}");
 }

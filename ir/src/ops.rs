@@ -89,27 +89,70 @@ pub enum Op {
     /// Graph input: token ids `i32[T]`.
     Tokens,
     /// Gather rows of `table` `[V, D]` at token ids: `[T, D]`.
-    Embed { table: ParamId, ids: ValueId },
+    Embed {
+        table: ParamId,
+        ids: ValueId,
+    },
     /// RMS normalization over groups of `group` elements (0 = the whole row), times `weight`.
-    RmsNorm { x: ValueId, weight: Option<ParamId>, eps: f32, group: u64 },
+    RmsNorm {
+        x: ValueId,
+        weight: Option<ParamId>,
+        eps: f32,
+        group: u64,
+    },
     /// Layer normalization over the row.
-    LayerNorm { x: ValueId, weight: Option<ParamId>, bias: Option<ParamId>, eps: f32 },
+    LayerNorm {
+        x: ValueId,
+        weight: Option<ParamId>,
+        bias: Option<ParamId>,
+        eps: f32,
+    },
     /// `x · wᵀ (+ bias)`, w `[out, in]` in any float or quantized dtype.
-    MatMul { x: ValueId, w: ParamId, bias: Option<ParamId> },
-    Add { a: ValueId, b: ValueId },
-    Mul { a: ValueId, b: ValueId },
-    Scale { x: ValueId, s: f32 },
-    Act { x: ValueId, kind: Activation },
+    MatMul {
+        x: ValueId,
+        w: ParamId,
+        bias: Option<ParamId>,
+    },
+    Add {
+        a: ValueId,
+        b: ValueId,
+    },
+    Mul {
+        a: ValueId,
+        b: ValueId,
+    },
+    Scale {
+        x: ValueId,
+        s: f32,
+    },
+    Act {
+        x: ValueId,
+        kind: Activation,
+    },
     /// `act(gate) * up`: SwiGLU with silu, GeGLU with gelu_tanh.
-    Glu { gate: ValueId, up: ValueId, kind: Activation },
+    Glu {
+        gate: ValueId,
+        up: ValueId,
+        kind: Activation,
+    },
     /// Rotary position embedding per head, at positions pos..pos+T.
-    Rope { x: ValueId, attrs: RopeAttrs },
+    Rope {
+        x: ValueId,
+        attrs: RopeAttrs,
+    },
     /// Softmax over the last dimension.
-    Softmax { x: ValueId },
+    Softmax {
+        x: ValueId,
+    },
     /// Causal grouped-query attention over the KV cache. With `k`/`v` the op
     /// appends them to its cache slot first; without, it reads a slot written
     /// by an earlier attention op (cross-layer KV sharing).
-    Attention { q: ValueId, k: Option<ValueId>, v: Option<ValueId>, attrs: AttentionAttrs },
+    Attention {
+        q: ValueId,
+        k: Option<ValueId>,
+        v: Option<ValueId>,
+        attrs: AttentionAttrs,
+    },
 }
 
 /// A literal or reference in the generic form of an op.
@@ -132,8 +175,19 @@ pub struct OpForm {
 
 /// Every op name, for diagnostics.
 pub const OP_NAMES: &[&str] = &[
-    "tokens", "embed", "rms_norm", "layer_norm", "matmul", "add", "mul", "scale", "act", "glu",
-    "rope", "softmax", "attention",
+    "tokens",
+    "embed",
+    "rms_norm",
+    "layer_norm",
+    "matmul",
+    "add",
+    "mul",
+    "scale",
+    "act",
+    "glu",
+    "rope",
+    "softmax",
+    "attention",
 ];
 
 impl Op {
@@ -193,11 +247,7 @@ impl Op {
     pub fn map_params(&mut self, mut f: impl FnMut(ParamId) -> ParamId) {
         match self {
             Op::Embed { table, .. } => *table = f(*table),
-            Op::RmsNorm { weight, .. } => {
-                if let Some(w) = weight {
-                    *w = f(*w);
-                }
-            }
+            Op::RmsNorm { weight: Some(w), .. } => *w = f(*w),
             Op::LayerNorm { weight, bias, .. } => {
                 for p in weight.iter_mut().chain(bias.iter_mut()) {
                     *p = f(*p);
@@ -280,9 +330,7 @@ impl Op {
             Op::Add { a, b } | Op::Mul { a, b } => (vec![Value(*a), Value(*b)], vec![]),
             Op::Scale { x, s } => (vec![Value(*x)], vec![("s", Float(*s))]),
             Op::Act { x, kind } => (vec![Value(*x)], vec![("kind", Ident(kind.name().into()))]),
-            Op::Glu { gate, up, kind } => {
-                (vec![Value(*gate), Value(*up)], vec![("kind", Ident(kind.name().into()))])
-            }
+            Op::Glu { gate, up, kind } => (vec![Value(*gate), Value(*up)], vec![("kind", Ident(kind.name().into()))]),
             Op::Rope { x, attrs } => (
                 vec![Value(*x)],
                 vec![
@@ -535,8 +583,7 @@ impl Op {
             Op::MatMul { x, w, bias } => {
                 let n_in = act_row(vt(*x)?, "matmul input")?;
                 let wt = pt(*w)?;
-                let Some([out, k]) = wt.fixed_dims().as_deref().map(|d| <[u64; 2]>::try_from(d).ok()).flatten()
-                else {
+                let Some([out, k]) = wt.fixed_dims().as_deref().and_then(|d| <[u64; 2]>::try_from(d).ok()) else {
                     return Err(format!("matmul weight @{} must be 2-D [out, in], found {wt}", env.param_name(*w)));
                 };
                 if k != n_in {
@@ -587,10 +634,7 @@ impl Op {
                     return Err(format!("rope head_dim {} does not divide row length {n}", attrs.head_dim));
                 }
                 if attrs.rot_dims == 0 || attrs.rot_dims > attrs.head_dim || attrs.rot_dims % 2 != 0 {
-                    return Err(format!(
-                        "rope rot_dims {} must be even and in 1..={}",
-                        attrs.rot_dims, attrs.head_dim
-                    ));
+                    return Err(format!("rope rot_dims {} must be even and in 1..={}", attrs.rot_dims, attrs.head_dim));
                 }
                 if !(attrs.theta > 0.0 && attrs.theta.is_finite()) {
                     return Err(format!("rope theta {} must be positive", attrs.theta));
@@ -606,7 +650,10 @@ impl Op {
                     ));
                 }
                 if nq != heads * head_dim {
-                    return Err(format!("attention q has {nq} columns, expected heads×head_dim = {}", heads * head_dim));
+                    return Err(format!(
+                        "attention q has {nq} columns, expected heads×head_dim = {}",
+                        heads * head_dim
+                    ));
                 }
                 match (k, v) {
                     (Some(k), Some(v)) => {

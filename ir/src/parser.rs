@@ -252,19 +252,22 @@ impl<'a> Parser<'a> {
         self.c.skip_inline();
         let (line, col) = (self.c.line, self.c.col);
         let name = self.c.param_name()?;
-        self.module
-            .param_by_name(&name)
-            .ok_or(IrError::Parse { line, col, msg: format!("undeclared parameter @{name}") })
+        self.module.param_by_name(&name).ok_or(IrError::Parse {
+            line,
+            col,
+            msg: format!("undeclared parameter @{name}"),
+        })
     }
 
     fn value_ref(&mut self) -> IrResult<ValueId> {
         self.c.skip_inline();
         let (line, col) = (self.c.line, self.c.col);
         let name = self.c.value_name()?;
-        self.values
-            .get(name)
-            .copied()
-            .ok_or(IrError::Parse { line, col, msg: format!("value %{name} is used before it is defined") })
+        self.values.get(name).copied().ok_or(IrError::Parse {
+            line,
+            col,
+            msg: format!("value %{name} is used before it is defined"),
+        })
     }
 
     fn arg(&mut self) -> IrResult<Arg> {
@@ -354,8 +357,7 @@ impl<'a> Parser<'a> {
                 }
             }
         }
-        let op = Op::from_form(opname, pos, kw)
-            .map_err(|msg| IrError::Parse { line: oline, col: ocol, msg })?;
+        let op = Op::from_form(opname, pos, kw).map_err(|msg| IrError::Parse { line: oline, col: ocol, msg })?;
         self.c.expect(':')?;
         let ty = self.ty()?;
         self.c.end_line()?;
@@ -397,11 +399,7 @@ impl<'a> Parser<'a> {
                         return Err(IrError::Parse { line, col, msg: "meta after the first instruction".into() });
                     }
                     self.c.skip_inline();
-                    let key = if self.c.peek() == Some('"') {
-                        self.c.string()?
-                    } else {
-                        self.c.word()?.to_string()
-                    };
+                    let key = if self.c.peek() == Some('"') { self.c.string()? } else { self.c.word()?.to_string() };
                     self.c.expect('=')?;
                     let v = self.meta_value()?;
                     if self.module.meta.insert(key.clone(), v).is_some() {
@@ -444,10 +442,6 @@ impl<'a> Parser<'a> {
 
 /// Parses textual IR. Types are taken as written; run the verifier to check them.
 pub fn parse(src: &str) -> IrResult<Module> {
-    let p = Parser {
-        c: Cursor { src, pos: 0, line: 1, col: 1 },
-        module: Module::default(),
-        values: HashMap::new(),
-    };
+    let p = Parser { c: Cursor { src, pos: 0, line: 1, col: 1 }, module: Module::default(), values: HashMap::new() };
     p.run()
 }

@@ -111,10 +111,7 @@ pub fn check(m: &Module) -> IrResult<()> {
                         None => {
                             return fail(
                                 at,
-                                format!(
-                                    "reads KV-cache slot {} but no earlier attention writes it",
-                                    attrs.cache
-                                ),
+                                format!("reads KV-cache slot {} but no earlier attention writes it", attrs.cache),
                             );
                         }
                         Some((w, kvh, hd)) if (*kvh, *hd) != (attrs.kv_heads, attrs.head_dim) => {

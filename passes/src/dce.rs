@@ -39,11 +39,11 @@ impl Pass for DeadCode {
             for v in m.insts[i].op.values() {
                 live[v.index()] = true;
             }
-            if let Op::Attention { k: None, attrs, .. } = &m.insts[i].op {
-                if let Some(wi) = writer_of(attrs.cache, m) {
-                    // The writer precedes i (verified), so the reverse walk still reaches it.
-                    live[wi] = true;
-                }
+            if let Op::Attention { k: None, attrs, .. } = &m.insts[i].op
+                && let Some(wi) = writer_of(attrs.cache, m)
+            {
+                // The writer precedes i (verified), so the reverse walk still reaches it.
+                live[wi] = true;
             }
         }
         let mut remap = vec![None; n];
@@ -87,7 +87,9 @@ impl Pass for DeadCode {
         }
         Ok(PassReport {
             pass: "dce".into(),
-            summary: format!("removed {removed_insts} instructions and {removed_params} parameters ({bytes_removed} bytes)"),
+            summary: format!(
+                "removed {removed_insts} instructions and {removed_params} parameters ({bytes_removed} bytes)"
+            ),
             details: json!({"instructions_removed": removed_insts, "params_removed": removed_params, "bytes_removed": bytes_removed}),
         })
     }

@@ -33,7 +33,9 @@ pub fn layout(module: &Module) -> RuntimeResult<(Vec<(u64, u64)>, u64)> {
     let mut ranges = Vec::with_capacity(module.params.len());
     let mut end = 0u64;
     for p in &module.params {
-        let n = p.ty.storage_bytes().ok_or_else(|| RuntimeError::Invalid(format!("param @{} has no fixed size", p.name)))?;
+        let n =
+            p.ty.storage_bytes()
+                .ok_or_else(|| RuntimeError::Invalid(format!("param @{} has no fixed size", p.name)))?;
         let start = end.div_ceil(ALIGN) * ALIGN;
         ranges.push((start, n));
         end = start + n;
@@ -224,7 +226,10 @@ pub fn open_build(dir: &Path) -> RuntimeResult<OpenedBuild> {
     }
     let version = manifest.get("format_version").and_then(Value::as_u64);
     if version != Some(FORMAT_VERSION) {
-        return Err(RuntimeError::bad(&mpath, format!("unsupported build format version {version:?}, this kiln reads {FORMAT_VERSION}")));
+        return Err(RuntimeError::bad(
+            &mpath,
+            format!("unsupported build format version {version:?}, this kiln reads {FORMAT_VERSION}"),
+        ));
     }
     let files = manifest
         .get("files")
@@ -245,11 +250,17 @@ pub fn open_build(dir: &Path) -> RuntimeResult<OpenedBuild> {
         let path = dir.join(rel);
         let len = fs::metadata(&path).map_err(|e| RuntimeError::io(&path, e))?.len();
         if len != bytes {
-            return Err(RuntimeError::bad(&path, format!("size is {len} bytes, the manifest says {bytes}: truncated or modified build")));
+            return Err(RuntimeError::bad(
+                &path,
+                format!("size is {len} bytes, the manifest says {bytes}: truncated or modified build"),
+            ));
         }
         let got = sha256_file(&path)?;
         if got != want {
-            return Err(RuntimeError::bad(&path, format!("sha256 mismatch (manifest {want}, file {got}): the build was modified")));
+            return Err(RuntimeError::bad(
+                &path,
+                format!("sha256 mismatch (manifest {want}, file {got}): the build was modified"),
+            ));
         }
         listed.push(rel.to_string());
     }
@@ -260,9 +271,8 @@ pub fn open_build(dir: &Path) -> RuntimeResult<OpenedBuild> {
     }
     let ir_path = dir.join(IR_FILE);
     let ir = fs::read_to_string(&ir_path).map_err(|e| RuntimeError::io(&ir_path, e))?;
-    let module = kiln_ir::parse(&ir)
-        .and_then(kiln_ir::verify)
-        .map_err(|e| RuntimeError::bad(&ir_path, e.to_string()))?;
+    let module =
+        kiln_ir::parse(&ir).and_then(kiln_ir::verify).map_err(|e| RuntimeError::bad(&ir_path, e.to_string()))?;
     let (ranges, total) = layout(&module)?;
     let wpath = dir.join(WEIGHTS_FILE);
     let wf = File::open(&wpath).map_err(|e| RuntimeError::io(&wpath, e))?;

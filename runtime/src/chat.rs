@@ -20,10 +20,7 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and content.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -89,10 +86,7 @@ fn describe(err: &JinjaError) -> String {
 }
 
 fn raise_exception(message: String) -> Result<Value, JinjaError> {
-    Err(JinjaError::new(
-        ErrorKind::InvalidOperation,
-        format!("{RAISED_PREFIX}{message}"),
-    ))
+    Err(JinjaError::new(ErrorKind::InvalidOperation, format!("{RAISED_PREFIX}{message}")))
 }
 
 impl ChatTemplate {
@@ -110,32 +104,17 @@ impl ChatTemplate {
             .lstrip_blocks(true)
             .keep_trailing_newline(false)
             .build()
-            .map_err(|e| ChatError::Syntax {
-                origin: origin.clone(),
-                detail: describe(&e),
-            })?;
+            .map_err(|e| ChatError::Syntax { origin: origin.clone(), detail: describe(&e) })?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| ChatError::Syntax {
-                origin: origin.clone(),
-                detail: describe(&e),
-            })?;
-        Ok(Self {
-            env,
-            origin,
-            bos_token: bos_token.into(),
-            eos_token: eos_token.into(),
-        })
+            .map_err(|e| ChatError::Syntax { origin: origin.clone(), detail: describe(&e) })?;
+        Ok(Self { env, origin, bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 
     /// Renders the conversation; `add_generation_prompt` appends the assistant turn opener.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, ChatError> {
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, ChatError> {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -154,34 +133,19 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|e| ChatError::Render {
-                origin: self.origin.clone(),
-                detail: describe(&e),
-            })?;
+            .map_err(|e| ChatError::Render { origin: self.origin.clone(), detail: describe(&e) })?;
         template.render(ctx).map_err(|e| {
-            let raised = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                .find_map(|e| {
-                    let text = e.to_string();
-                    text.find(RAISED_PREFIX)
-                        .map(|p| text[p + RAISED_PREFIX.len()..].to_string())
-                });
+            let raised = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source()).find_map(|e| {
+                let text = e.to_string();
+                text.find(RAISED_PREFIX).map(|p| text[p + RAISED_PREFIX.len()..].to_string())
+            });
             match raised {
                 Some(message) => {
                     // Drop minijinja's trailing location suffix, keep the template's words.
-                    let message = message
-                        .split(" (in ")
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    ChatError::Raised {
-                        origin: self.origin.clone(),
-                        message,
-                    }
+                    let message = message.split(" (in ").next().unwrap_or_default().to_string();
+                    ChatError::Raised { origin: self.origin.clone(), message }
                 }
-                None => ChatError::Render {
-                    origin: self.origin.clone(),
-                    detail: describe(&e),
-                },
+                None => ChatError::Render { origin: self.origin.clone(), detail: describe(&e) },
             }
         })
     }
@@ -216,21 +180,13 @@ mod tests {
             "</s>",
         )
         .unwrap();
-        let out = t
-            .render(&[ChatMessage::new("user", "  hi  ")], true)
-            .unwrap();
+        let out = t.render(&[ChatMessage::new("user", "  hi  ")], true).unwrap();
         assert_eq!(out, "<s>USER:hi\nA:");
     }
 
     #[test]
     fn raise_exception_is_a_clean_error() {
-        let t = ChatTemplate::new(
-            "{{ raise_exception('roles must alternate') }}",
-            "inline",
-            "",
-            "",
-        )
-        .unwrap();
+        let t = ChatTemplate::new("{{ raise_exception('roles must alternate') }}", "inline", "", "").unwrap();
         match t.render(&[], true) {
             Err(ChatError::Raised { message, origin }) => {
                 assert_eq!(message, "roles must alternate");
@@ -242,17 +198,12 @@ mod tests {
 
     #[test]
     fn syntax_and_render_errors_name_origin() {
-        let e = ChatTemplate::new("{% for %}", "model.gguf", "", "")
-            .unwrap_err()
-            .to_string();
+        let e = ChatTemplate::new("{% for %}", "model.gguf", "", "").unwrap_err().to_string();
         assert!(e.contains("model.gguf") && e.contains("compile"), "{e}");
         let t = ChatTemplate::new("{% include 'x.html' %}", "model.gguf", "", "").unwrap();
         let e = t.render(&[], true).unwrap_err().to_string();
         assert!(e.contains("model.gguf"), "{e}");
         let t = ChatTemplate::new("{{ messages[0].content + 1 }}", "m", "", "").unwrap();
-        assert!(matches!(
-            t.render(&[ChatMessage::new("u", "x")], true),
-            Err(ChatError::Render { .. })
-        ));
+        assert!(matches!(t.render(&[ChatMessage::new("u", "x")], true), Err(ChatError::Render { .. })));
     }
 }

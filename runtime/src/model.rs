@@ -75,7 +75,8 @@ impl Model {
         let module = kiln_ir::verify(imported.module)
             .map_err(|e| RuntimeError::bad(path, format!("imported module failed verification: {e}")))?;
         let tokenizer = Tokenizer::from_bytes(imported.tokenizer_json.as_bytes(), &path.display().to_string())?;
-        let chat = chat_template(&tokenizer, imported.chat_template.as_deref(), format!("{}: chat template", path.display()))?;
+        let chat =
+            chat_template(&tokenizer, imported.chat_template.as_deref(), format!("{}: chat template", path.display()))?;
         Ok(Model {
             path: path.to_path_buf(),
             module: Arc::new(module),

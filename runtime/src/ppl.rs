@@ -64,15 +64,19 @@ pub fn perplexity(
     for c in 0..chunks {
         let start = c * ctx;
         let mut batch = tokens[start..start + ctx].to_vec();
-        if model.tokenizer.adds_bos() {
-            if let Some(bos) = model.tokenizer.bos_id() {
-                batch[0] = bos;
-            }
+        if model.tokenizer.adds_bos()
+            && let Some(bos) = model.tokenizer.bos_id()
+        {
+            batch[0] = bos;
         }
         session.truncate(0);
         let logits = session.forward(&batch, Logits::All)?;
         if logits.len() != ctx * vocab {
-            return Err(RuntimeError::Invalid(format!("backend returned {} logits, expected {}", logits.len(), ctx * vocab)));
+            return Err(RuntimeError::Invalid(format!(
+                "backend returned {} logits, expected {}",
+                logits.len(),
+                ctx * vocab
+            )));
         }
         for j in first..ctx - 1 {
             let row = &logits[j * vocab..(j + 1) * vocab];

@@ -45,13 +45,7 @@ pub struct SamplerConfig {
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
     }
 }
 
@@ -63,11 +57,7 @@ impl SamplerConfig {
 
     /// Checks that every setting is in range.
     pub fn validate(&self) -> Result<(), SamplingError> {
-        let bad = |name, value: f32, expected| SamplingError::BadSetting {
-            name,
-            value: value as f64,
-            expected,
-        };
+        let bad = |name, value: f32, expected| SamplingError::BadSetting { name, value: value as f64, expected };
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(bad("temperature", self.temperature, "a finite number >= 0"));
         }
@@ -75,11 +65,7 @@ impl SamplerConfig {
             return Err(bad("top_p", self.top_p, "in (0, 1]"));
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return Err(bad(
-                "repetition_penalty",
-                self.repetition_penalty,
-                "a finite number > 0",
-            ));
+            return Err(bad("repetition_penalty", self.repetition_penalty, "a finite number > 0"));
         }
         Ok(())
     }
@@ -102,9 +88,7 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Self {
-            s: [next(), next(), next(), next()],
-        }
+        Self { s: [next(), next(), next(), next()] }
     }
 
     /// The next 64 random bits.
@@ -151,18 +135,12 @@ impl Sampler {
     /// A sampler with validated settings.
     pub fn new(config: SamplerConfig) -> Result<Self, SamplingError> {
         config.validate()?;
-        Ok(Self {
-            config,
-            rng: Rng::new(config.seed),
-        })
+        Ok(Self { config, rng: Rng::new(config.seed) })
     }
 
     /// A greedy sampler.
     pub fn greedy() -> Self {
-        Self {
-            config: SamplerConfig::greedy(),
-            rng: Rng::new(0),
-        }
+        Self { config: SamplerConfig::greedy(), rng: Rng::new(0) }
     }
 
     /// The settings.
@@ -255,13 +233,7 @@ mod tests {
     use super::*;
 
     fn cfg(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplerConfig {
-        SamplerConfig {
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty: 1.0,
-            seed,
-        }
+        SamplerConfig { temperature, top_k, top_p, repetition_penalty: 1.0, seed }
     }
 
     #[test]
@@ -271,23 +243,14 @@ mod tests {
         assert_eq!(argmax(&[]), None);
         let mut s = Sampler::greedy();
         assert_eq!(s.sample(&[0.5, 2.0, 2.0], &[]).unwrap(), 1);
-        assert_eq!(
-            s.sample(&[f32::NAN], &[]),
-            Err(SamplingError::NoCandidates { len: 1 })
-        );
+        assert_eq!(s.sample(&[f32::NAN], &[]), Err(SamplingError::NoCandidates { len: 1 }));
     }
 
     #[test]
     fn rng_is_reproducible() {
-        let a: Vec<u64> = (0..4)
-            .scan(Rng::new(42), |r, _| Some(r.next_u64()))
-            .collect();
-        let b: Vec<u64> = (0..4)
-            .scan(Rng::new(42), |r, _| Some(r.next_u64()))
-            .collect();
-        let c: Vec<u64> = (0..4)
-            .scan(Rng::new(43), |r, _| Some(r.next_u64()))
-            .collect();
+        let a: Vec<u64> = (0..4).scan(Rng::new(42), |r, _| Some(r.next_u64())).collect();
+        let b: Vec<u64> = (0..4).scan(Rng::new(42), |r, _| Some(r.next_u64())).collect();
+        let c: Vec<u64> = (0..4).scan(Rng::new(43), |r, _| Some(r.next_u64())).collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
         let mut r = Rng::new(7);
@@ -302,9 +265,7 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let run = |seed| {
             let mut s = Sampler::new(cfg(0.8, 20, 0.9, seed)).unwrap();
-            (0..32)
-                .map(|_| s.sample(&logits, &[]).unwrap())
-                .collect::<Vec<_>>()
+            (0..32).map(|_| s.sample(&logits, &[]).unwrap()).collect::<Vec<_>>()
         };
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));
@@ -336,9 +297,7 @@ mod tests {
         let logits = [0.0f32, 3.0f32.ln()];
         let mut s = Sampler::new(cfg(1.0, 0, 1.0, 11)).unwrap();
         let n = 20_000;
-        let ones = (0..n)
-            .filter(|_| s.sample(&logits, &[]).unwrap() == 1)
-            .count();
+        let ones = (0..n).filter(|_| s.sample(&logits, &[]).unwrap() == 1).count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.75).abs() < 0.02, "{frac}");
     }
@@ -346,11 +305,7 @@ mod tests {
     #[test]
     fn repetition_penalty_discourages_history() {
         let logits = [2.0, 1.9, -1.0];
-        let mut s = Sampler::new(SamplerConfig {
-            repetition_penalty: 1.5,
-            ..SamplerConfig::greedy()
-        })
-        .unwrap();
+        let mut s = Sampler::new(SamplerConfig { repetition_penalty: 1.5, ..SamplerConfig::greedy() }).unwrap();
         assert_eq!(s.sample(&logits, &[]).unwrap(), 0);
         assert_eq!(s.sample(&logits, &[0, 0, 99]).unwrap(), 1);
         // Negative logits are pushed further down.
@@ -363,16 +318,9 @@ mod tests {
         assert!(Sampler::new(cfg(f32::NAN, 0, 1.0, 0)).is_err());
         assert!(Sampler::new(cfg(1.0, 0, 0.0, 0)).is_err());
         assert!(Sampler::new(cfg(1.0, 0, 1.5, 0)).is_err());
-        let e = Sampler::new(SamplerConfig {
-            repetition_penalty: 0.0,
-            ..Default::default()
-        })
-        .unwrap_err();
+        let e = Sampler::new(SamplerConfig { repetition_penalty: 0.0, ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("repetition_penalty"));
         let mut s = Sampler::new(cfg(1.0, 0, 1.0, 0)).unwrap();
-        assert_eq!(
-            s.sample(&[], &[]),
-            Err(SamplingError::NoCandidates { len: 0 })
-        );
+        assert_eq!(s.sample(&[], &[]), Err(SamplingError::NoCandidates { len: 0 }));
     }
 }

@@ -84,57 +84,36 @@ impl Tokenizer {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenizerError> {
         let path = path.as_ref();
         let origin = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io {
-            origin: origin.clone(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io { origin: origin.clone(), source })?;
         Self::from_bytes(&bytes, &origin)
     }
 
     /// Parses a `tokenizer.json` document or a glassllm tokenizer file; `origin` names it in errors.
     pub fn from_bytes(bytes: &[u8], origin: &str) -> Result<Self, TokenizerError> {
-        let doc: Value = serde_json::from_slice(bytes).map_err(|e| TokenizerError::Json {
-            origin: origin.to_string(),
-            detail: e.to_string(),
-        })?;
+        let doc: Value = serde_json::from_slice(bytes)
+            .map_err(|e| TokenizerError::Json { origin: origin.to_string(), detail: e.to_string() })?;
         Self::from_value(doc, origin)
     }
 
     /// Converts a GGUF vocabulary and loads the result.
     pub fn from_gguf_vocab(vocab: &GgufVocab) -> Result<Self, TokenizerError> {
         let doc = gguf_vocab_to_tokenizer_json(vocab)?;
-        let origin = if vocab.origin.is_empty() {
-            "GGUF vocabulary"
-        } else {
-            vocab.origin.as_str()
-        };
+        let origin = if vocab.origin.is_empty() { "GGUF vocabulary" } else { vocab.origin.as_str() };
         Self::from_value(doc, origin)
     }
 
     /// Loads a parsed document (Hugging Face `tokenizer.json` or glassllm file).
     pub fn from_value(doc: Value, origin: &str) -> Result<Self, TokenizerError> {
-        let doc = if is_glassllm_tokenizer(&doc) {
-            glassllm_to_tokenizer_json(&doc, origin)?
-        } else {
-            doc
-        };
-        let stored: Option<KilnTokenizerConfig> = doc
-            .get(KILN_CONFIG_KEY)
-            .and_then(|v| serde_json::from_value(v.clone()).ok());
-        let inner: tokenizers::Tokenizer =
-            serde_json::from_value(doc.clone()).map_err(|e| TokenizerError::Load {
-                origin: origin.to_string(),
-                detail: e.to_string(),
-            })?;
+        let doc = if is_glassllm_tokenizer(&doc) { glassllm_to_tokenizer_json(&doc, origin)? } else { doc };
+        let stored: Option<KilnTokenizerConfig> =
+            doc.get(KILN_CONFIG_KEY).and_then(|v| serde_json::from_value(v.clone()).ok());
+        let inner: tokenizers::Tokenizer = serde_json::from_value(doc.clone())
+            .map_err(|e| TokenizerError::Load { origin: origin.to_string(), detail: e.to_string() })?;
         let config = match stored {
             Some(c) => c,
             None => infer_config(&inner, &doc),
         };
-        Ok(Self {
-            inner,
-            config,
-            origin: origin.to_string(),
-        })
+        Ok(Self { inner, config, origin: origin.to_string() })
     }
 
     /// Replaces the kiln settings (e.g. with BOS/EOS from a Hugging Face `tokenizer_config.json`).
@@ -150,10 +129,7 @@ impl Tokenizer {
         let enc = self
             .inner
             .encode(text, add_special)
-            .map_err(|e| TokenizerError::Encode {
-                origin: self.origin.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| TokenizerError::Encode { origin: self.origin.clone(), detail: e.to_string() })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -166,10 +142,7 @@ impl Tokenizer {
     pub fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, skip_special)
-            .map_err(|e| TokenizerError::Decode {
-                origin: self.origin.clone(),
-                detail: e.to_string(),
-            })
+            .map_err(|e| TokenizerError::Decode { origin: self.origin.clone(), detail: e.to_string() })
     }
 
     /// The beginning-of-sequence token, if the model has one.
@@ -243,9 +216,7 @@ fn infer_config(inner: &tokenizers::Tokenizer, doc: &Value) -> KilnTokenizerConf
             if piece.get("Sequence").is_some() {
                 seen_seq = true;
             } else if let Some(name) = piece["SpecialToken"]["id"].as_str() {
-                let id = post["special_tokens"][name]["ids"][0]
-                    .as_u64()
-                    .map(|v| v as u32);
+                let id = post["special_tokens"][name]["ids"][0].as_u64().map(|v| v as u32);
                 post_ids.push((seen_seq, id));
             }
         }
@@ -259,21 +230,14 @@ fn infer_config(inner: &tokenizers::Tokenizer, doc: &Value) -> KilnTokenizerConf
     }
     let add_bos = bos_id.is_some();
     let add_eos = eos_id.is_some();
-    let mut eog: Vec<u32> = EOG_TOKEN_TEXTS
-        .iter()
-        .filter_map(|t| inner.token_to_id(t))
-        .collect();
+    let mut eog: Vec<u32> = EOG_TOKEN_TEXTS.iter().filter_map(|t| inner.token_to_id(t)).collect();
     if bos_id.is_none() {
-        bos_id = ["<s>", "<bos>", "<|begin_of_text|>"]
-            .iter()
-            .find_map(|t| inner.token_to_id(t));
+        bos_id = ["<s>", "<bos>", "<|begin_of_text|>"].iter().find_map(|t| inner.token_to_id(t));
     }
     if let Some(e) = eos_id {
         eog.push(e);
     } else {
-        eos_id = ["</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>"]
-            .iter()
-            .find_map(|t| inner.token_to_id(t));
+        eos_id = ["</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>"].iter().find_map(|t| inner.token_to_id(t));
     }
     eog.extend(eos_id);
     eog.sort_unstable();
@@ -320,13 +284,7 @@ impl<'a> TokenStream<'a> {
     /// context is emitted.
     pub fn with_context(tokenizer: &'a Tokenizer, context: &[u32]) -> Self {
         let tail = &context[context.len().saturating_sub(MAX_PENDING)..];
-        Self {
-            tokenizer,
-            ids: tail.to_vec(),
-            prefix_offset: 0,
-            read_offset: tail.len(),
-            skip_special: true,
-        }
+        Self { tokenizer, ids: tail.to_vec(), prefix_offset: 0, read_offset: tail.len(), skip_special: true }
     }
 
     /// Whether special tokens are left out of the text (default: true).
@@ -430,10 +388,7 @@ mod tests {
         assert_eq!(tok.encode("hi", false).unwrap(), vec![base as u32 + 4]);
         // "€" is not in the vocabulary: three byte tokens (E2 82 AC).
         let ids = tok.encode("hi €", false).unwrap();
-        assert_eq!(
-            ids,
-            vec![base as u32 + 4, base as u32, 3 + 0xE2, 3 + 0x82, 3 + 0xAC]
-        );
+        assert_eq!(ids, vec![base as u32 + 4, base as u32, 3 + 0xE2, 3 + 0x82, 3 + 0xAC]);
         assert_eq!(tok.decode(&ids).unwrap(), "hi €");
         // Streaming holds back the split character.
         let mut s = tok.stream();
@@ -501,26 +456,18 @@ mod tests {
             };
             let tok = Tokenizer::from_gguf_vocab(&v).unwrap_or_else(|e| panic!("{pre}: {e}"));
             let text = "Hello, World! It's 12345 — naïve 你好\n\n  x";
-            let ids = tok
-                .encode(text, false)
-                .unwrap_or_else(|e| panic!("{pre}: {e}"));
+            let ids = tok.encode(text, false).unwrap_or_else(|e| panic!("{pre}: {e}"));
             assert_eq!(tok.decode(&ids).unwrap(), text, "{pre}");
         }
     }
 
     #[test]
     fn bad_documents_are_errors() {
-        let e = Tokenizer::from_bytes(b"{not json", "x.json")
-            .unwrap_err()
-            .to_string();
+        let e = Tokenizer::from_bytes(b"{not json", "x.json").unwrap_err().to_string();
         assert!(e.contains("x.json"), "{e}");
-        let e = Tokenizer::from_bytes(br#"{"model": {"type": "Nope"}}"#, "y.json")
-            .unwrap_err()
-            .to_string();
+        let e = Tokenizer::from_bytes(br#"{"model": {"type": "Nope"}}"#, "y.json").unwrap_err().to_string();
         assert!(e.contains("y.json"), "{e}");
-        let e = Tokenizer::from_file("/nonexistent/tokenizer.json")
-            .unwrap_err()
-            .to_string();
+        let e = Tokenizer::from_file("/nonexistent/tokenizer.json").unwrap_err().to_string();
         assert!(e.contains("/nonexistent/tokenizer.json"), "{e}");
     }
 

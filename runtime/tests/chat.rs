@@ -19,21 +19,15 @@ fn messages(v: &Value) -> Vec<ChatMessage> {
 
 #[test]
 fn templates_match_python_jinja2() {
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("chat_expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("chat_expected.json")).unwrap()).unwrap();
     let mut checked = 0;
     for case in expected["cases"].as_array().unwrap() {
         let file = case["template"].as_str().unwrap();
         let source = std::fs::read_to_string(fixtures().join(file)).unwrap();
-        let tpl = ChatTemplate::new(
-            &source,
-            file,
-            case["bos_token"].as_str().unwrap(),
-            case["eos_token"].as_str().unwrap(),
-        )
-        .unwrap();
+        let tpl =
+            ChatTemplate::new(&source, file, case["bos_token"].as_str().unwrap(), case["eos_token"].as_str().unwrap())
+                .unwrap();
         let conv = case["conversation"].as_str().unwrap();
         let msgs = messages(&expected["conversations"][conv]);
         let agp = case["add_generation_prompt"].as_bool().unwrap();

@@ -28,16 +28,10 @@ fn read_gguf_vocab(path: &Path) -> GgufTok {
         origin: path.display().to_string(),
         model: s("tokenizer.ggml.model").unwrap_or_default(),
         pre: s("tokenizer.ggml.pre"),
-        tokens: g
-            .get_str_array("tokenizer.ggml.tokens")
-            .map(<[String]>::to_vec)
-            .unwrap_or_default(),
+        tokens: g.get_str_array("tokenizer.ggml.tokens").map(<[String]>::to_vec).unwrap_or_default(),
         scores: g.get_f32_array("tokenizer.ggml.scores").ok(),
         token_types: g.get_i32_array("tokenizer.ggml.token_type").ok(),
-        merges: g
-            .get_str_array("tokenizer.ggml.merges")
-            .ok()
-            .map(<[String]>::to_vec),
+        merges: g.get_str_array("tokenizer.ggml.merges").ok().map(<[String]>::to_vec),
         bos: id("tokenizer.ggml.bos_token_id"),
         eos: id("tokenizer.ggml.eos_token_id"),
         eot: id("tokenizer.ggml.eot_token_id"),
@@ -48,10 +42,7 @@ fn read_gguf_vocab(path: &Path) -> GgufTok {
         add_eos: b("tokenizer.ggml.add_eos_token"),
         add_space_prefix: b("tokenizer.ggml.add_space_prefix"),
     };
-    GgufTok {
-        vocab,
-        chat_template: s("tokenizer.chat_template"),
-    }
+    GgufTok { vocab, chat_template: s("tokenizer.chat_template") }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -62,9 +53,7 @@ fn kiln_cache() -> PathBuf {
     if let Some(p) = std::env::var_os("KILN_CACHE") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/kiln")
 }
 
@@ -83,9 +72,7 @@ fn check_case(tok: &Tokenizer, text: &str, expected: &[u32], add_special: bool) 
         Err(e) => return Some(format!("{text:?}: encode error {e}")),
     };
     if got != expected {
-        return Some(format!(
-            "{text:?}:\n    expected {expected:?}\n    got      {got:?}"
-        ));
+        return Some(format!("{text:?}:\n    expected {expected:?}\n    got      {got:?}"));
     }
     None
 }
@@ -107,14 +94,9 @@ fn check_stream(tok: &Tokenizer, ids: &[u32]) {
 // ---------------------------------------------------------------------------------------------
 
 fn vocab_suite_dir() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("KILN_LLAMA_VOCAB_DIR").map(PathBuf::from),
-        Some(kiln_cache().join("llama.cpp/src/models")),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.join("ggml-vocab-gpt-2.gguf.inp").exists())
+    let candidates =
+        [std::env::var_os("KILN_LLAMA_VOCAB_DIR").map(PathBuf::from), Some(kiln_cache().join("llama.cpp/src/models"))];
+    candidates.into_iter().flatten().find(|p| p.join("ggml-vocab-gpt-2.gguf.inp").exists())
 }
 
 fn parse_suite(dir: &Path, name: &str) -> Vec<(String, Vec<u32>)> {
@@ -135,10 +117,7 @@ fn parse_suite(dir: &Path, name: &str) -> Vec<(String, Vec<u32>)> {
             }
         }
     }
-    let ids: Vec<Vec<u32>> = out
-        .lines()
-        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
-        .collect();
+    let ids: Vec<Vec<u32>> = out.lines().map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect()).collect();
     assert_eq!(texts.len(), ids.len(), "{name}: .inp and .out disagree");
     texts.into_iter().zip(ids).collect()
 }
@@ -175,11 +154,7 @@ fn llama_cpp_vocab_suite() {
         .unwrap()
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .filter_map(|n| {
-            n.strip_prefix("ggml-vocab-")?
-                .strip_suffix(".gguf.out")
-                .map(str::to_string)
-        })
+        .filter_map(|n| n.strip_prefix("ggml-vocab-")?.strip_suffix(".gguf.out").map(str::to_string))
         .collect();
     names.sort();
     let mut failures = Vec::new();
@@ -197,10 +172,8 @@ fn llama_cpp_vocab_suite() {
             }
         };
         let cases = parse_suite(&dir, name);
-        let mismatches: Vec<String> = cases
-            .iter()
-            .filter_map(|(text, ids)| check_case(&tok, text, ids, false))
-            .collect();
+        let mismatches: Vec<String> =
+            cases.iter().filter_map(|(text, ids)| check_case(&tok, text, ids, false)).collect();
         println!(
             "vocab {name} ({} {:?}): {}/{} cases match",
             g.vocab.model,
@@ -223,12 +196,7 @@ fn llama_cpp_vocab_suite() {
             failures.push(format!("{name}: vocab file missing from {}", dir.display()));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} mismatches:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -254,10 +222,7 @@ fn compare_with_oracle(tok: &Tokenizer, model: &str) -> Option<usize> {
         let (Some(text), Some(ids)) = (case["text"].as_str(), case["ids"].as_array()) else {
             continue;
         };
-        let ids: Vec<u32> = ids
-            .iter()
-            .filter_map(|v| v.as_u64().map(|x| x as u32))
-            .collect();
+        let ids: Vec<u32> = ids.iter().filter_map(|v| v.as_u64().map(|x| x as u32)).collect();
         n += 1;
         failures.extend(check_case(tok, text, &ids, true));
         check_stream(tok, &ids);
@@ -266,26 +231,15 @@ fn compare_with_oracle(tok: &Tokenizer, model: &str) -> Option<usize> {
         let (Some(text), Some(ids)) = (p["text"].as_str(), p["prompt_ids"].as_array()) else {
             continue;
         };
-        let ids: Vec<u32> = ids
-            .iter()
-            .filter_map(|v| v.as_u64().map(|x| x as u32))
-            .collect();
+        let ids: Vec<u32> = ids.iter().filter_map(|v| v.as_u64().map(|x| x as u32)).collect();
         n += 1;
         failures.extend(check_case(tok, text, &ids, true));
         if let Some(gen_ids) = p["generated_ids"].as_array() {
-            let gen_ids: Vec<u32> = gen_ids
-                .iter()
-                .filter_map(|v| v.as_u64().map(|x| x as u32))
-                .collect();
+            let gen_ids: Vec<u32> = gen_ids.iter().filter_map(|v| v.as_u64().map(|x| x as u32)).collect();
             check_stream(tok, &gen_ids);
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{model}: {} mismatches with llama.cpp:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{model}: {} mismatches with llama.cpp:\n{}", failures.len(), failures.join("\n"));
     Some(n)
 }
 
@@ -298,40 +252,21 @@ fn model_path(file: &str) -> Option<PathBuf> {
 fn smollm2_gguf_tokenizer() {
     let test = "smollm2_gguf_tokenizer";
     let Some(path) = model_path("smollm2-135m-instruct-q4_1.gguf") else {
-        skip(
-            test,
-            format!(
-                "{} not found",
-                kiln_cache()
-                    .join("models/smollm2-135m-instruct-q4_1.gguf")
-                    .display()
-            ),
-        );
+        skip(test, format!("{} not found", kiln_cache().join("models/smollm2-135m-instruct-q4_1.gguf").display()));
         return;
     };
     let g = read_gguf_vocab(&path);
     assert_eq!(g.vocab.pre.as_deref(), Some("smollm"));
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_chat_template.jinja");
-    assert_eq!(
-        g.chat_template.as_deref(),
-        std::fs::read_to_string(fixture).ok().as_deref(),
-        "chat template fixture"
-    );
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_chat_template.jinja");
+    assert_eq!(g.chat_template.as_deref(), std::fs::read_to_string(fixture).ok().as_deref(), "chat template fixture");
     let tok = Tokenizer::from_gguf_vocab(&g.vocab).unwrap();
     assert_eq!(tok.bos_id(), Some(1));
     assert!(!tok.adds_bos());
     let im_start = tok.token_to_id("<|im_start|>").unwrap();
     let im_end = tok.token_to_id("<|im_end|>").unwrap();
-    assert!(
-        tok.eos_ids().contains(&2) && tok.eos_ids().contains(&im_end),
-        "{:?}",
-        tok.eos_ids()
-    );
+    assert!(tok.eos_ids().contains(&2) && tok.eos_ids().contains(&im_end), "{:?}", tok.eos_ids());
     // Control tokens are single ids; digits split one by one (smollm pre-tokenizer).
-    let ids = tok
-        .encode("<|im_start|>user\nHello 2024<|im_end|>", true)
-        .unwrap();
+    let ids = tok.encode("<|im_start|>user\nHello 2024<|im_end|>", true).unwrap();
     assert_eq!(ids.first(), Some(&im_start));
     assert_eq!(ids.last(), Some(&im_end));
     let digits = tok.encode("2024", false).unwrap();
@@ -342,16 +277,9 @@ fn smollm2_gguf_tokenizer() {
     check_stream(&tok, &ids);
     // Chat template from the same file renders.
     if let Some(t) = &g.chat_template {
-        let tpl = kiln_runtime::chat::ChatTemplate::new(
-            t,
-            path.display().to_string(),
-            "<|im_start|>",
-            "<|im_end|>",
-        )
-        .unwrap();
-        let prompt = tpl
-            .render(&[kiln_runtime::chat::ChatMessage::new("user", "Hi")], true)
-            .unwrap();
+        let tpl =
+            kiln_runtime::chat::ChatTemplate::new(t, path.display().to_string(), "<|im_start|>", "<|im_end|>").unwrap();
+        let prompt = tpl.render(&[kiln_runtime::chat::ChatMessage::new("user", "Hi")], true).unwrap();
         assert!(prompt.ends_with("<|im_start|>assistant\n"));
         let ids = tok.encode(&prompt, true).unwrap();
         assert_eq!(ids.iter().filter(|&&i| i == im_start).count(), 3);
@@ -369,26 +297,13 @@ fn smollm2_gguf_tokenizer() {
 fn qwen25_gguf_tokenizer() {
     let test = "qwen25_gguf_tokenizer";
     let Some(path) = model_path("qwen2.5-coder-0.5b.gguf") else {
-        skip(
-            test,
-            format!(
-                "{} not found",
-                kiln_cache()
-                    .join("models/qwen2.5-coder-0.5b.gguf")
-                    .display()
-            ),
-        );
+        skip(test, format!("{} not found", kiln_cache().join("models/qwen2.5-coder-0.5b.gguf").display()));
         return;
     };
     let g = read_gguf_vocab(&path);
     assert_eq!(g.vocab.pre.as_deref(), Some("qwen2"));
-    let fixture =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2.5_chat_template.jinja");
-    assert_eq!(
-        g.chat_template.as_deref(),
-        std::fs::read_to_string(fixture).ok().as_deref(),
-        "chat template fixture"
-    );
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2.5_chat_template.jinja");
+    assert_eq!(g.chat_template.as_deref(), std::fs::read_to_string(fixture).ok().as_deref(), "chat template fixture");
     let tok = Tokenizer::from_gguf_vocab(&g.vocab).unwrap();
     let im_end = tok.token_to_id("<|im_end|>").unwrap();
     let eot = tok.token_to_id("<|endoftext|>").unwrap();
@@ -402,7 +317,8 @@ fn qwen25_gguf_tokenizer() {
         Some(n) => println!("{test}: {n} llama.cpp oracle cases match"),
         None => skip(
             &format!("{test} (oracle part)"),
-            "tests/fixtures/oracle/qwen2.5-coder-0.5b.json not generated yet (tests/oracle/make_llama_refs.py)".to_string(),
+            "tests/fixtures/oracle/qwen2.5-coder-0.5b.json not generated yet (tests/oracle/make_llama_refs.py)"
+                .to_string(),
         ),
     }
 }
@@ -417,26 +333,15 @@ fn glassllm_tokenizer_matches_python() {
     let tok = Tokenizer::from_file(fixtures.join("glassllm_en.tokenizer.json")).unwrap();
     assert_eq!(tok.vocab_size(), 1024);
     assert_eq!(tok.eos_ids(), &[3]);
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures.join("glassllm_en_expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("glassllm_en_expected.json")).unwrap()).unwrap();
     for case in expected["cases"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let ids: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         if let Some(m) = check_case(&tok, text, &ids, true) {
             panic!("glassllm mismatch: {m}");
         }
-        assert_eq!(
-            tok.decode(&ids).unwrap(),
-            case["decoded"].as_str().unwrap(),
-            "decode of {text:?}"
-        );
+        assert_eq!(tok.decode(&ids).unwrap(), case["decoded"].as_str().unwrap(), "decode of {text:?}");
         check_stream(&tok, &ids);
     }
     // Specials decode to nothing, as in glassllm.

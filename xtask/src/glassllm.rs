@@ -114,10 +114,7 @@ impl PyParser<'_> {
             self.i += 1;
             Ok(())
         } else {
-            Err(format!(
-                "expected `{}` at byte {} of the header",
-                c as char, self.i
-            ))
+            Err(format!("expected `{}` at byte {} of the header", c as char, self.i))
         }
     }
 
@@ -135,8 +132,8 @@ impl PyParser<'_> {
                 if self.i >= self.s.len() {
                     return Err("unterminated string in the header".into());
                 }
-                let text = std::str::from_utf8(&self.s[start..self.i])
-                    .map_err(|_| "header is not UTF-8".to_string())?;
+                let text =
+                    std::str::from_utf8(&self.s[start..self.i]).map_err(|_| "header is not UTF-8".to_string())?;
                 self.i += 1;
                 Ok(PyVal::Str(text.to_string()))
             }
@@ -153,10 +150,7 @@ impl PyParser<'_> {
                         Some(b',') => self.i += 1,
                         Some(b')') => {}
                         _ => {
-                            return Err(format!(
-                                "expected `,` or `)` at byte {} of the header",
-                                self.i
-                            ));
+                            return Err(format!("expected `,` or `)` at byte {} of the header", self.i));
                         }
                     }
                 }
@@ -171,9 +165,7 @@ impl PyParser<'_> {
                 if self.s.get(self.i) == Some(&b'L') {
                     self.i += 1;
                 }
-                text.parse()
-                    .map(PyVal::Int)
-                    .map_err(|_| format!("dimension {text} is too large"))
+                text.parse().map(PyVal::Int).map_err(|_| format!("dimension {text} is too large"))
             }
             _ => {
                 for (word, v) in [("True", true), ("False", false)] {
@@ -205,10 +197,7 @@ impl PyParser<'_> {
                 Some(b',') => self.i += 1,
                 Some(b'}') => {}
                 _ => {
-                    return Err(format!(
-                        "expected `,` or `}}` at byte {} of the header",
-                        self.i
-                    ));
+                    return Err(format!("expected `,` or `}}` at byte {} of the header", self.i));
                 }
             }
         }
@@ -226,18 +215,12 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Npy, String> {
             if bytes.len() < 12 {
                 return Err("truncated .npy header".into());
             }
-            (
-                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-                12,
-            )
+            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
         }
         v => return Err(format!("unsupported .npy format version {v}")),
     };
     if header_len > MAX_NPY_HEADER || header_start + header_len > bytes.len() {
-        return Err(format!(
-            "header length {header_len} does not fit the {}-byte array file",
-            bytes.len()
-        ));
+        return Err(format!("header length {header_len} does not fit the {}-byte array file", bytes.len()));
     }
     let header = &bytes[header_start..header_start + header_len];
     let dict = PyParser { s: header, i: 0 }.dict()?;
@@ -248,11 +231,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Npy, String> {
     let dtype = match descr {
         "<f2" => NpyDtype::F16,
         "<f4" => NpyDtype::F32,
-        d if d.starts_with("<U") => NpyDtype::Unicode(
-            d[2..]
-                .parse()
-                .map_err(|_| format!("unsupported dtype `{d}`"))?,
-        ),
+        d if d.starts_with("<U") => NpyDtype::Unicode(d[2..].parse().map_err(|_| format!("unsupported dtype `{d}`"))?),
         d => return Err(format!("unsupported dtype `{d}` (expected <f2, <f4 or <U)")),
     };
     match dict.get("fortran_order") {
@@ -277,41 +256,24 @@ pub fn parse_npy(bytes: &[u8]) -> Result<Npy, String> {
         .ok_or("array size overflows")?;
     let data = &bytes[header_start + header_len..];
     if data.len() != need {
-        return Err(format!(
-            "shape {shape:?} of {descr} needs {need} bytes, the file holds {}",
-            data.len()
-        ));
+        return Err(format!("shape {shape:?} of {descr} needs {need} bytes, the file holds {}", data.len()));
     }
-    Ok(Npy {
-        dtype,
-        shape,
-        data: data.to_vec(),
-    })
+    Ok(Npy { dtype, shape, data: data.to_vec() })
 }
 
 /// Reads every `.npy` member of an `.npz` archive, keyed by name without `.npy`.
 pub fn read_npz(path: &Path) -> Result<BTreeMap<String, Npy>, String> {
     let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut zip = zip::ZipArchive::new(file)
-        .map_err(|e| format!("{}: not a zip archive: {e}", path.display()))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| format!("{}: not a zip archive: {e}", path.display()))?;
     let mut out = BTreeMap::new();
     for i in 0..zip.len() {
-        let mut member = zip
-            .by_index(i)
-            .map_err(|e| format!("{}: member #{i}: {e}", path.display()))?;
-        let name = member
-            .name()
-            .map_err(|e| format!("{}: member #{i}: {e}", path.display()))?
-            .to_string();
+        let mut member = zip.by_index(i).map_err(|e| format!("{}: member #{i}: {e}", path.display()))?;
+        let name = member.name().map_err(|e| format!("{}: member #{i}: {e}", path.display()))?.to_string();
         let Some(key) = name.strip_suffix(".npy") else {
             continue;
         };
         if member.size() > MAX_MEMBER_BYTES {
-            return Err(format!(
-                "{}: {name} is {} bytes, over the limit",
-                path.display(),
-                member.size()
-            ));
+            return Err(format!("{}: {name} is {} bytes, over the limit", path.display(), member.size()));
         }
         let mut bytes = Vec::with_capacity(member.size() as usize);
         (&mut member)
@@ -340,20 +302,13 @@ pub struct GlassConfig {
 impl GlassConfig {
     pub fn from_json(v: &Value) -> Result<GlassConfig, String> {
         let int = |k: &str| -> Result<usize, String> {
-            let n = v
-                .get(k)
-                .and_then(Value::as_u64)
-                .ok_or(format!("`{k}` is missing or not a positive integer"))?;
+            let n = v.get(k).and_then(Value::as_u64).ok_or(format!("`{k}` is missing or not a positive integer"))?;
             if n == 0 || n > 1 << 24 {
                 return Err(format!("`{k}` = {n} is out of range"));
             }
             Ok(n as usize)
         };
-        let float = |k: &str| {
-            v.get(k)
-                .and_then(Value::as_f64)
-                .ok_or(format!("`{k}` is missing or not a number"))
-        };
+        let float = |k: &str| v.get(k).and_then(Value::as_f64).ok_or(format!("`{k}` is missing or not a number"));
         let c = GlassConfig {
             vocab_size: int("vocab_size")?,
             d_model: int("d_model")?,
@@ -408,13 +363,7 @@ pub fn transpose(data: &[u8], rows: usize, cols: usize, elem: usize) -> Vec<u8> 
 
 /// Reorders the rows of an `[heads·head_dim, cols]` matrix from interleaved-pair RoPE order
 /// to rotate-half order: within each head, row `2j` goes to `j` and `2j+1` to `j + head_dim/2`.
-pub fn interleaved_to_half(
-    data: &[u8],
-    heads: usize,
-    head_dim: usize,
-    cols: usize,
-    elem: usize,
-) -> Vec<u8> {
+pub fn interleaved_to_half(data: &[u8], heads: usize, head_dim: usize, cols: usize, elem: usize) -> Vec<u8> {
     let row = cols * elem;
     let half = head_dim / 2;
     let mut out = vec![0u8; data.len()];
@@ -430,20 +379,13 @@ pub fn interleaved_to_half(
 
 /// The config stored in the npz.
 pub fn npz_config(npz: &BTreeMap<String, Npy>) -> Result<GlassConfig, String> {
-    let text = npz
-        .get("__config__")
-        .and_then(Npy::as_text)
-        .ok_or("no `__config__` string array")?;
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| format!("`__config__` is not JSON: {e}"))?;
+    let text = npz.get("__config__").and_then(Npy::as_text).ok_or("no `__config__` string array")?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("`__config__` is not JSON: {e}"))?;
     GlassConfig::from_json(&v).map_err(|e| format!("`__config__`: {e}"))
 }
 
 /// Maps glassllm's arrays to Hugging Face Llama tensors (sorted by name); returns the FFN width too.
-pub fn hf_tensors(
-    npz: &BTreeMap<String, Npy>,
-    cfg: &GlassConfig,
-) -> Result<(Vec<HfTensor>, usize), String> {
+pub fn hf_tensors(npz: &BTreeMap<String, Npy>, cfg: &GlassConfig) -> Result<(Vec<HfTensor>, usize), String> {
     let (d, hd) = (cfg.d_model, cfg.head_dim());
     let (q_dim, kv_dim) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
     let hidden = npz
@@ -453,10 +395,7 @@ pub fn hf_tensors(
     let get = |name: &str, shape: &[usize]| -> Result<&Npy, String> {
         let a = npz.get(name).ok_or(format!("missing array `{name}`"))?;
         if a.shape != shape {
-            return Err(format!(
-                "array `{name}` has shape {:?}, expected {shape:?}",
-                a.shape
-            ));
+            return Err(format!("array `{name}` has shape {:?}, expected {shape:?}", a.shape));
         }
         if a.dtype.safetensors_name().is_none() {
             return Err(format!("array `{name}` is not a float array"));
@@ -465,20 +404,10 @@ pub fn hf_tensors(
     };
     let mut out = Vec::new();
     let mut push = |name: String, a: &Npy, shape: Vec<usize>, data: Vec<u8>| {
-        out.push(HfTensor {
-            name,
-            dtype: a.dtype,
-            shape,
-            data,
-        });
+        out.push(HfTensor { name, dtype: a.dtype, shape, data });
     };
     let e = get("E", &[cfg.vocab_size, d])?;
-    push(
-        "model.embed_tokens.weight".into(),
-        e,
-        e.shape.clone(),
-        e.data.clone(),
-    );
+    push("model.embed_tokens.weight".into(), e, e.shape.clone(), e.data.clone());
     let f = get("norm_f.gamma", &[d])?;
     push("model.norm.weight".into(), f, vec![d], f.data.clone());
     for l in 0..cfg.n_layers {
@@ -492,28 +421,13 @@ pub fn hf_tensors(
         let a = get(&g("norm1.gamma"), &[d])?;
         push(h("input_layernorm.weight"), a, vec![d], a.data.clone());
         let a = get(&g("norm2.gamma"), &[d])?;
-        push(
-            h("post_attention_layernorm.weight"),
-            a,
-            vec![d],
-            a.data.clone(),
-        );
+        push(h("post_attention_layernorm.weight"), a, vec![d], a.data.clone());
         let a = get(&g("attn.W_Q"), &[d, q_dim])?;
         let elem = a.dtype.item_size().unwrap_or(1);
-        push(
-            h("self_attn.q_proj.weight"),
-            a,
-            vec![q_dim, d],
-            interleaved_to_half(&t(a), cfg.n_heads, hd, d, elem),
-        );
+        push(h("self_attn.q_proj.weight"), a, vec![q_dim, d], interleaved_to_half(&t(a), cfg.n_heads, hd, d, elem));
         let a = get(&g("attn.W_K"), &[d, kv_dim])?;
         let elem = a.dtype.item_size().unwrap_or(1);
-        push(
-            h("self_attn.k_proj.weight"),
-            a,
-            vec![kv_dim, d],
-            interleaved_to_half(&t(a), cfg.n_kv_heads, hd, d, elem),
-        );
+        push(h("self_attn.k_proj.weight"), a, vec![kv_dim, d], interleaved_to_half(&t(a), cfg.n_kv_heads, hd, d, elem));
         let a = get(&g("attn.W_V"), &[d, kv_dim])?;
         push(h("self_attn.v_proj.weight"), a, vec![kv_dim, d], t(a));
         let a = get(&g("attn.W_O"), &[q_dim, d])?;
@@ -539,17 +453,10 @@ pub fn safetensors_bytes(tensors: &[HfTensor]) -> Vec<u8> {
     for t in &sorted {
         let name = serde_json::to_string(&t.name).unwrap_or_default();
         let dtype = t.dtype.safetensors_name().unwrap_or("F32");
-        let shape = t
-            .shape
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let shape = t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
         let end = offset + t.data.len();
-        let _ = write!(
-            header,
-            ",{name}:{{\"dtype\":\"{dtype}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{end}]}}"
-        );
+        let _ =
+            write!(header, ",{name}:{{\"dtype\":\"{dtype}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{end}]}}");
         offset = end;
     }
     header.push('}');
@@ -604,31 +511,16 @@ pub fn config_json(cfg: &GlassConfig, hidden: usize, dtype: NpyDtype) -> Value {
 /// A Hugging Face `tokenizer.json` for glassllm's tokenizer file, converted by kiln's frontend
 /// (without kiln's private `"kiln"` section, so Hugging Face's loader reads it from a file too).
 pub fn tokenizer_json(glass: &Value, origin: &str, vocab_size: usize) -> Result<Value, String> {
-    let mut doc = kiln_frontend::tokenizer::glassllm_to_tokenizer_json(glass, origin)
-        .map_err(|e| e.to_string())?;
+    let mut doc = kiln_frontend::tokenizer::glassllm_to_tokenizer_json(glass, origin).map_err(|e| e.to_string())?;
     if let Some(m) = doc.as_object_mut() {
         m.remove(kiln_frontend::tokenizer::KILN_CONFIG_KEY);
     }
-    let n = doc
-        .pointer("/model/vocab")
-        .and_then(Value::as_object)
-        .map_or(0, |v| v.len());
+    let n = doc.pointer("/model/vocab").and_then(Value::as_object).map_or(0, |v| v.len());
     if n != vocab_size {
-        return Err(format!(
-            "{origin}: the tokenizer has {n} tokens but the model's vocabulary is {vocab_size}"
-        ));
+        return Err(format!("{origin}: the tokenizer has {n} tokens but the model's vocabulary is {vocab_size}"));
     }
-    for (id, tok) in [
-        (PAD_ID, "<pad>"),
-        (UNK_ID, "<unk>"),
-        (BOS_ID, "<bos>"),
-        (EOS_ID, "<eos>"),
-    ] {
-        if doc
-            .pointer(&format!("/model/vocab/{tok}"))
-            .and_then(Value::as_u64)
-            != Some(id as u64)
-        {
+    for (id, tok) in [(PAD_ID, "<pad>"), (UNK_ID, "<unk>"), (BOS_ID, "<bos>"), (EOS_ID, "<eos>")] {
+        if doc.pointer(&format!("/model/vocab/{tok}")).and_then(Value::as_u64) != Some(id as u64) {
             return Err(format!("{origin}: {tok} is not token {id}"));
         }
     }
@@ -694,35 +586,21 @@ pub fn json_text(v: &Value) -> String {
 }
 
 /// The files of a converted directory, by name.
-pub fn convert_files(
-    npz: &Path,
-    tokenizer: &Path,
-) -> Result<BTreeMap<&'static str, Vec<u8>>, String> {
+pub fn convert_files(npz: &Path, tokenizer: &Path) -> Result<BTreeMap<&'static str, Vec<u8>>, String> {
     let arrays = read_npz(npz)?;
     let cfg = npz_config(&arrays).map_err(|e| format!("{}: {e}", npz.display()))?;
-    let (tensors, hidden) =
-        hf_tensors(&arrays, &cfg).map_err(|e| format!("{}: {e}", npz.display()))?;
+    let (tensors, hidden) = hf_tensors(&arrays, &cfg).map_err(|e| format!("{}: {e}", npz.display()))?;
     let dtype = tensors.first().map_or(NpyDtype::F16, |t| t.dtype);
-    let tok_text =
-        std::fs::read_to_string(tokenizer).map_err(|e| format!("{}: {e}", tokenizer.display()))?;
-    let tok: Value = serde_json::from_str(&tok_text)
-        .map_err(|e| format!("{}: not valid JSON: {e}", tokenizer.display()))?;
+    let tok_text = std::fs::read_to_string(tokenizer).map_err(|e| format!("{}: {e}", tokenizer.display()))?;
+    let tok: Value =
+        serde_json::from_str(&tok_text).map_err(|e| format!("{}: not valid JSON: {e}", tokenizer.display()))?;
     let tok_json = tokenizer_json(&tok, &tokenizer.display().to_string(), cfg.vocab_size)?;
     let mut files = BTreeMap::new();
-    files.insert(
-        "config.json",
-        json_text(&config_json(&cfg, hidden, dtype)).into_bytes(),
-    );
+    files.insert("config.json", json_text(&config_json(&cfg, hidden, dtype)).into_bytes());
     files.insert("model.safetensors", safetensors_bytes(&tensors));
     files.insert("tokenizer.json", json_text(&tok_json).into_bytes());
-    files.insert(
-        "tokenizer_config.json",
-        json_text(&tokenizer_config_json(&cfg)).into_bytes(),
-    );
-    files.insert(
-        "generation_config.json",
-        json_text(&generation_config_json(&cfg)).into_bytes(),
-    );
+    files.insert("tokenizer_config.json", json_text(&tokenizer_config_json(&cfg)).into_bytes());
+    files.insert("generation_config.json", json_text(&generation_config_json(&cfg)).into_bytes());
     Ok(files)
 }
 
@@ -757,14 +635,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
             other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
         };
-        *slot = Some(PathBuf::from(
-            it.next().ok_or(format!("{a} needs a value\n{USAGE}"))?,
-        ));
+        *slot = Some(PathBuf::from(it.next().ok_or(format!("{a} needs a value\n{USAGE}"))?));
     }
     let (Some(npz), Some(tokenizer), Some(out)) = (npz, tokenizer, out) else {
-        return Err(format!(
-            "--npz, --tokenizer and --out are required\n{USAGE}"
-        ));
+        return Err(format!("--npz, --tokenizer and --out are required\n{USAGE}"));
     };
     convert(&npz, &tokenizer, &out)?;
     println!("wrote {}", out.display());
@@ -790,83 +664,28 @@ mod tests {
 
     #[test]
     fn parses_npy() {
-        let a = parse_npy(&npy(
-            "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }",
-            &[0; 12],
-        ))
-        .unwrap();
+        let a = parse_npy(&npy("{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }", &[0; 12])).unwrap();
         assert_eq!((a.dtype, a.shape.clone()), (NpyDtype::F16, vec![2, 3]));
-        let a = parse_npy(&npy(
-            "{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }",
-            &[0; 12],
-        ))
-        .unwrap();
+        let a = parse_npy(&npy("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", &[0; 12])).unwrap();
         assert_eq!(a.shape, vec![3]);
-        let text: Vec<u8> = "hi"
-            .chars()
-            .chain(['\0'; 2])
-            .flat_map(|c| (c as u32).to_le_bytes())
-            .collect();
-        let a = parse_npy(&npy(
-            "{'descr': '<U4', 'fortran_order': False, 'shape': (), }",
-            &text,
-        ))
-        .unwrap();
+        let text: Vec<u8> = "hi".chars().chain(['\0'; 2]).flat_map(|c| (c as u32).to_le_bytes()).collect();
+        let a = parse_npy(&npy("{'descr': '<U4', 'fortran_order': False, 'shape': (), }", &text)).unwrap();
         assert_eq!(a.as_text().as_deref(), Some("hi"));
     }
 
     #[test]
     fn rejects_bad_npy() {
         let cases = [
+            (npy("{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }", &[0; 11]), "needs 12 bytes"),
+            (npy("{'descr': '>f2', 'fortran_order': False, 'shape': (1,), }", &[0; 2]), "unsupported dtype"),
+            (npy("{'descr': '<f2', 'fortran_order': True, 'shape': (1,), }", &[0; 2]), "Fortran"),
+            (npy("{'descr': '<f2', 'fortran_order': False, 'shape': (99999999999999999999,), }", &[]), "too large"),
+            (npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }", &[]), "overflow"),
             (
-                npy(
-                    "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }",
-                    &[0; 11],
-                ),
-                "needs 12 bytes",
-            ),
-            (
-                npy(
-                    "{'descr': '>f2', 'fortran_order': False, 'shape': (1,), }",
-                    &[0; 2],
-                ),
-                "unsupported dtype",
-            ),
-            (
-                npy(
-                    "{'descr': '<f2', 'fortran_order': True, 'shape': (1,), }",
-                    &[0; 2],
-                ),
-                "Fortran",
-            ),
-            (
-                npy(
-                    "{'descr': '<f2', 'fortran_order': False, 'shape': (99999999999999999999,), }",
-                    &[],
-                ),
-                "too large",
-            ),
-            (
-                npy(
-                    "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }",
-                    &[],
-                ),
-                "overflow",
-            ),
-            (
-                npy(
-                    "{'descr': '<f2', 'fortran_order': False, 'shape': ((((((((((1,),),),),),),),),),), }",
-                    &[],
-                ),
+                npy("{'descr': '<f2', 'fortran_order': False, 'shape': ((((((((((1,),),),),),),),),),), }", &[]),
                 "deeply",
             ),
-            (
-                npy(
-                    "{'descr': '<f2', 'fortran_order': False, 'shape': (1,)",
-                    &[0; 2],
-                ),
-                "expected",
-            ),
+            (npy("{'descr': '<f2', 'fortran_order': False, 'shape': (1,)", &[0; 2]), "expected"),
             (npy("{'descr: '<f2'}", &[]), "expected"),
             (b"\x93NUMPY\x01\x00\xff\xff{}".to_vec(), "does not fit"),
             (b"PK\x03\x04".to_vec(), "magic"),
@@ -879,10 +698,7 @@ mod tests {
 
     #[test]
     fn garbage_npy_never_panics() {
-        let good = npy(
-            "{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }",
-            &[0; 12],
-        );
+        let good = npy("{'descr': '<f2', 'fortran_order': False, 'shape': (2, 3), }", &[0; 12]);
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..5000 {
             let mut v = good.clone();
@@ -902,14 +718,10 @@ mod tests {
     #[test]
     fn rope_permutation_matches_interleaved() {
         let (heads, hd, d) = (2usize, 6usize, 3usize);
-        let w: Vec<f32> = (0..d * heads * hd)
-            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0)
-            .collect(); // [d, heads·hd]
+        let w: Vec<f32> = (0..d * heads * hd).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect(); // [d, heads·hd]
         let x = [0.3f32, -1.2, 0.7];
         let (pos, base) = (5.0f32, 10000.0f32);
-        let q: Vec<f32> = (0..heads * hd)
-            .map(|o| (0..d).map(|i| x[i] * w[i * heads * hd + o]).sum())
-            .collect();
+        let q: Vec<f32> = (0..heads * hd).map(|o| (0..d).map(|i| x[i] * w[i * heads * hd + o]).sum()).collect();
         let angle = |i: usize| pos * base.powf(-2.0 * i as f32 / hd as f32);
         let mut glass = q.clone();
         for h in 0..heads {
@@ -922,13 +734,8 @@ mod tests {
         }
         let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         let hf = interleaved_to_half(&transpose(&bytes, d, heads * hd, 4), heads, hd, d, 4); // [heads·hd, d]
-        let hf: Vec<f32> = hf
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let y: Vec<f32> = (0..heads * hd)
-            .map(|o| (0..d).map(|i| x[i] * hf[o * d + i]).sum())
-            .collect();
+        let hf: Vec<f32> = hf.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let y: Vec<f32> = (0..heads * hd).map(|o| (0..d).map(|i| x[i] * hf[o * d + i]).sum()).collect();
         let mut rot = y.clone();
         for h in 0..heads {
             for j in 0..hd / 2 {
@@ -970,21 +777,9 @@ mod tests {
     fn run_checks_arguments() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert!(run(&s(&["--npz"])).unwrap_err().contains("needs a value"));
-        assert!(
-            run(&s(&["--bogus", "x"]))
-                .unwrap_err()
-                .contains("unknown argument")
-        );
+        assert!(run(&s(&["--bogus", "x"])).unwrap_err().contains("unknown argument"));
         assert!(run(&s(&["--npz", "a"])).unwrap_err().contains("required"));
-        let e = run(&s(&[
-            "--npz",
-            "/nonexistent/en.npz",
-            "--tokenizer",
-            "t",
-            "--out",
-            "/tmp/x",
-        ]))
-        .unwrap_err();
+        let e = run(&s(&["--npz", "/nonexistent/en.npz", "--tokenizer", "t", "--out", "/tmp/x"])).unwrap_err();
         assert!(e.contains("/nonexistent/en.npz"), "{e}");
     }
 }

@@ -47,11 +47,7 @@ fn reference() -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 /// A scratch directory removed on drop.
@@ -83,13 +79,7 @@ fn conversion_is_deterministic_and_tokenizes_like_glassllm() {
     let names: Vec<&str> = a.keys().copied().collect();
     assert_eq!(
         names,
-        [
-            "config.json",
-            "generation_config.json",
-            "model.safetensors",
-            "tokenizer.json",
-            "tokenizer_config.json"
-        ]
+        ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     );
 
     let dir = Scratch::new("tok");
@@ -97,8 +87,7 @@ fn conversion_is_deterministic_and_tokenizes_like_glassllm() {
     glassllm::convert(&npz, &tok, &out).unwrap();
 
     // The weights: 2 + 9 per layer, tied embeddings (no lm_head), fp16 as stored.
-    let st =
-        kiln_frontend::safetensors::SafetensorsFile::open(&out.join("model.safetensors")).unwrap();
+    let st = kiln_frontend::safetensors::SafetensorsFile::open(&out.join("model.safetensors")).unwrap();
     assert_eq!(st.len(), 2 + 9 * 4);
     assert!(!st.contains("lm_head.weight"));
     let q = st.info("model.layers.0.self_attn.q_proj.weight").unwrap();
@@ -113,24 +102,13 @@ fn conversion_is_deterministic_and_tokenizes_like_glassllm() {
     for case in r["cases"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let enc = t.encode(prompt, true).unwrap();
-        assert_eq!(
-            enc.get_ids(),
-            ids(&case["ids"]).as_slice(),
-            "ids of {prompt:?}"
-        );
+        assert_eq!(enc.get_ids(), ids(&case["ids"]).as_slice(), "ids of {prompt:?}");
         let text = t.decode(&ids(&case["greedy"]), true).unwrap();
-        assert_eq!(
-            text,
-            case["greedy_text"].as_str().unwrap(),
-            "decoding the continuation of {prompt:?}"
-        );
+        assert_eq!(text, case["greedy_text"].as_str().unwrap(), "decoding the continuation of {prompt:?}");
     }
     // Like glassllm, nothing is added around the text and specials are not matched in it.
     let enc = t.encode("<bos>hello", true).unwrap();
-    assert_eq!(
-        enc.get_ids(),
-        t.encode("<bos>hello", false).unwrap().get_ids()
-    );
+    assert_eq!(enc.get_ids(), t.encode("<bos>hello", false).unwrap().get_ids());
     assert!(!enc.get_ids().contains(&glassllm::BOS_ID));
 
     // kiln's private section is left out: the tokenizers loader rejects unknown keys when
@@ -160,37 +138,20 @@ fn kiln_reproduces_glassllm_logits_and_greedy_text() {
     assert!(m.chat_template.is_none());
     let module = Arc::new(kiln_ir::verify(m.module).unwrap());
     let weights: Arc<dyn WeightSource> = Arc::new(W(m.weights));
-    let opts = SessionOptions {
-        max_context: 128,
-        threads: 0,
-    };
+    let opts = SessionOptions { max_context: 128, threads: 0 };
     let backend = ReferenceBackend::new();
     let r = reference();
     let mut worst = 0.0f32;
     for case in r["cases"].as_array().unwrap() {
         let prompt = ids(&case["ids"]);
-        let want: Vec<f32> = case["last_logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect();
-        let mut s = backend
-            .prepare(module.clone(), weights.clone(), &opts)
-            .unwrap();
+        let want: Vec<f32> =
+            case["last_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let mut s = backend.prepare(module.clone(), weights.clone(), &opts).unwrap();
         let got = s.forward(&prompt, Logits::Last).unwrap();
         assert_eq!(got.len(), want.len());
-        let diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         worst = worst.max(diff);
-        assert!(
-            diff <= LOGIT_TOL,
-            "{:?}: max |logit diff| {diff} > {LOGIT_TOL}",
-            case["prompt"]
-        );
+        assert!(diff <= LOGIT_TOL, "{:?}: max |logit diff| {diff} > {LOGIT_TOL}", case["prompt"]);
 
         let mut greedy = Vec::new();
         let mut logits = got;
@@ -198,19 +159,12 @@ fn kiln_reproduces_glassllm_logits_and_greedy_text() {
             let next = logits
                 .iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 { (i, v) } else { best }
-                })
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
                 .0 as u32;
             greedy.push(next);
             logits = s.forward(&[next], Logits::Last).unwrap();
         }
-        assert_eq!(
-            greedy,
-            ids(&case["greedy"]),
-            "greedy continuation of {:?}",
-            case["prompt"]
-        );
+        assert_eq!(greedy, ids(&case["greedy"]), "greedy continuation of {:?}", case["prompt"]);
     }
     eprintln!("glassllm vs kiln reference interpreter: max |logit diff| = {worst:e}");
 }

@@ -17,19 +17,10 @@ use thiserror::Error;
 pub enum QuantError {
     /// The element count is not a whole number of blocks.
     #[error("{dtype}: {elems} elements are not a whole number of {block_elems}-element blocks")]
-    PartialBlock {
-        dtype: DType,
-        elems: usize,
-        block_elems: u64,
-    },
+    PartialBlock { dtype: DType, elems: usize, block_elems: u64 },
     /// The byte buffer does not hold exactly the blocks for the element count.
     #[error("{dtype}: {elems} elements take {expected} bytes but the buffer has {actual} bytes")]
-    SizeMismatch {
-        dtype: DType,
-        elems: usize,
-        expected: usize,
-        actual: usize,
-    },
+    SizeMismatch { dtype: DType, elems: usize, expected: usize, actual: usize },
     /// The operation is not implemented for this dtype.
     #[error("{dtype}: {op} is not supported for this type")]
     Unsupported { dtype: DType, op: &'static str },
@@ -38,11 +29,7 @@ pub enum QuantError {
 /// Bytes of `elems` elements of `dtype`, or the reason that is not a whole
 /// number of blocks.
 fn row_bytes(dtype: DType, elems: usize) -> Result<usize, QuantError> {
-    let partial = || QuantError::PartialBlock {
-        dtype,
-        elems,
-        block_elems: dtype.block_elems(),
-    };
+    let partial = || QuantError::PartialBlock { dtype, elems, block_elems: dtype.block_elems() };
     let n = dtype.row_bytes(elems as u64).ok_or_else(partial)?;
     usize::try_from(n).map_err(|_| partial())
 }
@@ -51,12 +38,7 @@ fn row_bytes(dtype: DType, elems: usize) -> Result<usize, QuantError> {
 fn check_row(dtype: DType, elems: usize, bytes: usize) -> Result<(), QuantError> {
     let expected = row_bytes(dtype, elems)?;
     if expected != bytes {
-        return Err(QuantError::SizeMismatch {
-            dtype,
-            elems,
-            expected,
-            actual: bytes,
-        });
+        return Err(QuantError::SizeMismatch { dtype, elems, expected, actual: bytes });
     }
     Ok(())
 }
@@ -70,10 +52,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
         DType::F16 => plain::dequant_f16(src, dst),
         DType::BF16 => plain::dequant_bf16(src, dst),
         DType::I32 => {
-            return Err(QuantError::Unsupported {
-                dtype,
-                op: "dequantization",
-            });
+            return Err(QuantError::Unsupported { dtype, op: "dequantization" });
         }
         DType::Q4_0 => blocks(src, dst, legacy::dequant_q4_0),
         DType::Q4_1 => blocks(src, dst, legacy::dequant_q4_1),
@@ -100,10 +79,7 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> Result<f32, QuantError> {
         DType::F16 => plain::dot_f16(row, x),
         DType::BF16 => plain::dot_bf16(row, x),
         DType::I32 => {
-            return Err(QuantError::Unsupported {
-                dtype,
-                op: "dot product",
-            });
+            return Err(QuantError::Unsupported { dtype, op: "dot product" });
         }
         DType::Q4_0 => dot_blocks(row, x, legacy::dequant_q4_0),
         DType::Q4_1 => dot_blocks(row, x, legacy::dequant_q4_1),
@@ -134,10 +110,7 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         DType::Q5_1 => quant_blocks(src, dst, legacy::quant_q5_1),
         DType::Q8_0 => quant_blocks(src, dst, legacy::quant_q8_0),
         DType::I32 | DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
-            return Err(QuantError::Unsupported {
-                dtype,
-                op: "quantization",
-            });
+            return Err(QuantError::Unsupported { dtype, op: "quantization" });
         }
     }
     Ok(())
@@ -145,34 +118,16 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
 
 /// Applies a per-block dequantizer to every block (lengths checked by the caller).
 #[inline]
-fn blocks<const B: usize, const Q: usize>(
-    src: &[u8],
-    dst: &mut [f32],
-    f: impl Fn(&[u8; B], &mut [f32; Q]),
-) {
-    for (b, o) in src
-        .as_chunks::<B>()
-        .0
-        .iter()
-        .zip(dst.as_chunks_mut::<Q>().0)
-    {
+fn blocks<const B: usize, const Q: usize>(src: &[u8], dst: &mut [f32], f: impl Fn(&[u8; B], &mut [f32; Q])) {
+    for (b, o) in src.as_chunks::<B>().0.iter().zip(dst.as_chunks_mut::<Q>().0) {
         f(b, o);
     }
 }
 
 /// Applies a per-block quantizer to every block (lengths checked by the caller).
 #[inline]
-fn quant_blocks<const B: usize, const Q: usize>(
-    src: &[f32],
-    dst: &mut [u8],
-    f: impl Fn(&[f32; Q], &mut [u8; B]),
-) {
-    for (x, b) in src
-        .as_chunks::<Q>()
-        .0
-        .iter()
-        .zip(dst.as_chunks_mut::<B>().0)
-    {
+fn quant_blocks<const B: usize, const Q: usize>(src: &[f32], dst: &mut [u8], f: impl Fn(&[f32; Q], &mut [u8; B])) {
+    for (x, b) in src.as_chunks::<Q>().0.iter().zip(dst.as_chunks_mut::<B>().0) {
         f(x, b);
     }
 }
@@ -188,21 +143,12 @@ fn sum_lanes(acc: &[f32; LANES]) -> f32 {
 /// Dot of a row of blocks with `x`: each block is dequantized into a stack
 /// buffer and multiplied into eight accumulators (lengths checked by the caller).
 #[inline]
-fn dot_blocks<const B: usize, const Q: usize>(
-    row: &[u8],
-    x: &[f32],
-    f: impl Fn(&[u8; B], &mut [f32; Q]),
-) -> f32 {
+fn dot_blocks<const B: usize, const Q: usize>(row: &[u8], x: &[f32], f: impl Fn(&[u8; B], &mut [f32; Q])) -> f32 {
     let mut buf = [0.0f32; Q];
     let mut acc = [0.0f32; LANES];
     for (b, xs) in row.as_chunks::<B>().0.iter().zip(x.as_chunks::<Q>().0) {
         f(b, &mut buf);
-        for (w, v) in buf
-            .as_chunks::<LANES>()
-            .0
-            .iter()
-            .zip(xs.as_chunks::<LANES>().0)
-        {
+        for (w, v) in buf.as_chunks::<LANES>().0.iter().zip(xs.as_chunks::<LANES>().0) {
             for k in 0..LANES {
                 acc[k] += w[k] * v[k];
             }
@@ -246,37 +192,22 @@ mod tests {
         let mut out = [0.0f32; 32];
         assert_eq!(
             dequantize_row(DType::Q4_0, &[0u8; 17], &mut out),
-            Err(QuantError::SizeMismatch {
-                dtype: DType::Q4_0,
-                elems: 32,
-                expected: 18,
-                actual: 17
-            })
+            Err(QuantError::SizeMismatch { dtype: DType::Q4_0, elems: 32, expected: 18, actual: 17 })
         );
         assert_eq!(
             dequantize_row(DType::Q4_0, &[0u8; 18], &mut out[..31]),
-            Err(QuantError::PartialBlock {
-                dtype: DType::Q4_0,
-                elems: 31,
-                block_elems: 32
-            })
+            Err(QuantError::PartialBlock { dtype: DType::Q4_0, elems: 31, block_elems: 32 })
         );
         assert!(matches!(
             dequantize_row(DType::I32, &[0u8; 4], &mut out[..1]),
-            Err(QuantError::Unsupported {
-                dtype: DType::I32,
-                ..
-            })
+            Err(QuantError::Unsupported { dtype: DType::I32, .. })
         ));
         assert!(dot_row(DType::Q6K, &[0u8; 209], &[0.0; 256]).is_err());
         assert!(dot_row(DType::F16, &[0u8; 4], &[0.0; 3]).is_err());
         assert!(quantize_row(DType::Q4K, &[0.0; 256], &mut [0u8; 144]).is_err());
         assert!(quantize_row(DType::Q8_0, &[0.0; 32], &mut [0u8; 35]).is_err());
         let msg = dequantize_row(DType::Q8_0, &[0u8; 3], &mut out).map_err(|e| e.to_string());
-        assert_eq!(
-            msg,
-            Err("q8_0: 32 elements take 34 bytes but the buffer has 3 bytes".into())
-        );
+        assert_eq!(msg, Err("q8_0: 32 elements take 34 bytes but the buffer has 3 bytes".into()));
     }
 
     #[test]
@@ -451,11 +382,7 @@ mod tests {
 
     /// Quantizes `xs`, dequantizes, and checks each element's error against
     /// `budget(block absmax, block max - min, block min)`.
-    fn round_trip(
-        dtype: DType,
-        xs: &[f32],
-        budget: impl Fn(f32, f32, f32) -> f32,
-    ) -> Result<(), TestCaseError> {
+    fn round_trip(dtype: DType, xs: &[f32], budget: impl Fn(f32, f32, f32) -> f32) -> Result<(), TestCaseError> {
         let n = xs.len();
         let mut q = vec![0u8; n / be(dtype) * bb(dtype)];
         quantize_row(dtype, xs, &mut q).map_err(|e| TestCaseError::fail(e.to_string()))?;

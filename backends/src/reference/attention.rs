@@ -25,17 +25,15 @@ use super::kernels::{dot, softmax_row};
 pub(crate) struct KvCache {
     /// Floats per position: `kv_heads · head_dim`.
     pub width: usize,
+    /// Most positions the slot will hold (the session's context).
+    max_positions: usize,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
 }
 
 impl KvCache {
-    pub fn new(width: usize) -> Self {
-        KvCache {
-            width,
-            k: Vec::new(),
-            v: Vec::new(),
-        }
+    pub fn new(width: usize, max_positions: usize) -> Self {
+        KvCache { width, max_positions, k: Vec::new(), v: Vec::new() }
     }
 
     /// Cached positions.
@@ -43,10 +41,17 @@ impl KvCache {
         self.k.len().checked_div(self.width).unwrap_or(0)
     }
 
-    /// Appends rows of keys and values (`[n][width]` each).
+    /// Appends rows of keys and values (`[n][width]` each). Grows by
+    /// doubling, but never reserves room for more than `max_positions`.
     pub fn append(&mut self, k: &[f32], v: &[f32]) {
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
+        for (buf, new) in [(&mut self.k, k), (&mut self.v, v)] {
+            let need = buf.len() + new.len();
+            if need > buf.capacity() {
+                let cap = (2 * buf.len()).min(self.max_positions * self.width).max(need);
+                buf.reserve_exact(cap - buf.len());
+            }
+            buf.extend_from_slice(new);
+        }
     }
 
     /// Keeps only the first `pos` positions.
@@ -61,12 +66,7 @@ impl KvCache {
 /// position up to the last query's. Returns `[rows][heads · head_dim]`.
 ///
 /// Parallel over (token, head) pairs.
-pub(crate) fn attend(
-    q: &[f32],
-    first_pos: usize,
-    cache: &KvCache,
-    attrs: &AttentionAttrs,
-) -> Vec<f32> {
+pub(crate) fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs) -> Vec<f32> {
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
     let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as usize;
@@ -76,36 +76,29 @@ pub(crate) fn attend(
     if hd == 0 || heads == 0 {
         return out;
     }
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (idx, o)| {
-            let (t, h) = (idx / heads, idx % heads);
-            let p = first_pos + t;
-            let kv_off = (h / group) * hd;
-            let qh = &q[idx * hd..(idx + 1) * hd];
-            let lo = if window > 0 {
-                (p + 1).saturating_sub(window)
-            } else {
-                0
-            };
-            let hi = (p + 1).min(cache.len());
-            scores.clear();
-            for j in lo..hi {
-                let kj = &cache.k[j * width + kv_off..j * width + kv_off + hd];
-                let mut s = attrs.scale * dot(qh, kj);
-                if attrs.softcap > 0.0 {
-                    s = attrs.softcap * (s / attrs.softcap).tanh();
-                }
-                scores.push(s);
+    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+        let (t, h) = (idx / heads, idx % heads);
+        let p = first_pos + t;
+        let kv_off = (h / group) * hd;
+        let qh = &q[idx * hd..(idx + 1) * hd];
+        let lo = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
+        let hi = (p + 1).min(cache.len());
+        scores.clear();
+        for j in lo..hi {
+            let kj = &cache.k[j * width + kv_off..j * width + kv_off + hd];
+            let mut s = attrs.scale * dot(qh, kj);
+            if attrs.softcap > 0.0 {
+                s = attrs.softcap * (s / attrs.softcap).tanh();
             }
-            softmax_row(scores);
-            for (j, &a) in (lo..hi).zip(scores.iter()) {
-                let vj = &cache.v[j * width + kv_off..j * width + kv_off + hd];
-                for (od, &vd) in o.iter_mut().zip(vj) {
-                    *od += a * vd;
-                }
+            scores.push(s);
+        }
+        softmax_row(scores);
+        for (j, &a) in (lo..hi).zip(scores.iter()) {
+            let vj = &cache.v[j * width + kv_off..j * width + kv_off + hd];
+            for (od, &vd) in o.iter_mut().zip(vj) {
+                *od += a * vd;
             }
-        },
-    );
+        }
+    });
     out
 }

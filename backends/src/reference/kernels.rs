@@ -62,12 +62,7 @@ impl F32x4 {
     #[inline(always)]
     fn mul_add(self, a: F32x4, b: F32x4) -> F32x4 {
         let (s, a, b) = (self.0, a.0, b.0);
-        F32x4([
-            s[0] + a[0] * b[0],
-            s[1] + a[1] * b[1],
-            s[2] + a[2] * b[2],
-            s[3] + a[3] * b[3],
-        ])
+        F32x4([s[0] + a[0] * b[0], s[1] + a[1] * b[1], s[2] + a[2] * b[2], s[3] + a[3] * b[3]])
     }
 }
 
@@ -118,13 +113,7 @@ pub(crate) fn dot4(w: [&[f32]; 4], x: &[f32]) -> [f32; 4] {
 /// As in ggml's `rms_norm`, the sum of squares is accumulated in f64 and the
 /// mean is rounded to f32 before `1/sqrtf(mean + eps)`; the weight multiply
 /// comes after the scaling (ggml applies it as a separate `mul`).
-pub(crate) fn rms_norm(
-    x: &[f32],
-    cols: usize,
-    group: usize,
-    eps: f32,
-    w: Option<&[f32]>,
-) -> Vec<f32> {
+pub(crate) fn rms_norm(x: &[f32], cols: usize, group: usize, eps: f32, w: Option<&[f32]>) -> Vec<f32> {
     let g = if group == 0 { cols } else { group };
     let mut y = x.to_vec();
     if g == 0 {
@@ -149,13 +138,7 @@ pub(crate) fn rms_norm(
 /// Layer normalization of each row: `y = (x − mean) / sqrt(var + eps) · w + b`
 /// (biased variance). As in ggml's `norm`, the sums for the mean and the
 /// variance are accumulated in f64 and rounded to f32.
-pub(crate) fn layer_norm(
-    x: &[f32],
-    cols: usize,
-    eps: f32,
-    w: Option<&[f32]>,
-    b: Option<&[f32]>,
-) -> Vec<f32> {
+pub(crate) fn layer_norm(x: &[f32], cols: usize, eps: f32, w: Option<&[f32]>, b: Option<&[f32]>) -> Vec<f32> {
     let mut y = x.to_vec();
     if cols == 0 {
         return y;
@@ -213,9 +196,7 @@ const GELU_COEF_A: f32 = 0.044715;
 pub(crate) fn activate(kind: Activation, x: f32) -> f32 {
     match kind {
         Activation::Silu => x / (1.0 + (-x).exp()),
-        Activation::GeluTanh => {
-            0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
-        }
+        Activation::GeluTanh => 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh()),
     }
 }
 
@@ -226,10 +207,7 @@ pub(crate) fn act(x: &[f32], kind: Activation) -> Vec<f32> {
 
 /// `act(gate) · up`, elementwise (SwiGLU / GeGLU).
 pub(crate) fn glu(gate: &[f32], up: &[f32], kind: Activation) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| activate(kind, g) * u)
-        .collect()
+    gate.iter().zip(up).map(|(&g, &u)| activate(kind, g) * u).collect()
 }
 
 /// Softmax of one row in place: `e^(x − max) / Σ e^(x − max)`. The sum is
@@ -320,13 +298,7 @@ mod tests {
     #[test]
     fn dot4_matches_dot_bitwise() {
         let x: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
-        let w: Vec<Vec<f32>> = (0..4)
-            .map(|r| {
-                (0..37)
-                    .map(|i| ((i * (r + 2)) as f32 * 0.11).cos())
-                    .collect()
-            })
-            .collect();
+        let w: Vec<Vec<f32>> = (0..4).map(|r| (0..37).map(|i| ((i * (r + 2)) as f32 * 0.11).cos()).collect()).collect();
         let got = dot4([&w[0], &w[1], &w[2], &w[3]], &x);
         for r in 0..4 {
             assert_eq!(got[r].to_bits(), dot(&w[r], &x).to_bits());

@@ -46,12 +46,7 @@ impl Weight<'_> {
 /// `x · Wᵀ (+ bias)` for `x` holding `rows` rows of `w.k` values; returns
 /// `[rows, w.n]`. The bias is added after the dot product (as ggml's
 /// separate `add`).
-pub(crate) fn matmul(
-    x: &[f32],
-    rows: usize,
-    w: Weight<'_>,
-    bias: Option<&[f32]>,
-) -> Result<Vec<f32>, QuantError> {
+pub(crate) fn matmul(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>) -> Result<Vec<f32>, QuantError> {
     let (n, k) = (w.n, w.k);
     if n == 0 || rows == 0 {
         return Ok(vec![0.0; rows * n]);
@@ -60,9 +55,7 @@ pub(crate) fn matmul(
     // enough tasks (about four per thread) to balance even a small matrix;
     // a multiple of 4 for `dot4`.
     let l2_rows = (TILE_BYTES / (4 * k.max(1))).clamp(4, MAX_BLOCK);
-    let balanced = n
-        .div_ceil(4 * rayon::current_num_threads())
-        .next_multiple_of(4);
+    let balanced = n.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(4);
     let block = l2_rows.min(balanced).max(4) / 4 * 4;
 
     let tiles: Vec<Vec<f32>> = (0..n.div_ceil(block))

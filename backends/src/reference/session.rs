@@ -15,29 +15,20 @@ use crate::{BackendError, Logits, Session, SessionOptions, WeightSource};
 const NAME: &str = "reference";
 
 fn internal(msg: impl Into<String>) -> BackendError {
-    BackendError::Internal {
-        backend: NAME,
-        msg: msg.into(),
-    }
+    BackendError::Internal { backend: NAME, msg: msg.into() }
 }
 
 fn quant_err(at: usize, e: QuantError) -> BackendError {
     internal(format!("%{at}: {e}"))
 }
 
-/// A value during one forward call: rows `first..T` of a `[T, cols]` tensor
-/// (`first` is 0, or `T − 1` when only the last row was needed).
+/// A value during one forward call: the token ids, or rows `first..T` of an
+/// f32 `[T, cols]` tensor (`first` is 0, or `T − 1` when only the last row
+/// was needed; see `plan`).
 #[derive(Debug)]
 enum Value {
-    Ids {
-        ids: Vec<u32>,
-        first: usize,
-    },
-    Act {
-        data: Vec<f32>,
-        cols: usize,
-        first: usize,
-    },
+    Ids(Vec<u32>),
+    Act { data: Vec<f32>, cols: usize, first: usize },
 }
 
 /// A session of the reference interpreter. Made by
@@ -72,20 +63,12 @@ impl std::fmt::Debug for ReferenceSession {
 
 /// The fixed dimensions of parameter `p`, as `usize`.
 fn param_dims(m: &VerifiedModule, p: ParamId) -> Result<Vec<usize>, BackendError> {
-    let param = m
-        .params
-        .get(p.index())
-        .ok_or_else(|| internal(format!("parameter #{} is not declared", p.0)))?;
+    let param = m.params.get(p.index()).ok_or_else(|| internal(format!("parameter #{} is not declared", p.0)))?;
     param
         .ty
         .fixed_dims()
         .and_then(|d| d.into_iter().map(|n| usize::try_from(n).ok()).collect())
-        .ok_or_else(|| {
-            internal(format!(
-                "parameter @{} has no usable fixed shape",
-                param.name
-            ))
-        })
+        .ok_or_else(|| internal(format!("parameter @{} has no usable fixed shape", param.name)))
 }
 
 impl ReferenceSession {
@@ -107,9 +90,7 @@ impl ReferenceSession {
                 )));
             }
         }
-        let out = module
-            .output
-            .ok_or_else(|| internal("module has no output"))?;
+        let out = module.output.ok_or_else(|| internal("module has no output"))?;
         let vocab = module
             .insts
             .get(out.index())
@@ -128,16 +109,12 @@ impl ReferenceSession {
                     vec![]
                 }
                 Op::RmsNorm { weight, .. } => weight.iter().copied().collect(),
-                Op::LayerNorm { weight, bias, .. } => {
-                    weight.iter().chain(bias.iter()).copied().collect()
-                }
+                Op::LayerNorm { weight, bias, .. } => weight.iter().chain(bias.iter()).copied().collect(),
                 Op::MatMul { bias, .. } => bias.iter().copied().collect(),
-                Op::Attention {
-                    k: Some(_), attrs, ..
-                } => {
+                Op::Attention { k: Some(_), attrs, .. } => {
                     let width = usize::try_from(attrs.kv_heads * attrs.head_dim)
                         .map_err(|_| internal("attention width overflows"))?;
-                    caches.insert(attrs.cache, KvCache::new(width));
+                    caches.insert(attrs.cache, KvCache::new(width, options.max_context));
                     vec![]
                 }
                 _ => vec![],
@@ -148,9 +125,8 @@ impl ReferenceSession {
                 }
                 let n = param_dims(&module, p)?.iter().product::<usize>();
                 let mut v = vec![0.0f32; n];
-                quant::dequantize_row(module.param(p).ty.dtype, weights.bytes(p), &mut v).map_err(
-                    |e| BackendError::BadInput(format!("@{}: {e}", module.param(p).name)),
-                )?;
+                quant::dequantize_row(module.param(p).ty.dtype, weights.bytes(p), &mut v)
+                    .map_err(|e| BackendError::BadInput(format!("@{}: {e}", module.param(p).name)))?;
                 vectors.insert(p, v);
             }
         }
@@ -177,18 +153,13 @@ impl ReferenceSession {
     }
 
     fn vector(&self, p: ParamId) -> Result<&[f32], BackendError> {
-        self.vectors
-            .get(&p)
-            .map(Vec::as_slice)
-            .ok_or_else(|| internal(format!("parameter #{} not decoded", p.0)))
+        self.vectors.get(&p).map(Vec::as_slice).ok_or_else(|| internal(format!("parameter #{} not decoded", p.0)))
     }
 
     /// Checks a forward call's input before anything changes.
     fn check_input(&self, tokens: &[u32]) -> Result<(), BackendError> {
         if tokens.is_empty() {
-            return Err(BackendError::BadInput(
-                "forward needs at least one token".into(),
-            ));
+            return Err(BackendError::BadInput("forward needs at least one token".into()));
         }
         let end = self.pos.checked_add(tokens.len());
         if end.is_none_or(|e| e > self.max_context) {
@@ -200,10 +171,7 @@ impl ReferenceSession {
             )));
         }
         if let Some(rows) = self.embed_rows
-            && let Some((i, &id)) = tokens
-                .iter()
-                .enumerate()
-                .find(|(_, id)| **id as usize >= rows)
+            && let Some((i, &id)) = tokens.iter().enumerate().find(|(_, id)| **id as usize >= rows)
         {
             return Err(BackendError::BadInput(format!(
                 "token {i} has id {id}, outside the embedding table of {rows} rows"
@@ -234,13 +202,8 @@ impl ReferenceSession {
                 values[v.index()] = None;
             }
         }
-        let out = module
-            .output
-            .ok_or_else(|| internal("module has no output"))?;
-        values
-            .get_mut(out.index())
-            .and_then(Option::take)
-            .ok_or_else(|| internal("the output value was not computed"))
+        let out = module.output.ok_or_else(|| internal("module has no output"))?;
+        values.get_mut(out.index()).and_then(Option::take).ok_or_else(|| internal("the output value was not computed"))
     }
 
     /// Executes instruction `i` for `rows` of this call's tokens; `None` when
@@ -255,40 +218,27 @@ impl ReferenceSession {
         rows: Rows,
     ) -> Result<Option<Value>, BackendError> {
         let t_len = tokens.len();
-        let first = if rows == Rows::All {
-            0
-        } else {
-            t_len.saturating_sub(1)
-        };
+        let first = if rows == Rows::All { 0 } else { t_len.saturating_sub(1) };
         let n_rows = t_len - first;
         // Rows `first..` of an f32 operand, and its row length.
         let act = |v: ValueId| -> Result<(&[f32], usize), BackendError> {
             match values.get(v.index()) {
-                Some(Some(Value::Act {
-                    data,
-                    cols,
-                    first: f,
-                })) if *f <= first => {
+                Some(Some(Value::Act { data, cols, first: f })) if *f <= first => {
                     let start = (first - f) * cols;
                     let end = start + n_rows * cols;
                     data.get(start..end)
                         .map(|d| (d, *cols))
                         .ok_or_else(|| internal(format!("%{i}: operand {v} is too short")))
                 }
-                _ => Err(internal(format!(
-                    "%{i}: operand {v} is not available for rows {first}..{t_len}"
-                ))),
+                _ => Err(internal(format!("%{i}: operand {v} is not available for rows {first}..{t_len}"))),
             }
         };
         let out = |data: Vec<f32>, cols: usize| Ok(Some(Value::Act { data, cols, first }));
         match op {
-            Op::Tokens => Ok(Some(Value::Ids {
-                ids: tokens.to_vec(),
-                first: 0,
-            })),
+            Op::Tokens => Ok(Some(Value::Ids(tokens.to_vec()))),
             Op::Embed { table, ids } => {
                 let ids = match values.get(ids.index()) {
-                    Some(Some(Value::Ids { ids, first: f })) if *f <= first => &ids[first - f..],
+                    Some(Some(Value::Ids(ids))) => ids.get(first..).unwrap_or(&[]),
                     _ => return Err(internal(format!("%{i}: token ids are not available"))),
                 };
                 let dims = param_dims(&self.module, *table)?;
@@ -303,30 +253,18 @@ impl ReferenceSession {
                 for (&id, dst) in ids.iter().zip(data.chunks_mut(d.max(1))) {
                     let id = id as usize;
                     let src = bytes.get(id * rb..(id + 1) * rb).ok_or_else(|| {
-                        BackendError::BadInput(format!(
-                            "token id {id} is outside the embedding table"
-                        ))
+                        BackendError::BadInput(format!("token id {id} is outside the embedding table"))
                     })?;
                     quant::dequantize_row(dtype, src, dst).map_err(|e| quant_err(i, e))?;
                 }
                 out(data, d)
             }
-            Op::RmsNorm {
-                x,
-                weight,
-                eps,
-                group,
-            } => {
+            Op::RmsNorm { x, weight, eps, group } => {
                 let (x, cols) = act(*x)?;
                 let w = weight.map(|p| self.vector(p)).transpose()?;
                 out(kernels::rms_norm(x, cols, *group as usize, *eps, w), cols)
             }
-            Op::LayerNorm {
-                x,
-                weight,
-                bias,
-                eps,
-            } => {
+            Op::LayerNorm { x, weight, bias, eps } => {
                 let (x, cols) = act(*x)?;
                 let w = weight.map(|p| self.vector(p)).transpose()?;
                 let b = bias.map(|p| self.vector(p)).transpose()?;
@@ -338,17 +276,10 @@ impl ReferenceSession {
                 let n = match dims.as_slice() {
                     [n, kk] if *kk == k => *n,
                     _ => {
-                        return Err(internal(format!(
-                            "%{i}: weight shape {dims:?} does not fit input rows of {k}"
-                        )));
+                        return Err(internal(format!("%{i}: weight shape {dims:?} does not fit input rows of {k}")));
                     }
                 };
-                let weight = Weight {
-                    bytes: self.weights.bytes(*w),
-                    dtype: self.module.param(*w).ty.dtype,
-                    n,
-                    k,
-                };
+                let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
                 let b = bias.map(|p| self.vector(p)).transpose()?;
                 let y = matmul(x, n_rows, weight, b).map_err(|e| quant_err(i, e))?;
                 out(y, n)
@@ -382,20 +313,17 @@ impl ReferenceSession {
                 out(kernels::softmax(x, cols), cols)
             }
             Op::Attention { q, k, v, attrs } => {
-                let cache = self.caches.get_mut(&attrs.cache).ok_or_else(|| {
-                    internal(format!("%{i}: KV-cache slot {} has no writer", attrs.cache))
-                })?;
+                let cache = self
+                    .caches
+                    .get_mut(&attrs.cache)
+                    .ok_or_else(|| internal(format!("%{i}: KV-cache slot {} has no writer", attrs.cache)))?;
                 if let (Some(k), Some(v)) = (k, v) {
                     // k and v are always computed for every row (see `plan`).
                     let whole = |v: ValueId| match values.get(v.index()) {
-                        Some(Some(Value::Act { data, first: 0, .. }))
-                            if data.len() == t_len * cache.width =>
-                        {
+                        Some(Some(Value::Act { data, first: 0, .. })) if data.len() == t_len * cache.width => {
                             Ok(data.as_slice())
                         }
-                        _ => Err(internal(format!(
-                            "%{i}: k/v operand {v} is not available for every row"
-                        ))),
+                        _ => Err(internal(format!("%{i}: k/v operand {v} is not available for every row"))),
                     };
                     if cache.len() != self.pos {
                         return Err(internal(format!(

@@ -41,10 +41,10 @@ fn from_gguf(m: &dyn GgufMeta, vocab: u64) -> FrontendResult<DecoderConfig> {
 
 fn from_hf(cfg: &HfConfig) -> FrontendResult<DecoderConfig> {
     let c = common_hf(cfg, "gemma3")?;
-    if let Some(act) = cfg.opt_str("hidden_activation")? {
-        if act != "gelu_pytorch_tanh" {
-            return Err(FrontendError::unsupported(cfg.file, format!("hidden_activation `{act}`")));
-        }
+    if let Some(act) = cfg.opt_str("hidden_activation")?
+        && act != "gelu_pytorch_tanh"
+    {
+        return Err(FrontendError::unsupported(cfg.file, format!("hidden_activation `{act}`")));
     }
     let window = cfg.u64("sliding_window")?;
     let local_theta = cfg.opt_f32("rope_local_base_freq")?.unwrap_or(LOCAL_ROPE_THETA);

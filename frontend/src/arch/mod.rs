@@ -66,7 +66,10 @@ impl HfConfig<'_> {
     pub fn opt_u64(&self, key: &str) -> FrontendResult<Option<u64>> {
         match self.json.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| self.bad(format!("`{key}` must be a non-negative integer, found {v}"))),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| self.bad(format!("`{key}` must be a non-negative integer, found {v}"))),
         }
     }
     pub fn u64(&self, key: &str) -> FrontendResult<u64> {
@@ -75,7 +78,10 @@ impl HfConfig<'_> {
     pub fn opt_f32(&self, key: &str) -> FrontendResult<Option<f32>> {
         match self.json.get(key) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| self.bad(format!("`{key}` must be a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| self.bad(format!("`{key}` must be a number, found {v}"))),
         }
     }
     pub fn opt_str(&self, key: &str) -> FrontendResult<Option<String>> {
@@ -114,20 +120,34 @@ pub(crate) fn common_gguf(m: &dyn GgufMeta, arch: &str, vocab: u64) -> FrontendR
     let f = m.file();
     let k = |s: &str| format!("{arch}.{s}");
     let n_layers = check_range(f, "block_count", req(f, &k("block_count"), m.u64(&k("block_count"))?)?, MAX_LAYERS)?;
-    let d = check_range(f, "embedding_length", req(f, &k("embedding_length"), m.u64(&k("embedding_length"))?)?, MAX_DIM)?;
-    let ffn = check_range(f, "feed_forward_length", req(f, &k("feed_forward_length"), m.u64(&k("feed_forward_length"))?)?, MAX_DIM)?;
-    let heads = check_range(f, "attention.head_count", req(f, &k("attention.head_count"), m.u64(&k("attention.head_count"))?)?, 4096)?;
-    let kv_heads = check_range(f, "attention.head_count_kv", m.u64(&k("attention.head_count_kv"))?.unwrap_or(heads), 4096)?;
+    let d =
+        check_range(f, "embedding_length", req(f, &k("embedding_length"), m.u64(&k("embedding_length"))?)?, MAX_DIM)?;
+    let ffn = check_range(
+        f,
+        "feed_forward_length",
+        req(f, &k("feed_forward_length"), m.u64(&k("feed_forward_length"))?)?,
+        MAX_DIM,
+    )?;
+    let heads = check_range(
+        f,
+        "attention.head_count",
+        req(f, &k("attention.head_count"), m.u64(&k("attention.head_count"))?)?,
+        4096,
+    )?;
+    let kv_heads =
+        check_range(f, "attention.head_count_kv", m.u64(&k("attention.head_count_kv"))?.unwrap_or(heads), 4096)?;
     let head_dim = match m.u64(&k("attention.key_length"))? {
         Some(n) => n,
         None if d % heads == 0 => d / heads,
-        None => return Err(FrontendError::bad(f, format!("embedding_length {d} is not divisible by head_count {heads}"))),
+        None => {
+            return Err(FrontendError::bad(f, format!("embedding_length {d} is not divisible by head_count {heads}")));
+        }
     };
     let head_dim = check_range(f, "head dim", head_dim, 4096)?;
-    if let Some(vl) = m.u64(&k("attention.value_length"))? {
-        if vl != head_dim {
-            return Err(FrontendError::unsupported(f, format!("value_length {vl} differs from key_length {head_dim}")));
-        }
+    if let Some(vl) = m.u64(&k("attention.value_length"))?
+        && vl != head_dim
+    {
+        return Err(FrontendError::unsupported(f, format!("value_length {vl} differs from key_length {head_dim}")));
     }
     let eps = req(f, &k("attention.layer_norm_rms_epsilon"), m.f32(&k("attention.layer_norm_rms_epsilon"))?)?;
     let theta = m.f32(&k("rope.freq_base"))?.unwrap_or(10000.0);
@@ -176,7 +196,12 @@ pub(crate) fn common_hf(c: &HfConfig, arch: &str) -> FrontendResult<DecoderConfi
     let head_dim = match c.opt_u64("head_dim")? {
         Some(n) => n,
         None if d % heads == 0 => d / heads,
-        None => return Err(FrontendError::bad(f, format!("hidden_size {d} is not divisible by num_attention_heads {heads}"))),
+        None => {
+            return Err(FrontendError::bad(
+                f,
+                format!("hidden_size {d} is not divisible by num_attention_heads {heads}"),
+            ));
+        }
     };
     let head_dim = check_range(f, "head_dim", head_dim, 4096)?;
     let vocab = check_range(f, "vocab_size", c.u64("vocab_size")?, 1 << 24)?;
@@ -196,10 +221,11 @@ pub(crate) fn common_hf(c: &HfConfig, arch: &str) -> FrontendResult<DecoderConfi
             other => return Err(FrontendError::unsupported(f, format!("rope_scaling type `{other}`"))),
         }
     }
-    if let Some(act) = c.opt_str("hidden_act")? {
-        if act != "silu" && arch != "gemma3" {
-            return Err(FrontendError::unsupported(f, format!("hidden_act `{act}`")));
-        }
+    if let Some(act) = c.opt_str("hidden_act")?
+        && act != "silu"
+        && arch != "gemma3"
+    {
+        return Err(FrontendError::unsupported(f, format!("hidden_act `{act}`")));
     }
     Ok(DecoderConfig {
         arch: arch.to_string(),
