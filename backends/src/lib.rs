@@ -35,13 +35,26 @@ pub enum BackendError {
     Internal { backend: &'static str, msg: String },
 }
 
+/// How a backend rounds intermediate values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Numerics {
+    /// kiln's definition: f32 activations and KV cache, exact dequantized weights.
+    #[default]
+    Exact,
+    /// llama.cpp's CPU numerics, for token-for-token comparison with it: activations
+    /// rounded to the weight type's 8-bit/f16 dot type before each matmul, and an
+    /// f16 KV cache read by flash attention with an f16 value accumulator.
+    Ggml,
+}
+
 /// Options for preparing a session.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SessionOptions {
     /// Maximum number of positions the KV cache holds.
     pub max_context: usize,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+    pub numerics: Numerics,
 }
 
 /// Which logits a forward call returns.

@@ -45,10 +45,7 @@ struct Builder {
 
 impl Builder {
     fn new() -> Self {
-        Builder {
-            m: Module::new("test"),
-            bytes: vec![],
-        }
+        Builder { m: Module::new("test"), bytes: vec![] }
     }
 
     /// Declares a parameter and stores `values` quantized to `dtype`.
@@ -81,10 +78,7 @@ impl Builder {
         self.m.output = Some(out);
         let module = Arc::new(verify(self.m).unwrap());
         let weights: Arc<dyn WeightSource> = Arc::new(Weights(self.bytes));
-        let options = SessionOptions {
-            max_context,
-            threads: 2,
-        };
+        let options = SessionOptions { max_context, threads: 2, ..Default::default() };
         ReferenceBackend.prepare(module, weights, &options).unwrap()
     }
 }
@@ -93,10 +87,7 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "lengths differ: {got:?} vs {want:?}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let err = (f64::from(*g) - w).abs();
-        assert!(
-            err <= tol * (1.0 + w.abs()),
-            "element {i}: got {g}, want {w} (all: {got:?} vs {want:?})"
-        );
+        assert!(err <= tol * (1.0 + w.abs()), "element {i}: got {g}, want {w} (all: {got:?} vs {want:?})");
     }
 }
 
@@ -104,10 +95,7 @@ fn assert_close(got: &[f32], want: &[f64], tol: f64) {
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
-    a.iter()
-        .zip(b)
-        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
 // ---------------------------------------------------------------- per-op cases
@@ -120,30 +108,15 @@ fn backend_name_and_support() {
     b.m.output = Some(x);
     let module = verify(b.m).unwrap();
     assert_eq!(ReferenceBackend.name(), "reference");
-    assert!(
-        module
-            .insts
-            .iter()
-            .all(|i| ReferenceBackend.supports(&module, &i.op))
-    );
-    assert_eq!(
-        kiln_backends::first_unsupported(&ReferenceBackend, &module),
-        None
-    );
+    assert!(module.insts.iter().all(|i| ReferenceBackend.supports(&module, &i.op)));
+    assert_eq!(kiln_backends::first_unsupported(&ReferenceBackend, &module), None);
 }
 
 #[test]
 fn embed_dequantizes_rows_of_any_dtype() {
     let mut rng = Rng(7);
     let rows = rng.vec(3 * 64, 1.0);
-    for dtype in [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::Q8_0,
-        DType::Q4_1,
-        DType::Q5_0,
-    ] {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_1, DType::Q5_0] {
         let mut b = Builder::new();
         let ids = b.push(Op::Tokens);
         let t = b.param("t", dtype, &[3, 64], &rows);
@@ -166,24 +139,9 @@ fn rms_norm_known_numbers() {
     let x = b.input("x", ids, &[vec![1.0, 2.0, 3.0, 4.0]]);
     let w = b.param("w", DType::F32, &[4], &[1.0, 1.0, 2.0, 0.5]);
     let wg = b.param("wg", DType::F32, &[2], &[1.0, 3.0]);
-    let n = b.push(Op::RmsNorm {
-        x,
-        weight: Some(w),
-        eps: 0.0,
-        group: 0,
-    });
-    let g = b.push(Op::RmsNorm {
-        x,
-        weight: Some(wg),
-        eps: 0.5,
-        group: 2,
-    });
-    let plain = b.push(Op::RmsNorm {
-        x,
-        weight: None,
-        eps: 0.0,
-        group: 0,
-    });
+    let n = b.push(Op::RmsNorm { x, weight: Some(w), eps: 0.0, group: 0 });
+    let g = b.push(Op::RmsNorm { x, weight: Some(wg), eps: 0.5, group: 2 });
+    let plain = b.push(Op::RmsNorm { x, weight: None, eps: 0.0, group: 0 });
     let a = b.push(Op::Add { a: n, b: g });
     let out = b.push(Op::Add { a, b: plain });
     let mut s = b.session(out, 4);
@@ -207,12 +165,7 @@ fn layer_norm_known_numbers() {
     let x = b.input("x", ids, &[vec![1.0, 2.0, 3.0, 4.0]]);
     let w = b.param("w", DType::F32, &[4], &[1.0, 2.0, 1.0, 1.0]);
     let bias = b.param("b", DType::F32, &[4], &[0.0, 0.0, 10.0, 0.0]);
-    let out = b.push(Op::LayerNorm {
-        x,
-        weight: Some(w),
-        bias: Some(bias),
-        eps: 0.0,
-    });
+    let out = b.push(Op::LayerNorm { x, weight: Some(w), bias: Some(bias), eps: 0.0 });
     let mut s = b.session(out, 4);
     let got = s.forward(&[0], Logits::All).unwrap();
     let sd = 1.25f64.sqrt(); // mean 2.5, variance (2.25+0.25+0.25+2.25)/4
@@ -230,65 +183,21 @@ fn elementwise_ops_known_numbers() {
     let xs = vec![-2.0f32, -0.5, 0.0, 1.5];
     let ys = vec![3.0f32, 0.25, -1.0, 2.0];
     let silu = |x: f64| x / (1.0 + (-x).exp());
-    let gelu = |x: f64| {
-        0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
-    };
+    let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
     let cases: Vec<(&str, BuildOp, Expected)> = vec![
-        (
-            "add",
-            Box::new(|b, x, y| b.push(Op::Add { a: x, b: y })),
-            Box::new(|x, y| x + y),
-        ),
-        (
-            "mul",
-            Box::new(|b, x, y| b.push(Op::Mul { a: x, b: y })),
-            Box::new(|x, y| x * y),
-        ),
-        (
-            "scale",
-            Box::new(|b, x, _| b.push(Op::Scale { x, s: -0.75 })),
-            Box::new(|x, _| -0.75 * x),
-        ),
-        (
-            "silu",
-            Box::new(|b, x, _| {
-                b.push(Op::Act {
-                    x,
-                    kind: Activation::Silu,
-                })
-            }),
-            Box::new(move |x, _| silu(x)),
-        ),
-        (
-            "gelu",
-            Box::new(|b, x, _| {
-                b.push(Op::Act {
-                    x,
-                    kind: Activation::GeluTanh,
-                })
-            }),
-            Box::new(move |x, _| gelu(x)),
-        ),
+        ("add", Box::new(|b, x, y| b.push(Op::Add { a: x, b: y })), Box::new(|x, y| x + y)),
+        ("mul", Box::new(|b, x, y| b.push(Op::Mul { a: x, b: y })), Box::new(|x, y| x * y)),
+        ("scale", Box::new(|b, x, _| b.push(Op::Scale { x, s: -0.75 })), Box::new(|x, _| -0.75 * x)),
+        ("silu", Box::new(|b, x, _| b.push(Op::Act { x, kind: Activation::Silu })), Box::new(move |x, _| silu(x))),
+        ("gelu", Box::new(|b, x, _| b.push(Op::Act { x, kind: Activation::GeluTanh })), Box::new(move |x, _| gelu(x))),
         (
             "swiglu",
-            Box::new(|b, x, y| {
-                b.push(Op::Glu {
-                    gate: x,
-                    up: y,
-                    kind: Activation::Silu,
-                })
-            }),
+            Box::new(|b, x, y| b.push(Op::Glu { gate: x, up: y, kind: Activation::Silu })),
             Box::new(move |x, y| silu(x) * y),
         ),
         (
             "geglu",
-            Box::new(|b, x, y| {
-                b.push(Op::Glu {
-                    gate: x,
-                    up: y,
-                    kind: Activation::GeluTanh,
-                })
-            }),
+            Box::new(|b, x, y| b.push(Op::Glu { gate: x, up: y, kind: Activation::GeluTanh })),
             Box::new(move |x, y| gelu(x) * y),
         ),
     ];
@@ -300,11 +209,7 @@ fn elementwise_ops_known_numbers() {
         let out = build(&mut b, x, y);
         let mut s = b.session(out, 4);
         let got = s.forward(&[0], Logits::All).unwrap();
-        let want: Vec<f64> = xs
-            .iter()
-            .zip(&ys)
-            .map(|(&x, &y)| f(x.into(), y.into()))
-            .collect();
+        let want: Vec<f64> = xs.iter().zip(&ys).map(|(&x, &y)| f(x.into(), y.into())).collect();
         println!("{name}");
         assert_close(&got, &want, 1e-6);
     }
@@ -314,23 +219,12 @@ fn elementwise_ops_known_numbers() {
 fn softmax_known_numbers() {
     let mut b = Builder::new();
     let ids = b.push(Op::Tokens);
-    let x = b.input(
-        "x",
-        ids,
-        &[vec![1.0, 2.0, 3.0], vec![1000.0, 1000.0, -1000.0]],
-    );
+    let x = b.input("x", ids, &[vec![1.0, 2.0, 3.0], vec![1000.0, 1000.0, -1000.0]]);
     let out = b.push(Op::Softmax { x });
     let mut s = b.session(out, 4);
     let got = s.forward(&[0, 1], Logits::All).unwrap();
     let z = 1f64.exp() + 2f64.exp() + 3f64.exp();
-    let want = [
-        1f64.exp() / z,
-        2f64.exp() / z,
-        3f64.exp() / z,
-        0.5,
-        0.5,
-        0.0,
-    ];
+    let want = [1f64.exp() / z, 2f64.exp() / z, 3f64.exp() / z, 0.5, 0.5, 0.0];
     assert_close(&got, &want, 1e-6);
 }
 
@@ -341,26 +235,14 @@ fn matmul_with_bias_and_quantized_weights() {
     let xs: Vec<Vec<f32>> = (0..3).map(|_| rng.vec(k, 1.0)).collect();
     let wv = rng.vec(n * k, 0.5);
     let bias = rng.vec(n, 1.0);
-    for dtype in [
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::Q8_0,
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q5_1,
-    ] {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_1] {
         let mut b = Builder::new();
         let ids = b.push(Op::Tokens);
         let x = b.input("x", ids, &xs);
         let w = b.param("w", dtype, &[n as u64, k as u64], &wv);
         let wbytes = b.bytes[1].clone();
         let bp = b.param("b", DType::F32, &[n as u64], &bias);
-        let out = b.push(Op::MatMul {
-            x,
-            w,
-            bias: Some(bp),
-        });
+        let out = b.push(Op::MatMul { x, w, bias: Some(bp) });
         let mut s = b.session(out, 8);
         // Several tokens at once (dequantize-per-row path) ...
         let all = s.forward(&[0, 1, 2], Logits::All).unwrap();
@@ -377,11 +259,7 @@ fn matmul_with_bias_and_quantized_weights() {
             for o in 0..n {
                 let mut row = vec![0.0f32; k];
                 dequantize_row(dtype, &wbytes[o * rb..(o + 1) * rb], &mut row).unwrap();
-                let d: f64 = row
-                    .iter()
-                    .zip(x)
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                    .sum();
+                let d: f64 = row.iter().zip(x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
                 want.push(d + f64::from(bias[o]));
             }
         }
@@ -407,13 +285,7 @@ fn matmul_large_blocks_match_naive() {
     let mut want = vec![];
     for x in &xs {
         for o in 0..n {
-            want.push(
-                wv[o * k..(o + 1) * k]
-                    .iter()
-                    .zip(x)
-                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                    .sum(),
-            );
+            want.push(wv[o * k..(o + 1) * k].iter().zip(x).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum());
         }
     }
     assert_close(&got, &want, 1e-5);
@@ -422,24 +294,12 @@ fn matmul_large_blocks_match_naive() {
 }
 
 /// RoPE reference in f64: pair i turns by p·fs·theta^(−2i/rot).
-fn rope_ref(
-    x: &[f32],
-    p: usize,
-    hd: usize,
-    rot: usize,
-    theta: f64,
-    fs: f64,
-    neox: bool,
-) -> Vec<f64> {
+fn rope_ref(x: &[f32], p: usize, hd: usize, rot: usize, theta: f64, fs: f64, neox: bool) -> Vec<f64> {
     let mut y: Vec<f64> = x.iter().map(|&v| v.into()).collect();
     for head in y.chunks_mut(hd) {
         for i in 0..rot / 2 {
             let a = p as f64 * fs * theta.powf(-2.0 * i as f64 / rot as f64);
-            let (i0, i1) = if neox {
-                (i, i + rot / 2)
-            } else {
-                (2 * i, 2 * i + 1)
-            };
+            let (i0, i1) = if neox { (i, i + rot / 2) } else { (2 * i, 2 * i + 1) };
             let (x0, x1) = (head[i0], head[i1]);
             head[i0] = x0 * a.cos() - x1 * a.sin();
             head[i1] = x0 * a.sin() + x1 * a.cos();
@@ -457,13 +317,7 @@ fn rope_known_angles_both_layouts() {
             let mut b = Builder::new();
             let ids = b.push(Op::Tokens);
             let x = b.input("x", ids, std::slice::from_ref(&row));
-            let attrs = RopeAttrs {
-                head_dim: 4,
-                rot_dims: rot,
-                theta: 100.0,
-                freq_scale: fs,
-                layout,
-            };
+            let attrs = RopeAttrs { head_dim: 4, rot_dims: rot, theta: 100.0, freq_scale: fs, layout };
             let out = b.push(Op::Rope { x, attrs });
             let mut s = b.session(out, 8);
             let got = s.forward(&[0, 0, 0], Logits::All).unwrap();
@@ -475,21 +329,12 @@ fn rope_known_angles_both_layouts() {
             if rot == 4 && fs == 1.0 && !neox {
                 let (c, s2) = (2f64.cos(), 2f64.sin());
                 let (c2, s3) = (0.2f64.cos(), 0.2f64.sin());
-                let want = [
-                    c - 2.0 * s2,
-                    s2 + 2.0 * c,
-                    3.0 * c2 - 4.0 * s3,
-                    3.0 * s3 + 4.0 * c2,
-                ];
+                let want = [c - 2.0 * s2, s2 + 2.0 * c, 3.0 * c2 - 4.0 * s3, 3.0 * s3 + 4.0 * c2];
                 assert_close(&got[16..20], &want, 1e-6);
             }
             // The second decode call continues at position 3.
             let next = s.forward(&[0], Logits::All).unwrap();
-            assert_close(
-                &next,
-                &rope_ref(&row, 3, 4, rot as usize, 100.0, fs.into(), neox),
-                1e-6,
-            );
+            assert_close(&next, &rope_ref(&row, 3, 4, rot as usize, 100.0, fs.into(), neox), 1e-6);
         }
     }
 }
@@ -519,29 +364,16 @@ fn attention_ref(
                 .iter()
                 .map(|&j| {
                     let kj = &k[j][kvh * hd..(kvh + 1) * hd];
-                    let d: f64 = qh
-                        .iter()
-                        .zip(kj)
-                        .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                        .sum();
+                    let d: f64 = qh.iter().zip(kj).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
                     let d = d * scale;
-                    if softcap > 0.0 {
-                        softcap * (d / softcap).tanh()
-                    } else {
-                        d
-                    }
+                    if softcap > 0.0 { softcap * (d / softcap).tanh() } else { d }
                 })
                 .collect();
             let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             s.iter_mut().for_each(|x| *x = (*x - m).exp());
             let z: f64 = s.iter().sum();
             for d in 0..hd {
-                out.push(
-                    js.iter()
-                        .zip(&s)
-                        .map(|(&j, a)| a / z * f64::from(v[j][kvh * hd + d]))
-                        .sum(),
-                );
+                out.push(js.iter().zip(&s).map(|(&j, a)| a / z * f64::from(v[j][kvh * hd + d])).sum());
             }
         }
     }
@@ -577,26 +409,12 @@ fn run_attention_case(c: &AttnCase, seed: u64) {
         window: c.window,
         softcap: c.softcap,
     };
-    let out = b.push(Op::Attention {
-        q: qv,
-        k: Some(kv),
-        v: Some(vv),
-        attrs,
-    });
+    let out = b.push(Op::Attention { q: qv, k: Some(kv), v: Some(vv), attrs });
     let mut s = b.session(out, 64);
     let tokens: Vec<u32> = (0..c.t as u32).collect();
     let got = s.forward(&tokens, Logits::All).unwrap();
-    let want = attention_ref(
-        &q,
-        &k,
-        &v,
-        c.heads,
-        c.kv_heads,
-        c.hd,
-        c.scale.into(),
-        c.window as usize,
-        c.softcap.into(),
-    );
+    let want =
+        attention_ref(&q, &k, &v, c.heads, c.kv_heads, c.hd, c.scale.into(), c.window as usize, c.softcap.into());
     assert_close(&got, &want, 1e-5);
     // Token by token through the cache gives the same rows.
     s.truncate(0);
@@ -617,21 +435,8 @@ fn attention_one_head_is_softmax_weighted_values() {
     let q = b.input("q", ids, &[vec![1.0, 0.0], vec![1.0, 0.0]]);
     let k = b.input("k", ids, &[vec![0.0, 0.0], vec![3f32.ln(), 0.0]]);
     let v = b.input("v", ids, &[vec![4.0, 8.0], vec![0.0, -4.0]]);
-    let attrs = AttentionAttrs {
-        cache: 0,
-        heads: 1,
-        kv_heads: 1,
-        head_dim: 2,
-        scale: 1.0,
-        window: 0,
-        softcap: 0.0,
-    };
-    let out = b.push(Op::Attention {
-        q,
-        k: Some(k),
-        v: Some(v),
-        attrs,
-    });
+    let attrs = AttentionAttrs { cache: 0, heads: 1, kv_heads: 1, head_dim: 2, scale: 1.0, window: 0, softcap: 0.0 };
+    let out = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
     let mut s = b.session(out, 8);
     let got = s.forward(&[0, 1], Logits::All).unwrap();
     assert_close(&got, &[4.0, 8.0, 1.0, -1.0], 1e-6);
@@ -639,30 +444,8 @@ fn attention_one_head_is_softmax_weighted_values() {
 
 #[test]
 fn attention_gqa_head_mapping() {
-    run_attention_case(
-        &AttnCase {
-            heads: 4,
-            kv_heads: 2,
-            hd: 8,
-            t: 5,
-            scale: 0.35,
-            window: 0,
-            softcap: 0.0,
-        },
-        21,
-    );
-    run_attention_case(
-        &AttnCase {
-            heads: 6,
-            kv_heads: 1,
-            hd: 4,
-            t: 3,
-            scale: 0.5,
-            window: 0,
-            softcap: 0.0,
-        },
-        22,
-    );
+    run_attention_case(&AttnCase { heads: 4, kv_heads: 2, hd: 8, t: 5, scale: 0.35, window: 0, softcap: 0.0 }, 21);
+    run_attention_case(&AttnCase { heads: 6, kv_heads: 1, hd: 4, t: 3, scale: 0.5, window: 0, softcap: 0.0 }, 22);
     // Explicit mapping check: with kv_heads 2 and heads 4, heads 0 and 1 read
     // kv head 0, heads 2 and 3 read kv head 1. Values of kv head 1 are 10x those of kv head 0.
     let mut b = Builder::new();
@@ -670,42 +453,15 @@ fn attention_gqa_head_mapping() {
     let q = b.input("q", ids, &[vec![0.0; 4]]);
     let k = b.input("k", ids, &[vec![0.0; 2]]);
     let v = b.input("v", ids, &[vec![1.0, 10.0]]);
-    let attrs = AttentionAttrs {
-        cache: 0,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 1,
-        scale: 1.0,
-        window: 0,
-        softcap: 0.0,
-    };
-    let out = b.push(Op::Attention {
-        q,
-        k: Some(k),
-        v: Some(v),
-        attrs,
-    });
+    let attrs = AttentionAttrs { cache: 0, heads: 4, kv_heads: 2, head_dim: 1, scale: 1.0, window: 0, softcap: 0.0 };
+    let out = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
     let mut s = b.session(out, 8);
-    assert_eq!(
-        s.forward(&[0], Logits::All).unwrap(),
-        vec![1.0, 1.0, 10.0, 10.0]
-    );
+    assert_eq!(s.forward(&[0], Logits::All).unwrap(), vec![1.0, 1.0, 10.0, 10.0]);
 }
 
 #[test]
 fn attention_sliding_window_masks_old_positions() {
-    run_attention_case(
-        &AttnCase {
-            heads: 2,
-            kv_heads: 2,
-            hd: 8,
-            t: 9,
-            scale: 0.3,
-            window: 3,
-            softcap: 0.0,
-        },
-        31,
-    );
+    run_attention_case(&AttnCase { heads: 2, kv_heads: 2, hd: 8, t: 9, scale: 0.3, window: 3, softcap: 0.0 }, 31);
     // Hand-checked: window 2, values v_j = j; with all scores equal, position 3
     // averages v_2 and v_3 -> 2.5 (unmasked it would be 1.5).
     let mut b = Builder::new();
@@ -713,21 +469,8 @@ fn attention_sliding_window_masks_old_positions() {
     let q = b.input("q", ids, &[vec![0.0], vec![0.0], vec![0.0], vec![0.0]]);
     let k = b.input("k", ids, &[vec![0.0], vec![0.0], vec![0.0], vec![0.0]]);
     let v = b.input("v", ids, &[vec![0.0], vec![1.0], vec![2.0], vec![3.0]]);
-    let attrs = AttentionAttrs {
-        cache: 0,
-        heads: 1,
-        kv_heads: 1,
-        head_dim: 1,
-        scale: 1.0,
-        window: 2,
-        softcap: 0.0,
-    };
-    let out = b.push(Op::Attention {
-        q,
-        k: Some(k),
-        v: Some(v),
-        attrs,
-    });
+    let attrs = AttentionAttrs { cache: 0, heads: 1, kv_heads: 1, head_dim: 1, scale: 1.0, window: 2, softcap: 0.0 };
+    let out = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
     let mut s = b.session(out, 8);
     let got = s.forward(&[0, 1, 2, 3], Logits::All).unwrap();
     assert_eq!(got, vec![0.0, 0.5, 1.5, 2.5]);
@@ -735,18 +478,7 @@ fn attention_sliding_window_masks_old_positions() {
 
 #[test]
 fn attention_softcap() {
-    run_attention_case(
-        &AttnCase {
-            heads: 2,
-            kv_heads: 1,
-            hd: 8,
-            t: 6,
-            scale: 1.0,
-            window: 0,
-            softcap: 2.0,
-        },
-        41,
-    );
+    run_attention_case(&AttnCase { heads: 2, kv_heads: 1, hd: 8, t: 6, scale: 1.0, window: 0, softcap: 2.0 }, 41);
     // Hand-checked: scores 0 and 100 capped at 1: cap·tanh(100) ≈ 1, so the
     // weights are 1 : e (not 1 : e^100).
     let mut b = Builder::new();
@@ -754,21 +486,8 @@ fn attention_softcap() {
     let q = b.input("q", ids, &[vec![1.0], vec![1.0]]);
     let k = b.input("k", ids, &[vec![0.0], vec![100.0]]);
     let v = b.input("v", ids, &[vec![0.0], vec![1.0]]);
-    let attrs = AttentionAttrs {
-        cache: 0,
-        heads: 1,
-        kv_heads: 1,
-        head_dim: 1,
-        scale: 1.0,
-        window: 0,
-        softcap: 1.0,
-    };
-    let out = b.push(Op::Attention {
-        q,
-        k: Some(k),
-        v: Some(v),
-        attrs,
-    });
+    let attrs = AttentionAttrs { cache: 0, heads: 1, kv_heads: 1, head_dim: 1, scale: 1.0, window: 0, softcap: 1.0 };
+    let out = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
     let mut s = b.session(out, 8);
     let got = s.forward(&[0, 1], Logits::All).unwrap();
     let e = std::f64::consts::E;
@@ -803,32 +522,14 @@ fn shared_kv_slot_reads_the_writers_cache() {
         let qb = b.input("q1", ids, &q1);
         let kv = b.input("k", ids, &k);
         let vv = b.input("v", ids, &v);
-        let w = b.push(Op::Attention {
-            q: qa,
-            k: Some(kv),
-            v: Some(vv),
-            attrs: attrs.clone(),
-        });
-        let r = b.push(Op::Attention {
-            q: qb,
-            k: None,
-            v: None,
-            attrs: attrs.clone(),
-        });
-        let out = if sum {
-            b.push(Op::Add { a: w, b: r })
-        } else {
-            r
-        };
+        let w = b.push(Op::Attention { q: qa, k: Some(kv), v: Some(vv), attrs: attrs.clone() });
+        let r = b.push(Op::Attention { q: qb, k: None, v: None, attrs: attrs.clone() });
+        let out = if sum { b.push(Op::Add { a: w, b: r }) } else { r };
         let mut s = b.session(out, 16);
         // Prompt in two chunks, so the second chunk reads positions cached by the first call.
         let mut got = s.forward(&[0, 1], Logits::All).unwrap();
         got.extend(s.forward(&[2, 3], Logits::All).unwrap());
-        let want: Vec<f64> = if sum {
-            want0.iter().zip(&want1).map(|(a, b)| a + b).collect()
-        } else {
-            want1.clone()
-        };
+        let want: Vec<f64> = if sum { want0.iter().zip(&want1).map(|(a, b)| a + b).collect() } else { want1.clone() };
         assert_close(&got, &want, 1e-5);
     }
 }
@@ -843,19 +544,12 @@ fn tiny_llama(layers: usize, seed: u64) -> (Module, Vec<Vec<u8>>) {
     b.m.set_meta("arch", Meta::Str("llama".into()));
     let mut p = |b: &mut Builder, n: &str, dt: DType, s: &[u64], scale: f32| {
         let n_el = s.iter().product::<u64>() as usize;
-        let vals = if scale == 0.0 {
-            vec![1.0; n_el]
-        } else {
-            rng.vec(n_el, scale)
-        };
+        let vals = if scale == 0.0 { vec![1.0; n_el] } else { rng.vec(n_el, scale) };
         b.param(n, dt, s, &vals)
     };
     let emb = p(&mut b, "token_embd.weight", DType::Q8_0, &[vocab, d], 1.0);
     let tok = b.push(Op::Tokens);
-    let mut x = b.push(Op::Embed {
-        table: emb,
-        ids: tok,
-    });
+    let mut x = b.push(Op::Embed { table: emb, ids: tok });
     for l in 0..layers {
         let name = |n: &str| format!("blk.{l}.{n}.weight");
         let an = p(&mut b, &name("attn_norm"), DType::F32, &[d], 0.0);
@@ -867,38 +561,12 @@ fn tiny_llama(layers: usize, seed: u64) -> (Module, Vec<Vec<u8>>) {
         let wg = p(&mut b, &name("ffn_gate"), DType::Q4_1, &[ff, d], 0.3);
         let wu = p(&mut b, &name("ffn_up"), DType::Q4_1, &[ff, d], 0.3);
         let wd = p(&mut b, &name("ffn_down"), DType::BF16, &[d, ff], 0.2);
-        let n = b.push(Op::RmsNorm {
-            x,
-            weight: Some(an),
-            eps: 1e-5,
-            group: 0,
-        });
-        let q = b.push(Op::MatMul {
-            x: n,
-            w: wq,
-            bias: None,
-        });
-        let k = b.push(Op::MatMul {
-            x: n,
-            w: wk,
-            bias: None,
-        });
-        let v = b.push(Op::MatMul {
-            x: n,
-            w: wv,
-            bias: None,
-        });
-        let rope = RopeAttrs {
-            head_dim: hd,
-            rot_dims: hd,
-            theta: 10000.0,
-            freq_scale: 1.0,
-            layout: RopeLayout::Neox,
-        };
-        let q = b.push(Op::Rope {
-            x: q,
-            attrs: rope.clone(),
-        });
+        let n = b.push(Op::RmsNorm { x, weight: Some(an), eps: 1e-5, group: 0 });
+        let q = b.push(Op::MatMul { x: n, w: wq, bias: None });
+        let k = b.push(Op::MatMul { x: n, w: wk, bias: None });
+        let v = b.push(Op::MatMul { x: n, w: wv, bias: None });
+        let rope = RopeAttrs { head_dim: hd, rot_dims: hd, theta: 10000.0, freq_scale: 1.0, layout: RopeLayout::Neox };
+        let q = b.push(Op::Rope { x: q, attrs: rope.clone() });
         let k = b.push(Op::Rope { x: k, attrs: rope });
         let attrs = AttentionAttrs {
             cache: l as u32,
@@ -909,75 +577,27 @@ fn tiny_llama(layers: usize, seed: u64) -> (Module, Vec<Vec<u8>>) {
             window: if l % 2 == 1 { 5 } else { 0 },
             softcap: 0.0,
         };
-        let a = b.push(Op::Attention {
-            q,
-            k: Some(k),
-            v: Some(v),
-            attrs,
-        });
-        let o = b.push(Op::MatMul {
-            x: a,
-            w: wo,
-            bias: None,
-        });
+        let a = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
+        let o = b.push(Op::MatMul { x: a, w: wo, bias: None });
         x = b.push(Op::Add { a: x, b: o });
-        let n = b.push(Op::RmsNorm {
-            x,
-            weight: Some(fnrm),
-            eps: 1e-5,
-            group: 0,
-        });
-        let g = b.push(Op::MatMul {
-            x: n,
-            w: wg,
-            bias: None,
-        });
-        let u = b.push(Op::MatMul {
-            x: n,
-            w: wu,
-            bias: None,
-        });
-        let y = b.push(Op::Glu {
-            gate: g,
-            up: u,
-            kind: Activation::Silu,
-        });
-        let y = b.push(Op::MatMul {
-            x: y,
-            w: wd,
-            bias: None,
-        });
+        let n = b.push(Op::RmsNorm { x, weight: Some(fnrm), eps: 1e-5, group: 0 });
+        let g = b.push(Op::MatMul { x: n, w: wg, bias: None });
+        let u = b.push(Op::MatMul { x: n, w: wu, bias: None });
+        let y = b.push(Op::Glu { gate: g, up: u, kind: Activation::Silu });
+        let y = b.push(Op::MatMul { x: y, w: wd, bias: None });
         x = b.push(Op::Add { a: x, b: y });
     }
     let on = p(&mut b, "output_norm.weight", DType::F32, &[d], 0.0);
-    let x = b.push(Op::RmsNorm {
-        x,
-        weight: Some(on),
-        eps: 1e-5,
-        group: 0,
-    });
-    let logits = b.push(Op::MatMul {
-        x,
-        w: emb,
-        bias: None,
-    });
+    let x = b.push(Op::RmsNorm { x, weight: Some(on), eps: 1e-5, group: 0 });
+    let logits = b.push(Op::MatMul { x, w: emb, bias: None });
     b.m.output = Some(logits);
     (b.m, b.bytes)
 }
 
 fn tiny_session(layers: usize, max_context: usize) -> Box<dyn Session> {
     let (m, bytes) = tiny_llama(layers, 99);
-    let options = SessionOptions {
-        max_context,
-        threads: 2,
-    };
-    ReferenceBackend
-        .prepare(
-            Arc::new(verify(m).unwrap()),
-            Arc::new(Weights(bytes)),
-            &options,
-        )
-        .unwrap()
+    let options = SessionOptions { max_context, threads: 2, ..Default::default() };
+    ReferenceBackend.prepare(Arc::new(verify(m).unwrap()), Arc::new(Weights(bytes)), &options).unwrap()
 }
 
 const PROMPT: [u32; 12] = [1, 17, 42, 99, 5, 0, 63, 63, 8, 21, 77, 30];
@@ -995,11 +615,7 @@ fn one_forward_equals_token_by_token_and_chunks() {
     for (t, &tok) in PROMPT.iter().enumerate() {
         let row = step.forward(&[tok], Logits::Last).unwrap();
         let want = &all[t * 100..(t + 1) * 100];
-        assert!(
-            rel_diff(&row, want) <= 1e-4,
-            "token {t}: rel diff {}",
-            rel_diff(&row, want)
-        );
+        assert!(rel_diff(&row, want) <= 1e-4, "token {t}: rel diff {}", rel_diff(&row, want));
     }
     assert_eq!(step.pos(), PROMPT.len());
 
@@ -1008,11 +624,7 @@ fn one_forward_equals_token_by_token_and_chunks() {
         let a = chunks.forward(&PROMPT[..split], Logits::All).unwrap();
         let b = chunks.forward(&PROMPT[split..], Logits::All).unwrap();
         let joined: Vec<f32> = a.into_iter().chain(b).collect();
-        assert!(
-            rel_diff(&joined, &all) <= 1e-4,
-            "split {split}: rel diff {}",
-            rel_diff(&joined, &all)
-        );
+        assert!(rel_diff(&joined, &all) <= 1e-4, "split {split}: rel diff {}", rel_diff(&joined, &all));
     }
 
     // Logits::Last is the last row of Logits::All.
@@ -1074,15 +686,8 @@ fn errors_on_overflow_empty_input_and_bad_ids() {
 fn prepare_rejects_wrong_weight_sizes() {
     let (m, mut bytes) = tiny_llama(1, 5);
     bytes[3].pop();
-    let options = SessionOptions {
-        max_context: 8,
-        threads: 1,
-    };
-    let Err(err) = ReferenceBackend.prepare(
-        Arc::new(verify(m).unwrap()),
-        Arc::new(Weights(bytes)),
-        &options,
-    ) else {
+    let options = SessionOptions { max_context: 8, threads: 1, ..Default::default() };
+    let Err(err) = ReferenceBackend.prepare(Arc::new(verify(m).unwrap()), Arc::new(Weights(bytes)), &options) else {
         panic!("a short weight buffer was accepted");
     };
     assert!(matches!(err, BackendError::BadInput(_)), "{err}");
@@ -1094,74 +699,34 @@ fn prepare_rejects_wrong_weight_sizes() {
 #[test]
 #[ignore]
 fn speed_smollm2_shaped() {
-    let (d, h, kvh, hd, ff, vocab, layers) =
-        (576u64, 9u64, 3u64, 64u64, 1536u64, 49152u64, 30usize);
+    let (d, h, kvh, hd, ff, vocab, layers) = (576u64, 9u64, 3u64, 64u64, 1536u64, 49152u64, 30usize);
     let mut rng = Rng(1);
     let mut b = Builder::new();
     let mut p = |b: &mut Builder, n: &str, dt: DType, s: &[u64], scale: f32| {
         let n_el = s.iter().product::<u64>() as usize;
-        let vals = if scale == 0.0 {
-            vec![1.0; n_el]
-        } else {
-            rng.vec(n_el, scale)
-        };
+        let vals = if scale == 0.0 { vec![1.0; n_el] } else { rng.vec(n_el, scale) };
         b.param(n, dt, s, &vals)
     };
     let emb = p(&mut b, "token_embd.weight", DType::Q4_1, &[vocab, d], 0.1);
     let tok = b.push(Op::Tokens);
-    let mut x = b.push(Op::Embed {
-        table: emb,
-        ids: tok,
-    });
+    let mut x = b.push(Op::Embed { table: emb, ids: tok });
     for l in 0..layers {
         let name = |n: &str| format!("blk.{l}.{n}.weight");
         let an = p(&mut b, &name("attn_norm"), DType::F32, &[d], 0.0);
         let wq = p(&mut b, &name("attn_q"), DType::Q4_1, &[h * hd, d], 0.05);
         let wk = p(&mut b, &name("attn_k"), DType::Q4_1, &[kvh * hd, d], 0.05);
         let wv = p(&mut b, &name("attn_v"), DType::Q4_1, &[kvh * hd, d], 0.05);
-        let wo = p(
-            &mut b,
-            &name("attn_output"),
-            DType::Q4_1,
-            &[d, h * hd],
-            0.05,
-        );
+        let wo = p(&mut b, &name("attn_output"), DType::Q4_1, &[d, h * hd], 0.05);
         let fnrm = p(&mut b, &name("ffn_norm"), DType::F32, &[d], 0.0);
         let wg = p(&mut b, &name("ffn_gate"), DType::Q4_1, &[ff, d], 0.05);
         let wu = p(&mut b, &name("ffn_up"), DType::Q4_1, &[ff, d], 0.05);
         let wd = p(&mut b, &name("ffn_down"), DType::Q4_1, &[d, ff], 0.05);
-        let n = b.push(Op::RmsNorm {
-            x,
-            weight: Some(an),
-            eps: 1e-5,
-            group: 0,
-        });
-        let q = b.push(Op::MatMul {
-            x: n,
-            w: wq,
-            bias: None,
-        });
-        let k = b.push(Op::MatMul {
-            x: n,
-            w: wk,
-            bias: None,
-        });
-        let v = b.push(Op::MatMul {
-            x: n,
-            w: wv,
-            bias: None,
-        });
-        let rope = RopeAttrs {
-            head_dim: hd,
-            rot_dims: hd,
-            theta: 100000.0,
-            freq_scale: 1.0,
-            layout: RopeLayout::Neox,
-        };
-        let q = b.push(Op::Rope {
-            x: q,
-            attrs: rope.clone(),
-        });
+        let n = b.push(Op::RmsNorm { x, weight: Some(an), eps: 1e-5, group: 0 });
+        let q = b.push(Op::MatMul { x: n, w: wq, bias: None });
+        let k = b.push(Op::MatMul { x: n, w: wk, bias: None });
+        let v = b.push(Op::MatMul { x: n, w: wv, bias: None });
+        let rope = RopeAttrs { head_dim: hd, rot_dims: hd, theta: 100000.0, freq_scale: 1.0, layout: RopeLayout::Neox };
+        let q = b.push(Op::Rope { x: q, attrs: rope.clone() });
         let k = b.push(Op::Rope { x: k, attrs: rope });
         let attrs = AttentionAttrs {
             cache: l as u32,
@@ -1172,70 +737,22 @@ fn speed_smollm2_shaped() {
             window: 0,
             softcap: 0.0,
         };
-        let a = b.push(Op::Attention {
-            q,
-            k: Some(k),
-            v: Some(v),
-            attrs,
-        });
-        let o = b.push(Op::MatMul {
-            x: a,
-            w: wo,
-            bias: None,
-        });
+        let a = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
+        let o = b.push(Op::MatMul { x: a, w: wo, bias: None });
         x = b.push(Op::Add { a: x, b: o });
-        let n = b.push(Op::RmsNorm {
-            x,
-            weight: Some(fnrm),
-            eps: 1e-5,
-            group: 0,
-        });
-        let g = b.push(Op::MatMul {
-            x: n,
-            w: wg,
-            bias: None,
-        });
-        let u = b.push(Op::MatMul {
-            x: n,
-            w: wu,
-            bias: None,
-        });
-        let y = b.push(Op::Glu {
-            gate: g,
-            up: u,
-            kind: Activation::Silu,
-        });
-        let y = b.push(Op::MatMul {
-            x: y,
-            w: wd,
-            bias: None,
-        });
+        let n = b.push(Op::RmsNorm { x, weight: Some(fnrm), eps: 1e-5, group: 0 });
+        let g = b.push(Op::MatMul { x: n, w: wg, bias: None });
+        let u = b.push(Op::MatMul { x: n, w: wu, bias: None });
+        let y = b.push(Op::Glu { gate: g, up: u, kind: Activation::Silu });
+        let y = b.push(Op::MatMul { x: y, w: wd, bias: None });
         x = b.push(Op::Add { a: x, b: y });
     }
     let on = p(&mut b, "output_norm.weight", DType::F32, &[d], 0.0);
-    let x = b.push(Op::RmsNorm {
-        x,
-        weight: Some(on),
-        eps: 1e-5,
-        group: 0,
-    });
-    let logits = b.push(Op::MatMul {
-        x,
-        w: emb,
-        bias: None,
-    });
+    let x = b.push(Op::RmsNorm { x, weight: Some(on), eps: 1e-5, group: 0 });
+    let logits = b.push(Op::MatMul { x, w: emb, bias: None });
     b.m.output = Some(logits);
-    let options = SessionOptions {
-        max_context: 2048,
-        threads: 0,
-    };
-    let mut s = ReferenceBackend
-        .prepare(
-            Arc::new(verify(b.m).unwrap()),
-            Arc::new(Weights(b.bytes)),
-            &options,
-        )
-        .unwrap();
+    let options = SessionOptions { max_context: 2048, threads: 0, ..Default::default() };
+    let mut s = ReferenceBackend.prepare(Arc::new(verify(b.m).unwrap()), Arc::new(Weights(b.bytes)), &options).unwrap();
     let prompt: Vec<u32> = (0..512u32).map(|i| (i * 7919) % 49152).collect();
     let t0 = Instant::now();
     let last = s.forward(&prompt, Logits::Last).unwrap();

@@ -78,7 +78,7 @@ fn glassllm_hf_imports_and_matches_glassllm() {
     assert_eq!(module.value_type(out).shape, vec![Dim::Seq, Dim::Fixed(1024)]);
 
     let weights: Arc<dyn WeightSource> = Arc::new(W(m.weights));
-    let opts = SessionOptions { max_context: 128, threads: 0 };
+    let opts = SessionOptions { max_context: 128, threads: 0, ..Default::default() };
     let r = reference();
     let mut worst = 0.0f32;
     for case in r["cases"].as_array().unwrap() {

@@ -100,11 +100,21 @@ impl Model {
     /// Starts a session on the model's backend with room for `max_context` positions
     /// (capped at the model's context length).
     pub fn session(&self, max_context: usize, threads: usize) -> RuntimeResult<Box<dyn Session>> {
+        self.session_with(max_context, threads, kiln_backends::Numerics::Exact)
+    }
+
+    /// Like [`Model::session`], with a choice of numerics (llama.cpp-compatible rounding for comparisons).
+    pub fn session_with(
+        &self,
+        max_context: usize,
+        threads: usize,
+        numerics: kiln_backends::Numerics,
+    ) -> RuntimeResult<Box<dyn Session>> {
         let backend = kiln_backends::backend_by_name(&self.backend)?;
         if let Some(what) = kiln_backends::first_unsupported(backend.as_ref(), &self.module) {
             return Err(RuntimeError::Invalid(format!("backend `{}` cannot run {what}", self.backend)));
         }
-        let opts = SessionOptions { max_context: max_context.min(self.context_length()), threads };
+        let opts = SessionOptions { max_context: max_context.min(self.context_length()), threads, numerics };
         Ok(backend.prepare(self.module.clone(), self.weights.clone(), &opts)?)
     }
 }

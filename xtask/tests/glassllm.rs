@@ -138,7 +138,7 @@ fn kiln_reproduces_glassllm_logits_and_greedy_text() {
     assert!(m.chat_template.is_none());
     let module = Arc::new(kiln_ir::verify(m.module).unwrap());
     let weights: Arc<dyn WeightSource> = Arc::new(W(m.weights));
-    let opts = SessionOptions { max_context: 128, threads: 0 };
+    let opts = SessionOptions { max_context: 128, threads: 0, ..Default::default() };
     let backend = ReferenceBackend::new();
     let r = reference();
     let mut worst = 0.0f32;

@@ -5,6 +5,7 @@
 //! bit-identical to ggml's `dequantize_row_*` and gguf-py's
 //! `gguf.quants.dequantize`.
 
+pub mod act;
 mod kquants;
 mod legacy;
 mod plain;

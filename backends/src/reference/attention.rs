@@ -66,7 +66,7 @@ impl KvCache {
 /// position up to the last query's. Returns `[rows][heads · head_dim]`.
 ///
 /// Parallel over (token, head) pairs.
-pub(crate) fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs) -> Vec<f32> {
+pub(crate) fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
     let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as usize;
@@ -83,6 +83,10 @@ pub(crate) fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &Atten
         let qh = &q[idx * hd..(idx + 1) * hd];
         let lo = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
         let hi = (p + 1).min(cache.len());
+        if ggml {
+            flash_f16(qh, lo..hi, cache, kv_off, attrs, o);
+            return;
+        }
         scores.clear();
         for j in lo..hi {
             let kj = &cache.k[j * width + kv_off..j * width + kv_off + hd];
@@ -101,4 +105,51 @@ pub(crate) fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &Atten
         }
     });
     out
+}
+
+fn to_f16(x: f32) -> f32 {
+    half::f16::from_f32(x).to_f32()
+}
+
+/// llama.cpp's CPU flash attention over an f16 cache (`Numerics::Ggml`): q rounded
+/// to f16, online softmax with the value accumulator kept in f16 (rounded after
+/// every scale and multiply-add), normalized at the end.
+fn flash_f16(
+    qh: &[f32],
+    range: std::ops::Range<usize>,
+    cache: &KvCache,
+    kv_off: usize,
+    attrs: &AttentionAttrs,
+    o: &mut [f32],
+) {
+    let hd = o.len();
+    let width = cache.width;
+    let q16: Vec<f32> = qh.iter().map(|&v| to_f16(v)).collect();
+    let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
+    let mut acc = vec![0f32; hd];
+    for j in range {
+        let kj = &cache.k[j * width + kv_off..j * width + kv_off + hd];
+        let mut s = dot(&q16, kj) * attrs.scale;
+        if attrs.softcap > 0.0 {
+            s = attrs.softcap * (s / attrs.softcap).tanh();
+        }
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > m {
+            let m_old = m;
+            m = s;
+            ms = (m_old - m).exp();
+            acc.iter_mut().for_each(|a| *a = to_f16(*a * ms));
+        } else {
+            vs = (s - m).exp();
+        }
+        let vj = &cache.v[j * width + kv_off..j * width + kv_off + hd];
+        for (a, &v) in acc.iter_mut().zip(vj) {
+            *a = to_f16(*a + v * vs);
+        }
+        s_sum = s_sum * ms + vs;
+    }
+    let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+    for (od, a) in o.iter_mut().zip(&acc) {
+        *od = a * inv;
+    }
 }

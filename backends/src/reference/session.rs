@@ -10,7 +10,7 @@ use super::kernels;
 use super::matmul::{Weight, matmul};
 use super::plan::{Rows, Schedule, executes};
 use crate::quant::{self, QuantError};
-use crate::{BackendError, Logits, Session, SessionOptions, WeightSource};
+use crate::{BackendError, Logits, Numerics, Session, SessionOptions, WeightSource};
 
 const NAME: &str = "reference";
 
@@ -48,6 +48,7 @@ pub struct ReferenceSession {
     /// Schedules for [`Logits::All`] and [`Logits::Last`].
     schedule_all: Arc<Schedule>,
     schedule_last: Arc<Schedule>,
+    numerics: Numerics,
 }
 
 impl std::fmt::Debug for ReferenceSession {
@@ -149,6 +150,7 @@ impl ReferenceSession {
             caches,
             schedule_all,
             schedule_last,
+            numerics: options.numerics,
         })
     }
 
@@ -281,7 +283,14 @@ impl ReferenceSession {
                 };
                 let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
                 let b = bias.map(|p| self.vector(p)).transpose()?;
-                let y = matmul(x, n_rows, weight, b).map_err(|e| quant_err(i, e))?;
+                let y = if self.numerics == Numerics::Ggml && weight.dtype != kiln_ir::DType::F32 {
+                    let mut xr = x.to_vec();
+                    xr.chunks_mut(k.max(1)).for_each(|row| crate::quant::act::round_for_dot(weight.dtype, row));
+                    matmul(&xr, n_rows, weight, b)
+                } else {
+                    matmul(x, n_rows, weight, b)
+                }
+                .map_err(|e| quant_err(i, e))?;
                 out(y, n)
             }
             Op::Add { a, b } => {
@@ -333,7 +342,12 @@ impl ReferenceSession {
                             self.pos
                         )));
                     }
-                    cache.append(whole(*k)?, whole(*v)?);
+                    if self.numerics == Numerics::Ggml {
+                        let f16 = |s: &[f32]| s.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect::<Vec<_>>();
+                        cache.append(&f16(whole(*k)?), &f16(whole(*v)?));
+                    } else {
+                        cache.append(whole(*k)?, whole(*v)?);
+                    }
                 } else if cache.len() != self.pos + t_len {
                     return Err(internal(format!(
                         "%{i}: shared KV-cache slot {} holds {} positions, expected {}",
@@ -347,7 +361,8 @@ impl ReferenceSession {
                     return Ok(None);
                 }
                 let (q, cols) = act(*q)?;
-                out(attend(q, self.pos + first, cache, attrs), cols)
+                let ggml = self.numerics == Numerics::Ggml;
+                out(attend(q, self.pos + first, cache, attrs, ggml), cols)
             }
         }
     }
