@@ -115,6 +115,51 @@ fn check_range(file: &Path, what: &str, v: u64, max: u64) -> FrontendResult<u64>
     Ok(v)
 }
 
+/// Hyperparameters shared by every Llama-family source, before arch-specific tweaks.
+struct Hyper<'a> {
+    arch: &'a str,
+    n_layers: u64,
+    d: u64,
+    ffn: u64,
+    heads: u64,
+    kv_heads: u64,
+    head_dim: u64,
+    vocab: u64,
+    ctx: u64,
+    eps: f32,
+    theta: f32,
+    rot_dims: u64,
+    freq_scale: f32,
+}
+
+impl Hyper<'_> {
+    /// A plain Llama decoder (SwiGLU, NEOX RoPE, 1/sqrt(head_dim) scale, full attention).
+    fn config(self) -> DecoderConfig {
+        DecoderConfig {
+            arch: self.arch.to_string(),
+            n_layers: self.n_layers as usize,
+            d_model: self.d,
+            n_heads: self.heads,
+            n_kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            ffn_dim: self.ffn,
+            vocab: self.vocab,
+            context_length: self.ctx,
+            norm_eps: self.eps,
+            rope_layout: kiln_ir::RopeLayout::Neox,
+            rot_dims: self.rot_dims,
+            act: kiln_ir::Activation::Silu,
+            embed_scale: None,
+            attn_scale: 1.0 / (self.head_dim as f32).sqrt(),
+            qk_norm: false,
+            post_norms: false,
+            layers: (0..self.n_layers)
+                .map(|_| LayerSpec { window: 0, rope_theta: self.theta, rope_freq_scale: self.freq_scale })
+                .collect(),
+        }
+    }
+}
+
 /// The hyperparameters every Llama-family GGUF carries under `{arch}.*`.
 pub(crate) fn common_gguf(m: &dyn GgufMeta, arch: &str, vocab: u64) -> FrontendResult<DecoderConfig> {
     let f = m.file();
@@ -161,28 +206,8 @@ pub(crate) fn common_gguf(m: &dyn GgufMeta, arch: &str, vocab: u64) -> FrontendR
         },
         Some(other) => return Err(FrontendError::unsupported(f, format!("rope scaling type `{other}`"))),
     };
-    Ok(DecoderConfig {
-        arch: arch.to_string(),
-        n_layers: n_layers as usize,
-        d_model: d,
-        n_heads: heads,
-        n_kv_heads: kv_heads,
-        head_dim,
-        ffn_dim: ffn,
-        vocab,
-        context_length: ctx,
-        norm_eps: eps,
-        rope_layout: kiln_ir::RopeLayout::Neox,
-        rot_dims,
-        act: kiln_ir::Activation::Silu,
-        embed_scale: None,
-        attn_scale: 1.0 / (head_dim as f32).sqrt(),
-        qk_norm: false,
-        post_norms: false,
-        layers: (0..n_layers)
-            .map(|_| LayerSpec { window: 0, rope_theta: theta, rope_freq_scale: freq_scale })
-            .collect(),
-    })
+    Ok(Hyper { arch, n_layers, d, ffn, heads, kv_heads, head_dim, vocab, ctx, eps, theta, rot_dims, freq_scale }
+        .config())
 }
 
 /// The hyperparameters every Llama-family config.json carries.
@@ -227,28 +252,22 @@ pub(crate) fn common_hf(c: &HfConfig, arch: &str) -> FrontendResult<DecoderConfi
     {
         return Err(FrontendError::unsupported(f, format!("hidden_act `{act}`")));
     }
-    Ok(DecoderConfig {
-        arch: arch.to_string(),
-        n_layers: n_layers as usize,
-        d_model: d,
-        n_heads: heads,
-        n_kv_heads: kv_heads,
+    Ok(Hyper {
+        arch,
+        n_layers,
+        d,
+        ffn,
+        heads,
+        kv_heads,
         head_dim,
-        ffn_dim: ffn,
         vocab,
-        context_length: ctx,
-        norm_eps: eps,
-        rope_layout: kiln_ir::RopeLayout::Neox,
+        ctx,
+        eps,
+        theta,
         rot_dims: head_dim,
-        act: kiln_ir::Activation::Silu,
-        embed_scale: None,
-        attn_scale: 1.0 / (head_dim as f32).sqrt(),
-        qk_norm: false,
-        post_norms: false,
-        layers: (0..n_layers)
-            .map(|_| LayerSpec { window: 0, rope_theta: theta, rope_freq_scale: freq_scale })
-            .collect(),
-    })
+        freq_scale,
+    }
+    .config())
 }
 
 /// The Hugging Face → canonical name mapping shared by Llama-family models.
