@@ -45,7 +45,7 @@ fn default_recipe_builds_reproducibly_and_runs() {
     let (a, b) = (files(&outs[0]), files(&outs[1]));
     assert_eq!(
         a.iter().map(|f| &f.0).collect::<Vec<_>>(),
-        ["chat_template.jinja", "manifest.json", "model.kir", "tokenizer.json", "weights.bin"]
+        ["chat_template.jinja", "manifest.json", "model.kir", "tokenizer.json", "tokenizer.kiln.json", "weights.bin"]
     );
     for (fa, fb) in a.iter().zip(&b) {
         assert!(fa == fb, "{} differs between two builds", fa.0);
@@ -72,6 +72,11 @@ fn default_recipe_builds_reproducibly_and_runs() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let text = v["output"]["text"].as_str().unwrap();
     assert!(text.contains("Paris"), "generated: {text:?}");
+
+    // The build's tokenizer.json is a plain Hugging Face document other tools load.
+    let tok = a.iter().find(|f| f.0 == "tokenizer.json").unwrap();
+    let t = tokenizers::Tokenizer::from_bytes(&tok.1).expect("tokenizers loads the build's tokenizer.json");
+    assert_eq!(t.encode("The capital of France is", false).unwrap().get_ids(), [504, 3575, 282, 4649, 314]);
 
     // Tampering with any byte of the weights is detected before running.
     let tampered = dir.join("tampered");

@@ -148,3 +148,10 @@ fn qwen2_perplexity_matches_llama_cpp() {
     // llama-perplexity's running value after 4 chunks is stored.
     check_ppl(&m, "qwen2.5-coder-0.5b", 4);
 }
+
+#[test]
+fn gemma3_perplexity_matches_llama_cpp() {
+    // Gemma 3: GeGLU, sqrt(d) embedding scale, q/k norms, post norms, 5:1 sliding-window layers.
+    let Some(m) = common::model("gemma3-270m-q4_k_m.gguf") else { return };
+    check_ppl(&m, "gemma3-270m", 3);
+}

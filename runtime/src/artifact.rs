@@ -27,6 +27,9 @@ pub const IR_FILE: &str = "model.kir";
 pub const WEIGHTS_FILE: &str = "weights.bin";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+/// kiln's tokenizer settings (BOS, end-of-generation ids), kept out of `tokenizer.json`
+/// so that file stays loadable by other tools.
+pub const TOKENIZER_KILN_FILE: &str = "tokenizer.kiln.json";
 
 /// Byte ranges of every parameter in the weight blob, and its total size.
 pub fn layout(module: &Module) -> RuntimeResult<(Vec<(u64, u64)>, u64)> {
@@ -143,8 +146,17 @@ fn write_into(
     f.sync_all().map_err(|e| RuntimeError::io(&wpath, e))?;
     files.push(json!({"path": WEIGHTS_FILE, "bytes": total, "sha256": hex(&h.finalize())}));
 
-    write_file(&tmp.join(TOKENIZER_FILE), inputs.tokenizer_json.as_bytes())?;
-    files.push(json!({"path": TOKENIZER_FILE, "bytes": inputs.tokenizer_json.len(), "sha256": sha256_hex(inputs.tokenizer_json.as_bytes())}));
+    let mut tok: Value = serde_json::from_str(inputs.tokenizer_json)
+        .map_err(|e| RuntimeError::Invalid(format!("tokenizer.json is not JSON: {e}")))?;
+    let kiln_cfg = tok.as_object_mut().and_then(|o| o.remove(kiln_frontend::tokenizer::KILN_CONFIG_KEY));
+    let tok_text = serde_json::to_string(&tok).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    write_file(&tmp.join(TOKENIZER_FILE), tok_text.as_bytes())?;
+    files.push(json!({"path": TOKENIZER_FILE, "bytes": tok_text.len(), "sha256": sha256_hex(tok_text.as_bytes())}));
+    if let Some(cfg) = kiln_cfg {
+        let text = serde_json::to_string_pretty(&cfg).map_err(|e| RuntimeError::Invalid(e.to_string()))? + "\n";
+        write_file(&tmp.join(TOKENIZER_KILN_FILE), text.as_bytes())?;
+        files.push(json!({"path": TOKENIZER_KILN_FILE, "bytes": text.len(), "sha256": sha256_hex(text.as_bytes())}));
+    }
     if let Some(t) = inputs.chat_template {
         write_file(&tmp.join(CHAT_TEMPLATE_FILE), t.as_bytes())?;
         files.push(json!({"path": CHAT_TEMPLATE_FILE, "bytes": t.len(), "sha256": sha256_hex(t.as_bytes())}));
@@ -282,7 +294,19 @@ pub fn open_build(dir: &Path) -> RuntimeResult<OpenedBuild> {
         return Err(RuntimeError::bad(&wpath, format!("{} bytes, the IR's layout needs {total}", map.len())));
     }
     let tpath = dir.join(TOKENIZER_FILE);
-    let tokenizer_json = fs::read(&tpath).map_err(|e| RuntimeError::io(&tpath, e))?;
+    let mut tokenizer_json = fs::read(&tpath).map_err(|e| RuntimeError::io(&tpath, e))?;
+    if listed.iter().any(|l| l == TOKENIZER_KILN_FILE) {
+        // Put kiln's settings back where the runtime tokenizer reads them.
+        let kpath = dir.join(TOKENIZER_KILN_FILE);
+        let cfg: Value = serde_json::from_slice(&fs::read(&kpath).map_err(|e| RuntimeError::io(&kpath, e))?)
+            .map_err(|e| RuntimeError::bad(&kpath, format!("invalid JSON: {e}")))?;
+        let mut doc: Value = serde_json::from_slice(&tokenizer_json)
+            .map_err(|e| RuntimeError::bad(&tpath, format!("invalid JSON: {e}")))?;
+        if let Some(o) = doc.as_object_mut() {
+            o.insert(kiln_frontend::tokenizer::KILN_CONFIG_KEY.to_string(), cfg);
+        }
+        tokenizer_json = serde_json::to_vec(&doc).map_err(|e| RuntimeError::Invalid(e.to_string()))?;
+    }
     let cpath = dir.join(CHAT_TEMPLATE_FILE);
     let chat_template = if listed.iter().any(|l| l == CHAT_TEMPLATE_FILE) {
         Some(fs::read_to_string(&cpath).map_err(|e| RuntimeError::io(&cpath, e))?)

@@ -61,7 +61,8 @@ fn fetch_models(ids: &[String]) -> Result<(), String> {
 }
 
 /// Models the test suite needs (fetched first, then required by the tests).
-const TEST_MODELS: &[&str] = &["smollm2-135m-instruct", "qwen2.5-coder-0.5b", "glassllm-en", "glassllm-en-tokenizer"];
+const TEST_MODELS: &[&str] =
+    &["smollm2-135m-instruct", "qwen2.5-coder-0.5b", "gemma3-270m", "glassllm-en", "glassllm-en-tokenizer"];
 
 /// Fetches the test models and runs the whole test suite (nextest when installed).
 fn test(extra: &[String]) -> Result<(), String> {
