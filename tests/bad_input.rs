@@ -165,3 +165,39 @@ fn unavailable_backend_is_named() {
     assert_clean_error(&o, &["wgpu", "not available yet"]);
     assert!(!out.exists());
 }
+
+#[test]
+fn killed_build_leaves_previous_build_intact() {
+    let Some(_) = smollm2() else { return };
+    let dir = tempdir("kill9");
+    let out = dir.join("build");
+    let recipe = root().join("recipes/smollm2-135m.yaml");
+    let args = ["compile", "--recipe", recipe.to_str().unwrap(), "--device", "laptop", "--out", out.to_str().unwrap()];
+    assert!(run(&args).status.success());
+    let build = out.join("smollm2-135m").join("laptop");
+    let manifest = std::fs::read(build.join("manifest.json")).unwrap();
+    // Kill -9 a rebuild at several points of its run; the previous build must stay whole.
+    for delay_ms in [50u64, 300, 800, 1500] {
+        let mut child = kiln().args(args).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        if build.exists() {
+            assert_eq!(std::fs::read(build.join("manifest.json")).unwrap(), manifest);
+            let o = run(&["run", build.to_str().unwrap(), "--prompt", "Hi", "-n", "1"]);
+            assert!(o.status.success(), "after kill at {delay_ms} ms: {}", stderr(&o));
+        } else {
+            // Killed between the two renames of the swap: the old build is parked beside it.
+            let parked: Vec<_> = std::fs::read_dir(out.join("smollm2-135m")).unwrap().flatten().collect();
+            assert!(!parked.is_empty(), "build vanished after kill at {delay_ms} ms");
+        }
+    }
+    // The next build cleans what killed builds left and completes.
+    assert!(run(&args).status.success());
+    let names: Vec<String> = std::fs::read_dir(out.join("smollm2-135m"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["laptop"], "leftovers after a clean rebuild");
+}

@@ -87,6 +87,7 @@ pub fn write_build(
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| RuntimeError::io(parent, e))?;
     let name = dir.file_name().ok_or_else(|| RuntimeError::Invalid(format!("bad output path {}", dir.display())))?;
+    remove_stale(parent, &name.to_string_lossy());
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| RuntimeError::io(&tmp, e))?;
@@ -176,6 +177,25 @@ fn write_into(
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| RuntimeError::Invalid(e.to_string()))? + "\n";
     write_file(&tmp.join(MANIFEST), text.as_bytes())?;
     Ok(manifest)
+}
+
+/// Removes `.NAME.tmp-PID` / `.NAME.old-PID` directories left by builds that were
+/// killed (their process no longer exists), so interrupted builds leave no litter.
+fn remove_stale(parent: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let pid = [".tmp-", ".old-"]
+            .iter()
+            .find_map(|tag| file.strip_prefix(&format!(".{name}{tag}")))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+            if !alive {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 /// Replaces `dir` with `tmp`: the old build stays intact until the new one is complete.
