@@ -200,6 +200,11 @@ fn remove_stale(parent: &Path, name: &str) {
 
 /// Replaces `dir` with `tmp`: the old build stays intact until the new one is complete.
 fn swap_into_place(tmp: &Path, dir: &Path) -> RuntimeResult<()> {
+    if dir.exists() && exchange(tmp, dir) {
+        // `tmp` now holds the previous build; the new one is in place in one step.
+        let _ = fs::remove_dir_all(tmp);
+        return Ok(());
+    }
     if dir.exists() {
         let old = dir.with_file_name(format!(
             ".{}.old-{}",
@@ -216,6 +221,25 @@ fn swap_into_place(tmp: &Path, dir: &Path) -> RuntimeResult<()> {
         fs::rename(tmp, dir).map_err(|e| RuntimeError::io(dir, e))?;
     }
     Ok(())
+}
+
+/// Atomically exchanges two directories (Linux `renameat2(RENAME_EXCHANGE)`), so a
+/// reader or a kill never sees the build path empty. False where unavailable.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(ca), Ok(cb)) = (CString::new(a.as_os_str().as_bytes()), CString::new(b.as_os_str().as_bytes())) else {
+        return false;
+    };
+    // SAFETY: both pointers are valid NUL-terminated paths for the duration of the call.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE) };
+    r == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_a: &Path, _b: &Path) -> bool {
+    false
 }
 
 /// Whether `path` looks like a kiln build directory.
