@@ -1,8 +1,8 @@
 //! kiln against llama.cpp as an independent oracle, on real models: greedy
 //! continuations token for token, run with llama.cpp-compatible numerics (8-bit
-//! activation rounding, f16 flash-attention KV cache); the first divergence must be a
-//! near-tie (a top-2 swap within 0.05 logits, in kiln's logits or in llama.cpp's
-//! recorded ones). Perplexity, with kiln's exact f32 numerics, within 0.5%.
+//! activation rounding in ggml's summation order, f16 flash-attention KV cache);
+//! where the two first differ, llama.cpp's token must be kiln's second choice within
+//! 0.05 logits (issue 3's rule). Perplexity, with kiln's exact f32 numerics, within 0.5%.
 //! Reference numbers: `tests/fixtures/oracle/*.json`, made by `tests/oracle/make_llama_refs.py`.
 
 mod common;
@@ -15,11 +15,21 @@ use serde_json::Value;
 
 /// A near-tie: the swapped tokens are within this many logits (issue 3's budget).
 const MAX_TIE_GAP: f32 = 0.05;
-/// SmolLM2's Q4_1 weights still leave kiln's llama.cpp emulation up to ~0.4 logits
-/// apart from llama.cpp at a few steps (its Q8_1 sums, stored in f16, are not emulated
-/// yet), so for it the combined margin of the swap (kiln's gap + llama.cpp's gap) must
-/// stay under this instead. Qwen2.5 meets MAX_TIE_GAP.
-const MAX_SWING_Q4_1: f32 = 0.5;
+
+/// Which side of a divergence must show the near-tie.
+#[derive(Clone, Copy, PartialEq)]
+enum Tie {
+    /// Issue 3's rule: llama.cpp's token is kiln's second choice within
+    /// MAX_TIE_GAP. SmolLM2 (Q4_1/Q8_0 weights) is emulated bit for bit, so its
+    /// 64-token continuations are in fact identical.
+    KilnSide,
+    /// Either kiln's gap or llama.cpp's recorded gap is under MAX_TIE_GAP. For
+    /// Qwen2.5, whose Q4_K/Q6_K tensors run through ggml kernels whose float
+    /// summation order (repacked 8×8 Q4_K, AVX2 Q6_K) kiln does not reproduce yet;
+    /// there its logits are ~0.1 from llama.cpp's and one prompt splits at a
+    /// near-tie that is llama.cpp's (gap 0.004) but not kiln's (0.10).
+    EitherSide,
+}
 
 fn oracle(name: &str) -> Value {
     let p = common::root().join("tests/fixtures/oracle").join(format!("{name}.json"));
@@ -64,7 +74,7 @@ fn top2(logits: &[f32]) -> ((u32, f32), (u32, f32)) {
     (a, b)
 }
 
-fn check_greedy(model_path: &Path, name: &str, max_swing: Option<f32>) {
+fn check_greedy(model_path: &Path, name: &str, tie: Tie) {
     let model = Model::load(model_path).unwrap();
     let o = oracle(name);
     for p in o["prompts"].as_array().unwrap() {
@@ -80,16 +90,14 @@ fn check_greedy(model_path: &Path, name: &str, max_swing: Option<f32>) {
         for (step, &llama_tok) in want.iter().enumerate() {
             let ((t1, l1), (t2, l2)) = top2(&logits);
             if t1 != llama_tok {
-                // The first difference must be a near-tie, seen from either side: llama.cpp's
-                // token is kiln's second choice within MAX_TIE_GAP, or kiln's token is
-                // llama.cpp's second choice within MAX_TIE_GAP (llama.cpp's recorded top-2).
+                // The first difference must be a near-tie: llama.cpp's token is kiln's
+                // second choice within MAX_TIE_GAP (or, for Tie::EitherSide, kiln's token
+                // is llama.cpp's recorded second choice within MAX_TIE_GAP).
                 let kiln_side = t2 == llama_tok && l1 - l2 < MAX_TIE_GAP;
                 let (llama_second, llama_gap) = llama_top2[step];
-                let llama_side = llama_second == t1 && llama_gap < MAX_TIE_GAP;
-                let swing_ok =
-                    max_swing.is_some_and(|m| t2 == llama_tok && llama_second == t1 && (l1 - l2) + llama_gap < m);
+                let llama_side = tie == Tie::EitherSide && llama_second == t1 && llama_gap < MAX_TIE_GAP;
                 assert!(
-                    kiln_side || llama_side || swing_ok,
+                    kiln_side || llama_side,
                     "{name} {text:?} step {step}: kiln chose {t1} ({l1}; second {t2} at {l2}), llama.cpp chose \
                      {llama_tok} (its second {llama_second} {llama_gap} behind): not a near-tie"
                 );
@@ -125,7 +133,7 @@ fn check_ppl(model_path: &Path, name: &str, chunks: usize) {
 #[test]
 fn smollm2_greedy_matches_llama_cpp() {
     let Some(m) = common::smollm2() else { return };
-    check_greedy(&m, "smollm2", Some(MAX_SWING_Q4_1));
+    check_greedy(&m, "smollm2", Tie::KilnSide);
 }
 
 #[test]
@@ -138,7 +146,7 @@ fn smollm2_perplexity_matches_llama_cpp() {
 #[test]
 fn qwen2_greedy_matches_llama_cpp() {
     let Some(m) = common::qwen05() else { return };
-    check_greedy(&m, "qwen2.5-coder-0.5b", None);
+    check_greedy(&m, "qwen2.5-coder-0.5b", Tie::EitherSide);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! `gguf.quants.dequantize`.
 
 pub mod act;
+pub mod ggml_dot;
 mod kquants;
 mod legacy;
 mod plain;

@@ -111,6 +111,34 @@ fn to_f16(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
+/// An f16 dot product summed in the order of ggml's x86 AVX2 `ggml_vec_dot_f16`:
+/// four 8-lane accumulators over steps of 32 with fused multiply-adds, reduced
+/// pairwise (0+2, 1+3, then 0+1, then the lanes as `_mm_hadd_ps` adds them), and
+/// the leftover elements added one by one in f64. The order matters: in
+/// llama.cpp-compatible numerics a last-bit difference in an attention score can
+/// flip an f16 rounding of the value accumulator.
+fn ggml_dot_f16(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let np = n - n % 32;
+    let mut acc = [[0f32; 8]; 4];
+    for i in (0..np).step_by(32) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            for (l, al) in a.iter_mut().enumerate() {
+                let k = i + j * 8 + l;
+                *al = x[k].mul_add(y[k], *al);
+            }
+        }
+    }
+    let lanes = |p: [f32; 8], q: [f32; 8]| std::array::from_fn::<f32, 8, _>(|l| p[l] + q[l]);
+    let s = lanes(lanes(acc[0], acc[2]), lanes(acc[1], acc[3]));
+    let t0: [f32; 4] = std::array::from_fn(|l| s[l] + s[l + 4]);
+    let mut sum = ((t0[0] + t0[1]) + (t0[2] + t0[3])) as f64;
+    for k in np..n {
+        sum += (x[k] * y[k]) as f64;
+    }
+    sum as f32
+}
+
 /// llama.cpp's CPU flash attention over an f16 cache (`Numerics::Ggml`): q rounded
 /// to f16, online softmax with the value accumulator kept in f16 (rounded after
 /// every scale and multiply-add), normalized at the end.
@@ -129,7 +157,7 @@ fn flash_f16(
     let mut acc = vec![0f32; hd];
     for j in range {
         let kj = &cache.k[j * width + kv_off..j * width + kv_off + hd];
-        let mut s = dot(&q16, kj) * attrs.scale;
+        let mut s = ggml_dot_f16(&q16, kj) * attrs.scale;
         if attrs.softcap > 0.0 {
             s = attrs.softcap * (s / attrs.softcap).tanh();
         }
@@ -144,9 +172,9 @@ fn flash_f16(
         }
         let vj = &cache.v[j * width + kv_off..j * width + kv_off + hd];
         for (a, &v) in acc.iter_mut().zip(vj) {
-            *a = to_f16(*a + v * vs);
+            *a = to_f16(v.mul_add(vs, *a));
         }
-        s_sum = s_sum * ms + vs;
+        s_sum = s_sum.mul_add(ms, vs);
     }
     let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
     for (od, a) in o.iter_mut().zip(&acc) {

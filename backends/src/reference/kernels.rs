@@ -120,7 +120,8 @@ pub(crate) fn rms_norm(x: &[f32], cols: usize, group: usize, eps: f32, w: Option
         return y;
     }
     for chunk in y.chunks_mut(g) {
-        let sum: f64 = chunk.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        // Each square rounded to f32 and summed in f64, as ggml does.
+        let sum: f64 = chunk.iter().map(|&v| f64::from(v * v)).sum();
         let mean = (sum / chunk.len() as f64) as f32;
         let scale = 1.0f32 / (mean + eps).sqrt();
         for v in chunk.iter_mut() {
@@ -210,6 +211,48 @@ pub(crate) fn glu(gate: &[f32], up: &[f32], kind: Activation) -> Vec<f32> {
     gate.iter().zip(up).map(|(&g, &u)| activate(kind, g) * u).collect()
 }
 
+/// `silu(gate) · up` as ggml's x86 AVX2 `ggml_vec_swiglu_f32` computes it, for
+/// llama.cpp-compatible numerics: each full group of 8 uses ggml's vector
+/// `expf` ([`ggml_v_expf`]), the tail of a row libm's `expf`.
+pub(crate) fn swiglu_ggml(gate: &[f32], up: &[f32], cols: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(gate.len());
+    for (g, u) in gate.chunks(cols.max(1)).zip(up.chunks(cols.max(1))) {
+        let vec_end = g.len() - g.len() % 8;
+        for (i, (&gv, &uv)) in g.iter().zip(u).enumerate() {
+            let e = if i < vec_end { ggml_v_expf(-gv) } else { (-gv).exp() };
+            y.push(gv / (1.0 + e) * uv);
+        }
+    }
+    y
+}
+
+/// One lane of ggml's vectorised `expf` (the Arm optimized-routines polynomial
+/// it adapts; at most about 1.5 ulp from the true value): `2^n · (1 + p(b))`
+/// with `n = round(x / ln 2)`, `b = x − n·ln 2` in two parts, and explicit
+/// scaling where `|n| > 126`. Every step is the same f32 operation (fused
+/// where ggml fuses) so the result is bit-identical.
+pub(crate) fn ggml_v_expf(x: f32) -> f32 {
+    const SHIFT: f32 = 12582912.0; // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), SHIFT); // 1/ln 2
+    let n = z - SHIFT;
+    let b = (-n).mul_add(f32::from_bits(0x35bf_be8e), (-n).mul_add(f32::from_bits(0x3f31_7200), x));
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
+    let u = b * b;
+    let p = |bits: u32| f32::from_bits(bits);
+    let j = p(0x3c07_2010)
+        .mul_add(b, p(0x3d2b_9f17))
+        .mul_add(u, p(0x3e2a_af33).mul_add(b, p(0x3eff_fedb)))
+        .mul_add(u, p(0x3f7f_fff6) * b);
+    if n.abs() <= 126.0 {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 }
+}
+
 /// Softmax of one row in place: `e^(x − max) / Σ e^(x − max)`. The sum is
 /// accumulated in f64 as in ggml's `soft_max`, then its f32 inverse scales
 /// the row. An all-−∞ row becomes all zeros.
@@ -265,7 +308,7 @@ pub(crate) fn rope_angles(p: usize, attrs: &RopeAttrs) -> Vec<(f32, f32)> {
 /// first `rot_dims` values rotate and the rest are copied. Pair `i` is
 /// `(2i, 2i+1)` for the interleaved layout and `(i, i + rot_dims/2)` for
 /// NeoX; it turns by its angle from [`rope_angles`]:
-/// `(x0, x1) ↦ (x0·cos − x1·sin, x0·sin + x1·cos)`.
+/// `(x0, x1) ↦ (x0·cos − x1·sin, x0·sin + x1·cos)`, each with one fused multiply-add.
 pub(crate) fn rope(x: &[f32], cols: usize, first_pos: usize, attrs: &RopeAttrs) -> Vec<f32> {
     let mut y = x.to_vec();
     let hd = attrs.head_dim as usize;
@@ -283,8 +326,11 @@ pub(crate) fn rope(x: &[f32], cols: usize, first_pos: usize, attrs: &RopeAttrs) 
                     RopeLayout::Neox => (i, i + half),
                 };
                 let (x0, x1) = (head[i0], head[i1]);
-                head[i0] = x0 * c - x1 * s;
-                head[i1] = x0 * s + x1 * c;
+                // Fused as ggml's rotate_pairs is compiled (GCC contracts
+                // `x0*c - x1*s` into fma(x0, c, -(x1*s))): bit-identical
+                // rotations keep llama.cpp-compatible numerics exact.
+                head[i0] = x0.mul_add(c, -(x1 * s));
+                head[i1] = x0.mul_add(s, x1 * c);
             }
         }
     }

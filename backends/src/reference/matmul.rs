@@ -102,3 +102,18 @@ pub(crate) fn matmul(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>
     }
     Ok(y)
 }
+
+/// [`matmul`] in llama.cpp-compatible numerics for the legacy block formats:
+/// activations quantized once per token row, each product summed in ggml's
+/// order ([`quant::ggml_dot`]); the bias added afterwards.
+pub(crate) fn matmul_ggml_legacy(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>) -> Vec<f32> {
+    let (n, k) = (w.n, w.k);
+    let xq: Vec<quant::ggml_dot::Q8Row> = x.chunks(k.max(1)).take(rows).map(quant::ggml_dot::quantize_q8).collect();
+    let mut y = vec![0.0f32; rows * n];
+    y.par_chunks_mut(n.max(1)).zip(&xq).for_each(|(yt, xt)| {
+        for (o, v) in yt.iter_mut().enumerate() {
+            *v = quant::ggml_dot::dot(w.dtype, w.row(o), xt) + bias.map_or(0.0, |b| b[o]);
+        }
+    });
+    y
+}

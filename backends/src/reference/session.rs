@@ -7,7 +7,7 @@ use kiln_ir::{Op, ParamId, ValueId, VerifiedModule};
 
 use super::attention::{KvCache, attend};
 use super::kernels;
-use super::matmul::{Weight, matmul};
+use super::matmul::{Weight, matmul, matmul_ggml_legacy};
 use super::plan::{Rows, Schedule, executes};
 use crate::quant::{self, QuantError};
 use crate::{BackendError, Logits, Numerics, Session, SessionOptions, WeightSource};
@@ -283,7 +283,9 @@ impl ReferenceSession {
                 };
                 let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
                 let b = bias.map(|p| self.vector(p)).transpose()?;
-                let y = if self.numerics == Numerics::Ggml && weight.dtype != kiln_ir::DType::F32 {
+                let y = if self.numerics == Numerics::Ggml && quant::ggml_dot::supports(weight.dtype) {
+                    Ok(matmul_ggml_legacy(x, n_rows, weight, b))
+                } else if self.numerics == Numerics::Ggml && weight.dtype != kiln_ir::DType::F32 {
                     let mut xr = x.to_vec();
                     xr.chunks_mut(k.max(1)).for_each(|row| crate::quant::act::round_for_dot(weight.dtype, row));
                     matmul(&xr, n_rows, weight, b)
@@ -311,7 +313,11 @@ impl ReferenceSession {
             }
             Op::Glu { gate, up, kind } => {
                 let ((g, cols), (u, _)) = (act(*gate)?, act(*up)?);
-                out(kernels::glu(g, u, *kind), cols)
+                if self.numerics == Numerics::Ggml && *kind == kiln_ir::Activation::Silu {
+                    out(kernels::swiglu_ggml(g, u, cols), cols)
+                } else {
+                    out(kernels::glu(g, u, *kind), cols)
+                }
             }
             Op::Rope { x, attrs } => {
                 let (x, cols) = act(*x)?;
