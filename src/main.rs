@@ -33,6 +33,8 @@ enum Cmd {
     Ppl(PplArgs),
     /// Prefill and decode speed, like llama-bench.
     Bench(BenchArgs),
+    /// Importance matrix (per-channel activation statistics) on a calibration text, cached.
+    Calibrate(CalibrateArgs),
     /// Compile a recipe for a device (watch, phone, laptop or all).
     Compile(CompileArgs),
     /// Inspect the IR.
@@ -98,6 +100,25 @@ struct PplArgs {
     /// Score at most this many chunks (0 = all).
     #[arg(long, default_value_t = 0)]
     chunks: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    model: String,
+    /// Calibration text file.
+    #[arg(long, short)]
+    file: PathBuf,
+    /// Tokens per chunk.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Use at most this many chunks (0 = all).
+    #[arg(long, default_value_t = 0)]
+    chunks: usize,
+    /// Also copy the importance matrix here (safetensors).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -264,6 +285,42 @@ fn cmd_ppl(a: PplArgs) -> KilnResult<()> {
     Ok(())
 }
 
+fn cmd_calibrate(a: CalibrateArgs) -> KilnResult<()> {
+    let model = load_model(&a.model, !a.common.json)?;
+    let text = std::fs::read_to_string(&a.file).map_err(|e| KilnError::io(&a.file, e))?;
+    let pb = progress::bar(!a.common.json, 0, "calibrating");
+    let (im, summary) = kiln_runtime::calibrate::calibrate_cached(
+        &model,
+        &text,
+        a.ctx,
+        a.chunks,
+        threads(a.common.threads),
+        &models::cache_dir(),
+        &mut |i, n| {
+            pb.set_length(n as u64);
+            pb.set_position(i as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    if let Some(out) = &a.output {
+        std::fs::write(out, im.to_bytes()).map_err(|e| KilnError::io(out, e))?;
+    }
+    if a.common.json {
+        print_json(&json!({"model": model.path, "file": a.file, "output": a.output, "summary": summary}));
+    } else {
+        println!(
+            "importance matrix of {} weights over {} tokens ({} chunks of {}){}: {}",
+            summary.weights,
+            summary.tokens,
+            summary.chunks,
+            summary.ctx,
+            if summary.cached { ", from the cache" } else { "" },
+            summary.path.display()
+        );
+    }
+    Ok(())
+}
+
 fn cmd_bench(a: BenchArgs) -> KilnResult<()> {
     let model = load_model(&a.model, !a.common.json)?;
     let pb = progress::spinner(!a.common.json, format!("pp{} / tg{}", a.pp, a.tg));
@@ -373,6 +430,7 @@ fn main() {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Ppl(a) => cmd_ppl(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Calibrate(a) => cmd_calibrate(a),
         Cmd::Compile(a) => cmd_compile(a),
         Cmd::Ir(c) => cmd_ir(c),
         Cmd::Fetch(a) => cmd_fetch(a),

@@ -330,6 +330,49 @@ fn parse_entry(path: &Path, name: &str, v: &Value, data_len: u64) -> FrontendRes
     Ok((TensorInfo { dtype, shape, offset: begin as usize, len: stored as usize }, begin, end))
 }
 
+/// One tensor to write with [`write`]: name, safetensors dtype name (`"F32"`,
+/// `"F16"`, `"BF16"`, …), shape and little-endian data.
+pub struct WriteTensor<'a> {
+    pub name: &'a str,
+    pub dtype: &'a str,
+    pub shape: &'a [u64],
+    pub data: &'a [u8],
+}
+
+/// A safetensors image: header (names sorted, `__metadata__` first, padded with
+/// spaces to 8 bytes), then the data in the same order. The same tensors and
+/// metadata always give the same bytes.
+pub fn write(tensors: &[WriteTensor<'_>], metadata: &BTreeMap<String, String>) -> Vec<u8> {
+    use std::fmt::Write as _;
+    let mut sorted: Vec<&WriteTensor<'_>> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(b.name));
+    let meta = serde_json::to_string(metadata).unwrap_or_else(|_| "{}".into());
+    let mut header = format!("{{\"__metadata__\":{meta}");
+    let mut offset = 0usize;
+    for t in &sorted {
+        let name = serde_json::to_string(t.name).unwrap_or_default();
+        let shape = t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
+        let end = offset + t.data.len();
+        let _ = write!(
+            header,
+            ",{name}:{{\"dtype\":\"{}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{end}]}}",
+            t.dtype
+        );
+        offset = end;
+    }
+    header.push('}');
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for t in sorted {
+        out.extend_from_slice(t.data);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 
 pub mod artifact;
 pub mod bench;
+pub mod calibrate;
 pub mod chat;
 pub mod error;
 pub mod generate;

@@ -18,7 +18,6 @@
 //! - no BOS is added: `Tokenizer.encode` returns the bare pieces and `generate` starts from them.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -443,33 +442,21 @@ pub fn hf_tensors(npz: &BTreeMap<String, Npy>, cfg: &GlassConfig) -> Result<(Vec
     Ok((out, hidden))
 }
 
-/// A safetensors image: header (names sorted, padded with spaces to 8 bytes), then the data
-/// in the same order. The same tensors always give the same bytes.
+/// A safetensors image of `tensors` (see [`kiln_frontend::safetensors::write`]).
 pub fn safetensors_bytes(tensors: &[HfTensor]) -> Vec<u8> {
-    let mut sorted: Vec<&HfTensor> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut header = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
-    let mut offset = 0usize;
-    for t in &sorted {
-        let name = serde_json::to_string(&t.name).unwrap_or_default();
-        let dtype = t.dtype.safetensors_name().unwrap_or("F32");
-        let shape = t.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",");
-        let end = offset + t.data.len();
-        let _ =
-            write!(header, ",{name}:{{\"dtype\":\"{dtype}\",\"shape\":[{shape}],\"data_offsets\":[{offset},{end}]}}");
-        offset = end;
-    }
-    header.push('}');
-    while header.len() % 8 != 0 {
-        header.push(' ');
-    }
-    let mut out = Vec::with_capacity(8 + header.len() + offset);
-    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for t in sorted {
-        out.extend_from_slice(&t.data);
-    }
-    out
+    let shapes: Vec<Vec<u64>> = tensors.iter().map(|t| t.shape.iter().map(|&d| d as u64).collect()).collect();
+    let list: Vec<kiln_frontend::safetensors::WriteTensor<'_>> = tensors
+        .iter()
+        .zip(&shapes)
+        .map(|(t, shape)| kiln_frontend::safetensors::WriteTensor {
+            name: &t.name,
+            dtype: t.dtype.safetensors_name().unwrap_or("F32"),
+            shape,
+            data: &t.data,
+        })
+        .collect();
+    let meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    kiln_frontend::safetensors::write(&list, &meta)
 }
 
 /// glassllm's special tokens and their ids.

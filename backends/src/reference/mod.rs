@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use kiln_ir::{Op, VerifiedModule};
 
-pub use session::ReferenceSession;
+pub use session::{ChannelStats, ReferenceSession};
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};
 

@@ -49,6 +49,17 @@ pub struct ReferenceSession {
     schedule_all: Arc<Schedule>,
     schedule_last: Arc<Schedule>,
     numerics: Numerics,
+    /// Per-weight input statistics, when recording (calibration).
+    stats: Option<HashMap<ParamId, ChannelStats>>,
+}
+
+/// Statistics of the activations that entered one matmul weight: per input
+/// channel `Σ x²` over every row seen, and the number of rows (llama.cpp's
+/// importance matrix, `imatrix`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChannelStats {
+    pub sum_sq: Vec<f64>,
+    pub rows: u64,
 }
 
 impl std::fmt::Debug for ReferenceSession {
@@ -73,6 +84,18 @@ fn param_dims(m: &VerifiedModule, p: ParamId) -> Result<Vec<usize>, BackendError
 }
 
 impl ReferenceSession {
+    /// Starts recording, for every matmul weight, the statistics of the
+    /// activations it is applied to ([`ChannelStats`]). Rows count only when
+    /// they are computed: run with [`Logits::All`] to see every token.
+    pub fn record_channel_stats(&mut self) {
+        self.stats.get_or_insert_with(HashMap::new);
+    }
+
+    /// The statistics recorded so far (and recording goes on from zero).
+    pub fn take_channel_stats(&mut self) -> HashMap<ParamId, ChannelStats> {
+        self.stats.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
     pub(crate) fn new(
         module: Arc<VerifiedModule>,
         weights: Arc<dyn WeightSource>,
@@ -151,6 +174,7 @@ impl ReferenceSession {
             schedule_all,
             schedule_last,
             numerics: options.numerics,
+            stats: None,
         })
     }
 
@@ -281,6 +305,15 @@ impl ReferenceSession {
                         return Err(internal(format!("%{i}: weight shape {dims:?} does not fit input rows of {k}")));
                     }
                 };
+                if let Some(stats) = self.stats.as_mut() {
+                    let st = stats.entry(*w).or_insert_with(|| ChannelStats { sum_sq: vec![0.0; k], rows: 0 });
+                    for row in x.chunks(k.max(1)) {
+                        for (acc, &v) in st.sum_sq.iter_mut().zip(row) {
+                            *acc += f64::from(v) * f64::from(v);
+                        }
+                        st.rows += 1;
+                    }
+                }
                 let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
                 let b = bias.map(|p| self.vector(p)).transpose()?;
                 let y = if self.numerics == Numerics::Ggml && quant::ggml_dot::supports(weight.dtype) {
