@@ -4,6 +4,14 @@
 //! friends), so that [`crate::Numerics::Ggml`] reproduces llama.cpp's matmul
 //! results bit for bit rather than to within rounding.
 //!
+//! The k-quants Q4_K and Q6_K take 256-element Q8_K activations
+//! ([`quantize_q8_k`]); their per-super-block integer sums are exact, and the
+//! float steps follow ggml's x86 kernels: Q6_K the eight-lane AVX2
+//! `ggml_vec_dot_q6_K_q8_K`, Q4_K the repacked 8×8 `gemv`/`gemm` kernels (one
+//! fused multiply-add per super-block for the scales and one for the minimums,
+//! subtracted at the end), which llama.cpp uses for Q4_K whenever the output
+//! count is a multiple of 8.
+//!
 //! Why bother: SmolLM2-135M is chaotic enough that a one-ulp difference in a
 //! matmul output flips an f16 rounding in the KV cache a few layers later and
 //! moves the logits by tenths. The order is:
@@ -45,9 +53,163 @@ pub fn quantize_q8(x: &[f32]) -> Q8Row {
     Q8Row { scales, q }
 }
 
+/// One row of activations quantized as ggml's Q8_K (`quantize_row_q8_K_ref`):
+/// per 256-block `iscale = −127/max` (max the signed value of largest
+/// magnitude), `q = min(127, round(iscale·x))`, `d = 1/iscale`, and the sums of
+/// each 16 quants.
+pub struct Q8KRow {
+    d: Vec<f32>,
+    q: Vec<i8>,
+    bsums: Vec<i32>,
+}
+
+/// Quantizes `x` (a whole number of 256-blocks) as ggml's Q8_K.
+pub fn quantize_q8_k(x: &[f32]) -> Q8KRow {
+    let (mut d, mut q, mut bsums) = (vec![], Vec::with_capacity(x.len()), vec![]);
+    for b in x.chunks(QK_K) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in b {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            d.push(0.0);
+            q.extend(std::iter::repeat_n(0i8, b.len()));
+            bsums.extend(std::iter::repeat_n(0, b.len() / 16));
+            continue;
+        }
+        let iscale = -127.0 / max;
+        let start = q.len();
+        q.extend(b.iter().map(|&v| (iscale * v).round_ties_even().min(127.0) as i8));
+        bsums.extend(q[start..].chunks(16).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
+        d.push(1.0 / iscale);
+    }
+    Q8KRow { d, q, bsums }
+}
+
+const QK_K: usize = 256;
+
+/// Activations quantized for one weight type: Q8_0/Q8_1 or Q8_K.
+pub enum Activations {
+    Q8(Q8Row),
+    Q8K(Q8KRow),
+}
+
+/// Quantizes one row of activations for a dot product with weights of `dtype`
+/// (`None` when [`dot`] does not handle `dtype`).
+pub fn quantize_for(dtype: DType, x: &[f32]) -> Option<Activations> {
+    match dtype {
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => Some(Activations::Q8(quantize_q8(x))),
+        DType::Q4K | DType::Q6K => Some(Activations::Q8K(quantize_q8_k(x))),
+        _ => None,
+    }
+}
+
 /// Whether [`dot`] handles weights of `dtype`.
 pub fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q6K)
+}
+
+/// How ggml's repacked Q4_K kernels treat a row of activations: rows of a
+/// matmul are taken in groups of four by `gemm` (which adds each pair of
+/// sub-blocks to the float accumulators), and the `rows % 4` left over one at a
+/// time by `gemv` (which adds each whole super-block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowGroup {
+    Gemm,
+    Gemv,
+}
+
+impl RowGroup {
+    /// The group of row `t` of a matmul over `rows` rows.
+    pub fn of(t: usize, rows: usize) -> RowGroup {
+        if t < rows - rows % 4 { RowGroup::Gemm } else { RowGroup::Gemv }
+    }
+}
+
+/// Dot of one stored weight row of `dtype` with activations from
+/// [`quantize_for`] of the same dtype (0 if they do not match).
+pub fn dot(dtype: DType, row: &[u8], x: &Activations, group: RowGroup) -> f32 {
+    match (dtype, x) {
+        (DType::Q4K, Activations::Q8K(a)) => dot_q4_k(row, a, group),
+        (DType::Q6K, Activations::Q8K(a)) => dot_q6_k(row, a),
+        (_, Activations::Q8(a)) => dot_legacy(dtype, row, a),
+        _ => 0.0,
+    }
+}
+
+/// Q4_K: the exact integers `Σ_j sc_j Σ q·q8` and `Σ_j m_j Σ q8`, each scaled
+/// by `d·d8` / `dmin·d8` with a fused multiply-add into its own accumulator,
+/// once per super-block ([`RowGroup::Gemv`]) or once per pair of sub-blocks
+/// ([`RowGroup::Gemm`]), as ggml's repacked 8×8 kernels do for one output.
+fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (bi, blk) in row.chunks_exact(144).enumerate() {
+        let (dw, dmin) = (h(blk, 0), h(blk, 2));
+        let scales = &blk[4..16];
+        let qs = &blk[16..144];
+        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+        let dx = x.d[bi];
+        let (mut isum, mut imin) = (0i32, 0i32);
+        for j in 0..8 {
+            let (sc, m) = super::kquants::scale_min_k4(j, scales);
+            let (g, nib) = (j / 2, j % 2);
+            let q = &qs[g * 32..g * 32 + 32];
+            let s: i32 =
+                q.iter().zip(&q8[j * 32..j * 32 + 32]).map(|(&b, &y)| ((b >> (4 * nib)) & 15) as i32 * y as i32).sum();
+            isum += sc as i32 * s;
+            imin += m as i32 * (bs[2 * j] + bs[2 * j + 1]);
+            if group == RowGroup::Gemm && nib == 1 {
+                acc = (isum as f32).mul_add(dw * dx, acc);
+                acc_min = (imin as f32).mul_add(dmin * dx, acc_min);
+                (isum, imin) = (0, 0);
+            }
+        }
+        if group == RowGroup::Gemv {
+            acc = (isum as f32).mul_add(dw * dx, acc);
+            acc_min = (imin as f32).mul_add(dmin * dx, acc_min);
+        }
+    }
+    acc - acc_min
+}
+
+/// Q6_K as ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: eight integer lanes per
+/// super-block (lane `l` holds elements `4l..4l+3` of every 32-element segment,
+/// times their 16-element scale, less `32·Σ scale·bsum` of 16-groups `2l, 2l+1`),
+/// each added to its float lane as `fma(d8·d, lane, acc)`, lanes reduced at the end.
+fn dot_q6_k(row: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = [0f32; 8];
+    for (bi, blk) in row.chunks_exact(210).enumerate() {
+        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+        let sc = |i: usize| sc[i] as i8 as i32;
+        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+        let mut lanes = [0i32; 8];
+        for half in 0..2 {
+            let (ql, qh) = (&ql[half * 64..half * 64 + 64], &qh[half * 32..half * 32 + 32]);
+            for seg in 0..4 {
+                let (lo_off, lo_shift) = ((seg & 1) * 32, (seg >> 1) * 4);
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    let s = sc(half * 8 + seg * 2 + l / 4);
+                    let mut p = 0i32;
+                    for e in 4 * l..4 * l + 4 {
+                        let q6 = ((ql[lo_off + e] >> lo_shift) & 15) | (((qh[e] >> (2 * seg)) & 3) << 4);
+                        p += q6 as i32 * q8[half * 128 + seg * 32 + e] as i32;
+                    }
+                    *lane += s * p;
+                }
+            }
+        }
+        let d = x.d[bi] * h(blk, 208);
+        for (l, (a, lane)) in acc.iter_mut().zip(lanes).enumerate() {
+            let sub = 32 * (bs[2 * l] * sc(2 * l) + bs[2 * l + 1] * sc(2 * l + 1));
+            *a = d.mul_add((lane - sub) as f32, *a);
+        }
+    }
+    hsum8(&acc)
 }
 
 fn h(b: &[u8], at: usize) -> f32 {
@@ -93,9 +255,9 @@ fn hsum8(l: &[f32; 8]) -> f32 {
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
-/// Dot of one stored weight row of `dtype` with quantized activations, in
+/// Dot of one stored legacy-block weight row with Q8_0/Q8_1 activations, in
 /// ggml's AVX2 order. `row` holds whole blocks matching `x`.
-pub fn dot(dtype: DType, row: &[u8], x: &Q8Row) -> f32 {
+fn dot_legacy(dtype: DType, row: &[u8], x: &Q8Row) -> f32 {
     let bytes = dtype.block_bytes() as usize;
     let has_min = matches!(dtype, DType::Q4_1 | DType::Q5_1);
     let mut acc = [0f32; 8];
@@ -124,7 +286,7 @@ mod tests {
     fn matches_dequantized_dot_to_rounding() {
         let x: Vec<f32> = (0..96).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.07).collect();
         let w: Vec<f32> = (0..96).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.05).collect();
-        let xq = quantize_q8(&x);
+        let xq = Activations::Q8(quantize_q8(&x));
         let mut xr = x.clone();
         crate::quant::act::round_for_dot(DType::Q8_0, &mut xr);
         for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0] {
@@ -133,8 +295,56 @@ mod tests {
             let mut wd = vec![0f32; 96];
             dequantize_row(dtype, &row, &mut wd).unwrap();
             let want: f32 = wd.iter().zip(&xr).map(|(a, b)| a * b).sum();
-            let got = dot(dtype, &row, &xq);
+            let got = dot(dtype, &row, &xq, RowGroup::Gemv);
             assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{dtype:?}: {got} vs {want}");
         }
+    }
+
+    #[test]
+    fn k_quant_dots_match_dequantized_dot_to_rounding() {
+        let n = 512;
+        let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.07).collect();
+        let xq = quantize_for(DType::Q6K, &x).unwrap();
+        let mut xr = x.clone();
+        crate::quant::act::round_for_dot(DType::Q6K, &mut xr);
+        for (dtype, seed) in [(DType::Q4K, 1u64), (DType::Q6K, 2)] {
+            let row = kquant_row(dtype, seed);
+            let mut wd = vec![0f32; n];
+            dequantize_row(dtype, &row, &mut wd).unwrap();
+            let want: f32 = wd.iter().zip(&xr).map(|(a, b)| a * b).sum();
+            let got = dot(dtype, &row, &xq, RowGroup::Gemv);
+            assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{dtype:?}: {got} vs {want}");
+            let grouped = dot(dtype, &row, &xq, RowGroup::Gemm);
+            assert!((grouped - want).abs() < 1e-3 * want.abs().max(1.0), "{dtype:?}: {grouped} vs {want}");
+        }
+        assert_eq!(RowGroup::of(3, 5), RowGroup::Gemm);
+        assert_eq!(RowGroup::of(4, 5), RowGroup::Gemv);
+        assert_eq!(RowGroup::of(0, 1), RowGroup::Gemv);
+    }
+
+    /// A valid row of `dtype` (kiln has no k-quant quantizer yet): random
+    /// bytes with finite, modest f16 scales.
+    fn kquant_row(dtype: DType, seed: u64) -> Vec<u8> {
+        let bytes = dtype.row_bytes(512).unwrap() as usize;
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut row: Vec<u8> = (0..bytes)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect();
+        let scale = half::f16::from_f32(0.01).to_le_bytes();
+        for blk in row.chunks_mut(dtype.block_bytes() as usize) {
+            match dtype {
+                DType::Q4K => {
+                    blk[0..2].copy_from_slice(&scale);
+                    blk[2..4].copy_from_slice(&scale);
+                }
+                _ => blk[208..210].copy_from_slice(&scale),
+            }
+        }
+        row
     }
 }

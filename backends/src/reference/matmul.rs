@@ -18,6 +18,7 @@ use kiln_ir::DType;
 use rayon::prelude::*;
 
 use super::kernels::{dot, dot4};
+use crate::quant::ggml_dot::RowGroup;
 use crate::quant::{self, QuantError};
 
 /// Upper bound on the f32 bytes of dequantized weight rows one task holds
@@ -103,16 +104,28 @@ pub(crate) fn matmul(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>
     Ok(y)
 }
 
-/// [`matmul`] in llama.cpp-compatible numerics for the legacy block formats:
+/// [`matmul`] in llama.cpp-compatible numerics for the types of [`quant::ggml_dot`]:
 /// activations quantized once per token row, each product summed in ggml's
-/// order ([`quant::ggml_dot`]); the bias added afterwards.
-pub(crate) fn matmul_ggml_legacy(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>) -> Vec<f32> {
+/// order; the bias added afterwards. `x` holds rows `first..total` of a call
+/// over `total` tokens, which decides each row's [`RowGroup`] (llama.cpp runs a
+/// prompt's rows through one matmul; a row kiln computes alone because only it
+/// is needed is treated as part of that batch).
+pub(crate) fn matmul_ggml(
+    x: &[f32],
+    rows: usize,
+    w: Weight<'_>,
+    bias: Option<&[f32]>,
+    first: usize,
+    total: usize,
+) -> Vec<f32> {
     let (n, k) = (w.n, w.k);
-    let xq: Vec<quant::ggml_dot::Q8Row> = x.chunks(k.max(1)).take(rows).map(quant::ggml_dot::quantize_q8).collect();
+    let xq: Vec<quant::ggml_dot::Activations> =
+        x.chunks(k.max(1)).take(rows).filter_map(|r| quant::ggml_dot::quantize_for(w.dtype, r)).collect();
     let mut y = vec![0.0f32; rows * n];
-    y.par_chunks_mut(n.max(1)).zip(&xq).for_each(|(yt, xt)| {
+    y.par_chunks_mut(n.max(1)).zip(&xq).enumerate().for_each(|(t, (yt, xt))| {
+        let group = RowGroup::of(first + t, total);
         for (o, v) in yt.iter_mut().enumerate() {
-            *v = quant::ggml_dot::dot(w.dtype, w.row(o), xt) + bias.map_or(0.0, |b| b[o]);
+            *v = quant::ggml_dot::dot(w.dtype, w.row(o), xt, group) + bias.map_or(0.0, |b| b[o]);
         }
     });
     y

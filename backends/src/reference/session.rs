@@ -7,7 +7,7 @@ use kiln_ir::{Op, ParamId, ValueId, VerifiedModule};
 
 use super::attention::{KvCache, attend};
 use super::kernels;
-use super::matmul::{Weight, matmul, matmul_ggml_legacy};
+use super::matmul::{Weight, matmul, matmul_ggml};
 use super::plan::{Rows, Schedule, executes};
 use crate::quant::{self, QuantError};
 use crate::{BackendError, Logits, Numerics, Session, SessionOptions, WeightSource};
@@ -317,7 +317,7 @@ impl ReferenceSession {
                 let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
                 let b = bias.map(|p| self.vector(p)).transpose()?;
                 let y = if self.numerics == Numerics::Ggml && quant::ggml_dot::supports(weight.dtype) {
-                    Ok(matmul_ggml_legacy(x, n_rows, weight, b))
+                    Ok(matmul_ggml(x, n_rows, weight, b, first, t_len))
                 } else if self.numerics == Numerics::Ggml && weight.dtype != kiln_ir::DType::F32 {
                     let mut xr = x.to_vec();
                     xr.chunks_mut(k.max(1)).for_each(|row| crate::quant::act::round_for_dot(weight.dtype, row));
