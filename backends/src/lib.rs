@@ -2,7 +2,7 @@
 //!
 //! Backends only ever see a [`kiln_ir::VerifiedModule`].
 
-pub mod quant;
+pub use kiln_quant as quant;
 pub mod reference;
 
 use std::sync::Arc;

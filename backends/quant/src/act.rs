@@ -1,7 +1,7 @@
 //! Activation rounding as ggml's CPU backend does it before a dot product with a
 //! weight row: activations are quantized to the weight type's "vec dot" type
 //! (Q8_0, Q8_1, Q8_K, F16 or BF16) and the products are taken against those values.
-//! kiln uses it only in llama.cpp-compatible numerics ([`crate::Numerics::Ggml`]),
+//! kiln uses it only in llama.cpp-compatible numerics (`kiln_backends::Numerics::Ggml`),
 //! to compare with llama.cpp token for token; the exact f32 path is the default.
 
 use half::{bf16, f16};

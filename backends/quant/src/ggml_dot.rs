@@ -1,7 +1,7 @@
 //! llama.cpp-compatible dot products of the 32-element legacy block formats
 //! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) with 8-bit activations, summed in the exact
 //! floating-point order of ggml's x86 AVX2 kernels (`ggml_vec_dot_q4_1_q8_1` and
-//! friends), so that [`crate::Numerics::Ggml`] reproduces llama.cpp's matmul
+//! friends), so that `kiln_backends::Numerics::Ggml` reproduces llama.cpp's matmul
 //! results bit for bit rather than to within rounding.
 //!
 //! The k-quants Q4_K and Q6_K take 256-element Q8_K activations
@@ -280,7 +280,7 @@ fn dot_legacy(dtype: DType, row: &[u8], x: &Q8Row) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::{dequantize_row, quantize_row};
+    use crate::{dequantize_row, quantize_row};
 
     #[test]
     fn matches_dequantized_dot_to_rounding() {
@@ -288,7 +288,7 @@ mod tests {
         let w: Vec<f32> = (0..96).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.05).collect();
         let xq = Activations::Q8(quantize_q8(&x));
         let mut xr = x.clone();
-        crate::quant::act::round_for_dot(DType::Q8_0, &mut xr);
+        crate::act::round_for_dot(DType::Q8_0, &mut xr);
         for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0] {
             let mut row = vec![0u8; dtype.row_bytes(96).unwrap() as usize];
             quantize_row(dtype, &w, &mut row).unwrap();
@@ -306,7 +306,7 @@ mod tests {
         let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.07).collect();
         let xq = quantize_for(DType::Q6K, &x).unwrap();
         let mut xr = x.clone();
-        crate::quant::act::round_for_dot(DType::Q6K, &mut xr);
+        crate::act::round_for_dot(DType::Q6K, &mut xr);
         for (dtype, seed) in [(DType::Q4K, 1u64), (DType::Q6K, 2)] {
             let row = kquant_row(dtype, seed);
             let mut wd = vec![0f32; n];
