@@ -65,9 +65,73 @@ pub fn compile_device(
     let mut module = imported.module;
     let mut weights = imported.weights;
     kiln_ir::check(&module)?;
-    let reports = kiln_passes::run_pipeline(&mut module, &mut weights, &passes, device, &mut |rep| {
-        log(&format!("pass {}: {}", rep.pass, rep.summary));
-    })?;
+    let source_model = || {
+        kiln_runtime::Model::from_parts(
+            &src_path,
+            module.clone(),
+            weights.clone(),
+            imported.tokenizer_json.as_bytes(),
+            imported.chat_template.as_deref(),
+        )
+    };
+    // Calibration, when the recipe has it and a pass can use it.
+    let (importance, calibration) = match &r.recipe.calibration {
+        Some(spec) if passes.iter().any(|(n, _)| n == "quantize") => {
+            let (text_path, text) = r.read_text(spec)?;
+            log(&format!("calibrating on {}", text_path.display()));
+            let model = source_model()?;
+            let (im, summary) = kiln_runtime::calibrate::calibrate_cached(
+                &model,
+                &text,
+                spec.ctx,
+                spec.chunks,
+                0,
+                &models::cache_dir(),
+                &mut |_, _| {},
+            )?;
+            let imp = kiln_passes::Importance(
+                im.entries.keys().filter_map(|k| im.importance(k).map(|v| (k.clone(), v))).collect(),
+            );
+            (
+                Some(imp),
+                json!({"text": spec.text, "ctx": spec.ctx, "chunks": summary.chunks, "tokens": summary.tokens, "text_sha256": summary.text_sha256, "imatrix": summary.path.file_name().map(|f| f.to_string_lossy().into_owned())}),
+            )
+        }
+        _ => (None, Value::Null),
+    };
+    let reference = if r.recipe.quality.is_some() { Some(source_model()?) } else { None };
+    let reports =
+        kiln_passes::run_pipeline(&mut module, &mut weights, &passes, device, importance.as_ref(), &mut |rep| {
+            log(&format!("pass {}: {}", rep.pass, rep.summary));
+        })?;
+    // Quality against the source, when the weights changed and the recipe gives a text.
+    let changed = reports.iter().any(|rep| rep.pass == "quantize");
+    let quality = match (&r.recipe.quality, reference) {
+        (Some(spec), Some(src_model)) if changed => {
+            let (text_path, text) = r.read_text(spec)?;
+            log(&format!("measuring quality on {}", text_path.display()));
+            let built = kiln_runtime::Model::from_parts(
+                &src_path,
+                module.clone(),
+                weights.clone(),
+                imported.tokenizer_json.as_bytes(),
+                imported.chat_template.as_deref(),
+            )?;
+            let q =
+                kiln_runtime::quality::compare(&src_model, &built, &text, spec.ctx, spec.chunks, 0, &mut |_, _| {})?;
+            log(&format!(
+                "quality: ppl {:.4} vs source {:.4} ({:+.2}%), mean KL {:.5}, top-1 agreement {:.2}%",
+                q.ppl,
+                q.ppl_source,
+                q.ppl_ratio_minus_1 * 100.0,
+                q.kl_mean,
+                q.top1_agreement * 100.0
+            ));
+            json!(q)
+        }
+        (None, _) if changed => json!({"skipped": "the recipe has no `quality` text"}),
+        _ => Value::Null,
+    };
     let verified = kiln_ir::verify(module)?;
     if let Some(what) = kiln_backends::first_unsupported(backend.as_ref(), &verified) {
         return Err(KilnError::Unsupported(format!(
@@ -85,6 +149,8 @@ pub fn compile_device(
         "backend": spec.backend,
         "source": source,
         "passes": reports,
+        "calibration": calibration,
+        "quality": quality,
     });
     let inputs = kiln_runtime::artifact::BuildInputs {
         tokenizer_json: &imported.tokenizer_json,

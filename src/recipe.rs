@@ -7,8 +7,16 @@
 //! devices:
 //!   laptop:
 //!     backend: reference
-//!     passes: [dce, { quantize: { format: q8_0 } }]
+//!     passes: [dce, { quantize: { default: q4_k, rules: { attn_v: q6_k } } }]
+//! calibration: { text: ../tests/fixtures/text/calib-excerpt.txt, ctx: 512, chunks: 8 }   # optional
+//! quality: { text: ../tests/fixtures/text/ppl-excerpt.txt, ctx: 512, chunks: 4 }         # optional
 //! ```
+//!
+//! `calibration` runs the source model over a text to collect the importance
+//! matrix the quantization passes weight their errors by (`kiln calibrate`,
+//! cached); `quality` scores every build that changed the weights against the
+//! source model on held-out text (perplexity, KL divergence, top-1 agreement)
+//! and stores the report in the manifest. Text paths are relative to the recipe.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +38,27 @@ pub struct Recipe {
     pub description: String,
     pub model: String,
     pub devices: BTreeMap<String, DeviceSpec>,
+    #[serde(default)]
+    pub calibration: Option<TextSpec>,
+    #[serde(default)]
+    pub quality: Option<TextSpec>,
+}
+
+/// A text the compiler runs the model over, in chunks of `ctx` tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextSpec {
+    /// Path relative to the recipe.
+    pub text: String,
+    #[serde(default = "default_ctx")]
+    pub ctx: usize,
+    /// Most chunks to use (0 = all).
+    #[serde(default)]
+    pub chunks: usize,
+}
+
+fn default_ctx() -> usize {
+    512
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +109,13 @@ impl LoadedRecipe {
                 r.name
             ));
         }
+        for (what, spec) in [("calibration", &r.calibration), ("quality", &r.quality)] {
+            if let Some(t) = spec
+                && t.ctx < 8
+            {
+                return bad(format!("{what}: ctx {} is too small (at least 8)", t.ctx));
+            }
+        }
         if r.devices.is_empty() {
             return bad("the recipe lists no devices".into());
         }
@@ -96,13 +132,23 @@ impl LoadedRecipe {
                 ));
             }
             for p in &spec.passes {
-                let (name, _) = p.resolve().map_err(|m| KilnError::bad(&self.path, format!("device `{dev}`: {m}")))?;
-                if let Err(e) = kiln_passes::by_name(&name) {
+                let (name, options) =
+                    p.resolve().map_err(|m| KilnError::bad(&self.path, format!("device `{dev}`: {m}")))?;
+                if let Err(e) = kiln_passes::by_name(&name).and_then(|pass| pass.check_options(&options)) {
                     return bad(format!("device `{dev}`: {e}"));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Reads a [`TextSpec`]'s text (relative to the recipe), naming the recipe on error.
+    pub fn read_text(&self, spec: &TextSpec) -> KilnResult<(PathBuf, String)> {
+        let p = self.path.parent().unwrap_or(Path::new(".")).join(&spec.text);
+        let text = std::fs::read_to_string(&p).map_err(|e| {
+            KilnError::bad(&self.path, format!("cannot read text `{}` ({}): {e}", spec.text, p.display()))
+        })?;
+        Ok((p, text))
     }
 
     /// The device spec, or an error naming the recipe and the devices it has.

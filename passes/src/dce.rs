@@ -18,10 +18,15 @@ impl Pass for DeadCode {
         "remove instructions and parameters that do not contribute to the logits"
     }
 
-    fn run(&self, m: &mut Module, w: &mut Weights, ctx: &PassCtx) -> Result<PassReport, PassError> {
-        if !ctx.options.is_null() && ctx.options.as_object().is_none_or(|o| !o.is_empty()) {
+    fn check_options(&self, options: &serde_json::Value) -> Result<(), PassError> {
+        if !options.is_null() && options.as_object().is_none_or(|o| !o.is_empty()) {
             return Err(PassError::BadOptions { pass: "dce", msg: "takes no options".into() });
         }
+        Ok(())
+    }
+
+    fn run(&self, m: &mut Module, w: &mut Weights, ctx: &PassCtx) -> Result<PassReport, PassError> {
+        self.check_options(ctx.options)?;
         let Some(out) = m.output else {
             return Err(PassError::Unsupported { pass: "dce", msg: "module has no output".into() });
         };

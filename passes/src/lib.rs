@@ -4,7 +4,10 @@
 //! Every pass reports what it did; the driver verifies the module after each one.
 
 pub mod dce;
+pub mod quantize;
 pub mod registry;
+
+use std::collections::BTreeMap;
 
 use kiln_frontend::Weights;
 use kiln_ir::Module;
@@ -36,6 +39,19 @@ pub struct PassCtx<'a> {
     pub options: &'a Value,
     /// The device being built.
     pub device: &'a str,
+    /// Calibration statistics, when the recipe asks for calibration.
+    pub importance: Option<&'a Importance>,
+}
+
+/// Calibration data for passes: per weight name, the mean squared activation
+/// of each input channel (an importance matrix, like llama.cpp's imatrix).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Importance(pub BTreeMap<String, Vec<f32>>);
+
+impl Importance {
+    pub fn get(&self, weight: &str) -> Option<&[f32]> {
+        self.0.get(weight).map(Vec::as_slice)
+    }
 }
 
 /// What a pass did, for the build manifest and the console.
@@ -54,5 +70,8 @@ pub trait Pass: Sync {
     fn name(&self) -> &'static str;
     /// One line saying what it does.
     fn summary(&self) -> &'static str;
+    /// Checks the recipe's options without touching a module, so a bad recipe
+    /// fails before any work (import, calibration) is done.
+    fn check_options(&self, options: &Value) -> Result<(), PassError>;
     fn run(&self, module: &mut Module, weights: &mut Weights, ctx: &PassCtx) -> Result<PassReport, PassError>;
 }

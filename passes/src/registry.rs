@@ -4,9 +4,9 @@ use kiln_frontend::Weights;
 use kiln_ir::Module;
 use serde_json::Value;
 
-use crate::{Pass, PassCtx, PassError, PassReport, dce};
+use crate::{Importance, Pass, PassCtx, PassError, PassReport, dce, quantize};
 
-pub static PASSES: &[&dyn Pass] = &[&dce::DeadCode];
+pub static PASSES: &[&dyn Pass] = &[&dce::DeadCode, &quantize::Quantize];
 
 pub fn by_name(name: &str) -> Result<&'static dyn Pass, PassError> {
     PASSES.iter().copied().find(|p| p.name() == name).ok_or_else(|| PassError::Unknown {
@@ -22,13 +22,21 @@ pub fn run_pipeline(
     weights: &mut Weights,
     passes: &[(String, Value)],
     device: &str,
+    importance: Option<&Importance>,
     on_pass: &mut dyn FnMut(&PassReport),
 ) -> Result<Vec<PassReport>, PassError> {
     // Resolve every name first so a typo fails before any work is done.
-    let resolved = passes.iter().map(|(n, o)| Ok((by_name(n)?, o))).collect::<Result<Vec<_>, PassError>>()?;
+    let resolved = passes
+        .iter()
+        .map(|(n, o)| {
+            let p = by_name(n)?;
+            p.check_options(o)?;
+            Ok((p, o))
+        })
+        .collect::<Result<Vec<_>, PassError>>()?;
     let mut reports = vec![];
     for (pass, options) in resolved {
-        let report = pass.run(module, weights, &PassCtx { options, device })?;
+        let report = pass.run(module, weights, &PassCtx { options, device, importance })?;
         kiln_ir::check(module).map_err(|err| PassError::Broken { pass: pass.name().to_string(), err })?;
         if weights.tensors.len() != module.params.len() {
             return Err(PassError::Broken {

@@ -9,6 +9,7 @@ pub mod error;
 pub mod generate;
 pub mod model;
 pub mod ppl;
+pub mod quality;
 pub mod sampling;
 pub mod tokenizer;
 

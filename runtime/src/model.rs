@@ -40,7 +40,7 @@ impl std::fmt::Debug for Model {
     }
 }
 
-fn chat_template(tok: &Tokenizer, source: Option<&str>, origin: String) -> RuntimeResult<Option<ChatTemplate>> {
+fn chat_template_of(tok: &Tokenizer, source: Option<&str>, origin: String) -> RuntimeResult<Option<ChatTemplate>> {
     let Some(src) = source else { return Ok(None) };
     let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
     let bos = name(tok.bos_id());
@@ -55,7 +55,7 @@ impl Model {
             let b = artifact::open_build(path)?;
             let origin = b.dir.join(artifact::TOKENIZER_FILE).display().to_string();
             let tokenizer = Tokenizer::from_bytes(&b.tokenizer_json, &origin)?;
-            let chat = chat_template(
+            let chat = chat_template_of(
                 &tokenizer,
                 b.chat_template.as_deref(),
                 b.dir.join(artifact::CHAT_TEMPLATE_FILE).display().to_string(),
@@ -75,12 +75,39 @@ impl Model {
         let module = kiln_ir::verify(imported.module)
             .map_err(|e| RuntimeError::bad(path, format!("imported module failed verification: {e}")))?;
         let tokenizer = Tokenizer::from_bytes(imported.tokenizer_json.as_bytes(), &path.display().to_string())?;
-        let chat =
-            chat_template(&tokenizer, imported.chat_template.as_deref(), format!("{}: chat template", path.display()))?;
+        let chat = chat_template_of(
+            &tokenizer,
+            imported.chat_template.as_deref(),
+            format!("{}: chat template", path.display()),
+        )?;
         Ok(Model {
             path: path.to_path_buf(),
             module: Arc::new(module),
             weights: Arc::new(ImportedWeights(imported.weights)),
+            tokenizer,
+            chat,
+            backend: "reference".into(),
+            manifest: None,
+        })
+    }
+
+    /// A model from an imported or transformed module and its weights (as the
+    /// compiler holds them between passes), named `path` in messages.
+    pub fn from_parts(
+        path: &Path,
+        module: kiln_ir::Module,
+        weights: kiln_frontend::Weights,
+        tokenizer_json: &[u8],
+        chat_template: Option<&str>,
+    ) -> RuntimeResult<Model> {
+        let module =
+            kiln_ir::verify(module).map_err(|e| RuntimeError::bad(path, format!("module failed verification: {e}")))?;
+        let tokenizer = Tokenizer::from_bytes(tokenizer_json, &path.display().to_string())?;
+        let chat = chat_template_of(&tokenizer, chat_template, format!("{}: chat template", path.display()))?;
+        Ok(Model {
+            path: path.to_path_buf(),
+            module: Arc::new(module),
+            weights: Arc::new(ImportedWeights(weights)),
             tokenizer,
             chat,
             backend: "reference".into(),

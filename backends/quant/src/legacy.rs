@@ -9,8 +9,11 @@
 //!
 //! The arithmetic is done in f32 in the same order as ggml's
 //! `dequantize_row_*` and gguf-py's `dequantize_blocks`, so results are
-//! bit-identical. The quantizers follow ggml's `quantize_row_*_ref`.
+//! bit-identical. The quantizers follow ggml's `quantize_row_*_ref`, and the
+//! importance-weighted ones ggml's `quantize_row_*_impl` (what
+//! `quantize_q4_0` … `quantize_q5_1` run when given an imatrix).
 
+use super::kquants_quant::{MinFit, Search, imatrix_weights, make_qkx_quants, make_qx_quants};
 use super::plain::{f16_le, f32_to_f16_bits};
 
 pub(crate) const QK: usize = 32;
@@ -187,4 +190,80 @@ pub(crate) fn quant_q8_0(x: &[f32; QK], b: &mut [u8; 34]) {
         // roundf: half away from zero; `as` saturates (ggml's is UB out of range).
         *q = ((v * id).round() as i8) as u8;
     }
+}
+
+/// Quantizes a whole row with importance weights `qw` (one per element), as
+/// ggml's `quantize_row_*_impl` do: the weights are `qw · sqrt(σ² + x²)` with
+/// σ² the mean square of the *row*, so this cannot work block by block.
+/// Lengths are checked by the caller.
+pub(crate) fn quant_row_weighted<const B: usize>(
+    x: &[f32],
+    qw: &[f32],
+    dst: &mut [u8],
+    f: impl Fn(&[f32; QK], &[f32; QK], &mut [u8; B]),
+) {
+    let sum_x2 = x.iter().fold(0.0f32, |s, &v| s + v * v);
+    let sigma2 = sum_x2 / x.len() as f32;
+    let blocks = x.as_chunks::<QK>().0.iter().zip(qw.as_chunks::<QK>().0);
+    for ((xb, qb), b) in blocks.zip(dst.as_chunks_mut::<B>().0) {
+        f(xb, &imatrix_weights(xb, qb, sigma2), b);
+    }
+}
+
+/// The asymmetric search of the weighted Q4_1/Q5_1 quantizers.
+const fn legacy_fit(nmax: i32) -> MinFit {
+    MinFit { search: Search::Qkx3, nmax, rmin: -0.9, rdelta: 0.05, nstep: 36, use_mad: false }
+}
+
+/// One Q4_0 block from its final weights (`quantize_row_q4_0_impl`).
+pub(crate) fn quant_q4_0_weighted(x: &[f32; QK], w: &[f32; QK], b: &mut [u8; 18]) {
+    let mut l = [0i8; QK];
+    let d = make_qx_quants(8, x, &mut l, Some(w));
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    for j in 0..QK / 2 {
+        b[2 + j] = (l[j] as u8) | ((l[j + QK / 2] as u8) << 4);
+    }
+}
+
+/// One Q4_1 block from its final weights (`quantize_row_q4_1_impl`).
+pub(crate) fn quant_q4_1_weighted(x: &[f32; QK], w: &[f32; QK], b: &mut [u8; 20]) {
+    let (mut l, mut aux) = ([0u8; QK], [0u8; QK]);
+    let (d, min) = make_qkx_quants(&legacy_fit(15), x, w, &mut l, &mut aux);
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    b[2..4].copy_from_slice(&f32_to_f16_bits(-min).to_le_bytes());
+    for j in 0..QK / 2 {
+        b[4 + j] = l[j] | (l[j + QK / 2] << 4);
+    }
+}
+
+/// Packs 5-bit quants `l` into `qh` (fifth bits) and `qs` (low nibbles).
+fn pack_q5(l: &[u8; QK], qh: &mut [u8], qs: &mut [u8]) {
+    let mut h = 0u32;
+    for j in 0..QK / 2 {
+        let (q0, q1) = (l[j], l[j + QK / 2]);
+        qs[j] = (q0 & 0x0f) | ((q1 & 0x0f) << 4);
+        h |= u32::from((q0 & 0x10) >> 4) << j;
+        h |= u32::from((q1 & 0x10) >> 4) << (j + QK / 2);
+    }
+    qh.copy_from_slice(&h.to_le_bytes());
+}
+
+/// One Q5_0 block from its final weights (`quantize_row_q5_0_impl`).
+pub(crate) fn quant_q5_0_weighted(x: &[f32; QK], w: &[f32; QK], b: &mut [u8; 22]) {
+    let mut l = [0i8; QK];
+    let d = make_qx_quants(16, x, &mut l, Some(w));
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    let l: [u8; QK] = std::array::from_fn(|j| l[j] as u8);
+    let (qh, qs) = b[2..].split_at_mut(4);
+    pack_q5(&l, qh, qs);
+}
+
+/// One Q5_1 block from its final weights (`quantize_row_q5_1_impl`).
+pub(crate) fn quant_q5_1_weighted(x: &[f32; QK], w: &[f32; QK], b: &mut [u8; 24]) {
+    let (mut l, mut aux) = ([0u8; QK], [0u8; QK]);
+    let (d, min) = make_qkx_quants(&legacy_fit(31), x, w, &mut l, &mut aux);
+    b[0..2].copy_from_slice(&f32_to_f16_bits(d).to_le_bytes());
+    b[2..4].copy_from_slice(&f32_to_f16_bits(-min).to_le_bytes());
+    let (qh, qs) = b[4..].split_at_mut(4);
+    pack_q5(&l, qh, qs);
 }

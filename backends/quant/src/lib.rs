@@ -1,13 +1,16 @@
-//! Quantized block math for ggml-compatible storage formats: row dequantization, the reference quantized dot product and simple quantizers.
+//! Quantized block math for ggml-compatible storage formats: row dequantization, the reference quantized dot product and quantizers.
 //!
 //! Every function works on one *row*: a whole number of blocks of `dtype`
 //! (see [`DType::block_elems`] / [`DType::block_bytes`]). Dequantization is
 //! bit-identical to ggml's `dequantize_row_*` and gguf-py's
-//! `gguf.quants.dequantize`.
+//! `gguf.quants.dequantize`; quantization ([`quantize_row`],
+//! [`quantize_row_weighted`]) is bit-identical to ggml's quantizers
+//! (llama.cpp b11434), with or without an importance matrix.
 
 pub mod act;
 pub mod ggml_dot;
 mod kquants;
+mod kquants_quant;
 mod legacy;
 mod plain;
 
@@ -26,6 +29,9 @@ pub enum QuantError {
     /// The operation is not implemented for this dtype.
     #[error("{dtype}: {op} is not supported for this type")]
     Unsupported { dtype: DType, op: &'static str },
+    /// The importance weights do not have one entry per element of the row.
+    #[error("{dtype}: a row of {elems} elements needs {elems} importance weights, got {actual}")]
+    ImportanceLength { dtype: DType, elems: usize, actual: usize },
 }
 
 /// Bytes of `elems` elements of `dtype`, or the reason that is not a whole
@@ -97,9 +103,13 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> Result<f32, QuantError> {
 }
 
 /// Quantizes one row of `src.len()` elements into `dst`, which must have
-/// exactly the bytes of their blocks. Round-to-nearest like ggml's
-/// `quantize_row_*_ref`; supported for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1
-/// and Q8_0.
+/// exactly the bytes of their blocks. Bit-identical to ggml's
+/// `quantize_row_*_ref` (which is also what ggml's `quantize_*` run without
+/// an importance matrix): round-to-nearest for the float and legacy types,
+/// ggml's scale searches for Q2_K…Q6_K. Supported for every type but `I32`.
+///
+/// Never panics on finite input. Blocks made from NaN or infinite elements
+/// are unspecified (as in ggml); the float types convert them as usual.
 pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
     check_row(dtype, src.len(), dst.len())?;
     match dtype {
@@ -111,9 +121,55 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         DType::Q5_0 => quant_blocks(src, dst, legacy::quant_q5_0),
         DType::Q5_1 => quant_blocks(src, dst, legacy::quant_q5_1),
         DType::Q8_0 => quant_blocks(src, dst, legacy::quant_q8_0),
-        DType::I32 | DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
+        DType::Q2K => quant_blocks(src, dst, kquants_quant::quant_q2_k),
+        DType::Q3K => quant_blocks(src, dst, kquants_quant::quant_q3_k),
+        DType::Q4K => quant_blocks(src, dst, kquants_quant::quant_q4_k),
+        DType::Q5K => quant_blocks(src, dst, kquants_quant::quant_q5_k),
+        DType::Q6K => quant_blocks(src, dst, |x, b| kquants_quant::quant_q6_k(x, None, b)),
+        DType::I32 => {
             return Err(QuantError::Unsupported { dtype, op: "quantization" });
         }
+    }
+    Ok(())
+}
+
+/// Quantizes one row like [`quantize_row`], but guided by `importance`: one
+/// weight per element (per input column of the weight matrix, e.g. an
+/// imatrix's mean squared activations), so that important columns are
+/// reproduced more accurately. Bit-identical to ggml's
+/// `quantize_*(src, dst, 1, n, importance)` (`ggml_quantize_chunk`, as run by
+/// `llama-quantize --imatrix`).
+///
+/// `None` is exactly [`quantize_row`] (ggml falls back to `_ref` for every
+/// type here). Q8_0 and the float types ignore the weights, as ggml does.
+/// Weights should be finite and non-negative; other values never panic but
+/// give unspecified blocks. Q4_0, Q4_1, Q5_0 and Q5_1 use the mean square of
+/// the whole row, so quantizing a row in pieces differs from quantizing it
+/// at once; the k-quants work per 256-element block.
+pub fn quantize_row_weighted(
+    dtype: DType,
+    src: &[f32],
+    importance: Option<&[f32]>,
+    dst: &mut [u8],
+) -> Result<(), QuantError> {
+    let Some(qw) = importance else {
+        return quantize_row(dtype, src, dst);
+    };
+    check_row(dtype, src.len(), dst.len())?;
+    if qw.len() != src.len() {
+        return Err(QuantError::ImportanceLength { dtype, elems: src.len(), actual: qw.len() });
+    }
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::I32 => return quantize_row(dtype, src, dst),
+        DType::Q4_0 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q4_0_weighted),
+        DType::Q4_1 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q4_1_weighted),
+        DType::Q5_0 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q5_0_weighted),
+        DType::Q5_1 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q5_1_weighted),
+        DType::Q2K => weighted_blocks(src, qw, dst, kquants_quant::quant_q2_k_weighted),
+        DType::Q3K => weighted_blocks(src, qw, dst, kquants_quant::quant_q3_k_weighted),
+        DType::Q4K => weighted_blocks(src, qw, dst, kquants_quant::quant_q4_k_weighted),
+        DType::Q5K => weighted_blocks(src, qw, dst, kquants_quant::quant_q5_k_weighted),
+        DType::Q6K => weighted_blocks(src, qw, dst, |x, w, b| kquants_quant::quant_q6_k(x, Some(w), b)),
     }
     Ok(())
 }
@@ -123,6 +179,21 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
 fn blocks<const B: usize, const Q: usize>(src: &[u8], dst: &mut [f32], f: impl Fn(&[u8; B], &mut [f32; Q])) {
     for (b, o) in src.as_chunks::<B>().0.iter().zip(dst.as_chunks_mut::<Q>().0) {
         f(b, o);
+    }
+}
+
+/// Applies a per-block weighted quantizer to every block and its weights
+/// (lengths checked by the caller).
+#[inline]
+fn weighted_blocks<const B: usize, const Q: usize>(
+    src: &[f32],
+    qw: &[f32],
+    dst: &mut [u8],
+    f: impl Fn(&[f32; Q], &[f32; Q], &mut [u8; B]),
+) {
+    let blocks = src.as_chunks::<Q>().0.iter().zip(qw.as_chunks::<Q>().0);
+    for ((x, w), b) in blocks.zip(dst.as_chunks_mut::<B>().0) {
+        f(x, w, b);
     }
 }
 
@@ -194,7 +265,8 @@ mod tests {
         ));
         assert!(dot_row(DType::Q6K, &[0u8; 209], &[0.0; 256]).is_err());
         assert!(dot_row(DType::F16, &[0u8; 4], &[0.0; 3]).is_err());
-        assert!(quantize_row(DType::Q4K, &[0.0; 256], &mut [0u8; 144]).is_err());
+        assert!(quantize_row(DType::Q4K, &[0.0; 256], &mut [0u8; 143]).is_err());
+        assert!(quantize_row(DType::I32, &[0.0; 1], &mut [0u8; 4]).is_err());
         assert!(quantize_row(DType::Q8_0, &[0.0; 32], &mut [0u8; 35]).is_err());
         let msg = dequantize_row(DType::Q8_0, &[0u8; 3], &mut out).map_err(|e| e.to_string());
         assert_eq!(msg, Err("q8_0: 32 elements take 34 bytes but the buffer has 3 bytes".into()));

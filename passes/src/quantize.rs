@@ -1,0 +1,489 @@
+//! `quantize`: stores matmul weights and embedding tables in quantized formats,
+//! by tensor-name rules or to a bits-per-weight budget, using the calibration's
+//! importance matrix to weight rounding errors.
+//!
+//! Options (recipe YAML):
+//! ```yaml
+//! - quantize:
+//!     default: q4_k              # format of every matmul weight / embedding table
+//!     rules:                     # name pattern → format; later rules win; `keep` leaves a tensor as stored
+//!       attn_v: q6_k
+//!       ffn_down: q4_k
+//!       token_embd: q8_0
+//!     target_bpw: 4.5            # optional: choose formats per tensor to meet this budget
+//!     candidates: [q2_k, q3_k, q4_k, q5_k, q6_k, q8_0]   # formats target_bpw may choose from
+//! ```
+//! Patterns match a substring of the tensor name, or a glob with `*`. Format
+//! names are kiln dtype names (`q4_k`, `q8_0`, …) or the short aliases `q2`…`q8`.
+//!
+//! Rows whose length is not a multiple of a format's block fall back to the
+//! nearest format that fits, as llama.cpp does (Q2_K/Q3_K → Q4_0, Q4_K → Q5_0,
+//! Q5_K → Q5_1, Q6_K → Q8_0); the report lists every fallback.
+//!
+//! With `target_bpw`, every candidate format of every tensor is tried on a
+//! sample of its rows and its importance-weighted squared error measured
+//! (`Σ_j imp_j (w_ij − q_ij)²`, the expected squared error of the output when
+//! the input channels have mean squares `imp`); all tensors start at their
+//! cheapest format and the upgrade with the largest error reduction per extra
+//! bit is taken while the budget allows. Bits per weight count every
+//! parameter's bytes (norms and embeddings included), as llama.cpp does.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kiln_frontend::{TensorBytes, Weights};
+use kiln_ir::{DType, Module, Op, ParamId};
+use rayon::prelude::*;
+use serde_json::{Value, json};
+
+use crate::{Importance, Pass, PassCtx, PassError, PassReport};
+
+pub struct Quantize;
+
+const NAME: &str = "quantize";
+
+fn bad(msg: impl Into<String>) -> PassError {
+    PassError::BadOptions { pass: NAME, msg: msg.into() }
+}
+
+/// A rule's target: a format, or keep the tensor as stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Target {
+    Keep,
+    To(DType),
+}
+
+fn parse_format(s: &str) -> Result<Target, PassError> {
+    let name = match s {
+        "keep" => return Ok(Target::Keep),
+        "q2" => "q2_k",
+        "q3" => "q3_k",
+        "q4" => "q4_k",
+        "q5" => "q5_k",
+        "q6" => "q6_k",
+        "q8" => "q8_0",
+        other => other,
+    };
+    DType::from_name(name)
+        .filter(|d| *d != DType::I32)
+        .map(Target::To)
+        .ok_or_else(|| bad(format!("unknown format `{s}` (use a dtype name such as q4_k or q8_0, q2…q8, or keep)")))
+}
+
+/// `pattern` matches `name` as a substring, or as a glob when it has `*`.
+fn matches(pattern: &str, name: &str) -> bool {
+    if !pattern.contains('*') {
+        return name.contains(pattern);
+    }
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let mut rest = name;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            let Some(r) = rest.strip_prefix(part) else { return false };
+            rest = r;
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            let Some(at) = rest.find(part) else { return false };
+            rest = &rest[at + part.len()..];
+        }
+    }
+    true
+}
+
+struct Options {
+    default: Option<Target>,
+    rules: Vec<(String, Target)>,
+    target_bpw: Option<f64>,
+    candidates: Vec<DType>,
+}
+
+fn parse_options(v: &Value) -> Result<Options, PassError> {
+    let obj = match v {
+        Value::Null => return Err(bad("needs `default: FORMAT` or `target_bpw: N`")),
+        Value::Object(o) => o,
+        _ => return Err(bad("options must be a mapping")),
+    };
+    for k in obj.keys() {
+        if !["default", "rules", "target_bpw", "candidates"].contains(&k.as_str()) {
+            return Err(bad(format!("unknown option `{k}` (known: default, rules, target_bpw, candidates)")));
+        }
+    }
+    let default = obj
+        .get("default")
+        .map(|d| d.as_str().ok_or_else(|| bad("`default` must be a format name")).and_then(parse_format))
+        .transpose()?;
+    let mut rules = vec![];
+    match obj.get("rules") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (p, f) in m {
+                let f = f.as_str().ok_or_else(|| bad(format!("rule `{p}`: the format must be a string")))?;
+                rules.push((p.clone(), parse_format(f)?));
+            }
+        }
+        Some(Value::Array(list)) => {
+            for r in list {
+                let (p, f) = match r.as_object().map(|o| (o.get("match"), o.get("type"))) {
+                    Some((Some(Value::String(p)), Some(Value::String(f)))) => (p, f),
+                    _ => return Err(bad("each rule in a list must be `{match: PATTERN, type: FORMAT}`")),
+                };
+                rules.push((p.clone(), parse_format(f)?));
+            }
+        }
+        Some(_) => return Err(bad("`rules` must map patterns to formats")),
+    }
+    let target_bpw = obj
+        .get("target_bpw")
+        .map(|t| {
+            t.as_f64()
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| bad("`target_bpw` must be a positive number"))
+        })
+        .transpose()?;
+    let candidates = match obj.get("candidates") {
+        None => vec![DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K, DType::Q8_0],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|c| match c.as_str().map(parse_format) {
+                Some(Ok(Target::To(d))) => Ok(d),
+                _ => Err(bad(format!("candidate {c} is not a format"))),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad("`candidates` must be a list of formats")),
+    };
+    if default.is_none() && target_bpw.is_none() && rules.is_empty() {
+        return Err(bad("needs `default`, `rules` or `target_bpw`"));
+    }
+    Ok(Options { default, rules, target_bpw, candidates })
+}
+
+/// The format llama.cpp falls back to when a row does not fill `d`'s blocks.
+fn fallback(d: DType) -> DType {
+    match d {
+        DType::Q2K | DType::Q3K => DType::Q4_0,
+        DType::Q4K => DType::Q5_0,
+        DType::Q5K => DType::Q5_1,
+        DType::Q6K => DType::Q8_0,
+        other => other,
+    }
+}
+
+/// `d`, or its fallback, for rows of `k` elements (`None` if neither fits).
+fn fit(d: DType, k: u64) -> Option<DType> {
+    [d, fallback(d), DType::Q8_0, DType::F16].into_iter().find(|t| k.is_multiple_of(t.block_elems()))
+}
+
+/// A weight the pass may quantize: its rows, row length and stored dtype.
+#[derive(Clone)]
+struct Candidate {
+    param: ParamId,
+    name: String,
+    rows: u64,
+    k: u64,
+    dtype: DType,
+}
+
+/// Parameters used as matmul weights or embedding tables, 2-D with fixed shape.
+fn quantizable(m: &Module) -> Vec<Candidate> {
+    let mut used = BTreeSet::new();
+    for inst in &m.insts {
+        match &inst.op {
+            Op::MatMul { w, .. } => {
+                used.insert(*w);
+            }
+            Op::Embed { table, .. } => {
+                used.insert(*table);
+            }
+            _ => {}
+        }
+    }
+    used.into_iter()
+        .filter_map(|p| {
+            let param = m.param(p);
+            match param.ty.fixed_dims()?.as_slice() {
+                [rows, k] => {
+                    Some(Candidate { param: p, name: param.name.clone(), rows: *rows, k: *k, dtype: param.ty.dtype })
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The tensor's rows as f32.
+fn to_f32(c: &Candidate, bytes: &[u8]) -> Result<Vec<f32>, PassError> {
+    let k = c.k as usize;
+    let mut out = vec![0f32; c.rows as usize * k];
+    let row_bytes = bytes.len() / (c.rows as usize).max(1);
+    out.par_chunks_mut(k.max(1)).zip(bytes.par_chunks(row_bytes.max(1))).try_for_each(|(o, r)| {
+        kiln_quant::dequantize_row(c.dtype, r, o)
+            .map_err(|e| PassError::Unsupported { pass: NAME, msg: format!("{}: {e}", c.name) })
+    })?;
+    Ok(out)
+}
+
+/// Quantizes rows of `k` values to `d`, weighting errors by `imp` when given.
+fn quantize_rows(name: &str, d: DType, data: &[f32], k: usize, imp: Option<&[f32]>) -> Result<Vec<u8>, PassError> {
+    let row_bytes = d.row_bytes(k as u64).unwrap_or(0) as usize;
+    let rows = data.len() / k.max(1);
+    let mut out = vec![0u8; rows * row_bytes];
+    out.par_chunks_mut(row_bytes.max(1)).zip(data.par_chunks(k.max(1))).try_for_each(|(o, r)| {
+        kiln_quant::quantize_row_weighted(d, r, imp, o)
+            .map_err(|e| PassError::Unsupported { pass: NAME, msg: format!("{name}: {} ({e})", d.name()) })
+    })?;
+    Ok(out)
+}
+
+/// Σ_j imp_j (w_ij − q_ij)² over a sample of at most `max_rows` rows (scaled to
+/// all rows), and the format's bytes for the whole tensor.
+fn weighted_error(
+    c: &Candidate,
+    data: &[f32],
+    d: DType,
+    imp: Option<&[f32]>,
+    max_rows: usize,
+) -> Result<f64, PassError> {
+    let k = c.k as usize;
+    let rows = c.rows as usize;
+    let step = rows.div_ceil(max_rows).max(1);
+    let sample: Vec<usize> = (0..rows).step_by(step).collect();
+    let row_bytes = d.row_bytes(c.k).unwrap_or(0) as usize;
+    let err: f64 = sample
+        .par_iter()
+        .map(|&r| -> Result<f64, PassError> {
+            let src = &data[r * k..(r + 1) * k];
+            let mut q = vec![0u8; row_bytes];
+            kiln_quant::quantize_row_weighted(d, src, imp, &mut q)
+                .map_err(|e| PassError::Unsupported { pass: NAME, msg: format!("{}: {} ({e})", c.name, d.name()) })?;
+            let mut back = vec![0f32; k];
+            kiln_quant::dequantize_row(d, &q, &mut back)
+                .map_err(|e| PassError::Unsupported { pass: NAME, msg: format!("{}: {e}", c.name) })?;
+            Ok(src
+                .iter()
+                .zip(&back)
+                .enumerate()
+                .map(|(j, (a, b))| {
+                    let e = f64::from(a - b);
+                    imp.map_or(1.0, |w| f64::from(w[j])) * e * e
+                })
+                .sum())
+        })
+        .sum::<Result<f64, PassError>>()?;
+    Ok(err * rows as f64 / sample.len().max(1) as f64)
+}
+
+/// Per-tensor formats that meet `target_bpw`, greedily by error reduction per byte.
+fn assign_by_budget(
+    cands: &[Candidate],
+    data: &[Vec<f32>],
+    imps: &[Option<Vec<f32>>],
+    fixed_bytes: u64,
+    total_params: u64,
+    opts: &Options,
+    target: f64,
+) -> Result<Vec<DType>, PassError> {
+    // Per tensor: its feasible formats sorted by size, with (bytes, error).
+    let mut options: Vec<Vec<(DType, u64, f64)>> = vec![];
+    for ((c, d), imp) in cands.iter().zip(data).zip(imps) {
+        let mut fmts: BTreeMap<u64, (DType, f64)> = BTreeMap::new();
+        for &f in &opts.candidates {
+            let Some(f) = fit(f, c.k) else { continue };
+            let bytes = f.row_bytes(c.k).unwrap_or(0) * c.rows;
+            if fmts.values().any(|(g, _)| *g == f) {
+                continue;
+            }
+            let err = weighted_error(c, d, f, imp.as_deref(), 256)?;
+            // Of two formats of one size keep the better.
+            if fmts.get(&bytes).is_none_or(|(_, e)| err < *e) {
+                fmts.insert(bytes, (f, err));
+            }
+        }
+        if fmts.is_empty() {
+            return Err(PassError::Unsupported {
+                pass: NAME,
+                msg: format!("{}: no candidate format fits rows of {}", c.name, c.k),
+            });
+        }
+        options.push(fmts.into_iter().map(|(b, (f, e))| (f, b, e)).collect());
+    }
+    let budget = (target * total_params as f64 / 8.0).floor() as u64;
+    let mut choice = vec![0usize; cands.len()];
+    let mut used: u64 = fixed_bytes + options.iter().map(|o| o[0].1).sum::<u64>();
+    if used > budget {
+        return Err(PassError::Unsupported {
+            pass: NAME,
+            msg: format!(
+                "target_bpw {target} is below the smallest build the candidates allow ({:.3} bits per weight)",
+                used as f64 * 8.0 / total_params as f64
+            ),
+        });
+    }
+    loop {
+        // The affordable upgrade (to any larger format) with the best error drop per byte.
+        let mut best: Option<(f64, usize, usize)> = None;
+        for (t, o) in options.iter().enumerate() {
+            let (_, b0, e0) = o[choice[t]];
+            for (j, &(_, b1, e1)) in o.iter().enumerate().skip(choice[t] + 1) {
+                let extra = b1 - b0;
+                if used + extra > budget || e1 >= e0 {
+                    continue;
+                }
+                let gain = (e0 - e1) / extra as f64;
+                if best.is_none_or(|(g, _, _)| gain > g) {
+                    best = Some((gain, t, j));
+                }
+            }
+        }
+        let Some((_, t, j)) = best else { break };
+        used += options[t][j].1 - options[t][choice[t]].1;
+        choice[t] = j;
+    }
+    Ok(choice.iter().zip(&options).map(|(&c, o)| o[c].0).collect())
+}
+
+impl Pass for Quantize {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn summary(&self) -> &'static str {
+        "store matmul weights and embeddings in quantized formats (rules or a bits-per-weight budget, importance-weighted)"
+    }
+
+    fn check_options(&self, options: &Value) -> Result<(), PassError> {
+        parse_options(options).map(|_| ())
+    }
+
+    fn run(&self, m: &mut Module, w: &mut Weights, ctx: &PassCtx) -> Result<PassReport, PassError> {
+        let opts = parse_options(ctx.options)?;
+        let cands = quantizable(m);
+        let importance = |c: &Candidate| -> Option<Vec<f32>> {
+            ctx.importance
+                .and_then(|i: &Importance| i.get(&c.name))
+                .filter(|v| v.len() as u64 == c.k)
+                .map(<[f32]>::to_vec)
+        };
+        // The format each tensor gets from default + rules.
+        let by_rule: Vec<Target> = cands
+            .iter()
+            .map(|c| {
+                let mut t = opts.default.unwrap_or(Target::Keep);
+                for (p, f) in &opts.rules {
+                    if matches(p, &c.name) {
+                        t = *f;
+                    }
+                }
+                t
+            })
+            .collect();
+        let total_params: u64 = m.params.iter().filter_map(|p| p.ty.fixed_elems()).sum();
+        let data: Vec<Vec<f32>> = cands.iter().map(|c| to_f32(c, w.bytes(c.param))).collect::<Result<_, _>>()?;
+        let imps: Vec<Option<Vec<f32>>> = cands.iter().map(importance).collect();
+
+        let mut formats: Vec<Target> = by_rule.clone();
+        if let Some(target) = opts.target_bpw {
+            // Tensors a rule pins (explicitly, not by default) keep the rule's format;
+            // the rest are chosen for the budget.
+            let pinned: Vec<bool> = cands.iter().map(|c| opts.rules.iter().any(|(p, _)| matches(p, &c.name))).collect();
+            let free: Vec<usize> = (0..cands.len()).filter(|&i| !pinned[i]).collect();
+            let pinned_bytes: u64 = (0..cands.len())
+                .filter(|&i| pinned[i])
+                .map(|i| match by_rule[i] {
+                    Target::Keep => w.bytes(cands[i].param).len() as u64,
+                    Target::To(d) => {
+                        fit(d, cands[i].k).and_then(|d| d.row_bytes(cands[i].k)).unwrap_or(0) * cands[i].rows
+                    }
+                })
+                .sum();
+            let fixed_bytes = pinned_bytes
+                + (0..m.params.len())
+                    .map(|i| ParamId(i as u32))
+                    .filter(|p| !cands.iter().any(|c| c.param == *p))
+                    .map(|p| w.bytes(p).len() as u64)
+                    .sum::<u64>();
+            let free_cands: Vec<Candidate> = free.iter().map(|&i| cands[i].clone()).collect();
+            let free_data: Vec<Vec<f32>> = free.iter().map(|&i| data[i].clone()).collect();
+            let free_imps: Vec<Option<Vec<f32>>> = free.iter().map(|&i| imps[i].clone()).collect();
+            let chosen =
+                assign_by_budget(&free_cands, &free_data, &free_imps, fixed_bytes, total_params, &opts, target)?;
+            for (&i, d) in free.iter().zip(chosen) {
+                formats[i] = Target::To(d);
+            }
+        }
+
+        let mut per_tensor = vec![];
+        let mut fallbacks = vec![];
+        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for (i, c) in cands.iter().enumerate() {
+            let Target::To(want) = formats[i] else { continue };
+            let Some(d) = fit(want, c.k) else {
+                return Err(PassError::Unsupported {
+                    pass: NAME,
+                    msg: format!("{}: no format fits rows of {}", c.name, c.k),
+                });
+            };
+            if d != want {
+                fallbacks.push(json!({"tensor": c.name, "wanted": want.name(), "used": d.name(), "row": c.k}));
+            }
+            let bytes = quantize_rows(&c.name, d, &data[i], c.k as usize, imps[i].as_deref())?;
+            w.tensors[c.param.index()] = TensorBytes::owned(bytes);
+            m.params[c.param.index()].ty.dtype = d;
+            *counts.entry(d.name()).or_default() += 1;
+            per_tensor.push(json!({"tensor": c.name, "format": d.name(), "weighted": imps[i].is_some()}));
+        }
+        let total_bytes = w.total_bytes();
+        let bpw = total_bytes as f64 * 8.0 / total_params.max(1) as f64;
+        let weighted = imps.iter().filter(|i| i.is_some()).count();
+        let summary = format!(
+            "{} tensors quantized ({}), {bpw:.3} bits per weight over all {total_params} parameters{}{}",
+            per_tensor.len(),
+            counts.iter().map(|(k, v)| format!("{v}× {k}")).collect::<Vec<_>>().join(", "),
+            if weighted > 0 { format!(", {weighted} importance-weighted") } else { String::new() },
+            if fallbacks.is_empty() { String::new() } else { format!(", {} row-length fallbacks", fallbacks.len()) },
+        );
+        Ok(PassReport {
+            pass: NAME.into(),
+            summary,
+            details: json!({
+                "bits_per_weight": bpw,
+                "total_bytes": total_bytes,
+                "total_params": total_params,
+                "target_bpw": opts.target_bpw,
+                "tensors": per_tensor,
+                "fallbacks": fallbacks,
+                "formats": counts,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_and_formats() {
+        assert!(matches("attn_v", "blk.3.attn_v.weight"));
+        assert!(matches("blk.*.ffn_down.*", "blk.12.ffn_down.weight"));
+        assert!(!matches("blk.*.ffn_down", "blk.12.ffn_up.weight"));
+        assert_eq!(parse_format("q4").unwrap(), Target::To(DType::Q4K));
+        assert_eq!(parse_format("q8_0").unwrap(), Target::To(DType::Q8_0));
+        assert_eq!(parse_format("keep").unwrap(), Target::Keep);
+        assert!(parse_format("q9").is_err());
+        assert_eq!(fit(DType::Q4K, 576), Some(DType::Q5_0));
+        assert_eq!(fit(DType::Q4K, 512), Some(DType::Q4K));
+        assert_eq!(fit(DType::Q6K, 64), Some(DType::Q8_0));
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert!(parse_options(&json!({"default": "q4_k", "rules": {"attn_v": "q6_k"}})).is_ok());
+        assert!(parse_options(&json!({"target_bpw": 2.5})).is_ok());
+        assert!(parse_options(&json!({"rules": [{"match": "x", "type": "q8_0"}]})).is_ok());
+        for bad in
+            [json!(null), json!({}), json!({"default": "q9"}), json!({"target_bpw": -1}), json!({"defualt": "q4_k"})]
+        {
+            assert!(parse_options(&bad).is_err(), "{bad}");
+        }
+    }
+}
