@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 use kiln::compile;
 use kiln::error::{KilnError, KilnResult};
+use kiln::export;
 use kiln::models;
 use kiln::progress;
 use kiln::recipe::LoadedRecipe;
@@ -37,6 +38,8 @@ enum Cmd {
     Calibrate(CalibrateArgs),
     /// Compile a recipe for a device (watch, phone, laptop or all).
     Compile(CompileArgs),
+    /// Write a model (GGUF, kiln build or registry id) as a GGUF file for llama.cpp, optionally requantized.
+    Export(ExportArgs),
     /// Inspect the IR.
     #[command(subcommand)]
     Ir(IrCmd),
@@ -150,6 +153,22 @@ struct CompileArgs {
     out: PathBuf,
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    model: String,
+    /// The GGUF file to write (its directory must exist).
+    #[arg(long)]
+    gguf: PathBuf,
+    /// Convert every matmul weight (embedding included) to this type: f32, f16, bf16, q4_0, q8_0, q4_k, ...
+    #[arg(long = "type", value_name = "TYPE")]
+    ty: Option<String>,
+    /// PATTERN=TYPE: matmul weights whose name contains PATTERN (or matches it as a `*`/`?` glob) get TYPE; later rules win.
+    #[arg(long = "rule", value_name = "PATTERN=TYPE")]
+    rules: Vec<String>,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Subcommand)]
@@ -386,6 +405,54 @@ fn cmd_compile(a: CompileArgs) -> KilnResult<()> {
     }
 }
 
+fn cmd_export(a: ExportArgs) -> KilnResult<()> {
+    let opts = export::ExportOptions {
+        default_type: a.ty.as_deref().map(|t| export::parse_type(t, "--type")).transpose()?,
+        rules: a.rules.iter().map(|r| export::Rule::parse(r)).collect::<KilnResult<_>>()?,
+        out: a.gguf,
+        threads: a.common.threads,
+    };
+    let show = !a.common.json;
+    let path = models::resolve_model(&a.model, &mut stderr_log(show))?;
+    let pb = progress::bar(show, 0, "exporting");
+    let r = export::export(&path, &opts, &mut stderr_log(show), &mut |i, n, name| {
+        pb.set_length(n as u64);
+        pb.set_position(i as u64);
+        pb.set_message(name.to_string());
+    })?;
+    pb.finish_and_clear();
+    if a.common.json {
+        print_json(&json!({"model": path, "report": r}));
+        return Ok(());
+    }
+    println!("wrote {} ({} tensors, metadata from {})", r.path.display(), r.tensors, r.metadata_from.display());
+    for (ty, t) in &r.per_type {
+        println!("  {ty:<5} {:>4} tensors {:>12} bytes {:>12} params", t.tensors, t.bytes, t.params);
+    }
+    let mut fallbacks: std::collections::BTreeMap<(&str, &str, u64), Vec<&str>> = Default::default();
+    for f in &r.fallbacks {
+        fallbacks.entry((&f.requested, &f.used, f.row)).or_default().push(&f.tensor);
+    }
+    for ((requested, used, row), names) in fallbacks {
+        println!(
+            "  fallback: {} tensors with rows of {row} (not whole {requested} blocks) written as {used}: {}{}",
+            names.len(),
+            names[..names.len().min(3)].join(", "),
+            if names.len() > 3 { ", ..." } else { "" }
+        );
+    }
+    println!(
+        "{} converted, {} differ from the source; tensor data {} bytes ({:.2} MiB), file {} bytes; {:.4} bits per weight",
+        r.converted,
+        r.changed,
+        r.tensor_bytes,
+        r.tensor_bytes as f64 / 1048576.0,
+        r.file_bytes,
+        r.bits_per_weight
+    );
+    Ok(())
+}
+
 fn cmd_ir(c: IrCmd) -> KilnResult<()> {
     match c {
         IrCmd::Dump { model } => {
@@ -432,6 +499,7 @@ fn main() {
         Cmd::Bench(a) => cmd_bench(a),
         Cmd::Calibrate(a) => cmd_calibrate(a),
         Cmd::Compile(a) => cmd_compile(a),
+        Cmd::Export(a) => cmd_export(a),
         Cmd::Ir(c) => cmd_ir(c),
         Cmd::Fetch(a) => cmd_fetch(a),
         Cmd::Models => models::registry().map(|reg| {

@@ -5,6 +5,7 @@ pub mod decoder;
 pub mod error;
 pub mod gguf;
 pub mod gguf_import;
+pub mod gguf_write;
 pub mod hf;
 pub mod import;
 pub mod safetensors;
