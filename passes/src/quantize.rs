@@ -275,7 +275,7 @@ fn weighted_error(
 /// Per-tensor formats that meet `target_bpw`, greedily by error reduction per byte.
 fn assign_by_budget(
     cands: &[Candidate],
-    data: &[Vec<f32>],
+    w: &Weights,
     imps: &[Option<Vec<f32>>],
     fixed_bytes: u64,
     total_params: u64,
@@ -284,7 +284,9 @@ fn assign_by_budget(
 ) -> Result<Vec<DType>, PassError> {
     // Per tensor: its feasible formats sorted by size, with (bytes, error).
     let mut options: Vec<Vec<(DType, u64, f64)>> = vec![];
-    for ((c, d), imp) in cands.iter().zip(data).zip(imps) {
+    for (c, imp) in cands.iter().zip(imps) {
+        // One tensor's f32 copy at a time keeps peak memory near the largest tensor.
+        let d = &to_f32(c, w.bytes(c.param))?;
         let mut fmts: BTreeMap<u64, (DType, f64)> = BTreeMap::new();
         for &f in &opts.candidates {
             let Some(f) = fit(f, c.k) else { continue };
@@ -377,7 +379,6 @@ impl Pass for Quantize {
             })
             .collect();
         let total_params: u64 = m.params.iter().filter_map(|p| p.ty.fixed_elems()).sum();
-        let data: Vec<Vec<f32>> = cands.iter().map(|c| to_f32(c, w.bytes(c.param))).collect::<Result<_, _>>()?;
         let imps: Vec<Option<Vec<f32>>> = cands.iter().map(importance).collect();
 
         let mut formats: Vec<Target> = by_rule.clone();
@@ -402,10 +403,8 @@ impl Pass for Quantize {
                     .map(|p| w.bytes(p).len() as u64)
                     .sum::<u64>();
             let free_cands: Vec<Candidate> = free.iter().map(|&i| cands[i].clone()).collect();
-            let free_data: Vec<Vec<f32>> = free.iter().map(|&i| data[i].clone()).collect();
             let free_imps: Vec<Option<Vec<f32>>> = free.iter().map(|&i| imps[i].clone()).collect();
-            let chosen =
-                assign_by_budget(&free_cands, &free_data, &free_imps, fixed_bytes, total_params, &opts, target)?;
+            let chosen = assign_by_budget(&free_cands, w, &free_imps, fixed_bytes, total_params, &opts, target)?;
             for (&i, d) in free.iter().zip(chosen) {
                 formats[i] = Target::To(d);
             }
@@ -425,7 +424,8 @@ impl Pass for Quantize {
             if d != want {
                 fallbacks.push(json!({"tensor": c.name, "wanted": want.name(), "used": d.name(), "row": c.k}));
             }
-            let bytes = quantize_rows(&c.name, d, &data[i], c.k as usize, imps[i].as_deref())?;
+            let data = to_f32(c, w.bytes(c.param))?;
+            let bytes = quantize_rows(&c.name, d, &data, c.k as usize, imps[i].as_deref())?;
             w.tensors[c.param.index()] = TensorBytes::owned(bytes);
             m.params[c.param.index()].ty.dtype = d;
             *counts.entry(d.name()).or_default() += 1;
