@@ -380,6 +380,25 @@ fn cmd_compile(a: CompileArgs) -> KilnResult<()> {
                 pb.finish_and_clear();
                 if !a.json {
                     eprintln!("kiln: built {} ({} backend)", res.out_dir.display(), res.backend);
+                    for p in res.manifest["passes"].as_array().into_iter().flatten() {
+                        eprintln!(
+                            "  pass {}: {}",
+                            p["pass"].as_str().unwrap_or(""),
+                            p["summary"].as_str().unwrap_or("")
+                        );
+                    }
+                    let q = &res.manifest["quality"];
+                    if let (Some(ppl), Some(src)) = (q["ppl"].as_f64(), q["ppl_source"].as_f64()) {
+                        eprintln!(
+                            "  quality: ppl {ppl:.4} vs source {src:.4} ({:+.2}%), mean KL {:.5}, top-1 agreement {:.1}% ({} tokens)",
+                            (ppl / src - 1.0) * 100.0,
+                            q["kl_mean"].as_f64().unwrap_or(f64::NAN),
+                            q["top1_agreement"].as_f64().unwrap_or(f64::NAN) * 100.0,
+                            q["tokens_scored"]
+                        );
+                    } else if let Some(why) = q["skipped"].as_str() {
+                        eprintln!("  quality: not measured ({why})");
+                    }
                 }
                 results.push(res);
             }

@@ -109,3 +109,20 @@ fn bad_quantize_options_fail_before_work() {
         assert!(!out.join("bad/laptop").exists(), "{passes}: no build is left behind");
     }
 }
+
+#[test]
+fn kq2_builds_run() {
+    let Some(model) = model("glassllm-en-hf") else { return };
+    let dir = tempdir("quantize-kq2");
+    let r = recipe(&dir, "glass-kq2", &model, "[dce, { quantize: { default: kq2 } }]", 64, 2);
+    let m = compile(&r, &dir.join("out"));
+    let rep = quantize_report(&m);
+    // Rows of 128 take kq2 (rows of 341 cannot and fall back).
+    let formats = rep["details"]["formats"].as_object().unwrap();
+    assert!(formats.contains_key("kq2"), "{formats:?}");
+    let q = &m["quality"];
+    assert!(q["ppl"].as_f64().unwrap().is_finite() && q["kl_mean"].as_f64().unwrap() > 0.0, "{q}");
+    let build = dir.join("out/glass-kq2/laptop");
+    let o = run(&["run", build.to_str().unwrap(), "--prompt", "The", "-n", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -262,9 +262,10 @@ pub fn dtype_from_ggml(type_id: u32) -> Option<DType> {
     })
 }
 
-/// The ggml type id of a [`DType`] (inverse of [`dtype_from_ggml`]).
-pub fn ggml_type_id(dtype: DType) -> u32 {
-    match dtype {
+/// The ggml type id of a [`DType`] (inverse of [`dtype_from_ggml`]); `None`
+/// for kiln's own formats, which GGUF cannot hold.
+pub fn ggml_type_id(dtype: DType) -> Option<u32> {
+    Some(match dtype {
         DType::F32 => 0,
         DType::F16 => 1,
         DType::Q4_0 => 2,
@@ -279,7 +280,8 @@ pub fn ggml_type_id(dtype: DType) -> u32 {
         DType::Q6K => 14,
         DType::I32 => 26,
         DType::BF16 => 30,
-    }
+        DType::KQ2 => return None,
+    })
 }
 
 /// The bytes of the file: a read-only memory map, or an owned buffer.
@@ -1292,7 +1294,10 @@ mod tests {
     #[test]
     fn ggml_type_ids_round_trip() {
         for &d in DType::ALL {
-            assert_eq!(dtype_from_ggml(ggml_type_id(d)), Some(d));
+            match ggml_type_id(d) {
+                Some(id) => assert_eq!(dtype_from_ggml(id), Some(d)),
+                None => assert_eq!(d, DType::KQ2, "only kiln's own formats lack a GGUF type"),
+            }
         }
     }
 }

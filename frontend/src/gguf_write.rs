@@ -111,6 +111,12 @@ impl GgufWriter {
                 spec.dims.len()
             )));
         }
+        if ggml_type_id(spec.dtype).is_none() {
+            return Err(FrontendError::unsupported(
+                &spec.name,
+                format!("stored as {}, a kiln format GGUF has no type for (export it with --type)", spec.dtype),
+            ));
+        }
         if self.tensors.iter().any(|t| t.name == spec.name) {
             return Err(internal(format!("duplicate tensor name {}", spec.name)));
         }
@@ -157,7 +163,7 @@ impl GgufWriter {
             for d in &t.dims {
                 out.extend_from_slice(&d.to_le_bytes());
             }
-            out.extend_from_slice(&ggml_type_id(t.dtype).to_le_bytes());
+            out.extend_from_slice(&ggml_type_id(t.dtype).unwrap_or(u32::MAX).to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
         }
         let data_start = (out.len() as u64)

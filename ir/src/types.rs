@@ -22,6 +22,9 @@ pub enum DType {
     Q4K,
     Q5K,
     Q6K,
+    /// kiln's own 2.25-bit format (64-weight blocks of lattice codewords after
+    /// a Hadamard rotation; see `kiln_quant::kq2`). No GGUF type.
+    KQ2,
 }
 
 impl DType {
@@ -41,7 +44,14 @@ impl DType {
         DType::Q4K,
         DType::Q5K,
         DType::Q6K,
+        DType::KQ2,
     ];
+
+    /// Whether the layout is bit-compatible with a ggml/GGUF type (every dtype
+    /// but kiln's own formats).
+    pub fn is_ggml(self) -> bool {
+        !matches!(self, DType::KQ2)
+    }
 
     /// Every float storage type (plain and quantized), in [`DType::ALL`] order.
     pub fn floats() -> impl Iterator<Item = DType> {
@@ -65,6 +75,7 @@ impl DType {
             DType::Q4K => "q4_k",
             DType::Q5K => "q5_k",
             DType::Q6K => "q6_k",
+            DType::KQ2 => "kq2",
         }
     }
 
@@ -78,6 +89,7 @@ impl DType {
             DType::F32 | DType::F16 | DType::BF16 | DType::I32 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
             DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => 256,
+            DType::KQ2 => 64,
         }
     }
 
@@ -96,6 +108,7 @@ impl DType {
             DType::Q4K => 144,
             DType::Q5K => 176,
             DType::Q6K => 210,
+            DType::KQ2 => 18,
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod act;
 pub mod ggml_dot;
+pub mod kq2;
 mod kquants;
 mod kquants_quant;
 mod legacy;
@@ -72,6 +73,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
         DType::Q4K => blocks(src, dst, kquants::dequant_q4_k),
         DType::Q5K => blocks(src, dst, kquants::dequant_q5_k),
         DType::Q6K => blocks(src, dst, kquants::dequant_q6_k),
+        DType::KQ2 => kq2::dequantize_kq2(src, dst)?,
     }
     Ok(())
 }
@@ -99,6 +101,7 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> Result<f32, QuantError> {
         DType::Q4K => dot_blocks(row, x, kquants::dequant_q4_k),
         DType::Q5K => dot_blocks(row, x, kquants::dequant_q5_k),
         DType::Q6K => dot_blocks(row, x, kquants::dequant_q6_k),
+        DType::KQ2 => kq2::dot_kq2(row, x)?,
     })
 }
 
@@ -126,6 +129,7 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         DType::Q4K => quant_blocks(src, dst, kquants_quant::quant_q4_k),
         DType::Q5K => quant_blocks(src, dst, kquants_quant::quant_q5_k),
         DType::Q6K => quant_blocks(src, dst, |x, b| kquants_quant::quant_q6_k(x, None, b)),
+        DType::KQ2 => kq2::quantize_kq2(src, None, dst)?,
         DType::I32 => {
             return Err(QuantError::Unsupported { dtype, op: "quantization" });
         }
@@ -170,6 +174,7 @@ pub fn quantize_row_weighted(
         DType::Q4K => weighted_blocks(src, qw, dst, kquants_quant::quant_q4_k_weighted),
         DType::Q5K => weighted_blocks(src, qw, dst, kquants_quant::quant_q5_k_weighted),
         DType::Q6K => weighted_blocks(src, qw, dst, |x, w, b| kquants_quant::quant_q6_k(x, Some(w), b)),
+        DType::KQ2 => kq2::quantize_kq2(src, Some(qw), dst)?,
     }
     Ok(())
 }
@@ -339,6 +344,8 @@ mod tests {
             DType::Q2K => &[80, 82],
             DType::Q3K => &[108],
             DType::Q6K => &[208],
+            // Any kq2 bytes decode to finite values.
+            DType::KQ2 => &[],
             // Plain types: clear the exponent's top bit so no inf/NaN appears.
             DType::F16 => {
                 for c in bytes.chunks_exact_mut(2) {
