@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 const LLAMA_TYPES: &[&str] = &["IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q4_K_M"];
 /// (preset, llama.cpp type whose bpw it targets, candidate formats).
 const PRESETS: &[(&str, &str, &[&str])] = &[
-    ("kiln-2bit", "IQ2_XS", &["kq2", "q2_k", "q3_k", "q4_k", "q5_0", "q8_0"]),
+    ("kiln-2bit", "IQ2_XS", &["kq2", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]),
     ("kiln-3bit", "Q3_K_S", &["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q8_0"]),
     ("kiln-4bit", "Q4_K_M", &["q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0"]),
 ];
