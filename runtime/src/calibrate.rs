@@ -167,31 +167,13 @@ pub fn calibrate_with(
     numerics: Numerics,
     on_chunk: &mut dyn FnMut(usize, usize),
 ) -> RuntimeResult<Imatrix> {
-    if ctx < 8 || ctx > model.context_length() {
-        return Err(RuntimeError::Invalid(format!(
-            "--ctx {ctx} must be between 8 and the model's context length {}",
-            model.context_length()
-        )));
-    }
-    let tokens = model.tokenizer.encode(text, true)?;
-    let available = tokens.len() / ctx;
-    if available == 0 {
-        return Err(RuntimeError::Invalid(format!(
-            "the calibration text has {} tokens, fewer than one chunk of {ctx}",
-            tokens.len()
-        )));
-    }
-    let chunks = if max_chunks == 0 { available } else { max_chunks.min(available) };
+    let text_chunks = crate::ppl::Chunks::of(model, text, ctx, max_chunks, "the calibration text")?;
+    let chunks = text_chunks.count;
     let opts = SessionOptions { max_context: ctx, threads, numerics };
     let mut session = ReferenceBackend::new().prepare_session(model.module.clone(), model.weights.clone(), &opts)?;
     session.record_channel_stats();
     for c in 0..chunks {
-        let mut batch = tokens[c * ctx..(c + 1) * ctx].to_vec();
-        if model.tokenizer.adds_bos()
-            && let Some(bos) = model.tokenizer.bos_id()
-        {
-            batch[0] = bos;
-        }
+        let batch = text_chunks.batch(model, c);
         kiln_backends::Session::truncate(&mut session, 0);
         kiln_backends::Session::forward(&mut session, &batch, Logits::All)?;
         on_chunk(c + 1, chunks);

@@ -21,6 +21,52 @@ pub struct PplReport {
     pub seconds: f64,
 }
 
+/// A text cut into llama-perplexity's chunks of `ctx` tokens (shared by
+/// perplexity, calibration and the quality report).
+pub struct Chunks {
+    pub tokens: Vec<u32>,
+    pub ctx: usize,
+    /// Chunks to use: all whole chunks, or at most the requested number.
+    pub count: usize,
+}
+
+impl Chunks {
+    /// Tokenizes `text` (named `what` in errors) for chunks of `ctx` tokens, at
+    /// most `max_chunks` of them (0 = all).
+    pub fn of(model: &Model, text: &str, ctx: usize, max_chunks: usize, what: &str) -> RuntimeResult<Chunks> {
+        if ctx < 8 {
+            return Err(RuntimeError::Invalid(format!("--ctx {ctx} is too small (at least 8)")));
+        }
+        if ctx > model.context_length() {
+            return Err(RuntimeError::Invalid(format!(
+                "--ctx {ctx} exceeds the model's context length {}",
+                model.context_length()
+            )));
+        }
+        let tokens = model.tokenizer.encode(text, true)?;
+        let available = tokens.len() / ctx;
+        if available == 0 {
+            return Err(RuntimeError::Invalid(format!(
+                "{what} has {} tokens, fewer than one chunk of {ctx}",
+                tokens.len()
+            )));
+        }
+        let count = if max_chunks == 0 { available } else { max_chunks.min(available) };
+        Ok(Chunks { tokens, ctx, count })
+    }
+
+    /// Chunk `c`'s tokens, its first replaced by BOS when the model adds one.
+    pub fn batch(&self, model: &Model, c: usize) -> Vec<u32> {
+        let mut batch = self.tokens[c * self.ctx..(c + 1) * self.ctx].to_vec();
+        if model.tokenizer.adds_bos()
+            && let Some(bos) = model.tokenizer.bos_id()
+        {
+            batch[0] = bos;
+        }
+        batch
+    }
+}
+
 /// log-softmax of `logits` at `target`, in f64.
 pub fn log_prob(logits: &[f32], target: usize) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -37,24 +83,8 @@ pub fn perplexity(
     threads: usize,
     on_chunk: &mut dyn FnMut(usize, usize, f64),
 ) -> RuntimeResult<PplReport> {
-    if ctx < 8 {
-        return Err(RuntimeError::Invalid(format!("--ctx {ctx} is too small (at least 8)")));
-    }
-    if ctx > model.context_length() {
-        return Err(RuntimeError::Invalid(format!(
-            "--ctx {ctx} exceeds the model's context length {}",
-            model.context_length()
-        )));
-    }
-    let tokens = model.tokenizer.encode(text, true)?;
-    let available = tokens.len() / ctx;
-    if available == 0 {
-        return Err(RuntimeError::Invalid(format!(
-            "the text has {} tokens, fewer than one chunk of {ctx}",
-            tokens.len()
-        )));
-    }
-    let chunks = if max_chunks == 0 { available } else { max_chunks.min(available) };
+    let text_chunks = Chunks::of(model, text, ctx, max_chunks, "the text")?;
+    let (tokens, chunks) = (&text_chunks.tokens, text_chunks.count);
     let vocab = model.vocab_size();
     let mut session = model.session(ctx, threads)?;
     let first = ctx / 2;
@@ -63,12 +93,7 @@ pub fn perplexity(
     let t0 = std::time::Instant::now();
     for c in 0..chunks {
         let start = c * ctx;
-        let mut batch = tokens[start..start + ctx].to_vec();
-        if model.tokenizer.adds_bos()
-            && let Some(bos) = model.tokenizer.bos_id()
-        {
-            batch[0] = bos;
-        }
+        let batch = text_chunks.batch(model, c);
         session.truncate(0);
         let logits = session.forward(&batch, Logits::All)?;
         if logits.len() != ctx * vocab {

@@ -64,33 +64,15 @@ pub fn compare(
             candidate.vocab_size()
         )));
     }
-    if ctx < 8 || ctx > source.context_length() {
-        return Err(RuntimeError::Invalid(format!(
-            "quality ctx {ctx} must be between 8 and the model's context length {}",
-            source.context_length()
-        )));
-    }
-    let tokens = source.tokenizer.encode(text, true)?;
-    let available = tokens.len() / ctx;
-    if available == 0 {
-        return Err(RuntimeError::Invalid(format!(
-            "the quality text has {} tokens, fewer than one chunk of {ctx}",
-            tokens.len()
-        )));
-    }
-    let chunks = if max_chunks == 0 { available } else { max_chunks.min(available) };
+    let text_chunks = crate::ppl::Chunks::of(source, text, ctx, max_chunks, "the quality text")?;
+    let (tokens, chunks) = (&text_chunks.tokens, text_chunks.count);
     let mut s_ref = source.session(ctx, threads)?;
     let mut s_new = candidate.session(ctx, threads)?;
     let first = ctx / 2;
     let (mut nll_ref, mut nll_new, mut agree) = (0f64, 0f64, 0usize);
     let mut kls = vec![];
     for c in 0..chunks {
-        let mut batch = tokens[c * ctx..(c + 1) * ctx].to_vec();
-        if source.tokenizer.adds_bos()
-            && let Some(bos) = source.tokenizer.bos_id()
-        {
-            batch[0] = bos;
-        }
+        let batch = text_chunks.batch(source, c);
         s_ref.truncate(0);
         s_new.truncate(0);
         let a = s_ref.forward(&batch, Logits::All)?;
