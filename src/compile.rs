@@ -55,7 +55,7 @@ pub fn compile_device(
 ) -> KilnResult<CompileResult> {
     let spec = r.device(device)?;
     // Fail before any work when the device's backend is not in this kiln.
-    let backend = kiln_backends::backend_by_name(&spec.backend)
+    let backend = kiln_runtime::backends::backend_by_name(&spec.backend)
         .map_err(|e| KilnError::Unsupported(format!("{}: device `{device}`: {e}", r.path.display())))?;
     let passes: Vec<(String, Value)> =
         spec.passes.iter().map(|p| p.resolve().map_err(|m| KilnError::bad(&r.path, m))).collect::<KilnResult<_>>()?;
@@ -140,6 +140,9 @@ pub fn compile_device(
             spec.backend
         )));
     }
+    let backend_files = backend.emit(&verified).map_err(|e| {
+        KilnError::Unsupported(format!("{}: device `{device}`: backend `{}`: {e}", r.path.display(), spec.backend))
+    })?;
     let out_dir = out_root.join(&r.recipe.name).join(device);
     log(&format!("writing {}", out_dir.display()));
     let recipe_name = r.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -156,6 +159,7 @@ pub fn compile_device(
         tokenizer_json: &imported.tokenizer_json,
         chat_template: imported.chat_template.as_deref(),
         manifest_extra: extra,
+        backend_files: &backend_files,
     };
     let manifest = kiln_runtime::artifact::write_build(&out_dir, &verified, &|p| weights.bytes(p).to_vec(), &inputs)?;
     Ok(CompileResult { device: device.to_string(), backend: spec.backend.clone(), out_dir, manifest })

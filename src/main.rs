@@ -57,6 +57,9 @@ struct Common {
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Run on this backend instead of the build's (reference, ptx); checkpoints default to reference.
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 #[derive(Args)]
@@ -212,7 +215,10 @@ fn print_json(v: &serde_json::Value) {
 }
 
 fn cmd_run(a: RunArgs) -> KilnResult<()> {
-    let model = load_model(&a.model, !a.common.json)?;
+    let mut model = load_model(&a.model, !a.common.json)?;
+    if let Some(b) = &a.common.backend {
+        model.backend = b.clone();
+    }
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampler: SamplerConfig {
@@ -274,7 +280,10 @@ fn cmd_run(a: RunArgs) -> KilnResult<()> {
 }
 
 fn cmd_ppl(a: PplArgs) -> KilnResult<()> {
-    let model = load_model(&a.model, !a.common.json)?;
+    let mut model = load_model(&a.model, !a.common.json)?;
+    if let Some(b) = &a.common.backend {
+        model.backend = b.clone();
+    }
     let text = std::fs::read_to_string(&a.file).map_err(|e| KilnError::io(&a.file, e))?;
     let pb = progress::bar(!a.common.json, 0, "perplexity");
     let report = kiln_runtime::ppl::perplexity(
@@ -341,7 +350,10 @@ fn cmd_calibrate(a: CalibrateArgs) -> KilnResult<()> {
 }
 
 fn cmd_bench(a: BenchArgs) -> KilnResult<()> {
-    let model = load_model(&a.model, !a.common.json)?;
+    let mut model = load_model(&a.model, !a.common.json)?;
+    if let Some(b) = &a.common.backend {
+        model.backend = b.clone();
+    }
     let pb = progress::spinner(!a.common.json, format!("pp{} / tg{}", a.pp, a.tg));
     let r = kiln_runtime::bench::bench(&model, a.pp, a.tg, a.reps, threads(a.common.threads))?;
     pb.finish_and_clear();

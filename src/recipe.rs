@@ -1,5 +1,5 @@
-//! Recipes: one YAML file names a source model and, per device (`watch`, `phone`,
-//! `laptop`), the backend and the passes with their options.
+//! Recipes: one YAML file names a source model and, per device (`watch`, `phone`, `laptop`,
+//! `gpu`), the backend and the passes with their options.
 //!
 //! ```yaml
 //! name: smollm2-135m
@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::error::{KilnError, KilnResult};
 
-pub const DEVICES: &[&str] = &["watch", "phone", "laptop"];
+pub const DEVICES: &[&str] = &["watch", "phone", "laptop", "gpu"];
 /// Recipes larger than this are refused before parsing.
 const MAX_RECIPE_BYTES: u64 = 1 << 20;
 

@@ -3,6 +3,7 @@
 //! Backends only ever see a [`kiln_ir::VerifiedModule`].
 
 pub use kiln_quant as quant;
+pub mod conformance;
 pub mod reference;
 
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct SessionOptions {
     /// Worker threads (0 = all cores).
     pub threads: usize,
     pub numerics: Numerics,
+    /// The backend's files of the build being run ([`Backend::emit`]), when there is a build.
+    pub files: Vec<BuildFile>,
 }
 
 /// Which logits a forward call returns.
@@ -78,6 +81,19 @@ pub trait Backend: Send + Sync {
         weights: Arc<dyn WeightSource>,
         options: &SessionOptions,
     ) -> Result<Box<dyn Session>, BackendError>;
+    /// Files the backend generates for `module` at compile time (kernel
+    /// sources), stored in the build beside the IR and handed back to
+    /// [`Backend::prepare`] in [`SessionOptions::files`]. Deterministic.
+    fn emit(&self, _module: &VerifiedModule) -> Result<Vec<BuildFile>, BackendError> {
+        Ok(Vec::new())
+    }
+}
+
+/// A file a backend adds to a build: a name (no directories) and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildFile {
+    pub name: String,
+    pub bytes: Vec<u8>,
 }
 
 /// A loaded model with its KV cache.
@@ -89,6 +105,24 @@ pub trait Session: Send {
     /// Drops cached positions at and after `pos` (rollback, e.g. for speculative decoding).
     fn truncate(&mut self, pos: usize);
     fn vocab_size(&self) -> usize;
+    /// Runs `tokens` like [`Session::forward`] and returns the id of the largest
+    /// logit of the last token (lowest id on ties): greedy decoding without
+    /// copying the logits back, where the backend can.
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, BackendError> {
+        let logits = self.forward(tokens, Logits::Last)?;
+        Ok(argmax(&logits))
+    }
+}
+
+/// Index of the largest value (the first on ties; 0 for an empty slice).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// First op in `module` that `backend` cannot run, as a message naming the op.
@@ -109,17 +143,3 @@ pub const BACKEND_NAMES: &[(&str, &str)] = &[
     ("ptx", "CUDA via PTX"),
     ("fixed", "integer-only C library for microcontrollers (watches)"),
 ];
-
-/// The backend called `name`, or an error saying it is unknown or not available yet.
-pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
-    match name {
-        "reference" => Ok(Box::new(reference::ReferenceBackend::new())),
-        _ => match BACKEND_NAMES.iter().find(|(n, _)| *n == name) {
-            Some((n, what)) => Err(BackendError::NotAvailable { name: n, what }),
-            None => Err(BackendError::UnknownBackend {
-                name: name.to_string(),
-                known: BACKEND_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
-            }),
-        },
-    }
-}

@@ -11,7 +11,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_backends::WeightSource;
+use kiln_backends::{BuildFile, WeightSource};
 use kiln_ir::{Module, ParamId, VerifiedModule};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -75,6 +75,8 @@ pub struct BuildInputs<'a> {
     pub chat_template: Option<&'a str>,
     /// Recipe, device, backend, source model and pass reports; merged into the manifest.
     pub manifest_extra: Value,
+    /// The backend's generated files (kernel sources), listed under `backend_files`.
+    pub backend_files: &'a [BuildFile],
 }
 
 /// Writes a build into `dir` atomically (temp dir + rename). Returns the manifest.
@@ -162,6 +164,20 @@ fn write_into(
         write_file(&tmp.join(CHAT_TEMPLATE_FILE), t.as_bytes())?;
         files.push(json!({"path": CHAT_TEMPLATE_FILE, "bytes": t.len(), "sha256": sha256_hex(t.as_bytes())}));
     }
+    let mut backend_names = vec![];
+    for f in inputs.backend_files {
+        let reserved = [MANIFEST, IR_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_KILN_FILE, CHAT_TEMPLATE_FILE];
+        if f.name.is_empty()
+            || f.name.contains(['/', '\\'])
+            || f.name.starts_with('.')
+            || reserved.contains(&f.name.as_str())
+        {
+            return Err(RuntimeError::Invalid(format!("backend file name `{}` is not allowed", f.name)));
+        }
+        write_file(&tmp.join(&f.name), &f.bytes)?;
+        files.push(json!({"path": f.name, "bytes": f.bytes.len(), "sha256": sha256_hex(&f.bytes)}));
+        backend_names.push(f.name.clone());
+    }
     let mut manifest = json!({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -169,6 +185,9 @@ fn write_into(
         "weights": {"file": WEIGHTS_FILE, "alignment": ALIGN, "params": module.params.len(), "bytes": total},
         "files": files,
     });
+    if !backend_names.is_empty() {
+        manifest["backend_files"] = json!(backend_names);
+    }
     if let (Value::Object(m), Value::Object(extra)) = (&mut manifest, &inputs.manifest_extra) {
         for (k, v) in extra {
             m.insert(k.clone(), v.clone());
@@ -268,6 +287,8 @@ pub struct OpenedBuild {
     pub weights: Arc<BlobWeights>,
     pub tokenizer_json: Vec<u8>,
     pub chat_template: Option<String>,
+    /// The backend's generated files (checked like every listed file).
+    pub backend_files: Vec<BuildFile>,
 }
 
 /// Opens a build: checks the manifest, every file's size and sha256, parses and
@@ -357,6 +378,18 @@ pub fn open_build(dir: &Path) -> RuntimeResult<OpenedBuild> {
     } else {
         None
     };
+    let mut backend_files = vec![];
+    if let Some(names) = manifest.get("backend_files") {
+        let names = names.as_array().ok_or_else(|| RuntimeError::bad(&mpath, "`backend_files` must be a list"))?;
+        for n in names {
+            let name = n.as_str().filter(|n| listed.iter().any(|l| l == n)).ok_or_else(|| {
+                RuntimeError::bad(&mpath, format!("backend file {n} is not a file the manifest lists"))
+            })?;
+            let path = dir.join(name);
+            let bytes = fs::read(&path).map_err(|e| RuntimeError::io(&path, e))?;
+            backend_files.push(BuildFile { name: name.to_string(), bytes });
+        }
+    }
     Ok(OpenedBuild {
         dir: dir.to_path_buf(),
         manifest,
@@ -364,5 +397,6 @@ pub fn open_build(dir: &Path) -> RuntimeResult<OpenedBuild> {
         weights: Arc::new(BlobWeights { map, ranges }),
         tokenizer_json,
         chat_template,
+        backend_files,
     })
 }

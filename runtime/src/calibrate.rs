@@ -169,7 +169,7 @@ pub fn calibrate_with(
 ) -> RuntimeResult<Imatrix> {
     let text_chunks = crate::ppl::Chunks::of(model, text, ctx, max_chunks, "the calibration text")?;
     let chunks = text_chunks.count;
-    let opts = SessionOptions { max_context: ctx, threads, numerics };
+    let opts = SessionOptions { max_context: ctx, threads, numerics, ..Default::default() };
     let mut session = ReferenceBackend::new().prepare_session(model.module.clone(), model.weights.clone(), &opts)?;
     session.record_channel_stats();
     for c in 0..chunks {

@@ -78,8 +78,19 @@ pub fn generate_from_tokens(
     }
     let mut sampler = Sampler::new(opts.sampler)?;
     let mut stream = crate::tokenizer::TokenStream::with_context(&model.tokenizer, prompt_ids);
+    // Plain greedy decoding asks the backend for the argmax only (a GPU then
+    // copies back one id per token instead of the whole logits row).
+    let plain_greedy = opts.sampler.temperature == 0.0 && opts.sampler.repetition_penalty == 1.0;
+    let mut step = |session: &mut dyn Session, ids: &[u32], history: &[u32]| -> RuntimeResult<u32> {
+        if plain_greedy {
+            Ok(session.forward_argmax(ids)?)
+        } else {
+            let logits = session.forward(ids, Logits::Last)?;
+            Ok(sampler.sample(&logits, history)?)
+        }
+    };
     let t0 = Instant::now();
-    let mut logits = session.forward(prompt_ids, Logits::Last)?;
+    let mut next = step(session, prompt_ids, prompt_ids)?;
     let prefill = t0.elapsed().as_secs_f64();
     let mut history: Vec<u32> = prompt_ids.to_vec();
     let mut out = vec![];
@@ -87,7 +98,7 @@ pub fn generate_from_tokens(
     let mut stop_reason = "length";
     let t1 = Instant::now();
     for i in 0..opts.max_tokens {
-        let tok = sampler.sample(&logits, &history)?;
+        let tok = next;
         if opts.stop_at_eos && model.tokenizer.is_eos(tok) {
             stop_reason = "eos";
             break;
@@ -102,7 +113,7 @@ pub fn generate_from_tokens(
         if i + 1 == opts.max_tokens {
             break;
         }
-        logits = session.forward(&[tok], Logits::Last)?;
+        next = step(session, &[tok], &history)?;
     }
     let rest = stream.finish()?;
     if !rest.is_empty() {

@@ -2,6 +2,7 @@
 //! tokenizes, generates text, measures perplexity and speed.
 
 pub mod artifact;
+pub mod backends;
 pub mod bench;
 pub mod calibrate;
 pub mod chat;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kiln_backends::{Session, SessionOptions, WeightSource};
+use kiln_backends::{BuildFile, Session, SessionOptions, WeightSource};
 use kiln_ir::{ParamId, VerifiedModule};
 use serde_json::Value;
 
@@ -32,6 +32,8 @@ pub struct Model {
     pub backend: String,
     /// The build manifest, when loaded from a build.
     pub manifest: Option<Value>,
+    /// The backend's generated files of the build (kernel sources).
+    pub backend_files: Vec<BuildFile>,
 }
 
 impl std::fmt::Debug for Model {
@@ -69,6 +71,7 @@ impl Model {
                 chat,
                 backend,
                 manifest: Some(b.manifest),
+                backend_files: b.backend_files,
             });
         }
         let imported = kiln_frontend::import(path)?;
@@ -88,6 +91,7 @@ impl Model {
             chat,
             backend: "reference".into(),
             manifest: None,
+            backend_files: Vec::new(),
         })
     }
 
@@ -112,6 +116,7 @@ impl Model {
             chat,
             backend: "reference".into(),
             manifest: None,
+            backend_files: Vec::new(),
         })
     }
 
@@ -137,11 +142,16 @@ impl Model {
         threads: usize,
         numerics: kiln_backends::Numerics,
     ) -> RuntimeResult<Box<dyn Session>> {
-        let backend = kiln_backends::backend_by_name(&self.backend)?;
+        let backend = crate::backends::backend_by_name(&self.backend)?;
         if let Some(what) = kiln_backends::first_unsupported(backend.as_ref(), &self.module) {
             return Err(RuntimeError::Invalid(format!("backend `{}` cannot run {what}", self.backend)));
         }
-        let opts = SessionOptions { max_context: max_context.min(self.context_length()), threads, numerics };
+        let opts = SessionOptions {
+            max_context: max_context.min(self.context_length()),
+            threads,
+            numerics,
+            files: self.backend_files.clone(),
+        };
         Ok(backend.prepare(self.module.clone(), self.weights.clone(), &opts)?)
     }
 }

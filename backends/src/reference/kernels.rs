@@ -289,7 +289,7 @@ pub(crate) fn softmax(x: &[f32], cols: usize) -> Vec<f32> {
 /// powf(theta, −2/rot_dims)`, a running f32 `t` starts at `p` and is
 /// multiplied by `theta_scale` after each pair, and the angle is
 /// `freq_scale · t`.
-pub(crate) fn rope_angles(p: usize, attrs: &RopeAttrs) -> Vec<(f32, f32)> {
+pub fn rope_angles(p: usize, attrs: &RopeAttrs) -> Vec<(f32, f32)> {
     let half = (attrs.rot_dims / 2) as usize;
     let theta_scale = attrs.theta.powf(-2.0 / attrs.rot_dims as f32);
     let mut t = p as f32;

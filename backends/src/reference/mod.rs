@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use kiln_ir::{Op, VerifiedModule};
 
+pub use kernels::rope_angles;
 pub use session::{ChannelStats, ReferenceSession};
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};

@@ -1,0 +1,61 @@
+//! Where kernels run: the [`Device`] trait, the SIMT emulator behind it
+//! ([`EmuDevice`]) and, with the `cuda` feature, the CUDA driver
+//! ([`crate::cuda::CudaDevice`]). The session is written once against this
+//! trait, so the emulator tests the same launch sequence a GPU runs.
+
+use std::collections::HashMap;
+
+use kiln_backends::BackendError;
+
+use crate::emu::{self, Arg, EmuMemory};
+use crate::ptx::Kernel;
+
+pub(crate) const NAME: &str = "ptx";
+
+pub(crate) fn internal(msg: impl Into<String>) -> BackendError {
+    BackendError::Internal { backend: NAME, msg: msg.into() }
+}
+
+/// A device that holds buffers and runs the module's kernels, in order.
+pub trait Device: Send {
+    /// Human-readable description (GPU name, or "emulator").
+    fn describe(&self) -> String;
+    /// Allocates `bytes` zeroed bytes; returns the device address.
+    fn alloc(&mut self, bytes: usize) -> Result<u64, BackendError>;
+    fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), BackendError>;
+    /// Waits for every launch before it, then copies `out.len()` bytes back.
+    fn download(&mut self, src: u64, out: &mut [u8]) -> Result<(), BackendError>;
+    /// Queues kernel `name` over `grid` blocks with `args`.
+    fn launch(&mut self, name: &str, grid: [u32; 3], args: &[Arg]) -> Result<(), BackendError>;
+}
+
+/// The emulator as a device: every kernel of the module, run on the CPU.
+pub struct EmuDevice {
+    mem: EmuMemory,
+    kernels: HashMap<String, Kernel>,
+}
+
+impl EmuDevice {
+    pub fn new(kernels: &[Kernel]) -> Self {
+        EmuDevice { mem: EmuMemory::new(), kernels: kernels.iter().map(|k| (k.name.clone(), k.clone())).collect() }
+    }
+}
+
+impl Device for EmuDevice {
+    fn describe(&self) -> String {
+        "kiln SIMT emulator (CPU)".into()
+    }
+    fn alloc(&mut self, bytes: usize) -> Result<u64, BackendError> {
+        Ok(self.mem.alloc(bytes))
+    }
+    fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), BackendError> {
+        self.mem.write(dst, bytes).map_err(internal)
+    }
+    fn download(&mut self, src: u64, out: &mut [u8]) -> Result<(), BackendError> {
+        self.mem.read(src, out).map_err(internal)
+    }
+    fn launch(&mut self, name: &str, grid: [u32; 3], args: &[Arg]) -> Result<(), BackendError> {
+        let k = self.kernels.get(name).ok_or_else(|| internal(format!("kernel `{name}` is not in the module")))?;
+        emu::launch(&mut self.mem, k, grid, args).map_err(internal)
+    }
+}

@@ -1,0 +1,189 @@
+//! Weight layouts on the GPU: for each dtype, PTX that decodes one group of 8
+//! consecutive weights of a row straight from the packed bytes (the fused
+//! dequantization of the matmul kernel). Layouts are the same bytes as the
+//! build's `weights.bin` (ggml blocks, kiln's kq2), so weights are uploaded
+//! as they are.
+//!
+//! The legacy ggml blocks and plain floats are here; the K-quants and kq2 are
+//! in [`crate::formats_k`].
+
+use kiln_ir::DType;
+
+use crate::ptx::{BinOp, Kb, Mem, Reg, Ty};
+
+/// Eight decoded weights, and for kq2 whether their block is stored rotated
+/// (then they multiply the block-rotated activations instead of `x`).
+pub struct Group {
+    pub w: [Reg; 8],
+    /// A predicate: true when the group's block is in the Hadamard-rotated basis.
+    pub rotated: Option<Reg>,
+}
+
+/// Whether the matmul kernel can read weights of `dtype`.
+pub fn supported(dtype: DType) -> bool {
+    !matches!(dtype, DType::I32)
+}
+
+/// Whether matmuls with weights of `dtype` read block-rotated activations (kq2).
+pub fn needs_rotated_x(dtype: DType) -> bool {
+    dtype == DType::KQ2
+}
+
+/// Emits the decoding of weights `8g .. 8g+8` of the row at `row` (a u64
+/// global address). `g` is a u32 group index below `row_len / 8`. `tables`
+/// is the address of the format's lookup tables ([`tables`]), if it has any.
+pub fn decode8(kb: &mut Kb, dtype: DType, row: Reg, g: Reg, tables: Reg) -> Group {
+    let plain = |w| Group { w, rotated: None };
+    match dtype {
+        DType::F32 => {
+            let a = kb.index(row, g, 32);
+            plain(std::array::from_fn(|i| kb.ld(Mem::F32, a, 4 * i as i32)))
+        }
+        DType::F16 => {
+            let a = kb.index(row, g, 16);
+            plain(std::array::from_fn(|i| {
+                let h = kb.ld(Mem::B16, a, 2 * i as i32);
+                kb.f16_to_f32(h)
+            }))
+        }
+        DType::BF16 => {
+            let a = kb.index(row, g, 16);
+            plain(std::array::from_fn(|i| {
+                let h = kb.ld(Mem::U16, a, 2 * i as i32);
+                let s = kb.shl(Ty::U32, h, 16);
+                kb.bits(Ty::F32, s)
+            }))
+        }
+        DType::Q4_0 | DType::Q4_1 => {
+            let (bs, qs, has_min) = if dtype == DType::Q4_0 { (18, 2, false) } else { (20, 4, true) };
+            let (blk, s) = block_of(kb, row, g, 4, bs);
+            let d = ld_f16(kb, blk, 0);
+            let m = has_min.then(|| ld_f16(kb, blk, 2));
+            let (a, shift) = nibble_source(kb, blk, s);
+            plain(std::array::from_fn(|i| {
+                let q = kb.ld(Mem::U8, a, qs + i as i32);
+                let q = kb.shr(Ty::U32, q, shift);
+                let q = kb.and(Ty::U32, q, 15);
+                match m {
+                    Some(m) => {
+                        let qf = kb.cvt(Ty::F32, q);
+                        kb.fma(qf, d, m)
+                    }
+                    None => {
+                        let qs = kb.sub(Ty::S32, q.as_ty(Ty::S32), 8);
+                        let qf = kb.cvt(Ty::F32, qs);
+                        kb.mul(Ty::F32, qf, d)
+                    }
+                }
+            }))
+        }
+        DType::Q5_0 | DType::Q5_1 => {
+            let (bs, qh_off, qs, has_min) = if dtype == DType::Q5_0 { (22, 2, 6, false) } else { (24, 4, 8, true) };
+            let (blk, s) = block_of(kb, row, g, 4, bs);
+            let d = ld_f16(kb, blk, 0);
+            let m = has_min.then(|| ld_f16(kb, blk, 2));
+            // qh is 4 bytes at an even offset: two u16 loads.
+            let lo = kb.ld(Mem::U16, blk, qh_off);
+            let hi = kb.ld(Mem::U16, blk, qh_off + 2);
+            let qh = kb.shl(Ty::U32, hi, 16);
+            let qh = kb.bin(BinOp::Or, Ty::U32, qh, lo);
+            // Bits 8s .. 8s+8 of qh belong to this group.
+            let sh = kb.shl(Ty::U32, s, 3);
+            let qh = kb.shr(Ty::U32, qh, sh);
+            let (a, shift) = nibble_source(kb, blk, s);
+            plain(std::array::from_fn(|i| {
+                let q = kb.ld(Mem::U8, a, qs + i as i32);
+                let q = kb.shr(Ty::U32, q, shift);
+                let q = kb.and(Ty::U32, q, 15);
+                let h = kb.shr(Ty::U32, qh, i as u32);
+                let h = kb.and(Ty::U32, h, 1);
+                let h = kb.shl(Ty::U32, h, 4);
+                let q = kb.bin(BinOp::Or, Ty::U32, q, h);
+                match m {
+                    Some(m) => {
+                        let qf = kb.cvt(Ty::F32, q);
+                        kb.fma(qf, d, m)
+                    }
+                    None => {
+                        let qs = kb.sub(Ty::S32, q.as_ty(Ty::S32), 16);
+                        let qf = kb.cvt(Ty::F32, qs);
+                        kb.mul(Ty::F32, qf, d)
+                    }
+                }
+            }))
+        }
+        DType::Q8_0 => {
+            let (blk, s) = block_of(kb, row, g, 4, 34);
+            let d = ld_f16(kb, blk, 0);
+            let off = kb.shl(Ty::U32, s, 3);
+            let off = kb.cvt(Ty::U64, off);
+            let a = kb.add(Ty::U64, blk, off);
+            plain(std::array::from_fn(|i| {
+                let q = kb.ld(Mem::S8, a, 2 + i as i32);
+                let qf = kb.cvt(Ty::F32, q);
+                kb.mul(Ty::F32, qf, d)
+            }))
+        }
+        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K | DType::KQ2 => {
+            crate::formats_k::decode8(kb, dtype, row, g, tables)
+        }
+        DType::I32 => unreachable!("i32 weights are rejected by supported()"),
+    }
+}
+
+/// Element `e` (a u32 index) of a row of unquantized weights, as f32.
+pub fn load_plain(kb: &mut Kb, dtype: DType, row: Reg, e: Reg) -> Reg {
+    match dtype {
+        DType::F32 => {
+            let a = kb.index(row, e, 4);
+            kb.ld(Mem::F32, a, 0)
+        }
+        DType::F16 => {
+            let a = kb.index(row, e, 2);
+            let h = kb.ld(Mem::B16, a, 0);
+            kb.f16_to_f32(h)
+        }
+        DType::BF16 => {
+            let a = kb.index(row, e, 2);
+            let h = kb.ld(Mem::U16, a, 0);
+            let s = kb.shl(Ty::U32, h, 16);
+            kb.bits(Ty::F32, s)
+        }
+        other => panic!("load_plain of {other}"),
+    }
+}
+
+/// Lookup tables a format's kernels read (uploaded once per session), as bytes.
+pub fn tables(dtype: DType) -> Option<Vec<u8>> {
+    crate::formats_k::tables(dtype)
+}
+
+/// For a group `g` of a format with `groups_per_block` groups of 8 per block of
+/// `block_bytes`: the block's address and the group's index `s` inside it.
+pub(crate) fn block_of(kb: &mut Kb, row: Reg, g: Reg, groups_per_block: u32, block_bytes: u32) -> (Reg, Reg) {
+    let sh = groups_per_block.trailing_zeros();
+    debug_assert!(groups_per_block.is_power_of_two());
+    let b = kb.shr(Ty::U32, g, sh);
+    let s = kb.and(Ty::U32, g, groups_per_block - 1);
+    let blk = kb.index(row, b, block_bytes);
+    (blk, s)
+}
+
+/// An f16 at `base + off`, as f32.
+pub(crate) fn ld_f16(kb: &mut Kb, base: Reg, off: i32) -> Reg {
+    let h = kb.ld(Mem::B16, base, off);
+    kb.f16_to_f32(h)
+}
+
+/// For ggml's 32-weight nibble blocks (16 bytes of `qs`): group `s` (0..4) of
+/// weights 8s..8s+8 reads bytes `8·(s mod 2) ..` shifted by `4·(s div 2)`.
+/// Returns the block address advanced by the byte offset, and the shift.
+fn nibble_source(kb: &mut Kb, blk: Reg, s: Reg) -> (Reg, Reg) {
+    let half = kb.and(Ty::U32, s, 1);
+    let boff = kb.shl(Ty::U32, half, 3);
+    let boff = kb.cvt(Ty::U64, boff);
+    let a = kb.add(Ty::U64, blk, boff);
+    let hi = kb.shr(Ty::U32, s, 1);
+    let shift = kb.shl(Ty::U32, hi, 2);
+    (a, shift)
+}

@@ -1,0 +1,884 @@
+//! The kernels, each a function that builds one [`Kernel`]. Shapes are kernel
+//! arguments; what changes the code (weight dtype, bias, activation, RoPE
+//! layout) is in the kernel's name, so a module holds one kernel per variant
+//! the model uses.
+//!
+//! Conventions: activations are f32 `[T, cols]` row-major; blocks are 128
+//! threads (4 warps) unless noted; branches are uniform over a block and
+//! per-thread bounds are predicates.
+
+use kiln_ir::{Activation, DType, RopeLayout};
+
+use crate::formats;
+use crate::ptx::{BinOp, Cmp, Kb, Kernel, Mem, ParamTy, Reg, Special, Ty, UnOp};
+
+/// Threads per block of most kernels.
+pub const BLOCK: u32 = 128;
+/// Tokens a matmul warp multiplies per pass over its row's weights.
+pub const MATMUL_TOKENS: u32 = 4;
+/// Output rows per matmul block (one per warp).
+pub const MATMUL_ROWS: u32 = BLOCK / 32;
+
+pub fn matmul_name(dtype: DType, bias: bool, ragged: bool) -> String {
+    format!("matmul_{}{}{}", dtype.name(), if bias { "_bias" } else { "" }, if ragged { "_ragged" } else { "" })
+}
+
+/// `y[t, r] = Σ_k w[r, k] · x[t, k] (+ bias[r])` with `w` decoded from its
+/// packed layout in registers (fused dequantization), one warp per output row,
+/// [`MATMUL_TOKENS`] tokens per pass over the row.
+///
+/// Grid: `ceil(rows / 4)` blocks. Arguments: `w, x, xr (block-rotated x for
+/// kq2, else x), y, bias, tables, rows, k, t, row_bytes`. `k` must be a
+/// multiple of 8, except for the `ragged` variant of unquantized weights,
+/// which clamps and masks the last group of each row.
+pub fn matmul(dtype: DType, bias: bool) -> Kernel {
+    matmul_variant(dtype, bias, false)
+}
+
+/// [`matmul`], or its `ragged` variant for unquantized rows of any length.
+pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool) -> Kernel {
+    use ParamTy::*;
+    assert!(!ragged || dtype.block_elems() == 1, "ragged rows are for unquantized weights");
+    let mut kb = Kb::new(
+        matmul_name(dtype, bias, ragged),
+        &[
+            ("w", Ptr),
+            ("x", Ptr),
+            ("xr", Ptr),
+            ("y", Ptr),
+            ("bias", Ptr),
+            ("tables", Ptr),
+            ("rows", U32),
+            ("k", U32),
+            ("t", U32),
+            ("row_bytes", U32),
+        ],
+        BLOCK,
+    );
+    let w = kb.param(0);
+    let x = kb.param(1);
+    let xr = kb.param(2);
+    let y = kb.param(3);
+    let bias_p = kb.param(4);
+    let tables = kb.param(5);
+    let rows = kb.param(6);
+    let k = kb.param(7);
+    let t = kb.param(8);
+    let row_bytes = kb.param(9);
+
+    let tid = kb.tid();
+    let lane = kb.and(Ty::U32, tid, 31);
+    let warp = kb.shr(Ty::U32, tid, 5);
+    let cta = kb.special(Special::CtaidX);
+    let row = kb.mad(Ty::U32, cta, MATMUL_ROWS, warp);
+    let row_ok = kb.setp(Cmp::Lt, row, rows);
+    let last_row = kb.sub(Ty::U32, rows, 1);
+    let row_c = kb.bin(BinOp::Min, Ty::U32, row, last_row);
+    let roff = kb.mul_wide(row_c, row_bytes);
+    let wrow = kb.add(Ty::U64, w, roff);
+    let k7 = kb.add(Ty::U32, k, 7u32);
+    let groups = kb.shr(Ty::U32, if ragged { k7 } else { k }, 3);
+    let last_k = kb.sub(Ty::U32, k, 1u32);
+    let last_g = kb.sub(Ty::U32, groups, 1);
+    let last_t = kb.sub(Ty::U32, t, 1);
+    let rotated = formats::needs_rotated_x(dtype);
+    let bias_v = bias.then(|| {
+        let a = kb.index(bias_p, row_c, 4);
+        kb.ld(Mem::F32, a, 0)
+    });
+
+    kb.for_range(0u32, t, MATMUL_TOKENS, |kb, t0| {
+        let acc: Vec<Reg> = (0..MATMUL_TOKENS).map(|_| kb.imm(Ty::F32, 0.0f32)).collect();
+        // Row addresses of the tile's tokens (clamped to the last token).
+        let xrows: Vec<(Reg, Option<Reg>)> = (0..MATMUL_TOKENS)
+            .map(|j| {
+                let tj = kb.add(Ty::U32, t0, j);
+                let tj = kb.bin(BinOp::Min, Ty::U32, tj, last_t);
+                let off = kb.mul(Ty::U32, tj, k);
+                let a = kb.index(x, off, 4);
+                let ar = rotated.then(|| kb.index(xr, off, 4));
+                (a, ar)
+            })
+            .collect();
+        kb.for_range(0u32, groups, 32u32, |kb, gb| {
+            let g = kb.add(Ty::U32, gb, lane);
+            let g_ok = kb.setp(Cmp::Lt, g, groups);
+            let g_c = kb.bin(BinOp::Min, Ty::U32, g, last_g);
+            if ragged {
+                // Element indices clamped to the row, masked past its end.
+                let e0 = kb.shl(Ty::U32, g_c, 3);
+                let es: Vec<(Reg, Reg)> = (0..8u32)
+                    .map(|i| {
+                        let e = kb.add(Ty::U32, e0, i);
+                        let ok = kb.setp(Cmp::Lt, e, k);
+                        let ok = kb.bin(BinOp::And, Ty::Pred, ok, g_ok);
+                        let e = kb.bin(BinOp::Min, Ty::U32, e, last_k);
+                        (e, ok)
+                    })
+                    .collect();
+                let wv: Vec<Reg> = es
+                    .iter()
+                    .map(|&(e, ok)| {
+                        let wi = formats::load_plain(kb, dtype, wrow, e);
+                        kb.selp(Ty::F32, wi, 0.0f32, ok)
+                    })
+                    .collect();
+                for (j, &(xa, _)) in xrows.iter().enumerate() {
+                    for (&(e, _), &wi) in es.iter().zip(&wv) {
+                        let a = kb.index(xa, e, 4);
+                        let xv = kb.ld(Mem::F32, a, 0);
+                        kb.fma_to(acc[j], wi, xv);
+                    }
+                }
+                return;
+            }
+            let grp = formats::decode8(kb, dtype, wrow, g_c, tables);
+            // Lanes past the row's end contribute zero.
+            let wv: Vec<Reg> = grp.w.iter().map(|&wi| kb.selp(Ty::F32, wi, 0.0f32, g_ok)).collect();
+            for (j, &(xa, xra)) in xrows.iter().enumerate() {
+                let base = match (xra, grp.rotated) {
+                    (Some(xra), Some(rot)) => kb.selp(Ty::U64, xra, xa, rot),
+                    _ => xa,
+                };
+                let a = kb.index(base, g_c, 32);
+                for (i, &wi) in wv.iter().enumerate() {
+                    let xv = kb.ld(Mem::F32, a, 4 * i as i32);
+                    kb.fma_to(acc[j], wi, xv);
+                }
+            }
+        });
+        let is_lane0 = kb.setp(Cmp::Eq, lane, 0u32);
+        let store_ok = kb.bin(BinOp::And, Ty::Pred, is_lane0, row_ok);
+        for (j, &a) in acc.iter().enumerate() {
+            let s = kb.warp_sum(a);
+            let s = match bias_v {
+                Some(b) => kb.add(Ty::F32, s, b),
+                None => s,
+            };
+            let tj = kb.add(Ty::U32, t0, j as u32);
+            let t_ok = kb.setp(Cmp::Lt, tj, t);
+            let ok = kb.bin(BinOp::And, Ty::Pred, store_ok, t_ok);
+            let idx = kb.mad(Ty::U32, tj, rows, row_c);
+            let ya = kb.index(y, idx, 4);
+            kb.guarded(ok, false, |kb| kb.st(Mem::F32, ya, 0, s));
+        }
+    });
+    kb.finish()
+}
+
+/// Index of this thread's element in a 1-D launch of [`BLOCK`]-thread blocks,
+/// and whether it is below `n`.
+fn elem_index(kb: &mut Kb, n: Reg) -> (Reg, Reg) {
+    let tid = kb.tid();
+    let cta = kb.special(Special::CtaidX);
+    let i = kb.mad(Ty::U32, cta, BLOCK, tid);
+    let ok = kb.setp(Cmp::Lt, i, n);
+    (i, ok)
+}
+
+/// Elementwise binary ops: `add`, `mul`. Arguments `a, b, y, n`. Grid `ceil(n / 128)`.
+pub fn binary(op: BinOp) -> Kernel {
+    let name = match op {
+        BinOp::Add => "add",
+        BinOp::Mul => "mul",
+        _ => panic!("binary kernel for {op:?}"),
+    };
+    let mut kb =
+        Kb::new(name, &[("a", ParamTy::Ptr), ("b", ParamTy::Ptr), ("y", ParamTy::Ptr), ("n", ParamTy::U32)], BLOCK);
+    let (a, b, y, n) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3));
+    let (i, ok) = elem_index(&mut kb, n);
+    kb.guarded(ok, false, |kb| {
+        let aa = kb.index(a, i, 4);
+        let ba = kb.index(b, i, 4);
+        let ya = kb.index(y, i, 4);
+        let av = kb.ld(Mem::F32, aa, 0);
+        let bv = kb.ld(Mem::F32, ba, 0);
+        let r = kb.bin(op, Ty::F32, av, bv);
+        kb.st(Mem::F32, ya, 0, r);
+    });
+    kb.finish()
+}
+
+/// `y = x · s`. Arguments `x, y, n, s`.
+pub fn scale() -> Kernel {
+    let mut kb =
+        Kb::new("scale", &[("x", ParamTy::Ptr), ("y", ParamTy::Ptr), ("n", ParamTy::U32), ("s", ParamTy::F32)], BLOCK);
+    let (x, y, n, s) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3));
+    let (i, ok) = elem_index(&mut kb, n);
+    kb.guarded(ok, false, |kb| {
+        let xa = kb.index(x, i, 4);
+        let ya = kb.index(y, i, 4);
+        let v = kb.ld(Mem::F32, xa, 0);
+        let r = kb.mul(Ty::F32, v, s);
+        kb.st(Mem::F32, ya, 0, r);
+    });
+    kb.finish()
+}
+
+/// The activation of `v`.
+fn activation(kb: &mut Kb, kind: Activation, v: Reg) -> Reg {
+    match kind {
+        // x / (1 + e^-x)
+        Activation::Silu => {
+            let nx = kb.un(UnOp::Neg, Ty::F32, v);
+            let e = kb.exp(nx);
+            let den = kb.add(Ty::F32, e, 1.0f32);
+            kb.bin(BinOp::Div, Ty::F32, v, den)
+        }
+        // 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))
+        Activation::GeluTanh => {
+            let x2 = kb.mul(Ty::F32, v, v);
+            let inner = kb.fma(x2, 0.044715f32, 1.0f32);
+            let inner = kb.mul(Ty::F32, inner, v);
+            let inner = kb.mul(Ty::F32, inner, 0.797_884_6_f32);
+            let th = kb.tanh(inner);
+            let one = kb.add(Ty::F32, th, 1.0f32);
+            let hx = kb.mul(Ty::F32, v, 0.5f32);
+            kb.mul(Ty::F32, hx, one)
+        }
+    }
+}
+
+pub fn act_name(kind: Activation) -> String {
+    format!("act_{}", kind.name())
+}
+
+/// `y = act(x)`. Arguments `x, y, n`.
+pub fn act(kind: Activation) -> Kernel {
+    let mut kb = Kb::new(act_name(kind), &[("x", ParamTy::Ptr), ("y", ParamTy::Ptr), ("n", ParamTy::U32)], BLOCK);
+    let (x, y, n) = (kb.param(0), kb.param(1), kb.param(2));
+    let (i, ok) = elem_index(&mut kb, n);
+    kb.guarded(ok, false, |kb| {
+        let xa = kb.index(x, i, 4);
+        let ya = kb.index(y, i, 4);
+        let v = kb.ld(Mem::F32, xa, 0);
+        let r = activation(kb, kind, v);
+        kb.st(Mem::F32, ya, 0, r);
+    });
+    kb.finish()
+}
+
+pub fn glu_name(kind: Activation) -> String {
+    format!("glu_{}", kind.name())
+}
+
+/// `y = act(gate) · up`. Arguments `gate, up, y, n`.
+pub fn glu(kind: Activation) -> Kernel {
+    let mut kb = Kb::new(
+        glu_name(kind),
+        &[("gate", ParamTy::Ptr), ("up", ParamTy::Ptr), ("y", ParamTy::Ptr), ("n", ParamTy::U32)],
+        BLOCK,
+    );
+    let (g, u, y, n) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3));
+    let (i, ok) = elem_index(&mut kb, n);
+    kb.guarded(ok, false, |kb| {
+        let ga = kb.index(g, i, 4);
+        let ua = kb.index(u, i, 4);
+        let ya = kb.index(y, i, 4);
+        let gv = kb.ld(Mem::F32, ga, 0);
+        let uv = kb.ld(Mem::F32, ua, 0);
+        let a = activation(kb, kind, gv);
+        let r = kb.mul(Ty::F32, a, uv);
+        kb.st(Mem::F32, ya, 0, r);
+    });
+    kb.finish()
+}
+
+/// Sum of `v` over the block: every thread gets it. Uses 4 floats of shared
+/// memory at `smem + off`.
+fn block_sum(kb: &mut Kb, v: Reg, smem: Reg, off: u32) -> Reg {
+    let s = kb.warp_sum(v);
+    let tid = kb.tid();
+    let lane = kb.and(Ty::U32, tid, 31);
+    let warp = kb.shr(Ty::U32, tid, 5);
+    let first = kb.setp(Cmp::Eq, lane, 0u32);
+    let slot = kb.mad(Ty::U32, warp, 4u32, smem);
+    kb.guarded(first, false, |kb| kb.st_shared(slot, off as i32, s));
+    kb.bar();
+    let mut total = kb.ld_shared(smem, off as i32);
+    for w in 1..BLOCK / 32 {
+        let p = kb.ld_shared(smem, (off + 4 * w) as i32);
+        total = kb.add(Ty::F32, total, p);
+    }
+    kb.bar();
+    total
+}
+
+/// Maximum of `v` over the block (4 floats of shared memory at `smem + off`).
+fn block_max(kb: &mut Kb, v: Reg, smem: Reg, off: u32) -> Reg {
+    let s = kb.warp_max(v);
+    let tid = kb.tid();
+    let lane = kb.and(Ty::U32, tid, 31);
+    let warp = kb.shr(Ty::U32, tid, 5);
+    let first = kb.setp(Cmp::Eq, lane, 0u32);
+    let slot = kb.mad(Ty::U32, warp, 4u32, smem);
+    kb.guarded(first, false, |kb| kb.st_shared(slot, off as i32, s));
+    kb.bar();
+    let mut total = kb.ld_shared(smem, off as i32);
+    for w in 1..BLOCK / 32 {
+        let p = kb.ld_shared(smem, (off + 4 * w) as i32);
+        total = kb.bin(BinOp::Max, Ty::F32, total, p);
+    }
+    kb.bar();
+    total
+}
+
+pub fn rms_norm_name(weight: bool) -> String {
+    format!("rms_norm{}", if weight { "_w" } else { "" })
+}
+
+/// RMS normalization of groups of `n` elements: one block per group.
+/// Arguments `x, w, y, n, eps`; grid `T · groups`. `y = x / √(mean(x²) + eps) · w`.
+pub fn rms_norm(weight: bool) -> Kernel {
+    let mut kb = Kb::new(
+        rms_norm_name(weight),
+        &[("x", ParamTy::Ptr), ("w", ParamTy::Ptr), ("y", ParamTy::Ptr), ("n", ParamTy::U32), ("eps", ParamTy::F32)],
+        BLOCK,
+    );
+    let (x, w, y, n, eps) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4));
+    let smem_off = kb.shared(16);
+    let smem = kb.shared_base();
+    let tid = kb.tid();
+    let cta = kb.special(Special::CtaidX);
+    let base = kb.mul(Ty::U32, cta, n);
+    let xrow = kb.index(x, base, 4);
+    let yrow = kb.index(y, base, 4);
+    let ss = kb.imm(Ty::F32, 0.0f32);
+    kb.for_range(0u32, n, BLOCK, |kb, i0| {
+        let i = kb.add(Ty::U32, i0, tid);
+        let ok = kb.setp(Cmp::Lt, i, n);
+        kb.guarded(ok, false, |kb| {
+            let a = kb.index(xrow, i, 4);
+            let v = kb.ld(Mem::F32, a, 0);
+            kb.fma_to(ss, v, v);
+        });
+    });
+    let total = block_sum(&mut kb, ss, smem, smem_off);
+    let nf = kb.cvt(Ty::F32, n);
+    let mean = kb.bin(BinOp::Div, Ty::F32, total, nf);
+    let me = kb.add(Ty::F32, mean, eps);
+    let sq = kb.un(UnOp::Sqrt, Ty::F32, me);
+    let inv = kb.bin(BinOp::Div, Ty::F32, 1.0f32, sq);
+    kb.for_range(0u32, n, BLOCK, |kb, i0| {
+        let i = kb.add(Ty::U32, i0, tid);
+        let ok = kb.setp(Cmp::Lt, i, n);
+        kb.guarded(ok, false, |kb| {
+            let a = kb.index(xrow, i, 4);
+            let v = kb.ld(Mem::F32, a, 0);
+            let mut r = kb.mul(Ty::F32, v, inv);
+            if weight {
+                let wa = kb.index(w, i, 4);
+                let wv = kb.ld(Mem::F32, wa, 0);
+                r = kb.mul(Ty::F32, r, wv);
+            }
+            let ya = kb.index(yrow, i, 4);
+            kb.st(Mem::F32, ya, 0, r);
+        });
+    });
+    kb.finish()
+}
+
+/// Row softmax: one block per row. Arguments `x, y, n`; grid `T`.
+pub fn softmax() -> Kernel {
+    let mut kb = Kb::new("softmax", &[("x", ParamTy::Ptr), ("y", ParamTy::Ptr), ("n", ParamTy::U32)], BLOCK);
+    let (x, y, n) = (kb.param(0), kb.param(1), kb.param(2));
+    let smem_off = kb.shared(16);
+    let smem = kb.shared_base();
+    let tid = kb.tid();
+    let cta = kb.special(Special::CtaidX);
+    let base = kb.mul(Ty::U32, cta, n);
+    let xrow = kb.index(x, base, 4);
+    let yrow = kb.index(y, base, 4);
+    let m = kb.imm(Ty::F32, f32::NEG_INFINITY);
+    kb.for_range(0u32, n, BLOCK, |kb, i0| {
+        let i = kb.add(Ty::U32, i0, tid);
+        let ok = kb.setp(Cmp::Lt, i, n);
+        kb.guarded(ok, false, |kb| {
+            let a = kb.index(xrow, i, 4);
+            let v = kb.ld(Mem::F32, a, 0);
+            kb.bin_to(BinOp::Max, m, m, v);
+        });
+    });
+    let mx = block_max(&mut kb, m, smem, smem_off);
+    // A row of -inf gives zeros, like the reference.
+    let finite = kb.setp(Cmp::Gt, mx, f32::NEG_INFINITY);
+    let mx = kb.selp(Ty::F32, mx, 0.0f32, finite);
+    let s = kb.imm(Ty::F32, 0.0f32);
+    kb.for_range(0u32, n, BLOCK, |kb, i0| {
+        let i = kb.add(Ty::U32, i0, tid);
+        let ok = kb.setp(Cmp::Lt, i, n);
+        kb.guarded(ok, false, |kb| {
+            let a = kb.index(xrow, i, 4);
+            let v = kb.ld(Mem::F32, a, 0);
+            let d = kb.sub(Ty::F32, v, mx);
+            let e = kb.exp(d);
+            let ya = kb.index(yrow, i, 4);
+            kb.st(Mem::F32, ya, 0, e);
+            kb.bin_to(BinOp::Add, s, s, e);
+        });
+    });
+    let total = block_sum(&mut kb, s, smem, smem_off);
+    let pos = kb.setp(Cmp::Gt, total, 0.0f32);
+    let inv = kb.bin(BinOp::Div, Ty::F32, 1.0f32, total);
+    let inv = kb.selp(Ty::F32, inv, 0.0f32, pos);
+    kb.for_range(0u32, n, BLOCK, |kb, i0| {
+        let i = kb.add(Ty::U32, i0, tid);
+        let ok = kb.setp(Cmp::Lt, i, n);
+        kb.guarded(ok, false, |kb| {
+            let ya = kb.index(yrow, i, 4);
+            let v = kb.ld(Mem::F32, ya, 0);
+            let r = kb.mul(Ty::F32, v, inv);
+            kb.st(Mem::F32, ya, 0, r);
+        });
+    });
+    kb.finish()
+}
+
+pub fn rope_name(layout: RopeLayout) -> String {
+    format!("rope_{}", layout.name())
+}
+
+/// Rotary embedding, one block per (token, head). Arguments `x, y, cs, pos,
+/// cols, head_dim, rot`; `cs` is the host-computed table of `(cos, sin)` per
+/// (position, pair), `rot/2` pairs per position (the reference's angles, so
+/// the rotation is bit-identical). Grid `(T, heads)`.
+pub fn rope(layout: RopeLayout) -> Kernel {
+    use ParamTy::*;
+    let mut kb = Kb::new(
+        rope_name(layout),
+        &[("x", Ptr), ("y", Ptr), ("cs", Ptr), ("pos", U32), ("cols", U32), ("head_dim", U32), ("rot", U32)],
+        BLOCK,
+    );
+    let (x, y, cs, pos, cols, hd, rot) =
+        (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let t = kb.special(Special::CtaidX);
+    let h = kb.special(Special::CtaidY);
+    let tid = kb.tid();
+    let half = kb.shr(Ty::U32, rot, 1);
+    let p = kb.add(Ty::U32, pos, t);
+    let cs_row = kb.mul(Ty::U32, p, half);
+    let rowoff = kb.mul(Ty::U32, t, cols);
+    let headoff = kb.mad(Ty::U32, h, hd, rowoff);
+    let xh = kb.index(x, headoff, 4);
+    let yh = kb.index(y, headoff, 4);
+    kb.for_range(0u32, hd, BLOCK, |kb, d0| {
+        let d = kb.add(Ty::U32, d0, tid);
+        let in_head = kb.setp(Cmp::Lt, d, hd);
+        let rotates = kb.setp(Cmp::Lt, d, rot);
+        // Pair index i, whether d is the pair's first element, and its partner.
+        let (i, first, partner) = match layout {
+            RopeLayout::Interleaved => {
+                let i = kb.shr(Ty::U32, d, 1);
+                let odd = kb.and(Ty::U32, d, 1);
+                let first = kb.setp(Cmp::Eq, odd, 0u32);
+                let partner = kb.bin(BinOp::Xor, Ty::U32, d, 1u32);
+                (i, first, partner)
+            }
+            RopeLayout::Neox => {
+                let first = kb.setp(Cmp::Lt, d, half);
+                let dm = kb.sub(Ty::U32, d, half);
+                let i = kb.selp(Ty::U32, d, dm, first);
+                let dp = kb.add(Ty::U32, d, half);
+                let partner = kb.selp(Ty::U32, dp, dm, first);
+                (i, first, partner)
+            }
+        };
+        let do_rot = kb.bin(BinOp::And, Ty::Pred, in_head, rotates);
+        let copy = kb.setp(Cmp::Ge, d, rot);
+        let do_copy = kb.bin(BinOp::And, Ty::Pred, in_head, copy);
+        let xa = kb.index(xh, d, 4);
+        let ya = kb.index(yh, d, 4);
+        kb.guarded(do_copy, false, |kb| {
+            let v = kb.ld(Mem::F32, xa, 0);
+            kb.st(Mem::F32, ya, 0, v);
+        });
+        kb.guarded(do_rot, false, |kb| {
+            let v = kb.ld(Mem::F32, xa, 0);
+            let pa = kb.index(xh, partner, 4);
+            let pv = kb.ld(Mem::F32, pa, 0);
+            let ci = kb.add(Ty::U32, cs_row, i);
+            let ca = kb.index(cs, ci, 8);
+            let c = kb.ld(Mem::F32, ca, 0);
+            let s = kb.ld(Mem::F32, ca, 4);
+            let x0 = kb.selp(Ty::F32, v, pv, first);
+            let x1 = kb.selp(Ty::F32, pv, v, first);
+            // first: fma(x0, c, -(x1·s)); second: fma(x0, s, x1·c) — the reference's order.
+            let x1s = kb.mul(Ty::F32, x1, s);
+            let nx1s = kb.un(UnOp::Neg, Ty::F32, x1s);
+            let x1c = kb.mul(Ty::F32, x1, c);
+            let m = kb.selp(Ty::F32, c, s, first);
+            let add = kb.selp(Ty::F32, nx1s, x1c, first);
+            let r = kb.fma(x0, m, add);
+            kb.st(Mem::F32, ya, 0, r);
+        });
+    });
+    kb.finish()
+}
+
+/// Copies `T` new rows of k and v into a KV cache slot at position `pos`.
+/// Arguments `k, v, kc, vc, pos, n (= T·width), width`; grid `ceil(n / 128)`.
+pub fn kv_append() -> Kernel {
+    use ParamTy::*;
+    let mut kb = Kb::new(
+        "kv_append",
+        &[("k", Ptr), ("v", Ptr), ("kc", Ptr), ("vc", Ptr), ("pos", U32), ("n", U32), ("width", U32)],
+        BLOCK,
+    );
+    let (k, v, kc, vc, pos, n, width) =
+        (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let (i, ok) = elem_index(&mut kb, n);
+    kb.guarded(ok, false, |kb| {
+        let base = kb.mul(Ty::U32, pos, width);
+        let j = kb.add(Ty::U32, base, i);
+        let ka = kb.index(k, i, 4);
+        let va = kb.index(v, i, 4);
+        let kca = kb.index(kc, j, 4);
+        let vca = kb.index(vc, j, 4);
+        let kv = kb.ld(Mem::F32, ka, 0);
+        let vv = kb.ld(Mem::F32, va, 0);
+        kb.st(Mem::F32, kca, 0, kv);
+        kb.st(Mem::F32, vca, 0, vv);
+    });
+    kb.finish()
+}
+
+/// Floats of one attention partial result: `m`, `l`, then `head_dim` values.
+pub fn attn_record(head_dim: u32) -> u32 {
+    head_dim + 2
+}
+
+/// A "minus infinity" that keeps `exp(a − b)` finite arithmetic (no inf − inf).
+const NEG_BIG: f32 = -1.0e30;
+
+pub fn attention_name(head_dim: u32, softcap: bool) -> String {
+    format!("attn_hd{head_dim}{}", if softcap { "_softcap" } else { "" })
+}
+
+/// Flash-decoding attention, first phase: one block per (head, query token,
+/// key split); each of its 4 warps walks every 4th key of the split with an
+/// online softmax (lane `l` holds dims `l, l+32, …`), the warps are merged in
+/// shared memory and the block writes `(m, l, o[head_dim])` for its split.
+///
+/// Arguments `q, kc, vc, part, pos, heads, group (heads per kv head), width
+/// (kv_heads·head_dim), scale, window, softcap, chunk (keys per split),
+/// splits`. Grid `(heads, T, splits)`. Query `t` sits at position `pos + t`
+/// and sees keys `lo ..= pos + t` (`lo` from the sliding window).
+pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
+    use ParamTy::*;
+    let hd = head_dim;
+    let per_lane = hd.div_ceil(32);
+    let warps = BLOCK / 32;
+    let mut kb = Kb::new(
+        attention_name(hd, softcap),
+        &[
+            ("q", Ptr),
+            ("kc", Ptr),
+            ("vc", Ptr),
+            ("part", Ptr),
+            ("pos", U32),
+            ("heads", U32),
+            ("group", U32),
+            ("width", U32),
+            ("scale", F32),
+            ("window", U32),
+            ("softcap", F32),
+            ("chunk", U32),
+            ("splits", U32),
+        ],
+        BLOCK,
+    );
+    let q = kb.param(0);
+    let kc = kb.param(1);
+    let vc = kb.param(2);
+    let part = kb.param(3);
+    let pos = kb.param(4);
+    let heads = kb.param(5);
+    let group = kb.param(6);
+    let width = kb.param(7);
+    let scale = kb.param(8);
+    let window = kb.param(9);
+    let cap = kb.param(10);
+    let chunk = kb.param(11);
+    let splits = kb.param(12);
+    let rec = attn_record(hd);
+    let smem_off = kb.shared(4 * warps * rec);
+    let smem = kb.shared_base();
+
+    let h = kb.special(Special::CtaidX);
+    let t = kb.special(Special::CtaidY);
+    let z = kb.special(Special::CtaidZ);
+    let tid = kb.tid();
+    let lane = kb.and(Ty::U32, tid, 31);
+    let warp = kb.shr(Ty::U32, tid, 5);
+    let p = kb.add(Ty::U32, pos, t);
+    let hi = kb.add(Ty::U32, p, 1u32);
+    // lo = window > 0 && hi > window ? hi - window : 0
+    let has_w = kb.setp(Cmp::Gt, window, 0u32);
+    let past = kb.setp(Cmp::Gt, hi, window);
+    let cut = kb.bin(BinOp::And, Ty::Pred, has_w, past);
+    let hw = kb.sub(Ty::U32, hi, window);
+    let lo = kb.selp(Ty::U32, hw, 0u32, cut);
+    let start = kb.mad(Ty::U32, z, chunk, lo);
+    let start = kb.bin(BinOp::Min, Ty::U32, start, hi);
+    let end = kb.add(Ty::U32, start, chunk);
+    let end = kb.bin(BinOp::Min, Ty::U32, end, hi);
+    let kvh = kb.bin(BinOp::Div, Ty::U32, h, group);
+    let kv_off = kb.mul(Ty::U32, kvh, hd);
+    // q row of this head.
+    let qoff = kb.mad(Ty::U32, t, heads, h);
+    let qoff = kb.mul(Ty::U32, qoff, hd);
+    let qa = kb.index(q, qoff, 4);
+    let mut qv = Vec::new();
+    let mut dim_ok = Vec::new();
+    for i in 0..per_lane {
+        let d = kb.add(Ty::U32, lane, 32 * i);
+        let ok = kb.setp(Cmp::Lt, d, hd);
+        let dc = kb.bin(BinOp::Min, Ty::U32, d, hd - 1);
+        let a = kb.index(qa, dc, 4);
+        let v = kb.ld(Mem::F32, a, 0);
+        let v = kb.selp(Ty::F32, v, 0.0f32, ok);
+        qv.push(v);
+        dim_ok.push((ok, dc));
+    }
+    let m = kb.imm(Ty::F32, NEG_BIG);
+    let l = kb.imm(Ty::F32, 0.0f32);
+    let acc: Vec<Reg> = (0..per_lane).map(|_| kb.imm(Ty::F32, 0.0f32)).collect();
+    let last_key = kb.sub(Ty::U32, hi, 1u32);
+    kb.for_range(start, end, warps, |kb, j0| {
+        let j = kb.add(Ty::U32, j0, warp);
+        let valid = kb.setp(Cmp::Lt, j, end);
+        let jc = kb.bin(BinOp::Min, Ty::U32, j, last_key);
+        let row = kb.mad(Ty::U32, jc, width, kv_off);
+        let ka = kb.index(kc, row, 4);
+        let va = kb.index(vc, row, 4);
+        let part_dot = kb.imm(Ty::F32, 0.0f32);
+        for i in 0..per_lane as usize {
+            let a = kb.index(ka, dim_ok[i].1, 4);
+            let kv = kb.ld(Mem::F32, a, 0);
+            kb.fma_to(part_dot, qv[i], kv);
+        }
+        let dot = kb.warp_sum(part_dot);
+        let mut s = kb.mul(Ty::F32, dot, scale);
+        if softcap {
+            let r = kb.bin(BinOp::Div, Ty::F32, s, cap);
+            let th = kb.tanh(r);
+            s = kb.mul(Ty::F32, th, cap);
+        }
+        let s = kb.selp(Ty::F32, s, NEG_BIG, valid);
+        let m_new = kb.bin(BinOp::Max, Ty::F32, m, s);
+        let dm = kb.sub(Ty::F32, m, m_new);
+        let corr = kb.exp(dm);
+        let ds = kb.sub(Ty::F32, s, m_new);
+        let e = kb.exp(ds);
+        let wgt = kb.selp(Ty::F32, e, 0.0f32, valid);
+        let l2 = kb.mul(Ty::F32, l, corr);
+        kb.bin_to(BinOp::Add, l, l2, wgt);
+        for i in 0..per_lane as usize {
+            let a = kb.index(va, dim_ok[i].1, 4);
+            let vv = kb.ld(Mem::F32, a, 0);
+            let sc = kb.mul(Ty::F32, acc[i], corr);
+            kb.push(crate::ptx::Inst::Fma { d: acc[i], a: wgt.into(), b: vv.into(), c: sc.into() });
+        }
+        kb.mov_to(m, m_new);
+    });
+    // Each warp's (m, l, acc) into shared memory: record per warp.
+    let wbase = kb.mul(Ty::U32, warp, 4 * rec);
+    let wbase = kb.add(Ty::U32, wbase, smem);
+    let lane0 = kb.setp(Cmp::Eq, lane, 0u32);
+    kb.guarded(lane0, false, |kb| {
+        kb.st_shared(wbase, smem_off as i32, m);
+        kb.st_shared(wbase, smem_off as i32 + 4, l);
+    });
+    for i in 0..per_lane as usize {
+        let (ok, _) = dim_ok[i];
+        let d = kb.add(Ty::U32, lane, 32 * i as u32);
+        let a = kb.mad(Ty::U32, d, 4u32, wbase);
+        kb.guarded(ok, false, |kb| kb.st_shared(a, smem_off as i32 + 8, acc[i]));
+    }
+    kb.bar();
+    // Merge the warps: every thread computes M and L, threads own output dims.
+    let ms: Vec<Reg> = (0..warps).map(|w| kb.ld_shared(smem, (smem_off + 4 * w * rec) as i32)).collect();
+    let ls: Vec<Reg> = (0..warps).map(|w| kb.ld_shared(smem, (smem_off + 4 * w * rec + 4) as i32)).collect();
+    let mut mm = ms[0];
+    for &mw in &ms[1..] {
+        mm = kb.bin(BinOp::Max, Ty::F32, mm, mw);
+    }
+    let fs: Vec<Reg> = ms
+        .iter()
+        .map(|&mw| {
+            let d = kb.sub(Ty::F32, mw, mm);
+            kb.exp(d)
+        })
+        .collect();
+    let ll = kb.imm(Ty::F32, 0.0f32);
+    for (lw, fw) in ls.iter().zip(&fs) {
+        kb.fma_to(ll, *lw, *fw);
+    }
+    // part[((t·heads + h)·splits + z)·rec + ...]
+    let rid = kb.mad(Ty::U32, t, heads, h);
+    let rid = kb.mad(Ty::U32, rid, splits, z);
+    let roff = kb.mul(Ty::U32, rid, rec);
+    let pa = kb.index(part, roff, 4);
+    let t0 = kb.setp(Cmp::Eq, tid, 0u32);
+    kb.guarded(t0, false, |kb| {
+        kb.st(Mem::F32, pa, 0, mm);
+        kb.st(Mem::F32, pa, 4, ll);
+    });
+    for r in 0..hd.div_ceil(BLOCK) {
+        let d = kb.add(Ty::U32, tid, r * BLOCK);
+        let ok = kb.setp(Cmp::Lt, d, hd);
+        let dc = kb.bin(BinOp::Min, Ty::U32, d, hd - 1);
+        let o = kb.imm(Ty::F32, 0.0f32);
+        for (w, fw) in fs.iter().enumerate() {
+            let a = kb.mad(Ty::U32, dc, 4u32, smem);
+            let v = kb.ld_shared(a, (smem_off + 4 * w as u32 * rec + 8) as i32);
+            kb.fma_to(o, v, *fw);
+        }
+        let oa = kb.index(pa, dc, 4);
+        kb.guarded(ok, false, |kb| kb.st(Mem::F32, oa, 8, o));
+    }
+    kb.finish()
+}
+
+/// Flash-decoding, second phase: merges the splits of each (token, head).
+/// Arguments `part, out, heads, head_dim, splits`; grid `(heads, T)`.
+pub fn attn_combine() -> Kernel {
+    use ParamTy::*;
+    let mut kb = Kb::new(
+        "attn_combine",
+        &[("part", Ptr), ("out", Ptr), ("heads", U32), ("head_dim", U32), ("splits", U32)],
+        BLOCK,
+    );
+    let (part, out, heads, hd, splits) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4));
+    let h = kb.special(Special::CtaidX);
+    let t = kb.special(Special::CtaidY);
+    let tid = kb.tid();
+    let rec = kb.add(Ty::U32, hd, 2u32);
+    let rid = kb.mad(Ty::U32, t, heads, h);
+    let first = kb.mul(Ty::U32, rid, splits);
+    let base = kb.mul(Ty::U32, first, rec);
+    let pbase = kb.index(part, base, 4);
+    // M over splits.
+    let mm = kb.imm(Ty::F32, NEG_BIG);
+    kb.for_range(0u32, splits, 1u32, |kb, z| {
+        let o = kb.mul(Ty::U32, z, rec);
+        let a = kb.index(pbase, o, 4);
+        let mz = kb.ld(Mem::F32, a, 0);
+        kb.bin_to(BinOp::Max, mm, mm, mz);
+    });
+    let ll = kb.imm(Ty::F32, 0.0f32);
+    kb.for_range(0u32, splits, 1u32, |kb, z| {
+        let o = kb.mul(Ty::U32, z, rec);
+        let a = kb.index(pbase, o, 4);
+        let mz = kb.ld(Mem::F32, a, 0);
+        let lz = kb.ld(Mem::F32, a, 4);
+        let d = kb.sub(Ty::F32, mz, mm);
+        let f = kb.exp(d);
+        kb.fma_to(ll, lz, f);
+    });
+    let pos = kb.setp(Cmp::Gt, ll, 0.0f32);
+    let inv = kb.bin(BinOp::Div, Ty::F32, 1.0f32, ll);
+    let inv = kb.selp(Ty::F32, inv, 0.0f32, pos);
+    let ooff = kb.mul(Ty::U32, rid, hd);
+    let orow = kb.index(out, ooff, 4);
+    kb.for_range(0u32, hd, BLOCK, |kb, d0| {
+        let d = kb.add(Ty::U32, d0, tid);
+        let ok = kb.setp(Cmp::Lt, d, hd);
+        let hd1 = kb.sub(Ty::U32, hd, 1u32);
+        let dc = kb.bin(BinOp::Min, Ty::U32, d, hd1);
+        let o = kb.imm(Ty::F32, 0.0f32);
+        kb.for_range(0u32, splits, 1u32, |kb, z| {
+            let zo = kb.mul(Ty::U32, z, rec);
+            let a = kb.index(pbase, zo, 4);
+            let mz = kb.ld(Mem::F32, a, 0);
+            let dd = kb.sub(Ty::F32, mz, mm);
+            let f = kb.exp(dd);
+            let va = kb.index(a, dc, 4);
+            let v = kb.ld(Mem::F32, va, 8);
+            kb.fma_to(o, v, f);
+        });
+        let r = kb.mul(Ty::F32, o, inv);
+        let oa = kb.index(orow, dc, 4);
+        kb.guarded(ok, false, |kb| kb.st(Mem::F32, oa, 0, r));
+    });
+    kb.finish()
+}
+
+/// Index and value of the maximum of each row (greedy decoding on the device).
+/// Arguments `x, out (u32 index per row), n`; grid `T`. Ties pick the lowest index.
+pub fn argmax() -> Kernel {
+    let mut kb = Kb::new("argmax", &[("x", ParamTy::Ptr), ("out", ParamTy::Ptr), ("n", ParamTy::U32)], BLOCK);
+    let (x, out, n) = (kb.param(0), kb.param(1), kb.param(2));
+    let smem_off = kb.shared(8 * BLOCK / 32);
+    let smem = kb.shared_base();
+    let tid = kb.tid();
+    let lane = kb.and(Ty::U32, tid, 31);
+    let warp = kb.shr(Ty::U32, tid, 5);
+    let cta = kb.special(Special::CtaidX);
+    let base = kb.mul(Ty::U32, cta, n);
+    let xrow = kb.index(x, base, 4);
+    let best = kb.imm(Ty::F32, f32::NEG_INFINITY);
+    let bi = kb.imm(Ty::U32, u32::MAX);
+    kb.for_range(0u32, n, BLOCK, |kb, i0| {
+        let i = kb.add(Ty::U32, i0, tid);
+        let ok = kb.setp(Cmp::Lt, i, n);
+        kb.guarded(ok, false, |kb| {
+            let a = kb.index(xrow, i, 4);
+            let v = kb.ld(Mem::F32, a, 0);
+            let better = kb.setp(Cmp::Gt, v, best);
+            kb.push(crate::ptx::Inst::Selp { d: best, a: v.into(), b: best.into(), p: better });
+            kb.push(crate::ptx::Inst::Selp { d: bi, a: i.into(), b: bi.into(), p: better });
+        });
+    });
+    // Warp reduce (value, index), lowest index on ties.
+    for sh in [16u32, 8, 4, 2, 1] {
+        let ov = kb.shfl(crate::ptx::Shfl::Bfly, best, sh);
+        let oi = kb.shfl(crate::ptx::Shfl::Bfly, bi, sh);
+        let gt = kb.setp(Cmp::Gt, ov, best);
+        let eq = kb.setp(Cmp::Eq, ov, best);
+        let lower = kb.setp(Cmp::Lt, oi, bi);
+        let tie = kb.bin(BinOp::And, Ty::Pred, eq, lower);
+        let take = kb.bin(BinOp::Or, Ty::Pred, gt, tie);
+        kb.push(crate::ptx::Inst::Selp { d: best, a: ov.into(), b: best.into(), p: take });
+        kb.push(crate::ptx::Inst::Selp { d: bi, a: oi.into(), b: bi.into(), p: take });
+    }
+    let first = kb.setp(Cmp::Eq, lane, 0u32);
+    let slot = kb.mad(Ty::U32, warp, 8u32, smem);
+    kb.guarded(first, false, |kb| {
+        kb.st_shared(slot, smem_off as i32, best);
+        kb.push(crate::ptx::Inst::St {
+            space: crate::ptx::Space::Shared,
+            mem: Mem::U32,
+            addr: slot,
+            off: smem_off as i32 + 4,
+            v: bi.into(),
+        });
+    });
+    kb.bar();
+    let t0 = kb.setp(Cmp::Eq, tid, 0u32);
+    let fb = kb.ld_shared(smem, smem_off as i32);
+    let fi = kb.reg(Ty::U32);
+    kb.push(crate::ptx::Inst::Ld {
+        space: crate::ptx::Space::Shared,
+        mem: Mem::U32,
+        d: fi,
+        addr: smem,
+        off: smem_off as i32 + 4,
+    });
+    for w in 1..BLOCK / 32 {
+        let o = (smem_off + 8 * w) as i32;
+        let v = kb.ld_shared(smem, o);
+        let i = kb.reg(Ty::U32);
+        kb.push(crate::ptx::Inst::Ld { space: crate::ptx::Space::Shared, mem: Mem::U32, d: i, addr: smem, off: o + 4 });
+        let gt = kb.setp(Cmp::Gt, v, fb);
+        let eq = kb.setp(Cmp::Eq, v, fb);
+        let lower = kb.setp(Cmp::Lt, i, fi);
+        let tie = kb.bin(BinOp::And, Ty::Pred, eq, lower);
+        let take = kb.bin(BinOp::Or, Ty::Pred, gt, tie);
+        kb.push(crate::ptx::Inst::Selp { d: fb, a: v.into(), b: fb.into(), p: take });
+        kb.push(crate::ptx::Inst::Selp { d: fi, a: i.into(), b: fi.into(), p: take });
+    }
+    let oa = kb.index(out, cta, 4);
+    kb.guarded(t0, false, |kb| kb.st(Mem::U32, oa, 0, fi));
+    kb.finish()
+}

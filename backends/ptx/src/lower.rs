@@ -1,0 +1,135 @@
+//! From verified IR to the PTX module: which ops the backend runs, and the
+//! kernels a module needs (one per variant used, in a fixed order so the
+//! printed module is deterministic).
+
+use std::collections::BTreeMap;
+
+use kiln_ir::{Op, VerifiedModule};
+
+use crate::formats;
+use crate::kernels;
+use crate::ptx::{self, BinOp, Kernel};
+
+/// Name of kq2's activation-rotation kernel.
+pub const KQ2_ROTATE: &str = "kq2_rotate";
+
+/// Largest head dimension the attention kernel is built for.
+pub const MAX_HEAD_DIM: u64 = 512;
+
+/// Whether the PTX backend runs `op` of `module`.
+pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
+    match op {
+        Op::Tokens
+        | Op::Embed { .. }
+        | Op::RmsNorm { .. }
+        | Op::Add { .. }
+        | Op::Mul { .. }
+        | Op::Scale { .. }
+        | Op::Act { .. }
+        | Op::Glu { .. }
+        | Op::Softmax { .. }
+        | Op::Rope { .. } => true,
+        Op::LayerNorm { .. } => false,
+        Op::MatMul { w, .. } => {
+            let ty = &module.param(*w).ty;
+            let plain = ty.dtype.block_elems() == 1;
+            formats::supported(ty.dtype)
+                && ty.last_fixed().is_some_and(|k| (plain || k % 8 == 0) && k > 0 && k <= u32::MAX as u64)
+        }
+        Op::Attention { attrs, .. } => attrs.head_dim <= MAX_HEAD_DIM,
+    }
+}
+
+/// Whether matmuls with weight `w` need the ragged kernel (row length not a multiple of 8).
+pub fn ragged(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
+    module.param(w).ty.last_fixed().is_some_and(|k| k % 8 != 0)
+}
+
+/// The kernels `module` launches, by name.
+pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
+    let mut ks: BTreeMap<String, Kernel> = BTreeMap::new();
+    let mut add = |k: Kernel| {
+        ks.entry(k.name.clone()).or_insert(k);
+    };
+    for inst in &module.insts {
+        match &inst.op {
+            Op::RmsNorm { weight, .. } => add(kernels::rms_norm(weight.is_some())),
+            Op::MatMul { w, bias, .. } => {
+                let dt = module.param(*w).ty.dtype;
+                add(kernels::matmul_variant(dt, bias.is_some(), ragged(module, *w)));
+                if formats::needs_rotated_x(dt) {
+                    add(crate::formats_k::rotate_kernel());
+                }
+            }
+            Op::Add { .. } => add(kernels::binary(BinOp::Add)),
+            Op::Mul { .. } => add(kernels::binary(BinOp::Mul)),
+            Op::Scale { .. } => add(kernels::scale()),
+            Op::Act { kind, .. } => add(kernels::act(*kind)),
+            Op::Glu { kind, .. } => add(kernels::glu(*kind)),
+            Op::Softmax { .. } => add(kernels::softmax()),
+            Op::Rope { attrs, .. } => add(kernels::rope(attrs.layout)),
+            Op::Attention { k, attrs, .. } => {
+                if k.is_some() {
+                    add(kernels::kv_append());
+                }
+                add(kernels::attention(attrs.head_dim as u32, attrs.softcap > 0.0));
+                add(kernels::attn_combine());
+            }
+            Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
+        }
+    }
+    // Greedy decoding on the device.
+    add(kernels::argmax());
+    ks.into_values().collect()
+}
+
+/// The PTX text of `module`'s kernels.
+pub fn module_ptx(module: &VerifiedModule) -> String {
+    ptx::print_module(&kernels_for(module))
+}
+
+/// Every kernel variant the backend can emit (each weight dtype with and
+/// without bias, ragged rows, both RoPE layouts, attention for the common head
+/// sizes): what the ptxas check assembles.
+pub fn all_kernels() -> Vec<Kernel> {
+    use kiln_ir::{Activation, DType, RopeLayout};
+    let mut ks = Vec::new();
+    for dt in DType::floats() {
+        for bias in [false, true] {
+            ks.push(kernels::matmul_variant(dt, bias, false));
+            if dt.block_elems() == 1 {
+                ks.push(kernels::matmul_variant(dt, bias, true));
+            }
+        }
+    }
+    ks.push(crate::formats_k::rotate_kernel());
+    ks.push(kernels::rms_norm(false));
+    ks.push(kernels::rms_norm(true));
+    ks.push(kernels::binary(BinOp::Add));
+    ks.push(kernels::binary(BinOp::Mul));
+    ks.push(kernels::scale());
+    for a in [Activation::Silu, Activation::GeluTanh] {
+        ks.push(kernels::act(a));
+        ks.push(kernels::glu(a));
+    }
+    ks.push(kernels::softmax());
+    ks.push(kernels::rope(RopeLayout::Interleaved));
+    ks.push(kernels::rope(RopeLayout::Neox));
+    ks.push(kernels::kv_append());
+    for hd in [32, 64, 80, 128, 256] {
+        ks.push(kernels::attention(hd, false));
+        ks.push(kernels::attention(hd, true));
+    }
+    ks.push(kernels::attn_combine());
+    ks.push(kernels::argmax());
+    ks
+}
+
+/// The `ptxas` to check PTX with: `$KILN_PTXAS`, else `ptxas` on the `PATH`.
+pub fn find_ptxas() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_PTXAS").filter(|p| !p.is_empty()) {
+        return Some(p.into());
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("ptxas")).find(|p| p.is_file()))
+}

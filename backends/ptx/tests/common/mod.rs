@@ -1,0 +1,103 @@
+//! Helpers shared by the kernel tests.
+#![allow(dead_code)]
+
+use kiln_ir::DType;
+use kiln_ptx::emu::{Arg, EmuMemory, launch};
+use kiln_ptx::kernels;
+
+/// Deterministic pseudo-random floats in [-1, 1).
+pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub fn upload(mem: &mut EmuMemory, bytes: &[u8]) -> u64 {
+    let a = mem.alloc(bytes.len().max(4));
+    mem.write(a, bytes).unwrap();
+    a
+}
+
+pub fn download(mem: &EmuMemory, a: u64, n: usize) -> Vec<f32> {
+    let mut b = vec![0u8; 4 * n];
+    mem.read(a, &mut b).unwrap();
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs() / w.abs().max(1.0);
+        assert!(err <= tol, "{what}: element {i}: got {g}, want {w} (rel err {err:e} > {tol:e})");
+    }
+}
+
+/// Runs the matmul kernel for `dtype` on random weights and activations and
+/// compares with dequantize-then-multiply in f64.
+pub fn check_matmul(dtype: DType, rows: usize, k: usize, t: usize, bias: bool) {
+    let wf = rand_vec(rows * k, 1 + rows as u64);
+    let rb = dtype.row_bytes(k as u64).unwrap() as usize;
+    let mut wq = vec![0u8; rows * rb];
+    for r in 0..rows {
+        kiln_quant::quantize_row(dtype, &wf[r * k..(r + 1) * k], &mut wq[r * rb..(r + 1) * rb]).unwrap();
+    }
+    let mut wd = vec![0f32; rows * k];
+    for r in 0..rows {
+        kiln_quant::dequantize_row(dtype, &wq[r * rb..(r + 1) * rb], &mut wd[r * k..(r + 1) * k]).unwrap();
+    }
+    let x = rand_vec(t * k, 7);
+    let b = rand_vec(rows, 9);
+    let mut want = vec![0f32; t * rows];
+    for ti in 0..t {
+        for r in 0..rows {
+            let mut s = 0f64;
+            for i in 0..k {
+                s += wd[r * k + i] as f64 * x[ti * k + i] as f64;
+            }
+            if bias {
+                s += b[r] as f64;
+            }
+            want[ti * rows + r] = s as f32;
+        }
+    }
+    let kern = kernels::matmul(dtype, bias);
+    let mut mem = EmuMemory::new();
+    let wa = upload(&mut mem, &wq);
+    let xa = upload(&mut mem, &f32_bytes(&x));
+    let ba = upload(&mut mem, &f32_bytes(&b));
+    let ya = mem.alloc(4 * t * rows);
+    let tables = kiln_ptx::formats::tables(dtype).unwrap_or_else(|| vec![0; 4]);
+    let ta = upload(&mut mem, &tables);
+    let xr = if kiln_ptx::formats::needs_rotated_x(dtype) {
+        let xr = kiln_ptx::formats_k::rotate_host(&x, k);
+        upload(&mut mem, &f32_bytes(&xr))
+    } else {
+        xa
+    };
+    let grid = [(rows as u32).div_ceil(kernels::MATMUL_ROWS), 1, 1];
+    let args = [
+        Arg::Ptr(wa),
+        Arg::Ptr(xa),
+        Arg::Ptr(xr),
+        Arg::Ptr(ya),
+        Arg::Ptr(ba),
+        Arg::Ptr(ta),
+        Arg::U32(rows as u32),
+        Arg::U32(k as u32),
+        Arg::U32(t as u32),
+        Arg::U32(rb as u32),
+    ];
+    launch(&mut mem, &kern, grid, &args).unwrap();
+    let got = download(&mem, ya, t * rows);
+    assert_close(&got, &want, 2e-5 * (k as f32).sqrt(), &format!("matmul {dtype}"));
+}

@@ -1,0 +1,240 @@
+//! Every kernel run by the SIMT emulator against a plain Rust computation of
+//! the same op (the reference interpreter's definitions), and the printed
+//! module assembled by ptxas when it is installed.
+
+mod common;
+
+use common::*;
+use kiln_ir::{Activation, DType, RopeLayout};
+use kiln_ptx::emu::{Arg, EmuMemory, launch};
+use kiln_ptx::kernels;
+use kiln_ptx::ptx::BinOp;
+
+#[test]
+fn matmul_plain_and_legacy_formats() {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0]
+    {
+        check_matmul(dtype, 6, 96, 5, false);
+        check_matmul(dtype, 5, 64, 1, true);
+    }
+}
+
+#[test]
+fn elementwise_kernels() {
+    let n = 300;
+    let a = rand_vec(n, 3);
+    let b = rand_vec(n, 4);
+    let mut mem = EmuMemory::new();
+    let aa = upload(&mut mem, &f32_bytes(&a));
+    let ba = upload(&mut mem, &f32_bytes(&b));
+    let ya = mem.alloc(4 * n);
+    let grid = [(n as u32).div_ceil(kernels::BLOCK), 1, 1];
+    for (op, f) in [(BinOp::Add, (|x, y| x + y) as fn(f32, f32) -> f32), (BinOp::Mul, |x, y| x * y)] {
+        launch(&mut mem, &kernels::binary(op), grid, &[Arg::Ptr(aa), Arg::Ptr(ba), Arg::Ptr(ya), Arg::U32(n as u32)])
+            .unwrap();
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| f(*x, *y)).collect();
+        assert_eq!(download(&mem, ya, n), want, "{op:?}");
+    }
+    launch(&mut mem, &kernels::scale(), grid, &[Arg::Ptr(aa), Arg::Ptr(ya), Arg::U32(n as u32), Arg::F32(0.37)])
+        .unwrap();
+    assert_eq!(download(&mem, ya, n), a.iter().map(|x| x * 0.37).collect::<Vec<_>>());
+    let silu = |x: f32| x / (1.0 + (-x).exp());
+    let gelu = |x: f32| 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044715 * x * x * x)).tanh());
+    for (kind, f) in [(Activation::Silu, silu as fn(f32) -> f32), (Activation::GeluTanh, gelu)] {
+        launch(&mut mem, &kernels::act(kind), grid, &[Arg::Ptr(aa), Arg::Ptr(ya), Arg::U32(n as u32)]).unwrap();
+        assert_close(&download(&mem, ya, n), &a.iter().map(|x| f(*x)).collect::<Vec<_>>(), 1e-6, "act");
+        launch(&mut mem, &kernels::glu(kind), grid, &[Arg::Ptr(aa), Arg::Ptr(ba), Arg::Ptr(ya), Arg::U32(n as u32)])
+            .unwrap();
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| f(*x) * y).collect();
+        assert_close(&download(&mem, ya, n), &want, 1e-6, "glu");
+    }
+}
+
+#[test]
+fn rms_norm_and_softmax() {
+    for &(rows, n) in &[(3usize, 200usize), (4, 64), (2, 1)] {
+        let x = rand_vec(rows * n, 5);
+        let w = rand_vec(n, 6);
+        let mut mem = EmuMemory::new();
+        let xa = upload(&mut mem, &f32_bytes(&x));
+        let wa = upload(&mut mem, &f32_bytes(&w));
+        let ya = mem.alloc(4 * rows * n);
+        for weight in [false, true] {
+            let args = [Arg::Ptr(xa), Arg::Ptr(wa), Arg::Ptr(ya), Arg::U32(n as u32), Arg::F32(1e-5)];
+            launch(&mut mem, &kernels::rms_norm(weight), [rows as u32, 1, 1], &args).unwrap();
+            let mut want = vec![0f32; rows * n];
+            for r in 0..rows {
+                let row = &x[r * n..(r + 1) * n];
+                let ms = row.iter().map(|v| (v * v) as f64).sum::<f64>() / n as f64;
+                let inv = 1.0 / (ms + 1e-5).sqrt();
+                for i in 0..n {
+                    want[r * n + i] = (row[i] as f64 * inv) as f32 * if weight { w[i] } else { 1.0 };
+                }
+            }
+            assert_close(&download(&mem, ya, rows * n), &want, 1e-5, "rms_norm");
+        }
+        launch(&mut mem, &kernels::softmax(), [rows as u32, 1, 1], &[Arg::Ptr(xa), Arg::Ptr(ya), Arg::U32(n as u32)])
+            .unwrap();
+        let mut want = vec![0f32; rows * n];
+        for r in 0..rows {
+            let row = &x[r * n..(r + 1) * n];
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let s: f64 = row.iter().map(|v| ((v - m) as f64).exp()).sum();
+            for i in 0..n {
+                want[r * n + i] = (((row[i] - m) as f64).exp() / s) as f32;
+            }
+        }
+        assert_close(&download(&mem, ya, rows * n), &want, 1e-6, "softmax");
+        launch(&mut mem, &kernels::argmax(), [rows as u32, 1, 1], &[Arg::Ptr(xa), Arg::Ptr(ya), Arg::U32(n as u32)])
+            .unwrap();
+        let mut b = vec![0u8; 4 * rows];
+        mem.read(ya, &mut b).unwrap();
+        for r in 0..rows {
+            let got = u32::from_le_bytes(b[4 * r..4 * r + 4].try_into().unwrap()) as usize;
+            let row = &x[r * n..(r + 1) * n];
+            let want = (0..n).fold(0, |bi, i| if row[i] > row[bi] { i } else { bi });
+            assert_eq!(got, want, "argmax row {r}");
+        }
+    }
+}
+
+#[test]
+fn rope_layouts() {
+    for layout in [RopeLayout::Interleaved, RopeLayout::Neox] {
+        let (t, heads, hd, rot, pos) = (3usize, 2usize, 16usize, 12usize, 5usize);
+        let cols = heads * hd;
+        let x = rand_vec(t * cols, 11);
+        let half = rot / 2;
+        let mut cs = vec![0f32; (pos + t) * half * 2];
+        for p in 0..pos + t {
+            for i in 0..half {
+                let a = p as f32 * 10000f32.powf(-2.0 * i as f32 / rot as f32);
+                cs[(p * half + i) * 2] = a.cos();
+                cs[(p * half + i) * 2 + 1] = a.sin();
+            }
+        }
+        let mut mem = EmuMemory::new();
+        let xa = upload(&mut mem, &f32_bytes(&x));
+        let ca = upload(&mut mem, &f32_bytes(&cs));
+        let ya = mem.alloc(4 * t * cols);
+        let args = [
+            Arg::Ptr(xa),
+            Arg::Ptr(ya),
+            Arg::Ptr(ca),
+            Arg::U32(pos as u32),
+            Arg::U32(cols as u32),
+            Arg::U32(hd as u32),
+            Arg::U32(rot as u32),
+        ];
+        launch(&mut mem, &kernels::rope(layout), [t as u32, heads as u32, 1], &args).unwrap();
+        let mut want = x.clone();
+        for ti in 0..t {
+            for h in 0..heads {
+                let base = ti * cols + h * hd;
+                for i in 0..half {
+                    let (i0, i1) = match layout {
+                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                        RopeLayout::Neox => (i, i + half),
+                    };
+                    let (c, s) = (cs[((pos + ti) * half + i) * 2], cs[((pos + ti) * half + i) * 2 + 1]);
+                    let (x0, x1) = (x[base + i0], x[base + i1]);
+                    want[base + i0] = x0.mul_add(c, -(x1 * s));
+                    want[base + i1] = x0.mul_add(s, x1 * c);
+                }
+            }
+        }
+        assert_eq!(download(&mem, ya, t * cols), want, "rope {layout:?}");
+    }
+}
+
+/// Attention over a cache filled by `kv_append`, with splits, GQA, window and soft-cap.
+#[test]
+fn attention_matches_naive() {
+    for &(hd, window, softcap, splits) in
+        &[(64u32, 0u32, 0f32, 1u32), (64, 0, 0.0, 3), (48, 5, 0.0, 2), (128, 0, 30.0, 1)]
+    {
+        let (heads, kv_heads, pos, t) = (4usize, 2usize, 6usize, 3usize);
+        let hd_us = hd as usize;
+        let width = kv_heads * hd_us;
+        let total = pos + t;
+        let kall = rand_vec(total * width, 21);
+        let vall = rand_vec(total * width, 22);
+        let q = rand_vec(t * heads * hd_us, 23);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut mem = EmuMemory::new();
+        let kc = mem.alloc(4 * 16 * width);
+        let vc = mem.alloc(4 * 16 * width);
+        // Fill the first `pos` positions, then append the T new rows.
+        for (start, len) in [(0usize, pos), (pos, t)] {
+            let ka = upload(&mut mem, &f32_bytes(&kall[start * width..(start + len) * width]));
+            let va = upload(&mut mem, &f32_bytes(&vall[start * width..(start + len) * width]));
+            let n = (len * width) as u32;
+            let args = [
+                Arg::Ptr(ka),
+                Arg::Ptr(va),
+                Arg::Ptr(kc),
+                Arg::Ptr(vc),
+                Arg::U32(start as u32),
+                Arg::U32(n),
+                Arg::U32(width as u32),
+            ];
+            launch(&mut mem, &kernels::kv_append(), [n.div_ceil(kernels::BLOCK), 1, 1], &args).unwrap();
+        }
+        let qa = upload(&mut mem, &f32_bytes(&q));
+        let rec = kernels::attn_record(hd) as usize;
+        let part = mem.alloc(4 * t * heads * splits as usize * rec);
+        let out = mem.alloc(4 * t * heads * hd_us);
+        let chunk = (total as u32).div_ceil(splits);
+        let args = [
+            Arg::Ptr(qa),
+            Arg::Ptr(kc),
+            Arg::Ptr(vc),
+            Arg::Ptr(part),
+            Arg::U32(pos as u32),
+            Arg::U32(heads as u32),
+            Arg::U32((heads / kv_heads) as u32),
+            Arg::U32(width as u32),
+            Arg::F32(scale),
+            Arg::U32(window),
+            Arg::F32(softcap),
+            Arg::U32(chunk),
+            Arg::U32(splits),
+        ];
+        launch(&mut mem, &kernels::attention(hd, softcap > 0.0), [heads as u32, t as u32, splits], &args).unwrap();
+        let cargs = [Arg::Ptr(part), Arg::Ptr(out), Arg::U32(heads as u32), Arg::U32(hd), Arg::U32(splits)];
+        launch(&mut mem, &kernels::attn_combine(), [heads as u32, t as u32, 1], &cargs).unwrap();
+        let got = download(&mem, out, t * heads * hd_us);
+        let mut want = vec![0f32; t * heads * hd_us];
+        for ti in 0..t {
+            let p = pos + ti;
+            let lo = if window > 0 { (p + 1).saturating_sub(window as usize) } else { 0 };
+            for h in 0..heads {
+                let kvo = (h / (heads / kv_heads)) * hd_us;
+                let qh = &q[(ti * heads + h) * hd_us..][..hd_us];
+                let scores: Vec<f64> = (lo..=p)
+                    .map(|j| {
+                        let mut s =
+                            scale as f64 * (0..hd_us).map(|d| (qh[d] * kall[j * width + kvo + d]) as f64).sum::<f64>();
+                        if softcap > 0.0 {
+                            s = softcap as f64 * (s / softcap as f64).tanh();
+                        }
+                        s
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                for d in 0..hd_us {
+                    let o: f64 =
+                        (lo..=p).zip(&scores).map(|(j, s)| (s - m).exp() / z * vall[j * width + kvo + d] as f64).sum();
+                    want[(ti * heads + h) * hd_us + d] = o as f32;
+                }
+            }
+        }
+        assert_close(
+            &got,
+            &want,
+            2e-6,
+            &format!("attention hd {hd} window {window} softcap {softcap} splits {splits}"),
+        );
+    }
+}
