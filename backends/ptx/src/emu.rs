@@ -427,6 +427,17 @@ fn exec(b: &mut Block<'_>, mem: &mut EmuMemory, args: &[Arg], inst: &Inst, t: us
             let v = if b.get(t, *p) == 1 { b.src(t, *a, d.ty) } else { b.src(t, *bb, d.ty) };
             b.set(t, *d, v);
         }
+        Inst::LdV4 { d, addr, off } => {
+            let a = b.get(t, *addr).wrapping_add(*off as i64 as u64);
+            if !a.is_multiple_of(16) {
+                return Err(format!("misaligned 16-byte vector load at {a:#x}"));
+            }
+            let mut buf = [0u8; 16];
+            mem.read(a, &mut buf)?;
+            for (i, r) in d.iter().enumerate() {
+                b.set(t, *r, u32::from_le_bytes(buf[4 * i..4 * i + 4].try_into().unwrap()) as u64);
+            }
+        }
         Inst::Ld { space, mem: m, d, addr, off } => {
             let len = m.bytes();
             let a = b.get(t, *addr).wrapping_add(*off as i64 as u64);

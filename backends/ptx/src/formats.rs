@@ -55,61 +55,50 @@ pub fn decode8(kb: &mut Kb, dtype: DType, row: Reg, g: Reg, tables: Reg) -> Grou
             }))
         }
         DType::Q4_0 | DType::Q4_1 => {
-            let (bs, qs, has_min) = if dtype == DType::Q4_0 { (18, 2, false) } else { (20, 4, true) };
+            // 18-byte blocks are only 2-byte aligned, 20-byte blocks 4-byte aligned.
+            let (bs, qs, has_min, width) = if dtype == DType::Q4_0 { (18, 2, false, 2) } else { (20, 4, true, 4) };
             let (blk, s) = block_of(kb, row, g, 4, bs);
             let d = ld_f16(kb, blk, 0);
-            let m = has_min.then(|| ld_f16(kb, blk, 2));
+            // w = q·d + m, or (q − 8)·d = q·d − 8d.
+            let add = match has_min {
+                true => ld_f16(kb, blk, 2),
+                false => kb.mul(Ty::F32, d, -8.0f32),
+            };
             let (a, shift) = nibble_source(kb, blk, s);
+            let words = group_words(kb, a, qs, width, Some(shift));
             plain(std::array::from_fn(|i| {
-                let q = kb.ld(Mem::U8, a, qs + i as i32);
-                let q = kb.shr(Ty::U32, q, shift);
-                let q = kb.and(Ty::U32, q, 15);
-                match m {
-                    Some(m) => {
-                        let qf = kb.cvt(Ty::F32, q);
-                        kb.fma(qf, d, m)
-                    }
-                    None => {
-                        let qs = kb.sub(Ty::S32, q.as_ty(Ty::S32), 8);
-                        let qf = kb.cvt(Ty::F32, qs);
-                        kb.mul(Ty::F32, qf, d)
-                    }
-                }
+                let q = byte_of(kb, &words, width, i, 15);
+                let qf = kb.cvt(Ty::F32, q);
+                kb.fma(qf, d, add)
             }))
         }
         DType::Q5_0 | DType::Q5_1 => {
-            let (bs, qh_off, qs, has_min) = if dtype == DType::Q5_0 { (22, 2, 6, false) } else { (24, 4, 8, true) };
+            let (bs, qh_off, qs, has_min, width) =
+                if dtype == DType::Q5_0 { (22, 2, 6, false, 2) } else { (24, 4, 8, true, 4) };
             let (blk, s) = block_of(kb, row, g, 4, bs);
             let d = ld_f16(kb, blk, 0);
-            let m = has_min.then(|| ld_f16(kb, blk, 2));
+            let add = match has_min {
+                true => ld_f16(kb, blk, 2),
+                false => kb.mul(Ty::F32, d, -16.0f32),
+            };
             // qh is 4 bytes at an even offset: two u16 loads.
             let lo = kb.ld(Mem::U16, blk, qh_off);
             let hi = kb.ld(Mem::U16, blk, qh_off + 2);
             let qh = kb.shl(Ty::U32, hi, 16);
             let qh = kb.bin(BinOp::Or, Ty::U32, qh, lo);
-            // Bits 8s .. 8s+8 of qh belong to this group.
+            // Bits 8s .. 8s+8 of qh belong to this group; move them to bit 4 of each weight.
             let sh = kb.shl(Ty::U32, s, 3);
             let qh = kb.shr(Ty::U32, qh, sh);
+            let qh = kb.shl(Ty::U32, qh, 4);
             let (a, shift) = nibble_source(kb, blk, s);
+            let words = group_words(kb, a, qs, width, Some(shift));
             plain(std::array::from_fn(|i| {
-                let q = kb.ld(Mem::U8, a, qs + i as i32);
-                let q = kb.shr(Ty::U32, q, shift);
-                let q = kb.and(Ty::U32, q, 15);
-                let h = kb.shr(Ty::U32, qh, i as u32);
-                let h = kb.and(Ty::U32, h, 1);
-                let h = kb.shl(Ty::U32, h, 4);
+                let q = byte_of(kb, &words, width, i, 15);
+                let h = if i == 0 { qh } else { kb.shr(Ty::U32, qh, i as u32) };
+                let h = kb.and(Ty::U32, h, 16);
                 let q = kb.bin(BinOp::Or, Ty::U32, q, h);
-                match m {
-                    Some(m) => {
-                        let qf = kb.cvt(Ty::F32, q);
-                        kb.fma(qf, d, m)
-                    }
-                    None => {
-                        let qs = kb.sub(Ty::S32, q.as_ty(Ty::S32), 16);
-                        let qf = kb.cvt(Ty::F32, qs);
-                        kb.mul(Ty::F32, qf, d)
-                    }
-                }
+                let qf = kb.cvt(Ty::F32, q);
+                kb.fma(qf, d, add)
             }))
         }
         DType::Q8_0 => {
@@ -118,8 +107,12 @@ pub fn decode8(kb: &mut Kb, dtype: DType, row: Reg, g: Reg, tables: Reg) -> Grou
             let off = kb.shl(Ty::U32, s, 3);
             let off = kb.cvt(Ty::U64, off);
             let a = kb.add(Ty::U64, blk, off);
+            // 34-byte blocks: the 8 quants sit at an even address.
+            let words = group_words(kb, a, 2, 2, None);
             plain(std::array::from_fn(|i| {
-                let q = kb.ld(Mem::S8, a, 2 + i as i32);
+                // Sign-extend byte i: move it to the top, shift back arithmetically.
+                let up = kb.shl(Ty::U32, words[i / 2], 24 - 8 * (i as u32 % 2));
+                let q = kb.shr(Ty::S32, up.as_ty(Ty::S32), 24);
                 let qf = kb.cvt(Ty::F32, q);
                 kb.mul(Ty::F32, qf, d)
             }))
@@ -173,6 +166,29 @@ pub(crate) fn block_of(kb: &mut Kb, row: Reg, g: Reg, groups_per_block: u32, blo
 pub(crate) fn ld_f16(kb: &mut Kb, base: Reg, off: i32) -> Reg {
     let h = kb.ld(Mem::B16, base, off);
     kb.f16_to_f32(h)
+}
+
+/// The 8 bytes at `a + off` read as `8 / width` little-endian words of `width`
+/// bytes (2 or 4; the address must be aligned to it), each shifted right by `shift`.
+fn group_words(kb: &mut Kb, a: Reg, off: i32, width: usize, shift: Option<Reg>) -> Vec<Reg> {
+    let mem = if width == 4 { Mem::U32 } else { Mem::U16 };
+    (0..8 / width)
+        .map(|j| {
+            let w = kb.ld(mem, a, off + (j * width) as i32);
+            match shift {
+                Some(sh) => kb.shr(Ty::U32, w, sh),
+                None => w,
+            }
+        })
+        .collect()
+}
+
+/// Byte `i` of the words of [`group_words`], masked with `mask`.
+fn byte_of(kb: &mut Kb, words: &[Reg], width: usize, i: usize, mask: u32) -> Reg {
+    let w = words[i / width];
+    let sh = 8 * (i % width) as u32;
+    let v = if sh == 0 { w } else { kb.shr(Ty::U32, w, sh) };
+    kb.and(Ty::U32, v, mask)
 }
 
 /// For ggml's 32-weight nibble blocks (16 bytes of `qs`): group `s` (0..4) of

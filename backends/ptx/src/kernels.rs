@@ -136,14 +136,29 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool) -> Kernel {
             // Lanes past the row's end contribute zero.
             let wv: Vec<Reg> = grp.w.iter().map(|&wi| kb.selp(Ty::F32, wi, 0.0f32, g_ok)).collect();
             for (j, &(xa, xra)) in xrows.iter().enumerate() {
+                // Tokens past `t` are skipped (a branch uniform over the block).
+                let skip = (j > 0).then(|| {
+                    let l = kb.label();
+                    let tj = kb.add(Ty::U32, t0, j as u32);
+                    let past = kb.setp(Cmp::Ge, tj, t);
+                    kb.bra(l, Some((past, false)));
+                    l
+                });
                 let base = match (xra, grp.rotated) {
                     (Some(xra), Some(rot)) => kb.selp(Ty::U64, xra, xa, rot),
                     _ => xa,
                 };
+                // Rows of x are k·4 bytes with k a multiple of 8: the group's 8
+                // floats are 32-byte aligned, two vector loads.
                 let a = kb.index(base, g_c, 32);
+                let lo = kb.ld_v4(a, 0);
+                let hi = kb.ld_v4(a, 16);
                 for (i, &wi) in wv.iter().enumerate() {
-                    let xv = kb.ld(Mem::F32, a, 4 * i as i32);
+                    let xv = if i < 4 { lo[i] } else { hi[i - 4] };
                     kb.fma_to(acc[j], wi, xv);
+                }
+                if let Some(l) = skip {
+                    kb.place(l);
                 }
             }
         });

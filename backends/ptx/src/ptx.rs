@@ -337,6 +337,12 @@ pub enum Inst {
         off: i32,
         v: Src,
     },
+    /// Four f32 from global memory at a 16-byte aligned address (`ld.global.v4.f32`).
+    LdV4 {
+        d: [Reg; 4],
+        addr: Reg,
+        off: i32,
+    },
     /// Loads kernel parameter `i` (pointers are converted to global addresses).
     Param {
         d: Reg,
@@ -599,6 +605,13 @@ impl Kb {
         d
     }
 
+    /// Four consecutive f32 at a 16-byte aligned global address.
+    pub fn ld_v4(&mut self, addr: Reg, off: i32) -> [Reg; 4] {
+        let d = [self.reg(Ty::F32), self.reg(Ty::F32), self.reg(Ty::F32), self.reg(Ty::F32)];
+        self.push(Inst::LdV4 { d, addr, off });
+        d
+    }
+
     pub fn st(&mut self, mem: Mem, addr: Reg, off: i32, v: impl Into<Src>) {
         self.push(Inst::St { space: Space::Global, mem, addr, off, v: v.into() });
     }
@@ -802,6 +815,18 @@ fn print_inst(out: &mut String, k: &Kernel, inst: &Inst) {
         Inst::Selp { d, a, b, p } => w(
             out,
             format!("selp.{} {}, {}, {}, {};", d.ty.suffix(), reg_name(*d), src(*a, d.ty), src(*b, d.ty), reg_name(*p)),
+        ),
+        Inst::LdV4 { d, addr, off } => w(
+            out,
+            format!(
+                "ld.global.v4.f32 {{{}, {}, {}, {}}}, [{}{}];",
+                reg_name(d[0]),
+                reg_name(d[1]),
+                reg_name(d[2]),
+                reg_name(d[3]),
+                reg_name(*addr),
+                offset(*off)
+            ),
         ),
         Inst::Ld { space, mem, d, addr, off } => {
             let sp = if *space == Space::Global { "global" } else { "shared" };

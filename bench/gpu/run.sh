@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The GPU check of the PTX backend, run on a machine with an NVIDIA GPU and no
+# Rust (the binaries are built elsewhere and carried in .dev/):
+#   stage1: the common differential test on the GPU (every kernel vs the
+#           reference interpreter), glassllm greedy GPU vs reference;
+#   stage2: SmolLM2-135M: the 4-bit GGUF (Q4_1) and a 2-bit build compiled from
+#           the same recipe: greedy 32 tokens on 3 prompts, perplexity, and
+#           `kiln bench` on the GPU beside PyTorch (transformers on the same GGUF).
+# Results go to $OUT (JSON lines + logs). See bench/gpu/README.md.
+set -uo pipefail
+stage=$1
+K=/tmp/kiln-gpu
+mkdir -p $K $OUT
+export KILN_CACHE=$K/cache
+mkdir -p $KILN_CACHE/models $KILN_CACHE/imatrix
+log() { echo "== $*" | tee -a $OUT/log.txt; }
+if [ "$stage" = stage1 ]; then
+  cp .dev/kiln .dev/cuda_test $K/ && cp .dev/imatrix/* $KILN_CACHE/imatrix/ && cp .dev/gguf.part-a $K/
+  cp -r .dev/glassllm-en-hf $KILN_CACHE/models/
+  cp -r .dev/whl $K/
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $OUT/gpu.txt
+  log "differential test on the GPU"
+  KILN_REQUIRE_GPU=1 $K/cuda_test --nocapture 2>&1 | tee $OUT/differential.txt | tail -80
+  log "glassllm greedy: ptx vs reference"
+  for b in ptx reference; do
+    $K/kiln run $KILN_CACHE/models/glassllm-en-hf --backend $b -p "Once upon a time" -n 48 --json > $OUT/glassllm-$b.json 2>>$OUT/log.txt
+  done
+  python3 - <<'PY'
+import json, os
+o = os.environ["OUT"]
+a = json.load(open(f"{o}/glassllm-ptx.json"))["output"]["tokens"]
+b = json.load(open(f"{o}/glassllm-reference.json"))["output"]["tokens"]
+print("glassllm greedy 48 tokens:", "IDENTICAL" if a == b else f"DIFFER at {next(i for i,(x,y) in enumerate(zip(a,b)) if x!=y)}")
+PY
+  exit 0
+fi
+# stage2
+cat $K/gguf.part-a .dev/gguf.part-b > $KILN_CACHE/models/smollm2-135m-instruct-q4_1.gguf
+G=$KILN_CACHE/models/smollm2-135m-instruct-q4_1.gguf
+sha256sum $G | tee -a $OUT/log.txt
+log "compile the 2-bit recipe (gpu device)"
+( time $K/kiln compile --recipe recipes/smollm2-135m-2bit.yaml --device gpu --out $K/build ) >> $OUT/log.txt 2>&1
+B2=$K/build/smollm2-135m-2bit/gpu
+ls -la $B2 >> $OUT/log.txt
+log "greedy 32 tokens, 3 prompts, ptx vs reference"
+i=0
+for p in "The capital of France is" "def fibonacci(n):" "Once upon a time, in a small village,"; do
+  i=$((i+1))
+  for m in 4bit 2bit; do
+    M=$G; [ $m = 2bit ] && M=$B2
+    for b in ptx reference; do
+      $K/kiln run $M --backend $b -p "$p" -n 32 --ignore-eos --json > $OUT/greedy-$m-$i-$b.json 2>>$OUT/log.txt
+    done
+  done
+done
+python3 - <<'PY' | tee -a $OUT/log.txt
+import json, os
+o = os.environ["OUT"]
+for m in ["4bit", "2bit"]:
+    for i in [1, 2, 3]:
+        a = json.load(open(f"{o}/greedy-{m}-{i}-ptx.json"))["output"]
+        b = json.load(open(f"{o}/greedy-{m}-{i}-reference.json"))["output"]
+        same = a["tokens"] == b["tokens"]
+        first = None if same else next(j for j, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y)
+        print(json.dumps({"build": m, "prompt": i, "identical": same, "first_difference": first, "ptx_text": a["text"][:80], "decode_tps_ptx": a["decode_tokens_per_second"], "decode_tps_ref": b["decode_tokens_per_second"]}))
+PY
+log "perplexity ctx 512, 4 chunks, ptx vs reference"
+for m in 4bit 2bit; do
+  M=$G; [ $m = 2bit ] && M=$B2
+  for b in ptx reference; do
+    $K/kiln ppl $M --backend $b --file tests/fixtures/text/ppl-excerpt.txt --ctx 512 --chunks 4 --json > $OUT/ppl-$m-$b.json 2>>$OUT/log.txt
+  done
+done
+log "kiln bench on the GPU"
+for m in 4bit 2bit; do
+  M=$G; [ $m = 2bit ] && M=$B2
+  $K/kiln bench $M --backend ptx --pp 512 --tg 128 --reps 3 --json > $OUT/bench-$m-ptx.json 2>>$OUT/log.txt
+done
+log "PyTorch peer"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site $K/whl/*.whl >> $OUT/log.txt 2>&1
+PYTHONPATH=/tmp/site python3 bench/gpu/torch_baseline.py $KILN_CACHE/models smollm2-135m-instruct-q4_1.gguf 512 128 3 > $OUT/bench-torch.json 2>>$OUT/log.txt
+cat $OUT/bench-*.json $OUT/ppl-*.json | tee -a $OUT/log.txt
