@@ -18,7 +18,7 @@ if [ "$stage" = stage1 ]; then
   cp .dev/kiln .dev/cuda_test $K/ && cp .dev/imatrix/* $KILN_CACHE/imatrix/ && cp .dev/gguf.part-a $K/
   cp -r .dev/glassllm-en-hf $KILN_CACHE/models/
   cp -r .dev/whl $K/
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $OUT/gpu.txt
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $OUT/gpu.txt $K/gpu.txt
   log "differential test on the GPU"
   KILN_REQUIRE_GPU=1 $K/cuda_test --nocapture 2>&1 | tee $OUT/differential.txt | tail -80
   log "glassllm greedy: ptx vs reference"
@@ -32,9 +32,11 @@ a = json.load(open(f"{o}/glassllm-ptx.json"))["output"]["tokens"]
 b = json.load(open(f"{o}/glassllm-reference.json"))["output"]["tokens"]
 print("glassllm greedy 48 tokens:", "IDENTICAL" if a == b else f"DIFFER at {next(i for i,(x,y) in enumerate(zip(a,b)) if x!=y)}")
 PY
+  (cd $OUT && tar czf stage1.tgz --exclude stage1.tgz glassllm-*.json && rm -f glassllm-*.json)
   exit 0
 fi
 # stage2
+cp $K/gpu.txt $OUT/ 2>/dev/null
 cat $K/gguf.part-a .dev/gguf.part-b > $KILN_CACHE/models/smollm2-135m-instruct-q4_1.gguf
 G=$KILN_CACHE/models/smollm2-135m-instruct-q4_1.gguf
 sha256sum $G | tee -a $OUT/log.txt
@@ -71,12 +73,16 @@ for m in 4bit 2bit; do
     $K/kiln ppl $M --backend $b --file tests/fixtures/text/ppl-excerpt.txt --ctx 512 --chunks 4 --json > $OUT/ppl-$m-$b.json 2>>$OUT/log.txt
   done
 done
-log "kiln bench on the GPU"
+log "kiln bench on the GPU (and decode without the CUDA graph, for comparison)"
 for m in 4bit 2bit; do
   M=$G; [ $m = 2bit ] && M=$B2
   $K/kiln bench $M --backend ptx --pp 512 --tg 128 --reps 3 --json > $OUT/bench-$m-ptx.json 2>>$OUT/log.txt
+  KILN_PTX_GRAPHS=0 $K/kiln bench $M --backend ptx --pp 512 --tg 128 --reps 3 --json > $OUT/bench-$m-ptx-nograph.json 2>>$OUT/log.txt
 done
 log "PyTorch peer"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site $K/whl/*.whl >> $OUT/log.txt 2>&1
 PYTHONPATH=/tmp/site python3 bench/gpu/torch_baseline.py $KILN_CACHE/models smollm2-135m-instruct-q4_1.gguf 512 128 3 > $OUT/bench-torch.json 2>>$OUT/log.txt
 cat $OUT/bench-*.json $OUT/ppl-*.json | tee -a $OUT/log.txt
+python3 bench/gpu/summarize.py $OUT > $OUT/summary.json
+cat $OUT/summary.json
+(cd $OUT && tar czf raw.tgz --exclude raw.tgz --exclude summary.json --exclude log.txt . && find . -maxdepth 1 -type f ! -name raw.tgz ! -name summary.json ! -name log.txt -delete)

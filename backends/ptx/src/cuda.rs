@@ -12,7 +12,7 @@ use std::ffi::{CString, c_void};
 use cudarc::driver::{result, sys};
 use kiln_backends::BackendError;
 
-use crate::device::{Device, internal};
+use crate::device::{Device, GraphId, internal};
 use crate::emu::Arg;
 
 fn cu(what: &str, e: result::DriverError) -> BackendError {
@@ -27,6 +27,10 @@ pub struct CudaDevice {
     functions: HashMap<String, (sys::CUfunction, u32)>,
     allocations: Vec<sys::CUdeviceptr>,
     name: String,
+    /// Every launch goes to this stream (blocking, so the null stream's
+    /// synchronous copies order with it); it is what captures record.
+    stream: sys::CUstream,
+    graphs: Vec<(sys::CUgraph, sys::CUgraphExec)>,
 }
 
 // The context is made current on the thread that uses the device before every call.
@@ -64,7 +68,8 @@ impl CudaDevice {
             let f = unsafe { result::module::get_function(module, c) }.map_err(|e| cu(&format!("kernel `{n}`"), e))?;
             functions.insert(n.clone(), (f, *block));
         }
-        Ok(CudaDevice { ctx, dev, module, functions, allocations: Vec::new(), name })
+        let stream = result::stream::create(result::stream::StreamKind::Default).map_err(|e| cu("stream", e))?;
+        Ok(CudaDevice { ctx, dev, module, functions, allocations: Vec::new(), name, stream, graphs: Vec::new() })
     }
 
     fn current(&self) -> Result<(), BackendError> {
@@ -83,6 +88,12 @@ impl Drop for CudaDevice {
     fn drop(&mut self) {
         if self.current().is_ok() {
             let _ = result::ctx::synchronize();
+            for &(g, e) in &self.graphs {
+                // SAFETY: created by this device, destroyed once.
+                let _ = unsafe { result::graph::exec_destroy(e) };
+                let _ = unsafe { result::graph::destroy(g) };
+            }
+            let _ = unsafe { result::stream::destroy(self.stream) };
             for &p in &self.allocations {
                 // SAFETY: allocated by this device, freed once.
                 let _ = unsafe { result::free_sync(p) };
@@ -142,8 +153,33 @@ impl Device for CudaDevice {
         // SAFETY: f is a kernel of the loaded module; args match its parameter list (the
         // session builds them from the same definitions the PTX was printed from).
         unsafe {
-            result::launch_kernel(f, (grid[0], grid[1], grid[2]), (block, 1, 1), 0, std::ptr::null_mut(), &mut ptrs)
+            result::launch_kernel(f, (grid[0], grid[1], grid[2]), (block, 1, 1), 0, self.stream, &mut ptrs)
         }
         .map_err(|e| cu(&format!("launching `{name}`"), e))
+    }
+
+    fn begin_capture(&mut self) -> Result<(), BackendError> {
+        self.current()?;
+        // SAFETY: our stream; relaxed mode, nothing else runs on this thread meanwhile.
+        unsafe { result::stream::begin_capture(self.stream, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED) }
+            .map_err(|e| cu("begin capture", e))
+    }
+
+    fn end_capture(&mut self) -> Result<GraphId, BackendError> {
+        self.current()?;
+        // SAFETY: capture begun on our stream.
+        let g = unsafe { result::stream::end_capture(self.stream) }.map_err(|e| cu("end capture", e))?;
+        // SAFETY: g is a captured graph.
+        let e = unsafe { result::graph::instantiate(g, sys::CUgraphInstantiate_flags(0)) }
+            .map_err(|e| cu("graph instantiate", e))?;
+        self.graphs.push((g, e));
+        Ok(GraphId(self.graphs.len() - 1))
+    }
+
+    fn replay(&mut self, graph: GraphId) -> Result<(), BackendError> {
+        let &(_, e) = self.graphs.get(graph.0).ok_or_else(|| internal("no such graph"))?;
+        self.current()?;
+        // SAFETY: an instantiated graph of this context, on our stream.
+        unsafe { result::graph::launch(e, self.stream) }.map_err(|e| cu("graph launch", e))
     }
 }

@@ -25,19 +25,43 @@ pub trait Device: Send {
     fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), BackendError>;
     /// Waits for every launch before it, then copies `out.len()` bytes back.
     fn download(&mut self, src: u64, out: &mut [u8]) -> Result<(), BackendError>;
-    /// Queues kernel `name` over `grid` blocks with `args`.
+    /// Queues kernel `name` over `grid` blocks with `args` (or records it, while capturing).
     fn launch(&mut self, name: &str, grid: [u32; 3], args: &[Arg]) -> Result<(), BackendError>;
+    /// Starts recording launches instead of running them (a CUDA graph).
+    fn begin_capture(&mut self) -> Result<(), BackendError>;
+    /// Stops recording; the launches since [`Device::begin_capture`] become a graph.
+    fn end_capture(&mut self) -> Result<GraphId, BackendError>;
+    /// Runs a recorded graph: its launches, with the arguments they were recorded with.
+    fn replay(&mut self, graph: GraphId) -> Result<(), BackendError>;
 }
+
+/// A recorded launch sequence of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphId(pub usize);
+
+type Launch = (String, [u32; 3], Vec<Arg>);
 
 /// The emulator as a device: every kernel of the module, run on the CPU.
 pub struct EmuDevice {
     mem: EmuMemory,
     kernels: HashMap<String, Kernel>,
+    capturing: Option<Vec<Launch>>,
+    graphs: Vec<Vec<Launch>>,
 }
 
 impl EmuDevice {
     pub fn new(kernels: &[Kernel]) -> Self {
-        EmuDevice { mem: EmuMemory::new(), kernels: kernels.iter().map(|k| (k.name.clone(), k.clone())).collect() }
+        EmuDevice {
+            mem: EmuMemory::new(),
+            kernels: kernels.iter().map(|k| (k.name.clone(), k.clone())).collect(),
+            capturing: None,
+            graphs: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, name: &str, grid: [u32; 3], args: &[Arg]) -> Result<(), BackendError> {
+        let k = self.kernels.get(name).ok_or_else(|| internal(format!("kernel `{name}` is not in the module")))?;
+        emu::launch(&mut self.mem, k, grid, args).map_err(internal)
     }
 }
 
@@ -49,13 +73,43 @@ impl Device for EmuDevice {
         Ok(self.mem.alloc(bytes))
     }
     fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), BackendError> {
+        if self.capturing.is_some() {
+            return Err(internal("upload during a capture"));
+        }
         self.mem.write(dst, bytes).map_err(internal)
     }
     fn download(&mut self, src: u64, out: &mut [u8]) -> Result<(), BackendError> {
         self.mem.read(src, out).map_err(internal)
     }
     fn launch(&mut self, name: &str, grid: [u32; 3], args: &[Arg]) -> Result<(), BackendError> {
-        let k = self.kernels.get(name).ok_or_else(|| internal(format!("kernel `{name}` is not in the module")))?;
-        emu::launch(&mut self.mem, k, grid, args).map_err(internal)
+        if !self.kernels.contains_key(name) {
+            return Err(internal(format!("kernel `{name}` is not in the module")));
+        }
+        match &mut self.capturing {
+            Some(rec) => {
+                rec.push((name.to_string(), grid, args.to_vec()));
+                Ok(())
+            }
+            None => self.run(name, grid, args),
+        }
+    }
+    fn begin_capture(&mut self) -> Result<(), BackendError> {
+        if self.capturing.is_some() {
+            return Err(internal("capture already running"));
+        }
+        self.capturing = Some(Vec::new());
+        Ok(())
+    }
+    fn end_capture(&mut self) -> Result<GraphId, BackendError> {
+        let rec = self.capturing.take().ok_or_else(|| internal("no capture running"))?;
+        self.graphs.push(rec);
+        Ok(GraphId(self.graphs.len() - 1))
+    }
+    fn replay(&mut self, graph: GraphId) -> Result<(), BackendError> {
+        let launches = self.graphs.get(graph.0).cloned().ok_or_else(|| internal("no such graph"))?;
+        for (name, grid, args) in &launches {
+            self.run(name, *grid, args)?;
+        }
+        Ok(())
     }
 }

@@ -12,12 +12,22 @@ use kiln_ir::{Activation, DType, RopeLayout};
 use crate::formats;
 use crate::ptx::{BinOp, Cmp, Kb, Kernel, Mem, ParamTy, Reg, Special, Ty, UnOp};
 
+/// Byte offset of the first position of a forward call in the `step` buffer
+/// (a u32 the session writes before each launch sequence, so a captured
+/// sequence replays at any position).
+pub const STEP_POS: i32 = 0;
+
 /// Threads per block of most kernels.
 pub const BLOCK: u32 = 128;
 /// Tokens a matmul warp multiplies per pass over its row's weights.
-pub const MATMUL_TOKENS: u32 = 4;
+pub const MATMUL_TOKENS: u32 = 8;
 /// Output rows per matmul block (one per warp).
 pub const MATMUL_ROWS: u32 = BLOCK / 32;
+
+/// The matmul grid: blocks of [`MATMUL_ROWS`] rows × tiles of [`MATMUL_TOKENS`] tokens.
+pub fn matmul_grid(rows: u32, t: u32) -> [u32; 3] {
+    [rows.div_ceil(MATMUL_ROWS), t.div_ceil(MATMUL_TOKENS).max(1), 1]
+}
 
 pub fn matmul_name(dtype: DType, bias: bool, ragged: bool) -> String {
     format!("matmul_{}{}{}", dtype.name(), if bias { "_bias" } else { "" }, if ragged { "_ragged" } else { "" })
@@ -27,7 +37,7 @@ pub fn matmul_name(dtype: DType, bias: bool, ragged: bool) -> String {
 /// packed layout in registers (fused dequantization), one warp per output row,
 /// [`MATMUL_TOKENS`] tokens per pass over the row.
 ///
-/// Grid: `ceil(rows / 4)` blocks. Arguments: `w, x, xr (block-rotated x for
+/// Grid: [`matmul_grid`], a block per 4 rows and tile of tokens. Arguments: `w, x, xr (block-rotated x for
 /// kq2, else x), y, bias, tables, rows, k, t, row_bytes`. `k` must be a
 /// multiple of 8, except for the `ragged` variant of unquantized weights,
 /// which clamps and masks the last group of each row.
@@ -87,7 +97,10 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool) -> Kernel {
         kb.ld(Mem::F32, a, 0)
     });
 
-    kb.for_range(0u32, t, MATMUL_TOKENS, |kb, t0| {
+    // This block's tile of tokens: t0 .. t0 + MATMUL_TOKENS (grid.y).
+    let tile = kb.special(Special::CtaidY);
+    let t0 = kb.mul(Ty::U32, tile, MATMUL_TOKENS);
+    let pass = |kb: &mut Kb, t0: Reg| {
         let acc: Vec<Reg> = (0..MATMUL_TOKENS).map(|_| kb.imm(Ty::F32, 0.0f32)).collect();
         // Row addresses of the tile's tokens (clamped to the last token).
         let xrows: Vec<(Reg, Option<Reg>)> = (0..MATMUL_TOKENS)
@@ -177,7 +190,8 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool) -> Kernel {
             let ya = kb.index(y, idx, 4);
             kb.guarded(ok, false, |kb| kb.st(Mem::F32, ya, 0, s));
         }
-    });
+    };
+    pass(&mut kb, t0);
     kb.finish()
 }
 
@@ -453,7 +467,7 @@ pub fn rope_name(layout: RopeLayout) -> String {
     format!("rope_{}", layout.name())
 }
 
-/// Rotary embedding, one block per (token, head). Arguments `x, y, cs, pos,
+/// Rotary embedding, one block per (token, head). Arguments `x, y, cs, step,
 /// cols, head_dim, rot`; `cs` is the host-computed table of `(cos, sin)` per
 /// (position, pair), `rot/2` pairs per position (the reference's angles, so
 /// the rotation is bit-identical). Grid `(T, heads)`.
@@ -461,11 +475,12 @@ pub fn rope(layout: RopeLayout) -> Kernel {
     use ParamTy::*;
     let mut kb = Kb::new(
         rope_name(layout),
-        &[("x", Ptr), ("y", Ptr), ("cs", Ptr), ("pos", U32), ("cols", U32), ("head_dim", U32), ("rot", U32)],
+        &[("x", Ptr), ("y", Ptr), ("cs", Ptr), ("step", Ptr), ("cols", U32), ("head_dim", U32), ("rot", U32)],
         BLOCK,
     );
-    let (x, y, cs, pos, cols, hd, rot) =
+    let (x, y, cs, step, cols, hd, rot) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let pos = kb.ld(Mem::U32, step, STEP_POS);
     let t = kb.special(Special::CtaidX);
     let h = kb.special(Special::CtaidY);
     let tid = kb.tid();
@@ -531,16 +546,17 @@ pub fn rope(layout: RopeLayout) -> Kernel {
 }
 
 /// Copies `T` new rows of k and v into a KV cache slot at position `pos`.
-/// Arguments `k, v, kc, vc, pos, n (= T·width), width`; grid `ceil(n / 128)`.
+/// Arguments `k, v, kc, vc, step, n (= T·width), width`; grid `ceil(n / 128)`.
 pub fn kv_append() -> Kernel {
     use ParamTy::*;
     let mut kb = Kb::new(
         "kv_append",
-        &[("k", Ptr), ("v", Ptr), ("kc", Ptr), ("vc", Ptr), ("pos", U32), ("n", U32), ("width", U32)],
+        &[("k", Ptr), ("v", Ptr), ("kc", Ptr), ("vc", Ptr), ("step", Ptr), ("n", U32), ("width", U32)],
         BLOCK,
     );
-    let (k, v, kc, vc, pos, n, width) =
+    let (k, v, kc, vc, step, n, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let pos = kb.ld(Mem::U32, step, STEP_POS);
     let (i, ok) = elem_index(&mut kb, n);
     kb.guarded(ok, false, |kb| {
         let base = kb.mul(Ty::U32, pos, width);
@@ -574,9 +590,9 @@ pub fn attention_name(head_dim: u32, softcap: bool) -> String {
 /// online softmax (lane `l` holds dims `l, l+32, …`), the warps are merged in
 /// shared memory and the block writes `(m, l, o[head_dim])` for its split.
 ///
-/// Arguments `q, kc, vc, part, pos, heads, group (heads per kv head), width
-/// (kv_heads·head_dim), scale, window, softcap, chunk (keys per split),
-/// splits`. Grid `(heads, T, splits)`. Query `t` sits at position `pos + t`
+/// Arguments `q, kc, vc, part, step, heads, group (heads per kv head), width
+/// (kv_heads·head_dim), scale, window, softcap, splits`; each query cuts its
+/// own keys into `splits` equal chunks. Grid `(heads, T, splits)`. Query `t` sits at position `pos + t`
 /// and sees keys `lo ..= pos + t` (`lo` from the sliding window).
 pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     use ParamTy::*;
@@ -590,14 +606,13 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
             ("kc", Ptr),
             ("vc", Ptr),
             ("part", Ptr),
-            ("pos", U32),
+            ("step", Ptr),
             ("heads", U32),
             ("group", U32),
             ("width", U32),
             ("scale", F32),
             ("window", U32),
             ("softcap", F32),
-            ("chunk", U32),
             ("splits", U32),
         ],
         BLOCK,
@@ -606,15 +621,14 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     let kc = kb.param(1);
     let vc = kb.param(2);
     let part = kb.param(3);
-    let pos = kb.param(4);
+    let step = kb.param(4);
     let heads = kb.param(5);
     let group = kb.param(6);
     let width = kb.param(7);
     let scale = kb.param(8);
     let window = kb.param(9);
     let cap = kb.param(10);
-    let chunk = kb.param(11);
-    let splits = kb.param(12);
+    let splits = kb.param(11);
     let rec = attn_record(hd);
     let smem_off = kb.shared(4 * warps * rec);
     let smem = kb.shared_base();
@@ -625,6 +639,7 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     let tid = kb.tid();
     let lane = kb.and(Ty::U32, tid, 31);
     let warp = kb.shr(Ty::U32, tid, 5);
+    let pos = kb.ld(Mem::U32, step, STEP_POS);
     let p = kb.add(Ty::U32, pos, t);
     let hi = kb.add(Ty::U32, p, 1u32);
     // lo = window > 0 && hi > window ? hi - window : 0
@@ -633,6 +648,11 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     let cut = kb.bin(BinOp::And, Ty::Pred, has_w, past);
     let hw = kb.sub(Ty::U32, hi, window);
     let lo = kb.selp(Ty::U32, hw, 0u32, cut);
+    // This query's keys lo..hi in `splits` chunks; the block takes chunk z.
+    let keys = kb.sub(Ty::U32, hi, lo);
+    let keys = kb.add(Ty::U32, keys, splits);
+    let keys = kb.sub(Ty::U32, keys, 1u32);
+    let chunk = kb.bin(BinOp::Div, Ty::U32, keys, splits);
     let start = kb.mad(Ty::U32, z, chunk, lo);
     let start = kb.bin(BinOp::Min, Ty::U32, start, hi);
     let end = kb.add(Ty::U32, start, chunk);

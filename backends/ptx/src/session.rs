@@ -15,15 +15,15 @@ use kiln_ir::{AttentionAttrs, DType, Op, ParamId, RopeAttrs, ValueId, VerifiedMo
 
 use crate::device::{Device, internal};
 use crate::emu::Arg;
-use crate::kernels::{self, BLOCK, MATMUL_ROWS};
+use crate::kernels::{self, BLOCK};
 use crate::lower;
 
 /// Most tokens one launch sequence processes; longer inputs run in chunks.
 pub const MAX_CHUNK: usize = 512;
 /// Most key splits of decode attention (flash-decoding).
 pub const MAX_SPLITS: u32 = 32;
-/// Keys per split a decode step aims for.
-const KEYS_PER_SPLIT: u32 = 128;
+/// Keys per split a decode step at full context aims for.
+const KEYS_PER_SPLIT: u32 = 256;
 
 struct Cache {
     k: u64,
@@ -55,6 +55,12 @@ pub struct PtxSession<D: Device> {
     tables: HashMap<DType, u64>,
     /// One u32: the device argmax's result.
     argmax_out: u64,
+    /// The forward call's first position (u32), read by the kernels.
+    step: u64,
+    decode_splits: u32,
+    /// Decode steps replay one recorded launch sequence (`KILN_PTX_GRAPHS=0` turns it off).
+    use_graphs: bool,
+    decode_graph: Option<crate::device::GraphId>,
     logits_host: Vec<u8>,
 }
 
@@ -71,9 +77,10 @@ fn u32_of(v: usize, what: &str) -> Result<u32, BackendError> {
         .map_err(|_| BackendError::BadInput(format!("{what} {v} exceeds the PTX backend's 32-bit indexing")))
 }
 
-/// Splits for a decode attention over `keys` keys.
-fn splits_for(t: usize, keys: u32) -> u32 {
-    if t > 1 { 1 } else { keys.div_ceil(KEYS_PER_SPLIT).clamp(1, MAX_SPLITS) }
+/// Key splits of decode attention for a cache of `max_context` positions
+/// (fixed per session, so the decode graph is; each query cuts its own keys).
+fn decode_splits(max_context: usize) -> u32 {
+    (max_context.div_ceil(KEYS_PER_SPLIT as usize) as u32).clamp(1, MAX_SPLITS)
 }
 
 impl<D: Device> PtxSession<D> {
@@ -219,6 +226,8 @@ impl<D: Device> PtxSession<D> {
         let part = dev.alloc(4 * part_floats.max(1))?;
         let xr = dev.alloc(4 * (chunk * max_kq2_k).max(1))?;
         let argmax_out = dev.alloc(4)?;
+        let step = dev.alloc(16)?;
+        let use_graphs = std::env::var("KILN_PTX_GRAPHS").map_or(true, |v| v != "0");
         Ok(PtxSession {
             dev,
             module,
@@ -237,6 +246,10 @@ impl<D: Device> PtxSession<D> {
             xr,
             tables,
             argmax_out,
+            step,
+            decode_splits: decode_splits(max_context),
+            use_graphs,
+            decode_graph: None,
             logits_host: Vec::new(),
         })
     }
@@ -279,9 +292,54 @@ impl<D: Device> PtxSession<D> {
     /// Returns the output buffer address and how many rows it holds.
     fn run_chunk(&mut self, tokens: &[u32], last_only: bool) -> Result<(u64, usize), BackendError> {
         let t = tokens.len();
-        let pos = self.pos;
+        let module = self.module.clone();
+        // Host side first: embedding rows and the step buffer (the launches read
+        // the position from it, so a recorded sequence replays at any position).
+        for (i, inst) in module.insts.iter().enumerate() {
+            if let Op::Embed { table, .. } = &inst.op {
+                let cols = self.cols[i];
+                let p = module.param(*table);
+                let dt = p.ty.dtype;
+                let bytes = self.weights.bytes(*table);
+                let rb = usize_of(dt.row_bytes(cols as u64).unwrap_or(0), "row bytes")?;
+                let mut rows = vec![0f32; t * cols];
+                for (r, &id) in tokens.iter().enumerate() {
+                    let src = &bytes[id as usize * rb..(id as usize + 1) * rb];
+                    kiln_backends::quant::dequantize_row(dt, src, &mut rows[r * cols..(r + 1) * cols])
+                        .map_err(|e| BackendError::BadInput(format!("@{}: {e}", p.name)))?;
+                }
+                let raw: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let y = self.bufs[i].ok_or_else(|| internal("embed without buffer"))?;
+                self.dev.upload(y, &raw)?;
+            }
+        }
+        let posu = u32_of(self.pos, "position")?;
+        self.dev.upload(self.step, &posu.to_le_bytes())?;
+        if t == 1 && last_only && self.use_graphs {
+            // Decode: one recorded graph, replayed every step.
+            let g = match self.decode_graph {
+                Some(g) => g,
+                None => {
+                    self.dev.begin_capture()?;
+                    let r = self.launch_all(1, true);
+                    let g = self.dev.end_capture()?;
+                    r?;
+                    self.decode_graph = Some(g);
+                    g
+                }
+            };
+            self.dev.replay(g)?;
+            let out = module.output.ok_or_else(|| internal("no output"))?;
+            return Ok((self.buf(out)?, 1));
+        }
+        self.launch_all(t, last_only)
+    }
+
+    /// Queues the launch sequence of a forward call of `t` tokens; every
+    /// argument depends only on `t` and `last_only` (the position comes from
+    /// the step buffer). Returns the output buffer and how many rows it holds.
+    fn launch_all(&mut self, t: usize, last_only: bool) -> Result<(u64, usize), BackendError> {
         let tu = u32_of(t, "tokens")?;
-        let posu = u32_of(pos, "position")?;
         let module = self.module.clone();
         let out = module.output.ok_or_else(|| internal("no output"))?;
         let mut out_rows = t;
@@ -291,22 +349,7 @@ impl<D: Device> PtxSession<D> {
             let n = u32_of(t * cols, "elements")?;
             let grid1 = [n.div_ceil(BLOCK), 1, 1];
             match &inst.op {
-                Op::Tokens => {}
-                Op::Embed { table, .. } => {
-                    let p = module.param(*table);
-                    let dt = p.ty.dtype;
-                    let bytes = self.weights.bytes(*table);
-                    let rb = usize_of(dt.row_bytes(cols as u64).unwrap_or(0), "row bytes")?;
-                    let mut rows = vec![0f32; t * cols];
-                    for (r, &id) in tokens.iter().enumerate() {
-                        let src = &bytes[id as usize * rb..(id as usize + 1) * rb];
-                        kiln_backends::quant::dequantize_row(dt, src, &mut rows[r * cols..(r + 1) * cols])
-                            .map_err(|e| BackendError::BadInput(format!("@{}: {e}", p.name)))?;
-                    }
-                    let raw: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
-                    let y = y.ok_or_else(|| internal("embed without buffer"))?;
-                    self.dev.upload(y, &raw)?;
-                }
+                Op::Tokens | Op::Embed { .. } => {}
                 Op::RmsNorm { x, weight, eps, group } => {
                     let g = if *group == 0 { cols } else { usize_of(*group, "group")? };
                     let w = match weight {
@@ -359,7 +402,7 @@ impl<D: Device> PtxSession<D> {
                         Arg::U32(rb),
                     ];
                     let name = kernels::matmul_name(dt, bias.is_some(), lower::ragged(&module, *w));
-                    self.dev.launch(&name, [rows.div_ceil(MATMUL_ROWS), 1, 1], &args)?;
+                    self.dev.launch(&name, kernels::matmul_grid(rows, tt as u32), &args)?;
                 }
                 Op::Add { a, b } | Op::Mul { a, b } => {
                     let name = if matches!(inst.op, Op::Add { .. }) { "add" } else { "mul" };
@@ -393,7 +436,7 @@ impl<D: Device> PtxSession<D> {
                         Arg::Ptr(self.buf(*x)?),
                         Arg::Ptr(y.unwrap_or(0)),
                         Arg::Ptr(table),
-                        Arg::U32(posu),
+                        Arg::Ptr(self.step),
                         Arg::U32(cols as u32),
                         Arg::U32(hd),
                         Arg::U32(attrs.rot_dims as u32),
@@ -410,7 +453,7 @@ impl<D: Device> PtxSession<D> {
                             Arg::Ptr(self.buf(*v)?),
                             Arg::Ptr(kc),
                             Arg::Ptr(vc),
-                            Arg::U32(posu),
+                            Arg::Ptr(self.step),
                             Arg::U32(nn),
                             Arg::U32(width as u32),
                         ];
@@ -419,23 +462,19 @@ impl<D: Device> PtxSession<D> {
                     let hd = attrs.head_dim as u32;
                     let heads = attrs.heads as u32;
                     let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as u32;
-                    let hi = posu + tu;
-                    let keys = if attrs.window > 0 { hi.min(attrs.window as u32) } else { hi };
-                    let splits = splits_for(t, keys);
-                    let chunk = keys.div_ceil(splits);
+                    let splits = if t == 1 { self.decode_splits } else { 1 };
                     let args = [
                         Arg::Ptr(self.buf(*q)?),
                         Arg::Ptr(kc),
                         Arg::Ptr(vc),
                         Arg::Ptr(self.part),
-                        Arg::U32(posu),
+                        Arg::Ptr(self.step),
                         Arg::U32(heads),
                         Arg::U32(group),
                         Arg::U32(width as u32),
                         Arg::F32(attrs.scale),
                         Arg::U32(attrs.window as u32),
                         Arg::F32(attrs.softcap),
-                        Arg::U32(chunk),
                         Arg::U32(splits),
                     ];
                     self.dev.launch(&kernels::attention_name(hd, attrs.softcap > 0.0), [heads, tu, splits], &args)?;

@@ -236,7 +236,7 @@ fn check_matmul_bytes(dtype: DType, wq: &[u8], rows: usize, k: usize, t: usize, 
         Arg::U32(t as u32),
         Arg::U32(rb as u32),
     ];
-    let grid = [(rows as u32).div_ceil(kernels::MATMUL_ROWS), 1, 1];
+    let grid = kernels::matmul_grid(rows as u32, t as u32);
     launch(&mut mem, &kernels::matmul(dtype, bias), grid, &args).unwrap();
     assert_close(&download(&mem, ya, t * rows), &want, 2e-5 * (k as f32).sqrt(), &format!("matmul {dtype} bytes"));
 }

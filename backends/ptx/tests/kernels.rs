@@ -16,6 +16,7 @@ fn matmul_plain_and_legacy_formats() {
     {
         check_matmul(dtype, 6, 96, 5, false);
         check_matmul(dtype, 5, 64, 1, true);
+        check_matmul(dtype, 3, 64, 19, true);
     }
 }
 
@@ -117,11 +118,12 @@ fn rope_layouts() {
         let xa = upload(&mut mem, &f32_bytes(&x));
         let ca = upload(&mut mem, &f32_bytes(&cs));
         let ya = mem.alloc(4 * t * cols);
+        let step = upload(&mut mem, &(pos as u32).to_le_bytes());
         let args = [
             Arg::Ptr(xa),
             Arg::Ptr(ya),
             Arg::Ptr(ca),
-            Arg::U32(pos as u32),
+            Arg::Ptr(step),
             Arg::U32(cols as u32),
             Arg::U32(hd as u32),
             Arg::U32(rot as u32),
@@ -169,12 +171,13 @@ fn attention_matches_naive() {
             let ka = upload(&mut mem, &f32_bytes(&kall[start * width..(start + len) * width]));
             let va = upload(&mut mem, &f32_bytes(&vall[start * width..(start + len) * width]));
             let n = (len * width) as u32;
+            let step = upload(&mut mem, &(start as u32).to_le_bytes());
             let args = [
                 Arg::Ptr(ka),
                 Arg::Ptr(va),
                 Arg::Ptr(kc),
                 Arg::Ptr(vc),
-                Arg::U32(start as u32),
+                Arg::Ptr(step),
                 Arg::U32(n),
                 Arg::U32(width as u32),
             ];
@@ -184,20 +187,19 @@ fn attention_matches_naive() {
         let rec = kernels::attn_record(hd) as usize;
         let part = mem.alloc(4 * t * heads * splits as usize * rec);
         let out = mem.alloc(4 * t * heads * hd_us);
-        let chunk = (total as u32).div_ceil(splits);
+        let step = upload(&mut mem, &(pos as u32).to_le_bytes());
         let args = [
             Arg::Ptr(qa),
             Arg::Ptr(kc),
             Arg::Ptr(vc),
             Arg::Ptr(part),
-            Arg::U32(pos as u32),
+            Arg::Ptr(step),
             Arg::U32(heads as u32),
             Arg::U32((heads / kv_heads) as u32),
             Arg::U32(width as u32),
             Arg::F32(scale),
             Arg::U32(window),
             Arg::F32(softcap),
-            Arg::U32(chunk),
             Arg::U32(splits),
         ];
         launch(&mut mem, &kernels::attention(hd, softcap > 0.0), [heads as u32, t as u32, splits], &args).unwrap();

@@ -84,7 +84,7 @@ pub fn check_matmul(dtype: DType, rows: usize, k: usize, t: usize, bias: bool) {
     } else {
         xa
     };
-    let grid = [(rows as u32).div_ceil(kernels::MATMUL_ROWS), 1, 1];
+    let grid = kernels::matmul_grid(rows as u32, t as u32);
     let args = [
         Arg::Ptr(wa),
         Arg::Ptr(xa),
