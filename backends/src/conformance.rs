@@ -242,11 +242,24 @@ pub fn cases() -> Vec<Case> {
         out.push(case(name, b, y, 2e-5));
     }
     out.push(tiny_llama());
+    // kiln's 2-bit format where matmuls share inputs (q/k/v, gate/up), legacy blocks elsewhere.
+    out.push(tiny_llama_with(
+        "tiny llama kq2",
+        [DType::KQ2, DType::KQ2, DType::KQ2, DType::Q4_0, DType::KQ2, DType::KQ2, DType::Q8_0],
+    ));
     out
 }
 
 /// A two-layer Llama with mixed weight dtypes, tied embeddings, a sliding-window layer.
 fn tiny_llama() -> Case {
+    tiny_llama_with(
+        "tiny llama",
+        [DType::Q4_0, DType::Q4_1, DType::F16, DType::F32, DType::Q5_0, DType::Q8_0, DType::BF16],
+    )
+}
+
+/// The tiny Llama with weight dtypes for q, k, v, o, gate, up, down.
+fn tiny_llama_with(name: &str, dts: [DType; 7]) -> Case {
     let (d, h, kvh, hd, ff, vocab) = (64u64, 4u64, 2u64, 16u64, 128u64, 100u64);
     let mut b = ModuleBuilder::new("tiny-llama", 99);
     b.m.set_meta("arch", Meta::Str("llama".into()));
@@ -256,14 +269,14 @@ fn tiny_llama() -> Case {
     for l in 0..2u32 {
         let name = |n: &str| format!("blk.{l}.{n}.weight");
         let an = b.param(&name("attn_norm"), DType::F32, &[d], 0.0);
-        let wq = b.param(&name("attn_q"), DType::Q4_0, &[h * hd, d], 0.3);
-        let wk = b.param(&name("attn_k"), DType::Q4_1, &[kvh * hd, d], 0.3);
-        let wv = b.param(&name("attn_v"), DType::F16, &[kvh * hd, d], 0.3);
-        let wo = b.param(&name("attn_output"), DType::F32, &[d, h * hd], 0.2);
+        let wq = b.param(&name("attn_q"), dts[0], &[h * hd, d], 0.3);
+        let wk = b.param(&name("attn_k"), dts[1], &[kvh * hd, d], 0.3);
+        let wv = b.param(&name("attn_v"), dts[2], &[kvh * hd, d], 0.3);
+        let wo = b.param(&name("attn_output"), dts[3], &[d, h * hd], 0.2);
         let fnrm = b.param(&name("ffn_norm"), DType::F32, &[d], 0.0);
-        let wg = b.param(&name("ffn_gate"), DType::Q5_0, &[ff, d], 0.3);
-        let wu = b.param(&name("ffn_up"), DType::Q8_0, &[ff, d], 0.3);
-        let wd = b.param(&name("ffn_down"), DType::BF16, &[d, ff], 0.2);
+        let wg = b.param(&name("ffn_gate"), dts[4], &[ff, d], 0.3);
+        let wu = b.param(&name("ffn_up"), dts[5], &[ff, d], 0.3);
+        let wd = b.param(&name("ffn_down"), dts[6], &[d, ff], 0.2);
         let n = b.push(Op::RmsNorm { x, weight: Some(an), eps: 1e-5, group: 0 });
         let q = b.push(Op::MatMul { x: n, w: wq, bias: None });
         let k = b.push(Op::MatMul { x: n, w: wk, bias: None });
@@ -293,7 +306,7 @@ fn tiny_llama() -> Case {
     let on = b.param("output_norm.weight", DType::F32, &[d], 0.0);
     let x = b.push(Op::RmsNorm { x, weight: Some(on), eps: 1e-5, group: 0 });
     let logits = b.push(Op::MatMul { x, w: emb, bias: None });
-    let mut c = case("tiny llama", b, logits, 1e-4);
+    let mut c = case(name, b, logits, 1e-4);
     c.calls = vec![
         ((0..12).map(|i| (i * 37 + 5) % 100).collect(), Logits::All),
         (vec![7], Logits::Last),

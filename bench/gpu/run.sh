@@ -32,7 +32,7 @@ a = json.load(open(f"{o}/glassllm-ptx.json"))["output"]["tokens"]
 b = json.load(open(f"{o}/glassllm-reference.json"))["output"]["tokens"]
 print("glassllm greedy 48 tokens:", "IDENTICAL" if a == b else f"DIFFER at {next(i for i,(x,y) in enumerate(zip(a,b)) if x!=y)}")
 PY
-  (cd $OUT && tar czf stage1.tgz --exclude stage1.tgz glassllm-*.json && rm -f glassllm-*.json)
+  tar czf $K/stage1.tgz -C $OUT glassllm-ptx.json glassllm-reference.json && rm -f $OUT/glassllm-*.json && mv $K/stage1.tgz $OUT/
   exit 0
 fi
 # stage2
@@ -83,6 +83,16 @@ log "PyTorch peer"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site $K/whl/*.whl >> $OUT/log.txt 2>&1
 PYTHONPATH=/tmp/site python3 bench/gpu/torch_baseline.py $KILN_CACHE/models smollm2-135m-instruct-q4_1.gguf 512 128 3 > $OUT/bench-torch.json 2>>$OUT/log.txt
 cat $OUT/bench-*.json $OUT/ppl-*.json | tee -a $OUT/log.txt
-python3 bench/gpu/summarize.py $OUT > $OUT/summary.json
-cat $OUT/summary.json
-(cd $OUT && tar czf raw.tgz --exclude raw.tgz --exclude summary.json --exclude log.txt . && find . -maxdepth 1 -type f ! -name raw.tgz ! -name summary.json ! -name log.txt -delete)
+python3 bench/gpu/summarize.py $OUT > $K/summary.json
+tar czf $K/raw.tgz -C $OUT --exclude log.txt --exclude gpu.txt .
+find $OUT -maxdepth 1 -type f ! -name log.txt ! -name gpu.txt -delete
+mv $K/summary.json $K/raw.tgz $OUT/
+python3 - <<'PY'
+import json, os
+s = json.load(open(os.path.join(os.environ["OUT"], "summary.json")))
+for g in s["greedy"]:
+    print("greedy", g["build"], repr(g["prompt"]), "IDENTICAL" if g["identical"] else f"differs at {g['first_difference']}")
+print("ppl", s["ppl"])
+for k, v in s["bench"].items():
+    print("bench", k, "pp", round(v["prefill_tokens_per_second"]), "tg", round(v["decode_tokens_per_second"], 1))
+PY

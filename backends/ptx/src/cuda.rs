@@ -152,10 +152,8 @@ impl Device for CudaDevice {
         // (little-endian), so u32/f32 values in the low bytes of a u64 are right.
         // SAFETY: f is a kernel of the loaded module; args match its parameter list (the
         // session builds them from the same definitions the PTX was printed from).
-        unsafe {
-            result::launch_kernel(f, (grid[0], grid[1], grid[2]), (block, 1, 1), 0, self.stream, &mut ptrs)
-        }
-        .map_err(|e| cu(&format!("launching `{name}`"), e))
+        unsafe { result::launch_kernel(f, (grid[0], grid[1], grid[2]), (block, 1, 1), 0, self.stream, &mut ptrs) }
+            .map_err(|e| cu(&format!("launching `{name}`"), e))
     }
 
     fn begin_capture(&mut self) -> Result<(), BackendError> {

@@ -343,6 +343,8 @@ impl<D: Device> PtxSession<D> {
         let module = self.module.clone();
         let out = module.output.ok_or_else(|| internal("no output"))?;
         let mut out_rows = t;
+        // The value (and row offset) whose kq2 rotation the scratch buffer holds.
+        let mut rotated: Option<(ValueId, u64)> = None;
         for (i, inst) in module.insts.iter().enumerate() {
             let y = self.bufs[i];
             let cols = self.cols[i];
@@ -379,9 +381,13 @@ impl<D: Device> PtxSession<D> {
                     }
                     let mut xr = xa;
                     if crate::formats::needs_rotated_x(dt) {
-                        let nn = u32_of(tt * k, "elements")?;
-                        let args = [Arg::Ptr(xa), Arg::Ptr(self.xr), Arg::U32(nn)];
-                        self.dev.launch(lower::KQ2_ROTATE, [nn.div_ceil(BLOCK), 1, 1], &args)?;
+                        // q, k and v (gate and up) read the same x: rotate it once.
+                        if rotated != Some((*x, xa)) {
+                            let nn = u32_of(tt * k, "elements")?;
+                            let args = [Arg::Ptr(xa), Arg::Ptr(self.xr), Arg::U32(nn)];
+                            self.dev.launch(lower::KQ2_ROTATE, [nn.div_ceil(BLOCK), 1, 1], &args)?;
+                            rotated = Some((*x, xa));
+                        }
                         xr = self.xr;
                     }
                     let bias_a = match bias {
