@@ -19,6 +19,9 @@ pub const REGISTRY_YAML: &str = include_str!("../recipes/models.yaml");
 #[serde(deny_unknown_fields)]
 pub struct Registry {
     pub models: BTreeMap<String, ModelEntry>,
+    /// Tools the tests use (e.g. NVIDIA's `ptxas`), fetched the same way into `tools/`.
+    #[serde(default)]
+    pub tools: BTreeMap<String, ModelEntry>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -78,12 +81,16 @@ fn unknown(id: &str, reg: &Registry) -> KilnError {
     }
 }
 
-/// Fetches `id` if needed and returns its path. `log` receives progress lines.
+/// Fetches `id` (a model, or a tool) if needed and returns its path. `log` receives progress lines.
 pub fn fetch(id: &str, log: &mut dyn FnMut(&str)) -> KilnResult<PathBuf> {
     let reg = registry()?;
-    let e = reg.models.get(id).ok_or_else(|| unknown(id, &reg))?;
+    let (e, sub) = match (reg.models.get(id), reg.tools.get(id)) {
+        (Some(e), _) => (e, "models"),
+        (None, Some(e)) => (e, "tools"),
+        (None, None) => return Err(unknown(id, &reg)),
+    };
     let err = |msg: String| KilnError::Fetch { model: id.to_string(), msg };
-    let dir = cache_dir().join("models");
+    let dir = cache_dir().join(sub);
     let out = dir.join(&e.file);
     if out.is_file() && sha256_file(&out)? == e.sha256 {
         return Ok(out);
@@ -102,6 +109,13 @@ pub fn fetch(id: &str, log: &mut dyn FnMut(&str)) -> KilnResult<PathBuf> {
         let got = sha256_file(&tmp)?;
         if got != e.sha256 {
             return Err(err(format!("{}: sha256 {got} does not match the pinned {}", e.file, e.sha256)));
+        }
+        if sub == "tools" {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).map_err(|x| KilnError::io(&tmp, x))?;
+            }
         }
         fs::rename(&tmp, &out).map_err(|x| KilnError::io(&out, x))
     })();

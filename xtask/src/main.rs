@@ -68,9 +68,14 @@ const TEST_MODELS: &[&str] =
 /// Fetches the test models and runs the whole test suite (nextest when installed).
 fn test(extra: &[String]) -> Result<(), String> {
     fetch_models(&TEST_MODELS.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+    // NVIDIA's ptxas (a pinned wheel): every emitted PTX module is assembled for sm_80/sm_90.
+    run_kiln(&["fetch".to_string(), "ptxas".to_string()])?;
     let has_nextest = Command::new(cargo()).args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
     let mut cmd = Command::new(cargo());
-    cmd.current_dir(root()).env("KILN_REQUIRE_MODELS", "1");
+    cmd.current_dir(root())
+        .env("KILN_REQUIRE_MODELS", "1")
+        .env("KILN_PTXAS", cache_dir().join("tools/ptxas-12.9.86"))
+        .env("KILN_REQUIRE_PTXAS", "1");
     if has_nextest {
         cmd.args(["nextest", "run", "--workspace", "--release", "--no-fail-fast"]);
     } else {
