@@ -135,6 +135,19 @@ pub fn cases() -> Vec<Case> {
             out.push(case(format!("matmul {dt}{}", if bias.is_some() { " + bias" } else { "" }), b, y, 2e-5));
         }
     }
+    // Prefill of 40 tokens: a backend may use f16 tensor cores there (activations and
+    // weights rounded to f16, f32 sums), hence the looser budget.
+    for dt in [DType::F16, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K, DType::KQ2] {
+        let k = if dt.block_elems() >= 64 { 256 } else { 96 };
+        let mut b = ModuleBuilder::new("matmul-prefill", 23);
+        let x = b.input(VOCAB, k);
+        let w = b.param("w.weight", dt, &[VOCAB, k], 0.5);
+        let bias = b.param("w.bias", DType::F32, &[VOCAB], 0.5);
+        let y = b.push(Op::MatMul { x, w, bias: Some(bias) });
+        let mut c = case(format!("matmul {dt} prefill 40 tokens"), b, y, 3e-3);
+        c.calls = vec![((0..40).map(|i| (i * 7 + 1) % VOCAB as u32).collect(), Logits::All), (vec![2], Logits::Last)];
+        out.push(c);
+    }
     // Unquantized rows whose length is not a multiple of 8 (e.g. glassllm's 341-wide FFN).
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let mut b = ModuleBuilder::new("matmul-ragged", 3);
@@ -242,6 +255,10 @@ pub fn cases() -> Vec<Case> {
         out.push(case(name, b, y, 2e-5));
     }
     out.push(tiny_llama());
+    out.push(tiny_llama_with(
+        "tiny llama long prefill",
+        [DType::Q4_0, DType::Q4_1, DType::F16, DType::F32, DType::Q5_0, DType::Q8_0, DType::BF16],
+    ));
     // kiln's 2-bit format where matmuls share inputs (q/k/v, gate/up), legacy blocks elsewhere.
     out.push(tiny_llama_with(
         "tiny llama kq2",
@@ -307,6 +324,11 @@ fn tiny_llama_with(name: &str, dts: [DType; 7]) -> Case {
     let x = b.push(Op::RmsNorm { x, weight: Some(on), eps: 1e-5, group: 0 });
     let logits = b.push(Op::MatMul { x, w: emb, bias: None });
     let mut c = case(name, b, logits, 1e-4);
+    if name.ends_with("long prefill") {
+        c.budget = 1e-2;
+        c.calls = vec![((0..70).map(|i| (i * 37 + 5) % 100).collect(), Logits::All), (vec![7], Logits::Last)];
+        return c;
+    }
     c.calls = vec![
         ((0..12).map(|i| (i * 37 + 5) % 100).collect(), Logits::All),
         (vec![7], Logits::Last),
@@ -356,7 +378,7 @@ fn run_case(backend: &dyn Backend, c: &Case) -> Result<f32, String> {
         return Err(format!("unsupported: {what}"));
     }
     let weights: Arc<dyn WeightSource> = Arc::new(OwnedWeights(c.weights.clone()));
-    let opts = SessionOptions { max_context: 64, threads: 2, ..Default::default() };
+    let opts = SessionOptions { max_context: 128, threads: 2, ..Default::default() };
     let mut want = ReferenceBackend.prepare(module.clone(), weights.clone(), &opts).map_err(|e| e.to_string())?;
     let mut got = backend.prepare(module, weights, &opts).map_err(|e| e.to_string())?;
     let mut worst = 0f32;

@@ -307,6 +307,49 @@ fn run_block(b: &mut Block<'_>, mem: &mut EmuMemory, args: &[Arg], labels: &Hash
                     }
                 }
             }
+            Inst::Mma { d, a, b: bf, c } => {
+                if active.iter().any(|a| !a) {
+                    return Err((pc, 0, "mma.sync with inactive lanes".into()));
+                }
+                let h = |v: u64, hi: bool| half::f16::from_bits((if hi { v >> 16 } else { v }) as u16).to_f32();
+                for w in (0..n).step_by(32) {
+                    let (mut am, mut bm, mut cm) = ([[0f32; 16]; 16], [[0f32; 8]; 16], [[0f32; 8]; 16]);
+                    for lane in 0..32 {
+                        let (g, q) = (lane / 4, lane % 4);
+                        let t = w + lane;
+                        for (i, (r, k)) in
+                            [(g, 2 * q), (g + 8, 2 * q), (g, 2 * q + 8), (g + 8, 2 * q + 8)].into_iter().enumerate()
+                        {
+                            let v = b.get(t, a[i]);
+                            am[r][k] = h(v, false);
+                            am[r][k + 1] = h(v, true);
+                        }
+                        for (i, k) in [2 * q, 2 * q + 8].into_iter().enumerate() {
+                            let v = b.get(t, bf[i]);
+                            bm[k][g] = h(v, false);
+                            bm[k + 1][g] = h(v, true);
+                        }
+                        for (i, (r, col)) in
+                            [(g, 2 * q), (g, 2 * q + 1), (g + 8, 2 * q), (g + 8, 2 * q + 1)].into_iter().enumerate()
+                        {
+                            cm[r][col] = f(b.get(t, c[i]));
+                        }
+                    }
+                    for lane in 0..32 {
+                        let (g, q) = (lane / 4, lane % 4);
+                        for (i, (r, col)) in
+                            [(g, 2 * q), (g, 2 * q + 1), (g + 8, 2 * q), (g + 8, 2 * q + 1)].into_iter().enumerate()
+                        {
+                            // Products of f16 values are exact in f32; sum in k order.
+                            let mut acc = cm[r][col];
+                            for (k, row) in bm.iter().enumerate() {
+                                acc += am[r][k] * row[col];
+                            }
+                            b.set(w + lane, d[i], fb(acc));
+                        }
+                    }
+                }
+            }
             inst => {
                 for (t, &on) in active.iter().enumerate() {
                     if on {
@@ -438,6 +481,11 @@ fn exec(b: &mut Block<'_>, mem: &mut EmuMemory, args: &[Arg], inst: &Inst, t: us
                 b.set(t, *r, u32::from_le_bytes(buf[4 * i..4 * i + 4].try_into().unwrap()) as u64);
             }
         }
+        Inst::PackF16x2 { d, hi, lo } => {
+            let hb = half::f16::from_f32(f(b.get(t, *hi))).to_bits() as u64;
+            let lb = half::f16::from_f32(f(b.get(t, *lo))).to_bits() as u64;
+            b.set(t, *d, (hb << 16) | lb);
+        }
         Inst::Ld { space, mem: m, d, addr, off } => {
             let len = m.bytes();
             let a = b.get(t, *addr).wrapping_add(*off as i64 as u64);
@@ -507,7 +555,9 @@ fn exec(b: &mut Block<'_>, mem: &mut EmuMemory, args: &[Arg], inst: &Inst, t: us
             b.set(t, *d, v as u64);
         }
         Inst::SharedBase { d } => b.set(t, *d, 0),
-        Inst::Shfl { .. } | Inst::Bar | Inst::Label(_) | Inst::Bra { .. } => unreachable!("handled per block"),
+        Inst::Shfl { .. } | Inst::Mma { .. } | Inst::Bar | Inst::Label(_) | Inst::Bra { .. } => {
+            unreachable!("handled per block")
+        }
     }
     Ok(())
 }

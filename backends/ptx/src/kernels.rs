@@ -917,3 +917,200 @@ pub fn argmax() -> Kernel {
     kb.guarded(t0, false, |kb| kb.st(Mem::U32, oa, 0, fi));
     kb.finish()
 }
+
+/// Weight rows, tokens and row elements one tensor-core matmul block handles per step.
+pub const MMA_BM: u32 = 64;
+pub const MMA_BN: u32 = 64;
+pub const MMA_BK: u32 = 32;
+/// Bytes per row of the shared tiles: `MMA_BK` f16 plus 8 of padding (no bank conflicts).
+const MMA_STRIDE: u32 = (MMA_BK + 8) * 2;
+
+pub fn matmul_mma_name(dtype: DType, bias: bool) -> String {
+    format!("matmul_mma_{}{}", dtype.name(), if bias { "_bias" } else { "" })
+}
+
+/// Whether prefill matmuls with weights of `dtype` and rows of `k` run on tensor
+/// cores: every layout whose weights are a function of their own block (kq2's
+/// rotated blocks pair with rotated activations instead), `k` a multiple of 32.
+pub fn mma_eligible(dtype: DType, k: u64) -> bool {
+    formats::supported(dtype) && !formats::needs_rotated_x(dtype) && k % MMA_BK as u64 == 0
+}
+
+/// The tensor-core matmul grid: blocks of `MMA_BM` rows × `MMA_BN` tokens.
+pub fn matmul_mma_grid(rows: u32, t: u32) -> [u32; 3] {
+    [rows.div_ceil(MMA_BM), t.div_ceil(MMA_BN).max(1), 1]
+}
+
+/// Prefill matmul on tensor cores: `y[t, r] = Σ_k w[r, k] · x[t, k] (+ bias[r])`
+/// with weights decoded from their packed layout into f16 tiles in shared
+/// memory (the same fused decoders as [`matmul`]), activations rounded to f16,
+/// `mma.sync.m16n8k16` products accumulated in f32. A block of 4 warps computes
+/// 64 rows × 64 tokens (each warp 32 × 32: 2 × 4 tiles of 16 × 8), walking `k`
+/// in steps of 32. Arguments as [`matmul`] (`xr` unused); grid [`matmul_mma_grid`].
+pub fn matmul_mma(dtype: DType, bias: bool) -> Kernel {
+    use ParamTy::*;
+    assert!(!formats::needs_rotated_x(dtype), "kq2 prefill uses the CUDA-core matmul");
+    let mut kb = Kb::new(
+        matmul_mma_name(dtype, bias),
+        &[
+            ("w", Ptr),
+            ("x", Ptr),
+            ("xr", Ptr),
+            ("y", Ptr),
+            ("bias", Ptr),
+            ("tables", Ptr),
+            ("rows", U32),
+            ("k", U32),
+            ("t", U32),
+            ("row_bytes", U32),
+        ],
+        BLOCK,
+    );
+    let w = kb.param(0);
+    let x = kb.param(1);
+    let y = kb.param(3);
+    let bias_p = kb.param(4);
+    let tables = kb.param(5);
+    let rows = kb.param(6);
+    let k = kb.param(7);
+    let t = kb.param(8);
+    let row_bytes = kb.param(9);
+    let a_off = kb.shared(MMA_BM * MMA_STRIDE);
+    let b_off = kb.shared(MMA_BN * MMA_STRIDE);
+    let smem = kb.shared_base();
+
+    let tid = kb.tid();
+    let lane = kb.and(Ty::U32, tid, 31);
+    let warp = kb.shr(Ty::U32, tid, 5);
+    let bm = kb.special(Special::CtaidX);
+    let bn = kb.special(Special::CtaidY);
+    let m0 = kb.mul(Ty::U32, bm, MMA_BM);
+    let n0 = kb.mul(Ty::U32, bn, MMA_BN);
+    let last_row = kb.sub(Ty::U32, rows, 1u32);
+    let last_t = kb.sub(Ty::U32, t, 1u32);
+
+    // Decode duty: groups tid and tid + 128 of the 64 × 4 groups of a step.
+    let duties: Vec<(Reg, Reg, Reg)> = (0..2u32)
+        .map(|j| {
+            let gi = kb.add(Ty::U32, tid, j * BLOCK);
+            let row_l = kb.shr(Ty::U32, gi, 2);
+            let gk = kb.and(Ty::U32, gi, 3);
+            let row = kb.add(Ty::U32, m0, row_l);
+            let row = kb.bin(BinOp::Min, Ty::U32, row, last_row);
+            let roff = kb.mul_wide(row, row_bytes);
+            let wrow = kb.add(Ty::U64, w, roff);
+            // Shared address of the group: row_l · stride + gk · 16 bytes.
+            let sa = kb.mad(Ty::U32, row_l, MMA_STRIDE, smem);
+            let sa = kb.mad(Ty::U32, gk, 16u32, sa);
+            (wrow, gk, sa)
+        })
+        .collect();
+    // Activation duty: 4 vectors of 4 floats of the 64 tokens × 32 elements.
+    let xduties: Vec<(Reg, Reg)> = (0..4u32)
+        .map(|j| {
+            let vi = kb.add(Ty::U32, tid, j * BLOCK);
+            let tok_l = kb.shr(Ty::U32, vi, 3);
+            let part = kb.and(Ty::U32, vi, 7);
+            let tok = kb.add(Ty::U32, n0, tok_l);
+            let tok = kb.bin(BinOp::Min, Ty::U32, tok, last_t);
+            let off = kb.mul(Ty::U32, tok, k);
+            let off = kb.mad(Ty::U32, part, 4u32, off);
+            let xa = kb.index(x, off, 4);
+            let sa = kb.mad(Ty::U32, tok_l, MMA_STRIDE, smem);
+            let sa = kb.mad(Ty::U32, part, 8u32, sa);
+            (xa, sa)
+        })
+        .collect();
+    // Fragment bases of this lane: rows (or tokens) 32·wm + g, byte 4q of the k step.
+    let g = kb.shr(Ty::U32, lane, 2);
+    let q = kb.and(Ty::U32, lane, 3);
+    let wm = kb.and(Ty::U32, warp, 1);
+    let wn = kb.shr(Ty::U32, warp, 1);
+    let frag_base = |kb: &mut Kb, wsel: Reg| {
+        let r = kb.mad(Ty::U32, wsel, 32u32, g);
+        let a = kb.mad(Ty::U32, r, MMA_STRIDE, smem);
+        kb.mad(Ty::U32, q, 4u32, a)
+    };
+    let a_base = frag_base(&mut kb, wm);
+    let b_base = frag_base(&mut kb, wn);
+    let acc: Vec<[Reg; 4]> = (0..8).map(|_| std::array::from_fn(|_| kb.imm(Ty::F32, 0.0f32))).collect();
+
+    kb.for_range(0u32, k, MMA_BK, |kb, k0| {
+        let g0 = kb.shr(Ty::U32, k0, 3);
+        for &(wrow, gk, sa) in &duties {
+            let gg = kb.add(Ty::U32, g0, gk);
+            let grp = formats::decode8(kb, dtype, wrow, gg, tables);
+            for j in 0..4 {
+                let p = kb.pack_f16x2(grp.w[2 * j + 1], grp.w[2 * j]);
+                kb.st_shared_u32(sa, (a_off + 4 * j as u32) as i32, p);
+            }
+        }
+        let k0b = kb.shl(Ty::U32, k0, 2);
+        let k0b = kb.cvt(Ty::U64, k0b);
+        for &(xa, sa) in &xduties {
+            let a = kb.add(Ty::U64, xa, k0b);
+            let v = kb.ld_v4(a, 0);
+            let p0 = kb.pack_f16x2(v[1], v[0]);
+            let p1 = kb.pack_f16x2(v[3], v[2]);
+            kb.st_shared_u32(sa, b_off as i32, p0);
+            kb.st_shared_u32(sa, b_off as i32 + 4, p1);
+        }
+        kb.bar();
+        for ks in 0..MMA_BK / 16 {
+            let kbyte = (ks * 32) as i32;
+            let afr: Vec<[Reg; 4]> = (0..2u32)
+                .map(|mt| {
+                    let o = (a_off + mt * 16 * MMA_STRIDE) as i32 + kbyte;
+                    let s8 = (8 * MMA_STRIDE) as i32;
+                    [
+                        kb.ld_shared_u32(a_base, o),
+                        kb.ld_shared_u32(a_base, o + s8),
+                        kb.ld_shared_u32(a_base, o + 16),
+                        kb.ld_shared_u32(a_base, o + s8 + 16),
+                    ]
+                })
+                .collect();
+            for nt in 0..4u32 {
+                let o = (b_off + nt * 8 * MMA_STRIDE) as i32 + kbyte;
+                let bfr = [kb.ld_shared_u32(b_base, o), kb.ld_shared_u32(b_base, o + 16)];
+                for (mt, a) in afr.iter().enumerate() {
+                    kb.mma_to(acc[mt * 4 + nt as usize], *a, bfr);
+                }
+            }
+        }
+        kb.bar();
+    });
+
+    // Epilogue: c0, c1 at (row g, tokens 2q, 2q+1); c2, c3 at row g + 8.
+    let row_w = kb.mad(Ty::U32, wm, 32u32, m0);
+    let row_w = kb.add(Ty::U32, row_w, g);
+    let tok_w = kb.mad(Ty::U32, wn, 32u32, n0);
+    let q2 = kb.shl(Ty::U32, q, 1);
+    let tok_w = kb.add(Ty::U32, tok_w, q2);
+    for mt in 0..2u32 {
+        for half in 0..2u32 {
+            let r = kb.add(Ty::U32, row_w, mt * 16 + half * 8);
+            let r_ok = kb.setp(Cmp::Lt, r, rows);
+            let rc = kb.bin(BinOp::Min, Ty::U32, r, last_row);
+            let bv = bias.then(|| {
+                let a = kb.index(bias_p, rc, 4);
+                kb.ld(Mem::F32, a, 0)
+            });
+            for nt in 0..4u32 {
+                for c in 0..2u32 {
+                    let tok = kb.add(Ty::U32, tok_w, nt * 8 + c);
+                    let t_ok = kb.setp(Cmp::Lt, tok, t);
+                    let ok = kb.bin(BinOp::And, Ty::Pred, r_ok, t_ok);
+                    let mut v = acc[(mt * 4 + nt) as usize][(half * 2 + c) as usize];
+                    if let Some(b) = bv {
+                        v = kb.add(Ty::F32, v, b);
+                    }
+                    let idx = kb.mad(Ty::U32, tok, rows, rc);
+                    let ya = kb.index(y, idx, 4);
+                    kb.guarded(ok, false, |kb| kb.st(Mem::F32, ya, 0, v));
+                }
+            }
+        }
+    }
+    kb.finish()
+}

@@ -45,6 +45,15 @@ pub fn ragged(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
     module.param(w).ty.last_fixed().is_some_and(|k| k % 8 != 0)
 }
 
+/// Whether prefill matmuls with weight `w` run on tensor cores ([`kernels::matmul_mma`]).
+pub fn uses_mma(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
+    let ty = &module.param(w).ty;
+    ty.last_fixed().is_some_and(|k| kernels::mma_eligible(ty.dtype, k))
+}
+
+/// Tokens from which a forward call's matmuls use tensor cores.
+pub const MMA_MIN_TOKENS: usize = 16;
+
 /// The kernels `module` launches, by name.
 pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
     let mut ks: BTreeMap<String, Kernel> = BTreeMap::new();
@@ -57,6 +66,9 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             Op::MatMul { w, bias, .. } => {
                 let dt = module.param(*w).ty.dtype;
                 add(kernels::matmul_variant(dt, bias.is_some(), ragged(module, *w)));
+                if uses_mma(module, *w) {
+                    add(kernels::matmul_mma(dt, bias.is_some()));
+                }
                 if formats::needs_rotated_x(dt) {
                     add(crate::formats_k::rotate_kernel());
                 }
@@ -97,6 +109,9 @@ pub fn all_kernels() -> Vec<Kernel> {
     for dt in DType::floats() {
         for bias in [false, true] {
             ks.push(kernels::matmul_variant(dt, bias, false));
+            if kernels::mma_eligible(dt, 256) {
+                ks.push(kernels::matmul_mma(dt, bias));
+            }
             if dt.block_elems() == 1 {
                 ks.push(kernels::matmul_variant(dt, bias, true));
             }

@@ -343,6 +343,25 @@ pub enum Inst {
         addr: Reg,
         off: i32,
     },
+    /// Two f32 rounded to f16 and packed in a u32: `hi` in bits 16..32, `lo` in 0..16
+    /// (`cvt.rn.f16x2.f32 d, hi, lo`).
+    PackF16x2 {
+        d: Reg,
+        hi: Reg,
+        lo: Reg,
+    },
+    /// Warp-wide tensor-core product `D = A·B + C` of a 16×16 f16 A (row-major), a
+    /// 16×8 f16 B (column-major) and 16×8 f32 C/D, in PTX's fragment layout
+    /// (`mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`). With `g = lane / 4`,
+    /// `q = lane % 4`: a[0] = A[g][2q..], a[1] = A[g+8][2q..], a[2] = A[g][2q+8..],
+    /// a[3] = A[g+8][2q+8..]; b[0] = B[2q..][g], b[1] = B[2q+8..][g]; c/d[0,1] =
+    /// C[g][2q, 2q+1], c/d[2,3] = C[g+8][2q, 2q+1]. Pairs are f16x2, lower index low.
+    Mma {
+        d: [Reg; 4],
+        a: [Reg; 4],
+        b: [Reg; 2],
+        c: [Reg; 4],
+    },
     /// Loads kernel parameter `i` (pointers are converted to global addresses).
     Param {
         d: Reg,
@@ -605,6 +624,28 @@ impl Kb {
         d
     }
 
+    pub fn pack_f16x2(&mut self, hi: Reg, lo: Reg) -> Reg {
+        let d = self.reg(Ty::U32);
+        self.push(Inst::PackF16x2 { d, hi, lo });
+        d
+    }
+
+    /// `acc = A·B + acc` on tensor cores (see [`Inst::Mma`]).
+    pub fn mma_to(&mut self, acc: [Reg; 4], a: [Reg; 4], b: [Reg; 2]) {
+        self.push(Inst::Mma { d: acc, a, b, c: acc });
+    }
+
+    /// A u32 from shared memory.
+    pub fn ld_shared_u32(&mut self, addr: Reg, off: i32) -> Reg {
+        let d = self.reg(Ty::U32);
+        self.push(Inst::Ld { space: Space::Shared, mem: Mem::U32, d, addr, off });
+        d
+    }
+
+    pub fn st_shared_u32(&mut self, addr: Reg, off: i32, v: impl Into<Src>) {
+        self.push(Inst::St { space: Space::Shared, mem: Mem::U32, addr, off, v: v.into() });
+    }
+
     /// Four consecutive f32 at a 16-byte aligned global address.
     pub fn ld_v4(&mut self, addr: Reg, off: i32) -> [Reg; 4] {
         let d = [self.reg(Ty::F32), self.reg(Ty::F32), self.reg(Ty::F32), self.reg(Ty::F32)];
@@ -828,6 +869,22 @@ fn print_inst(out: &mut String, k: &Kernel, inst: &Inst) {
                 offset(*off)
             ),
         ),
+        Inst::PackF16x2 { d, hi, lo } => {
+            w(out, format!("cvt.rn.f16x2.f32 {}, {}, {};", reg_name(*d), reg_name(*hi), reg_name(*lo)))
+        }
+        Inst::Mma { d, a, b, c } => {
+            let l = |r: &[Reg]| r.iter().map(|x| reg_name(*x)).collect::<Vec<_>>().join(", ");
+            w(
+                out,
+                format!(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{}}}, {{{}}}, {{{}}}, {{{}}};",
+                    l(d),
+                    l(a),
+                    l(b),
+                    l(c)
+                ),
+            )
+        }
         Inst::Ld { space, mem, d, addr, off } => {
             let sp = if *space == Space::Global { "global" } else { "shared" };
             w(out, format!("ld.{sp}.{} {}, [{}{}];", mem.suffix(), reg_name(*d), reg_name(*addr), offset(*off)));

@@ -407,8 +407,13 @@ impl<D: Device> PtxSession<D> {
                         Arg::U32(tt as u32),
                         Arg::U32(rb),
                     ];
-                    let name = kernels::matmul_name(dt, bias.is_some(), lower::ragged(&module, *w));
-                    self.dev.launch(&name, kernels::matmul_grid(rows, tt as u32), &args)?;
+                    if tt >= lower::MMA_MIN_TOKENS && lower::uses_mma(&module, *w) {
+                        let name = kernels::matmul_mma_name(dt, bias.is_some());
+                        self.dev.launch(&name, kernels::matmul_mma_grid(rows, tt as u32), &args)?;
+                    } else {
+                        let name = kernels::matmul_name(dt, bias.is_some(), lower::ragged(&module, *w));
+                        self.dev.launch(&name, kernels::matmul_grid(rows, tt as u32), &args)?;
+                    }
                 }
                 Op::Add { a, b } | Op::Mul { a, b } => {
                     let name = if matches!(inst.op, Op::Add { .. }) { "add" } else { "mul" };

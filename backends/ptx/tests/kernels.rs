@@ -240,3 +240,58 @@ fn attention_matches_naive() {
         );
     }
 }
+
+/// The tensor-core prefill matmul: f16 tiles, f32 accumulation; compared with the
+/// f64 product of the dequantized weights, relative to the largest output.
+fn check_matmul_mma(dtype: DType, rows: usize, k: usize, t: usize, bias: bool) {
+    let wf = rand_vec(rows * k, 3 + rows as u64);
+    let rb = dtype.row_bytes(k as u64).unwrap() as usize;
+    let mut wq = vec![0u8; rows * rb];
+    let mut wd = vec![0f32; rows * k];
+    for r in 0..rows {
+        kiln_quant::quantize_row(dtype, &wf[r * k..(r + 1) * k], &mut wq[r * rb..(r + 1) * rb]).unwrap();
+        kiln_quant::dequantize_row(dtype, &wq[r * rb..(r + 1) * rb], &mut wd[r * k..(r + 1) * k]).unwrap();
+    }
+    let x = rand_vec(t * k, 17);
+    let b = rand_vec(rows, 19);
+    let want: Vec<f32> = (0..t * rows)
+        .map(|i| {
+            let (ti, r) = (i / rows, i % rows);
+            let s: f64 = (0..k).map(|j| wd[r * k + j] as f64 * x[ti * k + j] as f64).sum();
+            (s + if bias { b[r] as f64 } else { 0.0 }) as f32
+        })
+        .collect();
+    let mut mem = EmuMemory::new();
+    let wa = upload(&mut mem, &wq);
+    let xa = upload(&mut mem, &f32_bytes(&x));
+    let ba = upload(&mut mem, &f32_bytes(&b));
+    let ya = mem.alloc(4 * t * rows);
+    let args = [
+        Arg::Ptr(wa),
+        Arg::Ptr(xa),
+        Arg::Ptr(xa),
+        Arg::Ptr(ya),
+        Arg::Ptr(ba),
+        Arg::Ptr(ba),
+        Arg::U32(rows as u32),
+        Arg::U32(k as u32),
+        Arg::U32(t as u32),
+        Arg::U32(rb as u32),
+    ];
+    let grid = kernels::matmul_mma_grid(rows as u32, t as u32);
+    launch(&mut mem, &kernels::matmul_mma(dtype, bias), grid, &args).unwrap();
+    let got = download(&mem, ya, t * rows);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    assert!(err < 2e-3, "mma {dtype} rows {rows} k {k} t {t}: rel err {err}");
+    assert!(err > 0.0 || dtype == DType::F16, "f16 rounding leaves some error");
+}
+
+#[test]
+fn tensor_core_matmul_matches_within_f16_rounding() {
+    for dtype in [DType::F32, DType::F16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K, DType::Q2K] {
+        let k = if dtype.block_elems() >= 256 { 256 } else { 96 };
+        check_matmul_mma(dtype, 70, k, 67, true);
+        check_matmul_mma(dtype, 16, k, 16, false);
+    }
+}
