@@ -31,10 +31,15 @@ fn compile(recipe: &Path, device: &str, out: &Path) -> PathBuf {
 }
 
 fn greedy(model: &Path, backend: &str) -> Vec<u64> {
+    generate(model, backend, &[])
+}
+
+fn generate(model: &Path, backend: &str, extra: &[&str]) -> Vec<u64> {
     let o = kiln()
         .env("KILN_PTX_DEVICE", "emulator")
         .args(["run", model.to_str().unwrap(), "--backend", backend, "-p", "Once upon a time", "-n", "24", "--json"])
         .args(["--ignore-eos"])
+        .args(extra)
         .output()
         .unwrap();
     assert!(o.status.success(), "run on {backend} failed: {}", stderr(&o));
@@ -90,6 +95,9 @@ fn glassllm_gpu_build_carries_kernels_and_runs_like_the_reference() {
     let on_ref = greedy(&build, "reference");
     assert_eq!(on_ptx.len(), 24);
     assert_eq!(on_ptx, on_ref);
+    // Seeded top-k sampling: the device's top-k feeds the same sampler.
+    let sampling = ["--temp", "0.9", "--top-k", "20", "--seed", "5"];
+    assert_eq!(generate(&build, "ptx", &sampling), generate(&build, "reference", &sampling));
 
     // A tampered kernel file is refused when the build is opened.
     let mut bad = ptx.clone().into_bytes();

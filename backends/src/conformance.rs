@@ -398,6 +398,22 @@ fn run_case(backend: &dyn Backend, c: &Case) -> Result<f32, String> {
     if g != wi && (w[g as usize] - w[wi as usize]).abs() > c.budget * w[wi as usize].abs().max(1.0) {
         return Err(format!("argmax {g}, the reference's {wi}"));
     }
+    // Top-k on the device agrees with the reference's logits.
+    let w = want.forward(&[3], Logits::Last).map_err(|e| e.to_string())?;
+    let g = got.forward_top_k(&[3], 5).map_err(|e| e.to_string())?;
+    let wk = crate::top_k(&w, 5);
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    if g.len() != wk.len() {
+        return Err(format!("top-k gave {} pairs, the reference {}", g.len(), wk.len()));
+    }
+    for ((gi, gv), (wi, wv)) in g.iter().zip(&wk) {
+        // Same ids, or ids swapped inside a near-tie; values within budget.
+        let near = (w[*gi as usize] - wv).abs() <= c.budget * scale;
+        if (gi != wi && !near) || (gv - wv).abs() > c.budget * scale {
+            return Err(format!("top-k ({gi}, {gv}) where the reference has ({wi}, {wv})"));
+        }
+    }
+    worst = worst.max(g.iter().zip(&wk).fold(0f32, |m, (a, b)| m.max((a.1 - b.1).abs() / scale)));
     // Rollback then replay gives the same result.
     let p = got.pos();
     got.truncate(p - 1);

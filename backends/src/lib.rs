@@ -112,6 +112,29 @@ pub trait Session: Send {
         let logits = self.forward(tokens, Logits::Last)?;
         Ok(argmax(&logits))
     }
+    /// Runs `tokens` like [`Session::forward`] and returns the `k` largest logits of the
+    /// last token as `(id, logit)`, ordered by logit descending then id ascending, NaN
+    /// skipped (fewer when fewer are finite): top-k sampling without copying the whole
+    /// row back, where the backend can.
+    fn forward_top_k(&mut self, tokens: &[u32], k: usize) -> Result<Vec<(u32, f32)>, BackendError> {
+        let logits = self.forward(tokens, Logits::Last)?;
+        Ok(top_k(&logits, k))
+    }
+}
+
+/// The `k` largest values of `v` as `(index, value)`, by value descending then index
+/// ascending, NaN skipped.
+pub fn top_k(v: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut c: Vec<(u32, f32)> =
+        v.iter().enumerate().filter(|(_, x)| !x.is_nan()).map(|(i, x)| (i as u32, *x)).collect();
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if k < c.len() && k > 0 {
+        c.select_nth_unstable_by(k - 1, order);
+        c.truncate(k);
+    }
+    c.sort_by(order);
+    c.truncate(k);
+    c
 }
 
 /// Index of the largest value (the first on ties; 0 for an empty slice).

@@ -80,10 +80,25 @@ pub fn generate_from_tokens(
     let mut stream = crate::tokenizer::TokenStream::with_context(&model.tokenizer, prompt_ids);
     // Plain greedy decoding asks the backend for the argmax only (a GPU then
     // copies back one id per token instead of the whole logits row).
+    // Top-k sampling without a repetition penalty needs only the k best logits: the
+    // others are -inf to the sampler, which then draws exactly as from the full row.
     let plain_greedy = opts.sampler.temperature == 0.0 && opts.sampler.repetition_penalty == 1.0;
+    let top_k_only = opts.sampler.temperature > 0.0 && opts.sampler.top_k > 0 && opts.sampler.repetition_penalty == 1.0;
+    let vocab = session.vocab_size();
+    let mut sparse = Vec::new();
     let mut step = |session: &mut dyn Session, ids: &[u32], history: &[u32]| -> RuntimeResult<u32> {
         if plain_greedy {
             Ok(session.forward_argmax(ids)?)
+        } else if top_k_only {
+            let best = session.forward_top_k(ids, opts.sampler.top_k)?;
+            sparse.clear();
+            sparse.resize(vocab, f32::NEG_INFINITY);
+            for (id, v) in best {
+                if let Some(slot) = sparse.get_mut(id as usize) {
+                    *slot = v;
+                }
+            }
+            Ok(sampler.sample(&sparse, history)?)
         } else {
             let logits = session.forward(ids, Logits::Last)?;
             Ok(sampler.sample(&logits, history)?)

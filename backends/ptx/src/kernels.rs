@@ -1114,3 +1114,94 @@ pub fn matmul_mma(dtype: DType, bias: bool) -> Kernel {
     }
     kb.finish()
 }
+
+/// The `k` largest values of one row, in (value descending, index ascending)
+/// order: `k` rounds, each a block-wide maximum over the elements that come
+/// after the previous pick in that order (NaN never qualifies). Arguments `x, out
+/// (k pairs of u32 index and f32 bits; index u32::MAX when fewer are finite), n,
+/// k`; grid 1.
+pub fn top_k() -> Kernel {
+    use ParamTy::*;
+    let mut kb = Kb::new("top_k", &[("x", Ptr), ("out", Ptr), ("n", U32), ("k", U32)], BLOCK);
+    let (x, out, n, k) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3));
+    let warps = BLOCK / 32;
+    let red_off = kb.shared(8 * warps);
+    let smem = kb.shared_base();
+    let tid = kb.tid();
+    let lane = kb.and(Ty::U32, tid, 31);
+    let warp = kb.shr(Ty::U32, tid, 5);
+    let pv = kb.imm(Ty::F32, f32::INFINITY);
+    let pi = kb.imm(Ty::U32, 0u32);
+    kb.for_range(0u32, k, 1u32, |kb, r| {
+        let first = kb.setp(Cmp::Eq, r, 0u32);
+        let best = kb.imm(Ty::F32, f32::NEG_INFINITY);
+        let bi = kb.imm(Ty::U32, u32::MAX);
+        kb.for_range(0u32, n, BLOCK, |kb, i0| {
+            let i = kb.add(Ty::U32, i0, tid);
+            let in_row = kb.setp(Cmp::Lt, i, n);
+            let ic = kb.sub(Ty::U32, n, 1u32);
+            let ic = kb.bin(BinOp::Min, Ty::U32, i, ic);
+            let a = kb.index(x, ic, 4);
+            let v = kb.ld(Mem::F32, a, 0);
+            // After the previous pick: first round, or v < pv, or (v == pv and i > pi).
+            let lt = kb.setp(Cmp::Lt, v, pv);
+            let eq = kb.setp(Cmp::Eq, v, pv);
+            let gi = kb.setp(Cmp::Gt, i, pi);
+            let tie = kb.bin(BinOp::And, Ty::Pred, eq, gi);
+            let after = kb.bin(BinOp::Or, Ty::Pred, lt, tie);
+            let after = kb.bin(BinOp::Or, Ty::Pred, after, first);
+            let not_nan = kb.setp(Cmp::Eq, v, v);
+            let ok = kb.bin(BinOp::And, Ty::Pred, after, not_nan);
+            let ok = kb.bin(BinOp::And, Ty::Pred, ok, in_row);
+            // Better than this thread's best: greater, or equal with a lower index.
+            let gt = kb.setp(Cmp::Gt, v, best);
+            let eqb = kb.setp(Cmp::Eq, v, best);
+            let lower = kb.setp(Cmp::Lt, i, bi);
+            let tieb = kb.bin(BinOp::And, Ty::Pred, eqb, lower);
+            let better = kb.bin(BinOp::Or, Ty::Pred, gt, tieb);
+            let take = kb.bin(BinOp::And, Ty::Pred, better, ok);
+            kb.push(crate::ptx::Inst::Selp { d: best, a: v.into(), b: best.into(), p: take });
+            kb.push(crate::ptx::Inst::Selp { d: bi, a: i.into(), b: bi.into(), p: take });
+        });
+        // Warp, then block reduction of (value, index), lowest index on ties.
+        let merge = |kb: &mut Kb, ov: Reg, oi: Reg| {
+            let gt = kb.setp(Cmp::Gt, ov, best);
+            let eq = kb.setp(Cmp::Eq, ov, best);
+            let lower = kb.setp(Cmp::Lt, oi, bi);
+            let tie = kb.bin(BinOp::And, Ty::Pred, eq, lower);
+            let take = kb.bin(BinOp::Or, Ty::Pred, gt, tie);
+            kb.push(crate::ptx::Inst::Selp { d: best, a: ov.into(), b: best.into(), p: take });
+            kb.push(crate::ptx::Inst::Selp { d: bi, a: oi.into(), b: bi.into(), p: take });
+        };
+        for sh in [16u32, 8, 4, 2, 1] {
+            let ov = kb.shfl(crate::ptx::Shfl::Bfly, best, sh);
+            let oi = kb.shfl(crate::ptx::Shfl::Bfly, bi, sh);
+            merge(kb, ov, oi);
+        }
+        let lane0 = kb.setp(Cmp::Eq, lane, 0u32);
+        let slot = kb.mad(Ty::U32, warp, 8u32, smem);
+        kb.guarded(lane0, false, |kb| {
+            kb.st_shared(slot, red_off as i32, best);
+            kb.st_shared_u32(slot, red_off as i32 + 4, bi);
+        });
+        kb.bar();
+        for w in 0..warps {
+            let o = (red_off + 8 * w) as i32;
+            let ov = kb.ld_shared(smem, o);
+            let oi = kb.ld_shared_u32(smem, o + 4);
+            merge(kb, ov, oi);
+        }
+        // Every thread now holds the block's pick; thread 0 writes it.
+        let t0 = kb.setp(Cmp::Eq, tid, 0u32);
+        let oa = kb.index(out, r, 8);
+        let bits = kb.bits(Ty::U32, best);
+        kb.guarded(t0, false, |kb| {
+            kb.st(Mem::U32, oa, 0, bi);
+            kb.st(Mem::U32, oa, 4, bits);
+        });
+        kb.mov_to(pv, best);
+        kb.mov_to(pi, bi);
+        kb.bar();
+    });
+    kb.finish()
+}

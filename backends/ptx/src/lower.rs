@@ -90,8 +90,9 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
         }
     }
-    // Greedy decoding on the device.
+    // Greedy decoding and top-k sampling on the device.
     add(kernels::argmax());
+    add(kernels::top_k());
     ks.into_values().collect()
 }
 
@@ -137,6 +138,7 @@ pub fn all_kernels() -> Vec<Kernel> {
     }
     ks.push(kernels::attn_combine());
     ks.push(kernels::argmax());
+    ks.push(kernels::top_k());
     ks
 }
 

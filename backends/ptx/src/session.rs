@@ -20,6 +20,8 @@ use crate::lower;
 
 /// Most tokens one launch sequence processes; longer inputs run in chunks.
 pub const MAX_CHUNK: usize = 512;
+/// Largest k the device top-k selects (larger k select on the host).
+pub const MAX_TOP_K: usize = 256;
 /// Most key splits of decode attention (flash-decoding).
 pub const MAX_SPLITS: u32 = 32;
 /// Keys per split a decode step at full context aims for.
@@ -55,6 +57,8 @@ pub struct PtxSession<D: Device> {
     tables: HashMap<DType, u64>,
     /// One u32: the device argmax's result.
     argmax_out: u64,
+    /// `MAX_TOP_K` (id, logit) pairs: the device top-k's result.
+    top_k_out: u64,
     /// The forward call's first position (u32), read by the kernels.
     step: u64,
     decode_splits: u32,
@@ -226,6 +230,7 @@ impl<D: Device> PtxSession<D> {
         let part = dev.alloc(4 * part_floats.max(1))?;
         let xr = dev.alloc(4 * (chunk * max_kq2_k).max(1))?;
         let argmax_out = dev.alloc(4)?;
+        let top_k_out = dev.alloc(8 * MAX_TOP_K)?;
         let step = dev.alloc(16)?;
         let use_graphs = std::env::var("KILN_PTX_GRAPHS").map_or(true, |v| v != "0");
         Ok(PtxSession {
@@ -246,6 +251,7 @@ impl<D: Device> PtxSession<D> {
             xr,
             tables,
             argmax_out,
+            top_k_out,
             step,
             decode_splits: decode_splits(max_context),
             use_graphs,
@@ -538,6 +544,33 @@ impl<D: Device> PtxSession<D> {
 }
 
 impl<D: Device> Session for PtxSession<D> {
+    fn forward_top_k(&mut self, tokens: &[u32], k: usize) -> Result<Vec<(u32, f32)>, BackendError> {
+        let k = k.min(self.vocab);
+        if k > MAX_TOP_K {
+            // Beyond the device buffer: the whole row, selected on the host.
+            let logits = self.forward(tokens, Logits::Last)?;
+            return Ok(kiln_backends::top_k(&logits, k));
+        }
+        let mut out = Vec::with_capacity(k);
+        self.run_all(tokens, Logits::Last, |s, addr, _rows, last| {
+            if last && k > 0 {
+                let args = [Arg::Ptr(addr), Arg::Ptr(s.top_k_out), Arg::U32(s.vocab as u32), Arg::U32(k as u32)];
+                s.dev.launch("top_k", [1, 1, 1], &args)?;
+                let mut b = vec![0u8; 8 * k];
+                s.dev.download(s.top_k_out, &mut b)?;
+                for pair in b.chunks_exact(8) {
+                    let id = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
+                    if id == u32::MAX {
+                        break;
+                    }
+                    out.push((id, f32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]])));
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, BackendError> {
         let mut id = 0u32;
         self.run_all(tokens, Logits::Last, |s, addr, _rows, last| {

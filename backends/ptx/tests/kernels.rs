@@ -295,3 +295,36 @@ fn tensor_core_matmul_matches_within_f16_rounding() {
         check_matmul_mma(dtype, 16, k, 16, false);
     }
 }
+
+#[test]
+fn top_k_orders_by_value_then_index_and_skips_nan() {
+    let mut row = rand_vec(300, 29);
+    row[7] = row[100]; // a tie: the lower index first
+    row[13] = f32::NAN;
+    row[250] = f32::NEG_INFINITY;
+    let mut mem = EmuMemory::new();
+    let xa = upload(&mut mem, &f32_bytes(&row));
+    for k in [1usize, 10, 299, 300] {
+        let out = mem.alloc(8 * k);
+        launch(
+            &mut mem,
+            &kernels::top_k(),
+            [1, 1, 1],
+            &[Arg::Ptr(xa), Arg::Ptr(out), Arg::U32(300), Arg::U32(k as u32)],
+        )
+        .unwrap();
+        let mut b = vec![0u8; 8 * k];
+        mem.read(out, &mut b).unwrap();
+        let got: Vec<(u32, f32)> = b
+            .chunks_exact(8)
+            .map(|p| (u32::from_le_bytes(p[..4].try_into().unwrap()), f32::from_le_bytes(p[4..].try_into().unwrap())))
+            .take_while(|(i, _)| *i != u32::MAX)
+            .collect();
+        let want = kiln_backends::top_k(&row, k);
+        assert_eq!(got.len(), want.len(), "k {k}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.0, w.0, "k {k}");
+            assert_eq!(g.1.to_bits(), w.1.to_bits(), "k {k}");
+        }
+    }
+}
