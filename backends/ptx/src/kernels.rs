@@ -933,7 +933,7 @@ pub fn matmul_mma_name(dtype: DType, bias: bool) -> String {
 /// cores: every layout whose weights are a function of their own block (kq2's
 /// rotated blocks pair with rotated activations instead), `k` a multiple of 32.
 pub fn mma_eligible(dtype: DType, k: u64) -> bool {
-    formats::supported(dtype) && !formats::needs_rotated_x(dtype) && k % MMA_BK as u64 == 0
+    formats::supported(dtype) && !formats::needs_rotated_x(dtype) && k.is_multiple_of(MMA_BK as u64)
 }
 
 /// The tensor-core matmul grid: blocks of `MMA_BM` rows × `MMA_BN` tokens.
