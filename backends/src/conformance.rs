@@ -277,13 +277,33 @@ fn tiny_llama() -> Case {
 
 /// The tiny Llama with weight dtypes for q, k, v, o, gate, up, down.
 fn tiny_llama_with(name: &str, dts: [DType; 7]) -> Case {
+    let (module, weights) = tiny_llama_module(2, 99, dts);
+    let mut c = Case { name: name.into(), module, weights, calls: calls(), budget: 1e-4 };
+    if name.ends_with("long prefill") {
+        c.budget = 1e-2;
+        c.calls = vec![((0..70).map(|i| (i * 37 + 5) % 100).collect(), Logits::All), (vec![7], Logits::Last)];
+        return c;
+    }
+    c.calls = vec![
+        ((0..12).map(|i| (i * 37 + 5) % 100).collect(), Logits::All),
+        (vec![7], Logits::Last),
+        (vec![99], Logits::Last),
+        ((0..9).map(|i| (i * 11 + 3) % 100).collect(), Logits::Last),
+    ];
+    c
+}
+
+/// A tiny Llama (d 64, 4 heads over 2 KV heads, FFN 128, vocabulary 100, Q8_0 tied
+/// embeddings, a sliding window of 5 on odd layers) with random weights: dtypes for
+/// q, k, v, o, gate, up, down.
+pub fn tiny_llama_module(layers: u32, seed: u64, dts: [DType; 7]) -> (Module, Vec<Vec<u8>>) {
     let (d, h, kvh, hd, ff, vocab) = (64u64, 4u64, 2u64, 16u64, 128u64, 100u64);
-    let mut b = ModuleBuilder::new("tiny-llama", 99);
+    let mut b = ModuleBuilder::new("tiny-llama", seed);
     b.m.set_meta("arch", Meta::Str("llama".into()));
     let emb = b.param("token_embd.weight", DType::Q8_0, &[vocab, d], 1.0);
     let tok = b.push(Op::Tokens);
     let mut x = b.push(Op::Embed { table: emb, ids: tok });
-    for l in 0..2u32 {
+    for l in 0..layers {
         let name = |n: &str| format!("blk.{l}.{n}.weight");
         let an = b.param(&name("attn_norm"), DType::F32, &[d], 0.0);
         let wq = b.param(&name("attn_q"), dts[0], &[h * hd, d], 0.3);
@@ -307,7 +327,7 @@ fn tiny_llama_with(name: &str, dts: [DType; 7]) -> Case {
             kv_heads: kvh,
             head_dim: hd,
             scale: 0.25,
-            window: if l == 1 { 5 } else { 0 },
+            window: if l % 2 == 1 { 5 } else { 0 },
             softcap: 0.0,
         };
         let a = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
@@ -323,19 +343,8 @@ fn tiny_llama_with(name: &str, dts: [DType; 7]) -> Case {
     let on = b.param("output_norm.weight", DType::F32, &[d], 0.0);
     let x = b.push(Op::RmsNorm { x, weight: Some(on), eps: 1e-5, group: 0 });
     let logits = b.push(Op::MatMul { x, w: emb, bias: None });
-    let mut c = case(name, b, logits, 1e-4);
-    if name.ends_with("long prefill") {
-        c.budget = 1e-2;
-        c.calls = vec![((0..70).map(|i| (i * 37 + 5) % 100).collect(), Logits::All), (vec![7], Logits::Last)];
-        return c;
-    }
-    c.calls = vec![
-        ((0..12).map(|i| (i * 37 + 5) % 100).collect(), Logits::All),
-        (vec![7], Logits::Last),
-        (vec![99], Logits::Last),
-        ((0..9).map(|i| (i * 11 + 3) % 100).collect(), Logits::Last),
-    ];
-    c
+    b.m.output = Some(logits);
+    (b.m, b.bytes)
 }
 
 /// `max |a − b| / max |b|`.

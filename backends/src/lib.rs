@@ -137,6 +137,33 @@ pub fn top_k(v: &[f32], k: usize) -> Vec<(u32, f32)> {
     c
 }
 
+/// Checks a forward call's input before a session changes anything: at least one
+/// token, room in the context, ids inside the (smallest) embedding table.
+pub fn check_forward_input(
+    tokens: &[u32],
+    pos: usize,
+    max_context: usize,
+    embed_rows: Option<usize>,
+) -> Result<(), BackendError> {
+    if tokens.is_empty() {
+        return Err(BackendError::BadInput("forward needs at least one token".into()));
+    }
+    if pos.checked_add(tokens.len()).is_none_or(|e| e > max_context) {
+        return Err(BackendError::BadInput(format!(
+            "{pos} cached positions + {} new tokens exceed the context of {max_context} positions",
+            tokens.len()
+        )));
+    }
+    if let Some(rows) = embed_rows
+        && let Some((i, &id)) = tokens.iter().enumerate().find(|(_, id)| **id as usize >= rows)
+    {
+        return Err(BackendError::BadInput(format!(
+            "token {i} has id {id}, outside the embedding table of {rows} rows"
+        )));
+    }
+    Ok(())
+}
+
 /// Index of the largest value (the first on ties; 0 for an empty slice).
 pub fn argmax(v: &[f32]) -> u32 {
     let mut best = 0usize;

@@ -536,62 +536,13 @@ fn shared_kv_slot_reads_the_writers_cache() {
 
 // ---------------------------------------------------------------- whole models
 
-/// A tiny llama-style module (the IR tests' builder) with random weights.
+/// The common differential body's tiny Llama, with the reference tests' dtypes.
 fn tiny_llama(layers: usize, seed: u64) -> (Module, Vec<Vec<u8>>) {
-    let (d, h, kvh, hd, ff, vocab) = (64u64, 4u64, 2u64, 16u64, 128u64, 100u64);
-    let mut rng = Rng(seed);
-    let mut b = Builder::new();
-    b.m.set_meta("arch", Meta::Str("llama".into()));
-    let mut p = |b: &mut Builder, n: &str, dt: DType, s: &[u64], scale: f32| {
-        let n_el = s.iter().product::<u64>() as usize;
-        let vals = if scale == 0.0 { vec![1.0; n_el] } else { rng.vec(n_el, scale) };
-        b.param(n, dt, s, &vals)
-    };
-    let emb = p(&mut b, "token_embd.weight", DType::Q8_0, &[vocab, d], 1.0);
-    let tok = b.push(Op::Tokens);
-    let mut x = b.push(Op::Embed { table: emb, ids: tok });
-    for l in 0..layers {
-        let name = |n: &str| format!("blk.{l}.{n}.weight");
-        let an = p(&mut b, &name("attn_norm"), DType::F32, &[d], 0.0);
-        let wq = p(&mut b, &name("attn_q"), DType::Q4_0, &[h * hd, d], 0.3);
-        let wk = p(&mut b, &name("attn_k"), DType::Q4_0, &[kvh * hd, d], 0.3);
-        let wv = p(&mut b, &name("attn_v"), DType::F16, &[kvh * hd, d], 0.3);
-        let wo = p(&mut b, &name("attn_output"), DType::F32, &[d, h * hd], 0.2);
-        let fnrm = p(&mut b, &name("ffn_norm"), DType::F32, &[d], 0.0);
-        let wg = p(&mut b, &name("ffn_gate"), DType::Q4_1, &[ff, d], 0.3);
-        let wu = p(&mut b, &name("ffn_up"), DType::Q4_1, &[ff, d], 0.3);
-        let wd = p(&mut b, &name("ffn_down"), DType::BF16, &[d, ff], 0.2);
-        let n = b.push(Op::RmsNorm { x, weight: Some(an), eps: 1e-5, group: 0 });
-        let q = b.push(Op::MatMul { x: n, w: wq, bias: None });
-        let k = b.push(Op::MatMul { x: n, w: wk, bias: None });
-        let v = b.push(Op::MatMul { x: n, w: wv, bias: None });
-        let rope = RopeAttrs { head_dim: hd, rot_dims: hd, theta: 10000.0, freq_scale: 1.0, layout: RopeLayout::Neox };
-        let q = b.push(Op::Rope { x: q, attrs: rope.clone() });
-        let k = b.push(Op::Rope { x: k, attrs: rope });
-        let attrs = AttentionAttrs {
-            cache: l as u32,
-            heads: h,
-            kv_heads: kvh,
-            head_dim: hd,
-            scale: 0.25,
-            window: if l % 2 == 1 { 5 } else { 0 },
-            softcap: 0.0,
-        };
-        let a = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
-        let o = b.push(Op::MatMul { x: a, w: wo, bias: None });
-        x = b.push(Op::Add { a: x, b: o });
-        let n = b.push(Op::RmsNorm { x, weight: Some(fnrm), eps: 1e-5, group: 0 });
-        let g = b.push(Op::MatMul { x: n, w: wg, bias: None });
-        let u = b.push(Op::MatMul { x: n, w: wu, bias: None });
-        let y = b.push(Op::Glu { gate: g, up: u, kind: Activation::Silu });
-        let y = b.push(Op::MatMul { x: y, w: wd, bias: None });
-        x = b.push(Op::Add { a: x, b: y });
-    }
-    let on = p(&mut b, "output_norm.weight", DType::F32, &[d], 0.0);
-    let x = b.push(Op::RmsNorm { x, weight: Some(on), eps: 1e-5, group: 0 });
-    let logits = b.push(Op::MatMul { x, w: emb, bias: None });
-    b.m.output = Some(logits);
-    (b.m, b.bytes)
+    kiln_backends::conformance::tiny_llama_module(
+        layers as u32,
+        seed,
+        [DType::Q4_0, DType::Q4_0, DType::F16, DType::F32, DType::Q4_1, DType::Q4_1, DType::BF16],
+    )
 }
 
 fn tiny_session(layers: usize, max_context: usize) -> Box<dyn Session> {

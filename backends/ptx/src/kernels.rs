@@ -29,6 +29,20 @@ pub fn matmul_grid(rows: u32, t: u32) -> [u32; 3] {
     [rows.div_ceil(MATMUL_ROWS), t.div_ceil(MATMUL_TOKENS).max(1), 1]
 }
 
+/// Parameters of every matmul kernel (CUDA-core and tensor-core).
+const MATMUL_PARAMS: &[(&str, ParamTy)] = &[
+    ("w", ParamTy::Ptr),
+    ("x", ParamTy::Ptr),
+    ("xr", ParamTy::Ptr),
+    ("y", ParamTy::Ptr),
+    ("bias", ParamTy::Ptr),
+    ("tables", ParamTy::Ptr),
+    ("rows", ParamTy::U32),
+    ("k", ParamTy::U32),
+    ("t", ParamTy::U32),
+    ("row_bytes", ParamTy::U32),
+];
+
 pub fn matmul_name(dtype: DType, bias: bool, ragged: bool) -> String {
     format!("matmul_{}{}{}", dtype.name(), if bias { "_bias" } else { "" }, if ragged { "_ragged" } else { "" })
 }
@@ -47,24 +61,8 @@ pub fn matmul(dtype: DType, bias: bool) -> Kernel {
 
 /// [`matmul`], or its `ragged` variant for unquantized rows of any length.
 pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool) -> Kernel {
-    use ParamTy::*;
     assert!(!ragged || dtype.block_elems() == 1, "ragged rows are for unquantized weights");
-    let mut kb = Kb::new(
-        matmul_name(dtype, bias, ragged),
-        &[
-            ("w", Ptr),
-            ("x", Ptr),
-            ("xr", Ptr),
-            ("y", Ptr),
-            ("bias", Ptr),
-            ("tables", Ptr),
-            ("rows", U32),
-            ("k", U32),
-            ("t", U32),
-            ("row_bytes", U32),
-        ],
-        BLOCK,
-    );
+    let mut kb = Kb::new(matmul_name(dtype, bias, ragged), MATMUL_PARAMS, BLOCK);
     let w = kb.param(0);
     let x = kb.param(1);
     let xr = kb.param(2);
@@ -948,24 +946,8 @@ pub fn matmul_mma_grid(rows: u32, t: u32) -> [u32; 3] {
 /// 64 rows × 64 tokens (each warp 32 × 32: 2 × 4 tiles of 16 × 8), walking `k`
 /// in steps of 32. Arguments as [`matmul`] (`xr` unused); grid [`matmul_mma_grid`].
 pub fn matmul_mma(dtype: DType, bias: bool) -> Kernel {
-    use ParamTy::*;
     assert!(!formats::needs_rotated_x(dtype), "kq2 prefill uses the CUDA-core matmul");
-    let mut kb = Kb::new(
-        matmul_mma_name(dtype, bias),
-        &[
-            ("w", Ptr),
-            ("x", Ptr),
-            ("xr", Ptr),
-            ("y", Ptr),
-            ("bias", Ptr),
-            ("tables", Ptr),
-            ("rows", U32),
-            ("k", U32),
-            ("t", U32),
-            ("row_bytes", U32),
-        ],
-        BLOCK,
-    );
+    let mut kb = Kb::new(matmul_mma_name(dtype, bias), MATMUL_PARAMS, BLOCK);
     let w = kb.param(0);
     let x = kb.param(1);
     let y = kb.param(3);

@@ -273,25 +273,7 @@ impl<D: Device> PtxSession<D> {
     }
 
     fn check_input(&self, tokens: &[u32]) -> Result<(), BackendError> {
-        if tokens.is_empty() {
-            return Err(BackendError::BadInput("forward needs at least one token".into()));
-        }
-        if self.pos.checked_add(tokens.len()).is_none_or(|e| e > self.max_context) {
-            return Err(BackendError::BadInput(format!(
-                "{} cached positions + {} new tokens exceed the context of {} positions",
-                self.pos,
-                tokens.len(),
-                self.max_context
-            )));
-        }
-        if let Some(rows) = self.embed_rows
-            && let Some((i, &id)) = tokens.iter().enumerate().find(|(_, id)| **id as usize >= rows)
-        {
-            return Err(BackendError::BadInput(format!(
-                "token {i} has id {id}, outside the vocabulary of {rows} entries"
-            )));
-        }
-        Ok(())
+        kiln_backends::check_forward_input(tokens, self.pos, self.max_context, self.embed_rows)
     }
 
     /// Runs the graph over `tokens` (at most `chunk`) at the current position.

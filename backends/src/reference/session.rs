@@ -184,26 +184,7 @@ impl ReferenceSession {
 
     /// Checks a forward call's input before anything changes.
     fn check_input(&self, tokens: &[u32]) -> Result<(), BackendError> {
-        if tokens.is_empty() {
-            return Err(BackendError::BadInput("forward needs at least one token".into()));
-        }
-        let end = self.pos.checked_add(tokens.len());
-        if end.is_none_or(|e| e > self.max_context) {
-            return Err(BackendError::BadInput(format!(
-                "{} cached positions + {} new tokens exceed the context of {} positions",
-                self.pos,
-                tokens.len(),
-                self.max_context
-            )));
-        }
-        if let Some(rows) = self.embed_rows
-            && let Some((i, &id)) = tokens.iter().enumerate().find(|(_, id)| **id as usize >= rows)
-        {
-            return Err(BackendError::BadInput(format!(
-                "token {i} has id {id}, outside the embedding table of {rows} rows"
-            )));
-        }
-        Ok(())
+        crate::check_forward_input(tokens, self.pos, self.max_context, self.embed_rows)
     }
 
     /// Runs the graph for `tokens` at positions `pos..pos+T`, returning the
