@@ -12,6 +12,7 @@ pub mod model;
 pub mod ppl;
 pub mod quality;
 pub mod sampling;
+pub mod speculative;
 pub mod tokenizer;
 
 pub use error::{RuntimeError, RuntimeResult};

@@ -22,6 +22,8 @@ use crate::lower;
 pub const MAX_CHUNK: usize = 512;
 /// Largest k the device top-k selects (larger k select on the host).
 pub const MAX_TOP_K: usize = 256;
+/// Forward calls of at most this many tokens split attention keys like decode steps.
+const SPLIT_TOKENS: usize = 16;
 /// Most key splits of decode attention (flash-decoding).
 pub const MAX_SPLITS: u32 = 32;
 /// Keys per split a decode step at full context aims for.
@@ -461,7 +463,9 @@ impl<D: Device> PtxSession<D> {
                     let hd = attrs.head_dim as u32;
                     let heads = attrs.heads as u32;
                     let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as u32;
-                    let splits = if t == 1 { self.decode_splits } else { 1 };
+                    // Short batches (speculative verification) split keys exactly like a
+                    // decode step, so each of their rows equals a single-token call.
+                    let splits = if t <= SPLIT_TOKENS { self.decode_splits } else { 1 };
                     let args = [
                         Arg::Ptr(self.buf(*q)?),
                         Arg::Ptr(kc),
