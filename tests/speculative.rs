@@ -62,3 +62,38 @@ fn sampling_is_refused() {
         generate_speculative(&model, s.as_mut(), &ids, &opts, &SpeculativeOptions::default(), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("greedy"), "{err}");
 }
+
+/// The 20 prompts of `tests/fixtures/text/spec-prompts.json` (code and prose), shared with
+/// `cargo xtask bench spec`.
+fn prompts() -> Vec<String> {
+    let text = std::fs::read_to_string(root().join("tests/fixtures/text/spec-prompts.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    ["code", "prose"]
+        .iter()
+        .flat_map(|k| v[k].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn twenty_prompts_token_for_token() {
+    let Some(path) = smollm2() else { return };
+    let model = Model::load(&path).unwrap();
+    let ps = prompts();
+    assert_eq!(ps.len(), 20);
+    let opts = GenerateOptions { max_tokens: 24, stop_at_eos: false, ..Default::default() };
+    let (mut drafted, mut accepted) = (0, 0);
+    for p in &ps {
+        let ids = prompt_tokens(&model, p, false).unwrap();
+        let ctx = ids.len() + 25;
+        let mut s = model.session(ctx, 2).unwrap();
+        let plain = generate_from_tokens(&model, s.as_mut(), &ids, &opts, &mut |_| {}).unwrap();
+        let mut s = model.session(ctx, 2).unwrap();
+        let (spec, stats) =
+            generate_speculative(&model, s.as_mut(), &ids, &opts, &SpeculativeOptions::default(), &mut |_| {})
+                .unwrap();
+        assert_eq!(spec.tokens, plain.tokens, "prompt {p:?}: {stats:?}");
+        drafted += stats.drafted;
+        accepted += stats.accepted;
+    }
+    assert!(accepted > 0 && drafted > accepted, "drafted {drafted}, accepted {accepted}");
+}
