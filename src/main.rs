@@ -90,6 +90,10 @@ struct RunArgs {
     /// KV-cache size in tokens (default: prompt + max_tokens).
     #[arg(long)]
     ctx: Option<usize>,
+    /// Lossless speculative decoding (greedy only): draft up to N tokens per step by prompt
+    /// lookup over the same KV cache; the output is exactly the greedy output.
+    #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "8")]
+    speculate: Option<usize>,
     #[command(flatten)]
     common: Common,
 }
@@ -232,41 +236,54 @@ fn cmd_run(a: RunArgs) -> KilnResult<()> {
         stop_at_eos: !a.ignore_eos,
     };
     let prompt_ids = kiln_runtime::generate::prompt_tokens(&model, &a.prompt, a.chat)?;
-    let ctx = a.ctx.unwrap_or(prompt_ids.len() + a.max_tokens + 1);
-    if prompt_ids.len() + a.max_tokens > ctx {
-        return Err(KilnError::Unsupported(format!(
-            "prompt ({} tokens) + {} new tokens do not fit --ctx {ctx}",
-            prompt_ids.len(),
-            a.max_tokens
-        )));
-    }
-    if ctx > model.context_length() {
-        return Err(KilnError::Unsupported(format!(
-            "prompt ({} tokens) + {} new tokens exceed the model's context length {}",
-            prompt_ids.len(),
-            a.max_tokens,
-            model.context_length()
-        )));
-    }
+    let ctx = run_context(prompt_ids.len(), a.max_tokens, a.ctx, model.context_length())?;
     let mut session = model.session(ctx, threads(a.common.threads))?;
+    kiln_runtime::generate::stop_on_interrupt();
     let json_out = a.common.json;
     let mut stdout = std::io::stdout();
     if !json_out && !a.chat {
         let _ = write!(stdout, "{}", a.prompt);
         let _ = stdout.flush();
     }
-    let out =
-        kiln_runtime::generate::generate_from_tokens(&model, session.as_mut(), &prompt_ids, &opts, &mut |piece| {
-            if !json_out {
-                let _ = write!(stdout, "{piece}");
-                let _ = stdout.flush();
-            }
-        })?;
+    let mut on_text = |piece: &str| {
+        if !json_out {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+    };
+    let (out, spec) = match a.speculate {
+        Some(n) => {
+            let so = kiln_runtime::speculative::SpeculativeOptions { max_draft: n, ..Default::default() };
+            let (out, st) = kiln_runtime::speculative::generate_speculative(
+                &model,
+                session.as_mut(),
+                &prompt_ids,
+                &opts,
+                &so,
+                &mut on_text,
+            )?;
+            (out, Some(st))
+        }
+        None => (
+            kiln_runtime::generate::generate_from_tokens(&model, session.as_mut(), &prompt_ids, &opts, &mut on_text)?,
+            None,
+        ),
+    };
     let _ = generate; // same entry point for library users
     if json_out {
-        print_json(&json!({"model": model.path, "backend": model.backend, "prompt": a.prompt, "output": out}));
+        print_json(
+            &json!({"model": model.path, "backend": model.backend, "prompt": a.prompt, "output": out, "speculative": spec}),
+        );
     } else {
         println!();
+        if let Some(st) = &spec {
+            eprintln!(
+                "kiln: speculative: {} of {} drafted tokens accepted, {:.2} tokens per forward call",
+                st.accepted,
+                st.drafted,
+                st.tokens_per_call(out.tokens.len())
+            );
+        }
         eprintln!(
             "kiln: {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s ({})",
             out.prompt_tokens.len(),
@@ -276,7 +293,40 @@ fn cmd_run(a: RunArgs) -> KilnResult<()> {
             out.stop_reason
         );
     }
+    if out.stop_reason == "interrupted" {
+        eprintln!("kiln: interrupted");
+        std::process::exit(130);
+    }
     Ok(())
+}
+
+/// The KV-cache size for `kiln run`: `--ctx`, or prompt + new tokens + 1; it must hold the
+/// prompt and the new tokens and fit the model's context length.
+fn run_context(prompt: usize, new: usize, ctx: Option<usize>, model_ctx: usize) -> KilnResult<usize> {
+    let fail = |m: String| Err(KilnError::Unsupported(m));
+    let needed = prompt.saturating_add(new);
+    if let Some(c) = ctx
+        && c > model_ctx
+    {
+        return fail(format!("--ctx {c} is larger than the model's context length {model_ctx}"));
+    }
+    if prompt > model_ctx {
+        return fail(format!(
+            "the prompt is {prompt} tokens, which does not fit the model's context length {model_ctx}"
+        ));
+    }
+    let ctx = ctx.unwrap_or(needed.saturating_add(1));
+    if needed > ctx {
+        return fail(format!("prompt ({prompt} tokens) + {new} new tokens do not fit --ctx {ctx}"));
+    }
+    if ctx > model_ctx {
+        return fail(format!(
+            "prompt ({prompt} tokens) + {new} new tokens exceed the model's context length {model_ctx}; \
+             use -n {} or fewer",
+            model_ctx.saturating_sub(prompt + 1)
+        ));
+    }
+    Ok(ctx)
 }
 
 fn cmd_ppl(a: PplArgs) -> KilnResult<()> {

@@ -89,8 +89,7 @@ fn twenty_prompts_token_for_token() {
         let plain = generate_from_tokens(&model, s.as_mut(), &ids, &opts, &mut |_| {}).unwrap();
         let mut s = model.session(ctx, 2).unwrap();
         let (spec, stats) =
-            generate_speculative(&model, s.as_mut(), &ids, &opts, &SpeculativeOptions::default(), &mut |_| {})
-                .unwrap();
+            generate_speculative(&model, s.as_mut(), &ids, &opts, &SpeculativeOptions::default(), &mut |_| {}).unwrap();
         assert_eq!(spec.tokens, plain.tokens, "prompt {p:?}: {stats:?}");
         drafted += stats.drafted;
         accepted += stats.accepted;

@@ -1,6 +1,7 @@
 //! Text generation: prompt (optionally through the chat template) → prefill →
 //! decode loop with sampling, streaming text as it is produced.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use kiln_backends::{Logits, Session};
@@ -37,6 +38,32 @@ pub struct GenerateOutput {
     pub decode_seconds: f64,
     pub prefill_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
+}
+
+/// Set by SIGINT once [`stop_on_interrupt`] is installed: the decode loop then stops
+/// after the current token with the stop reason `"interrupted"`.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a SIGINT asked generation to stop.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// Makes Ctrl-C (SIGINT) end generation cleanly: the first one stops the decode loop
+/// after the current token (the caller gets the text so far, stop reason
+/// `"interrupted"`); a second one exits at once with status 130. A no-op off Linux.
+pub fn stop_on_interrupt() {
+    #[cfg(target_os = "linux")]
+    {
+        extern "C" fn on_sigint(_: libc::c_int) {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(130) };
+            }
+        }
+        // SAFETY: the handler only touches an atomic and calls _exit, both async-signal-safe.
+        unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    }
 }
 
 /// The token ids a prompt becomes (chat template applied when asked).
@@ -113,6 +140,10 @@ pub fn generate_from_tokens(
     let mut stop_reason = "length";
     let t1 = Instant::now();
     for i in 0..opts.max_tokens {
+        if interrupted() {
+            stop_reason = "interrupted";
+            break;
+        }
         let tok = next;
         if opts.stop_at_eos && model.tokenizer.is_eos(tok) {
             stop_reason = "eos";

@@ -29,13 +29,15 @@ use crate::model::Model;
 pub struct SpeculativeOptions {
     /// Most drafted tokens per step.
     pub max_draft: usize,
-    /// Longest n-gram looked up (down to 1).
+    /// Longest n-gram looked up.
     pub max_ngram: usize,
+    /// Shortest n-gram that may propose a draft (single-token matches are mostly noise).
+    pub min_ngram: usize,
 }
 
 impl Default for SpeculativeOptions {
     fn default() -> Self {
-        SpeculativeOptions { max_draft: 8, max_ngram: 3 }
+        SpeculativeOptions { max_draft: 8, max_ngram: 4, min_ngram: 2 }
     }
 }
 
@@ -57,13 +59,13 @@ impl SpeculativeStats {
 }
 
 /// Up to `max` tokens that followed the most recent earlier occurrence of the
-/// longest suffix n-gram (`max_ngram` down to 1) of `history`.
-pub fn draft(history: &[u32], max_ngram: usize, max: usize) -> &[u32] {
+/// longest suffix n-gram (`max_ngram` down to `min_ngram`) of `history`.
+pub fn draft(history: &[u32], min_ngram: usize, max_ngram: usize, max: usize) -> &[u32] {
     if max == 0 {
         return &[];
     }
     let len = history.len();
-    for n in (1..=max_ngram.min(len.saturating_sub(1))).rev() {
+    for n in (min_ngram.max(1)..=max_ngram.min(len.saturating_sub(1))).rev() {
         let suffix = &history[len - n..];
         // Most recent occurrence that ends before the suffix starts.
         for start in (0..len - n).rev() {
@@ -107,6 +109,7 @@ pub fn generate_speculative(
     let mut text = String::new();
     let mut stop_reason = "length";
     let vocab = session.vocab_size();
+    let mut budget = spec.max_draft;
     let t1 = Instant::now();
     // Emits `tok`; false when generation stops (end of sequence or length).
     let mut emit =
@@ -126,10 +129,16 @@ pub fn generate_speculative(
         };
     if opts.max_tokens > 0 {
         while emit(next, &mut out, &mut history, &mut stop_reason)? {
+            if crate::generate::interrupted() {
+                stop_reason = "interrupted";
+                break;
+            }
             // `next` is emitted but not yet in the cache: feed it with a draft.
             let room = opts.max_tokens - out.len();
             let pos = session.pos();
-            let d: Vec<u32> = draft(&history, spec.max_ngram, spec.max_draft.min(room)).to_vec();
+            // Draft length adapts: after a step that accepted j tokens, at most 2(j + 1).
+            let want = budget.min(spec.max_draft).min(room);
+            let d: Vec<u32> = draft(&history, spec.min_ngram, spec.max_ngram, want).to_vec();
             stats.forward_calls += 1;
             if d.is_empty() {
                 next = session.forward_argmax(&[next])?;
@@ -154,6 +163,7 @@ pub fn generate_speculative(
             }
             // Keep the cache of the pending token and the accepted drafts only.
             session.truncate(pos + 1 + accepted);
+            budget = 2 * (accepted + 1);
             if !go_on {
                 break;
             }
@@ -190,13 +200,14 @@ mod tests {
     fn draft_takes_what_followed_the_latest_longest_match() {
         let h = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3];
         // "1 2 3" occurred at 4..7 (most recent) followed by 7 8 5.
-        assert_eq!(draft(&h, 3, 2), &[7, 8]);
-        assert_eq!(draft(&h, 3, 10), &[7, 8, 5, 1, 2, 3]);
+        assert_eq!(draft(&h, 1, 3, 2), &[7, 8]);
+        assert_eq!(draft(&h, 1, 3, 10), &[7, 8, 5, 1, 2, 3]);
         // No match at all.
-        assert!(draft(&[1, 2, 3], 3, 4).is_empty());
-        // A shorter n-gram when the longer one is new.
-        assert_eq!(draft(&[4, 5, 6, 1, 5], 3, 1), &[6]);
-        assert!(draft(&h, 3, 0).is_empty());
-        assert!(draft(&[], 3, 4).is_empty());
+        assert!(draft(&[1, 2, 3], 1, 3, 4).is_empty());
+        // A shorter n-gram when the longer one is new, unless below the minimum.
+        assert_eq!(draft(&[4, 5, 6, 1, 5], 1, 3, 1), &[6]);
+        assert!(draft(&[4, 5, 6, 1, 5], 2, 3, 1).is_empty());
+        assert!(draft(&h, 1, 3, 0).is_empty());
+        assert!(draft(&[], 1, 3, 4).is_empty());
     }
 }

@@ -6,6 +6,9 @@
 //! - `fetch-models [ID...]`: fetch pinned registry models and convert glassllm to a HF directory.
 //! - `glassllm-to-hf --npz P --tokenizer P --out DIR`: the glassllm converter on its own.
 //! - `bench quant`: kiln's quantization presets vs llama.cpp's (see `bench_quant`).
+//! - `fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets (see `fuzz.rs`).
+
+mod fuzz;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -100,7 +103,9 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   compile --recipe R --device watch|phone|laptop|all [--out DIR] [--json]\n\
   fetch-models [ID...]\n\
   bench quant [--models ID,ID] [--ctx 512] [--chunks 8] [--calib-chunks 8] [--threads 2]\n\
-  glassllm-to-hf --npz PATH --tokenizer PATH --out DIR";
+  bench spec [--models ID,ID] [--tokens 64] [--threads 2] [--backend reference]\n\
+  glassllm-to-hf --npz PATH --tokenizer PATH --out DIR\n\
+  fuzz [--seconds 20] [--jobs 1] [--seed] [TARGET...]   run the fuzz targets (needs cargo-fuzz)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -118,11 +123,15 @@ fn main() -> ExitCode {
         "fetch-models" => fetch_models(rest),
         "test" => test(rest),
         "glassllm-to-hf" => xtask::glassllm::run(rest),
+        "fuzz" => fuzz::run(rest),
         "bench" => match rest.first().map(String::as_str) {
             Some("quant") => build_kiln().and_then(|kiln| {
                 xtask::bench_quant::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
             }),
-            _ => Err(format!("usage: cargo xtask bench quant [--models A,B] [--ctx N] [--chunks N]\n{USAGE}")),
+            Some("spec") => build_kiln().and_then(|kiln| {
+                xtask::bench_spec::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
+            }),
+            _ => Err(format!("usage: cargo xtask bench quant|spec [OPTIONS]\n{USAGE}")),
         },
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
