@@ -119,3 +119,44 @@ fn ir_dump_of_smollm2_round_trips() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("smollm2.kir: 285:6: unknown op `matmull`"), "{}", stderr(&o));
 }
+
+/// Every device of the default recipe that this kiln can build (the laptop above, the
+/// GPU here, with its kernels) gives byte-identical builds twice; devices whose backend
+/// does not exist yet fail before writing anything.
+#[test]
+fn every_buildable_device_builds_reproducibly() {
+    if smollm2().is_none() {
+        return;
+    }
+    let dir = tempdir("builds-devices");
+    let recipe = root().join("recipes/smollm2-135m.yaml");
+    for device in ["gpu", "phone", "watch"] {
+        let mut outs = vec![];
+        for i in 0..2 {
+            let out = dir.join(format!("{device}{i}"));
+            let o = run(&[
+                "compile",
+                "--recipe",
+                recipe.to_str().unwrap(),
+                "--device",
+                device,
+                "--out",
+                out.to_str().unwrap(),
+            ]);
+            if device != "gpu" {
+                assert!(!o.status.success() && stderr(&o).contains("not available yet"), "{device}: {}", stderr(&o));
+                assert!(!out.exists(), "{device}: a failed compile left {}", out.display());
+                continue;
+            }
+            assert!(o.status.success(), "{device}: {}", stderr(&o));
+            outs.push(out.join("smollm2-135m").join(device));
+        }
+        if let [a, b] = &outs[..] {
+            let (fa, fb) = (files(a), files(b));
+            assert!(fa.iter().any(|f| f.0 == "kernels.ptx"), "{device}: no kernels");
+            for (x, y) in fa.iter().zip(&fb) {
+                assert!(x == y, "{device}: {} differs between two builds", x.0);
+            }
+        }
+    }
+}
