@@ -12,8 +12,9 @@ use kiln_runtime::speculative::{SpeculativeOptions, generate_speculative};
 
 const PROMPT: &str = "Copy the list exactly.\nList: apples, pears, plums, cherries, grapes, lemons, limes, figs.\nCopy: apples, pears, plums,";
 
-fn both(model: &Model, n: usize, ctx: usize) -> (Vec<u32>, Vec<u32>, kiln_runtime::speculative::SpeculativeStats) {
+fn both(model: &Model, n: usize) -> (Vec<u32>, Vec<u32>, kiln_runtime::speculative::SpeculativeStats) {
     let ids = prompt_tokens(model, PROMPT, false).unwrap();
+    let ctx = ids.len() + n + 1;
     let opts = GenerateOptions { max_tokens: n, stop_at_eos: false, ..Default::default() };
     let mut s = model.session(ctx, 2).unwrap();
     let plain = generate_from_tokens(model, s.as_mut(), &ids, &opts, &mut |_| {}).unwrap();
@@ -30,7 +31,7 @@ fn both(model: &Model, n: usize, ctx: usize) -> (Vec<u32>, Vec<u32>, kiln_runtim
 fn smollm2_speculative_equals_greedy_and_accepts_drafts() {
     let Some(path) = smollm2() else { return };
     let model = Model::load(&path).unwrap();
-    let (plain, spec, stats) = both(&model, 40, 256);
+    let (plain, spec, stats) = both(&model, 40);
     assert_eq!(spec, plain);
     assert!(stats.accepted > 0, "{stats:?}");
     assert!(stats.forward_calls < 39, "speculation saved no forward call: {stats:?}");
@@ -41,11 +42,11 @@ fn smollm2_speculative_equals_greedy_and_accepts_drafts() {
 fn ptx_emulator_speculative_equals_reference_greedy() {
     let Some(path) = model("glassllm-en-hf") else { return };
     let mut model = Model::load(&path).unwrap();
-    let (plain, _, _) = both(&model, 12, 64);
+    let (plain, _, _) = both(&model, 12);
     // SAFETY of the env var: this test binary sets it for the PTX emulator only.
     unsafe { std::env::set_var("KILN_PTX_DEVICE", "emulator") };
     model.backend = "ptx".into();
-    let (ptx_plain, ptx_spec, stats) = both(&model, 12, 64);
+    let (ptx_plain, ptx_spec, stats) = both(&model, 12);
     assert_eq!(ptx_plain, plain);
     assert_eq!(ptx_spec, plain, "{stats:?}");
 }
