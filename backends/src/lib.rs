@@ -137,6 +137,24 @@ pub fn top_k(v: &[f32], k: usize) -> Vec<(u32, f32)> {
     c
 }
 
+/// Checks that every parameter's bytes are exactly its storage size (before a
+/// session reads any of them).
+pub fn check_weight_sizes(module: &VerifiedModule, weights: &dyn WeightSource) -> Result<(), BackendError> {
+    for (i, p) in module.params.iter().enumerate() {
+        let want = p.ty.storage_bytes().and_then(|n| usize::try_from(n).ok());
+        let got = weights.bytes(ParamId(i as u32)).len();
+        if want != Some(got) {
+            return Err(BackendError::BadInput(format!(
+                "weights for @{} ({}) hold {got} bytes, expected {}",
+                p.name,
+                p.ty,
+                want.map_or_else(|| "a representable size".to_string(), |n| n.to_string())
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Checks a forward call's input before a session changes anything: at least one
 /// token, room in the context, ids inside the (smallest) embedding table.
 pub fn check_forward_input(

@@ -96,16 +96,7 @@ impl<D: Device> PtxSession<D> {
         weights: Arc<dyn WeightSource>,
         options: &SessionOptions,
     ) -> Result<Self, BackendError> {
-        for (i, p) in module.params.iter().enumerate() {
-            let want = p.ty.storage_bytes().and_then(|n| usize::try_from(n).ok());
-            let got = weights.bytes(ParamId(i as u32)).len();
-            if want != Some(got) {
-                return Err(BackendError::BadInput(format!(
-                    "weights for @{} ({}) hold {got} bytes, expected {want:?}",
-                    p.name, p.ty
-                )));
-            }
-        }
+        kiln_backends::check_weight_sizes(&module, weights.as_ref())?;
         let out = module.output.ok_or_else(|| internal("module has no output"))?;
         let n = module.insts.len();
         let cols: Vec<usize> = module

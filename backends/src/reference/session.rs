@@ -101,19 +101,7 @@ impl ReferenceSession {
         weights: Arc<dyn WeightSource>,
         options: &SessionOptions,
     ) -> Result<Self, BackendError> {
-        // Every parameter's bytes must be exactly its storage size.
-        for (i, p) in module.params.iter().enumerate() {
-            let want = p.ty.storage_bytes().and_then(|n| usize::try_from(n).ok());
-            let got = weights.bytes(ParamId(i as u32)).len();
-            if want != Some(got) {
-                return Err(BackendError::BadInput(format!(
-                    "weights for @{} ({}) hold {got} bytes, expected {}",
-                    p.name,
-                    p.ty,
-                    want.map_or_else(|| "a representable size".to_string(), |n| n.to_string())
-                )));
-            }
-        }
+        crate::check_weight_sizes(&module, weights.as_ref())?;
         let out = module.output.ok_or_else(|| internal("module has no output"))?;
         let vocab = module
             .insts
