@@ -195,52 +195,6 @@ fn matmul_k_quants() {
     }
 }
 
-/// Like `check_matmul`, for given weight bytes: the matmul kernel against
-/// dequantize-then-multiply in f64.
-fn check_matmul_bytes(dtype: DType, wq: &[u8], rows: usize, k: usize, t: usize, bias: bool) {
-    let rb = dtype.row_bytes(k as u64).unwrap() as usize;
-    assert_eq!(wq.len(), rows * rb);
-    let mut wd = vec![0f32; rows * k];
-    for r in 0..rows {
-        kiln_quant::dequantize_row(dtype, &wq[r * rb..(r + 1) * rb], &mut wd[r * k..(r + 1) * k]).unwrap();
-    }
-    let x = rand_vec(t * k, 17);
-    let b = rand_vec(rows, 19);
-    let mut want = vec![0f32; t * rows];
-    for ti in 0..t {
-        for r in 0..rows {
-            let mut s: f64 = (0..k).map(|i| wd[r * k + i] as f64 * x[ti * k + i] as f64).sum();
-            if bias {
-                s += b[r] as f64;
-            }
-            want[ti * rows + r] = s as f32;
-        }
-    }
-    let mut mem = EmuMemory::new();
-    let wa = upload(&mut mem, wq);
-    let xa = upload(&mut mem, &f32_bytes(&x));
-    let xr =
-        if formats::needs_rotated_x(dtype) { upload(&mut mem, &f32_bytes(&formats_k::rotate_host(&x, k))) } else { xa };
-    let ba = upload(&mut mem, &f32_bytes(&b));
-    let ya = mem.alloc(4 * t * rows);
-    let ta = upload(&mut mem, &formats::tables(dtype).unwrap_or_else(|| vec![0; 4]));
-    let args = [
-        Arg::Ptr(wa),
-        Arg::Ptr(xa),
-        Arg::Ptr(xr),
-        Arg::Ptr(ya),
-        Arg::Ptr(ba),
-        Arg::Ptr(ta),
-        Arg::U32(rows as u32),
-        Arg::U32(k as u32),
-        Arg::U32(t as u32),
-        Arg::U32(rb as u32),
-    ];
-    let grid = kernels::matmul_grid(rows as u32, t as u32);
-    launch(&mut mem, &kernels::matmul(dtype, bias), grid, &args).unwrap();
-    assert_close(&download(&mem, ya, t * rows), &want, 2e-5 * (k as f32).sqrt(), &format!("matmul {dtype} bytes"));
-}
-
 /// kq2 rows with rotated and unrotated blocks: quantized without importance,
 /// quantized with importance concentrated on a few columns (which makes the
 /// quantizer keep some blocks unrotated), and random bytes.

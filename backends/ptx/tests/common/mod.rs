@@ -51,6 +51,13 @@ pub fn check_matmul(dtype: DType, rows: usize, k: usize, t: usize, bias: bool) {
     for r in 0..rows {
         kiln_quant::quantize_row(dtype, &wf[r * k..(r + 1) * k], &mut wq[r * rb..(r + 1) * rb]).unwrap();
     }
+    check_matmul_bytes(dtype, &wq, rows, k, t, bias);
+}
+
+/// Like [`check_matmul`], for given weight bytes (`rows` rows of `k` weights).
+pub fn check_matmul_bytes(dtype: DType, wq: &[u8], rows: usize, k: usize, t: usize, bias: bool) {
+    let rb = dtype.row_bytes(k as u64).unwrap() as usize;
+    assert_eq!(wq.len(), rows * rb);
     let mut wd = vec![0f32; rows * k];
     for r in 0..rows {
         kiln_quant::dequantize_row(dtype, &wq[r * rb..(r + 1) * rb], &mut wd[r * k..(r + 1) * k]).unwrap();
@@ -72,7 +79,7 @@ pub fn check_matmul(dtype: DType, rows: usize, k: usize, t: usize, bias: bool) {
     }
     let kern = kernels::matmul(dtype, bias);
     let mut mem = EmuMemory::new();
-    let wa = upload(&mut mem, &wq);
+    let wa = upload(&mut mem, wq);
     let xa = upload(&mut mem, &f32_bytes(&x));
     let ba = upload(&mut mem, &f32_bytes(&b));
     let ya = mem.alloc(4 * t * rows);
