@@ -161,6 +161,22 @@ pub fn generate_from_tokens(
         }
         next = step(session, &[tok], &history)?;
     }
+    finish(stream, on_text, text, prompt_ids, out, stop_reason, prefill, t1)
+}
+
+/// Ends a generation: flushes the text the stream held back, times the decode
+/// loop (started at `t1`) and builds the output.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish(
+    mut stream: crate::tokenizer::TokenStream<'_>,
+    on_text: &mut dyn FnMut(&str),
+    mut text: String,
+    prompt_ids: &[u32],
+    out: Vec<u32>,
+    stop_reason: &'static str,
+    prefill: f64,
+    t1: Instant,
+) -> RuntimeResult<GenerateOutput> {
     let rest = stream.finish()?;
     if !rest.is_empty() {
         on_text(&rest);
@@ -170,12 +186,12 @@ pub fn generate_from_tokens(
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     Ok(GenerateOutput {
         prompt_tokens: prompt_ids.to_vec(),
-        tokens: out.clone(),
+        decode_tokens_per_second: rate(out.len(), decode),
+        tokens: out,
         text,
         stop_reason,
         prefill_seconds: prefill,
         decode_seconds: decode,
         prefill_tokens_per_second: rate(prompt_ids.len(), prefill),
-        decode_tokens_per_second: rate(out.len(), decode),
     })
 }

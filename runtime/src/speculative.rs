@@ -170,26 +170,8 @@ pub fn generate_speculative(
             next = choice(accepted);
         }
     }
-    let rest = stream.finish()?;
-    if !rest.is_empty() {
-        on_text(&rest);
-        text.push_str(&rest);
-    }
-    let decode = t1.elapsed().as_secs_f64();
-    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-    Ok((
-        GenerateOutput {
-            prompt_tokens: prompt_ids.to_vec(),
-            tokens: out.clone(),
-            text,
-            stop_reason,
-            prefill_seconds: prefill,
-            decode_seconds: decode,
-            prefill_tokens_per_second: rate(prompt_ids.len(), prefill),
-            decode_tokens_per_second: rate(out.len(), decode),
-        },
-        stats,
-    ))
+    let output = crate::generate::finish(stream, on_text, text, prompt_ids, out, stop_reason, prefill, t1)?;
+    Ok((output, stats))
 }
 
 #[cfg(test)]
