@@ -16,7 +16,7 @@ use kiln_ir::{
 
 use crate::quant::quantize_row;
 use crate::reference::ReferenceBackend;
-use crate::{Backend, Logits, SessionOptions, WeightSource};
+use crate::{Backend, Logits, Numerics, SessionOptions, WeightSource};
 
 /// Owned weights, one byte vector per parameter.
 pub struct OwnedWeights(pub Vec<Vec<u8>>);
@@ -372,22 +372,28 @@ impl Outcome {
 /// reference interpreter. Returns one outcome per case; a case whose op the
 /// backend does not support is reported as an error naming it.
 pub fn run_cases(backend: &dyn Backend, cases: Vec<Case>) -> Vec<Outcome> {
+    run_cases_in(backend, cases, Numerics::Exact)
+}
+
+/// [`run_cases`] with both sessions in `numerics` (a backend that computes in
+/// llama.cpp's numerics is held to the reference in the same numerics).
+pub fn run_cases_in(backend: &dyn Backend, cases: Vec<Case>, numerics: Numerics) -> Vec<Outcome> {
     cases
         .into_iter()
         .map(|c| {
-            let result = run_case(backend, &c);
+            let result = run_case(backend, &c, numerics);
             Outcome { name: c.name, result, budget: c.budget }
         })
         .collect()
 }
 
-fn run_case(backend: &dyn Backend, c: &Case) -> Result<f32, String> {
+fn run_case(backend: &dyn Backend, c: &Case, numerics: Numerics) -> Result<f32, String> {
     let module = Arc::new(verify(c.module.clone()).map_err(|e| format!("verify: {e}"))?);
     if let Some(what) = crate::first_unsupported(backend, &module) {
         return Err(format!("unsupported: {what}"));
     }
     let weights: Arc<dyn WeightSource> = Arc::new(OwnedWeights(c.weights.clone()));
-    let opts = SessionOptions { max_context: 128, threads: 2, ..Default::default() };
+    let opts = SessionOptions { max_context: 128, threads: 2, numerics, ..Default::default() };
     let mut want = ReferenceBackend.prepare(module.clone(), weights.clone(), &opts).map_err(|e| e.to_string())?;
     let mut got = backend.prepare(module, weights, &opts).map_err(|e| e.to_string())?;
     let mut worst = 0f32;
@@ -436,7 +442,12 @@ fn run_case(backend: &dyn Backend, c: &Case) -> Result<f32, String> {
 /// Runs the common differential body on `backend` and panics with a table of
 /// every case over budget.
 pub fn check_backend(backend: &dyn Backend) {
-    let outcomes = run_cases(backend, cases());
+    check_backend_in(backend, Numerics::Exact);
+}
+
+/// [`check_backend`] with both sessions in `numerics`.
+pub fn check_backend_in(backend: &dyn Backend, numerics: Numerics) {
+    let outcomes = run_cases_in(backend, cases(), numerics);
     let mut report = String::new();
     for o in &outcomes {
         let line = match &o.result {

@@ -30,8 +30,9 @@ const QK: usize = 32;
 /// One row of activations quantized as ggml's Q8_0/Q8_1 (AVX2 quantizer).
 pub struct Q8Row {
     /// Per block: `(d, s)` with `d` the f16-rounded scale and `s = f16(d·Σq)`.
-    scales: Vec<(f32, f32)>,
-    q: Vec<i8>,
+    pub scales: Vec<(f32, f32)>,
+    /// The quants, 32 per block.
+    pub q: Vec<i8>,
 }
 
 /// Quantizes `x` (a whole number of 32-blocks) as ggml does for a dot product.
@@ -58,9 +59,12 @@ pub fn quantize_q8(x: &[f32]) -> Q8Row {
 /// magnitude), `q = min(127, round(iscale·x))`, `d = 1/iscale`, and the sums of
 /// each 16 quants.
 pub struct Q8KRow {
-    d: Vec<f32>,
-    q: Vec<i8>,
-    bsums: Vec<i32>,
+    /// Per 256-block: the scale.
+    pub d: Vec<f32>,
+    /// The quants, 256 per block.
+    pub q: Vec<i8>,
+    /// Per block: the sums of each 16 consecutive quants.
+    pub bsums: Vec<i32>,
 }
 
 /// Quantizes `x` (a whole number of 256-blocks) as ggml's Q8_K.
@@ -90,6 +94,8 @@ pub fn quantize_q8_k(x: &[f32]) -> Q8KRow {
 }
 
 const QK_K: usize = 256;
+
+pub use super::kquants::scale_min_k4;
 
 /// Activations quantized for one weight type: Q8_0/Q8_1 or Q8_K.
 pub enum Activations {

@@ -82,7 +82,7 @@ pub(crate) fn dequant_q3_k(b: &[u8; 110], out: &mut [f32; QK_K]) {
 /// Scale and min (6 bits each) of sub-block `j` of a Q4_K/Q5_K block
 /// (ggml's `get_scale_min_k4`).
 #[inline]
-pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

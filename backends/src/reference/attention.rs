@@ -20,9 +20,9 @@ use rayon::prelude::*;
 
 use super::kernels::{dot, softmax_row};
 
-/// One KV-cache slot.
+/// One KV-cache slot (in `Numerics::Ggml` it holds f16-rounded values).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct KvCache {
+pub struct KvCache {
     /// Floats per position: `kv_heads · head_dim`.
     pub width: usize,
     /// Most positions the slot will hold (the session's context).

@@ -27,7 +27,7 @@ fn sum_lanes(acc: &[f32; LANES]) -> f32 {
 /// dequantizes a weight row and calls `dot` gives bit-identical results to
 /// one that calls `dot_row` on the stored row.
 #[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     let (af, at) = a.as_chunks::<LANES>();

@@ -29,7 +29,7 @@ const MAX_BLOCK: usize = 64;
 
 /// A weight matrix `[n, k]` as stored: `n` rows of `k` elements of `dtype`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Weight<'a> {
+pub struct Weight<'a> {
     pub bytes: &'a [u8],
     pub dtype: DType,
     pub n: usize,
@@ -37,9 +37,14 @@ pub(crate) struct Weight<'a> {
 }
 
 impl Weight<'_> {
+    /// Stored bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.bytes.len().checked_div(self.n).unwrap_or(0)
+    }
+
     /// Stored bytes of row `o` (empty when out of range; the caller checked sizes).
-    fn row(&self, o: usize) -> &[u8] {
-        let rb = self.bytes.len().checked_div(self.n).unwrap_or(0);
+    pub fn row(&self, o: usize) -> &[u8] {
+        let rb = self.row_bytes();
         self.bytes.get(o * rb..(o + 1) * rb).unwrap_or(&[])
     }
 }

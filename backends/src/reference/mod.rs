@@ -26,8 +26,10 @@ use std::sync::Arc;
 
 use kiln_ir::{Op, VerifiedModule};
 
-pub use kernels::rope_angles;
-pub use session::{ChannelStats, ReferenceSession};
+pub use attention::KvCache;
+pub use kernels::{dot, rope_angles};
+pub use matmul::Weight;
+pub use session::{ChannelStats, Kernels, ReferenceKernels, ReferenceSession};
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kiln_ir::{Op, ParamId, ValueId, VerifiedModule};
+use kiln_ir::{AttentionAttrs, Op, ParamId, ValueId, VerifiedModule};
 
 use super::attention::{KvCache, attend};
 use super::kernels;
@@ -13,6 +13,71 @@ use crate::quant::{self, QuantError};
 use crate::{BackendError, Logits, Numerics, Session, SessionOptions, WeightSource};
 
 const NAME: &str = "reference";
+
+/// The heavy kernels of a session: matmul and attention. The reference
+/// interpreter's own ([`ReferenceKernels`]) are the definition; the compiled
+/// CPU backend plugs its SIMD kernels in here and reuses the rest of the
+/// interpreter (schedule, KV cache, row-wise ops).
+pub trait Kernels: Send + Sync {
+    /// `x · Wᵀ (+ bias)` for `x` holding `rows` rows of `w.k` values, which are
+    /// rows `first..total` of a call over `total` tokens; returns `[rows, w.n]`.
+    fn matmul(
+        &self,
+        x: &[f32],
+        rows: usize,
+        w: Weight<'_>,
+        bias: Option<&[f32]>,
+        first: usize,
+        total: usize,
+    ) -> Result<Vec<f32>, QuantError>;
+
+    /// Attention of query rows `q` (row `t` at position `first_pos + t`) over
+    /// `cache`, which already holds every position up to the last query's;
+    /// `ggml`: llama.cpp's flash attention over an f16 cache.
+    fn attend(&self, q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
+        attend(q, first_pos, cache, attrs, ggml)
+    }
+}
+
+/// The reference kernels in the given numerics.
+#[derive(Clone, Copy, Debug)]
+pub struct ReferenceKernels(pub Numerics);
+
+impl ReferenceKernels {
+    /// The reference attention (what [`Kernels::attend`] does unless overridden).
+    pub fn attend_default(
+        &self,
+        q: &[f32],
+        first_pos: usize,
+        cache: &KvCache,
+        attrs: &AttentionAttrs,
+        ggml: bool,
+    ) -> Vec<f32> {
+        attend(q, first_pos, cache, attrs, ggml)
+    }
+}
+
+impl Kernels for ReferenceKernels {
+    fn matmul(
+        &self,
+        x: &[f32],
+        rows: usize,
+        w: Weight<'_>,
+        bias: Option<&[f32]>,
+        first: usize,
+        total: usize,
+    ) -> Result<Vec<f32>, QuantError> {
+        if self.0 == Numerics::Ggml && quant::ggml_dot::supports(w.dtype) {
+            Ok(matmul_ggml(x, rows, w, bias, first, total))
+        } else if self.0 == Numerics::Ggml && w.dtype != kiln_ir::DType::F32 {
+            let mut xr = x.to_vec();
+            xr.chunks_mut(w.k.max(1)).for_each(|row| crate::quant::act::round_for_dot(w.dtype, row));
+            matmul(&xr, rows, w, bias)
+        } else {
+            matmul(x, rows, w, bias)
+        }
+    }
+}
 
 fn internal(msg: impl Into<String>) -> BackendError {
     BackendError::Internal { backend: NAME, msg: msg.into() }
@@ -49,6 +114,7 @@ pub struct ReferenceSession {
     schedule_all: Arc<Schedule>,
     schedule_last: Arc<Schedule>,
     numerics: Numerics,
+    kernel: Arc<dyn Kernels>,
     /// Per-weight input statistics, when recording (calibration).
     stats: Option<HashMap<ParamId, ChannelStats>>,
 }
@@ -100,6 +166,17 @@ impl ReferenceSession {
         module: Arc<VerifiedModule>,
         weights: Arc<dyn WeightSource>,
         options: &SessionOptions,
+    ) -> Result<Self, BackendError> {
+        Self::with_kernel(module, weights, options, Arc::new(ReferenceKernels(options.numerics)))
+    }
+
+    /// A session of this interpreter whose matmuls and attention `kernel` computes (in
+    /// `options.numerics` for everything else).
+    pub fn with_kernel(
+        module: Arc<VerifiedModule>,
+        weights: Arc<dyn WeightSource>,
+        options: &SessionOptions,
+        kernel: Arc<dyn Kernels>,
     ) -> Result<Self, BackendError> {
         crate::check_weight_sizes(&module, weights.as_ref())?;
         let out = module.output.ok_or_else(|| internal("module has no output"))?;
@@ -162,6 +239,7 @@ impl ReferenceSession {
             schedule_all,
             schedule_last,
             numerics: options.numerics,
+            kernel,
             stats: None,
         })
     }
@@ -285,16 +363,7 @@ impl ReferenceSession {
                 }
                 let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
                 let b = bias.map(|p| self.vector(p)).transpose()?;
-                let y = if self.numerics == Numerics::Ggml && quant::ggml_dot::supports(weight.dtype) {
-                    Ok(matmul_ggml(x, n_rows, weight, b, first, t_len))
-                } else if self.numerics == Numerics::Ggml && weight.dtype != kiln_ir::DType::F32 {
-                    let mut xr = x.to_vec();
-                    xr.chunks_mut(k.max(1)).for_each(|row| crate::quant::act::round_for_dot(weight.dtype, row));
-                    matmul(&xr, n_rows, weight, b)
-                } else {
-                    matmul(x, n_rows, weight, b)
-                }
-                .map_err(|e| quant_err(i, e))?;
+                let y = self.kernel.matmul(x, n_rows, weight, b, first, t_len).map_err(|e| quant_err(i, e))?;
                 out(y, n)
             }
             Op::Add { a, b } => {
@@ -370,7 +439,7 @@ impl ReferenceSession {
                 }
                 let (q, cols) = act(*q)?;
                 let ggml = self.numerics == Numerics::Ggml;
-                out(attend(q, self.pos + first, cache, attrs, ggml), cols)
+                out(self.kernel.attend(q, self.pos + first, cache, attrs, ggml), cols)
             }
         }
     }

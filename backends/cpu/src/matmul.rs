@@ -1,0 +1,84 @@
+//! The CPU backend's matmul: activations prepared once per token row, the
+//! weight rows split into blocks across the worker threads, each block's
+//! rows read once per call (all token rows dotted against a block while it
+//! is in cache).
+
+use kiln_backends::reference::{Kernels, KvCache, Weight};
+use kiln_ir::AttentionAttrs;
+use kiln_quant::QuantError;
+use kiln_quant::ggml_dot::RowGroup;
+use rayon::prelude::*;
+
+use crate::kernels::{Isa, dot_tile, prepare};
+
+/// Stored weight bytes one task reads per block (about half an L2).
+const BLOCK_BYTES: usize = 256 * 1024;
+
+/// [`Kernels`] with the crate's SIMD kernels.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuKernels {
+    pub isa: Isa,
+}
+
+impl Kernels for CpuKernels {
+    fn matmul(
+        &self,
+        x: &[f32],
+        rows: usize,
+        w: Weight<'_>,
+        bias: Option<&[f32]>,
+        first: usize,
+        total: usize,
+    ) -> Result<Vec<f32>, QuantError> {
+        let (n, k) = (w.n, w.k);
+        let mut y = vec![0.0f32; rows * n];
+        if n == 0 || rows == 0 {
+            return Ok(y);
+        }
+        let rb = w.row_bytes();
+        let xs: Vec<_> = x.chunks(k.max(1)).take(rows).map(|r| prepare(self.isa, w.dtype, r)).collect();
+        let groups: Vec<RowGroup> = (0..rows).map(|t| RowGroup::of(first + t, total)).collect();
+        // Enough blocks to balance the threads (four each), few enough rows per
+        // block that a block's bytes stay in L2 while every token row passes.
+        let threads = rayon::current_num_threads().max(1);
+        let by_cache = (BLOCK_BYTES / rb.max(1)).max(8);
+        let by_balance = n.div_ceil(4 * threads).max(8);
+        let block = by_cache.min(by_balance).min(n);
+        let isa = self.isa;
+        if rows == 1 {
+            y.par_chunks_mut(block).enumerate().try_for_each(|(b, out)| {
+                let o0 = b * block;
+                dot_tile(isa, w.dtype, &w.bytes[o0 * rb..(o0 + out.len()) * rb], rb, &xs, &groups, out)
+            })?;
+        } else {
+            let tiles: Vec<Vec<f32>> = (0..n.div_ceil(block))
+                .into_par_iter()
+                .map(|b| {
+                    let o0 = b * block;
+                    let nb = block.min(n - o0);
+                    let bytes = &w.bytes[o0 * rb..(o0 + nb) * rb];
+                    let mut tile = vec![0.0f32; rows * nb];
+                    dot_tile(isa, w.dtype, bytes, rb, &xs, &groups, &mut tile)?;
+                    Ok(tile)
+                })
+                .collect::<Result<_, QuantError>>()?;
+            for (b, tile) in tiles.iter().enumerate() {
+                let o0 = b * block;
+                let nb = block.min(n - o0);
+                for (yt, src) in y.chunks_mut(n).zip(tile.chunks(nb)) {
+                    yt[o0..o0 + nb].copy_from_slice(src);
+                }
+            }
+        }
+        if let Some(bias) = bias {
+            for yt in y.chunks_mut(n) {
+                yt.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(y)
+    }
+
+    fn attend(&self, q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
+        crate::attention::attend(self.isa, q, first_pos, cache, attrs, ggml)
+    }
+}

@@ -1,0 +1,545 @@
+//! AVX2 + FMA + F16C row-dot kernels (x86-64).
+//!
+//! Each function computes the same value as its scalar definition in
+//! `kiln_quant::ggml_dot`, bit for bit: the integer parts of a block's dot
+//! product are exact in any order, and the float steps (the per-lane fused
+//! multiply-adds by `d_w·d_x`, the lane reduction of `hsum_float_8`, the
+//! `Σ m·s` of the `_1` types, the per-super-block steps of the k-quants) are
+//! taken in the same order as there. The unit tests and the crate's
+//! differential tests hold them to that.
+//!
+//! Only called after [`super::Isa::detect`] found `avx2`, `fma` and `f16c`.
+
+use std::arch::x86_64::*;
+
+use kiln_quant::ggml_dot::{Q8KRow, Q8Row, RowGroup, scale_min_k4};
+
+const QK: usize = 32;
+const QK_K: usize = 256;
+
+/// The little-endian f16 at `b[at..at + 2]` as f32 (F16C, inlined).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16(b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// `a·b + c` with one rounding (`f32::mul_add` would call libm's `fmaf`
+/// unless the whole crate were compiled for FMA).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)))
+}
+
+/// `hsum_float_8`: (l0+l4, l1+l5, l2+l6, l3+l7) → ((r0+r2) + (r1+r3)).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum8(x: __m256) -> f32 {
+    let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
+    let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    _mm_cvtss_f32(r)
+}
+
+/// Sum of the eight i32 lanes (exact).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_i32(x: __m256i) -> i32 {
+    let r = _mm_add_epi32(_mm256_extracti128_si256::<1>(x), _mm256_castsi256_si128(x));
+    let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+    let r = _mm_add_epi32(r, _mm_shuffle_epi32::<0b01>(r));
+    _mm_cvtsi128_si32(r)
+}
+
+/// 16 bytes of packed nibbles → 32 bytes: low nibbles (elements 0..16), then high (16..32).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles(p: &[u8; 16]) -> __m256i {
+    // SAFETY: `p` is 16 readable bytes.
+    let lo = unsafe { _mm_loadu_si128(p.as_ptr().cast()) };
+    let hi = _mm_srli_epi16::<4>(lo);
+    let both = _mm256_set_m128i(hi, lo);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
+}
+
+/// Bit `j` of `bits` → byte `j` is 0xFF when set, 0 otherwise (32 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bit_mask(bits: u32) -> __m256i {
+    let v = _mm256_set1_epi32(bits as i32);
+    // Byte j takes byte j/8 of `bits`.
+    let shuf = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_permute4x64_epi64::<0>(v), shuf);
+    let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(bytes, sel), sel)
+}
+
+/// Σ over 4-element groups of `u[e]·s[e]` (u unsigned ≤ 63·… so no i16 saturation): 8 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_us(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// The 32 weights of one legacy block, and its `d` and `m`: unsigned for the `_1`
+/// types (with `m`), signed for the `_0` types.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Legacy {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+}
+
+impl Legacy {
+    pub(crate) fn block_bytes(self) -> usize {
+        match self {
+            Legacy::Q4_0 => 18,
+            Legacy::Q4_1 => 20,
+            Legacy::Q5_0 => 22,
+            Legacy::Q5_1 => 24,
+            Legacy::Q8_0 => 34,
+        }
+    }
+}
+
+#[inline(always)]
+fn arr16(b: &[u8]) -> &[u8; 16] {
+    b[..16].try_into().expect("16 bytes")
+}
+
+/// Dot of one stored legacy-block row with Q8_0/Q8_1 activations (`ggml_dot::dot` order).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_legacy(kind: Legacy, row: &[u8], x: &Q8Row) -> f32 {
+    dot_legacy_n(kind, row, [x])[0]
+}
+
+/// [`dot_legacy`] of one weight row with `T` token rows at once: each block is
+/// unpacked once for all of them. Each result is computed in exactly the order
+/// of a single dot.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_legacy_n<const T: usize>(kind: Legacy, row: &[u8], xs: [&Q8Row; T]) -> [f32; T] {
+    let bytes = kind.block_bytes();
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut summs = [0f32; T];
+    let signed = matches!(kind, Legacy::Q4_0 | Legacy::Q5_0 | Legacy::Q8_0);
+    for (b, blk) in row.chunks_exact(bytes).enumerate() {
+        let dw = f16(blk, 0);
+        let w = match kind {
+            Legacy::Q4_0 => _mm256_sub_epi8(nibbles(arr16(&blk[2..18])), _mm256_set1_epi8(8)),
+            Legacy::Q4_1 => nibbles(arr16(&blk[4..20])),
+            Legacy::Q5_0 => {
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
+                _mm256_sub_epi8(_mm256_or_si256(nibbles(arr16(&blk[6..22])), hi), _mm256_set1_epi8(16))
+            }
+            Legacy::Q5_1 => {
+                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
+                _mm256_or_si256(nibbles(arr16(&blk[8..24])), hi)
+            }
+            // SAFETY: the block holds 32 quants after its scale.
+            Legacy::Q8_0 => unsafe { _mm256_loadu_si256(blk[2..34].as_ptr().cast()) },
+        };
+        // For the signed types the sign moves onto the activations (`maddubs` takes unsigned × signed).
+        let wu = if signed { _mm256_sign_epi8(w, w) } else { w };
+        let mw = if signed { 0.0 } else { f16(blk, 2) };
+        for t in 0..T {
+            let x = xs[t];
+            let (dx, sx) = x.scales[b];
+            // SAFETY: block `b` of the activations holds 32 quants (the caller matched lengths).
+            let qx = unsafe { _mm256_loadu_si256(x.q[b * QK..b * QK + QK].as_ptr().cast()) };
+            let p = if signed { dot_us(wu, _mm256_sign_epi8(qx, w)) } else { dot_us(wu, qx) };
+            if !signed {
+                summs[t] = fma(mw, sx, summs[t]);
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum8(acc[t]) + summs[t])
+}
+
+/// Q4_K with Q8_K activations (`ggml_dot::dot_q4_k` order).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    for (bi, blk) in row.chunks_exact(144).enumerate() {
+        let (dw, dmin) = (f16(blk, 0), f16(blk, 2));
+        let scales = &blk[4..16];
+        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+        let dx = x.d[bi];
+        let mut isum_v = _mm256_setzero_si256();
+        let mut imin = 0i32;
+        for g in 0..4 {
+            let (sc0, m0) = scale_min_k4(2 * g, scales);
+            let (sc1, m1) = scale_min_k4(2 * g + 1, scales);
+            // SAFETY: 32 bytes of qs and 2×32 quants of q8 are in range.
+            let (q, y0, y1) = unsafe {
+                (
+                    _mm256_loadu_si256(blk[16 + 32 * g..].as_ptr().cast()),
+                    _mm256_loadu_si256(q8[64 * g..].as_ptr().cast()),
+                    _mm256_loadu_si256(q8[64 * g + 32..].as_ptr().cast()),
+                )
+            };
+            let mask = _mm256_set1_epi8(0x0f);
+            let lo = _mm256_and_si256(q, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(sc0 as i16));
+            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16(sc1 as i16));
+            let pair = _mm256_add_epi32(p0, p1);
+            let mins = m0 as i32 * (bs[4 * g] + bs[4 * g + 1]) + m1 as i32 * (bs[4 * g + 2] + bs[4 * g + 3]);
+            if group == RowGroup::Gemm {
+                acc = fma(hsum_i32(pair) as f32, dw * dx, acc);
+                acc_min = fma(mins as f32, dmin * dx, acc_min);
+            } else {
+                isum_v = _mm256_add_epi32(isum_v, pair);
+                imin += mins;
+            }
+        }
+        if group == RowGroup::Gemv {
+            acc = fma(hsum_i32(isum_v) as f32, dw * dx, acc);
+            acc_min = fma(imin as f32, dmin * dx, acc_min);
+        }
+    }
+    acc - acc_min
+}
+
+/// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
+/// super-block, each `fma(d, lane − sub, acc)`).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_q6_k(row: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(3);
+    for (bi, blk) in row.chunks_exact(210).enumerate() {
+        let sc = |i: usize| blk[192 + i] as i8 as i16;
+        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+        let mut lanes = _mm256_setzero_si256();
+        for half in 0..2 {
+            // SAFETY: each load stays inside the 210-byte block / 256 quants.
+            let (ql0, ql1, qh) = unsafe {
+                (
+                    _mm256_loadu_si256(blk[half * 64..].as_ptr().cast()),
+                    _mm256_loadu_si256(blk[half * 64 + 32..].as_ptr().cast()),
+                    _mm256_loadu_si256(blk[128 + half * 32..].as_ptr().cast()),
+                )
+            };
+            for seg in 0..4 {
+                let ql = if seg & 1 == 0 { ql0 } else { ql1 };
+                let lo = if seg >> 1 == 0 {
+                    _mm256_and_si256(ql, m4)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
+                };
+                let h = match seg {
+                    0 => qh,
+                    1 => _mm256_srli_epi16::<2>(qh),
+                    2 => _mm256_srli_epi16::<4>(qh),
+                    _ => _mm256_srli_epi16::<6>(qh),
+                };
+                let q6 = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)));
+                // SAFETY: 32 quants at this segment.
+                let y = unsafe { _mm256_loadu_si256(q8[half * 128 + seg * 32..].as_ptr().cast()) };
+                let s0 = sc(half * 8 + seg * 2);
+                let s1 = sc(half * 8 + seg * 2 + 1);
+                let scales = _mm256_setr_epi16(s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1);
+                lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(_mm256_maddubs_epi16(q6, y), scales));
+            }
+        }
+        let sub: [i32; 8] =
+            std::array::from_fn(|l| 32 * (bs[2 * l] * sc(2 * l) as i32 + bs[2 * l + 1] * sc(2 * l + 1) as i32));
+        // SAFETY: `sub` is 8 i32.
+        let sub = unsafe { _mm256_loadu_si256(sub.as_ptr().cast()) };
+        let d = _mm256_set1_ps(x.d[bi] * f16(blk, 208));
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(lanes, sub)), acc);
+    }
+    hsum8(acc)
+}
+
+/// Rounds 8 floats to f16 and back (round to nearest even, as `half`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round_f16(x: __m256) -> __m256 {
+    _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
+}
+
+/// ggml's AVX2 `ggml_vec_dot_f16` order (see the reference's `ggml_dot_f16`):
+/// four 8-lane FMA accumulators over steps of 32, reduced (0+2)+(1+3), then
+/// the halves, then as `_mm_hadd_ps` twice; leftovers added in f64.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_f16_order(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let np = n - n % 32;
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    while i < np {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 8j + 8 ≤ np ≤ both lengths.
+            let (xv, yv) =
+                unsafe { (_mm256_loadu_ps(x.as_ptr().add(i + 8 * j)), _mm256_loadu_ps(y.as_ptr().add(i + 8 * j))) };
+            *a = _mm256_fmadd_ps(xv, yv, *a);
+        }
+        i += 32;
+    }
+    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+    let t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let t = _mm_hadd_ps(t, t);
+    let t = _mm_hadd_ps(t, t);
+    let mut sum = _mm_cvtss_f32(t) as f64;
+    for k in np..n {
+        sum += (x[k] * y[k]) as f64;
+    }
+    sum as f32
+}
+
+/// llama.cpp's CPU flash attention for one (query, head) over positions
+/// `range` of an f16-valued cache: the reference's `flash_f16`, bit for bit,
+/// with the value accumulator updated 8 lanes at a time. `o.len()` (the head
+/// size) must be a multiple of 8.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn flash_f16(
+    qh: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    width: usize,
+    range: std::ops::Range<usize>,
+    kv_off: usize,
+    scale: f32,
+    softcap: f32,
+    o: &mut [f32],
+    acc: &mut Vec<f32>,
+    q16: &mut Vec<f32>,
+) {
+    let hd = o.len();
+    q16.clear();
+    q16.extend(qh.iter().map(|&v| half::f16::from_f32(v).to_f32()));
+    acc.clear();
+    acc.resize(hd, 0.0);
+    let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
+    for j in range {
+        let kj = &keys[j * width + kv_off..j * width + kv_off + hd];
+        let mut s = dot_f16_order(q16, kj) * scale;
+        if softcap > 0.0 {
+            s = softcap * (s / softcap).tanh();
+        }
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > m {
+            let m_old = m;
+            m = s;
+            ms = (m_old - m).exp();
+            let msv = _mm256_set1_ps(ms);
+            for a in acc.chunks_exact_mut(8) {
+                // SAFETY: 8 floats.
+                unsafe { _mm256_storeu_ps(a.as_mut_ptr(), round_f16(_mm256_mul_ps(_mm256_loadu_ps(a.as_ptr()), msv))) };
+            }
+        } else {
+            vs = (s - m).exp();
+        }
+        let vj = &values[j * width + kv_off..j * width + kv_off + hd];
+        let vsv = _mm256_set1_ps(vs);
+        for (a, v) in acc.chunks_exact_mut(8).zip(vj.chunks_exact(8)) {
+            // SAFETY: 8 floats each.
+            unsafe {
+                let r = _mm256_fmadd_ps(_mm256_loadu_ps(v.as_ptr()), vsv, _mm256_loadu_ps(a.as_ptr()));
+                _mm256_storeu_ps(a.as_mut_ptr(), round_f16(r));
+            }
+        }
+        s_sum = fma(s_sum, ms, vs);
+    }
+    let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+    for (od, a) in o.iter_mut().zip(acc.iter()) {
+        *od = a * inv;
+    }
+}
+
+/// `ggml_dot::quantize_q8` (Q8_0/Q8_1 activations), 8 lanes at a time; bit-identical.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn quantize_q8(x: &[f32]) -> Q8Row {
+    let mut scales = Vec::with_capacity(x.len() / QK);
+    let mut q = vec![0i8; x.len()];
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (b, qb) in x.chunks(QK).zip(q.chunks_mut(QK)) {
+        if b.len() < QK {
+            // A short tail (never for whole blocks): the scalar definition.
+            let r = kiln_quant::ggml_dot::quantize_q8(b);
+            qb.copy_from_slice(&r.q);
+            scales.extend(r.scales);
+            continue;
+        }
+        // SAFETY: 32 floats.
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(b.as_ptr().add(8 * i)) });
+        let mut mx = _mm256_setzero_ps();
+        for vi in v {
+            mx = _mm256_max_ps(mx, _mm256_and_ps(vi, abs_mask));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps::<1>(mx));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let idv = _mm256_set1_ps(id);
+        let mut sum = _mm256_setzero_si256();
+        let mut out = [0i32; 32];
+        for (i, vi) in v.into_iter().enumerate() {
+            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(vi, idv));
+            let qi = _mm256_cvtps_epi32(r);
+            sum = _mm256_add_epi32(sum, qi);
+            // SAFETY: 8 i32.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(8 * i).cast(), qi) };
+        }
+        for (o, v) in qb.iter_mut().zip(out) {
+            *o = v as i8;
+        }
+        let sum = hsum_i32(sum);
+        scales.push((half::f16::from_f32(d).to_f32(), half::f16::from_f32(d * sum as f32).to_f32()));
+    }
+    Q8Row { scales, q }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_ir::DType;
+    use kiln_quant::ggml_dot::{self, Activations};
+
+    use super::*;
+
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    fn random_row(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
+        let mut r = rng(seed);
+        let mut row: Vec<u8> = (0..dtype.row_bytes(n as u64).unwrap() as usize).map(|_| r() as u8).collect();
+        // Finite, modest f16 scales where the format keeps them.
+        let s = half::f16::from_f32(0.0123).to_le_bytes();
+        let m = half::f16::from_f32(-0.0071).to_le_bytes();
+        let bb = dtype.block_bytes() as usize;
+        for blk in row.chunks_mut(bb) {
+            match dtype {
+                DType::Q4K => {
+                    blk[0..2].copy_from_slice(&s);
+                    blk[2..4].copy_from_slice(&m);
+                }
+                DType::Q6K => blk[208..210].copy_from_slice(&s),
+                DType::Q4_1 | DType::Q5_1 => {
+                    blk[0..2].copy_from_slice(&s);
+                    blk[2..4].copy_from_slice(&m);
+                }
+                _ => blk[0..2].copy_from_slice(&s),
+            }
+        }
+        row
+    }
+
+    fn acts(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = rng(seed);
+        (0..n).map(|i| ((r() % 20001) as f32 / 10000.0 - 1.0) * if i % 37 == 0 { 9.0 } else { 1.0 }).collect()
+    }
+
+    fn avx2() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+
+    #[test]
+    fn legacy_dots_equal_the_scalar_definition_bit_for_bit() {
+        if !avx2() {
+            return;
+        }
+        for (dtype, kind) in [
+            (DType::Q4_0, Legacy::Q4_0),
+            (DType::Q4_1, Legacy::Q4_1),
+            (DType::Q5_0, Legacy::Q5_0),
+            (DType::Q5_1, Legacy::Q5_1),
+            (DType::Q8_0, Legacy::Q8_0),
+        ] {
+            for seed in 0..20 {
+                let n = 32 * (1 + seed as usize % 24);
+                let row = random_row(dtype, n, seed);
+                let x = ggml_dot::quantize_q8(&acts(n, seed + 100));
+                let want = ggml_dot::dot(
+                    dtype,
+                    &row,
+                    &Activations::Q8(ggml_dot::quantize_q8(&acts(n, seed + 100))),
+                    RowGroup::Gemv,
+                );
+                // SAFETY: checked above.
+                let got = unsafe { dot_legacy(kind, &row, &x) };
+                assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} n={n}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantizer_equals_the_scalar_definition() {
+        if !avx2() {
+            return;
+        }
+        for seed in 0..50 {
+            let mut x = acts(32 * (1 + seed as usize % 9), seed);
+            if seed % 5 == 0 {
+                x[..32].iter_mut().for_each(|v| *v = 0.0);
+            }
+            let want = ggml_dot::quantize_q8(&x);
+            // SAFETY: checked above.
+            let got = unsafe { quantize_q8(&x) };
+            assert_eq!(got.q, want.q);
+            assert_eq!(got.scales, want.scales);
+        }
+    }
+
+    #[test]
+    fn k_quant_dots_equal_the_scalar_definition_bit_for_bit() {
+        if !avx2() {
+            return;
+        }
+        for seed in 0..20 {
+            let n = 256 * (1 + seed as usize % 6);
+            let x = acts(n, seed + 7);
+            for dtype in [DType::Q4K, DType::Q6K] {
+                let row = random_row(dtype, n, seed);
+                let a = ggml_dot::quantize_for(dtype, &x).unwrap();
+                let Activations::Q8K(q) = &a else { unreachable!() };
+                for group in [RowGroup::Gemv, RowGroup::Gemm] {
+                    let want = ggml_dot::dot(dtype, &row, &a, group);
+                    // SAFETY: checked above.
+                    let got = unsafe { if dtype == DType::Q4K { dot_q4_k(&row, q, group) } else { dot_q6_k(&row, q) } };
+                    assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} {group:?} n={n}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
