@@ -65,7 +65,14 @@ fn top2(logits: &[f32]) -> ((u32, f32), (u32, f32)) {
 /// tokens agree; should a rounding ever differ, issue 3's rule still holds the
 /// first difference to a near-tie in kiln's own logits.
 fn check_greedy(model_path: &Path, name: &str) {
-    let model = Model::load(model_path).unwrap();
+    check_greedy_on(model_path, name, "reference");
+}
+
+/// [`check_greedy`] on the named backend (the compiled CPU backend computes in
+/// the same numerics, so it must reproduce llama.cpp's tokens the same way).
+fn check_greedy_on(model_path: &Path, name: &str, backend: &str) {
+    let mut model = Model::load(model_path).unwrap();
+    model.backend = backend.to_string();
     let o = oracle(name);
     for p in o["prompts"].as_array().unwrap() {
         let text = p["text"].as_str().unwrap();
@@ -97,7 +104,7 @@ fn check_greedy(model_path: &Path, name: &str) {
             matched += 1;
             logits = session.forward(&[t1], Logits::Last).unwrap();
         }
-        eprintln!("{name} {text:?}: {matched}/{} tokens equal to llama.cpp's", want.len());
+        eprintln!("{name} ({backend}) {text:?}: {matched}/{} tokens equal to llama.cpp's", want.len());
     }
 }
 
@@ -124,6 +131,12 @@ fn smollm2_greedy_matches_llama_cpp() {
 }
 
 #[test]
+fn smollm2_greedy_on_the_cpu_backend_matches_llama_cpp() {
+    let Some(m) = common::smollm2() else { return };
+    check_greedy_on(&m, "smollm2", "cpu");
+}
+
+#[test]
 fn smollm2_perplexity_matches_llama_cpp() {
     let Some(m) = common::smollm2() else { return };
     let chunks = oracle("smollm2")["ppl"]["chunks"].as_u64().unwrap() as usize;
@@ -134,6 +147,12 @@ fn smollm2_perplexity_matches_llama_cpp() {
 fn qwen2_greedy_matches_llama_cpp() {
     let Some(m) = common::qwen05() else { return };
     check_greedy(&m, "qwen2.5-coder-0.5b");
+}
+
+#[test]
+fn qwen2_greedy_on_the_cpu_backend_matches_llama_cpp() {
+    let Some(m) = common::qwen05() else { return };
+    check_greedy_on(&m, "qwen2.5-coder-0.5b", "cpu");
 }
 
 #[test]

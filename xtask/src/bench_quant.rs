@@ -91,7 +91,7 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
 }
 
 /// Runs `cmd` under GNU time when available: (stdout, stderr, seconds, peak RSS MiB).
-fn timed(program: &Path, args: &[String]) -> Result<(String, String, f64, Option<f64>), String> {
+pub(crate) fn timed(program: &Path, args: &[String]) -> Result<(String, String, f64, Option<f64>), String> {
     let gnu_time = Path::new("/usr/bin/time");
     let t0 = std::time::Instant::now();
     let out = if gnu_time.exists() {
@@ -118,7 +118,7 @@ fn timed(program: &Path, args: &[String]) -> Result<(String, String, f64, Option
     Ok((stdout, stderr, secs, rss))
 }
 
-fn s(p: &Path) -> String {
+pub(crate) fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
@@ -126,7 +126,7 @@ fn s(p: &Path) -> String {
 /// elements. Reads only the GGUF header, so any ggml type counts (IQ2 too):
 /// a tensor's bytes run from its offset to the next tensor's (alignment
 /// padding, under 32 bytes a tensor, is counted with it).
-fn gguf_bpw(path: &Path) -> Result<(f64, u64), String> {
+pub(crate) fn gguf_bpw(path: &Path) -> Result<(f64, u64), String> {
     let buf = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let bad = || format!("{}: not a GGUF file kiln's bench can read", path.display());
     let mut at = 0usize;
@@ -218,7 +218,7 @@ fn llama_ppl(text: &str) -> Option<f64> {
 }
 
 /// The registry file of `id` (from `kiln models`), fetched into the cache.
-fn model_path(env: &Env, id: &str) -> Result<PathBuf, String> {
+pub(crate) fn model_path(env: &Env, id: &str) -> Result<PathBuf, String> {
     let out = Command::new(&env.kiln).args(["fetch", id]).output().map_err(|e| e.to_string())?;
     if !out.status.success() {
         return Err(format!("kiln fetch {id} failed: {}", String::from_utf8_lossy(&out.stderr)));

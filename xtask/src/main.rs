@@ -102,6 +102,7 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   test [ARGS...]        fetch the test models, then run every test (nextest)\n\
   compile --recipe R --device watch|phone|laptop|all [--out DIR] [--json]\n\
   fetch-models [ID...]\n\
+  bench cpu [--models ID,ID] [--pp 512] [--tg 128] [--reps 2] [--threads 2]\n\
   bench quant [--models ID,ID] [--ctx 512] [--chunks 8] [--calib-chunks 8] [--threads 2]\n\
   bench spec [--models ID,ID] [--tokens 64] [--threads 2] [--backend reference]\n\
   glassllm-to-hf --npz PATH --tokenizer PATH --out DIR\n\
@@ -128,10 +129,13 @@ fn main() -> ExitCode {
             Some("quant") => build_kiln().and_then(|kiln| {
                 xtask::bench_quant::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
             }),
+            Some("cpu") => build_kiln().and_then(|kiln| {
+                xtask::bench_cpu::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
+            }),
             Some("spec") => build_kiln().and_then(|kiln| {
                 xtask::bench_spec::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
             }),
-            _ => Err(format!("usage: cargo xtask bench quant|spec [OPTIONS]\n{USAGE}")),
+            _ => Err(format!("usage: cargo xtask bench cpu|quant|spec [OPTIONS]\n{USAGE}")),
         },
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

