@@ -20,7 +20,7 @@ pub(crate) fn attend(
 ) -> Vec<f32> {
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
-    if isa != Isa::Avx2 || !ggml || hd == 0 || hd % 8 != 0 || heads == 0 {
+    if isa != Isa::Avx2 || !ggml || hd == 0 || !hd.is_multiple_of(8) || heads == 0 {
         return reference::ReferenceKernels(kiln_backends::Numerics::Ggml)
             .attend_default(q, first_pos, cache, attrs, ggml);
     }
@@ -36,28 +36,14 @@ fn attend_avx2(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAt
     let mut out = vec![0.0f32; q.len()];
     out.par_chunks_mut(hd).enumerate().for_each_init(
         || (Vec::new(), Vec::new()),
-        |(acc, q16), (idx, o)| {
+        |scratch, (idx, o)| {
             let (t, h) = (idx / heads, idx % heads);
             let p = first_pos + t;
             let lo = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
             let hi = (p + 1).min(cache.len());
             let qh = &q[idx * hd..(idx + 1) * hd];
             // SAFETY: only called with `Isa::Avx2`, detected at run time.
-            unsafe {
-                crate::x86::flash_f16(
-                    qh,
-                    &cache.k,
-                    &cache.v,
-                    cache.width,
-                    lo..hi,
-                    (h / group) * hd,
-                    attrs.scale,
-                    attrs.softcap,
-                    o,
-                    acc,
-                    q16,
-                )
-            };
+            unsafe { crate::x86::flash_f16(qh, cache, lo..hi, (h / group) * hd, attrs, o, scratch) };
         },
     );
     out

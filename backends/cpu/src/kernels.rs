@@ -48,6 +48,11 @@ impl Isa {
 pub(crate) enum Prepared {
     Int(Activations),
     Float(Vec<f32>),
+    /// kq2: the row and its rotation to the storage basis.
+    Kq2 {
+        x: Vec<f32>,
+        xr: Vec<f32>,
+    },
 }
 
 /// Prepares `x` (one row of `k` values) for dots with weights of `dtype`.
@@ -56,6 +61,9 @@ pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
     if isa == Isa::Avx2 && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0) {
         // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
         return Prepared::Int(Activations::Q8(unsafe { x86::quantize_q8(x) }));
+    }
+    if dtype == DType::KQ2 {
+        return Prepared::Kq2 { x: x.to_vec(), xr: quant::kq2::kq2_rotate_row(x) };
     }
     let _ = isa;
     match ggml_dot::quantize_for(dtype, x) {
@@ -101,10 +109,12 @@ pub(crate) fn dot_tile(
         }
         return Ok(());
     }
-    for ((out, x), &group) in tile.chunks_mut(nb.max(1)).zip(xs).zip(groups) {
+    for ((out, p), &group) in tile.chunks_mut(nb.max(1)).zip(xs).zip(groups) {
         for (o, r) in out.iter_mut().zip(rows.chunks_exact(rb.max(1))) {
-            if let Prepared::Int(a) = x {
-                *o = ggml_dot::dot(dtype, r, a, group);
+            match p {
+                Prepared::Int(a) => *o = ggml_dot::dot(dtype, r, a, group),
+                Prepared::Kq2 { x, xr } => *o = quant::kq2::dot_kq2_rotated(r, x, xr),
+                Prepared::Float(_) => {}
             }
         }
     }
@@ -128,6 +138,16 @@ fn avx2_tile(
         DType::Q5_0 => Legacy::Q5_0,
         DType::Q5_1 => Legacy::Q5_1,
         DType::Q8_0 => Legacy::Q8_0,
+        DType::KQ2 => {
+            for (t, p) in xs.iter().enumerate() {
+                let Prepared::Kq2 { x, xr } = p else { return false };
+                for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
+                    // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+                    tile[t * nb + j] = unsafe { x86::dot_kq2(r, x, xr) };
+                }
+            }
+            return true;
+        }
         DType::Q4K | DType::Q6K => {
             let q8k: Vec<_> = xs
                 .iter()
@@ -159,13 +179,39 @@ fn avx2_tile(
     if q8.len() != xs.len() {
         return false;
     }
-    // Four token rows per weight row while there are four: each block is unpacked once for them.
+    // Decode (one token row): four weight rows at a time. Prefill: four
+    // token rows per weight row, each block unpacked once for them.
+    let mut wrows = rows.chunks_exact(rb.max(1)).enumerate();
+    if q8.len() == 1 {
+        let x = q8[0];
+        while nb >= 4 && tile.len() >= nb {
+            let Some((j, r0)) = wrows.next() else { break };
+            if j + 4 > nb {
+                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+                tile[j] = unsafe { x86::dot_legacy(legacy, r0, x) };
+                continue;
+            }
+            let (Some((_, r1)), Some((_, r2)), Some((_, r3))) = (wrows.next(), wrows.next(), wrows.next()) else {
+                break;
+            };
+            // SAFETY: as above.
+            let v = unsafe { x86::dot_legacy_tile(legacy, [r0, r1, r2, r3], [x]) };
+            for (u, v) in v.into_iter().enumerate() {
+                tile[j + u] = v[0];
+            }
+        }
+        for (j, r) in wrows {
+            // SAFETY: as above.
+            tile[j] = unsafe { x86::dot_legacy(legacy, r, x) };
+        }
+        return true;
+    }
     let quads = q8.len() / 4 * 4;
-    for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
+    for (j, r) in wrows {
         for t in (0..quads).step_by(4) {
             // SAFETY: as above.
-            let v = unsafe { x86::dot_legacy_n(legacy, r, [q8[t], q8[t + 1], q8[t + 2], q8[t + 3]]) };
-            for (u, v) in v.into_iter().enumerate() {
+            let v = unsafe { x86::dot_legacy_tile(legacy, [r], [q8[t], q8[t + 1], q8[t + 2], q8[t + 3]]) };
+            for (u, v) in v[0].into_iter().enumerate() {
                 tile[(t + u) * nb + j] = v;
             }
         }

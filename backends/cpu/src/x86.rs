@@ -119,56 +119,74 @@ fn arr16(b: &[u8]) -> &[u8; 16] {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_legacy(kind: Legacy, row: &[u8], x: &Q8Row) -> f32 {
-    dot_legacy_n(kind, row, [x])[0]
+    dot_legacy_tile(kind, [row], [x])[0][0]
 }
 
-/// [`dot_legacy`] of one weight row with `T` token rows at once: each block is
-/// unpacked once for all of them. Each result is computed in exactly the order
-/// of a single dot.
+/// The 32 weights of a legacy block as bytes (signed for the `_0` types,
+/// unsigned for the `_1` types), its `d` and its `m` (0 for the `_0` types).
+#[inline(always)]
+fn unpack(kind: Legacy, blk: &[u8]) -> (__m256i, f32, f32) {
+    // SAFETY (of every call): only reached from `#[target_feature(avx2,fma,f16c)]` functions.
+    unsafe {
+        match kind {
+            Legacy::Q4_0 => (_mm256_sub_epi8(nibbles(arr16(&blk[2..18])), _mm256_set1_epi8(8)), f16(blk, 0), 0.0),
+            Legacy::Q4_1 => (nibbles(arr16(&blk[4..20])), f16(blk, 0), f16(blk, 2)),
+            Legacy::Q5_0 => {
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
+                let w = _mm256_sub_epi8(_mm256_or_si256(nibbles(arr16(&blk[6..22])), hi), _mm256_set1_epi8(16));
+                (w, f16(blk, 0), 0.0)
+            }
+            Legacy::Q5_1 => {
+                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
+                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
+                (_mm256_or_si256(nibbles(arr16(&blk[8..24])), hi), f16(blk, 0), f16(blk, 2))
+            }
+            Legacy::Q8_0 => (_mm256_loadu_si256(blk[2..34].as_ptr().cast()), f16(blk, 0), 0.0),
+        }
+    }
+}
+
+/// [`dot_legacy`] of `R` weight rows with `T` token rows at once: each weight
+/// block is unpacked once for all tokens and each activation block loaded
+/// once for all rows, with `R·T` independent accumulators. Each result is
+/// computed in exactly the order of a single dot.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_legacy_n<const T: usize>(kind: Legacy, row: &[u8], xs: [&Q8Row; T]) -> [f32; T] {
+pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
+    kind: Legacy,
+    rows: [&[u8]; R],
+    xs: [&Q8Row; T],
+) -> [[f32; T]; R] {
     let bytes = kind.block_bytes();
-    let mut acc = [_mm256_setzero_ps(); T];
-    let mut summs = [0f32; T];
+    let nblocks = rows.iter().map(|r| r.len() / bytes).chain(xs.iter().map(|x| x.scales.len())).min().unwrap_or(0);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut summs = [[0f32; T]; R];
     let signed = matches!(kind, Legacy::Q4_0 | Legacy::Q5_0 | Legacy::Q8_0);
-    for (b, blk) in row.chunks_exact(bytes).enumerate() {
-        let dw = f16(blk, 0);
-        let w = match kind {
-            Legacy::Q4_0 => _mm256_sub_epi8(nibbles(arr16(&blk[2..18])), _mm256_set1_epi8(8)),
-            Legacy::Q4_1 => nibbles(arr16(&blk[4..20])),
-            Legacy::Q5_0 => {
-                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
-                _mm256_sub_epi8(_mm256_or_si256(nibbles(arr16(&blk[6..22])), hi), _mm256_set1_epi8(16))
-            }
-            Legacy::Q5_1 => {
-                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
-                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
-                _mm256_or_si256(nibbles(arr16(&blk[8..24])), hi)
-            }
-            // SAFETY: the block holds 32 quants after its scale.
-            Legacy::Q8_0 => unsafe { _mm256_loadu_si256(blk[2..34].as_ptr().cast()) },
-        };
-        // For the signed types the sign moves onto the activations (`maddubs` takes unsigned × signed).
-        let wu = if signed { _mm256_sign_epi8(w, w) } else { w };
-        let mw = if signed { 0.0 } else { f16(blk, 2) };
+    for b in 0..nblocks {
+        let mut qx = [_mm256_setzero_si256(); T];
         for t in 0..T {
-            let x = xs[t];
-            let (dx, sx) = x.scales[b];
-            // SAFETY: block `b` of the activations holds 32 quants (the caller matched lengths).
-            let qx = unsafe { _mm256_loadu_si256(x.q[b * QK..b * QK + QK].as_ptr().cast()) };
-            let p = if signed { dot_us(wu, _mm256_sign_epi8(qx, w)) } else { dot_us(wu, qx) };
-            if !signed {
-                summs[t] = fma(mw, sx, summs[t]);
+            // SAFETY: block `b` < nblocks holds 32 quants.
+            qx[t] = unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(b * QK).cast()) };
+        }
+        for r in 0..R {
+            let (w, dw, mw) = unpack(kind, &rows[r][b * bytes..(b + 1) * bytes]);
+            // For the signed types the sign moves onto the activations (`maddubs` takes unsigned × signed).
+            let wu = if signed { _mm256_sign_epi8(w, w) } else { w };
+            for t in 0..T {
+                let (dx, sx) = xs[t].scales[b];
+                let p = if signed { dot_us(wu, _mm256_sign_epi8(qx[t], w)) } else { dot_us(wu, qx[t]) };
+                if !signed {
+                    summs[r][t] = fma(mw, sx, summs[r][t]);
+                }
+                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(p), acc[r][t]);
             }
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(p), acc[t]);
         }
     }
-    std::array::from_fn(|t| hsum8(acc[t]) + summs[t])
+    std::array::from_fn(|r| std::array::from_fn(|t| hsum8(acc[r][t]) + summs[r][t]))
 }
 
 /// Q4_K with Q8_K activations (`ggml_dot::dot_q4_k` order).
@@ -323,17 +341,15 @@ fn dot_f16_order(x: &[f32], y: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn flash_f16(
     qh: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    width: usize,
+    cache: &kiln_backends::reference::KvCache,
     range: std::ops::Range<usize>,
     kv_off: usize,
-    scale: f32,
-    softcap: f32,
+    attrs: &kiln_ir::AttentionAttrs,
     o: &mut [f32],
-    acc: &mut Vec<f32>,
-    q16: &mut Vec<f32>,
+    (acc, q16): &mut (Vec<f32>, Vec<f32>),
 ) {
+    let (keys, values, width) = (&cache.k, &cache.v, cache.width);
+    let (scale, softcap) = (attrs.scale, attrs.softcap);
     let hd = o.len();
     q16.clear();
     q16.extend(qh.iter().map(|&v| half::f16::from_f32(v).to_f32()));
@@ -424,6 +440,79 @@ pub(crate) fn quantize_q8(x: &[f32]) -> Q8Row {
     Q8Row { scales, q }
 }
 
+/// kq2 codeword tables for the SIMD decoder: per magnitude index the eight
+/// odd magnitudes `A` as signed bytes, with coordinate 7 negated when the
+/// index's parity `P(i)` is 1; per 7 sign bits the eight signs (±1 bytes),
+/// sign 7 being the parity of the seven. Their product is the codeword's
+/// `2·(c − shift)` (see `kiln_quant::kq2`).
+pub(crate) struct Kq2Tables {
+    mag: [u64; 512],
+    sign: [u64; 128],
+}
+
+pub(crate) static KQ2_TABLES: std::sync::LazyLock<Kq2Tables> = std::sync::LazyLock::new(|| {
+    let abs = kiln_quant::kq2::kq2_abs_codebook();
+    let mut mag = [0u64; 512];
+    for (m, a) in mag.iter_mut().zip(abs) {
+        let parity = (a.iter().map(|&k| u32::from(k)).sum::<u32>() / 2) & 1;
+        let bytes: [u8; 8] = std::array::from_fn(|j| {
+            let v = a[j] as i8;
+            (if j == 7 && parity == 1 { -v } else { v }) as u8
+        });
+        *m = u64::from_le_bytes(bytes);
+    }
+    let sign = std::array::from_fn(|s7: usize| {
+        let bytes: [u8; 8] = std::array::from_fn(|j| {
+            let neg = if j < 7 { s7 >> j & 1 == 1 } else { s7.count_ones() & 1 == 1 };
+            (if neg { -1i8 } else { 1 }) as u8
+        });
+        u64::from_le_bytes(bytes)
+    });
+    Kq2Tables { mag, sign }
+});
+
+/// Dot of one kq2 row with `x` and its rotation `xr`
+/// (`kiln_quant::kq2::kq2_rotate_row`), decoding each 8-weight group from the
+/// two tables straight into f32 lanes, in the order of
+/// `kiln_quant::kq2::dot_kq2_rotated` (bit for bit).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
+    let t = &*KQ2_TABLES;
+    let mut acc = 0f32;
+    let nblocks = (row.len() / 18).min(x.len() / 64).min(xr.len() / 64);
+    let half = _mm256_set1_ps(0.5);
+    for bi in 0..nblocks {
+        let b = &row[bi * 18..bi * 18 + 18];
+        let s = kiln_quant::kq2::kq2_scale(b[0]);
+        if s == 0.0 {
+            continue;
+        }
+        let xs = if b[0] & 0x80 == 0 { &xr[bi * 64..bi * 64 + 64] } else { &x[bi * 64..bi * 64 + 64] };
+        let mut lanes = _mm256_setzero_ps();
+        for g in 0..8 {
+            let lo = u16::from_le_bytes([b[2 + 2 * g], b[3 + 2 * g]]);
+            let idx = usize::from(lo & 0xff) | usize::from(b[1] >> g & 1) << 8;
+            let s7 = usize::from(lo >> 8 & 0x7f);
+            let w = _mm_sign_epi8(_mm_cvtsi64_si128(t.mag[idx] as i64), _mm_cvtsi64_si128(t.sign[s7] as i64));
+            let shift = _mm256_set1_ps(if lo >> 15 == 1 { -0.25 } else { 0.25 });
+            // c = ±A/2 ± 1/4, exact in f32.
+            let c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w)), half, shift);
+            // SAFETY: 8 floats of the block's 64.
+            let xv = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * g)) };
+            lanes = _mm256_add_ps(lanes, _mm256_mul_ps(c, xv));
+        }
+        // ((l0+l4) + (l1+l5)) + ((l2+l6) + (l3+l7))
+        let r = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps::<1>(lanes));
+        let r = _mm_hadd_ps(r, r);
+        let r = _mm_hadd_ps(r, r);
+        acc += s * _mm_cvtss_f32(r);
+    }
+    acc
+}
+
 #[cfg(test)]
 mod tests {
     use kiln_ir::DType;
@@ -500,6 +589,30 @@ mod tests {
                 let got = unsafe { dot_legacy(kind, &row, &x) };
                 assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} n={n}: {got} vs {want}");
             }
+        }
+    }
+
+    #[test]
+    fn kq2_dot_equals_the_definition_bit_for_bit() {
+        if !avx2() {
+            return;
+        }
+        for seed in 0..20 {
+            let n = 64 * (1 + seed as usize % 12);
+            let w = acts(n, seed + 1);
+            let x = acts(n, seed + 2);
+            let mut row = vec![0u8; kiln_quant::kq2::kq2_row_bytes(n).unwrap()];
+            kiln_quant::kq2::quantize_kq2(&w, None, &mut row).unwrap();
+            if seed % 3 == 0 {
+                // Some blocks stored unrotated.
+                for b in row.chunks_mut(18).step_by(2) {
+                    b[0] |= 0x80;
+                }
+            }
+            let want = kiln_quant::kq2::dot_kq2(&row, &x).unwrap();
+            // SAFETY: checked above.
+            let got = unsafe { dot_kq2(&row, &x, &kiln_quant::kq2::kq2_rotate_row(&x)) };
+            assert_eq!(got.to_bits(), want.to_bits(), "n={n}: {got} vs {want}");
         }
     }
 

@@ -259,7 +259,13 @@ fn rht_sign(j: usize) -> f32 {
     if KQ2_RHT_SIGNS >> j & 1 == 1 { -1.0 } else { 1.0 }
 }
 
-/// The storage basis of a rotated block: v = H·(S ⊙ w)/8.
+/// The storage basis of a rotated block: v = H·(S ⊙ w)/8 (kernels that rotate
+/// the activations instead of the weights, as [`dot_kq2`] does, apply it to x).
+#[inline]
+pub fn kq2_rotate(w: &[f32; 64]) -> [f32; 64] {
+    rotate(w)
+}
+
 #[inline]
 fn rotate(w: &[f32; 64]) -> [f32; 64] {
     let mut v: [f32; 64] = std::array::from_fn(|j| w[j] * rht_sign(j));
@@ -513,16 +519,41 @@ pub fn dequantize_kq2(src: &[u8], dst: &mut [f32]) -> Result<(), QuantError> {
 /// dot product up to f32 rounding.
 pub fn dot_kq2(row: &[u8], x: &[f32]) -> Result<f32, QuantError> {
     check(x.len(), row.len())?;
+    Ok(dot_kq2_rotated(row, x, &kq2_rotate_row(x)))
+}
+
+/// `x` with every 64-block rotated to the storage basis ([`kq2_rotate`]); a
+/// tail shorter than a block is copied as is.
+pub fn kq2_rotate_row(x: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for b in x.chunks(64) {
+        match <&[f32; 64]>::try_from(b) {
+            Ok(b) => out.extend_from_slice(&rotate(b)),
+            Err(_) => out.extend_from_slice(b),
+        }
+    }
+    out
+}
+
+/// [`dot_kq2`] with the rotated activations given (`xr = kq2_rotate_row(x)`,
+/// computed once per activation row for all weight rows): the definition of
+/// kq2's dot product, whose order SIMD kernels reproduce. Per block: eight
+/// lanes `lanes[i] += c[i]·x[8g + i]` over the groups g (a multiply, then an
+/// add), reduced as `((l0+l4) + (l1+l5)) + ((l2+l6) + (l3+l7))`, then
+/// `acc += scale · that`. Blocks past the shorter of `row` and `x` are ignored.
+pub fn dot_kq2_rotated(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
     let cb = &*CODEBOOK;
     let mut acc = 0.0f32;
-    for (b, xs) in row.as_chunks::<KQ2_BLOCK_BYTES>().0.iter().zip(x.as_chunks::<64>().0) {
+    for ((b, xs), xrs) in
+        row.as_chunks::<KQ2_BLOCK_BYTES>().0.iter().zip(x.as_chunks::<64>().0).zip(xr.as_chunks::<64>().0)
+    {
         let s = kq2_scale(b[0]);
         if s == 0.0 {
             continue;
         }
-        let xr = if b[0] & KQ2_UNROTATED == 0 { rotate(xs) } else { *xs };
+        let xv = if b[0] & KQ2_UNROTATED == 0 { xrs } else { xs };
         let mut lanes = [0.0f32; 8];
-        for (g, xg) in xr.as_chunks::<8>().0.iter().enumerate() {
+        for (g, xg) in xv.as_chunks::<8>().0.iter().enumerate() {
             let c = decode_code(cb, block_code(b, g));
             for i in 0..8 {
                 lanes[i] += c[i] * xg[i];
@@ -530,7 +561,7 @@ pub fn dot_kq2(row: &[u8], x: &[f32]) -> Result<f32, QuantError> {
         }
         acc += s * (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])));
     }
-    Ok(acc)
+    acc
 }
 
 /// Quantizes a row of `src.len()` weights (a multiple of 64) into `dst`

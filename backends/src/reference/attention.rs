@@ -41,6 +41,10 @@ impl KvCache {
         self.k.len().checked_div(self.width).unwrap_or(0)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Appends rows of keys and values (`[n][width]` each). Grows by
     /// doubling, but never reserves room for more than `max_positions`.
     pub fn append(&mut self, k: &[f32], v: &[f32]) {

@@ -57,6 +57,9 @@ pub(crate) fn matmul(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>
     if n == 0 || rows == 0 {
         return Ok(vec![0.0; rows * n]);
     }
+    if w.dtype == DType::KQ2 {
+        return Ok(matmul_kq2(x, rows, w, bias));
+    }
     // Few enough rows per task that the dequantized block stays in L2, and
     // enough tasks (about four per thread) to balance even a small matrix;
     // a multiple of 4 for `dot4`.
@@ -107,6 +110,22 @@ pub(crate) fn matmul(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>
         }
     }
     Ok(y)
+}
+
+/// kq2 weights are dotted in their storage basis
+/// (`quant::kq2::dot_kq2_rotated`, the format's definition): each token row
+/// is rotated once, and no weight is taken back to the original basis.
+fn matmul_kq2(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>) -> Vec<f32> {
+    let (n, k) = (w.n, w.k);
+    let xs: Vec<(&[f32], Vec<f32>)> =
+        x.chunks(k.max(1)).take(rows).map(|r| (r, quant::kq2::kq2_rotate_row(r))).collect();
+    let mut y = vec![0.0f32; rows * n];
+    y.par_chunks_mut(n).zip(&xs).for_each(|(yt, (xt, xr))| {
+        yt.par_iter_mut().enumerate().for_each(|(o, v)| {
+            *v = quant::kq2::dot_kq2_rotated(w.row(o), xt, xr) + bias.map_or(0.0, |b| b[o]);
+        });
+    });
+    y
 }
 
 /// [`matmul`] in llama.cpp-compatible numerics for the types of [`quant::ggml_dot`]:
