@@ -57,7 +57,7 @@ struct Common {
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
-    /// Run on this backend instead of the build's (reference, ptx); checkpoints default to reference.
+    /// Run on this backend instead of the build's (reference, cpu, ptx); checkpoints default to reference.
     #[arg(long)]
     backend: Option<String>,
 }

@@ -6,7 +6,7 @@
 //! model: smollm2-135m-instruct      # a models.yaml id, or a path relative to the recipe
 //! devices:
 //!   laptop:
-//!     backend: reference
+//!     backend: cpu
 //!     passes: [dce, { quantize: { default: q4_k, rules: { attn_v: q6_k } } }]
 //! calibration: { text: ../tests/fixtures/text/calib-excerpt.txt, ctx: 512, chunks: 8 }   # optional
 //! quality: { text: ../tests/fixtures/text/ppl-excerpt.txt, ctx: 512, chunks: 4 }         # optional

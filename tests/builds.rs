@@ -64,6 +64,7 @@ fn default_recipe_builds_reproducibly_and_runs() {
     assert_eq!(files(&outs[0]), b);
     let manifest: serde_json::Value = serde_json::from_slice(&a[1].1).unwrap();
     assert_eq!(manifest["recipe"]["name"], "smollm2-135m");
+    assert_eq!(manifest["backend"], "cpu", "the laptop runs the compiled CPU backend");
     assert_eq!(manifest["passes"][0]["pass"], "dce");
     assert_eq!(manifest["source"]["sha256"], "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
 

@@ -14,14 +14,16 @@
 //! `tests/oracle/build_llama_cpp.sh` (cached across runs). Writes
 //! `bench/results/cpu-<date>.{json,md}`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde_json::{Value, json};
 
-use crate::bench_quant::{Env, model_path, s, timed};
+use crate::bench_quant::{Env, gguf_bpw, model_path, s, timed};
 
 struct Opts {
+    two_bit: bool,
+    calib: PathBuf,
     models: Vec<String>,
     pp: usize,
     tg: usize,
@@ -33,6 +35,8 @@ struct Opts {
 
 fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
     let mut o = Opts {
+        two_bit: false,
+        calib: env.root.join("tests/fixtures/text/calib-excerpt.txt"),
         models: vec!["smollm2-135m-instruct".into(), "qwen2.5-coder-0.5b".into(), "qwen2.5-coder-1.5b".into()],
         pp: 512,
         tg: 128,
@@ -55,9 +59,10 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
             "--threads" => o.threads = num(val()?)?.max(1),
             "--llama-bin" => o.llama_bin = PathBuf::from(val()?),
             "--out" => o.out = PathBuf::from(val()?),
+            "--two-bit" => o.two_bit = true,
             other => {
                 return Err(format!(
-                    "bench cpu: unknown option `{other}` (--models --pp --tg --reps --threads --llama-bin --out)"
+                    "bench cpu: unknown option `{other}` (--models --pp --tg --reps --threads --two-bit --llama-bin --out)"
                 ));
             }
         }
@@ -135,6 +140,49 @@ fn llama_bench(o: &Opts, model: &std::path::Path) -> Result<(f64, f64), String> 
     Ok((get(true)?, get(false)?))
 }
 
+/// llama.cpp's IQ2_XS of `model` (its importance matrix from the calibration
+/// text first), made once in `work` and reused.
+fn llama_iq2_xs(o: &Opts, model: &Path, work: &Path) -> Result<PathBuf, String> {
+    let out = work.join("llama-IQ2_XS.gguf");
+    if out.exists() {
+        return Ok(out);
+    }
+    let imatrix = work.join("imatrix.gguf");
+    if !imatrix.exists() {
+        eprintln!("llama-imatrix on {}", model.display());
+        let args = ["-m", &s(model), "-f", &s(&o.calib), "-c", "512", "--chunks", "4", "-t", &o.threads.to_string()];
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["-o".to_string(), s(&imatrix)]);
+        timed(&o.llama_bin.join("llama-imatrix"), &args)?;
+    }
+    eprintln!("llama-quantize IQ2_XS {}", model.display());
+    let tmp = work.join("llama-IQ2_XS.gguf.tmp");
+    let args = ["--allow-requantize", "--imatrix", &s(&imatrix), &s(model), &s(&tmp), "IQ2_XS", &o.threads.to_string()];
+    timed(&o.llama_bin.join("llama-quantize"), &args.iter().map(|a| a.to_string()).collect::<Vec<_>>())?;
+    std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// kiln's 2-bit build of `model` for the CPU backend at `bpw` bits per
+/// weight (kq2 where calibration says it costs least), made once in `work`.
+fn kiln_two_bit(env: &Env, o: &Opts, model: &Path, bpw: f64, work: &Path) -> Result<PathBuf, String> {
+    let build = work.join("kiln").join("kiln-2bit-cpu").join("laptop");
+    if build.join("manifest.json").exists() {
+        return Ok(build);
+    }
+    let recipe = work.join("kiln-2bit-cpu.yaml");
+    let text = format!(
+        "name: kiln-2bit-cpu\nmodel: {}\ndevices:\n  laptop:\n    backend: cpu\n    passes: [dce, {{ quantize: {{ target_bpw: {bpw}, candidates: [kq2, q2_k, q3_k, q4_k, q5_k, q6_k, q4_0, q4_1, q5_0, q5_1, q8_0] }} }}]\ncalibration: {{ text: {}, ctx: 512, chunks: 4 }}\n",
+        s(model),
+        s(&o.calib),
+    );
+    std::fs::write(&recipe, text).map_err(|e| e.to_string())?;
+    eprintln!("kiln compile {} (2-bit, {bpw:.3} bpw)", model.display());
+    let args = ["compile", "--recipe", &s(&recipe), "--device", "laptop", "--out", &s(&work.join("kiln"))];
+    timed(&env.kiln, &args.iter().map(|a| a.to_string()).collect::<Vec<_>>())?;
+    Ok(build)
+}
+
 /// `kiln bench --backend cpu` on `model`: its JSON report.
 fn kiln_bench(env: &Env, o: &Opts, model: &std::path::Path) -> Result<Value, String> {
     let args: Vec<String> = [
@@ -160,17 +208,34 @@ fn kiln_bench(env: &Env, o: &Opts, model: &std::path::Path) -> Result<Value, Str
     Ok(v["report"].clone())
 }
 
-fn bench_model(env: &Env, o: &Opts, id: &str, bandwidth: f64) -> Result<Value, String> {
-    let model = model_path(env, id)?;
-    let kiln = kiln_bench(env, o, &model)?;
-    let (llama_pp, llama_tg) = llama_bench(o, &model)?;
+/// Bits per weight of a kiln build, from its quantize pass report (0 if none).
+fn build_bpw(build: &Path) -> f64 {
+    let manifest: Value = std::fs::read_to_string(build.join("manifest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    manifest["passes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["pass"] == "quantize"))
+        .and_then(|p| p["details"]["bits_per_weight"].as_f64())
+        .unwrap_or(0.0)
+}
+
+/// One row: kiln's `kiln_file` against llama.cpp's `llama_file`.
+fn compare(env: &Env, o: &Opts, kiln_file: &Path, llama_file: &Path, bandwidth: f64) -> Result<Value, String> {
+    let kiln = kiln_bench(env, o, kiln_file)?;
+    let (llama_pp, llama_tg) = llama_bench(o, llama_file)?;
     let kiln_pp = kiln["prefill_tokens_per_second"].as_f64().unwrap_or(0.0);
     let kiln_tg = kiln["decode_tokens_per_second"].as_f64().unwrap_or(0.0);
     let bytes = kiln["weight_bytes"].as_f64().unwrap_or(0.0);
     let bound = if bytes > 0.0 { bandwidth / bytes } else { 0.0 };
+    let kiln_bpw = if kiln_file.is_file() { gguf_bpw(kiln_file)?.0 } else { build_bpw(kiln_file) };
+    let (llama_bpw, _) = gguf_bpw(llama_file)?;
     Ok(json!({
-        "model": id,
-        "file": s(&model),
+        "kiln_file": s(kiln_file),
+        "llama_file": s(llama_file),
+        "kiln_bpw": if kiln_bpw > 0.0 { json!(kiln_bpw) } else { Value::Null },
+        "llama_bpw": llama_bpw,
         "weight_bytes": bytes,
         "kiln": {"pp": kiln_pp, "tg": kiln_tg, "peak_rss_bytes": kiln["peak_rss_bytes"]},
         "llama.cpp": {"pp": llama_pp, "tg": llama_tg},
@@ -180,14 +245,36 @@ fn bench_model(env: &Env, o: &Opts, id: &str, bandwidth: f64) -> Result<Value, S
     }))
 }
 
+fn bench_model(env: &Env, o: &Opts, id: &str, bandwidth: f64) -> Result<Value, String> {
+    let model = model_path(env, id)?;
+    eprintln!("[{id}] 4-bit (the source file)");
+    let q4 = compare(env, o, &model, &model, bandwidth)?;
+    let mut rows = vec![json!({"model": id, "quant": "source GGUF (Q4)", "row": q4})];
+    if o.two_bit {
+        let work = env.cache.join("bench-quant").join(id);
+        std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
+        let two = llama_iq2_xs(o, &model, &work).and_then(|iq2| {
+            let (bpw, _) = gguf_bpw(&iq2)?;
+            let build = kiln_two_bit(env, o, &model, bpw, &work)?;
+            eprintln!("[{id}] 2-bit: kiln {} vs llama.cpp IQ2_XS", build.display());
+            compare(env, o, &build, &iq2, bandwidth)
+        });
+        rows.push(match two {
+            Ok(r) => json!({"model": id, "quant": "2-bit (kiln kq2 mix vs llama.cpp IQ2_XS, same bpw)", "row": r}),
+            Err(e) => json!({"model": id, "quant": "2-bit", "error": e}),
+        });
+    }
+    Ok(json!(rows))
+}
+
 fn markdown(doc: &Value) -> String {
     let mut md = format!(
         "# CPU backend vs llama.cpp ({})\n\nOne run of `cargo xtask bench cpu` on this machine: {} ({} threads for both, \
          pp{} / tg{}, {} repetitions). Memory read bandwidth measured in the same run: {:.1} GB/s. Same GGUF file for \
          both (kiln runs its layouts natively). Decode bound = bandwidth ÷ bytes of weights per token.\n\n\
-         | model | weights MiB | kiln pp t/s | llama.cpp pp t/s | pp ratio | kiln tg t/s | llama.cpp tg t/s | tg ratio | \
+         | model | weights | weights MiB | kiln pp t/s | llama.cpp pp t/s | pp ratio | kiln tg t/s | llama.cpp tg t/s | tg ratio | \
          decode bound t/s | kiln / bound | llama.cpp / bound | kiln peak RSS MiB |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         doc["date"].as_str().unwrap_or(""),
         doc["machine"]["cpu"].as_str().unwrap_or(""),
         doc["threads"],
@@ -196,15 +283,34 @@ fn markdown(doc: &Value) -> String {
         doc["reps"],
         doc["bandwidth_bytes_per_second"].as_f64().unwrap_or(0.0) / 1e9,
     );
-    for r in doc["results"].as_array().into_iter().flatten() {
-        if let Some(e) = r["error"].as_str() {
-            md += &format!("| {} | failed: {} |\n", r["model"].as_str().unwrap_or(""), e.lines().next().unwrap_or(""));
+    let rows = doc["results"].as_array().into_iter().flatten().flat_map(|m| match m.as_array() {
+        Some(rows) => rows.clone(),
+        None => vec![m.clone()],
+    });
+    for entry in rows {
+        if let Some(e) = entry["error"].as_str() {
+            md += &format!(
+                "| {} | {} | failed: {} |\n",
+                entry["model"].as_str().unwrap_or(""),
+                entry["quant"].as_str().unwrap_or(""),
+                e.lines().next().unwrap_or("")
+            );
             continue;
         }
+        let r = &entry["row"];
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let bpw = match r["kiln_bpw"].as_f64() {
+            Some(k) => format!(
+                "{} (kiln {k:.3} bpw, llama.cpp {:.3})",
+                entry["quant"].as_str().unwrap_or(""),
+                f(&r["llama_bpw"])
+            ),
+            None => format!("{} ({:.3} bpw)", entry["quant"].as_str().unwrap_or(""), f(&r["llama_bpw"])),
+        };
         md += &format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.1} | {:.1} | {:.2}× | {:.1} | {:.0}% | {:.0}% | {:.0} |\n",
-            r["model"].as_str().unwrap_or(""),
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2}× | {:.1} | {:.1} | {:.2}× | {:.1} | {:.0}% | {:.0}% | {:.0} |\n",
+            entry["model"].as_str().unwrap_or(""),
+            bpw,
             f(&r["weight_bytes"]) / 1048576.0,
             f(&r["kiln"]["pp"]),
             f(&r["llama.cpp"]["pp"]),
