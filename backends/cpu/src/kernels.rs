@@ -62,6 +62,11 @@ pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
         // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
         return Prepared::Int(Activations::Q8(unsafe { x86::quantize_q8(x) }));
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && matches!(dtype, DType::Q4K | DType::Q6K) && x.len() % 256 == 0 {
+        // SAFETY: as above.
+        return Prepared::Int(Activations::Q8K(unsafe { x86::quantize_q8_k(x) }));
+    }
     if dtype == DType::KQ2 {
         return Prepared::Kq2 { x: x.to_vec(), xr: quant::kq2::kq2_rotate_row(x) };
     }
@@ -121,6 +126,33 @@ pub(crate) fn dot_tile(
     Ok(())
 }
 
+/// Token rows per prefill chunk (their 8-bit activations stay in L1/L2
+/// while a block of weight rows passes).
+#[cfg(target_arch = "x86_64")]
+const TOKEN_CHUNK: usize = 32;
+
+/// Decode: `R` consecutive weight rows at a time share each activation block.
+#[cfg(target_arch = "x86_64")]
+fn decode_rows<const R: usize>(legacy: Legacy, rows: &[u8], rb: usize, x: &ggml_dot::Q8Row, out: &mut [f32]) {
+    let rb = rb.max(1);
+    let groups = rows.chunks_exact(rb * R);
+    let rest = groups.remainder();
+    let mut o = out.chunks_exact_mut(R);
+    for (g, dst) in groups.zip(&mut o) {
+        let rs: [&[u8]; R] = std::array::from_fn(|r| &g[r * rb..(r + 1) * rb]);
+        // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+        let v = unsafe { x86::dot_legacy_tile(legacy, rs, [x]) };
+        for (d, v) in dst.iter_mut().zip(v) {
+            *d = v[0];
+        }
+    }
+    let tail = o.into_remainder();
+    for (d, r) in tail.iter_mut().zip(rest.chunks_exact(rb)) {
+        // SAFETY: as above.
+        *d = unsafe { x86::dot_legacy(legacy, r, x) };
+    }
+}
+
 /// [`dot_tile`] with the AVX2 kernels; false (nothing written) when `dtype` has none.
 #[cfg(target_arch = "x86_64")]
 fn avx2_tile(
@@ -159,10 +191,25 @@ fn avx2_tile(
             if q8k.len() != xs.len() {
                 return false;
             }
-            for ((out, q), &group) in tile.chunks_mut(nb.max(1)).zip(q8k).zip(groups) {
-                for (o, r) in out.iter_mut().zip(rows.chunks_exact(rb.max(1))) {
+            let rb = rb.max(1);
+            let quads = q8k.len() / 4 * 4;
+            for (j, r) in rows.chunks_exact(rb).enumerate() {
+                for t in (0..quads).step_by(4) {
+                    let x4 = [q8k[t], q8k[t + 1], q8k[t + 2], q8k[t + 3]];
+                    let g4 = [groups[t], groups[t + 1], groups[t + 2], groups[t + 3]];
                     // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
-                    *o = unsafe { if dtype == DType::Q4K { x86::dot_q4_k(r, q, group) } else { x86::dot_q6_k(r, q) } };
+                    let v = unsafe {
+                        if dtype == DType::Q4K { x86::dot_q4_k_tile(r, x4, g4) } else { x86::dot_q6_k_tile(r, x4) }
+                    };
+                    for (u, v) in v.into_iter().enumerate() {
+                        tile[(t + u) * nb + j] = v;
+                    }
+                }
+                for (t, q) in q8k.iter().enumerate().skip(quads) {
+                    // SAFETY: as above.
+                    tile[t * nb + j] = unsafe {
+                        if dtype == DType::Q4K { x86::dot_q4_k(r, q, groups[t]) } else { x86::dot_q6_k(r, q) }
+                    };
                 }
             }
             return true;
@@ -179,45 +226,50 @@ fn avx2_tile(
     if q8.len() != xs.len() {
         return false;
     }
-    // Decode (one token row): four weight rows at a time. Prefill: four
-    // token rows per weight row, each block unpacked once for them.
-    let mut wrows = rows.chunks_exact(rb.max(1)).enumerate();
-    if q8.len() == 1 {
-        let x = q8[0];
-        while nb >= 4 && tile.len() >= nb {
-            let Some((j, r0)) = wrows.next() else { break };
-            if j + 4 > nb {
-                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
-                tile[j] = unsafe { x86::dot_legacy(legacy, r0, x) };
-                continue;
-            }
-            let (Some((_, r1)), Some((_, r2)), Some((_, r3))) = (wrows.next(), wrows.next(), wrows.next()) else {
-                break;
-            };
-            // SAFETY: as above.
-            let v = unsafe { x86::dot_legacy_tile(legacy, [r0, r1, r2, r3], [x]) };
-            for (u, v) in v.into_iter().enumerate() {
-                tile[j + u] = v[0];
-            }
-        }
-        for (j, r) in wrows {
-            // SAFETY: as above.
-            tile[j] = unsafe { x86::dot_legacy(legacy, r, x) };
-        }
+    // Decode (one token row): one weight row at a time. (Two or four rows
+    // sharing each activation block win when the weights sit in L2, but lose
+    // a third of the speed when they stream from memory, as they do in a
+    // model; see `examples/matvec.rs`.)
+    if let [x] = q8[..] {
+        decode_rows::<1>(legacy, rows, rb, x, tile);
         return true;
     }
-    let quads = q8.len() / 4 * 4;
-    for (j, r) in wrows {
-        for t in (0..quads).step_by(4) {
-            // SAFETY: as above.
-            let v = unsafe { x86::dot_legacy_tile(legacy, [r], [q8[t], q8[t + 1], q8[t + 2], q8[t + 3]]) };
-            for (u, v) in v[0].into_iter().enumerate() {
-                tile[(t + u) * nb + j] = v;
+    // Prefill: token rows in cache-sized chunks; in each, pairs of weight
+    // rows against four token rows at a time (eight accumulators), each
+    // weight block unpacked once for the four and each activation block
+    // loaded once for the pair.
+    let rb = rb.max(1);
+    for t0 in (0..q8.len()).step_by(TOKEN_CHUNK) {
+        let ts = &q8[t0..(t0 + TOKEN_CHUNK).min(q8.len())];
+        let quads = ts.len() / 4 * 4;
+        for j in (0..nb).step_by(2) {
+            let pair = j + 1 < nb;
+            for t in (0..quads).step_by(4) {
+                let x4 = [ts[t], ts[t + 1], ts[t + 2], ts[t + 3]];
+                let r0 = &rows[j * rb..(j + 1) * rb];
+                if pair {
+                    let r1 = &rows[(j + 1) * rb..(j + 2) * rb];
+                    // SAFETY: as above.
+                    let v = unsafe { x86::dot_legacy_tile(legacy, [r0, r1], x4) };
+                    for (r, vr) in v.into_iter().enumerate() {
+                        for (u, v) in vr.into_iter().enumerate() {
+                            tile[(t0 + t + u) * nb + j + r] = v;
+                        }
+                    }
+                } else {
+                    // SAFETY: as above.
+                    let v = unsafe { x86::dot_legacy_tile(legacy, [r0], x4) };
+                    for (u, v) in v[0].into_iter().enumerate() {
+                        tile[(t0 + t + u) * nb + j] = v;
+                    }
+                }
             }
-        }
-        for (t, q) in q8.iter().enumerate().skip(quads) {
-            // SAFETY: as above.
-            tile[t * nb + j] = unsafe { x86::dot_legacy(legacy, r, q) };
+            for (t, q) in ts.iter().enumerate().skip(quads) {
+                for r in j..(j + 2).min(nb) {
+                    // SAFETY: as above.
+                    tile[(t0 + t) * nb + r] = unsafe { x86::dot_legacy(legacy, &rows[r * rb..(r + 1) * rb], q) };
+                }
+            }
         }
     }
     true

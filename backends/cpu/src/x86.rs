@@ -53,17 +53,6 @@ fn hsum_i32(x: __m256i) -> i32 {
     _mm_cvtsi128_si32(r)
 }
 
-/// 16 bytes of packed nibbles → 32 bytes: low nibbles (elements 0..16), then high (16..32).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn nibbles(p: &[u8; 16]) -> __m256i {
-    // SAFETY: `p` is 16 readable bytes.
-    let lo = unsafe { _mm_loadu_si128(p.as_ptr().cast()) };
-    let hi = _mm_srli_epi16::<4>(lo);
-    let both = _mm256_set_m128i(hi, lo);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0f))
-}
-
 /// Bit `j` of `bits` → byte `j` is 0xFF when set, 0 otherwise (32 bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -96,23 +85,6 @@ pub(crate) enum Legacy {
     Q8_0,
 }
 
-impl Legacy {
-    pub(crate) fn block_bytes(self) -> usize {
-        match self {
-            Legacy::Q4_0 => 18,
-            Legacy::Q4_1 => 20,
-            Legacy::Q5_0 => 22,
-            Legacy::Q5_1 => 24,
-            Legacy::Q8_0 => 34,
-        }
-    }
-}
-
-#[inline(always)]
-fn arr16(b: &[u8]) -> &[u8; 16] {
-    b[..16].try_into().expect("16 bytes")
-}
-
 /// Dot of one stored legacy-block row with Q8_0/Q8_1 activations (`ggml_dot::dot` order).
 ///
 /// # Safety
@@ -122,27 +94,61 @@ pub(crate) fn dot_legacy(kind: Legacy, row: &[u8], x: &Q8Row) -> f32 {
     dot_legacy_tile(kind, [row], [x])[0][0]
 }
 
-/// The 32 weights of a legacy block as bytes (signed for the `_0` types,
-/// unsigned for the `_1` types), its `d` and its `m` (0 for the `_0` types).
-#[inline(always)]
-fn unpack(kind: Legacy, blk: &[u8]) -> (__m256i, f32, f32) {
-    // SAFETY (of every call): only reached from `#[target_feature(avx2,fma,f16c)]` functions.
+/// How far ahead of the block being read the weight prefetches reach, bytes.
+const PREFETCH: usize = 512;
+
+const Q4_0: u8 = 0;
+const Q4_1: u8 = 1;
+const Q5_0: u8 = 2;
+const Q5_1: u8 = 3;
+const Q8_0: u8 = 4;
+
+/// Two little-endian f16 at `p` as f32 (one F16C conversion).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16x2(p: *const u8) -> (f32, f32) {
+    // SAFETY: the caller guarantees 4 readable bytes.
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { p.cast::<i32>().read_unaligned() }));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+}
+
+/// The 32 weights of the legacy block at `p` as bytes (signed for the `_0`
+/// types, unsigned for the `_1` types), its `d` and its `m` (0 for `_0`).
+///
+/// # Safety
+/// `p` points at one whole block of layout `K`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
+    let nib = |q: *const u8| {
+        // SAFETY: 16 bytes of quants follow the block header.
+        let lo = unsafe { _mm_loadu_si128(q.cast()) };
+        _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo), _mm256_set1_epi8(0x0f))
+    };
+    // SAFETY (all reads): inside the block.
     unsafe {
-        match kind {
-            Legacy::Q4_0 => (_mm256_sub_epi8(nibbles(arr16(&blk[2..18])), _mm256_set1_epi8(8)), f16(blk, 0), 0.0),
-            Legacy::Q4_1 => (nibbles(arr16(&blk[4..20])), f16(blk, 0), f16(blk, 2)),
-            Legacy::Q5_0 => {
-                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
-                let w = _mm256_sub_epi8(_mm256_or_si256(nibbles(arr16(&blk[6..22])), hi), _mm256_set1_epi8(16));
-                (w, f16(blk, 0), 0.0)
+        match K {
+            Q4_0 => {
+                let d = f16(std::slice::from_raw_parts(p, 2), 0);
+                (_mm256_sub_epi8(nib(p.add(2)), _mm256_set1_epi8(8)), d, 0.0)
             }
-            Legacy::Q5_1 => {
-                let qh = u32::from_le_bytes([blk[4], blk[5], blk[6], blk[7]]);
-                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
-                (_mm256_or_si256(nibbles(arr16(&blk[8..24])), hi), f16(blk, 0), f16(blk, 2))
+            Q4_1 => {
+                let (d, m) = f16x2(p);
+                (nib(p.add(4)), d, m)
             }
-            Legacy::Q8_0 => (_mm256_loadu_si256(blk[2..34].as_ptr().cast()), f16(blk, 0), 0.0),
+            Q5_0 => {
+                let d = f16(std::slice::from_raw_parts(p, 2), 0);
+                let qh = p.add(2).cast::<u32>().read_unaligned();
+                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
+                (_mm256_sub_epi8(_mm256_or_si256(nib(p.add(6)), hi), _mm256_set1_epi8(16)), d, 0.0)
+            }
+            Q5_1 => {
+                let (d, m) = f16x2(p);
+                let qh = p.add(4).cast::<u32>().read_unaligned();
+                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
+                (_mm256_or_si256(nib(p.add(8)), hi), d, m)
+            }
+            _ => (_mm256_loadu_si256(p.add(2).cast()), f16(std::slice::from_raw_parts(p, 2), 0), 0.0),
         }
     }
 }
@@ -161,23 +167,46 @@ pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
     rows: [&[u8]; R],
     xs: [&Q8Row; T],
 ) -> [[f32; T]; R] {
-    let bytes = kind.block_bytes();
-    let nblocks = rows.iter().map(|r| r.len() / bytes).chain(xs.iter().map(|x| x.scales.len())).min().unwrap_or(0);
+    match kind {
+        Legacy::Q4_0 => tile::<Q4_0, R, T>(rows, xs),
+        Legacy::Q4_1 => tile::<Q4_1, R, T>(rows, xs),
+        Legacy::Q5_0 => tile::<Q5_0, R, T>(rows, xs),
+        Legacy::Q5_1 => tile::<Q5_1, R, T>(rows, xs),
+        Legacy::Q8_0 => tile::<Q8_0, R, T>(rows, xs),
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8Row; T]) -> [[f32; T]; R] {
+    let bytes = [18, 20, 22, 24, 34][K as usize];
+    let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
+    let nblocks = rows.iter().map(|r| r.len() / bytes).chain(xs.iter().map(|x| x.scales.len().min(x.q.len() / QK))).min().unwrap_or(0);
+    let wp: [*const u8; R] = rows.map(|r| r.as_ptr());
+    let qp: [*const i8; T] = xs.map(|x| x.q.as_ptr());
+    let sp: [*const (f32, f32); T] = xs.map(|x| x.scales.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); T]; R];
     let mut summs = [[0f32; T]; R];
-    let signed = matches!(kind, Legacy::Q4_0 | Legacy::Q5_0 | Legacy::Q8_0);
     for b in 0..nblocks {
         let mut qx = [_mm256_setzero_si256(); T];
+        let mut sc = [(0f32, 0f32); T];
         for t in 0..T {
-            // SAFETY: block `b` < nblocks holds 32 quants.
-            qx[t] = unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(b * QK).cast()) };
+            // SAFETY: block `b` < nblocks of every activation row.
+            unsafe {
+                qx[t] = _mm256_loadu_si256(qp[t].add(b * QK).cast());
+                sc[t] = *sp[t].add(b);
+            }
         }
         for r in 0..R {
-            let (w, dw, mw) = unpack(kind, &rows[r][b * bytes..(b + 1) * bytes]);
+            // Weights stream from memory once per token: ask for them ahead
+            // (a hint; past the row's end it only touches the next row).
+            if PREFETCH > 0 { _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(b * bytes + PREFETCH).cast()); }
+            // SAFETY: block `b` < nblocks of every weight row.
+            let (w, dw, mw) = unsafe { unpack::<K>(wp[r].add(b * bytes)) };
             // For the signed types the sign moves onto the activations (`maddubs` takes unsigned × signed).
             let wu = if signed { _mm256_sign_epi8(w, w) } else { w };
             for t in 0..T {
-                let (dx, sx) = xs[t].scales[b];
+                let (dx, sx) = sc[t];
                 let p = if signed { dot_us(wu, _mm256_sign_epi8(qx[t], w)) } else { dot_us(wu, qx[t]) };
                 if !signed {
                     summs[r][t] = fma(mw, sx, summs[r][t]);
@@ -195,47 +224,65 @@ pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
-    let (mut acc, mut acc_min) = (0f32, 0f32);
-    for (bi, blk) in row.chunks_exact(144).enumerate() {
+    dot_q4_k_tile(row, [x], [group])[0]
+}
+
+/// [`dot_q4_k`] of one weight row with `T` token rows, each super-block's
+/// nibbles unpacked once for all of them; each result in the single-dot order.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups: [RowGroup; T]) -> [f32; T] {
+    let (mut acc, mut acc_min) = ([0f32; T], [0f32; T]);
+    let mask = _mm256_set1_epi8(0x0f);
+    let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 144, usize::min);
+    for bi in 0..nblocks {
+        let blk = &row[bi * 144..bi * 144 + 144];
         let (dw, dmin) = (f16(blk, 0), f16(blk, 2));
         let scales = &blk[4..16];
-        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
-        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
-        let dx = x.d[bi];
-        let mut isum_v = _mm256_setzero_si256();
-        let mut imin = 0i32;
+        let mut isum_v = [_mm256_setzero_si256(); T];
+        let mut imin = [0i32; T];
         for g in 0..4 {
             let (sc0, m0) = scale_min_k4(2 * g, scales);
             let (sc1, m1) = scale_min_k4(2 * g + 1, scales);
-            // SAFETY: 32 bytes of qs and 2×32 quants of q8 are in range.
-            let (q, y0, y1) = unsafe {
-                (
-                    _mm256_loadu_si256(blk[16 + 32 * g..].as_ptr().cast()),
-                    _mm256_loadu_si256(q8[64 * g..].as_ptr().cast()),
-                    _mm256_loadu_si256(q8[64 * g + 32..].as_ptr().cast()),
-                )
-            };
-            let mask = _mm256_set1_epi8(0x0f);
+            // SAFETY: 32 bytes of qs.
+            let q = unsafe { _mm256_loadu_si256(blk[16 + 32 * g..].as_ptr().cast()) };
             let lo = _mm256_and_si256(q, mask);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(sc0 as i16));
-            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), _mm256_set1_epi16(sc1 as i16));
-            let pair = _mm256_add_epi32(p0, p1);
-            let mins = m0 as i32 * (bs[4 * g] + bs[4 * g + 1]) + m1 as i32 * (bs[4 * g + 2] + bs[4 * g + 3]);
-            if group == RowGroup::Gemm {
-                acc = fma(hsum_i32(pair) as f32, dw * dx, acc);
-                acc_min = fma(mins as f32, dmin * dx, acc_min);
-            } else {
-                isum_v = _mm256_add_epi32(isum_v, pair);
-                imin += mins;
+            let (s0, s1) = (_mm256_set1_epi16(sc0 as i16), _mm256_set1_epi16(sc1 as i16));
+            for t in 0..T {
+                let x = xs[t];
+                let dx = x.d[bi];
+                // SAFETY: 2×32 quants of the super-block.
+                let (y0, y1) = unsafe {
+                    let p = x.q.as_ptr().add(bi * QK_K + 64 * g);
+                    (_mm256_loadu_si256(p.cast()), _mm256_loadu_si256(p.add(32).cast()))
+                };
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
+                let pair = _mm256_add_epi32(p0, p1);
+                let bs = &x.bsums[bi * 16..bi * 16 + 16];
+                let mins = m0 as i32 * (bs[4 * g] + bs[4 * g + 1]) + m1 as i32 * (bs[4 * g + 2] + bs[4 * g + 3]);
+                if groups[t] == RowGroup::Gemm {
+                    acc[t] = fma(hsum_i32(pair) as f32, dw * dx, acc[t]);
+                    acc_min[t] = fma(mins as f32, dmin * dx, acc_min[t]);
+                } else {
+                    isum_v[t] = _mm256_add_epi32(isum_v[t], pair);
+                    imin[t] += mins;
+                }
             }
         }
-        if group == RowGroup::Gemv {
-            acc = fma(hsum_i32(isum_v) as f32, dw * dx, acc);
-            acc_min = fma(imin as f32, dmin * dx, acc_min);
+        for t in 0..T {
+            if groups[t] == RowGroup::Gemv {
+                let dx = xs[t].d[bi];
+                acc[t] = fma(hsum_i32(isum_v[t]) as f32, dw * dx, acc[t]);
+                acc_min[t] = fma(imin[t] as f32, dmin * dx, acc_min[t]);
+            }
         }
     }
-    acc - acc_min
+    std::array::from_fn(|t| acc[t] - acc_min[t])
 }
 
 /// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
@@ -245,16 +292,27 @@ pub(crate) fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q6_k(row: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = _mm256_setzero_ps();
+    dot_q6_k_tile(row, [x])[0]
+}
+
+/// [`dot_q6_k`] of one weight row with `T` token rows, each segment's 6-bit
+/// values assembled once for all of them.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0f);
     let m2 = _mm256_set1_epi8(3);
-    for (bi, blk) in row.chunks_exact(210).enumerate() {
+    let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 210, usize::min);
+    for bi in 0..nblocks {
+        let blk = &row[bi * 210..bi * 210 + 210];
         let sc = |i: usize| blk[192 + i] as i8 as i16;
-        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
-        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
-        let mut lanes = _mm256_setzero_si256();
+        let mut lanes = [_mm256_setzero_si256(); T];
         for half in 0..2 {
-            // SAFETY: each load stays inside the 210-byte block / 256 quants.
+            // SAFETY: each load stays inside the 210-byte block.
             let (ql0, ql1, qh) = unsafe {
                 (
                     _mm256_loadu_si256(blk[half * 64..].as_ptr().cast()),
@@ -276,22 +334,27 @@ pub(crate) fn dot_q6_k(row: &[u8], x: &Q8KRow) -> f32 {
                     _ => _mm256_srli_epi16::<6>(qh),
                 };
                 let q6 = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)));
-                // SAFETY: 32 quants at this segment.
-                let y = unsafe { _mm256_loadu_si256(q8[half * 128 + seg * 32..].as_ptr().cast()) };
                 let s0 = sc(half * 8 + seg * 2);
                 let s1 = sc(half * 8 + seg * 2 + 1);
                 let scales = _mm256_setr_epi16(s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1);
-                lanes = _mm256_add_epi32(lanes, _mm256_madd_epi16(_mm256_maddubs_epi16(q6, y), scales));
+                for t in 0..T {
+                    // SAFETY: 32 quants at this segment.
+                    let y = unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(bi * QK_K + half * 128 + seg * 32).cast()) };
+                    lanes[t] = _mm256_add_epi32(lanes[t], _mm256_madd_epi16(_mm256_maddubs_epi16(q6, y), scales));
+                }
             }
         }
-        let sub: [i32; 8] =
-            std::array::from_fn(|l| 32 * (bs[2 * l] * sc(2 * l) as i32 + bs[2 * l + 1] * sc(2 * l + 1) as i32));
-        // SAFETY: `sub` is 8 i32.
-        let sub = unsafe { _mm256_loadu_si256(sub.as_ptr().cast()) };
-        let d = _mm256_set1_ps(x.d[bi] * f16(blk, 208));
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(lanes, sub)), acc);
+        for t in 0..T {
+            let bs = &xs[t].bsums[bi * 16..bi * 16 + 16];
+            let sub: [i32; 8] =
+                std::array::from_fn(|l| 32 * (bs[2 * l] * sc(2 * l) as i32 + bs[2 * l + 1] * sc(2 * l + 1) as i32));
+            // SAFETY: `sub` is 8 i32.
+            let sub = unsafe { _mm256_loadu_si256(sub.as_ptr().cast()) };
+            let d = _mm256_set1_ps(xs[t].d[bi] * f16(blk, 208));
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(lanes[t], sub)), acc[t]);
+        }
     }
-    hsum8(acc)
+    std::array::from_fn(|t| hsum8(acc[t]))
 }
 
 /// Rounds 8 floats to f16 and back (round to nearest even, as `half`).
@@ -513,6 +576,56 @@ pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
     acc
 }
 
+/// `ggml_dot::quantize_q8_k` (Q8_K activations), 8 lanes at a time; bit-identical.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn quantize_q8_k(x: &[f32]) -> Q8KRow {
+    let nb = x.len() / QK_K;
+    let (mut d, mut q, mut bsums) = (Vec::with_capacity(nb), vec![0i8; nb * QK_K], Vec::with_capacity(nb * 16));
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    for (b, qb) in x.chunks_exact(QK_K).zip(q.chunks_exact_mut(QK_K)) {
+        let mut mx = _mm256_setzero_ps();
+        for i in 0..32 {
+            // SAFETY: 8 of the block's 256 floats.
+            mx = _mm256_max_ps(mx, _mm256_and_ps(unsafe { _mm256_loadu_ps(b.as_ptr().add(8 * i)) }, abs_mask));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps::<1>(mx));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        if amax == 0.0 {
+            d.push(0.0);
+            bsums.extend([0; 16]);
+            continue;
+        }
+        // The signed value of the first element of largest magnitude (as the scalar scan picks it).
+        let max = b.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
+        let iscale = -127.0 / max;
+        let iv = _mm256_set1_ps(iscale);
+        let top = _mm256_set1_ps(127.0);
+        for (g, qg) in qb.chunks_exact_mut(16).enumerate() {
+            let mut out = [0i32; 16];
+            let mut sum = _mm256_setzero_si256();
+            for h in 0..2 {
+                // SAFETY: 8 floats of the block.
+                let v = unsafe { _mm256_loadu_ps(b.as_ptr().add(16 * g + 8 * h)) };
+                let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(iv, v));
+                let qi = _mm256_cvtps_epi32(_mm256_min_ps(r, top));
+                sum = _mm256_add_epi32(sum, qi);
+                // SAFETY: 8 i32.
+                unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(8 * h).cast(), qi) };
+            }
+            for (o, v) in qg.iter_mut().zip(out) {
+                *o = v as i8;
+            }
+            bsums.push(hsum_i32(sum));
+        }
+        d.push(1.0 / iscale);
+    }
+    Q8KRow { d, q, bsums }
+}
+
 #[cfg(test)]
 mod tests {
     use kiln_ir::DType;
@@ -631,6 +744,30 @@ mod tests {
             let got = unsafe { quantize_q8(&x) };
             assert_eq!(got.q, want.q);
             assert_eq!(got.scales, want.scales);
+        }
+    }
+
+    #[test]
+    fn q8_k_quantizer_equals_the_scalar_definition() {
+        if !avx2() {
+            return;
+        }
+        for seed in 0..30 {
+            let mut x = acts(256 * (1 + seed as usize % 4), seed);
+            if seed % 4 == 0 {
+                x[..256].iter_mut().for_each(|v| *v = 0.0);
+            }
+            if seed % 4 == 1 {
+                // Ties in magnitude with opposite signs: the first one sets the sign.
+                x[3] = -20.0;
+                x[7] = 20.0;
+            }
+            let want = ggml_dot::quantize_q8_k(&x);
+            // SAFETY: checked above.
+            let got = unsafe { quantize_q8_k(&x) };
+            assert_eq!(got.q, want.q);
+            assert_eq!(got.bsums, want.bsums);
+            assert_eq!(got.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         }
     }
 

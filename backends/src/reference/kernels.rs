@@ -214,15 +214,18 @@ pub(crate) fn glu(gate: &[f32], up: &[f32], kind: Activation) -> Vec<f32> {
 /// `silu(gate) · up` as ggml's x86 AVX2 `ggml_vec_swiglu_f32` computes it, for
 /// llama.cpp-compatible numerics: each full group of 8 uses ggml's vector
 /// `expf` ([`ggml_v_expf`]), the tail of a row libm's `expf`.
+/// Rows run in parallel (each row's values do not depend on the split).
 pub(crate) fn swiglu_ggml(gate: &[f32], up: &[f32], cols: usize) -> Vec<f32> {
-    let mut y = Vec::with_capacity(gate.len());
-    for (g, u) in gate.chunks(cols.max(1)).zip(up.chunks(cols.max(1))) {
+    use rayon::prelude::*;
+    let cols = cols.max(1);
+    let mut y = vec![0f32; gate.len().min(up.len())];
+    y.par_chunks_mut(cols).zip(gate.par_chunks(cols)).zip(up.par_chunks(cols)).for_each(|((y, g), u)| {
         let vec_end = g.len() - g.len() % 8;
-        for (i, (&gv, &uv)) in g.iter().zip(u).enumerate() {
+        for (i, ((yv, &gv), &uv)) in y.iter_mut().zip(g).zip(u).enumerate() {
             let e = if i < vec_end { ggml_v_expf(-gv) } else { (-gv).exp() };
-            y.push(gv / (1.0 + e) * uv);
+            *yv = gv / (1.0 + e) * uv;
         }
-    }
+    });
     y
 }
 

@@ -1,0 +1,60 @@
+//! Single-thread matvec throughput of the CPU backend's kernels per layout,
+//! for a matrix that fits in L2 and one that streams from memory:
+//! `cargo run --release -p kiln-cpu --example matvec`.
+
+use std::time::Instant;
+
+use kiln_backends::reference::{Kernels, Weight};
+use kiln_cpu::{CpuKernels, Isa};
+use kiln_ir::DType;
+
+fn main() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let k = CpuKernels { isa: Isa::detect() };
+    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q8_0, DType::Q4K, DType::Q6K, DType::KQ2] {
+        for (n, kk) in [(1536usize, 576usize), (32768, 2048)] {
+            let kk = if dtype.block_elems() == 256 { kk.next_multiple_of(256) } else { kk };
+            let rb = dtype.row_bytes(kk as u64).unwrap() as usize;
+            let mut bytes = vec![0u8; n * rb];
+            let mut s = 0x1234_5678_9abc_def0u64;
+            for b in bytes.iter_mut() {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                *b = s as u8;
+            }
+            // Sane f16 scales where the layouts keep them (random bits would be NaN/Inf at times).
+            let bb = dtype.block_bytes() as usize;
+            let h = half::f16::from_f32(0.01).to_le_bytes();
+            for blk in bytes.chunks_mut(bb) {
+                match dtype {
+                    DType::Q6K => blk[208..210].copy_from_slice(&h),
+                    DType::KQ2 => {}
+                    DType::Q4K | DType::Q4_1 => {
+                        blk[0..2].copy_from_slice(&h);
+                        blk[2..4].copy_from_slice(&h);
+                    }
+                    _ => blk[0..2].copy_from_slice(&h),
+                }
+            }
+            let x: Vec<f32> = (0..kk).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let w = Weight { bytes: &bytes, dtype, n, k: kk };
+            let reps = (200_000_000 / (n * kk)).max(3);
+            let t = pool.install(|| {
+                let _ = k.matmul(&x, 1, w, None, 0, 1).unwrap();
+                let t0 = Instant::now();
+                for _ in 0..reps {
+                    std::hint::black_box(k.matmul(&x, 1, w, None, 0, 1).unwrap());
+                }
+                t0.elapsed().as_secs_f64() / reps as f64
+            });
+            println!(
+                "{:>5} {n:>6}x{kk:<5} {:>8.1} us  {:>6.2} Gweights/s  {:>6.2} GB/s",
+                format!("{dtype:?}"),
+                t * 1e6,
+                (n * kk) as f64 / t / 1e9,
+                (n * rb) as f64 / t / 1e9
+            );
+        }
+    }
+}
