@@ -1,5 +1,6 @@
-//! Single-thread matvec throughput of the CPU backend's kernels per layout,
-//! for a matrix that fits in L2 and one that streams from memory:
+//! Single-thread matvec (decode) throughput of the CPU backend's kernels per
+//! layout, for a matrix that fits in L2 and one that streams from memory, and
+//! matmul (prefill) throughput for 64 token rows:
 //! `cargo run --release -p kiln-cpu --example matvec`.
 
 use std::time::Instant;
@@ -55,6 +56,19 @@ fn main() {
                 (n * kk) as f64 / t / 1e9,
                 (n * rb) as f64 / t / 1e9
             );
+            if n > 2048 {
+                continue;
+            }
+            let rows = 64;
+            let xs: Vec<f32> = (0..rows * kk).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let t = pool.install(|| {
+                let t0 = Instant::now();
+                for _ in 0..3 {
+                    std::hint::black_box(k.matmul(&xs, rows, w, None, 0, rows).unwrap());
+                }
+                t0.elapsed().as_secs_f64() / 3.0
+            });
+            println!("{:>5} {n:>6}x{kk:<5} x {rows} tokens {:>8.1} us  {:>6.2} GMAC/s", format!("{dtype:?}"), t * 1e6, (rows * n * kk) as f64 / t / 1e9);
         }
     }
 }

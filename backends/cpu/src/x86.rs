@@ -62,7 +62,7 @@ fn bit_mask(bits: u32) -> __m256i {
     let shuf = _mm256_setr_epi8(
         0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
     );
-    let bytes = _mm256_shuffle_epi8(_mm256_permute4x64_epi64::<0>(v), shuf);
+    let bytes = _mm256_shuffle_epi8(v, shuf);
     let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
     _mm256_cmpeq_epi8(_mm256_and_si256(bytes, sel), sel)
 }
@@ -95,7 +95,7 @@ pub(crate) fn dot_legacy(kind: Legacy, row: &[u8], x: &Q8Row) -> f32 {
 }
 
 /// How far ahead of the block being read the weight prefetches reach, bytes.
-const PREFETCH: usize = 512;
+const PREFETCH: usize = 2048;
 
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
@@ -139,8 +139,9 @@ unsafe fn unpack<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
             Q5_0 => {
                 let d = f16(std::slice::from_raw_parts(p, 2), 0);
                 let qh = p.add(2).cast::<u32>().read_unaligned();
-                let hi = _mm256_and_si256(bit_mask(qh), _mm256_set1_epi8(0x10));
-                (_mm256_sub_epi8(_mm256_or_si256(nib(p.add(6)), hi), _mm256_set1_epi8(16)), d, 0.0)
+                // q − 16 as a signed byte: the nibble with 0xF0 set where the fifth bit is clear.
+                let clear = _mm256_andnot_si256(bit_mask(qh), _mm256_set1_epi8(0xf0u8 as i8));
+                (_mm256_or_si256(nib(p.add(6)), clear), d, 0.0)
             }
             Q5_1 => {
                 let (d, m) = f16x2(p);
@@ -504,10 +505,10 @@ pub(crate) fn quantize_q8(x: &[f32]) -> Q8Row {
 }
 
 /// kq2 codeword tables for the SIMD decoder: per magnitude index the eight
-/// odd magnitudes `A` as signed bytes, with coordinate 7 negated when the
-/// index's parity `P(i)` is 1; per 7 sign bits the eight signs (±1 bytes),
-/// sign 7 being the parity of the seven. Their product is the codeword's
-/// `2·(c − shift)` (see `kiln_quant::kq2`).
+/// odd magnitudes `A` doubled, as signed bytes, with coordinate 7 negated
+/// when the index's parity `P(i)` is 1; per 7 sign bits the eight signs (±1
+/// bytes), sign 7 being the parity of the seven. With the shift bit's ±1
+/// added, their product is `4·c` for the codeword `c` (see `kiln_quant::kq2`).
 pub(crate) struct Kq2Tables {
     mag: [u64; 512],
     sign: [u64; 128],
@@ -519,7 +520,7 @@ pub(crate) static KQ2_TABLES: std::sync::LazyLock<Kq2Tables> = std::sync::LazyLo
     for (m, a) in mag.iter_mut().zip(abs) {
         let parity = (a.iter().map(|&k| u32::from(k)).sum::<u32>() / 2) & 1;
         let bytes: [u8; 8] = std::array::from_fn(|j| {
-            let v = a[j] as i8;
+            let v = 2 * a[j] as i8;
             (if j == 7 && parity == 1 { -v } else { v }) as u8
         });
         *m = u64::from_le_bytes(bytes);
@@ -535,9 +536,12 @@ pub(crate) static KQ2_TABLES: std::sync::LazyLock<Kq2Tables> = std::sync::LazyLo
 });
 
 /// Dot of one kq2 row with `x` and its rotation `xr`
-/// (`kiln_quant::kq2::kq2_rotate_row`), decoding each 8-weight group from the
-/// two tables straight into f32 lanes, in the order of
-/// `kiln_quant::kq2::dot_kq2_rotated` (bit for bit).
+/// (`kiln_quant::kq2::kq2_rotate_row`), in the order of
+/// `kiln_quant::kq2::dot_kq2_rotated`, bit for bit. Four groups (32 weights)
+/// are decoded at once as the bytes `4·c` (magnitudes × signs from the
+/// tables, plus the shift bits' ±1 spread from the group words by one
+/// shuffle); each group's products `4c·x` are 4× the definition's `c·x`
+/// exactly, so the lanes are too, and the block sum is scaled back by ¼.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
@@ -546,7 +550,15 @@ pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
     let t = &*KQ2_TABLES;
     let mut acc = 0f32;
     let nblocks = (row.len() / 18).min(x.len() / 64).min(xr.len() / 64);
-    let half = _mm256_set1_ps(0.5);
+    // Byte 2g of the group words' sign masks, spread over group g's 8 bytes.
+    let spread = [
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+        _mm256_setr_epi8(
+            8, 8, 8, 8, 8, 8, 8, 8, 10, 10, 10, 10, 10, 10, 10, 10, 12, 12, 12, 12, 12, 12, 12, 12, 14, 14, 14, 14, 14,
+            14, 14, 14,
+        ),
+    ];
+    let one = _mm256_set1_epi8(1);
     for bi in 0..nblocks {
         let b = &row[bi * 18..bi * 18 + 18];
         let s = kiln_quant::kq2::kq2_scale(b[0]);
@@ -554,24 +566,42 @@ pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
             continue;
         }
         let xs = if b[0] & 0x80 == 0 { &xr[bi * 64..bi * 64 + 64] } else { &x[bi * 64..bi * 64 + 64] };
+        // SAFETY: bytes 2..18 of the block are the eight group words.
+        let words = unsafe { _mm_loadu_si128(b.as_ptr().add(2).cast()) };
+        let tmask = _mm256_broadcastsi128_si256(_mm_srai_epi16::<15>(words));
+        let hb = b[1];
         let mut lanes = _mm256_setzero_ps();
-        for g in 0..8 {
-            let lo = u16::from_le_bytes([b[2 + 2 * g], b[3 + 2 * g]]);
-            let idx = usize::from(lo & 0xff) | usize::from(b[1] >> g & 1) << 8;
-            let s7 = usize::from(lo >> 8 & 0x7f);
-            let w = _mm_sign_epi8(_mm_cvtsi64_si128(t.mag[idx] as i64), _mm_cvtsi64_si128(t.sign[s7] as i64));
-            let shift = _mm256_set1_ps(if lo >> 15 == 1 { -0.25 } else { 0.25 });
-            // c = ±A/2 ± 1/4, exact in f32.
-            let c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(w)), half, shift);
-            // SAFETY: 8 floats of the block's 64.
-            let xv = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * g)) };
-            lanes = _mm256_add_ps(lanes, _mm256_mul_ps(c, xv));
+        for (half, sp) in spread.iter().enumerate() {
+            let g0 = 4 * half;
+            let idx = |g: usize| usize::from(b[2 + 2 * g]) | usize::from(hb >> g & 1) << 8;
+            let s7 = |g: usize| usize::from(b[3 + 2 * g] & 0x7f);
+            let mag = _mm256_set_epi64x(
+                t.mag[idx(g0 + 3)] as i64,
+                t.mag[idx(g0 + 2)] as i64,
+                t.mag[idx(g0 + 1)] as i64,
+                t.mag[idx(g0)] as i64,
+            );
+            let sgn = _mm256_set_epi64x(
+                t.sign[s7(g0 + 3)] as i64,
+                t.sign[s7(g0 + 2)] as i64,
+                t.sign[s7(g0 + 1)] as i64,
+                t.sign[s7(g0)] as i64,
+            );
+            let shift = _mm256_or_si256(_mm256_shuffle_epi8(tmask, *sp), one);
+            let w4 = _mm256_add_epi8(_mm256_sign_epi8(mag, sgn), shift);
+            let (lo, hi) = (_mm256_castsi256_si128(w4), _mm256_extracti128_si256::<1>(w4));
+            for (j, v) in [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)].into_iter().enumerate() {
+                let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                // SAFETY: 8 floats of the block's 64.
+                let xv = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * (g0 + j))) };
+                lanes = _mm256_add_ps(lanes, _mm256_mul_ps(wf, xv));
+            }
         }
         // ((l0+l4) + (l1+l5)) + ((l2+l6) + (l3+l7))
         let r = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps::<1>(lanes));
-        let r = _mm_hadd_ps(r, r);
-        let r = _mm_hadd_ps(r, r);
-        acc += s * _mm_cvtss_f32(r);
+        let p = _mm_add_ps(r, _mm_movehdup_ps(r));
+        let sum = _mm_cvtss_f32(_mm_add_ss(p, _mm_movehl_ps(p, p)));
+        acc += s * (0.25 * sum);
     }
     acc
 }
