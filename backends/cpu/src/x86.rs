@@ -97,6 +97,18 @@ pub(crate) fn dot_legacy(kind: Legacy, row: &[u8], x: &Q8Row) -> f32 {
 /// How far ahead of the block being read the weight prefetches reach, bytes.
 const PREFETCH: usize = 2048;
 
+/// Prefetch hints for the cache lines `PREFETCH` bytes past a block of
+/// `len` bytes at `p` (hints only: addresses past the row are harmless).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn prefetch_ahead(p: *const u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + off).cast());
+        off += 64;
+    }
+}
+
 const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q5_0: u8 = 2;
@@ -225,7 +237,91 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
+    if group == RowGroup::Gemv {
+        return dot_q4_k_gemv(row, x);
+    }
     dot_q4_k_tile(row, [x], [group])[0]
+}
+
+/// The eight 6-bit scales and eight 6-bit minimums of a Q4_K block, unpacked
+/// from its 12 scale bytes with whole-word operations (the same values as
+/// `scale_min_k4`): `(scales, mins)`, each as eight bytes of a u64.
+#[inline(always)]
+fn q4_k_scales_mins(s: &[u8]) -> (u64, u64) {
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (u0, u1, u2) = (w(0), w(1), w(2));
+    const M6: u32 = 0x3f3f_3f3f;
+    const M4: u32 = 0x0f0f_0f0f;
+    const M2: u32 = 0x0303_0303;
+    // j < 4: scale = s[j] & 63, min = s[j+4] & 63;
+    // j ≥ 4: scale = (s[j+4] & 15) | (s[j-4] >> 6) << 4, min = (s[j+4] >> 4) | (s[j] >> 6) << 4.
+    let sc_lo = u0 & M6;
+    let sc_hi = (u2 & M4) | ((u0 >> 6) & M2) << 4;
+    let mn_lo = u1 & M6;
+    let mn_hi = ((u2 >> 4) & M4) | ((u1 >> 6) & M2) << 4;
+    (u64::from(sc_lo) | u64::from(sc_hi) << 32, u64::from(mn_lo) | u64::from(mn_hi) << 32)
+}
+
+/// [`dot_q4_k`] for a single row of a batch's `gemv` group (decode): the
+/// integer sums of a super-block kept in vectors (scales broadcast by
+/// shuffles, the minimums' products by one `madd`) and reduced once.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_k_gemv(row: &[u8], x: &Q8KRow) -> f32 {
+    let (mut acc, mut acc_min) = (0f32, 0f32);
+    let mask = _mm256_set1_epi8(0x0f);
+    let nblocks = (row.len() / 144).min(x.d.len());
+    // Which 16-bit lane of the widened scales feeds sub-block pair g (scale 2g, 2g + 1).
+    let pick = |j: i8| _mm256_setr_epi8(
+        2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1,
+        2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1,
+        2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1,
+        2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1,
+    );
+    let picks = [pick(0), pick(1), pick(2), pick(3), pick(4), pick(5), pick(6), pick(7)];
+    for bi in 0..nblocks {
+        let blk = &row[bi * 144..bi * 144 + 144];
+        prefetch_ahead(blk.as_ptr(), 144);
+        // SAFETY: the block's first 4 bytes.
+        let (dw, dmin) = unsafe { f16x2(blk.as_ptr()) };
+        let (sc, mn) = q4_k_scales_mins(&blk[4..16]);
+        // Scales widened to i16 in both 128-bit lanes.
+        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        let q8 = x.q.as_ptr().wrapping_add(bi * QK_K);
+        let mut isum = _mm256_setzero_si256();
+        for g in 0..4 {
+            // SAFETY: 32 bytes of qs; 64 quants of the super-block.
+            let (q, y0, y1) = unsafe {
+                (
+                    _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast()),
+                    _mm256_loadu_si256(q8.add(64 * g).cast()),
+                    _mm256_loadu_si256(q8.add(64 * g + 32).cast()),
+                )
+            };
+            let lo = _mm256_and_si256(q, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            let s0 = _mm256_shuffle_epi8(sc16, picks[2 * g]);
+            let s1 = _mm256_shuffle_epi8(sc16, picks[2 * g + 1]);
+            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
+            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
+        }
+        // Σ_j m_j·(bsum[2j] + bsum[2j+1]) over the eight sub-blocks.
+        let bs = &x.bsums[bi * 16..bi * 16 + 16];
+        // SAFETY: 16 i32.
+        let (b0, b1) = unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+        // hadd within lanes: [p0 p1 p4 p5 | p2 p3 p6 p7] with p_j = bsum[2j] + bsum[2j+1].
+        let pairs = _mm256_hadd_epi32(b0, b1);
+        let m = mn.to_le_bytes();
+        let mins = _mm256_setr_epi32(
+            m[0] as i32, m[1] as i32, m[4] as i32, m[5] as i32, m[2] as i32, m[3] as i32, m[6] as i32, m[7] as i32,
+        );
+        let imin = hsum_i32(_mm256_mullo_epi32(pairs, mins));
+        let dx = x.d[bi];
+        acc = fma(hsum_i32(isum) as f32, dw * dx, acc);
+        acc_min = fma(imin as f32, dmin * dx, acc_min);
+    }
+    acc - acc_min
 }
 
 /// [`dot_q4_k`] of one weight row with `T` token rows, each super-block's
@@ -310,6 +406,7 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 210, usize::min);
     for bi in 0..nblocks {
         let blk = &row[bi * 210..bi * 210 + 210];
+        prefetch_ahead(blk.as_ptr(), 210);
         let sc = |i: usize| blk[192 + i] as i8 as i16;
         let mut lanes = [_mm256_setzero_si256(); T];
         for half in 0..2 {
