@@ -404,10 +404,21 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
     let m4 = _mm256_set1_epi8(0x0f);
     let m2 = _mm256_set1_epi8(3);
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 210, usize::min);
+    // Per segment: the 16-bit lanes of the widened scales that feed its two 16-element halves.
+    let pick = |seg: i8| {
+        let (a, b) = (4 * seg, 4 * seg + 2);
+        _mm256_setr_epi8(
+            a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1,
+            b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1,
+        )
+    };
+    let picks = [pick(0), pick(1), pick(2), pick(3)];
     for bi in 0..nblocks {
         let blk = &row[bi * 210..bi * 210 + 210];
         prefetch_ahead(blk.as_ptr(), 210);
-        let sc = |i: usize| blk[192 + i] as i8 as i16;
+        // SAFETY: the 16 scale bytes.
+        let sc_bytes = unsafe { _mm_loadu_si128(blk.as_ptr().add(192).cast()) };
+        let sc_all = _mm256_cvtepi8_epi16(sc_bytes);
         let mut lanes = [_mm256_setzero_si256(); T];
         for half in 0..2 {
             // SAFETY: each load stays inside the 210-byte block.
@@ -417,6 +428,12 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
                     _mm256_loadu_si256(blk[half * 64 + 32..].as_ptr().cast()),
                     _mm256_loadu_si256(blk[128 + half * 32..].as_ptr().cast()),
                 )
+            };
+            // Scales 8·half .. 8·half + 8 as i16, in both 128-bit lanes.
+            let sc_half = if half == 0 {
+                _mm256_permute2x128_si256::<0x00>(sc_all, sc_all)
+            } else {
+                _mm256_permute2x128_si256::<0x11>(sc_all, sc_all)
             };
             for seg in 0..4 {
                 let ql = if seg & 1 == 0 { ql0 } else { ql1 };
@@ -432,9 +449,7 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
                     _ => _mm256_srli_epi16::<6>(qh),
                 };
                 let q6 = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)));
-                let s0 = sc(half * 8 + seg * 2);
-                let s1 = sc(half * 8 + seg * 2 + 1);
-                let scales = _mm256_setr_epi16(s0, s0, s0, s0, s0, s0, s0, s0, s1, s1, s1, s1, s1, s1, s1, s1);
+                let scales = _mm256_shuffle_epi8(sc_half, picks[seg]);
                 for t in 0..T {
                     // SAFETY: 32 quants at this segment.
                     let y = unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(bi * QK_K + half * 128 + seg * 32).cast()) };
@@ -442,13 +457,17 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
                 }
             }
         }
+        // Scales as i32, for the 32·Σ scale·bsum correction of each lane.
+        let sc32 = [_mm256_cvtepi8_epi32(sc_bytes), _mm256_cvtepi8_epi32(_mm_unpackhi_epi64(sc_bytes, sc_bytes))];
+        let d6 = f16(blk, 208);
         for t in 0..T {
             let bs = &xs[t].bsums[bi * 16..bi * 16 + 16];
-            let sub: [i32; 8] =
-                std::array::from_fn(|l| 32 * (bs[2 * l] * sc(2 * l) as i32 + bs[2 * l + 1] * sc(2 * l + 1) as i32));
-            // SAFETY: `sub` is 8 i32.
-            let sub = unsafe { _mm256_loadu_si256(sub.as_ptr().cast()) };
-            let d = _mm256_set1_ps(xs[t].d[bi] * f16(blk, 208));
+            // SAFETY: 16 i32.
+            let (b0, b1) = unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+            // hadd within lanes: [p0 p1 p4 p5 | p2 p3 p6 p7], p_l = bs[2l]·sc[2l] + bs[2l+1]·sc[2l+1]; put in order.
+            let pairs = _mm256_hadd_epi32(_mm256_mullo_epi32(b0, sc32[0]), _mm256_mullo_epi32(b1, sc32[1]));
+            let sub = _mm256_slli_epi32::<5>(_mm256_permute4x64_epi64::<0b11_01_10_00>(pairs));
+            let d = _mm256_set1_ps(xs[t].d[bi] * d6);
             acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(lanes[t], sub)), acc[t]);
         }
     }
