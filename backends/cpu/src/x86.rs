@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use kiln_quant::ggml_dot::{Q8KRow, Q8Row, RowGroup, scale_min_k4};
+use kiln_quant::ggml_dot::{Q8KRow, Q8Row, RowGroup};
 
 const QK: usize = 32;
 const QK_K: usize = 256;
@@ -324,8 +324,11 @@ fn dot_q4_k_gemv(row: &[u8], x: &Q8KRow) -> f32 {
     acc - acc_min
 }
 
-/// [`dot_q4_k`] of one weight row with `T` token rows, each super-block's
-/// nibbles unpacked once for all of them; each result in the single-dot order.
+/// [`dot_q4_k`] of one weight row with `T` token rows: each super-block is
+/// unpacked once (nibbles and broadcast scales kept in a small table in L1),
+/// then each token's four sub-block-pair sums are reduced together and
+/// added in the single-dot order (`gemm`: one fused multiply-add per pair;
+/// `gemv`: one per super-block).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
@@ -335,47 +338,75 @@ pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups
     let (mut acc, mut acc_min) = ([0f32; T], [0f32; T]);
     let mask = _mm256_set1_epi8(0x0f);
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 144, usize::min);
+    let picks: [__m256i; 8] = std::array::from_fn(|j| {
+        let j = j as i8;
+        let (a, b) = (2 * j, 2 * j + 1);
+        _mm256_setr_epi8(
+            a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b,
+        )
+    });
+    // Per sub-block pair g: low nibbles, high nibbles, their two scales.
+    let mut unpacked = [[_mm256_setzero_si256(); 4]; 4];
     for bi in 0..nblocks {
         let blk = &row[bi * 144..bi * 144 + 144];
-        let (dw, dmin) = (f16(blk, 0), f16(blk, 2));
-        let scales = &blk[4..16];
-        let mut isum_v = [_mm256_setzero_si256(); T];
-        let mut imin = [0i32; T];
-        for g in 0..4 {
-            let (sc0, m0) = scale_min_k4(2 * g, scales);
-            let (sc1, m1) = scale_min_k4(2 * g + 1, scales);
+        // SAFETY: the block's first 4 bytes.
+        let (dw, dmin) = unsafe { f16x2(blk.as_ptr()) };
+        let (sc, mn) = q4_k_scales_mins(&blk[4..16]);
+        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        for (g, u) in unpacked.iter_mut().enumerate() {
             // SAFETY: 32 bytes of qs.
-            let q = unsafe { _mm256_loadu_si256(blk[16 + 32 * g..].as_ptr().cast()) };
-            let lo = _mm256_and_si256(q, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-            let (s0, s1) = (_mm256_set1_epi16(sc0 as i16), _mm256_set1_epi16(sc1 as i16));
-            for t in 0..T {
-                let x = xs[t];
-                let dx = x.d[bi];
-                // SAFETY: 2×32 quants of the super-block.
-                let (y0, y1) = unsafe {
-                    let p = x.q.as_ptr().add(bi * QK_K + 64 * g);
-                    (_mm256_loadu_si256(p.cast()), _mm256_loadu_si256(p.add(32).cast()))
-                };
-                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
-                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
-                let pair = _mm256_add_epi32(p0, p1);
-                let bs = &x.bsums[bi * 16..bi * 16 + 16];
-                let mins = m0 as i32 * (bs[4 * g] + bs[4 * g + 1]) + m1 as i32 * (bs[4 * g + 2] + bs[4 * g + 3]);
-                if groups[t] == RowGroup::Gemm {
-                    acc[t] = fma(hsum_i32(pair) as f32, dw * dx, acc[t]);
-                    acc_min[t] = fma(mins as f32, dmin * dx, acc_min[t]);
-                } else {
-                    isum_v[t] = _mm256_add_epi32(isum_v[t], pair);
-                    imin[t] += mins;
-                }
-            }
+            let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast()) };
+            *u = [
+                _mm256_and_si256(q, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
+                _mm256_shuffle_epi8(sc16, picks[2 * g]),
+                _mm256_shuffle_epi8(sc16, picks[2 * g + 1]),
+            ];
         }
+        let m = mn.to_le_bytes();
+        // Minimums in the order `hadd` leaves the bsum pairs: [0 1 4 5 | 2 3 6 7].
+        let mins = _mm256_setr_epi32(
+            m[0] as i32, m[1] as i32, m[4] as i32, m[5] as i32, m[2] as i32, m[3] as i32, m[6] as i32, m[7] as i32,
+        );
         for t in 0..T {
-            if groups[t] == RowGroup::Gemv {
-                let dx = xs[t].d[bi];
-                acc[t] = fma(hsum_i32(isum_v[t]) as f32, dw * dx, acc[t]);
-                acc_min[t] = fma(imin[t] as f32, dmin * dx, acc_min[t]);
+            let x = xs[t];
+            let q8 = x.q.as_ptr().wrapping_add(bi * QK_K);
+            let mut p = [_mm256_setzero_si256(); 4];
+            for (g, (pg, u)) in p.iter_mut().zip(&unpacked).enumerate() {
+                // SAFETY: 64 quants of the super-block.
+                let (y0, y1) = unsafe { (_mm256_loadu_si256(q8.add(64 * g).cast()), _mm256_loadu_si256(q8.add(64 * g + 32).cast())) };
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[0], y0), u[2]);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[1], y1), u[3]);
+                *pg = _mm256_add_epi32(p0, p1);
+            }
+            let bs = &x.bsums[bi * 16..bi * 16 + 16];
+            // SAFETY: 16 i32.
+            let (b0, b1) = unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+            let prod = _mm256_mullo_epi32(_mm256_hadd_epi32(b0, b1), mins);
+            let dx = x.d[bi];
+            if groups[t] == RowGroup::Gemm {
+                // The four pair sums: [s0 s1 s2 s3].
+                let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+                let sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                // Pair minimums: hadd of [j0 j1 j4 j5 | j2 j3 j6 j7] gives [g0 g2 · · | g1 g3 · ·].
+                let mh = _mm256_hadd_epi32(prod, prod);
+                let (lo, hi) = (_mm256_castsi256_si128(mh), _mm256_extracti128_si256::<1>(mh));
+                let lanes = |v: __m128i| {
+                    let mut o = [0i32; 4];
+                    // SAFETY: 4 i32.
+                    unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), v) };
+                    o
+                };
+                let (s, l, h) = (lanes(sums), lanes(lo), lanes(hi));
+                let pm = [l[0], h[0], l[1], h[1]];
+                for g in 0..4 {
+                    acc[t] = fma(s[g] as f32, dw * dx, acc[t]);
+                    acc_min[t] = fma(pm[g] as f32, dmin * dx, acc_min[t]);
+                }
+            } else {
+                let isum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3])));
+                acc[t] = fma(isum as f32, dw * dx, acc[t]);
+                acc_min[t] = fma(hsum_i32(prod) as f32, dmin * dx, acc_min[t]);
             }
         }
     }
