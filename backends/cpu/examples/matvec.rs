@@ -68,7 +68,12 @@ fn main() {
                 }
                 t0.elapsed().as_secs_f64() / 3.0
             });
-            println!("{:>5} {n:>6}x{kk:<5} x {rows} tokens {:>8.1} us  {:>6.2} GMAC/s", format!("{dtype:?}"), t * 1e6, (rows * n * kk) as f64 / t / 1e9);
+            println!(
+                "{:>5} {n:>6}x{kk:<5} x {rows} tokens {:>8.1} us  {:>6.2} GMAC/s",
+                format!("{dtype:?}"),
+                t * 1e6,
+                (rows * n * kk) as f64 / t / 1e9
+            );
         }
     }
 }

@@ -63,7 +63,7 @@ pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
         return Prepared::Int(Activations::Q8(unsafe { x86::quantize_q8(x) }));
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && matches!(dtype, DType::Q4K | DType::Q6K) && x.len() % 256 == 0 {
+    if isa == Isa::Avx2 && matches!(dtype, DType::Q4K | DType::Q6K) && x.len().is_multiple_of(256) {
         // SAFETY: as above.
         return Prepared::Int(Activations::Q8K(unsafe { x86::quantize_q8_k(x) }));
     }
@@ -130,6 +130,46 @@ pub(crate) fn dot_tile(
 /// while a block of weight rows passes).
 #[cfg(target_arch = "x86_64")]
 const TOKEN_CHUNK: usize = 32;
+
+/// Prefill tiles of `R` weight rows × `T` token rows over token chunks of
+/// [`TOKEN_CHUNK`]; leftover rows and tokens one at a time.
+#[cfg(target_arch = "x86_64")]
+fn prefill_legacy<const R: usize, const T: usize>(
+    legacy: Legacy,
+    rows: &[u8],
+    rb: usize,
+    nb: usize,
+    q8: &[&ggml_dot::Q8Row],
+    tile: &mut [f32],
+) {
+    let rb = rb.max(1);
+    let row = |j: usize| &rows[j * rb..(j + 1) * rb];
+    for t0 in (0..q8.len()).step_by(TOKEN_CHUNK) {
+        let ts = &q8[t0..(t0 + TOKEN_CHUNK).min(q8.len())];
+        let tfull = ts.len() / T * T;
+        let rfull = nb / R * R;
+        for j in (0..rfull).step_by(R) {
+            let rs: [&[u8]; R] = std::array::from_fn(|r| row(j + r));
+            for t in (0..tfull).step_by(T) {
+                let xs: [&ggml_dot::Q8Row; T] = std::array::from_fn(|u| ts[t + u]);
+                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+                let v = unsafe { x86::dot_legacy_tile(legacy, rs, xs) };
+                for (r, vr) in v.into_iter().enumerate() {
+                    for (u, v) in vr.into_iter().enumerate() {
+                        tile[(t0 + t + u) * nb + j + r] = v;
+                    }
+                }
+            }
+        }
+        for (t, q) in ts.iter().enumerate() {
+            let rows_done = if t < tfull { rfull } else { 0 };
+            for j in rows_done..nb {
+                // SAFETY: as above.
+                tile[(t0 + t) * nb + j] = unsafe { x86::dot_legacy(legacy, row(j), q) };
+            }
+        }
+    }
+}
 
 /// Decode: `R` consecutive weight rows at a time share each activation block.
 #[cfg(target_arch = "x86_64")]
@@ -234,43 +274,9 @@ fn avx2_tile(
         decode_rows::<1>(legacy, rows, rb, x, tile);
         return true;
     }
-    // Prefill: token rows in cache-sized chunks; in each, pairs of weight
-    // rows against four token rows at a time (eight accumulators), each
-    // weight block unpacked once for the four and each activation block
-    // loaded once for the pair.
-    let rb = rb.max(1);
-    for t0 in (0..q8.len()).step_by(TOKEN_CHUNK) {
-        let ts = &q8[t0..(t0 + TOKEN_CHUNK).min(q8.len())];
-        let quads = ts.len() / 4 * 4;
-        for j in (0..nb).step_by(2) {
-            let pair = j + 1 < nb;
-            for t in (0..quads).step_by(4) {
-                let x4 = [ts[t], ts[t + 1], ts[t + 2], ts[t + 3]];
-                let r0 = &rows[j * rb..(j + 1) * rb];
-                if pair {
-                    let r1 = &rows[(j + 1) * rb..(j + 2) * rb];
-                    // SAFETY: as above.
-                    let v = unsafe { x86::dot_legacy_tile(legacy, [r0, r1], x4) };
-                    for (r, vr) in v.into_iter().enumerate() {
-                        for (u, v) in vr.into_iter().enumerate() {
-                            tile[(t0 + t + u) * nb + j + r] = v;
-                        }
-                    }
-                } else {
-                    // SAFETY: as above.
-                    let v = unsafe { x86::dot_legacy_tile(legacy, [r0], x4) };
-                    for (u, v) in v[0].into_iter().enumerate() {
-                        tile[(t0 + t + u) * nb + j] = v;
-                    }
-                }
-            }
-            for (t, q) in ts.iter().enumerate().skip(quads) {
-                for r in j..(j + 2).min(nb) {
-                    // SAFETY: as above.
-                    tile[(t0 + t) * nb + r] = unsafe { x86::dot_legacy(legacy, &rows[r * rb..(r + 1) * rb], q) };
-                }
-            }
-        }
-    }
+    // Prefill: token rows in cache-sized chunks; in each, tiles of weight
+    // rows × token rows, each weight block unpacked once for the tile's
+    // tokens and each activation block loaded once for its rows.
+    prefill_legacy::<2, 4>(legacy, rows, rb, nb, &q8, tile);
     true
 }

@@ -194,7 +194,12 @@ pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
 fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8Row; T]) -> [[f32; T]; R] {
     let bytes = [18, 20, 22, 24, 34][K as usize];
     let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
-    let nblocks = rows.iter().map(|r| r.len() / bytes).chain(xs.iter().map(|x| x.scales.len().min(x.q.len() / QK))).min().unwrap_or(0);
+    let nblocks = rows
+        .iter()
+        .map(|r| r.len() / bytes)
+        .chain(xs.iter().map(|x| x.scales.len().min(x.q.len() / QK)))
+        .min()
+        .unwrap_or(0);
     let wp: [*const u8; R] = rows.map(|r| r.as_ptr());
     let qp: [*const i8; T] = xs.map(|x| x.q.as_ptr());
     let sp: [*const (f32, f32); T] = xs.map(|x| x.scales.as_ptr());
@@ -213,7 +218,9 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
         for r in 0..R {
             // Weights stream from memory once per token: ask for them ahead
             // (a hint; past the row's end it only touches the next row).
-            if PREFETCH > 0 { _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(b * bytes + PREFETCH).cast()); }
+            if PREFETCH > 0 {
+                _mm_prefetch::<_MM_HINT_T0>(wp[r].wrapping_add(b * bytes + PREFETCH).cast());
+            }
             // SAFETY: block `b` < nblocks of every weight row.
             let (w, dw, mw) = unsafe { unpack::<K>(wp[r].add(b * bytes)) };
             // For the signed types the sign moves onto the activations (`maddubs` takes unsigned × signed).
@@ -272,12 +279,42 @@ fn dot_q4_k_gemv(row: &[u8], x: &Q8KRow) -> f32 {
     let mask = _mm256_set1_epi8(0x0f);
     let nblocks = (row.len() / 144).min(x.d.len());
     // Which 16-bit lane of the widened scales feeds sub-block pair g (scale 2g, 2g + 1).
-    let pick = |j: i8| _mm256_setr_epi8(
-        2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1,
-        2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1,
-        2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1,
-        2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1, 2 * j, 2 * j + 1,
-    );
+    let pick = |j: i8| {
+        _mm256_setr_epi8(
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+            2 * j,
+            2 * j + 1,
+        )
+    };
     let picks = [pick(0), pick(1), pick(2), pick(3), pick(4), pick(5), pick(6), pick(7)];
     for bi in 0..nblocks {
         let blk = &row[bi * 144..bi * 144 + 144];
@@ -309,12 +346,20 @@ fn dot_q4_k_gemv(row: &[u8], x: &Q8KRow) -> f32 {
         // Σ_j m_j·(bsum[2j] + bsum[2j+1]) over the eight sub-blocks.
         let bs = &x.bsums[bi * 16..bi * 16 + 16];
         // SAFETY: 16 i32.
-        let (b0, b1) = unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+        let (b0, b1) =
+            unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
         // hadd within lanes: [p0 p1 p4 p5 | p2 p3 p6 p7] with p_j = bsum[2j] + bsum[2j+1].
         let pairs = _mm256_hadd_epi32(b0, b1);
         let m = mn.to_le_bytes();
         let mins = _mm256_setr_epi32(
-            m[0] as i32, m[1] as i32, m[4] as i32, m[5] as i32, m[2] as i32, m[3] as i32, m[6] as i32, m[7] as i32,
+            m[0] as i32,
+            m[1] as i32,
+            m[4] as i32,
+            m[5] as i32,
+            m[2] as i32,
+            m[3] as i32,
+            m[6] as i32,
+            m[7] as i32,
         );
         let imin = hsum_i32(_mm256_mullo_epi32(pairs, mins));
         let dx = x.d[bi];
@@ -341,9 +386,7 @@ pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups
     let picks: [__m256i; 8] = std::array::from_fn(|j| {
         let j = j as i8;
         let (a, b) = (2 * j, 2 * j + 1);
-        _mm256_setr_epi8(
-            a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b,
-        )
+        _mm256_setr_epi8(a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b)
     });
     // Per sub-block pair g: low nibbles, high nibbles, their two scales.
     let mut unpacked = [[_mm256_setzero_si256(); 4]; 4];
@@ -366,7 +409,14 @@ pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups
         let m = mn.to_le_bytes();
         // Minimums in the order `hadd` leaves the bsum pairs: [0 1 4 5 | 2 3 6 7].
         let mins = _mm256_setr_epi32(
-            m[0] as i32, m[1] as i32, m[4] as i32, m[5] as i32, m[2] as i32, m[3] as i32, m[6] as i32, m[7] as i32,
+            m[0] as i32,
+            m[1] as i32,
+            m[4] as i32,
+            m[5] as i32,
+            m[2] as i32,
+            m[3] as i32,
+            m[6] as i32,
+            m[7] as i32,
         );
         for t in 0..T {
             let x = xs[t];
@@ -374,14 +424,17 @@ pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups
             let mut p = [_mm256_setzero_si256(); 4];
             for (g, (pg, u)) in p.iter_mut().zip(&unpacked).enumerate() {
                 // SAFETY: 64 quants of the super-block.
-                let (y0, y1) = unsafe { (_mm256_loadu_si256(q8.add(64 * g).cast()), _mm256_loadu_si256(q8.add(64 * g + 32).cast())) };
+                let (y0, y1) = unsafe {
+                    (_mm256_loadu_si256(q8.add(64 * g).cast()), _mm256_loadu_si256(q8.add(64 * g + 32).cast()))
+                };
                 let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[0], y0), u[2]);
                 let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[1], y1), u[3]);
                 *pg = _mm256_add_epi32(p0, p1);
             }
             let bs = &x.bsums[bi * 16..bi * 16 + 16];
             // SAFETY: 16 i32.
-            let (b0, b1) = unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+            let (b0, b1) =
+                unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
             let prod = _mm256_mullo_epi32(_mm256_hadd_epi32(b0, b1), mins);
             let dx = x.d[bi];
             if groups[t] == RowGroup::Gemm {
@@ -439,8 +492,38 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
     let pick = |seg: i8| {
         let (a, b) = (4 * seg, 4 * seg + 2);
         _mm256_setr_epi8(
-            a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1, a, a + 1,
-            b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1, b, b + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            a,
+            a + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
+            b,
+            b + 1,
         )
     };
     let picks = [pick(0), pick(1), pick(2), pick(3)];
@@ -466,7 +549,7 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
             } else {
                 _mm256_permute2x128_si256::<0x11>(sc_all, sc_all)
             };
-            for seg in 0..4 {
+            for (seg, pick) in picks.iter().enumerate() {
                 let ql = if seg & 1 == 0 { ql0 } else { ql1 };
                 let lo = if seg >> 1 == 0 {
                     _mm256_and_si256(ql, m4)
@@ -480,10 +563,11 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
                     _ => _mm256_srli_epi16::<6>(qh),
                 };
                 let q6 = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)));
-                let scales = _mm256_shuffle_epi8(sc_half, picks[seg]);
+                let scales = _mm256_shuffle_epi8(sc_half, *pick);
                 for t in 0..T {
                     // SAFETY: 32 quants at this segment.
-                    let y = unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(bi * QK_K + half * 128 + seg * 32).cast()) };
+                    let y =
+                        unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(bi * QK_K + half * 128 + seg * 32).cast()) };
                     lanes[t] = _mm256_add_epi32(lanes[t], _mm256_madd_epi16(_mm256_maddubs_epi16(q6, y), scales));
                 }
             }
@@ -494,7 +578,8 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
         for t in 0..T {
             let bs = &xs[t].bsums[bi * 16..bi * 16 + 16];
             // SAFETY: 16 i32.
-            let (b0, b1) = unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+            let (b0, b1) =
+                unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
             // hadd within lanes: [p0 p1 p4 p5 | p2 p3 p6 p7], p_l = bs[2l]·sc[2l] + bs[2l+1]·sc[2l+1]; put in order.
             let pairs = _mm256_hadd_epi32(_mm256_mullo_epi32(b0, sc32[0]), _mm256_mullo_epi32(b1, sc32[1]));
             let sub = _mm256_slli_epi32::<5>(_mm256_permute4x64_epi64::<0b11_01_10_00>(pairs));
@@ -699,7 +784,9 @@ pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
     let nblocks = (row.len() / 18).min(x.len() / 64).min(xr.len() / 64);
     // Byte 2g of the group words' sign masks, spread over group g's 8 bytes.
     let spread = [
-        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+        _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6,
+        ),
         _mm256_setr_epi8(
             8, 8, 8, 8, 8, 8, 8, 8, 10, 10, 10, 10, 10, 10, 10, 10, 12, 12, 12, 12, 12, 12, 12, 12, 14, 14, 14, 14, 14,
             14, 14, 14,
@@ -944,7 +1031,10 @@ mod tests {
             let got = unsafe { quantize_q8_k(&x) };
             assert_eq!(got.q, want.q);
             assert_eq!(got.bsums, want.bsums);
-            assert_eq!(got.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            assert_eq!(
+                got.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.d.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
         }
     }
 
