@@ -220,13 +220,33 @@ pub(crate) fn swiglu_ggml(gate: &[f32], up: &[f32], cols: usize) -> Vec<f32> {
     let cols = cols.max(1);
     let mut y = vec![0f32; gate.len().min(up.len())];
     y.par_chunks_mut(cols).zip(gate.par_chunks(cols)).zip(up.par_chunks(cols)).for_each(|((y, g), u)| {
-        let vec_end = g.len() - g.len() % 8;
-        for (i, ((yv, &gv), &uv)) in y.iter_mut().zip(g).zip(u).enumerate() {
-            let e = if i < vec_end { ggml_v_expf(-gv) } else { (-gv).exp() };
-            *yv = gv / (1.0 + e) * uv;
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA.
+            unsafe { swiglu_row_fma(y, g, u) };
+            return;
         }
+        swiglu_row(y, g, u);
     });
     y
+}
+
+/// One row of [`swiglu_ggml`].
+#[inline(always)]
+fn swiglu_row(y: &mut [f32], g: &[f32], u: &[f32]) {
+    let vec_end = g.len() - g.len() % 8;
+    for (i, ((yv, &gv), &uv)) in y.iter_mut().zip(g).zip(u).enumerate() {
+        let e = if i < vec_end { ggml_v_expf(-gv) } else { (-gv).exp() };
+        *yv = gv / (1.0 + e) * uv;
+    }
+}
+
+/// [`swiglu_row`] compiled with FMA instructions for its `mul_add`s (the same
+/// single-rounding operation libm's `fmaf` computes, without the call).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn swiglu_row_fma(y: &mut [f32], g: &[f32], u: &[f32]) {
+    swiglu_row(y, g, u);
 }
 
 /// One lane of ggml's vectorised `expf` (the Arm optimized-routines polynomial
@@ -234,6 +254,7 @@ pub(crate) fn swiglu_ggml(gate: &[f32], up: &[f32], cols: usize) -> Vec<f32> {
 /// with `n = round(x / ln 2)`, `b = x − n·ln 2` in two parts, and explicit
 /// scaling where `|n| > 126`. Every step is the same f32 operation (fused
 /// where ggml fuses) so the result is bit-identical.
+#[inline(always)]
 pub(crate) fn ggml_v_expf(x: f32) -> f32 {
     const SHIFT: f32 = 12582912.0; // 0x1.8p23
     let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), SHIFT); // 1/ln 2
