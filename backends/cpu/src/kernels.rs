@@ -239,7 +239,11 @@ fn avx2_tile(
                     let g4 = [groups[t], groups[t + 1], groups[t + 2], groups[t + 3]];
                     // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
                     let v = unsafe {
-                        if dtype == DType::Q4K { x86::dot_q4_k_tile(r, x4, g4) } else { x86::dot_q6_k_tile(r, x4) }
+                        match dtype {
+                            DType::Q4K if g4.iter().all(|g| *g == RowGroup::Gemm) => x86::dot_q4_k_gemm4(r, x4),
+                            DType::Q4K => x86::dot_q4_k_tile(r, x4, g4),
+                            _ => x86::dot_q6_k_tile(r, x4),
+                        }
                     };
                     for (u, v) in v.into_iter().enumerate() {
                         tile[(t + u) * nb + j] = v;

@@ -466,6 +466,101 @@ pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups
     std::array::from_fn(|t| acc[t] - acc_min[t])
 }
 
+/// [`dot_q4_k_tile`] for four token rows of a batch's `gemm` group (prefill):
+/// the float steps of the four tokens run as the four lanes of one vector
+/// (per sub-block pair g, in order: `acc = fma(Σ_g, d·d8, acc)` and the same
+/// for the minimums), after a 4×4 transpose of the per-token pair sums.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_q4_k_gemm4(row: &[u8], xs: [&Q8KRow; 4]) -> [f32; 4] {
+    let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
+    let mask = _mm256_set1_epi8(0x0f);
+    let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 144, usize::min);
+    let picks: [__m256i; 8] = std::array::from_fn(|j| {
+        let j = j as i8;
+        let (a, b) = (2 * j, 2 * j + 1);
+        _mm256_setr_epi8(a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b)
+    });
+    let mut unpacked = [[_mm256_setzero_si256(); 4]; 4];
+    for bi in 0..nblocks {
+        let blk = &row[bi * 144..bi * 144 + 144];
+        // SAFETY: the block's first 4 bytes.
+        let (dw, dmin) = unsafe { f16x2(blk.as_ptr()) };
+        let (sc, mn) = q4_k_scales_mins(&blk[4..16]);
+        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+        for (g, u) in unpacked.iter_mut().enumerate() {
+            // SAFETY: 32 bytes of qs.
+            let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast()) };
+            *u = [
+                _mm256_and_si256(q, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
+                _mm256_shuffle_epi8(sc16, picks[2 * g]),
+                _mm256_shuffle_epi8(sc16, picks[2 * g + 1]),
+            ];
+        }
+        let m = mn.to_le_bytes();
+        let mins = _mm256_setr_epi32(
+            m[0] as i32,
+            m[1] as i32,
+            m[4] as i32,
+            m[5] as i32,
+            m[2] as i32,
+            m[3] as i32,
+            m[6] as i32,
+            m[7] as i32,
+        );
+        // Per token: [s0 s1 s2 s3] (pair sums) and [m0 m1 m2 m3] (pair minimum products).
+        let mut sums = [_mm_setzero_si128(); 4];
+        let mut msums = [_mm_setzero_si128(); 4];
+        for t in 0..4 {
+            let x = xs[t];
+            let q8 = x.q.as_ptr().wrapping_add(bi * QK_K);
+            let mut p = [_mm256_setzero_si256(); 4];
+            for (g, (pg, u)) in p.iter_mut().zip(&unpacked).enumerate() {
+                // SAFETY: 64 quants of the super-block.
+                let (y0, y1) = unsafe {
+                    (_mm256_loadu_si256(q8.add(64 * g).cast()), _mm256_loadu_si256(q8.add(64 * g + 32).cast()))
+                };
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[0], y0), u[2]);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[1], y1), u[3]);
+                *pg = _mm256_add_epi32(p0, p1);
+            }
+            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+            sums[t] = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+            let bs = &x.bsums[bi * 16..bi * 16 + 16];
+            // SAFETY: 16 i32.
+            let (b0, b1) =
+                unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+            let prod = _mm256_mullo_epi32(_mm256_hadd_epi32(b0, b1), mins);
+            // hadd of [j0 j1 j4 j5 | j2 j3 j6 j7] → [g0 g2 · · | g1 g3 · ·] → [g0 g1 g2 g3].
+            let mh = _mm256_hadd_epi32(prod, prod);
+            msums[t] = _mm_unpacklo_epi32(_mm256_castsi256_si128(mh), _mm256_extracti128_si256::<1>(mh));
+        }
+        // Transpose: column g holds the four tokens' values for pair g.
+        let tr = |v: [__m128i; 4]| {
+            let a = _mm_unpacklo_epi32(v[0], v[1]);
+            let b = _mm_unpackhi_epi32(v[0], v[1]);
+            let c = _mm_unpacklo_epi32(v[2], v[3]);
+            let d = _mm_unpackhi_epi32(v[2], v[3]);
+            [_mm_unpacklo_epi64(a, c), _mm_unpackhi_epi64(a, c), _mm_unpacklo_epi64(b, d), _mm_unpackhi_epi64(b, d)]
+        };
+        let (s4, m4) = (tr(sums), tr(msums));
+        let dx = _mm_setr_ps(xs[0].d[bi], xs[1].d[bi], xs[2].d[bi], xs[3].d[bi]);
+        let dd = _mm_mul_ps(_mm_set1_ps(dw), dx);
+        let dm = _mm_mul_ps(_mm_set1_ps(dmin), dx);
+        for g in 0..4 {
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s4[g]), dd, acc);
+            acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(m4[g]), dm, acc_min);
+        }
+    }
+    let mut out = [0f32; 4];
+    // SAFETY: 4 floats.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_sub_ps(acc, acc_min)) };
+    out
+}
+
 /// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
 /// super-block, each `fma(d, lane − sub, acc)`).
 ///
