@@ -3,10 +3,12 @@
 //!
 //! Layouts with a llama.cpp dot type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)
 //! take 8-bit activations and integer dot products (AVX2 when the CPU has it,
-//! else the scalar definition in `kiln_quant::ggml_dot`); every other layout
-//! takes activations rounded as `kiln_quant::act::round_for_dot` says and the
-//! exact f32 dot of `kiln_quant::dot_row`. Either way the result is the
-//! reference interpreter's in `Numerics::Ggml`, bit for bit.
+//! else the scalar definition in `kiln_quant::ggml_dot`); kq2 takes the row
+//! and its rotation (`kiln_quant::kq2::dot_kq2_rotated`, AVX2 or scalar);
+//! every other layout takes activations rounded as
+//! `kiln_quant::act::round_for_dot` says, each weight row dequantized and
+//! dotted in the reference's order. Every path gives the reference
+//! interpreter's `Numerics::Ggml` result, bit for bit.
 
 use kiln_ir::DType;
 use kiln_quant::ggml_dot::{self, Activations, RowGroup};
