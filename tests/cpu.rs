@@ -13,11 +13,11 @@ use kiln_runtime::Model;
 const PROMPTS: &[&str] =
     &["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,"];
 
-fn check(path: &Path) {
+fn check(path: &Path, prompts: &[&str]) {
     let mut cpu_model = Model::load(path).unwrap();
     cpu_model.backend = "cpu".into();
     let ref_model = Model::load(path).unwrap();
-    for text in PROMPTS {
+    for text in prompts {
         let prompt = ref_model.tokenizer.encode(text, true).unwrap();
         let mut want = ref_model.session_with(prompt.len() + 40, 2, Numerics::Ggml).unwrap();
         let mut got = cpu_model.session_with(prompt.len() + 40, 2, Numerics::Ggml).unwrap();
@@ -41,11 +41,12 @@ fn check(path: &Path) {
 #[test]
 fn smollm2_on_the_cpu_backend_equals_the_reference_bit_for_bit() {
     let Some(m) = common::smollm2() else { return };
-    check(&m);
+    check(&m, PROMPTS);
 }
 
 #[test]
 fn qwen2_on_the_cpu_backend_equals_the_reference_bit_for_bit() {
     let Some(m) = common::qwen05() else { return };
-    check(&m);
+    // One prompt: the reference's own llama.cpp numerics are slow on a 0.5B model.
+    check(&m, &PROMPTS[1..2]);
 }
