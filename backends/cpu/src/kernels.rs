@@ -213,10 +213,28 @@ fn avx2_tile(
         DType::Q5_1 => Legacy::Q5_1,
         DType::Q8_0 => Legacy::Q8_0,
         DType::KQ2 => {
-            for (t, p) in xs.iter().enumerate() {
-                let Prepared::Kq2 { x, xr } = p else { return false };
-                for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
+            let acts: Vec<(&[f32], &[f32])> = xs
+                .iter()
+                .filter_map(|p| match p {
+                    Prepared::Kq2 { x, xr } => Some((x.as_slice(), xr.as_slice())),
+                    _ => None,
+                })
+                .collect();
+            if acts.len() != xs.len() {
+                return false;
+            }
+            // Four token rows per weight row (codewords decoded once for them), the rest one by one.
+            let quads = acts.len() / 4 * 4;
+            for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
+                for t in (0..quads).step_by(4) {
                     // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+                    let v = unsafe { x86::dot_kq2_tile(r, [acts[t], acts[t + 1], acts[t + 2], acts[t + 3]]) };
+                    for (u, v) in v.into_iter().enumerate() {
+                        tile[(t + u) * nb + j] = v;
+                    }
+                }
+                for (t, &(x, xr)) in acts.iter().enumerate().skip(quads) {
+                    // SAFETY: as above.
                     tile[t * nb + j] = unsafe { x86::dot_kq2(r, x, xr) };
                 }
             }

@@ -874,9 +874,21 @@ pub(crate) static KQ2_TABLES: std::sync::LazyLock<Kq2Tables> = std::sync::LazyLo
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
+    dot_kq2_tile(row, [(x, xr)])[0]
+}
+
+/// [`dot_kq2`] of one weight row with `T` token rows `(x, xr)`: each block's
+/// codewords are decoded once (to f32 in a small L1 table) for all of them;
+/// each result in the single-dot order.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_kq2_tile<const T: usize>(row: &[u8], xs: [(&[f32], &[f32]); T]) -> [f32; T] {
     let t = &*KQ2_TABLES;
-    let mut acc = 0f32;
-    let nblocks = (row.len() / 18).min(x.len() / 64).min(xr.len() / 64);
+    let mut acc = [0f32; T];
+    let nblocks = xs.iter().map(|(x, xr)| (x.len() / 64).min(xr.len() / 64)).fold(row.len() / 18, usize::min);
     // Byte 2g of the group words' sign masks, spread over group g's 8 bytes.
     let spread = [
         _mm256_setr_epi8(
@@ -888,18 +900,18 @@ pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
         ),
     ];
     let one = _mm256_set1_epi8(1);
+    let mut wf = [_mm256_setzero_ps(); 8];
     for bi in 0..nblocks {
         let b = &row[bi * 18..bi * 18 + 18];
+        prefetch_ahead(b.as_ptr(), 18);
         let s = kiln_quant::kq2::kq2_scale(b[0]);
         if s == 0.0 {
             continue;
         }
-        let xs = if b[0] & 0x80 == 0 { &xr[bi * 64..bi * 64 + 64] } else { &x[bi * 64..bi * 64 + 64] };
         // SAFETY: bytes 2..18 of the block are the eight group words.
         let words = unsafe { _mm_loadu_si128(b.as_ptr().add(2).cast()) };
         let tmask = _mm256_broadcastsi128_si256(_mm_srai_epi16::<15>(words));
         let hb = b[1];
-        let mut lanes = _mm256_setzero_ps();
         for (half, sp) in spread.iter().enumerate() {
             let g0 = 4 * half;
             let idx = |g: usize| usize::from(b[2 + 2 * g]) | usize::from(hb >> g & 1) << 8;
@@ -917,20 +929,28 @@ pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
                 t.sign[s7(g0)] as i64,
             );
             let shift = _mm256_or_si256(_mm256_shuffle_epi8(tmask, *sp), one);
+            // 4·c for the four groups' 32 weights, as bytes.
             let w4 = _mm256_add_epi8(_mm256_sign_epi8(mag, sgn), shift);
             let (lo, hi) = (_mm256_castsi256_si128(w4), _mm256_extracti128_si256::<1>(w4));
             for (j, v) in [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)].into_iter().enumerate() {
-                let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-                // SAFETY: 8 floats of the block's 64.
-                let xv = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * (g0 + j))) };
-                lanes = _mm256_add_ps(lanes, _mm256_mul_ps(wf, xv));
+                wf[g0 + j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
             }
         }
-        // ((l0+l4) + (l1+l5)) + ((l2+l6) + (l3+l7))
-        let r = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps::<1>(lanes));
-        let p = _mm_add_ps(r, _mm_movehdup_ps(r));
-        let sum = _mm_cvtss_f32(_mm_add_ss(p, _mm_movehl_ps(p, p)));
-        acc += s * (0.25 * sum);
+        let rotated = b[0] & 0x80 == 0;
+        for (a, (x, xr)) in acc.iter_mut().zip(xs) {
+            let xs = if rotated { &xr[bi * 64..bi * 64 + 64] } else { &x[bi * 64..bi * 64 + 64] };
+            let mut lanes = _mm256_setzero_ps();
+            for (g, w) in wf.iter().enumerate() {
+                // SAFETY: 8 floats of the block's 64.
+                let xv = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * g)) };
+                lanes = _mm256_add_ps(lanes, _mm256_mul_ps(*w, xv));
+            }
+            // ((l0+l4) + (l1+l5)) + ((l2+l6) + (l3+l7)); the lanes hold 4× the definition's.
+            let r = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps::<1>(lanes));
+            let p = _mm_add_ps(r, _mm_movehdup_ps(r));
+            let sum = _mm_cvtss_f32(_mm_add_ss(p, _mm_movehl_ps(p, p)));
+            *a += s * (0.25 * sum);
+        }
     }
     acc
 }
