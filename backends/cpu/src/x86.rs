@@ -276,97 +276,97 @@ fn q4_k_scales_mins(s: &[u8]) -> (u64, u64) {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q4_k_gemv(row: &[u8], x: &Q8KRow) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
-    let mask = _mm256_set1_epi8(0x0f);
     let nblocks = (row.len() / 144).min(x.d.len());
-    // Which 16-bit lane of the widened scales feeds sub-block pair g (scale 2g, 2g + 1).
-    let pick = |j: i8| {
-        _mm256_setr_epi8(
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-            2 * j,
-            2 * j + 1,
-        )
-    };
-    let picks = [pick(0), pick(1), pick(2), pick(3), pick(4), pick(5), pick(6), pick(7)];
+    let picks = q4_k_picks();
     for bi in 0..nblocks {
         let blk = &row[bi * 144..bi * 144 + 144];
         prefetch_ahead(blk.as_ptr(), 144);
-        // SAFETY: the block's first 4 bytes.
-        let (dw, dmin) = unsafe { f16x2(blk.as_ptr()) };
-        let (sc, mn) = q4_k_scales_mins(&blk[4..16]);
-        // Scales widened to i16 in both 128-bit lanes.
-        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
-        let q8 = x.q.as_ptr().wrapping_add(bi * QK_K);
-        let mut isum = _mm256_setzero_si256();
-        for g in 0..4 {
-            // SAFETY: 32 bytes of qs; 64 quants of the super-block.
-            let (q, y0, y1) = unsafe {
-                (
-                    _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast()),
-                    _mm256_loadu_si256(q8.add(64 * g).cast()),
-                    _mm256_loadu_si256(q8.add(64 * g + 32).cast()),
-                )
-            };
-            let lo = _mm256_and_si256(q, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
-            let s0 = _mm256_shuffle_epi8(sc16, picks[2 * g]);
-            let s1 = _mm256_shuffle_epi8(sc16, picks[2 * g + 1]);
-            let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), s0);
-            let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, y1), s1);
-            isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
-        }
-        // Σ_j m_j·(bsum[2j] + bsum[2j+1]) over the eight sub-blocks.
-        let bs = &x.bsums[bi * 16..bi * 16 + 16];
-        // SAFETY: 16 i32.
-        let (b0, b1) =
-            unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
-        // hadd within lanes: [p0 p1 p4 p5 | p2 p3 p6 p7] with p_j = bsum[2j] + bsum[2j+1].
-        let pairs = _mm256_hadd_epi32(b0, b1);
-        let m = mn.to_le_bytes();
-        let mins = _mm256_setr_epi32(
-            m[0] as i32,
-            m[1] as i32,
-            m[4] as i32,
-            m[5] as i32,
-            m[2] as i32,
-            m[3] as i32,
-            m[6] as i32,
-            m[7] as i32,
-        );
-        let imin = hsum_i32(_mm256_mullo_epi32(pairs, mins));
+        let b = q4_k_unpack(blk, &picks);
+        let (p, prod) = q4_k_token(&b, x, bi);
+        let isum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3])));
         let dx = x.d[bi];
-        acc = fma(hsum_i32(isum) as f32, dw * dx, acc);
-        acc_min = fma(imin as f32, dmin * dx, acc_min);
+        acc = fma(isum as f32, b.dw * dx, acc);
+        acc_min = fma(hsum_i32(prod) as f32, b.dmin * dx, acc_min);
     }
     acc - acc_min
+}
+
+/// `shuffle_epi8` patterns spreading 16-bit lane `j` of a register over all
+/// of its 128-bit half (the widened scale of sub-block `j`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_picks() -> [__m256i; 8] {
+    std::array::from_fn(|j| {
+        let j = j as i8;
+        let (a, b) = (2 * j, 2 * j + 1);
+        _mm256_setr_epi8(a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b)
+    })
+}
+
+/// One Q4_K super-block unpacked for several token rows.
+struct Q4kBlock {
+    dw: f32,
+    dmin: f32,
+    /// Per sub-block pair g: low nibbles, high nibbles, their two scales (as i16).
+    u: [[__m256i; 4]; 4],
+    /// The minimums in the order `hadd` leaves the bsum pairs: [0 1 4 5 | 2 3 6 7].
+    mins: __m256i,
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_unpack(blk: &[u8], picks: &[__m256i; 8]) -> Q4kBlock {
+    let mask = _mm256_set1_epi8(0x0f);
+    // SAFETY: the block's first 4 bytes.
+    let (dw, dmin) = unsafe { f16x2(blk.as_ptr()) };
+    let (sc, mn) = q4_k_scales_mins(&blk[4..16]);
+    let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+    let u = std::array::from_fn(|g| {
+        // SAFETY: 32 bytes of qs.
+        let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast()) };
+        [
+            _mm256_and_si256(q, mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
+            _mm256_shuffle_epi8(sc16, picks[2 * g]),
+            _mm256_shuffle_epi8(sc16, picks[2 * g + 1]),
+        ]
+    });
+    let m = mn.to_le_bytes().map(i32::from);
+    let mins = _mm256_setr_epi32(m[0], m[1], m[4], m[5], m[2], m[3], m[6], m[7]);
+    Q4kBlock { dw, dmin, u, mins }
+}
+
+/// For token row `x` and super-block `bi`: the four sub-block pairs' integer
+/// sums (as 8 lanes each) and the minimums' products `m_j·(bsum pair j)` in
+/// `hadd` order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_token(b: &Q4kBlock, x: &Q8KRow, bi: usize) -> ([__m256i; 4], __m256i) {
+    let q8 = x.q.as_ptr().wrapping_add(bi * QK_K);
+    let p = std::array::from_fn(|g| {
+        let u = &b.u[g];
+        // SAFETY: 64 quants of the super-block.
+        let (y0, y1) =
+            unsafe { (_mm256_loadu_si256(q8.add(64 * g).cast()), _mm256_loadu_si256(q8.add(64 * g + 32).cast())) };
+        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[0], y0), u[2]);
+        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[1], y1), u[3]);
+        _mm256_add_epi32(p0, p1)
+    });
+    let bs = &x.bsums[bi * 16..bi * 16 + 16];
+    // SAFETY: 16 i32.
+    let (b0, b1) = unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+    (p, _mm256_mullo_epi32(_mm256_hadd_epi32(b0, b1), b.mins))
+}
+
+/// The four pair sums `[s0 s1 s2 s3]` and pair minimums `[m0 m1 m2 m3]` of [`q4_k_token`]'s output.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_pair_sums(p: &[__m256i; 4], prod: __m256i) -> (__m128i, __m128i) {
+    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    let sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+    // hadd of [j0 j1 j4 j5 | j2 j3 j6 j7] → [g0 g2 · · | g1 g3 · ·] → [g0 g1 g2 g3].
+    let mh = _mm256_hadd_epi32(prod, prod);
+    (sums, _mm_unpacklo_epi32(_mm256_castsi256_si128(mh), _mm256_extracti128_si256::<1>(mh)))
 }
 
 /// [`dot_q4_k`] of one weight row with `T` token rows: each super-block is
@@ -381,85 +381,30 @@ fn dot_q4_k_gemv(row: &[u8], x: &Q8KRow) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups: [RowGroup; T]) -> [f32; T] {
     let (mut acc, mut acc_min) = ([0f32; T], [0f32; T]);
-    let mask = _mm256_set1_epi8(0x0f);
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 144, usize::min);
-    let picks: [__m256i; 8] = std::array::from_fn(|j| {
-        let j = j as i8;
-        let (a, b) = (2 * j, 2 * j + 1);
-        _mm256_setr_epi8(a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b)
-    });
-    // Per sub-block pair g: low nibbles, high nibbles, their two scales.
-    let mut unpacked = [[_mm256_setzero_si256(); 4]; 4];
+    let picks = q4_k_picks();
     for bi in 0..nblocks {
-        let blk = &row[bi * 144..bi * 144 + 144];
-        // SAFETY: the block's first 4 bytes.
-        let (dw, dmin) = unsafe { f16x2(blk.as_ptr()) };
-        let (sc, mn) = q4_k_scales_mins(&blk[4..16]);
-        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
-        for (g, u) in unpacked.iter_mut().enumerate() {
-            // SAFETY: 32 bytes of qs.
-            let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast()) };
-            *u = [
-                _mm256_and_si256(q, mask),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
-                _mm256_shuffle_epi8(sc16, picks[2 * g]),
-                _mm256_shuffle_epi8(sc16, picks[2 * g + 1]),
-            ];
-        }
-        let m = mn.to_le_bytes();
-        // Minimums in the order `hadd` leaves the bsum pairs: [0 1 4 5 | 2 3 6 7].
-        let mins = _mm256_setr_epi32(
-            m[0] as i32,
-            m[1] as i32,
-            m[4] as i32,
-            m[5] as i32,
-            m[2] as i32,
-            m[3] as i32,
-            m[6] as i32,
-            m[7] as i32,
-        );
+        let b = q4_k_unpack(&row[bi * 144..bi * 144 + 144], &picks);
         for t in 0..T {
-            let x = xs[t];
-            let q8 = x.q.as_ptr().wrapping_add(bi * QK_K);
-            let mut p = [_mm256_setzero_si256(); 4];
-            for (g, (pg, u)) in p.iter_mut().zip(&unpacked).enumerate() {
-                // SAFETY: 64 quants of the super-block.
-                let (y0, y1) = unsafe {
-                    (_mm256_loadu_si256(q8.add(64 * g).cast()), _mm256_loadu_si256(q8.add(64 * g + 32).cast()))
-                };
-                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[0], y0), u[2]);
-                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[1], y1), u[3]);
-                *pg = _mm256_add_epi32(p0, p1);
-            }
-            let bs = &x.bsums[bi * 16..bi * 16 + 16];
-            // SAFETY: 16 i32.
-            let (b0, b1) =
-                unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
-            let prod = _mm256_mullo_epi32(_mm256_hadd_epi32(b0, b1), mins);
-            let dx = x.d[bi];
+            let (p, prod) = q4_k_token(&b, xs[t], bi);
+            let dx = xs[t].d[bi];
             if groups[t] == RowGroup::Gemm {
-                // The four pair sums: [s0 s1 s2 s3].
-                let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-                let sums = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-                // Pair minimums: hadd of [j0 j1 j4 j5 | j2 j3 j6 j7] gives [g0 g2 · · | g1 g3 · ·].
-                let mh = _mm256_hadd_epi32(prod, prod);
-                let (lo, hi) = (_mm256_castsi256_si128(mh), _mm256_extracti128_si256::<1>(mh));
+                let (sums, mins) = q4_k_pair_sums(&p, prod);
                 let lanes = |v: __m128i| {
                     let mut o = [0i32; 4];
                     // SAFETY: 4 i32.
                     unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), v) };
                     o
                 };
-                let (s, l, h) = (lanes(sums), lanes(lo), lanes(hi));
-                let pm = [l[0], h[0], l[1], h[1]];
+                let (s, m) = (lanes(sums), lanes(mins));
                 for g in 0..4 {
-                    acc[t] = fma(s[g] as f32, dw * dx, acc[t]);
-                    acc_min[t] = fma(pm[g] as f32, dmin * dx, acc_min[t]);
+                    acc[t] = fma(s[g] as f32, b.dw * dx, acc[t]);
+                    acc_min[t] = fma(m[g] as f32, b.dmin * dx, acc_min[t]);
                 }
             } else {
                 let isum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3])));
-                acc[t] = fma(isum as f32, dw * dx, acc[t]);
-                acc_min[t] = fma(hsum_i32(prod) as f32, dmin * dx, acc_min[t]);
+                acc[t] = fma(isum as f32, b.dw * dx, acc[t]);
+                acc_min[t] = fma(hsum_i32(prod) as f32, b.dmin * dx, acc_min[t]);
             }
         }
     }
@@ -476,80 +421,28 @@ pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q4_k_gemm4(row: &[u8], xs: [&Q8KRow; 4]) -> [f32; 4] {
     let (mut acc, mut acc_min) = (_mm_setzero_ps(), _mm_setzero_ps());
-    let mask = _mm256_set1_epi8(0x0f);
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 144, usize::min);
-    let picks: [__m256i; 8] = std::array::from_fn(|j| {
-        let j = j as i8;
-        let (a, b) = (2 * j, 2 * j + 1);
-        _mm256_setr_epi8(a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b, a, b)
-    });
-    let mut unpacked = [[_mm256_setzero_si256(); 4]; 4];
+    let picks = q4_k_picks();
+    let tr = |v: [__m128i; 4]| {
+        let a = _mm_unpacklo_epi32(v[0], v[1]);
+        let b = _mm_unpackhi_epi32(v[0], v[1]);
+        let c = _mm_unpacklo_epi32(v[2], v[3]);
+        let d = _mm_unpackhi_epi32(v[2], v[3]);
+        [_mm_unpacklo_epi64(a, c), _mm_unpackhi_epi64(a, c), _mm_unpacklo_epi64(b, d), _mm_unpackhi_epi64(b, d)]
+    };
     for bi in 0..nblocks {
-        let blk = &row[bi * 144..bi * 144 + 144];
-        // SAFETY: the block's first 4 bytes.
-        let (dw, dmin) = unsafe { f16x2(blk.as_ptr()) };
-        let (sc, mn) = q4_k_scales_mins(&blk[4..16]);
-        let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
-        for (g, u) in unpacked.iter_mut().enumerate() {
-            // SAFETY: 32 bytes of qs.
-            let q = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * g).cast()) };
-            *u = [
-                _mm256_and_si256(q, mask),
-                _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
-                _mm256_shuffle_epi8(sc16, picks[2 * g]),
-                _mm256_shuffle_epi8(sc16, picks[2 * g + 1]),
-            ];
-        }
-        let m = mn.to_le_bytes();
-        let mins = _mm256_setr_epi32(
-            m[0] as i32,
-            m[1] as i32,
-            m[4] as i32,
-            m[5] as i32,
-            m[2] as i32,
-            m[3] as i32,
-            m[6] as i32,
-            m[7] as i32,
-        );
-        // Per token: [s0 s1 s2 s3] (pair sums) and [m0 m1 m2 m3] (pair minimum products).
+        let b = q4_k_unpack(&row[bi * 144..bi * 144 + 144], &picks);
         let mut sums = [_mm_setzero_si128(); 4];
-        let mut msums = [_mm_setzero_si128(); 4];
+        let mut mins = [_mm_setzero_si128(); 4];
         for t in 0..4 {
-            let x = xs[t];
-            let q8 = x.q.as_ptr().wrapping_add(bi * QK_K);
-            let mut p = [_mm256_setzero_si256(); 4];
-            for (g, (pg, u)) in p.iter_mut().zip(&unpacked).enumerate() {
-                // SAFETY: 64 quants of the super-block.
-                let (y0, y1) = unsafe {
-                    (_mm256_loadu_si256(q8.add(64 * g).cast()), _mm256_loadu_si256(q8.add(64 * g + 32).cast()))
-                };
-                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[0], y0), u[2]);
-                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u[1], y1), u[3]);
-                *pg = _mm256_add_epi32(p0, p1);
-            }
-            let h = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-            sums[t] = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-            let bs = &x.bsums[bi * 16..bi * 16 + 16];
-            // SAFETY: 16 i32.
-            let (b0, b1) =
-                unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
-            let prod = _mm256_mullo_epi32(_mm256_hadd_epi32(b0, b1), mins);
-            // hadd of [j0 j1 j4 j5 | j2 j3 j6 j7] → [g0 g2 · · | g1 g3 · ·] → [g0 g1 g2 g3].
-            let mh = _mm256_hadd_epi32(prod, prod);
-            msums[t] = _mm_unpacklo_epi32(_mm256_castsi256_si128(mh), _mm256_extracti128_si256::<1>(mh));
+            let (p, prod) = q4_k_token(&b, xs[t], bi);
+            (sums[t], mins[t]) = q4_k_pair_sums(&p, prod);
         }
-        // Transpose: column g holds the four tokens' values for pair g.
-        let tr = |v: [__m128i; 4]| {
-            let a = _mm_unpacklo_epi32(v[0], v[1]);
-            let b = _mm_unpackhi_epi32(v[0], v[1]);
-            let c = _mm_unpacklo_epi32(v[2], v[3]);
-            let d = _mm_unpackhi_epi32(v[2], v[3]);
-            [_mm_unpacklo_epi64(a, c), _mm_unpackhi_epi64(a, c), _mm_unpacklo_epi64(b, d), _mm_unpackhi_epi64(b, d)]
-        };
-        let (s4, m4) = (tr(sums), tr(msums));
+        // Transposed: element t of column g is token t's value for pair g.
+        let (s4, m4) = (tr(sums), tr(mins));
         let dx = _mm_setr_ps(xs[0].d[bi], xs[1].d[bi], xs[2].d[bi], xs[3].d[bi]);
-        let dd = _mm_mul_ps(_mm_set1_ps(dw), dx);
-        let dm = _mm_mul_ps(_mm_set1_ps(dmin), dx);
+        let dd = _mm_mul_ps(_mm_set1_ps(b.dw), dx);
+        let dm = _mm_mul_ps(_mm_set1_ps(b.dmin), dx);
         for g in 0..4 {
             acc = _mm_fmadd_ps(_mm_cvtepi32_ps(s4[g]), dd, acc);
             acc_min = _mm_fmadd_ps(_mm_cvtepi32_ps(m4[g]), dm, acc_min);
