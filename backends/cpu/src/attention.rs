@@ -21,8 +21,7 @@ pub(crate) fn attend(
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
     if isa != Isa::Avx2 || !ggml || hd == 0 || !hd.is_multiple_of(8) || heads == 0 {
-        return reference::ReferenceKernels(kiln_backends::Numerics::Ggml)
-            .attend_default(q, first_pos, cache, attrs, ggml);
+        return reference::attend(q, first_pos, cache, attrs, ggml);
     }
     attend_avx2(q, first_pos, cache, attrs)
 }
@@ -51,5 +50,5 @@ fn attend_avx2(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAt
 
 #[cfg(not(target_arch = "x86_64"))]
 fn attend_avx2(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs) -> Vec<f32> {
-    reference::ReferenceKernels(kiln_backends::Numerics::Ggml).attend_default(q, first_pos, cache, attrs, true)
+    reference::attend(q, first_pos, cache, attrs, true)
 }

@@ -3,7 +3,7 @@
 //! rows read once per call (all token rows dotted against a block while it
 //! is in cache).
 
-use kiln_backends::reference::{Kernels, KvCache, Weight};
+use kiln_backends::reference::{Kernels, KvCache, Weight, place_tiles};
 use kiln_ir::AttentionAttrs;
 use kiln_quant::QuantError;
 use kiln_quant::ggml_dot::RowGroup;
@@ -31,9 +31,8 @@ impl Kernels for CpuKernels {
         total: usize,
     ) -> Result<Vec<f32>, QuantError> {
         let (n, k) = (w.n, w.k);
-        let mut y = vec![0.0f32; rows * n];
         if n == 0 || rows == 0 {
-            return Ok(y);
+            return Ok(vec![0.0f32; rows * n]);
         }
         let rb = w.row_bytes();
         let xs: Vec<_> = x.chunks(k.max(1)).take(rows).map(|r| prepare(self.isa, w.dtype, r)).collect();
@@ -46,36 +45,29 @@ impl Kernels for CpuKernels {
         let block = by_cache.min(by_balance).min(n);
         let isa = self.isa;
         if rows == 1 {
+            // One token row: each block's outputs are contiguous, written in place.
+            let mut y = vec![0.0f32; n];
             y.par_chunks_mut(block).enumerate().try_for_each(|(b, out)| {
                 let o0 = b * block;
                 dot_tile(isa, w.dtype, &w.bytes[o0 * rb..(o0 + out.len()) * rb], rb, &xs, &groups, out)
             })?;
-        } else {
-            let tiles: Vec<Vec<f32>> = (0..n.div_ceil(block))
-                .into_par_iter()
-                .map(|b| {
-                    let o0 = b * block;
-                    let nb = block.min(n - o0);
-                    let bytes = &w.bytes[o0 * rb..(o0 + nb) * rb];
-                    let mut tile = vec![0.0f32; rows * nb];
-                    dot_tile(isa, w.dtype, bytes, rb, &xs, &groups, &mut tile)?;
-                    Ok(tile)
-                })
-                .collect::<Result<_, QuantError>>()?;
-            for (b, tile) in tiles.iter().enumerate() {
+            if let Some(bias) = bias {
+                y.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+            return Ok(y);
+        }
+        let tiles: Vec<Vec<f32>> = (0..n.div_ceil(block))
+            .into_par_iter()
+            .map(|b| {
                 let o0 = b * block;
                 let nb = block.min(n - o0);
-                for (yt, src) in y.chunks_mut(n).zip(tile.chunks(nb)) {
-                    yt[o0..o0 + nb].copy_from_slice(src);
-                }
-            }
-        }
-        if let Some(bias) = bias {
-            for yt in y.chunks_mut(n) {
-                yt.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-            }
-        }
-        Ok(y)
+                let bytes = &w.bytes[o0 * rb..(o0 + nb) * rb];
+                let mut tile = vec![0.0f32; rows * nb];
+                dot_tile(isa, w.dtype, bytes, rb, &xs, &groups, &mut tile)?;
+                Ok(tile)
+            })
+            .collect::<Result<_, QuantError>>()?;
+        Ok(place_tiles(&tiles, block, rows, n, bias))
     }
 
     fn attend(&self, q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {

@@ -70,7 +70,7 @@ impl KvCache {
 /// position up to the last query's. Returns `[rows][heads · head_dim]`.
 ///
 /// Parallel over (token, head) pairs.
-pub(crate) fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
+pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
     let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as usize;

@@ -219,13 +219,18 @@ pub(crate) fn swiglu_ggml(gate: &[f32], up: &[f32], cols: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let cols = cols.max(1);
     let mut y = vec![0f32; gate.len().min(up.len())];
+    #[cfg(target_arch = "x86_64")]
+    let fma = std::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let fma = false;
     y.par_chunks_mut(cols).zip(gate.par_chunks(cols)).zip(up.par_chunks(cols)).for_each(|((y, g), u)| {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("fma") {
+        if fma {
             // SAFETY: the CPU has FMA.
             unsafe { swiglu_row_fma(y, g, u) };
             return;
         }
+        let _ = fma;
         swiglu_row(y, g, u);
     });
     y

@@ -96,6 +96,13 @@ pub(crate) fn matmul(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>
         })
         .collect::<Result<_, QuantError>>()?;
 
+    Ok(place_tiles(&tiles, block, rows, n, bias))
+}
+
+/// Assembles `[rows, n]` from per-block tiles (`tiles[b]` holds, for each of
+/// the `rows` token rows, the outputs of weight rows `b·block..`), adding the
+/// bias after the dot products (as ggml's separate `add`).
+pub fn place_tiles(tiles: &[Vec<f32>], block: usize, rows: usize, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0.0f32; rows * n];
     for (b, tile) in tiles.iter().enumerate() {
         let o0 = b * block;
@@ -109,7 +116,7 @@ pub(crate) fn matmul(x: &[f32], rows: usize, w: Weight<'_>, bias: Option<&[f32]>
             }
         }
     }
-    Ok(y)
+    y
 }
 
 /// kq2 weights are dotted in their storage basis

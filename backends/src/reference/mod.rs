@@ -26,9 +26,9 @@ use std::sync::Arc;
 
 use kiln_ir::{Op, VerifiedModule};
 
-pub use attention::KvCache;
+pub use attention::{KvCache, attend};
 pub use kernels::{dot, rope_angles};
-pub use matmul::Weight;
+pub use matmul::{Weight, place_tiles};
 pub use session::{ChannelStats, Kernels, ReferenceKernels, ReferenceSession};
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};

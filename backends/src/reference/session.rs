@@ -43,20 +43,6 @@ pub trait Kernels: Send + Sync {
 #[derive(Clone, Copy, Debug)]
 pub struct ReferenceKernels(pub Numerics);
 
-impl ReferenceKernels {
-    /// The reference attention (what [`Kernels::attend`] does unless overridden).
-    pub fn attend_default(
-        &self,
-        q: &[f32],
-        first_pos: usize,
-        cache: &KvCache,
-        attrs: &AttentionAttrs,
-        ggml: bool,
-    ) -> Vec<f32> {
-        attend(q, first_pos, cache, attrs, ggml)
-    }
-}
-
 impl Kernels for ReferenceKernels {
     fn matmul(
         &self,
