@@ -100,10 +100,18 @@ pub fn compile_device(
         _ => (None, Value::Null),
     };
     let reference = if r.recipe.quality.is_some() { Some(source_model()?) } else { None };
-    let reports =
-        kiln_passes::run_pipeline(&mut module, &mut weights, &passes, device, importance.as_ref(), &mut |rep| {
+    let base_dir = r.path.parent().unwrap_or(Path::new("."));
+    let reports = kiln_passes::run_pipeline(
+        &mut module,
+        &mut weights,
+        &passes,
+        device,
+        importance.as_ref(),
+        base_dir,
+        &mut |rep| {
             log(&format!("pass {}: {}", rep.pass, rep.summary));
-        })?;
+        },
+    )?;
     // Quality against the source, when the weights changed and the recipe gives a text.
     let changed = reports.iter().any(|rep| rep.pass == "quantize");
     let quality = match (&r.recipe.quality, reference) {

@@ -40,6 +40,9 @@ enum Cmd {
     Compile(CompileArgs),
     /// Write a model (GGUF, kiln build or registry id) as a GGUF file for llama.cpp, optionally requantized.
     Export(ExportArgs),
+    /// Steering vectors: compute them from contrastive prompts, convert them (safetensors, llama.cpp GGUF).
+    #[command(subcommand)]
+    Steer(SteerCmd),
     /// Inspect the IR.
     #[command(subcommand)]
     Ir(IrCmd),
@@ -60,6 +63,70 @@ struct Common {
     /// Run on this backend instead of the build's (reference, cpu, ptx); checkpoints default to reference.
     #[arg(long)]
     backend: Option<String>,
+    /// NAME=STRENGTH: run the build's steering NAME at this strength instead of the compiled one (repeatable).
+    #[arg(long = "steer", value_name = "NAME=STRENGTH")]
+    steer: Vec<String>,
+}
+
+impl Common {
+    /// Applies the backend choice and steering strengths to `model`.
+    fn apply(&self, model: &mut Model) -> KilnResult<()> {
+        if let Some(b) = &self.backend {
+            model.backend = b.clone();
+        }
+        for s in &self.steer {
+            let bad = || KilnError::Unsupported(format!("--steer {s}: expected NAME=STRENGTH, e.g. verbosity=-4"));
+            let (name, v) = s.split_once('=').ok_or_else(bad)?;
+            let v: f32 = v.trim().parse().map_err(|_| bad())?;
+            model.steer.insert(name.trim().to_string(), v);
+        }
+        kiln_backends::check_steer(&model.module, &model.steer)?;
+        Ok(())
+    }
+}
+
+#[derive(Subcommand)]
+enum SteerCmd {
+    /// Compute per-layer steering directions from contrastive prompt pairs (one prompt per line, `\n` escapes).
+    Compute(SteerComputeArgs),
+    /// Convert a steering file: safetensors ↔ llama.cpp control-vector GGUF (by the output's extension).
+    Convert(SteerConvertArgs),
+}
+
+#[derive(Args)]
+struct SteerComputeArgs {
+    model: String,
+    /// Prompts the direction points towards (line i pairs with line i of --negative).
+    #[arg(long)]
+    positive: PathBuf,
+    /// Prompts the direction points away from.
+    #[arg(long)]
+    negative: PathBuf,
+    /// Output file: .safetensors (kiln) or .gguf (llama.cpp control vector, layer 0 left out).
+    #[arg(long, short)]
+    out: PathBuf,
+    /// mean (mean difference) or pca (first principal component of the paired differences).
+    #[arg(long, default_value = "mean")]
+    method: String,
+    /// last (the last token, e.g. where an answer starts) or suffix (mean over the tokens where the pair differs).
+    #[arg(long, default_value = "last")]
+    positions: String,
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct SteerConvertArgs {
+    /// A steering file (safetensors or GGUF).
+    input: PathBuf,
+    /// Output: .safetensors or .gguf.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// The GGUF's `controlvector.model_hint` (the model architecture, e.g. llama).
+    #[arg(long, default_value = "llama")]
+    model_hint: String,
 }
 
 #[derive(Args)]
@@ -220,9 +287,7 @@ fn print_json(v: &serde_json::Value) {
 
 fn cmd_run(a: RunArgs) -> KilnResult<()> {
     let mut model = load_model(&a.model, !a.common.json)?;
-    if let Some(b) = &a.common.backend {
-        model.backend = b.clone();
-    }
+    a.common.apply(&mut model)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampler: SamplerConfig {
@@ -331,9 +396,7 @@ fn run_context(prompt: usize, new: usize, ctx: Option<usize>, model_ctx: usize) 
 
 fn cmd_ppl(a: PplArgs) -> KilnResult<()> {
     let mut model = load_model(&a.model, !a.common.json)?;
-    if let Some(b) = &a.common.backend {
-        model.backend = b.clone();
-    }
+    a.common.apply(&mut model)?;
     let text = std::fs::read_to_string(&a.file).map_err(|e| KilnError::io(&a.file, e))?;
     let pb = progress::bar(!a.common.json, 0, "perplexity");
     let report = kiln_runtime::ppl::perplexity(
@@ -361,6 +424,108 @@ fn cmd_ppl(a: PplArgs) -> KilnResult<()> {
         );
     }
     Ok(())
+}
+
+/// Writes `bytes` to `path` atomically (a temporary sibling, then rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> KilnResult<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| KilnError::io(path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        KilnError::io(path, e)
+    })
+}
+
+/// Whether a steering file `out` is GGUF (else safetensors), by its extension.
+fn steer_out_is_gguf(out: &Path) -> KilnResult<bool> {
+    match out.extension().and_then(|e| e.to_str()) {
+        Some("safetensors") => Ok(false),
+        Some("gguf") => Ok(true),
+        _ => Err(KilnError::bad(out, "the output must end in .safetensors or .gguf")),
+    }
+}
+
+/// The file image of a control vector, in the format `out`'s extension names.
+fn steer_file_bytes(cv: &kiln_frontend::control_vector::ControlVector, out: &Path, hint: &str) -> KilnResult<Vec<u8>> {
+    if steer_out_is_gguf(out)? {
+        let mut cv = cv.clone();
+        cv.layers.remove(&0); // llama.cpp never steers layer 0 and refuses direction.0
+        Ok(cv.to_gguf(hint)?)
+    } else {
+        Ok(cv.to_safetensors())
+    }
+}
+
+fn cmd_steer(c: SteerCmd) -> KilnResult<()> {
+    match c {
+        SteerCmd::Compute(a) => {
+            let method = kiln_runtime::steer::Method::from_name(&a.method)
+                .ok_or_else(|| KilnError::Unsupported(format!("--method {}: expected mean or pca", a.method)))?;
+            let positions = kiln_runtime::steer::Positions::from_name(&a.positions).ok_or_else(|| {
+                KilnError::Unsupported(format!("--positions {}: expected suffix or last", a.positions))
+            })?;
+            steer_out_is_gguf(&a.out)?; // before the work
+            let model = load_model(&a.model, !a.json)?;
+            let pos = kiln_runtime::steer::read_prompts(&a.positive)?;
+            let neg = kiln_runtime::steer::read_prompts(&a.negative)?;
+            if pos.len() != neg.len() {
+                return Err(KilnError::bad(
+                    &a.negative,
+                    format!(
+                        "{} prompts, but {} has {}: they pair line by line",
+                        neg.len(),
+                        a.positive.display(),
+                        pos.len()
+                    ),
+                ));
+            }
+            let pb = progress::bar(!a.json, pos.len() as u64, "prompt pairs");
+            let (cv, summary) = kiln_runtime::steer::compute(
+                &model,
+                &pos,
+                &neg,
+                method,
+                positions,
+                threads(a.threads),
+                &mut |i, _| pb.set_position(i as u64),
+            )?;
+            pb.finish_and_clear();
+            let hint = model.module.meta_str("arch").unwrap_or("llama").to_string();
+            write_atomic(&a.out, &steer_file_bytes(&cv, &a.out, &hint)?)?;
+            if a.json {
+                print_json(&json!({"model": model.path, "out": a.out, "summary": summary}));
+            } else {
+                println!(
+                    "{} directions ({}, {} positions) from {} pairs, {} tokens, in {:.1} s: {}",
+                    summary.layers.len(),
+                    method.name(),
+                    positions.name(),
+                    summary.pairs,
+                    summary.tokens,
+                    summary.seconds,
+                    a.out.display()
+                );
+                for l in &summary.layers {
+                    println!(
+                        "  layer {:>3}: |mean diff| {:>9.3}, pairs agreeing {:>5.1}%",
+                        l.layer,
+                        l.mean_diff_norm,
+                        l.agreement * 100.0
+                    );
+                }
+            }
+            Ok(())
+        }
+        SteerCmd::Convert(a) => {
+            let cv = kiln_frontend::control_vector::ControlVector::open(&a.input)?;
+            write_atomic(&a.out, &steer_file_bytes(&cv, &a.out, &a.model_hint)?)?;
+            let written = cv.layers.keys().filter(|l| **l > 0 || !steer_out_is_gguf(&a.out).unwrap_or(false)).count();
+            let note = if written < cv.layers.len() { " (layer 0 left out: llama.cpp never steers it)" } else { "" };
+            println!("{written} directions of {} elements{note}: {}", cv.n_embd, a.out.display());
+            Ok(())
+        }
+    }
 }
 
 fn cmd_calibrate(a: CalibrateArgs) -> KilnResult<()> {
@@ -401,9 +566,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> KilnResult<()> {
 
 fn cmd_bench(a: BenchArgs) -> KilnResult<()> {
     let mut model = load_model(&a.model, !a.common.json)?;
-    if let Some(b) = &a.common.backend {
-        model.backend = b.clone();
-    }
+    a.common.apply(&mut model)?;
     let pb = progress::spinner(!a.common.json, format!("pp{} / tg{}", a.pp, a.tg));
     let r = kiln_runtime::bench::bench(&model, a.pp, a.tg, a.reps, threads(a.common.threads))?;
     pb.finish_and_clear();
@@ -581,6 +744,7 @@ fn main() {
         Cmd::Calibrate(a) => cmd_calibrate(a),
         Cmd::Compile(a) => cmd_compile(a),
         Cmd::Export(a) => cmd_export(a),
+        Cmd::Steer(c) => cmd_steer(c),
         Cmd::Ir(c) => cmd_ir(c),
         Cmd::Fetch(a) => cmd_fetch(a),
         Cmd::Models => models::registry().map(|reg| {

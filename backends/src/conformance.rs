@@ -11,7 +11,8 @@
 use std::sync::Arc;
 
 use kiln_ir::{
-    Activation, AttentionAttrs, DType, Meta, Module, Op, ParamId, RopeAttrs, RopeLayout, TensorType, ValueId, verify,
+    Activation, AttentionAttrs, DType, Meta, Module, Op, ParamId, RopeAttrs, RopeLayout, SteerAttrs, SteerMode,
+    TensorType, ValueId, verify,
 };
 
 use crate::quant::quantize_row;
@@ -178,6 +179,24 @@ pub fn cases() -> Vec<Case> {
             1e-5,
         ),
         ("scale", |b, x| b.push(Op::Scale { x, s: -0.7 }), 1e-6),
+        (
+            "steer add",
+            |b, x| {
+                let dir = b.param("steer.dir", DType::F32, &[64], 0.2);
+                let attrs = SteerAttrs { mode: SteerMode::Add, strength: -4.0, name: "t".into() };
+                b.push(Op::Steer { x, dir, attrs })
+            },
+            1e-6,
+        ),
+        (
+            "steer project",
+            |b, x| {
+                let dir = b.param("steer.dir", DType::F32, &[64], 0.2);
+                let attrs = SteerAttrs { mode: SteerMode::Project, strength: 0.8, name: "t".into() };
+                b.push(Op::Steer { x, dir, attrs })
+            },
+            1e-5,
+        ),
         ("act silu", |b, x| b.push(Op::Act { x, kind: Activation::Silu }), 1e-5),
         ("act gelu_tanh", |b, x| b.push(Op::Act { x, kind: Activation::GeluTanh }), 1e-5),
         ("softmax", |b, x| b.push(Op::Softmax { x }), 1e-5),

@@ -58,6 +58,38 @@ pub struct SessionOptions {
     pub numerics: Numerics,
     /// The backend's files of the build being run ([`Backend::emit`]), when there is a build.
     pub files: Vec<BuildFile>,
+    /// Run-time strengths of the module's steering ops, by steering name (the
+    /// compiled strength otherwise). Names no op carries are refused by [`check_steer`].
+    pub steer: std::collections::BTreeMap<String, f32>,
+}
+
+/// Checks run-time steering strengths against the steering ops of `module`.
+pub fn check_steer(
+    module: &VerifiedModule,
+    steer: &std::collections::BTreeMap<String, f32>,
+) -> Result<(), BackendError> {
+    let names: std::collections::BTreeSet<&str> = module
+        .insts
+        .iter()
+        .filter_map(|i| match &i.op {
+            Op::Steer { attrs, .. } => Some(attrs.name.as_str()),
+            _ => None,
+        })
+        .collect();
+    for (name, s) in steer {
+        if !names.contains(name.as_str()) {
+            let have = if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.iter().copied().collect::<Vec<_>>().join(", ")
+            };
+            return Err(BackendError::BadInput(format!("no steering named `{name}` in this build (it has: {have})")));
+        }
+        if !s.is_finite() {
+            return Err(BackendError::BadInput(format!("steering `{name}`: strength {s} is not finite")));
+        }
+    }
+    Ok(())
 }
 
 /// Which logits a forward call returns.

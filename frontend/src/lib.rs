@@ -1,6 +1,7 @@
 //! kiln importers: read GGUF files and Hugging Face directories and lower them to kiln IR.
 
 pub mod arch;
+pub mod control_vector;
 pub mod decoder;
 pub mod error;
 pub mod gguf;

@@ -2,6 +2,7 @@
 //!
 //! No I/O, no backend knowledge, no math kernels live here.
 
+pub mod analysis;
 pub mod entities;
 pub mod error;
 pub mod module;
@@ -14,7 +15,7 @@ pub mod verify;
 pub use entities::{ParamId, ValueId};
 pub use error::{IrError, IrResult};
 pub use module::{Inst, Meta, Module, Param};
-pub use ops::{Activation, Arg, AttentionAttrs, Op, RopeAttrs, RopeLayout};
+pub use ops::{Activation, Arg, AttentionAttrs, Op, RopeAttrs, RopeLayout, SteerAttrs, SteerMode, is_steer_name};
 pub use parser::parse;
 pub use printer::print;
 pub use types::{DType, Dim, TensorType};

@@ -70,6 +70,48 @@ pub struct AttentionAttrs {
     pub softcap: f32,
 }
 
+/// How a steering op moves the residual stream along its direction `d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SteerMode {
+    /// `y = x + s·d` (a control vector, as llama.cpp's `--control-vector`).
+    Add,
+    /// `y = x − s·d·(d·x)`: with a unit `d` and `s = 1`, the component along `d` is removed.
+    Project,
+}
+
+impl SteerMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SteerMode::Add => "add",
+            SteerMode::Project => "project",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "add" => Some(SteerMode::Add),
+            "project" => Some(SteerMode::Project),
+            _ => None,
+        }
+    }
+}
+
+/// Attributes of a steering op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SteerAttrs {
+    pub mode: SteerMode,
+    /// The strength `s` the build was compiled with; a session may override it by `name`.
+    pub strength: f32,
+    /// The steering's name (`[a-z0-9_]+`), which run-time strength overrides refer to.
+    pub name: String,
+}
+
+/// Whether `s` is a valid steering name: a lowercase letter, then up to 63 of `[a-z0-9_]`.
+pub fn is_steer_name(s: &str) -> bool {
+    s.len() <= 64
+        && s.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// Attributes of a RoPE op.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeAttrs {
@@ -153,6 +195,12 @@ pub enum Op {
         v: Option<ValueId>,
         attrs: AttentionAttrs,
     },
+    /// Activation steering of each row of `x` along the direction `dir` (`f32[N]`).
+    Steer {
+        x: ValueId,
+        dir: ParamId,
+        attrs: SteerAttrs,
+    },
 }
 
 /// A literal or reference in the generic form of an op.
@@ -188,6 +236,7 @@ pub const OP_NAMES: &[&str] = &[
     "rope",
     "softmax",
     "attention",
+    "steer",
 ];
 
 impl Op {
@@ -206,6 +255,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Softmax { .. } => "softmax",
             Op::Attention { .. } => "attention",
+            Op::Steer { .. } => "steer",
         }
     }
 
@@ -220,6 +270,7 @@ impl Op {
             | Op::Scale { x, .. }
             | Op::Act { x, .. }
             | Op::Rope { x, .. }
+            | Op::Steer { x, .. }
             | Op::Softmax { x } => vec![*x],
             Op::Add { a, b } | Op::Mul { a, b } => vec![*a, *b],
             Op::Glu { gate, up, .. } => vec![*gate, *up],
@@ -239,6 +290,7 @@ impl Op {
             Op::RmsNorm { weight, .. } => weight.iter().copied().collect(),
             Op::LayerNorm { weight, bias, .. } => weight.iter().chain(bias.iter()).copied().collect(),
             Op::MatMul { w, bias, .. } => std::iter::once(*w).chain(bias.iter().copied()).collect(),
+            Op::Steer { dir, .. } => vec![*dir],
             _ => vec![],
         }
     }
@@ -259,6 +311,7 @@ impl Op {
                     *b = f(*b);
                 }
             }
+            Op::Steer { dir, .. } => *dir = f(*dir),
             _ => {}
         }
     }
@@ -274,6 +327,7 @@ impl Op {
             | Op::Scale { x, .. }
             | Op::Act { x, .. }
             | Op::Rope { x, .. }
+            | Op::Steer { x, .. }
             | Op::Softmax { x } => *x = f(*x),
             Op::Add { a, b } | Op::Mul { a, b } => {
                 *a = f(*a);
@@ -363,6 +417,14 @@ impl Op {
                 }
                 (vec![Value(*q)], kw)
             }
+            Op::Steer { x, dir, attrs } => (
+                vec![Value(*x), Param(*dir)],
+                vec![
+                    ("mode", Ident(attrs.mode.name().into())),
+                    ("strength", Float(attrs.strength)),
+                    ("name", Ident(attrs.name.clone())),
+                ],
+            ),
         };
         OpForm { name: self.name(), pos, kw }
     }
@@ -423,6 +485,14 @@ impl Op {
                         softcap: a.opt_float("softcap")?.unwrap_or(0.0),
                     },
                 }
+            }
+            "steer" => {
+                let x = a.value()?;
+                let dir = a.param()?;
+                let mode_name = a.ident("mode")?;
+                let mode = SteerMode::from_name(&mode_name)
+                    .ok_or_else(|| format!("unknown steer mode `{mode_name}` (add|project)"))?;
+                Op::Steer { x, dir, attrs: SteerAttrs { mode, strength: a.float("strength")?, name: a.ident("name")? } }
             }
             other => return Err(format!("unknown op `{other}`; known ops: {}", OP_NAMES.join(", "))),
         };
@@ -671,6 +741,20 @@ impl Op {
                     _ => return Err("attention needs both k and v, or neither (shared cache)".into()),
                 }
                 Ok(act(nq))
+            }
+            Op::Steer { x, dir, attrs } => {
+                let n = act_row(vt(*x)?, "steer input")?;
+                vector_param(env, *dir, n, "steer direction")?;
+                if !attrs.strength.is_finite() {
+                    return Err(format!("steer strength {} must be finite", attrs.strength));
+                }
+                if !is_steer_name(&attrs.name) {
+                    return Err(format!(
+                        "steer name `{}` must be a lowercase letter then up to 63 of [a-z0-9_]",
+                        attrs.name
+                    ));
+                }
+                Ok(act(n))
             }
         }
     }

@@ -45,7 +45,7 @@ proptest! {
         name in arb_name(),
         meta in proptest::collection::btree_map(arb_name(), arb_meta(), 0..6),
         width in 1u64..8,
-        ops in proptest::collection::vec((0u8..6, any::<f32>(), 1u64..4), 0..20),
+        ops in proptest::collection::vec((0u8..8, any::<f32>(), 1u64..4), 0..20),
     ) {
         let d = width * 32;
         let mut m = Module::new(name);
@@ -62,6 +62,11 @@ proptest! {
                 2 => m.push(Op::RmsNorm { x, weight: None, eps: 1e-6, group: 32 / (1 << (g - 1)) }).unwrap(),
                 3 => m.push(Op::Act { x, kind: Activation::GeluTanh }).unwrap(),
                 4 => m.push(Op::Add { a: x, b: x }).unwrap(),
+                6 | 7 => {
+                    let mode = if kind == 6 { SteerMode::Add } else { SteerMode::Project };
+                    let attrs = SteerAttrs { mode, strength: f, name: format!("s{g}_x") };
+                    m.push(Op::Steer { x, dir: nw, attrs }).unwrap()
+                }
                 _ => m.push(Op::Rope { x, attrs: RopeAttrs { head_dim: 32, rot_dims: 16, theta: f.abs() + 1.0, freq_scale: 1.0, layout: RopeLayout::Interleaved } }).unwrap(),
             };
         }

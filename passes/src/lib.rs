@@ -6,6 +6,7 @@
 pub mod dce;
 pub mod quantize;
 pub mod registry;
+pub mod steer;
 
 use std::collections::BTreeMap;
 
@@ -25,6 +26,9 @@ pub enum PassError {
     /// No pass with that name.
     #[error("unknown pass `{name}` (known: {known})")]
     Unknown { name: String, known: String },
+    /// A file the options name is missing or malformed (the message names it).
+    #[error("pass `{pass}`: {msg}")]
+    Input { pass: &'static str, msg: String },
     /// The pass cannot handle this module.
     #[error("pass `{pass}`: unsupported: {msg}")]
     Unsupported { pass: &'static str, msg: String },
@@ -41,6 +45,8 @@ pub struct PassCtx<'a> {
     pub device: &'a str,
     /// Calibration statistics, when the recipe asks for calibration.
     pub importance: Option<&'a Importance>,
+    /// Where relative paths in options point from (the recipe's directory).
+    pub base_dir: &'a std::path::Path,
 }
 
 /// Calibration data for passes: per weight name, the mean squared activation

@@ -4,9 +4,9 @@ use kiln_frontend::Weights;
 use kiln_ir::Module;
 use serde_json::Value;
 
-use crate::{Importance, Pass, PassCtx, PassError, PassReport, dce, quantize};
+use crate::{Importance, Pass, PassCtx, PassError, PassReport, dce, quantize, steer};
 
-pub static PASSES: &[&dyn Pass] = &[&dce::DeadCode, &quantize::Quantize];
+pub static PASSES: &[&dyn Pass] = &[&dce::DeadCode, &quantize::Quantize, &steer::Steer];
 
 pub fn by_name(name: &str) -> Result<&'static dyn Pass, PassError> {
     PASSES.iter().copied().find(|p| p.name() == name).ok_or_else(|| PassError::Unknown {
@@ -16,13 +16,16 @@ pub fn by_name(name: &str) -> Result<&'static dyn Pass, PassError> {
 }
 
 /// Runs `(name, options)` passes in order, verifying the module after each.
-/// `on_pass` is called with each report (for progress output).
+/// Relative paths in options are resolved against `base_dir` (the recipe's
+/// directory). `on_pass` is called with each report (for progress output).
+#[allow(clippy::too_many_arguments)]
 pub fn run_pipeline(
     module: &mut Module,
     weights: &mut Weights,
     passes: &[(String, Value)],
     device: &str,
     importance: Option<&Importance>,
+    base_dir: &std::path::Path,
     on_pass: &mut dyn FnMut(&PassReport),
 ) -> Result<Vec<PassReport>, PassError> {
     // Resolve every name first so a typo fails before any work is done.
@@ -36,7 +39,7 @@ pub fn run_pipeline(
         .collect::<Result<Vec<_>, PassError>>()?;
     let mut reports = vec![];
     for (pass, options) in resolved {
-        let report = pass.run(module, weights, &PassCtx { options, device, importance })?;
+        let report = pass.run(module, weights, &PassCtx { options, device, importance, base_dir })?;
         kiln_ir::check(module).map_err(|err| PassError::Broken { pass: pass.name().to_string(), err })?;
         if weights.tensors.len() != module.params.len() {
             return Err(PassError::Broken {

@@ -13,6 +13,7 @@ pub mod ppl;
 pub mod quality;
 pub mod sampling;
 pub mod speculative;
+pub mod steer;
 pub mod tokenizer;
 
 pub use error::{RuntimeError, RuntimeResult};

@@ -34,6 +34,8 @@ pub struct Model {
     pub manifest: Option<Value>,
     /// The backend's generated files of the build (kernel sources).
     pub backend_files: Vec<BuildFile>,
+    /// Run-time strengths of the build's steering ops, by name (`kiln run --steer`).
+    pub steer: std::collections::BTreeMap<String, f32>,
 }
 
 impl std::fmt::Debug for Model {
@@ -72,6 +74,7 @@ impl Model {
                 backend,
                 manifest: Some(b.manifest),
                 backend_files: b.backend_files,
+                steer: Default::default(),
             });
         }
         let imported = kiln_frontend::import(path)?;
@@ -92,6 +95,7 @@ impl Model {
             backend: "reference".into(),
             manifest: None,
             backend_files: Vec::new(),
+            steer: Default::default(),
         })
     }
 
@@ -117,6 +121,7 @@ impl Model {
             backend: "reference".into(),
             manifest: None,
             backend_files: Vec::new(),
+            steer: Default::default(),
         })
     }
 
@@ -151,6 +156,7 @@ impl Model {
             threads,
             numerics,
             files: self.backend_files.clone(),
+            steer: self.steer.clone(),
         };
         Ok(backend.prepare(self.module.clone(), self.weights.clone(), &opts)?)
     }

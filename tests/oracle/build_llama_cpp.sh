@@ -28,7 +28,7 @@ SDIST="$ROOT/$SDIST_NAME"
 SRC="$ROOT/src"
 BUILD="$ROOT/build"
 JOBS="${KILN_JOBS:-2}"
-TARGETS="${LLAMA_TARGETS:-llama-perplexity llama-quantize llama-imatrix llama-bench llama-simple llama-completion llama-tokenize}"
+TARGETS="${LLAMA_TARGETS:-llama-perplexity llama-quantize llama-imatrix llama-bench llama-simple llama-completion llama-tokenize llama-cvector-generator}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { echo "[build_llama_cpp $(date +%H:%M:%S)] $*"; }

@@ -3,7 +3,8 @@
 // tests/oracle/make_llama_refs.py.
 //
 // Usage:
-//   kiln-greedy-ids -m MODEL [-t THREADS] [-n N_PREDICT] [--top K] gen TEXT...
+//   kiln-greedy-ids -m MODEL [-t THREADS] [-n N_PREDICT] [--top K]
+//                   [--cvec FILE SCALE --cvec-range FIRST LAST] gen TEXT...
 //   kiln-greedy-ids -m MODEL tok TEXT...
 //
 // For each TEXT argument one JSON object is written to stdout, one per line.
@@ -15,6 +16,9 @@
 //      It does NOT stop at end-of-generation tokens; their positions are reported
 //      in "eog_steps".  For every step the top-K (id, logit) pairs are reported.
 //      Each prompt starts from an empty KV cache.
+//      --cvec applies a control-vector GGUF (tensors direction.N, f32 [n_embd]) times
+//      SCALE to the outputs of layers FIRST..=LAST through llama_set_adapter_cvec,
+//      read the way llama.cpp's common loader reads it (data starts at layer 1).
 // tok: tokenizes TEXT with add_special = true, and with parse_special = true and false.
 //
 // Strings are emitted as JSON with bytes >= 0x80 copied through unchanged; a
@@ -22,6 +26,8 @@
 // stdout with errors="replace".  "*_hex" fields carry the exact bytes.
 
 #include "llama.h"
+#include "gguf.h"
+#include "ggml.h"
 
 #include <algorithm>
 #include <clocale>
@@ -97,8 +103,35 @@ static void log_cb(enum ggml_log_level level, const char * text, void *) {
     if (level >= GGML_LOG_LEVEL_WARN || getenv("KILN_ORACLE_VERBOSE")) fputs(text, stderr);
 }
 
+// Reads a control-vector GGUF into llama_set_adapter_cvec's layout (layer 1 at
+// offset 0), each direction times `scale`. Returns n_embd, or -1 on error.
+static int load_cvec(const std::string & path, float scale, std::vector<float> & data) {
+    ggml_context * gctx = nullptr;
+    gguf_init_params gp = { /*no_alloc*/ false, &gctx };
+    gguf_context * g = gguf_init_from_file(path.c_str(), gp);
+    if (!g) { fprintf(stderr, "cannot read %s\n", path.c_str()); return -1; }
+    int n_embd = -1;
+    for (int64_t t = 0; t < gguf_get_n_tensors(g); ++t) {
+        const std::string name = gguf_get_tensor_name(g, t);
+        if (name.rfind("direction.", 0) != 0) { fprintf(stderr, "%s: tensor %s\n", path.c_str(), name.c_str()); return -1; }
+        const int layer = atoi(name.c_str() + 10);
+        ggml_tensor * ten = ggml_get_tensor(gctx, name.c_str());
+        if (layer < 1 || !ten || ten->type != GGML_TYPE_F32) { fprintf(stderr, "%s: bad %s\n", path.c_str(), name.c_str()); return -1; }
+        n_embd = (int) ggml_nelements(ten);
+        if ((int) data.size() < n_embd * layer) data.resize((size_t) n_embd * layer, 0.0f);
+        const float * src = (const float *) ten->data;
+        for (int j = 0; j < n_embd; ++j) data[(size_t) n_embd * (layer - 1) + j] += src[j] * scale;
+    }
+    gguf_free(g);
+    ggml_free(gctx);
+    return n_embd;
+}
+
 int main(int argc, char ** argv) {
     std::setlocale(LC_NUMERIC, "C");
+    std::string cvec_path;
+    float cvec_scale = 1.0f;
+    int cvec_first = 1, cvec_last = 0;
     std::string model_path, mode;
     int n_threads = 2, n_predict = 64, top_k = 2;
     int i = 1;
@@ -108,6 +141,8 @@ int main(int argc, char ** argv) {
         else if (a == "-t" && i + 1 < argc) n_threads = atoi(argv[++i]);
         else if (a == "-n" && i + 1 < argc) n_predict = atoi(argv[++i]);
         else if (a == "--top" && i + 1 < argc) top_k = atoi(argv[++i]);
+        else if (a == "--cvec" && i + 2 < argc) { cvec_path = argv[++i]; cvec_scale = (float) atof(argv[++i]); }
+        else if (a == "--cvec-range" && i + 2 < argc) { cvec_first = atoi(argv[++i]); cvec_last = atoi(argv[++i]); }
         else if (a == "gen" || a == "tok") { mode = a; ++i; break; }
         else { fprintf(stderr, "unknown arg %s\n", a.c_str()); return 2; }
     }
@@ -158,6 +193,15 @@ int main(int argc, char ** argv) {
         cp.no_perf = true;
         llama_context * ctx = llama_init_from_model(model, cp);
         if (!ctx) { fprintf(stderr, "failed to create context\n"); return 1; }
+        if (!cvec_path.empty()) {
+            std::vector<float> data;
+            const int n_embd = load_cvec(cvec_path, cvec_scale, data);
+            const int last = cvec_last > 0 ? cvec_last : llama_model_n_layer(model);
+            if (n_embd < 0 || llama_set_adapter_cvec(ctx, data.data(), data.size(), n_embd, cvec_first, last) != 0) {
+                fprintf(stderr, "control vector %s not applied\n", cvec_path.c_str());
+                return 1;
+            }
+        }
 
         std::vector<llama_token> gen;
         std::vector<int> eog_steps;

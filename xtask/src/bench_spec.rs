@@ -43,7 +43,7 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
     Ok(o)
 }
 
-fn run_json(kiln: &Path, args: &[String]) -> Result<Value, String> {
+pub(crate) fn run_json(kiln: &Path, args: &[String]) -> Result<Value, String> {
     let out = Command::new(kiln).args(args).output().map_err(|e| format!("cannot run {}: {e}", kiln.display()))?;
     if !out.status.success() {
         return Err(format!("kiln {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
@@ -51,7 +51,7 @@ fn run_json(kiln: &Path, args: &[String]) -> Result<Value, String> {
     serde_json::from_slice(&out.stdout).map_err(|e| format!("kiln {}: bad JSON: {e}", args.join(" ")))
 }
 
-fn today() -> String {
+pub(crate) fn today() -> String {
     let out = Command::new("date").arg("+%Y-%m-%d").output().ok();
     out.and_then(|o| String::from_utf8(o.stdout).ok()).map(|s| s.trim().to_string()).unwrap_or_else(|| "undated".into())
 }

@@ -3,4 +3,5 @@
 pub mod bench_cpu;
 pub mod bench_quant;
 pub mod bench_spec;
+pub mod bench_steer;
 pub mod glassllm;

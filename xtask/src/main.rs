@@ -105,6 +105,7 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   bench cpu [--models ID,ID] [--pp 512] [--tg 128] [--reps 2] [--threads 2]\n\
   bench quant [--models ID,ID] [--ctx 512] [--chunks 8] [--calib-chunks 8] [--threads 2]\n\
   bench spec [--models ID,ID] [--tokens 64] [--threads 2] [--backend reference]\n\
+  bench steer [--recipe R] [--strengths -6,-3,0,3] [--max-tokens 320] [--limit N] [--threads 2]\n\
   glassllm-to-hf --npz PATH --tokenizer PATH --out DIR\n\
   fuzz [--seconds 20] [--jobs 1] [--seed] [TARGET...]   run the fuzz targets (needs cargo-fuzz)";
 
@@ -135,7 +136,10 @@ fn main() -> ExitCode {
             Some("spec") => build_kiln().and_then(|kiln| {
                 xtask::bench_spec::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
             }),
-            _ => Err(format!("usage: cargo xtask bench cpu|quant|spec [OPTIONS]\n{USAGE}")),
+            Some("steer") => build_kiln().and_then(|kiln| {
+                xtask::bench_steer::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
+            }),
+            _ => Err(format!("usage: cargo xtask bench cpu|quant|spec|steer [OPTIONS]\n{USAGE}")),
         },
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

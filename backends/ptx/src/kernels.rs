@@ -7,7 +7,7 @@
 //! threads (4 warps) unless noted; branches are uniform over a block and
 //! per-thread bounds are predicates.
 
-use kiln_ir::{Activation, DType, RopeLayout};
+use kiln_ir::{Activation, DType, RopeLayout, SteerMode};
 
 use crate::formats;
 use crate::ptx::{BinOp, Cmp, Kb, Kernel, Mem, ParamTy, Reg, Special, Ty, UnOp};
@@ -398,6 +398,66 @@ pub fn rms_norm(weight: bool) -> Kernel {
                 let wv = kb.ld(Mem::F32, wa, 0);
                 r = kb.mul(Ty::F32, r, wv);
             }
+            let ya = kb.index(yrow, i, 4);
+            kb.st(Mem::F32, ya, 0, r);
+        });
+    });
+    kb.finish()
+}
+
+pub fn steer_name(mode: SteerMode) -> String {
+    format!("steer_{}", mode.name())
+}
+
+/// Steering along `d`: one block per row. Arguments `x, d, y, n, s`; grid `T`.
+/// `y = x + (s·d)` (add) or `y = x − (s·(d·x))·d` (project). The reference's
+/// strength 0 is the identity; here `s = 0` gives `x + 0` and `x − 0·d`, equal
+/// to `x` up to the sign of zero.
+pub fn steer(mode: SteerMode) -> Kernel {
+    let mut kb = Kb::new(
+        steer_name(mode),
+        &[("x", ParamTy::Ptr), ("d", ParamTy::Ptr), ("y", ParamTy::Ptr), ("n", ParamTy::U32), ("s", ParamTy::F32)],
+        BLOCK,
+    );
+    let (x, d, y, n, s) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4));
+    let tid = kb.tid();
+    let cta = kb.special(Special::CtaidX);
+    let base = kb.mul(Ty::U32, cta, n);
+    let xrow = kb.index(x, base, 4);
+    let yrow = kb.index(y, base, 4);
+    // The per-row coefficient of d: s (add) or −s·(d·x) (project).
+    let coef = match mode {
+        SteerMode::Add => s,
+        SteerMode::Project => {
+            let smem_off = kb.shared(16);
+            let smem = kb.shared_base();
+            let acc = kb.imm(Ty::F32, 0.0f32);
+            kb.for_range(0u32, n, BLOCK, |kb, i0| {
+                let i = kb.add(Ty::U32, i0, tid);
+                let ok = kb.setp(Cmp::Lt, i, n);
+                kb.guarded(ok, false, |kb| {
+                    let xa = kb.index(xrow, i, 4);
+                    let da = kb.index(d, i, 4);
+                    let xv = kb.ld(Mem::F32, xa, 0);
+                    let dv = kb.ld(Mem::F32, da, 0);
+                    kb.fma_to(acc, xv, dv);
+                });
+            });
+            let dot = block_sum(&mut kb, acc, smem, smem_off);
+            let c = kb.mul(Ty::F32, dot, s);
+            kb.un(UnOp::Neg, Ty::F32, c)
+        }
+    };
+    kb.for_range(0u32, n, BLOCK, |kb, i0| {
+        let i = kb.add(Ty::U32, i0, tid);
+        let ok = kb.setp(Cmp::Lt, i, n);
+        kb.guarded(ok, false, |kb| {
+            let xa = kb.index(xrow, i, 4);
+            let da = kb.index(d, i, 4);
+            let xv = kb.ld(Mem::F32, xa, 0);
+            let dv = kb.ld(Mem::F32, da, 0);
+            let step = kb.mul(Ty::F32, coef, dv);
+            let r = kb.add(Ty::F32, xv, step);
             let ya = kb.index(yrow, i, 4);
             kb.st(Mem::F32, ya, 0, r);
         });

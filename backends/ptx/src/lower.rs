@@ -28,6 +28,7 @@ pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
         | Op::Act { .. }
         | Op::Glu { .. }
         | Op::Softmax { .. }
+        | Op::Steer { .. }
         | Op::Rope { .. } => true,
         Op::LayerNorm { .. } => false,
         Op::MatMul { w, .. } => {
@@ -79,6 +80,7 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             Op::Act { kind, .. } => add(kernels::act(*kind)),
             Op::Glu { kind, .. } => add(kernels::glu(*kind)),
             Op::Softmax { .. } => add(kernels::softmax()),
+            Op::Steer { attrs, .. } => add(kernels::steer(attrs.mode)),
             Op::Rope { attrs, .. } => add(kernels::rope(attrs.layout)),
             Op::Attention { k, attrs, .. } => {
                 if k.is_some() {
@@ -129,6 +131,8 @@ pub fn all_kernels() -> Vec<Kernel> {
         ks.push(kernels::glu(a));
     }
     ks.push(kernels::softmax());
+    ks.push(kernels::steer(kiln_ir::SteerMode::Add));
+    ks.push(kernels::steer(kiln_ir::SteerMode::Project));
     ks.push(kernels::rope(RopeLayout::Interleaved));
     ks.push(kernels::rope(RopeLayout::Neox));
     ks.push(kernels::kv_append());

@@ -64,6 +64,8 @@ pub struct PtxSession<D: Device> {
     /// The forward call's first position (u32), read by the kernels.
     step: u64,
     decode_splits: u32,
+    /// Run-time strengths of steering ops, by name.
+    steer: std::collections::BTreeMap<String, f32>,
     /// Decode steps replay one recorded launch sequence (`KILN_PTX_GRAPHS=0` turns it off).
     use_graphs: bool,
     decode_graph: Option<crate::device::GraphId>,
@@ -97,6 +99,7 @@ impl<D: Device> PtxSession<D> {
         options: &SessionOptions,
     ) -> Result<Self, BackendError> {
         kiln_backends::check_weight_sizes(&module, weights.as_ref())?;
+        kiln_backends::check_steer(&module, &options.steer)?;
         let out = module.output.ok_or_else(|| internal("module has no output"))?;
         let n = module.insts.len();
         let cols: Vec<usize> = module
@@ -137,6 +140,7 @@ impl<D: Device> PtxSession<D> {
                     std::iter::once(*w).chain(bias.iter().copied()).collect()
                 }
                 Op::RmsNorm { weight, .. } => weight.iter().copied().collect(),
+                Op::Steer { dir, .. } => vec![*dir],
                 _ => vec![],
             };
             for p in on_device {
@@ -248,6 +252,7 @@ impl<D: Device> PtxSession<D> {
             step,
             decode_splits: decode_splits(max_context),
             use_graphs,
+            steer: options.steer.clone(),
             decode_graph: None,
             logits_host: Vec::new(),
         })
@@ -418,6 +423,17 @@ impl<D: Device> PtxSession<D> {
                 Op::Softmax { x } => {
                     let args = [Arg::Ptr(self.buf(*x)?), Arg::Ptr(y.unwrap_or(0)), Arg::U32(cols as u32)];
                     self.dev.launch("softmax", [tu, 1, 1], &args)?;
+                }
+                Op::Steer { x, dir, attrs } => {
+                    let s = self.steer.get(&attrs.name).copied().unwrap_or(attrs.strength);
+                    let args = [
+                        Arg::Ptr(self.buf(*x)?),
+                        Arg::Ptr(self.param(*dir)?),
+                        Arg::Ptr(y.unwrap_or(0)),
+                        Arg::U32(cols as u32),
+                        Arg::F32(s),
+                    ];
+                    self.dev.launch(&kernels::steer_name(attrs.mode), [tu, 1, 1], &args)?;
                 }
                 Op::Rope { x, attrs } => {
                     let table =

@@ -186,6 +186,33 @@ pub(crate) fn scale(x: &[f32], s: f32) -> Vec<f32> {
     x.iter().map(|v| v * s).collect()
 }
 
+/// Steering of each `cols`-wide row of `x` along `d` with strength `s`: `x + s·d`
+/// (add; `s·d` is rounded first, as llama.cpp scales a control vector once), or
+/// `x − (s·(d·x))·d` (project; the dot product is accumulated in f64). Strength 0
+/// is the identity, bit for bit.
+pub(crate) fn steer(x: &[f32], cols: usize, d: &[f32], mode: kiln_ir::SteerMode, s: f32) -> Vec<f32> {
+    if s == 0.0 {
+        return x.to_vec();
+    }
+    let mut y = x.to_vec();
+    match mode {
+        kiln_ir::SteerMode::Add => {
+            let sd: Vec<f32> = d.iter().map(|v| s * v).collect();
+            for row in y.chunks_mut(cols.max(1)) {
+                row.iter_mut().zip(&sd).for_each(|(v, a)| *v += a);
+            }
+        }
+        kiln_ir::SteerMode::Project => {
+            for row in y.chunks_mut(cols.max(1)) {
+                let dot: f64 = row.iter().zip(d).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                let c = s * dot as f32;
+                row.iter_mut().zip(d).for_each(|(v, b)| *v -= c * b);
+            }
+        }
+    }
+    y
+}
+
 /// √(2/π), as ggml spells it.
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 /// The cubic coefficient of the tanh GELU approximation.

@@ -29,7 +29,7 @@ use kiln_ir::{Op, VerifiedModule};
 pub use attention::{KvCache, attend};
 pub use kernels::{dot, rope_angles};
 pub use matmul::{Weight, place_tiles};
-pub use session::{ChannelStats, Kernels, ReferenceKernels, ReferenceSession};
+pub use session::{Captured, ChannelStats, Kernels, ReferenceKernels, ReferenceSession};
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};
 

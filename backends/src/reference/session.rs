@@ -103,6 +103,19 @@ pub struct ReferenceSession {
     kernel: Arc<dyn Kernels>,
     /// Per-weight input statistics, when recording (calibration).
     stats: Option<HashMap<ParamId, ChannelStats>>,
+    /// Run-time strengths of steering ops, by steering name.
+    steer: std::collections::BTreeMap<String, f32>,
+    /// Values to copy out of each forward call, and what was copied.
+    capture: Option<(Vec<ValueId>, HashMap<ValueId, Captured>)>,
+}
+
+/// A value copied out of a forward call ([`ReferenceSession::capture`]): rows
+/// `first..` of the call's tokens, `cols` wide.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Captured {
+    pub data: Vec<f32>,
+    pub cols: usize,
+    pub first: usize,
 }
 
 /// Statistics of the activations that entered one matmul weight: per input
@@ -148,6 +161,18 @@ impl ReferenceSession {
         self.stats.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
+    /// Copies `values` out of every later forward call (each call's copies
+    /// replace the last's; read them with [`ReferenceSession::take_captured`]).
+    /// Only computed rows are copied: run with [`Logits::All`] to see every token.
+    pub fn capture(&mut self, values: &[ValueId]) {
+        self.capture = Some((values.to_vec(), HashMap::new()));
+    }
+
+    /// The values captured by the last forward call.
+    pub fn take_captured(&mut self) -> HashMap<ValueId, Captured> {
+        self.capture.as_mut().map(|(_, c)| std::mem::take(c)).unwrap_or_default()
+    }
+
     pub(crate) fn new(
         module: Arc<VerifiedModule>,
         weights: Arc<dyn WeightSource>,
@@ -165,6 +190,7 @@ impl ReferenceSession {
         kernel: Arc<dyn Kernels>,
     ) -> Result<Self, BackendError> {
         crate::check_weight_sizes(&module, weights.as_ref())?;
+        crate::check_steer(&module, &options.steer)?;
         let out = module.output.ok_or_else(|| internal("module has no output"))?;
         let vocab = module
             .insts
@@ -186,6 +212,7 @@ impl ReferenceSession {
                 Op::RmsNorm { weight, .. } => weight.iter().copied().collect(),
                 Op::LayerNorm { weight, bias, .. } => weight.iter().chain(bias.iter()).copied().collect(),
                 Op::MatMul { bias, .. } => bias.iter().copied().collect(),
+                Op::Steer { dir, .. } => vec![*dir],
                 Op::Attention { k: Some(_), attrs, .. } => {
                     let width = usize::try_from(attrs.kv_heads * attrs.head_dim)
                         .map_err(|_| internal("attention width overflows"))?;
@@ -227,6 +254,8 @@ impl ReferenceSession {
             numerics: options.numerics,
             kernel,
             stats: None,
+            steer: options.steer.clone(),
+            capture: None,
         })
     }
 
@@ -247,6 +276,9 @@ impl ReferenceSession {
             Logits::All => &self.schedule_all,
             Logits::Last => &self.schedule_last,
         });
+        if let Some((_, got)) = self.capture.as_mut() {
+            got.clear();
+        }
         let mut values: Vec<Option<Value>> = Vec::with_capacity(module.insts.len());
         values.resize_with(module.insts.len(), || None);
 
@@ -256,6 +288,11 @@ impl ReferenceSession {
                 continue;
             }
             let result = self.exec(i, &inst.op, &values, tokens, rows)?;
+            if let (Some((want, got)), Some(Value::Act { data, cols, first })) = (self.capture.as_mut(), &result)
+                && want.contains(&ValueId(i as u32))
+            {
+                got.insert(ValueId(i as u32), Captured { data: data.clone(), cols: *cols, first: *first });
+            }
             values[i] = result;
             for v in &sched.free_after[i] {
                 values[v.index()] = None;
@@ -383,6 +420,11 @@ impl ReferenceSession {
             Op::Softmax { x } => {
                 let (x, cols) = act(*x)?;
                 out(kernels::softmax(x, cols), cols)
+            }
+            Op::Steer { x, dir, attrs } => {
+                let (x, cols) = act(*x)?;
+                let s = self.steer.get(&attrs.name).copied().unwrap_or(attrs.strength);
+                out(kernels::steer(x, cols, self.vector(*dir)?, attrs.mode, s), cols)
             }
             Op::Attention { q, k, v, attrs } => {
                 let cache = self
