@@ -101,6 +101,28 @@ pub fn compile_device(
     };
     let reference = if r.recipe.quality.is_some() { Some(source_model()?) } else { None };
     let base_dir = r.path.parent().unwrap_or(Path::new("."));
+    // Passes that choose by measured quality get the perplexity of a candidate on
+    // the calibration text, computed on the CPU backend.
+    let calib_text = match &r.recipe.calibration {
+        Some(spec) if passes.iter().any(|(n, _)| n == "kv_share") => Some((spec, r.read_text(spec)?.1)),
+        _ => None,
+    };
+    let measure = |m: &kiln_ir::Module, w: &kiln_frontend::Weights| -> Result<f64, String> {
+        let Some((spec, text)) = &calib_text else { return Err("no calibration text".into()) };
+        let mut model = kiln_runtime::Model::from_parts(
+            &src_path,
+            m.clone(),
+            w.clone(),
+            imported.tokenizer_json.as_bytes(),
+            imported.chat_template.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        model.backend = "cpu".into();
+        let ppl = kiln_runtime::ppl::perplexity(&model, text, spec.ctx, spec.chunks, 0, &mut |_, _, _| {})
+            .map_err(|e| e.to_string())?;
+        Ok(ppl.ppl)
+    };
+    let measure_ref: Option<&kiln_passes::Measure<'_>> = if calib_text.is_some() { Some(&measure) } else { None };
     let reports = kiln_passes::run_pipeline(
         &mut module,
         &mut weights,
@@ -108,6 +130,7 @@ pub fn compile_device(
         device,
         importance.as_ref(),
         base_dir,
+        measure_ref,
         &mut |rep| {
             log(&format!("pass {}: {}", rep.pass, rep.summary));
         },

@@ -31,6 +31,7 @@ fn steered(path: &Path, options: Value) -> Model {
         "laptop",
         None,
         &common::root(),
+        None,
         &mut |_| {},
     )
     .unwrap();
@@ -316,10 +317,18 @@ fn the_pass_refuses_bad_vectors_naming_the_file() {
     for (opts, want) in cases {
         let imported = kiln_frontend::import(&p).unwrap();
         let (mut m, mut w) = (imported.module, imported.weights);
-        let err =
-            kiln_passes::run_pipeline(&mut m, &mut w, &[("steer".into(), opts)], "laptop", None, &dir, &mut |_| {})
-                .expect_err("refused")
-                .to_string();
+        let err = kiln_passes::run_pipeline(
+            &mut m,
+            &mut w,
+            &[("steer".into(), opts)],
+            "laptop",
+            None,
+            &dir,
+            None,
+            &mut |_| {},
+        )
+        .expect_err("refused")
+        .to_string();
         assert!(err.contains(want), "{err}");
     }
 }

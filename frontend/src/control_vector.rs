@@ -42,17 +42,16 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 impl ControlVector {
     /// Reads a control vector from safetensors or GGUF (told apart by the magic).
     pub fn open(path: &Path) -> FrontendResult<ControlVector> {
-        let head = {
-            use std::io::Read;
-            let mut f = std::fs::File::open(path).map_err(|source| FrontendError::Io { file: path.into(), source })?;
-            let mut b = [0u8; 4];
-            let n = f.read(&mut b).map_err(|source| FrontendError::Io { file: path.into(), source })?;
-            b[..n].to_vec()
-        };
-        let cv = if head == GGUF_MAGIC {
-            Self::from_gguf(&GgufFile::open(path)?)?
+        let bytes = std::fs::read(path).map_err(|source| FrontendError::Io { file: path.into(), source })?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// [`ControlVector::open`] on a file's bytes (`path` names it in errors).
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> FrontendResult<ControlVector> {
+        let cv = if bytes.starts_with(&GGUF_MAGIC) {
+            Self::from_gguf(&GgufFile::from_bytes(path, bytes)?)?
         } else {
-            Self::from_safetensors(&SafetensorsFile::open(path)?)?
+            Self::from_safetensors(&SafetensorsFile::from_bytes(path, bytes)?)?
         };
         cv.check(path)?;
         Ok(cv)

@@ -4,6 +4,7 @@
 //! Every pass reports what it did; the driver verifies the module after each one.
 
 pub mod dce;
+pub mod kv_share;
 pub mod quantize;
 pub mod registry;
 pub mod steer;
@@ -47,7 +48,14 @@ pub struct PassCtx<'a> {
     pub importance: Option<&'a Importance>,
     /// Where relative paths in options point from (the recipe's directory).
     pub base_dir: &'a std::path::Path,
+    /// Perplexity of a candidate module on the recipe's calibration text, when
+    /// the recipe has one (supplied by the compile driver; passes that choose
+    /// by measured quality use it).
+    pub measure: Option<&'a Measure<'a>>,
 }
+
+/// A perplexity oracle: `measure(module, weights)`.
+pub type Measure<'a> = dyn Fn(&Module, &Weights) -> Result<f64, String> + Sync + 'a;
 
 /// Calibration data for passes: per weight name, the mean squared activation
 /// of each input channel (an importance matrix, like llama.cpp's imatrix).

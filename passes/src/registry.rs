@@ -4,9 +4,9 @@ use kiln_frontend::Weights;
 use kiln_ir::Module;
 use serde_json::Value;
 
-use crate::{Importance, Pass, PassCtx, PassError, PassReport, dce, quantize, steer};
+use crate::{Importance, Measure, Pass, PassCtx, PassError, PassReport, dce, kv_share, quantize, steer};
 
-pub static PASSES: &[&dyn Pass] = &[&dce::DeadCode, &quantize::Quantize, &steer::Steer];
+pub static PASSES: &[&dyn Pass] = &[&dce::DeadCode, &quantize::Quantize, &steer::Steer, &kv_share::KvShare];
 
 pub fn by_name(name: &str) -> Result<&'static dyn Pass, PassError> {
     PASSES.iter().copied().find(|p| p.name() == name).ok_or_else(|| PassError::Unknown {
@@ -26,6 +26,7 @@ pub fn run_pipeline(
     device: &str,
     importance: Option<&Importance>,
     base_dir: &std::path::Path,
+    measure: Option<&Measure<'_>>,
     on_pass: &mut dyn FnMut(&PassReport),
 ) -> Result<Vec<PassReport>, PassError> {
     // Resolve every name first so a typo fails before any work is done.
@@ -39,7 +40,7 @@ pub fn run_pipeline(
         .collect::<Result<Vec<_>, PassError>>()?;
     let mut reports = vec![];
     for (pass, options) in resolved {
-        let report = pass.run(module, weights, &PassCtx { options, device, importance, base_dir })?;
+        let report = pass.run(module, weights, &PassCtx { options, device, importance, base_dir, measure })?;
         kiln_ir::check(module).map_err(|err| PassError::Broken { pass: pass.name().to_string(), err })?;
         if weights.tensors.len() != module.params.len() {
             return Err(PassError::Broken {

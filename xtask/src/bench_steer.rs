@@ -195,21 +195,24 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     let mut md = format!(
         "# Steering: `{}` on held-out questions ({date})\n\n\
          `cargo xtask bench steer`: build of `{}` (laptop, CPU backend), {} questions from `{}` (not used to \
-         compute the direction), greedy, chat template, at most {} new tokens (answers cut there count as {0}). \
-         One run, {} threads.\n\n\
+         compute the direction), greedy, chat template, at most {max} new tokens (an answer cut there counts as \
+         {max}, so a median marked ≥ is a lower bound). One run, {} threads.\n\n\
          | strength | median tokens to EOS | vs unsteered | mean | cut at the cap | on topic |\n|---:|---:|---:|---:|---:|---:|\n",
         o.name,
         doc["recipe"].as_str().unwrap_or(""),
         questions.len(),
         doc["questions_file"].as_str().unwrap_or(""),
-        o.max_tokens,
-        o.threads
+        o.threads,
+        max = o.max_tokens,
     );
     for r in &rows {
         let m = r["median_tokens"].as_f64().unwrap_or(0.0);
-        let ratio = base.filter(|b| *b > 0.0).map_or("–".to_string(), |b| format!("{:.2}×", m / b));
+        // With more than half the answers cut, the median itself is a cut length: a lower bound.
+        let lower =
+            if r["capped"].as_u64().unwrap_or(0) * 2 > r["questions"].as_u64().unwrap_or(0) { "≥ " } else { "" };
+        let ratio = base.filter(|b| *b > 0.0).map_or("–".to_string(), |b| format!("{lower}{:.2}×", m / b));
         md.push_str(&format!(
-            "| {:+} | {m} | {ratio} | {:.1} | {} | {}/{} |\n",
+            "| {:+} | {lower}{m} | {ratio} | {:.1} | {} | {}/{} |\n",
             r["strength"].as_f64().unwrap_or(0.0),
             r["mean_tokens"].as_f64().unwrap_or(0.0),
             r["capped"],

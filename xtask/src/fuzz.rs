@@ -24,8 +24,17 @@ use kiln_frontend::gguf_write::GgufWriter;
 use serde_json::{Value, json};
 
 /// Every fuzz target of `fuzz/Cargo.toml`, in the order they run.
-pub const TARGETS: &[&str] =
-    &["gguf", "safetensors", "safetensors_index", "hf_config", "tokenizer", "recipe", "ir_text", "kiln_build"];
+pub const TARGETS: &[&str] = &[
+    "gguf",
+    "safetensors",
+    "safetensors_index",
+    "hf_config",
+    "tokenizer",
+    "recipe",
+    "ir_text",
+    "kiln_build",
+    "control_vector",
+];
 
 /// libFuzzer's limits for every run: an input taking over 10 s is a hang, over 2 GiB RSS a blow-up.
 const LIBFUZZER_LIMITS: &[&str] = &["-timeout=10", "-rss_limit_mb=2048", "-malloc_limit_mb=1024"];
@@ -321,6 +330,13 @@ pub fn seed(corpus: &Path) -> Result<(), String> {
         }
     }
     put("safetensors_index", "two-shards", index_seed().to_string().as_bytes())?;
+    for p in [
+        root().join("recipes/steer/verbosity/verbosity.safetensors"),
+        root().join("tests/fixtures/steer/llama-cvector-verbosity-mean.gguf"),
+    ] {
+        let b = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        put("control_vector", &p.file_name().unwrap_or_default().to_string_lossy(), &b)?;
+    }
     for p in files_with_ext(&root().join("recipes"), "yaml") {
         let b = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         put("recipe", &p.file_name().unwrap_or_default().to_string_lossy(), &b)?;

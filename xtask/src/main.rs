@@ -106,6 +106,7 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   bench quant [--models ID,ID] [--ctx 512] [--chunks 8] [--calib-chunks 8] [--threads 2]\n\
   bench spec [--models ID,ID] [--tokens 64] [--threads 2] [--backend reference]\n\
   bench steer [--recipe R] [--strengths -6,-3,0,3] [--max-tokens 320] [--limit N] [--threads 2]\n\
+  bench kv [--models ID,ID] [--budgets 5%,25%] [--ctx 512] [--chunks 4] [--calib-ctx 256] [--calib-chunks 1]\n\
   glassllm-to-hf --npz PATH --tokenizer PATH --out DIR\n\
   fuzz [--seconds 20] [--jobs 1] [--seed] [TARGET...]   run the fuzz targets (needs cargo-fuzz)";
 
@@ -136,10 +137,13 @@ fn main() -> ExitCode {
             Some("spec") => build_kiln().and_then(|kiln| {
                 xtask::bench_spec::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
             }),
+            Some("kv") => build_kiln().and_then(|kiln| {
+                xtask::bench_kv::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
+            }),
             Some("steer") => build_kiln().and_then(|kiln| {
                 xtask::bench_steer::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
             }),
-            _ => Err(format!("usage: cargo xtask bench cpu|quant|spec|steer [OPTIONS]\n{USAGE}")),
+            _ => Err(format!("usage: cargo xtask bench cpu|quant|spec|steer|kv [OPTIONS]\n{USAGE}")),
         },
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
