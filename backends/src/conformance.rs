@@ -189,6 +189,15 @@ pub fn cases() -> Vec<Case> {
             1e-6,
         ),
         (
+            "steer at strength 0 (the identity, exactly)",
+            |b, x| {
+                let dir = b.param("steer.dir", DType::F32, &[64], 0.2);
+                let attrs = SteerAttrs { mode: SteerMode::Project, strength: 0.0, name: "t".into() };
+                b.push(Op::Steer { x, dir, attrs })
+            },
+            0.0,
+        ),
+        (
             "steer project",
             |b, x| {
                 let dir = b.param("steer.dir", DType::F32, &[64], 0.2);

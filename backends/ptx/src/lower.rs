@@ -80,7 +80,10 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             Op::Act { kind, .. } => add(kernels::act(*kind)),
             Op::Glu { kind, .. } => add(kernels::glu(*kind)),
             Op::Softmax { .. } => add(kernels::softmax()),
-            Op::Steer { attrs, .. } => add(kernels::steer(attrs.mode)),
+            Op::Steer { attrs, .. } => {
+                add(kernels::steer(attrs.mode));
+                add(kernels::scale()); // strength 0 runs as a copy
+            }
             Op::Rope { attrs, .. } => add(kernels::rope(attrs.layout)),
             Op::Attention { k, attrs, .. } => {
                 if k.is_some() {

@@ -426,14 +426,20 @@ impl<D: Device> PtxSession<D> {
                 }
                 Op::Steer { x, dir, attrs } => {
                     let s = self.steer.get(&attrs.name).copied().unwrap_or(attrs.strength);
-                    let args = [
-                        Arg::Ptr(self.buf(*x)?),
-                        Arg::Ptr(self.param(*dir)?),
-                        Arg::Ptr(y.unwrap_or(0)),
-                        Arg::U32(cols as u32),
-                        Arg::F32(s),
-                    ];
-                    self.dev.launch(&kernels::steer_name(attrs.mode), [tu, 1, 1], &args)?;
+                    if s == 0.0 {
+                        // Strength 0 is the identity, bit for bit (x·1 keeps the sign of zero; x + 0·d would not).
+                        let args = [Arg::Ptr(self.buf(*x)?), Arg::Ptr(y.unwrap_or(0)), Arg::U32(n), Arg::F32(1.0)];
+                        self.dev.launch("scale", grid1, &args)?;
+                    } else {
+                        let args = [
+                            Arg::Ptr(self.buf(*x)?),
+                            Arg::Ptr(self.param(*dir)?),
+                            Arg::Ptr(y.unwrap_or(0)),
+                            Arg::U32(cols as u32),
+                            Arg::F32(s),
+                        ];
+                        self.dev.launch(&kernels::steer_name(attrs.mode), [tu, 1, 1], &args)?;
+                    }
                 }
                 Op::Rope { x, attrs } => {
                     let table =
