@@ -98,6 +98,9 @@ pub struct Case {
     pub calls: Vec<(Vec<u32>, Logits)>,
     /// Largest allowed relative error.
     pub budget: f32,
+    /// A capability a backend may lack: if it says it does not support the
+    /// module, the case is skipped (reported), not failed.
+    pub optional: bool,
 }
 
 const VOCAB: u64 = 37;
@@ -113,7 +116,7 @@ fn calls() -> Vec<(Vec<u32>, Logits)> {
 
 fn case(name: impl Into<String>, mut b: ModuleBuilder, out: ValueId, budget: f32) -> Case {
     b.m.output = Some(out);
-    Case { name: name.into(), module: b.m, weights: b.bytes, calls: calls(), budget }
+    Case { name: name.into(), module: b.m, weights: b.bytes, calls: calls(), budget, optional: false }
 }
 
 /// Every float weight dtype kiln has, with a row length its blocks divide.
@@ -272,7 +275,16 @@ pub fn cases() -> Vec<Case> {
         let wv = b.param("v.weight", DType::F32, &[kv_heads * hd, heads * hd], 0.3);
         let k = b.push(Op::MatMul { x: q, w: wk, bias: None });
         let v = b.push(Op::MatMul { x: q, w: wv, bias: None });
-        let attrs = AttentionAttrs { cache: 0, heads, kv_heads, head_dim: hd, scale: 0.3, window, softcap };
+        let attrs = AttentionAttrs {
+            cache: 0,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            scale: 0.3,
+            window,
+            softcap,
+            kv_dtype: kiln_ir::DType::F32,
+        };
         let mut y = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs: attrs.clone() });
         if share {
             let q2 = b.push(Op::Scale { x: y, s: 2.0 });
@@ -281,6 +293,24 @@ pub fn cases() -> Vec<Case> {
         let name =
             format!("attention hd {hd} heads {heads}/{kv_heads} window {window} softcap {softcap} shared {share}");
         out.push(case(name, b, y, 2e-5));
+    }
+    // Quantized KV caches (ggml blocks along each position's row): an optional capability.
+    for kv_dtype in [DType::Q8_0, DType::Q4_0] {
+        let (hd, heads, kv_heads) = (64u64, 4u64, 2u64);
+        let mut b = ModuleBuilder::new("attention kv", 40);
+        let q = b.input(VOCAB, heads * hd);
+        let wk = b.param("k.weight", DType::F32, &[kv_heads * hd, heads * hd], 0.3);
+        let wv = b.param("v.weight", DType::F32, &[kv_heads * hd, heads * hd], 0.3);
+        let k = b.push(Op::MatMul { x: q, w: wk, bias: None });
+        let v = b.push(Op::MatMul { x: q, w: wv, bias: None });
+        let attrs =
+            AttentionAttrs { cache: 0, heads, kv_heads, head_dim: hd, scale: 0.3, window: 0, softcap: 0.0, kv_dtype };
+        let y = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs: attrs.clone() });
+        let q2 = b.push(Op::Scale { x: y, s: 2.0 });
+        let y = b.push(Op::Attention { q: q2, k: None, v: None, attrs });
+        let mut c = case(format!("attention, {kv_dtype} KV cache, shared"), b, y, 2e-5);
+        c.optional = true;
+        out.push(c);
     }
     out.push(tiny_llama());
     out.push(tiny_llama_with(
@@ -306,7 +336,7 @@ fn tiny_llama() -> Case {
 /// The tiny Llama with weight dtypes for q, k, v, o, gate, up, down.
 fn tiny_llama_with(name: &str, dts: [DType; 7]) -> Case {
     let (module, weights) = tiny_llama_module(2, 99, dts);
-    let mut c = Case { name: name.into(), module, weights, calls: calls(), budget: 1e-4 };
+    let mut c = Case { name: name.into(), module, weights, calls: calls(), budget: 1e-4, optional: false };
     if name.ends_with("long prefill") {
         c.budget = 1e-2;
         c.calls = vec![((0..70).map(|i| (i * 37 + 5) % 100).collect(), Logits::All), (vec![7], Logits::Last)];
@@ -357,6 +387,7 @@ pub fn tiny_llama_module(layers: u32, seed: u64, dts: [DType; 7]) -> (Module, Ve
             scale: 0.25,
             window: if l % 2 == 1 { 5 } else { 0 },
             softcap: 0.0,
+            kv_dtype: kiln_ir::DType::F32,
         };
         let a = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
         let o = b.push(Op::MatMul { x: a, w: wo, bias: None });
@@ -388,11 +419,17 @@ pub struct Outcome {
     /// Worst relative error over the case's calls (or the error that stopped it).
     pub result: Result<f32, String>,
     pub budget: f32,
+    pub optional: bool,
 }
 
 impl Outcome {
     pub fn passed(&self) -> bool {
-        matches!(self.result, Ok(e) if e <= self.budget)
+        matches!(self.result, Ok(e) if e <= self.budget) || self.skipped()
+    }
+
+    /// An optional case the backend does not support.
+    pub fn skipped(&self) -> bool {
+        self.optional && matches!(&self.result, Err(e) if e.starts_with("unsupported"))
     }
 }
 
@@ -410,7 +447,7 @@ pub fn run_cases_in(backend: &dyn Backend, cases: Vec<Case>, numerics: Numerics)
         .into_iter()
         .map(|c| {
             let result = run_case(backend, &c, numerics);
-            Outcome { name: c.name, result, budget: c.budget }
+            Outcome { name: c.name, result, budget: c.budget, optional: c.optional }
         })
         .collect()
 }
@@ -485,6 +522,7 @@ pub fn check_backend_in(backend: &dyn Backend, numerics: Numerics) {
                 o.budget,
                 if o.passed() { "" } else { "  FAIL" }
             ),
+            Err(e) if o.skipped() => format!("{:<70} skipped: {e}", o.name),
             Err(e) => format!("{:<70} FAIL: {e}", o.name),
         };
         report.push_str(&line);

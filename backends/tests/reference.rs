@@ -408,6 +408,7 @@ fn run_attention_case(c: &AttnCase, seed: u64) {
         scale: c.scale,
         window: c.window,
         softcap: c.softcap,
+        kv_dtype: kiln_ir::DType::F32,
     };
     let out = b.push(Op::Attention { q: qv, k: Some(kv), v: Some(vv), attrs });
     let mut s = b.session(out, 64);
@@ -435,7 +436,16 @@ fn attention_one_head_is_softmax_weighted_values() {
     let q = b.input("q", ids, &[vec![1.0, 0.0], vec![1.0, 0.0]]);
     let k = b.input("k", ids, &[vec![0.0, 0.0], vec![3f32.ln(), 0.0]]);
     let v = b.input("v", ids, &[vec![4.0, 8.0], vec![0.0, -4.0]]);
-    let attrs = AttentionAttrs { cache: 0, heads: 1, kv_heads: 1, head_dim: 2, scale: 1.0, window: 0, softcap: 0.0 };
+    let attrs = AttentionAttrs {
+        cache: 0,
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 2,
+        scale: 1.0,
+        window: 0,
+        softcap: 0.0,
+        kv_dtype: kiln_ir::DType::F32,
+    };
     let out = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
     let mut s = b.session(out, 8);
     let got = s.forward(&[0, 1], Logits::All).unwrap();
@@ -453,7 +463,16 @@ fn attention_gqa_head_mapping() {
     let q = b.input("q", ids, &[vec![0.0; 4]]);
     let k = b.input("k", ids, &[vec![0.0; 2]]);
     let v = b.input("v", ids, &[vec![1.0, 10.0]]);
-    let attrs = AttentionAttrs { cache: 0, heads: 4, kv_heads: 2, head_dim: 1, scale: 1.0, window: 0, softcap: 0.0 };
+    let attrs = AttentionAttrs {
+        cache: 0,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 1,
+        scale: 1.0,
+        window: 0,
+        softcap: 0.0,
+        kv_dtype: kiln_ir::DType::F32,
+    };
     let out = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
     let mut s = b.session(out, 8);
     assert_eq!(s.forward(&[0], Logits::All).unwrap(), vec![1.0, 1.0, 10.0, 10.0]);
@@ -469,7 +488,16 @@ fn attention_sliding_window_masks_old_positions() {
     let q = b.input("q", ids, &[vec![0.0], vec![0.0], vec![0.0], vec![0.0]]);
     let k = b.input("k", ids, &[vec![0.0], vec![0.0], vec![0.0], vec![0.0]]);
     let v = b.input("v", ids, &[vec![0.0], vec![1.0], vec![2.0], vec![3.0]]);
-    let attrs = AttentionAttrs { cache: 0, heads: 1, kv_heads: 1, head_dim: 1, scale: 1.0, window: 2, softcap: 0.0 };
+    let attrs = AttentionAttrs {
+        cache: 0,
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 1,
+        scale: 1.0,
+        window: 2,
+        softcap: 0.0,
+        kv_dtype: kiln_ir::DType::F32,
+    };
     let out = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
     let mut s = b.session(out, 8);
     let got = s.forward(&[0, 1, 2, 3], Logits::All).unwrap();
@@ -486,7 +514,16 @@ fn attention_softcap() {
     let q = b.input("q", ids, &[vec![1.0], vec![1.0]]);
     let k = b.input("k", ids, &[vec![0.0], vec![100.0]]);
     let v = b.input("v", ids, &[vec![0.0], vec![1.0]]);
-    let attrs = AttentionAttrs { cache: 0, heads: 1, kv_heads: 1, head_dim: 1, scale: 1.0, window: 0, softcap: 1.0 };
+    let attrs = AttentionAttrs {
+        cache: 0,
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 1,
+        scale: 1.0,
+        window: 0,
+        softcap: 1.0,
+        kv_dtype: kiln_ir::DType::F32,
+    };
     let out = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
     let mut s = b.session(out, 8);
     let got = s.forward(&[0, 1], Logits::All).unwrap();
@@ -510,6 +547,7 @@ fn shared_kv_slot_reads_the_writers_cache() {
         scale: 0.5,
         window: 0,
         softcap: 0.0,
+        kv_dtype: kiln_ir::DType::F32,
     };
     let want0 = attention_ref(&q0, &k, &v, heads, kv_heads, hd, 0.5, 0, 0.0);
     let want1 = attention_ref(&q1, &k, &v, heads, kv_heads, hd, 0.5, 0, 0.0);
@@ -687,6 +725,7 @@ fn speed_smollm2_shaped() {
             scale: 0.125,
             window: 0,
             softcap: 0.0,
+            kv_dtype: kiln_ir::DType::F32,
         };
         let a = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs });
         let o = b.push(Op::MatMul { x: a, w: wo, bias: None });

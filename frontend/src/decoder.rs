@@ -212,6 +212,7 @@ impl Lowering<'_> {
                 scale: c.attn_scale,
                 window: spec.window,
                 softcap: 0.0,
+                kv_dtype: kiln_ir::DType::F32,
             };
             let a = self.push(Op::Attention { q, k: Some(k), v: Some(v), attrs })?;
             let wo = self.matrix(&b("attn_output.weight"), &[d, q_dim])?;

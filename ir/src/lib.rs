@@ -15,7 +15,9 @@ pub mod verify;
 pub use entities::{ParamId, ValueId};
 pub use error::{IrError, IrResult};
 pub use module::{Inst, Meta, Module, Param};
-pub use ops::{Activation, Arg, AttentionAttrs, Op, RopeAttrs, RopeLayout, SteerAttrs, SteerMode, is_steer_name};
+pub use ops::{
+    Activation, Arg, AttentionAttrs, KV_DTYPES, Op, RopeAttrs, RopeLayout, SteerAttrs, SteerMode, is_steer_name,
+};
 pub use parser::parse;
 pub use printer::print;
 pub use types::{DType, Dim, TensorType};

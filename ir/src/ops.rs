@@ -68,7 +68,14 @@ pub struct AttentionAttrs {
     pub window: u64,
     /// Logit soft-cap (tanh(x/cap)·cap); 0 = off.
     pub softcap: f32,
+    /// How the slot stores K and V: `f32` (the default), or ggml's `q8_0` / `q4_0`
+    /// blocks of 32 along each position's row (a quantized KV cache). Readers of a
+    /// shared slot name the writer's type.
+    pub kv_dtype: DType,
 }
+
+/// The types a KV-cache slot can hold.
+pub const KV_DTYPES: &[DType] = &[DType::F32, DType::Q8_0, DType::Q4_0];
 
 /// How a steering op moves the residual stream along its direction `d`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -415,6 +422,9 @@ impl Op {
                 if attrs.softcap != 0.0 {
                     kw.push(("softcap", Float(attrs.softcap)));
                 }
+                if attrs.kv_dtype != DType::F32 {
+                    kw.push(("kv", Ident(attrs.kv_dtype.name().into())));
+                }
                 (vec![Value(*q)], kw)
             }
             Op::Steer { x, dir, attrs } => (
@@ -483,6 +493,12 @@ impl Op {
                         scale: a.float("scale")?,
                         window: a.opt_int("window")?.unwrap_or(0),
                         softcap: a.opt_float("softcap")?.unwrap_or(0.0),
+                        kv_dtype: match a.opt_ident("kv")? {
+                            None => DType::F32,
+                            Some(n) => DType::from_name(&n)
+                                .filter(|d| KV_DTYPES.contains(d))
+                                .ok_or_else(|| format!("unknown KV-cache type `{n}` (f32|q8_0|q4_0)"))?,
+                        },
                     },
                 }
             }
@@ -568,6 +584,13 @@ impl FormReader<'_> {
     }
     fn float(&mut self, key: &str) -> Result<f32, String> {
         self.opt_float(key)?.ok_or_else(|| format!("`{}` needs `{key}=`", self.name))
+    }
+    fn opt_ident(&mut self, key: &str) -> Result<Option<String>, String> {
+        match self.take_kw(key) {
+            None => Ok(None),
+            Some(Arg::Ident(s)) => Ok(Some(s)),
+            Some(other) => Err(format!("`{}`: `{key}` must be a name, found {other:?}", self.name)),
+        }
     }
     fn ident(&mut self, key: &str) -> Result<String, String> {
         match self.take_kw(key) {
@@ -723,6 +746,16 @@ impl Op {
                     return Err(format!(
                         "attention q has {nq} columns, expected heads×head_dim = {}",
                         heads * head_dim
+                    ));
+                }
+                if !KV_DTYPES.contains(&attrs.kv_dtype) {
+                    return Err(format!("attention KV-cache type {} is not one of f32, q8_0, q4_0", attrs.kv_dtype));
+                }
+                if attrs.head_dim % attrs.kv_dtype.block_elems() != 0 {
+                    return Err(format!(
+                        "attention head_dim {head_dim} is not a multiple of the {} block size {}",
+                        attrs.kv_dtype,
+                        attrs.kv_dtype.block_elems()
                     ));
                 }
                 match (k, v) {

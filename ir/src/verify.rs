@@ -75,7 +75,7 @@ pub fn check(m: &Module) -> IrResult<()> {
 
     let mut tokens_seen = false;
     // cache slot -> (writer value, kv_heads, head_dim)
-    let mut caches: HashMap<u32, (ValueId, u64, u64)> = HashMap::new();
+    let mut caches: HashMap<u32, (ValueId, u64, u64, crate::types::DType)> = HashMap::new();
     for (i, inst) in m.insts.iter().enumerate() {
         let at = format!("%{i} = {}", inst.op.name());
         let env = Env { module: m, limit: i };
@@ -102,10 +102,10 @@ pub fn check(m: &Module) -> IrResult<()> {
             }
             Op::Attention { k, attrs, .. } => {
                 if k.is_some() {
-                    if let Some((w, _, _)) = caches.get(&attrs.cache) {
+                    if let Some((w, _, _, _)) = caches.get(&attrs.cache) {
                         return fail(at, format!("KV-cache slot {} is already written by {w}", attrs.cache));
                     }
-                    caches.insert(attrs.cache, (ValueId(i as u32), attrs.kv_heads, attrs.head_dim));
+                    caches.insert(attrs.cache, (ValueId(i as u32), attrs.kv_heads, attrs.head_dim, attrs.kv_dtype));
                 } else {
                     match caches.get(&attrs.cache) {
                         None => {
@@ -114,7 +114,16 @@ pub fn check(m: &Module) -> IrResult<()> {
                                 format!("reads KV-cache slot {} but no earlier attention writes it", attrs.cache),
                             );
                         }
-                        Some((w, kvh, hd)) if (*kvh, *hd) != (attrs.kv_heads, attrs.head_dim) => {
+                        Some((w, _, _, dt)) if *dt != attrs.kv_dtype => {
+                            return fail(
+                                at,
+                                format!(
+                                    "reads KV-cache slot {} written by {w} as {dt} values, but names {}",
+                                    attrs.cache, attrs.kv_dtype
+                                ),
+                            );
+                        }
+                        Some((w, kvh, hd, _)) if (*kvh, *hd) != (attrs.kv_heads, attrs.head_dim) => {
                             return fail(
                                 at,
                                 format!(

@@ -3,14 +3,16 @@
 //! and `kv_share` plans chosen under perplexity budgets on the calibration text
 //! (`tests/fixtures/text/calib-excerpt.txt`). Each configuration is compiled
 //! (`laptop`, CPU backend) and scored with `kiln ppl` on held-out text
-//! (`tests/fixtures/text/ppl-excerpt.txt`). KV bytes count the f16 cache the CPU
-//! backend keeps. Writes `bench/results/kv-<date>.{json,md}`.
+//! (`tests/fixtures/text/ppl-excerpt.txt`). KV bytes count what the cache
+//! stores (f32, or q8_0/q4_0 blocks). Writes `bench/results/kv-<date>.{json,md}`.
+//! Also the quantized caches (`kv_quant: q8_0 / q4_0`) and the last budget's
+//! sharing plan combined with a q8_0 cache.
 
 use std::path::PathBuf;
 
 use serde_json::{Value, json};
 
-use crate::bench_quant::Env;
+use crate::bench_quant::{Env, llama_ppl, model_path};
 use crate::bench_spec::{run_json, today};
 
 struct Opts {
@@ -20,6 +22,8 @@ struct Opts {
     chunks: usize,
     calib_ctx: usize,
     calib_chunks: usize,
+    threads: usize,
+    llama_bin: PathBuf,
     out: PathBuf,
 }
 
@@ -31,6 +35,10 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
         chunks: 4,
         calib_ctx: 256,
         calib_chunks: 1,
+        threads: 2,
+        llama_bin: std::env::var_os("KILN_LLAMA_CPP_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| env.cache.join("llama.cpp/build/bin")),
         out: env.root.join("bench/results"),
     };
     let mut it = args.iter();
@@ -44,10 +52,12 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
             "--chunks" => o.chunks = num(val()?)?,
             "--calib-ctx" => o.calib_ctx = num(val()?)?,
             "--calib-chunks" => o.calib_chunks = num(val()?)?,
+            "--threads" => o.threads = num(val()?)?.max(1),
+            "--llama-bin" => o.llama_bin = PathBuf::from(val()?),
             "--out" => o.out = PathBuf::from(val()?),
             other => {
                 return Err(format!(
-                    "bench kv: unknown option `{other}` (--models --budgets --ctx --chunks --calib-ctx --calib-chunks --out)"
+                    "bench kv: unknown option `{other}` (--models --budgets --ctx --chunks --calib-ctx --calib-chunks --threads --llama-bin --out)"
                 ));
             }
         }
@@ -61,16 +71,33 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let calib = env.root.join("tests/fixtures/text/calib-excerpt.txt");
     let held_out = env.root.join("tests/fixtures/text/ppl-excerpt.txt");
-    let mut configs: Vec<(String, String)> =
-        vec![("baseline".into(), String::new()), ("group 2".into(), "{ group: 2 }".into())];
+    // (label, passes after dce). Every config ends in kv_quant, whose report gives the bytes.
+    let mut configs: Vec<(String, String)> = vec![
+        ("baseline (f32)".into(), "      - kv_quant: { type: f32 }\n".into()),
+        ("q8_0 KV".into(), "      - kv_quant: { type: q8_0 }\n".into()),
+        ("q4_0 KV".into(), "      - kv_quant: { type: q4_0 }\n".into()),
+        ("share: groups of 2".into(), "      - kv_share: { group: 2 }\n      - kv_quant: { type: f32 }\n".into()),
+    ];
     for b in &o.budgets {
-        configs.push((format!("budget {b}"), format!("{{ max_ppl_increase: \"{b}\" }}")));
+        configs.push((
+            format!("share: budget {b}"),
+            format!("      - kv_share: {{ max_ppl_increase: \"{b}\" }}\n      - kv_quant: {{ type: f32 }}\n"),
+        ));
     }
     let mut rows = Vec::new();
     for model in &o.models {
-        for (i, (label, kv)) in configs.iter().enumerate() {
+        // The last budget's plan, reused with a q8_0 cache (no second search).
+        let mut last_plan: Option<Value> = None;
+        let mut mine = configs.clone();
+        mine.push(("share (last budget's plan) + q8_0 KV".into(), String::new()));
+        for (i, (label, kv)) in mine.iter().enumerate() {
             let name = format!("kv-{}-{i}", model.replace('.', "_"));
-            let kv_pass = if kv.is_empty() { String::new() } else { format!("      - kv_share: {kv}\n") };
+            let kv_pass = if kv.is_empty() {
+                let Some(plan) = &last_plan else { continue };
+                format!("      - kv_share: {{ share: {plan} }}\n      - kv_quant: {{ type: q8_0 }}\n")
+            } else {
+                kv.clone()
+            };
             let recipe = work.join(format!("{name}.yaml"));
             let text = format!(
                 "name: {name}\nmodel: {model}\ndevices:\n  laptop:\n    backend: cpu\n    passes:\n      - dce\n{kv_pass}\
@@ -97,11 +124,17 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
             let compile_s = t0.elapsed().as_secs_f64();
             let b = &compiled["builds"][0];
             let build = b["out_dir"].as_str().ok_or("kiln compile --json: no out_dir")?.to_string();
-            let report = b["manifest"]["passes"]
-                .as_array()
-                .and_then(|ps| ps.iter().find(|p| p["pass"] == "kv_share"))
-                .map(|p| p["details"].clone())
-                .unwrap_or(Value::Null);
+            let pass = |name: &str| {
+                b["manifest"]["passes"]
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|p| p["pass"] == name))
+                    .map(|p| p["details"].clone())
+                    .unwrap_or(Value::Null)
+            };
+            let (report, quant) = (pass("kv_share"), pass("kv_quant"));
+            if report["share"].is_object() && label.starts_with("share: budget") {
+                last_plan = Some(report["share"].clone());
+            }
             let ppl = run_json(
                 &env.kiln,
                 &[
@@ -117,17 +150,37 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
                 ],
             )?;
             let ppl = ppl["report"]["ppl"].as_f64().ok_or("kiln ppl --json: no ppl")?;
-            // Elements per token: from the pass's report, or the baseline's writers.
-            let elems = report["kv_elements_per_token_after"].as_u64();
+            let bytes = quant["kv_bytes_per_token_after"].as_u64();
             let shared = report["share"].as_object().map_or(0, |m| m.len());
             eprintln!("bench kv: {model} {label}: ppl {ppl:.4}, {shared} layers shared, compiled in {compile_s:.0} s");
             rows.push(json!({
-                "model": model, "config": label, "ppl": ppl, "kv_elements_per_token": elems,
-                "kv_elements_per_token_unshared": report["kv_elements_per_token_before"],
+                "model": model, "config": label, "ppl": ppl, "kv_bytes_per_token": bytes,
                 "layers_sharing": shared, "share": report["share"], "compile_seconds": compile_s,
                 "calibration_ppl_before": report["calibration_ppl_before"], "calibration_ppl_after": report["calibration_ppl_after"],
             }));
         }
+    }
+    // The peer: llama.cpp's perplexity on the same file, text and context with its
+    // f16 cache and its q8_0/q4_0 caches (flash attention, as quantized V needs).
+    let perplexity = o.llama_bin.join("llama-perplexity");
+    if perplexity.exists() {
+        for model in &o.models {
+            let gguf = model_path(env, model)?;
+            for t in ["f16", "q8_0", "q4_0"] {
+                let out = std::process::Command::new(&perplexity)
+                    .args(["-m", &gguf.display().to_string(), "-f", &held_out.display().to_string()])
+                    .args(["-c", &o.ctx.to_string(), "--chunks", &o.chunks.to_string(), "-t", &o.threads.to_string()])
+                    .args(["-ctk", t, "-ctv", t, "-fa", "on"])
+                    .output()
+                    .map_err(|e| format!("{}: {e}", perplexity.display()))?;
+                let ppl = llama_ppl(&String::from_utf8_lossy(&out.stderr))
+                    .ok_or_else(|| format!("llama-perplexity -ctk {t}: no perplexity in its output"))?;
+                eprintln!("bench kv: {model} llama.cpp {t} KV: ppl {ppl:.4}");
+                rows.push(json!({"model": model, "config": format!("llama.cpp, {t} KV"), "ppl": ppl, "peer": true}));
+            }
+        }
+    } else {
+        eprintln!("bench kv: {} is missing: no llama.cpp rows", perplexity.display());
     }
     let date = today();
     std::fs::create_dir_all(&o.out).map_err(|e| format!("{}: {e}", o.out.display()))?;
@@ -138,8 +191,10 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     let mut md = format!(
         "# KV cache: bytes per token vs perplexity ({date})\n\n`cargo xtask bench kv`: each configuration compiled for \
          `laptop` (CPU backend) and scored by `kiln ppl` on `tests/fixtures/text/ppl-excerpt.txt` ({} chunks of {} \
-         tokens). `kv_share` budgets are planned on `calib-excerpt.txt` ({} chunk(s) of {} tokens). KV bytes: the f16 \
-         cache of the CPU backend, K and V of every layer that writes one. One run.\n\n\
+         tokens). `kv_share` budgets are planned on `calib-excerpt.txt` ({} chunk(s) of {} tokens). KV bytes per \
+         token: K and V of every layer that writes a slot, as stored (f32, or q8_0/q4_0 blocks). llama.cpp rows: \
+         `llama-perplexity` on the same GGUF, text and context with `-ctk/-ctv T -fa on`, relative to its own f16 \
+         cache (it rotates quantized K/V by a Hadamard transform, as kiln does). One run.\n\n\
          | model | configuration | layers reading another's cache | KV bytes / token | vs baseline | perplexity | vs baseline |\n\
          |---|---|---:|---:|---:|---:|---:|\n",
         o.chunks, o.ctx, o.calib_chunks, o.calib_ctx
@@ -147,26 +202,28 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     for model in &o.models {
         let mine: Vec<&Value> = rows.iter().filter(|r| r["model"] == model.as_str()).collect();
         let base_ppl = mine.first().and_then(|r| r["ppl"].as_f64()).unwrap_or(f64::NAN);
-        // The baseline has no kv_share report: its size is the others' size before sharing.
-        let base_elems = mine.iter().find_map(|r| r["kv_elements_per_token_unshared"].as_u64());
+        // llama.cpp's rows are relative to its own f16 cache.
+        let peer_base = mine.iter().find(|r| r["peer"] == true).and_then(|r| r["ppl"].as_f64()).unwrap_or(f64::NAN);
+        let base_bytes = mine.first().and_then(|r| r["kv_bytes_per_token"].as_u64());
         for r in &mine {
-            let elems = r["kv_elements_per_token"].as_u64().or(base_elems);
-            let bytes = elems.map_or("?".into(), |e| (e * 2).to_string());
-            let rel = match (elems, base_elems) {
-                (Some(e), Some(b)) if b > 0 => format!("{:.2}×", e as f64 / b as f64),
+            let bytes = r["kv_bytes_per_token"].as_u64();
+            let rel = match (bytes, base_bytes) {
+                (Some(e), Some(b)) if b > 0 => format!("{:.3}×", e as f64 / b as f64),
                 _ => "–".into(),
             };
             let ppl = r["ppl"].as_f64().unwrap_or(f64::NAN);
             md.push_str(&format!(
-                "| {model} | {} | {} | {bytes} | {rel} | {ppl:.4} | {:+.2}% |\n",
+                "| {model} | {} | {} | {} | {rel} | {ppl:.4} | {:+.2}% |\n",
                 r["config"].as_str().unwrap_or(""),
-                r["layers_sharing"],
-                (ppl / base_ppl - 1.0) * 100.0
+                r["layers_sharing"].as_u64().map_or("–".into(), |n| n.to_string()),
+                bytes.map_or("–".into(), |b| b.to_string()),
+                (ppl / if r["peer"] == true { peer_base } else { base_ppl } - 1.0) * 100.0
             ));
         }
     }
     md.push_str(
-        "\nQuantized KV caches (8-bit, 4-bit) are not built yet (issue 10); their rows join this table when they are.\n",
+        "\nq8_0/q4_0 KV: ggml blocks of 32 per position row (what llama.cpp's `--cache-type-k/-v` store); \
+         the reference and CPU backends run them, the PTX backend not yet.\n",
     );
     let mpath = o.out.join(format!("kv-{date}.md"));
     std::fs::write(&mpath, md).map_err(|e| format!("{}: {e}", mpath.display()))?;

@@ -212,7 +212,7 @@ pub(crate) fn gguf_bpw(path: &Path) -> Result<(f64, u64), String> {
 }
 
 /// `Final estimate: PPL = 12.3456 +/- ...` from llama-perplexity's output.
-fn llama_ppl(text: &str) -> Option<f64> {
+pub(crate) fn llama_ppl(text: &str) -> Option<f64> {
     let at = text.rfind("Final estimate: PPL = ")?;
     text[at + 22..].split_whitespace().next()?.parse().ok()
 }

@@ -18,6 +18,9 @@ pub(crate) fn attend(
     attrs: &AttentionAttrs,
     ggml: bool,
 ) -> Vec<f32> {
+    if cache.is_quantized() {
+        return attend(isa, q, first_pos, &cache.dequantized(ggml), attrs, ggml);
+    }
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
     if isa != Isa::Avx2 || !ggml || hd == 0 || !hd.is_multiple_of(8) || heads == 0 {

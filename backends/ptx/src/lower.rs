@@ -37,7 +37,8 @@ pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
             formats::supported(ty.dtype)
                 && ty.last_fixed().is_some_and(|k| (plain || k % 8 == 0) && k > 0 && k <= u32::MAX as u64)
         }
-        Op::Attention { attrs, .. } => attrs.head_dim <= MAX_HEAD_DIM,
+        // Quantized KV caches are not built for the device yet.
+        Op::Attention { attrs, .. } => attrs.head_dim <= MAX_HEAD_DIM && attrs.kv_dtype == kiln_ir::DType::F32,
     }
 }
 

@@ -239,7 +239,7 @@ pub fn kq2_scale(k: u8) -> f32 {
 
 /// In-place unnormalized fast Walsh–Hadamard transform (v ← H·v).
 #[inline]
-fn fwht64(v: &mut [f32; 64]) {
+pub fn fwht64(v: &mut [f32; 64]) {
     let mut h = 1;
     while h < 64 {
         for i in (0..64).step_by(2 * h) {

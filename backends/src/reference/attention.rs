@@ -15,13 +15,20 @@
 //! An attention op without `k`/`v` reads a slot written by an earlier op of
 //! the same graph, which has already appended this call's rows.
 
-use kiln_ir::AttentionAttrs;
+use kiln_ir::{AttentionAttrs, DType};
 use rayon::prelude::*;
 
 use super::kernels::{dot, softmax_row};
 
-/// One KV-cache slot (in `Numerics::Ggml` it holds f16-rounded values).
-#[derive(Clone, Debug, Default)]
+/// One KV-cache slot (in `Numerics::Ggml` it holds f16-rounded values). A slot
+/// of a quantized type (`q8_0`, `q4_0`: the IR's `kv_dtype`) keeps each
+/// position's row as ggml blocks in `kq`/`vq` instead, and attention reads the
+/// dequantized values ([`KvCache::dequantized`]). Rows whose width is a
+/// multiple of 64 are stored rotated by an orthonormal Walsh–Hadamard transform
+/// per 64 values (`H/8`, its own inverse), which spreads outliers across each
+/// block before rounding, as llama.cpp rotates quantized K/V caches; reading
+/// rotates back, so attention sees the original basis.
+#[derive(Clone, Debug)]
 pub struct KvCache {
     /// Floats per position: `kv_heads · head_dim`.
     pub width: usize,
@@ -29,25 +36,82 @@ pub struct KvCache {
     max_positions: usize,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+    /// Storage type: F32 (`k`/`v`) or a block type (`kq`/`vq`).
+    dtype: DType,
+    kq: Vec<u8>,
+    vq: Vec<u8>,
+}
+
+impl Default for KvCache {
+    fn default() -> Self {
+        Self::new(0, 0)
+    }
 }
 
 impl KvCache {
     pub fn new(width: usize, max_positions: usize) -> Self {
-        KvCache { width, max_positions, k: Vec::new(), v: Vec::new() }
+        Self::with_dtype(width, max_positions, DType::F32)
+    }
+
+    /// A slot storing rows as `dtype` (F32, or a block type whose block divides `width`).
+    pub fn with_dtype(width: usize, max_positions: usize, dtype: DType) -> Self {
+        KvCache { width, max_positions, k: Vec::new(), v: Vec::new(), dtype, kq: Vec::new(), vq: Vec::new() }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn is_quantized(&self) -> bool {
+        self.dtype != DType::F32
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.width as u64).unwrap_or(0) as usize
     }
 
     /// Cached positions.
     pub fn len(&self) -> usize {
-        self.k.len().checked_div(self.width).unwrap_or(0)
+        if self.is_quantized() {
+            self.kq.len().checked_div(self.row_bytes()).unwrap_or(0)
+        } else {
+            self.k.len().checked_div(self.width).unwrap_or(0)
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Appends rows of keys and values (`[n][width]` each). Grows by
-    /// doubling, but never reserves room for more than `max_positions`.
+    /// Bytes the slot holds for K and V.
+    pub fn bytes(&self) -> usize {
+        if self.is_quantized() { self.kq.len() + self.vq.len() } else { 4 * (self.k.len() + self.v.len()) }
+    }
+
+    /// Appends rows of keys and values (`[n][width]` each), quantizing them
+    /// for a block-typed slot. Grows by doubling, but never reserves room for
+    /// more than `max_positions`.
     pub fn append(&mut self, k: &[f32], v: &[f32]) {
+        if self.is_quantized() {
+            let (rb, w, dtype, max) = (self.row_bytes(), self.width.max(1), self.dtype, self.max_positions);
+            for (buf, new) in [(&mut self.kq, k), (&mut self.vq, v)] {
+                let start = buf.len();
+                let need = start + new.len() / w * rb;
+                if need > buf.capacity() {
+                    let cap = (2 * start).min(max * rb).max(need);
+                    buf.reserve_exact(cap - start);
+                }
+                buf.resize(need, 0);
+                let mut tmp = vec![0.0f32; w];
+                for (row, dst) in new.chunks(w).zip(buf[start..].chunks_mut(rb)) {
+                    tmp.copy_from_slice(row);
+                    rotate64(&mut tmp);
+                    // Rows are whole blocks (the verifier checks head_dim), so this cannot fail.
+                    let _ = crate::quant::quantize_row(dtype, &tmp, dst);
+                }
+            }
+            return;
+        }
         for (buf, new) in [(&mut self.k, k), (&mut self.v, v)] {
             let need = buf.len() + new.len();
             if need > buf.capacity() {
@@ -60,8 +124,47 @@ impl KvCache {
 
     /// Keeps only the first `pos` positions.
     pub fn truncate(&mut self, pos: usize) {
+        let rb = self.row_bytes();
+        self.kq.truncate(pos * rb);
+        self.vq.truncate(pos * rb);
         self.k.truncate(pos * self.width);
         self.v.truncate(pos * self.width);
+    }
+
+    /// An f32 slot with this slot's values (a block-typed slot's dequantized;
+    /// `f16`: rounded to f16 as well, the values llama.cpp-numerics attention reads).
+    pub fn dequantized(&self, f16: bool) -> KvCache {
+        let mut out = KvCache::new(self.width, self.len());
+        if !self.is_quantized() {
+            out.k.clone_from(&self.k);
+            out.v.clone_from(&self.v);
+            return out;
+        }
+        let (rb, w) = (self.row_bytes(), self.width.max(1));
+        for (src, dst) in [(&self.kq, &mut out.k), (&self.vq, &mut out.v)] {
+            dst.resize(src.len() / rb.max(1) * w, 0.0);
+            for (row, d) in src.chunks(rb.max(1)).zip(dst.chunks_mut(w)) {
+                let _ = crate::quant::dequantize_row(self.dtype, row, d);
+                rotate64(d);
+            }
+            if f16 {
+                dst.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32());
+            }
+        }
+        out
+    }
+}
+
+/// `H/8` on every 64 values of `row` when its length is a multiple of 64 (an
+/// orthonormal Walsh–Hadamard rotation that is its own inverse); else nothing.
+fn rotate64(row: &mut [f32]) {
+    if !row.len().is_multiple_of(64) {
+        return;
+    }
+    for c in row.chunks_exact_mut(64) {
+        let b: &mut [f32; 64] = c.try_into().expect("64 values");
+        crate::quant::kq2::fwht64(b);
+        b.iter_mut().for_each(|x| *x *= 0.125);
     }
 }
 
@@ -71,6 +174,9 @@ impl KvCache {
 ///
 /// Parallel over (token, head) pairs.
 pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
+    if cache.is_quantized() {
+        return attend(q, first_pos, &cache.dequantized(ggml), attrs, ggml);
+    }
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
     let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as usize;

@@ -216,7 +216,7 @@ impl ReferenceSession {
                 Op::Attention { k: Some(_), attrs, .. } => {
                     let width = usize::try_from(attrs.kv_heads * attrs.head_dim)
                         .map_err(|_| internal("attention width overflows"))?;
-                    caches.insert(attrs.cache, KvCache::new(width, options.max_context));
+                    caches.insert(attrs.cache, KvCache::with_dtype(width, options.max_context, attrs.kv_dtype));
                     vec![]
                 }
                 _ => vec![],
@@ -447,7 +447,7 @@ impl ReferenceSession {
                             self.pos
                         )));
                     }
-                    if self.numerics == Numerics::Ggml {
+                    if self.numerics == Numerics::Ggml && !cache.is_quantized() {
                         let f16 = |s: &[f32]| s.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect::<Vec<_>>();
                         cache.append(&f16(whole(*k)?), &f16(whole(*v)?));
                     } else {

@@ -39,6 +39,7 @@ pub fn tiny_llama(layers: usize) -> Module {
             scale: 0.25,
             window: if l % 2 == 1 { 32 } else { 0 },
             softcap: 0.0,
+            kv_dtype: DType::F32,
         };
         let a = m.push(Op::Attention { q, k: Some(k), v: Some(v), attrs }).unwrap();
         let o = m.push(Op::MatMul { x: a, w: wo, bias: None }).unwrap();
