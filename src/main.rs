@@ -497,14 +497,15 @@ fn cmd_steer(c: SteerCmd) -> KilnResult<()> {
                 print_json(&json!({"model": model.path, "out": a.out, "summary": summary}));
             } else {
                 println!(
-                    "{} directions ({}, {} positions) from {} pairs, {} tokens, in {:.1} s: {}",
+                    "{} directions ({}, {} positions) from {} pairs, {} tokens, in {:.1} s: {}{}",
                     summary.layers.len(),
                     method.name(),
                     positions.name(),
                     summary.pairs,
                     summary.tokens,
                     summary.seconds,
-                    a.out.display()
+                    a.out.display(),
+                    if steer_out_is_gguf(&a.out)? { " (layer 0 left out: llama.cpp never steers it)" } else { "" }
                 );
                 for l in &summary.layers {
                     println!(
