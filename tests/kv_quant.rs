@@ -12,22 +12,7 @@ use kiln_runtime::Model;
 use serde_json::json;
 
 fn quantized(path: &std::path::Path, ty: &str) -> (Model, serde_json::Value) {
-    let imported = kiln_frontend::import(path).unwrap();
-    let (mut m, mut w) = (imported.module, imported.weights);
-    let reports = kiln_passes::run_pipeline(
-        &mut m,
-        &mut w,
-        &[("kv_quant".into(), json!({ "type": ty }))],
-        "laptop",
-        None,
-        &common::root(),
-        None,
-        &mut |_| {},
-    )
-    .unwrap();
-    let model =
-        Model::from_parts(path, m, w, imported.tokenizer_json.as_bytes(), imported.chat_template.as_deref()).unwrap();
-    (model, reports[0].details.clone())
+    common::after_pass(path, "kv_quant", json!({ "type": ty }), None)
 }
 
 #[test]

@@ -14,22 +14,7 @@ use kiln_runtime::Model;
 use serde_json::{Value, json};
 
 fn shared(path: &std::path::Path, options: Value, measure: Option<&kiln_passes::Measure<'_>>) -> (Model, Value) {
-    let imported = kiln_frontend::import(path).unwrap();
-    let (mut m, mut w) = (imported.module, imported.weights);
-    let reports = kiln_passes::run_pipeline(
-        &mut m,
-        &mut w,
-        &[("kv_share".into(), options)],
-        "laptop",
-        None,
-        &common::root(),
-        measure,
-        &mut |_| {},
-    )
-    .unwrap();
-    let model =
-        Model::from_parts(path, m, w, imported.tokenizer_json.as_bytes(), imported.chat_template.as_deref()).unwrap();
-    (model, reports[0].details.clone())
+    common::after_pass(path, "kv_share", options, measure)
 }
 
 fn writers(m: &Model) -> usize {

@@ -22,20 +22,7 @@ const CHAT: &str = "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start
 
 /// SmolLM2 with the `steer` pass applied with `options`.
 fn steered(path: &Path, options: Value) -> Model {
-    let imported = kiln_frontend::import(path).unwrap();
-    let (mut m, mut w) = (imported.module, imported.weights);
-    kiln_passes::run_pipeline(
-        &mut m,
-        &mut w,
-        &[("steer".into(), options)],
-        "laptop",
-        None,
-        &common::root(),
-        None,
-        &mut |_| {},
-    )
-    .unwrap();
-    Model::from_parts(path, m, w, imported.tokenizer_json.as_bytes(), imported.chat_template.as_deref()).unwrap()
+    common::after_pass(path, "steer", options, None).0
 }
 
 /// The prompt's logits and those of `steps` greedy steps, on `model`'s backend.

@@ -158,7 +158,9 @@ impl Pass for Steer {
         let outs = kiln_ir::analysis::layer_outputs(m).map_err(unsupported)?;
         let path = ctx.base_dir.join(&o.vector);
         let input = |msg: String| PassError::Input { pass: NAME, msg };
-        let cv = ControlVector::open(&path).map_err(|e| input(e.to_string()))?;
+        let bytes = std::fs::read(&path).map_err(|e| input(format!("{}: {e}", path.display())))?;
+        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let cv = ControlVector::from_bytes(&path, bytes).map_err(|e| input(e.to_string()))?;
         let name = o.name.clone().unwrap_or_else(|| name_from_file(&o.vector));
         if m.insts.iter().any(|i| matches!(&i.op, Op::Steer { attrs, .. } if attrs.name == name)) {
             return Err(bad(format!("the module already has a steering named `{name}`: give this one another `name`")));
@@ -210,8 +212,6 @@ impl Pass for Steer {
         }
         points.sort_by_key(|(v, _)| *v);
         insert_after(m, &points).map_err(|e| PassError::Broken { pass: NAME.into(), err: e })?;
-        let bytes = std::fs::read(&path).map_err(|e| input(format!("{}: {e}", path.display())))?;
-        let sha: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
         Ok(PassReport {
             pass: NAME.into(),
             summary: format!(

@@ -67,3 +67,34 @@ pub fn tempdir(name: &str) -> PathBuf {
 pub fn write(p: &Path, bytes: &[u8]) {
     std::fs::write(p, bytes).expect("write file");
 }
+
+/// The model at `path` (a GGUF or HF directory) after one pass, and the pass's report details.
+pub fn after_pass(
+    path: &Path,
+    pass: &str,
+    options: serde_json::Value,
+    measure: Option<&kiln_passes::Measure<'_>>,
+) -> (kiln_runtime::Model, serde_json::Value) {
+    let imported = kiln_frontend::import(path).unwrap();
+    let (mut m, mut w) = (imported.module, imported.weights);
+    let reports = kiln_passes::run_pipeline(
+        &mut m,
+        &mut w,
+        &[(pass.into(), options)],
+        "laptop",
+        None,
+        &root(),
+        measure,
+        &mut |_| {},
+    )
+    .unwrap();
+    let model = kiln_runtime::Model::from_parts(
+        path,
+        m,
+        w,
+        imported.tokenizer_json.as_bytes(),
+        imported.chat_template.as_deref(),
+    )
+    .unwrap();
+    (model, reports[0].details.clone())
+}

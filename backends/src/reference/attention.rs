@@ -96,12 +96,8 @@ impl KvCache {
             let (rb, w, dtype, max) = (self.row_bytes(), self.width.max(1), self.dtype, self.max_positions);
             for (buf, new) in [(&mut self.kq, k), (&mut self.vq, v)] {
                 let start = buf.len();
-                let need = start + new.len() / w * rb;
-                if need > buf.capacity() {
-                    let cap = (2 * start).min(max * rb).max(need);
-                    buf.reserve_exact(cap - start);
-                }
-                buf.resize(need, 0);
+                reserve_doubling(buf, new.len() / w * rb, max * rb);
+                buf.resize(buf.len() + new.len() / w * rb, 0);
                 let mut tmp = vec![0.0f32; w];
                 for (row, dst) in new.chunks(w).zip(buf[start..].chunks_mut(rb)) {
                     tmp.copy_from_slice(row);
@@ -113,11 +109,7 @@ impl KvCache {
             return;
         }
         for (buf, new) in [(&mut self.k, k), (&mut self.v, v)] {
-            let need = buf.len() + new.len();
-            if need > buf.capacity() {
-                let cap = (2 * buf.len()).min(self.max_positions * self.width).max(need);
-                buf.reserve_exact(cap - buf.len());
-            }
+            reserve_doubling(buf, new.len(), self.max_positions * self.width);
             buf.extend_from_slice(new);
         }
     }
@@ -152,6 +144,16 @@ impl KvCache {
             }
         }
         out
+    }
+}
+
+/// Makes room for `more` elements in `buf`, doubling its capacity but never
+/// reserving past `limit` elements (unless `more` itself needs it).
+fn reserve_doubling<T>(buf: &mut Vec<T>, more: usize, limit: usize) {
+    let need = buf.len() + more;
+    if need > buf.capacity() {
+        let cap = (2 * buf.len()).min(limit).max(need);
+        buf.reserve_exact(cap - buf.len());
     }
 }
 
