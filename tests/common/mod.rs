@@ -56,12 +56,39 @@ pub fn qwen05() -> Option<PathBuf> {
     model("qwen2.5-coder-0.5b.gguf")
 }
 
-/// A fresh temporary directory under the target dir (kept for inspection after failures).
-pub fn tempdir(name: &str) -> PathBuf {
+/// A fresh temporary directory under the target dir, removed when the guard drops unless the
+/// test is panicking (then it is kept for inspection). Tests that build real models write
+/// hundreds of megabytes each; leaving them all behind filled CI's disk.
+pub fn tempdir(name: &str) -> TempDir {
     let d = root().join("target").join("test-tmp").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create temp dir");
-    d
+    TempDir(d)
+}
+
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} for inspection", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 pub fn write(p: &Path, bytes: &[u8]) {
