@@ -33,6 +33,11 @@ pub trait Device: Send {
     fn end_capture(&mut self) -> Result<GraphId, BackendError>;
     /// Runs a recorded graph: its launches, with the arguments they were recorded with.
     fn replay(&mut self, graph: GraphId) -> Result<(), BackendError>;
+    /// Whether the device has the tensor-core matmul kernels (`matmul_mma_*`): the session
+    /// launches them for prefill batches when it does, the CUDA-core kernels otherwise.
+    fn tensor_cores(&self) -> bool {
+        true
+    }
 }
 
 /// A recorded launch sequence of a device.

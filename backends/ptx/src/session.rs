@@ -393,7 +393,7 @@ impl<D: Device> PtxSession<D> {
                         Arg::U32(tt as u32),
                         Arg::U32(rb),
                     ];
-                    if tt >= lower::MMA_MIN_TOKENS && lower::uses_mma(&module, *w) {
+                    if tt >= lower::MMA_MIN_TOKENS && self.dev.tensor_cores() && lower::uses_mma(&module, *w) {
                         let name = kernels::matmul_mma_name(dt, bias.is_some());
                         self.dev.launch(&name, kernels::matmul_mma_grid(rows, tt as u32), &args)?;
                     } else {

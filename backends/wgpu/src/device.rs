@@ -1,0 +1,437 @@
+//! The wgpu device behind the shared launch sequence (`kiln_ptx::Device`).
+//!
+//! Every allocation is its own `wgpu::Buffer` at an address of a flat virtual space, so the
+//! session's pointer arithmetic (a row inside an activation buffer) works unchanged: a
+//! pointer argument binds the whole buffer that holds it and passes the offset, in 4-byte
+//! words, in the kernel's `Params` uniform.
+//!
+//! Launches are queued, not run: each gets a 256-byte slot of a parameter arena and a
+//! (cached) bind group with a dynamic offset into it, and the queue is encoded into one
+//! compute pass and submitted when the host needs a result (a download) or writes a buffer
+//! (an upload, which must not overtake the launches queued before it). A decode step is
+//! one submission.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kiln_backends::BackendError;
+use kiln_ptx::device::{Device, GraphId};
+use kiln_ptx::emu::Arg as LaunchArg;
+
+use crate::kernels::{Arg, Kernel};
+
+const NAME: &str = "wgpu";
+
+fn internal(msg: impl Into<String>) -> BackendError {
+    BackendError::Internal { backend: NAME, msg: msg.into() }
+}
+
+/// Bytes of the parameter slot of one launch (the largest uniform offset alignment WebGPU allows).
+const SLOT: u64 = 256;
+/// Launches per submission before the queue is flushed early.
+const ARENA_SLOTS: u64 = 4096;
+/// Virtual addresses are aligned to this, so no two buffers share a page of the space.
+const ADDR_ALIGN: u64 = 1 << 12;
+
+struct Pipeline {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    args: Vec<(&'static str, Arg)>,
+}
+
+struct Queued {
+    kernel: usize,
+    bind: usize,
+    slot: u64,
+    grid: [u32; 3],
+}
+
+type Launch = (String, [u32; 3], Vec<LaunchArg>);
+
+/// A wgpu adapter and device with kiln's kernels compiled on it.
+pub struct WgpuDevice {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    describe: String,
+    pipelines: Vec<Pipeline>,
+    by_name: HashMap<String, usize>,
+    buffers: Vec<(wgpu::Buffer, u64)>,
+    /// Base address → index into `buffers`.
+    bases: BTreeMap<u64, usize>,
+    next_addr: u64,
+    /// Bound for null pointers and ignored arguments.
+    dummy: wgpu::Buffer,
+    arena: wgpu::Buffer,
+    arena_bytes: Vec<u8>,
+    bind_groups: Vec<wgpu::BindGroup>,
+    bind_cache: HashMap<(usize, Vec<usize>), usize>,
+    queued: Vec<Queued>,
+    staging: Option<(wgpu::Buffer, u64)>,
+    max_binding: u64,
+    max_groups: u32,
+    capturing: Option<Vec<Launch>>,
+    graphs: Vec<Vec<Launch>>,
+}
+
+/// The first adapter wgpu finds (a GPU when there is one; Mesa's lavapipe on a CPU-only
+/// machine), and its device with the adapter's own limits.
+pub fn open_device() -> Result<(wgpu::Device, wgpu::Queue, wgpu::AdapterInfo), BackendError> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::PRIMARY);
+    let instance = wgpu::Instance::new(desc);
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        ..Default::default()
+    }))
+    .map_err(|e| BackendError::Unsupported {
+        backend: NAME,
+        what: format!(
+            "running here: no GPU adapter ({e}); install a Vulkan driver (e.g. Mesa's lavapipe: `apt-get install mesa-vulkan-drivers`)"
+        ),
+    })?;
+    let info = adapter.get_info();
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("kiln"),
+        required_limits: adapter.limits(),
+        ..Default::default()
+    }))
+    .map_err(|e| internal(format!("cannot open the {} device: {e}", info.name)))?;
+    Ok((device, queue, info))
+}
+
+impl WgpuDevice {
+    /// Opens the adapter and compiles `kernels` from their WGSL `sources` (by kernel name).
+    pub fn new(kernels: &[Kernel], sources: &HashMap<String, String>) -> Result<Self, BackendError> {
+        let (device, queue, info) = open_device()?;
+        let limits = device.limits();
+        let mut pipelines = Vec::new();
+        let mut by_name = HashMap::new();
+        for k in kernels {
+            let src =
+                sources.get(&k.name).ok_or_else(|| internal(format!("no WGSL source for kernel `{}`", k.name)))?;
+            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&k.name),
+                source: wgpu::ShaderSource::Wgsl(src.as_str().into()),
+            });
+            let mut entries = vec![wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: true,
+                    min_binding_size: None,
+                },
+                count: None,
+            }];
+            for (i, (_, a)) in k.args.iter().enumerate() {
+                if a.is_buffer() {
+                    entries.push(wgpu::BindGroupLayoutEntry {
+                        binding: Kernel::binding(i),
+                        visibility: wgpu::ShaderStages::COMPUTE,
+                        ty: wgpu::BindingType::Buffer {
+                            ty: wgpu::BufferBindingType::Storage { read_only: !matches!(a, Arg::Out | Arg::OutWords) },
+                            has_dynamic_offset: false,
+                            min_binding_size: None,
+                        },
+                        count: None,
+                    });
+                }
+            }
+            let layout = device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&k.name), entries: &entries });
+            let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&k.name),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&k.name),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            by_name.insert(k.name.clone(), pipelines.len());
+            pipelines.push(Pipeline { pipeline, layout, args: k.args.clone() });
+        }
+        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
+        let dummy = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("null"),
+            size: 16,
+            usage: storage,
+            mapped_at_creation: false,
+        });
+        let arena = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: SLOT * ARENA_SLOTS,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let describe = format!("{} ({:?}, {})", info.name, info.backend, info.driver_info);
+        Ok(WgpuDevice {
+            device,
+            queue,
+            describe,
+            pipelines,
+            by_name,
+            buffers: Vec::new(),
+            bases: BTreeMap::new(),
+            next_addr: ADDR_ALIGN,
+            dummy,
+            arena,
+            arena_bytes: Vec::new(),
+            bind_groups: Vec::new(),
+            bind_cache: HashMap::new(),
+            queued: Vec::new(),
+            staging: None,
+            max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
+            max_groups: limits.max_compute_workgroups_per_dimension,
+            capturing: None,
+            graphs: Vec::new(),
+        })
+    }
+
+    /// The buffer holding `addr` and the byte offset of `addr` in it.
+    fn resolve(&self, addr: u64) -> Result<(usize, u64), BackendError> {
+        let (&base, &i) = self
+            .bases
+            .range(..=addr)
+            .next_back()
+            .ok_or_else(|| internal(format!("address {addr:#x} is not allocated")))?;
+        let off = addr - base;
+        if off > self.buffers[i].1 {
+            return Err(internal(format!("address {addr:#x} is past its buffer")));
+        }
+        Ok((i, off))
+    }
+
+    /// Encodes and submits the queued launches, then `then` (copies) in the same command buffer.
+    fn submit(&mut self, then: impl FnOnce(&mut wgpu::CommandEncoder)) {
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kiln") });
+        if !self.queued.is_empty() {
+            self.queue.write_buffer(&self.arena, 0, &self.arena_bytes);
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+            for q in &self.queued {
+                pass.set_pipeline(&self.pipelines[q.kernel].pipeline);
+                pass.set_bind_group(0, &self.bind_groups[q.bind], &[(q.slot * SLOT) as u32]);
+                pass.dispatch_workgroups(q.grid[0], q.grid[1], q.grid[2]);
+            }
+        }
+        then(&mut enc);
+        self.queue.submit([enc.finish()]);
+        self.queued.clear();
+        self.arena_bytes.clear();
+    }
+
+    fn run(&mut self, name: &str, grid: [u32; 3], args: &[LaunchArg]) -> Result<(), BackendError> {
+        let kernel =
+            *self.by_name.get(name).ok_or_else(|| internal(format!("kernel `{name}` is not in the module")))?;
+        let sig = self.pipelines[kernel].args.clone();
+        if sig.len() != args.len() {
+            return Err(internal(format!("kernel `{name}` takes {} arguments, got {}", sig.len(), args.len())));
+        }
+        if grid.iter().any(|&g| g > self.max_groups) {
+            return Err(BackendError::Unsupported {
+                backend: NAME,
+                what: format!(
+                    "a launch of `{name}` over {grid:?} workgroups (this device allows {} per dimension)",
+                    self.max_groups
+                ),
+            });
+        }
+        if grid.contains(&0) {
+            return Ok(());
+        }
+        if self.queued.len() as u64 == ARENA_SLOTS {
+            self.submit(|_| {});
+        }
+        // The parameter slot and the buffers bound.
+        let mut params = Vec::with_capacity(SLOT as usize);
+        let mut bound = Vec::new();
+        for (&(pname, kind), a) in sig.iter().zip(args) {
+            match (kind, a) {
+                (k, LaunchArg::Ptr(addr)) if k.is_pointer() => {
+                    let (buf, off) = if *addr == 0 { (usize::MAX, 0) } else { self.resolve(*addr)? };
+                    if off % 4 != 0 {
+                        return Err(internal(format!("`{name}`: `{pname}` is not 4-byte aligned")));
+                    }
+                    params.extend_from_slice(&((off / 4) as u32).to_le_bytes());
+                    if k.is_buffer() {
+                        if buf == usize::MAX && k != Arg::Unused {
+                            return Err(internal(format!("`{name}`: `{pname}` is null")));
+                        }
+                        bound.push(buf);
+                    }
+                }
+                (Arg::U32, LaunchArg::U32(v)) => params.extend_from_slice(&v.to_le_bytes()),
+                (Arg::F32, LaunchArg::F32(v)) => params.extend_from_slice(&v.to_le_bytes()),
+                _ => return Err(internal(format!("`{name}`: argument `{pname}` has the wrong kind"))),
+            }
+        }
+        params.resize(SLOT as usize, 0);
+        let key = (kernel, bound);
+        let bind = match self.bind_cache.get(&key) {
+            Some(&b) => b,
+            None => {
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &self.arena,
+                        offset: 0,
+                        size: wgpu::BufferSize::new(SLOT),
+                    }),
+                }];
+                let mut it = key.1.iter();
+                for (i, (_, a)) in sig.iter().enumerate() {
+                    if a.is_buffer() {
+                        let b = *it.next().ok_or_else(|| internal("binding count"))?;
+                        let buffer = if b == usize::MAX { &self.dummy } else { &self.buffers[b].0 };
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: Kernel::binding(i),
+                            resource: buffer.as_entire_binding(),
+                        });
+                    }
+                }
+                let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(name),
+                    layout: &self.pipelines[kernel].layout,
+                    entries: &entries,
+                });
+                self.bind_groups.push(bg);
+                self.bind_cache.insert(key, self.bind_groups.len() - 1);
+                self.bind_groups.len() - 1
+            }
+        };
+        let slot = self.queued.len() as u64;
+        self.arena_bytes.extend_from_slice(&params);
+        self.queued.push(Queued { kernel, bind, slot, grid });
+        Ok(())
+    }
+}
+
+impl Device for WgpuDevice {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn alloc(&mut self, bytes: usize) -> Result<u64, BackendError> {
+        let size = (bytes as u64).max(4).next_multiple_of(4);
+        if size > self.max_binding {
+            return Err(BackendError::Unsupported {
+                backend: NAME,
+                what: format!(
+                    "a buffer of {size} bytes on {} (it binds at most {} bytes; a smaller model, context or weight type fits)",
+                    self.describe, self.max_binding
+                ),
+            });
+        }
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let addr = self.next_addr;
+        self.next_addr = (addr + size).next_multiple_of(ADDR_ALIGN);
+        self.bases.insert(addr, self.buffers.len());
+        self.buffers.push((buffer, size));
+        Ok(addr)
+    }
+
+    fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), BackendError> {
+        if self.capturing.is_some() {
+            return Err(internal("upload during a capture"));
+        }
+        if !self.queued.is_empty() {
+            self.submit(|_| {});
+        }
+        let (b, off) = self.resolve(dst)?;
+        let size = self.buffers[b].1;
+        let padded = (bytes.len() as u64).next_multiple_of(4);
+        if off % 4 != 0 || off + padded > size || (padded != bytes.len() as u64 && off + padded != size) {
+            return Err(internal(format!("upload of {} bytes at {dst:#x} does not fit its buffer", bytes.len())));
+        }
+        if padded == bytes.len() as u64 {
+            self.queue.write_buffer(&self.buffers[b].0, off, bytes);
+        } else {
+            let mut v = bytes.to_vec();
+            v.resize(padded as usize, 0);
+            self.queue.write_buffer(&self.buffers[b].0, off, &v);
+        }
+        Ok(())
+    }
+
+    fn download(&mut self, src: u64, out: &mut [u8]) -> Result<(), BackendError> {
+        let (b, off) = self.resolve(src)?;
+        let len = (out.len() as u64).next_multiple_of(4);
+        if off % 4 != 0 || off + len > self.buffers[b].1 {
+            return Err(internal(format!("download of {} bytes at {src:#x} is past its buffer", out.len())));
+        }
+        if self.staging.as_ref().is_none_or(|s| s.1 < len) {
+            let size = len.next_power_of_two().max(256);
+            let buf = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.staging = Some((buf, size));
+        }
+        let staging = self.staging.as_ref().map(|s| s.0.clone()).ok_or_else(|| internal("no staging buffer"))?;
+        let source = self.buffers[b].0.clone();
+        self.submit(|enc| enc.copy_buffer_to_buffer(&source, off, &staging, 0, len));
+        let slice = staging.slice(0..len);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| internal(format!("device lost: {e}")))?;
+        rx.recv()
+            .map_err(|_| internal("readback never completed"))?
+            .map_err(|e| internal(format!("readback failed: {e}")))?;
+        {
+            let view = slice.get_mapped_range().map_err(|e| internal(format!("readback: {e:?}")))?;
+            out.copy_from_slice(&view[..out.len()]);
+        }
+        staging.unmap();
+        Ok(())
+    }
+
+    fn launch(&mut self, name: &str, grid: [u32; 3], args: &[LaunchArg]) -> Result<(), BackendError> {
+        if !self.by_name.contains_key(name) {
+            return Err(internal(format!("kernel `{name}` is not in the module")));
+        }
+        match &mut self.capturing {
+            Some(rec) => {
+                rec.push((name.to_string(), grid, args.to_vec()));
+                Ok(())
+            }
+            None => self.run(name, grid, args),
+        }
+    }
+
+    fn begin_capture(&mut self) -> Result<(), BackendError> {
+        if self.capturing.is_some() {
+            return Err(internal("capture already running"));
+        }
+        self.capturing = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&mut self) -> Result<GraphId, BackendError> {
+        let rec = self.capturing.take().ok_or_else(|| internal("no capture running"))?;
+        self.graphs.push(rec);
+        Ok(GraphId(self.graphs.len() - 1))
+    }
+
+    fn replay(&mut self, graph: GraphId) -> Result<(), BackendError> {
+        let launches = std::mem::take(self.graphs.get_mut(graph.0).ok_or_else(|| internal("no such graph"))?);
+        let r = launches.iter().try_for_each(|(name, grid, args)| self.run(name, *grid, args));
+        self.graphs[graph.0] = launches;
+        r
+    }
+
+    fn tensor_cores(&self) -> bool {
+        false
+    }
+}

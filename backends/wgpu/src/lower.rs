@@ -1,0 +1,133 @@
+//! From verified IR to WGSL: which ops the backend runs, and the kernels a module needs
+//! (one per variant used, in a fixed order so the emitted files are deterministic).
+
+use std::collections::BTreeMap;
+
+use kiln_ir::{DType, Op, VerifiedModule};
+
+use crate::formats;
+use crate::kernels::{self, Kernel};
+
+/// Largest head dimension the attention kernel is built for (workgroup memory holds the query).
+pub const MAX_HEAD_DIM: u64 = 512;
+
+/// Whether the wgpu backend runs `op` of `module`.
+pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
+    match op {
+        Op::Tokens
+        | Op::Embed { .. }
+        | Op::RmsNorm { .. }
+        | Op::Add { .. }
+        | Op::Mul { .. }
+        | Op::Scale { .. }
+        | Op::Act { .. }
+        | Op::Glu { .. }
+        | Op::Softmax { .. }
+        | Op::Steer { .. }
+        | Op::Rope { .. } => true,
+        Op::LayerNorm { .. } => false,
+        Op::MatMul { w, .. } => {
+            let ty = &module.param(*w).ty;
+            let plain = ty.dtype.block_elems() == 1;
+            formats::supported(ty.dtype)
+                && ty.last_fixed().is_some_and(|k| (plain || k % 8 == 0) && k > 0 && k <= u32::MAX as u64)
+        }
+        Op::Attention { attrs, .. } => attrs.head_dim <= MAX_HEAD_DIM && attrs.kv_dtype == DType::F32,
+    }
+}
+
+fn ragged(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
+    kiln_ptx::lower::ragged(module, w)
+}
+
+/// The kernels `module` launches, by name.
+pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
+    let mut ks: BTreeMap<String, Kernel> = BTreeMap::new();
+    let mut add = |k: Kernel| {
+        ks.entry(k.name.clone()).or_insert(k);
+    };
+    for inst in &module.insts {
+        match &inst.op {
+            Op::RmsNorm { weight, .. } => add(kernels::rms_norm(weight.is_some())),
+            Op::MatMul { w, bias, .. } => {
+                let dt = module.param(*w).ty.dtype;
+                add(kernels::matmul(dt, bias.is_some(), ragged(module, *w)));
+            }
+            Op::Add { .. } => add(kernels::binary(false)),
+            Op::Mul { .. } => add(kernels::binary(true)),
+            Op::Scale { .. } => add(kernels::scale()),
+            Op::Act { kind, .. } => add(kernels::act(*kind)),
+            Op::Glu { kind, .. } => add(kernels::glu(*kind)),
+            Op::Softmax { .. } => add(kernels::softmax()),
+            Op::Steer { attrs, .. } => {
+                add(kernels::steer(attrs.mode));
+                add(kernels::scale()); // strength 0 runs as a copy
+            }
+            Op::Rope { attrs, .. } => add(kernels::rope(attrs.layout)),
+            Op::Attention { k, attrs, .. } => {
+                if k.is_some() {
+                    add(kernels::kv_append());
+                }
+                add(kernels::attention(attrs.head_dim as u32, attrs.softcap > 0.0));
+                add(kernels::attn_combine());
+            }
+            Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
+        }
+    }
+    add(kernels::argmax());
+    add(kernels::top_k());
+    ks.into_values().collect()
+}
+
+/// Every kernel variant the backend can emit (each supported weight dtype with and
+/// without bias, ragged rows, both RoPE layouts, attention for the common head sizes):
+/// what the validation test checks with naga.
+pub fn all_kernels() -> Vec<Kernel> {
+    use kiln_ir::{Activation, RopeLayout, SteerMode};
+    let mut ks = Vec::new();
+    for dt in DType::floats().filter(|d| formats::supported(*d)) {
+        for bias in [false, true] {
+            ks.push(kernels::matmul(dt, bias, false));
+            if dt.block_elems() == 1 {
+                ks.push(kernels::matmul(dt, bias, true));
+            }
+        }
+    }
+    ks.push(kernels::rms_norm(false));
+    ks.push(kernels::rms_norm(true));
+    ks.push(kernels::binary(false));
+    ks.push(kernels::binary(true));
+    ks.push(kernels::scale());
+    for a in [Activation::Silu, Activation::GeluTanh] {
+        ks.push(kernels::act(a));
+        ks.push(kernels::glu(a));
+    }
+    ks.push(kernels::softmax());
+    ks.push(kernels::steer(SteerMode::Add));
+    ks.push(kernels::steer(SteerMode::Project));
+    ks.push(kernels::rope(RopeLayout::Interleaved));
+    ks.push(kernels::rope(RopeLayout::Neox));
+    ks.push(kernels::kv_append());
+    for hd in [32, 64, 80, 128, 256, 512] {
+        ks.push(kernels::attention(hd, false));
+        ks.push(kernels::attention(hd, true));
+    }
+    ks.push(kernels::attn_combine());
+    ks.push(kernels::argmax());
+    ks.push(kernels::top_k());
+    ks
+}
+
+/// File name of kernel `name` in a build.
+pub fn file_name(name: &str) -> String {
+    format!("{name}.wgsl")
+}
+
+/// Checks a kernel's WGSL with naga (parse and validate); the error names the kernel.
+pub fn validate(name: &str, src: &str) -> Result<(), String> {
+    let module = naga::front::wgsl::parse_str(src).map_err(|e| format!("{name}.wgsl: {}", e.emit_to_string(src)))?;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+        .validate(&module)
+        .map_err(|e| format!("{name}.wgsl: {}", e.emit_to_string(src)))?;
+    Ok(())
+}
