@@ -161,8 +161,8 @@ fn unavailable_backend_is_named() {
     let dir = tempdir("unavail");
     let out = dir.join("build");
     let r = root().join("recipes/smollm2-135m.yaml");
-    let o = run(&["compile", "--recipe", r.to_str().unwrap(), "--device", "phone", "--out", out.to_str().unwrap()]);
-    assert_clean_error(&o, &["wgpu", "not available yet"]);
+    let o = run(&["compile", "--recipe", r.to_str().unwrap(), "--device", "watch", "--out", out.to_str().unwrap()]);
+    assert_clean_error(&o, &["fixed", "not available yet"]);
     assert!(!out.exists());
 }
 

@@ -10,6 +10,7 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
         "reference" => Ok(Box::new(kiln_backends::reference::ReferenceBackend::new())),
         "ptx" => Ok(Box::new(kiln_ptx::PtxBackend::from_env())),
         "cpu" => Ok(Box::new(kiln_cpu::CpuBackend::new())),
+        "wgpu" => Ok(Box::new(kiln_wgpu::WgpuBackend::new())),
         _ => match BACKEND_NAMES.iter().find(|(n, _)| *n == name) {
             Some((n, what)) => Err(BackendError::NotAvailable { name: n, what }),
             None => Err(BackendError::UnknownBackend {

@@ -70,6 +70,11 @@ pub struct WgpuDevice {
     max_groups: u32,
     capturing: Option<Vec<Launch>>,
     graphs: Vec<Vec<Launch>>,
+    /// `KILN_WGPU_PROFILE=1`: every launch is submitted alone and waited for, and the time
+    /// per kernel is printed when the device is dropped.
+    profile: Option<BTreeMap<String, (u32, f64)>>,
+    /// Run matmuls with the row-per-thread variants (CPU adapters; `KILN_WGPU_MATMUL=rows|lanes` overrides).
+    row_per_thread: bool,
 }
 
 /// The first adapter wgpu finds (a GPU when there is one; Mesa's lavapipe on a CPU-only
@@ -108,10 +113,11 @@ impl WgpuDevice {
         for k in kernels {
             let src =
                 sources.get(&k.name).ok_or_else(|| internal(format!("no WGSL source for kernel `{}`", k.name)))?;
-            let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            let desc = wgpu::ShaderModuleDescriptor {
                 label: Some(&k.name),
                 source: wgpu::ShaderSource::Wgsl(src.as_str().into()),
-            });
+            };
+            let module = device.create_shader_module(desc);
             let mut entries = vec![wgpu::BindGroupLayoutEntry {
                 binding: 0,
                 visibility: wgpu::ShaderStages::COMPUTE,
@@ -188,6 +194,12 @@ impl WgpuDevice {
             max_groups: limits.max_compute_workgroups_per_dimension,
             capturing: None,
             graphs: Vec::new(),
+            profile: std::env::var("KILN_WGPU_PROFILE").is_ok_and(|v| v == "1").then(BTreeMap::new),
+            row_per_thread: match std::env::var("KILN_WGPU_MATMUL").as_deref() {
+                Ok("rows") => true,
+                Ok("lanes") => false,
+                _ => info.device_type == wgpu::DeviceType::Cpu,
+            },
         })
     }
 
@@ -224,8 +236,17 @@ impl WgpuDevice {
     }
 
     fn run(&mut self, name: &str, grid: [u32; 3], args: &[LaunchArg]) -> Result<(), BackendError> {
-        let kernel =
+        let mut grid = grid;
+        let mut kernel =
             *self.by_name.get(name).ok_or_else(|| internal(format!("kernel `{name}` is not in the module")))?;
+        if self.row_per_thread
+            && name.starts_with("matmul_")
+            && let Some(&k) = self.by_name.get(&format!("{name}{}", crate::kernels::ROW_PER_THREAD))
+            && let Some(LaunchArg::U32(rows)) = args.get(6)
+        {
+            kernel = k;
+            grid = [rows.div_ceil(crate::kernels::BLOCK), grid[1], grid[2]];
+        }
         let sig = self.pipelines[kernel].args.clone();
         if sig.len() != args.len() {
             return Err(internal(format!("kernel `{name}` takes {} arguments, got {}", sig.len(), args.len())));
@@ -305,7 +326,32 @@ impl WgpuDevice {
         let slot = self.queued.len() as u64;
         self.arena_bytes.extend_from_slice(&params);
         self.queued.push(Queued { kernel, bind, slot, grid });
+        if self.profile.is_some() {
+            let t0 = std::time::Instant::now();
+            self.submit(|_| {});
+            self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| internal(format!("device lost: {e}")))?;
+            let dt = t0.elapsed().as_secs_f64();
+            if let Some(p) = &mut self.profile {
+                let e = p.entry(name.to_string()).or_default();
+                e.0 += 1;
+                e.1 += dt;
+            }
+        }
         Ok(())
+    }
+}
+
+impl Drop for WgpuDevice {
+    fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            let total: f64 = p.values().map(|v| v.1).sum();
+            eprintln!("kiln wgpu profile ({:.3} s in kernels):", total);
+            let mut rows: Vec<_> = p.iter().collect();
+            rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+            for (name, (n, s)) in rows {
+                eprintln!("  {name:<28} {n:>7} launches {s:>9.3} s {:>6.1}%", 100.0 * s / total.max(1e-12));
+            }
+        }
     }
 }
 

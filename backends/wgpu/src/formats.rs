@@ -9,28 +9,42 @@ use kiln_ir::DType;
 pub fn supported(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::F32 | DType::F16 | DType::BF16 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0
+        DType::F32
+            | DType::F16
+            | DType::BF16
+            | DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q8_0
+            | DType::Q2K
+            | DType::Q3K
+            | DType::Q4K
+            | DType::Q5K
+            | DType::Q6K
     )
 }
 
 /// Byte, u16, u32 and f16 reads at any byte address of `b_w`.
 const BYTES: &str = "
+fn rd32(a: u32) -> u32 {
+    let i = a >> 2u;
+    let sh = (a & 3u) * 8u;
+    if sh == 0u {
+        return b_w[i];
+    }
+    return (b_w[i] >> sh) | (b_w[i + 1u] << (32u - sh));
+}
+
 fn rd8(a: u32) -> u32 {
     return (b_w[a >> 2u] >> ((a & 3u) * 8u)) & 0xffu;
 }
 
 fn rd16(a: u32) -> u32 {
-    if (a & 1u) == 0u {
-        return (b_w[a >> 2u] >> ((a & 2u) * 8u)) & 0xffffu;
+    if (a & 3u) == 3u {
+        return rd32(a) & 0xffffu;
     }
-    return rd8(a) | (rd8(a + 1u) << 8u);
-}
-
-fn rd32(a: u32) -> u32 {
-    if (a & 3u) == 0u {
-        return b_w[a >> 2u];
-    }
-    return rd16(a) | (rd16(a + 2u) << 16u);
+    return (b_w[a >> 2u] >> ((a & 3u) * 8u)) & 0xffffu;
 }
 
 fn rdf16(a: u32) -> f32 {
@@ -55,11 +69,26 @@ fn half(h: u32) -> f32 {
 }
 ";
 
-/// Element `e` of 4-bit quants `qs` (32 per block: low nibbles, then high nibbles).
-const NIBBLE: &str = "
-fn nib(qs: u32, e: u32) -> u32 {
-    let b = rd8(qs + (e & 15u));
-    return select(b & 15u, b >> 4u, e >= 16u);
+/// The 8 consecutive bytes at any byte address `a` (`rd8x2`), and byte `i` of them (`byte8`).
+const BYTES8: &str = "
+fn rd8x2(a: u32) -> vec2<u32> {
+    return vec2<u32>(rd32(a), rd32(a + 4u));
+}
+
+fn byte8(w: vec2<u32>, i: u32) -> u32 {
+    return (w[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu;
+}
+";
+
+/// Scale and min (6 bits each) of sub-block `j` of a Q4_K/Q5_K block whose 12 packed scale
+/// bytes start at `s` (ggml's `get_scale_min_k4`).
+const SCALE_MIN_K4: &str = "
+fn scale_min_k4(s: u32, j: u32) -> vec2<u32> {
+    if j < 4u {
+        return vec2<u32>(rd8(s + j) & 63u, rd8(s + j + 4u) & 63u);
+    }
+    let a = rd8(s + j + 4u);
+    return vec2<u32>((a & 15u) | ((rd8(s + j - 4u) >> 6u) << 4u), (a >> 4u) | ((rd8(s + j) >> 6u) << 4u));
 }
 ";
 
@@ -105,52 +134,151 @@ for (var i = 0u; i < 4u; i = i + 1u) {
 }",
         ),
         DType::Q8_0 => (
-            format!("{BYTES}{HALF}"),
+            format!("{BYTES}{HALF}{BYTES8}"),
             "let blk = row + (g >> 2u) * 34u;
 let d = rdf16(blk);
-let q = blk + 2u + (g & 3u) * 8u;
+let q = rd8x2(blk + 2u + (g & 3u) * 8u);
 for (var i = 0u; i < 8u; i = i + 1u) {
-    o[i] = f32(i32(rd8(q + i) << 24u) >> 24u) * d;
+    o[i] = f32(extractBits(bitcast<i32>(q[i >> 2u]), (i & 3u) * 8u, 8u)) * d;
 }",
         ),
+        // 4-bit blocks of 32: elements 0..16 are the low nibbles of the 16 quant bytes,
+        // 16..32 the high ones; group g & 3 reads 8 bytes at one shift.
         DType::Q4_0 => (
-            format!("{BYTES}{HALF}{NIBBLE}"),
+            format!("{BYTES}{HALF}{BYTES8}"),
             "let blk = row + (g >> 2u) * 18u;
 let d = rdf16(blk);
+let e0 = (g & 3u) * 8u;
+let q = rd8x2(blk + 2u + (e0 & 15u));
+let sh = (e0 >> 4u) * 4u;
 for (var i = 0u; i < 8u; i = i + 1u) {
-    o[i] = (f32(nib(blk + 2u, (g & 3u) * 8u + i)) - 8.0) * d;
+    o[i] = (f32((byte8(q, i) >> sh) & 15u) - 8.0) * d;
 }",
         ),
         DType::Q4_1 => (
-            format!("{BYTES}{HALF}{NIBBLE}"),
+            format!("{BYTES}{HALF}{BYTES8}"),
             "let blk = row + (g >> 2u) * 20u;
 let d = rdf16(blk);
 let m = rdf16(blk + 2u);
+let e0 = (g & 3u) * 8u;
+let q = rd8x2(blk + 4u + (e0 & 15u));
+let sh = (e0 >> 4u) * 4u;
 for (var i = 0u; i < 8u; i = i + 1u) {
-    o[i] = f32(nib(blk + 4u, (g & 3u) * 8u + i)) * d + m;
+    o[i] = f32((byte8(q, i) >> sh) & 15u) * d + m;
 }",
         ),
         DType::Q5_0 => (
-            format!("{BYTES}{HALF}{NIBBLE}"),
+            format!("{BYTES}{HALF}{BYTES8}"),
             "let blk = row + (g >> 2u) * 22u;
 let d = rdf16(blk);
 let qh = rd32(blk + 2u);
+let e0 = (g & 3u) * 8u;
+let q = rd8x2(blk + 6u + (e0 & 15u));
+let sh = (e0 >> 4u) * 4u;
 for (var i = 0u; i < 8u; i = i + 1u) {
-    let e = (g & 3u) * 8u + i;
-    let q = nib(blk + 6u, e) | (((qh >> e) & 1u) << 4u);
-    o[i] = (f32(q) - 16.0) * d;
+    let v = ((byte8(q, i) >> sh) & 15u) | (((qh >> (e0 + i)) & 1u) << 4u);
+    o[i] = (f32(v) - 16.0) * d;
 }",
         ),
         DType::Q5_1 => (
-            format!("{BYTES}{HALF}{NIBBLE}"),
+            format!("{BYTES}{HALF}{BYTES8}"),
             "let blk = row + (g >> 2u) * 24u;
 let d = rdf16(blk);
 let m = rdf16(blk + 2u);
 let qh = rd32(blk + 4u);
+let e0 = (g & 3u) * 8u;
+let q = rd8x2(blk + 8u + (e0 & 15u));
+let sh = (e0 >> 4u) * 4u;
 for (var i = 0u; i < 8u; i = i + 1u) {
-    let e = (g & 3u) * 8u + i;
-    let q = nib(blk + 8u, e) | (((qh >> e) & 1u) << 4u);
-    o[i] = f32(q) * d + m;
+    let v = ((byte8(q, i) >> sh) & 15u) | (((qh >> (e0 + i)) & 1u) << 4u);
+    o[i] = f32(v) * d + m;
+}",
+        ),
+        // K-quants: 256-element super-blocks of 32 groups; `n` is the group's first element
+        // within its super-block, and a group of 8 never straddles a sub-block.
+        DType::Q2K => (
+            format!("{BYTES}{HALF}{BYTES8}"),
+            "let blk = row + (g >> 5u) * 84u;
+let n = (g & 31u) * 8u;
+let d = rdf16(blk + 80u);
+let dmin = rdf16(blk + 82u);
+let sc = rd8(blk + (n >> 4u));
+let dl = d * f32(sc & 15u);
+let ml = dmin * f32(sc >> 4u);
+let q = rd8x2(blk + 16u + (n >> 7u) * 32u + (n & 31u));
+let sh = ((n >> 5u) & 3u) * 2u;
+for (var i = 0u; i < 8u; i = i + 1u) {
+    o[i] = dl * f32((byte8(q, i) >> sh) & 3u) - ml;
+}",
+        ),
+        DType::Q3K => (
+            format!("{BYTES}{HALF}{BYTES8}"),
+            "let blk = row + (g >> 5u) * 110u;
+let n = (g & 31u) * 8u;
+let d = rdf16(blk + 108u);
+let j = n >> 4u;
+let s = rd8(blk + 96u + (j & 7u));
+let lo = select(s >> 4u, s & 15u, j < 8u);
+let hi = (rd8(blk + 104u + (j & 3u)) >> (2u * (j >> 2u))) & 3u;
+let dl = d * f32(i32(lo | (hi << 4u)) - 32);
+let hm = rd8x2(blk + (n & 31u));
+let hbit = n >> 5u;
+let q = rd8x2(blk + 32u + (n >> 7u) * 32u + (n & 31u));
+let sh = ((n >> 5u) & 3u) * 2u;
+for (var i = 0u; i < 8u; i = i + 1u) {
+    let sub = select(0, 4, ((byte8(hm, i) >> hbit) & 1u) == 0u);
+    o[i] = dl * f32(i32((byte8(q, i) >> sh) & 3u) - sub);
+}",
+        ),
+        DType::Q4K => (
+            format!("{BYTES}{HALF}{BYTES8}{SCALE_MIN_K4}"),
+            "let blk = row + (g >> 5u) * 144u;
+let n = (g & 31u) * 8u;
+let d = rdf16(blk);
+let dmin = rdf16(blk + 2u);
+let j = n >> 5u;
+let sm = scale_min_k4(blk + 4u, j);
+let d1 = d * f32(sm.x);
+let m1 = dmin * f32(sm.y);
+let q = rd8x2(blk + 16u + (j >> 1u) * 32u + (n & 31u));
+let sh = (j & 1u) * 4u;
+for (var i = 0u; i < 8u; i = i + 1u) {
+    o[i] = d1 * f32((byte8(q, i) >> sh) & 15u) - m1;
+}",
+        ),
+        DType::Q5K => (
+            format!("{BYTES}{HALF}{BYTES8}{SCALE_MIN_K4}"),
+            "let blk = row + (g >> 5u) * 176u;
+let n = (g & 31u) * 8u;
+let d = rdf16(blk);
+let dmin = rdf16(blk + 2u);
+let j = n >> 5u;
+let sm = scale_min_k4(blk + 4u, j);
+let d1 = d * f32(sm.x);
+let m1 = dmin * f32(sm.y);
+let qh = rd8x2(blk + 16u + (n & 31u));
+let q = rd8x2(blk + 48u + (j >> 1u) * 32u + (n & 31u));
+let sh = (j & 1u) * 4u;
+for (var i = 0u; i < 8u; i = i + 1u) {
+    let v = ((byte8(q, i) >> sh) & 15u) | (((byte8(qh, i) >> j) & 1u) << 4u);
+    o[i] = d1 * f32(v) - m1;
+}",
+        ),
+        DType::Q6K => (
+            format!("{BYTES}{HALF}{BYTES8}"),
+            "let blk = row + (g >> 5u) * 210u;
+let n = (g & 31u) * 8u;
+let d = rdf16(blk + 208u);
+let dl = d * f32(i32(rd8(blk + 192u + (n >> 4u)) << 24u) >> 24u);
+let h = n >> 7u;
+let quarter = (n >> 5u) & 3u;
+let ql = rd8x2(blk + h * 64u + (quarter & 1u) * 32u + (n & 31u));
+let qh = rd8x2(blk + 128u + h * 32u + (n & 31u));
+let ls = (quarter >> 1u) * 4u;
+let hs = quarter * 2u;
+for (var i = 0u; i < 8u; i = i + 1u) {
+    let q = i32(((byte8(ql, i) >> ls) & 15u) | (((byte8(qh, i) >> hs) & 3u) << 4u)) - 32;
+    o[i] = dl * f32(q);
 }",
         ),
         other => unreachable!("no WGSL decoder for {other}"),

@@ -25,6 +25,9 @@ pub const BLOCK: u32 = 128;
 pub enum Arg {
     /// A buffer of f32 the kernel reads.
     In,
+    /// A buffer of f32 the kernel reads four at a time (`array<vec4<f32>>`; its offset is
+    /// still in 4-byte words and must be a multiple of 4).
+    In4,
     /// A buffer of f32 the kernel writes (and may read).
     Out,
     /// A buffer of u32 words the kernel reads (packed weights, the step buffer).
@@ -39,7 +42,7 @@ pub enum Arg {
 
 impl Arg {
     pub fn is_buffer(self) -> bool {
-        matches!(self, Arg::In | Arg::Out | Arg::Words | Arg::OutWords)
+        matches!(self, Arg::In | Arg::In4 | Arg::Out | Arg::Words | Arg::OutWords)
     }
     pub fn is_pointer(self) -> bool {
         self.is_buffer() || self == Arg::Unused
@@ -85,13 +88,17 @@ impl Kernel {
         s += "}\n\n@group(0) @binding(0) var<uniform> p: Params;\n";
         for (i, (name, a)) in self.args.iter().enumerate() {
             let decl = match a {
-                Arg::In => "var<storage, read> ",
+                Arg::In | Arg::In4 => "var<storage, read> ",
                 Arg::Out => "var<storage, read_write> ",
                 Arg::Words => "var<storage, read> ",
                 Arg::OutWords => "var<storage, read_write> ",
                 _ => continue,
             };
-            let ty = if matches!(a, Arg::Words | Arg::OutWords) { "u32" } else { "f32" };
+            let ty = match a {
+                Arg::Words | Arg::OutWords => "u32",
+                Arg::In4 => "vec4<f32>",
+                _ => "f32",
+            };
             s += &format!("@group(0) @binding({}) {decl}b_{name}: array<{ty}>;\n", Self::binding(i));
         }
         if !self.decls.is_empty() {
@@ -586,33 +593,135 @@ pub const MATMUL_TOKENS: u32 = ptxk::MATMUL_TOKENS;
 
 /// `y[t, r] = Σ_k w[r, k] · x[t, k] (+ bias[r])` with `w` decoded from its packed layout
 /// (fused dequantization, [`formats`]): a workgroup holds 4 rows, 32 lanes per row; lane
-/// `l` takes groups of 8 weights `l, l + 32, …` and [`MATMUL_TOKENS`] tokens per pass.
+/// `l` takes groups of 8 weights `l, l + 32, …`, decodes each once and multiplies it with
+/// up to [`MATMUL_TOKENS`] tokens (accumulators in registers, the token loop unrolled).
 /// Arguments and grid as `kiln_ptx::kernels::matmul`.
 pub fn matmul(dtype: DType, bias: bool, ragged: bool) -> Kernel {
-    let name = ptxk::matmul_name(dtype, bias, ragged);
+    matmul_variant(dtype, bias, ragged, false)
+}
+
+/// Suffix of the matmul variant that gives each thread a whole row.
+pub const ROW_PER_THREAD: &str = "_r1";
+
+/// [`matmul`], or with `row_per_thread` its variant for CPU adapters (lavapipe): a thread
+/// per output row, 128 rows per workgroup and no workgroup barriers (a barrier is a
+/// coroutine switch per SIMD group there). Grid `(ceil(rows / 128), ceil(t / 8))`; the
+/// device picks the variant and the grid.
+pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool, row_per_thread: bool) -> Kernel {
+    let name =
+        format!("{}{}", ptxk::matmul_name(dtype, bias, ragged), if row_per_thread { ROW_PER_THREAD } else { "" });
     let tk = MATMUL_TOKENS;
-    let decode = if ragged {
-        "        var wv: array<f32, 8>;
-        for (var i = 0u; i < 8u; i = i + 1u) {
-            let e = g * 8u + i;
-            wv[i] = select(0.0, load1(wrow, min(e, p.k - 1u)), e < p.k);
-        }
-"
-    } else {
-        "        let wv = dec8(wrow, g);\n"
-    };
-    let xload = if ragged {
-        "let xv = select(0.0, b_x[xb + min(i, p.k - 1u - g * 8u)], g * 8u + i < p.k);"
-    } else {
-        "let xv = b_x[xb + i];"
-    };
     let add_bias = if bias { " + b_bias[p.bias_off + row]" } else { "" };
+    let accs: String = (0..tk).map(|j| format!("var a{j} = 0.0;\n")).collect();
+    let stores: String = (0..tk).map(|j| format!("part[{j}u * 128u + tid] = a{j};\n")).collect();
+    let (x_arg, inner) = if ragged {
+        // Unquantized rows of any length: element by element, clamped and masked.
+        let mut inner = String::from(
+            "    var wv: array<f32, 8>;
+    for (var i = 0u; i < 8u; i = i + 1u) {
+        let e = g * 8u + i;
+        wv[i] = select(0.0, load1(wrow, min(e, p.k - 1u)), e < p.k);
+    }
+",
+        );
+        for j in 0..tk {
+            let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
+            inner += &format!(
+                "    {guard}{{
+        let xb = p.x_off + (t0 + {j}u) * p.k;
+        for (var i = 0u; i < 8u; i = i + 1u) {{
+            let e = g * 8u + i;
+            a{j} = fma(wv[i], select(0.0, b_x[xb + min(e, p.k - 1u)], e < p.k), a{j});
+        }}
+    }}
+"
+            );
+        }
+        (Arg::In, inner)
+    } else {
+        // Rows of k (a multiple of 8) floats: a group is two aligned vec4s.
+        let mut inner = String::from(
+            "    let wv = dec8(wrow, g);
+    let w0 = vec4<f32>(wv[0], wv[1], wv[2], wv[3]);
+    let w1 = vec4<f32>(wv[4], wv[5], wv[6], wv[7]);
+    let xg = (p.x_off >> 2u) + (t0 * p.k >> 2u) + 2u * g;
+",
+        );
+        for j in 0..tk {
+            let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
+            inner += &format!(
+                "    {guard}{{
+        let xb = xg + {j}u * (p.k >> 2u);
+        a{j} = a{j} + dot(w0, b_x[xb]) + dot(w1, b_x[xb + 1u]);
+    }}
+"
+            );
+        }
+        (Arg::In4, inner)
+    };
     let groups = if ragged { "(p.k + 7u) >> 3u" } else { "p.k >> 3u" };
+    let (decls, body) = if row_per_thread {
+        let outs: String = (0..tk)
+            .map(|j| {
+                let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
+                format!("{guard}{{\n    b_y[p.y_off + (t0 + {j}u) * p.rows + row] = a{j}{add_bias};\n}}\n")
+            })
+            .collect();
+        (
+            format!("const TOK: u32 = {tk}u;\n{}", formats::decoder(dtype, ragged)),
+            format!(
+                "let row = wg.x * 128u + tid;
+if row >= p.rows {{
+    return;
+}}
+let wrow = 4u * p.w_off + row * p.row_bytes;
+let t0 = wg.y * TOK;
+let nt = min(TOK, p.t - t0);
+let groups = {groups};
+{accs}for (var g = 0u; g < groups; g = g + 1u) {{
+{inner}}}
+{outs}"
+            ),
+        )
+    } else {
+        (
+            format!(
+                "const TOK: u32 = {tk}u;\nvar<workgroup> part: array<f32, {}>;\n{}",
+                tk * BLOCK,
+                formats::decoder(dtype, ragged)
+            ),
+            format!(
+                "let lane = tid & 31u;
+let row = wg.x * 4u + (tid >> 5u);
+let wrow = 4u * p.w_off + min(row, p.rows - 1u) * p.row_bytes;
+let t0 = wg.y * TOK;
+let nt = min(TOK, p.t - t0);
+let groups = {groups};
+{accs}for (var g = lane; g < groups; g = g + 32u) {{
+{inner}}}
+{stores}workgroupBarrier();
+for (var s = 16u; s > 0u; s = s >> 1u) {{
+    if lane < s {{
+        for (var j = 0u; j < nt; j = j + 1u) {{
+            part[j * 128u + tid] = part[j * 128u + tid] + part[j * 128u + tid + s];
+        }}
+    }}
+    workgroupBarrier();
+}}
+if lane == 0u && row < p.rows {{
+    for (var j = 0u; j < nt; j = j + 1u) {{
+        b_y[p.y_off + (t0 + j) * p.rows + row] = part[j * 128u + tid]{add_bias};
+    }}
+}}
+"
+            ),
+        )
+    };
     Kernel::new(
         name,
         &[
             ("w", Arg::Words),
-            ("x", Arg::In),
+            ("x", x_arg),
             ("xr", Arg::Unused),
             ("y", Arg::Out),
             ("bias", if bias { Arg::In } else { Arg::Unused }),
@@ -622,53 +731,7 @@ pub fn matmul(dtype: DType, bias: bool, ragged: bool) -> Kernel {
             ("t", Arg::U32),
             ("row_bytes", Arg::U32),
         ],
-        format!(
-            "const TOK: u32 = {tk}u;
-var<workgroup> part: array<f32, {}>;
-{}",
-            tk * BLOCK,
-            formats::decoder(dtype, ragged)
-        ),
-        format!(
-            "let lane = tid & 31u;
-let row = wg.x * 4u + (tid >> 5u);
-let wrow = 4u * p.w_off + min(row, p.rows - 1u) * p.row_bytes;
-let t0 = wg.y * TOK;
-let groups = {groups};
-var acc: array<f32, TOK>;
-for (var g = lane; g < groups; g = g + 32u) {{
-{decode}    for (var j = 0u; j < TOK; j = j + 1u) {{
-        if t0 + j < p.t {{
-            let xb = p.x_off + (t0 + j) * p.k + g * 8u;
-            var s = acc[j];
-            for (var i = 0u; i < 8u; i = i + 1u) {{
-                {xload}
-                s = fma(wv[i], xv, s);
-            }}
-            acc[j] = s;
-        }}
-    }}
-}}
-for (var j = 0u; j < TOK; j = j + 1u) {{
-    part[j * 128u + tid] = acc[j];
-}}
-workgroupBarrier();
-for (var s = 16u; s > 0u; s = s >> 1u) {{
-    if lane < s {{
-        for (var j = 0u; j < TOK; j = j + 1u) {{
-            part[j * 128u + tid] = part[j * 128u + tid] + part[j * 128u + tid + s];
-        }}
-    }}
-    workgroupBarrier();
-}}
-if lane == 0u && row < p.rows {{
-    for (var j = 0u; j < TOK; j = j + 1u) {{
-        if t0 + j < p.t {{
-            b_y[p.y_off + (t0 + j) * p.rows + row] = part[j * 128u + tid]{add_bias};
-        }}
-    }}
-}}
-"
-        ),
+        decls,
+        body,
     )
 }

@@ -51,7 +51,9 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             Op::RmsNorm { weight, .. } => add(kernels::rms_norm(weight.is_some())),
             Op::MatMul { w, bias, .. } => {
                 let dt = module.param(*w).ty.dtype;
-                add(kernels::matmul(dt, bias.is_some(), ragged(module, *w)));
+                for rpt in [false, true] {
+                    add(kernels::matmul_variant(dt, bias.is_some(), ragged(module, *w), rpt));
+                }
             }
             Op::Add { .. } => add(kernels::binary(false)),
             Op::Mul { .. } => add(kernels::binary(true)),
@@ -87,9 +89,11 @@ pub fn all_kernels() -> Vec<Kernel> {
     let mut ks = Vec::new();
     for dt in DType::floats().filter(|d| formats::supported(*d)) {
         for bias in [false, true] {
-            ks.push(kernels::matmul(dt, bias, false));
-            if dt.block_elems() == 1 {
-                ks.push(kernels::matmul(dt, bias, true));
+            for rpt in [false, true] {
+                ks.push(kernels::matmul_variant(dt, bias, false, rpt));
+                if dt.block_elems() == 1 {
+                    ks.push(kernels::matmul_variant(dt, bias, true, rpt));
+                }
             }
         }
     }
