@@ -54,9 +54,15 @@ pub fn compile_device(
     log: &mut dyn FnMut(&str),
 ) -> KilnResult<CompileResult> {
     let spec = r.device(device)?;
-    // Fail before any work when the device's backend is not in this kiln.
-    let backend = kiln_runtime::backends::backend_by_name(&spec.backend)
-        .map_err(|e| KilnError::Unsupported(format!("{}: device `{device}`: {e}", r.path.display())))?;
+    // Fail before any work when one of the device's backends is not in this kiln.
+    let backend_names = spec.backend.names();
+    let backends = backend_names
+        .iter()
+        .map(|name| {
+            kiln_runtime::backends::backend_by_name(name)
+                .map_err(|e| KilnError::Unsupported(format!("{}: device `{device}`: {e}", r.path.display())))
+        })
+        .collect::<KilnResult<Vec<_>>>()?;
     let passes: Vec<(String, Value)> =
         spec.passes.iter().map(|p| p.resolve().map_err(|m| KilnError::bad(&r.path, m))).collect::<KilnResult<_>>()?;
     let (src_path, source) = source_of(r, log)?;
@@ -164,23 +170,38 @@ pub fn compile_device(
         _ => Value::Null,
     };
     let verified = kiln_ir::verify(module)?;
-    if let Some(what) = kiln_backends::first_unsupported(backend.as_ref(), &verified) {
-        return Err(KilnError::Unsupported(format!(
-            "{}: device `{device}`: backend `{}` does not support {what}",
-            r.path.display(),
-            spec.backend
-        )));
+    // Every listed backend must run the module; the build carries all their files.
+    let mut backend_files: Vec<kiln_backends::BuildFile> = Vec::new();
+    for backend in &backends {
+        let name = backend.name();
+        if let Some(what) = kiln_backends::first_unsupported(backend.as_ref(), &verified) {
+            return Err(KilnError::Unsupported(format!(
+                "{}: device `{device}`: backend `{name}` does not support {what}",
+                r.path.display()
+            )));
+        }
+        let files = backend.emit(&verified).map_err(|e| {
+            KilnError::Unsupported(format!("{}: device `{device}`: backend `{name}`: {e}", r.path.display()))
+        })?;
+        for f in files {
+            if backend_files.iter().any(|g| g.name == f.name) {
+                return Err(KilnError::Unsupported(format!(
+                    "{}: device `{device}`: two backends both write `{}`",
+                    r.path.display(),
+                    f.name
+                )));
+            }
+            backend_files.push(f);
+        }
     }
-    let backend_files = backend.emit(&verified).map_err(|e| {
-        KilnError::Unsupported(format!("{}: device `{device}`: backend `{}`: {e}", r.path.display(), spec.backend))
-    })?;
     let out_dir = out_root.join(&r.recipe.name).join(device);
     log(&format!("writing {}", out_dir.display()));
     let recipe_name = r.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let extra = json!({
         "recipe": {"name": r.recipe.name, "file": recipe_name, "sha256": kiln_runtime::artifact::sha256_hex(r.text.as_bytes())},
         "device": device,
-        "backend": spec.backend,
+        "backend": backend_names[0],
+        "backends": backend_names,
         "source": source,
         "passes": reports,
         "calibration": calibration,
@@ -193,7 +214,7 @@ pub fn compile_device(
         backend_files: &backend_files,
     };
     let manifest = kiln_runtime::artifact::write_build(&out_dir, &verified, &|p| weights.bytes(p).to_vec(), &inputs)?;
-    Ok(CompileResult { device: device.to_string(), backend: spec.backend.clone(), out_dir, manifest })
+    Ok(CompileResult { device: device.to_string(), backend: backend_names.join(", "), out_dir, manifest })
 }
 
 /// Devices `--device` names: one, or `all` (every device the recipe lists, in watch/phone/laptop order).

@@ -60,7 +60,7 @@ struct Common {
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
-    /// Run on this backend instead of the build's (reference, cpu, ptx, wgpu); checkpoints default to reference.
+    /// Run on this backend instead of the build's (reference, cpu, ptx, wgpu, metal); checkpoints default to reference.
     #[arg(long)]
     backend: Option<String>,
     /// NAME=STRENGTH: run the build's steering NAME at this strength instead of the compiled one (repeatable).

@@ -64,9 +64,29 @@ fn default_ctx() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceSpec {
-    pub backend: String,
+    /// `backend: cpu`, or a preference list `backend: [metal, cpu]`: the build carries every
+    /// listed backend's files and runs on the first one available where it is run.
+    pub backend: Backends,
     #[serde(default)]
     pub passes: Vec<PassEntry>,
+}
+
+/// One backend name or a preference list of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Backends {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Backends {
+    /// The names in preference order.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Backends::One(n) => vec![n.clone()],
+            Backends::Many(v) => v.clone(),
+        }
+    }
 }
 
 /// `- name` or `- name: { options }` (kept as a value so a malformed entry gets a precise message).
@@ -123,13 +143,18 @@ impl LoadedRecipe {
             if !DEVICES.contains(&dev.as_str()) {
                 return bad(format!("unknown device `{dev}` (known: {})", DEVICES.join(", ")));
             }
-            if !kiln_backends::BACKEND_NAMES.iter().any(|(n, _)| *n == spec.backend) {
-                let known: Vec<_> = kiln_backends::BACKEND_NAMES.iter().map(|(n, _)| *n).collect();
-                return bad(format!(
-                    "device `{dev}`: unknown backend `{}` (known: {})",
-                    spec.backend,
-                    known.join(", ")
-                ));
+            let names = spec.backend.names();
+            if names.is_empty() {
+                return bad(format!("device `{dev}`: the backend list is empty"));
+            }
+            for (i, name) in names.iter().enumerate() {
+                if !kiln_backends::BACKEND_NAMES.iter().any(|(n, _)| n == name) {
+                    let known: Vec<_> = kiln_backends::BACKEND_NAMES.iter().map(|(n, _)| *n).collect();
+                    return bad(format!("device `{dev}`: unknown backend `{name}` (known: {})", known.join(", ")));
+                }
+                if names[..i].contains(name) {
+                    return bad(format!("device `{dev}`: backend `{name}` is listed twice"));
+                }
             }
             for p in &spec.passes {
                 let (name, options) =

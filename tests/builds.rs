@@ -43,10 +43,13 @@ fn default_recipe_builds_reproducibly_and_runs() {
         outs.push(out.join("smollm2-135m").join("laptop"));
     }
     let (a, b) = (files(&outs[0]), files(&outs[1]));
+    // The laptop build runs on Metal on a Mac and on the CPU backend elsewhere: it carries
+    // the Metal kernels (MSL and their manifest) beside the IR and weights.
     assert_eq!(
-        a.iter().map(|f| &f.0).collect::<Vec<_>>(),
+        a.iter().map(|f| &f.0).filter(|n| !n.ends_with(".metal") && *n != "metal.json").collect::<Vec<_>>(),
         ["chat_template.jinja", "manifest.json", "model.kir", "tokenizer.json", "tokenizer.kiln.json", "weights.bin"]
     );
+    assert!(a.iter().any(|f| f.0 == "metal.json") && a.iter().any(|f| f.0 == "matmul_q4_1.metal"));
     for (fa, fb) in a.iter().zip(&b) {
         assert!(fa == fb, "{} differs between two builds", fa.0);
     }
@@ -62,9 +65,14 @@ fn default_recipe_builds_reproducibly_and_runs() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(files(&outs[0]), b);
-    let manifest: serde_json::Value = serde_json::from_slice(&a[1].1).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&a.iter().find(|f| f.0 == "manifest.json").unwrap().1).unwrap();
     assert_eq!(manifest["recipe"]["name"], "smollm2-135m");
-    assert_eq!(manifest["backend"], "cpu", "the laptop runs the compiled CPU backend");
+    assert_eq!(
+        manifest["backends"],
+        serde_json::json!(["metal", "cpu"]),
+        "Metal on Apple targets, else the CPU backend"
+    );
     assert_eq!(manifest["passes"][0]["pass"], "dce");
     assert_eq!(manifest["source"]["sha256"], "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53");
 
@@ -73,6 +81,9 @@ fn default_recipe_builds_reproducibly_and_runs() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let text = v["output"]["text"].as_str().unwrap();
     assert!(text.contains("Paris"), "generated: {text:?}");
+    if !cfg!(target_vendor = "apple") {
+        assert_eq!(v["backend"], "cpu", "off Apple targets the laptop build runs on the CPU backend");
+    }
 
     // The build's tokenizer.json is a plain Hugging Face document other tools load.
     let tok = a.iter().find(|f| f.0 == "tokenizer.json").unwrap();

@@ -11,6 +11,7 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
         "ptx" => Ok(Box::new(kiln_ptx::PtxBackend::from_env())),
         "cpu" => Ok(Box::new(kiln_cpu::CpuBackend::new())),
         "wgpu" => Ok(Box::new(kiln_wgpu::WgpuBackend::new())),
+        "metal" => Ok(Box::new(kiln_metal::MetalBackend::new())),
         _ => match BACKEND_NAMES.iter().find(|(n, _)| *n == name) {
             Some((n, what)) => Err(BackendError::NotAvailable { name: n, what }),
             None => Err(BackendError::UnknownBackend {
@@ -18,5 +19,15 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
                 known: BACKEND_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
             }),
         },
+    }
+}
+
+/// Whether backend `name` can run on this machine with this build of kiln (a build that
+/// lists several backends runs on the first available one). Metal needs an Apple target
+/// and the `metal` feature; the others run everywhere (or say why not when prepared).
+pub fn available_here(name: &str) -> bool {
+    match name {
+        "metal" => cfg!(all(feature = "metal", target_vendor = "apple")),
+        _ => backend_by_name(name).is_ok(),
     }
 }

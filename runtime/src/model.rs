@@ -64,7 +64,18 @@ impl Model {
                 b.chat_template.as_deref(),
                 b.dir.join(artifact::CHAT_TEMPLATE_FILE).display().to_string(),
             )?;
-            let backend = b.manifest.get("backend").and_then(Value::as_str).unwrap_or("reference").to_string();
+            // The first of the build's backends that can run on this machine.
+            let listed: Vec<&str> = match b.manifest.get("backends").and_then(Value::as_array) {
+                Some(v) => v.iter().filter_map(Value::as_str).collect(),
+                None => b.manifest.get("backend").and_then(Value::as_str).into_iter().collect(),
+            };
+            let backend = listed
+                .iter()
+                .find(|n| crate::backends::available_here(n))
+                .or(listed.last())
+                .copied()
+                .unwrap_or("reference")
+                .to_string();
             return Ok(Model {
                 path: path.to_path_buf(),
                 module: b.module,
