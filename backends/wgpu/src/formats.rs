@@ -22,6 +22,7 @@ pub fn supported(dtype: DType) -> bool {
             | DType::Q4K
             | DType::Q5K
             | DType::Q6K
+            | DType::KQ2
     )
 }
 
@@ -89,6 +90,13 @@ fn scale_min_k4(s: u32, j: u32) -> vec2<u32> {
     }
     let a = rd8(s + j + 4u);
     return vec2<u32>((a & 15u) | ((rd8(s + j - 4u) >> 6u) << 4u), (a >> 4u) | ((rd8(s + j) >> 6u) << 4u));
+}
+";
+
+/// Whether group `g` of a kq2 row lies in a block stored rotated (its `U` bit clear).
+const KQ2_ROTATED: &str = "
+fn kq2_rotated(row: u32, g: u32) -> bool {
+    return (rd8(row + (g >> 3u) * 18u) & 0x80u) == 0u;
 }
 ";
 
@@ -279,6 +287,32 @@ let hs = quarter * 2u;
 for (var i = 0u; i < 8u; i = i + 1u) {
     let q = i32(((byte8(ql, i) >> ls) & 15u) | (((byte8(qh, i) >> hs) & 3u) << 4u)) - 32;
     o[i] = dl * f32(q);
+}",
+        ),
+        // kq2: 18-byte blocks of 64 (8 groups), decoded with the lookup tables the session
+        // uploads (`kiln_ptx::formats::tables`, bound as `b_tables`): 512 magnitude entries
+        // of 8 bytes (byte j = 2·A_j + 17, bit 7 of byte 0 the sign parity P), then 128 f32
+        // scales `kq2_scale(k) / 4`. In quarters of the scale, 4·c_j = ±2·A_j + τ (τ = ±1,
+        // the shift bit), so w_j = f32(4·c_j) · scale / 4, exact like the reference's
+        // `scale · c_j`. The values are the block's storage vector: a rotated block
+        // ([`KQ2_ROTATED`]) multiplies the block-rotated activations.
+        DType::KQ2 => (
+            format!("{BYTES}{HALF}{KQ2_ROTATED}"),
+            "let blk = row + (g >> 3u) * 18u;
+let s = g & 7u;
+let hdr = rd16(blk);
+let code = rd16(blk + 2u + 2u * s);
+let idx = (code & 0xffu) | (((hdr >> (8u + s)) & 1u) << 8u);
+let ta = p.tables_off + 2u * idx;
+let t0 = b_tables[ta];
+let t1 = b_tables[ta + 1u];
+let s4 = bitcast<f32>(b_tables[p.tables_off + 1024u + (hdr & 0x7fu)]);
+let sg7 = (code >> 8u) & 0x7fu;
+let sg = sg7 | (((countOneBits(sg7) + ((t0 >> 7u) & 1u)) & 1u) << 7u);
+let tau = select(1, -1, (code >> 15u) != 0u);
+for (var i = 0u; i < 8u; i = i + 1u) {
+    let a2 = i32((select(t0, t1, i >= 4u) >> ((i & 3u) * 8u)) & 0x1fu) - 17;
+    o[i] = f32(select(a2, -a2, ((sg >> i) & 1u) != 0u) + tau) * s4;
 }",
         ),
         other => unreachable!("no WGSL decoder for {other}"),

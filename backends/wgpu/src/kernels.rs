@@ -611,6 +611,7 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool, row_per_thread: bo
     let name =
         format!("{}{}", ptxk::matmul_name(dtype, bias, ragged), if row_per_thread { ROW_PER_THREAD } else { "" });
     let tk = MATMUL_TOKENS;
+    let rotated = kiln_ptx::formats::needs_rotated_x(dtype) && !ragged;
     let add_bias = if bias { " + b_bias[p.bias_off + row]" } else { "" };
     let accs: String = (0..tk).map(|j| format!("var a{j} = 0.0;\n")).collect();
     let stores: String = (0..tk).map(|j| format!("part[{j}u * 128u + tid] = a{j};\n")).collect();
@@ -639,23 +640,36 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool, row_per_thread: bo
         }
         (Arg::In, inner)
     } else {
-        // Rows of k (a multiple of 8) floats: a group is two aligned vec4s.
+        // Rows of k (a multiple of 8) floats: a group is two aligned vec4s. kq2 groups read
+        // `x` or its block rotation `xr` (same layout), as their block is stored.
+        let tokens = |buf: &str, indent: &str| {
+            let mut s = format!("{indent}let xg = (p.{buf}_off >> 2u) + (t0 * p.k >> 2u) + 2u * g;\n");
+            for j in 0..tk {
+                let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
+                s += &format!(
+                    "{indent}{guard}{{
+{indent}    let xb = xg + {j}u * (p.k >> 2u);
+{indent}    a{j} = a{j} + dot(w0, b_{buf}[xb]) + dot(w1, b_{buf}[xb + 1u]);
+{indent}}}
+"
+                );
+            }
+            s
+        };
         let mut inner = String::from(
             "    let wv = dec8(wrow, g);
     let w0 = vec4<f32>(wv[0], wv[1], wv[2], wv[3]);
     let w1 = vec4<f32>(wv[4], wv[5], wv[6], wv[7]);
-    let xg = (p.x_off >> 2u) + (t0 * p.k >> 2u) + 2u * g;
 ",
         );
-        for j in 0..tk {
-            let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
+        if rotated {
             inner += &format!(
-                "    {guard}{{
-        let xb = xg + {j}u * (p.k >> 2u);
-        a{j} = a{j} + dot(w0, b_x[xb]) + dot(w1, b_x[xb + 1u]);
-    }}
-"
+                "    if kq2_rotated(wrow, g) {{\n{}    }} else {{\n{}    }}\n",
+                tokens("xr", "        "),
+                tokens("x", "        ")
             );
+        } else {
+            inner += &tokens("x", "    ");
         }
         (Arg::In4, inner)
     };
@@ -722,10 +736,10 @@ if lane == 0u && row < p.rows {{
         &[
             ("w", Arg::Words),
             ("x", x_arg),
-            ("xr", Arg::Unused),
+            ("xr", if rotated { Arg::In4 } else { Arg::Unused }),
             ("y", Arg::Out),
             ("bias", if bias { Arg::In } else { Arg::Unused }),
-            ("tables", Arg::Unused),
+            ("tables", if rotated { Arg::Words } else { Arg::Unused }),
             ("rows", Arg::U32),
             ("k", Arg::U32),
             ("t", Arg::U32),
@@ -733,5 +747,46 @@ if lane == 0u && row < p.rows {{
         ],
         decls,
         body,
+    )
+}
+
+/// kq2's block rotation of activations, bit-identical to `kiln_ptx::formats_k::rotate_host`:
+/// each 64-chunk `b` of `x` becomes `H·(S ⊙ b)/8` in `y` (the radix-2 butterfly, stages
+/// 1, 2, … 32). Arguments `x, y, n` (`n` elements, a multiple of 64); a thread per
+/// element, so a workgroup rotates two chunks; grid `ceil(n / 128)`, as
+/// `kiln_ptx::formats_k::rotate_kernel`.
+pub fn kq2_rotate() -> Kernel {
+    let signs = kiln_quant::kq2::KQ2_RHT_SIGNS;
+    Kernel::new(
+        kiln_ptx::lower::KQ2_ROTATE,
+        &[("x", Arg::In), ("y", Arg::Out), ("n", Arg::U32)],
+        "var<workgroup> bfly: array<f32, 128>;\n",
+        format!(
+            "let i = wg.x * 128u + tid;
+// The second chunk of the last workgroup may lie past n: its threads carry 0.
+var v = 0.0;
+if i < p.n {{
+    v = b_x[p.x_off + i];
+}}
+let lane = tid & 31u;
+let mask = select({lo}u, {hi}u, (tid & 32u) != 0u);
+if ((mask >> lane) & 1u) != 0u {{
+    v = -v;
+}}
+for (var h = 1u; h < 64u; h = h << 1u) {{
+    bfly[tid] = v;
+    workgroupBarrier();
+    let o = bfly[tid ^ h];
+    workgroupBarrier();
+    // v[j], v[j + h] <- v[j] + v[j + h], v[j] - v[j + h].
+    v = select(v + o, o - v, (tid & h) != 0u);
+}}
+if i < p.n {{
+    b_y[p.y_off + i] = v * 0.125;
+}}
+",
+            lo = signs as u32,
+            hi = (signs >> 32) as u32
+        ),
     )
 }

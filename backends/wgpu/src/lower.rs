@@ -54,6 +54,9 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
                 for rpt in [false, true] {
                     add(kernels::matmul_variant(dt, bias.is_some(), ragged(module, *w), rpt));
                 }
+                if kiln_ptx::formats::needs_rotated_x(dt) {
+                    add(kernels::kq2_rotate());
+                }
             }
             Op::Add { .. } => add(kernels::binary(false)),
             Op::Mul { .. } => add(kernels::binary(true)),
@@ -97,6 +100,7 @@ pub fn all_kernels() -> Vec<Kernel> {
             }
         }
     }
+    ks.push(kernels::kq2_rotate());
     ks.push(kernels::rms_norm(false));
     ks.push(kernels::rms_norm(true));
     ks.push(kernels::binary(false));
