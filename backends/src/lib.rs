@@ -63,6 +63,26 @@ pub struct SessionOptions {
     pub steer: std::collections::BTreeMap<String, f32>,
 }
 
+/// The checks a GPU backend makes before preparing a session: kiln's exact numerics are
+/// asked for (the GPU kernels do not emulate llama.cpp's rounding), and every op of
+/// `module` is one `backend` runs.
+pub fn check_gpu_prepare(
+    backend: &dyn Backend,
+    module: &VerifiedModule,
+    options: &SessionOptions,
+) -> Result<(), BackendError> {
+    if options.numerics != Numerics::Exact {
+        return Err(BackendError::Unsupported {
+            backend: backend.name(),
+            what: "llama.cpp-compatible numerics (`Numerics::Ggml`); it computes kiln's exact numerics".into(),
+        });
+    }
+    match first_unsupported(backend, module) {
+        Some(what) => Err(BackendError::Unsupported { backend: backend.name(), what }),
+        None => Ok(()),
+    }
+}
+
 /// Checks run-time steering strengths against the steering ops of `module`.
 pub fn check_steer(
     module: &VerifiedModule,

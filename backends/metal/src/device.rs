@@ -8,11 +8,11 @@
 //! go into one serial compute encoder (Metal orders dependent dispatches); the command
 //! buffer is committed and waited for when the host reads or writes memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::ptr::NonNull;
 
 use kiln_backends::BackendError;
-use kiln_ptx::device::{Device, GraphId};
+use kiln_ptx::device::{AddressSpace, Device, GraphId, Recorder};
 use kiln_ptx::emu::Arg as LaunchArg;
 use kiln_wgpu::kernels::{Arg, BLOCK, Kernel};
 use objc2::rc::Retained;
@@ -26,13 +26,11 @@ use objc2_metal::{
 use crate::msl::SIZES_BUFFER;
 
 const NAME: &str = "metal";
-const ADDR_ALIGN: u64 = 1 << 12;
 
 fn internal(msg: impl Into<String>) -> BackendError {
     BackendError::Internal { backend: NAME, msg: msg.into() }
 }
 
-type Launch = (String, [u32; 3], Vec<LaunchArg>);
 type CommandBuffer = Retained<ProtocolObject<dyn MTLCommandBuffer>>;
 type Encoder = Retained<ProtocolObject<dyn MTLComputeCommandEncoder>>;
 
@@ -46,14 +44,11 @@ pub struct MetalDevice {
     device: Retained<ProtocolObject<dyn MTLDevice>>,
     queue: Retained<ProtocolObject<dyn MTLCommandQueue>>,
     pipelines: HashMap<String, Pipeline>,
-    buffers: Vec<(Retained<ProtocolObject<dyn MTLBuffer>>, u64)>,
-    bases: BTreeMap<u64, usize>,
-    next_addr: u64,
+    buffers: AddressSpace<Retained<ProtocolObject<dyn MTLBuffer>>>,
     dummy: Retained<ProtocolObject<dyn MTLBuffer>>,
     /// The command buffer being encoded, and its compute encoder.
     open: Option<(CommandBuffer, Encoder)>,
-    capturing: Option<Vec<Launch>>,
-    graphs: Vec<Vec<Launch>>,
+    rec: Recorder,
 }
 
 // Metal objects are thread-safe reference-counted objects; the session owns the device
@@ -86,27 +81,11 @@ impl MetalDevice {
             device,
             queue,
             pipelines,
-            buffers: Vec::new(),
-            bases: BTreeMap::new(),
-            next_addr: ADDR_ALIGN,
+            buffers: AddressSpace::default(),
             dummy,
             open: None,
-            capturing: None,
-            graphs: Vec::new(),
+            rec: Recorder::default(),
         })
-    }
-
-    fn resolve(&self, addr: u64) -> Result<(usize, u64), BackendError> {
-        let (&base, &i) = self
-            .bases
-            .range(..=addr)
-            .next_back()
-            .ok_or_else(|| internal(format!("address {addr:#x} is not allocated")))?;
-        let off = addr - base;
-        if off > self.buffers[i].1 {
-            return Err(internal(format!("address {addr:#x} is past its buffer")));
-        }
-        Ok((i, off))
     }
 
     /// Commits the open command buffer and waits for it.
@@ -140,12 +119,12 @@ impl MetalDevice {
                     let (buf, off) = if *addr == 0 {
                         (None, 0)
                     } else {
-                        let (b, o) = self.resolve(*addr)?;
+                        let (b, o) = self.buffers.resolve(*addr)?;
                         (Some(b), o)
                     };
                     params.extend_from_slice(&((off / 4) as u32).to_le_bytes());
                     if k.is_buffer() {
-                        let size = buf.map_or(16, |b| self.buffers[b].1);
+                        let size = buf.map_or(16, |b| self.buffers.get(b).1);
                         sizes.extend_from_slice(&(size as u32).to_le_bytes());
                         bound.push((Kernel::binding(i), buf));
                     }
@@ -175,7 +154,7 @@ impl MetalDevice {
             );
             for (slot, b) in bound {
                 let buffer = match b {
-                    Some(b) => &self.buffers[b].0,
+                    Some(b) => self.buffers.get(b).0,
                     None => &self.dummy,
                 };
                 enc.setBuffer_offset_atIndex(Some(buffer), 0, slot as usize);
@@ -202,25 +181,21 @@ impl Device for MetalDevice {
         // Fresh Metal buffers are not guaranteed zeroed; the session expects zeroed memory.
         // SAFETY: `contents` points at `size` bytes of shared memory no GPU work uses yet.
         unsafe { std::ptr::write_bytes(buffer.contents().as_ptr().cast::<u8>(), 0, size as usize) };
-        let addr = self.next_addr;
-        self.next_addr = (addr + size).next_multiple_of(ADDR_ALIGN);
-        self.bases.insert(addr, self.buffers.len());
-        self.buffers.push((buffer, size));
-        Ok(addr)
+        Ok(self.buffers.insert(buffer, size))
     }
 
     fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), BackendError> {
-        if self.capturing.is_some() {
+        if self.rec.capturing() {
             return Err(internal("upload during a capture"));
         }
         self.finish()?;
-        let (b, off) = self.resolve(dst)?;
-        if off + bytes.len() as u64 > self.buffers[b].1 {
+        let (b, off) = self.buffers.resolve(dst)?;
+        if off + bytes.len() as u64 > self.buffers.get(b).1 {
             return Err(internal(format!("upload of {} bytes at {dst:#x} does not fit its buffer", bytes.len())));
         }
         // SAFETY: in bounds (checked above); no GPU work is in flight (finished above).
         unsafe {
-            let p = self.buffers[b].0.contents().as_ptr().cast::<u8>().add(off as usize);
+            let p = self.buffers.get(b).0.contents().as_ptr().cast::<u8>().add(off as usize);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
         }
         Ok(())
@@ -228,13 +203,13 @@ impl Device for MetalDevice {
 
     fn download(&mut self, src: u64, out: &mut [u8]) -> Result<(), BackendError> {
         self.finish()?;
-        let (b, off) = self.resolve(src)?;
-        if off + out.len() as u64 > self.buffers[b].1 {
+        let (b, off) = self.buffers.resolve(src)?;
+        if off + out.len() as u64 > self.buffers.get(b).1 {
             return Err(internal(format!("download of {} bytes at {src:#x} is past its buffer", out.len())));
         }
         // SAFETY: in bounds (checked above); the GPU finished writing (finished above).
         unsafe {
-            let p = self.buffers[b].0.contents().as_ptr().cast::<u8>().add(off as usize);
+            let p = self.buffers.get(b).0.contents().as_ptr().cast::<u8>().add(off as usize);
             std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), out.len());
         }
         Ok(())
@@ -244,33 +219,24 @@ impl Device for MetalDevice {
         if !self.pipelines.contains_key(name) {
             return Err(internal(format!("kernel `{name}` is not in the module")));
         }
-        match &mut self.capturing {
-            Some(rec) => {
-                rec.push((name.to_string(), grid, args.to_vec()));
-                Ok(())
-            }
-            None => self.run(name, grid, args),
+        if self.rec.record(name, grid, args) {
+            return Ok(());
         }
+        self.run(name, grid, args)
     }
 
     fn begin_capture(&mut self) -> Result<(), BackendError> {
-        if self.capturing.is_some() {
-            return Err(internal("capture already running"));
-        }
-        self.capturing = Some(Vec::new());
-        Ok(())
+        self.rec.begin()
     }
 
     fn end_capture(&mut self) -> Result<GraphId, BackendError> {
-        let rec = self.capturing.take().ok_or_else(|| internal("no capture running"))?;
-        self.graphs.push(rec);
-        Ok(GraphId(self.graphs.len() - 1))
+        self.rec.end()
     }
 
     fn replay(&mut self, graph: GraphId) -> Result<(), BackendError> {
-        let launches = std::mem::take(self.graphs.get_mut(graph.0).ok_or_else(|| internal("no such graph"))?);
+        let launches = self.rec.take(graph)?;
         let r = launches.iter().try_for_each(|(name, grid, args)| self.run(name, *grid, args));
-        self.graphs[graph.0] = launches;
+        self.rec.restore(graph, launches);
         r
     }
 

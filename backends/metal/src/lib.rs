@@ -17,7 +17,7 @@ pub mod msl;
 
 use std::sync::Arc;
 
-use kiln_backends::{Backend, BackendError, BuildFile, Numerics, Session, SessionOptions, WeightSource};
+use kiln_backends::{Backend, BackendError, BuildFile, Session, SessionOptions, WeightSource};
 use kiln_ir::{Op, VerifiedModule};
 use kiln_wgpu::kernels::{Kernel, ROW_PER_THREAD};
 
@@ -102,15 +102,7 @@ impl Backend for MetalBackend {
         weights: Arc<dyn WeightSource>,
         options: &SessionOptions,
     ) -> Result<Box<dyn Session>, BackendError> {
-        if options.numerics != Numerics::Exact {
-            return Err(BackendError::Unsupported {
-                backend: "metal",
-                what: "llama.cpp-compatible numerics (`Numerics::Ggml`); it computes kiln's exact numerics".into(),
-            });
-        }
-        if let Some(what) = kiln_backends::first_unsupported(self, &module) {
-            return Err(BackendError::Unsupported { backend: "metal", what });
-        }
+        kiln_backends::check_gpu_prepare(self, &module, options)?;
         prepare_metal(module, weights, options)
     }
 }

@@ -22,7 +22,7 @@ pub mod session;
 
 use std::sync::Arc;
 
-use kiln_backends::{Backend, BackendError, BuildFile, Numerics, Session, SessionOptions, WeightSource};
+use kiln_backends::{Backend, BackendError, BuildFile, Session, SessionOptions, WeightSource};
 use kiln_ir::{Op, VerifiedModule};
 
 pub use device::{Device, EmuDevice};
@@ -73,12 +73,7 @@ impl Backend for PtxBackend {
         weights: Arc<dyn WeightSource>,
         options: &SessionOptions,
     ) -> Result<Box<dyn Session>, BackendError> {
-        if options.numerics != Numerics::Exact {
-            return Err(BackendError::Unsupported {
-                backend: "ptx",
-                what: "llama.cpp-compatible numerics (`Numerics::Ggml`); it computes kiln's exact numerics".into(),
-            });
-        }
+        kiln_backends::check_gpu_prepare(self, &module, options)?;
         let kernels = lower::kernels_for(&module);
         match self.target {
             Target::Emulator => Ok(Box::new(PtxSession::new(EmuDevice::new(&kernels), module, weights, options)?)),

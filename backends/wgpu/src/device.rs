@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use kiln_backends::BackendError;
-use kiln_ptx::device::{Device, GraphId};
+use kiln_ptx::device::{AddressSpace, Device, GraphId, Recorder};
 use kiln_ptx::emu::Arg as LaunchArg;
 
 use crate::kernels::{Arg, Kernel};
@@ -29,8 +29,6 @@ fn internal(msg: impl Into<String>) -> BackendError {
 const SLOT: u64 = 256;
 /// Launches per submission before the queue is flushed early.
 const ARENA_SLOTS: u64 = 4096;
-/// Virtual addresses are aligned to this, so no two buffers share a page of the space.
-const ADDR_ALIGN: u64 = 1 << 12;
 
 struct Pipeline {
     pipeline: wgpu::ComputePipeline,
@@ -45,8 +43,6 @@ struct Queued {
     grid: [u32; 3],
 }
 
-type Launch = (String, [u32; 3], Vec<LaunchArg>);
-
 /// A wgpu adapter and device with kiln's kernels compiled on it.
 pub struct WgpuDevice {
     device: wgpu::Device,
@@ -54,10 +50,7 @@ pub struct WgpuDevice {
     describe: String,
     pipelines: Vec<Pipeline>,
     by_name: HashMap<String, usize>,
-    buffers: Vec<(wgpu::Buffer, u64)>,
-    /// Base address → index into `buffers`.
-    bases: BTreeMap<u64, usize>,
-    next_addr: u64,
+    buffers: AddressSpace<wgpu::Buffer>,
     /// Bound for null pointers and ignored arguments.
     dummy: wgpu::Buffer,
     arena: wgpu::Buffer,
@@ -68,8 +61,7 @@ pub struct WgpuDevice {
     staging: Option<(wgpu::Buffer, u64)>,
     max_binding: u64,
     max_groups: u32,
-    capturing: Option<Vec<Launch>>,
-    graphs: Vec<Vec<Launch>>,
+    rec: Recorder,
     /// `KILN_WGPU_PROFILE=1`: every launch is submitted alone and waited for, and the time
     /// per kernel is printed when the device is dropped.
     profile: Option<BTreeMap<String, (u32, f64)>>,
@@ -180,9 +172,7 @@ impl WgpuDevice {
             describe,
             pipelines,
             by_name,
-            buffers: Vec::new(),
-            bases: BTreeMap::new(),
-            next_addr: ADDR_ALIGN,
+            buffers: AddressSpace::default(),
             dummy,
             arena,
             arena_bytes: Vec::new(),
@@ -192,8 +182,7 @@ impl WgpuDevice {
             staging: None,
             max_binding: limits.max_storage_buffer_binding_size.min(limits.max_buffer_size),
             max_groups: limits.max_compute_workgroups_per_dimension,
-            capturing: None,
-            graphs: Vec::new(),
+            rec: Recorder::default(),
             profile: std::env::var("KILN_WGPU_PROFILE").is_ok_and(|v| v == "1").then(BTreeMap::new),
             row_per_thread: match std::env::var("KILN_WGPU_MATMUL").as_deref() {
                 Ok("rows") => true,
@@ -201,20 +190,6 @@ impl WgpuDevice {
                 _ => info.device_type == wgpu::DeviceType::Cpu,
             },
         })
-    }
-
-    /// The buffer holding `addr` and the byte offset of `addr` in it.
-    fn resolve(&self, addr: u64) -> Result<(usize, u64), BackendError> {
-        let (&base, &i) = self
-            .bases
-            .range(..=addr)
-            .next_back()
-            .ok_or_else(|| internal(format!("address {addr:#x} is not allocated")))?;
-        let off = addr - base;
-        if off > self.buffers[i].1 {
-            return Err(internal(format!("address {addr:#x} is past its buffer")));
-        }
-        Ok((i, off))
     }
 
     /// Encodes and submits the queued launches, then `then` (copies) in the same command buffer.
@@ -272,7 +247,7 @@ impl WgpuDevice {
         for (&(pname, kind), a) in sig.iter().zip(args) {
             match (kind, a) {
                 (k, LaunchArg::Ptr(addr)) if k.is_pointer() => {
-                    let (buf, off) = if *addr == 0 { (usize::MAX, 0) } else { self.resolve(*addr)? };
+                    let (buf, off) = if *addr == 0 { (usize::MAX, 0) } else { self.buffers.resolve(*addr)? };
                     if off % 4 != 0 {
                         return Err(internal(format!("`{name}`: `{pname}` is not 4-byte aligned")));
                     }
@@ -306,7 +281,7 @@ impl WgpuDevice {
                 for (i, (_, a)) in sig.iter().enumerate() {
                     if a.is_buffer() {
                         let b = *it.next().ok_or_else(|| internal("binding count"))?;
-                        let buffer = if b == usize::MAX { &self.dummy } else { &self.buffers[b].0 };
+                        let buffer = if b == usize::MAX { &self.dummy } else { self.buffers.get(b).0 };
                         entries.push(wgpu::BindGroupEntry {
                             binding: Kernel::binding(i),
                             resource: buffer.as_entire_binding(),
@@ -377,40 +352,37 @@ impl Device for WgpuDevice {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let addr = self.next_addr;
-        self.next_addr = (addr + size).next_multiple_of(ADDR_ALIGN);
-        self.bases.insert(addr, self.buffers.len());
-        self.buffers.push((buffer, size));
-        Ok(addr)
+        Ok(self.buffers.insert(buffer, size))
     }
 
     fn upload(&mut self, dst: u64, bytes: &[u8]) -> Result<(), BackendError> {
-        if self.capturing.is_some() {
+        if self.rec.capturing() {
             return Err(internal("upload during a capture"));
         }
         if !self.queued.is_empty() {
             self.submit(|_| {});
         }
-        let (b, off) = self.resolve(dst)?;
-        let size = self.buffers[b].1;
+        let (b, off) = self.buffers.resolve(dst)?;
+        let (buffer, size) = self.buffers.get(b);
+        let buffer = buffer.clone();
         let padded = (bytes.len() as u64).next_multiple_of(4);
         if off % 4 != 0 || off + padded > size || (padded != bytes.len() as u64 && off + padded != size) {
             return Err(internal(format!("upload of {} bytes at {dst:#x} does not fit its buffer", bytes.len())));
         }
         if padded == bytes.len() as u64 {
-            self.queue.write_buffer(&self.buffers[b].0, off, bytes);
+            self.queue.write_buffer(&buffer, off, bytes);
         } else {
             let mut v = bytes.to_vec();
             v.resize(padded as usize, 0);
-            self.queue.write_buffer(&self.buffers[b].0, off, &v);
+            self.queue.write_buffer(&buffer, off, &v);
         }
         Ok(())
     }
 
     fn download(&mut self, src: u64, out: &mut [u8]) -> Result<(), BackendError> {
-        let (b, off) = self.resolve(src)?;
+        let (b, off) = self.buffers.resolve(src)?;
         let len = (out.len() as u64).next_multiple_of(4);
-        if off % 4 != 0 || off + len > self.buffers[b].1 {
+        if off % 4 != 0 || off + len > self.buffers.get(b).1 {
             return Err(internal(format!("download of {} bytes at {src:#x} is past its buffer", out.len())));
         }
         if self.staging.as_ref().is_none_or(|s| s.1 < len) {
@@ -424,7 +396,7 @@ impl Device for WgpuDevice {
             self.staging = Some((buf, size));
         }
         let staging = self.staging.as_ref().map(|s| s.0.clone()).ok_or_else(|| internal("no staging buffer"))?;
-        let source = self.buffers[b].0.clone();
+        let source = self.buffers.get(b).0.clone();
         self.submit(|enc| enc.copy_buffer_to_buffer(&source, off, &staging, 0, len));
         let slice = staging.slice(0..len);
         let (tx, rx) = std::sync::mpsc::channel();
@@ -447,33 +419,24 @@ impl Device for WgpuDevice {
         if !self.by_name.contains_key(name) {
             return Err(internal(format!("kernel `{name}` is not in the module")));
         }
-        match &mut self.capturing {
-            Some(rec) => {
-                rec.push((name.to_string(), grid, args.to_vec()));
-                Ok(())
-            }
-            None => self.run(name, grid, args),
+        if self.rec.record(name, grid, args) {
+            return Ok(());
         }
+        self.run(name, grid, args)
     }
 
     fn begin_capture(&mut self) -> Result<(), BackendError> {
-        if self.capturing.is_some() {
-            return Err(internal("capture already running"));
-        }
-        self.capturing = Some(Vec::new());
-        Ok(())
+        self.rec.begin()
     }
 
     fn end_capture(&mut self) -> Result<GraphId, BackendError> {
-        let rec = self.capturing.take().ok_or_else(|| internal("no capture running"))?;
-        self.graphs.push(rec);
-        Ok(GraphId(self.graphs.len() - 1))
+        self.rec.end()
     }
 
     fn replay(&mut self, graph: GraphId) -> Result<(), BackendError> {
-        let launches = std::mem::take(self.graphs.get_mut(graph.0).ok_or_else(|| internal("no such graph"))?);
+        let launches = self.rec.take(graph)?;
         let r = launches.iter().try_for_each(|(name, grid, args)| self.run(name, *grid, args));
-        self.graphs[graph.0] = launches;
+        self.rec.restore(graph, launches);
         r
     }
 

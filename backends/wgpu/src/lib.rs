@@ -19,7 +19,7 @@ pub mod lower;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kiln_backends::{Backend, BackendError, BuildFile, Numerics, Session, SessionOptions, WeightSource};
+use kiln_backends::{Backend, BackendError, BuildFile, Session, SessionOptions, WeightSource};
 use kiln_ir::{Op, VerifiedModule};
 
 pub use device::WgpuDevice;
@@ -63,15 +63,7 @@ impl Backend for WgpuBackend {
         weights: Arc<dyn WeightSource>,
         options: &SessionOptions,
     ) -> Result<Box<dyn Session>, BackendError> {
-        if options.numerics != Numerics::Exact {
-            return Err(BackendError::Unsupported {
-                backend: "wgpu",
-                what: "llama.cpp-compatible numerics (`Numerics::Ggml`); it computes kiln's exact numerics".into(),
-            });
-        }
-        if let Some(what) = kiln_backends::first_unsupported(self, &module) {
-            return Err(BackendError::Unsupported { backend: "wgpu", what });
-        }
+        kiln_backends::check_gpu_prepare(self, &module, options)?;
         let kernels = lower::kernels_for(&module);
         // The build's own kernels when there is a build; else print them now.
         let mut sources = HashMap::new();

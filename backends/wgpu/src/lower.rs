@@ -8,32 +8,14 @@ use kiln_ir::{DType, Op, VerifiedModule};
 use crate::formats;
 use crate::kernels::{self, Kernel};
 
-/// Largest head dimension the attention kernel is built for (workgroup memory holds the query).
-pub const MAX_HEAD_DIM: u64 = 512;
-
-/// Whether the wgpu backend runs `op` of `module`.
+/// Whether the wgpu backend runs `op` of `module`: what the shared launch sequence runs
+/// (`kiln_ptx::lower::supports`), with a WGSL decoder for the matmul's weight layout.
 pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
-    match op {
-        Op::Tokens
-        | Op::Embed { .. }
-        | Op::RmsNorm { .. }
-        | Op::Add { .. }
-        | Op::Mul { .. }
-        | Op::Scale { .. }
-        | Op::Act { .. }
-        | Op::Glu { .. }
-        | Op::Softmax { .. }
-        | Op::Steer { .. }
-        | Op::Rope { .. } => true,
-        Op::LayerNorm { .. } => false,
-        Op::MatMul { w, .. } => {
-            let ty = &module.param(*w).ty;
-            let plain = ty.dtype.block_elems() == 1;
-            formats::supported(ty.dtype)
-                && ty.last_fixed().is_some_and(|k| (plain || k % 8 == 0) && k > 0 && k <= u32::MAX as u64)
-        }
-        Op::Attention { attrs, .. } => attrs.head_dim <= MAX_HEAD_DIM && attrs.kv_dtype == DType::F32,
-    }
+    let decodes = match op {
+        Op::MatMul { w, .. } => formats::supported(module.param(*w).ty.dtype),
+        _ => true,
+    };
+    decodes && kiln_ptx::lower::supports(module, op)
 }
 
 fn ragged(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
