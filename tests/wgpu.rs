@@ -89,6 +89,29 @@ fn glassllm_phone_build_carries_valid_wgsl_and_runs_like_the_reference() {
     let got = greedy(&build, "wgpu", "Once upon a time", 24);
     assert_eq!(got, want, "the wgpu build's greedy tokens differ from the reference interpreter's");
 
+    // A kernel file that is valid WGSL but does not match its kernel's bindings (the
+    // manifest re-hashed to match, as a hand-edited build would be) is refused cleanly.
+    let victim = files.iter().find(|f| f.starts_with("rms_norm")).expect("an rms_norm kernel").clone();
+    let bad = "@group(0) @binding(1) var<storage, read_write> b: array<f32>;\n\
+               @compute @workgroup_size(1) fn main() { b[0] = 1.0; }\n";
+    let saved = std::fs::read(build.join(&victim)).unwrap();
+    let saved_manifest = std::fs::read(build.join("manifest.json")).unwrap();
+    std::fs::write(build.join(&victim), bad).unwrap();
+    let mut m: Value = serde_json::from_slice(&saved_manifest).unwrap();
+    for f in m["files"].as_array_mut().unwrap() {
+        if f["path"] == victim.as_str() {
+            use sha2::Digest;
+            f["sha256"] = Value::from(format!("{:x}", sha2::Sha256::digest(bad.as_bytes())));
+            f["bytes"] = Value::from(bad.len());
+        }
+    }
+    std::fs::write(build.join("manifest.json"), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let o = kiln().args(["run", build.to_str().unwrap(), "-p", "x", "-n", "1"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&victim) && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+    std::fs::write(build.join(&victim), saved).unwrap();
+    std::fs::write(build.join("manifest.json"), saved_manifest).unwrap();
+
     // A build whose kernel file was tampered with is refused before anything runs.
     std::fs::write(build.join(&files[0]), "fn main() {}").unwrap();
     let o = kiln().args(["run", build.to_str().unwrap(), "-p", "x", "-n", "1"]).output().unwrap();

@@ -105,6 +105,10 @@ impl WgpuDevice {
         for k in kernels {
             let src =
                 sources.get(&k.name).ok_or_else(|| internal(format!("no WGSL source for kernel `{}`", k.name)))?;
+            // A build's kernel source is input: check it with naga first, and catch what wgpu
+            // reports (a source that does not match the kernel's bindings) as an error, not a panic.
+            crate::lower::validate(&k.name, src).map_err(BackendError::BadInput)?;
+            let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
             let desc = wgpu::ShaderModuleDescriptor {
                 label: Some(&k.name),
                 source: wgpu::ShaderSource::Wgsl(src.as_str().into()),
@@ -149,6 +153,12 @@ impl WgpuDevice {
                 compilation_options: Default::default(),
                 cache: None,
             });
+            if let Some(e) = pollster::block_on(scope.pop()) {
+                return Err(BackendError::BadInput(format!(
+                    "{}: the kernel does not fit its bindings: {e}",
+                    crate::lower::file_name(&k.name)
+                )));
+            }
             by_name.insert(k.name.clone(), pipelines.len());
             pipelines.push(Pipeline { pipeline, layout, args: k.args.clone() });
         }
