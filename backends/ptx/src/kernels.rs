@@ -1247,3 +1247,229 @@ pub fn top_k() -> Kernel {
     });
     kb.finish()
 }
+
+/// Bytes of one block of a quantized KV-cache type (`q8_0`, `q4_0`).
+fn kv_block_bytes(dtype: DType) -> u32 {
+    match dtype {
+        DType::Q8_0 => 34,
+        DType::Q4_0 => 18,
+        other => panic!("no quantized KV cache of type {other}"),
+    }
+}
+
+pub fn kv_append_q_name(dtype: DType) -> String {
+    format!("kv_append_{}", dtype.name())
+}
+
+pub fn kv_dequant_name(dtype: DType) -> String {
+    format!("kv_dequant_{}", dtype.name())
+}
+
+/// `H/8` on 64 values (the reference KV cache's rotation, `kiln_quant::kq2::fwht64` then
+/// `× 0.125`: the same butterflies in the same order, so the values are bit-identical).
+fn rotate64_regs(kb: &mut Kb, v: &mut [Reg]) {
+    let mut h = 1;
+    while h < 64 {
+        for i in (0..64).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (v[j], v[j + h]);
+                v[j] = kb.add(Ty::F32, a, b);
+                v[j + h] = kb.sub(Ty::F32, a, b);
+            }
+        }
+        h *= 2;
+    }
+    for x in v.iter_mut() {
+        *x = kb.mul(Ty::F32, *x, 0.125f32);
+    }
+}
+
+/// `1/d`, or 0 where `d` is 0 (ggml's `id`).
+fn inverse_or_zero(kb: &mut Kb, d: Reg) -> Reg {
+    let zero = kb.setp(Cmp::Eq, d, 0.0f32);
+    let inv = kb.bin(BinOp::Div, Ty::F32, 1.0f32, d);
+    kb.selp(Ty::F32, 0.0f32, inv, zero)
+}
+
+/// Stores `d` as an f16 (round to nearest even) at `addr + off`.
+fn st_f16(kb: &mut Kb, addr: Reg, off: i32, d: Reg) {
+    let zero = kb.imm(Ty::F32, 0.0f32);
+    let packed = kb.pack_f16x2(zero, d);
+    kb.st(Mem::U16, addr, off, packed);
+}
+
+/// Quantizes 32 values into one ggml block at `addr + off`, exactly as
+/// `kiln_quant::quantize_row` does (`q8_0`: `round(x/d)`, `d = amax/127`; `q4_0`:
+/// `trunc(x/d + 8.5)` clamped, `d = max/-8` of the value with the largest magnitude).
+fn quantize_block(kb: &mut Kb, dtype: DType, x: &[Reg], addr: Reg, off: i32) {
+    match dtype {
+        DType::Q8_0 => {
+            let mut amax = kb.imm(Ty::F32, 0.0f32);
+            for &v in x {
+                let a = kb.un(UnOp::Abs, Ty::F32, v);
+                amax = kb.bin(BinOp::Max, Ty::F32, amax, a);
+            }
+            let d = kb.bin(BinOp::Div, Ty::F32, amax, 127.0f32);
+            let id = inverse_or_zero(kb, d);
+            st_f16(kb, addr, off, d);
+            for (i, &v) in x.iter().enumerate() {
+                // Round half away from zero (Rust's `round`, C's `roundf`).
+                let y = kb.mul(Ty::F32, v, id);
+                let t = kb.cvt(Ty::S32, y);
+                let tf = kb.cvt(Ty::F32, t);
+                let fr = kb.sub(Ty::F32, y, tf);
+                let afr = kb.un(UnOp::Abs, Ty::F32, fr);
+                let big = kb.setp(Cmp::Ge, afr, 0.5f32);
+                let neg = kb.setp(Cmp::Lt, y, 0.0f32);
+                let step = kb.selp(Ty::S32, -1i32, 1i32, neg);
+                let step = kb.selp(Ty::S32, step, 0i32, big);
+                let q = kb.add(Ty::S32, t, step);
+                let q = kb.bits(Ty::U32, q);
+                kb.st(Mem::U8, addr, off + 2 + i as i32, q);
+            }
+        }
+        DType::Q4_0 => {
+            let mut amax = kb.imm(Ty::F32, 0.0f32);
+            let mut max = kb.imm(Ty::F32, 0.0f32);
+            for &v in x {
+                let a = kb.un(UnOp::Abs, Ty::F32, v);
+                let gt = kb.setp(Cmp::Lt, amax, a);
+                amax = kb.selp(Ty::F32, a, amax, gt);
+                max = kb.selp(Ty::F32, v, max, gt);
+            }
+            let d = kb.bin(BinOp::Div, Ty::F32, max, -8.0f32);
+            let id = inverse_or_zero(kb, d);
+            st_f16(kb, addr, off, d);
+            let quant = |kb: &mut Kb, v: Reg| {
+                let y = kb.mul(Ty::F32, v, id);
+                let y = kb.add(Ty::F32, y, 8.5f32);
+                let t = kb.cvt(Ty::S32, y);
+                let t = kb.bin(BinOp::Max, Ty::S32, t, 0i32);
+                let t = kb.bin(BinOp::Min, Ty::S32, t, 15i32);
+                kb.bits(Ty::U32, t)
+            };
+            for j in 0..16 {
+                let q0 = quant(kb, x[j]);
+                let q1 = quant(kb, x[j + 16]);
+                let hi = kb.shl(Ty::U32, q1, 4u32);
+                let byte = kb.bin(BinOp::Or, Ty::U32, q0, hi);
+                kb.st(Mem::U8, addr, off + 2 + j as i32, byte);
+            }
+        }
+        other => panic!("no quantized KV cache of type {other}"),
+    }
+}
+
+/// The 32 values of the ggml block at `addr + off`.
+fn dequantize_block(kb: &mut Kb, dtype: DType, addr: Reg, off: i32) -> Vec<Reg> {
+    let dh = kb.ld(Mem::B16, addr, off);
+    let d = kb.f16_to_f32(dh);
+    match dtype {
+        DType::Q8_0 => (0..32)
+            .map(|i| {
+                let q = kb.ld(Mem::S8, addr, off + 2 + i);
+                let qf = kb.cvt(Ty::F32, q);
+                kb.mul(Ty::F32, qf, d)
+            })
+            .collect(),
+        DType::Q4_0 => {
+            let mut out = vec![d; 32];
+            for j in 0..16 {
+                let b = kb.ld(Mem::U8, addr, off + 2 + j as i32);
+                let lo = kb.and(Ty::U32, b, 15);
+                let hi = kb.shr(Ty::U32, b, 4u32);
+                for (slot, q) in [(j, lo), (j + 16, hi)] {
+                    let qs = kb.bits(Ty::S32, q);
+                    let qs = kb.sub(Ty::S32, qs, 8i32);
+                    let qf = kb.cvt(Ty::F32, qs);
+                    out[slot] = kb.mul(Ty::F32, qf, d);
+                }
+            }
+            out
+        }
+        other => panic!("no quantized KV cache of type {other}"),
+    }
+}
+
+/// Appends `T` new rows of k and v to a quantized KV-cache slot at the step's position:
+/// one thread per 64 values (a row is `width / 64` of them), rotated by `H/8` and stored as
+/// two ggml blocks, bit for bit what the reference cache stores. Arguments `k, v, kc, vc,
+/// step, n (= T·width/64), width`; grid `ceil(n / 128)`.
+pub fn kv_append_q(dtype: DType) -> Kernel {
+    use ParamTy::*;
+    let mut kb = Kb::new(
+        kv_append_q_name(dtype),
+        &[("k", Ptr), ("v", Ptr), ("kc", Ptr), ("vc", Ptr), ("step", Ptr), ("n", U32), ("width", U32)],
+        BLOCK,
+    );
+    let (k, v, kc, vc, step, n, width) =
+        (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let bb = kv_block_bytes(dtype);
+    let pos = kb.ld(Mem::U32, step, STEP_POS);
+    let (c, ok) = elem_index(&mut kb, n);
+    kb.guarded(ok, false, |kb| {
+        let cpr = kb.shr(Ty::U32, width, 6u32);
+        let r = kb.bin(BinOp::Div, Ty::U32, c, cpr);
+        let rc = kb.mul(Ty::U32, r, cpr);
+        let j = kb.sub(Ty::U32, c, rc);
+        let src = kb.mul(Ty::U32, r, width);
+        let src = kb.mad(Ty::U32, j, 64u32, src);
+        let blocks = kb.shr(Ty::U32, width, 5u32);
+        let row_bytes = kb.mul(Ty::U32, blocks, bb);
+        let prow = kb.add(Ty::U32, pos, r);
+        let dst = kb.mul(Ty::U32, prow, row_bytes);
+        let dst = kb.mad(Ty::U32, j, 2 * bb, dst);
+        for (x, cache) in [(k, kc), (v, vc)] {
+            let a = kb.index(x, src, 4);
+            let mut vals: Vec<Reg> = (0..64).map(|i| kb.ld(Mem::F32, a, 4 * i)).collect();
+            rotate64_regs(kb, &mut vals);
+            let out = kb.index(cache, dst, 1);
+            quantize_block(kb, dtype, &vals[..32], out, 0);
+            quantize_block(kb, dtype, &vals[32..], out, bb as i32);
+        }
+    });
+    kb.finish()
+}
+
+/// Dequantizes a quantized KV-cache slot's rows `0 .. pos + t` into f32 scratch rows (rotated
+/// back), for the attention kernel: one thread per 64 values; threads past the rows in use
+/// return, so the grid (`ceil(max_context·width/64 / 128)`) does not depend on the position
+/// and a recorded decode step replays. Arguments `kc, vc, kf, vf, step, t, width`.
+pub fn kv_dequant(dtype: DType) -> Kernel {
+    use ParamTy::*;
+    let mut kb = Kb::new(
+        kv_dequant_name(dtype),
+        &[("kc", Ptr), ("vc", Ptr), ("kf", Ptr), ("vf", Ptr), ("step", Ptr), ("t", U32), ("width", U32)],
+        BLOCK,
+    );
+    let (kc, vc, kf, vf, step, t, width) =
+        (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let bb = kv_block_bytes(dtype);
+    let pos = kb.ld(Mem::U32, step, STEP_POS);
+    let rows = kb.add(Ty::U32, pos, t);
+    let cpr = kb.shr(Ty::U32, width, 6u32);
+    let n = kb.mul(Ty::U32, rows, cpr);
+    let (c, ok) = elem_index(&mut kb, n);
+    kb.guarded(ok, false, |kb| {
+        let r = kb.bin(BinOp::Div, Ty::U32, c, cpr);
+        let rc = kb.mul(Ty::U32, r, cpr);
+        let j = kb.sub(Ty::U32, c, rc);
+        let blocks = kb.shr(Ty::U32, width, 5u32);
+        let row_bytes = kb.mul(Ty::U32, blocks, bb);
+        let src = kb.mul(Ty::U32, r, row_bytes);
+        let src = kb.mad(Ty::U32, j, 2 * bb, src);
+        let dst = kb.mul(Ty::U32, r, width);
+        let dst = kb.mad(Ty::U32, j, 64u32, dst);
+        for (cache, f) in [(kc, kf), (vc, vf)] {
+            let a = kb.index(cache, src, 1);
+            let mut vals = dequantize_block(kb, dtype, a, 0);
+            vals.extend(dequantize_block(kb, dtype, a, bb as i32));
+            rotate64_regs(kb, &mut vals);
+            let o = kb.index(f, dst, 4);
+            for (i, &x) in vals.iter().enumerate() {
+                kb.st(Mem::F32, o, 4 * i as i32, x);
+            }
+        }
+    });
+    kb.finish()
+}

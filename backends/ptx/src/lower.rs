@@ -37,8 +37,16 @@ pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
             formats::supported(ty.dtype)
                 && ty.last_fixed().is_some_and(|k| (plain || k % 8 == 0) && k > 0 && k <= u32::MAX as u64)
         }
-        // Quantized KV caches are not built for the device yet.
-        Op::Attention { attrs, .. } => attrs.head_dim <= MAX_HEAD_DIM && attrs.kv_dtype == kiln_ir::DType::F32,
+        // Quantized KV caches: q8_0/q4_0 rows of whole 64-value rotation chunks.
+        Op::Attention { attrs, .. } => {
+            use kiln_ir::DType;
+            attrs.head_dim <= MAX_HEAD_DIM
+                && match attrs.kv_dtype {
+                    DType::F32 => true,
+                    DType::Q8_0 | DType::Q4_0 => (attrs.kv_heads * attrs.head_dim).is_multiple_of(64),
+                    _ => false,
+                }
+        }
     }
 }
 
@@ -87,7 +95,12 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             }
             Op::Rope { attrs, .. } => add(kernels::rope(attrs.layout)),
             Op::Attention { k, attrs, .. } => {
-                if k.is_some() {
+                if attrs.kv_dtype != kiln_ir::DType::F32 {
+                    if k.is_some() {
+                        add(kernels::kv_append_q(attrs.kv_dtype));
+                    }
+                    add(kernels::kv_dequant(attrs.kv_dtype));
+                } else if k.is_some() {
                     add(kernels::kv_append());
                 }
                 add(kernels::attention(attrs.head_dim as u32, attrs.softcap > 0.0));
@@ -140,6 +153,10 @@ pub fn all_kernels() -> Vec<Kernel> {
     ks.push(kernels::rope(RopeLayout::Interleaved));
     ks.push(kernels::rope(RopeLayout::Neox));
     ks.push(kernels::kv_append());
+    for dt in [DType::Q8_0, DType::Q4_0] {
+        ks.push(kernels::kv_append_q(dt));
+        ks.push(kernels::kv_dequant(dt));
+    }
     for hd in [32, 64, 80, 128, 256] {
         ks.push(kernels::attention(hd, false));
         ks.push(kernels::attention(hd, true));

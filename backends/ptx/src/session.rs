@@ -33,6 +33,9 @@ struct Cache {
     k: u64,
     v: u64,
     width: usize,
+    /// F32, or a block type (`q8_0`, `q4_0`): rows of rotated ggml blocks, dequantized
+    /// into the session's f32 scratch rows before each attention reads them.
+    dtype: DType,
 }
 
 pub struct PtxSession<D: Device> {
@@ -55,6 +58,8 @@ pub struct PtxSession<D: Device> {
     rope_tables: HashMap<(u64, u32, u32), u64>,
     /// Scratch: attention partial results, kq2-rotated activations.
     part: u64,
+    /// f32 K and V rows a quantized slot is dequantized into for attention (one for all layers).
+    kv_scratch: Option<(u64, u64)>,
     xr: u64,
     tables: HashMap<DType, u64>,
     /// One u32: the device argmax's result.
@@ -193,14 +198,19 @@ impl<D: Device> PtxSession<D> {
         let mut caches = HashMap::new();
         let mut rope_tables = HashMap::new();
         let mut part_floats = 0usize;
+        let mut scratch_width = 0usize;
         for inst in &module.insts {
             match &inst.op {
                 Op::Attention { k, attrs, .. } => {
-                    let AttentionAttrs { heads, kv_heads, head_dim, .. } = *attrs;
+                    let AttentionAttrs { heads, kv_heads, head_dim, kv_dtype, .. } = *attrs;
                     let width = usize_of(kv_heads * head_dim, "attention width")?;
+                    if kv_dtype != DType::F32 {
+                        scratch_width = scratch_width.max(width);
+                    }
                     if k.is_some() {
-                        let bytes = 4 * max_context * width;
-                        let c = Cache { k: dev.alloc(bytes)?, v: dev.alloc(bytes)?, width };
+                        let row = usize_of(kv_dtype.row_bytes(width as u64).unwrap_or(0), "KV row bytes")?;
+                        let bytes = max_context * row;
+                        let c = Cache { k: dev.alloc(bytes)?, v: dev.alloc(bytes)?, width, dtype: kv_dtype };
                         caches.insert(attrs.cache, c);
                     }
                     let rec = kernels::attn_record(u32_of(usize_of(head_dim, "head_dim")?, "head_dim")?) as usize;
@@ -225,6 +235,12 @@ impl<D: Device> PtxSession<D> {
             }
         }
         let part = dev.alloc(4 * part_floats.max(1))?;
+        let kv_scratch = if scratch_width > 0 {
+            let bytes = 4 * max_context * scratch_width;
+            Some((dev.alloc(bytes)?, dev.alloc(bytes)?))
+        } else {
+            None
+        };
         let xr = dev.alloc(4 * (chunk * max_kq2_k).max(1))?;
         let argmax_out = dev.alloc(4)?;
         let top_k_out = dev.alloc(8 * MAX_TOP_K)?;
@@ -245,6 +261,7 @@ impl<D: Device> PtxSession<D> {
             caches,
             rope_tables,
             part,
+            kv_scratch,
             xr,
             tables,
             argmax_out,
@@ -459,8 +476,40 @@ impl<D: Device> PtxSession<D> {
                 }
                 Op::Attention { q, k, v, attrs } => {
                     let cache = self.caches.get(&attrs.cache).ok_or_else(|| internal("KV cache slot missing"))?;
-                    let (kc, vc, width) = (cache.k, cache.v, cache.width);
-                    if let (Some(k), Some(v)) = (k, v) {
+                    let (mut kc, mut vc, width, dtype) = (cache.k, cache.v, cache.width, cache.dtype);
+                    if dtype != DType::F32 {
+                        if let (Some(k), Some(v)) = (k, v) {
+                            let chunks = u32_of(t * width / 64, "elements")?;
+                            let args = [
+                                Arg::Ptr(self.buf(*k)?),
+                                Arg::Ptr(self.buf(*v)?),
+                                Arg::Ptr(kc),
+                                Arg::Ptr(vc),
+                                Arg::Ptr(self.step),
+                                Arg::U32(chunks),
+                                Arg::U32(width as u32),
+                            ];
+                            self.dev.launch(
+                                &kernels::kv_append_q_name(dtype),
+                                [chunks.div_ceil(BLOCK), 1, 1],
+                                &args,
+                            )?;
+                        }
+                        // The slot's rows so far, as f32, for the attention kernel.
+                        let (kf, vf) = self.kv_scratch.ok_or_else(|| internal("KV scratch missing"))?;
+                        let all = u32_of(self.max_context * width / 64, "elements")?;
+                        let args = [
+                            Arg::Ptr(kc),
+                            Arg::Ptr(vc),
+                            Arg::Ptr(kf),
+                            Arg::Ptr(vf),
+                            Arg::Ptr(self.step),
+                            Arg::U32(tu),
+                            Arg::U32(width as u32),
+                        ];
+                        self.dev.launch(&kernels::kv_dequant_name(dtype), [all.div_ceil(BLOCK), 1, 1], &args)?;
+                        (kc, vc) = (kf, vf);
+                    } else if let (Some(k), Some(v)) = (k, v) {
                         let nn = u32_of(t * width, "elements")?;
                         let args = [
                             Arg::Ptr(self.buf(*k)?),

@@ -9,10 +9,13 @@ use crate::formats;
 use crate::kernels::{self, Kernel};
 
 /// Whether the wgpu backend runs `op` of `module`: what the shared launch sequence runs
-/// (`kiln_ptx::lower::supports`), with a WGSL decoder for the matmul's weight layout.
+/// (`kiln_ptx::lower::supports`), with a WGSL decoder for the matmul's weight layout and an
+/// f32 KV cache.
 pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
     let decodes = match op {
         Op::MatMul { w, .. } => formats::supported(module.param(*w).ty.dtype),
+        // The quantizing KV-cache kernels are PTX-only so far.
+        Op::Attention { attrs, .. } => attrs.kv_dtype == DType::F32,
         _ => true,
     };
     decodes && kiln_ptx::lower::supports(module, op)
