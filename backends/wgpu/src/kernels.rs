@@ -61,7 +61,7 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    fn new(
+    pub(crate) fn new(
         name: impl Into<String>,
         args: &[(&'static str, Arg)],
         decls: impl Into<String>,

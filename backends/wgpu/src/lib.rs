@@ -4,6 +4,7 @@
 //!
 //! - `kernels`: the kernels (signature + body) and the small printer of a WGSL module;
 //! - `formats`: the fused weight decoders per layout;
+//! - `kv`: the quantized KV-cache kernels (append with rotation and rounding, dequantize);
 //! - `lower`: which ops run and which kernels a module needs; naga validation;
 //! - `device`: buffers, queued launches and submissions on a wgpu device.
 //!
@@ -14,6 +15,7 @@
 pub mod device;
 pub mod formats;
 pub mod kernels;
+pub mod kv;
 pub mod lower;
 
 use std::collections::HashMap;

@@ -9,13 +9,10 @@ use crate::formats;
 use crate::kernels::{self, Kernel};
 
 /// Whether the wgpu backend runs `op` of `module`: what the shared launch sequence runs
-/// (`kiln_ptx::lower::supports`), with a WGSL decoder for the matmul's weight layout and an
-/// f32 KV cache.
+/// (`kiln_ptx::lower::supports`), with a WGSL decoder for the matmul's weight layout.
 pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
     let decodes = match op {
         Op::MatMul { w, .. } => formats::supported(module.param(*w).ty.dtype),
-        // The quantizing KV-cache kernels are PTX-only so far.
-        Op::Attention { attrs, .. } => attrs.kv_dtype == DType::F32,
         _ => true,
     };
     decodes && kiln_ptx::lower::supports(module, op)
@@ -55,7 +52,12 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             }
             Op::Rope { attrs, .. } => add(kernels::rope(attrs.layout)),
             Op::Attention { k, attrs, .. } => {
-                if k.is_some() {
+                if attrs.kv_dtype != DType::F32 {
+                    if k.is_some() {
+                        add(crate::kv::kv_append_q(attrs.kv_dtype));
+                    }
+                    add(crate::kv::kv_dequant(attrs.kv_dtype));
+                } else if k.is_some() {
                     add(kernels::kv_append());
                 }
                 add(kernels::attention(attrs.head_dim as u32, attrs.softcap > 0.0));
@@ -101,6 +103,10 @@ pub fn all_kernels() -> Vec<Kernel> {
     ks.push(kernels::rope(RopeLayout::Interleaved));
     ks.push(kernels::rope(RopeLayout::Neox));
     ks.push(kernels::kv_append());
+    for dt in [DType::Q8_0, DType::Q4_0] {
+        ks.push(crate::kv::kv_append_q(dt));
+        ks.push(crate::kv::kv_dequant(dt));
+    }
     for hd in [32, 64, 80, 128, 256, 512] {
         ks.push(kernels::attention(hd, false));
         ks.push(kernels::attention(hd, true));

@@ -1,0 +1,266 @@
+//! Quantized KV-cache kernels (`q8_0`, `q4_0`) in WGSL, with the PTX kernels' names,
+//! arguments and grids (`kiln_ptx::kernels::kv_append_q`, `kv_dequant`): a thread per 64
+//! values, rotated by `H/8` (the reference cache's butterflies, in the same order) and
+//! stored as two ggml blocks. A 64-value chunk is 68 (q8_0) or 36 (q4_0) bytes, whole
+//! words, so each thread writes only words of its own.
+
+use kiln_ir::DType;
+use kiln_ptx::kernels as ptxk;
+
+use crate::kernels::{Arg, Kernel};
+
+/// Butterflies and f16 conversions shared by both kernels.
+const COMMON: &str = "
+fn rotate64(v: ptr<function, array<f32, 64>>) {
+    for (var h = 1u; h < 64u; h = h * 2u) {
+        for (var i = 0u; i < 64u; i = i + 2u * h) {
+            for (var j = i; j < i + h; j = j + 1u) {
+                let a = (*v)[j];
+                let b = (*v)[j + h];
+                (*v)[j] = a + b;
+                (*v)[j + h] = a - b;
+            }
+        }
+    }
+    for (var i = 0u; i < 64u; i = i + 1u) {
+        (*v)[i] = (*v)[i] * 0.125;
+    }
+}
+
+// f32 to IEEE half bits, round to nearest even (integer ops only).
+fn to_half(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    let s = (b >> 16u) & 0x8000u;
+    let e = i32((b >> 23u) & 0xffu) - 112;
+    let m = b & 0x7fffffu;
+    if e >= 31 {
+        return s | select(0x7c00u, 0x7e00u, (b & 0x7fffffffu) > 0x7f800000u);
+    }
+    if e <= 0 {
+        if e < -10 {
+            return s;
+        }
+        let mm = m | 0x800000u;
+        let shift = u32(14 - e);
+        var hm = mm >> shift;
+        let rem = mm & ((1u << shift) - 1u);
+        let halfway = 1u << (shift - 1u);
+        if rem > halfway || (rem == halfway && (hm & 1u) == 1u) {
+            hm = hm + 1u;
+        }
+        return s | hm;
+    }
+    var hv = (u32(e) << 10u) | (m >> 13u);
+    let rem = m & 0x1fffu;
+    if rem > 0x1000u || (rem == 0x1000u && (hv & 1u) == 1u) {
+        hv = hv + 1u;
+    }
+    return s | hv;
+}
+
+fn from_half(h: u32) -> f32 {
+    let s = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let m = h & 0x3ffu;
+    if e == 0u {
+        return bitcast<f32>(s | bitcast<u32>(f32(m) * 5.9604645e-8));
+    }
+    if e == 31u {
+        return bitcast<f32>(s | 0x7f800000u | (m << 13u));
+    }
+    return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));
+}
+
+fn inverse_or_zero(d: f32) -> f32 {
+    return select(1.0 / d, 0.0, d == 0.0);
+}
+";
+
+/// Bytes of one block and the WGSL that quantizes 32 values into `bytes[o ..]` and back.
+fn block(dtype: DType) -> (u32, &'static str) {
+    match dtype {
+        DType::Q8_0 => (
+            34,
+            "
+fn quantize(v: ptr<function, array<f32, 64>>, first: u32, bytes: ptr<function, array<u32, 68>>, o: u32) {
+    var amax = 0.0;
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        amax = max(amax, abs((*v)[first + i]));
+    }
+    let d = amax / 127.0;
+    let id = inverse_or_zero(d);
+    let dh = to_half(d);
+    (*bytes)[o] = dh & 0xffu;
+    (*bytes)[o + 1u] = dh >> 8u;
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        // Round half away from zero (C's roundf).
+        let y = (*v)[first + i] * id;
+        let t = trunc(y);
+        var q = i32(t);
+        if abs(y - t) >= 0.5 {
+            q = q + select(1, -1, y < 0.0);
+        }
+        (*bytes)[o + 2u + i] = u32(q) & 0xffu;
+    }
+}
+
+fn dequantize(bytes: ptr<function, array<u32, 68>>, o: u32, v: ptr<function, array<f32, 64>>, first: u32) {
+    let d = from_half((*bytes)[o] | ((*bytes)[o + 1u] << 8u));
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        let q = i32((*bytes)[o + 2u + i] << 24u) >> 24u;
+        (*v)[first + i] = f32(q) * d;
+    }
+}
+",
+        ),
+        DType::Q4_0 => (
+            18,
+            "
+fn quantize(v: ptr<function, array<f32, 64>>, first: u32, bytes: ptr<function, array<u32, 68>>, o: u32) {
+    var amax = 0.0;
+    var mx = 0.0;
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        let x = (*v)[first + i];
+        if amax < abs(x) {
+            amax = abs(x);
+            mx = x;
+        }
+    }
+    let d = mx / -8.0;
+    let id = inverse_or_zero(d);
+    let dh = to_half(d);
+    (*bytes)[o] = dh & 0xffu;
+    (*bytes)[o + 1u] = dh >> 8u;
+    for (var j = 0u; j < 16u; j = j + 1u) {
+        let q0 = u32(clamp(i32(trunc((*v)[first + j] * id + 8.5)), 0, 15));
+        let q1 = u32(clamp(i32(trunc((*v)[first + j + 16u] * id + 8.5)), 0, 15));
+        (*bytes)[o + 2u + j] = q0 | (q1 << 4u);
+    }
+}
+
+fn dequantize(bytes: ptr<function, array<u32, 68>>, o: u32, v: ptr<function, array<f32, 64>>, first: u32) {
+    let d = from_half((*bytes)[o] | ((*bytes)[o + 1u] << 8u));
+    for (var j = 0u; j < 16u; j = j + 1u) {
+        let b = (*bytes)[o + 2u + j];
+        (*v)[first + j] = f32(i32(b & 15u) - 8) * d;
+        (*v)[first + j + 16u] = f32(i32(b >> 4u) - 8) * d;
+    }
+}
+",
+        ),
+        other => panic!("no quantized KV cache of type {other}"),
+    }
+}
+
+/// `kv_append_q8_0` / `kv_append_q4_0`. Arguments `k, v, kc, vc, step, n (= T·width/64), width`.
+pub fn kv_append_q(dtype: DType) -> Kernel {
+    let (bb, quant) = block(dtype);
+    Kernel::new(
+        ptxk::kv_append_q_name(dtype),
+        &[
+            ("k", Arg::In),
+            ("v", Arg::In),
+            ("kc", Arg::OutWords),
+            ("vc", Arg::OutWords),
+            ("step", Arg::Words),
+            ("n", Arg::U32),
+            ("width", Arg::U32),
+        ],
+        format!("{COMMON}{quant}"),
+        format!(
+            "let c = wg.x * 128u + tid;
+if c >= p.n {{
+    return;
+}}
+let cpr = p.width >> 6u;
+let r = c / cpr;
+let j = c - r * cpr;
+let src = r * p.width + j * 64u;
+let row_words = (p.width >> 5u) * {bb}u / 4u;
+let dst = (b_step[p.step_off] + r) * row_words + j * {words}u;
+var v: array<f32, 64>;
+var bytes: array<u32, 68>;
+for (var i = 0u; i < 64u; i = i + 1u) {{
+    v[i] = b_k[p.k_off + src + i];
+}}
+rotate64(&v);
+quantize(&v, 0u, &bytes, 0u);
+quantize(&v, 32u, &bytes, {bb}u);
+for (var w = 0u; w < {words}u; w = w + 1u) {{
+    b_kc[p.kc_off + dst + w] = bytes[4u * w] | (bytes[4u * w + 1u] << 8u) | (bytes[4u * w + 2u] << 16u) | (bytes[4u * w + 3u] << 24u);
+}}
+for (var i = 0u; i < 64u; i = i + 1u) {{
+    v[i] = b_v[p.v_off + src + i];
+}}
+rotate64(&v);
+quantize(&v, 0u, &bytes, 0u);
+quantize(&v, 32u, &bytes, {bb}u);
+for (var w = 0u; w < {words}u; w = w + 1u) {{
+    b_vc[p.vc_off + dst + w] = bytes[4u * w] | (bytes[4u * w + 1u] << 8u) | (bytes[4u * w + 2u] << 16u) | (bytes[4u * w + 3u] << 24u);
+}}
+",
+            words = 2 * bb / 4
+        ),
+    )
+}
+
+/// `kv_dequant_q8_0` / `kv_dequant_q4_0`: rows `0 .. pos + t` into f32 scratch rows.
+/// Arguments `kc, vc, kf, vf, step, t, width`; grid `ceil(max_context·width/64 / 128)`.
+pub fn kv_dequant(dtype: DType) -> Kernel {
+    let (bb, quant) = block(dtype);
+    Kernel::new(
+        ptxk::kv_dequant_name(dtype),
+        &[
+            ("kc", Arg::Words),
+            ("vc", Arg::Words),
+            ("kf", Arg::Out),
+            ("vf", Arg::Out),
+            ("step", Arg::Words),
+            ("t", Arg::U32),
+            ("width", Arg::U32),
+        ],
+        format!("{COMMON}{quant}"),
+        format!(
+            "let c = wg.x * 128u + tid;
+let cpr = p.width >> 6u;
+if c >= (b_step[p.step_off] + p.t) * cpr {{
+    return;
+}}
+let r = c / cpr;
+let j = c - r * cpr;
+let row_words = (p.width >> 5u) * {bb}u / 4u;
+let src = r * row_words + j * {words}u;
+let dst = r * p.width + j * 64u;
+var v: array<f32, 64>;
+var bytes: array<u32, 68>;
+for (var w = 0u; w < {words}u; w = w + 1u) {{
+    let x = b_kc[p.kc_off + src + w];
+    bytes[4u * w] = x & 0xffu;
+    bytes[4u * w + 1u] = (x >> 8u) & 0xffu;
+    bytes[4u * w + 2u] = (x >> 16u) & 0xffu;
+    bytes[4u * w + 3u] = x >> 24u;
+}}
+dequantize(&bytes, 0u, &v, 0u);
+dequantize(&bytes, {bb}u, &v, 32u);
+rotate64(&v);
+for (var i = 0u; i < 64u; i = i + 1u) {{
+    b_kf[p.kf_off + dst + i] = v[i];
+}}
+for (var w = 0u; w < {words}u; w = w + 1u) {{
+    let x = b_vc[p.vc_off + src + w];
+    bytes[4u * w] = x & 0xffu;
+    bytes[4u * w + 1u] = (x >> 8u) & 0xffu;
+    bytes[4u * w + 2u] = (x >> 16u) & 0xffu;
+    bytes[4u * w + 3u] = x >> 24u;
+}}
+dequantize(&bytes, 0u, &v, 0u);
+dequantize(&bytes, {bb}u, &v, 32u);
+rotate64(&v);
+for (var i = 0u; i < 64u; i = i + 1u) {{
+    b_vf[p.vf_off + dst + i] = v[i];
+}}
+",
+            words = 2 * bb / 4
+        ),
+    )
+}
