@@ -117,15 +117,14 @@ fn prepare_metal(
     let mut sources = Vec::new();
     for k in &kernels {
         let file = format!("{}.metal", k.name);
+        // The entry point name comes with the printed MSL; the build's own source is used when there is one.
+        let (printed, entry) = msl::kernel_msl(k).map_err(|e| BackendError::Internal { backend: "metal", msg: e })?;
         let src = match options.files.iter().find(|f| f.name == file) {
             Some(f) => String::from_utf8(f.bytes.clone())
                 .map_err(|_| BackendError::BadInput(format!("{file} of the build is not UTF-8 text")))?,
-            None if options.files.is_empty() => {
-                msl::kernel_msl(k).map_err(|e| BackendError::Internal { backend: "metal", msg: e })?.0
-            }
+            None if options.files.is_empty() => printed,
             None => return Err(BackendError::BadInput(format!("the build has no {file} (kernel `{}`)", k.name))),
         };
-        let entry = msl::kernel_msl(k).map_err(|e| BackendError::Internal { backend: "metal", msg: e })?.1;
         sources.push((k.clone(), src, entry));
     }
     let dev = device::MetalDevice::new(&sources)?;

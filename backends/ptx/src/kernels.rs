@@ -1248,15 +1248,6 @@ pub fn top_k() -> Kernel {
     kb.finish()
 }
 
-/// Bytes of one block of a quantized KV-cache type (`q8_0`, `q4_0`).
-fn kv_block_bytes(dtype: DType) -> u32 {
-    match dtype {
-        DType::Q8_0 => 34,
-        DType::Q4_0 => 18,
-        other => panic!("no quantized KV cache of type {other}"),
-    }
-}
-
 pub fn kv_append_q_name(dtype: DType) -> String {
     format!("kv_append_{}", dtype.name())
 }
@@ -1404,7 +1395,7 @@ pub fn kv_append_q(dtype: DType) -> Kernel {
     );
     let (k, v, kc, vc, step, n, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
-    let bb = kv_block_bytes(dtype);
+    let bb = dtype.block_bytes() as u32;
     let pos = kb.ld(Mem::U32, step, STEP_POS);
     let (c, ok) = elem_index(&mut kb, n);
     kb.guarded(ok, false, |kb| {
@@ -1444,7 +1435,7 @@ pub fn kv_dequant(dtype: DType) -> Kernel {
     );
     let (kc, vc, kf, vf, step, t, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
-    let bb = kv_block_bytes(dtype);
+    let bb = dtype.block_bytes() as u32;
     let pos = kb.ld(Mem::U32, step, STEP_POS);
     let rows = kb.add(Ty::U32, pos, t);
     let cpr = kb.shr(Ty::U32, width, 6u32);

@@ -55,7 +55,7 @@ fn rdf16(a: u32) -> f32 {
 
 /// IEEE half (low 16 bits of `h`) to f32, exactly, with integer ops only (WGSL's
 /// `unpack2x16float` is not available on every device).
-const HALF: &str = "
+pub(crate) const HALF: &str = "
 fn half(h: u32) -> f32 {
     let s = (h & 0x8000u) << 16u;
     let e = (h >> 10u) & 0x1fu;

@@ -9,7 +9,8 @@ use kiln_ptx::kernels as ptxk;
 
 use crate::kernels::{Arg, Kernel};
 
-/// Butterflies and f16 conversions shared by both kernels.
+/// Butterflies and the f32 → f16 conversion shared by both kernels (f16 → f32 is
+/// `formats::HALF`).
 const COMMON: &str = "
 fn rotate64(v: ptr<function, array<f32, 64>>) {
     for (var h = 1u; h < 64u; h = h * 2u) {
@@ -58,29 +59,15 @@ fn to_half(x: f32) -> u32 {
     return s | hv;
 }
 
-fn from_half(h: u32) -> f32 {
-    let s = (h & 0x8000u) << 16u;
-    let e = (h >> 10u) & 0x1fu;
-    let m = h & 0x3ffu;
-    if e == 0u {
-        return bitcast<f32>(s | bitcast<u32>(f32(m) * 5.9604645e-8));
-    }
-    if e == 31u {
-        return bitcast<f32>(s | 0x7f800000u | (m << 13u));
-    }
-    return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));
-}
-
 fn inverse_or_zero(d: f32) -> f32 {
     return select(1.0 / d, 0.0, d == 0.0);
 }
 ";
 
-/// Bytes of one block and the WGSL that quantizes 32 values into `bytes[o ..]` and back.
-fn block(dtype: DType) -> (u32, &'static str) {
+/// The WGSL that quantizes 32 values into the block at `bytes[o ..]`, and back.
+fn block(dtype: DType) -> &'static str {
     match dtype {
-        DType::Q8_0 => (
-            34,
+        DType::Q8_0 => {
             "
 fn quantize(v: ptr<function, array<f32, 64>>, first: u32, bytes: ptr<function, array<u32, 68>>, o: u32) {
     var amax = 0.0;
@@ -105,16 +92,15 @@ fn quantize(v: ptr<function, array<f32, 64>>, first: u32, bytes: ptr<function, a
 }
 
 fn dequantize(bytes: ptr<function, array<u32, 68>>, o: u32, v: ptr<function, array<f32, 64>>, first: u32) {
-    let d = from_half((*bytes)[o] | ((*bytes)[o + 1u] << 8u));
+    let d = half((*bytes)[o] | ((*bytes)[o + 1u] << 8u));
     for (var i = 0u; i < 32u; i = i + 1u) {
         let q = i32((*bytes)[o + 2u + i] << 24u) >> 24u;
         (*v)[first + i] = f32(q) * d;
     }
 }
-",
-        ),
-        DType::Q4_0 => (
-            18,
+"
+        }
+        DType::Q4_0 => {
             "
 fn quantize(v: ptr<function, array<f32, 64>>, first: u32, bytes: ptr<function, array<u32, 68>>, o: u32) {
     var amax = 0.0;
@@ -139,22 +125,49 @@ fn quantize(v: ptr<function, array<f32, 64>>, first: u32, bytes: ptr<function, a
 }
 
 fn dequantize(bytes: ptr<function, array<u32, 68>>, o: u32, v: ptr<function, array<f32, 64>>, first: u32) {
-    let d = from_half((*bytes)[o] | ((*bytes)[o + 1u] << 8u));
+    let d = half((*bytes)[o] | ((*bytes)[o + 1u] << 8u));
     for (var j = 0u; j < 16u; j = j + 1u) {
         let b = (*bytes)[o + 2u + j];
         (*v)[first + j] = f32(i32(b & 15u) - 8) * d;
         (*v)[first + j + 16u] = f32(i32(b >> 4u) - 8) * d;
     }
 }
-",
-        ),
+"
+        }
         other => panic!("no quantized KV cache of type {other}"),
     }
 }
 
+/// The WGSL module-scope code of a kernel over `dtype` blocks.
+fn decls(dtype: DType) -> String {
+    format!("{COMMON}{}{}", crate::formats::HALF, block(dtype))
+}
+
+/// Words of one 64-value chunk (two blocks) and of one row of `p.width` values.
+fn sizes(dtype: DType) -> (u64, String) {
+    let bb = dtype.block_bytes();
+    (2 * bb / 4, format!("let row_words = (p.width >> 5u) * {bb}u / 4u;\n"))
+}
+
 /// `kv_append_q8_0` / `kv_append_q4_0`. Arguments `k, v, kc, vc, step, n (= T·width/64), width`.
 pub fn kv_append_q(dtype: DType) -> Kernel {
-    let (bb, quant) = block(dtype);
+    let bb = dtype.block_bytes();
+    let (words, row_words) = sizes(dtype);
+    // The same steps for K and for V.
+    let store = |x: &str, cache: &str| {
+        format!(
+            "for (var i = 0u; i < 64u; i = i + 1u) {{
+    v[i] = b_{x}[p.{x}_off + src + i];
+}}
+rotate64(&v);
+quantize(&v, 0u, &bytes, 0u);
+quantize(&v, 32u, &bytes, {bb}u);
+for (var w = 0u; w < {words}u; w = w + 1u) {{
+    b_{cache}[p.{cache}_off + dst + w] = bytes[4u * w] | (bytes[4u * w + 1u] << 8u) | (bytes[4u * w + 2u] << 16u) | (bytes[4u * w + 3u] << 24u);
+}}
+"
+        )
+    };
     Kernel::new(
         ptxk::kv_append_q_name(dtype),
         &[
@@ -166,7 +179,7 @@ pub fn kv_append_q(dtype: DType) -> Kernel {
             ("n", Arg::U32),
             ("width", Arg::U32),
         ],
-        format!("{COMMON}{quant}"),
+        decls(dtype),
         format!(
             "let c = wg.x * 128u + tid;
 if c >= p.n {{
@@ -176,30 +189,12 @@ let cpr = p.width >> 6u;
 let r = c / cpr;
 let j = c - r * cpr;
 let src = r * p.width + j * 64u;
-let row_words = (p.width >> 5u) * {bb}u / 4u;
-let dst = (b_step[p.step_off] + r) * row_words + j * {words}u;
+{row_words}let dst = (b_step[p.step_off] + r) * row_words + j * {words}u;
 var v: array<f32, 64>;
 var bytes: array<u32, 68>;
-for (var i = 0u; i < 64u; i = i + 1u) {{
-    v[i] = b_k[p.k_off + src + i];
-}}
-rotate64(&v);
-quantize(&v, 0u, &bytes, 0u);
-quantize(&v, 32u, &bytes, {bb}u);
-for (var w = 0u; w < {words}u; w = w + 1u) {{
-    b_kc[p.kc_off + dst + w] = bytes[4u * w] | (bytes[4u * w + 1u] << 8u) | (bytes[4u * w + 2u] << 16u) | (bytes[4u * w + 3u] << 24u);
-}}
-for (var i = 0u; i < 64u; i = i + 1u) {{
-    v[i] = b_v[p.v_off + src + i];
-}}
-rotate64(&v);
-quantize(&v, 0u, &bytes, 0u);
-quantize(&v, 32u, &bytes, {bb}u);
-for (var w = 0u; w < {words}u; w = w + 1u) {{
-    b_vc[p.vc_off + dst + w] = bytes[4u * w] | (bytes[4u * w + 1u] << 8u) | (bytes[4u * w + 2u] << 16u) | (bytes[4u * w + 3u] << 24u);
-}}
-",
-            words = 2 * bb / 4
+{}{}",
+            store("k", "kc"),
+            store("v", "vc")
         ),
     )
 }
@@ -207,7 +202,26 @@ for (var w = 0u; w < {words}u; w = w + 1u) {{
 /// `kv_dequant_q8_0` / `kv_dequant_q4_0`: rows `0 .. pos + t` into f32 scratch rows.
 /// Arguments `kc, vc, kf, vf, step, t, width`; grid `ceil(max_context·width/64 / 128)`.
 pub fn kv_dequant(dtype: DType) -> Kernel {
-    let (bb, quant) = block(dtype);
+    let bb = dtype.block_bytes();
+    let (words, row_words) = sizes(dtype);
+    let load = |cache: &str, f: &str| {
+        format!(
+            "for (var w = 0u; w < {words}u; w = w + 1u) {{
+    let x = b_{cache}[p.{cache}_off + src + w];
+    bytes[4u * w] = x & 0xffu;
+    bytes[4u * w + 1u] = (x >> 8u) & 0xffu;
+    bytes[4u * w + 2u] = (x >> 16u) & 0xffu;
+    bytes[4u * w + 3u] = x >> 24u;
+}}
+dequantize(&bytes, 0u, &v, 0u);
+dequantize(&bytes, {bb}u, &v, 32u);
+rotate64(&v);
+for (var i = 0u; i < 64u; i = i + 1u) {{
+    b_{f}[p.{f}_off + dst + i] = v[i];
+}}
+"
+        )
+    };
     Kernel::new(
         ptxk::kv_dequant_name(dtype),
         &[
@@ -219,7 +233,7 @@ pub fn kv_dequant(dtype: DType) -> Kernel {
             ("t", Arg::U32),
             ("width", Arg::U32),
         ],
-        format!("{COMMON}{quant}"),
+        decls(dtype),
         format!(
             "let c = wg.x * 128u + tid;
 let cpr = p.width >> 6u;
@@ -228,39 +242,13 @@ if c >= (b_step[p.step_off] + p.t) * cpr {{
 }}
 let r = c / cpr;
 let j = c - r * cpr;
-let row_words = (p.width >> 5u) * {bb}u / 4u;
-let src = r * row_words + j * {words}u;
+{row_words}let src = r * row_words + j * {words}u;
 let dst = r * p.width + j * 64u;
 var v: array<f32, 64>;
 var bytes: array<u32, 68>;
-for (var w = 0u; w < {words}u; w = w + 1u) {{
-    let x = b_kc[p.kc_off + src + w];
-    bytes[4u * w] = x & 0xffu;
-    bytes[4u * w + 1u] = (x >> 8u) & 0xffu;
-    bytes[4u * w + 2u] = (x >> 16u) & 0xffu;
-    bytes[4u * w + 3u] = x >> 24u;
-}}
-dequantize(&bytes, 0u, &v, 0u);
-dequantize(&bytes, {bb}u, &v, 32u);
-rotate64(&v);
-for (var i = 0u; i < 64u; i = i + 1u) {{
-    b_kf[p.kf_off + dst + i] = v[i];
-}}
-for (var w = 0u; w < {words}u; w = w + 1u) {{
-    let x = b_vc[p.vc_off + src + w];
-    bytes[4u * w] = x & 0xffu;
-    bytes[4u * w + 1u] = (x >> 8u) & 0xffu;
-    bytes[4u * w + 2u] = (x >> 16u) & 0xffu;
-    bytes[4u * w + 3u] = x >> 24u;
-}}
-dequantize(&bytes, 0u, &v, 0u);
-dequantize(&bytes, {bb}u, &v, 32u);
-rotate64(&v);
-for (var i = 0u; i < 64u; i = i + 1u) {{
-    b_vf[p.vf_off + dst + i] = v[i];
-}}
-",
-            words = 2 * bb / 4
+{}{}",
+            load("kc", "kf"),
+            load("vc", "vf")
         ),
     )
 }
