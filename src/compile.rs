@@ -29,13 +29,19 @@ fn source_of(r: &LoadedRecipe, log: &mut dyn FnMut(&str)) -> KilnResult<(PathBuf
         return Ok((path, json!({"model": r.recipe.model, "file": e.file, "sha256": e.sha256, "packages": pkgs})));
     }
     let base = r.path.parent().unwrap_or(Path::new("."));
-    let path = base.join(&r.recipe.model);
+    let mut path = base.join(&r.recipe.model);
+    // A model kiln's tools made in the model cache (`cargo xtask fetch-models` converts
+    // glassllm's npz to the Hugging Face directory `glassllm-en-hf`).
+    let cached = models::cache_dir().join("models").join(&r.recipe.model);
+    if !path.exists() && !r.recipe.model.contains(['/', '\\']) && cached.is_dir() {
+        path = cached;
+    }
     if !path.exists() {
         let known = reg.models.keys().cloned().collect::<Vec<_>>().join(", ");
         return Err(KilnError::bad(
             &r.path,
             format!(
-                "model `{}` is neither a registry id (known: {known}) nor an existing path ({})",
+                "model `{}` is neither a registry id (known: {known}), a model `cargo xtask fetch-models` made in the model cache, nor an existing path ({})",
                 r.recipe.model,
                 path.display()
             ),
@@ -44,6 +50,15 @@ fn source_of(r: &LoadedRecipe, log: &mut dyn FnMut(&str)) -> KilnResult<(PathBuf
     let file_name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let sha = if path.is_file() { models::sha256_file(&path)? } else { String::new() };
     Ok((path, json!({"model": r.recipe.model, "file": file_name, "sha256": sha})))
+}
+
+/// The compiler's weights, lent to a backend's `emit`.
+struct BorrowedWeights<'a>(&'a kiln_frontend::Weights);
+
+impl kiln_backends::WeightSource for BorrowedWeights<'_> {
+    fn bytes(&self, p: kiln_ir::ParamId) -> &[u8] {
+        self.0.bytes(p)
+    }
 }
 
 /// Compiles one device of a recipe into `out_root/<recipe>/<device>/`.
@@ -142,18 +157,23 @@ pub fn compile_device(
         },
     )?;
     // Quality against the source, when the weights changed and the recipe gives a text.
-    let changed = reports.iter().any(|rep| rep.pass == "quantize");
+    // A fixed-point build changes every weight and activation, whatever the passes did.
+    let fixed = backend_names[0] == "fixed";
+    let changed = fixed || reports.iter().any(|rep| rep.pass == "quantize");
     let quality = match (&r.recipe.quality, reference) {
         (Some(spec), Some(src_model)) if changed => {
             let (text_path, text) = r.read_text(spec)?;
             log(&format!("measuring quality on {}", text_path.display()));
-            let built = kiln_runtime::Model::from_parts(
+            let mut built = kiln_runtime::Model::from_parts(
                 &src_path,
                 module.clone(),
                 weights.clone(),
                 imported.tokenizer_json.as_bytes(),
                 imported.chat_template.as_deref(),
             )?;
+            if fixed {
+                built.backend = "fixed".into();
+            }
             let q =
                 kiln_runtime::quality::compare(&src_model, &built, &text, spec.ctx, spec.chunks, 0, &mut |_, _| {})?;
             log(&format!(
@@ -180,7 +200,7 @@ pub fn compile_device(
                 r.path.display()
             )));
         }
-        let files = backend.emit(&verified).map_err(|e| {
+        let files = backend.emit(&verified, &BorrowedWeights(&weights)).map_err(|e| {
             KilnError::Unsupported(format!("{}: device `{device}`: backend `{name}`: {e}", r.path.display()))
         })?;
         for f in files {
@@ -194,6 +214,12 @@ pub fn compile_device(
             backend_files.push(f);
         }
     }
+    // The fixed-point backend's memory plan goes into the manifest.
+    let memory = match backend_files.iter().find(|f| f.name == "fixed.json") {
+        Some(f) => serde_json::from_slice(&f.bytes)
+            .map_err(|e| kiln_backends::BackendError::Internal { backend: "fixed", msg: format!("fixed.json: {e}") })?,
+        None => Value::Null,
+    };
     let out_dir = out_root.join(&r.recipe.name).join(device);
     log(&format!("writing {}", out_dir.display()));
     let recipe_name = r.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -206,6 +232,7 @@ pub fn compile_device(
         "passes": reports,
         "calibration": calibration,
         "quality": quality,
+        "memory": memory,
     });
     let inputs = kiln_runtime::artifact::BuildInputs {
         tokenizer_json: &imported.tokenizer_json,

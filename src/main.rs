@@ -625,6 +625,23 @@ fn cmd_compile(a: CompileArgs) -> KilnResult<()> {
                     } else if let Some(why) = q["skipped"].as_str() {
                         eprintln!("  quality: not measured ({why})");
                     }
+                    let m = &res.manifest["memory"];
+                    if let (Some(flash), Some(ram)) = (m["flash_bytes"].as_u64(), m["ram_bytes"].as_u64()) {
+                        let fits: Vec<&str> = m["targets"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|t| t["fits"] == true)
+                            .filter_map(|t| t["target"].as_str())
+                            .collect();
+                        eprintln!(
+                            "  memory: flash {:.1} KiB, RAM {:.1} KiB (static plan, context {}); fits: {}",
+                            flash as f64 / 1024.0,
+                            ram as f64 / 1024.0,
+                            m["max_context"],
+                            if fits.is_empty() { "none of kiln's named targets".to_string() } else { fits.join("; ") }
+                        );
+                    }
                 }
                 results.push(res);
             }

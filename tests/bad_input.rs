@@ -157,12 +157,22 @@ fn corrupt_model_leaves_no_build() {
 }
 
 #[test]
-fn unavailable_backend_is_named() {
-    let dir = tempdir("unavail");
+fn op_a_backend_lacks_is_named() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempdir("unsupported-op");
     let out = dir.join("build");
-    let r = root().join("recipes/smollm2-135m.yaml");
+    // A quantized KV cache is an op attribute the fixed-point backend does not run.
+    let r = dir.join("kvwatch.yaml");
+    write(
+        &r,
+        format!(
+            "name: kvwatch\nmodel: {}\ndevices:\n  watch:\n    backend: fixed\n    passes: [dce, {{kv_quant: {{type: q8_0}}}}]\n",
+            model.display()
+        )
+        .as_bytes(),
+    );
     let o = run(&["compile", "--recipe", r.to_str().unwrap(), "--device", "watch", "--out", out.to_str().unwrap()]);
-    assert_clean_error(&o, &["fixed", "not available yet"]);
+    assert_clean_error(&o, &["kvwatch.yaml", "backend `fixed` does not support", "attention"]);
     assert!(!out.exists());
 }
 

@@ -135,8 +135,9 @@ pub trait Backend: Send + Sync {
     ) -> Result<Box<dyn Session>, BackendError>;
     /// Files the backend generates for `module` at compile time (kernel
     /// sources), stored in the build beside the IR and handed back to
-    /// [`Backend::prepare`] in [`SessionOptions::files`]. Deterministic.
-    fn emit(&self, _module: &VerifiedModule) -> Result<Vec<BuildFile>, BackendError> {
+    /// [`Backend::prepare`] in [`SessionOptions::files`]. Deterministic. Backends that
+    /// compile the weights into their files (the fixed-point C library) read `weights`.
+    fn emit(&self, _module: &VerifiedModule, _weights: &dyn WeightSource) -> Result<Vec<BuildFile>, BackendError> {
         Ok(Vec::new())
     }
 }

@@ -12,6 +12,7 @@ pub fn backend_by_name(name: &str) -> Result<Box<dyn Backend>, BackendError> {
         "cpu" => Ok(Box::new(kiln_cpu::CpuBackend::new())),
         "wgpu" => Ok(Box::new(kiln_wgpu::WgpuBackend::new())),
         "metal" => Ok(Box::new(kiln_metal::MetalBackend::new())),
+        "fixed" => Ok(Box::new(kiln_fixed::FixedBackend::new())),
         _ => match BACKEND_NAMES.iter().find(|(n, _)| *n == name) {
             Some((n, what)) => Err(BackendError::NotAvailable { name: n, what }),
             None => Err(BackendError::UnknownBackend {

@@ -5,4 +5,5 @@ pub mod bench_kv;
 pub mod bench_quant;
 pub mod bench_spec;
 pub mod bench_steer;
+pub mod bench_watch;
 pub mod glassllm;

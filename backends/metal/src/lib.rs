@@ -77,7 +77,7 @@ impl Backend for MetalBackend {
         kiln_wgpu::lower::supports(module, op)
     }
 
-    fn emit(&self, module: &VerifiedModule) -> Result<Vec<BuildFile>, BackendError> {
+    fn emit(&self, module: &VerifiedModule, _weights: &dyn WeightSource) -> Result<Vec<BuildFile>, BackendError> {
         let mut files = Vec::new();
         let mut metas = Vec::new();
         for k in kernels_for(module) {

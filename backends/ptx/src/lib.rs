@@ -63,7 +63,7 @@ impl Backend for PtxBackend {
         lower::supports(module, op)
     }
 
-    fn emit(&self, module: &VerifiedModule) -> Result<Vec<BuildFile>, BackendError> {
+    fn emit(&self, module: &VerifiedModule, _weights: &dyn WeightSource) -> Result<Vec<BuildFile>, BackendError> {
         Ok(vec![BuildFile { name: PTX_FILE.into(), bytes: lower::module_ptx(module).into_bytes() }])
     }
 

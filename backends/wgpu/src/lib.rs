@@ -45,7 +45,7 @@ impl Backend for WgpuBackend {
         lower::supports(module, op)
     }
 
-    fn emit(&self, module: &VerifiedModule) -> Result<Vec<BuildFile>, BackendError> {
+    fn emit(&self, module: &VerifiedModule, _weights: &dyn WeightSource) -> Result<Vec<BuildFile>, BackendError> {
         lower::kernels_for(module)
             .into_iter()
             .map(|k| {

@@ -1,0 +1,355 @@
+/* kiln fixed-point kernels (C99, integer only). Statement for statement the Rust
+ * definition in kiln's backends/fixed/src/int.rs and interp.rs: activations are Q16
+ * int32, products and sums int64, right shifts round half up, narrowing saturates. */
+
+/* Cortex-M4/M7 (and any Armv7E-M/Armv8-M with the DSP extension): the matmul's inner loop
+ * takes two 16x8-bit products per SMLAD. Integer sums are exact, so this path computes
+ * the same bits as the portable one. */
+#if defined(__ARM_FEATURE_SIMD32) && defined(__ARM_FEATURE_DSP)
+#include <arm_acle.h>
+#define K_SIMD32 1
+#endif
+
+static inline int64_t k_asr(int64_t x, int s) {
+    return x >= 0 ? (x >> s) : -(((-x) - 1) >> s) - 1;
+}
+
+static inline int64_t k_rshr(int64_t x, int s) {
+    return s == 0 ? x : k_asr(x + ((int64_t)1 << (s - 1)), s);
+}
+
+static inline int64_t k_shift_round(int64_t x, int s) {
+    int64_t lim = (int64_t)1 << 62;
+    int l;
+    if (s > 62) return 0;
+    if (s >= 0) return k_rshr(x, s);
+    l = -s;
+    if (l >= 62 || x > (lim >> l) || x < -(lim >> l)) return x > 0 ? lim : (x < 0 ? -lim : 0);
+    return x * ((int64_t)1 << l);
+}
+
+static inline int32_t k_sat32(int64_t x) {
+    return x > INT32_MAX ? INT32_MAX : (x < INT32_MIN ? INT32_MIN : (int32_t)x);
+}
+
+static inline int16_t k_sat16(int64_t x) {
+    return x > 32767 ? 32767 : (x < -32767 ? -32767 : (int16_t)x);
+}
+
+static int k_bitlen(uint64_t u) {
+    int n = 0;
+    while (u) {
+        n++;
+        u >>= 1;
+    }
+    return n;
+}
+
+#if defined(KILN_USE_RMS_NORM)
+static uint32_t k_isqrt(uint64_t n) {
+    uint64_t rem = n, root = 0, bit = (uint64_t)1 << 62;
+    while (bit > n) bit >>= 2;
+    while (bit != 0) {
+        if (rem >= root + bit) {
+            rem -= root + bit;
+            root = (root >> 1) + bit;
+        } else {
+            root >>= 1;
+        }
+        bit >>= 2;
+    }
+    return (uint32_t)root;
+}
+#endif
+
+static int k_block_shift(const int32_t *x, int32_t n) {
+    uint64_t amax = 0;
+    int32_t i;
+    int b;
+    for (i = 0; i < n; i++) {
+        int64_t v = x[i];
+        uint64_t a = (uint64_t)(v < 0 ? -v : v);
+        if (a > amax) amax = a;
+    }
+    b = k_bitlen(amax);
+    return b > 15 ? b - 15 : 0;
+}
+
+static int k_quantize16(const int32_t *x, int16_t *m, int32_t n) {
+    int sh = k_block_shift(x, n);
+    int32_t i;
+    for (i = 0; i < n; i++) m[i] = k_sat16(k_rshr(x[i], sh));
+    return sh;
+}
+
+#define K_LOG2E_Q30 ((int64_t)1549082005)
+
+#if defined(KILN_USE_ATTENTION) || defined(KILN_USE_ACT_N) || defined(KILN_USE_GLU)
+static int64_t k_exp_neg(int64_t x) {
+    int64_t u, n, f, fr, a, b, v;
+    if (x < 0) x = 0;
+    if (x > INT32_MAX) x = INT32_MAX;
+    u = k_rshr((int64_t)(int32_t)x * K_LOG2E_Q30, 30);
+    n = u >> 16;
+    if (n >= 31) return 0;
+    f = u & 0xFFFF;
+    fr = f & 1023;
+    a = kiln_exp2_q30[f >> 10];
+    b = kiln_exp2_q30[(f >> 10) + 1];
+    v = a + k_rshr((b - a) * fr, 10);
+    return k_rshr(v, 14 + (int)n);
+}
+#endif
+
+#if defined(KILN_USE_ATTENTION) || defined(KILN_USE_ACT_N) || defined(KILN_USE_GLU)
+static int64_t k_sigmoid(int64_t x) {
+    int64_t e = k_exp_neg(x < 0 ? -x : x);
+    /* floor(2^32 / d) for d in [2^16, 2^17] with a 32-bit division (a hardware
+     * instruction on Cortex-M3 and up, where a 64-bit one is a library call) */
+    uint32_t d = (uint32_t)(65536 + e), q = 0xFFFFFFFFu / d;
+    int64_t s;
+    if ((uint32_t)((q + 1u) * d) == 0u) q++;
+    s = q;
+    return x >= 0 ? s : 65536 - s;
+}
+#endif
+
+#if defined(KILN_USE_ACT_N) || defined(KILN_USE_GLU)
+static int32_t k_act(int kind, int32_t x) {
+    if (kind == 0) return k_sat32(k_rshr((int64_t)x * k_sigmoid(x), 16));
+    {
+        int64_t xc = x, x2, x3, inner, z;
+        if (xc > ((int64_t)16 << 16)) xc = (int64_t)16 << 16;
+        if (xc < -((int64_t)16 << 16)) xc = -((int64_t)16 << 16);
+        x2 = k_rshr(xc * xc, 16);
+        x3 = k_rshr(x2 * xc, 16);
+        inner = xc + k_rshr(x3 * 2930, 16);
+        z = k_rshr(inner * 104581, 16);
+        return k_sat32(k_rshr((int64_t)x * k_sigmoid(z), 16));
+    }
+}
+#endif
+
+#if defined(KILN_USE_ATTENTION)
+static int64_t k_div_round(int64_t a, int64_t b) {
+    return a >= 0 ? (a + b / 2) / b : -((-a + b / 2) / b);
+}
+#endif
+
+#if defined(KILN_USE_EMBED)
+static void k_embed(int32_t *y, const int8_t *w, const int32_t *mult, const int32_t *shift, int32_t cols,
+                    int32_t token) {
+    const int8_t *row = w + (int32_t)token * cols;
+    int64_t m = mult[token];
+    int s = shift[token] - 16;
+    int32_t i;
+    for (i = 0; i < cols; i++) y[i] = k_sat32(k_shift_round(row[i] * m, s));
+}
+#endif
+
+#if defined(KILN_USE_RMS_NORM)
+static void k_rms_norm(const int32_t *x, int32_t *y, int32_t n, int32_t group, const int32_t *gamma,
+                       int32_t gamma_len, uint64_t eps_q) {
+    int32_t g0, i;
+    for (g0 = 0; g0 < n; g0 += group) {
+        const int32_t *xg = x + g0;
+        int32_t *yg = y + g0;
+        const int32_t *gg = gamma ? gamma + (g0 % gamma_len) : 0;
+        int sh = k_block_shift(xg, group), z;
+        uint64_t ss = 0, v, s;
+        int64_t inv;
+        for (i = 0; i < group; i++) {
+            int64_t m = k_rshr(xg[i], sh);
+            ss += (uint64_t)(m * m);
+        }
+        v = ss / (uint64_t)group +
+            (uint64_t)k_rshr((int64_t)(eps_q > (uint64_t)INT64_MAX ? (uint64_t)INT64_MAX : eps_q),
+                             2 * sh < 62 ? 2 * sh : 62);
+        if (v == 0) v = 1;
+        z = 62 - k_bitlen(v);
+        if (z % 2 != 0) z -= 1;
+        s = k_isqrt(v << z);
+        inv = (int64_t)(((uint64_t)1 << 61) / s);
+        for (i = 0; i < group; i++) {
+            int64_t m = k_rshr(xg[i], sh);
+            int64_t t = k_rshr(m * inv, 30);
+            int64_t gm = gg ? gg[i] : 65536;
+            yg[i] = k_sat32(k_shift_round(t * gm, 31 - z / 2));
+        }
+    }
+}
+#endif
+
+#if defined(KILN_USE_MATMUL)
+static void k_matmul(const int32_t *x, int32_t *y, int32_t rows, int32_t cols, const int8_t *w,
+                     const int32_t *mult, const int32_t *shift, const int32_t *bias, int16_t *m) {
+    int sh = k_quantize16(x, m, cols);
+    int32_t r, i, c0;
+#ifdef K_SIMD32
+    /* Mantissas reordered (m0, m2, m1, m3) per group of four, so one word holds the pair
+     * that meets sext(w0, w2) and the next the pair for sext(w1, w3). */
+    int32_t body = cols & ~3;
+    for (i = 0; i < body; i += 4) {
+        int16_t t = m[i + 1];
+        m[i + 1] = m[i + 2];
+        m[i + 2] = t;
+    }
+#endif
+    for (r = 0; r < rows; r++) {
+        const int8_t *row = w + (int32_t)r * cols;
+        int64_t acc = 0, v;
+        /* int32 partial sums of at most 256 products (each below 2^22) are exact */
+        for (c0 = 0; c0 < cols; c0 += 256) {
+            int32_t part = 0, end = c0 + 256 < cols ? c0 + 256 : cols;
+            i = c0;
+#ifdef K_SIMD32
+            for (; i + 8 <= end; i += 8) {
+                uint32_t w0, w1, a0, a1, a2, a3;
+                memcpy(&w0, row + i, 4);
+                memcpy(&w1, row + i + 4, 4);
+                memcpy(&a0, m + i, 4);
+                memcpy(&a1, m + i + 2, 4);
+                memcpy(&a2, m + i + 4, 4);
+                memcpy(&a3, m + i + 6, 4);
+                part = __smlad((int32_t)a0, __sxtb16((int32_t)w0), part);
+                part = __smlad((int32_t)a1, __sxtb16((int32_t)((w0 >> 8) | (w0 << 24))), part);
+                part = __smlad((int32_t)a2, __sxtb16((int32_t)w1), part);
+                part = __smlad((int32_t)a3, __sxtb16((int32_t)((w1 >> 8) | (w1 << 24))), part);
+            }
+            for (; i + 4 <= end; i += 4) {
+                uint32_t w0, a0, a1;
+                memcpy(&w0, row + i, 4);
+                memcpy(&a0, m + i, 4);
+                memcpy(&a1, m + i + 2, 4);
+                part = __smlad((int32_t)a0, __sxtb16((int32_t)w0), part);
+                part = __smlad((int32_t)a1, __sxtb16((int32_t)((w0 >> 8) | (w0 << 24))), part);
+            }
+#endif
+            for (; i < end; i++) part += (int32_t)m[i] * (int32_t)row[i];
+            acc += part;
+        }
+        v = k_shift_round(acc * (int64_t)mult[r], shift[r] - sh);
+        if (bias) v += bias[r];
+        y[r] = k_sat32(v);
+    }
+}
+#endif
+
+#if defined(KILN_USE_ADD)
+static void k_add(const int32_t *a, const int32_t *b, int32_t *y, int32_t n) {
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] = k_sat32((int64_t)a[i] + b[i]);
+}
+#endif
+
+#if defined(KILN_USE_MUL)
+static void k_mul(const int32_t *a, const int32_t *b, int32_t *y, int32_t n) {
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] = k_sat32(k_rshr((int64_t)a[i] * b[i], 16));
+}
+#endif
+
+#if defined(KILN_USE_SCALE)
+static void k_scale(const int32_t *x, int32_t *y, int32_t n, int32_t mult, int shift) {
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] = k_sat32(k_shift_round((int64_t)x[i] * mult, shift));
+}
+#endif
+
+#if defined(KILN_USE_ACT_N)
+static void k_act_n(const int32_t *x, int32_t *y, int32_t n, int kind) {
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] = k_act(kind, x[i]);
+}
+#endif
+
+#if defined(KILN_USE_GLU)
+static void k_glu(const int32_t *g, const int32_t *u, int32_t *y, int32_t n, int kind) {
+    int32_t i;
+    for (i = 0; i < n; i++) y[i] = k_sat32(k_rshr((int64_t)k_act(kind, g[i]) * u[i], 16));
+}
+#endif
+
+#if defined(KILN_USE_ROPE)
+static void k_rope(const int32_t *x, int32_t *y, int32_t n, const int16_t *table, int32_t pos, int32_t head_dim,
+                   int32_t rot, int neox) {
+    int32_t half = rot / 2, h, i;
+    const int16_t *cs = table + (int32_t)pos * half * 2;
+    memcpy(y, x, (size_t)n * sizeof(int32_t));
+    for (h = 0; h < n; h += head_dim) {
+        int32_t *hp = y + h;
+        for (i = 0; i < half; i++) {
+            int32_t i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+            int64_t c = cs[2 * i], s = cs[2 * i + 1], x0 = hp[i0], x1 = hp[i1];
+            hp[i0] = k_sat32(k_rshr(x0 * c - x1 * s, 14));
+            hp[i1] = k_sat32(k_rshr(x0 * s + x1 * c, 14));
+        }
+    }
+}
+#endif
+
+#if defined(KILN_USE_ATTENTION)
+typedef struct {
+    int16_t *k, *v;
+    uint8_t *ks, *vs;
+    int32_t kv_heads, head_dim;
+} k_slot;
+#endif
+
+#if defined(KILN_USE_ATTENTION)
+static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, int32_t *y, k_slot *c,
+                        int32_t pos, int32_t heads, int32_t mult, int32_t shift, int32_t window, int softcap,
+                        int32_t cm1, int32_t cs1, int32_t cm2, int32_t cs2, int16_t *mq, int32_t *scores) {
+    int32_t hd = c->head_dim, kvh_n = c->kv_heads, h, j, d, lo, group = heads / kvh_n;
+    if (kn) {
+        for (h = 0; h < kvh_n; h++) {
+            int32_t at = (pos * kvh_n + h) * hd;
+            c->ks[pos * kvh_n + h] = (uint8_t)k_quantize16(kn + h * hd, c->k + at, hd);
+            c->vs[pos * kvh_n + h] = (uint8_t)k_quantize16(vn + h * hd, c->v + at, hd);
+        }
+    }
+    lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
+    for (h = 0; h < heads; h++) {
+        int32_t kvh = h / group, mx = INT32_MIN;
+        int shq = k_quantize16(q + h * hd, mq, hd);
+        int64_t total = 0;
+        for (j = lo; j <= pos; j++) {
+            const int16_t *kr = c->k + (j * kvh_n + kvh) * hd;
+            int64_t dot = 0;
+            int32_t sc;
+            int shk = c->ks[j * kvh_n + kvh];
+            d = 0;
+#ifdef K_SIMD32
+            for (; d + 2 <= hd; d += 2) {
+                uint32_t a, b;
+                memcpy(&a, mq + d, 4);
+                memcpy(&b, kr + d, 4);
+                dot = __smlald((int32_t)a, (int32_t)b, dot);
+            }
+#endif
+            for (; d < hd; d++) dot += (int32_t)mq[d] * (int32_t)kr[d];
+            sc = k_sat32(k_shift_round(dot * mult, shift + 16 - shq - shk));
+            if (softcap) {
+                int64_t zz = k_shift_round((int64_t)sc * cm1, cs1);
+                int64_t t = 2 * k_sigmoid(zz) - 65536;
+                sc = k_sat32(k_shift_round(t * cm2, cs2));
+            }
+            scores[j] = sc;
+            if (sc > mx) mx = sc;
+        }
+        for (j = lo; j <= pos; j++) {
+            scores[j] = (int32_t)k_exp_neg((int64_t)mx - scores[j]);
+            total += scores[j];
+        }
+        for (d = 0; d < hd; d++) {
+            int64_t acc = 0;
+            for (j = lo; j <= pos; j++) {
+                int32_t at = (j * kvh_n + kvh) * hd + d;
+                int64_t vv = (int64_t)c->v[at] * ((int64_t)1 << c->vs[j * kvh_n + kvh]);
+                acc += scores[j] * vv;
+            }
+            y[h * hd + d] = k_sat32(k_div_round(acc, total));
+        }
+    }
+}
+#endif

@@ -1,0 +1,314 @@
+//! The integer interpreter: runs a [`Program`] one token at a time. It is the
+//! definition the emitted C library (`c/kiln_ops.c` + the generated step list) must
+//! reproduce bit for bit, on the host and on a Cortex-M.
+
+use crate::int::{self, exp_neg, quantize16, rshr, sat32, shift_round};
+use crate::program::*;
+
+/// Errors of a forward step (the C library returns the same cases as negative codes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepError {
+    Context { max: usize },
+    Token { id: u32, vocab: usize },
+}
+
+struct Cache {
+    k: Vec<i16>,
+    v: Vec<i16>,
+    ks: Vec<u8>,
+    vs: Vec<u8>,
+}
+
+/// The state of a running program: arena, scratch and KV cache.
+pub struct Machine {
+    program: Program,
+    exp2: Vec<i32>,
+    arena: Vec<i32>,
+    scratch: Vec<i16>,
+    scores: Vec<i32>,
+    caches: Vec<Cache>,
+    pos: usize,
+}
+
+fn i8s(d: &Data) -> &[i8] {
+    match d {
+        Data::I8(v) => v,
+        _ => unreachable!("the lowering types every constant"),
+    }
+}
+fn i16s(d: &Data) -> &[i16] {
+    match d {
+        Data::I16(v) => v,
+        _ => unreachable!("the lowering types every constant"),
+    }
+}
+fn i32s(d: &Data) -> &[i32] {
+    match d {
+        Data::I32(v) => v,
+        _ => unreachable!("the lowering types every constant"),
+    }
+}
+
+impl Machine {
+    pub fn new(program: Program) -> Machine {
+        let exp2 = i32s(program.data(program.exp2)).to_vec();
+        let caches = program
+            .slots
+            .iter()
+            .map(|s| {
+                let n = program.max_context * s.kv_heads;
+                Cache { k: vec![0; n * s.head_dim], v: vec![0; n * s.head_dim], ks: vec![0; n], vs: vec![0; n] }
+            })
+            .collect();
+        Machine {
+            exp2,
+            arena: vec![0; program.arena],
+            scratch: vec![0; program.scratch16],
+            scores: vec![0; program.max_context],
+            caches,
+            pos: 0,
+            program,
+        }
+    }
+
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// Forgets positions at and after `pos`.
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
+    /// Runs one token at the next position; returns its Q16 logits.
+    pub fn step(&mut self, token: u32) -> Result<&[i32], StepError> {
+        let p = &self.program;
+        if self.pos >= p.max_context {
+            return Err(StepError::Context { max: p.max_context });
+        }
+        if token as usize >= p.vocab_rows() {
+            return Err(StepError::Token { id: token, vocab: p.vocab_rows() });
+        }
+        let pos = self.pos;
+        for step in &p.steps {
+            run_step(
+                p,
+                step,
+                token as usize,
+                pos,
+                &self.exp2,
+                &mut self.arena,
+                &mut self.scratch,
+                &mut self.scores,
+                &mut self.caches,
+            );
+        }
+        self.pos += 1;
+        let l = p.logits;
+        Ok(&self.arena[l.off..l.off + l.len])
+    }
+}
+
+impl Program {
+    /// Rows of the embedding table (the token ids a step accepts).
+    pub fn vocab_rows(&self) -> usize {
+        self.steps
+            .iter()
+            .find_map(|s| match s {
+                Step::Embed { table, .. } => Some(table.rows),
+                _ => None,
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// `out = in` as a copy of the arena range (inputs and outputs never overlap).
+fn split(arena: &mut [i32], a: Buf, out: Buf) -> (&[i32], &mut [i32]) {
+    debug_assert!(a.off + a.len <= out.off || out.off + out.len <= a.off);
+    if a.off < out.off {
+        let (lo, hi) = arena.split_at_mut(out.off);
+        (&lo[a.off..a.off + a.len], &mut hi[..out.len])
+    } else {
+        let (lo, hi) = arena.split_at_mut(a.off);
+        (&hi[..a.len], &mut lo[out.off..out.off + out.len])
+    }
+}
+
+// Index loops on purpose: each step reads like its C twin in `c/kiln_ops.c`.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+fn run_step(
+    p: &Program,
+    step: &Step,
+    token: usize,
+    pos: usize,
+    exp2: &[i32],
+    arena: &mut [i32],
+    scratch: &mut [i16],
+    scores: &mut [i32],
+    caches: &mut [Cache],
+) {
+    match step {
+        Step::Embed { table, out } => {
+            let w = &i8s(p.data(table.w))[token * table.cols..(token + 1) * table.cols];
+            let (m, s) = (i32s(p.data(table.mult))[token] as i64, i32s(p.data(table.shift))[token]);
+            for (d, x) in arena[out.off..out.off + out.len].iter_mut().zip(w) {
+                *d = sat32(shift_round(*x as i64 * m, s - 16));
+            }
+        }
+        Step::RmsNorm { x, out, group, gamma, eps_q } => {
+            let gamma = gamma.map(|g| i32s(p.data(g)));
+            let (xs, ys) = split(arena, *x, *out);
+            for (gi, (xg, yg)) in xs.chunks(*group).zip(ys.chunks_mut(*group)).enumerate() {
+                let g = gamma.map(|g| &g[gi * group % g.len()..]);
+                rms_norm(xg, yg, g, *eps_q);
+            }
+        }
+        Step::MatMul { x, out, w, bias } => {
+            let (xs, ys) = split(arena, *x, *out);
+            let m = &mut scratch[..x.len];
+            let sh = quantize16(xs, m) as i32;
+            let wq = i8s(p.data(w.w));
+            let (mult, shift) = (i32s(p.data(w.mult)), i32s(p.data(w.shift)));
+            let bias = bias.map(|b| i32s(p.data(b)));
+            for (r, y) in ys.iter_mut().enumerate() {
+                let row = &wq[r * w.cols..(r + 1) * w.cols];
+                let mut acc = 0i64;
+                for (a, b) in m.iter().zip(row) {
+                    acc += (*a as i32 * *b as i32) as i64;
+                }
+                let mut v = shift_round(acc * mult[r] as i64, shift[r] - sh);
+                if let Some(b) = bias {
+                    v += b[r] as i64;
+                }
+                *y = sat32(v);
+            }
+        }
+        Step::Add { a, b, out } | Step::Mul { a, b, out } => {
+            let mul = matches!(step, Step::Mul { .. });
+            for i in 0..out.len {
+                let (u, v) = (arena[a.off + i] as i64, arena[b.off + i] as i64);
+                arena[out.off + i] = sat32(if mul { rshr(u * v, 16) } else { u + v });
+            }
+        }
+        Step::Scale { x, out, mult, shift } => {
+            for i in 0..out.len {
+                arena[out.off + i] = sat32(shift_round(arena[x.off + i] as i64 * *mult as i64, *shift));
+            }
+        }
+        Step::Act { x, out, kind } => {
+            for i in 0..out.len {
+                arena[out.off + i] = act(*kind, arena[x.off + i], exp2);
+            }
+        }
+        Step::Glu { gate, up, out, kind } => {
+            for i in 0..out.len {
+                let g = act(*kind, arena[gate.off + i], exp2) as i64;
+                arena[out.off + i] = sat32(rshr(g * arena[up.off + i] as i64, 16));
+            }
+        }
+        Step::Rope { x, out, table, head_dim, rot, neox } => {
+            let half = rot / 2;
+            let cs = &i16s(p.data(*table))[pos * half * 2..(pos + 1) * half * 2];
+            let (xs, ys) = split(arena, *x, *out);
+            ys.copy_from_slice(xs);
+            for head in ys.chunks_mut(*head_dim) {
+                for i in 0..half {
+                    let (i0, i1) = if *neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                    let (c, s) = (cs[2 * i] as i64, cs[2 * i + 1] as i64);
+                    let (x0, x1) = (head[i0] as i64, head[i1] as i64);
+                    head[i0] = sat32(rshr(x0 * c - x1 * s, 14));
+                    head[i1] = sat32(rshr(x0 * s + x1 * c, 14));
+                }
+            }
+        }
+        Step::Attention { q, kv, out, slot, heads, kv_heads, head_dim, mult, shift, window, softcap } => {
+            let hd = *head_dim;
+            let c = &mut caches[*slot];
+            if let Some((k, v)) = kv {
+                for h in 0..*kv_heads {
+                    let at = (pos * kv_heads + h) * hd;
+                    let ks = &arena[k.off + h * hd..k.off + (h + 1) * hd];
+                    c.ks[pos * kv_heads + h] = quantize16(ks, &mut c.k[at..at + hd]) as u8;
+                    let vs = &arena[v.off + h * hd..v.off + (h + 1) * hd];
+                    c.vs[pos * kv_heads + h] = quantize16(vs, &mut c.v[at..at + hd]) as u8;
+                }
+            }
+            let lo = if *window > 0 && pos + 1 > *window { pos + 1 - window } else { 0 };
+            let group = heads / kv_heads;
+            for h in 0..*heads {
+                let kvh = h / group;
+                let mq = &mut scratch[..hd];
+                let shq = quantize16(&arena[q.off + h * hd..q.off + (h + 1) * hd], mq) as i32;
+                let mut mx = i32::MIN;
+                for j in lo..=pos {
+                    let at = (j * kv_heads + kvh) * hd;
+                    let mut dot = 0i64;
+                    for (a, b) in mq.iter().zip(&c.k[at..at + hd]) {
+                        dot += (*a as i32 * *b as i32) as i64;
+                    }
+                    let shk = c.ks[j * kv_heads + kvh] as i32;
+                    let mut sc = sat32(shift_round(dot * *mult as i64, shift + 16 - shq - shk));
+                    if let Some([(m1, s1), (m2, s2)]) = softcap {
+                        let z = shift_round(sc as i64 * *m1 as i64, *s1);
+                        let t = 2 * int::sigmoid(z, exp2) - 65536;
+                        sc = sat32(shift_round(t * *m2 as i64, *s2));
+                    }
+                    scores[j] = sc;
+                    mx = mx.max(sc);
+                }
+                let mut total = 0i64;
+                for s in &mut scores[lo..=pos] {
+                    *s = exp_neg(mx as i64 - *s as i64, exp2) as i32;
+                    total += *s as i64;
+                }
+                for d in 0..hd {
+                    let mut acc = 0i64;
+                    for j in lo..=pos {
+                        let at = (j * kv_heads + kvh) * hd + d;
+                        let vv = (c.v[at] as i64) << c.vs[j * kv_heads + kvh];
+                        acc += scores[j] as i64 * vv;
+                    }
+                    arena[out.off + h * hd + d] = sat32(int::div_round(acc, total));
+                }
+            }
+        }
+    }
+}
+
+fn act(kind: ActKind, x: i32, exp2: &[i32]) -> i32 {
+    match kind {
+        ActKind::Silu => int::silu(x, exp2),
+        ActKind::GeluTanh => int::gelu_tanh(x, exp2),
+    }
+}
+
+/// RMS normalization of one group (see `int.rs` for the steps' rounding).
+fn rms_norm(x: &[i32], y: &mut [i32], gamma: Option<&[i32]>, eps_q: u64) {
+    let n = x.len() as u64;
+    let sh = int::block_shift(x);
+    let mut ss = 0u64;
+    for v in x {
+        let m = rshr(*v as i64, sh);
+        ss += (m * m) as u64;
+    }
+    let mut v = ss / n + (rshr(eps_q.min(i64::MAX as u64) as i64, (2 * sh).min(62)) as u64);
+    if v == 0 {
+        v = 1;
+    }
+    let mut z = 62 - int::bitlen(v) as i32;
+    if z % 2 != 0 {
+        z -= 1;
+    }
+    let s = int::isqrt(v << z) as u64;
+    let inv = ((1u64 << 61) / s) as i64;
+    for (i, (d, xv)) in y.iter_mut().zip(x).enumerate() {
+        let m = rshr(*xv as i64, sh);
+        let t = rshr(m * inv, 30);
+        let g = gamma.map(|g| g[i] as i64).unwrap_or(65536);
+        *d = sat32(shift_round(t * g, 31 - z / 2));
+    }
+}

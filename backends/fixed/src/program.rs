@@ -1,0 +1,181 @@
+//! A fixed-point program: what the lowering produces and both the interpreter and the
+//! C printer consume. Data only: integer constants (flash), a static buffer plan (RAM)
+//! and a straight-line list of steps for one token.
+
+/// A constant array that lives in flash.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    I8(Vec<i8>),
+    I16(Vec<i16>),
+    I32(Vec<i32>),
+}
+
+impl Data {
+    pub fn bytes(&self) -> usize {
+        match self {
+            Data::I8(v) => v.len(),
+            Data::I16(v) => 2 * v.len(),
+            Data::I32(v) => 4 * v.len(),
+        }
+    }
+}
+
+/// Index of a constant in [`Program::consts`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConstId(pub usize);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Const {
+    /// C identifier.
+    pub name: String,
+    pub data: Data,
+}
+
+/// A range of the activation arena, in 32-bit words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buf {
+    pub off: usize,
+    pub len: usize,
+}
+
+/// Per-row int8 weights `[rows, cols]` with row scales `mult[r] · 2^-shift[r]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rows {
+    pub w: ConstId,
+    pub mult: ConstId,
+    pub shift: ConstId,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    Silu,
+    GeluTanh,
+}
+
+/// One step of the per-token program. All activations are Q16 `i32`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Row `token` of the table, dequantized to Q16.
+    Embed {
+        table: Rows,
+        out: Buf,
+    },
+    /// RMS normalization over groups of `group`, times `gamma` (Q16) when given.
+    /// `eps_q` is `round(eps · 2^32)`.
+    RmsNorm {
+        x: Buf,
+        out: Buf,
+        group: usize,
+        gamma: Option<ConstId>,
+        eps_q: u64,
+    },
+    /// `out = W · x (+ bias)`.
+    MatMul {
+        x: Buf,
+        out: Buf,
+        w: Rows,
+        bias: Option<ConstId>,
+    },
+    Add {
+        a: Buf,
+        b: Buf,
+        out: Buf,
+    },
+    Mul {
+        a: Buf,
+        b: Buf,
+        out: Buf,
+    },
+    /// `out = x · mult · 2^-shift`.
+    Scale {
+        x: Buf,
+        out: Buf,
+        mult: i32,
+        shift: i32,
+    },
+    Act {
+        x: Buf,
+        out: Buf,
+        kind: ActKind,
+    },
+    Glu {
+        gate: Buf,
+        up: Buf,
+        out: Buf,
+        kind: ActKind,
+    },
+    /// Rotary embedding from the `[max_context][half][cos, sin]` Q14 table.
+    Rope {
+        x: Buf,
+        out: Buf,
+        table: ConstId,
+        head_dim: usize,
+        rot: usize,
+        neox: bool,
+    },
+    /// Appends `k`/`v` (when given) to cache `slot` and attends over it.
+    Attention {
+        q: Buf,
+        kv: Option<(Buf, Buf)>,
+        out: Buf,
+        slot: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        /// The score scale as `mult · 2^-shift`.
+        mult: i32,
+        shift: i32,
+        window: usize,
+        /// Soft-cap: `2/cap` and `cap` as multipliers.
+        softcap: Option<[(i32, i32); 2]>,
+    },
+}
+
+/// A KV-cache slot: `max_context × kv_heads × head_dim` 16-bit mantissas for K and V,
+/// with one shift per position and head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Program {
+    pub name: String,
+    pub max_context: usize,
+    pub vocab: usize,
+    pub consts: Vec<Const>,
+    /// The `2^(-k/64)` table (Q30) of every exponential.
+    pub exp2: ConstId,
+    pub steps: Vec<Step>,
+    /// Activation arena size in 32-bit words.
+    pub arena: usize,
+    /// Scratch for 16-bit mantissas (matmul inputs, a query head), in elements.
+    pub scratch16: usize,
+    pub slots: Vec<Slot>,
+    /// Where the logits are after the last step.
+    pub logits: Buf,
+}
+
+impl Program {
+    pub fn data(&self, c: ConstId) -> &Data {
+        &self.consts[c.0].data
+    }
+
+    /// Bytes of constant data (flash).
+    pub fn flash_bytes(&self) -> usize {
+        self.consts.iter().map(|c| c.data.bytes()).sum()
+    }
+
+    /// Bytes of the KV cache.
+    pub fn kv_bytes(&self) -> usize {
+        self.slots.iter().map(|s| 2 * self.max_context * s.kv_heads * (2 * s.head_dim + 1)).sum()
+    }
+
+    /// Bytes of static RAM: the arena, the scratch, the scores row and the KV cache.
+    pub fn ram_bytes(&self) -> usize {
+        4 * self.arena + 2 * self.scratch16 + 4 * self.max_context + self.kv_bytes()
+    }
+}

@@ -1,0 +1,107 @@
+//! The common differential test body on the fixed-point backend, twice:
+//!
+//! 1. With every weight matrix first rounded to what the lowering stores (int8 per row):
+//!    the reference interpreter then computes in f32 on exactly the weights the integer
+//!    build has, so the difference is the integer arithmetic alone (16-bit activation
+//!    mantissas, integer rsqrt, exp, sigmoid, RoPE tables) — a tight budget.
+//! 2. With the cases' own weights: the whole fixed-point build against the float model,
+//!    int8 rounding included — the budget a user sees.
+//!
+//! Cases with ops fixed-point builds do not have are refused by name, never run wrong.
+
+use kiln_backends::conformance::{Case, cases, run_cases};
+use kiln_fixed::FixedBackend;
+use kiln_ir::{DType, Op, ParamId};
+
+/// Integer arithmetic alone (case 1): max |Δ| / max |logit|.
+const ARITH_BUDGET: f32 = 1e-3;
+/// One op with int8 weights (case 2): each weight rounds by up to 1/254 of its row's
+/// largest, about 0.6% of a dot product.
+const OP_BUDGET: f32 = 1.5e-2;
+/// Whole random multi-layer models and sharp attention (case 2), where rounding compounds
+/// or a softmax over large scores amplifies it.
+const MODEL_BUDGET: f32 = 1e-1;
+
+/// `c` with every matrix the lowering requantizes replaced by its int8-per-row rounding, in f32.
+fn with_int8_weights(mut c: Case) -> Case {
+    let mut mats: Vec<ParamId> = c
+        .module
+        .insts
+        .iter()
+        .filter_map(|i| match &i.op {
+            Op::Embed { table, .. } => Some(*table),
+            Op::MatMul { w, .. } => Some(*w),
+            _ => None,
+        })
+        .collect();
+    mats.sort();
+    mats.dedup();
+    for p in mats {
+        let ty = c.module.params[p.index()].ty.clone();
+        let dims = ty.fixed_dims().unwrap();
+        let cols = dims[1] as usize;
+        let row_bytes = ty.dtype.row_bytes(cols as u64).unwrap() as usize;
+        let mut out = Vec::new();
+        for row in c.weights[p.index()].chunks(row_bytes) {
+            let mut w = vec![0f32; cols];
+            kiln_quant::dequantize_row(ty.dtype, row, &mut w).unwrap();
+            let amax = w.iter().fold(0f64, |m, x| m.max((*x as f64).abs()));
+            let scale = amax / 127.0;
+            for x in &w {
+                let q = if scale > 0.0 { ((*x as f64) / scale).round().clamp(-127.0, 127.0) } else { 0.0 };
+                out.extend_from_slice(&((q * scale) as f32).to_le_bytes());
+            }
+        }
+        c.module.params[p.index()].ty.dtype = DType::F32;
+        c.weights[p.index()] = out;
+    }
+    c
+}
+
+fn check(cases: Vec<Case>, budget: impl Fn(&str) -> f32) {
+    let cases: Vec<Case> = cases
+        .into_iter()
+        .map(|mut c| {
+            c.budget = c.budget.max(budget(&c.name));
+            c
+        })
+        .collect();
+    let outcomes = run_cases(&FixedBackend, cases);
+    let mut report = String::new();
+    let (mut failed, mut ran) = (0, 0);
+    for o in &outcomes {
+        let line = match &o.result {
+            Ok(e) => {
+                ran += 1;
+                let ok = *e <= o.budget;
+                failed += !ok as usize;
+                format!("{:<70} rel err {e:.2e} (budget {:.0e}){}", o.name, o.budget, if ok { "" } else { "  OVER" })
+            }
+            Err(e) if e.starts_with("unsupported") => {
+                let expected = ["layer_norm", "softmax", "steer"].iter().any(|w| e.contains(w))
+                    || (o.name.contains("KV cache") && e.contains("attention"));
+                failed += !expected as usize;
+                format!("{:<70} {e}{}", o.name, if expected { "" } else { "  UNEXPECTED" })
+            }
+            Err(e) => {
+                failed += 1;
+                format!("{:<70} ERROR {e}", o.name)
+            }
+        };
+        report += &line;
+        report.push('\n');
+    }
+    println!("{report}");
+    assert!(ran > 40, "only {ran} cases ran:\n{report}");
+    assert_eq!(failed, 0, "\n{report}");
+}
+
+#[test]
+fn integer_arithmetic_matches_the_reference_on_the_same_weights() {
+    check(cases().into_iter().map(with_int8_weights).collect(), |_| ARITH_BUDGET);
+}
+
+#[test]
+fn fixed_point_build_tracks_the_float_model() {
+    check(cases(), |name| if name.contains("llama") || name.contains("attention") { MODEL_BUDGET } else { OP_BUDGET });
+}
