@@ -161,6 +161,14 @@ struct RunArgs {
     /// lookup over the same KV cache; the output is exactly the greedy output.
     #[arg(long, value_name = "N", num_args = 0..=1, default_missing_value = "8")]
     speculate: Option<usize>,
+    /// Constrain the output to JSON valid against this JSON schema (grammar-constrained
+    /// decoding; generation stops when the value is complete).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tools", "speculate"])]
+    json_schema: Option<PathBuf>,
+    /// Constrain the output to one function call `{"name": ..., "arguments": {...}}` against
+    /// this tool list (OpenAI-style tool objects with JSON-schema `parameters`).
+    #[arg(long, value_name = "FILE", conflicts_with = "speculate")]
+    tools: Option<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -285,6 +293,19 @@ fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
 }
 
+/// The grammar `--json-schema` or `--tools` asks for.
+fn grammar_of(a: &RunArgs) -> KilnResult<Option<std::sync::Arc<kiln_runtime::grammar::Grammar>>> {
+    use kiln_runtime::grammar::Grammar;
+    let read = |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| KilnError::io(p, e));
+    let origin = |p: &PathBuf| p.display().to_string();
+    let g = match (&a.json_schema, &a.tools) {
+        (Some(p), _) => Grammar::from_schema_text(&read(p)?, &origin(p))?,
+        (None, Some(p)) => Grammar::function_call_text(&read(p)?, &origin(p))?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(std::sync::Arc::new(g)))
+}
+
 fn cmd_run(a: RunArgs) -> KilnResult<()> {
     let mut model = load_model(&a.model, !a.common.json)?;
     a.common.apply(&mut model)?;
@@ -299,6 +320,7 @@ fn cmd_run(a: RunArgs) -> KilnResult<()> {
         },
         chat: a.chat,
         stop_at_eos: !a.ignore_eos,
+        grammar: grammar_of(&a)?,
     };
     let prompt_ids = kiln_runtime::generate::prompt_tokens(&model, &a.prompt, a.chat)?;
     let ctx = run_context(prompt_ids.len(), a.max_tokens, a.ctx, model.context_length())?;

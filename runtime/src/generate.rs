@@ -20,11 +20,20 @@ pub struct GenerateOptions {
     pub chat: bool,
     /// Stop at an end-of-generation token.
     pub stop_at_eos: bool,
+    /// Only produce text this grammar accepts (a JSON schema, e.g. a function call
+    /// against a tool list); generation stops when the value is complete.
+    pub grammar: Option<std::sync::Arc<crate::grammar::Grammar>>,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 64, sampler: SamplerConfig::greedy(), chat: false, stop_at_eos: true }
+        GenerateOptions {
+            max_tokens: 64,
+            sampler: SamplerConfig::greedy(),
+            chat: false,
+            stop_at_eos: true,
+            grammar: None,
+        }
     }
 }
 
@@ -103,6 +112,9 @@ pub fn generate_from_tokens(
     if prompt_ids.is_empty() {
         return Err(RuntimeError::Invalid("the prompt is empty".into()));
     }
+    if let Some(g) = &opts.grammar {
+        return generate_constrained(model, session, prompt_ids, opts, g, on_text);
+    }
     let mut sampler = Sampler::new(opts.sampler)?;
     let mut stream = crate::tokenizer::TokenStream::with_context(&model.tokenizer, prompt_ids);
     // Plain greedy decoding asks the backend for the argmax only (a GPU then
@@ -162,6 +174,91 @@ pub fn generate_from_tokens(
         next = step(session, &[tok], &history)?;
     }
     finish(stream, on_text, text, prompt_ids, out, stop_reason, prefill, t1)
+}
+
+/// Generation under a grammar: every step reads the logits row, takes the most likely
+/// token (greedy) or samples among the best `top_k` (40 when unset) whose text keeps the
+/// output a prefix of a value the grammar accepts, and stops once the value is complete
+/// and nothing can follow (stop reason `"complete"`), at an end-of-sequence token the
+/// grammar allows, or at `max_tokens` (`"length"`, the value unfinished).
+fn generate_constrained(
+    model: &Model,
+    session: &mut dyn Session,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    g: &crate::grammar::Grammar,
+    on_text: &mut dyn FnMut(&str),
+) -> RuntimeResult<GenerateOutput> {
+    let texts = crate::grammar::token_texts(&model.tokenizer)?;
+    let eos: Vec<u32> = if opts.stop_at_eos { model.tokenizer.eos_ids().to_vec() } else { vec![] };
+    let mut sampler = Sampler::new(opts.sampler)?;
+    let greedy = opts.sampler.temperature == 0.0;
+    let want = if greedy {
+        1
+    } else if opts.sampler.top_k > 0 {
+        opts.sampler.top_k
+    } else {
+        40
+    };
+    let mut m = g.start();
+    let t0 = Instant::now();
+    let mut logits = session.forward(prompt_ids, Logits::Last)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut history = prompt_ids.to_vec();
+    let (mut out, mut text, mut stop_reason) = (vec![], String::new(), "length");
+    let t1 = Instant::now();
+    let mut masked = vec![f32::NEG_INFINITY; logits.len()];
+    for i in 0..opts.max_tokens {
+        if interrupted() {
+            stop_reason = "interrupted";
+            break;
+        }
+        let cands = crate::grammar::viable(&m, &logits, &texts, &eos, want);
+        let pick = if greedy || cands.len() <= 1 {
+            0
+        } else {
+            masked.fill(f32::NEG_INFINITY);
+            for (id, _) in &cands {
+                masked[*id as usize] = logits[*id as usize];
+            }
+            let id = sampler.sample(&masked, &history)?;
+            cands.iter().position(|(c, _)| *c == id).unwrap_or(0)
+        };
+        let Some((tok, next)) = cands.into_iter().nth(pick) else {
+            return Err(RuntimeError::Invalid(format!(
+                "no token of the vocabulary continues the grammar after {text:?} (the tokenizer cannot spell what the schema needs)"
+            )));
+        };
+        let Some(next) = next else {
+            stop_reason = "eos";
+            break;
+        };
+        m = next;
+        out.push(tok);
+        history.push(tok);
+        let piece = texts[tok as usize].as_deref().unwrap_or("");
+        on_text(piece);
+        text.push_str(piece);
+        if m.is_complete() && !m.can_continue() {
+            stop_reason = "complete";
+            break;
+        }
+        if i + 1 < opts.max_tokens {
+            logits = session.forward(&[tok], Logits::Last)?;
+        }
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    Ok(GenerateOutput {
+        prompt_tokens: prompt_ids.to_vec(),
+        decode_tokens_per_second: rate(out.len(), decode),
+        tokens: out,
+        text,
+        stop_reason,
+        prefill_seconds: prefill,
+        decode_seconds: decode,
+        prefill_tokens_per_second: rate(prompt_ids.len(), prefill),
+    })
 }
 
 /// Ends a generation: flushes the text the stream held back, times the decode

@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod chat;
 pub mod error;
 pub mod generate;
+pub mod grammar;
 pub mod model;
 pub mod ppl;
 pub mod quality;
