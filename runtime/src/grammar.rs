@@ -452,12 +452,12 @@ impl<'g> Matcher<'g> {
                     let top = a.last_mut().expect("top");
                     match esc {
                         0 if c == '"' => {
-                            if len_u >= min {
+                            // A closing quote: the end, if the string is long enough.
+                            let done = len_u >= min;
+                            if done {
                                 a.pop();
-                                true
-                            } else {
-                                false
                             }
+                            done
                         }
                         0 if c == '\\' => {
                             *top = Item::Str { node, len, esc: 1 };
