@@ -23,13 +23,18 @@ fn prompt(build: &Path) -> Vec<u32> {
 }
 
 fn compile_glassllm(dir: &Path) -> Option<PathBuf> {
+    compile_recipe(dir, "glassllm-en")
+}
+
+/// The watch build of `recipes/<name>.yaml` (a glassllm recipe).
+fn compile_recipe(dir: &Path, name: &str) -> Option<PathBuf> {
     model("glassllm-en-hf")?;
     let out = dir.join("out");
-    let recipe = root().join("recipes/glassllm-en.yaml");
+    let recipe = root().join(format!("recipes/{name}.yaml"));
     let o =
         run(&["compile", "--recipe", recipe.to_str().unwrap(), "--device", "watch", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "compile failed: {}", stderr(&o));
-    Some(out.join("glassllm-en").join("watch"))
+    Some(out.join(name).join("watch"))
 }
 
 /// The interpreter's trace for the build's program (its context, its weights).
@@ -103,6 +108,39 @@ fn glassllm_watch_build_is_bit_identical_on_host_and_cortex_m4() {
         assert_eq!(got.tokens_and_hashes(), want.tokens_and_hashes(), "Cortex-M4 logits differ from the interpreter's");
         assert_eq!(got.limit, Some((-1, 128)), "the context limit on the Cortex-M4");
         assert!(got.steps.iter().all(|s| s.ticks > 0), "the timer counted");
+    }
+}
+
+/// The 4-bit build (Q4_0 tensors kept as packed nibbles, the Cortex-M4's UXTB16/SMLAD path):
+/// bit-identical too, in less flash.
+#[test]
+fn glassllm_int4_watch_build_is_bit_identical_on_host_and_cortex_m4() {
+    let dir = tempdir("fixed-glass4");
+    let Some(build) = compile_recipe(&dir, "glassllm-en-int4") else { return };
+    let manifest: Value = serde_json::from_slice(&std::fs::read(build.join("manifest.json")).unwrap()).unwrap();
+    assert!(manifest["memory"]["flash_bytes"].as_u64().unwrap() < 640 << 10, "{}", manifest["memory"]);
+    let q = &manifest["quality"];
+    // Budget for 4-bit weights: perplexity within 5% of the float model, top-1 agreement ≥ 80%.
+    assert!(q["ppl_ratio_minus_1"].as_f64().unwrap().abs() < 0.05, "{q}");
+    assert!(q["top1_agreement"].as_f64().unwrap() > 0.80, "{q}");
+    let model_c = std::fs::read_to_string(build.join("kiln_model.c")).unwrap();
+    assert!(model_c.contains("k_matmul_q4("), "no 4-bit matmul in the build");
+
+    let prompt = prompt(&build);
+    let want = interpreter_trace(&build, &prompt, STEPS);
+    let host = dir.join("host");
+    harness::stage(&build, &host, &prompt, STEPS).unwrap();
+    let got = harness::run_host(&harness::build_host(&host, &["-DKILN_DUMP_LOGITS"]).unwrap()).unwrap();
+    for (i, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
+        assert!(g == w, "host logits differ from the interpreter's at step {i}");
+    }
+    assert_eq!(got.tokens_and_hashes(), want.tokens_and_hashes());
+    if embedded_tools() {
+        let arm = dir.join("arm");
+        harness::stage(&build, &arm, &prompt, STEPS).unwrap();
+        let (elf, _) = harness::build_cortex_m4(&arm).unwrap();
+        let got = harness::run_qemu(&elf).unwrap();
+        assert_eq!(got.tokens_and_hashes(), want.tokens_and_hashes(), "Cortex-M4 logits differ from the interpreter's");
     }
 }
 

@@ -16,22 +16,25 @@ use crate::bench_quant::Env;
 use crate::bench_spec::{run_json, today};
 
 struct Opts {
-    recipe: PathBuf,
+    recipes: Vec<PathBuf>,
     steps: usize,
     out: PathBuf,
 }
 
 fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
-    let mut o =
-        Opts { recipe: env.root.join("recipes/glassllm-en.yaml"), steps: 32, out: env.root.join("bench/results") };
+    let mut o = Opts {
+        recipes: vec![env.root.join("recipes/glassllm-en.yaml"), env.root.join("recipes/glassllm-en-int4.yaml")],
+        steps: 32,
+        out: env.root.join("bench/results"),
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut val = || it.next().cloned().ok_or_else(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--recipe" => o.recipe = PathBuf::from(val()?),
+            "--recipes" => o.recipes = val()?.split(',').map(PathBuf::from).collect(),
             "--steps" => o.steps = val()?.parse().map_err(|_| "--steps needs a number")?,
             "--out" => o.out = PathBuf::from(val()?),
-            other => return Err(format!("unknown option `{other}` (--recipe --steps --out)")),
+            other => return Err(format!("unknown option `{other}` (--recipes --steps --out)")),
         }
     }
     Ok(o)
@@ -48,14 +51,104 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
             return Err(format!("{tool} is missing (apt-get install gcc gcc-arm-none-eabi qemu-system-arm)"));
         }
     }
-    let work = env.cache.join("bench-watch");
+    let mut results = vec![];
+    for recipe in &o.recipes {
+        results.push(measure(env, recipe, o.steps)?);
+    }
+    let date = today();
+    let doc = json!({"date": date, "decode_steps": o.steps, "builds": results});
+    std::fs::create_dir_all(&o.out).map_err(|e| e.to_string())?;
+    let jpath = o.out.join(format!("watch-{date}.json"));
+    std::fs::write(&jpath, serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n")
+        .map_err(|e| format!("{}: {e}", jpath.display()))?;
+    let mut md = format!(
+        "# Watch builds (fixed-point C) — {date}\n\n`cargo xtask bench watch`: each recipe compiled for `watch`, its C library built with `arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -O2` and run on QEMU `mps2-an386` with `-icount shift=0` (instructions counted exactly; a CMSDK timer tick is 40 instructions). Every Cortex-M4 run printed the host build's tokens and logit hashes for the prompt and all {} decode steps (bit-identical; the tests also check both against the Rust integer interpreter). Times at a clock assume one instruction per cycle.\n\n",
+        o.steps
+    );
+    let col = |f: &dyn Fn(&Value) -> String| results.iter().map(|r| f(r)).collect::<Vec<_>>().join(" | ");
+    let mb = |v: &Value| format!("{:.2} M", v.as_f64().unwrap_or(0.0) / 1e6);
+    md += &format!(
+        "| | {} |\n|---|{}\n",
+        col(&|r| format!("`{}`", r["recipe"].as_str().unwrap_or("?"))),
+        "---|".repeat(results.len())
+    );
+    let rows: Vec<(&str, Box<dyn Fn(&Value) -> String>)> = vec![
+        ("model", Box::new(|r: &Value| r["model"].as_str().unwrap_or("?").to_string())),
+        (
+            "flash (kiln's plan)",
+            Box::new(|r: &Value| {
+                format!("{:.1} KiB", r["memory_plan"]["flash_bytes"].as_f64().unwrap_or(0.0) / 1024.0)
+            }),
+        ),
+        (
+            "RAM (static plan incl. KV cache)",
+            Box::new(|r: &Value| {
+                format!(
+                    "{:.1} KiB ({} positions)",
+                    r["memory_plan"]["ram_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
+                    r["memory_plan"]["max_context"]
+                )
+            }),
+        ),
+        (
+            "Cortex-M4 image text / data / bss (with harness)",
+            Box::new(|r: &Value| {
+                let i = &r["cortex_m4_image"];
+                format!("{} / {} / {}", i["text"], i["data"], i["bss"])
+            }),
+        ),
+        ("instructions per prompt token", Box::new(move |r: &Value| mb(&r["instructions_per_prompt_token"]))),
+        (
+            "instructions per decoded token (first / last step)",
+            Box::new(move |r: &Value| {
+                let d = &r["instructions_per_decode_token"];
+                format!("{} / {}", mb(&d["first"]), mb(&d["last"]))
+            }),
+        ),
+    ];
+    for (name, f) in &rows {
+        md += &format!("| {name} | {} |\n", col(f.as_ref()));
+    }
+    for (i, (part, mhz)) in CLOCKS_MHZ.iter().enumerate() {
+        md += &format!(
+            "| decode at {mhz} MHz ({part}) | {} |\n",
+            col(&|r| format!("{:.1} tok/s", r["decode_at_clock"][i]["decode_tok_s"].as_f64().unwrap_or(0.0)))
+        );
+    }
+    md += &format!(
+        "| host build (x86-64, gcc -O2, 1 core) | {} |\n",
+        col(&|r| format!("{:.0} tok/s", r["host_tok_s"].as_f64().unwrap_or(0.0)))
+    );
+    md += &format!(
+        "| vs the float model on held-out text: perplexity change, mean KL, top-1 agreement | {} |\n",
+        col(&|r| {
+            let q = &r["quality"];
+            format!(
+                "{:+.2}%, {:.5}, {:.1}% ({} tokens)",
+                q["ppl_ratio_minus_1"].as_f64().unwrap_or(f64::NAN) * 100.0,
+                q["kl_mean"].as_f64().unwrap_or(f64::NAN),
+                q["top1_agreement"].as_f64().unwrap_or(f64::NAN) * 100.0,
+                q["tokens_scored"]
+            )
+        })
+    );
+    let mpath = o.out.join(format!("watch-{date}.md"));
+    std::fs::write(&mpath, &md).map_err(|e| format!("{}: {e}", mpath.display()))?;
+    println!("{md}");
+    println!("wrote {} and {}", jpath.display(), mpath.display());
+    Ok(())
+}
+
+fn measure(env: &Env, recipe: &std::path::Path, steps: usize) -> Result<Value, String> {
+    let name = recipe.file_stem().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let work = env.cache.join("bench-watch").join(&name);
     let _ = std::fs::remove_dir_all(&work);
     let built = run_json(
         &env.kiln,
         &[
             "compile".into(),
             "--recipe".into(),
-            o.recipe.display().to_string(),
+            recipe.display().to_string(),
             "--device".into(),
             "watch".into(),
             "--out".into(),
@@ -70,19 +163,19 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     let prompt: Vec<u32> = vec![2, 100, 200, 300, 400, 500, 600, 700];
 
     let host_dir = work.join("host");
-    harness::stage(&build, &host_dir, &prompt, o.steps)?;
+    harness::stage(&build, &host_dir, &prompt, steps)?;
     let exe = harness::build_host(&host_dir, &[])?;
     let t = Instant::now();
     let host = harness::run_host(&exe)?;
     let host_s = t.elapsed().as_secs_f64();
-    let limit = host.limit.ok_or("host run: no context-limit line")?.1 as f64;
+    let positions = host.limit.ok_or("host run: no context-limit line")?.1 as f64;
 
     let arm_dir = work.join("arm");
-    harness::stage(&build, &arm_dir, &prompt, o.steps)?;
+    harness::stage(&build, &arm_dir, &prompt, steps)?;
     let (elf, size) = harness::build_cortex_m4(&arm_dir)?;
     let arm = harness::run_qemu(&elf)?;
     if arm.tokens_and_hashes() != host.tokens_and_hashes() {
-        return Err("the Cortex-M4 run's tokens or logits differ from the host build's".into());
+        return Err(format!("{name}: the Cortex-M4 run's tokens or logits differ from the host build's"));
     }
     let ipt = harness::INSTRUCTIONS_PER_TICK as f64;
     let prefill = arm.prefill.as_ref().ok_or("no prefill line")?;
@@ -95,80 +188,18 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         .iter()
         .map(|(part, mhz)| json!({"part": part, "mhz": mhz, "decode_tok_s": mhz * 1e6 / mean}))
         .collect();
-    let date = today();
-    let doc = json!({
-        "date": date,
-        "recipe": o.recipe.file_name().map(|f| f.to_string_lossy().into_owned()),
+    Ok(json!({
+        "recipe": recipe.file_name().map(|f| f.to_string_lossy().into_owned()),
         "model": manifest["source"]["model"],
         "memory_plan": manifest["memory"],
         "cortex_m4_image": {"text": sizes.first(), "data": sizes.get(1), "bss": sizes.get(2), "flags": "-mcpu=cortex-m4 -mthumb -O2"},
         "prompt_tokens": prompt.len(),
-        "decode_steps": o.steps,
         "instructions_per_prompt_token": prefill_per_token,
-        "instructions_per_decode_token": {"first": first, "last": last, "mean": mean, "positions": [prompt.len(), prompt.len() + o.steps - 1]},
+        "instructions_per_decode_token": {"first": first, "last": last, "mean": mean, "positions": [prompt.len(), prompt.len() + steps - 1]},
         "decode_at_clock": at_clock,
-        "host_tok_s": (prompt.len() as f64 + o.steps as f64 + (limit - prompt.len() as f64 - o.steps as f64)) / host_s,
+        // The host harness runs every position of the context once (prompt, steps, then to the limit).
+        "host_tok_s": positions / host_s,
         "quality": manifest["quality"],
         "bit_identical_host_and_cortex_m4": true,
-    });
-    std::fs::create_dir_all(&o.out).map_err(|e| e.to_string())?;
-    let jpath = o.out.join(format!("watch-{date}.json"));
-    std::fs::write(&jpath, serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())? + "\n")
-        .map_err(|e| format!("{}: {e}", jpath.display()))?;
-    let mem = &manifest["memory"];
-    let q = &manifest["quality"];
-    let mut md = format!(
-        "# Watch build (fixed-point C) — {date}\n\n`cargo xtask bench watch`: `{}` compiled for `watch`, the C library built with `arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -O2` and run on QEMU `mps2-an386` with `-icount shift=0` (instructions counted exactly; a CMSDK timer tick is 40 instructions). The Cortex-M4 run printed the host build's tokens and logit hashes for the prompt and all {} decode steps (bit-identical; the tests also check both against the Rust integer interpreter).\n\n",
-        o.recipe.display(),
-        o.steps
-    );
-    md += "| | |\n| --- | --- |\n";
-    md += &format!("| model | {} |\n", manifest["source"]["model"].as_str().unwrap_or("?"));
-    md += &format!(
-        "| flash (constants, kiln's plan) | {:.1} KiB |\n| RAM (static plan: arena, scratch, KV cache for {} positions) | {:.1} KiB |\n",
-        mem["flash_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
-        mem["max_context"],
-        mem["ram_bytes"].as_f64().unwrap_or(0.0) / 1024.0
-    );
-    if sizes.len() == 3 {
-        md += &format!(
-            "| Cortex-M4 image (text / data / bss, harness included) | {} / {} / {} bytes |\n",
-            sizes[0], sizes[1], sizes[2]
-        );
-    }
-    md += &format!("| instructions per prompt token | {:.2} M |\n", prefill_per_token / 1e6);
-    md += &format!(
-        "| instructions per decoded token (position {} / {}; mean) | {:.2} M / {:.2} M; {:.2} M |\n",
-        prompt.len(),
-        prompt.len() + o.steps - 1,
-        first / 1e6,
-        last / 1e6,
-        mean / 1e6
-    );
-    for c in &at_clock {
-        md += &format!(
-            "| decode at {} MHz ({}; 1 instruction per cycle) | {:.1} tok/s |\n",
-            c["mhz"],
-            c["part"].as_str().unwrap_or(""),
-            c["decode_tok_s"].as_f64().unwrap_or(0.0)
-        );
-    }
-    md +=
-        &format!("| host build (x86-64 gcc -O2, 1 core) | {:.0} tok/s |\n", doc["host_tok_s"].as_f64().unwrap_or(0.0));
-    if let Some(ppl) = q["ppl"].as_f64() {
-        md += &format!(
-            "| quality vs the float model ({} tokens of held-out text) | perplexity {:.3} vs {:.3} ({:+.2}%), mean KL {:.5}, top-1 agreement {:.1}% |\n",
-            q["tokens_scored"],
-            ppl,
-            q["ppl_source"].as_f64().unwrap_or(0.0),
-            q["ppl_ratio_minus_1"].as_f64().unwrap_or(0.0) * 100.0,
-            q["kl_mean"].as_f64().unwrap_or(0.0),
-            q["top1_agreement"].as_f64().unwrap_or(0.0) * 100.0
-        );
-    }
-    let mpath = o.out.join(format!("watch-{date}.md"));
-    std::fs::write(&mpath, &md).map_err(|e| format!("{}: {e}", mpath.display()))?;
-    println!("{md}");
-    println!("wrote {} and {}", jpath.display(), mpath.display());
-    Ok(())
+    }))
 }

@@ -107,7 +107,7 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   bench spec [--models ID,ID] [--tokens 64] [--threads 2] [--backend reference]\n\
   bench steer [--recipe R] [--strengths -6,-3,0,3] [--max-tokens 320] [--limit N] [--threads 2]\n\
   bench kv [--models ID,ID] [--budgets 5%,25%] [--ctx 512] [--chunks 4] [--calib-ctx 256] [--calib-chunks 1]\n\
-  bench watch [--recipe recipes/glassllm-en.yaml] [--steps 32]   # Cortex-M4 under QEMU: flash, RAM, instructions/token\n\
+  bench watch [--recipes R,R] [--steps 32]   # Cortex-M4 under QEMU: flash, RAM, instructions/token\n\
   glassllm-to-hf --npz PATH --tokenizer PATH --out DIR\n\
   fuzz [--seconds 20] [--jobs 1] [--seed] [TARGET...]   run the fuzz targets (needs cargo-fuzz)";
 

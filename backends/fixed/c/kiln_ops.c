@@ -235,6 +235,85 @@ static void k_matmul(const int32_t *x, int32_t *y, int32_t rows, int32_t cols, c
 }
 #endif
 
+#if defined(KILN_USE_EMBED_Q4)
+static void k_embed_q4(int32_t *y, const uint8_t *w, const int16_t *gmult, const int32_t *shift, int32_t cols,
+                       int32_t token) {
+    int32_t groups = cols / 32, i;
+    const uint8_t *row = w + (int32_t)token * groups * 16;
+    const int16_t *gm = gmult + (int32_t)token * groups;
+    int s = shift[token] - 16;
+    for (i = 0; i < cols; i++) {
+        int64_t q = (int64_t)((i % 2 == 0) ? (row[i / 2] & 15) : (row[i / 2] >> 4)) - 8;
+        y[i] = k_sat32(k_shift_round(q * gm[i / 32], s));
+    }
+}
+#endif
+
+#if defined(KILN_USE_MATMUL_Q4)
+/* 4-bit groups of 32: dot_g = sum m[i] * q[i] - 8 * sum m[i] (the input's group sums once
+ * per matmul), acc = sum over groups of mult[g] * dot_g, all exact integers. */
+static void k_matmul_q4(const int32_t *x, int32_t *y, int32_t rows, int32_t cols, const uint8_t *w,
+                        const int16_t *gmult, const int32_t *shift, const int32_t *bias, int16_t *m, int32_t *gsum) {
+    int sh = k_quantize16(x, m, cols);
+    int32_t groups = cols / 32, r, g, i;
+    for (g = 0; g < groups; g++) {
+        int32_t t = 0;
+        for (i = 0; i < 32; i++) t += m[g * 32 + i];
+        gsum[g] = t;
+    }
+#ifdef K_SIMD32
+    /* Mantissas reordered (m0, m4, m2, m6, m1, m5, m3, m7) per eight, the order in which
+     * UXTB16 spreads the low and high nibbles of one weight word. */
+    for (i = 0; i < cols; i += 8) {
+        int16_t t[8];
+        memcpy(t, m + i, sizeof t);
+        m[i + 1] = t[4];
+        m[i + 2] = t[2];
+        m[i + 3] = t[6];
+        m[i + 4] = t[1];
+        m[i + 5] = t[5];
+        m[i + 6] = t[3];
+        m[i + 7] = t[7];
+    }
+#endif
+    for (r = 0; r < rows; r++) {
+        const uint8_t *row = w + (int32_t)r * groups * 16;
+        const int16_t *gm = gmult + (int32_t)r * groups;
+        int64_t acc = 0, v;
+        for (g = 0; g < groups; g++) {
+            const uint8_t *b = row + g * 16;
+            const int16_t *mg = m + g * 32;
+            int32_t part = 0;
+#ifdef K_SIMD32
+            for (i = 0; i < 16; i += 4) {
+                uint32_t wv, lo, hi, a0, a1, a2, a3;
+                memcpy(&wv, b + i, 4);
+                memcpy(&a0, mg + 2 * i, 4);
+                memcpy(&a1, mg + 2 * i + 2, 4);
+                memcpy(&a2, mg + 2 * i + 4, 4);
+                memcpy(&a3, mg + 2 * i + 6, 4);
+                lo = wv & 0x0F0F0F0Fu;
+                hi = (wv >> 4) & 0x0F0F0F0Fu;
+                part = __smlad((int32_t)a0, (int32_t)__uxtb16(lo), part);
+                part = __smlad((int32_t)a1, (int32_t)__uxtb16((lo >> 8) | (lo << 24)), part);
+                part = __smlad((int32_t)a2, (int32_t)__uxtb16(hi), part);
+                part = __smlad((int32_t)a3, (int32_t)__uxtb16((hi >> 8) | (hi << 24)), part);
+            }
+#else
+            for (i = 0; i < 16; i++) {
+                part += (int32_t)mg[2 * i] * (int32_t)(b[i] & 15);
+                part += (int32_t)mg[2 * i + 1] * (int32_t)(b[i] >> 4);
+            }
+#endif
+            acc += (int64_t)gm[g] * (int64_t)(part - 8 * gsum[g]);
+        }
+        v = k_shift_round(acc, shift[r] - sh);
+        if (bias) v += bias[r];
+        y[r] = k_sat32(v);
+    }
+}
+#endif
+
 #if defined(KILN_USE_ADD)
 static void k_add(const int32_t *a, const int32_t *b, int32_t *y, int32_t n) {
     int32_t i;

@@ -14,6 +14,7 @@ fn cname(c: &Const) -> String {
 
 fn ctype(d: &Data) -> (&'static str, usize) {
     match d {
+        Data::U8(v) => ("uint8_t", v.len()),
         Data::I8(v) => ("int8_t", v.len()),
         Data::I16(v) => ("int16_t", v.len()),
         Data::I32(v) => ("int32_t", v.len()),
@@ -71,6 +72,7 @@ pub fn weights_c(p: &Program) -> Vec<u8> {
         let (t, n) = ctype(&c.data);
         let decl = format!("const {t} {}[{n}]", cname(c));
         match &c.data {
+            Data::U8(v) => push_array(&mut out, &decl, v),
             Data::I8(v) => push_array(&mut out, &decl, v),
             Data::I16(v) => push_array(&mut out, &decl, v),
             Data::I32(v) => push_array(&mut out, &decl, v),
@@ -132,8 +134,10 @@ pub fn model_c(p: &Program) -> String {
         .steps
         .iter()
         .map(|st| match st {
+            Step::Embed { table, .. } if table.format == RowFormat::Q4 => "EMBED_Q4",
             Step::Embed { .. } => "EMBED",
             Step::RmsNorm { .. } => "RMS_NORM",
+            Step::MatMul { w, .. } if w.format == RowFormat::Q4 => "MATMUL_Q4",
             Step::MatMul { .. } => "MATMUL",
             Step::Add { .. } => "ADD",
             Step::Mul { .. } => "MUL",
@@ -155,6 +159,9 @@ pub fn model_c(p: &Program) -> String {
     let _ = writeln!(s, "static int32_t A[{}]; /* activation arena */", p.arena.max(1));
     let _ = writeln!(s, "static int16_t M16[{}]; /* 16-bit mantissas */", p.scratch16.max(1));
     let _ = writeln!(s, "static int32_t SC[{}]; /* attention scores */", p.max_context);
+    if p.scratch_groups > 0 {
+        let _ = writeln!(s, "static int32_t G32[{}]; /* group sums of a 4-bit matmul's input */", p.scratch_groups);
+    }
     for (i, sl) in p.slots.iter().enumerate() {
         let n = p.max_context * sl.kv_heads;
         let _ = writeln!(
@@ -181,6 +188,25 @@ pub fn model_c(p: &Program) -> String {
     }
     for st in &p.steps {
         let line = match st {
+            Step::Embed { table, out } if table.format == RowFormat::Q4 => format!(
+                "k_embed_q4({}, {}, {}, {}, {}, token);",
+                b(*out),
+                c(table.w),
+                c(table.mult),
+                c(table.shift),
+                table.cols
+            ),
+            Step::MatMul { x, out, w, bias } if w.format == RowFormat::Q4 => format!(
+                "k_matmul_q4({}, {}, {}, {}, {}, {}, {}, {}, M16, G32);",
+                b(*x),
+                b(*out),
+                w.rows,
+                w.cols,
+                c(w.w),
+                c(w.mult),
+                c(w.shift),
+                bias.map(c).unwrap_or_else(|| "0".into())
+            ),
             Step::Embed { table, out } => format!(
                 "k_embed({}, {}, {}, {}, {}, token);",
                 b(*out),

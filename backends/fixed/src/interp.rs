@@ -30,6 +30,12 @@ pub struct Machine {
     pos: usize,
 }
 
+fn u8s(d: &Data) -> &[u8] {
+    match d {
+        Data::U8(v) => v,
+        _ => unreachable!("the lowering types every constant"),
+    }
+}
 fn i8s(d: &Data) -> &[i8] {
     match d {
         Data::I8(v) => v,
@@ -152,6 +158,18 @@ fn run_step(
     caches: &mut [Cache],
 ) {
     match step {
+        Step::Embed { table, out } if table.format == RowFormat::Q4 => {
+            let groups = table.cols / 32;
+            let w = &u8s(p.data(table.w))[token * groups * 16..(token + 1) * groups * 16];
+            let mult = &i16s(p.data(table.mult))[token * groups..(token + 1) * groups];
+            let s = i32s(p.data(table.shift))[token];
+            let y = &mut arena[out.off..out.off + out.len];
+            for (i, d) in y.iter_mut().enumerate() {
+                let b = w[i / 2];
+                let q = if i % 2 == 0 { b & 15 } else { b >> 4 } as i64 - 8;
+                *d = sat32(shift_round(q * mult[i / 32] as i64, s - 16));
+            }
+        }
         Step::Embed { table, out } => {
             let w = &i8s(p.data(table.w))[token * table.cols..(token + 1) * table.cols];
             let (m, s) = (i32s(p.data(table.mult))[token] as i64, i32s(p.data(table.shift))[token]);
@@ -171,9 +189,31 @@ fn run_step(
             let (xs, ys) = split(arena, *x, *out);
             let m = &mut scratch[..x.len];
             let sh = quantize16(xs, m) as i32;
+            let bias = bias.map(|b| i32s(p.data(b)));
+            if w.format == RowFormat::Q4 {
+                let (wq, gm, shift) = (u8s(p.data(w.w)), i16s(p.data(w.mult)), i32s(p.data(w.shift)));
+                let groups = w.cols / 32;
+                for (r, y) in ys.iter_mut().enumerate() {
+                    let mut acc = 0i64;
+                    for g in 0..groups {
+                        let bytes = &wq[(r * groups + g) * 16..(r * groups + g + 1) * 16];
+                        let mut dot = 0i32;
+                        for (k, b) in bytes.iter().enumerate() {
+                            dot += m[g * 32 + 2 * k] as i32 * ((b & 15) as i32 - 8);
+                            dot += m[g * 32 + 2 * k + 1] as i32 * ((b >> 4) as i32 - 8);
+                        }
+                        acc += gm[r * groups + g] as i64 * dot as i64;
+                    }
+                    let mut v = shift_round(acc, shift[r] - sh);
+                    if let Some(b) = bias {
+                        v += b[r] as i64;
+                    }
+                    *y = sat32(v);
+                }
+                return;
+            }
             let wq = i8s(p.data(w.w));
             let (mult, shift) = (i32s(p.data(w.mult)), i32s(p.data(w.shift)));
-            let bias = bias.map(|b| i32s(p.data(b)));
             for (r, y) in ys.iter_mut().enumerate() {
                 let row = &wq[r * w.cols..(r + 1) * w.cols];
                 let mut acc = 0i64;

@@ -90,6 +90,12 @@ impl Lowering<'_> {
         let dims = ty.fixed_dims().ok_or("a weight without a fixed shape")?;
         let [rows, cols] = dims[..] else { return Err(format!("@{}: not a matrix", self.module.param(p).name)) };
         let (rows, cols) = (rows as usize, cols as usize);
+        let base = ident(&self.module.param(p).name);
+        if ty.dtype == DType::Q4_0 && cols % 32 == 0 {
+            let r = self.rows_q4(p, rows, cols, &base)?;
+            self.rows.insert(p, r);
+            return Ok(r);
+        }
         let w = param_f32(self.module, self.weights, p)?;
         let mut q = vec![0i8; rows * cols];
         let (mut mult, mut shift) = (vec![0i32; rows], vec![0i32; rows]);
@@ -105,8 +111,8 @@ impl Lowering<'_> {
             }
             (mult[r], shift[r]) = int::quant_mult(scale);
         }
-        let base = ident(&self.module.param(p).name);
         let r = Rows {
+            format: RowFormat::I8,
             w: self.push(format!("w_{base}"), Data::I8(q)),
             mult: self.push(format!("m_{base}"), Data::I32(mult)),
             shift: self.push(format!("s_{base}"), Data::I32(shift)),
@@ -115,6 +121,43 @@ impl Lowering<'_> {
         };
         self.rows.insert(p, r);
         Ok(r)
+    }
+
+    /// A Q4_0 matrix kept exactly: its 4-bit values repacked, each block's f16 scale a
+    /// signed 16-bit multiplier under one shift per row.
+    fn rows_q4(&mut self, p: ParamId, rows: usize, cols: usize, base: &str) -> Result<Rows, String> {
+        let bytes = self.weights.bytes(p);
+        let groups = cols / 32;
+        if bytes.len() != rows * groups * 18 {
+            return Err(format!("@{}: weights shorter than their type", self.module.param(p).name));
+        }
+        let mut packed = vec![0u8; rows * groups * 16];
+        let mut mult = vec![0i16; rows * groups];
+        let mut shift = vec![0i32; rows];
+        for r in 0..rows {
+            let blocks = &bytes[r * groups * 18..(r + 1) * groups * 18];
+            let d: Vec<f64> = blocks.chunks(18).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()).collect();
+            let dmax = d.iter().fold(0f64, |m, x| m.max(x.abs()));
+            if dmax > 0.0 && dmax.is_finite() {
+                shift[r] = int::quant_mult(dmax).1;
+            }
+            for (g, b) in blocks.chunks(18).enumerate() {
+                let m = (d[g] * 2f64.powi(shift[r])).round().clamp(-32767.0, 32767.0);
+                mult[r * groups + g] = if m.is_finite() { m as i16 } else { 0 };
+                let q = |j: usize| if j < 16 { b[2 + j] & 15 } else { b[2 + j - 16] >> 4 };
+                for k in 0..16 {
+                    packed[(r * groups + g) * 16 + k] = q(2 * k) | (q(2 * k + 1) << 4);
+                }
+            }
+        }
+        Ok(Rows {
+            format: RowFormat::Q4,
+            w: self.push(format!("w_{base}"), Data::U8(packed)),
+            mult: self.push(format!("m_{base}"), Data::I16(mult)),
+            shift: self.push(format!("s_{base}"), Data::I32(shift)),
+            rows,
+            cols,
+        })
     }
 
     /// A vector parameter in Q16.
@@ -211,6 +254,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
     let mut steps = vec![];
     let mut slots: Vec<Option<Slot>> = vec![];
     let mut scratch16 = 0usize;
+    let mut scratch_groups = 0usize;
     let buf =
         |bufs: &Vec<Option<Buf>>, v: ValueId| bufs[v.index()].ok_or_else(|| format!("value %{} is not a vector", v.0));
     let kind = |a: Activation| match a {
@@ -249,7 +293,11 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                     Some(p) => Some(lw.vec_q16(*p)?),
                     None => None,
                 };
-                Step::MatMul { x: xb, out, w: lw.rows(*w)?, bias }
+                let w = lw.rows(*w)?;
+                if w.format == RowFormat::Q4 {
+                    scratch_groups = scratch_groups.max(w.cols / 32);
+                }
+                Step::MatMul { x: xb, out, w, bias }
             }
             Op::Add { a, b } => Step::Add { a: buf(&bufs, *a)?, b: buf(&bufs, *b)?, out },
             Op::Mul { a, b } => Step::Mul { a: buf(&bufs, *a)?, b: buf(&bufs, *b)?, out },
@@ -313,6 +361,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
         steps,
         arena: arena.size,
         scratch16,
+        scratch_groups,
         slots,
         logits,
     })

@@ -5,6 +5,7 @@
 /// A constant array that lives in flash.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Data {
+    U8(Vec<u8>),
     I8(Vec<i8>),
     I16(Vec<i16>),
     I32(Vec<i32>),
@@ -13,6 +14,7 @@ pub enum Data {
 impl Data {
     pub fn bytes(&self) -> usize {
         match self {
+            Data::U8(v) => v.len(),
             Data::I8(v) => v.len(),
             Data::I16(v) => 2 * v.len(),
             Data::I32(v) => 4 * v.len(),
@@ -38,9 +40,21 @@ pub struct Buf {
     pub len: usize,
 }
 
-/// Per-row int8 weights `[rows, cols]` with row scales `mult[r] · 2^-shift[r]`.
+/// How a weight matrix is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowFormat {
+    /// int8 per row: `w[r][c] = q · mult[r] · 2^-shift[r]`.
+    I8,
+    /// 4-bit groups of 32 (a Q4_0 tensor's values, exactly): byte `k` of a group holds
+    /// `q[2k]` (low nibble) and `q[2k+1]` (high), `w = (q − 8) · mult[r][g] · 2^-shift[r]`
+    /// with a signed 16-bit multiplier per group and a shift per row.
+    Q4,
+}
+
+/// A weight matrix `[rows, cols]` and its scales.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rows {
+    pub format: RowFormat,
     pub w: ConstId,
     pub mult: ConstId,
     pub shift: ConstId,
@@ -154,6 +168,8 @@ pub struct Program {
     pub arena: usize,
     /// Scratch for 16-bit mantissas (matmul inputs, a query head), in elements.
     pub scratch16: usize,
+    /// Scratch for per-group sums of a 4-bit matmul's input, in 32-bit words.
+    pub scratch_groups: usize,
     pub slots: Vec<Slot>,
     /// Where the logits are after the last step.
     pub logits: Buf,
@@ -176,6 +192,6 @@ impl Program {
 
     /// Bytes of static RAM: the arena, the scratch, the scores row and the KV cache.
     pub fn ram_bytes(&self) -> usize {
-        4 * self.arena + 2 * self.scratch16 + 4 * self.max_context + self.kv_bytes()
+        4 * self.arena + 2 * self.scratch16 + 4 * self.scratch_groups + 4 * self.max_context + self.kv_bytes()
     }
 }

@@ -22,7 +22,8 @@ const OP_BUDGET: f32 = 1.5e-2;
 /// or a softmax over large scores amplifies it.
 const MODEL_BUDGET: f32 = 1e-1;
 
-/// `c` with every matrix the lowering requantizes replaced by its int8-per-row rounding, in f32.
+/// `c` with every matrix the lowering requantizes replaced by its int8-per-row rounding, in
+/// f32 (Q4_0 matrices the lowering keeps exactly stay as they are).
 fn with_int8_weights(mut c: Case) -> Case {
     let mut mats: Vec<ParamId> = c
         .module
@@ -40,6 +41,9 @@ fn with_int8_weights(mut c: Case) -> Case {
         let ty = c.module.params[p.index()].ty.clone();
         let dims = ty.fixed_dims().unwrap();
         let cols = dims[1] as usize;
+        if ty.dtype == DType::Q4_0 && cols % 32 == 0 {
+            continue; // kept exactly (packed 4-bit groups)
+        }
         let row_bytes = ty.dtype.row_bytes(cols as u64).unwrap() as usize;
         let mut out = Vec::new();
         for row in c.weights[p.index()].chunks(row_bytes) {
