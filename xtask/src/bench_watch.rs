@@ -65,14 +65,14 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         "# Watch builds (fixed-point C) — {date}\n\n`cargo xtask bench watch`: each recipe compiled for `watch`, its C library built with `arm-none-eabi-gcc -mcpu=cortex-m4 -mthumb -O2` and run on QEMU `mps2-an386` with `-icount shift=0` (instructions counted exactly; a CMSDK timer tick is 40 instructions). Every Cortex-M4 run printed the host build's tokens and logit hashes for the prompt and all {} decode steps (bit-identical; the tests also check both against the Rust integer interpreter). Times at a clock assume one instruction per cycle.\n\n",
         o.steps
     );
-    let col = |f: &dyn Fn(&Value) -> String| results.iter().map(|r| f(r)).collect::<Vec<_>>().join(" | ");
+    let col = |f: &dyn Fn(&Value) -> String| results.iter().map(f).collect::<Vec<_>>().join(" | ");
     let mb = |v: &Value| format!("{:.2} M", v.as_f64().unwrap_or(0.0) / 1e6);
     md += &format!(
         "| | {} |\n|---|{}\n",
         col(&|r| format!("`{}`", r["recipe"].as_str().unwrap_or("?"))),
         "---|".repeat(results.len())
     );
-    let rows: Vec<(&str, Box<dyn Fn(&Value) -> String>)> = vec![
+    let rows: Vec<(&str, Cell)> = vec![
         ("model", Box::new(|r: &Value| r["model"].as_str().unwrap_or("?").to_string())),
         (
             "flash (kiln's plan)",
@@ -138,6 +138,9 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     println!("wrote {} and {}", jpath.display(), mpath.display());
     Ok(())
 }
+
+/// A table cell computed from one build's results.
+type Cell = Box<dyn Fn(&Value) -> String>;
 
 fn measure(env: &Env, recipe: &std::path::Path, steps: usize) -> Result<Value, String> {
     let name = recipe.file_stem().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
