@@ -91,7 +91,7 @@ impl Lowering<'_> {
         let [rows, cols] = dims[..] else { return Err(format!("@{}: not a matrix", self.module.param(p).name)) };
         let (rows, cols) = (rows as usize, cols as usize);
         let base = ident(&self.module.param(p).name);
-        if ty.dtype == DType::Q4_0 && cols % 32 == 0 {
+        if ty.dtype == DType::Q4_0 && cols.is_multiple_of(32) {
             let r = self.rows_q4(p, rows, cols, &base)?;
             self.rows.insert(p, r);
             return Ok(r);

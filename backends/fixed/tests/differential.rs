@@ -41,7 +41,7 @@ fn with_int8_weights(mut c: Case) -> Case {
         let ty = c.module.params[p.index()].ty.clone();
         let dims = ty.fixed_dims().unwrap();
         let cols = dims[1] as usize;
-        if ty.dtype == DType::Q4_0 && cols % 32 == 0 {
+        if ty.dtype == DType::Q4_0 && cols.is_multiple_of(32) {
             continue; // kept exactly (packed 4-bit groups)
         }
         let row_bytes = ty.dtype.row_bytes(cols as u64).unwrap() as usize;
