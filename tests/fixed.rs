@@ -104,6 +104,18 @@ fn glassllm_watch_build_is_bit_identical_on_host_and_cortex_m4() {
         harness::stage(&build, &arm, &prompt, STEPS).unwrap();
         let (elf, size) = harness::build_cortex_m4(&arm).unwrap();
         eprintln!("cortex-m4 image: {size}");
+        // Integer only: no soft-float helper is linked in.
+        let nm = std::process::Command::new("arm-none-eabi-nm").arg(&elf).output().unwrap();
+        let syms = String::from_utf8_lossy(&nm.stdout);
+        let float: Vec<&str> = syms
+            .lines()
+            .filter(|l| {
+                ["__aeabi_f", "__aeabi_d", "sf3", "df3", "sf2", "df2", "sfsi", "dfsi", "floatsi"]
+                    .iter()
+                    .any(|p| l.contains(p))
+            })
+            .collect();
+        assert!(float.is_empty(), "floating-point helpers in the Cortex-M4 image: {float:?}");
         let got = harness::run_qemu(&elf).unwrap();
         assert_eq!(got.tokens_and_hashes(), want.tokens_and_hashes(), "Cortex-M4 logits differ from the interpreter's");
         assert_eq!(got.limit, Some((-1, 128)), "the context limit on the Cortex-M4");
