@@ -109,10 +109,12 @@ fn glassllm_watch_build_is_bit_identical_on_host_and_cortex_m4() {
         let syms = String::from_utf8_lossy(&nm.stdout);
         let float: Vec<&str> = syms
             .lines()
-            .filter(|l| {
+            .filter_map(|l| l.split_whitespace().last())
+            .filter(|n| n.starts_with("__"))
+            .filter(|n| {
                 ["__aeabi_f", "__aeabi_d", "sf3", "df3", "sf2", "df2", "sfsi", "dfsi", "floatsi"]
                     .iter()
-                    .any(|p| l.contains(p))
+                    .any(|p| n.contains(p))
             })
             .collect();
         assert!(float.is_empty(), "floating-point helpers in the Cortex-M4 image: {float:?}");
