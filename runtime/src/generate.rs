@@ -247,9 +247,21 @@ fn generate_constrained(
             logits = session.forward(&[tok], Logits::Last)?;
         }
     }
+    Ok(output(prompt_ids, out, text, stop_reason, prefill, t1))
+}
+
+/// The output of a generation whose decode loop started at `t1`.
+fn output(
+    prompt_ids: &[u32],
+    out: Vec<u32>,
+    text: String,
+    stop_reason: &'static str,
+    prefill: f64,
+    t1: Instant,
+) -> GenerateOutput {
     let decode = t1.elapsed().as_secs_f64();
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-    Ok(GenerateOutput {
+    GenerateOutput {
         prompt_tokens: prompt_ids.to_vec(),
         decode_tokens_per_second: rate(out.len(), decode),
         tokens: out,
@@ -258,7 +270,7 @@ fn generate_constrained(
         prefill_seconds: prefill,
         decode_seconds: decode,
         prefill_tokens_per_second: rate(prompt_ids.len(), prefill),
-    })
+    }
 }
 
 /// Ends a generation: flushes the text the stream held back, times the decode
@@ -279,16 +291,5 @@ pub(crate) fn finish(
         on_text(&rest);
         text.push_str(&rest);
     }
-    let decode = t1.elapsed().as_secs_f64();
-    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-    Ok(GenerateOutput {
-        prompt_tokens: prompt_ids.to_vec(),
-        decode_tokens_per_second: rate(out.len(), decode),
-        tokens: out,
-        text,
-        stop_reason,
-        prefill_seconds: prefill,
-        decode_seconds: decode,
-        prefill_tokens_per_second: rate(prompt_ids.len(), prefill),
-    })
+    Ok(output(prompt_ids, out, text, stop_reason, prefill, t1))
 }

@@ -196,17 +196,6 @@ pub fn model_c(p: &Program) -> String {
                 c(table.shift),
                 table.cols
             ),
-            Step::MatMul { x, out, w, bias } if w.format == RowFormat::Q4 => format!(
-                "k_matmul_q4({}, {}, {}, {}, {}, {}, {}, {}, M16, G32);",
-                b(*x),
-                b(*out),
-                w.rows,
-                w.cols,
-                c(w.w),
-                c(w.mult),
-                c(w.shift),
-                bias.map(c).unwrap_or_else(|| "0".into())
-            ),
             Step::Embed { table, out } => format!(
                 "k_embed({}, {}, {}, {}, {}, token);",
                 b(*out),
@@ -223,7 +212,8 @@ pub fn model_c(p: &Program) -> String {
                 format!("k_rms_norm({}, {}, {}, {group}, {g}, {gl}, {eps_q}u);", b(*x), b(*out), x.len)
             }
             Step::MatMul { x, out, w, bias } => format!(
-                "k_matmul({}, {}, {}, {}, {}, {}, {}, {}, M16);",
+                "{}({}, {}, {}, {}, {}, {}, {}, {}, M16{});",
+                if w.format == RowFormat::Q4 { "k_matmul_q4" } else { "k_matmul" },
                 b(*x),
                 b(*out),
                 w.rows,
@@ -231,7 +221,8 @@ pub fn model_c(p: &Program) -> String {
                 c(w.w),
                 c(w.mult),
                 c(w.shift),
-                bias.map(c).unwrap_or_else(|| "0".into())
+                bias.map(c).unwrap_or_else(|| "0".into()),
+                if w.format == RowFormat::Q4 { ", G32" } else { "" }
             ),
             Step::Add { a, b: bb, out } => format!("k_add({}, {}, {}, {});", b(*a), b(*bb), b(*out), out.len),
             Step::Mul { a, b: bb, out } => format!("k_mul({}, {}, {}, {});", b(*a), b(*bb), b(*out), out.len),
