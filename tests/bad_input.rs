@@ -161,12 +161,12 @@ fn op_a_backend_lacks_is_named() {
     let Some(model) = smollm2() else { return };
     let dir = tempdir("unsupported-op");
     let out = dir.join("build");
-    // A quantized KV cache is an op attribute the fixed-point backend does not run.
+    // A 4-bit KV cache is an op attribute the fixed-point backend does not run.
     let r = dir.join("kvwatch.yaml");
     write(
         &r,
         format!(
-            "name: kvwatch\nmodel: {}\ndevices:\n  watch:\n    backend: fixed\n    passes: [dce, {{kv_quant: {{type: q8_0}}}}]\n",
+            "name: kvwatch\nmodel: {}\ndevices:\n  watch:\n    backend: fixed\n    passes: [dce, {{kv_quant: {{type: q4_0}}}}]\n",
             model.display()
         )
         .as_bytes(),

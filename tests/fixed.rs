@@ -125,20 +125,22 @@ fn glassllm_watch_build_is_bit_identical_on_host_and_cortex_m4() {
     }
 }
 
-/// The 4-bit build (Q4_0 tensors kept as packed nibbles, the Cortex-M4's UXTB16/SMLAD path):
-/// bit-identical too, in less flash.
+/// The small build (Q4_0 tensors kept as packed nibbles, the Cortex-M4's UXTB16/SMLAD path;
+/// an 8-bit KV cache): bit-identical too, in less flash and RAM.
 #[test]
 fn glassllm_int4_watch_build_is_bit_identical_on_host_and_cortex_m4() {
     let dir = tempdir("fixed-glass4");
     let Some(build) = compile_recipe(&dir, "glassllm-en-int4") else { return };
     let manifest: Value = serde_json::from_slice(&std::fs::read(build.join("manifest.json")).unwrap()).unwrap();
     assert!(manifest["memory"]["flash_bytes"].as_u64().unwrap() < 640 << 10, "{}", manifest["memory"]);
+    assert!(manifest["memory"]["ram_bytes"].as_u64().unwrap() < 80 << 10, "{}", manifest["memory"]);
     let q = &manifest["quality"];
     // Budget for 4-bit weights: perplexity within 5% of the float model, top-1 agreement ≥ 80%.
     assert!(q["ppl_ratio_minus_1"].as_f64().unwrap().abs() < 0.05, "{q}");
     assert!(q["top1_agreement"].as_f64().unwrap() > 0.80, "{q}");
     let model_c = std::fs::read_to_string(build.join("kiln_model.c")).unwrap();
     assert!(model_c.contains("k_matmul_q4("), "no 4-bit matmul in the build");
+    assert!(model_c.contains("static int8_t K0["), "no 8-bit KV cache in the build");
 
     let prompt = prompt(&build);
     let want = interpreter_trace(&build, &prompt, STEPS);

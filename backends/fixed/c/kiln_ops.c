@@ -75,6 +75,19 @@ static int k_block_shift(const int32_t *x, int32_t n) {
     return b > 15 ? b - 15 : 0;
 }
 
+#if defined(KILN_USE_KV8)
+/* 8-bit mantissas with a shared shift (an 8-bit KV cache row). */
+static int k_quantize8(const int32_t *x, int8_t *m, int32_t n) {
+    int sh = k_block_shift(x, n) + 8;
+    int32_t i;
+    for (i = 0; i < n; i++) {
+        int64_t v = k_rshr(x[i], sh);
+        m[i] = (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+    }
+    return sh;
+}
+#endif
+
 static int k_quantize16(const int32_t *x, int16_t *m, int32_t n) {
     int sh = k_block_shift(x, n);
     int32_t i;
@@ -368,8 +381,10 @@ static void k_rope(const int32_t *x, int32_t *y, int32_t n, const int16_t *table
 #endif
 
 #if defined(KILN_USE_ATTENTION)
+/* A KV-cache slot: 16-bit (k16/v16) or 8-bit (k8/v8) mantissas, one shift per position and head. */
 typedef struct {
-    int16_t *k, *v;
+    int16_t *k16, *v16;
+    int8_t *k8, *v8;
     uint8_t *ks, *vs;
     int32_t kv_heads, head_dim;
 } k_slot;
@@ -383,8 +398,15 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
     if (kn) {
         for (h = 0; h < kvh_n; h++) {
             int32_t at = (pos * kvh_n + h) * hd;
-            c->ks[pos * kvh_n + h] = (uint8_t)k_quantize16(kn + h * hd, c->k + at, hd);
-            c->vs[pos * kvh_n + h] = (uint8_t)k_quantize16(vn + h * hd, c->v + at, hd);
+#if defined(KILN_USE_KV8)
+            if (c->k8) {
+                c->ks[pos * kvh_n + h] = (uint8_t)k_quantize8(kn + h * hd, c->k8 + at, hd);
+                c->vs[pos * kvh_n + h] = (uint8_t)k_quantize8(vn + h * hd, c->v8 + at, hd);
+                continue;
+            }
+#endif
+            c->ks[pos * kvh_n + h] = (uint8_t)k_quantize16(kn + h * hd, c->k16 + at, hd);
+            c->vs[pos * kvh_n + h] = (uint8_t)k_quantize16(vn + h * hd, c->v16 + at, hd);
         }
     }
     lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
@@ -393,20 +415,28 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
         int shq = k_quantize16(q + h * hd, mq, hd);
         int64_t total = 0;
         for (j = lo; j <= pos; j++) {
-            const int16_t *kr = c->k + (j * kvh_n + kvh) * hd;
             int64_t dot = 0;
             int32_t sc;
             int shk = c->ks[j * kvh_n + kvh];
             d = 0;
-#ifdef K_SIMD32
-            for (; d + 2 <= hd; d += 2) {
-                uint32_t a, b;
-                memcpy(&a, mq + d, 4);
-                memcpy(&b, kr + d, 4);
-                dot = __smlald((int32_t)a, (int32_t)b, dot);
-            }
+#if defined(KILN_USE_KV8)
+            if (c->k8) {
+                const int8_t *kr8 = c->k8 + (j * kvh_n + kvh) * hd;
+                for (; d < hd; d++) dot += (int32_t)mq[d] * (int32_t)kr8[d];
+            } else
 #endif
-            for (; d < hd; d++) dot += (int32_t)mq[d] * (int32_t)kr[d];
+            {
+                const int16_t *kr = c->k16 + (j * kvh_n + kvh) * hd;
+#ifdef K_SIMD32
+                for (; d + 2 <= hd; d += 2) {
+                    uint32_t a, b;
+                    memcpy(&a, mq + d, 4);
+                    memcpy(&b, kr + d, 4);
+                    dot = __smlald((int32_t)a, (int32_t)b, dot);
+                }
+#endif
+                for (; d < hd; d++) dot += (int32_t)mq[d] * (int32_t)kr[d];
+            }
             sc = k_sat32(k_shift_round(dot * mult, shift + 16 - shq - shk));
             if (softcap) {
                 int64_t zz = k_shift_round((int64_t)sc * cm1, cs1);
@@ -424,7 +454,12 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
             int64_t acc = 0;
             for (j = lo; j <= pos; j++) {
                 int32_t at = (j * kvh_n + kvh) * hd + d;
-                int64_t vv = (int64_t)c->v[at] * ((int64_t)1 << c->vs[j * kvh_n + kvh]);
+#if defined(KILN_USE_KV8)
+                int64_t m = c->v8 ? c->v8[at] : c->v16[at];
+#else
+                int64_t m = c->v16[at];
+#endif
+                int64_t vv = m * ((int64_t)1 << c->vs[j * kvh_n + kvh]);
                 acc += scores[j] * vv;
             }
             y[h * hd + d] = k_sat32(k_div_round(acc, total));

@@ -148,6 +148,9 @@ pub fn model_c(p: &Program) -> String {
             Step::Attention { .. } => "ATTENTION",
         })
         .collect();
+    if p.slots.iter().any(|sl| sl.bits == 8) {
+        uses.push("KV8");
+    }
     uses.sort();
     uses.dedup();
     for u in uses {
@@ -166,7 +169,8 @@ pub fn model_c(p: &Program) -> String {
         let n = p.max_context * sl.kv_heads;
         let _ = writeln!(
             s,
-            "static int16_t K{i}[{}], V{i}[{}];\nstatic uint8_t KS{i}[{}], VS{i}[{}];",
+            "static int{}_t K{i}[{}], V{i}[{}];\nstatic uint8_t KS{i}[{}], VS{i}[{}];",
+            sl.bits,
             (n * sl.head_dim).max(1),
             (n * sl.head_dim).max(1),
             n.max(1),
@@ -178,7 +182,10 @@ pub fn model_c(p: &Program) -> String {
             .slots
             .iter()
             .enumerate()
-            .map(|(i, sl)| format!("{{K{i}, V{i}, KS{i}, VS{i}, {}, {}}}", sl.kv_heads, sl.head_dim))
+            .map(|(i, sl)| {
+                let kv = if sl.bits == 8 { format!("0, 0, K{i}, V{i}") } else { format!("K{i}, V{i}, 0, 0") };
+                format!("{{{kv}, KS{i}, VS{i}, {}, {}}}", sl.kv_heads, sl.head_dim)
+            })
             .collect();
         let _ = writeln!(s, "static k_slot SLOTS[{}] = {{{}}};", p.slots.len(), list.join(", "));
     }

@@ -272,9 +272,10 @@ fn run_step(
                 for h in 0..*kv_heads {
                     let at = (pos * kv_heads + h) * hd;
                     let ks = &arena[k.off + h * hd..k.off + (h + 1) * hd];
-                    c.ks[pos * kv_heads + h] = quantize16(ks, &mut c.k[at..at + hd]) as u8;
+                    let quantize = if p.slots[*slot].bits == 8 { int::quantize8 } else { quantize16 };
+                    c.ks[pos * kv_heads + h] = quantize(ks, &mut c.k[at..at + hd]) as u8;
                     let vs = &arena[v.off + h * hd..v.off + (h + 1) * hd];
-                    c.vs[pos * kv_heads + h] = quantize16(vs, &mut c.v[at..at + hd]) as u8;
+                    c.vs[pos * kv_heads + h] = quantize(vs, &mut c.v[at..at + hd]) as u8;
                 }
             }
             let lo = if *window > 0 && pos + 1 > *window { pos + 1 - window } else { 0 };

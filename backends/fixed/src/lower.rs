@@ -30,8 +30,8 @@ pub fn unsupported(module: &VerifiedModule, op: &Op) -> Option<String> {
         Op::RmsNorm { .. } | Op::Scale { .. } | Op::Rope { .. } => None,
         Op::MatMul { w, .. } if module.param(*w).ty.dtype == DType::I32 => Some("integer weight tensors".into()),
         Op::MatMul { .. } => None,
-        Op::Attention { attrs, .. } if attrs.kv_dtype != DType::F32 => Some(format!(
-            "a `{}` KV cache (fixed-point builds keep their own 16-bit cache; drop the `kv_quant` pass)",
+        Op::Attention { attrs, .. } if !matches!(attrs.kv_dtype, DType::F32 | DType::Q8_0) => Some(format!(
+            "a `{}` KV cache (fixed-point builds keep 16-bit caches, or 8-bit ones for `q8_0`)",
             attrs.kv_dtype.name()
         )),
         Op::Attention { .. } => None,
@@ -323,7 +323,8 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                     slots.resize(slot + 1, None);
                 }
                 let (kvh, hd) = (attrs.kv_heads as usize, attrs.head_dim as usize);
-                slots[slot] = Some(Slot { kv_heads: kvh, head_dim: hd });
+                let bits = if attrs.kv_dtype == DType::Q8_0 { 8 } else { 16 };
+                slots[slot] = Some(Slot { kv_heads: kvh, head_dim: hd, bits });
                 scratch16 = scratch16.max(hd);
                 let kv = match (k, v) {
                     (Some(k), Some(v)) => Some((buf(&bufs, *k)?, buf(&bufs, *v)?)),
@@ -351,7 +352,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
         steps.push(step);
     }
     let logits = buf(&bufs, output)?;
-    let slots = slots.into_iter().map(|s| s.unwrap_or(Slot { kv_heads: 0, head_dim: 0 })).collect();
+    let slots = slots.into_iter().map(|s| s.unwrap_or(Slot { kv_heads: 0, head_dim: 0, bits: 16 })).collect();
     Ok(Program {
         name: module.name.clone(),
         max_context,

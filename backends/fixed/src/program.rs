@@ -147,12 +147,14 @@ pub enum Step {
     },
 }
 
-/// A KV-cache slot: `max_context × kv_heads × head_dim` 16-bit mantissas for K and V,
-/// with one shift per position and head.
+/// A KV-cache slot: `max_context × kv_heads × head_dim` mantissas for K and V (16-bit,
+/// or 8-bit for a slot the module stores as `q8_0`), with one shift per position and head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// 16 or 8.
+    pub bits: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -187,7 +189,7 @@ impl Program {
 
     /// Bytes of the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.slots.iter().map(|s| 2 * self.max_context * s.kv_heads * (2 * s.head_dim + 1)).sum()
+        self.slots.iter().map(|s| 2 * self.max_context * s.kv_heads * (s.bits / 8 * s.head_dim + 1)).sum()
     }
 
     /// Bytes of static RAM: the arena, the scratch, the scores row and the KV cache.

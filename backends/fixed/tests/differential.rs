@@ -21,6 +21,12 @@ const OP_BUDGET: f32 = 1.5e-2;
 /// Whole random multi-layer models and sharp attention (case 2), where rounding compounds
 /// or a softmax over large scores amplifies it.
 const MODEL_BUDGET: f32 = 1e-1;
+/// An 8-bit KV cache (`q8_0` slots): the reference rounds K/V to ggml blocks of 32 after a
+/// Hadamard rotation, the fixed-point build to 8-bit mantissas per position and head; the
+/// two roundings differ by about 1% of a value, which the cases' sharp softmax (scores in
+/// the tens) amplifies. On glassllm the 8-bit cache costs +0.06% perplexity.
+const KV8_ARITH_BUDGET: f32 = 6e-2;
+const KV8_MODEL_BUDGET: f32 = 2e-1;
 
 /// `c` with every matrix the lowering requantizes replaced by its int8-per-row rounding, in
 /// f32 (Q4_0 matrices the lowering keeps exactly stay as they are).
@@ -83,7 +89,7 @@ fn check(cases: Vec<Case>, budget: impl Fn(&str) -> f32) {
             }
             Err(e) if e.starts_with("unsupported") => {
                 let expected = ["layer_norm", "softmax", "steer"].iter().any(|w| e.contains(w))
-                    || (o.name.contains("KV cache") && e.contains("attention"));
+                    || (o.name.contains("q4_0 KV cache") && e.contains("attention"));
                 failed += !expected as usize;
                 format!("{:<70} {e}{}", o.name, if expected { "" } else { "  UNEXPECTED" })
             }
@@ -102,10 +108,20 @@ fn check(cases: Vec<Case>, budget: impl Fn(&str) -> f32) {
 
 #[test]
 fn integer_arithmetic_matches_the_reference_on_the_same_weights() {
-    check(cases().into_iter().map(with_int8_weights).collect(), |_| ARITH_BUDGET);
+    check(cases().into_iter().map(with_int8_weights).collect(), |name| {
+        if name.contains("q8_0 KV cache") { KV8_ARITH_BUDGET } else { ARITH_BUDGET }
+    });
 }
 
 #[test]
 fn fixed_point_build_tracks_the_float_model() {
-    check(cases(), |name| if name.contains("llama") || name.contains("attention") { MODEL_BUDGET } else { OP_BUDGET });
+    check(cases(), |name| {
+        if name.contains("q8_0 KV cache") {
+            KV8_MODEL_BUDGET
+        } else if name.contains("llama") || name.contains("attention") {
+            MODEL_BUDGET
+        } else {
+            OP_BUDGET
+        }
+    });
 }
