@@ -29,8 +29,11 @@ pub const DEFAULT_MAX_ITEMS: usize = 8;
 /// Digits of an integer part, and of a fraction.
 const MAX_INT_DIGITS: u8 = 12;
 const MAX_FRAC_DIGITS: u8 = 6;
-/// Open parse stacks kept (choices that share a prefix); beyond, the matcher refuses.
+/// Open parse stacks kept (choices that share a prefix), and expansions tried per character;
+/// beyond either, the remaining choices are dropped (a schema nesting `anyOf`s ever deeper
+/// cannot make a step slow).
 const MAX_ALTS: usize = 256;
+const MAX_SETTLE_STEPS: usize = 20_000;
 
 #[derive(Clone, Debug)]
 enum Node {
@@ -539,8 +542,10 @@ impl<'g> Matcher<'g> {
         let mut work = work;
         let mut out = vec![];
         let mut seen = HashSet::new();
+        let mut steps = 0usize;
         while let Some(mut a) = work.pop() {
-            if out.len() >= MAX_ALTS {
+            steps += 1;
+            if out.len() >= MAX_ALTS || steps > MAX_SETTLE_STEPS {
                 break;
             }
             let Some(top) = a.last().cloned() else {

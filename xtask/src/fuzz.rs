@@ -34,6 +34,7 @@ pub const TARGETS: &[&str] = &[
     "ir_text",
     "kiln_build",
     "control_vector",
+    "json_schema",
 ];
 
 /// libFuzzer's limits for every run: an input taking over 10 s is a hang, over 2 GiB RSS a blow-up.
@@ -337,6 +338,18 @@ pub fn seed(corpus: &Path) -> Result<(), String> {
         let b = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         put("control_vector", &p.file_name().unwrap_or_default().to_string_lossy(), &b)?;
     }
+    // Tool lists with calls they accept (the target splits schema and text at a NUL byte).
+    for p in files_with_ext(&root().join("tests/fixtures/tools"), "json") {
+        let b = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        let name = p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let call = br#"{"name": "set_timer", "arguments": {"minutes": 5, "label": "tea"}}"#;
+        put("json_schema", &name, &[&b[..], b"\0", call].concat())?;
+    }
+    put(
+        "json_schema",
+        "schema-array",
+        b"{\"type\": \"array\", \"items\": {\"type\": \"number\"}, \"maxItems\": 3}\0[1.5, -2, 0]",
+    )?;
     for p in files_with_ext(&root().join("recipes"), "yaml") {
         let b = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         put("recipe", &p.file_name().unwrap_or_default().to_string_lossy(), &b)?;
