@@ -2,6 +2,8 @@
 //! definition the emitted C library (`c/kiln_ops.c` + the generated step list) must
 //! reproduce bit for bit, on the host and on a Cortex-M.
 
+use rayon::prelude::*;
+
 use crate::int::{self, exp_neg, quantize16, rshr, sat32, shift_round};
 use crate::program::*;
 
@@ -187,13 +189,16 @@ fn run_step(
         }
         Step::MatMul { x, out, w, bias } => {
             let (xs, ys) = split(arena, *x, *out);
-            let m = &mut scratch[..x.len];
-            let sh = quantize16(xs, m) as i32;
+            let sh = quantize16(xs, &mut scratch[..x.len]) as i32;
+            let m: &[i16] = &scratch[..x.len];
             let bias = bias.map(|b| i32s(p.data(b)));
+            // Rows are independent and integer sums exact: any split over threads gives the
+            // same bits (large matrices only; small ones are not worth a fork).
+            let par = w.rows * w.cols >= 1 << 16;
             if w.format == RowFormat::Q4 {
                 let (wq, gm, shift) = (u8s(p.data(w.w)), i16s(p.data(w.mult)), i32s(p.data(w.shift)));
                 let groups = w.cols / 32;
-                for (r, y) in ys.iter_mut().enumerate() {
+                let row = |(r, y): (usize, &mut i32)| {
                     let mut acc = 0i64;
                     for g in 0..groups {
                         let bytes = &wq[(r * groups + g) * 16..(r * groups + g + 1) * 16];
@@ -204,27 +209,32 @@ fn run_step(
                         }
                         acc += gm[r * groups + g] as i64 * dot as i64;
                     }
-                    let mut v = shift_round(acc, shift[r] - sh);
-                    if let Some(b) = bias {
-                        v += b[r] as i64;
-                    }
+                    let v = shift_round(acc, shift[r] - sh) + bias.map_or(0, |b| b[r] as i64);
                     *y = sat32(v);
+                };
+                if par {
+                    ys.par_iter_mut().enumerate().for_each(row);
+                } else {
+                    ys.iter_mut().enumerate().for_each(row);
                 }
                 return;
             }
             let wq = i8s(p.data(w.w));
             let (mult, shift) = (i32s(p.data(w.mult)), i32s(p.data(w.shift)));
-            for (r, y) in ys.iter_mut().enumerate() {
-                let row = &wq[r * w.cols..(r + 1) * w.cols];
+            let row = |(r, y): (usize, &mut i32)| {
+                let wr = &wq[r * w.cols..(r + 1) * w.cols];
+                // i32 partial sums of 256 products (each below 2^22) are exact.
                 let mut acc = 0i64;
-                for (a, b) in m.iter().zip(row) {
-                    acc += (*a as i32 * *b as i32) as i64;
+                for (mc, wc) in m.chunks(256).zip(wr.chunks(256)) {
+                    acc += mc.iter().zip(wc).map(|(a, b)| *a as i32 * *b as i32).sum::<i32>() as i64;
                 }
-                let mut v = shift_round(acc * mult[r] as i64, shift[r] - sh);
-                if let Some(b) = bias {
-                    v += b[r] as i64;
-                }
+                let v = shift_round(acc * mult[r] as i64, shift[r] - sh) + bias.map_or(0, |b| b[r] as i64);
                 *y = sat32(v);
+            };
+            if par {
+                ys.par_iter_mut().enumerate().for_each(row);
+            } else {
+                ys.iter_mut().enumerate().for_each(row);
             }
         }
         Step::Add { a, b, out } | Step::Mul { a, b, out } => {
