@@ -172,7 +172,7 @@ fn op_a_backend_lacks_is_named() {
         .as_bytes(),
     );
     let o = run(&["compile", "--recipe", r.to_str().unwrap(), "--device", "watch", "--out", out.to_str().unwrap()]);
-    assert_clean_error(&o, &["kvwatch.yaml", "backend `fixed` does not support", "attention"]);
+    assert_clean_error(&o, &["kvwatch.yaml", "backend `fixed` does not support", "attention", "a `q4_0` KV cache"]);
     assert!(!out.exists());
 }
 

@@ -127,6 +127,11 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Whether this backend can execute `op` (with its attributes and operand dtypes as given).
     fn supports(&self, module: &VerifiedModule, op: &Op) -> bool;
+    /// What about `op` this backend lacks, when `supports` says no and there is more to say
+    /// than the op's name (an attribute, a dtype); shown in the error.
+    fn unsupported_detail(&self, _module: &VerifiedModule, _op: &Op) -> Option<String> {
+        None
+    }
     fn prepare(
         &self,
         module: Arc<VerifiedModule>,
@@ -248,11 +253,12 @@ pub fn argmax(v: &[f32]) -> u32 {
 
 /// First op in `module` that `backend` cannot run, as a message naming the op.
 pub fn first_unsupported(backend: &dyn Backend, module: &VerifiedModule) -> Option<String> {
-    module
-        .insts
-        .iter()
-        .enumerate()
-        .find_map(|(i, inst)| (!backend.supports(module, &inst.op)).then(|| format!("op `{}` (%{i})", inst.op.name())))
+    module.insts.iter().enumerate().find_map(|(i, inst)| {
+        (!backend.supports(module, &inst.op)).then(|| match backend.unsupported_detail(module, &inst.op) {
+            Some(why) => format!("op `{}` (%{i}): {why}", inst.op.name()),
+            None => format!("op `{}` (%{i})", inst.op.name()),
+        })
+    })
 }
 
 /// Backends recipes can name, and whether this build of kiln has them.

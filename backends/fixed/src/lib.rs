@@ -1,8 +1,9 @@
 //! kiln's fixed-point backend (`fixed`): integer-only builds for microcontrollers.
 //!
 //! - [`lower`]: a verified module and its weights become a [`program::Program`]: int8
-//!   weights with per-row multiplier + shift, Q16 activations scaled per vector at run
-//!   time, RoPE tables, a static memory plan.
+//!   weights with per-row multiplier + shift (Q4_0 tensors as exact 4-bit groups), Q16
+//!   activations scaled per vector at run time, RoPE tables, a 16- or 8-bit KV cache, a
+//!   static memory plan.
 //! - [`interp`]: the integer interpreter, the definition of every op bit for bit
 //!   ([`int`] holds the rounding primitives); the backend's sessions run it, so `kiln run`
 //!   on a watch build computes exactly what the microcontroller computes.
@@ -74,6 +75,10 @@ impl Backend for FixedBackend {
 
     fn supports(&self, module: &VerifiedModule, op: &Op) -> bool {
         lower::unsupported(module, op).is_none()
+    }
+
+    fn unsupported_detail(&self, module: &VerifiedModule, op: &Op) -> Option<String> {
+        lower::unsupported(module, op).filter(|why| !why.starts_with("op `"))
     }
 
     fn prepare(
