@@ -477,24 +477,25 @@ impl<D: Device> PtxSession<D> {
                 Op::Attention { q, k, v, attrs } => {
                     let cache = self.caches.get(&attrs.cache).ok_or_else(|| internal("KV cache slot missing"))?;
                     let (mut kc, mut vc, width, dtype) = (cache.k, cache.v, cache.width, cache.dtype);
+                    if let (Some(k), Some(v)) = (k, v) {
+                        // f32 slots take one thread per value, quantized ones one per 64-value chunk.
+                        let (kernel, n) = if dtype == DType::F32 {
+                            ("kv_append".to_string(), u32_of(t * width, "elements")?)
+                        } else {
+                            (kernels::kv_append_q_name(dtype), u32_of(t * width / 64, "elements")?)
+                        };
+                        let args = [
+                            Arg::Ptr(self.buf(*k)?),
+                            Arg::Ptr(self.buf(*v)?),
+                            Arg::Ptr(kc),
+                            Arg::Ptr(vc),
+                            Arg::Ptr(self.step),
+                            Arg::U32(n),
+                            Arg::U32(width as u32),
+                        ];
+                        self.dev.launch(&kernel, [n.div_ceil(BLOCK), 1, 1], &args)?;
+                    }
                     if dtype != DType::F32 {
-                        if let (Some(k), Some(v)) = (k, v) {
-                            let chunks = u32_of(t * width / 64, "elements")?;
-                            let args = [
-                                Arg::Ptr(self.buf(*k)?),
-                                Arg::Ptr(self.buf(*v)?),
-                                Arg::Ptr(kc),
-                                Arg::Ptr(vc),
-                                Arg::Ptr(self.step),
-                                Arg::U32(chunks),
-                                Arg::U32(width as u32),
-                            ];
-                            self.dev.launch(
-                                &kernels::kv_append_q_name(dtype),
-                                [chunks.div_ceil(BLOCK), 1, 1],
-                                &args,
-                            )?;
-                        }
                         // The slot's rows so far, as f32, for the attention kernel.
                         let (kf, vf) = self.kv_scratch.ok_or_else(|| internal("KV scratch missing"))?;
                         let all = u32_of(self.max_context * width / 64, "elements")?;
@@ -509,18 +510,6 @@ impl<D: Device> PtxSession<D> {
                         ];
                         self.dev.launch(&kernels::kv_dequant_name(dtype), [all.div_ceil(BLOCK), 1, 1], &args)?;
                         (kc, vc) = (kf, vf);
-                    } else if let (Some(k), Some(v)) = (k, v) {
-                        let nn = u32_of(t * width, "elements")?;
-                        let args = [
-                            Arg::Ptr(self.buf(*k)?),
-                            Arg::Ptr(self.buf(*v)?),
-                            Arg::Ptr(kc),
-                            Arg::Ptr(vc),
-                            Arg::Ptr(self.step),
-                            Arg::U32(nn),
-                            Arg::U32(width as u32),
-                        ];
-                        self.dev.launch("kv_append", [nn.div_ceil(BLOCK), 1, 1], &args)?;
                     }
                     let hd = attrs.head_dim as u32;
                     let heads = attrs.heads as u32;
