@@ -60,3 +60,17 @@ pub fn layer_outputs(m: &Module) -> Result<Vec<ValueId>, String> {
     let per_layer = adds.len() / n_layers;
     Ok(adds.chunks(per_layer).map(|c| c[per_layer - 1]).collect())
 }
+
+/// For each value, the index of the last instruction that reads it (`None`: never read).
+/// Backends that reuse activation buffers free a value's buffer after that instruction.
+pub fn last_uses(m: &Module) -> Vec<Option<usize>> {
+    let mut last = vec![None; m.insts.len()];
+    for (i, inst) in m.insts.iter().enumerate() {
+        for v in inst.op.values() {
+            if let Some(slot) = last.get_mut(v.index()) {
+                *slot = Some(i);
+            }
+        }
+    }
+    last
+}

@@ -160,12 +160,7 @@ impl<D: Device> PtxSession<D> {
 
         // Activation buffers: a value takes a free buffer at least its size, and
         // gives it back after its last reader.
-        let mut last_use = vec![None; n];
-        for (i, inst) in module.insts.iter().enumerate() {
-            for v in inst.op.values() {
-                last_use[v.index()] = Some(i);
-            }
-        }
+        let last_use = kiln_ir::analysis::last_uses(&module);
         let mut free: BTreeMap<(usize, u64), ()> = BTreeMap::new();
         let mut bufs = vec![None; n];
         let mut sizes = vec![0usize; n];
