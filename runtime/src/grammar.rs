@@ -673,16 +673,15 @@ pub fn token_texts(tok: &Tokenizer) -> RuntimeResult<Vec<Option<String>>> {
     // Decoded after an anchor token, so word-start markers become the space they stand for.
     let anchor = tok.encode("a", false)?.first().copied();
     let base = match anchor {
-        Some(a) => tok.decode_with(&[a], false)?,
+        Some(a) => tok.decode_with(&[a], true)?,
         None => String::new(),
     };
     let mut out = Vec::with_capacity(tok.vocab_size());
     for id in 0..tok.vocab_size() as u32 {
         let ids: Vec<u32> = anchor.into_iter().chain([id]).collect();
-        let s = tok.decode_with(&ids, false).ok().and_then(|s| s.strip_prefix(&base).map(str::to_string));
-        let special = tok.id_to_token(id).is_some_and(|t| t.starts_with('<') && t.ends_with('>') && t.len() > 2)
-            && tok.decode_with(&[id], true).map(|s| s.is_empty()).unwrap_or(true);
-        out.push(s.filter(|s| !s.is_empty() && !s.contains('\u{FFFD}') && !special));
+        // Special tokens decode to nothing (as the stream decoder prints them) and drop out.
+        let s = tok.decode_with(&ids, true).ok().and_then(|s| s.strip_prefix(&base).map(str::to_string));
+        out.push(s.filter(|s| !s.is_empty() && !s.contains('\u{FFFD}')));
     }
     Ok(out)
 }
