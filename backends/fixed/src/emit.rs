@@ -195,16 +195,9 @@ pub fn model_c(p: &Program) -> String {
     }
     for st in &p.steps {
         let line = match st {
-            Step::Embed { table, out } if table.format == RowFormat::Q4 => format!(
-                "k_embed_q4({}, {}, {}, {}, {}, token);",
-                b(*out),
-                c(table.w),
-                c(table.mult),
-                c(table.shift),
-                table.cols
-            ),
             Step::Embed { table, out } => format!(
-                "k_embed({}, {}, {}, {}, {}, token);",
+                "{}({}, {}, {}, {}, {}, token);",
+                if table.format == RowFormat::Q4 { "k_embed_q4" } else { "k_embed" },
                 b(*out),
                 c(table.w),
                 c(table.mult),
@@ -301,7 +294,7 @@ int32_t kiln_prefill(const int32_t *tokens, int32_t n, int32_t *logits) {{
 int32_t kiln_decode_step(int32_t token, int32_t *logits) {{ return kiln_prefill(&token, 1, logits); }}
 ",
         off = p.logits.off,
-        rows = p.vocab_rows(),
+        rows = p.vocab_rows,
     );
     s
 }

@@ -7,8 +7,6 @@
 //! Conventions: activations are `i32` in Q16 (16 fractional bits); products and sums
 //! are `i64`; every right shift rounds half up (`rshr`); every narrowing saturates.
 
-/// Fractional bits of an activation.
-pub const Q: u32 = 16;
 /// `log2(e)` in Q30.
 pub const LOG2E_Q30: i64 = 1_549_082_005;
 /// Entries of the `2^(-k/64)` table (Q30), `k = 0..=64`.
@@ -24,13 +22,8 @@ pub fn exp2_table() -> Vec<i32> {
         .collect()
 }
 
-/// Floor right shift (arithmetic), `0 <= s <= 63`.
-#[inline]
-pub fn asr(x: i64, s: u32) -> i64 {
-    x >> s
-}
-
-/// Right shift rounding half up, `0 <= s <= 62`.
+/// Right shift rounding half up, `0 <= s <= 62` (Rust's `>>` on signed values floors, as
+/// the C's portable `k_asr` does).
 #[inline]
 pub fn rshr(x: i64, s: u32) -> i64 {
     if s == 0 { x } else { (x + (1i64 << (s - 1))) >> s }

@@ -24,7 +24,6 @@ struct Cache {
 /// The state of a running program: arena, scratch and KV cache.
 pub struct Machine {
     program: Program,
-    exp2: Vec<i32>,
     arena: Vec<i32>,
     scratch: Vec<i16>,
     scores: Vec<i32>,
@@ -59,7 +58,6 @@ fn i32s(d: &Data) -> &[i32] {
 
 impl Machine {
     pub fn new(program: Program) -> Machine {
-        let exp2 = i32s(program.data(program.exp2)).to_vec();
         let caches = program
             .slots
             .iter()
@@ -69,7 +67,6 @@ impl Machine {
             })
             .collect();
         Machine {
-            exp2,
             arena: vec![0; program.arena],
             scratch: vec![0; program.scratch16],
             scores: vec![0; program.max_context],
@@ -98,17 +95,18 @@ impl Machine {
         if self.pos >= p.max_context {
             return Err(StepError::Context { max: p.max_context });
         }
-        if token as usize >= p.vocab_rows() {
-            return Err(StepError::Token { id: token, vocab: p.vocab_rows() });
+        if token as usize >= p.vocab_rows {
+            return Err(StepError::Token { id: token, vocab: p.vocab_rows });
         }
         let pos = self.pos;
+        let exp2 = i32s(p.data(p.exp2));
         for step in &p.steps {
             run_step(
                 p,
                 step,
                 token as usize,
                 pos,
-                &self.exp2,
+                exp2,
                 &mut self.arena,
                 &mut self.scratch,
                 &mut self.scores,
@@ -118,19 +116,6 @@ impl Machine {
         self.pos += 1;
         let l = p.logits;
         Ok(&self.arena[l.off..l.off + l.len])
-    }
-}
-
-impl Program {
-    /// Rows of the embedding table (the token ids a step accepts).
-    pub fn vocab_rows(&self) -> usize {
-        self.steps
-            .iter()
-            .find_map(|s| match s {
-                Step::Embed { table, .. } => Some(table.rows),
-                _ => None,
-            })
-            .unwrap_or(0)
     }
 }
 

@@ -164,8 +164,8 @@ impl Session for FixedSession {
         if self.machine.pos() + tokens.len() > p.max_context {
             return Err(step_error(interp::StepError::Context { max: p.max_context }));
         }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= p.vocab_rows()) {
-            return Err(step_error(interp::StepError::Token { id, vocab: p.vocab_rows() }));
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= p.vocab_rows) {
+            return Err(step_error(interp::StepError::Token { id, vocab: p.vocab_rows }));
         }
         let mut out = Vec::new();
         for (i, &t) in tokens.iter().enumerate() {

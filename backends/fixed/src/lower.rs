@@ -230,13 +230,10 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
     }
     let output = module.output.ok_or("the module has no output")?;
     let n = module.insts.len();
-    let mut last_use = vec![0usize; n];
-    for (i, inst) in module.insts.iter().enumerate() {
-        last_use[i] = i;
-        for v in inst.op.values() {
-            last_use[v.index()] = i;
-        }
-    }
+    // A value lives until its last reader (its own instruction when nothing reads it); the
+    // logits until the end.
+    let mut last_use: Vec<usize> =
+        kiln_ir::analysis::last_uses(module).iter().enumerate().map(|(i, l)| l.unwrap_or(i)).collect();
     last_use[output.index()] = usize::MAX;
 
     let mut lw = Lowering {
@@ -254,6 +251,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
     let mut steps = vec![];
     let mut slots: Vec<Option<Slot>> = vec![];
     let mut scratch16 = 0usize;
+    let mut vocab_rows = 0usize;
     let mut scratch_groups = 0usize;
     let buf =
         |bufs: &Vec<Option<Buf>>, v: ValueId| bufs[v.index()].ok_or_else(|| format!("value %{} is not a vector", v.0));
@@ -274,7 +272,9 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                 if !matches!(module.insts[ids.index()].op, Op::Tokens) {
                     return Err("an embedding of something other than the input tokens".into());
                 }
-                Step::Embed { table: lw.rows(*table)?, out }
+                let table = lw.rows(*table)?;
+                vocab_rows = table.rows;
+                Step::Embed { table, out }
             }
             Op::RmsNorm { x, weight, eps, group } => {
                 let xb = buf(&bufs, *x)?;
@@ -357,6 +357,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
         name: module.name.clone(),
         max_context,
         vocab: logits.len,
+        vocab_rows,
         consts: lw.consts,
         exp2,
         steps,

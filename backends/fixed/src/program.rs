@@ -161,7 +161,10 @@ pub struct Slot {
 pub struct Program {
     pub name: String,
     pub max_context: usize,
+    /// Width of the logits.
     pub vocab: usize,
+    /// Rows of the embedding table: the token ids a step accepts.
+    pub vocab_rows: usize,
     pub consts: Vec<Const>,
     /// The `2^(-k/64)` table (Q30) of every exponential.
     pub exp2: ConstId,
