@@ -51,10 +51,15 @@ fn cache_dir() -> PathBuf {
 }
 
 fn fetch_models(ids: &[String]) -> Result<(), String> {
-    let mut args = vec!["fetch".to_string()];
-    args.extend(ids.iter().cloned());
-    run_kiln(&args)?;
+    // Any glassllm id (`glassllm-en`, `glassllm-en-tokenizer`, the converted `glassllm-en-hf`)
+    // means the Hugging Face directory, which needs both registry files.
     let wants_glass = ids.is_empty() || ids.iter().any(|i| i.starts_with("glassllm"));
+    let mut args = vec!["fetch".to_string()];
+    args.extend(ids.iter().filter(|i| !i.starts_with("glassllm")).cloned());
+    if wants_glass && !ids.is_empty() {
+        args.extend(["glassllm-en".to_string(), "glassllm-en-tokenizer".to_string()]);
+    }
+    run_kiln(&args)?;
     if wants_glass {
         let models = cache_dir().join("models");
         let out = models.join("glassllm-en-hf");
