@@ -1,11 +1,11 @@
 //! Row kernels by weight layout: activations prepared once per token row for
 //! the layout's dot type, then one kernel per stored weight row.
 //!
-//! Layouts with a llama.cpp dot type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K)
+//! Layouts with a llama.cpp dot type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q6_K)
 //! take 8-bit activations and integer dot products (AVX2 when the CPU has it,
-//! else the scalar definition in `kiln_quant::ggml_dot`); kq2 takes the row
-//! and its rotation (`kiln_quant::kq2::dot_kq2_rotated`, AVX2 or scalar);
-//! every other layout takes activations rounded as
+//! else the scalar definition in `kiln_quant::ggml_dot`); so does kq2, with
+//! its own 8-bit dot type (`kiln_quant::kq2::Kq2Q8Row`: the row quantized in
+//! the original and the rotated basis); every other layout takes activations rounded as
 //! `kiln_quant::act::round_for_dot` says, each weight row dequantized and
 //! dotted in the reference's order. Every path gives the reference
 //! interpreter's `Numerics::Ggml` result, bit for bit.
@@ -50,11 +50,6 @@ impl Isa {
 pub(crate) enum Prepared {
     Int(Activations),
     Float(Vec<f32>),
-    /// kq2: the row and its rotation to the storage basis.
-    Kq2 {
-        x: Vec<f32>,
-        xr: Vec<f32>,
-    },
 }
 
 /// Prepares `x` (one row of `k` values) for dots with weights of `dtype`.
@@ -65,12 +60,9 @@ pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
         return Prepared::Int(Activations::Q8(unsafe { x86::quantize_q8(x) }));
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && matches!(dtype, DType::Q4K | DType::Q6K) && x.len().is_multiple_of(256) {
+    if isa == Isa::Avx2 && matches!(dtype, DType::Q3K | DType::Q4K | DType::Q6K) && x.len().is_multiple_of(256) {
         // SAFETY: as above.
         return Prepared::Int(Activations::Q8K(unsafe { x86::quantize_q8_k(x) }));
-    }
-    if dtype == DType::KQ2 {
-        return Prepared::Kq2 { x: x.to_vec(), xr: quant::kq2::kq2_rotate_row(x) };
     }
     let _ = isa;
     match ggml_dot::quantize_for(dtype, x) {
@@ -120,7 +112,6 @@ pub(crate) fn dot_tile(
         for (o, r) in out.iter_mut().zip(rows.chunks_exact(rb.max(1))) {
             match p {
                 Prepared::Int(a) => *o = ggml_dot::dot(dtype, r, a, group),
-                Prepared::Kq2 { x, xr } => *o = quant::kq2::dot_kq2_rotated(r, x, xr),
                 Prepared::Float(_) => {}
             }
         }
@@ -213,17 +204,17 @@ fn avx2_tile(
         DType::Q5_1 => Legacy::Q5_1,
         DType::Q8_0 => Legacy::Q8_0,
         DType::KQ2 => {
-            let acts: Vec<(&[f32], &[f32])> = xs
+            let acts: Vec<_> = xs
                 .iter()
                 .filter_map(|p| match p {
-                    Prepared::Kq2 { x, xr } => Some((x.as_slice(), xr.as_slice())),
+                    Prepared::Int(Activations::Kq2(a)) => Some(a),
                     _ => None,
                 })
                 .collect();
             if acts.len() != xs.len() {
                 return false;
             }
-            // Four token rows per weight row (codewords decoded once for them), the rest one by one.
+            // Four token rows per weight row (each block decoded once for them), the rest one by one.
             let quads = acts.len() / 4 * 4;
             for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
                 for t in (0..quads).step_by(4) {
@@ -233,14 +224,14 @@ fn avx2_tile(
                         tile[(t + u) * nb + j] = v;
                     }
                 }
-                for (t, &(x, xr)) in acts.iter().enumerate().skip(quads) {
+                for (t, a) in acts.iter().enumerate().skip(quads) {
                     // SAFETY: as above.
-                    tile[t * nb + j] = unsafe { x86::dot_kq2(r, x, xr) };
+                    tile[t * nb + j] = unsafe { x86::dot_kq2_tile(r, [*a]) }[0];
                 }
             }
             return true;
         }
-        DType::Q4K | DType::Q6K => {
+        DType::Q3K | DType::Q4K | DType::Q6K => {
             let q8k: Vec<_> = xs
                 .iter()
                 .filter_map(|x| match x {
@@ -262,6 +253,7 @@ fn avx2_tile(
                         match dtype {
                             DType::Q4K if g4.iter().all(|g| *g == RowGroup::Gemm) => x86::dot_q4_k_gemm4(r, x4),
                             DType::Q4K => x86::dot_q4_k_tile(r, x4, g4),
+                            DType::Q3K => x86::dot_q3_k_tile(r, x4),
                             _ => x86::dot_q6_k_tile(r, x4),
                         }
                     };
@@ -272,7 +264,11 @@ fn avx2_tile(
                 for (t, q) in q8k.iter().enumerate().skip(quads) {
                     // SAFETY: as above.
                     tile[t * nb + j] = unsafe {
-                        if dtype == DType::Q4K { x86::dot_q4_k(r, q, groups[t]) } else { x86::dot_q6_k(r, q) }
+                        match dtype {
+                            DType::Q4K => x86::dot_q4_k(r, q, groups[t]),
+                            DType::Q3K => x86::dot_q3_k_tile(r, [*q])[0],
+                            _ => x86::dot_q6_k(r, q),
+                        }
                     };
                 }
             }

@@ -13,6 +13,7 @@
 use std::arch::x86_64::*;
 
 use kiln_quant::ggml_dot::{Q8KRow, Q8Row, RowGroup};
+use kiln_quant::kq2::Kq2Q8Row;
 
 const QK: usize = 32;
 const QK_K: usize = 256;
@@ -578,6 +579,78 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
     std::array::from_fn(|t| hsum8(acc[t]))
 }
 
+/// Q3_K with Q8_K activations (`ggml_dot`'s Q3_K order: eight exact lanes
+/// per super-block, each `fma(d8·d, lane, acc)`), `T` token rows at once:
+/// each 32-weight segment is unpacked once for all of them.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_q3_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
+    let m3 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 110, usize::min);
+    // Per segment: the 16-bit lanes of the half's scales that feed its two 16-element halves.
+    let pick = |seg: i8| {
+        let (a, b) = (4 * seg, 4 * seg + 2);
+        let mut idx = [0i8; 32];
+        for (i, v) in idx.iter_mut().enumerate() {
+            let base = if i < 16 { a } else { b };
+            *v = base + (i & 1) as i8;
+        }
+        // SAFETY: 32 bytes.
+        unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) }
+    };
+    let picks = [pick(0), pick(1), pick(2), pick(3)];
+    for (bi, blk) in row.chunks_exact(110).enumerate().take(nblocks) {
+        prefetch_ahead(blk.as_ptr(), 110);
+        let sc = kiln_quant::ggml_dot::q3_k_scales(&blk[96..108]);
+        // SAFETY: 16 bytes.
+        let sc_all = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc.as_ptr().cast()) });
+        // SAFETY: the 32 bytes of the high-bit mask.
+        let hbits = unsafe { _mm256_loadu_si256(blk.as_ptr().cast()) };
+        let mut lanes = [_mm256_setzero_si256(); T];
+        for half in 0..2 {
+            // SAFETY: 32 bytes of 2-bit quants inside the block.
+            let q3 = unsafe { _mm256_loadu_si256(blk.as_ptr().add(32 + 32 * half).cast()) };
+            let sc_half = if half == 0 {
+                _mm256_permute2x128_si256::<0x00>(sc_all, sc_all)
+            } else {
+                _mm256_permute2x128_si256::<0x11>(sc_all, sc_all)
+            };
+            for (shift, pick) in picks.iter().enumerate() {
+                let low = match shift {
+                    0 => _mm256_and_si256(q3, m3),
+                    1 => _mm256_and_si256(_mm256_srli_epi16::<2>(q3), m3),
+                    2 => _mm256_and_si256(_mm256_srli_epi16::<4>(q3), m3),
+                    _ => _mm256_and_si256(_mm256_srli_epi16::<6>(q3), m3),
+                };
+                let bit = _mm256_set1_epi8(1 << (half * 4 + shift));
+                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), _mm256_setzero_si256());
+                // The weights (−4..3), their magnitudes for `maddubs`, their signs for the activations.
+                let w = _mm256_sub_epi8(low, _mm256_and_si256(clear, four));
+                let wabs = _mm256_sign_epi8(w, w);
+                let scales = _mm256_shuffle_epi8(sc_half, *pick);
+                for t in 0..T {
+                    // SAFETY: 32 quants at this segment.
+                    let y =
+                        unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(bi * QK_K + half * 128 + shift * 32).cast()) };
+                    let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(y, w));
+                    lanes[t] = _mm256_add_epi32(lanes[t], _mm256_madd_epi16(p, scales));
+                }
+            }
+        }
+        let d3 = f16(blk, 108);
+        for t in 0..T {
+            let d = _mm256_set1_ps(xs[t].d[bi] * d3);
+            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum8(acc[t]))
+}
+
 /// Rounds 8 floats to f16 and back (round to nearest even, as `half`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -724,14 +797,15 @@ pub(crate) fn quantize_q8(x: &[f32]) -> Q8Row {
     Q8Row { scales, q }
 }
 
-/// kq2 codeword tables for the SIMD decoder: per magnitude index the eight
+/// kq2 decoding tables for the SIMD kernel: per magnitude index the eight
 /// odd magnitudes `A` doubled, as signed bytes, with coordinate 7 negated
-/// when the index's parity `P(i)` is 1; per 7 sign bits the eight signs (±1
-/// bytes), sign 7 being the parity of the seven. With the shift bit's ±1
-/// added, their product is `4·c` for the codeword `c` (see `kiln_quant::kq2`).
+/// when the index's parity `P(i)` is 1 (so that the sign of coordinate 7 is
+/// just the parity of the seven stored sign bits); and the 128 block scales.
+/// With the signs and the shift bit's ±1 added, a group's bytes are `4·c`
+/// for its codeword `c` (see `kiln_quant::kq2`).
 pub(crate) struct Kq2Tables {
     mag: [u64; 512],
-    sign: [u64; 128],
+    scale: [f32; 128],
 }
 
 pub(crate) static KQ2_TABLES: std::sync::LazyLock<Kq2Tables> = std::sync::LazyLock::new(|| {
@@ -745,107 +819,119 @@ pub(crate) static KQ2_TABLES: std::sync::LazyLock<Kq2Tables> = std::sync::LazyLo
         });
         *m = u64::from_le_bytes(bytes);
     }
-    let sign = std::array::from_fn(|s7: usize| {
-        let bytes: [u8; 8] = std::array::from_fn(|j| {
-            let neg = if j < 7 { s7 >> j & 1 == 1 } else { s7.count_ones() & 1 == 1 };
-            (if neg { -1i8 } else { 1 }) as u8
-        });
-        u64::from_le_bytes(bytes)
-    });
-    Kq2Tables { mag, sign }
+    let scale = std::array::from_fn(|k| kiln_quant::kq2::kq2_scale(k as u8));
+    Kq2Tables { mag, scale }
 });
 
-/// Dot of one kq2 row with `x` and its rotation `xr`
-/// (`kiln_quant::kq2::kq2_rotate_row`), in the order of
-/// `kiln_quant::kq2::dot_kq2_rotated`, bit for bit. Four groups (32 weights)
-/// are decoded at once as the bytes `4·c` (magnitudes × signs from the
-/// tables, plus the shift bits' ±1 spread from the group words by one
-/// shuffle); each group's products `4c·x` are 4× the definition's `c·x`
-/// exactly, so the lanes are too, and the block sum is scaled back by ¼.
+/// Shuffle indices spreading byte 2g + 1 of the group words over group g's
+/// eight bytes: groups 0–3, then 4–7 (the words are in both 128-bit lanes).
+const KQ2_SPREAD: [[u8; 32]; 2] = {
+    let mut out = [[0u8; 32]; 2];
+    let mut half = 0;
+    while half < 2 {
+        let mut i = 0;
+        while i < 32 {
+            out[half][i] = (2 * (4 * half + i / 8) + 1) as u8;
+            i += 1;
+        }
+        half += 1;
+    }
+    out
+};
+
+/// Decodes one kq2 block's eight codewords to the bytes `4·c`: groups 0–3
+/// in the first vector, 4–7 in the second. Magnitudes come from the table
+/// (one 8-byte load per group); the sign bits, their parity (coordinate 7)
+/// and the shift bits are spread over the group's bytes with shuffles.
+///
+/// Not a `#[target_feature]` function so that it can be always inlined
+/// into its AVX2 caller (rustc refuses `inline(always)` on those).
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_kq2(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
-    dot_kq2_tile(row, [(x, xr)])[0]
+/// The CPU must support AVX2; `b` is one 18-byte block.
+#[inline(always)]
+unsafe fn kq2_decode(t: &Kq2Tables, b: &[u8; 18]) -> [__m256i; 2] {
+    // SAFETY: the caller's (the CPU has AVX2; the reads are in bounds, see above).
+    unsafe {
+        let words = _mm_loadu_si128(b.as_ptr().add(2).cast());
+        // Odd bytes: sign bits 0–6 (bit 7 is the shift bit). Bit 7 of the sign
+        // byte becomes the parity of the seven: nibble parities from a table.
+        let low7 = _mm_and_si128(words, _mm_set1_epi8(0x7f));
+        let par = _mm_setr_epi8(0, -128, -128, 0, -128, 0, 0, -128, -128, 0, 0, -128, 0, -128, -128, 0);
+        let nib = _mm_set1_epi8(0x0f);
+        let p = _mm_xor_si128(
+            _mm_shuffle_epi8(par, _mm_and_si128(low7, nib)),
+            _mm_shuffle_epi8(par, _mm_and_si128(_mm_srli_epi16::<4>(low7), nib)),
+        );
+        let signs = _mm256_broadcastsi128_si256(_mm_or_si128(low7, p));
+        let tmask = _mm256_broadcastsi128_si256(_mm_srai_epi16::<15>(words));
+        let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let one = _mm256_set1_epi8(1);
+        // Magnitude indices: the low byte of each group word, bit 8 from byte 1.
+        let lo = _mm_and_si128(words, _mm_set1_epi16(0xff));
+        let hsel = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+        let hi = _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(i16::from(b[1])), hsel), hsel);
+        let idx = _mm256_cvtepu16_epi32(_mm_or_si128(lo, _mm_and_si128(hi, _mm_set1_epi16(0x100))));
+        let mut out = [_mm256_setzero_si256(); 2];
+        for (half, o) in out.iter_mut().enumerate() {
+            let ix = if half == 0 { _mm256_castsi256_si128(idx) } else { _mm256_extracti128_si256::<1>(idx) };
+            let mag = _mm256_i32gather_epi64::<8>(t.mag.as_ptr().cast(), ix);
+            // Byte 2g + 1 (group g's signs and shift bit) over group g's 8 bytes.
+            let spread = _mm256_loadu_si256(KQ2_SPREAD[half].as_ptr().cast());
+            let neg = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(signs, spread), bits), bits);
+            let shift = _mm256_or_si256(_mm256_shuffle_epi8(tmask, spread), one);
+            *o = _mm256_add_epi8(_mm256_sign_epi8(mag, _mm256_or_si256(neg, one)), shift);
+        }
+        out
+    }
 }
 
-/// [`dot_kq2`] of one weight row with `T` token rows `(x, xr)`: each block's
-/// codewords are decoded once (to f32 in a small L1 table) for all of them;
-/// each result in the single-dot order.
+/// The eight integer lanes of `Σ w·q` over 64 weights (lane `l`: weights
+/// `4l..4l+4` and `32+4l..32+4l+4`): `w` the bytes `4·c` of [`kq2_decode`]
+/// (odd, so never 0), `q` 64 activation quants; exact (|pair sums| ≤ 2·15·127).
+///
+/// # Safety
+/// The CPU must support AVX2; `q` holds 64 bytes.
+#[inline(always)]
+unsafe fn kq2_isum(w: &[__m256i; 2], q: &[i8]) -> __m256i {
+    // SAFETY: the caller's (the CPU has AVX2; the reads are in bounds, see above).
+    unsafe {
+        let (q0, q1) = (_mm256_loadu_si256(q.as_ptr().cast()), _mm256_loadu_si256(q.as_ptr().add(32).cast()));
+        let p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(w[0], w[0]), _mm256_sign_epi8(q0, w[0]));
+        let p1 = _mm256_maddubs_epi16(_mm256_sign_epi8(w[1], w[1]), _mm256_sign_epi8(q1, w[1]));
+        _mm256_madd_epi16(_mm256_add_epi16(p0, p1), _mm256_set1_epi16(1))
+    }
+}
+
+/// Dots of one kq2 row with `T` token rows of 8-bit kq2 activations
+/// (`kiln_quant::kq2::Kq2Q8Row`): each block decoded once for all of them,
+/// each result `kiln_quant::kq2::dot_kq2_q8`'s, bit for bit (exact integer
+/// lanes, one fused multiply-add per lane and block, the same reduction).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
-#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_kq2_tile<const T: usize>(row: &[u8], xs: [(&[f32], &[f32]); T]) -> [f32; T] {
+pub(crate) fn dot_kq2_tile<const T: usize>(row: &[u8], xs: [&Kq2Q8Row; T]) -> [f32; T] {
     let t = &*KQ2_TABLES;
-    let mut acc = [0f32; T];
-    let nblocks = xs.iter().map(|(x, xr)| (x.len() / 64).min(xr.len() / 64)).fold(row.len() / 18, usize::min);
-    // Byte 2g of the group words' sign masks, spread over group g's 8 bytes.
-    let spread = [
-        _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6,
-        ),
-        _mm256_setr_epi8(
-            8, 8, 8, 8, 8, 8, 8, 8, 10, 10, 10, 10, 10, 10, 10, 10, 12, 12, 12, 12, 12, 12, 12, 12, 14, 14, 14, 14, 14,
-            14, 14, 14,
-        ),
-    ];
-    let one = _mm256_set1_epi8(1);
-    let mut wf = [_mm256_setzero_ps(); 8];
-    for bi in 0..nblocks {
-        let b = &row[bi * 18..bi * 18 + 18];
+    let mut acc = [_mm256_setzero_ps(); T];
+    let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 18, usize::min);
+    for (bi, b) in row.as_chunks::<18>().0.iter().enumerate().take(nblocks) {
         prefetch_ahead(b.as_ptr(), 18);
-        let s = kiln_quant::kq2::kq2_scale(b[0]);
+        let s = t.scale[usize::from(b[0] & 0x7f)];
         if s == 0.0 {
             continue;
         }
-        // SAFETY: bytes 2..18 of the block are the eight group words.
-        let words = unsafe { _mm_loadu_si128(b.as_ptr().add(2).cast()) };
-        let tmask = _mm256_broadcastsi128_si256(_mm_srai_epi16::<15>(words));
-        let hb = b[1];
-        for (half, sp) in spread.iter().enumerate() {
-            let g0 = 4 * half;
-            let idx = |g: usize| usize::from(b[2 + 2 * g]) | usize::from(hb >> g & 1) << 8;
-            let s7 = |g: usize| usize::from(b[3 + 2 * g] & 0x7f);
-            let mag = _mm256_set_epi64x(
-                t.mag[idx(g0 + 3)] as i64,
-                t.mag[idx(g0 + 2)] as i64,
-                t.mag[idx(g0 + 1)] as i64,
-                t.mag[idx(g0)] as i64,
-            );
-            let sgn = _mm256_set_epi64x(
-                t.sign[s7(g0 + 3)] as i64,
-                t.sign[s7(g0 + 2)] as i64,
-                t.sign[s7(g0 + 1)] as i64,
-                t.sign[s7(g0)] as i64,
-            );
-            let shift = _mm256_or_si256(_mm256_shuffle_epi8(tmask, *sp), one);
-            // 4·c for the four groups' 32 weights, as bytes.
-            let w4 = _mm256_add_epi8(_mm256_sign_epi8(mag, sgn), shift);
-            let (lo, hi) = (_mm256_castsi256_si128(w4), _mm256_extracti128_si256::<1>(w4));
-            for (j, v) in [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)].into_iter().enumerate() {
-                wf[g0 + j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
-            }
-        }
-        let rotated = b[0] & 0x80 == 0;
-        for (a, (x, xr)) in acc.iter_mut().zip(xs) {
-            let xs = if rotated { &xr[bi * 64..bi * 64 + 64] } else { &x[bi * 64..bi * 64 + 64] };
-            let mut lanes = _mm256_setzero_ps();
-            for (g, w) in wf.iter().enumerate() {
-                // SAFETY: 8 floats of the block's 64.
-                let xv = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * g)) };
-                lanes = _mm256_add_ps(lanes, _mm256_mul_ps(*w, xv));
-            }
-            // ((l0+l4) + (l1+l5)) + ((l2+l6) + (l3+l7)); the lanes hold 4× the definition's.
-            let r = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps::<1>(lanes));
-            let p = _mm_add_ps(r, _mm_movehdup_ps(r));
-            let sum = _mm_cvtss_f32(_mm_add_ss(p, _mm_movehl_ps(p, p)));
-            *a += s * (0.25 * sum);
+        // SAFETY: AVX2 (this function's target features); `b` is one block.
+        let w = unsafe { kq2_decode(t, b) };
+        let unrotated = b[0] & 0x80 != 0;
+        for (a, x) in acc.iter_mut().zip(xs) {
+            let (q, d) = x.block(bi, unrotated);
+            // SAFETY: AVX2; `q` is the block's 64 quants.
+            let isum = unsafe { kq2_isum(&w, q) };
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(0.25 * (s * d)), *a);
         }
     }
-    acc
+    acc.map(|a| hsum8(a))
 }
 
 /// `ggml_dot::quantize_q8_k` (Q8_K activations), 8 lanes at a time; bit-identical.
@@ -929,6 +1015,7 @@ mod tests {
                     blk[2..4].copy_from_slice(&m);
                 }
                 DType::Q6K => blk[208..210].copy_from_slice(&s),
+                DType::Q3K => blk[108..110].copy_from_slice(&s),
                 DType::Q4_1 | DType::Q5_1 => {
                     blk[0..2].copy_from_slice(&s);
                     blk[2..4].copy_from_slice(&m);
@@ -982,22 +1069,43 @@ mod tests {
         if !avx2() {
             return;
         }
-        for seed in 0..20 {
+        for seed in 0..40 {
             let n = 64 * (1 + seed as usize % 12);
             let w = acts(n, seed + 1);
-            let x = acts(n, seed + 2);
+            let mut x = acts(n, seed + 2);
             let mut row = vec![0u8; kiln_quant::kq2::kq2_row_bytes(n).unwrap()];
             kiln_quant::kq2::quantize_kq2(&w, None, &mut row).unwrap();
             if seed % 3 == 0 {
-                // Some blocks stored unrotated.
+                // Some blocks stored unrotated, some zero.
                 for b in row.chunks_mut(18).step_by(2) {
                     b[0] |= 0x80;
                 }
+                if row.len() >= 36 {
+                    row[18..36].fill(0);
+                }
             }
-            let want = kiln_quant::kq2::dot_kq2(&row, &x).unwrap();
+            if seed % 5 == 1 {
+                // Arbitrary bytes: every codeword, sign and shift pattern.
+                let mut z = seed;
+                for v in row.iter_mut() {
+                    z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    *v = (z >> 33) as u8;
+                }
+            }
+            if seed % 7 == 2 {
+                x[..64].fill(0.0);
+            }
+            let xs: Vec<_> = (0..4).map(|u| kiln_quant::kq2::quantize_kq2_q8(&acts(n, seed + 10 + u))).collect();
+            let q = kiln_quant::kq2::quantize_kq2_q8(&x);
+            let want = kiln_quant::kq2::dot_kq2_q8(&row, &q);
             // SAFETY: checked above.
-            let got = unsafe { dot_kq2(&row, &x, &kiln_quant::kq2::kq2_rotate_row(&x)) };
+            let got = unsafe { dot_kq2_tile(&row, [&q]) }[0];
             assert_eq!(got.to_bits(), want.to_bits(), "n={n}: {got} vs {want}");
+            // SAFETY: checked above.
+            let got4 = unsafe { dot_kq2_tile(&row, [&xs[0], &xs[1], &xs[2], &xs[3]]) };
+            for (g, x) in got4.iter().zip(&xs) {
+                assert_eq!(g.to_bits(), kiln_quant::kq2::dot_kq2_q8(&row, x).to_bits());
+            }
         }
     }
 
@@ -1054,14 +1162,20 @@ mod tests {
         for seed in 0..20 {
             let n = 256 * (1 + seed as usize % 6);
             let x = acts(n, seed + 7);
-            for dtype in [DType::Q4K, DType::Q6K] {
+            for dtype in [DType::Q3K, DType::Q4K, DType::Q6K] {
                 let row = random_row(dtype, n, seed);
                 let a = ggml_dot::quantize_for(dtype, &x).unwrap();
                 let Activations::Q8K(q) = &a else { unreachable!() };
                 for group in [RowGroup::Gemv, RowGroup::Gemm] {
                     let want = ggml_dot::dot(dtype, &row, &a, group);
                     // SAFETY: checked above.
-                    let got = unsafe { if dtype == DType::Q4K { dot_q4_k(&row, q, group) } else { dot_q6_k(&row, q) } };
+                    let got = unsafe {
+                        match dtype {
+                            DType::Q4K => dot_q4_k(&row, q, group),
+                            DType::Q3K => dot_q3_k_tile(&row, [q])[0],
+                            _ => dot_q6_k(&row, q),
+                        }
+                    };
                     assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} {group:?} n={n}: {got} vs {want}");
                 }
             }

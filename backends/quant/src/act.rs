@@ -19,7 +19,8 @@ pub fn round_for_dot(weight: DType, x: &mut [f32]) {
             x.chunks_mut(32).for_each(round_q8_0_block)
         }
         DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => x.chunks_mut(256).for_each(round_q8_k_block),
-        // kiln's own format has no llama.cpp counterpart: exact activations.
+        // kq2's 8-bit dot type quantizes the row in two bases (`kq2::Kq2Q8Row`),
+        // which no single rounding of `x` expresses: `ggml_dot` handles it.
         DType::KQ2 => {}
     }
 }

@@ -4,10 +4,10 @@
 //! friends), so that `kiln_backends::Numerics::Ggml` reproduces llama.cpp's matmul
 //! results bit for bit rather than to within rounding.
 //!
-//! The k-quants Q4_K and Q6_K take 256-element Q8_K activations
+//! The k-quants Q3_K, Q4_K and Q6_K take 256-element Q8_K activations
 //! ([`quantize_q8_k`]); their per-super-block integer sums are exact, and the
-//! float steps follow ggml's x86 kernels: Q6_K the eight-lane AVX2
-//! `ggml_vec_dot_q6_K_q8_K`, Q4_K the repacked 8×8 `gemv`/`gemm` kernels (one
+//! float steps follow ggml's x86 kernels: Q3_K and Q6_K the eight-lane AVX2
+//! `ggml_vec_dot_q3_K_q8_K` / `ggml_vec_dot_q6_K_q8_K`, Q4_K the repacked 8×8 `gemv`/`gemm` kernels (one
 //! fused multiply-add per super-block for the scales and one for the minimums,
 //! subtracted at the end), which llama.cpp uses for Q4_K whenever the output
 //! count is a multiple of 8.
@@ -95,12 +95,15 @@ pub fn quantize_q8_k(x: &[f32]) -> Q8KRow {
 
 const QK_K: usize = 256;
 
-pub use super::kquants::scale_min_k4;
+pub use super::kquants::{q3_k_scales, scale_min_k4};
 
 /// Activations quantized for one weight type: Q8_0/Q8_1 or Q8_K.
 pub enum Activations {
     Q8(Q8Row),
     Q8K(Q8KRow),
+    /// kiln's own kq2 format: its 8-bit dot type (no llama.cpp counterpart,
+    /// the same idea as Q8_K; see [`crate::kq2::Kq2Q8Row`]).
+    Kq2(crate::kq2::Kq2Q8Row),
 }
 
 /// Quantizes one row of activations for a dot product with weights of `dtype`
@@ -108,14 +111,26 @@ pub enum Activations {
 pub fn quantize_for(dtype: DType, x: &[f32]) -> Option<Activations> {
     match dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => Some(Activations::Q8(quantize_q8(x))),
-        DType::Q4K | DType::Q6K => Some(Activations::Q8K(quantize_q8_k(x))),
+        DType::Q3K | DType::Q4K | DType::Q6K => Some(Activations::Q8K(quantize_q8_k(x))),
+        DType::KQ2 => Some(Activations::Kq2(crate::kq2::quantize_kq2_q8(x))),
         _ => None,
     }
 }
 
 /// Whether [`dot`] handles weights of `dtype`.
 pub fn supports(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q4K | DType::Q6K)
+    matches!(
+        dtype,
+        DType::Q4_0
+            | DType::Q4_1
+            | DType::Q5_0
+            | DType::Q5_1
+            | DType::Q8_0
+            | DType::Q3K
+            | DType::Q4K
+            | DType::Q6K
+            | DType::KQ2
+    )
 }
 
 /// How ggml's repacked Q4_K kernels treat a row of activations: rows of a
@@ -141,6 +156,8 @@ pub fn dot(dtype: DType, row: &[u8], x: &Activations, group: RowGroup) -> f32 {
     match (dtype, x) {
         (DType::Q4K, Activations::Q8K(a)) => dot_q4_k(row, a, group),
         (DType::Q6K, Activations::Q8K(a)) => dot_q6_k(row, a),
+        (DType::Q3K, Activations::Q8K(a)) => dot_q3_k(row, a),
+        (DType::KQ2, Activations::Kq2(a)) => crate::kq2::dot_kq2_q8(row, a),
         (_, Activations::Q8(a)) => dot_legacy(dtype, row, a),
         _ => 0.0,
     }
@@ -213,6 +230,41 @@ fn dot_q6_k(row: &[u8], x: &Q8KRow) -> f32 {
         for (l, (a, lane)) in acc.iter_mut().zip(lanes).enumerate() {
             let sub = 32 * (bs[2 * l] * sc(2 * l) + bs[2 * l + 1] * sc(2 * l + 1));
             *a = d.mul_add((lane - sub) as f32, *a);
+        }
+    }
+    hsum8(&acc)
+}
+
+/// Q3_K as ggml's AVX2 `ggml_vec_dot_q3_K_q8_K`: eight integer lanes per
+/// super-block (lane `l` holds elements `4l..4l+3` of every 32-element
+/// segment, each weight `(low 2 bits − 4·[high bit clear])` times its
+/// 16-element scale), added to the float lanes as `fma(d8·d, lane, acc)`,
+/// lanes reduced at the end.
+fn dot_q3_k(row: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = [0f32; 8];
+    for (bi, blk) in row.chunks_exact(110).enumerate().take(x.d.len()) {
+        let (hmask, qs) = (&blk[0..32], &blk[32..96]);
+        let sc = super::kquants::q3_k_scales(&blk[96..108]);
+        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+        let mut lanes = [0i32; 8];
+        for half in 0..2 {
+            for shift in 0..4 {
+                let bit = half * 4 + shift;
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    let s = i32::from(sc[half * 8 + shift * 2 + l / 4]);
+                    let mut p = 0i32;
+                    for e in 4 * l..4 * l + 4 {
+                        let low = i32::from((qs[half * 32 + e] >> (2 * shift)) & 3);
+                        let w = low - if hmask[e] >> bit & 1 == 0 { 4 } else { 0 };
+                        p += w * i32::from(q8[half * 128 + shift * 32 + e]);
+                    }
+                    *lane += s * p;
+                }
+            }
+        }
+        let d = x.d[bi] * h(blk, 108);
+        for (a, lane) in acc.iter_mut().zip(lanes) {
+            *a = d.mul_add(lane as f32, *a);
         }
     }
     hsum8(&acc)

@@ -564,6 +564,109 @@ pub fn dot_kq2_rotated(row: &[u8], x: &[f32], xr: &[f32]) -> f32 {
     acc
 }
 
+/// One row of activations in kq2's 8-bit dot type: per 64-block the
+/// original-basis values and their rotation ([`kq2_rotate`]), each quantized
+/// to `i8` with its own scale `d = amax/127` (`q = round_half_even(v·127/amax)`).
+///
+/// This is kq2's counterpart of ggml's Q8_K: with it a block's dot product is
+/// one exact integer sum (the codewords times 4 are odd integers in −15..15,
+/// so `Σ 4c·q` over 64 weights fits easily in an `i32`) and one float step.
+/// It is what `Numerics::Ggml` (the CPU backend's numerics) uses for kq2; the
+/// exact-activation definition [`dot_kq2_rotated`] stays the reference's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Kq2Q8Row {
+    /// Per block: `[d of the original-basis quants, d of the rotated quants]`.
+    pub d: Vec<[f32; 2]>,
+    /// Per block 128 quants: the 64 original-basis ones, then the 64 rotated ones.
+    pub q: Vec<i8>,
+}
+
+impl Kq2Q8Row {
+    /// Quants and scale of block `bi` in the basis its weights are stored in.
+    #[inline]
+    pub fn block(&self, bi: usize, unrotated: bool) -> (&[i8], f32) {
+        let which = usize::from(!unrotated);
+        (&self.q[bi * 128 + 64 * which..bi * 128 + 64 * which + 64], self.d[bi][which])
+    }
+}
+
+/// Quantizes `x` as [`Kq2Q8Row`]: whole 64-blocks only (a tail is dropped, as
+/// kq2 rows have none). A block with a non-finite value gets scale NaN and
+/// zero quants, so a dot with it is NaN (as with exact activations).
+pub fn quantize_kq2_q8(x: &[f32]) -> Kq2Q8Row {
+    let blocks = x.as_chunks::<64>().0;
+    let mut d = Vec::with_capacity(blocks.len());
+    let mut q = vec![0i8; blocks.len() * 128];
+    for (b, qb) in blocks.iter().zip(q.chunks_exact_mut(128)) {
+        let r = rotate(b);
+        let mut ds = [0f32; 2];
+        for ((v, qh), dv) in [b, &r].into_iter().zip(qb.chunks_exact_mut(64)).zip(&mut ds) {
+            *dv = quantize_i8(v, qh);
+        }
+        d.push(ds);
+    }
+    Kq2Q8Row { d, q }
+}
+
+/// `q = round_half_even(v·127/amax)`, returning `amax/127` (0 for an all-zero
+/// block, NaN with zero quants when a value is not finite).
+fn quantize_i8(v: &[f32; 64], q: &mut [i8]) -> f32 {
+    if !v.iter().all(|e| e.is_finite()) {
+        q.fill(0);
+        return f32::NAN;
+    }
+    let amax = v.iter().fold(0f32, |m, e| m.max(e.abs()));
+    if amax == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    let id = 127.0 / amax;
+    for (o, e) in q.iter_mut().zip(v) {
+        *o = (e * id).round_ties_even() as i8;
+    }
+    amax / 127.0
+}
+
+/// The codeword of `code` times 4 (odd integers in −15..=15), exactly.
+#[inline]
+fn decode_code4(cb: &Codebook, code: u32) -> [i8; 8] {
+    decode_code(cb, code).map(|c| (4.0 * c) as i8)
+}
+
+/// Dot of a kq2 row with [`Kq2Q8Row`] activations, the definition the SIMD
+/// kernels reproduce bit for bit. Per block with a nonzero scale `s`, against
+/// the quants of the block's storage basis (rotated unless the `U` flag is
+/// set) with their scale `d`: eight exact integer lanes, lane `l` summing
+/// `4c·q` over weights `4l..4l+4` and `32+4l..32+4l+4`, each added to its
+/// float lane as `lane = fma(isum_l, ¼·(s·d), lane)`; blocks in order, the
+/// lanes reduced at the end as `((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`.
+/// Blocks past the shorter of `row` and `x` are ignored.
+pub fn dot_kq2_q8(row: &[u8], x: &Kq2Q8Row) -> f32 {
+    let cb = &*CODEBOOK;
+    let mut lanes = [0.0f32; 8];
+    for (bi, b) in row.as_chunks::<KQ2_BLOCK_BYTES>().0.iter().enumerate().take(x.d.len()) {
+        let s = kq2_scale(b[0]);
+        if s == 0.0 {
+            continue;
+        }
+        let (q, d) = x.block(bi, b[0] & KQ2_UNROTATED != 0);
+        let mut w = [0i8; 64];
+        for (g, wg) in w.chunks_exact_mut(8).enumerate() {
+            wg.copy_from_slice(&decode_code4(cb, block_code(b, g)));
+        }
+        let f = 0.25 * (s * d);
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let isum: i32 = [4 * l, 32 + 4 * l]
+                .into_iter()
+                .flat_map(|j0| j0..j0 + 4)
+                .map(|j| i32::from(w[j]) * i32::from(q[j]))
+                .sum();
+            *lane = (isum as f32).mul_add(f, *lane);
+        }
+    }
+    ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
+}
+
 /// Quantizes a row of `src.len()` weights (a multiple of 64) into `dst`
 /// (exactly its blocks), minimizing Σ importance · error² per block.
 ///

@@ -358,6 +358,31 @@ fn dot_matches_dequantize_then_dot() {
 }
 
 #[test]
+fn eight_bit_dot_on_real_shaped_rows() {
+    // Gaussian rows and activations with a few outlier channels, both bases:
+    // the 8-bit dot stays within 1% of the exact one relative to Σ|w·x|.
+    let mut rng = Rng(21);
+    for n in [64usize, 896, 4864] {
+        let w = rng.gauss_vec(n, 0.02);
+        let imp: Vec<f32> = (0..n).map(|j| if j % 61 == 0 { 50.0 } else { 1.0 }).collect();
+        let q = quantize(&w, Some(&imp));
+        let mut x = rng.gauss_vec(n, 1.0);
+        for j in (0..n).step_by(97) {
+            x[j] *= 20.0;
+        }
+        let (want, scale) = dot_reference(&dequantize(&q, n), &x);
+        let got = f64::from(dot_kq2_q8(&q, &quantize_kq2_q8(&x)));
+        assert!((got - want).abs() <= 1e-2 * scale, "n = {n}: {got} vs {want} (Σ|w·x| = {scale})");
+    }
+    // Non-finite activations give a non-finite result; zero ones give 0.
+    let q = quantize(&Rng(22).gauss_vec(128, 0.02), None);
+    let mut x = vec![0.5f32; 128];
+    x[70] = f32::NAN;
+    assert!(!dot_kq2_q8(&q, &quantize_kq2_q8(&x)).is_finite());
+    assert_eq!(dot_kq2_q8(&q, &quantize_kq2_q8(&[0.0; 128])), 0.0);
+}
+
+#[test]
 fn hostile_input_never_panics() {
     let n = 256;
     let mut rows: Vec<Vec<f32>> = vec![
@@ -435,6 +460,25 @@ proptest! {
         let (want, scale) = dot_reference(&w, &x);
         let got = f64::from(dot_kq2(&bytes, &x).unwrap());
         prop_assert!((got - want).abs() <= 1e-4 * scale + 1e-30, "{} vs {}", got, want);
+    }
+
+    /// The 8-bit dot (kq2's dot type, `Numerics::Ggml`) is within the
+    /// rounding bound of the activations' quantization of the exact dot: per
+    /// block the rounding error e has |e|₂ ≤ 8·(d/2) with d ≤ |x_b|₂/127 in
+    /// either basis, and the storage-basis weights have the norm of the
+    /// block's weights (the rotation is orthogonal), so
+    /// |Δ| ≤ Σ_b |w_b|₂·4·|x_b|₂/127 (plus float rounding).
+    #[test]
+    fn eight_bit_dot_is_within_its_rounding_bound(
+        bytes in proptest::collection::vec(any::<u8>(), 3 * KQ2_BLOCK_BYTES),
+        x in proptest::collection::vec(-4.0f32..4.0, 3 * 64),
+    ) {
+        let w = dequantize(&bytes, 3 * 64);
+        let (want, scale) = dot_reference(&w, &x);
+        let got = f64::from(dot_kq2_q8(&bytes, &quantize_kq2_q8(&x)));
+        let norm = |v: &[f32]| v.iter().map(|e| f64::from(*e).powi(2)).sum::<f64>().sqrt();
+        let bound: f64 = w.chunks(64).zip(x.chunks(64)).map(|(wb, xb)| norm(wb) * 4.0 * norm(xb) / 127.0).sum();
+        prop_assert!((got - want).abs() <= bound * 1.0001 + 1e-4 * scale + 1e-30, "{} vs {} (bound {})", got, want, bound);
     }
 
     /// Random rows at magnitudes across the scale range round-trip with a
