@@ -161,18 +161,20 @@ fn op_a_backend_lacks_is_named() {
     let Some(model) = smollm2() else { return };
     let dir = tempdir("unsupported-op");
     let out = dir.join("build");
-    // A 4-bit KV cache is an op attribute the fixed-point backend does not run.
-    let r = dir.join("kvwatch.yaml");
+    // A steering vector is an op the fixed-point backend does not run.
+    let r = dir.join("steerwatch.yaml");
+    let vector = root().join("recipes/steer/verbosity/verbosity.safetensors");
     write(
         &r,
         format!(
-            "name: kvwatch\nmodel: {}\ndevices:\n  watch:\n    backend: fixed\n    passes: [dce, {{kv_quant: {{type: q4_0}}}}]\n",
-            model.display()
+            "name: steerwatch\nmodel: {}\ndevices:\n  watch:\n    backend: fixed\n    passes: [dce, {{steer: {{vector: {}, layers: 10..12, strength: -4.0, mode: add, name: verbosity}}}}]\n",
+            model.display(),
+            vector.display()
         )
         .as_bytes(),
     );
     let o = run(&["compile", "--recipe", r.to_str().unwrap(), "--device", "watch", "--out", out.to_str().unwrap()]);
-    assert_clean_error(&o, &["kvwatch.yaml", "backend `fixed` does not support", "attention", "a `q4_0` KV cache"]);
+    assert_clean_error(&o, &["steerwatch.yaml", "backend `fixed` does not support", "steer"]);
     assert!(!out.exists());
 }
 

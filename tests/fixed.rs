@@ -129,24 +129,43 @@ fn glassllm_watch_build_is_bit_identical_on_host_and_cortex_m4() {
 /// an 8-bit KV cache): bit-identical too, in less flash and RAM.
 #[test]
 fn glassllm_int4_watch_build_is_bit_identical_on_host_and_cortex_m4() {
-    let dir = tempdir("fixed-glass4");
-    let Some(build) = compile_recipe(&dir, "glassllm-en-int4") else { return };
+    int4_build_is_bit_identical("glassllm-en-int4", "static int8_t K0[", 80 << 10, &[]);
+}
+
+/// The smallest build: 4-bit weights and a 4-bit KV cache (nibbles with a shift per 32
+/// channels), bit-identical on host (here under AddressSanitizer and UBSan) and Cortex-M4.
+#[test]
+fn glassllm_int4_kv4_watch_build_is_bit_identical_on_host_and_cortex_m4() {
+    int4_build_is_bit_identical(
+        "glassllm-en-int4-kv4",
+        "static uint8_t K0[",
+        48 << 10,
+        &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+    );
+}
+
+/// Compiles `recipe` (4-bit weights) for the watch and checks its size, its quality and
+/// that the host (with `cflags`) and the Cortex-M4 compute the interpreter's bits.
+fn int4_build_is_bit_identical(recipe: &str, kv_array: &str, max_ram: u64, cflags: &[&str]) {
+    let dir = tempdir(&format!("fixed-{recipe}"));
+    let Some(build) = compile_recipe(&dir, recipe) else { return };
     let manifest: Value = serde_json::from_slice(&std::fs::read(build.join("manifest.json")).unwrap()).unwrap();
     assert!(manifest["memory"]["flash_bytes"].as_u64().unwrap() < 640 << 10, "{}", manifest["memory"]);
-    assert!(manifest["memory"]["ram_bytes"].as_u64().unwrap() < 80 << 10, "{}", manifest["memory"]);
+    assert!(manifest["memory"]["ram_bytes"].as_u64().unwrap() < max_ram, "{}", manifest["memory"]);
     let q = &manifest["quality"];
     // Budget for 4-bit weights: perplexity within 5% of the float model, top-1 agreement ≥ 80%.
     assert!(q["ppl_ratio_minus_1"].as_f64().unwrap().abs() < 0.05, "{q}");
     assert!(q["top1_agreement"].as_f64().unwrap() > 0.80, "{q}");
     let model_c = std::fs::read_to_string(build.join("kiln_model.c")).unwrap();
     assert!(model_c.contains("k_matmul_q4("), "no 4-bit matmul in the build");
-    assert!(model_c.contains("static int8_t K0["), "no 8-bit KV cache in the build");
+    assert!(model_c.contains(kv_array), "no `{kv_array}` KV cache in the build");
 
     let prompt = prompt(&build);
     let want = interpreter_trace(&build, &prompt, STEPS);
     let host = dir.join("host");
     harness::stage(&build, &host, &prompt, STEPS).unwrap();
-    let got = harness::run_host(&harness::build_host(&host, &["-DKILN_DUMP_LOGITS"]).unwrap()).unwrap();
+    let flags: Vec<&str> = ["-DKILN_DUMP_LOGITS"].iter().chain(cflags).copied().collect();
+    let got = harness::run_host(&harness::build_host(&host, &flags).unwrap()).unwrap();
     for (i, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
         assert!(g == w, "host logits differ from the interpreter's at step {i}");
     }

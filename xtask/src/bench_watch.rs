@@ -23,7 +23,11 @@ struct Opts {
 
 fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
     let mut o = Opts {
-        recipes: vec![env.root.join("recipes/glassllm-en.yaml"), env.root.join("recipes/glassllm-en-int4.yaml")],
+        recipes: vec![
+            env.root.join("recipes/glassllm-en.yaml"),
+            env.root.join("recipes/glassllm-en-int4.yaml"),
+            env.root.join("recipes/glassllm-en-int4-kv4.yaml"),
+        ],
         steps: 32,
         out: env.root.join("bench/results"),
     };

@@ -88,6 +88,25 @@ static int k_quantize8(const int32_t *x, int8_t *m, int32_t n) {
 }
 #endif
 
+#if defined(KILN_USE_KV4)
+/* 4-bit mantissas (-8..7, two per byte, low nibble first) with a shared shift (one group of
+   a 4-bit KV cache row); n is even. */
+static int k_quantize4(const int32_t *x, uint8_t *m, int32_t n) {
+    int sh = k_block_shift(x, n) + 12;
+    int32_t i;
+    for (i = 0; i < n; i += 2) {
+        int64_t a = k_rshr(x[i], sh), b = k_rshr(x[i + 1], sh);
+        a = a > 7 ? 7 : (a < -8 ? -8 : a);
+        b = b > 7 ? 7 : (b < -8 ? -8 : b);
+        m[i / 2] = (uint8_t)((((uint32_t)(a + 8)) ^ 8u) | ((((uint32_t)(b + 8)) ^ 8u) << 4));
+    }
+    return sh;
+}
+
+/* Element i of a 4-bit row, signed. */
+#define K_NIB(m, i) ((int32_t)((((uint32_t)(m)[(i) >> 1] >> (((i) & 1) * 4)) & 15u) ^ 8u) - 8)
+#endif
+
 static int k_quantize16(const int32_t *x, int16_t *m, int32_t n) {
     int sh = k_block_shift(x, n);
     int32_t i;
@@ -387,6 +406,10 @@ typedef struct {
     int8_t *k8, *v8;
     uint8_t *ks, *vs;
     int32_t kv_heads, head_dim;
+#if defined(KILN_USE_KV4)
+    /* 4-bit slots: two mantissas per byte, a shift per 32 channels (KS/VS). */
+    uint8_t *k4, *v4;
+#endif
 } k_slot;
 #endif
 
@@ -398,6 +421,17 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
     if (kn) {
         for (h = 0; h < kvh_n; h++) {
             int32_t at = (pos * kvh_n + h) * hd;
+#if defined(KILN_USE_KV4)
+            if (c->k4) {
+                int32_t g, ng = hd / 32;
+                for (g = 0; g < ng; g++) {
+                    int32_t e = h * hd + 32 * g, sh = (pos * kvh_n + h) * ng + g;
+                    c->ks[sh] = (uint8_t)k_quantize4(kn + e, c->k4 + at / 2 + 16 * g, 32);
+                    c->vs[sh] = (uint8_t)k_quantize4(vn + e, c->v4 + at / 2 + 16 * g, 32);
+                }
+                continue;
+            }
+#endif
 #if defined(KILN_USE_KV8)
             if (c->k8) {
                 c->ks[pos * kvh_n + h] = (uint8_t)k_quantize8(kn + h * hd, c->k8 + at, hd);
@@ -417,16 +451,33 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
         for (j = lo; j <= pos; j++) {
             int64_t dot = 0;
             int32_t sc;
-            int shk = c->ks[j * kvh_n + kvh];
+            int shk = 0;
             d = 0;
+#if defined(KILN_USE_KV4)
+            if (c->k4) {
+                /* Groups with different shifts are aligned to the largest (rounding the others). */
+                const uint8_t *kr4 = c->k4 + (j * kvh_n + kvh) * hd / 2;
+                const uint8_t *shs = c->ks + (j * kvh_n + kvh) * (hd / 32);
+                int32_t g, ng = hd / 32;
+                for (g = 0; g < ng; g++)
+                    if (shs[g] > shk) shk = shs[g];
+                for (g = 0; g < ng; g++) {
+                    int64_t dg = 0;
+                    for (d = 0; d < 32; d++) dg += (int32_t)mq[32 * g + d] * K_NIB(kr4 + 16 * g, d);
+                    dot += k_shift_round(dg, shk - shs[g]);
+                }
+            } else
+#endif
 #if defined(KILN_USE_KV8)
             if (c->k8) {
                 const int8_t *kr8 = c->k8 + (j * kvh_n + kvh) * hd;
+                shk = c->ks[j * kvh_n + kvh];
                 for (; d < hd; d++) dot += (int32_t)mq[d] * (int32_t)kr8[d];
             } else
 #endif
             {
                 const int16_t *kr = c->k16 + (j * kvh_n + kvh) * hd;
+                shk = c->ks[j * kvh_n + kvh];
 #ifdef K_SIMD32
                 for (; d + 2 <= hd; d += 2) {
                     uint32_t a, b;
@@ -453,13 +504,20 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
         for (d = 0; d < hd; d++) {
             int64_t acc = 0;
             for (j = lo; j <= pos; j++) {
-                int32_t at = (j * kvh_n + kvh) * hd + d;
+                int32_t row = j * kvh_n + kvh, at = row * hd + d;
+#if defined(KILN_USE_KV4)
+                if (c->v4) {
+                    acc += scores[j] * ((int64_t)K_NIB(c->v4 + row * hd / 2, d) *
+                                        ((int64_t)1 << c->vs[row * (hd / 32) + d / 32]));
+                    continue;
+                }
+#endif
 #if defined(KILN_USE_KV8)
                 int64_t m = c->v8 ? c->v8[at] : c->v16[at];
 #else
                 int64_t m = c->v16[at];
 #endif
-                int64_t vv = m * ((int64_t)1 << c->vs[j * kvh_n + kvh]);
+                int64_t vv = m * ((int64_t)1 << c->vs[row]);
                 acc += scores[j] * vv;
             }
             y[h * hd + d] = k_sat32(k_div_round(acc, total));

@@ -151,6 +151,9 @@ pub fn model_c(p: &Program) -> String {
     if p.slots.iter().any(|sl| sl.bits == 8) {
         uses.push("KV8");
     }
+    if p.slots.iter().any(|sl| sl.bits == 4) {
+        uses.push("KV4");
+    }
     uses.sort();
     uses.dedup();
     for u in uses {
@@ -167,14 +170,19 @@ pub fn model_c(p: &Program) -> String {
     }
     for (i, sl) in p.slots.iter().enumerate() {
         let n = p.max_context * sl.kv_heads;
+        let (ty, mantissas) = if sl.bits == 4 {
+            ("uint8_t".to_string(), n * sl.head_dim / 2)
+        } else {
+            (format!("int{}_t", sl.bits), n * sl.head_dim)
+        };
+        let shifts = n * sl.groups();
         let _ = writeln!(
             s,
-            "static int{}_t K{i}[{}], V{i}[{}];\nstatic uint8_t KS{i}[{}], VS{i}[{}];",
-            sl.bits,
-            (n * sl.head_dim).max(1),
-            (n * sl.head_dim).max(1),
-            n.max(1),
-            n.max(1)
+            "static {ty} K{i}[{}], V{i}[{}];\nstatic uint8_t KS{i}[{}], VS{i}[{}];",
+            mantissas.max(1),
+            mantissas.max(1),
+            shifts.max(1),
+            shifts.max(1)
         );
     }
     if !p.slots.is_empty() {
@@ -183,8 +191,13 @@ pub fn model_c(p: &Program) -> String {
             .iter()
             .enumerate()
             .map(|(i, sl)| {
-                let kv = if sl.bits == 8 { format!("0, 0, K{i}, V{i}") } else { format!("K{i}, V{i}, 0, 0") };
-                format!("{{{kv}, KS{i}, VS{i}, {}, {}}}", sl.kv_heads, sl.head_dim)
+                let kv = match sl.bits {
+                    8 => format!("0, 0, K{i}, V{i}"),
+                    4 => "0, 0, 0, 0".to_string(),
+                    _ => format!("K{i}, V{i}, 0, 0"),
+                };
+                let kv4 = if sl.bits == 4 { format!(", K{i}, V{i}") } else { String::new() };
+                format!("{{{kv}, KS{i}, VS{i}, {}, {}{kv4}}}", sl.kv_heads, sl.head_dim)
             })
             .collect();
         let _ = writeln!(s, "static k_slot SLOTS[{}] = {{{}}};", p.slots.len(), list.join(", "));

@@ -112,6 +112,15 @@ pub fn quantize8(x: &[i32], m: &mut [i16]) -> u32 {
     sh
 }
 
+/// Quantizes `x` (Q16) to 4-bit mantissas (−8..=7, kept in `i16`s) with a shared shift.
+pub fn quantize4(x: &[i32], m: &mut [i16]) -> u32 {
+    let sh = block_shift(x) + 12;
+    for (d, v) in m.iter_mut().zip(x) {
+        *d = rshr(*v as i64, sh).clamp(-8, 7) as i16;
+    }
+    sh
+}
+
 /// `e^(-x)` for `x >= 0` (Q16 in, Q16 out).
 pub fn exp_neg(x: i64, table: &[i32]) -> i64 {
     let x = x.clamp(0, i32::MAX as i64);

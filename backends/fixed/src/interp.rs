@@ -63,7 +63,8 @@ impl Machine {
             .iter()
             .map(|s| {
                 let n = program.max_context * s.kv_heads;
-                Cache { k: vec![0; n * s.head_dim], v: vec![0; n * s.head_dim], ks: vec![0; n], vs: vec![0; n] }
+                let g = n * s.groups();
+                Cache { k: vec![0; n * s.head_dim], v: vec![0; n * s.head_dim], ks: vec![0; g], vs: vec![0; g] }
             })
             .collect();
         Machine {
@@ -263,14 +264,23 @@ fn run_step(
         Step::Attention { q, kv, out, slot, heads, kv_heads, head_dim, mult, shift, window, softcap } => {
             let hd = *head_dim;
             let c = &mut caches[*slot];
+            let sl = p.slots[*slot];
+            let (gs, ng) = (sl.group(), sl.groups());
             if let Some((k, v)) = kv {
+                let quantize = match sl.bits {
+                    8 => int::quantize8,
+                    4 => int::quantize4,
+                    _ => quantize16,
+                };
                 for h in 0..*kv_heads {
                     let at = (pos * kv_heads + h) * hd;
-                    let ks = &arena[k.off + h * hd..k.off + (h + 1) * hd];
-                    let quantize = if p.slots[*slot].bits == 8 { int::quantize8 } else { quantize16 };
-                    c.ks[pos * kv_heads + h] = quantize(ks, &mut c.k[at..at + hd]) as u8;
-                    let vs = &arena[v.off + h * hd..v.off + (h + 1) * hd];
-                    c.vs[pos * kv_heads + h] = quantize(vs, &mut c.v[at..at + hd]) as u8;
+                    for g in 0..ng {
+                        let (e, sh) = (at + g * gs, (pos * kv_heads + h) * ng + g);
+                        let ks = &arena[k.off + h * hd + g * gs..k.off + h * hd + (g + 1) * gs];
+                        c.ks[sh] = quantize(ks, &mut c.k[e..e + gs]) as u8;
+                        let vs = &arena[v.off + h * hd + g * gs..v.off + h * hd + (g + 1) * gs];
+                        c.vs[sh] = quantize(vs, &mut c.v[e..e + gs]) as u8;
+                    }
                 }
             }
             let lo = if *window > 0 && pos + 1 > *window { pos + 1 - window } else { 0 };
@@ -282,11 +292,17 @@ fn run_step(
                 let mut mx = i32::MIN;
                 for j in lo..=pos {
                     let at = (j * kv_heads + kvh) * hd;
+                    let shs = &c.ks[(j * kv_heads + kvh) * ng..(j * kv_heads + kvh + 1) * ng];
+                    // Groups with different shifts are aligned to the largest (rounding the others).
+                    let shk = shs.iter().copied().max().unwrap_or(0) as i32;
                     let mut dot = 0i64;
-                    for (a, b) in mq.iter().zip(&c.k[at..at + hd]) {
-                        dot += (*a as i32 * *b as i32) as i64;
+                    for ((qg, kg), &s) in mq.chunks(gs).zip(c.k[at..at + hd].chunks(gs)).zip(shs) {
+                        let mut d = 0i64;
+                        for (a, b) in qg.iter().zip(kg) {
+                            d += (*a as i32 * *b as i32) as i64;
+                        }
+                        dot += if ng == 1 { d } else { shift_round(d, shk - s as i32) };
                     }
-                    let shk = c.ks[j * kv_heads + kvh] as i32;
                     let mut sc = sat32(shift_round(dot * *mult as i64, shift + 16 - shq - shk));
                     if let Some([(m1, s1), (m2, s2)]) = softcap {
                         let z = shift_round(sc as i64 * *m1 as i64, *s1);
@@ -305,7 +321,7 @@ fn run_step(
                     let mut acc = 0i64;
                     for j in lo..=pos {
                         let at = (j * kv_heads + kvh) * hd + d;
-                        let vv = (c.v[at] as i64) << c.vs[j * kv_heads + kvh];
+                        let vv = (c.v[at] as i64) << c.vs[(j * kv_heads + kvh) * ng + d / gs];
                         acc += scores[j] as i64 * vv;
                     }
                     arena[out.off + h * hd + d] = sat32(int::div_round(acc, total));

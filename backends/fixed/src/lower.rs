@@ -30,10 +30,22 @@ pub fn unsupported(module: &VerifiedModule, op: &Op) -> Option<String> {
         Op::RmsNorm { .. } | Op::Scale { .. } | Op::Rope { .. } => None,
         Op::MatMul { w, .. } if module.param(*w).ty.dtype == DType::I32 => Some("integer weight tensors".into()),
         Op::MatMul { .. } => None,
-        Op::Attention { attrs, .. } if !matches!(attrs.kv_dtype, DType::F32 | DType::Q8_0) => Some(format!(
-            "a `{}` KV cache (fixed-point builds keep 16-bit caches, or 8-bit ones for `q8_0`)",
-            attrs.kv_dtype.name()
-        )),
+        Op::Attention { attrs, .. } if !matches!(attrs.kv_dtype, DType::F32 | DType::Q8_0 | DType::Q4_0) => {
+            Some(format!(
+                "a `{}` KV cache (fixed-point builds keep 16-bit caches, 8-bit ones for `q8_0`, 4-bit ones for `q4_0`)",
+                attrs.kv_dtype.name()
+            ))
+        }
+        Op::Attention { attrs, .. }
+            if attrs.kv_dtype == DType::Q4_0
+                && !(attrs.head_dim as usize).is_multiple_of(crate::program::KV4_GROUP) =>
+        {
+            Some(format!(
+                "a `q4_0` KV cache with head_dim {} (4-bit caches need a multiple of {})",
+                attrs.head_dim,
+                crate::program::KV4_GROUP
+            ))
+        }
         Op::Attention { .. } => None,
         Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Steer { .. } => Some(format!("op `{}`", op.name())),
     }
@@ -323,7 +335,11 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                     slots.resize(slot + 1, None);
                 }
                 let (kvh, hd) = (attrs.kv_heads as usize, attrs.head_dim as usize);
-                let bits = if attrs.kv_dtype == DType::Q8_0 { 8 } else { 16 };
+                let bits = match attrs.kv_dtype {
+                    DType::Q8_0 => 8,
+                    DType::Q4_0 => 4,
+                    _ => 16,
+                };
                 slots[slot] = Some(Slot { kv_heads: kvh, head_dim: hd, bits });
                 scratch16 = scratch16.max(hd);
                 let kv = match (k, v) {

@@ -147,14 +147,35 @@ pub enum Step {
     },
 }
 
-/// A KV-cache slot: `max_context × kv_heads × head_dim` mantissas for K and V (16-bit,
-/// or 8-bit for a slot the module stores as `q8_0`), with one shift per position and head.
+/// A KV-cache slot: `max_context × kv_heads × head_dim` mantissas for K and V (16-bit;
+/// 8-bit for a slot the module stores as `q8_0`; 4-bit, two per byte, for `q4_0`), with
+/// one shift per position, head and group of [`Slot::group`] channels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// 16 or 8.
+    /// 16, 8 or 4.
     pub bits: usize,
+}
+
+/// Channels per shift of a 4-bit slot (a whole head for 16 and 8 bits).
+pub const KV4_GROUP: usize = 32;
+
+impl Slot {
+    /// Channels that share one shift.
+    pub fn group(&self) -> usize {
+        if self.bits == 4 { KV4_GROUP } else { self.head_dim }
+    }
+
+    /// Shifts per position and head.
+    pub fn groups(&self) -> usize {
+        self.head_dim.checked_div(self.group()).unwrap_or(0)
+    }
+
+    /// Bytes of K (or V) per position: mantissas and shifts.
+    pub fn bytes_per_position(&self) -> usize {
+        self.kv_heads * (self.bits * self.head_dim / 8 + self.groups())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -192,7 +213,7 @@ impl Program {
 
     /// Bytes of the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.slots.iter().map(|s| 2 * self.max_context * s.kv_heads * (s.bits / 8 * s.head_dim + 1)).sum()
+        self.slots.iter().map(|s| 2 * self.max_context * s.bytes_per_position()).sum()
     }
 
     /// Bytes of static RAM: the arena, the scratch, the scores row and the KV cache.

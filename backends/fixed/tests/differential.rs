@@ -9,9 +9,13 @@
 //!
 //! Cases with ops fixed-point builds do not have are refused by name, never run wrong.
 
+use std::sync::Arc;
+
 use kiln_backends::conformance::{Case, cases, run_cases};
+use kiln_backends::reference::ReferenceBackend;
+use kiln_backends::{Backend, Logits, SessionOptions, WeightSource};
 use kiln_fixed::FixedBackend;
-use kiln_ir::{DType, Op, ParamId};
+use kiln_ir::{DType, Module, Op, ParamId, verify};
 
 /// Integer arithmetic alone (case 1): max |Δ| / max |logit|.
 const ARITH_BUDGET: f32 = 1e-3;
@@ -27,6 +31,9 @@ const MODEL_BUDGET: f32 = 1e-1;
 /// the tens) amplifies. On glassllm the 8-bit cache costs +0.06% perplexity.
 const KV8_ARITH_BUDGET: f32 = 6e-2;
 const KV8_MODEL_BUDGET: f32 = 2e-1;
+/// A 4-bit KV cache (`q4_0` slots) is not compared with the reference's: see
+/// [`four_bit_kv_cache_is_as_close_to_the_float_model_as_the_reference_q4_0_cache`].
+const KV4_RATIO_BUDGET: f32 = 1.5;
 
 /// `c` with every matrix the lowering requantizes replaced by its int8-per-row rounding, in
 /// f32 (Q4_0 matrices the lowering keeps exactly stay as they are).
@@ -71,6 +78,7 @@ fn with_int8_weights(mut c: Case) -> Case {
 fn check(cases: Vec<Case>, budget: impl Fn(&str) -> f32) {
     let cases: Vec<Case> = cases
         .into_iter()
+        .filter(|c| !c.name.contains("q4_0 KV cache"))
         .map(|mut c| {
             c.budget = c.budget.max(budget(&c.name));
             c
@@ -88,8 +96,7 @@ fn check(cases: Vec<Case>, budget: impl Fn(&str) -> f32) {
                 format!("{:<70} rel err {e:.2e} (budget {:.0e}){}", o.name, o.budget, if ok { "" } else { "  OVER" })
             }
             Err(e) if e.starts_with("unsupported") => {
-                let expected = ["layer_norm", "softmax", "steer"].iter().any(|w| e.contains(w))
-                    || (o.name.contains("q4_0 KV cache") && e.contains("attention"));
+                let expected = ["layer_norm", "softmax", "steer"].iter().any(|w| e.contains(w));
                 failed += !expected as usize;
                 format!("{:<70} {e}{}", o.name, if expected { "" } else { "  UNEXPECTED" })
             }
@@ -124,4 +131,55 @@ fn fixed_point_build_tracks_the_float_model() {
             OP_BUDGET
         }
     });
+}
+
+struct Weights(Vec<Vec<u8>>);
+
+impl WeightSource for Weights {
+    fn bytes(&self, p: ParamId) -> &[u8] {
+        &self.0[p.index()]
+    }
+}
+
+/// Every logit of the case's calls on `backend`.
+fn logits(backend: &dyn Backend, module: &Module, weights: &[Vec<u8>], calls: &[(Vec<u32>, Logits)]) -> Vec<f32> {
+    let module = Arc::new(verify(module.clone()).unwrap());
+    let opts = SessionOptions { max_context: 128, threads: 2, ..Default::default() };
+    let mut s = backend.prepare(module, Arc::new(Weights(weights.to_vec())), &opts).unwrap();
+    calls.iter().flat_map(|(t, mode)| s.forward(t, *mode).unwrap()).collect()
+}
+
+/// A 4-bit KV cache rounds K and V by more than the case's sharp softmax (scores in the
+/// tens) tolerates: the reference's own q4_0 cache moves its logits by about 60% of their
+/// range from the float model. The fixed-point build rounds differently (4-bit mantissas
+/// with a power-of-two shift per 32 channels, no rotation), so its 4-bit result is not
+/// compared with the reference's; instead its distance from the float model (f32 cache)
+/// must stay within 1.5× the reference q4_0 cache's own. (On glassllm the 4-bit cache
+/// costs −0.36% perplexity, mean KL 0.042: see `tests/fixed.rs`.)
+#[test]
+fn four_bit_kv_cache_is_as_close_to_the_float_model_as_the_reference_q4_0_cache() {
+    let rel = |a: &[f32], b: &[f32]| {
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / b.iter().fold(0f32, |m, v| m.max(v.abs()))
+    };
+    let mut seen = 0;
+    for c in cases().into_iter().filter(|c| c.name.contains("q4_0 KV cache")) {
+        let mut float = c.module.clone();
+        for i in &mut float.insts {
+            if let Op::Attention { attrs, .. } = &mut i.op {
+                attrs.kv_dtype = DType::F32;
+            }
+        }
+        let want = logits(&ReferenceBackend, &float, &c.weights, &c.calls);
+        let reference4 = rel(&logits(&ReferenceBackend, &c.module, &c.weights, &c.calls), &want);
+        let fixed4 = rel(&logits(&FixedBackend, &c.module, &c.weights, &c.calls), &want);
+        let fixed16 = rel(&logits(&FixedBackend, &float, &c.weights, &c.calls), &want);
+        println!(
+            "{}: from the float model: reference q4_0 {reference4:.3}, fixed 4-bit {fixed4:.3}, fixed 16-bit {fixed16:.3}",
+            c.name
+        );
+        assert!(reference4 > 0.05, "the case no longer exercises 4-bit rounding ({reference4})");
+        assert!(fixed4 <= KV4_RATIO_BUDGET * reference4, "{}: {fixed4} vs the reference's {reference4}", c.name);
+        seen += 1;
+    }
+    assert!(seen > 0);
 }
