@@ -125,8 +125,8 @@ pub fn compile_device(
     // Passes that choose by measured quality get the perplexity of a candidate on
     // the calibration text, computed on the CPU backend.
     let calib_text = match &r.recipe.calibration {
-        Some(spec) if passes.iter().any(|(n, _)| n == "kv_share") => Some((spec, r.read_text(spec)?.1)),
-        _ => None,
+        Some(spec) => Some((spec, r.read_text(spec)?.1)),
+        None => None,
     };
     let measure = |m: &kiln_ir::Module, w: &kiln_frontend::Weights| -> Result<f64, String> {
         let Some((spec, text)) = &calib_text else { return Err("no calibration text".into()) };

@@ -91,6 +91,45 @@ fn smollm2_meets_a_bits_per_weight_budget() {
     assert!(q["kl_mean"].as_f64().unwrap() > 0.0 && q["ppl_ratio_minus_1"].as_f64().unwrap() < 0.3, "{q}");
 }
 
+/// `sensitivity: measured`: each group (kind × third of the layers) is measured on the
+/// calibration text, the report carries every measurement, and the budget still holds.
+#[test]
+fn measured_sensitivity_is_reported_and_meets_the_budget() {
+    let Some(model) = model("glassllm-en-hf") else { return };
+    let dir = tempdir("quantize-sensitivity");
+    let passes = "[dce, { quantize: { target_bpw: 7.5, sensitivity: measured, candidates: [q4_0, q5_0, q8_0] } }]";
+    let r = recipe(&dir, "glass-sens", &model, passes, 64, 2);
+    let m = compile(&r, &dir.join("out"));
+    let rep = quantize_report(&m);
+    let bpw = rep["details"]["bits_per_weight"].as_f64().unwrap();
+    assert!(bpw <= 7.5 && bpw > 7.0, "achieved {bpw} bits per weight for a 7.5 budget");
+    let sens = &rep["details"]["sensitivity"];
+    let base = sens["base_ppl"].as_f64().unwrap();
+    let groups = sens["groups"].as_object().unwrap();
+    // glassllm: 4 layers → thirds 0..2 of 7 kinds, plus the embedding table.
+    assert!(
+        groups.len() >= 15 && groups.contains_key("ffn_down@0") && groups.contains_key("token_embd.weight"),
+        "{sens}"
+    );
+    let rises: Vec<f64> = groups.values().map(|g| g["log_ppl_rise"].as_f64().unwrap()).collect();
+    assert!(groups.values().all(|g| g["ppl"].as_f64().unwrap() > 0.0) && base > 1.0, "{sens}");
+    assert!(rises.iter().any(|r| *r > 1e-3), "quantizing a group to q4_0 must move the perplexity: {sens}");
+    // Without a calibration text there is nothing to measure: a clear error, no build.
+    let r = dir.join("nocal.yaml");
+    write(
+        &r,
+        format!(
+            "name: nocal\nmodel: {}\ndevices:\n  laptop:\n    backend: reference\n    passes: {passes}\n",
+            model.display()
+        )
+        .as_bytes(),
+    );
+    let out = dir.join("out2");
+    let o = run(&["compile", "--recipe", r.to_str().unwrap(), "--device", "laptop", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains("needs the recipe's `calibration`"), "{}", stderr(&o));
+    assert!(!out.join("nocal/laptop").exists());
+}
+
 #[test]
 fn bad_quantize_options_fail_before_work() {
     let Some(model) = model("glassllm-en-hf") else { return };

@@ -888,17 +888,18 @@ unsafe fn kq2_decode(t: &Kq2Tables, b: &[u8; 18]) -> [__m256i; 2] {
 
 /// The eight integer lanes of `Σ w·q` over 64 weights (lane `l`: weights
 /// `4l..4l+4` and `32+4l..32+4l+4`): `w` the bytes `4·c` of [`kq2_decode`]
-/// (odd, so never 0), `q` 64 activation quants; exact (|pair sums| ≤ 2·15·127).
+/// (odd, so never 0) and `wabs` their magnitudes, `q` 64 activation quants;
+/// exact (|pair sums| ≤ 2·15·127).
 ///
 /// # Safety
 /// The CPU must support AVX2; `q` holds 64 bytes.
 #[inline(always)]
-unsafe fn kq2_isum(w: &[__m256i; 2], q: &[i8]) -> __m256i {
+unsafe fn kq2_isum(w: &[__m256i; 2], wabs: &[__m256i; 2], q: &[i8]) -> __m256i {
     // SAFETY: the caller's (the CPU has AVX2; the reads are in bounds, see above).
     unsafe {
         let (q0, q1) = (_mm256_loadu_si256(q.as_ptr().cast()), _mm256_loadu_si256(q.as_ptr().add(32).cast()));
-        let p0 = _mm256_maddubs_epi16(_mm256_sign_epi8(w[0], w[0]), _mm256_sign_epi8(q0, w[0]));
-        let p1 = _mm256_maddubs_epi16(_mm256_sign_epi8(w[1], w[1]), _mm256_sign_epi8(q1, w[1]));
+        let p0 = _mm256_maddubs_epi16(wabs[0], _mm256_sign_epi8(q0, w[0]));
+        let p1 = _mm256_maddubs_epi16(wabs[1], _mm256_sign_epi8(q1, w[1]));
         _mm256_madd_epi16(_mm256_add_epi16(p0, p1), _mm256_set1_epi16(1))
     }
 }
@@ -923,11 +924,12 @@ pub(crate) fn dot_kq2_tile<const T: usize>(row: &[u8], xs: [&Kq2Q8Row; T]) -> [f
         }
         // SAFETY: AVX2 (this function's target features); `b` is one block.
         let w = unsafe { kq2_decode(t, b) };
+        let wabs = [_mm256_sign_epi8(w[0], w[0]), _mm256_sign_epi8(w[1], w[1])];
         let unrotated = b[0] & 0x80 != 0;
         for (a, x) in acc.iter_mut().zip(xs) {
             let (q, d) = x.block(bi, unrotated);
             // SAFETY: AVX2; `q` is the block's 64 quants.
-            let isum = unsafe { kq2_isum(&w, q) };
+            let isum = unsafe { kq2_isum(&w, &wabs, q) };
             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(0.25 * (s * d)), *a);
         }
     }
