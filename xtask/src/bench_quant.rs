@@ -266,6 +266,8 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
         &[
             "ppl".into(),
             s(&model),
+            "--backend".into(),
+            "cpu".into(),
             "-f".into(),
             s(&o.heldout),
             "--ctx".into(),
@@ -325,8 +327,11 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
         let target = llama[*target_ty]["bpw"].as_f64().unwrap_or(0.0);
         eprintln!("[{id}] {preset} (target {target:.4} bpw)");
         let recipe = work.join(format!("{preset}.yaml"));
+        // The CPU backend: 8-bit activations in every dot product, as llama-perplexity
+        // scores llama.cpp's files (on GGUF types it reproduces llama.cpp's logits bit for
+        // bit), so both sides are scored by the same numerics.
         let text = format!(
-            "name: {preset}\nmodel: {}\ndevices:\n  laptop:\n    backend: reference\n    passes: [dce, {{ quantize: {{ target_bpw: {target}, candidates: [{}] }} }}]\ncalibration: {{ text: {}, ctx: {}, chunks: {} }}\n",
+            "name: {preset}\nmodel: {}\ndevices:\n  laptop:\n    backend: cpu\n    passes: [dce, {{ quantize: {{ target_bpw: {target}, candidates: [{}] }} }}]\ncalibration: {{ text: {}, ctx: {}, chunks: {} }}\n",
             s(&model),
             candidates.join(", "),
             s(&o.calib),
