@@ -5,6 +5,8 @@
 //! indexer keys match too. Also: the new ops' text form round-trips and verifies, other
 //! backends refuse them by name, and bad checkpoints give errors that name the file.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -325,4 +327,15 @@ fn bad_checkpoints_give_errors_naming_the_file() {
 
     // An expert number outside the table of experts.
     std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn kiln_ir_dump_prints_the_imported_graph() {
+    let dir = fixture().join("tiny");
+    let out = common::run(&["ir", "dump", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("meta arch = \"deepseek_v4\""), "{text}");
+    assert_eq!(text.matches(" = compressed_attention ").count(), 6);
+    kiln_ir::verify(kiln_ir::parse(&text).unwrap()).unwrap();
 }

@@ -229,7 +229,14 @@ impl ReferenceSession {
                 Op::MatMul { bias, .. } => bias.iter().copied().collect(),
                 Op::Steer { dir, .. } => vec![*dir],
                 Op::HcCoeffs { base, scale, .. } => vec![*base, *scale],
-                Op::MoeRoute { bias, table, .. } => bias.iter().chain(table.iter()).copied().collect(),
+                Op::MoeRoute { bias, table, .. } => {
+                    // Token ids index the hash table too: they must be below its rows.
+                    if let Some(t) = table {
+                        let rows = param_dims(&module, *t)?.first().copied().unwrap_or(0);
+                        embed_rows = Some(embed_rows.map_or(rows, |r| r.min(rows)));
+                    }
+                    bias.iter().chain(table.iter()).copied().collect()
+                }
                 Op::CompressedAttention { .. } => inst.op.params(),
                 Op::Attention { k: Some(_), attrs, .. } => {
                     let width = usize::try_from(attrs.kv_heads * attrs.head_dim)

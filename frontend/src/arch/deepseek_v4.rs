@@ -624,3 +624,26 @@ pub const ARCH: Arch = Arch {
     hf_fixup: None,
     hf_lower: Some(lower),
 };
+
+#[cfg(test)]
+mod tests {
+    use super::canonical;
+
+    #[test]
+    fn both_spellings_map_to_one_canonical_name() {
+        for (a, b, want) in [
+            ("model.embed_tokens.weight", "embed.weight", "token_embd.weight"),
+            ("lm_head.weight", "head.weight", "output.weight"),
+            ("model.hc_head.hc_fn", "hc_head_fn", "output_hc_fn.weight"),
+            ("model.norm.weight", "norm.weight", "output_norm.weight"),
+            ("model.layers.3.attn.wq_a.weight", "layers.3.attn.wq_a.weight", "blk.3.attn_q_a.weight"),
+            ("model.layers.0.ffn.experts.7.w2.weight", "layers.0.ffn.experts.7.w2.weight", "blk.0.ffn_down_exps.7"),
+            ("model.layers.1.ffn.gate.tid2eid", "layers.1.ffn.gate.tid2eid", "blk.1.ffn_gate_hash.weight"),
+        ] {
+            assert_eq!(canonical(a).as_deref(), Some(want), "{a}");
+            assert_eq!(canonical(b).as_deref(), Some(want), "{b}");
+        }
+        assert_eq!(canonical("mtp.0.emb.weight"), None);
+        assert_eq!(canonical("model.layers.0.ffn.experts.x.w1.weight"), None);
+    }
+}
