@@ -339,3 +339,72 @@ fn kiln_ir_dump_prints_the_imported_graph() {
     assert_eq!(text.matches(" = compressed_attention ").count(), 6);
     kiln_ir::verify(kiln_ir::parse(&text).unwrap()).unwrap();
 }
+
+#[test]
+fn cpu_backend_runs_it_through_the_reference_walk() {
+    // The CPU backend plugs its kernels into the reference interpreter's graph walk, so it
+    // runs the new ops with the reference's code (in llama.cpp numerics for its matmuls).
+    let (m, w) = import();
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq1.tokens"));
+    let cpu = kiln_runtime::backends::backend_by_name("cpu").unwrap();
+    assert!(kiln_backends::first_unsupported(cpu.as_ref(), &m).is_none());
+    let opts = SessionOptions { max_context: 128, threads: 2, ..Default::default() };
+    let mut s = cpu.prepare(m.clone(), w.clone(), &opts).unwrap();
+    let got = s.forward(&tokens, Logits::All).unwrap();
+    let (max, kl) = compare(&got, &refs.f32s("seq1.full_logits"), 256);
+    println!("cpu backend, seq1 full prefill: max|Δ| {max:.2e}  mean KL {kl:.2e}");
+    assert!(max < 1e-3, "cpu backend: max |Δ| {max}");
+}
+
+/// The fixture quantized by the `quantize` pass with `options`, and its seq1 logits.
+fn quantized(options: serde_json::Value) -> (Module, Vec<f32>) {
+    let (mut m, mut w) = kiln_frontend::hf::import_dir_graph(&fixture().join("tiny")).unwrap();
+    kiln_passes::run_pipeline(
+        &mut m,
+        &mut w,
+        &[("quantize".into(), options)],
+        "laptop",
+        None,
+        &fixture(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    let vm = Arc::new(kiln_ir::verify(m.clone()).unwrap());
+    let w: Arc<dyn WeightSource> = Arc::new(W(w));
+    let tokens = toks(&Refs::open().ints("seq1.tokens"));
+    let logits = session(&vm, &w).forward(&tokens, Logits::All).unwrap();
+    (m, logits)
+}
+
+#[test]
+fn quantize_pass_sees_experts_and_grouped_projections() {
+    // Stacked experts, shared experts and the grouped output projection are ordinary params
+    // the quantize pass rewrites (as E·I rows for stacked experts); the reference runs them.
+    let want = Refs::open().f32s("seq1.full_logits");
+    let rules = serde_json::json!({"rules": {"_exps": "q8_0", "_shexp": "q8_0", "attn_output_a": "q8_0"}});
+    let (m, got) = quantized(rules);
+    for name in [
+        "blk.3.ffn_gate_exps.weight",
+        "blk.3.ffn_down_exps.weight",
+        "blk.0.attn_output_a.weight",
+        "blk.5.ffn_up_shexp.weight",
+    ] {
+        let p = m.param_by_name(name).unwrap();
+        assert_eq!(m.param(p).ty.dtype, kiln_ir::DType::Q8_0, "{name}");
+    }
+    assert_eq!(m.param(m.param_by_name("blk.3.ffn_gate_inp.weight").unwrap()).ty.dtype, kiln_ir::DType::F32);
+    let (max, kl) = compare(&got, &want, 256);
+    println!("q8_0 experts + grouped projection, seq1 full prefill: max|Δ| {max:.2e}  mean KL {kl:.2e}");
+    // This random model is sensitive: q8_0 on any one matrix kind (even an ordinary matmul
+    // such as attn_q_b) flips some router or indexer top-k choices and moves a few logits by
+    // up to ~0.9, at a mean KL of 1e-4..1e-3. So the budget here only catches gross errors.
+    assert!(kl < 1e-2, "q8_0 experts: mean KL {kl}");
+    // Everything in q8_0, routers, hyper-connection mixes and indexer included: the tiny
+    // random model's discrete choices (router top-k, indexer top-k) flip on some tokens.
+    let (_, all) = quantized(serde_json::json!({"default": "q8_0"}));
+    let (max, kl) = compare(&all, &want, 256);
+    println!("q8_0 everywhere, seq1 full prefill: max|Δ| {max:.2e}  mean KL {kl:.2e}");
+    assert!(kl < 1e-2, "q8_0 everywhere: mean KL {kl}");
+}
