@@ -1357,7 +1357,7 @@ impl Op {
             Op::HcPre { x, c, streams: n } => {
                 let w = row(*x, "hc_pre streams")?;
                 let cw = row(*c, "hc_pre coefficients")?;
-                if *n == 0 || w % n != 0 || (cw != *n && cw != (2 + n) * n) {
+                if *n == 0 || *n > 64 || w % n != 0 || (cw != *n && cw != (2 + n) * n) {
                     return Err(format!("hc_pre: {w} stream columns and {cw} coefficients do not fit {n} streams"));
                 }
                 Ok(act(w / n))
@@ -1366,7 +1366,7 @@ impl Op {
                 let w = row(*x, "hc_post streams")?;
                 let d = row(*y, "hc_post block output")?;
                 let cw = row(*c, "hc_post coefficients")?;
-                if *n == 0 || w != n * d || cw != (2 + n) * n {
+                if *n == 0 || *n > 64 || Some(w) != n.checked_mul(d) || cw != (2 + n) * n {
                     return Err(format!(
                         "hc_post: {w} stream columns, a block output of {d} and {cw} coefficients do not fit {n} streams"
                     ));
@@ -1448,7 +1448,7 @@ impl Op {
                 let wt = pt(*w)?;
                 let g = *groups;
                 match wt.fixed_dims().as_deref() {
-                    Some([out, k]) if g > 0 && out % g == 0 && n == g * k && wt.dtype.is_float() => {
+                    Some([out, k]) if g > 0 && out % g == 0 && Some(n) == g.checked_mul(*k) && wt.dtype.is_float() => {
                         if k % wt.dtype.block_elems() != 0 {
                             return Err(format!(
                                 "grouped_matmul weight @{}: rows of {k} do not fit {} blocks",
