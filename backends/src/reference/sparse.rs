@@ -332,6 +332,11 @@ fn rope_heads(x: &mut [f32], hd: usize, inv: &[f32], pos: usize, sign: f32) {
     }
 }
 
+/// Channel `off + c` of `r` rows of `stride` values.
+fn column(rows: &[f32], r: usize, stride: usize, off: usize, c: usize) -> impl Iterator<Item = f32> + '_ {
+    (0..r).map(move |j| rows[j * stride + off + c])
+}
+
 /// One compressor stream: pools `ratio` consecutive tokens into one row of `dim`.
 #[derive(Clone, Debug, Default)]
 struct Compressor {
@@ -377,34 +382,26 @@ impl Compressor {
             let wkv = &self.buf_kv[i * r * w..(i + 1) * r * w];
             let wg: Vec<f32> =
                 self.buf_gate[i * r * w..(i + 1) * r * w].iter().zip(&self.ape).map(|(g, a)| g + a).collect();
-            // Slots per channel: (kv, gate) columns `off..off+d` of each window row.
-            let mut slots: Vec<(&[f32], Vec<f32>, usize)> = Vec::new();
+            // The window's own slots: all `w` columns (HCA), or the second half Cb (CSA).
+            let own = if self.overlap { d } else { 0 };
             let prev = self.prev.take();
-            if self.overlap {
-                if let Some((pk, pg)) = &prev {
-                    slots.push((pk.as_slice(), pg.clone(), d));
-                }
-                slots.push((wkv, wg.clone(), w));
-            } else {
-                slots.push((wkv, wg.clone(), w));
-            }
-            let off_cur = if self.overlap { d } else { 0 };
-            let mut pooled = vec![0f32; d];
-            let mut col = Vec::with_capacity(2 * r);
-            for (c, out) in pooled.iter_mut().enumerate() {
-                col.clear();
-                let mut kvs = Vec::with_capacity(2 * r);
-                for (si, (k, g, stride)) in slots.iter().enumerate() {
-                    let off = if self.overlap && si + 1 == slots.len() { off_cur } else { 0 };
-                    for j in 0..r {
-                        col.push(g[j * stride + off + c]);
-                        kvs.push(k[j * stride + off + c]);
+            let pooled: Vec<f32> = (0..d)
+                .map(|c| {
+                    // Per channel: softmax over the slots' gates, then the weighted sum of their kv.
+                    let (mut gates, mut kvs): (Vec<f32>, Vec<f32>) =
+                        (Vec::with_capacity(2 * r), Vec::with_capacity(2 * r));
+                    if let Some((pk, pg)) = &prev {
+                        gates.extend(column(pg, r, d, 0, c));
+                        kvs.extend(column(pk, r, d, 0, c));
                     }
-                }
-                softmax_in_place(&mut col);
-                *out = col.iter().zip(&kvs).map(|(p, v)| f64::from(*p) * f64::from(*v)).sum::<f64>() as f32;
-            }
+                    gates.extend(column(&wg, r, w, own, c));
+                    kvs.extend(column(wkv, r, w, own, c));
+                    softmax_in_place(&mut gates);
+                    gates.iter().zip(&kvs).map(|(p, v)| f64::from(*p) * f64::from(*v)).sum::<f64>() as f32
+                })
+                .collect();
             if self.overlap {
+                // Ca (first half) and its gate, for the next window.
                 let ca: Vec<f32> = (0..r).flat_map(|j| wkv[j * w..j * w + d].iter().copied()).collect();
                 let ga: Vec<f32> = (0..r).flat_map(|j| wg[j * w..j * w + d].iter().copied()).collect();
                 self.prev = Some((ca, ga));
