@@ -298,6 +298,8 @@ fn bad_checkpoints_give_errors_naming_the_file() {
     let e = kiln_frontend::hf::import_dir_graph(&d).unwrap_err().to_string();
     assert!(e.contains("config.json") && e.contains("linear_attention"), "{e}");
 
+    std::fs::remove_dir_all(&d).ok();
+
     // A checkpoint without one tensor: the error names the file and the tensor.
     let d = copy_fixture("missing");
     let st = SafetensorsFile::open(&d.join("model.safetensors")).unwrap();
@@ -324,8 +326,6 @@ fn bad_checkpoints_give_errors_naming_the_file() {
     std::fs::write(d.join("model.safetensors"), bytes).unwrap();
     let e = kiln_frontend::hf::import_dir_graph(&d).unwrap_err().to_string();
     assert!(e.contains("model.safetensors") && e.contains("missing tensor blk.3.attn_idx_q.weight"), "{e}");
-
-    // An expert number outside the table of experts.
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -407,4 +407,47 @@ fn quantize_pass_sees_experts_and_grouped_projections() {
     let (max, kl) = compare(&all, &want, 256);
     println!("q8_0 everywhere, seq1 full prefill: max|Δ| {max:.2e}  mean KL {kl:.2e}");
     assert!(kl < 1e-2, "q8_0 everywhere: mean KL {kl}");
+}
+
+#[test]
+fn official_tensor_names_import_to_the_same_module() {
+    // The official checkpoints spell tensors without `model.` and with upstream names
+    // (`embed.weight`, `hc_head_fn`); the fixture has Hugging Face's spelling.
+    let d = copy_fixture("official");
+    let st = SafetensorsFile::open(&d.join("model.safetensors")).unwrap();
+    let official = |n: &str| {
+        let n = n.strip_prefix("model.").unwrap_or(n);
+        match n {
+            "embed_tokens.weight" => "embed.weight".to_string(),
+            "hc_head.hc_fn" => "hc_head_fn".into(),
+            "hc_head.hc_base" => "hc_head_base".into(),
+            "hc_head.hc_scale" => "hc_head_scale".into(),
+            _ => n.to_string(),
+        }
+    };
+    let names: Vec<(String, String)> = st.names().into_iter().map(|n| (n.to_string(), official(n))).collect();
+    assert!(names.iter().any(|(a, b)| a == "model.embed_tokens.weight" && b == "embed.weight"));
+    let infos: Vec<_> =
+        names.iter().map(|(n, _)| (st.info(n).unwrap().dtype.name(), st.info(n).unwrap().shape.clone())).collect();
+    let tensors: Vec<_> = names
+        .iter()
+        .zip(&infos)
+        .map(|((n, o), (dtype, shape))| kiln_frontend::safetensors::WriteTensor {
+            name: o,
+            dtype,
+            shape,
+            data: st.raw_bytes(n).unwrap(),
+        })
+        .collect();
+    let bytes = kiln_frontend::safetensors::write(&tensors, &Default::default());
+    drop(st);
+    std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+    let (m1, w1) = kiln_frontend::hf::import_dir_graph(&d).unwrap();
+    let (m0, w0) = kiln_frontend::hf::import_dir_graph(&fixture().join("tiny")).unwrap();
+    assert_eq!(kiln_ir::print(&m1).replace(&format!("{:?}", m1.name), &format!("{:?}", m0.name)), kiln_ir::print(&m0));
+    for i in 0..m0.params.len() {
+        let p = ParamId(i as u32);
+        assert_eq!(w1.bytes(p), w0.bytes(p), "@{}", m0.param(p).name);
+    }
+    std::fs::remove_dir_all(&d).ok();
 }
