@@ -7,6 +7,7 @@ pub mod entities;
 pub mod error;
 pub mod module;
 pub mod ops;
+pub mod ops_sparse;
 pub mod parser;
 pub mod printer;
 pub mod types;
