@@ -113,6 +113,18 @@ pub fn config(c: &HfConfig) -> FrontendResult<V4Config> {
             Some(v) => Err(bad(format!("`{key}` must be a list of strings, found {v}"))),
         }
     };
+    let rates = c.json.get("compress_rates");
+    let rate = |key: &str, flat: &str, default: u64| -> FrontendResult<u64> {
+        let v = match rates.and_then(|r| r.get(key)) {
+            Some(v) => {
+                v.as_u64().ok_or_else(|| bad(format!("`compress_rates.{key}` must be an integer, found {v}")))?
+            }
+            None => c.opt_u64(flat)?.unwrap_or(default),
+        };
+        range(&format!("compress_rates.{key}"), v, 1 << 16)
+    };
+    let ratio_csa = rate("compressed_sparse_attention", "compress_rate_csa", 4)?;
+    let ratio_hca = rate("heavily_compressed_attention", "compress_rate_hca", 128)?;
     let kinds: Vec<LayerKind> = match strings("layer_types")? {
         Some(list) => list
             .iter()
@@ -123,11 +135,26 @@ pub fn config(c: &HfConfig) -> FrontendResult<V4Config> {
                 other => Err(FrontendError::unsupported(f, format!("layer type `{other}`"))),
             })
             .collect::<FrontendResult<_>>()?,
-        None => {
-            return Err(bad("missing `layer_types` (sliding_attention | compressed_sparse_attention | \
-                            heavily_compressed_attention per layer)"
-                .into()));
-        }
+        // The upstream form: a compress ratio per layer (0 = sliding window only).
+        None => match c.json.get("compress_ratios") {
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|v| match v.as_u64() {
+                    Some(0) => Ok(LayerKind::Sliding),
+                    Some(r) if r == ratio_csa => Ok(LayerKind::Csa),
+                    Some(r) if r == ratio_hca => Ok(LayerKind::Hca),
+                    _ => Err(FrontendError::unsupported(
+                        f,
+                        format!("compress ratio {v} (0, the CSA rate {ratio_csa} or the HCA rate {ratio_hca})"),
+                    )),
+                })
+                .collect::<FrontendResult<_>>()?,
+            _ => {
+                return Err(bad("missing `layer_types` (sliding_attention | compressed_sparse_attention | \
+                                heavily_compressed_attention per layer) or `compress_ratios`"
+                    .into()));
+            }
+        },
     };
     if kinds.len() < n_layers {
         return Err(bad(format!("`layer_types` lists {} layers, num_hidden_layers is {n_layers}", kinds.len())));
@@ -176,18 +203,6 @@ pub fn config(c: &HfConfig) -> FrontendResult<V4Config> {
     if rot_dims == 0 || rot_dims > head_dim || !rot_dims.is_multiple_of(2) {
         return Err(bad(format!("partial_rotary_factor {prf} gives {rot_dims} rotary dims of head_dim {head_dim}")));
     }
-    let rates = c.json.get("compress_rates");
-    let rate = |key: &str, flat: &str, default: u64| -> FrontendResult<u64> {
-        let v = match rates.and_then(|r| r.get(key)) {
-            Some(v) => {
-                v.as_u64().ok_or_else(|| bad(format!("`compress_rates.{key}` must be an integer, found {v}")))?
-            }
-            None => c.opt_u64(flat)?.unwrap_or(default),
-        };
-        range(&format!("compress_rates.{key}"), v, 1 << 16)
-    };
-    let ratio_csa = rate("compressed_sparse_attention", "compress_rate_csa", 4)?;
-    let ratio_hca = rate("heavily_compressed_attention", "compress_rate_hca", 128)?;
     let (rope_main, rope_compress) = rope(c)?;
     let eps = c.opt_f32("rms_norm_eps")?.unwrap_or(1e-6);
     let hc_eps = c.opt_f32("hc_eps")?.unwrap_or(1e-6);
@@ -627,7 +642,53 @@ pub const ARCH: Arch = Arch {
 
 #[cfg(test)]
 mod tests {
-    use super::canonical;
+    use std::path::Path;
+
+    use serde_json::{Value, json};
+
+    use super::{HfConfig, LayerKind, canonical, config};
+
+    fn fixture_config() -> Value {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/deepseek-v4/tiny/config.json");
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    }
+
+    fn read(json: &Value) -> Result<super::V4Config, String> {
+        config(&HfConfig { file: Path::new("config.json"), json }).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn upstream_config_forms_read_like_the_hugging_face_ones() {
+        let hf = fixture_config();
+        let want = read(&hf).unwrap();
+        assert_eq!(want.kinds[..3], [LayerKind::Sliding, LayerKind::Csa, LayerKind::Hca]);
+        assert_eq!(want.rope_compress.yarn, Some((16.0, 65536, 32.0, 1.0)));
+        // Per-layer compress ratios, flat rates and a flat rope dict (YaRN keys for the compress table).
+        let mut up = hf.clone();
+        let o = up.as_object_mut().unwrap();
+        o.remove("layer_types");
+        o.remove("compress_rates");
+        o.insert("compress_ratios".into(), json!([0, 4, 16, 4, 16, 0]));
+        o.insert("compress_rate_csa".into(), json!(4));
+        o.insert("compress_rate_hca".into(), json!(16));
+        o.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
+                   "beta_fast": 32, "beta_slow": 1}),
+        );
+        assert_eq!(read(&up).unwrap(), want);
+        up["compress_ratios"][2] = json!(8);
+        let e = read(&up).unwrap_err();
+        assert!(e.contains("config.json") && e.contains("compress ratio 8"), "{e}");
+        let mut bad = hf.clone();
+        bad["rope_parameters"]["compress"]["rope_type"] = json!("longrope");
+        let e = read(&bad).unwrap_err();
+        assert!(e.contains("unsupported") && e.contains("longrope"), "{e}");
+        let mut bad = hf;
+        bad["num_experts_per_tok"] = json!(9);
+        let e = read(&bad).unwrap_err();
+        assert!(e.contains("exceeds n_routed_experts"), "{e}");
+    }
 
     #[test]
     fn both_spellings_map_to_one_canonical_name() {
