@@ -743,6 +743,9 @@ fn cmd_ir(c: IrCmd) -> KilnResult<()> {
             let path = models::resolve_model(&model, &mut stderr_log(true))?;
             let module = if kiln_runtime::artifact::is_build(&path) {
                 kiln_runtime::artifact::open_build(&path)?.module.module().clone()
+            } else if path.is_dir() {
+                // The graph needs no tokenizer (the DeepSeek-V4 test fixture has none).
+                kiln_frontend::hf::import_dir_graph(&path)?.0
             } else {
                 kiln_frontend::import(&path)?.module
             };

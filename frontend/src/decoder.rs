@@ -50,6 +50,11 @@ pub struct DecoderConfig {
 pub trait TensorSource {
     fn file(&self) -> &Path;
     fn get(&self, name: &str) -> FrontendResult<Option<SourceTensor>>;
+    /// An integer tensor (e.g. a token → expert table) as its shape and values; sources
+    /// that hold none answer `Ok(None)`.
+    fn get_ints(&self, _name: &str) -> FrontendResult<Option<(Vec<u64>, Vec<i64>)>> {
+        Ok(None)
+    }
 }
 
 struct Lowering<'a> {

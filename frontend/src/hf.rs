@@ -22,14 +22,7 @@ const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
 
 /// Imports a Hugging Face model directory.
 pub fn import_dir(dir: &Path) -> FrontendResult<ImportedModel> {
-    let config_path = dir.join("config.json");
-    let config_json = read_json(&config_path, MAX_JSON_BYTES, "a Hugging Face model directory needs config.json")?;
-    let (arch, cfg_json) = find_arch(&config_path, &config_json)?;
-    let cfg = (arch.from_hf)(&HfConfig { file: &config_path, json: cfg_json })?;
-
-    let source = HfTensors::open(dir, arch)?;
-    let name = model_name(dir);
-    let (module, weights) = decoder::lower(&cfg, &source, &name)?;
+    let (module, weights) = import_dir_graph(dir)?;
 
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer_json = read_text(
@@ -41,6 +34,21 @@ pub fn import_dir(dir: &Path) -> FrontendResult<ImportedModel> {
         .map_err(|e| FrontendError::bad(&tokenizer_path, format!("not valid JSON: {e}")))?;
     let chat_template = chat_template(dir)?;
     Ok(ImportedModel { module, weights, tokenizer_json, chat_template, source: dir.to_path_buf() })
+}
+
+/// Lowers a Hugging Face model directory's `config.json` and safetensors weights to a
+/// module and its weights, without the tokenizer (which [`import_dir`] adds).
+pub fn import_dir_graph(dir: &Path) -> FrontendResult<(kiln_ir::Module, crate::weights::Weights)> {
+    let config_path = dir.join("config.json");
+    let config_json = read_json(&config_path, MAX_JSON_BYTES, "a Hugging Face model directory needs config.json")?;
+    let (arch, cfg_json) = find_arch(&config_path, &config_json)?;
+    let config = HfConfig { file: &config_path, json: cfg_json };
+    let source = HfTensors::open(dir, arch)?;
+    let name = model_name(dir);
+    match arch.hf_lower {
+        Some(lower) => lower(&config, &source, &name),
+        None => decoder::lower(&(arch.from_hf)(&config)?, &source, &name),
+    }
 }
 
 /// The architecture for `model_type`, and the object holding the text model's hyperparameters
@@ -256,6 +264,31 @@ fn missing_weights(dir: &Path) -> FrontendError {
 impl TensorSource for HfTensors {
     fn file(&self) -> &Path {
         &self.file
+    }
+
+    fn get_ints(&self, name: &str) -> FrontendResult<Option<(Vec<u64>, Vec<i64>)>> {
+        let Some((shard, hf)) = self.by_canonical.get(name) else {
+            return Ok(None);
+        };
+        let Some(shard) = self.shards.get(*shard) else {
+            return Err(FrontendError::Internal(format!("shard index out of range for {hf}")));
+        };
+        let (Some(info), Some(bytes)) = (shard.info(hf), shard.raw_bytes(hf)) else {
+            return Err(FrontendError::Internal(format!("{hf} vanished from {}", shard.path().display())));
+        };
+        let values: Vec<i64> = match info.dtype.name().as_str() {
+            "I64" => bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+            "I32" => {
+                bytes.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap_or([0; 4])))).collect()
+            }
+            other => {
+                return Err(FrontendError::bad(
+                    shard.path(),
+                    format!("tensor {hf} has dtype {other}; an integer table (I64 or I32) was expected"),
+                ));
+            }
+        };
+        Ok(Some((info.shape.clone(), values)))
     }
 
     fn get(&self, name: &str) -> FrontendResult<Option<SourceTensor>> {

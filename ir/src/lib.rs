@@ -7,6 +7,7 @@ pub mod entities;
 pub mod error;
 pub mod module;
 pub mod ops;
+pub mod ops_sparse;
 pub mod parser;
 pub mod printer;
 pub mod types;
@@ -16,7 +17,8 @@ pub use entities::{ParamId, ValueId};
 pub use error::{IrError, IrResult};
 pub use module::{Inst, Meta, Module, Param};
 pub use ops::{
-    Activation, Arg, AttentionAttrs, KV_DTYPES, Op, RopeAttrs, RopeLayout, SteerAttrs, SteerMode, is_steer_name,
+    Activation, Arg, AttentionAttrs, CompressedAttentionAttrs, CompressorOperands, ExpertParams, IndexerOperands,
+    KV_DTYPES, MoeRouteAttrs, Op, RopeAttrs, RopeLayout, RotaryAttrs, Scoring, SteerAttrs, SteerMode, is_steer_name,
 };
 pub use parser::parse;
 pub use printer::print;

@@ -5,6 +5,10 @@
 use crate::entities::{ParamId, ValueId};
 use crate::types::{DType, Dim, TensorType};
 
+pub use crate::ops_sparse::{
+    CompressedAttentionAttrs, CompressorOperands, ExpertParams, IndexerOperands, MoeRouteAttrs, RotaryAttrs, Scoring,
+};
+
 /// RoPE pair layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RopeLayout {
@@ -208,6 +212,103 @@ pub enum Op {
         dir: ParamId,
         attrs: SteerAttrs,
     },
+    /// Tiles each row `times` times: `[T, N] → [T, times·N]` (the `n` hyper-connection
+    /// streams made from one embedding row).
+    Repeat {
+        x: ValueId,
+        times: u64,
+    },
+    /// Mixing coefficients of a manifold-constrained hyper-connection (mHC) over `n =
+    /// streams` streams. `f` holds the raw mixes (`fn · rms(streams)`, computed by ordinary
+    /// ops). With `f: [T, (2+n)·n]`, `base: f32[(2+n)·n]`, `scale: f32[3]`, `e = eps`:
+    ///
+    /// ```text
+    /// pre  = σ(f[0:n]·scale[0] + base[0:n]) + e
+    /// post = 2·σ(f[n:2n]·scale[1] + base[n:2n])
+    /// C    = softmax_row(f[2n:]·scale[2] + base[2n:] as n×n row-major) + e
+    /// C    = C / (colsum(C) + e); then iters−1 times: C = C / (rowsum + e); C = C / (colsum + e)
+    /// out  = pre ∥ post ∥ C (row-major)
+    /// ```
+    ///
+    /// With `f: [T, n]`, `base: f32[n]`, `scale: f32[1]` (the final collapse before the
+    /// output norm) only `pre` is computed. Every step in f32.
+    HcCoeffs {
+        f: ValueId,
+        base: ParamId,
+        scale: ParamId,
+        streams: u64,
+        iters: u64,
+        eps: f32,
+    },
+    /// Collapses `n = streams` streams `x: [T, n·D]` into the block input
+    /// `Σ_j c[j]·x[j]: [T, D]`, with `c` an [`Op::HcCoeffs`] result (its first `n` columns).
+    HcPre {
+        x: ValueId,
+        c: ValueId,
+        streams: u64,
+    },
+    /// Writes a block's output `y: [T, D]` back into the streams `x: [T, n·D]`:
+    /// `x'[k] = post[k]·y + Σ_j C[j, k]·x[j]` with `post`, `C` from `c: [T, (2+n)·n]`
+    /// ([`Op::HcCoeffs`]; note C is used transposed).
+    HcPost {
+        x: ValueId,
+        y: ValueId,
+        c: ValueId,
+        streams: u64,
+    },
+    /// A mixture-of-experts router: per row, `s = score(logits)` (`logits: [T, E]`); the
+    /// chosen experts are `table[id]` when a hash `table` (`f32[V, k]` of exact expert
+    /// numbers; `ids` the token ids) is given, else the `top_k` largest of `s + bias`
+    /// (`bias: f32[E]` only for the choice; ties to the lower expert); their weights are
+    /// `s[e] / (Σ_chosen s + 1e-20) · scale`. Result: `[T, E]`, zero for experts not chosen.
+    MoeRoute {
+        logits: ValueId,
+        ids: Option<ValueId>,
+        bias: Option<ParamId>,
+        table: Option<ParamId>,
+        attrs: MoeRouteAttrs,
+    },
+    /// Routed SwiGLU experts plus an optional shared expert:
+    /// `Σ_{e: w[e] ≠ 0} w[e]·expert_e(x) + shared(x)` with `w: [T, E]` from [`Op::MoeRoute`],
+    /// stacked `gate`, `up`: `[E, I, D]`, `down`: `[E, D, I]` (any float or quantized dtype),
+    /// `expert(x) = down · (silu(min(gate·x, L)) · clamp(up·x, −L, L))`, `L = limit`
+    /// (0 = no clamp); the shared expert is 2-D `[I', D]`, `[I', D]`, `[D, I']` with the same clamp.
+    Moe {
+        x: ValueId,
+        w: ValueId,
+        gate: ParamId,
+        up: ParamId,
+        down: ParamId,
+        shared: Option<ExpertParams>,
+        limit: f32,
+    },
+    /// Block-diagonal matmul: `x: [T, G·K]` split in `G = groups` chunks, chunk g times
+    /// rows `g·R..(g+1)·R` of `w: [G·R, K]`, concatenated: `[T, G·R]`.
+    GroupedMatMul {
+        x: ValueId,
+        w: ParamId,
+        groups: u64,
+    },
+    /// DeepSeek-V4 attention over one shared K=V head, with its own cache slot. `q:
+    /// [T, heads·head_dim]` and `kv: [T, head_dim]` arrive normalised but *not* rotated;
+    /// the op applies its RoPE ([`RotaryAttrs`]) at each token's position. Keys are the raw
+    /// rows within `window` plus, with `ratio > 0`, compressed rows: every `ratio` tokens
+    /// close window w, whose row is `rope(rms(Σ_slots softmax_slots(gate + ape) · kv, norm),
+    /// w·ratio)` (softmax per channel over the window's slots; with overlapping
+    /// projections `[Ca | Cb]` the slots are Ca of window w−1 and Cb of window w). Row w
+    /// is visible from p iff `w < (p+1) / ratio`; with an indexer only the `topk` visible
+    /// rows of largest `Σ_h w_h/√nI · ReLU(rope(q_h)·k_t)/√dI` (ties to the earlier row) over
+    /// its own compressed keys. Logits `scale·q·k`; a per-head `sink` logit joins each
+    /// softmax and is dropped; V = K; the output is de-rotated at the query position.
+    /// Result `[T, heads·head_dim]`.
+    CompressedAttention {
+        q: ValueId,
+        kv: ValueId,
+        sink: ParamId,
+        comp: Option<CompressorOperands>,
+        indexer: Option<IndexerOperands>,
+        attrs: CompressedAttentionAttrs,
+    },
 }
 
 /// A literal or reference in the generic form of an op.
@@ -244,6 +345,14 @@ pub const OP_NAMES: &[&str] = &[
     "softmax",
     "attention",
     "steer",
+    "repeat",
+    "hc_coeffs",
+    "hc_pre",
+    "hc_post",
+    "moe_route",
+    "moe",
+    "grouped_matmul",
+    "compressed_attention",
 ];
 
 impl Op {
@@ -263,6 +372,14 @@ impl Op {
             Op::Softmax { .. } => "softmax",
             Op::Attention { .. } => "attention",
             Op::Steer { .. } => "steer",
+            Op::Repeat { .. } => "repeat",
+            Op::HcCoeffs { .. } => "hc_coeffs",
+            Op::HcPre { .. } => "hc_pre",
+            Op::HcPost { .. } => "hc_post",
+            Op::MoeRoute { .. } => "moe_route",
+            Op::Moe { .. } => "moe",
+            Op::GroupedMatMul { .. } => "grouped_matmul",
+            Op::CompressedAttention { .. } => "compressed_attention",
         }
     }
 
@@ -287,6 +404,22 @@ impl Op {
                 out.extend(v.iter().copied());
                 out
             }
+            Op::Repeat { x, .. } | Op::GroupedMatMul { x, .. } => vec![*x],
+            Op::HcCoeffs { f, .. } => vec![*f],
+            Op::HcPre { x, c, .. } => vec![*x, *c],
+            Op::HcPost { x, y, c, .. } => vec![*x, *y, *c],
+            Op::MoeRoute { logits, ids, .. } => std::iter::once(*logits).chain(ids.iter().copied()).collect(),
+            Op::Moe { x, w, .. } => vec![*x, *w],
+            Op::CompressedAttention { q, kv, comp, indexer, .. } => {
+                let mut out = vec![*q, *kv];
+                if let Some(c) = comp {
+                    out.extend([c.kv, c.gate]);
+                }
+                if let Some(ix) = indexer {
+                    out.extend([ix.q, ix.w, ix.keys.kv, ix.keys.gate]);
+                }
+                out
+            }
         }
     }
 
@@ -298,6 +431,26 @@ impl Op {
             Op::LayerNorm { weight, bias, .. } => weight.iter().chain(bias.iter()).copied().collect(),
             Op::MatMul { w, bias, .. } => std::iter::once(*w).chain(bias.iter().copied()).collect(),
             Op::Steer { dir, .. } => vec![*dir],
+            Op::HcCoeffs { base, scale, .. } => vec![*base, *scale],
+            Op::MoeRoute { bias, table, .. } => bias.iter().chain(table.iter()).copied().collect(),
+            Op::Moe { gate, up, down, shared, .. } => {
+                let mut out = vec![*gate, *up, *down];
+                if let Some(s) = shared {
+                    out.extend([s.gate, s.up, s.down]);
+                }
+                out
+            }
+            Op::GroupedMatMul { w, .. } => vec![*w],
+            Op::CompressedAttention { sink, comp, indexer, .. } => {
+                let mut out = vec![*sink];
+                if let Some(c) = comp {
+                    out.extend([c.ape, c.norm]);
+                }
+                if let Some(ix) = indexer {
+                    out.extend([ix.keys.ape, ix.keys.norm]);
+                }
+                out
+            }
             _ => vec![],
         }
     }
@@ -319,6 +472,33 @@ impl Op {
                 }
             }
             Op::Steer { dir, .. } => *dir = f(*dir),
+            Op::HcCoeffs { base, scale, .. } => {
+                *base = f(*base);
+                *scale = f(*scale);
+            }
+            Op::MoeRoute { bias, table, .. } => {
+                for p in bias.iter_mut().chain(table.iter_mut()) {
+                    *p = f(*p);
+                }
+            }
+            Op::Moe { gate, up, down, shared, .. } => {
+                for p in [gate, up, down] {
+                    *p = f(*p);
+                }
+                if let Some(s) = shared {
+                    for p in [&mut s.gate, &mut s.up, &mut s.down] {
+                        *p = f(*p);
+                    }
+                }
+            }
+            Op::GroupedMatMul { w, .. } => *w = f(*w),
+            Op::CompressedAttention { sink, comp, indexer, .. } => {
+                *sink = f(*sink);
+                for c in comp.iter_mut().chain(indexer.iter_mut().map(|ix| &mut ix.keys)) {
+                    c.ape = f(c.ape);
+                    c.norm = f(c.norm);
+                }
+            }
             _ => {}
         }
     }
@@ -351,6 +531,39 @@ impl Op {
                 }
                 if let Some(v) = v {
                     *v = f(*v);
+                }
+            }
+            Op::Repeat { x, .. } | Op::GroupedMatMul { x, .. } | Op::HcCoeffs { f: x, .. } => *x = f(*x),
+            Op::HcPre { x, c, .. } => {
+                *x = f(*x);
+                *c = f(*c);
+            }
+            Op::HcPost { x, y, c, .. } => {
+                for v in [x, y, c] {
+                    *v = f(*v);
+                }
+            }
+            Op::MoeRoute { logits, ids, .. } => {
+                *logits = f(*logits);
+                if let Some(ids) = ids {
+                    *ids = f(*ids);
+                }
+            }
+            Op::Moe { x, w, .. } => {
+                *x = f(*x);
+                *w = f(*w);
+            }
+            Op::CompressedAttention { q, kv, comp, indexer, .. } => {
+                *q = f(*q);
+                *kv = f(*kv);
+                if let Some(c) = comp {
+                    c.kv = f(c.kv);
+                    c.gate = f(c.gate);
+                }
+                if let Some(ix) = indexer {
+                    for v in [&mut ix.q, &mut ix.w, &mut ix.keys.kv, &mut ix.keys.gate] {
+                        *v = f(*v);
+                    }
                 }
             }
         }
@@ -435,6 +648,98 @@ impl Op {
                     ("name", Ident(attrs.name.clone())),
                 ],
             ),
+            Op::Repeat { x, times } => (vec![Value(*x)], vec![("times", Int(*times))]),
+            Op::HcCoeffs { f, base, scale, streams, iters, eps } => (
+                vec![Value(*f)],
+                vec![
+                    ("base", Param(*base)),
+                    ("scale", Param(*scale)),
+                    ("streams", Int(*streams)),
+                    ("iters", Int(*iters)),
+                    ("eps", Float(*eps)),
+                ],
+            ),
+            Op::HcPre { x, c, streams } => (vec![Value(*x), Value(*c)], vec![("streams", Int(*streams))]),
+            Op::HcPost { x, y, c, streams } => {
+                (vec![Value(*x), Value(*y), Value(*c)], vec![("streams", Int(*streams))])
+            }
+            Op::MoeRoute { logits, ids, bias, table, attrs } => {
+                let mut kw = vec![];
+                if let Some(ids) = ids {
+                    kw.push(("ids", Value(*ids)));
+                }
+                if let Some(b) = bias {
+                    kw.push(("bias", Param(*b)));
+                }
+                if let Some(t) = table {
+                    kw.push(("table", Param(*t)));
+                }
+                kw.push(("scoring", Ident(attrs.scoring.name().into())));
+                kw.push(("top_k", Int(attrs.top_k)));
+                kw.push(("scale", Float(attrs.scale)));
+                (vec![Value(*logits)], kw)
+            }
+            Op::Moe { x, w, gate, up, down, shared, limit } => {
+                let mut kw = vec![("gate", Param(*gate)), ("up", Param(*up)), ("down", Param(*down))];
+                if let Some(s) = shared {
+                    kw.extend([
+                        ("shared_gate", Param(s.gate)),
+                        ("shared_up", Param(s.up)),
+                        ("shared_down", Param(s.down)),
+                    ]);
+                }
+                if *limit != 0.0 {
+                    kw.push(("limit", Float(*limit)));
+                }
+                (vec![Value(*x), Value(*w)], kw)
+            }
+            Op::GroupedMatMul { x, w, groups } => (vec![Value(*x), Param(*w)], vec![("groups", Int(*groups))]),
+            Op::CompressedAttention { q, kv, sink, comp, indexer, attrs } => {
+                let mut kw = vec![("sink", Param(*sink))];
+                let mut stream = |pre: [&'static str; 4], c: &CompressorOperands| {
+                    kw.extend([
+                        (pre[0], Value(c.kv)),
+                        (pre[1], Value(c.gate)),
+                        (pre[2], Param(c.ape)),
+                        (pre[3], Param(c.norm)),
+                    ]);
+                };
+                if let Some(c) = comp {
+                    stream(["comp_kv", "comp_gate", "comp_ape", "comp_norm"], c);
+                }
+                if let Some(ix) = indexer {
+                    stream(["idx_kv", "idx_gate", "idx_ape", "idx_norm"], &ix.keys);
+                    kw.extend([("idx_q", Value(ix.q)), ("idx_w", Value(ix.w))]);
+                }
+                let a = attrs;
+                kw.extend([
+                    ("cache", Int(a.cache as u64)),
+                    ("heads", Int(a.heads)),
+                    ("head_dim", Int(a.head_dim)),
+                    ("scale", Float(a.scale)),
+                    ("window", Int(a.window)),
+                ]);
+                if a.ratio != 0 {
+                    kw.push(("ratio", Int(a.ratio)));
+                }
+                if a.topk != 0 {
+                    kw.extend([
+                        ("topk", Int(a.topk)),
+                        ("index_heads", Int(a.index_heads)),
+                        ("index_dim", Int(a.index_dim)),
+                    ]);
+                }
+                kw.extend([("eps", Float(a.eps)), ("rot_dims", Int(a.rope.rot_dims)), ("theta", Float(a.rope.theta))]);
+                if a.rope.yarn_factor != 1.0 {
+                    kw.extend([
+                        ("yarn_factor", Float(a.rope.yarn_factor)),
+                        ("yarn_orig_ctx", Int(a.rope.yarn_orig_ctx)),
+                        ("yarn_beta_fast", Float(a.rope.yarn_beta_fast)),
+                        ("yarn_beta_slow", Float(a.rope.yarn_beta_slow)),
+                    ]);
+                }
+                (vec![Value(*q), Value(*kv)], kw)
+            }
         };
         OpForm { name: self.name(), pos, kw }
     }
@@ -510,6 +815,83 @@ impl Op {
                     .ok_or_else(|| format!("unknown steer mode `{mode_name}` (add|project)"))?;
                 Op::Steer { x, dir, attrs: SteerAttrs { mode, strength: a.float("strength")?, name: a.ident("name")? } }
             }
+            "repeat" => Op::Repeat { x: a.value()?, times: a.int("times")? },
+            "hc_coeffs" => Op::HcCoeffs {
+                f: a.value()?,
+                base: a.req_param("base")?,
+                scale: a.req_param("scale")?,
+                streams: a.int("streams")?,
+                iters: a.int("iters")?,
+                eps: a.float("eps")?,
+            },
+            "hc_pre" => Op::HcPre { x: a.value()?, c: a.value()?, streams: a.int("streams")? },
+            "hc_post" => Op::HcPost { x: a.value()?, y: a.value()?, c: a.value()?, streams: a.int("streams")? },
+            "moe_route" => {
+                let logits = a.value()?;
+                let ids = a.opt_value("ids")?;
+                let bias = a.opt_param("bias")?;
+                let table = a.opt_param("table")?;
+                let sc = a.ident("scoring")?;
+                let scoring = Scoring::from_name(&sc)
+                    .ok_or_else(|| format!("unknown scoring `{sc}` (sqrtsoftplus|sigmoid|softmax)"))?;
+                let attrs = MoeRouteAttrs { scoring, top_k: a.int("top_k")?, scale: a.float("scale")? };
+                Op::MoeRoute { logits, ids, bias, table, attrs }
+            }
+            "moe" => {
+                let (x, w) = (a.value()?, a.value()?);
+                let (gate, up, down) = (a.req_param("gate")?, a.req_param("up")?, a.req_param("down")?);
+                let shared = match (a.opt_param("shared_gate")?, a.opt_param("shared_up")?, a.opt_param("shared_down")?)
+                {
+                    (Some(gate), Some(up), Some(down)) => Some(ExpertParams { gate, up, down }),
+                    (None, None, None) => None,
+                    _ => return Err("`moe` needs all of shared_gate, shared_up, shared_down, or none".into()),
+                };
+                Op::Moe { x, w, gate, up, down, shared, limit: a.opt_float("limit")?.unwrap_or(0.0) }
+            }
+            "grouped_matmul" => Op::GroupedMatMul { x: a.value()?, w: a.param()?, groups: a.int("groups")? },
+            "compressed_attention" => {
+                let (q, kv) = (a.value()?, a.value()?);
+                let sink = a.req_param("sink")?;
+                let comp = a.compressor(["comp_kv", "comp_gate", "comp_ape", "comp_norm"])?;
+                let keys = a.compressor(["idx_kv", "idx_gate", "idx_ape", "idx_norm"])?;
+                let (iq, iw) = (a.opt_value("idx_q")?, a.opt_value("idx_w")?);
+                let indexer = match (keys, iq, iw) {
+                    (Some(keys), Some(q), Some(w)) => Some(IndexerOperands { q, w, keys }),
+                    (None, None, None) => None,
+                    _ => return Err("`compressed_attention` needs all idx_* operands, or none".into()),
+                };
+                let cache = a.int("cache")?;
+                let cache = u32::try_from(cache).map_err(|_| format!("cache slot {cache} too large"))?;
+                let (heads, head_dim, scale, window) =
+                    (a.int("heads")?, a.int("head_dim")?, a.float("scale")?, a.int("window")?);
+                let ratio = a.opt_int("ratio")?.unwrap_or(0);
+                let topk = a.opt_int("topk")?.unwrap_or(0);
+                let index_heads = a.opt_int("index_heads")?.unwrap_or(0);
+                let index_dim = a.opt_int("index_dim")?.unwrap_or(0);
+                let eps = a.float("eps")?;
+                let rope = RotaryAttrs {
+                    rot_dims: a.int("rot_dims")?,
+                    theta: a.float("theta")?,
+                    yarn_factor: a.opt_float("yarn_factor")?.unwrap_or(1.0),
+                    yarn_orig_ctx: a.opt_int("yarn_orig_ctx")?.unwrap_or(0),
+                    yarn_beta_fast: a.opt_float("yarn_beta_fast")?.unwrap_or(0.0),
+                    yarn_beta_slow: a.opt_float("yarn_beta_slow")?.unwrap_or(0.0),
+                };
+                let attrs = CompressedAttentionAttrs {
+                    cache,
+                    heads,
+                    head_dim,
+                    scale,
+                    window,
+                    ratio,
+                    topk,
+                    index_heads,
+                    index_dim,
+                    eps,
+                    rope,
+                };
+                Op::CompressedAttention { q, kv, sink, comp, indexer, attrs }
+            }
             other => return Err(format!("unknown op `{other}`; known ops: {}", OP_NAMES.join(", "))),
         };
         a.finish()?;
@@ -555,6 +937,20 @@ impl FormReader<'_> {
             None => Ok(None),
             Some(Arg::Param(p)) => Ok(Some(p)),
             Some(other) => Err(format!("`{}`: `{key}` must be a parameter, found {other:?}", self.name)),
+        }
+    }
+    fn req_param(&mut self, key: &str) -> Result<ParamId, String> {
+        self.opt_param(key)?.ok_or_else(|| format!("`{}` needs `{key}=`", self.name))
+    }
+    fn compressor(&mut self, keys: [&str; 4]) -> Result<Option<CompressorOperands>, String> {
+        let kv = self.opt_value(keys[0])?;
+        let gate = self.opt_value(keys[1])?;
+        let ape = self.opt_param(keys[2])?;
+        let norm = self.opt_param(keys[3])?;
+        match (kv, gate, ape, norm) {
+            (Some(kv), Some(gate), Some(ape), Some(norm)) => Ok(Some(CompressorOperands { kv, gate, ape, norm })),
+            (None, None, None, None) => Ok(None),
+            _ => Err(format!("`{}` needs all of {}, or none", self.name, keys.join(", "))),
         }
     }
     fn opt_value(&mut self, key: &str) -> Result<Option<ValueId>, String> {
@@ -621,7 +1017,7 @@ pub trait TypeEnv {
     fn param_name(&self, p: ParamId) -> String;
 }
 
-fn act_row(ty: &TensorType, what: &str) -> Result<u64, String> {
+pub(crate) fn act_row(ty: &TensorType, what: &str) -> Result<u64, String> {
     match (ty.dtype, ty.shape.as_slice()) {
         (DType::F32, [Dim::Seq, Dim::Fixed(n)]) => Ok(*n),
         _ => Err(format!("{what} must be f32[T, N], found {ty}")),
@@ -789,6 +1185,14 @@ impl Op {
                 }
                 Ok(act(n))
             }
+            Op::Repeat { .. }
+            | Op::HcCoeffs { .. }
+            | Op::HcPre { .. }
+            | Op::HcPost { .. }
+            | Op::MoeRoute { .. }
+            | Op::Moe { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::CompressedAttention { .. } => self.infer_sparse(env),
         }
     }
 }

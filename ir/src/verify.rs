@@ -76,6 +76,8 @@ pub fn check(m: &Module) -> IrResult<()> {
     let mut tokens_seen = false;
     // cache slot -> (writer value, kv_heads, head_dim)
     let mut caches: HashMap<u32, (ValueId, u64, u64, crate::types::DType)> = HashMap::new();
+    // cache slots of compressed-attention ops (a slot kind of their own) -> writer
+    let mut compressed: HashMap<u32, ValueId> = HashMap::new();
     for (i, inst) in m.insts.iter().enumerate() {
         let at = format!("%{i} = {}", inst.op.name());
         let env = Env { module: m, limit: i };
@@ -100,7 +102,23 @@ pub fn check(m: &Module) -> IrResult<()> {
                 }
                 tokens_seen = true;
             }
+            Op::CompressedAttention { attrs, .. } => {
+                let slot = attrs.cache;
+                if let Some(w) = compressed.get(&slot).or_else(|| caches.get(&slot).map(|c| &c.0)) {
+                    return fail(at, format!("KV-cache slot {slot} is already written by {w}"));
+                }
+                compressed.insert(slot, ValueId(i as u32));
+            }
             Op::Attention { k, attrs, .. } => {
+                if let Some(w) = compressed.get(&attrs.cache) {
+                    return fail(
+                        at,
+                        format!(
+                            "KV-cache slot {} belongs to the compressed attention {w}; no other op may use it",
+                            attrs.cache
+                        ),
+                    );
+                }
                 if k.is_some() {
                     if let Some((w, _, _, _)) = caches.get(&attrs.cache) {
                         return fail(at, format!("KV-cache slot {} is already written by {w}", attrs.cache));

@@ -93,3 +93,98 @@ proptest! {
         if let Ok(m) = parse(&mutated) { let _ = check(&m); }
     }
 }
+
+/// A module using every hyper-connection / MoE / compressed-attention op, with the given attributes.
+#[allow(clippy::too_many_arguments)]
+fn sparse_module(
+    scale: f32,
+    eps: f32,
+    theta: f32,
+    yarn: Option<f32>,
+    window: u64,
+    topk: u64,
+    scoring: Scoring,
+    hash: bool,
+) -> Module {
+    let f = |m: &mut Module, n: &str, s: &[u64]| m.add_param(n, TensorType::fixed(DType::F32, s)).unwrap();
+    let mut m = Module::new("sparse");
+    let emb = f(&mut m, "emb", &[10, 32]);
+    let hc_fn = f(&mut m, "hc_fn", &[8, 64]);
+    let (base, sc) = (f(&mut m, "hc_base", &[8]), f(&mut m, "hc_scale", &[3]));
+    let (wq, wkv, sink) = (f(&mut m, "wq", &[64, 32]), f(&mut m, "wkv", &[32, 32]), f(&mut m, "sink", &[2]));
+    let (ck, cg, cape, cn) =
+        (f(&mut m, "ck", &[32, 32]), f(&mut m, "cg", &[32, 32]), f(&mut m, "cape", &[4, 32]), f(&mut m, "cn", &[32]));
+    let (ik, ig, iape, inorm) =
+        (f(&mut m, "ik", &[32, 32]), f(&mut m, "ig", &[32, 32]), f(&mut m, "iape", &[4, 32]), f(&mut m, "in", &[16]));
+    let (iq, iw) = (f(&mut m, "iq", &[32, 32]), f(&mut m, "iw", &[2, 32]));
+    let (woa, wob) = (f(&mut m, "woa", &[16, 32]), f(&mut m, "wob", &[32, 16]));
+    let router = f(&mut m, "router", &[4, 32]);
+    let table = f(&mut m, "table", &[10, 2]);
+    let bias = f(&mut m, "bias", &[4]);
+    let (eg, eu, ed) = (f(&mut m, "eg", &[4, 8, 32]), f(&mut m, "eu", &[4, 8, 32]), f(&mut m, "ed", &[4, 32, 8]));
+    let head = f(&mut m, "head", &[10, 16]);
+    let t = m.push(Op::Tokens).unwrap();
+    let e = m.push(Op::Embed { table: emb, ids: t }).unwrap();
+    let x = m.push(Op::Repeat { x: e, times: 2 }).unwrap();
+    let fx = m.push(Op::MatMul { x, w: hc_fn, bias: None }).unwrap();
+    let c = m.push(Op::HcCoeffs { f: fx, base, scale: sc, streams: 2, iters: 20, eps }).unwrap();
+    let h = m.push(Op::HcPre { x, c, streams: 2 }).unwrap();
+    let mm = |m: &mut Module, x, w| m.push(Op::MatMul { x, w, bias: None }).unwrap();
+    let (q, kv) = (mm(&mut m, h, wq), mm(&mut m, h, wkv));
+    let comp = CompressorOperands { kv: mm(&mut m, h, ck), gate: mm(&mut m, h, cg), ape: cape, norm: cn };
+    let keys = CompressorOperands { kv: mm(&mut m, h, ik), gate: mm(&mut m, h, ig), ape: iape, norm: inorm };
+    let indexer = (topk > 0).then(|| IndexerOperands { q: mm(&mut m, h, iq), w: mm(&mut m, h, iw), keys });
+    let (yarn_factor, yarn_orig_ctx, yarn_beta_fast, yarn_beta_slow) = match yarn {
+        Some(y) => (y, 4096, 32.0, 1.0),
+        None => (1.0, 0, 0.0, 0.0),
+    };
+    let attrs = CompressedAttentionAttrs {
+        cache: 0,
+        heads: 2,
+        head_dim: 32,
+        scale,
+        window,
+        ratio: 4,
+        topk,
+        index_heads: if topk > 0 { 2 } else { 0 },
+        index_dim: if topk > 0 { 16 } else { 0 },
+        eps,
+        rope: RotaryAttrs { rot_dims: 8, theta, yarn_factor, yarn_orig_ctx, yarn_beta_fast, yarn_beta_slow },
+    };
+    let o = m.push(Op::CompressedAttention { q, kv, sink, comp: Some(comp), indexer, attrs }).unwrap();
+    let y = m.push(Op::GroupedMatMul { x: o, w: woa, groups: 2 }).unwrap();
+    let y = mm(&mut m, y, wob);
+    let x = m.push(Op::HcPost { x, y, c, streams: 2 }).unwrap();
+    let h = m.push(Op::HcPre { x, c, streams: 2 }).unwrap();
+    let logits = mm(&mut m, h, router);
+    let (ids, bias, table) = if hash { (Some(t), None, Some(table)) } else { (None, Some(bias), None) };
+    let r =
+        m.push(Op::MoeRoute { logits, ids, bias, table, attrs: MoeRouteAttrs { scoring, top_k: 2, scale } }).unwrap();
+    let y = m.push(Op::Moe { x: h, w: r, gate: eg, up: eu, down: ed, shared: None, limit: eps }).unwrap();
+    let y = m.push(Op::GroupedMatMul { x: y, w: woa, groups: 1 }).unwrap();
+    let out = mm(&mut m, y, head);
+    m.output = Some(out);
+    m
+}
+
+proptest! {
+    #[test]
+    fn sparse_ops_round_trip(
+        scale in any::<f32>().prop_filter("finite", |x| x.is_finite()),
+        eps in 0f32..1.0,
+        theta in 2f32..1e7,
+        yarn in proptest::option::of(1.5f32..64.0),
+        window in 1u64..300,
+        topk in 0u64..9,
+        scoring in 0usize..3,
+        hash in any::<bool>(),
+    ) {
+        let scoring = [Scoring::SqrtSoftplus, Scoring::Sigmoid, Scoring::Softmax][scoring];
+        let m = sparse_module(scale, eps, theta, yarn, window, topk, scoring, hash);
+        let text = print(&m);
+        let back = parse(&text).unwrap();
+        prop_assert_eq!(&back, &m);
+        prop_assert_eq!(print(&back), text);
+        prop_assert!(check(&back).is_ok(), "{:?}", check(&back));
+    }
+}

@@ -206,7 +206,7 @@ struct Candidate {
     dtype: DType,
 }
 
-/// Parameters used as matmul weights or embedding tables, 2-D with fixed shape.
+/// Parameters used as matmul weights (plain, grouped, or stacked experts `[E, rows, k]`) or embedding tables.
 fn quantizable(m: &Module) -> Vec<Candidate> {
     let mut used = BTreeSet::new();
     for inst in &m.insts {
@@ -217,18 +217,28 @@ fn quantizable(m: &Module) -> Vec<Candidate> {
             Op::Embed { table, .. } => {
                 used.insert(*table);
             }
+            Op::GroupedMatMul { w, .. } => {
+                used.insert(*w);
+            }
+            // Stacked experts `[E, rows, k]` quantize as `E·rows` rows of `k`.
+            Op::Moe { gate, up, down, shared, .. } => {
+                used.extend([*gate, *up, *down]);
+                if let Some(s) = shared {
+                    used.extend([s.gate, s.up, s.down]);
+                }
+            }
             _ => {}
         }
     }
     used.into_iter()
         .filter_map(|p| {
             let param = m.param(p);
-            match param.ty.fixed_dims()?.as_slice() {
-                [rows, k] => {
-                    Some(Candidate { param: p, name: param.name.clone(), rows: *rows, k: *k, dtype: param.ty.dtype })
-                }
-                _ => None,
-            }
+            let (rows, k) = match param.ty.fixed_dims()?.as_slice() {
+                [rows, k] => (*rows, *k),
+                [e, rows, k] => (e * rows, *k),
+                _ => return None,
+            };
+            Some(Candidate { param: p, name: param.name.clone(), rows, k, dtype: param.ty.dtype })
         })
         .collect()
 }

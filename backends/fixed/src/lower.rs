@@ -48,6 +48,14 @@ pub fn unsupported(module: &VerifiedModule, op: &Op) -> Option<String> {
         }
         Op::Attention { .. } => None,
         Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Steer { .. } => Some(format!("op `{}`", op.name())),
+        Op::Repeat { .. }
+        | Op::HcCoeffs { .. }
+        | Op::HcPre { .. }
+        | Op::HcPost { .. }
+        | Op::MoeRoute { .. }
+        | Op::Moe { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::CompressedAttention { .. } => Some(format!("op `{}`", op.name())),
     }
 }
 
@@ -364,6 +372,14 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                 }
             }
             Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Steer { .. } => unreachable!("refused above"),
+            Op::Repeat { .. }
+            | Op::HcCoeffs { .. }
+            | Op::HcPre { .. }
+            | Op::HcPost { .. }
+            | Op::MoeRoute { .. }
+            | Op::Moe { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::CompressedAttention { .. } => unreachable!("refused above"),
         };
         steps.push(step);
     }

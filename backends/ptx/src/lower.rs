@@ -30,7 +30,17 @@ pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
         | Op::Softmax { .. }
         | Op::Steer { .. }
         | Op::Rope { .. } => true,
-        Op::LayerNorm { .. } => false,
+        // Not built for the GPU yet (hyper-connections, experts, compressed attention):
+        // refused by name before a session starts.
+        Op::LayerNorm { .. }
+        | Op::Repeat { .. }
+        | Op::HcCoeffs { .. }
+        | Op::HcPre { .. }
+        | Op::HcPost { .. }
+        | Op::MoeRoute { .. }
+        | Op::Moe { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::CompressedAttention { .. } => false,
         Op::MatMul { w, .. } => {
             let ty = &module.param(*w).ty;
             let plain = ty.dtype.block_elems() == 1;
@@ -107,6 +117,15 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
                 add(kernels::attn_combine());
             }
             Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
+            // Refused by `supports`.
+            Op::Repeat { .. }
+            | Op::HcCoeffs { .. }
+            | Op::HcPre { .. }
+            | Op::HcPost { .. }
+            | Op::MoeRoute { .. }
+            | Op::Moe { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::CompressedAttention { .. } => {}
         }
     }
     // Greedy decoding and top-k sampling on the device.

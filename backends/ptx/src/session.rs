@@ -537,6 +537,16 @@ impl<D: Device> PtxSession<D> {
                     self.dev.launch("attn_combine", [heads, tu, 1], &cargs)?;
                 }
                 Op::LayerNorm { .. } => return Err(internal("layer_norm reached the PTX session")),
+                op @ (Op::Repeat { .. }
+                | Op::HcCoeffs { .. }
+                | Op::HcPre { .. }
+                | Op::HcPost { .. }
+                | Op::MoeRoute { .. }
+                | Op::Moe { .. }
+                | Op::GroupedMatMul { .. }
+                | Op::CompressedAttention { .. }) => {
+                    return Err(internal(format!("`{}` reached the PTX session", op.name())));
+                }
             }
         }
         let addr = self.buf(out)?;

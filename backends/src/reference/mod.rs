@@ -14,13 +14,15 @@
 //! - `plan`: prepare-time analysis (rows needed per value, value lifetimes);
 //! - `kernels`: row-wise ops (norms, elementwise, activations, softmax, RoPE);
 //! - `matmul`: the matmul kernel;
-//! - `attention`: the KV cache and causal grouped-query attention.
+//! - `attention`: the KV cache and causal grouped-query attention;
+//! - `sparse`: hyper-connections, mixtures of experts and compressed attention with its cache.
 
 mod attention;
 mod kernels;
 mod matmul;
 mod plan;
 mod session;
+mod sparse;
 
 use std::sync::Arc;
 
@@ -30,6 +32,7 @@ pub use attention::{KvCache, attend};
 pub use kernels::{dot, rope_angles};
 pub use matmul::{Weight, place_tiles};
 pub use session::{Captured, ChannelStats, Kernels, ReferenceKernels, ReferenceSession};
+pub use sparse::CompressedCache;
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};
 

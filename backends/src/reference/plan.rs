@@ -52,6 +52,23 @@ pub(crate) fn reads(op: &Op, rows: Rows) -> Vec<(ValueId, Rows)> {
             out.extend(k.iter().chain(v.iter()).map(|&kv| (kv, Rows::All)));
             out
         }
+        // A compressed attention always absorbs every row of what its cache keeps.
+        Op::CompressedAttention { q, kv, comp, indexer, .. } => {
+            let mut out = vec![(*kv, Rows::All)];
+            if let Some(c) = comp {
+                out.extend([(c.kv, Rows::All), (c.gate, Rows::All)]);
+            }
+            if let Some(ix) = indexer {
+                out.extend([(ix.keys.kv, Rows::All), (ix.keys.gate, Rows::All)]);
+                if rows != Rows::Skip {
+                    out.extend([(ix.q, rows), (ix.w, rows)]);
+                }
+            }
+            if rows != Rows::Skip {
+                out.push((*q, rows));
+            }
+            out
+        }
         _ if rows == Rows::Skip => vec![],
         _ => op.values().into_iter().map(|v| (v, rows)).collect(),
     }
@@ -59,7 +76,7 @@ pub(crate) fn reads(op: &Op, rows: Rows) -> Vec<(ValueId, Rows)> {
 
 /// Whether instruction `op` runs at all for `rows` (a KV-cache writer always runs).
 pub(crate) fn executes(op: &Op, rows: Rows) -> bool {
-    rows != Rows::Skip || matches!(op, Op::Attention { k: Some(_), .. })
+    rows != Rows::Skip || matches!(op, Op::Attention { k: Some(_), .. } | Op::CompressedAttention { .. })
 }
 
 impl Schedule {

@@ -9,6 +9,7 @@ use super::attention::{KvCache, attend};
 use super::kernels;
 use super::matmul::{Weight, matmul, matmul_ggml};
 use super::plan::{Rows, Schedule, executes};
+use super::sparse::{self, CompressedCache, Stacked, StreamInit};
 use crate::quant::{self, QuantError};
 use crate::{BackendError, Logits, Numerics, Session, SessionOptions, WeightSource};
 
@@ -96,6 +97,8 @@ pub struct ReferenceSession {
     /// f32 vectors (norm weights and biases), decoded once.
     vectors: HashMap<ParamId, Vec<f32>>,
     caches: HashMap<u32, KvCache>,
+    /// Compressed-attention slots.
+    compressed: HashMap<u32, CompressedCache>,
     /// Schedules for [`Logits::All`] and [`Logits::Last`].
     schedule_all: Arc<Schedule>,
     schedule_last: Arc<Schedule>,
@@ -168,6 +171,18 @@ impl ReferenceSession {
         self.capture = Some((values.to_vec(), HashMap::new()));
     }
 
+    /// Bytes the KV cache holds now: every attention slot's rows, and every compressed
+    /// slot's raw window, compressed rows and open compressor windows.
+    pub fn kv_cache_bytes(&self) -> usize {
+        self.caches.values().map(KvCache::bytes).sum::<usize>()
+            + self.compressed.values().map(CompressedCache::bytes).sum::<usize>()
+    }
+
+    /// A compressed-attention slot, to inspect its rows.
+    pub fn compressed_cache(&self, slot: u32) -> Option<&CompressedCache> {
+        self.compressed.get(&slot)
+    }
+
     /// The values captured by the last forward call.
     pub fn take_captured(&mut self) -> HashMap<ValueId, Captured> {
         self.capture.as_mut().map(|(_, c)| std::mem::take(c)).unwrap_or_default()
@@ -213,6 +228,16 @@ impl ReferenceSession {
                 Op::LayerNorm { weight, bias, .. } => weight.iter().chain(bias.iter()).copied().collect(),
                 Op::MatMul { bias, .. } => bias.iter().copied().collect(),
                 Op::Steer { dir, .. } => vec![*dir],
+                Op::HcCoeffs { base, scale, .. } => vec![*base, *scale],
+                Op::MoeRoute { bias, table, .. } => {
+                    // Token ids index the hash table too: they must be below its rows.
+                    if let Some(t) = table {
+                        let rows = param_dims(&module, *t)?.first().copied().unwrap_or(0);
+                        embed_rows = Some(embed_rows.map_or(rows, |r| r.min(rows)));
+                    }
+                    bias.iter().chain(table.iter()).copied().collect()
+                }
+                Op::CompressedAttention { .. } => inst.op.params(),
                 Op::Attention { k: Some(_), attrs, .. } => {
                     let width = usize::try_from(attrs.kv_heads * attrs.head_dim)
                         .map_err(|_| internal("attention width overflows"))?;
@@ -232,6 +257,34 @@ impl ReferenceSession {
                 vectors.insert(p, v);
             }
         }
+        let mut compressed = HashMap::new();
+        for inst in &module.insts {
+            match &inst.op {
+                Op::CompressedAttention { comp, indexer, attrs, .. } => {
+                    let init = |c: &kiln_ir::CompressorOperands| -> Result<StreamInit, BackendError> {
+                        let width = module.value_type(c.kv).last_fixed().unwrap_or(0) as usize;
+                        let get = |p: ParamId| {
+                            vectors.get(&p).cloned().ok_or_else(|| internal("compressor parameter not decoded"))
+                        };
+                        Ok(StreamInit { ape: get(c.ape)?, norm: get(c.norm)?, width })
+                    };
+                    let c = comp.as_ref().map(init).transpose()?;
+                    let ix = indexer.as_ref().map(|ix| init(&ix.keys)).transpose()?;
+                    compressed.insert(attrs.cache, CompressedCache::new(attrs, c, ix));
+                }
+                Op::MoeRoute { logits, table: Some(t), .. } => {
+                    let experts = module.value_type(*logits).last_fixed().unwrap_or(0) as f32;
+                    let table = vectors.get(t).ok_or_else(|| internal("routing table not decoded"))?;
+                    if let Some(bad) = table.iter().find(|v| !(v.fract() == 0.0 && **v >= 0.0 && **v < experts)) {
+                        return Err(BackendError::BadInput(format!(
+                            "routing table @{} holds {bad}, which is not an expert number below {experts}",
+                            module.param(*t).name
+                        )));
+                    }
+                }
+                _ => {}
+            }
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads)
             .thread_name(|i| format!("kiln-ref-{i}"))
@@ -249,6 +302,7 @@ impl ReferenceSession {
             embed_rows,
             vectors,
             caches,
+            compressed,
             schedule_all,
             schedule_last,
             numerics: options.numerics,
@@ -426,6 +480,120 @@ impl ReferenceSession {
                 let s = self.steer.get(&attrs.name).copied().unwrap_or(attrs.strength);
                 out(kernels::steer(x, cols, self.vector(*dir)?, attrs.mode, s), cols)
             }
+            Op::Repeat { x, times } => {
+                let (x, cols) = act(*x)?;
+                out(sparse::repeat(x, cols, *times as usize), cols * *times as usize)
+            }
+            Op::HcCoeffs { f, base, scale, streams, iters, eps } => {
+                let (f, cols) = act(*f)?;
+                let c = sparse::hc_coeffs(
+                    f,
+                    cols,
+                    self.vector(*base)?,
+                    self.vector(*scale)?,
+                    *streams as usize,
+                    *iters as usize,
+                    *eps,
+                );
+                out(c, cols)
+            }
+            Op::HcPre { x, c, streams } => {
+                let ((x, w), (c, cw)) = (act(*x)?, act(*c)?);
+                let n = *streams as usize;
+                out(sparse::hc_pre(x, c, cw, n, w / n), w / n)
+            }
+            Op::HcPost { x, y, c, streams } => {
+                let ((x, w), (y, d), (c, _)) = (act(*x)?, act(*y)?, act(*c)?);
+                out(sparse::hc_post(x, y, c, *streams as usize, d), w)
+            }
+            Op::MoeRoute { logits, ids, bias, table, attrs } => {
+                let (l, e) = act(*logits)?;
+                let ids = match ids {
+                    None => None,
+                    Some(v) => match values.get(v.index()) {
+                        Some(Some(Value::Ids(ids))) => Some(ids.get(first..).unwrap_or(&[])),
+                        _ => return Err(internal(format!("%{i}: token ids are not available"))),
+                    },
+                };
+                let b = bias.map(|p| self.vector(p)).transpose()?;
+                let tb = table.map(|p| self.vector(p)).transpose()?;
+                out(sparse::moe_route(l, e, ids, b, tb, attrs), e)
+            }
+            Op::Moe { x, w, gate, up, down, shared, limit } => {
+                let ((x, d), (w, e)) = (act(*x)?, act(*w)?);
+                let stacked = |p: ParamId| -> Result<Stacked<'_>, BackendError> {
+                    let dims = param_dims(&self.module, p)?;
+                    let [ex, n, k] = dims[..] else {
+                        return Err(internal(format!("%{i}: expert weights are not 3-D")));
+                    };
+                    // `n`: rows of one expert's matrix.
+                    let all = Weight { bytes: self.weights.bytes(p), dtype: self.module.param(p).ty.dtype, n, k };
+                    Ok(Stacked { all, experts: ex })
+                };
+                let plain = |p: ParamId| -> Result<Weight<'_>, BackendError> {
+                    let dims = param_dims(&self.module, p)?;
+                    let [n, k] = dims[..] else {
+                        return Err(internal(format!("%{i}: shared expert weights are not 2-D")));
+                    };
+                    Ok(Weight { bytes: self.weights.bytes(p), dtype: self.module.param(p).ty.dtype, n, k })
+                };
+                let (g, u, dn) = (stacked(*gate)?, stacked(*up)?, stacked(*down)?);
+                if g.experts != e {
+                    return Err(internal(format!("%{i}: {e} routing weights for {} experts", g.experts)));
+                }
+                let sh = match shared {
+                    Some(s) => Some([plain(s.gate)?, plain(s.up)?, plain(s.down)?]),
+                    None => None,
+                };
+                let y =
+                    sparse::moe(self.kernel.as_ref(), x, d, w, g, u, dn, sh, *limit).map_err(|e| quant_err(i, e))?;
+                out(y, d)
+            }
+            Op::GroupedMatMul { x, w, groups } => {
+                let (x, _) = act(*x)?;
+                let dims = param_dims(&self.module, *w)?;
+                let [n, k] = dims[..] else { return Err(internal(format!("%{i}: grouped weight is not 2-D"))) };
+                let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
+                let y = sparse::grouped_matmul(self.kernel.as_ref(), x, n_rows, weight, *groups as usize)
+                    .map_err(|e| quant_err(i, e))?;
+                out(y, n)
+            }
+            Op::CompressedAttention { q, kv, sink, comp, indexer, attrs } => {
+                let whole = |v: ValueId| match values.get(v.index()) {
+                    Some(Some(Value::Act { data, first: 0, cols })) if data.len() == t_len * cols => {
+                        Ok(data.as_slice())
+                    }
+                    _ => Err(internal(format!("%{i}: operand {v} is not available for every row"))),
+                };
+                let kv_all = whole(*kv)?;
+                let c = comp.as_ref().map(|c| Ok::<_, BackendError>((whole(c.kv)?, whole(c.gate)?))).transpose()?;
+                let ix = indexer
+                    .as_ref()
+                    .map(|x| Ok::<_, BackendError>((whole(x.keys.kv)?, whole(x.keys.gate)?)))
+                    .transpose()?;
+                let cache = self
+                    .compressed
+                    .get_mut(&attrs.cache)
+                    .ok_or_else(|| internal(format!("%{i}: compressed slot {} was not made", attrs.cache)))?;
+                if cache.len() != self.pos {
+                    return Err(internal(format!(
+                        "%{i}: compressed slot {} holds {} positions, expected {}",
+                        attrs.cache,
+                        cache.len(),
+                        self.pos
+                    )));
+                }
+                let (keys, key_pos) = cache.append(kv_all, c, ix).map_err(BackendError::BadInput)?;
+                if rows == Rows::Skip {
+                    return Ok(None);
+                }
+                let (qv, cols) = act(*q)?;
+                let iq = indexer.as_ref().map(|x| act(x.q).map(|a| a.0)).transpose()?;
+                let iw = indexer.as_ref().map(|x| act(x.w).map(|a| a.0)).transpose()?;
+                let sink = self.vectors.get(sink).ok_or_else(|| internal("sink not decoded"))?;
+                let cache = &self.compressed[&attrs.cache];
+                out(cache.attend(qv, self.pos + first, &keys, key_pos, iq, iw, sink), cols)
+            }
             Op::Attention { q, k, v, attrs } => {
                 let cache = self
                     .caches
@@ -483,6 +651,7 @@ impl Session for ReferenceSession {
             Err(e) => {
                 let pos = self.pos;
                 self.caches.values_mut().for_each(|c| c.truncate(pos));
+                self.compressed.values_mut().for_each(|c| c.truncate(pos));
                 return Err(e);
             }
         };
@@ -507,6 +676,7 @@ impl Session for ReferenceSession {
         if pos < self.pos {
             self.pos = pos;
             self.caches.values_mut().for_each(|c| c.truncate(pos));
+            self.compressed.values_mut().for_each(|c| c.truncate(pos));
         }
     }
 

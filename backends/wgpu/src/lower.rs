@@ -64,6 +64,15 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
                 add(kernels::attn_combine());
             }
             Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
+            // Refused by `supports` (the PTX backend's list).
+            Op::Repeat { .. }
+            | Op::HcCoeffs { .. }
+            | Op::HcPre { .. }
+            | Op::HcPost { .. }
+            | Op::MoeRoute { .. }
+            | Op::Moe { .. }
+            | Op::GroupedMatMul { .. }
+            | Op::CompressedAttention { .. } => {}
         }
     }
     add(kernels::argmax());

@@ -83,4 +83,5 @@ pub const ARCH: Arch = Arch {
     from_hf,
     hf_name,
     hf_fixup: Some(hf_fixup),
+    hf_lower: None,
 };

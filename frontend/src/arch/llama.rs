@@ -27,4 +27,5 @@ pub const ARCH: Arch = Arch {
     from_hf,
     hf_name: llama_hf_name,
     hf_fixup: None,
+    hf_lower: None,
 };

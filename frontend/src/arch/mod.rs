@@ -2,6 +2,7 @@
 //! hyperparameters (from GGUF metadata or a Hugging Face config.json) into a
 //! [`DecoderConfig`] and maps Hugging Face tensor names to kiln's canonical names.
 
+pub mod deepseek_v4;
 pub mod gemma3;
 pub mod llama;
 pub mod qwen2;
@@ -24,6 +25,14 @@ pub trait GgufMeta {
 /// Hook to convert a tensor loaded from a Hugging Face checkpoint (e.g. Gemma's norm offset).
 pub type HfFixup = fn(canonical: &str, values: &mut [f32]) -> bool;
 
+/// Lowers a Hugging Face checkpoint with an architecture's own graph (architectures
+/// outside the Llama family): config, tensors (by canonical name), model name.
+pub type HfLower = fn(
+    &HfConfig,
+    &dyn crate::decoder::TensorSource,
+    &str,
+) -> FrontendResult<(kiln_ir::Module, crate::weights::Weights)>;
+
 /// One architecture.
 pub struct Arch {
     /// `general.architecture` in GGUF.
@@ -36,10 +45,13 @@ pub struct Arch {
     pub hf_name: fn(&str) -> Option<String>,
     /// Converts float tensors after loading from a Hugging Face checkpoint; returns whether it changed them.
     pub hf_fixup: Option<HfFixup>,
+    /// The architecture's own lowering of a Hugging Face checkpoint, instead of `from_hf` and
+    /// the shared Llama-family decoder (DeepSeek-V4).
+    pub hf_lower: Option<HfLower>,
 }
 
 /// The registry: adding an architecture is one file and one line here.
-pub const ARCHES: &[&Arch] = &[&llama::ARCH, &qwen2::ARCH, &gemma3::ARCH];
+pub const ARCHES: &[&Arch] = &[&llama::ARCH, &qwen2::ARCH, &gemma3::ARCH, &deepseek_v4::ARCH];
 
 pub fn by_gguf_name(name: &str) -> Option<&'static Arch> {
     ARCHES.iter().copied().find(|a| a.gguf_name == name)

@@ -13,5 +13,12 @@ fn from_hf(c: &HfConfig) -> FrontendResult<DecoderConfig> {
     common_hf(c, "qwen2")
 }
 
-pub const ARCH: Arch =
-    Arch { gguf_name: "qwen2", hf_model_types: &["qwen2"], from_gguf, from_hf, hf_name: llama_hf_name, hf_fixup: None };
+pub const ARCH: Arch = Arch {
+    gguf_name: "qwen2",
+    hf_model_types: &["qwen2"],
+    from_gguf,
+    from_hf,
+    hf_name: llama_hf_name,
+    hf_fixup: None,
+    hf_lower: None,
+};

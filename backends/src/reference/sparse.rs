@@ -1,0 +1,700 @@
+//! Hyper-connections, mixtures of experts and compressed (DeepSeek-V4) attention: the
+//! definition of `repeat`, `hc_coeffs`, `hc_pre`, `hc_post`, `moe_route`, `moe`,
+//! `grouped_matmul` and `compressed_attention` (see their doc comments in `kiln_ir::ops`).
+//!
+//! Everything is f32 with the order of operations of the numpy specification
+//! (`tests/oracle/deepseek_v4_numpy.py`); long sums accumulate in f64.
+//!
+//! A compressed-attention slot ([`CompressedCache`]) holds the last `window − 1` rotated
+//! K=V rows, the compressed rows made so far, each compressor's open window (the
+//! projections of the < `ratio` tokens since the last closed window) and, for
+//! overlapping compressors, the first half of the last closed window; with an indexer,
+//! the same for its key stream. It also keeps the state at the start of the last forward
+//! call and that call's inputs, so a rollback into the last call replays them exactly.
+
+use kiln_ir::{CompressedAttentionAttrs, MoeRouteAttrs, RotaryAttrs, Scoring};
+use rayon::prelude::*;
+
+use super::matmul::Weight;
+use super::session::Kernels;
+use crate::quant::QuantError;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// torch's softplus (beta 1, threshold 20).
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 { x } else { x.exp().ln_1p() }
+}
+
+fn dot64(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum::<f64>() as f32
+}
+
+/// Max-subtracted softmax in place (entries of −∞ get weight 0).
+fn softmax_in_place(row: &mut [f32]) {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for v in row.iter_mut() {
+        *v = (*v - m).exp();
+        sum += f64::from(*v);
+    }
+    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+fn rms(x: &[f32], w: Option<&[f32]>, eps: f32) -> Vec<f32> {
+    let ms = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum::<f64>() / x.len().max(1) as f64;
+    let r = (1.0 / (ms + f64::from(eps)).sqrt()) as f32;
+    match w {
+        Some(w) => x.iter().zip(w).map(|(v, w)| v * r * w).collect(),
+        None => x.iter().map(|v| v * r).collect(),
+    }
+}
+
+/// `[T, N] → [T, times·N]`.
+pub(crate) fn repeat(x: &[f32], cols: usize, times: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() * times);
+    for row in x.chunks(cols.max(1)) {
+        for _ in 0..times {
+            out.extend_from_slice(row);
+        }
+    }
+    out
+}
+
+/// The `hc_coeffs` op on rows of `f` (`cols` wide).
+pub(crate) fn hc_coeffs(
+    f: &[f32],
+    cols: usize,
+    base: &[f32],
+    scale: &[f32],
+    n: usize,
+    iters: usize,
+    eps: f32,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(f.len());
+    for row in f.chunks(cols.max(1)) {
+        for j in 0..n {
+            out.push(sigmoid(row[j] * scale[0] + base[j]) + eps);
+        }
+        if cols == n {
+            continue;
+        }
+        for j in n..2 * n {
+            out.push(2.0 * sigmoid(row[j] * scale[1] + base[j]));
+        }
+        let mut c: Vec<f32> = (2 * n..cols).map(|j| row[j] * scale[2] + base[j]).collect();
+        for r in c.chunks_mut(n) {
+            softmax_in_place(r);
+            r.iter_mut().for_each(|v| *v += eps);
+        }
+        let cols_norm = |c: &mut [f32]| {
+            for j in 0..n {
+                let s: f32 = (0..n).map(|i| c[i * n + j]).sum::<f32>() + eps;
+                (0..n).for_each(|i| c[i * n + j] /= s);
+            }
+        };
+        let rows_norm = |c: &mut [f32]| {
+            for r in c.chunks_mut(n) {
+                let s: f32 = r.iter().sum::<f32>() + eps;
+                r.iter_mut().for_each(|v| *v /= s);
+            }
+        };
+        cols_norm(&mut c);
+        for _ in 1..iters {
+            rows_norm(&mut c);
+            cols_norm(&mut c);
+        }
+        out.extend_from_slice(&c);
+    }
+    out
+}
+
+/// `Σ_j c[j]·x[j]` per row: `x` is `[T, n·d]`, `c` `[T, cw]` (pre in its first n columns).
+pub(crate) fn hc_pre(x: &[f32], c: &[f32], cw: usize, n: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len() / n.max(1)];
+    for ((o, xr), cr) in out.chunks_mut(d.max(1)).zip(x.chunks(n * d).filter(|_| d > 0)).zip(c.chunks(cw.max(1))) {
+        for (j, s) in xr.chunks(d).enumerate() {
+            let w = cr[j];
+            o.iter_mut().zip(s).for_each(|(o, v)| *o += w * v);
+        }
+    }
+    out
+}
+
+/// `x'[k] = post[k]·y + Σ_j C[j, k]·x[j]` per row.
+pub(crate) fn hc_post(x: &[f32], y: &[f32], c: &[f32], n: usize, d: usize) -> Vec<f32> {
+    let cw = (2 + n) * n;
+    let mut out = vec![0f32; x.len()];
+    for (((o, xr), yr), cr) in out.chunks_mut(n * d).zip(x.chunks(n * d)).zip(y.chunks(d)).zip(c.chunks(cw)) {
+        let (post, comb) = (&cr[n..2 * n], &cr[2 * n..]);
+        for (k, ok) in o.chunks_mut(d).enumerate() {
+            for (i, v) in ok.iter_mut().enumerate() {
+                let mut acc = post[k] * yr[i];
+                for j in 0..n {
+                    acc += comb[j * n + k] * xr[j * d + i];
+                }
+                *v = acc;
+            }
+        }
+    }
+    out
+}
+
+/// The `moe_route` op: dense `[T, E]` expert weights. `table` holds `k` expert numbers per
+/// token id (checked to be in range when the session was prepared).
+pub(crate) fn moe_route(
+    logits: &[f32],
+    e: usize,
+    ids: Option<&[u32]>,
+    bias: Option<&[f32]>,
+    table: Option<&[f32]>,
+    attrs: &MoeRouteAttrs,
+) -> Vec<f32> {
+    let k = attrs.top_k as usize;
+    let mut out = vec![0f32; logits.len()];
+    for (t, (row, o)) in logits.chunks(e).zip(out.chunks_mut(e)).enumerate() {
+        let s: Vec<f32> = match attrs.scoring {
+            Scoring::SqrtSoftplus => row.iter().map(|z| softplus(*z).sqrt()).collect(),
+            Scoring::Sigmoid => row.iter().map(|z| sigmoid(*z)).collect(),
+            Scoring::Softmax => {
+                let mut r = row.to_vec();
+                softmax_in_place(&mut r);
+                r
+            }
+        };
+        let chosen: Vec<usize> = match (table, ids) {
+            (Some(tb), Some(ids)) => {
+                let id = ids[t] as usize;
+                tb[id * k..(id + 1) * k].iter().map(|v| *v as usize).collect()
+            }
+            _ => {
+                let sel: Vec<f32> = match bias {
+                    Some(b) => s.iter().zip(b).map(|(s, b)| s + b).collect(),
+                    None => s.clone(),
+                };
+                let mut order: Vec<usize> = (0..e).collect();
+                order.sort_by(|&a, &b| sel[b].total_cmp(&sel[a]).then(a.cmp(&b)));
+                order.truncate(k);
+                order
+            }
+        };
+        let total: f32 = chosen.iter().map(|&j| s[j]).sum::<f32>() + 1e-20;
+        for &j in &chosen {
+            o[j] += s[j] / total * attrs.scale;
+        }
+    }
+    out
+}
+
+/// One SwiGLU expert (or the shared one) over `rows` rows of `x`; `w*` are its matrices.
+#[allow(clippy::too_many_arguments)]
+fn expert(
+    kernel: &dyn Kernels,
+    x: &[f32],
+    rows: usize,
+    gate: Weight<'_>,
+    up: Weight<'_>,
+    down: Weight<'_>,
+    limit: f32,
+) -> Result<Vec<f32>, QuantError> {
+    let g = kernel.matmul(x, rows, gate, None, 0, rows)?;
+    let u = kernel.matmul(x, rows, up, None, 0, rows)?;
+    let h: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| if limit > 0.0 { silu(g.min(limit)) * u.clamp(-limit, limit) } else { silu(g) * u })
+        .collect();
+    kernel.matmul(&h, rows, down, None, 0, rows)
+}
+
+/// Stacked expert matrices `[E, n, k]` of one kind (`all.n` = rows of one expert).
+#[derive(Clone, Copy)]
+pub(crate) struct Stacked<'a> {
+    pub all: Weight<'a>,
+    pub experts: usize,
+}
+
+impl<'a> Stacked<'a> {
+    fn expert(&self, e: usize) -> Weight<'a> {
+        let per = self.all.bytes.len() / self.experts.max(1);
+        Weight { bytes: &self.all.bytes[e * per..(e + 1) * per], ..self.all }
+    }
+}
+
+/// The `moe` op: each expert runs on the rows that chose it (gathered), its output
+/// weighted and summed per row in expert order, then the shared expert added.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn moe(
+    kernel: &dyn Kernels,
+    x: &[f32],
+    d: usize,
+    w: &[f32],
+    gate: Stacked<'_>,
+    up: Stacked<'_>,
+    down: Stacked<'_>,
+    shared: Option<[Weight<'_>; 3]>,
+    limit: f32,
+) -> Result<Vec<f32>, QuantError> {
+    let e = gate.experts;
+    let rows = x.len() / d.max(1);
+    let mut out = vec![0f32; x.len()];
+    for ex in 0..e {
+        let picked: Vec<usize> = (0..rows).filter(|&t| w[t * e + ex] != 0.0).collect();
+        if picked.is_empty() {
+            continue;
+        }
+        let xs: Vec<f32> = picked.iter().flat_map(|&t| x[t * d..(t + 1) * d].iter().copied()).collect();
+        let y = expert(kernel, &xs, picked.len(), gate.expert(ex), up.expert(ex), down.expert(ex), limit)?;
+        for (yr, &t) in y.chunks(d).zip(&picked) {
+            let wt = w[t * e + ex];
+            out[t * d..(t + 1) * d].iter_mut().zip(yr).for_each(|(o, v)| *o += wt * v);
+        }
+    }
+    if let Some([g, u, dn]) = shared {
+        let y = expert(kernel, x, rows, g, u, dn, limit)?;
+        out.iter_mut().zip(&y).for_each(|(o, v)| *o += v);
+    }
+    Ok(out)
+}
+
+/// The `grouped_matmul` op: chunk g of each row of `x` times weight rows `g·R..(g+1)·R`.
+pub(crate) fn grouped_matmul(
+    kernel: &dyn Kernels,
+    x: &[f32],
+    rows: usize,
+    w: Weight<'_>,
+    groups: usize,
+) -> Result<Vec<f32>, QuantError> {
+    let (r, k) = (w.n / groups.max(1), w.k);
+    let rb = w.row_bytes();
+    let mut out = vec![0f32; rows * w.n];
+    for g in 0..groups {
+        let xs: Vec<f32> =
+            (0..rows).flat_map(|t| x[t * groups * k + g * k..t * groups * k + (g + 1) * k].iter().copied()).collect();
+        let wg = Weight { bytes: &w.bytes[g * r * rb..(g + 1) * r * rb], n: r, ..w };
+        let y = kernel.matmul(&xs, rows, wg, None, 0, rows)?;
+        for t in 0..rows {
+            out[t * w.n + g * r..t * w.n + (g + 1) * r].copy_from_slice(&y[t * r..(t + 1) * r]);
+        }
+    }
+    Ok(out)
+}
+
+/// RoPE frequencies of a [`RotaryAttrs`] (see its doc comment), f32 like transformers.
+pub(crate) fn inv_freq(r: &RotaryAttrs) -> Vec<f32> {
+    let rd = r.rot_dims as usize;
+    let pos_freqs: Vec<f32> = (0..rd / 2).map(|i| r.theta.powf((2 * i) as f32 / rd as f32)).collect();
+    let extra: Vec<f32> = pos_freqs.iter().map(|p| 1.0 / p).collect();
+    if r.yarn_factor == 1.0 {
+        return extra;
+    }
+    let (base, factor, ompe) = (f64::from(r.theta), r.yarn_factor, r.yarn_orig_ctx as f64);
+    let corr = |b: f64| rd as f64 * (ompe / (b * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+    let low = corr(f64::from(r.yarn_beta_fast)).floor().max(0.0);
+    let mut high = corr(f64::from(r.yarn_beta_slow)).ceil().min(rd as f64 - 1.0);
+    if low == high {
+        high += 0.001;
+    }
+    (0..rd / 2)
+        .map(|i| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0) as f32;
+            let inter = 1.0 / (factor * pos_freqs[i]);
+            inter * ramp + extra[i] * (1.0 - ramp)
+        })
+        .collect()
+}
+
+/// Rotates interleaved pairs of the last `2·inv.len()` channels of each `hd`-wide head of
+/// `x` at position `pos` (`sign` −1: the inverse rotation).
+fn rope_heads(x: &mut [f32], hd: usize, inv: &[f32], pos: usize, sign: f32) {
+    let rd = 2 * inv.len();
+    let cs: Vec<(f32, f32)> = inv
+        .iter()
+        .map(|f| {
+            let a = pos as f32 * f;
+            ((f64::from(a).cos()) as f32, sign * (f64::from(a).sin()) as f32)
+        })
+        .collect();
+    for head in x.chunks_mut(hd) {
+        let tail = &mut head[hd - rd..];
+        for (pair, (c, s)) in tail.chunks_mut(2).zip(&cs) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * c - b * s;
+            pair[1] = b * c + a * s;
+        }
+    }
+}
+
+/// Channel `off + c` of `r` rows of `stride` values.
+fn column(rows: &[f32], r: usize, stride: usize, off: usize, c: usize) -> impl Iterator<Item = f32> + '_ {
+    (0..r).map(move |j| rows[j * stride + off + c])
+}
+
+/// One compressor stream: pools `ratio` consecutive tokens into one row of `dim`.
+#[derive(Clone, Debug, Default)]
+struct Compressor {
+    ratio: usize,
+    dim: usize,
+    overlap: bool,
+    /// Projections of the open window (`< ratio` rows of `width`).
+    buf_kv: Vec<f32>,
+    buf_gate: Vec<f32>,
+    /// Overlapping: the Ca half of the last closed window and its gate (+ ape), `ratio × dim`.
+    prev: Option<(Vec<f32>, Vec<f32>)>,
+    /// Compressed rows `[n, dim]`, normalised and rotated.
+    entries: Vec<f32>,
+    /// Its parameters: per-slot gate bias `[ratio, width]`, norm weight `[dim]`, norm epsilon.
+    ape: Vec<f32>,
+    norm: Vec<f32>,
+    eps: f32,
+}
+
+impl Compressor {
+    fn width(&self) -> usize {
+        if self.overlap { 2 * self.dim } else { self.dim }
+    }
+
+    fn rows(&self) -> usize {
+        self.entries.len() / self.dim.max(1)
+    }
+
+    fn bytes(&self) -> usize {
+        4 * (self.buf_kv.len()
+            + self.buf_gate.len()
+            + self.entries.len()
+            + self.prev.as_ref().map_or(0, |(a, b)| a.len() + b.len()))
+    }
+
+    /// Absorbs this call's projections; closes (and appends the rows of) every full window.
+    fn absorb(&mut self, kv: &[f32], gate: &[f32], inv: &[f32]) {
+        let (r, d, w) = (self.ratio, self.dim, self.width());
+        self.buf_kv.extend_from_slice(kv);
+        self.buf_gate.extend_from_slice(gate);
+        let closed = self.buf_kv.len() / (r * w);
+        for i in 0..closed {
+            let wkv = &self.buf_kv[i * r * w..(i + 1) * r * w];
+            let wg: Vec<f32> =
+                self.buf_gate[i * r * w..(i + 1) * r * w].iter().zip(&self.ape).map(|(g, a)| g + a).collect();
+            // The window's own slots: all `w` columns (HCA), or the second half Cb (CSA).
+            let own = if self.overlap { d } else { 0 };
+            let prev = self.prev.take();
+            let pooled: Vec<f32> = (0..d)
+                .map(|c| {
+                    // Per channel: softmax over the slots' gates, then the weighted sum of their kv.
+                    let (mut gates, mut kvs): (Vec<f32>, Vec<f32>) =
+                        (Vec::with_capacity(2 * r), Vec::with_capacity(2 * r));
+                    if let Some((pk, pg)) = &prev {
+                        gates.extend(column(pg, r, d, 0, c));
+                        kvs.extend(column(pk, r, d, 0, c));
+                    }
+                    gates.extend(column(&wg, r, w, own, c));
+                    kvs.extend(column(wkv, r, w, own, c));
+                    softmax_in_place(&mut gates);
+                    gates.iter().zip(&kvs).map(|(p, v)| f64::from(*p) * f64::from(*v)).sum::<f64>() as f32
+                })
+                .collect();
+            if self.overlap {
+                // Ca (first half) and its gate, for the next window.
+                let ca: Vec<f32> = (0..r).flat_map(|j| wkv[j * w..j * w + d].iter().copied()).collect();
+                let ga: Vec<f32> = (0..r).flat_map(|j| wg[j * w..j * w + d].iter().copied()).collect();
+                self.prev = Some((ca, ga));
+            }
+            let mut row = rms(&pooled, Some(&self.norm), self.eps);
+            let n0 = self.rows();
+            rope_heads(&mut row, d, inv, n0 * r, 1.0);
+            self.entries.extend_from_slice(&row);
+        }
+        self.buf_kv.drain(..closed * r * w);
+        self.buf_gate.drain(..closed * r * w);
+    }
+}
+
+/// The cache state of one compressed-attention slot.
+#[derive(Clone, Debug, Default)]
+struct SlotState {
+    /// Rotated K=V rows of the latest `≤ window − 1` positions, ending at the session position.
+    raw: Vec<f32>,
+    comp: Option<Compressor>,
+    index: Option<Compressor>,
+}
+
+/// This call's inputs to the cache (what a rollback replays).
+#[derive(Clone, Debug, Default)]
+struct CallInputs {
+    tokens: usize,
+    kv: Vec<f32>,
+    comp: Option<(Vec<f32>, Vec<f32>)>,
+    index: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// A compressed-attention cache slot (see the module comment).
+#[derive(Clone, Debug)]
+pub struct CompressedCache {
+    attrs: CompressedAttentionAttrs,
+    inv: Vec<f32>,
+    state: SlotState,
+    /// The state at the start of the last forward call, its position, and that call's inputs.
+    base: SlotState,
+    base_pos: usize,
+    last: CallInputs,
+    /// Positions the state covers.
+    pos: usize,
+    /// Set after a rollback past the last call (the state is then unknown).
+    lost: bool,
+}
+
+/// A compressor stream's parameters when a slot is made: per-slot gate bias, norm weight,
+/// and the projections' width (`dim`, or `2·dim` for overlapping windows).
+pub(crate) struct StreamInit {
+    pub ape: Vec<f32>,
+    pub norm: Vec<f32>,
+    pub width: usize,
+}
+
+impl CompressedCache {
+    pub(crate) fn new(attrs: &CompressedAttentionAttrs, comp: Option<StreamInit>, index: Option<StreamInit>) -> Self {
+        let mk = |dim: u64, init: Option<StreamInit>| {
+            init.map(|s| Compressor {
+                ratio: attrs.ratio as usize,
+                dim: dim as usize,
+                overlap: s.width == 2 * dim as usize,
+                ape: s.ape,
+                norm: s.norm,
+                eps: attrs.eps,
+                ..Default::default()
+            })
+        };
+        let state = SlotState { raw: vec![], comp: mk(attrs.head_dim, comp), index: mk(attrs.index_dim, index) };
+        CompressedCache {
+            attrs: attrs.clone(),
+            inv: inv_freq(&attrs.rope),
+            base: state.clone(),
+            state,
+            base_pos: 0,
+            last: CallInputs::default(),
+            pos: 0,
+            lost: false,
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// Whether a rollback went further back than the slot can restore.
+    pub fn is_lost(&self) -> bool {
+        self.lost
+    }
+
+    /// Bytes the slot holds now (raw window, compressed rows, open windows), not counting
+    /// the copy kept for rollback.
+    pub fn bytes(&self) -> usize {
+        let streams = [&self.state.comp, &self.state.index];
+        4 * self.state.raw.len() + streams.iter().filter_map(|c| c.as_ref()).map(Compressor::bytes).sum::<usize>()
+    }
+
+    /// Compressed rows `[n, dim]` of the attention stream and of the indexer's keys.
+    pub fn compressed_rows(&self) -> (Option<&[f32]>, Option<&[f32]>) {
+        (
+            self.state.comp.as_ref().map(|c| c.entries.as_slice()),
+            self.state.index.as_ref().map(|c| c.entries.as_slice()),
+        )
+    }
+
+    /// Drops positions at and after `pos`: exact when `pos` lies within the last forward
+    /// call (its inputs are replayed onto the state saved before it) or is 0; otherwise
+    /// the slot is marked lost and the next forward call fails.
+    pub fn truncate(&mut self, pos: usize) {
+        if pos >= self.pos {
+            return;
+        }
+        if pos == 0 {
+            self.state = self.initial();
+            self.base = self.state.clone();
+            (self.pos, self.base_pos, self.lost) = (0, 0, false);
+            self.last = CallInputs::default();
+            return;
+        }
+        if pos < self.base_pos || self.lost {
+            self.lost = true;
+            self.pos = pos;
+            return;
+        }
+        let n = pos - self.base_pos;
+        let hd = self.attrs.head_dim as usize;
+        let cut = |x: &Option<(Vec<f32>, Vec<f32>)>, c: &Option<Compressor>| {
+            x.as_ref().zip(c.as_ref()).map(|((k, g), c)| (k[..n * c.width()].to_vec(), g[..n * c.width()].to_vec()))
+        };
+        let inputs = CallInputs {
+            tokens: n,
+            kv: self.last.kv[..n * hd].to_vec(),
+            comp: cut(&self.last.comp, &self.state.comp),
+            index: cut(&self.last.index, &self.state.index),
+        };
+        self.state = self.base.clone();
+        self.pos = self.base_pos;
+        self.absorb(&inputs);
+    }
+
+    /// An empty state with this slot's parameters.
+    fn initial(&self) -> SlotState {
+        let clear = |c: &Option<Compressor>| {
+            c.as_ref().map(|c| Compressor {
+                buf_kv: vec![],
+                buf_gate: vec![],
+                prev: None,
+                entries: vec![],
+                ..c.clone()
+            })
+        };
+        SlotState { raw: vec![], comp: clear(&self.state.comp), index: clear(&self.state.index) }
+    }
+
+    /// Appends one call's rows to the state; returns the raw keys this call attends over
+    /// (the cached window followed by the call's rotated rows) and the first one's position.
+    fn absorb(&mut self, inputs: &CallInputs) -> (Vec<f32>, usize) {
+        let hd = self.attrs.head_dim as usize;
+        let old = self.state.raw.len() / hd;
+        let mut keys = std::mem::take(&mut self.state.raw);
+        for (t, row) in inputs.kv.chunks(hd).enumerate() {
+            let mut r = row.to_vec();
+            rope_heads(&mut r, hd, &self.inv, self.pos + t, 1.0);
+            keys.extend_from_slice(&r);
+        }
+        let first = self.pos - old;
+        if let (Some(c), Some((k, g))) = (self.state.comp.as_mut(), &inputs.comp) {
+            c.absorb(k, g, &self.inv);
+        }
+        if let (Some(c), Some((k, g))) = (self.state.index.as_mut(), &inputs.index) {
+            c.absorb(k, g, &self.inv);
+        }
+        let keep = (self.attrs.window as usize).saturating_sub(1).min(keys.len() / hd);
+        self.state.raw = keys[keys.len() - keep * hd..].to_vec();
+        self.pos += inputs.tokens;
+        (keys, first)
+    }
+
+    /// One forward call's cache update: remembers the state before it (for rollback) and
+    /// absorbs the call's `kv` rows (`[T, head_dim]`, not rotated) and compressor projections.
+    pub(crate) fn append(
+        &mut self,
+        kv: &[f32],
+        comp: Option<(&[f32], &[f32])>,
+        index: Option<(&[f32], &[f32])>,
+    ) -> Result<(Vec<f32>, usize), String> {
+        if self.lost {
+            return Err("the compressed-attention cache was rolled back past the last forward call, \
+                        which it cannot restore; truncate to 0 and run the text again"
+                .into());
+        }
+        let own = |x: Option<(&[f32], &[f32])>| x.map(|(k, g)| (k.to_vec(), g.to_vec()));
+        let hd = self.attrs.head_dim as usize;
+        let inputs = CallInputs { tokens: kv.len() / hd, kv: kv.to_vec(), comp: own(comp), index: own(index) };
+        self.base = self.state.clone();
+        self.base_pos = self.pos;
+        let out = self.absorb(&inputs);
+        self.last = inputs;
+        Ok(out)
+    }
+
+    /// Attention of query rows `q` (`[rows, heads·head_dim]`, not rotated; row t at position
+    /// `first_pos + t`) after [`CompressedCache::append`] gave the raw `keys` from `key_pos`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attend(
+        &self,
+        q: &[f32],
+        first_pos: usize,
+        keys: &[f32],
+        key_pos: usize,
+        idx_q: Option<&[f32]>,
+        idx_w: Option<&[f32]>,
+        sink: &[f32],
+    ) -> Vec<f32> {
+        let a = &self.attrs;
+        let (h, hd, win) = (a.heads as usize, a.head_dim as usize, a.window as usize);
+        let n_raw = keys.len() / hd;
+        let entries = self.state.comp.as_ref().map_or(&[][..], |c| c.entries.as_slice());
+        let ratio = a.ratio as usize;
+        let rows = q.len() / (h * hd).max(1);
+        let per_row: Vec<Vec<f32>> = (0..rows)
+            .into_par_iter()
+            .map(|t| {
+                let p = first_pos + t;
+                // Visible raw keys: positions p − win < j ≤ p.
+                let lo = (p + 1).saturating_sub(win).max(key_pos);
+                let raw: Vec<&[f32]> = (lo..=p).map(|j| &keys[(j - key_pos) * hd..(j - key_pos + 1) * hd]).collect();
+                debug_assert!(p - key_pos < n_raw);
+                // Visible compressed rows.
+                let visible = (p + 1).checked_div(ratio).unwrap_or(0).min(entries.len() / hd);
+                let mut comp_rows: Vec<usize> = (0..visible).collect();
+                if let (Some(ix), Some(iq), Some(iw)) = (self.state.index.as_ref(), idx_q, idx_w) {
+                    comp_rows = self.select(
+                        ix,
+                        &iq[t * (a.index_heads * a.index_dim) as usize..],
+                        &iw[t * a.index_heads as usize..],
+                        p,
+                        comp_rows,
+                    );
+                }
+                let all: Vec<&[f32]> =
+                    raw.into_iter().chain(comp_rows.iter().map(|&w| &entries[w * hd..(w + 1) * hd])).collect();
+                let mut qr = q[t * h * hd..(t + 1) * h * hd].to_vec();
+                rope_heads(&mut qr, hd, &self.inv, p, 1.0);
+                let mut o = vec![0f32; h * hd];
+                for (head, (qh, oh)) in qr.chunks(hd).zip(o.chunks_mut(hd)).enumerate() {
+                    let mut logits: Vec<f32> = all.iter().map(|k| dot64(qh, k) * a.scale).collect();
+                    logits.push(sink[head]);
+                    softmax_in_place(&mut logits);
+                    let mut acc = vec![0f64; hd];
+                    for (pr, k) in logits.iter().zip(&all) {
+                        acc.iter_mut().zip(k.iter()).for_each(|(s, v)| *s += f64::from(*pr) * f64::from(*v));
+                    }
+                    oh.iter_mut().zip(&acc).for_each(|(o, v)| *o = *v as f32);
+                }
+                rope_heads(&mut o, hd, &self.inv, p, -1.0);
+                o
+            })
+            .collect();
+        per_row.concat()
+    }
+
+    /// The Lightning Indexer: the `topk` visible rows of largest score (ties to the earlier row).
+    fn select(&self, keys: &Compressor, iq: &[f32], iw: &[f32], p: usize, visible: Vec<usize>) -> Vec<usize> {
+        let a = &self.attrs;
+        let (nh, di) = (a.index_heads as usize, a.index_dim as usize);
+        let mut qi = iq[..nh * di].to_vec();
+        rope_heads(&mut qi, di, &self.inv, p, 1.0);
+        let wscale = 1.0 / (nh as f32).sqrt();
+        let dscale = 1.0 / (di as f32).sqrt();
+        let mut scored: Vec<(f32, usize)> = visible
+            .into_iter()
+            .filter(|&w| (w + 1) * di <= keys.entries.len())
+            .map(|w| {
+                let k = &keys.entries[w * di..(w + 1) * di];
+                let s: f64 = qi
+                    .chunks(di)
+                    .zip(&iw[..nh])
+                    .map(|(qh, wh)| f64::from(wh * wscale) * f64::from(dot64(qh, k).max(0.0) * dscale))
+                    .sum();
+                (s as f32, w)
+            })
+            .collect();
+        scored.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+        scored.truncate(a.topk as usize);
+        let mut chosen: Vec<usize> = scored.into_iter().map(|(_, w)| w).collect();
+        chosen.sort_unstable();
+        chosen
+    }
+}

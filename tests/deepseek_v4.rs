@@ -1,0 +1,453 @@
+//! DeepSeek-V4 (issue 9): kiln imports the tiny Hugging Face fixture
+//! (`tests/fixtures/deepseek-v4/tiny`) and the reference interpreter reproduces
+//! transformers' logits stored in `refs.safetensors` — full prefill, cached prefill then
+//! one-token decode, and chunked prefill — within 1e-4; the compressed KV rows and
+//! indexer keys match too. Also: the new ops' text form round-trips and verifies, other
+//! backends refuse them by name, and bad checkpoints give errors that name the file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_backends::reference::{ReferenceBackend, ReferenceSession};
+use kiln_backends::{Backend, Logits, Session, SessionOptions, WeightSource};
+use kiln_frontend::Weights;
+use kiln_frontend::safetensors::SafetensorsFile;
+use kiln_ir::{Module, Op, ParamId, VerifiedModule};
+
+const TOL: f64 = 1e-4;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deepseek-v4")
+}
+
+struct W(Weights);
+
+impl WeightSource for W {
+    fn bytes(&self, p: ParamId) -> &[u8] {
+        self.0.bytes(p)
+    }
+}
+
+struct Refs(SafetensorsFile);
+
+impl Refs {
+    fn open() -> Refs {
+        Refs(SafetensorsFile::open(&fixture().join("refs.safetensors")).unwrap())
+    }
+    fn has(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        let b = self.0.raw_bytes(name).unwrap_or_else(|| panic!("refs has no {name}"));
+        b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    }
+    fn ints(&self, name: &str) -> Vec<usize> {
+        let b = self.0.raw_bytes(name).unwrap_or_else(|| panic!("refs has no {name}"));
+        b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as usize).collect()
+    }
+}
+
+fn import() -> (Arc<VerifiedModule>, Arc<dyn WeightSource>) {
+    let (module, weights) = kiln_frontend::hf::import_dir_graph(&fixture().join("tiny")).unwrap();
+    (Arc::new(kiln_ir::verify(module).unwrap()), Arc::new(W(weights)))
+}
+
+fn session(m: &Arc<VerifiedModule>, w: &Arc<dyn WeightSource>) -> ReferenceSession {
+    let opts = SessionOptions { max_context: 256, threads: 2, ..Default::default() };
+    ReferenceBackend::new().prepare_session(m.clone(), w.clone(), &opts).unwrap()
+}
+
+fn toks(ids: &[usize]) -> Vec<u32> {
+    ids.iter().map(|&t| t as u32).collect()
+}
+
+/// max |a − b| and the mean KL(softmax(b) ‖ softmax(a)) over rows of `vocab`.
+fn compare(a: &[f32], b: &[f32], vocab: usize) -> (f64, f64) {
+    assert_eq!(a.len(), b.len());
+    let max = a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs()).fold(0.0, f64::max);
+    let logp = |r: &[f32]| {
+        let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let z = r.iter().map(|v| (f64::from(*v) - m).exp()).sum::<f64>().ln() + m;
+        r.iter().map(move |v| f64::from(*v) - z).collect::<Vec<_>>()
+    };
+    let rows = a.len() / vocab;
+    let kl: f64 = a
+        .chunks(vocab)
+        .zip(b.chunks(vocab))
+        .map(|(x, y)| {
+            let (lx, ly) = (logp(x), logp(y));
+            ly.iter().zip(&lx).map(|(q, p)| q.exp() * (q - p)).sum::<f64>()
+        })
+        .sum();
+    (max, kl / rows as f64)
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], vocab: usize) -> f64 {
+    let (max, kl) = compare(got, want, vocab);
+    println!("{what:44} max|Δ| {max:.2e}  mean KL {kl:.2e}");
+    assert!(max <= TOL, "{what}: max |Δ| {max:.3e} exceeds {TOL}");
+    assert!(kl < 1e-8, "{what}: mean KL {kl:.3e}");
+    max
+}
+
+#[test]
+fn reference_reproduces_transformers_logits() {
+    let (m, w) = import();
+    let refs = Refs::open();
+    let vocab = 256;
+    let mut worst = 0f64;
+    for seq in ["seq0", "seq1"] {
+        let tokens = toks(&refs.ints(&format!("{seq}.tokens")));
+        let p = refs.ints(&format!("{seq}.prefill_len"))[0];
+        // One call over the whole sequence.
+        let mut s = session(&m, &w);
+        let full = s.forward(&tokens, Logits::All).unwrap();
+        worst = worst.max(check(
+            &format!("{seq} full prefill ({})", tokens.len()),
+            &full,
+            &refs.f32s(&format!("{seq}.full_logits")),
+            vocab,
+        ));
+        if seq == "seq0" {
+            // The compressed rows and indexer keys after 128 tokens.
+            for l in 1..=4u32 {
+                let c = s.compressed_cache(l).unwrap();
+                let (rows, keys) = c.compressed_rows();
+                let want = refs.f32s(&format!("{seq}.layer{l}.compressed_kv"));
+                let d = rows.unwrap().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert_eq!(rows.unwrap().len(), want.len(), "layer {l} compressed rows");
+                assert!(d <= 1e-4, "layer {l} compressed rows differ by {d}");
+                let name = format!("{seq}.layer{l}.indexer_kv");
+                if refs.has(&name) {
+                    let want = refs.f32s(&name);
+                    let keys = keys.unwrap();
+                    assert_eq!(keys.len(), want.len());
+                    let d = keys.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    assert!(d <= 1e-4, "layer {l} indexer keys differ by {d}");
+                }
+            }
+        }
+        // Cached prefill, then one token per call.
+        let mut s = session(&m, &w);
+        let pre = s.forward(&tokens[..p], Logits::All).unwrap();
+        worst = worst.max(check(
+            &format!("{seq} cached prefill [..{p}]"),
+            &pre,
+            &refs.f32s(&format!("{seq}.prefill_logits")),
+            vocab,
+        ));
+        let mut dec = Vec::new();
+        for t in &tokens[p..] {
+            dec.extend(s.forward(&[*t], Logits::Last).unwrap());
+        }
+        worst = worst.max(check(
+            &format!("{seq} decode ({} steps)", tokens.len() - p),
+            &dec,
+            &refs.f32s(&format!("{seq}.decode_logits")),
+            vocab,
+        ));
+        // Chunked prefill.
+        let chunks = format!("{seq}.chunks");
+        if refs.has(&chunks) {
+            let sizes = refs.ints(&chunks);
+            let mut s = session(&m, &w);
+            let (mut out, mut at) = (Vec::new(), 0);
+            for n in &sizes {
+                out.extend(s.forward(&tokens[at..at + n], Logits::All).unwrap());
+                at += n;
+            }
+            worst = worst.max(check(
+                &format!("{seq} chunked {sizes:?}"),
+                &out,
+                &refs.f32s(&format!("{seq}.chunked_logits")),
+                vocab,
+            ));
+        }
+    }
+    println!("worst max|Δ| against transformers: {worst:.2e} (tolerance {TOL})");
+}
+
+#[test]
+fn kv_cache_memory_is_window_plus_compressed_rows() {
+    let (m, w) = import();
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq0.tokens"));
+    let mut s = session(&m, &w);
+    // Past the raw window and on a multiple of every ratio, so no compressor holds an
+    // open window: what remains is the constant window plus compressed rows.
+    s.forward(&tokens[..64], Logits::Last).unwrap();
+    let at64 = s.kv_cache_bytes();
+    s.forward(&tokens[64..128], Logits::Last).unwrap();
+    let at128 = s.kv_cache_bytes();
+    let per_token = (at128 - at64) as f64 / 64.0;
+    println!("KV cache: {at64} B at 64 tokens, {at128} B at 128 tokens: {per_token} B per token (f32)");
+    // README: 2·(64 + 32) + 2·16 = 224 B per token; the raw windows 6·15·64·4 = 23,040 B.
+    assert_eq!(per_token, 224.0);
+    // Plus, per CSA layer, the first half of the last closed window and its gate, for the
+    // overlap with the next one: 4·(64 + 32)·2·4 = 3,072 B.
+    let raw = 6 * 15 * 64 * 4;
+    assert_eq!(at128 - raw, 128 * 224 + 2 * 3072, "raw windows, compressed rows and CSA overlap state");
+}
+
+#[test]
+fn rollback_within_the_last_call_is_exact() {
+    let (m, w) = import();
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq0.tokens"));
+    let mut a = session(&m, &w);
+    a.forward(&tokens[..40], Logits::Last).unwrap();
+    let want = a.forward(&tokens[40..45], Logits::All).unwrap();
+    // A longer call, rolled back into itself, then the same tokens again.
+    let mut b = session(&m, &w);
+    b.forward(&tokens[..30], Logits::Last).unwrap();
+    b.forward(&tokens[30..50], Logits::Last).unwrap();
+    b.truncate(40);
+    assert_eq!(b.pos(), 40);
+    let got = b.forward(&tokens[40..45], Logits::All).unwrap();
+    let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert_eq!(got, want, "max diff {d}");
+    // Further back than the last call: refused with a clear message, not wrong logits.
+    b.truncate(20);
+    let e = b.forward(&tokens[20..21], Logits::Last).unwrap_err().to_string();
+    assert!(e.contains("rolled back"), "{e}");
+    b.truncate(0);
+    let fresh = b.forward(&tokens[..40], Logits::Last).unwrap();
+    let mut c = session(&m, &w);
+    assert_eq!(fresh, c.forward(&tokens[..40], Logits::Last).unwrap());
+}
+
+#[test]
+fn new_ops_round_trip_and_verify() {
+    let (m, _) = import();
+    let module: &Module = &m;
+    let text = kiln_ir::print(module);
+    for op in ["repeat", "hc_coeffs", "hc_pre", "hc_post", "moe_route", "moe", "grouped_matmul", "compressed_attention"]
+    {
+        assert!(text.contains(&format!(" = {op} ")), "the printed module has no `{op}`");
+    }
+    let back = kiln_ir::parse(&text).unwrap();
+    assert_eq!(&back, module);
+    assert_eq!(kiln_ir::print(&back), text);
+    kiln_ir::verify(back).unwrap();
+    // Type rules: a wrong ratio for the compressor's gate bias, and a shared slot.
+    let bad = text.replacen("ratio=4", "ratio=8", 1);
+    let e = kiln_ir::verify(kiln_ir::parse(&bad).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("ape"), "{e}");
+    let bad = text.replacen("cache=1,", "cache=0,", 1);
+    let e = kiln_ir::verify(kiln_ir::parse(&bad).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("slot 0 is already written"), "{e}");
+    let bad = text.replacen("scoring=sqrtsoftplus", "scoring=relu", 1);
+    let e = kiln_ir::parse(&bad).unwrap_err().to_string();
+    assert!(e.contains("unknown scoring `relu`"), "{e}");
+}
+
+#[test]
+fn other_backends_refuse_the_new_ops_by_name() {
+    let (m, _) = import();
+    let backends: Vec<Box<dyn Backend>> = vec![
+        Box::new(kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator }),
+        Box::new(kiln_wgpu::WgpuBackend::new()),
+        Box::new(kiln_fixed::FixedBackend::new()),
+        Box::new(kiln_metal::MetalBackend::new()),
+    ];
+    for b in &backends {
+        let what = kiln_backends::first_unsupported(b.as_ref(), &m).unwrap_or_else(|| panic!("{} accepts", b.name()));
+        assert!(what.starts_with("op `repeat`"), "{}: {what}", b.name());
+    }
+    let refuses = |op: &Op| backends.iter().all(|b| !b.supports(&m, op));
+    for inst in &m.insts {
+        if matches!(
+            inst.op,
+            Op::CompressedAttention { .. } | Op::Moe { .. } | Op::MoeRoute { .. } | Op::HcCoeffs { .. }
+        ) {
+            assert!(refuses(&inst.op), "{}", inst.op.name());
+        }
+    }
+}
+
+fn copy_fixture(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-dsv4-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture().join("tiny").join(f), d.join(f)).unwrap();
+    }
+    d
+}
+
+fn edit_config(d: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = d.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn bad_checkpoints_give_errors_naming_the_file() {
+    let d = copy_fixture("scoring");
+    edit_config(&d, |v| v["scoring_func"] = "tanh".into());
+    let e = kiln_frontend::hf::import_dir_graph(&d).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("unsupported") && e.contains("scoring_func `tanh`"), "{e}");
+
+    edit_config(&d, |v| {
+        v["scoring_func"] = "sqrtsoftplus".into();
+        v["layer_types"][2] = "linear_attention".into();
+    });
+    let e = kiln_frontend::hf::import_dir_graph(&d).unwrap_err().to_string();
+    assert!(e.contains("config.json") && e.contains("linear_attention"), "{e}");
+
+    std::fs::remove_dir_all(&d).ok();
+
+    // A checkpoint without one tensor: the error names the file and the tensor.
+    let d = copy_fixture("missing");
+    let st = SafetensorsFile::open(&d.join("model.safetensors")).unwrap();
+    let keep: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| *n != "model.layers.3.attn.indexer.wq_b.weight")
+        .map(str::to_string)
+        .collect();
+    let infos: Vec<_> =
+        keep.iter().map(|n| (st.info(n).unwrap().dtype.name(), st.info(n).unwrap().shape.clone())).collect();
+    let tensors: Vec<_> = keep
+        .iter()
+        .zip(&infos)
+        .map(|(n, (dtype, shape))| kiln_frontend::safetensors::WriteTensor {
+            name: n,
+            dtype,
+            shape,
+            data: st.raw_bytes(n).unwrap(),
+        })
+        .collect();
+    let bytes = kiln_frontend::safetensors::write(&tensors, &Default::default());
+    drop(st);
+    std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+    let e = kiln_frontend::hf::import_dir_graph(&d).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors") && e.contains("missing tensor blk.3.attn_idx_q.weight"), "{e}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn kiln_ir_dump_prints_the_imported_graph() {
+    let dir = fixture().join("tiny");
+    let out = common::run(&["ir", "dump", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let text = common::stdout(&out);
+    assert!(text.contains("meta arch = \"deepseek_v4\""), "{text}");
+    assert_eq!(text.matches(" = compressed_attention ").count(), 6);
+    kiln_ir::verify(kiln_ir::parse(&text).unwrap()).unwrap();
+}
+
+#[test]
+fn cpu_backend_runs_it_through_the_reference_walk() {
+    // The CPU backend plugs its kernels into the reference interpreter's graph walk, so it
+    // runs the new ops with the reference's code (in llama.cpp numerics for its matmuls).
+    let (m, w) = import();
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq1.tokens"));
+    let cpu = kiln_runtime::backends::backend_by_name("cpu").unwrap();
+    assert!(kiln_backends::first_unsupported(cpu.as_ref(), &m).is_none());
+    let opts = SessionOptions { max_context: 128, threads: 2, ..Default::default() };
+    let mut s = cpu.prepare(m.clone(), w.clone(), &opts).unwrap();
+    let got = s.forward(&tokens, Logits::All).unwrap();
+    let (max, kl) = compare(&got, &refs.f32s("seq1.full_logits"), 256);
+    println!("cpu backend, seq1 full prefill: max|Δ| {max:.2e}  mean KL {kl:.2e}");
+    assert!(max < 1e-3, "cpu backend: max |Δ| {max}");
+}
+
+/// The fixture quantized by the `quantize` pass with `options`, and its seq1 logits.
+fn quantized(options: serde_json::Value) -> (Module, Vec<f32>) {
+    let (mut m, mut w) = kiln_frontend::hf::import_dir_graph(&fixture().join("tiny")).unwrap();
+    kiln_passes::run_pipeline(
+        &mut m,
+        &mut w,
+        &[("quantize".into(), options)],
+        "laptop",
+        None,
+        &fixture(),
+        None,
+        &mut |_| {},
+    )
+    .unwrap();
+    let vm = Arc::new(kiln_ir::verify(m.clone()).unwrap());
+    let w: Arc<dyn WeightSource> = Arc::new(W(w));
+    let tokens = toks(&Refs::open().ints("seq1.tokens"));
+    let logits = session(&vm, &w).forward(&tokens, Logits::All).unwrap();
+    (m, logits)
+}
+
+#[test]
+fn quantize_pass_sees_experts_and_grouped_projections() {
+    // Stacked experts, shared experts and the grouped output projection are ordinary params
+    // the quantize pass rewrites (as E·I rows for stacked experts); the reference runs them.
+    let want = Refs::open().f32s("seq1.full_logits");
+    let rules = serde_json::json!({"rules": {"_exps": "q8_0", "_shexp": "q8_0", "attn_output_a": "q8_0"}});
+    let (m, got) = quantized(rules);
+    for name in [
+        "blk.3.ffn_gate_exps.weight",
+        "blk.3.ffn_down_exps.weight",
+        "blk.0.attn_output_a.weight",
+        "blk.5.ffn_up_shexp.weight",
+    ] {
+        let p = m.param_by_name(name).unwrap();
+        assert_eq!(m.param(p).ty.dtype, kiln_ir::DType::Q8_0, "{name}");
+    }
+    assert_eq!(m.param(m.param_by_name("blk.3.ffn_gate_inp.weight").unwrap()).ty.dtype, kiln_ir::DType::F32);
+    let (max, kl) = compare(&got, &want, 256);
+    println!("q8_0 experts + grouped projection, seq1 full prefill: max|Δ| {max:.2e}  mean KL {kl:.2e}");
+    // This random model is sensitive: q8_0 on any one matrix kind (even an ordinary matmul
+    // such as attn_q_b) flips some router or indexer top-k choices and moves a few logits by
+    // up to ~0.9, at a mean KL of 1e-4..1e-3. So the budget here only catches gross errors.
+    assert!(kl < 1e-2, "q8_0 experts: mean KL {kl}");
+    // Everything in q8_0, routers, hyper-connection mixes and indexer included: the tiny
+    // random model's discrete choices (router top-k, indexer top-k) flip on some tokens.
+    let (_, all) = quantized(serde_json::json!({"default": "q8_0"}));
+    let (max, kl) = compare(&all, &want, 256);
+    println!("q8_0 everywhere, seq1 full prefill: max|Δ| {max:.2e}  mean KL {kl:.2e}");
+    assert!(kl < 1e-2, "q8_0 everywhere: mean KL {kl}");
+}
+
+#[test]
+fn official_tensor_names_import_to_the_same_module() {
+    // The official checkpoints spell tensors without `model.` and with upstream names
+    // (`embed.weight`, `hc_head_fn`); the fixture has Hugging Face's spelling.
+    let d = copy_fixture("official");
+    let st = SafetensorsFile::open(&d.join("model.safetensors")).unwrap();
+    let official = |n: &str| {
+        let n = n.strip_prefix("model.").unwrap_or(n);
+        match n {
+            "embed_tokens.weight" => "embed.weight".to_string(),
+            "hc_head.hc_fn" => "hc_head_fn".into(),
+            "hc_head.hc_base" => "hc_head_base".into(),
+            "hc_head.hc_scale" => "hc_head_scale".into(),
+            _ => n.to_string(),
+        }
+    };
+    let names: Vec<(String, String)> = st.names().into_iter().map(|n| (n.to_string(), official(n))).collect();
+    assert!(names.iter().any(|(a, b)| a == "model.embed_tokens.weight" && b == "embed.weight"));
+    let infos: Vec<_> =
+        names.iter().map(|(n, _)| (st.info(n).unwrap().dtype.name(), st.info(n).unwrap().shape.clone())).collect();
+    let tensors: Vec<_> = names
+        .iter()
+        .zip(&infos)
+        .map(|((n, o), (dtype, shape))| kiln_frontend::safetensors::WriteTensor {
+            name: o,
+            dtype,
+            shape,
+            data: st.raw_bytes(n).unwrap(),
+        })
+        .collect();
+    let bytes = kiln_frontend::safetensors::write(&tensors, &Default::default());
+    drop(st);
+    std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+    let (m1, w1) = kiln_frontend::hf::import_dir_graph(&d).unwrap();
+    let (m0, w0) = kiln_frontend::hf::import_dir_graph(&fixture().join("tiny")).unwrap();
+    assert_eq!(kiln_ir::print(&m1).replace(&format!("{:?}", m1.name), &format!("{:?}", m0.name)), kiln_ir::print(&m0));
+    for i in 0..m0.params.len() {
+        let p = ParamId(i as u32);
+        assert_eq!(w1.bytes(p), w0.bytes(p), "@{}", m0.param(p).name);
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
