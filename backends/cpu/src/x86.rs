@@ -455,6 +455,19 @@ pub(crate) fn dot_q4_k_gemm4(row: &[u8], xs: [&Q8KRow; 4]) -> [f32; 4] {
     out
 }
 
+/// Per 32-element segment of a 128-element half of a Q3_K/Q6_K super-block: the
+/// `_mm256_shuffle_epi8` indices that broadcast the half's 16-bit scales 2·seg (first 16
+/// elements) and 2·seg + 1 (last 16) over the segment's 16-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k_scale_picks() -> [__m256i; 4] {
+    std::array::from_fn(|seg| {
+        let idx: [u8; 32] = std::array::from_fn(|i| (4 * seg + if i < 16 { 0 } else { 2 } + (i & 1)) as u8);
+        // SAFETY: 32 bytes.
+        unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) }
+    })
+}
+
 /// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
 /// super-block, each `fma(d, lane − sub, acc)`).
 ///
@@ -477,45 +490,7 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
     let m4 = _mm256_set1_epi8(0x0f);
     let m2 = _mm256_set1_epi8(3);
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 210, usize::min);
-    // Per segment: the 16-bit lanes of the widened scales that feed its two 16-element halves.
-    let pick = |seg: i8| {
-        let (a, b) = (4 * seg, 4 * seg + 2);
-        _mm256_setr_epi8(
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            a,
-            a + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-            b,
-            b + 1,
-        )
-    };
-    let picks = [pick(0), pick(1), pick(2), pick(3)];
+    let picks = k_scale_picks();
     for bi in 0..nblocks {
         let blk = &row[bi * 210..bi * 210 + 210];
         prefetch_ahead(blk.as_ptr(), 210);
@@ -592,18 +567,7 @@ pub(crate) fn dot_q3_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
     let m3 = _mm256_set1_epi8(3);
     let four = _mm256_set1_epi8(4);
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 110, usize::min);
-    // Per segment: the 16-bit lanes of the half's scales that feed its two 16-element halves.
-    let pick = |seg: i8| {
-        let (a, b) = (4 * seg, 4 * seg + 2);
-        let mut idx = [0i8; 32];
-        for (i, v) in idx.iter_mut().enumerate() {
-            let base = if i < 16 { a } else { b };
-            *v = base + (i & 1) as i8;
-        }
-        // SAFETY: 32 bytes.
-        unsafe { _mm256_loadu_si256(idx.as_ptr().cast()) }
-    };
-    let picks = [pick(0), pick(1), pick(2), pick(3)];
+    let picks = k_scale_picks();
     for (bi, blk) in row.chunks_exact(110).enumerate().take(nblocks) {
         prefetch_ahead(blk.as_ptr(), 110);
         let sc = kiln_quant::ggml_dot::q3_k_scales(&blk[96..108]);

@@ -301,7 +301,7 @@ fn run_step(
                         for (a, b) in qg.iter().zip(kg) {
                             d += (*a as i32 * *b as i32) as i64;
                         }
-                        dot += if ng == 1 { d } else { shift_round(d, shk - s as i32) };
+                        dot += shift_round(d, shk - s as i32);
                     }
                     let mut sc = sat32(shift_round(dot * *mult as i64, shift + 16 - shq - shk));
                     if let Some([(m1, s1), (m2, s2)]) = softcap {
