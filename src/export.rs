@@ -155,7 +155,7 @@ pub fn llama_ftype(d: DType) -> Option<u32> {
         DType::Q5K => 16, // Q5_K_S
         DType::Q6K => 18,
         DType::BF16 => 32,
-        DType::I32 | DType::KQ2 => return None,
+        DType::I32 | DType::KQ2 | DType::F8E4M3 => return None,
     })
 }
 

@@ -294,8 +294,8 @@ pub fn cases() -> Vec<Case> {
             format!("attention hd {hd} heads {heads}/{kv_heads} window {window} softcap {softcap} shared {share}");
         out.push(case(name, b, y, 2e-5));
     }
-    // Quantized KV caches (ggml blocks along each position's row): an optional capability.
-    for kv_dtype in [DType::Q8_0, DType::Q4_0] {
+    // Quantized KV caches (ggml blocks or FP8 bytes along each position's row): an optional capability.
+    for kv_dtype in [DType::Q8_0, DType::Q4_0, DType::F8E4M3] {
         let (hd, heads, kv_heads) = (64u64, 4u64, 2u64);
         let mut b = ModuleBuilder::new("attention kv", 40);
         let q = b.input(VOCAB, heads * hd);

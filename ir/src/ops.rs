@@ -72,14 +72,14 @@ pub struct AttentionAttrs {
     pub window: u64,
     /// Logit soft-cap (tanh(x/cap)·cap); 0 = off.
     pub softcap: f32,
-    /// How the slot stores K and V: `f32` (the default), or ggml's `q8_0` / `q4_0`
-    /// blocks of 32 along each position's row (a quantized KV cache). Readers of a
-    /// shared slot name the writer's type.
+    /// How the slot stores K and V: `f32` (the default), ggml's `q8_0` / `q4_0`
+    /// blocks of 32 along each position's row (a quantized KV cache), or `f8_e4m3`
+    /// (one FP8 byte per value, no scale). Readers of a shared slot name the writer's type.
     pub kv_dtype: DType,
 }
 
 /// The types a KV-cache slot can hold.
-pub const KV_DTYPES: &[DType] = &[DType::F32, DType::Q8_0, DType::Q4_0];
+pub const KV_DTYPES: &[DType] = &[DType::F32, DType::Q8_0, DType::Q4_0, DType::F8E4M3];
 
 /// How a steering op moves the residual stream along its direction `d`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -802,7 +802,7 @@ impl Op {
                             None => DType::F32,
                             Some(n) => DType::from_name(&n)
                                 .filter(|d| KV_DTYPES.contains(d))
-                                .ok_or_else(|| format!("unknown KV-cache type `{n}` (f32|q8_0|q4_0)"))?,
+                                .ok_or_else(|| format!("unknown KV-cache type `{n}` (f32|q8_0|q4_0|f8_e4m3)"))?,
                         },
                     },
                 }
@@ -1145,7 +1145,10 @@ impl Op {
                     ));
                 }
                 if !KV_DTYPES.contains(&attrs.kv_dtype) {
-                    return Err(format!("attention KV-cache type {} is not one of f32, q8_0, q4_0", attrs.kv_dtype));
+                    return Err(format!(
+                        "attention KV-cache type {} is not one of f32, q8_0, q4_0, f8_e4m3",
+                        attrs.kv_dtype
+                    ));
                 }
                 if attrs.head_dim % attrs.kv_dtype.block_elems() != 0 {
                     return Err(format!(

@@ -11,6 +11,11 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// OCP FP8 E4M3 (`e4m3fn`: 1 sign, 4 exponent bits biased by 7, 3 mantissa bits;
+    /// finite up to ±448, 0x7f/0xff NaN, no infinities), one byte per element and no
+    /// scale. The format NVIDIA's sm_89+ converts in hardware and safetensors calls
+    /// `F8_E4M3`. No GGUF type.
+    F8E4M3,
     I32,
     Q4_0,
     Q4_1,
@@ -33,6 +38,7 @@ impl DType {
         DType::F32,
         DType::F16,
         DType::BF16,
+        DType::F8E4M3,
         DType::I32,
         DType::Q4_0,
         DType::Q4_1,
@@ -48,9 +54,9 @@ impl DType {
     ];
 
     /// Whether the layout is bit-compatible with a ggml/GGUF type (every dtype
-    /// but kiln's own formats).
+    /// but kiln's own formats and FP8, which GGUF lacks).
     pub fn is_ggml(self) -> bool {
-        !matches!(self, DType::KQ2)
+        !matches!(self, DType::KQ2 | DType::F8E4M3)
     }
 
     /// Every float storage type (plain and quantized), in [`DType::ALL`] order.
@@ -64,6 +70,7 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::F8E4M3 => "f8_e4m3",
             DType::I32 => "i32",
             DType::Q4_0 => "q4_0",
             DType::Q4_1 => "q4_1",
@@ -86,7 +93,7 @@ impl DType {
     /// Elements per block (1 for plain types).
     pub fn block_elems(self) -> u64 {
         match self {
-            DType::F32 | DType::F16 | DType::BF16 | DType::I32 => 1,
+            DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 | DType::I32 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
             DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => 256,
             DType::KQ2 => 64,
@@ -98,6 +105,7 @@ impl DType {
         match self {
             DType::F32 | DType::I32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::F8E4M3 => 1,
             DType::Q4_0 => 18,
             DType::Q4_1 => 20,
             DType::Q5_0 => 22,

@@ -4,9 +4,9 @@
 //! (`tests/fixtures/text/calib-excerpt.txt`). Each configuration is compiled
 //! (`laptop`, CPU backend) and scored with `kiln ppl` on held-out text
 //! (`tests/fixtures/text/ppl-excerpt.txt`). KV bytes count what the cache
-//! stores (f32, or q8_0/q4_0 blocks). Writes `bench/results/kv-<date>.{json,md}`.
-//! Also the quantized caches (`kv_quant: q8_0 / q4_0`) and the last budget's
-//! sharing plan combined with a q8_0 cache.
+//! stores (f32, q8_0/q4_0 blocks or FP8 bytes). Writes `bench/results/kv-<date>.{json,md}`.
+//! Also the quantized caches (`kv_quant: q8_0 / q4_0 / f8_e4m3`) and the last budget's
+//! sharing plan combined with a q8_0 and with an FP8 cache.
 
 use std::path::PathBuf;
 
@@ -76,6 +76,7 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         ("baseline (f32)".into(), "      - kv_quant: { type: f32 }\n".into()),
         ("q8_0 KV".into(), "      - kv_quant: { type: q8_0 }\n".into()),
         ("q4_0 KV".into(), "      - kv_quant: { type: q4_0 }\n".into()),
+        ("f8_e4m3 KV".into(), "      - kv_quant: { type: f8_e4m3 }\n".into()),
         ("share: groups of 2".into(), "      - kv_share: { group: 2 }\n      - kv_quant: { type: f32 }\n".into()),
     ];
     for b in &o.budgets {
@@ -86,15 +87,17 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     }
     let mut rows = Vec::new();
     for model in &o.models {
-        // The last budget's plan, reused with a q8_0 cache (no second search).
+        // The last budget's plan, reused with a q8_0 and an FP8 cache (no second search).
         let mut last_plan: Option<Value> = None;
         let mut mine = configs.clone();
-        mine.push(("share (last budget's plan) + q8_0 KV".into(), String::new()));
+        for t in ["q8_0", "f8_e4m3"] {
+            mine.push((format!("share (last budget's plan) + {t} KV"), format!("plan:{t}")));
+        }
         for (i, (label, kv)) in mine.iter().enumerate() {
             let name = format!("kv-{}-{i}", model.replace('.', "_"));
-            let kv_pass = if kv.is_empty() {
+            let kv_pass = if let Some(t) = kv.strip_prefix("plan:") {
                 let Some(plan) = &last_plan else { continue };
-                format!("      - kv_share: {{ share: {plan} }}\n      - kv_quant: {{ type: q8_0 }}\n")
+                format!("      - kv_share: {{ share: {plan} }}\n      - kv_quant: {{ type: {t} }}\n")
             } else {
                 kv.clone()
             };
@@ -192,7 +195,7 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         "# KV cache: bytes per token vs perplexity ({date})\n\n`cargo xtask bench kv`: each configuration compiled for \
          `laptop` (CPU backend) and scored by `kiln ppl` on `tests/fixtures/text/ppl-excerpt.txt` ({} chunks of {} \
          tokens). `kv_share` budgets are planned on `calib-excerpt.txt` ({} chunk(s) of {} tokens). KV bytes per \
-         token: K and V of every layer that writes a slot, as stored (f32, or q8_0/q4_0 blocks). llama.cpp rows: \
+         token: K and V of every layer that writes a slot, as stored (f32, q8_0/q4_0 blocks or FP8 bytes). llama.cpp rows: \
          `llama-perplexity` on the same GGUF, text and context with `-ctk/-ctv T -fa on`, relative to its own f16 \
          cache (it rotates quantized K/V by a Hadamard transform, as kiln does). One run.\n\n\
          | model | configuration | layers reading another's cache | KV bytes / token | vs baseline | perplexity | vs baseline |\n\
@@ -222,8 +225,10 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         }
     }
     md.push_str(
-        "\nq8_0/q4_0 KV: ggml blocks of 32 per position row (what llama.cpp's `--cache-type-k/-v` store); \
-         the reference and CPU backends run them, the PTX backend not yet.\n",
+        "\nq8_0/q4_0 KV: ggml blocks of 32 per position row (what llama.cpp's `--cache-type-k/-v` store), \
+         each 64 values Hadamard-rotated before rounding. f8_e4m3 KV: one OCP FP8 E4M3 byte per value, no \
+         scale, saturating at ±448 (rotated the same way; llama.cpp has no FP8 cache). Every backend but the \
+         integer-only watch backend runs all three.\n",
     );
     let mpath = o.out.join(format!("kv-{date}.md"));
     std::fs::write(&mpath, md).map_err(|e| format!("{}: {e}", mpath.display()))?;

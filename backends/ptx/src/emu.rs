@@ -417,6 +417,16 @@ fn exec(b: &mut Block<'_>, mem: &mut EmuMemory, args: &[Arg], inst: &Inst, t: us
             };
             b.set(t, *d, v);
         }
+        Inst::CvtRni { d, a } => {
+            // PTX saturates out-of-range results and turns NaN into 0.
+            let x = f(b.get(t, *a)).round_ties_even();
+            let v = match d.ty {
+                Ty::U32 => x as u32 as u64,
+                Ty::S32 => x as i32 as u32 as u64,
+                dt => return Err(format!("unsupported cvt.rni to {dt:?}")),
+            };
+            b.set(t, *d, v);
+        }
         Inst::CvtF16 { d, a } => {
             let v = half::f16::from_bits(b.get(t, *a) as u16).to_f32();
             b.set(t, *d, fb(v));

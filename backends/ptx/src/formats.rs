@@ -9,7 +9,7 @@
 
 use kiln_ir::DType;
 
-use crate::ptx::{BinOp, Kb, Mem, Reg, Ty};
+use crate::ptx::{BinOp, Cmp, Kb, Mem, Reg, Ty, UnOp};
 
 /// Eight decoded weights, and for kq2 whether their block is stored rotated
 /// (then they multiply the block-rotated activations instead of `x`).
@@ -52,6 +52,15 @@ pub fn decode8(kb: &mut Kb, dtype: DType, row: Reg, g: Reg, tables: Reg) -> Grou
                 let h = kb.ld(Mem::U16, a, 2 * i as i32);
                 let s = kb.shl(Ty::U32, h, 16);
                 kb.bits(Ty::F32, s)
+            }))
+        }
+        DType::F8E4M3 => {
+            // 8 bytes: two words (rows of whole groups start 4-byte aligned).
+            let a = kb.index(row, g, 8);
+            let words = [kb.ld(Mem::U32, a, 0), kb.ld(Mem::U32, a, 4)];
+            plain(std::array::from_fn(|i| {
+                let b = byte_of(kb, &words, 4, i, 0xff);
+                f8e4m3_to_f32(kb, b)
             }))
         }
         DType::Q4_0 | DType::Q4_1 => {
@@ -142,8 +151,60 @@ pub fn load_plain(kb: &mut Kb, dtype: DType, row: Reg, e: Reg) -> Reg {
             let s = kb.shl(Ty::U32, h, 16);
             kb.bits(Ty::F32, s)
         }
+        DType::F8E4M3 => {
+            let a = kb.index(row, e, 1);
+            let b = kb.ld(Mem::U8, a, 0);
+            f8e4m3_to_f32(kb, b)
+        }
         other => panic!("load_plain of {other}"),
     }
+}
+
+/// An FP8 E4M3 code (a u32 holding one byte) as f32, with integer ops (sm_80 has no FP8
+/// conversion): exponent e > 0 moves into an f32 exponent rebiased by 120; e = 0 is
+/// `m · 2^-9`, made without subnormals; 0x7f is NaN. Exact, so equal to
+/// `kiln_quant::f8e4m3_to_f32` bit for bit.
+pub(crate) fn f8e4m3_to_f32(kb: &mut Kb, c: Reg) -> Reg {
+    let em = kb.and(Ty::U32, c, 0x7fu32);
+    let normal = kb.shl(Ty::U32, em, 20u32);
+    let normal = kb.add(Ty::U32, normal, 120u32 << 23);
+    let normal = kb.bits(Ty::F32, normal);
+    let m = kb.and(Ty::U32, c, 7u32);
+    let mf = kb.cvt(Ty::F32, m);
+    let sub = kb.mul(Ty::F32, mf, 1.0f32 / 512.0);
+    let is_sub = kb.setp(Cmp::Lt, em, 8u32);
+    let mag = kb.selp(Ty::F32, sub, normal, is_sub);
+    let is_nan = kb.setp(Cmp::Eq, em, 0x7fu32);
+    let mag = kb.selp(Ty::F32, f32::NAN, mag, is_nan);
+    let neg = kb.setp(Cmp::Ge, c, 0x80u32);
+    let minus = kb.un(UnOp::Neg, Ty::F32, mag);
+    kb.selp(Ty::F32, minus, mag, neg)
+}
+
+/// An f32 rounded to an FP8 E4M3 code (u32), exactly as `kiln_quant::f32_to_f8e4m3_bits`
+/// and `cvt.rn.satfinite.e4m3x2.f32`: nearest, ties to even, saturating at ±448, NaN to
+/// 0x7f. Below 2^-6 the value is a count of 2^-9 steps rounded by `cvt.rni`; above it the
+/// mantissa is rounded in the integer domain.
+pub(crate) fn f32_to_f8e4m3(kb: &mut Kb, x: Reg) -> Reg {
+    let u = kb.bits(Ty::U32, x);
+    let sign = kb.shr(Ty::U32, u, 24u32);
+    let sign = kb.and(Ty::U32, sign, 0x80u32);
+    let a = kb.and(Ty::U32, u, 0x7fff_ffffu32);
+    let af = kb.bits(Ty::F32, a);
+    let steps = kb.mul(Ty::F32, af, 512.0f32);
+    let sub = kb.cvt_rni(Ty::U32, steps);
+    let lsb = kb.shr(Ty::U32, a, 20u32);
+    let lsb = kb.and(Ty::U32, lsb, 1u32);
+    let r = kb.add(Ty::U32, a, 0x7_ffffu32);
+    let r = kb.add(Ty::U32, r, lsb);
+    let r = kb.shr(Ty::U32, r, 20u32);
+    let normal = kb.sub(Ty::U32, r, (127u32 - 7) << 3);
+    let is_sub = kb.setp(Cmp::Lt, a, 0x3c80_0000u32);
+    let mag = kb.selp(Ty::U32, sub, normal, is_sub);
+    let mag = kb.bin(BinOp::Min, Ty::U32, mag, 0x7eu32);
+    let is_nan = kb.setp(Cmp::Gt, a, 0x7f80_0000u32);
+    let mag = kb.selp(Ty::U32, 0x7fu32, mag, is_nan);
+    kb.bin(BinOp::Or, Ty::U32, mag, sign)
 }
 
 /// Lookup tables a format's kernels read (uploaded once per session), as bytes.

@@ -1291,7 +1291,8 @@ fn st_f16(kb: &mut Kb, addr: Reg, off: i32, d: Reg) {
 
 /// Quantizes 32 values into one ggml block at `addr + off`, exactly as
 /// `kiln_quant::quantize_row` does (`q8_0`: `round(x/d)`, `d = amax/127`; `q4_0`:
-/// `trunc(x/d + 8.5)` clamped, `d = max/-8` of the value with the largest magnitude).
+/// `trunc(x/d + 8.5)` clamped, `d = max/-8` of the value with the largest magnitude;
+/// `f8_e4m3`: each value rounded to FP8, 32 bytes).
 fn quantize_block(kb: &mut Kb, dtype: DType, x: &[Reg], addr: Reg, off: i32) {
     match dtype {
         DType::Q8_0 => {
@@ -1347,12 +1348,46 @@ fn quantize_block(kb: &mut Kb, dtype: DType, x: &[Reg], addr: Reg, off: i32) {
                 kb.st(Mem::U8, addr, off + 2 + j as i32, byte);
             }
         }
+        DType::F8E4M3 => {
+            for (w, four) in x.chunks(4).enumerate() {
+                let mut word = None;
+                for (i, &v) in four.iter().enumerate() {
+                    let c = crate::formats::f32_to_f8e4m3(kb, v);
+                    word = Some(match word {
+                        None => c,
+                        Some(acc) => {
+                            let c = kb.shl(Ty::U32, c, 8 * i as u32);
+                            kb.bin(BinOp::Or, Ty::U32, acc, c)
+                        }
+                    });
+                }
+                kb.st(Mem::U32, addr, off + 4 * w as i32, word.expect("four values"));
+            }
+        }
         other => panic!("no quantized KV cache of type {other}"),
     }
 }
 
-/// The 32 values of the ggml block at `addr + off`.
+/// Bytes of 32 consecutive values of a quantized KV-cache row: one ggml block (`q8_0`,
+/// `q4_0`) or 32 FP8 bytes.
+pub fn kv_block_bytes(dtype: DType) -> u32 {
+    dtype.row_bytes(32).unwrap_or(0) as u32
+}
+
+/// The 32 values of the ggml block (or FP8 bytes) at `addr + off`.
 fn dequantize_block(kb: &mut Kb, dtype: DType, addr: Reg, off: i32) -> Vec<Reg> {
+    if dtype == DType::F8E4M3 {
+        let mut out = Vec::with_capacity(32);
+        for w in 0..8 {
+            let word = kb.ld(Mem::U32, addr, off + 4 * w);
+            for i in 0..4 {
+                let b = if i == 0 { word } else { kb.shr(Ty::U32, word, 8 * i as u32) };
+                let b = kb.and(Ty::U32, b, 0xffu32);
+                out.push(crate::formats::f8e4m3_to_f32(kb, b));
+            }
+        }
+        return out;
+    }
     let dh = kb.ld(Mem::B16, addr, off);
     let d = kb.f16_to_f32(dh);
     match dtype {
@@ -1395,7 +1430,7 @@ pub fn kv_append_q(dtype: DType) -> Kernel {
     );
     let (k, v, kc, vc, step, n, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
-    let bb = dtype.block_bytes() as u32;
+    let bb = kv_block_bytes(dtype);
     let pos = kb.ld(Mem::U32, step, STEP_POS);
     let (c, ok) = elem_index(&mut kb, n);
     kb.guarded(ok, false, |kb| {
@@ -1435,7 +1470,7 @@ pub fn kv_dequant(dtype: DType) -> Kernel {
     );
     let (kc, vc, kf, vf, step, t, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
-    let bb = dtype.block_bytes() as u32;
+    let bb = kv_block_bytes(dtype);
     let pos = kb.ld(Mem::U32, step, STEP_POS);
     let rows = kb.add(Ty::U32, pos, t);
     let cpr = kb.shr(Ty::U32, width, 6u32);
@@ -1463,4 +1498,71 @@ pub fn kv_dequant(dtype: DType) -> Kernel {
         }
     });
     kb.finish()
+}
+
+#[cfg(test)]
+mod fp8_tests {
+    use super::*;
+    use crate::emu::{Arg, EmuMemory, launch};
+
+    /// `x → code, value(code)` for each input, through the kernels' FP8 helpers.
+    fn convert(xs: &[f32]) -> (Vec<u8>, Vec<f32>) {
+        use ParamTy::*;
+        let mut kb = Kb::new("fp8_round_trip", &[("x", Ptr), ("codes", Ptr), ("back", Ptr), ("n", U32)], BLOCK);
+        let (x, codes, back, n) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3));
+        let (i, ok) = elem_index(&mut kb, n);
+        kb.guarded(ok, false, |kb| {
+            let a = kb.index(x, i, 4);
+            let v = kb.ld(Mem::F32, a, 0);
+            let c = crate::formats::f32_to_f8e4m3(kb, v);
+            let ca = kb.index(codes, i, 4);
+            kb.st(Mem::U32, ca, 0, c);
+            let f = crate::formats::f8e4m3_to_f32(kb, c);
+            let ba = kb.index(back, i, 4);
+            kb.st(Mem::F32, ba, 0, f);
+        });
+        let k = kb.finish();
+        let mut mem = EmuMemory::new();
+        let bytes: Vec<u8> = xs.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let xa = mem.alloc(bytes.len());
+        mem.write(xa, &bytes).unwrap();
+        let (ca, ba) = (mem.alloc(bytes.len()), mem.alloc(bytes.len()));
+        let grid = [(xs.len() as u32).div_ceil(BLOCK), 1, 1];
+        launch(&mut mem, &k, grid, &[Arg::Ptr(xa), Arg::Ptr(ca), Arg::Ptr(ba), Arg::U32(xs.len() as u32)]).unwrap();
+        let mut out = vec![0u8; bytes.len()];
+        mem.read(ca, &mut out).unwrap();
+        let codes = out.chunks_exact(4).map(|c| c[0]).collect();
+        mem.read(ba, &mut out).unwrap();
+        (codes, out.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+
+    #[test]
+    fn fp8_conversion_matches_kiln_quant_bit_for_bit() {
+        use kiln_quant::{f8e4m3_to_f32, f32_to_f8e4m3_bits};
+        // Every code's value, the midpoints between neighbours and one ulp either side,
+        // out-of-range values, infinities, NaN, subnormal f32s and random bit patterns.
+        let mut xs = vec![0.0f32, -0.0, 1e-40, -1e-40, 448.0, 449.0, 464.0, 1e30, f32::INFINITY, f32::NEG_INFINITY];
+        xs.push(f32::NAN);
+        let vals: Vec<f32> = (0..=0x7eu8).map(f8e4m3_to_f32).collect();
+        for w in vals.windows(2) {
+            let mid = (w[0] + w[1]) / 2.0;
+            for v in [w[0], mid] {
+                xs.extend([v, -v, f32::from_bits(v.to_bits() + 1), f32::from_bits(v.to_bits().saturating_sub(1))]);
+            }
+        }
+        let mut s = 0x9e37_79b9u32;
+        for _ in 0..4000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            xs.push(f32::from_bits(s & 0xc3ff_ffff));
+        }
+        let (codes, back) = convert(&xs);
+        for ((x, c), b) in xs.iter().zip(&codes).zip(&back) {
+            let want = f32_to_f8e4m3_bits(*x);
+            assert_eq!(*c, want, "{x:e}");
+            let wv = f8e4m3_to_f32(want);
+            assert!(b.to_bits() == wv.to_bits() || (b.is_nan() && wv.is_nan()), "{want:#04x}: {b} vs {wv}");
+        }
+    }
 }

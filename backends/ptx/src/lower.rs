@@ -47,13 +47,13 @@ pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
             formats::supported(ty.dtype)
                 && ty.last_fixed().is_some_and(|k| (plain || k % 8 == 0) && k > 0 && k <= u32::MAX as u64)
         }
-        // Quantized KV caches: q8_0/q4_0 rows of whole 64-value rotation chunks.
+        // Quantized KV caches: q8_0/q4_0/f8_e4m3 rows of whole 64-value rotation chunks.
         Op::Attention { attrs, .. } => {
             use kiln_ir::DType;
             attrs.head_dim <= MAX_HEAD_DIM
                 && match attrs.kv_dtype {
                     DType::F32 => true,
-                    DType::Q8_0 | DType::Q4_0 => (attrs.kv_heads * attrs.head_dim).is_multiple_of(64),
+                    DType::Q8_0 | DType::Q4_0 | DType::F8E4M3 => (attrs.kv_heads * attrs.head_dim).is_multiple_of(64),
                     _ => false,
                 }
         }
@@ -172,7 +172,7 @@ pub fn all_kernels() -> Vec<Kernel> {
     ks.push(kernels::rope(RopeLayout::Interleaved));
     ks.push(kernels::rope(RopeLayout::Neox));
     ks.push(kernels::kv_append());
-    for dt in [DType::Q8_0, DType::Q4_0] {
+    for dt in [DType::Q8_0, DType::Q4_0, DType::F8E4M3] {
         ks.push(kernels::kv_append_q(dt));
         ks.push(kernels::kv_dequant(dt));
     }

@@ -300,6 +300,11 @@ pub enum Inst {
         d: Reg,
         a: Reg,
     },
+    /// f32 → integer, rounded to the nearest integer, ties to even (`cvt.rni`).
+    CvtRni {
+        d: Reg,
+        a: Reg,
+    },
     /// f16 bits → f32.
     CvtF16 {
         d: Reg,
@@ -581,6 +586,13 @@ impl Kb {
         d
     }
 
+    /// `a` (f32) rounded to the nearest integer of type `ty`, ties to even.
+    pub fn cvt_rni(&mut self, ty: Ty, a: Reg) -> Reg {
+        let d = self.reg(ty);
+        self.push(Inst::CvtRni { d, a });
+        d
+    }
+
     pub fn f16_to_f32(&mut self, a: Reg) -> Reg {
         let d = self.reg(Ty::F32);
         self.push(Inst::CvtF16 { d, a });
@@ -830,6 +842,9 @@ fn print_inst(out: &mut String, k: &Kernel, inst: &Inst) {
                 _ => "",
             };
             w(out, format!("cvt{rnd}.{}.{} {}, {};", d.ty.suffix(), a.ty.suffix(), reg_name(*d), reg_name(*a)));
+        }
+        Inst::CvtRni { d, a } => {
+            w(out, format!("cvt.rni.{}.{} {}, {};", d.ty.suffix(), a.ty.suffix(), reg_name(*d), reg_name(*a)))
         }
         Inst::CvtF16 { d, a } => w(out, format!("cvt.f32.f16 {}, {};", reg_name(*d), reg_name(*a))),
         Inst::Bits { d, a } => w(out, format!("mov.{} {}, {};", d.ty.bits_suffix(), reg_name(*d), reg_name(*a))),

@@ -12,7 +12,8 @@ use kiln_ir::DType;
 /// of the activation type's blocks (true whenever the weight row is).
 pub fn round_for_dot(weight: DType, x: &mut [f32]) {
     match weight {
-        DType::F32 | DType::I32 => {}
+        // ggml has no FP8: its weights meet exact f32 activations.
+        DType::F32 | DType::F8E4M3 | DType::I32 => {}
         DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
         DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
         DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_1 | DType::Q5_1 => {

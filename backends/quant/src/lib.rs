@@ -14,6 +14,7 @@ mod kquants;
 mod kquants_quant;
 mod legacy;
 mod plain;
+pub use plain::{F8E4M3_MAX, f8e4m3_to_f32, f32_to_f8e4m3_bits};
 
 use kiln_ir::DType;
 use thiserror::Error;
@@ -60,6 +61,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
         DType::F32 => plain::dequant_f32(src, dst),
         DType::F16 => plain::dequant_f16(src, dst),
         DType::BF16 => plain::dequant_bf16(src, dst),
+        DType::F8E4M3 => plain::dequant_f8e4m3(src, dst),
         DType::I32 => {
             return Err(QuantError::Unsupported { dtype, op: "dequantization" });
         }
@@ -88,6 +90,7 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> Result<f32, QuantError> {
         DType::F32 => plain::dot_f32(row, x),
         DType::F16 => plain::dot_f16(row, x),
         DType::BF16 => plain::dot_bf16(row, x),
+        DType::F8E4M3 => plain::dot_f8e4m3(row, x),
         DType::I32 => {
             return Err(QuantError::Unsupported { dtype, op: "dot product" });
         }
@@ -119,6 +122,7 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         DType::F32 => plain::quant_f32(src, dst),
         DType::F16 => plain::quant_f16(src, dst),
         DType::BF16 => plain::quant_bf16(src, dst),
+        DType::F8E4M3 => plain::quant_f8e4m3(src, dst),
         DType::Q4_0 => quant_blocks(src, dst, legacy::quant_q4_0),
         DType::Q4_1 => quant_blocks(src, dst, legacy::quant_q4_1),
         DType::Q5_0 => quant_blocks(src, dst, legacy::quant_q5_0),
@@ -164,7 +168,9 @@ pub fn quantize_row_weighted(
         return Err(QuantError::ImportanceLength { dtype, elems: src.len(), actual: qw.len() });
     }
     match dtype {
-        DType::F32 | DType::F16 | DType::BF16 | DType::Q8_0 | DType::I32 => return quantize_row(dtype, src, dst),
+        DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 | DType::Q8_0 | DType::I32 => {
+            return quantize_row(dtype, src, dst);
+        }
         DType::Q4_0 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q4_0_weighted),
         DType::Q4_1 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q4_1_weighted),
         DType::Q5_0 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q5_0_weighted),
@@ -365,6 +371,13 @@ mod tests {
                 }
                 return;
             }
+            // FP8: no infinities; clear NaN codes' low bit.
+            DType::F8E4M3 => {
+                for c in bytes.iter_mut().filter(|c| **c & 0x7f == 0x7f) {
+                    *c &= 0xfe;
+                }
+                return;
+            }
             DType::I32 => &[],
         };
         for (i, block) in bytes.chunks_exact_mut(bb(dtype)).enumerate() {
@@ -446,6 +459,19 @@ mod tests {
             round_trip(DType::F32, &xs, |_, _, _| 0.0)?;
             round_trip(DType::F16, &xs, |amax, _, _| amax / 2048.0 + 1e-7)?;
             round_trip(DType::BF16, &xs, |amax, _, _| amax / 256.0)?;
+        }
+
+        #[test]
+        fn f8e4m3_round_trip_error_is_half_a_step(xs in proptest::collection::vec(-448.0f32..448.0, 1..40)) {
+            // 3 mantissa bits: at most 1/16 of the value, or half the 2^-9 subnormal step.
+            let n = xs.len();
+            let mut q = vec![0u8; n];
+            quantize_row(DType::F8E4M3, &xs, &mut q).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let mut back = vec![0.0f32; n];
+            dequantize_row(DType::F8E4M3, &q, &mut back).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for (a, b) in xs.iter().zip(&back) {
+                prop_assert!((a - b).abs() <= (a.abs() / 16.0).max(1.0 / 1024.0), "{a} -> {b}");
+            }
         }
     }
 

@@ -1,4 +1,5 @@
-//! Plain (unblocked) little-endian float formats: F32, F16 and BF16 conversion, dequantization and dot products.
+//! Plain (unblocked) little-endian float formats: F32, F16, BF16 and FP8 E4M3 conversion,
+//! dequantization and dot products.
 
 /// Converts IEEE half-precision bits to `f32`, exactly.
 ///
@@ -55,6 +56,62 @@ pub(crate) fn f32_to_bf16_bits(x: f32) -> u16 {
         return ((u >> 16) | 64) as u16;
     }
     ((u64::from(u) + 0x7fff + u64::from((u >> 16) & 1)) >> 16) as u16
+}
+
+/// Largest finite FP8 E4M3 value.
+pub const F8E4M3_MAX: f32 = 448.0;
+
+/// Converts FP8 E4M3 (`e4m3fn`) bits to `f32`, exactly.
+///
+/// The seven magnitude bits placed at the top of an f32's exponent-and-mantissa field make
+/// an f32 that is the value times 2^-120 (an E4M3 subnormal becomes an f32 subnormal of the
+/// same mantissa), so one multiply by 2^120 finishes the job; 0x7f/0xff are NaN. Kernels
+/// that decode FP8 with integer ops (PTX without sm_89, WGSL, AVX2) use the same identity.
+#[inline]
+pub fn f8e4m3_to_f32(bits: u8) -> f32 {
+    if bits & 0x7f == 0x7f {
+        return f32::NAN;
+    }
+    let mag = f32::from_bits(u32::from(bits & 0x7f) << 20) * f32::from_bits((127 + 120) << 23);
+    if bits & 0x80 != 0 { -mag } else { mag }
+}
+
+/// Rounds an `f32` to FP8 E4M3 the way PTX's `cvt.rn.satfinite.e4m3x2.f32` does: to
+/// nearest, ties to even; magnitudes beyond 448 (infinities included) saturate to ±448;
+/// NaN becomes 0x7f (with the sign).
+#[inline]
+pub fn f32_to_f8e4m3_bits(x: f32) -> u8 {
+    let u = x.to_bits();
+    let sign = ((u >> 24) & 0x80) as u8;
+    let a = u & 0x7fff_ffff;
+    if a > 0x7f80_0000 {
+        return sign | 0x7f;
+    }
+    let mag = if a < 0x3c80_0000 {
+        // Below 2^-6: a multiple of 2^-9 (the subnormal step). The sum's rounding to
+        // an integer number of steps is round-to-nearest-even; 8 steps is 2^-6, whose
+        // code (exponent 1, mantissa 0) is 8 as well.
+        let steps = f32::from_bits(a) * 512.0;
+        ((steps + 8_388_608.0) - 8_388_608.0) as u32
+    } else {
+        // Normal: round the 23-bit mantissa to 3 bits (nearest, ties to even; a carry
+        // moves into the exponent), then rebias the exponent from 127 to 7.
+        let r = (a + 0x7_ffff + ((a >> 20) & 1)) >> 20;
+        r - ((127 - 7) << 3)
+    };
+    sign | mag.min(0x7e) as u8
+}
+
+pub(crate) fn dequant_f8e4m3(src: &[u8], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f8e4m3_to_f32(*s);
+    }
+}
+
+pub(crate) fn quant_f8e4m3(src: &[f32], dst: &mut [u8]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32_to_f8e4m3_bits(*s);
+    }
 }
 
 pub(crate) fn dequant_f32(src: &[u8], dst: &mut [f32]) {
@@ -132,6 +189,10 @@ pub(crate) fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
     dot_buffered(row, x, 2, dequant_bf16)
 }
 
+pub(crate) fn dot_f8e4m3(row: &[u8], x: &[f32]) -> f32 {
+    dot_buffered(row, x, 1, dequant_f8e4m3)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +219,82 @@ mod tests {
             if !f.is_nan() {
                 assert_eq!(f32_to_f16_bits(f), bits);
             }
+        }
+    }
+
+    /// Every finite E4M3 value, from its definition: `(-1)^s · 2^(e−7) · (1 + m/8)`, or
+    /// `2^-6 · m/8` for e = 0.
+    fn e4m3_by_definition(bits: u8) -> Option<f64> {
+        let (s, e, m) = (bits >> 7, (bits >> 3) & 15, bits & 7);
+        if e == 15 && m == 7 {
+            return None;
+        }
+        let mag = if e == 0 {
+            f64::from(m) / 8.0 * 2f64.powi(-6)
+        } else {
+            (1.0 + f64::from(m) / 8.0) * 2f64.powi(i32::from(e) - 7)
+        };
+        Some(if s == 1 { -mag } else { mag })
+    }
+
+    #[test]
+    fn f8e4m3_decoding_matches_the_definition_for_every_code() {
+        for bits in 0..=255u8 {
+            match e4m3_by_definition(bits) {
+                Some(v) => assert_eq!(f64::from(f8e4m3_to_f32(bits)), v, "{bits:#04x}"),
+                None => assert!(f8e4m3_to_f32(bits).is_nan(), "{bits:#04x}"),
+            }
+        }
+        assert_eq!(f8e4m3_to_f32(0x7e), F8E4M3_MAX);
+    }
+
+    /// The nearest finite E4M3 value to `x` by search over all codes (ties to the even
+    /// code, i.e. the one with mantissa bit 0), saturating: the definition the fast
+    /// conversion must meet.
+    fn e4m3_nearest(x: f32) -> u8 {
+        let x = f64::from(x).clamp(-448.0, 448.0);
+        let mut best: Option<(f64, u8)> = None;
+        for bits in 0..=255u8 {
+            let Some(v) = e4m3_by_definition(bits) else { continue };
+            if (v < 0.0) != x.is_sign_negative() && v != 0.0 {
+                continue;
+            }
+            let d = (v - x).abs();
+            best = match best {
+                Some((bd, bb)) if bd < d || (bd == d && bb & 1 == 0) => Some((bd, bb)),
+                _ => Some((d, bits)),
+            };
+        }
+        let b = best.expect("some code").1;
+        // Zero keeps x's sign.
+        if b & 0x7f == 0 { if x.is_sign_negative() { 0x80 } else { 0 } } else { b }
+    }
+
+    #[test]
+    fn f8e4m3_rounding_is_nearest_even_and_saturates() {
+        // Every code's value, the midpoints between neighbours and the points just off them.
+        let mut xs = vec![0.0f32, -0.0, 1e-30, 460.0, 464.0, 1e9, f32::INFINITY, f32::NEG_INFINITY, f32::MAX];
+        let vals: Vec<f64> = (0..=0x7eu8).filter_map(e4m3_by_definition).collect();
+        for w in vals.windows(2) {
+            let mid = (w[0] + w[1]) / 2.0;
+            for v in [w[0], mid] {
+                let f = v as f32;
+                xs.extend([f, f32::from_bits(f.to_bits() + 1), f32::from_bits(f.to_bits().saturating_sub(1))]);
+            }
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            xs.push(f32::from_bits((seed >> 32) as u32 & 0x43ff_ffff | (seed as u32 & 0x8000_0000)));
+        }
+        for x in xs.iter().flat_map(|&x| [x, -x]) {
+            assert_eq!(f32_to_f8e4m3_bits(x), e4m3_nearest(x), "{x:e} ({:#010x})", x.to_bits());
+        }
+        assert_eq!(f32_to_f8e4m3_bits(f32::NAN) & 0x7f, 0x7f);
+        for bits in (0..=255u8).filter(|b| b & 0x7f != 0x7f) {
+            assert_eq!(f32_to_f8e4m3_bits(f8e4m3_to_f32(bits)), bits, "{bits:#04x}");
         }
     }
 

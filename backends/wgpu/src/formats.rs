@@ -12,6 +12,7 @@ pub fn supported(dtype: DType) -> bool {
         DType::F32
             | DType::F16
             | DType::BF16
+            | DType::F8E4M3
             | DType::Q4_0
             | DType::Q4_1
             | DType::Q5_0
@@ -70,6 +71,23 @@ fn half(h: u32) -> f32 {
 }
 ";
 
+/// FP8 E4M3 (low 8 bits of `c`) to f32, exactly, with integer ops only: exponent e > 0
+/// rebiased into an f32's, e = 0 as `m · 2^-9` (no subnormal f32 anywhere), 0x7f NaN
+/// (`kiln_quant::f8e4m3_to_f32`).
+pub(crate) const E4M3: &str = "
+fn e4m3(c: u32) -> f32 {
+    let em = c & 0x7fu;
+    var mag = bitcast<f32>((em << 20u) + (120u << 23u));
+    if em < 8u {
+        mag = f32(em) * 0.001953125;
+    }
+    if em == 0x7fu {
+        mag = bitcast<f32>(0x7f800000u | (c << 16u));
+    }
+    return select(mag, -mag, (c & 0x80u) != 0u);
+}
+";
+
 /// The 8 consecutive bytes at any byte address `a` (`rd8x2`), and byte `i` of them (`byte8`).
 const BYTES8: &str = "
 fn rd8x2(a: u32) -> vec2<u32> {
@@ -110,9 +128,14 @@ pub fn decoder(dtype: DType, ragged: bool) -> String {
             DType::BF16 => {
                 "let a = row + 2u * e;\n    return bitcast<f32>(((b_w[a >> 2u] >> ((a & 2u) * 8u)) & 0xffffu) << 16u);"
             }
+            DType::F8E4M3 => "let a = row + e;\n    return e4m3(b_w[a >> 2u] >> ((a & 3u) * 8u));",
             _ => unreachable!("ragged rows are for unquantized weights"),
         };
-        let helpers = if dtype == DType::F16 { HALF } else { "" };
+        let helpers = match dtype {
+            DType::F16 => HALF,
+            DType::F8E4M3 => E4M3,
+            _ => "",
+        };
         return format!("{helpers}\nfn load1(row: u32, e: u32) -> f32 {{\n    {body}\n}}\n");
     }
     let (helpers, body) = match dtype {
@@ -130,6 +153,13 @@ for (var i = 0u; i < 4u; i = i + 1u) {
     let w = b_w[b + i];
     o[2u * i] = half(w);
     o[2u * i + 1u] = half(w >> 16u);
+}",
+        ),
+        DType::F8E4M3 => (
+            E4M3.to_string(),
+            "let b = (row >> 2u) + g * 2u;
+for (var i = 0u; i < 8u; i = i + 1u) {
+    o[i] = e4m3(b_w[b + (i >> 2u)] >> ((i & 3u) * 8u));
 }",
         ),
         DType::BF16 => (

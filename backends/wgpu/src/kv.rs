@@ -1,8 +1,8 @@
-//! Quantized KV-cache kernels (`q8_0`, `q4_0`) in WGSL, with the PTX kernels' names,
+//! Quantized KV-cache kernels (`q8_0`, `q4_0`, `f8_e4m3`) in WGSL, with the PTX kernels' names,
 //! arguments and grids (`kiln_ptx::kernels::kv_append_q`, `kv_dequant`): a thread per 64
 //! values, rotated by `H/8` (the reference cache's butterflies, in the same order) and
-//! stored as two ggml blocks. A 64-value chunk is 68 (q8_0) or 36 (q4_0) bytes, whole
-//! words, so each thread writes only words of its own.
+//! stored as two ggml blocks (or 64 FP8 bytes). A 64-value chunk is 68 (q8_0), 36 (q4_0)
+//! or 64 (f8_e4m3) bytes, whole words, so each thread writes only words of its own.
 
 use kiln_ir::DType;
 use kiln_ptx::kernels as ptxk;
@@ -134,24 +134,55 @@ fn dequantize(bytes: ptr<function, array<u32, 68>>, o: u32, v: ptr<function, arr
 }
 "
         }
+        DType::F8E4M3 => {
+            "
+// f32 to an FP8 E4M3 code: nearest, ties to even, saturating at 448, NaN to 0x7f
+// (kiln_quant::f32_to_f8e4m3_bits; WGSL's round() ties to even).
+fn to_e4m3(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    let s = (b >> 24u) & 0x80u;
+    let a = b & 0x7fffffffu;
+    if a > 0x7f800000u {
+        return s | 0x7fu;
+    }
+    var m = ((a + 0x7ffffu + ((a >> 20u) & 1u)) >> 20u) - 960u;
+    if a < 0x3c800000u {
+        m = u32(round(bitcast<f32>(a) * 512.0));
+    }
+    return s | min(m, 0x7eu);
+}
+
+fn quantize(v: ptr<function, array<f32, 64>>, first: u32, bytes: ptr<function, array<u32, 68>>, o: u32) {
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        (*bytes)[o + i] = to_e4m3((*v)[first + i]);
+    }
+}
+
+fn dequantize(bytes: ptr<function, array<u32, 68>>, o: u32, v: ptr<function, array<f32, 64>>, first: u32) {
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        (*v)[first + i] = e4m3((*bytes)[o + i]);
+    }
+}
+"
+        }
         other => panic!("no quantized KV cache of type {other}"),
     }
 }
 
 /// The WGSL module-scope code of a kernel over `dtype` blocks.
 fn decls(dtype: DType) -> String {
-    format!("{COMMON}{}{}", crate::formats::HALF, block(dtype))
+    format!("{COMMON}{}{}{}", crate::formats::HALF, crate::formats::E4M3, block(dtype))
 }
 
 /// Words of one 64-value chunk (two blocks) and of one row of `p.width` values.
 fn sizes(dtype: DType) -> (u64, String) {
-    let bb = dtype.block_bytes();
+    let bb = u64::from(ptxk::kv_block_bytes(dtype));
     (2 * bb / 4, format!("let row_words = (p.width >> 5u) * {bb}u / 4u;\n"))
 }
 
 /// `kv_append_q8_0` / `kv_append_q4_0`. Arguments `k, v, kc, vc, step, n (= T·width/64), width`.
 pub fn kv_append_q(dtype: DType) -> Kernel {
-    let bb = dtype.block_bytes();
+    let bb = ptxk::kv_block_bytes(dtype);
     let (words, row_words) = sizes(dtype);
     // The same steps for K and for V.
     let store = |x: &str, cache: &str| {
@@ -202,7 +233,7 @@ var bytes: array<u32, 68>;
 /// `kv_dequant_q8_0` / `kv_dequant_q4_0`: rows `0 .. pos + t` into f32 scratch rows.
 /// Arguments `kc, vc, kf, vf, step, t, width`; grid `ceil(max_context·width/64 / 128)`.
 pub fn kv_dequant(dtype: DType) -> Kernel {
-    let bb = dtype.block_bytes();
+    let bb = ptxk::kv_block_bytes(dtype);
     let (words, row_words) = sizes(dtype);
     let load = |cache: &str, f: &str| {
         format!(

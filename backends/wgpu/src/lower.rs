@@ -112,7 +112,7 @@ pub fn all_kernels() -> Vec<Kernel> {
     ks.push(kernels::rope(RopeLayout::Interleaved));
     ks.push(kernels::rope(RopeLayout::Neox));
     ks.push(kernels::kv_append());
-    for dt in [DType::Q8_0, DType::Q4_0] {
+    for dt in [DType::Q8_0, DType::Q4_0, DType::F8E4M3] {
         ks.push(crate::kv::kv_append_q(dt));
         ks.push(crate::kv::kv_dequant(dt));
     }
