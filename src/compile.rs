@@ -156,10 +156,15 @@ pub fn compile_device(
             log(&format!("pass {}: {}", rep.pass, rep.summary));
         },
     )?;
-    // Quality against the source, when the weights changed and the recipe gives a text.
-    // A fixed-point build changes every weight and activation, whatever the passes did.
+    // Quality against the source, when the model's outputs changed and the recipe gives a
+    // text: the weights (quantize), the KV cache (kv_quant, kv_share) or what attention sees
+    // (sliding_window). A fixed-point build changes every weight and activation, whatever the
+    // passes did. Steering changes the outputs on purpose and is not scored against the source.
     let fixed = backend_names[0] == "fixed";
-    let changed = fixed || reports.iter().any(|rep| rep.pass == "quantize");
+    let changed = fixed
+        || reports
+            .iter()
+            .any(|rep| matches!(rep.pass.as_str(), "quantize" | "kv_quant" | "kv_share" | "sliding_window"));
     let quality = match (&r.recipe.quality, reference) {
         (Some(spec), Some(src_model)) if changed => {
             let (text_path, text) = r.read_text(spec)?;

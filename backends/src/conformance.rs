@@ -262,12 +262,13 @@ pub fn cases() -> Vec<Case> {
             out.push(case(format!("rope {} rot {rot} freq_scale {fs}", layout.name()), b, y, 1e-6));
         }
     }
-    // Attention: GQA, head sizes, window, soft-cap, a slot shared by a second op.
-    for (hd, heads, kv_heads, window, softcap, share) in [
-        (64u64, 4u64, 2u64, 0u64, 0f32, false),
-        (32, 2, 2, 3, 0.0, false),
-        (128, 4, 1, 0, 20.0, false),
-        (64, 4, 2, 0, 0.0, true),
+    // Attention: GQA, head sizes, window, attention sinks, soft-cap, a slot shared by a second op.
+    for (hd, heads, kv_heads, window, sink, softcap, share) in [
+        (64u64, 4u64, 2u64, 0u64, 0u64, 0f32, false),
+        (32, 2, 2, 3, 0, 0.0, false),
+        (32, 4, 2, 3, 2, 0.0, true),
+        (128, 4, 1, 0, 0, 20.0, false),
+        (64, 4, 2, 0, 0, 0.0, true),
     ] {
         let mut b = ModuleBuilder::new("attention", 7 + hd);
         let q = b.input(VOCAB, heads * hd);
@@ -282,6 +283,7 @@ pub fn cases() -> Vec<Case> {
             head_dim: hd,
             scale: 0.3,
             window,
+            sink,
             softcap,
             kv_dtype: kiln_ir::DType::F32,
         };
@@ -290,8 +292,10 @@ pub fn cases() -> Vec<Case> {
             let q2 = b.push(Op::Scale { x: y, s: 2.0 });
             y = b.push(Op::Attention { q: q2, k: None, v: None, attrs });
         }
-        let name =
-            format!("attention hd {hd} heads {heads}/{kv_heads} window {window} softcap {softcap} shared {share}");
+        let sinks = if sink > 0 { format!(" sink {sink}") } else { String::new() };
+        let name = format!(
+            "attention hd {hd} heads {heads}/{kv_heads} window {window}{sinks} softcap {softcap} shared {share}"
+        );
         out.push(case(name, b, y, 2e-5));
     }
     // Quantized KV caches (ggml blocks or FP8 bytes along each position's row): an optional capability.
@@ -303,8 +307,17 @@ pub fn cases() -> Vec<Case> {
         let wv = b.param("v.weight", DType::F32, &[kv_heads * hd, heads * hd], 0.3);
         let k = b.push(Op::MatMul { x: q, w: wk, bias: None });
         let v = b.push(Op::MatMul { x: q, w: wv, bias: None });
-        let attrs =
-            AttentionAttrs { cache: 0, heads, kv_heads, head_dim: hd, scale: 0.3, window: 0, softcap: 0.0, kv_dtype };
+        let attrs = AttentionAttrs {
+            cache: 0,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            scale: 0.3,
+            window: 0,
+            sink: 0,
+            softcap: 0.0,
+            kv_dtype,
+        };
         let y = b.push(Op::Attention { q, k: Some(k), v: Some(v), attrs: attrs.clone() });
         let q2 = b.push(Op::Scale { x: y, s: 2.0 });
         let y = b.push(Op::Attention { q: q2, k: None, v: None, attrs });
@@ -386,6 +399,7 @@ pub fn tiny_llama_module(layers: u32, seed: u64, dts: [DType; 7]) -> (Module, Ve
             head_dim: hd,
             scale: 0.25,
             window: if l % 2 == 1 { 5 } else { 0 },
+            sink: 0,
             softcap: 0.0,
             kv_dtype: kiln_ir::DType::F32,
         };

@@ -407,6 +407,7 @@ fn run_attention_case(c: &AttnCase, seed: u64) {
         head_dim: c.hd as u64,
         scale: c.scale,
         window: c.window,
+        sink: 0,
         softcap: c.softcap,
         kv_dtype: kiln_ir::DType::F32,
     };
@@ -443,6 +444,7 @@ fn attention_one_head_is_softmax_weighted_values() {
         head_dim: 2,
         scale: 1.0,
         window: 0,
+        sink: 0,
         softcap: 0.0,
         kv_dtype: kiln_ir::DType::F32,
     };
@@ -470,6 +472,7 @@ fn attention_gqa_head_mapping() {
         head_dim: 1,
         scale: 1.0,
         window: 0,
+        sink: 0,
         softcap: 0.0,
         kv_dtype: kiln_ir::DType::F32,
     };
@@ -495,6 +498,7 @@ fn attention_sliding_window_masks_old_positions() {
         head_dim: 1,
         scale: 1.0,
         window: 2,
+        sink: 0,
         softcap: 0.0,
         kv_dtype: kiln_ir::DType::F32,
     };
@@ -521,6 +525,7 @@ fn attention_softcap() {
         head_dim: 1,
         scale: 1.0,
         window: 0,
+        sink: 0,
         softcap: 1.0,
         kv_dtype: kiln_ir::DType::F32,
     };
@@ -546,6 +551,7 @@ fn shared_kv_slot_reads_the_writers_cache() {
         head_dim: hd as u64,
         scale: 0.5,
         window: 0,
+        sink: 0,
         softcap: 0.0,
         kv_dtype: kiln_ir::DType::F32,
     };
@@ -724,6 +730,7 @@ fn speed_smollm2_shaped() {
             head_dim: hd,
             scale: 0.125,
             window: 0,
+            sink: 0,
             softcap: 0.0,
             kv_dtype: kiln_ir::DType::F32,
         };

@@ -216,6 +216,7 @@ impl Lowering<'_> {
                 head_dim: hd,
                 scale: c.attn_scale,
                 window: spec.window,
+                sink: 0,
                 softcap: 0.0,
                 kv_dtype: kiln_ir::DType::F32,
             };

@@ -70,12 +70,28 @@ pub struct AttentionAttrs {
     pub scale: f32,
     /// Sliding window in tokens (a key at position j is visible from i when i - j < window); 0 = unlimited.
     pub window: u64,
+    /// Attention sinks (StreamingLLM): with a window, the first `sink` positions stay visible
+    /// to every later query as well; 0 = none. Meaningless without a window (the verifier
+    /// refuses it there).
+    pub sink: u64,
     /// Logit soft-cap (tanh(x/cap)·cap); 0 = off.
     pub softcap: f32,
     /// How the slot stores K and V: `f32` (the default), ggml's `q8_0` / `q4_0`
     /// blocks of 32 along each position's row (a quantized KV cache), or `f8_e4m3`
     /// (one FP8 byte per value, no scale). Readers of a shared slot name the writer's type.
     pub kv_dtype: DType,
+}
+
+impl AttentionAttrs {
+    /// The cached positions a query at position `p` attends to, in order: the sinks that
+    /// lie before the window (`0 .. min(sink, lo)`), then the window `lo ..= p` (all of
+    /// `0 ..= p` without a window); `len` bounds both (the positions cached).
+    pub fn key_ranges(&self, p: usize, len: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let hi = (p + 1).min(len);
+        let lo = if self.window > 0 { (p + 1).saturating_sub(self.window as usize) } else { 0 };
+        let sinks = (self.sink as usize).min(lo).min(hi);
+        (0..sinks, lo.min(hi)..hi)
+    }
 }
 
 /// The types a KV-cache slot can hold.
@@ -632,6 +648,9 @@ impl Op {
                 if attrs.window != 0 {
                     kw.push(("window", Int(attrs.window)));
                 }
+                if attrs.sink != 0 {
+                    kw.push(("sink", Int(attrs.sink)));
+                }
                 if attrs.softcap != 0.0 {
                     kw.push(("softcap", Float(attrs.softcap)));
                 }
@@ -797,6 +816,7 @@ impl Op {
                         head_dim: a.int("head_dim")?,
                         scale: a.float("scale")?,
                         window: a.opt_int("window")?.unwrap_or(0),
+                        sink: a.opt_int("sink")?.unwrap_or(0),
                         softcap: a.opt_float("softcap")?.unwrap_or(0.0),
                         kv_dtype: match a.opt_ident("kv")? {
                             None => DType::F32,
@@ -1143,6 +1163,9 @@ impl Op {
                         "attention q has {nq} columns, expected heads×head_dim = {}",
                         heads * head_dim
                     ));
+                }
+                if attrs.sink != 0 && attrs.window == 0 {
+                    return Err(format!("attention sink {} needs a sliding window", attrs.sink));
                 }
                 if !KV_DTYPES.contains(&attrs.kv_dtype) {
                     return Err(format!(

@@ -8,6 +8,7 @@ pub mod kv_quant;
 pub mod kv_share;
 pub mod quantize;
 pub mod registry;
+pub mod sliding_window;
 pub mod steer;
 
 use std::collections::BTreeMap;

@@ -4,10 +4,18 @@ use kiln_frontend::Weights;
 use kiln_ir::Module;
 use serde_json::Value;
 
-use crate::{Importance, Measure, Pass, PassCtx, PassError, PassReport, dce, kv_quant, kv_share, quantize, steer};
+use crate::{
+    Importance, Measure, Pass, PassCtx, PassError, PassReport, dce, kv_quant, kv_share, quantize, sliding_window, steer,
+};
 
-pub static PASSES: &[&dyn Pass] =
-    &[&dce::DeadCode, &quantize::Quantize, &steer::Steer, &kv_share::KvShare, &kv_quant::KvQuant];
+pub static PASSES: &[&dyn Pass] = &[
+    &dce::DeadCode,
+    &quantize::Quantize,
+    &steer::Steer,
+    &kv_share::KvShare,
+    &kv_quant::KvQuant,
+    &sliding_window::SlidingWindow,
+];
 
 pub fn by_name(name: &str) -> Result<&'static dyn Pass, PassError> {
     PASSES.iter().copied().find(|p| p.name() == name).ok_or_else(|| PassError::Unknown {

@@ -34,18 +34,16 @@ fn attend_avx2(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAt
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
     let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as usize;
-    let window = attrs.window as usize;
     let mut out = vec![0.0f32; q.len()];
     out.par_chunks_mut(hd).enumerate().for_each_init(
         || (Vec::new(), Vec::new()),
         |scratch, (idx, o)| {
             let (t, h) = (idx / heads, idx % heads);
             let p = first_pos + t;
-            let lo = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
-            let hi = (p + 1).min(cache.len());
+            let (sinks, window) = attrs.key_ranges(p, cache.len());
             let qh = &q[idx * hd..(idx + 1) * hd];
             // SAFETY: only called with `Isa::Avx2`, detected at run time.
-            unsafe { crate::x86::flash_f16(qh, cache, lo..hi, (h / group) * hd, attrs, o, scratch) };
+            unsafe { crate::x86::flash_f16(qh, cache, sinks.chain(window), (h / group) * hd, attrs, o, scratch) };
         },
     );
     out

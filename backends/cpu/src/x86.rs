@@ -652,8 +652,8 @@ fn dot_f16_order(x: &[f32], y: &[f32]) -> f32 {
     sum as f32
 }
 
-/// llama.cpp's CPU flash attention for one (query, head) over positions
-/// `range` of an f16-valued cache: the reference's `flash_f16`, bit for bit,
+/// llama.cpp's CPU flash attention for one (query, head) over the positions
+/// `range` yields (sinks, then the window) of an f16-valued cache: the reference's `flash_f16`, bit for bit,
 /// with the value accumulator updated 8 lanes at a time. `o.len()` (the head
 /// size) must be a multiple of 8.
 ///
@@ -663,7 +663,7 @@ fn dot_f16_order(x: &[f32], y: &[f32]) -> f32 {
 pub(crate) fn flash_f16(
     qh: &[f32],
     cache: &kiln_backends::reference::KvCache,
-    range: std::ops::Range<usize>,
+    range: impl Iterator<Item = usize>,
     kv_off: usize,
     attrs: &kiln_ir::AttentionAttrs,
     o: &mut [f32],

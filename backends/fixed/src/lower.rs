@@ -46,6 +46,9 @@ pub fn unsupported(module: &VerifiedModule, op: &Op) -> Option<String> {
                 crate::program::KV4_GROUP
             ))
         }
+        Op::Attention { attrs, .. } if attrs.sink > 0 => {
+            Some(format!("attention sinks (sink {}): fixed-point caches are not windowed yet", attrs.sink))
+        }
         Op::Attention { .. } => None,
         Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Steer { .. } => Some(format!("op `{}`", op.name())),
         Op::Repeat { .. }

@@ -649,9 +649,9 @@ pub fn attention_name(head_dim: u32, softcap: bool) -> String {
 /// shared memory and the block writes `(m, l, o[head_dim])` for its split.
 ///
 /// Arguments `q, kc, vc, part, step, heads, group (heads per kv head), width
-/// (kv_heads·head_dim), scale, window, softcap, splits`; each query cuts its
+/// (kv_heads·head_dim), scale, window, sink, softcap, splits`; each query cuts its
 /// own keys into `splits` equal chunks. Grid `(heads, T, splits)`. Query `t` sits at position `pos + t`
-/// and sees keys `lo ..= pos + t` (`lo` from the sliding window).
+/// and sees keys `0 .. min(sink, lo)` and `lo ..= pos + t` (`lo` from the sliding window).
 pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     use ParamTy::*;
     let hd = head_dim;
@@ -670,6 +670,7 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
             ("width", U32),
             ("scale", F32),
             ("window", U32),
+            ("sink", U32),
             ("softcap", F32),
             ("splits", U32),
         ],
@@ -685,8 +686,9 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     let width = kb.param(7);
     let scale = kb.param(8);
     let window = kb.param(9);
-    let cap = kb.param(10);
-    let splits = kb.param(11);
+    let sink = kb.param(10);
+    let cap = kb.param(11);
+    let splits = kb.param(12);
     let rec = attn_record(hd);
     let smem_off = kb.shared(4 * warps * rec);
     let smem = kb.shared_base();
@@ -706,15 +708,19 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     let cut = kb.bin(BinOp::And, Ty::Pred, has_w, past);
     let hw = kb.sub(Ty::U32, hi, window);
     let lo = kb.selp(Ty::U32, hw, 0u32, cut);
-    // This query's keys lo..hi in `splits` chunks; the block takes chunk z.
-    let keys = kb.sub(Ty::U32, hi, lo);
-    let keys = kb.add(Ty::U32, keys, splits);
+    // Key index j < n: the sinks before the window (j < s), then the window from lo
+    // (position j + lo − s).
+    let s_n = kb.bin(BinOp::Min, Ty::U32, sink, lo);
+    let off = kb.sub(Ty::U32, lo, s_n);
+    let n = kb.sub(Ty::U32, hi, off);
+    // This query's n keys in `splits` chunks; the block takes chunk z.
+    let keys = kb.add(Ty::U32, n, splits);
     let keys = kb.sub(Ty::U32, keys, 1u32);
     let chunk = kb.bin(BinOp::Div, Ty::U32, keys, splits);
-    let start = kb.mad(Ty::U32, z, chunk, lo);
-    let start = kb.bin(BinOp::Min, Ty::U32, start, hi);
+    let start = kb.mul(Ty::U32, z, chunk);
+    let start = kb.bin(BinOp::Min, Ty::U32, start, n);
     let end = kb.add(Ty::U32, start, chunk);
-    let end = kb.bin(BinOp::Min, Ty::U32, end, hi);
+    let end = kb.bin(BinOp::Min, Ty::U32, end, n);
     let kvh = kb.bin(BinOp::Div, Ty::U32, h, group);
     let kv_off = kb.mul(Ty::U32, kvh, hd);
     // q row of this head.
@@ -736,11 +742,14 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     let m = kb.imm(Ty::F32, NEG_BIG);
     let l = kb.imm(Ty::F32, 0.0f32);
     let acc: Vec<Reg> = (0..per_lane).map(|_| kb.imm(Ty::F32, 0.0f32)).collect();
-    let last_key = kb.sub(Ty::U32, hi, 1u32);
+    let last_key = kb.sub(Ty::U32, n, 1u32);
     kb.for_range(start, end, warps, |kb, j0| {
         let j = kb.add(Ty::U32, j0, warp);
         let valid = kb.setp(Cmp::Lt, j, end);
         let jc = kb.bin(BinOp::Min, Ty::U32, j, last_key);
+        let in_window = kb.setp(Cmp::Ge, jc, s_n);
+        let shift = kb.selp(Ty::U32, off, 0u32, in_window);
+        let jc = kb.add(Ty::U32, jc, shift);
         let row = kb.mad(Ty::U32, jc, width, kv_off);
         let ka = kb.index(kc, row, 4);
         let va = kb.index(vc, row, 4);

@@ -523,6 +523,7 @@ impl<D: Device> PtxSession<D> {
                         Arg::U32(width as u32),
                         Arg::F32(attrs.scale),
                         Arg::U32(attrs.window as u32),
+                        Arg::U32(attrs.sink as u32),
                         Arg::F32(attrs.softcap),
                         Arg::U32(splits),
                     ];

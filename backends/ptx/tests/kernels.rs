@@ -149,12 +149,17 @@ fn rope_layouts() {
     }
 }
 
-/// Attention over a cache filled by `kv_append`, with splits, GQA, window and soft-cap.
+/// Attention over a cache filled by `kv_append`, with splits, GQA, window, sinks and soft-cap.
 #[test]
 fn attention_matches_naive() {
-    for &(hd, window, softcap, splits) in
-        &[(64u32, 0u32, 0f32, 1u32), (64, 0, 0.0, 3), (48, 5, 0.0, 2), (128, 0, 30.0, 1)]
-    {
+    for &(hd, window, sink, softcap, splits) in &[
+        (64u32, 0u32, 0u32, 0f32, 1u32),
+        (64, 0, 0, 0.0, 3),
+        (48, 5, 0, 0.0, 2),
+        (48, 4, 2, 0.0, 3),
+        (64, 3, 9, 0.0, 2),
+        (128, 0, 0, 30.0, 1),
+    ] {
         let (heads, kv_heads, pos, t) = (4usize, 2usize, 6usize, 3usize);
         let hd_us = hd as usize;
         let width = kv_heads * hd_us;
@@ -199,6 +204,7 @@ fn attention_matches_naive() {
             Arg::U32(width as u32),
             Arg::F32(scale),
             Arg::U32(window),
+            Arg::U32(sink),
             Arg::F32(softcap),
             Arg::U32(splits),
         ];
@@ -210,11 +216,13 @@ fn attention_matches_naive() {
         for ti in 0..t {
             let p = pos + ti;
             let lo = if window > 0 { (p + 1).saturating_sub(window as usize) } else { 0 };
+            let keys: Vec<usize> = (0..lo.min(sink as usize)).chain(lo..=p).collect();
             for h in 0..heads {
                 let kvo = (h / (heads / kv_heads)) * hd_us;
                 let qh = &q[(ti * heads + h) * hd_us..][..hd_us];
-                let scores: Vec<f64> = (lo..=p)
-                    .map(|j| {
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
                         let mut s =
                             scale as f64 * (0..hd_us).map(|d| (qh[d] * kall[j * width + kvo + d]) as f64).sum::<f64>();
                         if softcap > 0.0 {
@@ -226,8 +234,11 @@ fn attention_matches_naive() {
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                 for d in 0..hd_us {
-                    let o: f64 =
-                        (lo..=p).zip(&scores).map(|(j, s)| (s - m).exp() / z * vall[j * width + kvo + d] as f64).sum();
+                    let o: f64 = keys
+                        .iter()
+                        .zip(&scores)
+                        .map(|(&j, s)| (s - m).exp() / z * vall[j * width + kvo + d] as f64)
+                        .sum();
                     want[(ti * heads + h) * hd_us + d] = o as f32;
                 }
             }
@@ -236,7 +247,7 @@ fn attention_matches_naive() {
             &got,
             &want,
             2e-6,
-            &format!("attention hd {hd} window {window} softcap {softcap} splits {splits}"),
+            &format!("attention hd {hd} window {window} sink {sink} softcap {softcap} splits {splits}"),
         );
     }
 }

@@ -4,7 +4,8 @@
 //! contiguous `[pos][kv_heads · head_dim]`. An attention op with `k`/`v`
 //! appends the `T` new rows to its slot, then every query token `t` at
 //! position `p` and head `h` attends to the cached positions `j ≤ p` (and
-//! `p − j < window` when `window > 0`) of KV head `h / (heads / kv_heads)`:
+//! `p − j < window` or `j < sink` when `window > 0`) of KV head `h / (heads / kv_heads)`,
+//! sinks first ([`AttentionAttrs::key_ranges`]):
 //!
 //! ```text
 //! s_j = scale · (q · k_j)          (softcap > 0: s_j = cap · tanh(s_j / cap))
@@ -182,7 +183,6 @@ pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAtt
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
     let group = (attrs.heads / attrs.kv_heads.max(1)).max(1) as usize;
-    let window = attrs.window as usize;
     let width = cache.width;
     let mut out = vec![0.0f32; q.len()];
     if hd == 0 || heads == 0 {
@@ -193,14 +193,14 @@ pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAtt
         let p = first_pos + t;
         let kv_off = (h / group) * hd;
         let qh = &q[idx * hd..(idx + 1) * hd];
-        let lo = if window > 0 { (p + 1).saturating_sub(window) } else { 0 };
-        let hi = (p + 1).min(cache.len());
+        let (sinks, window) = attrs.key_ranges(p, cache.len());
+        let keys = || sinks.clone().chain(window.clone());
         if ggml {
-            flash_f16(qh, lo..hi, cache, kv_off, attrs, o);
+            flash_f16(qh, keys(), cache, kv_off, attrs, o);
             return;
         }
         scores.clear();
-        for j in lo..hi {
+        for j in keys() {
             let kj = &cache.k[j * width + kv_off..j * width + kv_off + hd];
             let mut s = attrs.scale * dot(qh, kj);
             if attrs.softcap > 0.0 {
@@ -209,7 +209,7 @@ pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAtt
             scores.push(s);
         }
         softmax_row(scores);
-        for (j, &a) in (lo..hi).zip(scores.iter()) {
+        for (j, &a) in keys().zip(scores.iter()) {
             let vj = &cache.v[j * width + kv_off..j * width + kv_off + hd];
             for (od, &vd) in o.iter_mut().zip(vj) {
                 *od += a * vd;
@@ -256,7 +256,7 @@ fn ggml_dot_f16(x: &[f32], y: &[f32]) -> f32 {
 /// every scale and multiply-add), normalized at the end.
 fn flash_f16(
     qh: &[f32],
-    range: std::ops::Range<usize>,
+    range: impl Iterator<Item = usize>,
     cache: &KvCache,
     kv_off: usize,
     attrs: &AttentionAttrs,

@@ -395,6 +395,7 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
             ("width", Arg::U32),
             ("scale", Arg::F32),
             ("window", Arg::U32),
+            ("sink", Arg::U32),
             ("softcap", Arg::F32),
             ("splits", Arg::U32),
         ],
@@ -415,9 +416,13 @@ var lo = 0u;
 if p.window > 0u && hi > p.window {{
     lo = hi - p.window;
 }}
-let chunk = (hi - lo + p.splits - 1u) / p.splits;
-let start = min(lo + z * chunk, hi);
-let end = min(start + chunk, hi);
+// Key index j < n: the sinks before the window (j < s), then the window from lo.
+let s_n = min(p.sink, lo);
+let off = lo - s_n;
+let n = hi - off;
+let chunk = (n + p.splits - 1u) / p.splits;
+let start = min(z * chunk, n);
+let end = min(start + chunk, n);
 let kv_off = (h / p.group) * HD;
 let qb = p.q_off + (t * p.heads + h) * HD;
 for (var d = tid; d < HD; d = d + 128u) {{
@@ -431,7 +436,7 @@ for (var j0 = start; j0 < end; j0 = j0 + 128u) {{
     let j = j0 + tid;
     var s = NEG_BIG;
     if j < end {{
-        let kb = p.kc_off + j * p.width + kv_off;
+        let kb = p.kc_off + select(j, j + off, j >= s_n) * p.width + kv_off;
         var dot = 0.0;
         for (var d = 0u; d < HD; d = d + 1u) {{
             dot = fma(qv[d], b_kc[kb + d], dot);
@@ -443,14 +448,14 @@ for (var j0 = start; j0 < end; j0 = j0 + 128u) {{
     let e = select(0.0, exp(s - m_new), j < end);
     probs[tid] = e;
     l = l * corr + block_sum(e, tid);
-    let n = min(128u, end - j0);
+    let tile = min(128u, end - j0);
     for (var r = 0u; r < DPT; r = r + 1u) {{
         let d = tid + r * 128u;
         if d < HD {{
             var o = acc[r] * corr;
-            let vb = p.vc_off + j0 * p.width + kv_off + d;
-            for (var jj = 0u; jj < n; jj = jj + 1u) {{
-                o = fma(probs[jj], b_vc[vb + jj * p.width], o);
+            for (var jj = 0u; jj < tile; jj = jj + 1u) {{
+                let jr = j0 + jj;
+                o = fma(probs[jj], b_vc[p.vc_off + select(jr, jr + off, jr >= s_n) * p.width + kv_off + d], o);
             }}
             acc[r] = o;
         }}

@@ -38,6 +38,7 @@ pub fn tiny_llama(layers: usize) -> Module {
             head_dim: hd,
             scale: 0.25,
             window: if l % 2 == 1 { 32 } else { 0 },
+            sink: 0,
             softcap: 0.0,
             kv_dtype: DType::F32,
         };
