@@ -129,7 +129,21 @@ fn glassllm_watch_build_is_bit_identical_on_host_and_cortex_m4() {
 /// an 8-bit KV cache): bit-identical too, in less flash and RAM.
 #[test]
 fn glassllm_int4_watch_build_is_bit_identical_on_host_and_cortex_m4() {
-    int4_build_is_bit_identical("glassllm-en-int4", "static int8_t K0[", 80 << 10, &[]);
+    int4_build_is_bit_identical("glassllm-en-int4", "static int8_t K0[", 80 << 10, &[], STEPS);
+}
+
+/// Window + sink attention (`sliding_window`): each KV slot is a ring of 36 rows, a third of
+/// the RAM; the prompt and 100 greedy steps wrap the ring three times, bit-identical on host
+/// (under AddressSanitizer and UBSan) and Cortex-M4.
+#[test]
+fn glassllm_window_watch_build_with_ring_caches_is_bit_identical_on_host_and_cortex_m4() {
+    int4_build_is_bit_identical(
+        "glassllm-en-window",
+        "static int8_t K0[",
+        32 << 10,
+        &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+        100,
+    );
 }
 
 /// The smallest build: 4-bit weights and a 4-bit KV cache (nibbles with a shift per 32
@@ -141,12 +155,14 @@ fn glassllm_int4_kv4_watch_build_is_bit_identical_on_host_and_cortex_m4() {
         "static uint8_t K0[",
         48 << 10,
         &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"],
+        STEPS,
     );
 }
 
 /// Compiles `recipe` (4-bit weights) for the watch and checks its size, its quality and
-/// that the host (with `cflags`) and the Cortex-M4 compute the interpreter's bits.
-fn int4_build_is_bit_identical(recipe: &str, kv_array: &str, max_ram: u64, cflags: &[&str]) {
+/// that the host (with `cflags`) and the Cortex-M4 compute the interpreter's bits for the
+/// prompt and `steps` greedy tokens.
+fn int4_build_is_bit_identical(recipe: &str, kv_array: &str, max_ram: u64, cflags: &[&str], steps: usize) {
     let dir = tempdir(&format!("fixed-{recipe}"));
     let Some(build) = compile_recipe(&dir, recipe) else { return };
     let manifest: Value = serde_json::from_slice(&std::fs::read(build.join("manifest.json")).unwrap()).unwrap();
@@ -161,9 +177,9 @@ fn int4_build_is_bit_identical(recipe: &str, kv_array: &str, max_ram: u64, cflag
     assert!(model_c.contains(kv_array), "no `{kv_array}` KV cache in the build");
 
     let prompt = prompt(&build);
-    let want = interpreter_trace(&build, &prompt, STEPS);
+    let want = interpreter_trace(&build, &prompt, steps);
     let host = dir.join("host");
-    harness::stage(&build, &host, &prompt, STEPS).unwrap();
+    harness::stage(&build, &host, &prompt, steps).unwrap();
     let flags: Vec<&str> = ["-DKILN_DUMP_LOGITS"].iter().chain(cflags).copied().collect();
     let got = harness::run_host(&harness::build_host(&host, &flags).unwrap()).unwrap();
     for (i, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
@@ -172,7 +188,7 @@ fn int4_build_is_bit_identical(recipe: &str, kv_array: &str, max_ram: u64, cflag
     assert_eq!(got.tokens_and_hashes(), want.tokens_and_hashes());
     if embedded_tools() {
         let arm = dir.join("arm");
-        harness::stage(&build, &arm, &prompt, STEPS).unwrap();
+        harness::stage(&build, &arm, &prompt, steps).unwrap();
         let (elf, _) = harness::build_cortex_m4(&arm).unwrap();
         let got = harness::run_qemu(&elf).unwrap();
         assert_eq!(got.tokens_and_hashes(), want.tokens_and_hashes(), "Cortex-M4 logits differ from the interpreter's");

@@ -27,6 +27,7 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
             env.root.join("recipes/glassllm-en.yaml"),
             env.root.join("recipes/glassllm-en-int4.yaml"),
             env.root.join("recipes/glassllm-en-int4-kv4.yaml"),
+            env.root.join("recipes/glassllm-en-window.yaml"),
         ],
         steps: 32,
         out: env.root.join("bench/results"),

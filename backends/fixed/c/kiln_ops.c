@@ -400,12 +400,14 @@ static void k_rope(const int32_t *x, int32_t *y, int32_t n, const int16_t *table
 #endif
 
 #if defined(KILN_USE_ATTENTION)
-/* A KV-cache slot: 16-bit (k16/v16) or 8-bit (k8/v8) mantissas, one shift per position and head. */
+/* A KV-cache slot: 16-bit (k16/v16) or 8-bit (k8/v8) mantissas, one shift per row and head.
+ * It holds `rows` positions: the first `sink`, then a ring of the last rows - sink
+ * (every position when rows is the context). */
 typedef struct {
     int16_t *k16, *v16;
     int8_t *k8, *v8;
     uint8_t *ks, *vs;
-    int32_t kv_heads, head_dim;
+    int32_t kv_heads, head_dim, rows, sink;
 #if defined(KILN_USE_KV4)
     /* 4-bit slots: two mantissas per byte, a shift per 32 channels (KS/VS). */
     uint8_t *k4, *v4;
@@ -414,18 +416,27 @@ typedef struct {
 #endif
 
 #if defined(KILN_USE_ATTENTION)
+/* The row of slot c that holds position j (a compare only until a ring wraps). */
+static int32_t k_row(const k_slot *c, int32_t j) {
+    return j < c->rows ? j : c->sink + (j - c->sink) % (c->rows - c->sink);
+}
+
+/* Attention of one token at `pos` over slot c: keys are the first min(sink, lo) positions,
+ * then lo..pos (lo from the window); key jj is position jj or jj - s + lo. */
 static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, int32_t *y, k_slot *c,
-                        int32_t pos, int32_t heads, int32_t mult, int32_t shift, int32_t window, int softcap,
-                        int32_t cm1, int32_t cs1, int32_t cm2, int32_t cs2, int16_t *mq, int32_t *scores) {
-    int32_t hd = c->head_dim, kvh_n = c->kv_heads, h, j, d, lo, group = heads / kvh_n;
+                        int32_t pos, int32_t heads, int32_t mult, int32_t shift, int32_t window, int32_t sink,
+                        int softcap, int32_t cm1, int32_t cs1, int32_t cm2, int32_t cs2, int16_t *mq,
+                        int32_t *scores) {
+    int32_t hd = c->head_dim, kvh_n = c->kv_heads, h, j, jj, d, lo, s, n, group = heads / kvh_n;
+    int32_t wr = k_row(c, pos);
     if (kn) {
         for (h = 0; h < kvh_n; h++) {
-            int32_t at = (pos * kvh_n + h) * hd;
+            int32_t at = (wr * kvh_n + h) * hd;
 #if defined(KILN_USE_KV4)
             if (c->k4) {
                 int32_t g, ng = hd / 32;
                 for (g = 0; g < ng; g++) {
-                    int32_t e = h * hd + 32 * g, sh = (pos * kvh_n + h) * ng + g;
+                    int32_t e = h * hd + 32 * g, sh = (wr * kvh_n + h) * ng + g;
                     c->ks[sh] = (uint8_t)k_quantize4(kn + e, c->k4 + at / 2 + 16 * g, 32);
                     c->vs[sh] = (uint8_t)k_quantize4(vn + e, c->v4 + at / 2 + 16 * g, 32);
                 }
@@ -434,24 +445,27 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
 #endif
 #if defined(KILN_USE_KV8)
             if (c->k8) {
-                c->ks[pos * kvh_n + h] = (uint8_t)k_quantize8(kn + h * hd, c->k8 + at, hd);
-                c->vs[pos * kvh_n + h] = (uint8_t)k_quantize8(vn + h * hd, c->v8 + at, hd);
+                c->ks[wr * kvh_n + h] = (uint8_t)k_quantize8(kn + h * hd, c->k8 + at, hd);
+                c->vs[wr * kvh_n + h] = (uint8_t)k_quantize8(vn + h * hd, c->v8 + at, hd);
                 continue;
             }
 #endif
-            c->ks[pos * kvh_n + h] = (uint8_t)k_quantize16(kn + h * hd, c->k16 + at, hd);
-            c->vs[pos * kvh_n + h] = (uint8_t)k_quantize16(vn + h * hd, c->v16 + at, hd);
+            c->ks[wr * kvh_n + h] = (uint8_t)k_quantize16(kn + h * hd, c->k16 + at, hd);
+            c->vs[wr * kvh_n + h] = (uint8_t)k_quantize16(vn + h * hd, c->v16 + at, hd);
         }
     }
     lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
+    s = sink < lo ? sink : lo;
+    n = pos + 1 - lo + s;
     for (h = 0; h < heads; h++) {
         int32_t kvh = h / group, mx = INT32_MIN;
         int shq = k_quantize16(q + h * hd, mq, hd);
         int64_t total = 0;
-        for (j = lo; j <= pos; j++) {
+        for (jj = 0; jj < n; jj++) {
             int64_t dot = 0;
             int32_t sc;
             int shk = 0;
+            j = k_row(c, jj < s ? jj : jj - s + lo);
             d = 0;
 #if defined(KILN_USE_KV4)
             if (c->k4) {
@@ -494,20 +508,20 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
                 int64_t t = 2 * k_sigmoid(zz) - 65536;
                 sc = k_sat32(k_shift_round(t * cm2, cs2));
             }
-            scores[j] = sc;
+            scores[jj] = sc;
             if (sc > mx) mx = sc;
         }
-        for (j = lo; j <= pos; j++) {
-            scores[j] = (int32_t)k_exp_neg((int64_t)mx - scores[j]);
-            total += scores[j];
+        for (jj = 0; jj < n; jj++) {
+            scores[jj] = (int32_t)k_exp_neg((int64_t)mx - scores[jj]);
+            total += scores[jj];
         }
         for (d = 0; d < hd; d++) {
             int64_t acc = 0;
-            for (j = lo; j <= pos; j++) {
-                int32_t row = j * kvh_n + kvh, at = row * hd + d;
+            for (jj = 0; jj < n; jj++) {
+                int32_t row = k_row(c, jj < s ? jj : jj - s + lo) * kvh_n + kvh, at = row * hd + d;
 #if defined(KILN_USE_KV4)
                 if (c->v4) {
-                    acc += scores[j] * ((int64_t)K_NIB(c->v4 + row * hd / 2, d) *
+                    acc += scores[jj] * ((int64_t)K_NIB(c->v4 + row * hd / 2, d) *
                                         ((int64_t)1 << c->vs[row * (hd / 32) + d / 32]));
                     continue;
                 }
@@ -518,7 +532,7 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
                 int64_t m = c->v16[at];
 #endif
                 int64_t vv = m * ((int64_t)1 << c->vs[row]);
-                acc += scores[j] * vv;
+                acc += scores[jj] * vv;
             }
             y[h * hd + d] = k_sat32(k_div_round(acc, total));
         }

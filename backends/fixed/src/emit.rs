@@ -164,12 +164,12 @@ pub fn model_c(p: &Program) -> String {
     let _ = writeln!(s, "\n/* static memory plan: {} bytes of RAM */", p.ram_bytes());
     let _ = writeln!(s, "static int32_t A[{}]; /* activation arena */", p.arena.max(1));
     let _ = writeln!(s, "static int16_t M16[{}]; /* 16-bit mantissas */", p.scratch16.max(1));
-    let _ = writeln!(s, "static int32_t SC[{}]; /* attention scores */", p.max_context);
+    let _ = writeln!(s, "static int32_t SC[{}]; /* attention scores */", p.scores.max(1));
     if p.scratch_groups > 0 {
         let _ = writeln!(s, "static int32_t G32[{}]; /* group sums of a 4-bit matmul's input */", p.scratch_groups);
     }
     for (i, sl) in p.slots.iter().enumerate() {
-        let n = p.max_context * sl.kv_heads;
+        let n = sl.rows * sl.kv_heads;
         let (ty, mantissas) = if sl.bits == 4 {
             ("uint8_t".to_string(), n * sl.head_dim / 2)
         } else {
@@ -197,7 +197,7 @@ pub fn model_c(p: &Program) -> String {
                     _ => format!("K{i}, V{i}, 0, 0"),
                 };
                 let kv4 = if sl.bits == 4 { format!(", K{i}, V{i}") } else { String::new() };
-                format!("{{{kv}, KS{i}, VS{i}, {}, {}{kv4}}}", sl.kv_heads, sl.head_dim)
+                format!("{{{kv}, KS{i}, VS{i}, {}, {}, {}, {}{kv4}}}", sl.kv_heads, sl.head_dim, sl.rows, sl.sink)
             })
             .collect();
         let _ = writeln!(s, "static k_slot SLOTS[{}] = {{{}}};", p.slots.len(), list.join(", "));
@@ -254,14 +254,14 @@ pub fn model_c(p: &Program) -> String {
                 c(*table),
                 *neox as i32
             ),
-            Step::Attention { q, kv, out, slot, heads, mult, shift, window, softcap, .. } => {
+            Step::Attention { q, kv, out, slot, heads, mult, shift, window, sink, softcap, .. } => {
                 let (kn, vn) = match kv {
                     Some((k, v)) => (b(*k), b(*v)),
                     None => ("0".into(), "0".into()),
                 };
                 let [(m1, s1), (m2, s2)] = softcap.unwrap_or([(0, 0), (0, 0)]);
                 format!(
-                    "k_attention({}, {kn}, {vn}, {}, &SLOTS[{slot}], pos, {heads}, {mult}, {shift}, {window}, {}, {m1}, {s1}, {m2}, {s2}, M16, SC);",
+                    "k_attention({}, {kn}, {vn}, {}, &SLOTS[{slot}], pos, {heads}, {mult}, {shift}, {window}, {sink}, {}, {m1}, {s1}, {m2}, {s2}, M16, SC);",
                     b(*q),
                     b(*out),
                     softcap.is_some() as i32

@@ -62,7 +62,7 @@ impl Machine {
             .slots
             .iter()
             .map(|s| {
-                let n = program.max_context * s.kv_heads;
+                let n = s.rows * s.kv_heads;
                 let g = n * s.groups();
                 Cache { k: vec![0; n * s.head_dim], v: vec![0; n * s.head_dim], ks: vec![0; g], vs: vec![0; g] }
             })
@@ -70,7 +70,7 @@ impl Machine {
         Machine {
             arena: vec![0; program.arena],
             scratch: vec![0; program.scratch16],
-            scores: vec![0; program.max_context],
+            scores: vec![0; program.scores],
             caches,
             pos: 0,
             program,
@@ -261,11 +261,12 @@ fn run_step(
                 }
             }
         }
-        Step::Attention { q, kv, out, slot, heads, kv_heads, head_dim, mult, shift, window, softcap } => {
+        Step::Attention { q, kv, out, slot, heads, kv_heads, head_dim, mult, shift, window, sink, softcap } => {
             let hd = *head_dim;
             let c = &mut caches[*slot];
             let sl = p.slots[*slot];
             let (gs, ng) = (sl.group(), sl.groups());
+            let wr = sl.row(pos);
             if let Some((k, v)) = kv {
                 let quantize = match sl.bits {
                     8 => int::quantize8,
@@ -273,9 +274,9 @@ fn run_step(
                     _ => quantize16,
                 };
                 for h in 0..*kv_heads {
-                    let at = (pos * kv_heads + h) * hd;
+                    let at = (wr * kv_heads + h) * hd;
                     for g in 0..ng {
-                        let (e, sh) = (at + g * gs, (pos * kv_heads + h) * ng + g);
+                        let (e, sh) = (at + g * gs, (wr * kv_heads + h) * ng + g);
                         let ks = &arena[k.off + h * hd + g * gs..k.off + h * hd + (g + 1) * gs];
                         c.ks[sh] = quantize(ks, &mut c.k[e..e + gs]) as u8;
                         let vs = &arena[v.off + h * hd + g * gs..v.off + h * hd + (g + 1) * gs];
@@ -283,14 +284,20 @@ fn run_step(
                     }
                 }
             }
+            // Keys in order: the sinks before the window, then the window; key `jj` is
+            // position `jj` or `jj − s + lo`, held in row `sl.row(position)`.
             let lo = if *window > 0 && pos + 1 > *window { pos + 1 - window } else { 0 };
+            let s = (*sink).min(lo);
+            let n = pos + 1 - lo + s;
+            let row = |jj: usize| sl.row(if jj < s { jj } else { jj - s + lo });
             let group = heads / kv_heads;
             for h in 0..*heads {
                 let kvh = h / group;
                 let mq = &mut scratch[..hd];
                 let shq = quantize16(&arena[q.off + h * hd..q.off + (h + 1) * hd], mq) as i32;
                 let mut mx = i32::MIN;
-                for j in lo..=pos {
+                for jj in 0..n {
+                    let j = row(jj);
                     let at = (j * kv_heads + kvh) * hd;
                     let shs = &c.ks[(j * kv_heads + kvh) * ng..(j * kv_heads + kvh + 1) * ng];
                     // Groups with different shifts are aligned to the largest (rounding the others).
@@ -309,20 +316,21 @@ fn run_step(
                         let t = 2 * int::sigmoid(z, exp2) - 65536;
                         sc = sat32(shift_round(t * *m2 as i64, *s2));
                     }
-                    scores[j] = sc;
+                    scores[jj] = sc;
                     mx = mx.max(sc);
                 }
                 let mut total = 0i64;
-                for s in &mut scores[lo..=pos] {
+                for s in &mut scores[..n] {
                     *s = exp_neg(mx as i64 - *s as i64, exp2) as i32;
                     total += *s as i64;
                 }
                 for d in 0..hd {
                     let mut acc = 0i64;
-                    for j in lo..=pos {
+                    for (jj, &sc) in scores[..n].iter().enumerate() {
+                        let j = row(jj);
                         let at = (j * kv_heads + kvh) * hd + d;
                         let vv = (c.v[at] as i64) << c.vs[(j * kv_heads + kvh) * ng + d / gs];
-                        acc += scores[j] as i64 * vv;
+                        acc += sc as i64 * vv;
                     }
                     arena[out.off + h * hd + d] = sat32(int::div_round(acc, total));
                 }

@@ -63,7 +63,7 @@ pub fn memory_report(p: &program::Program) -> serde_json::Value {
         "max_context": p.max_context,
         "flash_bytes": flash,
         "ram_bytes": ram,
-        "ram": {"arena": 4 * p.arena, "scratch": 2 * p.scratch16, "scores": 4 * p.max_context, "kv_cache": p.kv_bytes()},
+        "ram": {"arena": 4 * p.arena, "scratch": 2 * p.scratch16, "scores": 4 * p.scores, "kv_cache": p.kv_bytes()},
         "targets": targets,
     })
 }

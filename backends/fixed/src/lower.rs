@@ -46,9 +46,6 @@ pub fn unsupported(module: &VerifiedModule, op: &Op) -> Option<String> {
                 crate::program::KV4_GROUP
             ))
         }
-        Op::Attention { attrs, .. } if attrs.sink > 0 => {
-            Some(format!("attention sinks (sink {}): fixed-point caches are not windowed yet", attrs.sink))
-        }
         Op::Attention { .. } => None,
         Op::LayerNorm { .. } | Op::Softmax { .. } | Op::Steer { .. } => Some(format!("op `{}`", op.name())),
         Op::Repeat { .. }
@@ -274,6 +271,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
     let mut steps = vec![];
     let mut slots: Vec<Option<Slot>> = vec![];
     let mut scratch16 = 0usize;
+    let mut scores = 0usize;
     let mut vocab_rows = 0usize;
     let mut scratch_groups = 0usize;
     let buf =
@@ -351,7 +349,27 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                     DType::Q4_0 => 4,
                     _ => 16,
                 };
-                slots[slot] = Some(Slot { kv_heads: kvh, head_dim: hd, bits });
+                // A windowed writer's slot is a ring of window rows after its sinks; every
+                // reader of the slot must see no more than that.
+                let (rows, sink) = match (attrs.window as usize, attrs.sink as usize) {
+                    (0, _) => (max_context, 0),
+                    (w, s) => ((w + s).min(max_context), s.min(max_context)),
+                };
+                if k.is_some() {
+                    slots[slot] = Some(Slot { kv_heads: kvh, head_dim: hd, bits, rows, sink });
+                } else if let Some(sl) = slots[slot].filter(|sl| (sl.rows, sl.sink) != (rows, sink)) {
+                    if rows > sl.rows || sink != sl.sink {
+                        return Err(format!(
+                            "attention %{i} reads slot {slot} with window {} and sink {}, which its writer's \
+                             ring of {} rows after {} sinks does not hold",
+                            attrs.window,
+                            attrs.sink,
+                            sl.rows - sl.sink,
+                            sl.sink
+                        ));
+                    }
+                }
+                scores = scores.max(rows);
                 scratch16 = scratch16.max(hd);
                 let kv = match (k, v) {
                     (Some(k), Some(v)) => Some((buf(&bufs, *k)?, buf(&bufs, *v)?)),
@@ -371,6 +389,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                     mult,
                     shift,
                     window: attrs.window as usize,
+                    sink: attrs.sink as usize,
                     softcap,
                 }
             }
@@ -387,7 +406,8 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
         steps.push(step);
     }
     let logits = buf(&bufs, output)?;
-    let slots = slots.into_iter().map(|s| s.unwrap_or(Slot { kv_heads: 0, head_dim: 0, bits: 16 })).collect();
+    let slots =
+        slots.into_iter().map(|s| s.unwrap_or(Slot { kv_heads: 0, head_dim: 0, bits: 16, rows: 0, sink: 0 })).collect();
     Ok(Program {
         name: module.name.clone(),
         max_context,
@@ -399,6 +419,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
         arena: arena.size,
         scratch16,
         scratch_groups,
+        scores,
         slots,
         logits,
     })

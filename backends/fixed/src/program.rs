@@ -142,20 +142,30 @@ pub enum Step {
         mult: i32,
         shift: i32,
         window: usize,
+        /// With a window: the first `sink` positions stay visible too.
+        sink: usize,
         /// Soft-cap: `2/cap` and `cap` as multipliers.
         softcap: Option<[(i32, i32); 2]>,
     },
 }
 
-/// A KV-cache slot: `max_context × kv_heads × head_dim` mantissas for K and V (16-bit;
-/// 8-bit for a slot the module stores as `q8_0`; 4-bit, two per byte, for `q4_0`), with
-/// one shift per position, head and group of [`Slot::group`] channels.
+/// A KV-cache slot: `rows × kv_heads × head_dim` mantissas for K and V (16-bit; 8-bit
+/// for a slot the module stores as `q8_0`; 4-bit, two per byte, for `q4_0`), with one
+/// shift per row, head and group of [`Slot::group`] channels.
+///
+/// A slot holds every position (`rows` = the context) unless its attention is windowed:
+/// then it keeps the first `sink` positions and a ring of the last `rows − sink`
+/// ([`Slot::row`]), so its RAM no longer grows with the context.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
     pub kv_heads: usize,
     pub head_dim: usize,
     /// 16, 8 or 4.
     pub bits: usize,
+    /// Positions held.
+    pub rows: usize,
+    /// Leading positions kept outside the ring (0 for a slot without a window).
+    pub sink: usize,
 }
 
 /// Channels per shift of a 4-bit slot (a whole head for 16 and 8 bits).
@@ -170,6 +180,12 @@ impl Slot {
     /// Shifts per position and head.
     pub fn groups(&self) -> usize {
         self.head_dim.checked_div(self.group()).unwrap_or(0)
+    }
+
+    /// The row holding position `j`: `j` for the sinks, then a ring of `rows − sink` rows
+    /// (every position for a slot that holds the whole context).
+    pub fn row(&self, j: usize) -> usize {
+        if j < self.rows { j } else { self.sink + (j - self.sink) % (self.rows - self.sink).max(1) }
     }
 
     /// Bytes of K (or V) per position: mantissas and shifts.
@@ -196,6 +212,8 @@ pub struct Program {
     pub scratch16: usize,
     /// Scratch for per-group sums of a 4-bit matmul's input, in 32-bit words.
     pub scratch_groups: usize,
+    /// Attention scores of one query (the most keys any attention op reads), in 32-bit words.
+    pub scores: usize,
     pub slots: Vec<Slot>,
     /// Where the logits are after the last step.
     pub logits: Buf,
@@ -213,11 +231,11 @@ impl Program {
 
     /// Bytes of the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.slots.iter().map(|s| 2 * self.max_context * s.bytes_per_position()).sum()
+        self.slots.iter().map(|s| 2 * s.rows * s.bytes_per_position()).sum()
     }
 
     /// Bytes of static RAM: the arena, the scratch, the scores row and the KV cache.
     pub fn ram_bytes(&self) -> usize {
-        4 * self.arena + 2 * self.scratch16 + 4 * self.scratch_groups + 4 * self.max_context + self.kv_bytes()
+        4 * self.arena + 2 * self.scratch16 + 4 * self.scratch_groups + 4 * self.scores + self.kv_bytes()
     }
 }
