@@ -357,17 +357,15 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                 };
                 if k.is_some() {
                     slots[slot] = Some(Slot { kv_heads: kvh, head_dim: hd, bits, rows, sink });
-                } else if let Some(sl) = slots[slot].filter(|sl| (sl.rows, sl.sink) != (rows, sink)) {
-                    if rows > sl.rows || sink != sl.sink {
-                        return Err(format!(
-                            "attention %{i} reads slot {slot} with window {} and sink {}, which its writer's \
+                } else if let Some(sl) = slots[slot].filter(|sl| rows > sl.rows || sink != sl.sink) {
+                    return Err(format!(
+                        "attention %{i} reads slot {slot} with window {} and sink {}, which its writer's \
                              ring of {} rows after {} sinks does not hold",
-                            attrs.window,
-                            attrs.sink,
-                            sl.rows - sl.sink,
-                            sl.sink
-                        ));
-                    }
+                        attrs.window,
+                        attrs.sink,
+                        sl.rows - sl.sink,
+                        sl.sink
+                    ));
                 }
                 scores = scores.max(rows);
                 scratch16 = scratch16.max(hd);
