@@ -357,7 +357,11 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                 };
                 if k.is_some() {
                     slots[slot] = Some(Slot { kv_heads: kvh, head_dim: hd, bits, rows, sink });
-                } else if let Some(sl) = slots[slot].filter(|sl| rows > sl.rows || sink != sl.sink) {
+                } else if let Some(sl) = slots[slot].filter(|sl| {
+                    // A ring serves a reader whose sinks and window it holds.
+                    let w = attrs.window as usize;
+                    sl.rows < max_context && (w == 0 || w > sl.rows - sl.sink || sink > sl.sink)
+                }) {
                     return Err(format!(
                         "attention %{i} reads slot {slot} with window {} and sink {}, which its writer's \
                              ring of {} rows after {} sinks does not hold",
