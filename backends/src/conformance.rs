@@ -296,7 +296,14 @@ pub fn cases() -> Vec<Case> {
         let name = format!(
             "attention hd {hd} heads {heads}/{kv_heads} window {window}{sinks} softcap {softcap} shared {share}"
         );
-        out.push(case(name, b, y, 2e-5));
+        let mut c = case(name, b, y, 2e-5);
+        if sink > 0 {
+            // Past a ring of window + sinks + a chunk: a backend that keeps windowed slots as
+            // rings wraps them here, then takes three tokens in one call.
+            c.calls.extend((0..30).map(|i| (vec![(i * 7 + 2) % VOCAB as u32], Logits::Last)));
+            c.calls.push((vec![4, 9, 1], Logits::All));
+        }
+        out.push(c);
     }
     // Quantized KV caches (ggml blocks or FP8 bytes along each position's row): an optional capability.
     for kv_dtype in [DType::Q8_0, DType::Q4_0, DType::F8E4M3] {

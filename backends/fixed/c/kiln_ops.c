@@ -428,7 +428,10 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
                         int softcap, int32_t cm1, int32_t cs1, int32_t cm2, int32_t cs2, int16_t *mq,
                         int32_t *scores) {
     int32_t hd = c->head_dim, kvh_n = c->kv_heads, h, j, jj, d, lo, s, n, group = heads / kvh_n;
-    int32_t wr = k_row(c, pos);
+    int32_t wr = k_row(c, pos), g, r, end, nw, first;
+    /* The keys' rows as three runs: the sinks, the window up to the ring's end, the rest
+     * of the window after the ring wraps (empty for a slot that holds the whole context). */
+    int32_t seg[3][2];
     if (kn) {
         for (h = 0; h < kvh_n; h++) {
             int32_t at = (wr * kvh_n + h) * hd;
@@ -457,6 +460,14 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
     lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
     s = sink < lo ? sink : lo;
     n = pos + 1 - lo + s;
+    nw = pos + 1 - lo;
+    first = c->rows - k_row(c, lo) < nw ? c->rows - k_row(c, lo) : nw;
+    seg[0][0] = 0;
+    seg[0][1] = s;
+    seg[1][0] = k_row(c, lo);
+    seg[1][1] = first;
+    seg[2][0] = c->sink;
+    seg[2][1] = nw - first;
     for (h = 0; h < heads; h++) {
         int32_t kvh = h / group, mx = INT32_MIN;
         int shq = k_quantize16(q + h * hd, mq, hd);
@@ -517,22 +528,25 @@ static void k_attention(const int32_t *q, const int32_t *kn, const int32_t *vn, 
         }
         for (d = 0; d < hd; d++) {
             int64_t acc = 0;
-            for (jj = 0; jj < n; jj++) {
-                int32_t row = k_row(c, jj < s ? jj : jj - s + lo) * kvh_n + kvh, at = row * hd + d;
+            jj = 0;
+            for (g = 0; g < 3; g++) {
+                for (r = seg[g][0], end = seg[g][0] + seg[g][1]; r < end; r++, jj++) {
+                    int32_t row = r * kvh_n + kvh, at = row * hd + d;
 #if defined(KILN_USE_KV4)
-                if (c->v4) {
-                    acc += scores[jj] * ((int64_t)K_NIB(c->v4 + row * hd / 2, d) *
-                                        ((int64_t)1 << c->vs[row * (hd / 32) + d / 32]));
-                    continue;
-                }
+                    if (c->v4) {
+                        acc += scores[jj] * ((int64_t)K_NIB(c->v4 + row * hd / 2, d) *
+                                            ((int64_t)1 << c->vs[row * (hd / 32) + d / 32]));
+                        continue;
+                    }
 #endif
 #if defined(KILN_USE_KV8)
-                int64_t m = c->v8 ? c->v8[at] : c->v16[at];
+                    int64_t m = c->v8 ? c->v8[at] : c->v16[at];
 #else
-                int64_t m = c->v16[at];
+                    int64_t m = c->v16[at];
 #endif
-                int64_t vv = m * ((int64_t)1 << c->vs[row]);
-                acc += scores[jj] * vv;
+                    int64_t vv = m * ((int64_t)1 << c->vs[row]);
+                    acc += scores[jj] * vv;
+                }
             }
             y[h * hd + d] = k_sat32(k_div_round(acc, total));
         }

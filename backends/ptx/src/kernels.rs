@@ -603,22 +603,51 @@ pub fn rope(layout: RopeLayout) -> Kernel {
     kb.finish()
 }
 
-/// Copies `T` new rows of k and v into a KV cache slot at position `pos`.
-/// Arguments `k, v, kc, vc, step, n (= T·width), width`; grid `ceil(n / 128)`.
+/// The row of a KV-cache slot that holds position `j`: `j` while `j < rows`, after that
+/// `sink + (j − sink) mod (rows − sink)` (a slot of windowed attention keeps its sinks and a
+/// ring; a slot that holds the whole context never wraps; `kiln_fixed::program::Slot::row` is the same map).
+fn ring_row(kb: &mut Kb, j: Reg, rows: Reg, sink: Reg) -> Reg {
+    let inside = kb.setp(Cmp::Lt, j, rows);
+    let t = kb.sub(Ty::U32, j, sink);
+    let ring = kb.sub(Ty::U32, rows, sink);
+    let ring = kb.bin(BinOp::Max, Ty::U32, ring, 1u32);
+    let m = kb.bin(BinOp::Rem, Ty::U32, t, ring);
+    let r = kb.add(Ty::U32, m, sink);
+    kb.selp(Ty::U32, j, r, inside)
+}
+
+/// Appends `T` new rows of k and v (f32) to a slot at the step's position. Arguments
+/// `k, v, kc, vc, step, n (= T·width), width, rows, sink` (the slot's ring, [`ring_row`]);
+/// grid `ceil(n / 128)`.
 pub fn kv_append() -> Kernel {
     use ParamTy::*;
     let mut kb = Kb::new(
         "kv_append",
-        &[("k", Ptr), ("v", Ptr), ("kc", Ptr), ("vc", Ptr), ("step", Ptr), ("n", U32), ("width", U32)],
+        &[
+            ("k", Ptr),
+            ("v", Ptr),
+            ("kc", Ptr),
+            ("vc", Ptr),
+            ("step", Ptr),
+            ("n", U32),
+            ("width", U32),
+            ("rows", U32),
+            ("sink", U32),
+        ],
         BLOCK,
     );
     let (k, v, kc, vc, step, n, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let (rows, sink) = (kb.param(7), kb.param(8));
     let pos = kb.ld(Mem::U32, step, STEP_POS);
     let (i, ok) = elem_index(&mut kb, n);
     kb.guarded(ok, false, |kb| {
-        let base = kb.mul(Ty::U32, pos, width);
-        let j = kb.add(Ty::U32, base, i);
+        let r = kb.bin(BinOp::Div, Ty::U32, i, width);
+        let rw = kb.mul(Ty::U32, r, width);
+        let col = kb.sub(Ty::U32, i, rw);
+        let prow = kb.add(Ty::U32, pos, r);
+        let row = ring_row(kb, prow, rows, sink);
+        let j = kb.mad(Ty::U32, row, width, col);
         let ka = kb.index(k, i, 4);
         let va = kb.index(v, i, 4);
         let kca = kb.index(kc, j, 4);
@@ -649,7 +678,8 @@ pub fn attention_name(head_dim: u32, softcap: bool) -> String {
 /// shared memory and the block writes `(m, l, o[head_dim])` for its split.
 ///
 /// Arguments `q, kc, vc, part, step, heads, group (heads per kv head), width
-/// (kv_heads·head_dim), scale, window, sink, softcap, splits`; each query cuts its
+/// (kv_heads·head_dim), scale, window, sink, softcap, splits, rows, ring_sink` (the
+/// slot's ring, [`ring_row`]); each query cuts its
 /// own keys into `splits` equal chunks. Grid `(heads, T, splits)`. Query `t` sits at position `pos + t`
 /// and sees keys `0 .. min(sink, lo)` and `lo ..= pos + t` (`lo` from the sliding window).
 pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
@@ -673,6 +703,8 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
             ("sink", U32),
             ("softcap", F32),
             ("splits", U32),
+            ("rows", U32),
+            ("ring_sink", U32),
         ],
         BLOCK,
     );
@@ -689,6 +721,7 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
     let sink = kb.param(10);
     let cap = kb.param(11);
     let splits = kb.param(12);
+    let (rows, ring_sink) = (kb.param(13), kb.param(14));
     let rec = attn_record(hd);
     let smem_off = kb.shared(4 * warps * rec);
     let smem = kb.shared_base();
@@ -750,6 +783,7 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
         let in_window = kb.setp(Cmp::Ge, jc, s_n);
         let shift = kb.selp(Ty::U32, off, 0u32, in_window);
         let jc = kb.add(Ty::U32, jc, shift);
+        let jc = ring_row(kb, jc, rows, ring_sink);
         let row = kb.mad(Ty::U32, jc, width, kv_off);
         let ka = kb.index(kc, row, 4);
         let va = kb.index(vc, row, 4);
@@ -1429,16 +1463,27 @@ fn dequantize_block(kb: &mut Kb, dtype: DType, addr: Reg, off: i32) -> Vec<Reg> 
 /// Appends `T` new rows of k and v to a quantized KV-cache slot at the step's position:
 /// one thread per 64 values (a row is `width / 64` of them), rotated by `H/8` and stored as
 /// two ggml blocks, bit for bit what the reference cache stores. Arguments `k, v, kc, vc,
-/// step, n (= T·width/64), width`; grid `ceil(n / 128)`.
+/// step, n (= T·width/64), width, rows, sink` (the slot's ring); grid `ceil(n / 128)`.
 pub fn kv_append_q(dtype: DType) -> Kernel {
     use ParamTy::*;
     let mut kb = Kb::new(
         kv_append_q_name(dtype),
-        &[("k", Ptr), ("v", Ptr), ("kc", Ptr), ("vc", Ptr), ("step", Ptr), ("n", U32), ("width", U32)],
+        &[
+            ("k", Ptr),
+            ("v", Ptr),
+            ("kc", Ptr),
+            ("vc", Ptr),
+            ("step", Ptr),
+            ("n", U32),
+            ("width", U32),
+            ("rows", U32),
+            ("sink", U32),
+        ],
         BLOCK,
     );
     let (k, v, kc, vc, step, n, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let (rows, sink) = (kb.param(7), kb.param(8));
     let bb = kv_block_bytes(dtype);
     let pos = kb.ld(Mem::U32, step, STEP_POS);
     let (c, ok) = elem_index(&mut kb, n);
@@ -1452,6 +1497,7 @@ pub fn kv_append_q(dtype: DType) -> Kernel {
         let blocks = kb.shr(Ty::U32, width, 5u32);
         let row_bytes = kb.mul(Ty::U32, blocks, bb);
         let prow = kb.add(Ty::U32, pos, r);
+        let prow = ring_row(kb, prow, rows, sink);
         let dst = kb.mul(Ty::U32, prow, row_bytes);
         let dst = kb.mad(Ty::U32, j, 2 * bb, dst);
         for (x, cache) in [(k, kc), (v, vc)] {
@@ -1469,19 +1515,23 @@ pub fn kv_append_q(dtype: DType) -> Kernel {
 /// Dequantizes a quantized KV-cache slot's rows `0 .. pos + t` into f32 scratch rows (rotated
 /// back), for the attention kernel: one thread per 64 values; threads past the rows in use
 /// return, so the grid (`ceil(max_context·width/64 / 128)`) does not depend on the position
-/// and a recorded decode step replays. Arguments `kc, vc, kf, vf, step, t, width`.
+/// and a recorded decode step replays. Arguments `kc, vc, kf, vf, step, t, width, rows`
+/// (the slot's rows: a ring's are dequantized row for row, in ring order).
 pub fn kv_dequant(dtype: DType) -> Kernel {
     use ParamTy::*;
     let mut kb = Kb::new(
         kv_dequant_name(dtype),
-        &[("kc", Ptr), ("vc", Ptr), ("kf", Ptr), ("vf", Ptr), ("step", Ptr), ("t", U32), ("width", U32)],
+        &[("kc", Ptr), ("vc", Ptr), ("kf", Ptr), ("vf", Ptr), ("step", Ptr), ("t", U32), ("width", U32), ("rows", U32)],
         BLOCK,
     );
     let (kc, vc, kf, vf, step, t, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
+    let slot_rows = kb.param(7);
     let bb = kv_block_bytes(dtype);
     let pos = kb.ld(Mem::U32, step, STEP_POS);
+    // The slot's rows in use (a ring holds at most `rows`), row for row into the scratch.
     let rows = kb.add(Ty::U32, pos, t);
+    let rows = kb.bin(BinOp::Min, Ty::U32, rows, slot_rows);
     let cpr = kb.shr(Ty::U32, width, 6u32);
     let n = kb.mul(Ty::U32, rows, cpr);
     let (c, ok) = elem_index(&mut kb, n);

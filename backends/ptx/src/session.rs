@@ -33,6 +33,11 @@ struct Cache {
     k: u64,
     v: u64,
     width: usize,
+    /// Positions held: the context, or for a slot only windowed attention reads, its
+    /// sinks and a ring ([`slot_rings`]).
+    rows: usize,
+    /// Leading positions kept outside the ring.
+    sink: usize,
     /// F32, or a block type (`q8_0`, `q4_0`): rows of rotated ggml blocks, dequantized
     /// into the session's f32 scratch rows before each attention reads them.
     dtype: DType,
@@ -69,6 +74,10 @@ pub struct PtxSession<D: Device> {
     /// The forward call's first position (u32), read by the kernels.
     step: u64,
     decode_splits: u32,
+    /// With ring KV slots: how far back a rollback may go (a chunk) and whether one went
+    /// further, so that rows the ring has since overwritten would be read.
+    ring_slack: Option<usize>,
+    ring_lost: bool,
     /// Run-time strengths of steering ops, by name.
     steer: std::collections::BTreeMap<String, f32>,
     /// Decode steps replay one recorded launch sequence (`KILN_PTX_GRAPHS=0` turns it off).
@@ -88,6 +97,34 @@ fn usize_of(v: u64, what: &str) -> Result<usize, BackendError> {
 fn u32_of(v: usize, what: &str) -> Result<u32, BackendError> {
     u32::try_from(v)
         .map_err(|_| BackendError::BadInput(format!("{what} {v} exceeds the PTX backend's 32-bit indexing")))
+}
+
+/// Fewest tokens per launch sequence of a module whose attention is all windowed.
+const MIN_RING_CHUNK: usize = 16;
+
+/// Rows of each KV-cache slot that only windowed attention reads: its widest reader's
+/// sinks, then a ring of `window + chunk − 1` rows (enough for every query of a chunk, and
+/// for a rollback of up to a chunk, e.g. rejected speculative tokens), when that is less
+/// than the context. Other slots are absent (they hold the whole context).
+fn slot_rings(module: &kiln_ir::Module, max_context: usize, chunk: usize) -> HashMap<u32, (usize, usize)> {
+    let mut need: HashMap<u32, Option<(usize, usize)>> = HashMap::new();
+    for inst in &module.insts {
+        if let Op::Attention { attrs, .. } = &inst.op {
+            let (w, s) = (attrs.window as usize, attrs.sink as usize);
+            let e = need.entry(attrs.cache).or_insert(Some((0, 0)));
+            *e = match *e {
+                Some((mw, ms)) if w > 0 => Some((mw.max(w), ms.max(s))),
+                _ => None,
+            };
+        }
+    }
+    need.into_iter()
+        .filter_map(|(slot, n)| {
+            let (w, s) = n?;
+            let rows = s + w + chunk - 1;
+            (rows < max_context).then_some((slot, (rows, s)))
+        })
+        .collect()
 }
 
 /// Key splits of decode attention for a cache of `max_context` positions
@@ -114,7 +151,22 @@ impl<D: Device> PtxSession<D> {
             .collect::<Result<_, _>>()?;
         let vocab = cols[out.index()];
         let max_context = options.max_context;
-        let chunk = MAX_CHUNK.min(max_context.max(1));
+        // A module whose attention is all windowed runs in chunks no longer than its
+        // widest window (at least MIN_RING_CHUNK), so its rings stay small.
+        let widest = module
+            .insts
+            .iter()
+            .filter_map(|i| match &i.op {
+                Op::Attention { attrs, .. } => Some(attrs.window as usize),
+                _ => None,
+            })
+            .try_fold(0usize, |m, w| (w > 0).then_some(m.max(w)));
+        let chunk = match widest {
+            Some(w) if w > 0 => MAX_CHUNK.min(w.max(MIN_RING_CHUNK)),
+            _ => MAX_CHUNK,
+        }
+        .min(max_context.max(1));
+        let rings = slot_rings(&module, max_context, chunk);
 
         // Weights read on the device, uploaded once in their stored layout.
         let mut params = HashMap::new();
@@ -193,20 +245,21 @@ impl<D: Device> PtxSession<D> {
         let mut caches = HashMap::new();
         let mut rope_tables = HashMap::new();
         let mut part_floats = 0usize;
-        let mut scratch_width = 0usize;
+        let mut scratch_floats = 0usize;
         for inst in &module.insts {
             match &inst.op {
                 Op::Attention { k, attrs, .. } => {
                     let AttentionAttrs { heads, kv_heads, head_dim, kv_dtype, .. } = *attrs;
                     let width = usize_of(kv_heads * head_dim, "attention width")?;
+                    let (rows, sink) = rings.get(&attrs.cache).copied().unwrap_or((max_context, 0));
                     if kv_dtype != DType::F32 {
-                        scratch_width = scratch_width.max(width);
+                        scratch_floats = scratch_floats.max(rows * width);
                     }
                     if k.is_some() {
                         let row = usize_of(kv_dtype.row_bytes(width as u64).unwrap_or(0), "KV row bytes")?;
-                        let bytes = max_context * row;
-                        let c = Cache { k: dev.alloc(bytes)?, v: dev.alloc(bytes)?, width, dtype: kv_dtype };
-                        caches.insert(attrs.cache, c);
+                        let bytes = rows * row;
+                        let (k, v) = (dev.alloc(bytes)?, dev.alloc(bytes)?);
+                        caches.insert(attrs.cache, Cache { k, v, width, rows, sink, dtype: kv_dtype });
                     }
                     let rec = kernels::attn_record(u32_of(usize_of(head_dim, "head_dim")?, "head_dim")?) as usize;
                     let heads = usize_of(heads, "heads")?;
@@ -230,8 +283,8 @@ impl<D: Device> PtxSession<D> {
             }
         }
         let part = dev.alloc(4 * part_floats.max(1))?;
-        let kv_scratch = if scratch_width > 0 {
-            let bytes = 4 * max_context * scratch_width;
+        let kv_scratch = if scratch_floats > 0 {
+            let bytes = 4 * scratch_floats;
             Some((dev.alloc(bytes)?, dev.alloc(bytes)?))
         } else {
             None
@@ -263,6 +316,8 @@ impl<D: Device> PtxSession<D> {
             top_k_out,
             step,
             decode_splits: decode_splits(max_context),
+            ring_slack: (!rings.is_empty()).then_some(chunk),
+            ring_lost: false,
             use_graphs,
             steer: options.steer.clone(),
             decode_graph: None,
@@ -283,6 +338,13 @@ impl<D: Device> PtxSession<D> {
     }
 
     fn check_input(&self, tokens: &[u32]) -> Result<(), BackendError> {
+        if self.ring_lost {
+            return Err(BackendError::BadInput(format!(
+                "the session was rolled back more than {} positions, further than its windowed KV \
+                 caches keep; truncate it to 0 and run the tokens again",
+                self.ring_slack.unwrap_or(0)
+            )));
+        }
         kiln_backends::check_forward_input(tokens, self.pos, self.max_context, self.embed_rows)
     }
 
@@ -472,6 +534,7 @@ impl<D: Device> PtxSession<D> {
                 Op::Attention { q, k, v, attrs } => {
                     let cache = self.caches.get(&attrs.cache).ok_or_else(|| internal("KV cache slot missing"))?;
                     let (mut kc, mut vc, width, dtype) = (cache.k, cache.v, cache.width, cache.dtype);
+                    let (rows, ring_sink) = (u32_of(cache.rows, "KV rows")?, u32_of(cache.sink, "KV sinks")?);
                     if let (Some(k), Some(v)) = (k, v) {
                         // f32 slots take one thread per value, quantized ones one per 64-value chunk.
                         let (kernel, n) = if dtype == DType::F32 {
@@ -487,13 +550,15 @@ impl<D: Device> PtxSession<D> {
                             Arg::Ptr(self.step),
                             Arg::U32(n),
                             Arg::U32(width as u32),
+                            Arg::U32(rows),
+                            Arg::U32(ring_sink),
                         ];
                         self.dev.launch(&kernel, [n.div_ceil(BLOCK), 1, 1], &args)?;
                     }
                     if dtype != DType::F32 {
                         // The slot's rows so far, as f32, for the attention kernel.
                         let (kf, vf) = self.kv_scratch.ok_or_else(|| internal("KV scratch missing"))?;
-                        let all = u32_of(self.max_context * width / 64, "elements")?;
+                        let all = u32_of(rows as usize * width / 64, "elements")?;
                         let args = [
                             Arg::Ptr(kc),
                             Arg::Ptr(vc),
@@ -502,6 +567,7 @@ impl<D: Device> PtxSession<D> {
                             Arg::Ptr(self.step),
                             Arg::U32(tu),
                             Arg::U32(width as u32),
+                            Arg::U32(rows),
                         ];
                         self.dev.launch(&kernels::kv_dequant_name(dtype), [all.div_ceil(BLOCK), 1, 1], &args)?;
                         (kc, vc) = (kf, vf);
@@ -526,6 +592,8 @@ impl<D: Device> PtxSession<D> {
                         Arg::U32(attrs.sink as u32),
                         Arg::F32(attrs.softcap),
                         Arg::U32(splits),
+                        Arg::U32(rows),
+                        Arg::U32(ring_sink),
                     ];
                     self.dev.launch(&kernels::attention_name(hd, attrs.softcap > 0.0), [heads, tu, splits], &args)?;
                     let cargs = [
@@ -651,6 +719,11 @@ impl<D: Device> Session for PtxSession<D> {
     }
 
     fn truncate(&mut self, pos: usize) {
+        if pos == 0 {
+            self.ring_lost = false;
+        } else if self.ring_slack.is_some_and(|slack| self.pos > pos + slack) {
+            self.ring_lost = true;
+        }
         self.pos = self.pos.min(pos);
     }
 

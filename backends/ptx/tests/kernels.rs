@@ -171,6 +171,8 @@ fn attention_matches_naive() {
         let mut mem = EmuMemory::new();
         let kc = mem.alloc(4 * 16 * width);
         let vc = mem.alloc(4 * 16 * width);
+        // A windowed slot is a ring after its sinks: here it wraps (9 positions in 8 rows).
+        let (rows, ring_sink) = if window > 0 { (sink + window + t as u32 - 1, sink) } else { (16, 0) };
         // Fill the first `pos` positions, then append the T new rows.
         for (start, len) in [(0usize, pos), (pos, t)] {
             let ka = upload(&mut mem, &f32_bytes(&kall[start * width..(start + len) * width]));
@@ -185,6 +187,8 @@ fn attention_matches_naive() {
                 Arg::Ptr(step),
                 Arg::U32(n),
                 Arg::U32(width as u32),
+                Arg::U32(rows),
+                Arg::U32(ring_sink),
             ];
             launch(&mut mem, &kernels::kv_append(), [n.div_ceil(kernels::BLOCK), 1, 1], &args).unwrap();
         }
@@ -207,6 +211,8 @@ fn attention_matches_naive() {
             Arg::U32(sink),
             Arg::F32(softcap),
             Arg::U32(splits),
+            Arg::U32(rows),
+            Arg::U32(ring_sink),
         ];
         launch(&mut mem, &kernels::attention(hd, softcap > 0.0), [heads as u32, t as u32, splits], &args).unwrap();
         let cargs = [Arg::Ptr(part), Arg::Ptr(out), Arg::U32(heads as u32), Arg::U32(hd), Arg::U32(splits)];

@@ -355,6 +355,17 @@ for (var d = tid; d < p.head_dim; d = d + 128u) {{
 
 /// Copies `T` new rows of k and v into a KV-cache slot at the step's position.
 /// Arguments `k, v, kc, vc, step, n (= T·width), width`.
+/// The row of a KV-cache slot that holds position `j` (`kiln_ptx::kernels`' `ring_row`:
+/// `j` while `j < rows`, then the sinks' ring).
+pub(crate) const RING_ROW: &str = "
+fn ring_row(j: u32, rows: u32, sink: u32) -> u32 {
+    if j < rows {
+        return j;
+    }
+    return sink + (j - sink) % max(rows - sink, 1u);
+}
+";
+
 pub fn kv_append() -> Kernel {
     elementwise(
         "kv_append",
@@ -366,9 +377,12 @@ pub fn kv_append() -> Kernel {
             ("step", Arg::Words),
             ("n", Arg::U32),
             ("width", Arg::U32),
+            ("rows", Arg::U32),
+            ("sink", Arg::U32),
         ],
-        "",
-        "let j = b_step[p.step_off] * p.width + i;
+        RING_ROW,
+        "let r = i / p.width;
+let j = ring_row(b_step[p.step_off] + r, p.rows, p.sink) * p.width + (i - r * p.width);
 b_kc[p.kc_off + j] = b_k[p.k_off + i];
 b_vc[p.vc_off + j] = b_v[p.v_off + i];",
     )
@@ -398,6 +412,8 @@ pub fn attention(head_dim: u32, softcap: bool) -> Kernel {
             ("sink", Arg::U32),
             ("softcap", Arg::F32),
             ("splits", Arg::U32),
+            ("rows", Arg::U32),
+            ("ring_sink", Arg::U32),
         ],
         format!(
             "const HD: u32 = {head_dim}u;
@@ -405,7 +421,7 @@ const DPT: u32 = {dpt}u;
 const NEG_BIG: f32 = -1.0e30;
 var<workgroup> qv: array<f32, {head_dim}>;
 var<workgroup> probs: array<f32, 128>;
-{REDUCE}"
+{REDUCE}{RING_ROW}"
         ),
         format!(
             "let h = wg.x;
@@ -436,7 +452,7 @@ for (var j0 = start; j0 < end; j0 = j0 + 128u) {{
     let j = j0 + tid;
     var s = NEG_BIG;
     if j < end {{
-        let kb = p.kc_off + select(j, j + off, j >= s_n) * p.width + kv_off;
+        let kb = p.kc_off + ring_row(select(j, j + off, j >= s_n), p.rows, p.ring_sink) * p.width + kv_off;
         var dot = 0.0;
         for (var d = 0u; d < HD; d = d + 1u) {{
             dot = fma(qv[d], b_kc[kb + d], dot);
@@ -455,7 +471,8 @@ for (var j0 = start; j0 < end; j0 = j0 + 128u) {{
             var o = acc[r] * corr;
             for (var jj = 0u; jj < tile; jj = jj + 1u) {{
                 let jr = j0 + jj;
-                o = fma(probs[jj], b_vc[p.vc_off + select(jr, jr + off, jr >= s_n) * p.width + kv_off + d], o);
+                let row = ring_row(select(jr, jr + off, jr >= s_n), p.rows, p.ring_sink);
+                o = fma(probs[jj], b_vc[p.vc_off + row * p.width + kv_off + d], o);
             }}
             acc[r] = o;
         }}

@@ -171,7 +171,7 @@ fn dequantize(bytes: ptr<function, array<u32, 68>>, o: u32, v: ptr<function, arr
 
 /// The WGSL module-scope code of a kernel over `dtype` blocks.
 fn decls(dtype: DType) -> String {
-    format!("{COMMON}{}{}{}", crate::formats::HALF, crate::formats::E4M3, block(dtype))
+    format!("{COMMON}{}{}{}{}", crate::formats::HALF, crate::formats::E4M3, crate::kernels::RING_ROW, block(dtype))
 }
 
 /// Words of one 64-value chunk (two blocks) and of one row of `p.width` values.
@@ -209,6 +209,8 @@ for (var w = 0u; w < {words}u; w = w + 1u) {{
             ("step", Arg::Words),
             ("n", Arg::U32),
             ("width", Arg::U32),
+            ("rows", Arg::U32),
+            ("sink", Arg::U32),
         ],
         decls(dtype),
         format!(
@@ -220,7 +222,7 @@ let cpr = p.width >> 6u;
 let r = c / cpr;
 let j = c - r * cpr;
 let src = r * p.width + j * 64u;
-{row_words}let dst = (b_step[p.step_off] + r) * row_words + j * {words}u;
+{row_words}let dst = ring_row(b_step[p.step_off] + r, p.rows, p.sink) * row_words + j * {words}u;
 var v: array<f32, 64>;
 var bytes: array<u32, 68>;
 {}{}",
@@ -263,12 +265,13 @@ for (var i = 0u; i < 64u; i = i + 1u) {{
             ("step", Arg::Words),
             ("t", Arg::U32),
             ("width", Arg::U32),
+            ("rows", Arg::U32),
         ],
         decls(dtype),
         format!(
             "let c = wg.x * 128u + tid;
 let cpr = p.width >> 6u;
-if c >= (b_step[p.step_off] + p.t) * cpr {{
+if c >= min(b_step[p.step_off] + p.t, p.rows) * cpr {{
     return;
 }}
 let r = c / cpr;
