@@ -5,6 +5,7 @@
 pub use kiln_quant as quant;
 pub mod conformance;
 pub mod reference;
+pub mod ring;
 
 use std::sync::Arc;
 

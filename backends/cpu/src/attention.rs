@@ -43,7 +43,8 @@ fn attend_avx2(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAt
             let (sinks, window) = attrs.key_ranges(p, cache.len());
             let qh = &q[idx * hd..(idx + 1) * hd];
             // SAFETY: only called with `Isa::Avx2`, detected at run time.
-            unsafe { crate::x86::flash_f16(qh, cache, sinks.chain(window), (h / group) * hd, attrs, o, scratch) };
+            let rows = sinks.chain(window).map(|j| cache.row(j));
+            unsafe { crate::x86::flash_f16(qh, cache, rows, (h / group) * hd, attrs, o, scratch) };
         },
     );
     out

@@ -34,7 +34,7 @@ struct Cache {
     v: u64,
     width: usize,
     /// Positions held: the context, or for a slot only windowed attention reads, its
-    /// sinks and a ring ([`slot_rings`]).
+    /// sinks and a ring (`kiln_backends::ring`).
     rows: usize,
     /// Leading positions kept outside the ring.
     sink: usize,
@@ -99,34 +99,6 @@ fn u32_of(v: usize, what: &str) -> Result<u32, BackendError> {
         .map_err(|_| BackendError::BadInput(format!("{what} {v} exceeds the PTX backend's 32-bit indexing")))
 }
 
-/// Fewest tokens per launch sequence of a module whose attention is all windowed.
-const MIN_RING_CHUNK: usize = 16;
-
-/// Rows of each KV-cache slot that only windowed attention reads: its widest reader's
-/// sinks, then a ring of `window + chunk − 1` rows (enough for every query of a chunk, and
-/// for a rollback of up to a chunk, e.g. rejected speculative tokens), when that is less
-/// than the context. Other slots are absent (they hold the whole context).
-fn slot_rings(module: &kiln_ir::Module, max_context: usize, chunk: usize) -> HashMap<u32, (usize, usize)> {
-    let mut need: HashMap<u32, Option<(usize, usize)>> = HashMap::new();
-    for inst in &module.insts {
-        if let Op::Attention { attrs, .. } = &inst.op {
-            let (w, s) = (attrs.window as usize, attrs.sink as usize);
-            let e = need.entry(attrs.cache).or_insert(Some((0, 0)));
-            *e = match *e {
-                Some((mw, ms)) if w > 0 => Some((mw.max(w), ms.max(s))),
-                _ => None,
-            };
-        }
-    }
-    need.into_iter()
-        .filter_map(|(slot, n)| {
-            let (w, s) = n?;
-            let rows = s + w + chunk - 1;
-            (rows < max_context).then_some((slot, (rows, s)))
-        })
-        .collect()
-}
-
 /// Key splits of decode attention for a cache of `max_context` positions
 /// (fixed per session, so the decode graph is; each query cuts its own keys).
 fn decode_splits(max_context: usize) -> u32 {
@@ -151,22 +123,9 @@ impl<D: Device> PtxSession<D> {
             .collect::<Result<_, _>>()?;
         let vocab = cols[out.index()];
         let max_context = options.max_context;
-        // A module whose attention is all windowed runs in chunks no longer than its
-        // widest window (at least MIN_RING_CHUNK), so its rings stay small.
-        let widest = module
-            .insts
-            .iter()
-            .filter_map(|i| match &i.op {
-                Op::Attention { attrs, .. } => Some(attrs.window as usize),
-                _ => None,
-            })
-            .try_fold(0usize, |m, w| (w > 0).then_some(m.max(w)));
-        let chunk = match widest {
-            Some(w) if w > 0 => MAX_CHUNK.min(w.max(MIN_RING_CHUNK)),
-            _ => MAX_CHUNK,
-        }
-        .min(max_context.max(1));
-        let rings = slot_rings(&module, max_context, chunk);
+        // Windowed slots as rings (and shorter chunks when all attention is windowed).
+        let ring_plan = kiln_backends::ring::plan(&module, max_context, MAX_CHUNK);
+        let (chunk, rings) = (ring_plan.chunk, ring_plan.slots);
 
         // Weights read on the device, uploaded once in their stored layout.
         let mut params = HashMap::new();

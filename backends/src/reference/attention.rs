@@ -29,12 +29,21 @@ use super::kernels::{dot, softmax_row};
 /// per 64 values (`H/8`, its own inverse), which spreads outliers across each
 /// block before rounding, as llama.cpp rotates quantized K/V caches; reading
 /// rotates back, so attention sees the original basis.
+///
+/// A slot may be a ring ([`KvCache::with_ring`], planned by `crate::ring`): it then holds
+/// `rows` rows, the first `sink` positions and after them a ring, and position `j` lives
+/// in row [`KvCache::row`]`(j)`; `k`/`v` are indexed by row.
 #[derive(Clone, Debug)]
 pub struct KvCache {
     /// Floats per position: `kv_heads · head_dim`.
     pub width: usize,
     /// Most positions the slot will hold (the session's context).
     max_positions: usize,
+    /// Rows the slot keeps (`max_positions`, or its sinks and ring).
+    rows: usize,
+    sink: usize,
+    /// Positions appended so far.
+    pos: usize,
     pub k: Vec<f32>,
     pub v: Vec<f32>,
     /// Storage type: F32 (`k`/`v`) or a block type (`kq`/`vq`).
@@ -56,7 +65,36 @@ impl KvCache {
 
     /// A slot storing rows as `dtype` (F32, or a block type whose block divides `width`).
     pub fn with_dtype(width: usize, max_positions: usize, dtype: DType) -> Self {
-        KvCache { width, max_positions, k: Vec::new(), v: Vec::new(), dtype, kq: Vec::new(), vq: Vec::new() }
+        KvCache {
+            width,
+            max_positions,
+            rows: max_positions,
+            sink: 0,
+            pos: 0,
+            k: Vec::new(),
+            v: Vec::new(),
+            dtype,
+            kq: Vec::new(),
+            vq: Vec::new(),
+        }
+    }
+
+    /// The same slot kept as `sink` rows and a ring after them, `rows` in all.
+    pub fn with_ring(mut self, rows: usize, sink: usize) -> Self {
+        if rows < self.max_positions && sink < rows {
+            (self.rows, self.sink) = (rows, sink);
+        }
+        self
+    }
+
+    /// The row that holds position `j` (`j` itself unless the slot is a ring that wrapped).
+    pub fn row(&self, j: usize) -> usize {
+        crate::ring::row(j, self.rows, self.sink)
+    }
+
+    /// Rows stored (at most the ring's).
+    fn stored(&self) -> usize {
+        self.pos.min(self.rows)
     }
 
     pub fn dtype(&self) -> DType {
@@ -71,13 +109,9 @@ impl KvCache {
         self.dtype.row_bytes(self.width as u64).unwrap_or(0) as usize
     }
 
-    /// Cached positions.
+    /// Positions appended (a ring holds only the last of them besides its sinks).
     pub fn len(&self) -> usize {
-        if self.is_quantized() {
-            self.kq.len().checked_div(self.row_bytes()).unwrap_or(0)
-        } else {
-            self.k.len().checked_div(self.width).unwrap_or(0)
-        }
+        self.pos
     }
 
     pub fn is_empty(&self) -> bool {
@@ -93,41 +127,55 @@ impl KvCache {
     /// for a block-typed slot. Grows by doubling, but never reserves room for
     /// more than `max_positions`.
     pub fn append(&mut self, k: &[f32], v: &[f32]) {
+        let w = self.width.max(1);
+        let n = k.len() / w;
+        // Rows past the stored ones grow the buffers; a ring that wrapped overwrites.
+        let grow = (self.pos + n).min(self.rows) - self.stored();
+        let rows: Vec<usize> = (self.pos..self.pos + n).map(|j| self.row(j)).collect();
         if self.is_quantized() {
-            let (rb, w, dtype, max) = (self.row_bytes(), self.width.max(1), self.dtype, self.max_positions);
+            let (rb, dtype, max) = (self.row_bytes(), self.dtype, self.rows);
             for (buf, new) in [(&mut self.kq, k), (&mut self.vq, v)] {
-                let start = buf.len();
-                reserve_doubling(buf, new.len() / w * rb, max * rb);
-                buf.resize(buf.len() + new.len() / w * rb, 0);
+                reserve_doubling(buf, grow * rb, max * rb);
+                buf.resize(buf.len() + grow * rb, 0);
                 let mut tmp = vec![0.0f32; w];
-                for (row, dst) in new.chunks(w).zip(buf[start..].chunks_mut(rb)) {
+                for (row, &r) in new.chunks(w).zip(&rows) {
                     tmp.copy_from_slice(row);
                     rotate64(&mut tmp);
                     // Rows are whole blocks (the verifier checks head_dim), so this cannot fail.
-                    let _ = crate::quant::quantize_row(dtype, &tmp, dst);
+                    let _ = crate::quant::quantize_row(dtype, &tmp, &mut buf[r * rb..(r + 1) * rb]);
                 }
             }
-            return;
+        } else {
+            for (buf, new) in [(&mut self.k, k), (&mut self.v, v)] {
+                reserve_doubling(buf, grow * w, self.rows * w);
+                buf.resize(buf.len() + grow * w, 0.0);
+                for (row, &r) in new.chunks(w).zip(&rows) {
+                    buf[r * w..(r + 1) * w].copy_from_slice(row);
+                }
+            }
         }
-        for (buf, new) in [(&mut self.k, k), (&mut self.v, v)] {
-            reserve_doubling(buf, new.len(), self.max_positions * self.width);
-            buf.extend_from_slice(new);
-        }
+        self.pos += n;
     }
 
-    /// Keeps only the first `pos` positions.
+    /// Keeps only the first `pos` positions. A ring that wrapped keeps its rows (the next
+    /// appends overwrite them); the session bounds how far back it may roll.
     pub fn truncate(&mut self, pos: usize) {
-        let rb = self.row_bytes();
-        self.kq.truncate(pos * rb);
-        self.vq.truncate(pos * rb);
-        self.k.truncate(pos * self.width);
-        self.v.truncate(pos * self.width);
+        if pos >= self.pos {
+            return;
+        }
+        self.pos = pos;
+        let (rb, keep) = (self.row_bytes(), self.stored());
+        self.kq.truncate(keep * rb);
+        self.vq.truncate(keep * rb);
+        self.k.truncate(keep * self.width);
+        self.v.truncate(keep * self.width);
     }
 
     /// An f32 slot with this slot's values (a block-typed slot's dequantized;
     /// `f16`: rounded to f16 as well, the values llama.cpp-numerics attention reads).
     pub fn dequantized(&self, f16: bool) -> KvCache {
-        let mut out = KvCache::new(self.width, self.len());
+        let mut out = KvCache::new(self.width, self.max_positions);
+        (out.rows, out.sink, out.pos) = (self.rows, self.sink, self.pos);
         if !self.is_quantized() {
             out.k.clone_from(&self.k);
             out.v.clone_from(&self.v);
@@ -194,7 +242,8 @@ pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAtt
         let kv_off = (h / group) * hd;
         let qh = &q[idx * hd..(idx + 1) * hd];
         let (sinks, window) = attrs.key_ranges(p, cache.len());
-        let keys = || sinks.clone().chain(window.clone());
+        // Rows of the keys, in key order.
+        let keys = || sinks.clone().chain(window.clone()).map(|j| cache.row(j));
         if ggml {
             flash_f16(qh, keys(), cache, kv_off, attrs, o);
             return;
@@ -291,5 +340,75 @@ fn flash_f16(
     let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
     for (od, a) in o.iter_mut().zip(&acc) {
         *od = a * inv;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// A ring slot (sinks + window + chunk − 1 rows) attends exactly as a slot that keeps
+    /// every position, through chunks, wraps and a rollback of a chunk, for every storage
+    /// type and both numerics.
+    #[test]
+    fn a_ring_slot_attends_like_a_full_one() {
+        let (heads, kv_heads, hd, window, sink, chunk) = (4usize, 2usize, 64usize, 6u64, 2u64, 5usize);
+        let width = kv_heads * hd;
+        let attrs = AttentionAttrs {
+            cache: 0,
+            heads: heads as u64,
+            kv_heads: kv_heads as u64,
+            head_dim: hd as u64,
+            scale: 0.2,
+            window,
+            sink,
+            softcap: 0.0,
+            kv_dtype: DType::F32,
+        };
+        let rows = (sink + window) as usize + chunk - 1;
+        for dtype in [DType::F32, DType::Q8_0, DType::F8E4M3] {
+            for ggml in [false, true] {
+                let mut full = KvCache::with_dtype(width, 100, dtype);
+                let mut ring = KvCache::with_dtype(width, 100, dtype).with_ring(rows, sink as usize);
+                // Chunks of up to `chunk` tokens; after the fifth a rollback of `chunk`.
+                let mut pos = 0;
+                for (step, t) in [5usize, 3, 5, 1, 4, 2, 5, 5, 1, 3].into_iter().enumerate() {
+                    let (k, v, q) = (
+                        rand(t * width, 3 * step as u64),
+                        rand(t * width, 91 + step as u64),
+                        rand(t * heads * hd, 7 + step as u64),
+                    );
+                    full.append(&k, &v);
+                    ring.append(&k, &v);
+                    let a = attend(&q, pos, &full, &attrs, ggml);
+                    let b = attend(&q, pos, &ring, &attrs, ggml);
+                    assert!(
+                        a.iter().map(|x| x.to_bits()).eq(b.iter().map(|x| x.to_bits())),
+                        "{dtype} ggml {ggml} step {step}"
+                    );
+                    pos += t;
+                    if step == 4 {
+                        pos -= chunk;
+                        full.truncate(pos);
+                        ring.truncate(pos);
+                    }
+                }
+                assert!(pos > 2 * rows, "the ring must wrap");
+                assert_eq!(ring.len(), full.len());
+                assert!(ring.bytes() < full.bytes() / 2, "{dtype}: {} vs {}", ring.bytes(), full.bytes());
+            }
+        }
     }
 }

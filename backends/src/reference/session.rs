@@ -91,6 +91,10 @@ pub struct ReferenceSession {
     pool: Arc<rayon::ThreadPool>,
     max_context: usize,
     pos: usize,
+    /// With ring slots (windowed attention): the most tokens one pass takes, which is
+    /// also how far back a rollback may go; and whether one went further.
+    ring_chunk: Option<usize>,
+    ring_lost: bool,
     vocab: usize,
     /// Rows of the smallest embedding table: token ids must be below it.
     embed_rows: Option<usize>,
@@ -217,6 +221,8 @@ impl ReferenceSession {
         let mut embed_rows: Option<usize> = None;
         let mut vectors = HashMap::new();
         let mut caches = HashMap::new();
+        // One pass takes any number of tokens, unless windowed slots are kept as rings.
+        let rings = crate::ring::plan(&module, options.max_context, usize::MAX);
         for inst in &module.insts {
             let vector_params: Vec<ParamId> = match &inst.op {
                 Op::Embed { table, .. } => {
@@ -241,7 +247,11 @@ impl ReferenceSession {
                 Op::Attention { k: Some(_), attrs, .. } => {
                     let width = usize::try_from(attrs.kv_heads * attrs.head_dim)
                         .map_err(|_| internal("attention width overflows"))?;
-                    caches.insert(attrs.cache, KvCache::with_dtype(width, options.max_context, attrs.kv_dtype));
+                    let mut cache = KvCache::with_dtype(width, options.max_context, attrs.kv_dtype);
+                    if let Some(&(rows, sink)) = rings.slots.get(&attrs.cache) {
+                        cache = cache.with_ring(rows, sink);
+                    }
+                    caches.insert(attrs.cache, cache);
                     vec![]
                 }
                 _ => vec![],
@@ -298,6 +308,8 @@ impl ReferenceSession {
             pool: Arc::new(pool),
             max_context: options.max_context,
             pos: 0,
+            ring_chunk: (!rings.slots.is_empty()).then_some(rings.chunk),
+            ring_lost: false,
             vocab,
             embed_rows,
             vectors,
@@ -319,6 +331,13 @@ impl ReferenceSession {
 
     /// Checks a forward call's input before anything changes.
     fn check_input(&self, tokens: &[u32]) -> Result<(), BackendError> {
+        if self.ring_lost {
+            return Err(BackendError::BadInput(format!(
+                "the session was rolled back more than {} positions, further than its windowed KV \
+                 caches keep; truncate it to 0 and run the tokens again",
+                self.ring_chunk.unwrap_or(0)
+            )));
+        }
         crate::check_forward_input(tokens, self.pos, self.max_context, self.embed_rows)
     }
 
@@ -644,6 +663,24 @@ impl ReferenceSession {
 impl Session for ReferenceSession {
     fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, BackendError> {
         self.check_input(tokens)?;
+        // Ring slots hold the keys of at most a chunk's queries: longer inputs go by chunks.
+        if let Some(chunk) = self.ring_chunk.filter(|c| tokens.len() > *c) {
+            let start = self.pos;
+            let mut out = Vec::new();
+            let parts: Vec<&[u32]> = tokens.chunks(chunk).collect();
+            for (i, part) in parts.iter().enumerate() {
+                let last = i + 1 == parts.len();
+                match self.forward(part, logits) {
+                    Ok(o) if last || logits == Logits::All => out.extend(o),
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.truncate(start);
+                        return Err(e);
+                    }
+                }
+            }
+            return Ok(out);
+        }
         let pool = Arc::clone(&self.pool);
         let result = pool.install(|| self.run(tokens, logits));
         let value = match result {
@@ -673,6 +710,11 @@ impl Session for ReferenceSession {
     }
 
     fn truncate(&mut self, pos: usize) {
+        if pos == 0 {
+            self.ring_lost = false;
+        } else if self.ring_chunk.is_some_and(|c| self.pos > pos + c) {
+            self.ring_lost = true;
+        }
         if pos < self.pos {
             self.pos = pos;
             self.caches.values_mut().for_each(|c| c.truncate(pos));
