@@ -517,11 +517,16 @@ pub struct CompressedView<'a> {
 }
 
 impl CompressedView<'_> {
-    /// The raw rows visible from position `p` (`p − window < j ≤ p`), as one slice.
-    pub fn raw_rows(&self, p: usize) -> &[f32] {
-        let hd = self.attrs.head_dim as usize;
+    /// The raw rows visible from position `p` (`p − window < j ≤ p`), as row numbers of `raw`.
+    pub fn raw_range(&self, p: usize) -> std::ops::Range<usize> {
         let lo = (p + 1).saturating_sub(self.attrs.window as usize).max(self.raw_pos);
-        &self.raw[(lo - self.raw_pos) * hd..(p + 1 - self.raw_pos) * hd]
+        lo - self.raw_pos..p + 1 - self.raw_pos
+    }
+
+    /// The raw rows visible from position `p`, as one slice.
+    pub fn raw_rows(&self, p: usize) -> &[f32] {
+        let (hd, r) = (self.attrs.head_dim as usize, self.raw_range(p));
+        &self.raw[r.start * hd..r.end * hd]
     }
 
     /// How many compressed rows position `p` sees (those whose tokens all precede it).
@@ -558,6 +563,66 @@ impl CompressedView<'_> {
         let mut chosen: Vec<u32> = scored.into_iter().map(|(_, w)| w).collect();
         chosen.sort_unstable();
         chosen
+    }
+
+    /// Attention of query rows `q` (`[rows, heads·head_dim]`, not rotated; row t at position
+    /// `first_pos + t`) over these rows; `idx_q`, `idx_w`: the indexer's query projections
+    /// and head weights per row. The definition: f64 sums, a full softmax.
+    pub fn attend(
+        &self,
+        q: &[f32],
+        first_pos: usize,
+        idx_q: Option<&[f32]>,
+        idx_w: Option<&[f32]>,
+        sink: &[f32],
+    ) -> Vec<f32> {
+        let v = *self;
+        let a = v.attrs;
+        let (h, hd) = (a.heads as usize, a.head_dim as usize);
+        let rows = q.len() / (h * hd).max(1);
+        let per_row: Vec<Vec<f32>> = (0..rows)
+            .into_par_iter()
+            .map(|t| {
+                let p = first_pos + t;
+                let mut comp_rows: Vec<usize> = (0..v.visible(p)).collect();
+                if let (Some(keys), Some(iq), Some(iw)) = (v.index_keys, idx_q, idx_w) {
+                    let (nh, di) = (a.index_heads as usize, a.index_dim as usize);
+                    let (qi, wh, dscale) = v.index_query(&iq[t * nh * di..], &iw[t * nh..], p);
+                    let scored = comp_rows
+                        .iter()
+                        .filter(|&&w| (w + 1) * di <= keys.len())
+                        .map(|&w| {
+                            let k = &keys[w * di..(w + 1) * di];
+                            let s: f64 = qi
+                                .chunks(di)
+                                .zip(&wh)
+                                .map(|(qh, w)| f64::from(*w) * f64::from(dot64(qh, k).max(0.0) * dscale))
+                                .sum();
+                            (s as f32, w as u32)
+                        })
+                        .collect();
+                    comp_rows = v.top_k(scored).into_iter().map(|w| w as usize).collect();
+                }
+                let all: Vec<&[f32]> =
+                    v.raw_rows(p).chunks(hd).chain(comp_rows.iter().map(|&w| &v.comp[w * hd..(w + 1) * hd])).collect();
+                let mut qr = q[t * h * hd..(t + 1) * h * hd].to_vec();
+                v.rope(&mut qr, hd, p, 1.0);
+                let mut o = vec![0f32; h * hd];
+                for (head, (qh, oh)) in qr.chunks(hd).zip(o.chunks_mut(hd)).enumerate() {
+                    let mut logits: Vec<f32> = all.iter().map(|k| dot64(qh, k) * a.scale).collect();
+                    logits.push(sink[head]);
+                    softmax_in_place(&mut logits);
+                    let mut acc = vec![0f64; hd];
+                    for (pr, k) in logits.iter().zip(&all) {
+                        acc.iter_mut().zip(k.iter()).for_each(|(s, v)| *s += f64::from(*pr) * f64::from(*v));
+                    }
+                    oh.iter_mut().zip(&acc).for_each(|(o, v)| *o = *v as f32);
+                }
+                v.rope(&mut o, hd, p, -1.0);
+                o
+            })
+            .collect();
+        per_row.concat()
     }
 }
 
@@ -737,8 +802,7 @@ impl CompressedCache {
     }
 
     /// Attention of query rows `q` (`[rows, heads·head_dim]`, not rotated; row t at position
-    /// `first_pos + t`) after [`CompressedCache::append`]; `idx_q`, `idx_w`: the indexer's
-    /// query projections and head weights per row. The definition: f64 sums, a full softmax.
+    /// `first_pos + t`) after [`CompressedCache::append`]: [`CompressedView::attend`].
     pub fn attend(
         &self,
         q: &[f32],
@@ -747,52 +811,6 @@ impl CompressedCache {
         idx_w: Option<&[f32]>,
         sink: &[f32],
     ) -> Vec<f32> {
-        let v = self.view();
-        let a = v.attrs;
-        let (h, hd) = (a.heads as usize, a.head_dim as usize);
-        let rows = q.len() / (h * hd).max(1);
-        let per_row: Vec<Vec<f32>> = (0..rows)
-            .into_par_iter()
-            .map(|t| {
-                let p = first_pos + t;
-                let mut comp_rows: Vec<usize> = (0..v.visible(p)).collect();
-                if let (Some(keys), Some(iq), Some(iw)) = (v.index_keys, idx_q, idx_w) {
-                    let (nh, di) = (a.index_heads as usize, a.index_dim as usize);
-                    let (qi, wh, dscale) = v.index_query(&iq[t * nh * di..], &iw[t * nh..], p);
-                    let scored = comp_rows
-                        .iter()
-                        .filter(|&&w| (w + 1) * di <= keys.len())
-                        .map(|&w| {
-                            let k = &keys[w * di..(w + 1) * di];
-                            let s: f64 = qi
-                                .chunks(di)
-                                .zip(&wh)
-                                .map(|(qh, w)| f64::from(*w) * f64::from(dot64(qh, k).max(0.0) * dscale))
-                                .sum();
-                            (s as f32, w as u32)
-                        })
-                        .collect();
-                    comp_rows = v.top_k(scored).into_iter().map(|w| w as usize).collect();
-                }
-                let all: Vec<&[f32]> =
-                    v.raw_rows(p).chunks(hd).chain(comp_rows.iter().map(|&w| &v.comp[w * hd..(w + 1) * hd])).collect();
-                let mut qr = q[t * h * hd..(t + 1) * h * hd].to_vec();
-                v.rope(&mut qr, hd, p, 1.0);
-                let mut o = vec![0f32; h * hd];
-                for (head, (qh, oh)) in qr.chunks(hd).zip(o.chunks_mut(hd)).enumerate() {
-                    let mut logits: Vec<f32> = all.iter().map(|k| dot64(qh, k) * a.scale).collect();
-                    logits.push(sink[head]);
-                    softmax_in_place(&mut logits);
-                    let mut acc = vec![0f64; hd];
-                    for (pr, k) in logits.iter().zip(&all) {
-                        acc.iter_mut().zip(k.iter()).for_each(|(s, v)| *s += f64::from(*pr) * f64::from(*v));
-                    }
-                    oh.iter_mut().zip(&acc).for_each(|(o, v)| *o = *v as f32);
-                }
-                v.rope(&mut o, hd, p, -1.0);
-                o
-            })
-            .collect();
-        per_row.concat()
+        self.view().attend(q, first_pos, idx_q, idx_w, sink)
     }
 }
