@@ -93,8 +93,8 @@ pub struct ContextReport {
 }
 
 /// Decode time per token at growing contexts: one session filled by chunked prefill
-/// (`chunk` random tokens per call) up to each of `contexts` (ascending), then `steps`
-/// single-token decode steps timed one by one, after which filling goes on from there.
+/// (`chunk` random tokens per call) up to each of `contexts` (ascending), then one untimed
+/// and `steps` timed single-token decode steps, after which filling goes on from there.
 pub fn bench_contexts(
     model: &Model,
     contexts: &[usize],
@@ -107,7 +107,7 @@ pub fn bench_contexts(
     let mut sorted = contexts.to_vec();
     sorted.sort_unstable();
     let steps = steps.max(1);
-    let max = sorted.last().copied().unwrap_or(0) + steps;
+    let max = sorted.last().copied().unwrap_or(0) + steps + 1;
     let mut session = model.session(max, threads)?;
     let mut points = Vec::new();
     for &context in &sorted {
@@ -119,6 +119,8 @@ pub fn bench_contexts(
         }
         let prefill_seconds = t.elapsed().as_secs_f64();
         let kv_cache_bytes = session.kv_cache_bytes().map(|b| b as u64);
+        // One untimed step first (the first call after a prefill pays for growing buffers).
+        session.forward(&[(rng.next_u64() % vocab) as u32], Logits::Last)?;
         let mut times: Vec<f64> = (0..steps)
             .map(|_| {
                 let tok = (rng.next_u64() % vocab) as u32;

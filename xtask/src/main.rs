@@ -114,7 +114,7 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   bench steer [--recipe R] [--strengths -6,-3,0,3] [--max-tokens 320] [--limit N] [--threads 2]\n\
   bench kv [--models ID,ID] [--budgets 5%,25%] [--ctx 512] [--chunks 4] [--calib-ctx 256] [--calib-chunks 1]\n\
   bench watch [--recipes R,R] [--steps 32]   # Cortex-M4 under QEMU: flash, RAM, instructions/token\n\
-  bench attention [--contexts 1024,4096,16384,65536] [--steps 8] [--chunk 2048] [--threads 2]   # CSA/HCA vs dense decode\n\
+  bench attention [--contexts 1024,4096,16384,65536] [--steps 24] [--chunk 2048] [--threads 2]   # CSA/HCA vs dense decode\n\
   glassllm-to-hf --npz PATH --tokenizer PATH --out DIR\n\
   fuzz [--seconds 20] [--jobs 1] [--seed] [TARGET...]   run the fuzz targets (needs cargo-fuzz)";
 
