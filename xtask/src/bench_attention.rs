@@ -470,30 +470,20 @@ fn markdown(doc: &Value, dm: &Dims) -> String {
     }
     s += "\n| | CSA/HCA | dense |\n| --- | --- | --- |\n";
     let m = |i: usize, k: &str| modes.get(i).map_or(f64::NAN, |m| f(m, k));
-    s += &format!(
-        "| decode time 64k / 4k | {:.2} | {:.2} |\n",
-        m(0, "decode_ratio_64k_4k"),
-        m(1, "decode_ratio_64k_4k")
-    );
-    s += &format!(
-        "| decode ms added per 1k tokens of context, 4k → 64k | {:.4} | {:.4} |\n",
-        m(0, "decode_ms_per_1k_context_4k_to_64k"),
-        m(1, "decode_ms_per_1k_context_4k_to_64k")
-    );
-    s += &format!(
-        "| KV bytes per token, measured (first to last context) | {:.2} | {:.2} |\n",
-        m(0, "kv_bytes_per_token_measured"),
-        m(1, "kv_bytes_per_token_measured")
-    );
-    s += &format!(
-        "| KV bytes per token, analytic | {:.2} | {:.2} |\n",
-        m(0, "kv_bytes_per_token_analytic"),
-        m(1, "kv_bytes_per_token_analytic")
-    );
-    s += &format!("| wall time of the mode (s) | {:.0} | {:.0} |\n\n", m(0, "seconds"), m(1, "seconds"));
+    for (label, key, digits) in [
+        ("decode time 64k / 4k", "decode_ratio_64k_4k", 2),
+        ("decode ms added per 1k tokens of context, 4k → 64k", "decode_ms_per_1k_context_4k_to_64k", 4),
+        ("KV bytes per token, measured (first to last context)", "kv_bytes_per_token_measured", 2),
+        ("KV bytes per token, analytic", "kv_bytes_per_token_analytic", 2),
+        ("wall time of the mode (s)", "seconds", 0),
+    ] {
+        s += &format!("| {label} | {:.digits$} | {:.digits$} |\n", m(0, key), m(1, key));
+    }
+    s += "\n";
     s += "Reading it: the decode time of this small model is its attention plus a fixed part (matmuls, MoE, \
           hyper-connections: about half a millisecond on two cores), so dense attention's 64k/4k ratio stays below \
-          16 although every token of context adds a row to every layer's attention; CSA/HCA adds only the indexer's linear scan of the ratio-4 keys \
+          16 although every token of context adds a row to every layer's attention; CSA/HCA adds only the \
+          indexer's linear scan of the ratio-4 keys \
           (index_heads × index_dim per 4 tokens) and the HCA rows (one per 128 tokens), while the attention \
           itself reads at most window + top-k + n/128 rows per layer. The first decode step after each prefill \
           is untimed.\n\n";
@@ -502,4 +492,30 @@ fn markdown(doc: &Value, dm: &Dims) -> String {
           is constant); dense layers 4·head_dim each. The measured value is the growth of the session's cache \
           between the first and the last context, so the constant windows cancel.\n";
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_synthetic_models_import_with_the_analytic_cache_sizes() {
+        let dm = Dims::bench();
+        // Two CSA layers: (64 + 32)·4/4 each; two HCA layers: 64·4/128 each.
+        assert_eq!(dm.analytic_compressed(), 196.0);
+        assert_eq!(dm.analytic_dense(), 1536.0);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let env = Env { root: root.clone(), kiln: PathBuf::new(), cache: PathBuf::new() };
+        let work = std::env::temp_dir().join(format!("kiln-bench-attention-{}", std::process::id()));
+        let (csa, dense) = write_models(&env, &work, &dm, 1 << 17).unwrap();
+        let count = |dir: &Path, what: &str| {
+            let (m, _) = kiln_frontend::hf::import_dir_graph(dir).unwrap();
+            kiln_ir::print(&m).matches(what).count()
+        };
+        assert_eq!(count(&csa, "ratio=4,"), 2);
+        assert_eq!(count(&csa, "ratio=128,"), 2);
+        assert_eq!(count(&csa, "topk=512,"), 2);
+        assert_eq!(count(&dense, "window=131072, eps"), 6, "dense layers: no compressor, a window over everything");
+        std::fs::remove_dir_all(&work).ok();
+    }
 }
