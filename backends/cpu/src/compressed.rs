@@ -1,9 +1,11 @@
 //! Fused compressed (DeepSeek-V4) attention: for each query row, one pass that scores
 //! the Lightning Indexer over the visible compressed rows, keeps the top k, and attends
 //! over the raw window ∪ the chosen compressed rows ∪ the sink with an online softmax
-//! (blocks of keys, a running maximum, no score row over all keys). Rows in parallel,
-//! and within a row the indexer's key blocks and the heads; AVX2 dots and updates where
-//! detected, the same loops in scalar code elsewhere.
+//! (blocks of keys, a running maximum, no score row over all keys). Prefill: tiles of
+//! query rows in parallel, each block of raw keys read once for every row and head of a
+//! tile; decode: the indexer's rows and the raw keys split over the threads, the parts'
+//! softmax states merged. AVX2 dots, exp and updates where detected, the same loops in
+//! scalar code elsewhere.
 //!
 //! The cache, its compressors, visibility, RoPE and the top-k rule are the reference's
 //! ([`CompressedView`]); only the sums differ: f32 here (the reference sums in f64), so
@@ -40,6 +42,7 @@ fn max(isa: Isa, s: &[f32]) -> f32 {
         // SAFETY: as in `dot`.
         return unsafe { x86::max(s) };
     }
+    let _ = isa;
     s.iter().copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
