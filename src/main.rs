@@ -219,6 +219,13 @@ struct BenchArgs {
     tg: usize,
     #[arg(long, default_value_t = 1)]
     reps: usize,
+    /// Instead: decode time per token at these context lengths (comma-separated), each
+    /// reached by chunked prefill, `--tg` decode steps timed at each, and the KV-cache bytes.
+    #[arg(long, value_delimiter = ',')]
+    contexts: Vec<usize>,
+    /// Tokens per prefill call with `--contexts`.
+    #[arg(long, default_value_t = 1024)]
+    chunk: usize,
     #[command(flatten)]
     common: Common,
 }
@@ -590,6 +597,22 @@ fn cmd_calibrate(a: CalibrateArgs) -> KilnResult<()> {
 fn cmd_bench(a: BenchArgs) -> KilnResult<()> {
     let mut model = load_model(&a.model, !a.common.json)?;
     a.common.apply(&mut model)?;
+    if !a.contexts.is_empty() {
+        let pb = progress::spinner(!a.common.json, format!("contexts {:?} / tg{}", a.contexts, a.tg));
+        let r = kiln_runtime::bench::bench_contexts(&model, &a.contexts, a.chunk, a.tg, threads(a.common.threads))?;
+        pb.finish_and_clear();
+        if a.common.json {
+            print_json(&json!({"model": model.path, "report": r}));
+        } else {
+            println!("| context | decode ms/token (best) | median | KV bytes |");
+            println!("| --- | --- | --- | --- |");
+            for p in &r.points {
+                let kv = p.kv_cache_bytes.map_or("-".to_string(), |b| b.to_string());
+                println!("| {} | {:.3} | {:.3} | {kv} |", p.context, p.decode_ms_best, p.decode_ms_median);
+            }
+        }
+        return Ok(());
+    }
     let pb = progress::spinner(!a.common.json, format!("pp{} / tg{}", a.pp, a.tg));
     let r = kiln_runtime::bench::bench(&model, a.pp, a.tg, a.reps, threads(a.common.threads))?;
     pb.finish_and_clear();

@@ -164,6 +164,11 @@ pub trait Session: Send {
     /// Drops cached positions at and after `pos` (rollback, e.g. for speculative decoding).
     fn truncate(&mut self, pos: usize);
     fn vocab_size(&self) -> usize;
+    /// Bytes the KV cache holds now (what later tokens attend over), where the backend
+    /// counts them.
+    fn kv_cache_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Runs `tokens` like [`Session::forward`] and returns the id of the largest
     /// logit of the last token (lowest id on ties): greedy decoding without
     /// copying the logits back, where the backend can.

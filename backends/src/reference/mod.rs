@@ -32,7 +32,7 @@ pub use attention::{KvCache, attend};
 pub use kernels::{dot, rope_angles};
 pub use matmul::{Weight, place_tiles};
 pub use session::{Captured, ChannelStats, Kernels, ReferenceKernels, ReferenceSession};
-pub use sparse::CompressedCache;
+pub use sparse::{CompressedCache, CompressedView};
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};
 

@@ -38,6 +38,21 @@ pub trait Kernels: Send + Sync {
     fn attend(&self, q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
         attend(q, first_pos, cache, attrs, ggml)
     }
+
+    /// Compressed (DeepSeek-V4) attention of query rows `q` (row `t` at position
+    /// `first_pos + t`, not rotated) over `cache`, which already holds this call's rows;
+    /// `idx_q`, `idx_w`: the indexer's query projections and head weights per row.
+    fn compressed_attend(
+        &self,
+        cache: &CompressedCache,
+        q: &[f32],
+        first_pos: usize,
+        idx_q: Option<&[f32]>,
+        idx_w: Option<&[f32]>,
+        sink: &[f32],
+    ) -> Vec<f32> {
+        cache.attend(q, first_pos, idx_q, idx_w, sink)
+    }
 }
 
 /// The reference kernels in the given numerics.
@@ -602,7 +617,7 @@ impl ReferenceSession {
                         self.pos
                     )));
                 }
-                let (keys, key_pos) = cache.append(kv_all, c, ix).map_err(BackendError::BadInput)?;
+                cache.append(kv_all, c, ix).map_err(BackendError::BadInput)?;
                 if rows == Rows::Skip {
                     return Ok(None);
                 }
@@ -611,7 +626,7 @@ impl ReferenceSession {
                 let iw = indexer.as_ref().map(|x| act(x.w).map(|a| a.0)).transpose()?;
                 let sink = self.vectors.get(sink).ok_or_else(|| internal("sink not decoded"))?;
                 let cache = &self.compressed[&attrs.cache];
-                out(cache.attend(qv, self.pos + first, &keys, key_pos, iq, iw, sink), cols)
+                out(self.kernel.compressed_attend(cache, qv, self.pos + first, iq, iw, sink), cols)
             }
             Op::Attention { q, k, v, attrs } => {
                 let cache = self
@@ -724,5 +739,9 @@ impl Session for ReferenceSession {
 
     fn vocab_size(&self) -> usize {
         self.vocab
+    }
+
+    fn kv_cache_bytes(&self) -> Option<usize> {
+        Some(ReferenceSession::kv_cache_bytes(self))
     }
 }

@@ -416,13 +416,47 @@ impl Compressor {
     }
 }
 
-/// The cache state of one compressed-attention slot.
+/// What a [`Compressor`] needs to return to an earlier state: its compressed rows only
+/// grow, so their count, plus the small open-window state.
 #[derive(Clone, Debug, Default)]
-struct SlotState {
-    /// Rotated K=V rows of the latest `≤ window − 1` positions, ending at the session position.
-    raw: Vec<f32>,
-    comp: Option<Compressor>,
-    index: Option<Compressor>,
+struct CompressorMark {
+    rows: usize,
+    buf_kv: Vec<f32>,
+    buf_gate: Vec<f32>,
+    prev: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Compressor {
+    fn mark(&self) -> CompressorMark {
+        CompressorMark {
+            rows: self.rows(),
+            buf_kv: self.buf_kv.clone(),
+            buf_gate: self.buf_gate.clone(),
+            prev: self.prev.clone(),
+        }
+    }
+
+    fn restore(&mut self, m: &CompressorMark) {
+        self.entries.truncate(m.rows * self.dim);
+        self.buf_kv.clone_from(&m.buf_kv);
+        self.buf_gate.clone_from(&m.buf_gate);
+        self.prev.clone_from(&m.prev);
+    }
+
+    fn clear(&mut self) {
+        self.restore(&CompressorMark::default());
+    }
+}
+
+/// The state at the start of the last forward call. Nothing is trimmed from the raw rows
+/// or the compressed rows during a call (the raw window is trimmed when the next call
+/// starts), so this costs O(window), not O(context): a count of raw rows, and each
+/// compressor's [`CompressorMark`].
+#[derive(Clone, Debug, Default)]
+struct Mark {
+    raw_rows: usize,
+    comp: Option<CompressorMark>,
+    index: Option<CompressorMark>,
 }
 
 /// This call's inputs to the cache (what a rollback replays).
@@ -439,9 +473,14 @@ struct CallInputs {
 pub struct CompressedCache {
     attrs: CompressedAttentionAttrs,
     inv: Vec<f32>,
-    state: SlotState,
+    /// Rotated K=V rows from position `raw_pos` on: the window kept before the last
+    /// forward call (≤ `window − 1` rows) followed by that call's rows.
+    raw: Vec<f32>,
+    raw_pos: usize,
+    comp: Option<Compressor>,
+    index: Option<Compressor>,
     /// The state at the start of the last forward call, its position, and that call's inputs.
-    base: SlotState,
+    base: Mark,
     base_pos: usize,
     last: CallInputs,
     /// Positions the state covers.
@@ -458,6 +497,135 @@ pub(crate) struct StreamInit {
     pub width: usize,
 }
 
+/// What one forward call's attention reads from a compressed slot (after
+/// [`CompressedCache::append`]): the attributes, the rotated raw rows and compressed rows,
+/// the indexer's keys, and the shared per-query steps (visibility, RoPE, the indexer's
+/// query). The reference's [`CompressedCache::attend`] and the compiled backends' fused
+/// kernels are both written over it.
+#[derive(Clone, Copy, Debug)]
+pub struct CompressedView<'a> {
+    pub attrs: &'a CompressedAttentionAttrs,
+    /// RoPE inverse frequencies of the rotated (last) channels.
+    pub inv: &'a [f32],
+    /// Rotated raw K=V rows `[n, head_dim]`; row 0 is at position `raw_pos`.
+    pub raw: &'a [f32],
+    pub raw_pos: usize,
+    /// Compressed rows `[n, head_dim]` (row w pools positions `w·ratio..(w+1)·ratio`).
+    pub comp: &'a [f32],
+    /// The indexer's compressed keys `[n, index_dim]`, when the op has an indexer.
+    pub index_keys: Option<&'a [f32]>,
+}
+
+impl CompressedView<'_> {
+    /// The raw rows visible from position `p` (`p − window < j ≤ p`), as row numbers of `raw`.
+    pub fn raw_range(&self, p: usize) -> std::ops::Range<usize> {
+        let lo = (p + 1).saturating_sub(self.attrs.window as usize).max(self.raw_pos);
+        lo - self.raw_pos..p + 1 - self.raw_pos
+    }
+
+    /// The raw rows visible from position `p`, as one slice.
+    pub fn raw_rows(&self, p: usize) -> &[f32] {
+        let (hd, r) = (self.attrs.head_dim as usize, self.raw_range(p));
+        &self.raw[r.start * hd..r.end * hd]
+    }
+
+    /// How many compressed rows position `p` sees (those whose tokens all precede it).
+    pub fn visible(&self, p: usize) -> usize {
+        let hd = self.attrs.head_dim as usize;
+        (p + 1).checked_div(self.attrs.ratio as usize).unwrap_or(0).min(self.comp.len() / hd.max(1))
+    }
+
+    /// Rotates each `hd`-wide head of `x` to position `p` (`sign` −1: back).
+    pub fn rope(&self, x: &mut [f32], hd: usize, p: usize, sign: f32) {
+        rope_heads(x, hd, self.inv, p, sign);
+    }
+
+    /// The indexer's query at position `p` from its projection row `iq` (rotated), its
+    /// per-head weights from `iw` times `1/√heads`, and the dot scale `1/√dim`: the score
+    /// of compressed row w is `Σ_h w_h · (max(q_h · k_w, 0) · dscale)`.
+    pub fn index_query(&self, iq: &[f32], iw: &[f32], p: usize) -> (Vec<f32>, Vec<f32>, f32) {
+        let (nh, di) = (self.attrs.index_heads as usize, self.attrs.index_dim as usize);
+        let mut qi = iq[..nh * di].to_vec();
+        self.rope(&mut qi, di, p, 1.0);
+        let wscale = 1.0 / (nh as f32).sqrt();
+        (qi, iw[..nh].iter().map(|w| w * wscale).collect(), 1.0 / (di as f32).sqrt())
+    }
+
+    /// The `topk` rows of largest score among `scored` (score, row), ties to the earlier
+    /// row, in row order.
+    pub fn top_k(&self, mut scored: Vec<(f32, u32)>) -> Vec<u32> {
+        let k = self.attrs.topk as usize;
+        let order = |x: &(f32, u32), y: &(f32, u32)| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1));
+        if k > 0 && k < scored.len() {
+            scored.select_nth_unstable_by(k - 1, order);
+            scored.truncate(k);
+        }
+        let mut chosen: Vec<u32> = scored.into_iter().map(|(_, w)| w).collect();
+        chosen.sort_unstable();
+        chosen
+    }
+
+    /// Attention of query rows `q` (`[rows, heads·head_dim]`, not rotated; row t at position
+    /// `first_pos + t`) over these rows; `idx_q`, `idx_w`: the indexer's query projections
+    /// and head weights per row. The definition: f64 sums, a full softmax.
+    pub fn attend(
+        &self,
+        q: &[f32],
+        first_pos: usize,
+        idx_q: Option<&[f32]>,
+        idx_w: Option<&[f32]>,
+        sink: &[f32],
+    ) -> Vec<f32> {
+        let v = *self;
+        let a = v.attrs;
+        let (h, hd) = (a.heads as usize, a.head_dim as usize);
+        let rows = q.len() / (h * hd).max(1);
+        let per_row: Vec<Vec<f32>> = (0..rows)
+            .into_par_iter()
+            .map(|t| {
+                let p = first_pos + t;
+                let mut comp_rows: Vec<usize> = (0..v.visible(p)).collect();
+                if let (Some(keys), Some(iq), Some(iw)) = (v.index_keys, idx_q, idx_w) {
+                    let (nh, di) = (a.index_heads as usize, a.index_dim as usize);
+                    let (qi, wh, dscale) = v.index_query(&iq[t * nh * di..], &iw[t * nh..], p);
+                    let scored = comp_rows
+                        .iter()
+                        .filter(|&&w| (w + 1) * di <= keys.len())
+                        .map(|&w| {
+                            let k = &keys[w * di..(w + 1) * di];
+                            let s: f64 = qi
+                                .chunks(di)
+                                .zip(&wh)
+                                .map(|(qh, w)| f64::from(*w) * f64::from(dot64(qh, k).max(0.0) * dscale))
+                                .sum();
+                            (s as f32, w as u32)
+                        })
+                        .collect();
+                    comp_rows = v.top_k(scored).into_iter().map(|w| w as usize).collect();
+                }
+                let all: Vec<&[f32]> =
+                    v.raw_rows(p).chunks(hd).chain(comp_rows.iter().map(|&w| &v.comp[w * hd..(w + 1) * hd])).collect();
+                let mut qr = q[t * h * hd..(t + 1) * h * hd].to_vec();
+                v.rope(&mut qr, hd, p, 1.0);
+                let mut o = vec![0f32; h * hd];
+                for (head, (qh, oh)) in qr.chunks(hd).zip(o.chunks_mut(hd)).enumerate() {
+                    let mut logits: Vec<f32> = all.iter().map(|k| dot64(qh, k) * a.scale).collect();
+                    logits.push(sink[head]);
+                    softmax_in_place(&mut logits);
+                    let mut acc = vec![0f64; hd];
+                    for (pr, k) in logits.iter().zip(&all) {
+                        acc.iter_mut().zip(k.iter()).for_each(|(s, v)| *s += f64::from(*pr) * f64::from(*v));
+                    }
+                    oh.iter_mut().zip(&acc).for_each(|(o, v)| *o = *v as f32);
+                }
+                v.rope(&mut o, hd, p, -1.0);
+                o
+            })
+            .collect();
+        per_row.concat()
+    }
+}
+
 impl CompressedCache {
     pub(crate) fn new(attrs: &CompressedAttentionAttrs, comp: Option<StreamInit>, index: Option<StreamInit>) -> Self {
         let mk = |dim: u64, init: Option<StreamInit>| {
@@ -471,12 +639,14 @@ impl CompressedCache {
                 ..Default::default()
             })
         };
-        let state = SlotState { raw: vec![], comp: mk(attrs.head_dim, comp), index: mk(attrs.index_dim, index) };
         CompressedCache {
             attrs: attrs.clone(),
             inv: inv_freq(&attrs.rope),
-            base: state.clone(),
-            state,
+            raw: vec![],
+            raw_pos: 0,
+            comp: mk(attrs.head_dim, comp),
+            index: mk(attrs.index_dim, index),
+            base: Mark::default(),
             base_pos: 0,
             last: CallInputs::default(),
             pos: 0,
@@ -498,19 +668,54 @@ impl CompressedCache {
         self.lost
     }
 
-    /// Bytes the slot holds now (raw window, compressed rows, open windows), not counting
-    /// the copy kept for rollback.
+    /// Raw rows the slot keeps for later calls: the last `window − 1`.
+    fn kept_rows(&self) -> usize {
+        let hd = self.attrs.head_dim as usize;
+        (self.raw.len() / hd.max(1)).min((self.attrs.window as usize).saturating_sub(1))
+    }
+
+    /// Bytes the slot holds for later calls (raw window, compressed rows, open windows),
+    /// not counting the last call's rows beyond the window (dropped when the next call
+    /// starts) or what is kept for rollback.
     pub fn bytes(&self) -> usize {
-        let streams = [&self.state.comp, &self.state.index];
-        4 * self.state.raw.len() + streams.iter().filter_map(|c| c.as_ref()).map(Compressor::bytes).sum::<usize>()
+        let streams = [&self.comp, &self.index];
+        4 * self.kept_rows() * self.attrs.head_dim as usize
+            + streams.iter().filter_map(|c| c.as_ref()).map(Compressor::bytes).sum::<usize>()
     }
 
     /// Compressed rows `[n, dim]` of the attention stream and of the indexer's keys.
     pub fn compressed_rows(&self) -> (Option<&[f32]>, Option<&[f32]>) {
-        (
-            self.state.comp.as_ref().map(|c| c.entries.as_slice()),
-            self.state.index.as_ref().map(|c| c.entries.as_slice()),
-        )
+        (self.comp.as_ref().map(|c| c.entries.as_slice()), self.index.as_ref().map(|c| c.entries.as_slice()))
+    }
+
+    /// What attention reads (valid after [`CompressedCache::append`] for the call's queries).
+    pub fn view(&self) -> CompressedView<'_> {
+        CompressedView {
+            attrs: &self.attrs,
+            inv: &self.inv,
+            raw: &self.raw,
+            raw_pos: self.raw_pos,
+            comp: self.comp.as_ref().map_or(&[][..], |c| c.entries.as_slice()),
+            index_keys: self.index.as_ref().map(|c| c.entries.as_slice()),
+        }
+    }
+
+    fn mark(&self) -> Mark {
+        let hd = self.attrs.head_dim as usize;
+        Mark {
+            raw_rows: self.raw.len() / hd.max(1),
+            comp: self.comp.as_ref().map(Compressor::mark),
+            index: self.index.as_ref().map(Compressor::mark),
+        }
+    }
+
+    fn restore(&mut self, m: &Mark) {
+        self.raw.truncate(m.raw_rows * self.attrs.head_dim as usize);
+        for (c, m) in [(&mut self.comp, &m.comp), (&mut self.index, &m.index)] {
+            if let (Some(c), Some(m)) = (c.as_mut(), m) {
+                c.restore(m);
+            }
+        }
     }
 
     /// Drops positions at and after `pos`: exact when `pos` lies within the last forward
@@ -521,9 +726,10 @@ impl CompressedCache {
             return;
         }
         if pos == 0 {
-            self.state = self.initial();
-            self.base = self.state.clone();
-            (self.pos, self.base_pos, self.lost) = (0, 0, false);
+            self.raw.clear();
+            self.comp.iter_mut().chain(self.index.iter_mut()).for_each(Compressor::clear);
+            self.base = self.mark();
+            (self.pos, self.base_pos, self.raw_pos, self.lost) = (0, 0, 0, false);
             self.last = CallInputs::default();
             return;
         }
@@ -540,161 +746,71 @@ impl CompressedCache {
         let inputs = CallInputs {
             tokens: n,
             kv: self.last.kv[..n * hd].to_vec(),
-            comp: cut(&self.last.comp, &self.state.comp),
-            index: cut(&self.last.index, &self.state.index),
+            comp: cut(&self.last.comp, &self.comp),
+            index: cut(&self.last.index, &self.index),
         };
-        self.state = self.base.clone();
+        let base = std::mem::take(&mut self.base);
+        self.restore(&base);
+        self.base = base;
         self.pos = self.base_pos;
         self.absorb(&inputs);
     }
 
-    /// An empty state with this slot's parameters.
-    fn initial(&self) -> SlotState {
-        let clear = |c: &Option<Compressor>| {
-            c.as_ref().map(|c| Compressor {
-                buf_kv: vec![],
-                buf_gate: vec![],
-                prev: None,
-                entries: vec![],
-                ..c.clone()
-            })
-        };
-        SlotState { raw: vec![], comp: clear(&self.state.comp), index: clear(&self.state.index) }
-    }
-
-    /// Appends one call's rows to the state; returns the raw keys this call attends over
-    /// (the cached window followed by the call's rotated rows) and the first one's position.
-    fn absorb(&mut self, inputs: &CallInputs) -> (Vec<f32>, usize) {
+    /// Appends one call's rows to the state: the raw rows (rotated) after the kept window,
+    /// each compressor's projections.
+    fn absorb(&mut self, inputs: &CallInputs) {
         let hd = self.attrs.head_dim as usize;
-        let old = self.state.raw.len() / hd;
-        let mut keys = std::mem::take(&mut self.state.raw);
         for (t, row) in inputs.kv.chunks(hd).enumerate() {
-            let mut r = row.to_vec();
-            rope_heads(&mut r, hd, &self.inv, self.pos + t, 1.0);
-            keys.extend_from_slice(&r);
+            let at = self.raw.len();
+            self.raw.extend_from_slice(row);
+            rope_heads(&mut self.raw[at..], hd, &self.inv, self.pos + t, 1.0);
         }
-        let first = self.pos - old;
-        if let (Some(c), Some((k, g))) = (self.state.comp.as_mut(), &inputs.comp) {
+        if let (Some(c), Some((k, g))) = (self.comp.as_mut(), &inputs.comp) {
             c.absorb(k, g, &self.inv);
         }
-        if let (Some(c), Some((k, g))) = (self.state.index.as_mut(), &inputs.index) {
+        if let (Some(c), Some((k, g))) = (self.index.as_mut(), &inputs.index) {
             c.absorb(k, g, &self.inv);
         }
-        let keep = (self.attrs.window as usize).saturating_sub(1).min(keys.len() / hd);
-        self.state.raw = keys[keys.len() - keep * hd..].to_vec();
         self.pos += inputs.tokens;
-        (keys, first)
     }
 
-    /// One forward call's cache update: remembers the state before it (for rollback) and
-    /// absorbs the call's `kv` rows (`[T, head_dim]`, not rotated) and compressor projections.
+    /// One forward call's cache update: drops the raw rows that left the window, remembers
+    /// the state before the call (for rollback) and absorbs the call's `kv` rows
+    /// (`[T, head_dim]`, not rotated) and compressor projections.
     pub(crate) fn append(
         &mut self,
         kv: &[f32],
         comp: Option<(&[f32], &[f32])>,
         index: Option<(&[f32], &[f32])>,
-    ) -> Result<(Vec<f32>, usize), String> {
+    ) -> Result<(), String> {
         if self.lost {
             return Err("the compressed-attention cache was rolled back past the last forward call, \
                         which it cannot restore; truncate to 0 and run the text again"
                 .into());
         }
-        let own = |x: Option<(&[f32], &[f32])>| x.map(|(k, g)| (k.to_vec(), g.to_vec()));
         let hd = self.attrs.head_dim as usize;
+        let drop = self.raw.len() / hd.max(1) - self.kept_rows();
+        self.raw.drain(..drop * hd);
+        self.raw_pos += drop;
+        let own = |x: Option<(&[f32], &[f32])>| x.map(|(k, g)| (k.to_vec(), g.to_vec()));
         let inputs = CallInputs { tokens: kv.len() / hd, kv: kv.to_vec(), comp: own(comp), index: own(index) };
-        self.base = self.state.clone();
+        self.base = self.mark();
         self.base_pos = self.pos;
-        let out = self.absorb(&inputs);
+        self.absorb(&inputs);
         self.last = inputs;
-        Ok(out)
+        Ok(())
     }
 
     /// Attention of query rows `q` (`[rows, heads·head_dim]`, not rotated; row t at position
-    /// `first_pos + t`) after [`CompressedCache::append`] gave the raw `keys` from `key_pos`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn attend(
+    /// `first_pos + t`) after [`CompressedCache::append`]: [`CompressedView::attend`].
+    pub fn attend(
         &self,
         q: &[f32],
         first_pos: usize,
-        keys: &[f32],
-        key_pos: usize,
         idx_q: Option<&[f32]>,
         idx_w: Option<&[f32]>,
         sink: &[f32],
     ) -> Vec<f32> {
-        let a = &self.attrs;
-        let (h, hd, win) = (a.heads as usize, a.head_dim as usize, a.window as usize);
-        let n_raw = keys.len() / hd;
-        let entries = self.state.comp.as_ref().map_or(&[][..], |c| c.entries.as_slice());
-        let ratio = a.ratio as usize;
-        let rows = q.len() / (h * hd).max(1);
-        let per_row: Vec<Vec<f32>> = (0..rows)
-            .into_par_iter()
-            .map(|t| {
-                let p = first_pos + t;
-                // Visible raw keys: positions p − win < j ≤ p.
-                let lo = (p + 1).saturating_sub(win).max(key_pos);
-                let raw: Vec<&[f32]> = (lo..=p).map(|j| &keys[(j - key_pos) * hd..(j - key_pos + 1) * hd]).collect();
-                debug_assert!(p - key_pos < n_raw);
-                // Visible compressed rows.
-                let visible = (p + 1).checked_div(ratio).unwrap_or(0).min(entries.len() / hd);
-                let mut comp_rows: Vec<usize> = (0..visible).collect();
-                if let (Some(ix), Some(iq), Some(iw)) = (self.state.index.as_ref(), idx_q, idx_w) {
-                    comp_rows = self.select(
-                        ix,
-                        &iq[t * (a.index_heads * a.index_dim) as usize..],
-                        &iw[t * a.index_heads as usize..],
-                        p,
-                        comp_rows,
-                    );
-                }
-                let all: Vec<&[f32]> =
-                    raw.into_iter().chain(comp_rows.iter().map(|&w| &entries[w * hd..(w + 1) * hd])).collect();
-                let mut qr = q[t * h * hd..(t + 1) * h * hd].to_vec();
-                rope_heads(&mut qr, hd, &self.inv, p, 1.0);
-                let mut o = vec![0f32; h * hd];
-                for (head, (qh, oh)) in qr.chunks(hd).zip(o.chunks_mut(hd)).enumerate() {
-                    let mut logits: Vec<f32> = all.iter().map(|k| dot64(qh, k) * a.scale).collect();
-                    logits.push(sink[head]);
-                    softmax_in_place(&mut logits);
-                    let mut acc = vec![0f64; hd];
-                    for (pr, k) in logits.iter().zip(&all) {
-                        acc.iter_mut().zip(k.iter()).for_each(|(s, v)| *s += f64::from(*pr) * f64::from(*v));
-                    }
-                    oh.iter_mut().zip(&acc).for_each(|(o, v)| *o = *v as f32);
-                }
-                rope_heads(&mut o, hd, &self.inv, p, -1.0);
-                o
-            })
-            .collect();
-        per_row.concat()
-    }
-
-    /// The Lightning Indexer: the `topk` visible rows of largest score (ties to the earlier row).
-    fn select(&self, keys: &Compressor, iq: &[f32], iw: &[f32], p: usize, visible: Vec<usize>) -> Vec<usize> {
-        let a = &self.attrs;
-        let (nh, di) = (a.index_heads as usize, a.index_dim as usize);
-        let mut qi = iq[..nh * di].to_vec();
-        rope_heads(&mut qi, di, &self.inv, p, 1.0);
-        let wscale = 1.0 / (nh as f32).sqrt();
-        let dscale = 1.0 / (di as f32).sqrt();
-        let mut scored: Vec<(f32, usize)> = visible
-            .into_iter()
-            .filter(|&w| (w + 1) * di <= keys.entries.len())
-            .map(|w| {
-                let k = &keys.entries[w * di..(w + 1) * di];
-                let s: f64 = qi
-                    .chunks(di)
-                    .zip(&iw[..nh])
-                    .map(|(qh, wh)| f64::from(wh * wscale) * f64::from(dot64(qh, k).max(0.0) * dscale))
-                    .sum();
-                (s as f32, w)
-            })
-            .collect();
-        scored.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
-        scored.truncate(a.topk as usize);
-        let mut chosen: Vec<usize> = scored.into_iter().map(|(_, w)| w).collect();
-        chosen.sort_unstable();
-        chosen
+        self.view().attend(q, first_pos, idx_q, idx_w, sink)
     }
 }
