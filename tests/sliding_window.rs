@@ -42,6 +42,17 @@ fn smollm2_with_window_and_sinks_stays_close_and_the_sinks_matter() {
     assert!(a / base - 1.0 < 0.25, "window + sinks: ppl {a} vs dense {base}");
     assert!(a < b, "the sinks must help: {a} with, {b} without");
 
+    // The windowed slots are rings of 4 + 128 + 127 rows (the session runs 128 tokens at a
+    // time): after 600 tokens the cache holds 259 rows per slot, the dense one 600.
+    let long = with_sinks.tokenizer.encode(&text, true).unwrap()[..600].to_vec();
+    let bytes = |model: &Model| {
+        let mut s = model.session(700, 2).unwrap();
+        s.forward(&long, Logits::Last).unwrap();
+        s.kv_cache_bytes().unwrap()
+    };
+    let (ring, full) = (bytes(&with_sinks), bytes(&dense));
+    assert_eq!(ring * 600, full * 259, "ring {ring} B, dense {full} B");
+
     // The CPU backend runs it as the reference does, bit for bit in llama.cpp numerics.
     let prompt = with_sinks.tokenizer.encode(&text[..1400], true).unwrap();
     let run = |model: &Model| {

@@ -677,6 +677,12 @@ impl<D: Device> Session for PtxSession<D> {
         self.pos
     }
 
+    /// The device memory of the KV slots (allocated once: the context's rows, or a
+    /// windowed slot's sinks and ring).
+    fn kv_cache_bytes(&self) -> Option<usize> {
+        Some(self.caches.values().map(|c| 2 * c.rows * c.dtype.row_bytes(c.width as u64).unwrap_or(0) as usize).sum())
+    }
+
     fn truncate(&mut self, pos: usize) {
         if pos == 0 {
             self.ring_lost = false;
