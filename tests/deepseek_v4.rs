@@ -443,3 +443,52 @@ fn official_tensor_names_import_to_the_same_module() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// DeepSeek-V4's precision split as a recipe (`recipes/deepseek-v4-tiny-2bit-experts.yaml`):
+/// routed experts in kq2 (the fixture's 32-wide down projections fall back to q4_0, which
+/// kq2's 64-value blocks do not divide), everything else q8_0; the build runs on the CPU
+/// backend and its manifest carries the quality report against the source.
+#[test]
+fn two_bit_experts_recipe_builds_and_reports_its_quality() {
+    let dir = common::tempdir("dsv4-2bit");
+    let recipe = common::root().join("recipes/deepseek-v4-tiny-2bit-experts.yaml");
+    let out = dir.join("out");
+    let o = common::run(&[
+        "compile",
+        "--recipe",
+        recipe.to_str().unwrap(),
+        "--device",
+        "laptop",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let build = out.join("deepseek-v4-tiny-2bit-experts/laptop");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(build.join("manifest.json")).unwrap()).unwrap();
+    let quant = manifest["passes"].as_array().unwrap().iter().find(|p| p["pass"] == "quantize").unwrap();
+    let formats: std::collections::BTreeMap<String, String> = quant["details"]["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["tensor"].as_str().unwrap().to_string(), t["format"].as_str().unwrap().to_string()))
+        .collect();
+    let layers = 6;
+    for l in 0..layers {
+        for kind in ["ffn_gate_exps", "ffn_up_exps"] {
+            assert_eq!(formats[&format!("blk.{l}.{kind}.weight")], "kq2", "blk.{l}.{kind}");
+        }
+        assert_eq!(formats[&format!("blk.{l}.ffn_down_exps.weight")], "q4_0", "blk.{l}.ffn_down_exps");
+        assert_eq!(formats[&format!("blk.{l}.ffn_gate_shexp.weight")], "q8_0");
+    }
+    assert!(formats.values().filter(|f| *f == "kq2").count() == 2 * layers);
+    let q = &manifest["quality"];
+    let (kl, top1) = (q["kl_mean"].as_f64().unwrap(), q["top1_agreement"].as_f64().unwrap());
+    eprintln!("2-bit experts on the tiny random model: mean KL {kl:.4}, top-1 agreement {top1:.3}");
+    // A random model's router and indexer top-k flip easily (see above): the bounds catch
+    // a broken build (chance agreement is 1/256), not a quality target.
+    assert!(kl.is_finite() && kl < 0.5, "{q}");
+    assert!(top1 > 0.3, "{q}");
+    let run = common::run(&["run", build.to_str().unwrap(), "-p", "Once upon", "-n", "4"]);
+    assert!(run.status.success(), "{}", common::stderr(&run));
+}
