@@ -616,26 +616,24 @@ fn ring_row(kb: &mut Kb, j: Reg, rows: Reg, sink: Reg) -> Reg {
     kb.selp(Ty::U32, j, r, inside)
 }
 
+/// The arguments of `kv_append` and `kv_append_q*`.
+const KV_APPEND_PARAMS: [(&str, ParamTy); 9] = [
+    ("k", ParamTy::Ptr),
+    ("v", ParamTy::Ptr),
+    ("kc", ParamTy::Ptr),
+    ("vc", ParamTy::Ptr),
+    ("step", ParamTy::Ptr),
+    ("n", ParamTy::U32),
+    ("width", ParamTy::U32),
+    ("rows", ParamTy::U32),
+    ("sink", ParamTy::U32),
+];
+
 /// Appends `T` new rows of k and v (f32) to a slot at the step's position. Arguments
 /// `k, v, kc, vc, step, n (= T·width), width, rows, sink` (the slot's ring, [`ring_row`]);
 /// grid `ceil(n / 128)`.
 pub fn kv_append() -> Kernel {
-    use ParamTy::*;
-    let mut kb = Kb::new(
-        "kv_append",
-        &[
-            ("k", Ptr),
-            ("v", Ptr),
-            ("kc", Ptr),
-            ("vc", Ptr),
-            ("step", Ptr),
-            ("n", U32),
-            ("width", U32),
-            ("rows", U32),
-            ("sink", U32),
-        ],
-        BLOCK,
-    );
+    let mut kb = Kb::new("kv_append", &KV_APPEND_PARAMS, BLOCK);
     let (k, v, kc, vc, step, n, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
     let (rows, sink) = (kb.param(7), kb.param(8));
@@ -1465,22 +1463,7 @@ fn dequantize_block(kb: &mut Kb, dtype: DType, addr: Reg, off: i32) -> Vec<Reg> 
 /// two ggml blocks, bit for bit what the reference cache stores. Arguments `k, v, kc, vc,
 /// step, n (= T·width/64), width, rows, sink` (the slot's ring); grid `ceil(n / 128)`.
 pub fn kv_append_q(dtype: DType) -> Kernel {
-    use ParamTy::*;
-    let mut kb = Kb::new(
-        kv_append_q_name(dtype),
-        &[
-            ("k", Ptr),
-            ("v", Ptr),
-            ("kc", Ptr),
-            ("vc", Ptr),
-            ("step", Ptr),
-            ("n", U32),
-            ("width", U32),
-            ("rows", U32),
-            ("sink", U32),
-        ],
-        BLOCK,
-    );
+    let mut kb = Kb::new(kv_append_q_name(dtype), &KV_APPEND_PARAMS, BLOCK);
     let (k, v, kc, vc, step, n, width) =
         (kb.param(0), kb.param(1), kb.param(2), kb.param(3), kb.param(4), kb.param(5), kb.param(6));
     let (rows, sink) = (kb.param(7), kb.param(8));
