@@ -11,7 +11,7 @@ use kiln_runtime::Model;
 use serde_json::json;
 
 fn ppl(m: &Model, text: &str) -> f64 {
-    kiln_runtime::ppl::perplexity(m, text, 512, 2, 2, &mut |_, _, _| {}).unwrap().ppl
+    kiln_runtime::ppl::perplexity(m, text, 512, 1, 2, &mut |_, _, _| {}).unwrap().ppl
 }
 
 #[test]
@@ -54,7 +54,7 @@ fn smollm2_with_window_and_sinks_stays_close_and_the_sinks_matter() {
     assert_eq!(ring * 600, full * 259, "ring {ring} B, dense {full} B");
 
     // The CPU backend runs it as the reference does, bit for bit in llama.cpp numerics.
-    let prompt = with_sinks.tokenizer.encode(&text[..1400], true).unwrap();
+    let prompt = with_sinks.tokenizer.encode(&text[..1000], true).unwrap();
     let run = |model: &Model| {
         let mut s = model.session_with(prompt.len() + 2, 2, Numerics::Ggml).unwrap();
         let mut out = s.forward(&prompt, Logits::Last).unwrap();
