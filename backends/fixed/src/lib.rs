@@ -152,6 +152,11 @@ fn step_error(e: interp::StepError) -> BackendError {
         interp::StepError::Token { id, vocab } => {
             BackendError::BadInput(format!("token id {id} is outside the vocabulary ({vocab})"))
         }
+        interp::StepError::RolledBack => BackendError::BadInput(
+            "the session was rolled back more than 1 position, further than its windowed KV caches keep; \
+             truncate it to 0 and run the tokens again"
+                .into(),
+        ),
     }
 }
 
