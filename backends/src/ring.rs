@@ -1,6 +1,6 @@
 //! Ring KV caches for windowed attention, planned once per session and shared by the
-//! reference, CPU and GPU sessions (the fixed-point backend plans its own static slots
-//! the same way, `kiln_fixed::program::Slot::row`).
+//! reference, CPU and GPU sessions and the fixed-point backend's static slots (which
+//! take one token at a time: chunk 1).
 //!
 //! A slot that only windowed attention reads (`window > 0`, with or without sinks) never
 //! needs more than its sinks and the last `window` positions before each query. Keeping
@@ -13,6 +13,8 @@
 use std::collections::HashMap;
 
 use kiln_ir::{Module, Op};
+
+use crate::BackendError;
 
 /// Fewest tokens per chunk of a module whose attention is all windowed.
 pub const MIN_RING_CHUNK: usize = 16;
@@ -62,6 +64,50 @@ pub fn plan(module: &Module, max_context: usize, max_chunk: usize) -> RingPlan {
         })
         .collect();
     RingPlan { chunk, slots }
+}
+
+impl RingPlan {
+    /// The rollback guard of a session that keeps these slots.
+    pub fn guard(&self) -> RollbackGuard {
+        RollbackGuard::new((!self.slots.is_empty()).then_some(self.chunk))
+    }
+}
+
+/// How far back a session with ring slots may roll: a rollback past `slack` positions
+/// would read rows the ring has since overwritten, so the session refuses to go on until
+/// it restarts at 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RollbackGuard {
+    slack: Option<usize>,
+    lost: bool,
+}
+
+impl RollbackGuard {
+    /// A guard for a session that may roll back `slack` positions (`None`: no rings, any).
+    pub fn new(slack: Option<usize>) -> Self {
+        RollbackGuard { slack, lost: false }
+    }
+
+    /// Notes a truncation of a session at `from` positions to `to`.
+    pub fn truncate(&mut self, from: usize, to: usize) {
+        if to == 0 {
+            self.lost = false;
+        } else if self.slack.is_some_and(|s| from > to + s) {
+            self.lost = true;
+        }
+    }
+
+    /// Whether the session may run again.
+    pub fn check(&self) -> Result<(), BackendError> {
+        if self.lost {
+            return Err(BackendError::BadInput(format!(
+                "the session was rolled back more than {} positions, further than its windowed KV \
+                 caches keep; truncate it to 0 and run the tokens again",
+                self.slack.unwrap_or(0)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The row of a slot of `rows` rows and `sink` sinks that holds position `j`: `j` until

@@ -10,15 +10,8 @@ use crate::program::*;
 /// Errors of a forward step (the C library returns the same cases as negative codes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepError {
-    Context {
-        max: usize,
-    },
-    Token {
-        id: u32,
-        vocab: usize,
-    },
-    /// The machine was rolled back further than its ring slots keep (see [`Machine::truncate`]).
-    RolledBack,
+    Context { max: usize },
+    Token { id: u32, vocab: usize },
 }
 
 struct Cache {
@@ -36,8 +29,6 @@ pub struct Machine {
     scores: Vec<i32>,
     caches: Vec<Cache>,
     pos: usize,
-    /// Rolled back further than a ring slot keeps: steps are refused until `truncate(0)`.
-    lost: bool,
 }
 
 fn u8s(d: &Data) -> &[u8] {
@@ -82,7 +73,6 @@ impl Machine {
             scores: vec![0; program.scores],
             caches,
             pos: 0,
-            lost: false,
             program,
         }
     }
@@ -95,26 +85,15 @@ impl Machine {
         self.pos
     }
 
-    /// Forgets positions at and after `pos`.
-    /// Drops positions at and after `pos`. A ring slot (sinks + window rows) has already
-    /// overwritten the rows a rollback of more than one position would need again: after
-    /// one, steps are refused until the machine restarts at 0.
+    /// Forgets positions at and after `pos` (a ring slot cannot give back rows it has
+    /// overwritten: `FixedSession` refuses rollbacks of more than one position then).
     pub fn truncate(&mut self, pos: usize) {
-        let ring = self.program.slots.iter().any(|s| s.rows < self.program.max_context);
-        if pos == 0 {
-            self.lost = false;
-        } else if ring && self.pos > pos + 1 {
-            self.lost = true;
-        }
         self.pos = self.pos.min(pos);
     }
 
     /// Runs one token at the next position; returns its Q16 logits.
     pub fn step(&mut self, token: u32) -> Result<&[i32], StepError> {
         let p = &self.program;
-        if self.lost {
-            return Err(StepError::RolledBack);
-        }
         if self.pos >= p.max_context {
             return Err(StepError::Context { max: p.max_context });
         }

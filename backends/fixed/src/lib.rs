@@ -102,7 +102,9 @@ impl Backend for FixedBackend {
                 BackendError::Unsupported { backend: NAME, what }
             }
         })?;
-        Ok(Box::new(FixedSession { machine: interp::Machine::new(program) }))
+        let rings = program.slots.iter().any(|s| s.rows < program.max_context);
+        let rollback = kiln_backends::ring::RollbackGuard::new(rings.then_some(1));
+        Ok(Box::new(FixedSession { machine: interp::Machine::new(program), rollback }))
     }
 
     /// The C library (`kiln_model.h/.c`, `kiln_weights.h/.c`) and `fixed.json`, the
@@ -131,11 +133,14 @@ fn emit_files(module: &VerifiedModule, weights: &dyn WeightSource) -> Result<Vec
 /// A session over the integer interpreter.
 pub struct FixedSession {
     machine: interp::Machine,
+    /// Ring slots (sinks + window rows) keep no slack: one position of rollback at most.
+    rollback: kiln_backends::ring::RollbackGuard,
 }
 
 impl FixedSession {
     /// Runs one token and returns its logits exactly as the C library does (Q16).
     pub fn step_q16(&mut self, token: u32) -> Result<Vec<i32>, BackendError> {
+        self.rollback.check()?;
         self.machine.step(token).map(|l| l.to_vec()).map_err(step_error)
     }
 
@@ -152,17 +157,13 @@ fn step_error(e: interp::StepError) -> BackendError {
         interp::StepError::Token { id, vocab } => {
             BackendError::BadInput(format!("token id {id} is outside the vocabulary ({vocab})"))
         }
-        interp::StepError::RolledBack => BackendError::BadInput(
-            "the session was rolled back more than 1 position, further than its windowed KV caches keep; \
-             truncate it to 0 and run the tokens again"
-                .into(),
-        ),
     }
 }
 
 impl Session for FixedSession {
     fn forward(&mut self, tokens: &[u32], logits: Logits) -> Result<Vec<f32>, BackendError> {
         let p = self.machine.program();
+        self.rollback.check()?;
         if tokens.is_empty() {
             return Err(BackendError::BadInput("no tokens".into()));
         }
@@ -187,6 +188,7 @@ impl Session for FixedSession {
     }
 
     fn truncate(&mut self, pos: usize) {
+        self.rollback.truncate(self.machine.pos(), pos);
         self.machine.truncate(pos);
     }
 

@@ -272,6 +272,7 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
     let mut slots: Vec<Option<Slot>> = vec![];
     let mut scratch16 = 0usize;
     let mut scores = 0usize;
+    let rings = kiln_backends::ring::plan(module, max_context, 1);
     let mut vocab_rows = 0usize;
     let mut scratch_groups = 0usize;
     let buf =
@@ -349,27 +350,11 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
                     DType::Q4_0 => 4,
                     _ => 16,
                 };
-                // A windowed writer's slot is a ring of window rows after its sinks; every
-                // reader of the slot must see no more than that.
-                let (rows, sink) = match (attrs.window as usize, attrs.sink as usize) {
-                    (0, _) => (max_context, 0),
-                    (w, s) => ((w + s).min(max_context), s.min(max_context)),
-                };
+                // Slots only windowed attention reads are rings of sinks + window rows
+                // (`kiln_backends::ring`, one token per step).
+                let (rows, sink) = rings.slots.get(&attrs.cache).copied().unwrap_or((max_context, 0));
                 if k.is_some() {
                     slots[slot] = Some(Slot { kv_heads: kvh, head_dim: hd, bits, rows, sink });
-                } else if let Some(sl) = slots[slot].filter(|sl| {
-                    // A ring serves a reader whose sinks and window it holds.
-                    let w = attrs.window as usize;
-                    sl.rows < max_context && (w == 0 || w > sl.rows - sl.sink || sink > sl.sink)
-                }) {
-                    return Err(format!(
-                        "attention %{i} reads slot {slot} with window {} and sink {}, which its writer's \
-                             ring of {} rows after {} sinks does not hold",
-                        attrs.window,
-                        attrs.sink,
-                        sl.rows - sl.sink,
-                        sl.sink
-                    ));
                 }
                 scores = scores.max(rows);
                 scratch16 = scratch16.max(hd);

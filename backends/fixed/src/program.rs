@@ -185,7 +185,7 @@ impl Slot {
     /// The row holding position `j`: `j` for the sinks, then a ring of `rows − sink` rows
     /// (every position for a slot that holds the whole context).
     pub fn row(&self, j: usize) -> usize {
-        if j < self.rows { j } else { self.sink + (j - self.sink) % (self.rows - self.sink).max(1) }
+        kiln_backends::ring::row(j, self.rows, self.sink)
     }
 
     /// Bytes of K (or V) per position: mantissas and shifts.

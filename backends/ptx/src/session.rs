@@ -74,10 +74,8 @@ pub struct PtxSession<D: Device> {
     /// The forward call's first position (u32), read by the kernels.
     step: u64,
     decode_splits: u32,
-    /// With ring KV slots: how far back a rollback may go (a chunk) and whether one went
-    /// further, so that rows the ring has since overwritten would be read.
-    ring_slack: Option<usize>,
-    ring_lost: bool,
+    /// With ring KV slots: how far back a rollback may go (a chunk).
+    rollback: kiln_backends::ring::RollbackGuard,
     /// Run-time strengths of steering ops, by name.
     steer: std::collections::BTreeMap<String, f32>,
     /// Decode steps replay one recorded launch sequence (`KILN_PTX_GRAPHS=0` turns it off).
@@ -125,6 +123,7 @@ impl<D: Device> PtxSession<D> {
         let max_context = options.max_context;
         // Windowed slots as rings (and shorter chunks when all attention is windowed).
         let ring_plan = kiln_backends::ring::plan(&module, max_context, MAX_CHUNK);
+        let rollback = ring_plan.guard();
         let (chunk, rings) = (ring_plan.chunk, ring_plan.slots);
 
         // Weights read on the device, uploaded once in their stored layout.
@@ -275,8 +274,7 @@ impl<D: Device> PtxSession<D> {
             top_k_out,
             step,
             decode_splits: decode_splits(max_context),
-            ring_slack: (!rings.is_empty()).then_some(chunk),
-            ring_lost: false,
+            rollback,
             use_graphs,
             steer: options.steer.clone(),
             decode_graph: None,
@@ -297,13 +295,7 @@ impl<D: Device> PtxSession<D> {
     }
 
     fn check_input(&self, tokens: &[u32]) -> Result<(), BackendError> {
-        if self.ring_lost {
-            return Err(BackendError::BadInput(format!(
-                "the session was rolled back more than {} positions, further than its windowed KV \
-                 caches keep; truncate it to 0 and run the tokens again",
-                self.ring_slack.unwrap_or(0)
-            )));
-        }
+        self.rollback.check()?;
         kiln_backends::check_forward_input(tokens, self.pos, self.max_context, self.embed_rows)
     }
 
@@ -684,11 +676,7 @@ impl<D: Device> Session for PtxSession<D> {
     }
 
     fn truncate(&mut self, pos: usize) {
-        if pos == 0 {
-            self.ring_lost = false;
-        } else if self.ring_slack.is_some_and(|slack| self.pos > pos + slack) {
-            self.ring_lost = true;
-        }
+        self.rollback.truncate(self.pos, pos);
         self.pos = self.pos.min(pos);
     }
 

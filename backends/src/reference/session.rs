@@ -106,10 +106,9 @@ pub struct ReferenceSession {
     pool: Arc<rayon::ThreadPool>,
     max_context: usize,
     pos: usize,
-    /// With ring slots (windowed attention): the most tokens one pass takes, which is
-    /// also how far back a rollback may go; and whether one went further.
+    /// With ring slots (windowed attention): the most tokens one pass takes.
     ring_chunk: Option<usize>,
-    ring_lost: bool,
+    rollback: crate::ring::RollbackGuard,
     vocab: usize,
     /// Rows of the smallest embedding table: token ids must be below it.
     embed_rows: Option<usize>,
@@ -324,7 +323,7 @@ impl ReferenceSession {
             max_context: options.max_context,
             pos: 0,
             ring_chunk: (!rings.slots.is_empty()).then_some(rings.chunk),
-            ring_lost: false,
+            rollback: rings.guard(),
             vocab,
             embed_rows,
             vectors,
@@ -346,13 +345,7 @@ impl ReferenceSession {
 
     /// Checks a forward call's input before anything changes.
     fn check_input(&self, tokens: &[u32]) -> Result<(), BackendError> {
-        if self.ring_lost {
-            return Err(BackendError::BadInput(format!(
-                "the session was rolled back more than {} positions, further than its windowed KV \
-                 caches keep; truncate it to 0 and run the tokens again",
-                self.ring_chunk.unwrap_or(0)
-            )));
-        }
+        self.rollback.check()?;
         crate::check_forward_input(tokens, self.pos, self.max_context, self.embed_rows)
     }
 
@@ -725,11 +718,7 @@ impl Session for ReferenceSession {
     }
 
     fn truncate(&mut self, pos: usize) {
-        if pos == 0 {
-            self.ring_lost = false;
-        } else if self.ring_chunk.is_some_and(|c| self.pos > pos + c) {
-            self.ring_lost = true;
-        }
+        self.rollback.truncate(self.pos, pos);
         if pos < self.pos {
             self.pos = pos;
             self.caches.values_mut().for_each(|c| c.truncate(pos));
