@@ -60,10 +60,11 @@ impl Pass for SlidingWindow {
 
     fn run(&self, m: &mut Module, w: &mut Weights, ctx: &PassCtx) -> Result<PassReport, PassError> {
         let (window, sink) = parse(ctx.options)?;
-        let before = match ctx.measure {
-            Some(measure) => Some(measure(m, w).map_err(|msg| PassError::Input { pass: NAME, msg })?),
-            None => None,
+        // Calibration perplexity, when the recipe has calibration text.
+        let ppl = |m: &Module, w: &Weights| {
+            ctx.measure.map(|measure| measure(m, w)).transpose().map_err(|msg| PassError::Input { pass: NAME, msg })
         };
+        let before = ppl(m, w)?;
         let (mut changed, mut kept) = (0, 0);
         for inst in &mut m.insts {
             if let Op::Attention { attrs, .. } = &mut inst.op {
@@ -79,10 +80,7 @@ impl Pass for SlidingWindow {
         if changed == 0 && kept == 0 {
             return Err(PassError::Unsupported { pass: NAME, msg: "the model has no attention ops".into() });
         }
-        let after = match ctx.measure {
-            Some(measure) => Some(measure(m, w).map_err(|msg| PassError::Input { pass: NAME, msg })?),
-            None => None,
-        };
+        let after = ppl(m, w)?;
         let change = match (before, after) {
             (Some(b), Some(a)) => format!(", calibration perplexity {b:.4} → {a:.4} ({:+.2}%)", (a / b - 1.0) * 100.0),
             _ => String::new(),

@@ -1390,19 +1390,15 @@ fn quantize_block(kb: &mut Kb, dtype: DType, x: &[Reg], addr: Reg, off: i32) {
             }
         }
         DType::F8E4M3 => {
+            // Four codes per little-endian word.
             for (w, four) in x.chunks(4).enumerate() {
-                let mut word = None;
-                for (i, &v) in four.iter().enumerate() {
+                let mut word = crate::formats::f32_to_f8e4m3(kb, four[0]);
+                for (i, &v) in four.iter().enumerate().skip(1) {
                     let c = crate::formats::f32_to_f8e4m3(kb, v);
-                    word = Some(match word {
-                        None => c,
-                        Some(acc) => {
-                            let c = kb.shl(Ty::U32, c, 8 * i as u32);
-                            kb.bin(BinOp::Or, Ty::U32, acc, c)
-                        }
-                    });
+                    let c = kb.shl(Ty::U32, c, 8 * i as u32);
+                    word = kb.bin(BinOp::Or, Ty::U32, word, c);
                 }
-                kb.st(Mem::U32, addr, off + 4 * w as i32, word.expect("four values"));
+                kb.st(Mem::U32, addr, off + 4 * w as i32, word);
             }
         }
         other => panic!("no quantized KV cache of type {other}"),
