@@ -65,6 +65,12 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
     Ok(o)
 }
 
+/// A configuration's KV passes: written out, or the last budget's sharing plan with a cache type.
+enum Kv {
+    Passes(String),
+    LastPlanWith(&'static str),
+}
+
 pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     let o = parse(args, env)?;
     let work = env.root.join("target/bench-kv");
@@ -89,17 +95,19 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     for model in &o.models {
         // The last budget's plan, reused with a q8_0 and an FP8 cache (no second search).
         let mut last_plan: Option<Value> = None;
-        let mut mine = configs.clone();
+        let mut mine: Vec<(String, Kv)> =
+            configs.iter().map(|(label, kv)| (label.clone(), Kv::Passes(kv.clone()))).collect();
         for t in ["q8_0", "f8_e4m3"] {
-            mine.push((format!("share (last budget's plan) + {t} KV"), format!("plan:{t}")));
+            mine.push((format!("share (last budget's plan) + {t} KV"), Kv::LastPlanWith(t)));
         }
         for (i, (label, kv)) in mine.iter().enumerate() {
             let name = format!("kv-{}-{i}", model.replace('.', "_"));
-            let kv_pass = if let Some(t) = kv.strip_prefix("plan:") {
-                let Some(plan) = &last_plan else { continue };
-                format!("      - kv_share: {{ share: {plan} }}\n      - kv_quant: {{ type: {t} }}\n")
-            } else {
-                kv.clone()
+            let kv_pass = match kv {
+                Kv::Passes(passes) => passes.clone(),
+                Kv::LastPlanWith(t) => {
+                    let Some(plan) = &last_plan else { continue };
+                    format!("      - kv_share: {{ share: {plan} }}\n      - kv_quant: {{ type: {t} }}\n")
+                }
             };
             let recipe = work.join(format!("{name}.yaml"));
             let text = format!(
