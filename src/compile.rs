@@ -143,19 +143,35 @@ pub fn compile_device(
             .map_err(|e| e.to_string())?;
         Ok(ppl.ppl)
     };
-    let measure_ref: Option<&kiln_passes::Measure<'_>> = if calib_text.is_some() { Some(&measure) } else { None };
-    let reports = kiln_passes::run_pipeline(
-        &mut module,
-        &mut weights,
-        &passes,
-        device,
-        importance.as_ref(),
-        base_dir,
-        measure_ref,
-        &mut |rep| {
-            log(&format!("pass {}: {}", rep.pass, rep.summary));
+    let capture = |m: &kiln_ir::Module,
+                   w: &kiln_frontend::Weights,
+                   values: &[kiln_ir::ValueId],
+                   visit: &mut dyn FnMut(usize, &[&[f32]])|
+     -> Result<(), String> {
+        let Some((spec, text)) = &calib_text else { return Err("no calibration text".into()) };
+        let model = kiln_runtime::Model::from_parts(
+            &src_path,
+            m.clone(),
+            w.clone(),
+            imported.tokenizer_json.as_bytes(),
+            imported.chat_template.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        kiln_runtime::calibrate::capture_values(&model, text, spec.ctx, spec.chunks, 0, values, visit)
+            .map_err(|e| e.to_string())
+    };
+    let oracles = match &calib_text {
+        Some(_) => kiln_passes::Calibration {
+            importance: importance.as_ref(),
+            measure: Some(&measure),
+            capture: Some(&capture),
         },
-    )?;
+        None => kiln_passes::Calibration { importance: importance.as_ref(), ..Default::default() },
+    };
+    let reports =
+        kiln_passes::run_pipeline(&mut module, &mut weights, &passes, device, base_dir, oracles, &mut |rep| {
+            log(&format!("pass {}: {}", rep.pass, rep.summary));
+        })?;
     // Quality against the source, when the model's outputs changed and the recipe gives a
     // text: the weights (quantize), the KV cache (kv_quant, kv_share) or what attention sees
     // (sliding_window). A fixed-point build changes every weight and activation, whatever the

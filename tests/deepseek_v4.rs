@@ -357,9 +357,8 @@ fn quantized(options: serde_json::Value) -> (Module, Vec<f32>) {
         &mut w,
         &[("quantize".into(), options)],
         "laptop",
-        None,
         &fixture(),
-        None,
+        kiln_passes::Calibration::default(),
         &mut |_| {},
     )
     .unwrap();

@@ -12,7 +12,7 @@ use kiln_runtime::Model;
 use serde_json::json;
 
 fn quantized(path: &std::path::Path, ty: &str) -> (Model, serde_json::Value) {
-    common::after_pass(path, "kv_quant", json!({ "type": ty }), None)
+    common::after_pass(path, "kv_quant", json!({ "type": ty }), Default::default())
 }
 
 #[test]

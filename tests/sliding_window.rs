@@ -29,12 +29,17 @@ fn smollm2_with_window_and_sinks_stays_close_and_the_sinks_matter() {
         model.backend = "cpu".into();
         Ok(kiln_runtime::ppl::perplexity(&model, &calib, 512, 1, 2, &mut |_, _, _| {}).map_err(|e| e.to_string())?.ppl)
     };
-    let (mut with_sinks, d) =
-        common::after_pass(&p, "sliding_window", json!({"window": 128, "sink": 4}), Some(&measure));
+    let (mut with_sinks, d) = common::after_pass(
+        &p,
+        "sliding_window",
+        json!({"window": 128, "sink": 4}),
+        kiln_passes::Calibration { measure: Some(&measure), ..Default::default() },
+    );
     assert_eq!((d["window"].as_u64(), d["sink"].as_u64(), d["attention_ops"].as_u64()), (Some(128), Some(4), Some(30)));
     let (before, after) = (d["calibration_ppl_before"].as_f64().unwrap(), d["calibration_ppl_after"].as_f64().unwrap());
     assert!(after > before, "a window of 128 at ctx 512 must cost something: {before} -> {after}");
-    let (mut no_sinks, _) = common::after_pass(&p, "sliding_window", json!({"window": 128, "sink": 0}), None);
+    let (mut no_sinks, _) =
+        common::after_pass(&p, "sliding_window", json!({"window": 128, "sink": 0}), Default::default());
     with_sinks.backend = "cpu".into();
     no_sinks.backend = "cpu".into();
     let (a, b) = (ppl(&with_sinks, &text), ppl(&no_sinks, &text));

@@ -22,7 +22,7 @@ const CHAT: &str = "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start
 
 /// SmolLM2 with the `steer` pass applied with `options`.
 fn steered(path: &Path, options: Value) -> Model {
-    common::after_pass(path, "steer", options, None).0
+    common::after_pass(path, "steer", options, Default::default()).0
 }
 
 /// The prompt's logits and those of `steps` greedy steps, on `model`'s backend.
@@ -309,9 +309,8 @@ fn the_pass_refuses_bad_vectors_naming_the_file() {
             &mut w,
             &[("steer".into(), opts)],
             "laptop",
-            None,
             &dir,
-            None,
+            kiln_passes::Calibration::default(),
             &mut |_| {},
         )
         .expect_err("refused")

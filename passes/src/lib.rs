@@ -14,7 +14,7 @@ pub mod steer;
 use std::collections::BTreeMap;
 
 use kiln_frontend::Weights;
-use kiln_ir::Module;
+use kiln_ir::{Module, ValueId};
 use serde::Serialize;
 use serde_json::Value;
 use thiserror::Error;
@@ -46,18 +46,35 @@ pub struct PassCtx<'a> {
     pub options: &'a Value,
     /// The device being built.
     pub device: &'a str,
-    /// Calibration statistics, when the recipe asks for calibration.
-    pub importance: Option<&'a Importance>,
     /// Where relative paths in options point from (the recipe's directory).
     pub base_dir: &'a std::path::Path,
-    /// Perplexity of a candidate module on the recipe's calibration text, when
-    /// the recipe has one (supplied by the compile driver; passes that choose
-    /// by measured quality use it).
+    /// What the compile driver knows of the recipe's calibration text.
+    pub calibration: Calibration<'a>,
+}
+
+/// What the compile driver measured, or can measure, on the recipe's calibration
+/// text. Every field is absent when the recipe has no calibration text; passes that
+/// need one say so by name.
+#[derive(Clone, Copy, Default)]
+pub struct Calibration<'a> {
+    /// Per-input-channel activation statistics (when a pass can use them).
+    pub importance: Option<&'a Importance>,
+    /// Perplexity of a candidate module (passes that choose by measured quality).
     pub measure: Option<&'a Measure<'a>>,
+    /// Activations of chosen values of a candidate module (passes that choose by
+    /// what the model computes, e.g. how alike two layers' K/V are).
+    pub capture: Option<&'a Capture<'a>>,
 }
 
 /// A perplexity oracle: `measure(module, weights)`.
 pub type Measure<'a> = dyn Fn(&Module, &Weights) -> Result<f64, String> + Sync + 'a;
+
+/// An activation oracle: `capture(module, weights, values, visit)` runs the
+/// calibration text through the reference runtime chunk by chunk and calls
+/// `visit(rows, per_value)` once per chunk, `per_value[i]` being the `rows × width`
+/// row-major copy of `values[i]` (every token of the chunk).
+pub type Capture<'a> =
+    dyn Fn(&Module, &Weights, &[ValueId], &mut dyn FnMut(usize, &[&[f32]])) -> Result<(), String> + Sync + 'a;
 
 /// Calibration data for passes: per weight name, the mean squared activation
 /// of each input channel (an importance matrix, like llama.cpp's imatrix).

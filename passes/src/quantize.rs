@@ -468,7 +468,8 @@ impl Pass for Quantize {
         let opts = parse_options(ctx.options)?;
         let cands = quantizable(m);
         let importance = |c: &Candidate| -> Option<Vec<f32>> {
-            ctx.importance
+            ctx.calibration
+                .importance
                 .and_then(|i: &Importance| i.get(&c.name))
                 .filter(|v| v.len() as u64 == c.k)
                 .map(<[f32]>::to_vec)
@@ -517,7 +518,7 @@ impl Pass for Quantize {
             let free_imps: Vec<Option<Vec<f32>>> = free.iter().map(|&i| imps[i].clone()).collect();
             let mut options = format_options(&free_cands, w, &free_imps, &opts)?;
             if opts.measured {
-                let measure = ctx.measure.ok_or_else(|| {
+                let measure = ctx.calibration.measure.ok_or_else(|| {
                     bad("`sensitivity: measured` needs the recipe's `calibration` text to measure perplexity on")
                 })?;
                 let (probes, report) = measure_sensitivity(m, w, &free_cands, &free_imps, &mut options, measure)?;

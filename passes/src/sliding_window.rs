@@ -62,7 +62,11 @@ impl Pass for SlidingWindow {
         let (window, sink) = parse(ctx.options)?;
         // Calibration perplexity, when the recipe has calibration text.
         let ppl = |m: &Module, w: &Weights| {
-            ctx.measure.map(|measure| measure(m, w)).transpose().map_err(|msg| PassError::Input { pass: NAME, msg })
+            ctx.calibration
+                .measure
+                .map(|measure| measure(m, w))
+                .transpose()
+                .map_err(|msg| PassError::Input { pass: NAME, msg })
         };
         let before = ppl(m, w)?;
         let (mut changed, mut kept) = (0, 0);

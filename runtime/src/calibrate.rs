@@ -189,6 +189,42 @@ pub fn calibrate_with(
     })
 }
 
+/// Runs `text` through `model` on the reference runtime in llama-perplexity's
+/// chunks of `ctx` tokens (at most `max_chunks`, 0 = all) and calls
+/// `visit(rows, per_value)` once per chunk, `per_value[i]` being the chunk's
+/// `rows × width` row-major copy of `values[i]` (for passes that choose by what the
+/// model computes, e.g. how alike two layers' K/V are).
+pub fn capture_values(
+    model: &Model,
+    text: &str,
+    ctx: usize,
+    max_chunks: usize,
+    threads: usize,
+    values: &[kiln_ir::ValueId],
+    visit: &mut dyn FnMut(usize, &[&[f32]]),
+) -> RuntimeResult<()> {
+    let text_chunks = crate::ppl::Chunks::of(model, text, ctx, max_chunks, "the calibration text")?;
+    let opts = SessionOptions { max_context: ctx, threads, numerics: Numerics::Exact, ..Default::default() };
+    let mut session = ReferenceBackend::new().prepare_session(model.module.clone(), model.weights.clone(), &opts)?;
+    session.capture(values);
+    for c in 0..text_chunks.count {
+        let batch = text_chunks.batch(model, c);
+        kiln_backends::Session::truncate(&mut session, 0);
+        kiln_backends::Session::forward(&mut session, &batch, Logits::All)?;
+        let got = session.take_captured();
+        let per: Vec<&[f32]> = values
+            .iter()
+            .map(|v| {
+                got.get(v).map(|c| c.data.as_slice()).ok_or_else(|| {
+                    RuntimeError::Invalid(format!("value {v} was not computed, so it cannot be captured"))
+                })
+            })
+            .collect::<RuntimeResult<_>>()?;
+        visit(batch.len(), &per);
+    }
+    Ok(())
+}
+
 /// [`calibrate`] through the cache in `cache_dir`: an existing file for the
 /// same model, text, ctx and chunk count is read instead of recomputed. The
 /// file is written atomically (temporary file, then rename).

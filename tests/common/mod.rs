@@ -100,7 +100,7 @@ pub fn after_pass(
     path: &Path,
     pass: &str,
     options: serde_json::Value,
-    measure: Option<&kiln_passes::Measure<'_>>,
+    calibration: kiln_passes::Calibration<'_>,
 ) -> (kiln_runtime::Model, serde_json::Value) {
     let imported = kiln_frontend::import(path).unwrap();
     let (mut m, mut w) = (imported.module, imported.weights);
@@ -109,9 +109,8 @@ pub fn after_pass(
         &mut w,
         &[(pass.into(), options)],
         "laptop",
-        None,
         &root(),
-        measure,
+        calibration,
         &mut |_| {},
     )
     .unwrap();

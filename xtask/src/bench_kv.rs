@@ -168,6 +168,7 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
                 "model": model, "config": label, "ppl": ppl, "kv_bytes_per_token": bytes,
                 "layers_sharing": shared, "share": report["share"], "compile_seconds": compile_s,
                 "calibration_ppl_before": report["calibration_ppl_before"], "calibration_ppl_after": report["calibration_ppl_after"],
+                "similarity": report["similarity"],
             }));
         }
     }
@@ -231,6 +232,35 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
                 (ppl / if r["peer"] == true { peer_base } else { base_ppl } - 1.0) * 100.0
             ));
         }
+    }
+    md.push_str(
+        "\nHow alike adjacent layers' K/V are on the calibration text (`kv_share`'s similarity report, from the \
+         first budget search): the mean over layers of the per-token cosine between layer l's and layer l−1's K \
+         rows and V rows, and of the cosine between layer l's attention output over its own cache and over layer \
+         l−1's (the score `min_similarity` and `candidates` rank by); ρ is Spearman's rank correlation between \
+         that score and the measured perplexity cost of each single merge.\n\n\
+         | model | K cosine | V cosine | attention-output cosine | ρ (score vs measured cost) |\n|---|---:|---:|---:|---:|\n",
+    );
+    for model in &o.models {
+        let Some(sim) = rows
+            .iter()
+            .find(|r| r["model"] == model.as_str() && r["similarity"]["adjacent"].is_array())
+            .map(|r| &r["similarity"])
+        else {
+            continue;
+        };
+        let adjacent = sim["adjacent"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let mean = |key: &str| {
+            let xs: Vec<f64> = adjacent.iter().filter_map(|a| a[key].as_f64()).collect();
+            xs.iter().sum::<f64>() / xs.len().max(1) as f64
+        };
+        md.push_str(&format!(
+            "| {model} | {:.3} | {:.3} | {:.3} | {} |\n",
+            mean("k_cos"),
+            mean("v_cos"),
+            mean("attn_out_cos"),
+            sim["spearman_similarity_vs_cost"].as_f64().map_or("–".into(), |r| format!("{r:+.2}"))
+        ));
     }
     md.push_str(
         "\nq8_0/q4_0 KV: ggml blocks of 32 per position row (what llama.cpp's `--cache-type-k/-v` store), \
