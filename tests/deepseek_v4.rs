@@ -2,8 +2,10 @@
 //! (`tests/fixtures/deepseek-v4/tiny`) and the reference interpreter reproduces
 //! transformers' logits stored in `refs.safetensors` — full prefill, cached prefill then
 //! one-token decode, and chunked prefill — within 1e-4; the compressed KV rows and
-//! indexer keys match too. Also: the new ops' text form round-trips and verifies, other
-//! backends refuse them by name, and bad checkpoints give errors that name the file.
+//! indexer keys match too — for the importer's unfused form (`compress`, `index_topk`,
+//! `sparse_attention`) and after the `fuse_sparse_attention` pass (`compressed_attention`),
+//! which give bit-identical logits. Also: the new ops' text form round-trips and verifies,
+//! other backends refuse them by name, and bad checkpoints give errors that name the file.
 
 mod common;
 
@@ -49,9 +51,33 @@ impl Refs {
     }
 }
 
+/// The fixture as the importer lowers it: DeepSeek-V4's attention unfused.
 fn import() -> (Arc<VerifiedModule>, Arc<dyn WeightSource>) {
     let (module, weights) = kiln_frontend::hf::import_dir_graph(&fixture().join("tiny")).unwrap();
     (Arc::new(kiln_ir::verify(module).unwrap()), Arc::new(W(weights)))
+}
+
+/// The fixture after the `fuse_sparse_attention` pass, and the pass's report details.
+fn fused() -> (Arc<VerifiedModule>, Arc<dyn WeightSource>, serde_json::Value) {
+    let (mut m, mut w) = kiln_frontend::hf::import_dir_graph(&fixture().join("tiny")).unwrap();
+    let reports = kiln_passes::run_pipeline(
+        &mut m,
+        &mut w,
+        &[("fuse_sparse_attention".into(), serde_json::Value::Null)],
+        "laptop",
+        &fixture(),
+        kiln_passes::Calibration::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    (Arc::new(kiln_ir::verify(m).unwrap()), Arc::new(W(w)), reports[0].details.clone())
+}
+
+/// Both forms, named.
+fn forms() -> Vec<(&'static str, Arc<VerifiedModule>, Arc<dyn WeightSource>)> {
+    let (m, w) = import();
+    let (f, fw, _) = fused();
+    vec![("unfused", m, w), ("fused", f, fw)]
 }
 
 fn session(m: &Arc<VerifiedModule>, w: &Arc<dyn WeightSource>) -> ReferenceSession {
@@ -133,29 +159,85 @@ fn reproduce(backend: &str, new: &dyn Fn() -> Box<dyn Session>, tol: f64, max_kl
 
 #[test]
 fn reference_reproduces_transformers_logits() {
-    let (m, w) = import();
     let refs = Refs::open();
-    let worst = reproduce("reference", &|| Box::new(session(&m, &w)), TOL, 1e-8);
-    // The compressed rows and indexer keys after 128 tokens.
-    let mut s = session(&m, &w);
-    s.forward(&toks(&refs.ints("seq0.tokens")), Logits::Last).unwrap();
-    for l in 1..=4u32 {
-        let c = s.compressed_cache(l).unwrap();
-        let (rows, keys) = c.compressed_rows();
-        let want = refs.f32s(&format!("seq0.layer{l}.compressed_kv"));
-        let d = rows.unwrap().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert_eq!(rows.unwrap().len(), want.len(), "layer {l} compressed rows");
-        assert!(d <= 1e-4, "layer {l} compressed rows differ by {d}");
-        let name = format!("seq0.layer{l}.indexer_kv");
-        if refs.has(&name) {
-            let want = refs.f32s(&name);
-            let keys = keys.unwrap();
-            assert_eq!(keys.len(), want.len());
-            let d = keys.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(d <= 1e-4, "layer {l} indexer keys differ by {d}");
+    for (form, m, w) in forms() {
+        let worst = reproduce(&format!("reference, {form}"), &|| Box::new(session(&m, &w)), TOL, 1e-8);
+        // The compressed rows and indexer keys after 128 tokens.
+        let mut s = session(&m, &w);
+        s.forward(&toks(&refs.ints("seq0.tokens")), Logits::Last).unwrap();
+        for l in 1..=4u32 {
+            let c = s.compressed_cache(l).unwrap();
+            let (rows, keys) = c.compressed_rows();
+            let want = refs.f32s(&format!("seq0.layer{l}.compressed_kv"));
+            let d = rows.unwrap().iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert_eq!(rows.unwrap().len(), want.len(), "layer {l} compressed rows");
+            assert!(d <= 1e-4, "layer {l} compressed rows differ by {d}");
+            let name = format!("seq0.layer{l}.indexer_kv");
+            if refs.has(&name) {
+                let want = refs.f32s(&name);
+                let keys = keys.unwrap();
+                assert_eq!(keys.len(), want.len());
+                let d = keys.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(d <= 1e-4, "layer {l} indexer keys differ by {d}");
+            }
         }
+        println!("{form}: worst max|Δ| against transformers: {worst:.2e} (tolerance {TOL})");
     }
-    println!("worst max|Δ| against transformers: {worst:.2e} (tolerance {TOL})");
+}
+
+#[test]
+fn fusion_pass_keeps_the_logits_bit_for_bit() {
+    let (m, w) = import();
+    let (f, fw, details) = fused();
+    // Six attentions: two sliding-window, two CSA (with the indexer), two HCA.
+    assert_eq!(details["fused"], 6, "{details}");
+    assert_eq!(details["by_kind"]["compressed sparse (CSA)"], 2, "{details}");
+    assert_eq!(details["by_kind"]["heavily compressed (HCA)"], 2, "{details}");
+    assert_eq!(details["by_kind"]["sliding window"], 2, "{details}");
+    assert_eq!(details["left_unfused"], 0);
+    let count = |m: &Module, name: &str| m.insts.iter().filter(|i| i.op.name() == name).count();
+    assert_eq!((count(&m, "sparse_attention"), count(&m, "compress"), count(&m, "index_topk")), (6, 6, 2));
+    assert_eq!((count(&f, "compressed_attention"), count(&f, "compress"), count(&f, "sparse_attention")), (6, 0, 0));
+    // The fused graph is exactly what the unfused ops compute, step by step.
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq1.tokens"));
+    let (mut a, mut b) = (session(&m, &w), session(&f, &fw));
+    assert_eq!(a.forward(&tokens[..50], Logits::All).unwrap(), b.forward(&tokens[..50], Logits::All).unwrap());
+    for t in &tokens[50..70] {
+        assert_eq!(a.forward(&[*t], Logits::Last).unwrap(), b.forward(&[*t], Logits::Last).unwrap());
+    }
+    // Fusing a fused module finds nothing to do.
+    let (mut again, mut aw) = (f.module().clone(), Weights::default());
+    let r = kiln_passes::by_name("fuse_sparse_attention")
+        .unwrap()
+        .run(
+            &mut again,
+            &mut aw,
+            &kiln_passes::PassCtx {
+                options: &serde_json::Value::Null,
+                device: "",
+                base_dir: Path::new("."),
+                calibration: Default::default(),
+            },
+        )
+        .unwrap();
+    assert_eq!(r.details["fused"], 0);
+    // A checkpoint run as it is gets the fused form.
+    let loaded = kiln_runtime::Model::load(&fixture().join("tiny")).unwrap();
+    assert_eq!(count(&loaded.module, "compressed_attention"), 6);
+}
+
+/// The unfused form on the CPU backend (each op its own step, the reference's sparse
+/// attention) against the fused kernel's timing: the pass's point, measured here only
+/// for agreement — `cargo xtask bench attention` times them.
+#[test]
+fn cpu_backend_runs_the_unfused_form_too() {
+    let (m, w) = import();
+    let cpu = kiln_cpu::CpuBackend::with_isa(kiln_cpu::Isa::detect());
+    assert!(kiln_backends::first_unsupported(&cpu, &m).is_none());
+    let opts = SessionOptions { max_context: 256, threads: 2, ..Default::default() };
+    let new = || cpu.prepare(m.clone(), w.clone(), &opts).unwrap();
+    reproduce("cpu, unfused", &new, CPU_TOL, 1e-8);
 }
 
 #[test]
@@ -182,7 +264,13 @@ fn kv_cache_memory_is_window_plus_compressed_rows() {
 
 #[test]
 fn rollback_within_the_last_call_is_exact() {
-    let (m, w) = import();
+    for (_, m, w) in forms() {
+        rollback_case(&m, &w);
+    }
+}
+
+fn rollback_case(m: &Arc<VerifiedModule>, w: &Arc<dyn WeightSource>) {
+    let (m, w) = (m.clone(), w.clone());
     let refs = Refs::open();
     let tokens = toks(&refs.ints("seq0.tokens"));
     let mut a = session(&m, &w);
@@ -209,17 +297,44 @@ fn rollback_within_the_last_call_is_exact() {
 
 #[test]
 fn new_ops_round_trip_and_verify() {
-    let (m, _) = import();
-    let module: &Module = &m;
-    let text = kiln_ir::print(module);
-    for op in ["repeat", "hc_coeffs", "hc_pre", "hc_post", "moe_route", "moe", "grouped_matmul", "compressed_attention"]
-    {
-        assert!(text.contains(&format!(" = {op} ")), "the printed module has no `{op}`");
+    let ops = ["repeat", "hc_coeffs", "hc_pre", "hc_post", "moe_route", "moe", "grouped_matmul"];
+    for (form, m, _) in forms() {
+        let module: &Module = &m;
+        let text = kiln_ir::print(module);
+        let own: &[&str] =
+            if form == "fused" { &["compressed_attention"] } else { &["compress", "index_topk", "sparse_attention"] };
+        for op in ops.iter().chain(own) {
+            assert!(text.contains(&format!(" = {op} ")), "the printed {form} module has no `{op}`");
+        }
+        let back = kiln_ir::parse(&text).unwrap();
+        assert_eq!(&back, module);
+        assert_eq!(kiln_ir::print(&back), text);
+        kiln_ir::verify(back).unwrap();
     }
-    let back = kiln_ir::parse(&text).unwrap();
-    assert_eq!(&back, module);
-    assert_eq!(kiln_ir::print(&back), text);
-    kiln_ir::verify(back).unwrap();
+    // The unfused ops' rules: a compressor must feed its slot's attention, an indexer reads
+    // index keys, a slot's streams share the attention's rotary table.
+    let (m, _) = import();
+    let text = kiln_ir::print(&m);
+    let unfused_err = |from: &str, to: &str| {
+        assert!(text.contains(from), "{from}");
+        let bad = text.replacen(from, to, 1);
+        kiln_ir::verify(kiln_ir::parse(&bad).unwrap()).unwrap_err().to_string()
+    };
+    let e = unfused_err(", index=1,", ",");
+    assert!(e.contains("compressed-row stream is already written"), "{e}");
+    let mut bad: Module = m.module().clone();
+    let g = kiln_ir::analysis::sparse_groups(&bad).into_iter().find(|g| g.topk.is_some()).unwrap();
+    if let Op::IndexTopk { keys, .. } = &mut bad.insts[g.topk.unwrap()].op {
+        *keys = kiln_ir::ValueId(g.comp.unwrap() as u32);
+    }
+    let e = kiln_ir::verify(bad).unwrap_err().to_string();
+    // (The fixture's compressed rows are wider than its index keys: the type rule says so first.)
+    assert!(e.contains("= index_topk") && e.contains("heads×dim"), "{e}");
+    let e = unfused_err("ratio=4", "ratio=8");
+    assert!(e.contains("ape"), "{e}");
+    let (f, _, _) = fused();
+    let module: &Module = &f;
+    let text = kiln_ir::print(module);
     // Type rules: a wrong ratio for the compressor's gate bias, and a shared slot.
     let bad = text.replacen("ratio=4", "ratio=8", 1);
     let e = kiln_ir::verify(kiln_ir::parse(&bad).unwrap()).unwrap_err().to_string();
@@ -246,10 +361,17 @@ fn other_backends_refuse_the_new_ops_by_name() {
         assert!(what.starts_with("op `repeat`"), "{}: {what}", b.name());
     }
     let refuses = |op: &Op| backends.iter().all(|b| !b.supports(&m, op));
-    for inst in &m.insts {
+    let (f, _, _) = fused();
+    for inst in m.insts.iter().chain(&f.insts) {
         if matches!(
             inst.op,
-            Op::CompressedAttention { .. } | Op::Moe { .. } | Op::MoeRoute { .. } | Op::HcCoeffs { .. }
+            Op::CompressedAttention { .. }
+                | Op::Compress { .. }
+                | Op::IndexTopk { .. }
+                | Op::SparseAttention { .. }
+                | Op::Moe { .. }
+                | Op::MoeRoute { .. }
+                | Op::HcCoeffs { .. }
         ) {
             assert!(refuses(&inst.op), "{}", inst.op.name());
         }
@@ -325,7 +447,10 @@ fn kiln_ir_dump_prints_the_imported_graph() {
     assert!(out.status.success(), "{}", common::stderr(&out));
     let text = common::stdout(&out);
     assert!(text.contains("meta arch = \"deepseek_v4\""), "{text}");
-    assert_eq!(text.matches(" = compressed_attention ").count(), 6);
+    // The importer's form: unfused (the fusion is a pass).
+    assert_eq!(text.matches(" = sparse_attention ").count(), 6);
+    assert_eq!(text.matches(" = compress ").count(), 6);
+    assert_eq!(text.matches(" = index_topk ").count(), 2);
     kiln_ir::verify(kiln_ir::parse(&text).unwrap()).unwrap();
 }
 
@@ -338,7 +463,7 @@ fn cpu_backend_reproduces_transformers_logits() {
     // The CPU backend runs the graph walk of the reference with its own kernels: SIMD
     // matmuls, the fused compressed attention (indexer top-k, window ∪ chosen rows ∪ sink,
     // online softmax), the reference's cache and compressors. Both instruction-set paths.
-    let (m, w) = import();
+    let (m, w, _) = fused();
     for isa in [kiln_cpu::Isa::detect(), kiln_cpu::Isa::Scalar] {
         let cpu = kiln_cpu::CpuBackend::with_isa(isa);
         assert!(kiln_backends::first_unsupported(&cpu, &m).is_none());

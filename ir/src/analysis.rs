@@ -2,7 +2,7 @@
 
 use crate::entities::ValueId;
 use crate::module::Module;
-use crate::ops::Op;
+use crate::ops::{CompressedAttentionAttrs, CompressorOperands, IndexerOperands, Op};
 
 /// The residual stream of a decoder: the value after the embedding (and its
 /// scaling, if any), then every residual `add` that continues it, in order. A
@@ -73,4 +73,87 @@ pub fn last_uses(m: &Module) -> Vec<Option<usize>> {
         }
     }
     last
+}
+
+/// The unfused ops of one DeepSeek-V4 attention (one compressed slot), by instruction:
+/// the `sparse_attention`, the `compress` its `comp` names, and the `index_topk` its
+/// `select` names with that op's `compress` of keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparseGroup {
+    pub attention: usize,
+    pub comp: Option<usize>,
+    pub topk: Option<usize>,
+    pub keys: Option<usize>,
+}
+
+impl SparseGroup {
+    /// The group of the `sparse_attention` at instruction `i`; `None` when `i` is not one,
+    /// or its `comp` / `select` operands are not made by the ops they must be.
+    pub fn of(m: &Module, i: usize) -> Option<SparseGroup> {
+        let Op::SparseAttention { comp, select, .. } = &m.insts.get(i)?.op else { return None };
+        let op = |v: ValueId| m.insts.get(v.index()).map(|x| &x.op);
+        let comp = match comp {
+            Some(c) => match op(*c)? {
+                Op::Compress { attrs, .. } if !attrs.index => Some(c.index()),
+                _ => return None,
+            },
+            None => None,
+        };
+        let (topk, keys) = match select {
+            Some(s) => match op(*s)? {
+                Op::IndexTopk { keys, .. } => match op(*keys)? {
+                    Op::Compress { attrs, .. } if attrs.index => (Some(s.index()), Some(keys.index())),
+                    _ => return None,
+                },
+                _ => return None,
+            },
+            None => (None, None),
+        };
+        Some(SparseGroup { attention: i, comp, topk, keys })
+    }
+
+    /// The `compressed_attention` that does in one op what the group does.
+    pub fn fused(&self, m: &Module) -> Option<Op> {
+        let Op::SparseAttention { q, kv, sink, attrs: a, .. } = &m.insts.get(self.attention)?.op else { return None };
+        let stream = |i: Option<usize>| match i.map(|i| &m.insts[i].op) {
+            Some(Op::Compress { kv, gate, ape, norm, attrs }) => {
+                Some((CompressorOperands { kv: *kv, gate: *gate, ape: *ape, norm: *norm }, attrs, i?))
+            }
+            _ => None,
+        };
+        let comp = stream(self.comp);
+        let keys = stream(self.keys);
+        let indexer = match (self.topk.map(|i| &m.insts[i].op), &keys) {
+            (Some(Op::IndexTopk { q, w, attrs, .. }), Some((k, _, ki))) => {
+                Some((IndexerOperands { q: *q, w: *w, keys: *k }, attrs.topk, attrs.heads, *ki))
+            }
+            _ => None,
+        };
+        let attrs = CompressedAttentionAttrs {
+            cache: a.cache,
+            heads: a.heads,
+            head_dim: a.head_dim,
+            scale: a.scale,
+            window: a.window,
+            ratio: comp.as_ref().map_or(0, |c| c.1.ratio),
+            topk: indexer.as_ref().map_or(0, |ix| ix.1),
+            index_heads: indexer.as_ref().map_or(0, |ix| ix.2),
+            index_dim: indexer.as_ref().and_then(|ix| m.insts[ix.3].ty.last_fixed()).unwrap_or(0),
+            eps: comp.as_ref().map_or(0.0, |c| c.1.eps),
+            rope: a.rope.clone(),
+        };
+        Some(Op::CompressedAttention {
+            q: *q,
+            kv: *kv,
+            sink: *sink,
+            comp: comp.map(|c| c.0),
+            indexer: indexer.map(|ix| ix.0),
+            attrs,
+        })
+    }
+}
+
+/// Every unfused DeepSeek-V4 attention of `m`, in order.
+pub fn sparse_groups(m: &Module) -> Vec<SparseGroup> {
+    (0..m.insts.len()).filter_map(|i| SparseGroup::of(m, i)).collect()
 }

@@ -17,8 +17,9 @@ pub use entities::{ParamId, ValueId};
 pub use error::{IrError, IrResult};
 pub use module::{Inst, Meta, Module, Param};
 pub use ops::{
-    Activation, Arg, AttentionAttrs, CompressedAttentionAttrs, CompressorOperands, ExpertParams, IndexerOperands,
-    KV_DTYPES, MoeRouteAttrs, Op, RopeAttrs, RopeLayout, RotaryAttrs, Scoring, SteerAttrs, SteerMode, is_steer_name,
+    Activation, Arg, AttentionAttrs, CompressAttrs, CompressedAttentionAttrs, CompressorOperands, ExpertParams,
+    IndexTopkAttrs, IndexerOperands, KV_DTYPES, MoeRouteAttrs, Op, RopeAttrs, RopeLayout, RotaryAttrs, Scoring,
+    SparseAttentionAttrs, SteerAttrs, SteerMode, is_steer_name,
 };
 pub use parser::parse;
 pub use printer::print;

@@ -6,7 +6,8 @@ use crate::entities::{ParamId, ValueId};
 use crate::types::{DType, Dim, TensorType};
 
 pub use crate::ops_sparse::{
-    CompressedAttentionAttrs, CompressorOperands, ExpertParams, IndexerOperands, MoeRouteAttrs, RotaryAttrs, Scoring,
+    CompressAttrs, CompressedAttentionAttrs, CompressorOperands, ExpertParams, IndexTopkAttrs, IndexerOperands,
+    MoeRouteAttrs, RotaryAttrs, Scoring, SparseAttentionAttrs,
 };
 
 /// RoPE pair layout.
@@ -325,6 +326,42 @@ pub enum Op {
         indexer: Option<IndexerOperands>,
         attrs: CompressedAttentionAttrs,
     },
+    /// One compressor stream of a compressed-attention slot, unfused (what
+    /// `compressed_attention` does with `comp_*` / `idx_*`): absorbs this call's projections
+    /// `kv`, `gate` (`f32[T, dim]` or `f32[T, 2·dim]` for overlapping windows); every `ratio`
+    /// tokens close a window, whose row `rope(rms(Σ_slots softmax_slots(gate + ape) · kv,
+    /// norm), w·ratio)` joins stream `index` (the indexer's keys) or the attention's
+    /// compressed rows of slot `cache`. Result `[T, dim]`: row t is the row the window
+    /// closing at token t produced, zero at tokens that close none.
+    Compress {
+        kv: ValueId,
+        gate: ValueId,
+        ape: ParamId,
+        norm: ParamId,
+        attrs: CompressAttrs,
+    },
+    /// The Lightning Indexer, unfused: for each query, the `topk` compressed rows (visible
+    /// from its position: `w < (p+1) / ratio`) of largest `Σ_h w_h/√heads · ReLU(rope(q_h)
+    /// · k_w)/√dim` over the keys stream `keys` wrote (ties to the earlier row). Result
+    /// `i32[T, topk]`: the chosen row numbers ascending, padded with −1.
+    IndexTopk {
+        q: ValueId,
+        w: ValueId,
+        keys: ValueId,
+        attrs: IndexTopkAttrs,
+    },
+    /// DeepSeek-V4 attention, unfused: appends `kv` to the raw window of slot `cache` and
+    /// attends (as `compressed_attention`) over the raw rows within `window`, the compressed
+    /// rows of the stream `comp` wrote (those `select` names, or every visible one), and the
+    /// per-head `sink` logit. Result `[T, heads·head_dim]`.
+    SparseAttention {
+        q: ValueId,
+        kv: ValueId,
+        sink: ParamId,
+        comp: Option<ValueId>,
+        select: Option<ValueId>,
+        attrs: SparseAttentionAttrs,
+    },
 }
 
 /// A literal or reference in the generic form of an op.
@@ -369,6 +406,9 @@ pub const OP_NAMES: &[&str] = &[
     "moe",
     "grouped_matmul",
     "compressed_attention",
+    "compress",
+    "index_topk",
+    "sparse_attention",
 ];
 
 impl Op {
@@ -396,6 +436,9 @@ impl Op {
             Op::Moe { .. } => "moe",
             Op::GroupedMatMul { .. } => "grouped_matmul",
             Op::CompressedAttention { .. } => "compressed_attention",
+            Op::Compress { .. } => "compress",
+            Op::IndexTopk { .. } => "index_topk",
+            Op::SparseAttention { .. } => "sparse_attention",
         }
     }
 
@@ -436,6 +479,11 @@ impl Op {
                 }
                 out
             }
+            Op::Compress { kv, gate, .. } => vec![*kv, *gate],
+            Op::IndexTopk { q, w, keys, .. } => vec![*q, *w, *keys],
+            Op::SparseAttention { q, kv, comp, select, .. } => {
+                [*q, *kv].into_iter().chain(comp.iter().copied()).chain(select.iter().copied()).collect()
+            }
         }
     }
 
@@ -467,6 +515,8 @@ impl Op {
                 }
                 out
             }
+            Op::Compress { ape, norm, .. } => vec![*ape, *norm],
+            Op::SparseAttention { sink, .. } => vec![*sink],
             _ => vec![],
         }
     }
@@ -515,6 +565,11 @@ impl Op {
                     c.norm = f(c.norm);
                 }
             }
+            Op::Compress { ape, norm, .. } => {
+                *ape = f(*ape);
+                *norm = f(*norm);
+            }
+            Op::SparseAttention { sink, .. } => *sink = f(*sink),
             _ => {}
         }
     }
@@ -580,6 +635,22 @@ impl Op {
                     for v in [&mut ix.q, &mut ix.w, &mut ix.keys.kv, &mut ix.keys.gate] {
                         *v = f(*v);
                     }
+                }
+            }
+            Op::Compress { kv, gate, .. } => {
+                *kv = f(*kv);
+                *gate = f(*gate);
+            }
+            Op::IndexTopk { q, w, keys, .. } => {
+                for v in [q, w, keys] {
+                    *v = f(*v);
+                }
+            }
+            Op::SparseAttention { q, kv, comp, select, .. } => {
+                *q = f(*q);
+                *kv = f(*kv);
+                for v in comp.iter_mut().chain(select.iter_mut()) {
+                    *v = f(*v);
                 }
             }
         }
@@ -748,15 +819,39 @@ impl Op {
                         ("index_dim", Int(a.index_dim)),
                     ]);
                 }
-                kw.extend([("eps", Float(a.eps)), ("rot_dims", Int(a.rope.rot_dims)), ("theta", Float(a.rope.theta))]);
-                if a.rope.yarn_factor != 1.0 {
-                    kw.extend([
-                        ("yarn_factor", Float(a.rope.yarn_factor)),
-                        ("yarn_orig_ctx", Int(a.rope.yarn_orig_ctx)),
-                        ("yarn_beta_fast", Float(a.rope.yarn_beta_fast)),
-                        ("yarn_beta_slow", Float(a.rope.yarn_beta_slow)),
-                    ]);
+                kw.push(("eps", Float(a.eps)));
+                kw.extend(rotary_kw(&a.rope));
+                (vec![Value(*q), Value(*kv)], kw)
+            }
+            Op::Compress { kv, gate, ape, norm, attrs: a } => {
+                let mut kw = vec![("ape", Param(*ape)), ("norm", Param(*norm)), ("cache", Int(a.cache as u64))];
+                if a.index {
+                    kw.push(("index", Int(1)));
                 }
+                kw.extend([("ratio", Int(a.ratio)), ("eps", Float(a.eps))]);
+                kw.extend(rotary_kw(&a.rope));
+                (vec![Value(*kv), Value(*gate)], kw)
+            }
+            Op::IndexTopk { q, w, keys, attrs } => (
+                vec![Value(*q), Value(*w)],
+                vec![("keys", Value(*keys)), ("topk", Int(attrs.topk)), ("heads", Int(attrs.heads))],
+            ),
+            Op::SparseAttention { q, kv, sink, comp, select, attrs: a } => {
+                let mut kw = vec![("sink", Param(*sink))];
+                if let Some(c) = comp {
+                    kw.push(("comp", Value(*c)));
+                }
+                if let Some(s) = select {
+                    kw.push(("select", Value(*s)));
+                }
+                kw.extend([
+                    ("cache", Int(a.cache as u64)),
+                    ("heads", Int(a.heads)),
+                    ("head_dim", Int(a.head_dim)),
+                    ("scale", Float(a.scale)),
+                    ("window", Int(a.window)),
+                ]);
+                kw.extend(rotary_kw(&a.rope));
                 (vec![Value(*q), Value(*kv)], kw)
             }
         };
@@ -889,14 +984,7 @@ impl Op {
                 let index_heads = a.opt_int("index_heads")?.unwrap_or(0);
                 let index_dim = a.opt_int("index_dim")?.unwrap_or(0);
                 let eps = a.float("eps")?;
-                let rope = RotaryAttrs {
-                    rot_dims: a.int("rot_dims")?,
-                    theta: a.float("theta")?,
-                    yarn_factor: a.opt_float("yarn_factor")?.unwrap_or(1.0),
-                    yarn_orig_ctx: a.opt_int("yarn_orig_ctx")?.unwrap_or(0),
-                    yarn_beta_fast: a.opt_float("yarn_beta_fast")?.unwrap_or(0.0),
-                    yarn_beta_slow: a.opt_float("yarn_beta_slow")?.unwrap_or(0.0),
-                };
+                let rope = a.rotary()?;
                 let attrs = CompressedAttentionAttrs {
                     cache,
                     heads,
@@ -912,11 +1000,65 @@ impl Op {
                 };
                 Op::CompressedAttention { q, kv, sink, comp, indexer, attrs }
             }
+            "compress" => {
+                let (kv, gate) = (a.value()?, a.value()?);
+                let (ape, norm) = (a.req_param("ape")?, a.req_param("norm")?);
+                let cache = a.int("cache")?;
+                let cache = u32::try_from(cache).map_err(|_| format!("cache slot {cache} too large"))?;
+                let index = match a.opt_int("index")?.unwrap_or(0) {
+                    0 => false,
+                    1 => true,
+                    n => return Err(format!("compress index={n}: 1 for the indexer's keys, else leave it out")),
+                };
+                let (ratio, eps) = (a.int("ratio")?, a.float("eps")?);
+                Op::Compress {
+                    kv,
+                    gate,
+                    ape,
+                    norm,
+                    attrs: CompressAttrs { cache, index, ratio, eps, rope: a.rotary()? },
+                }
+            }
+            "index_topk" => {
+                let (q, w) = (a.value()?, a.value()?);
+                let keys = a.opt_value("keys")?.ok_or("`index_topk` needs keys=%v")?;
+                Op::IndexTopk { q, w, keys, attrs: IndexTopkAttrs { topk: a.int("topk")?, heads: a.int("heads")? } }
+            }
+            "sparse_attention" => {
+                let (q, kv) = (a.value()?, a.value()?);
+                let sink = a.req_param("sink")?;
+                let (comp, select) = (a.opt_value("comp")?, a.opt_value("select")?);
+                let cache = a.int("cache")?;
+                let cache = u32::try_from(cache).map_err(|_| format!("cache slot {cache} too large"))?;
+                let attrs = SparseAttentionAttrs {
+                    cache,
+                    heads: a.int("heads")?,
+                    head_dim: a.int("head_dim")?,
+                    scale: a.float("scale")?,
+                    window: a.int("window")?,
+                    rope: a.rotary()?,
+                };
+                Op::SparseAttention { q, kv, sink, comp, select, attrs }
+            }
             other => return Err(format!("unknown op `{other}`; known ops: {}", OP_NAMES.join(", "))),
         };
         a.finish()?;
         Ok(op)
     }
+}
+
+/// The keywords of a rotary table (YaRN's only when it is on).
+fn rotary_kw(r: &RotaryAttrs) -> Vec<(&'static str, Arg)> {
+    let mut kw = vec![("rot_dims", Arg::Int(r.rot_dims)), ("theta", Arg::Float(r.theta))];
+    if r.yarn_factor != 1.0 {
+        kw.extend([
+            ("yarn_factor", Arg::Float(r.yarn_factor)),
+            ("yarn_orig_ctx", Arg::Int(r.yarn_orig_ctx)),
+            ("yarn_beta_fast", Arg::Float(r.yarn_beta_fast)),
+            ("yarn_beta_slow", Arg::Float(r.yarn_beta_slow)),
+        ]);
+    }
+    kw
 }
 
 struct FormReader<'a> {
@@ -973,6 +1115,18 @@ impl FormReader<'_> {
             _ => Err(format!("`{}` needs all of {}, or none", self.name, keys.join(", "))),
         }
     }
+    /// The rotary keywords of a DeepSeek-V4 op ([`rotary_kw`]).
+    fn rotary(&mut self) -> Result<RotaryAttrs, String> {
+        Ok(RotaryAttrs {
+            rot_dims: self.int("rot_dims")?,
+            theta: self.float("theta")?,
+            yarn_factor: self.opt_float("yarn_factor")?.unwrap_or(1.0),
+            yarn_orig_ctx: self.opt_int("yarn_orig_ctx")?.unwrap_or(0),
+            yarn_beta_fast: self.opt_float("yarn_beta_fast")?.unwrap_or(0.0),
+            yarn_beta_slow: self.opt_float("yarn_beta_slow")?.unwrap_or(0.0),
+        })
+    }
+
     fn opt_value(&mut self, key: &str) -> Result<Option<ValueId>, String> {
         match self.take_kw(key) {
             None => Ok(None),
@@ -1218,7 +1372,10 @@ impl Op {
             | Op::MoeRoute { .. }
             | Op::Moe { .. }
             | Op::GroupedMatMul { .. }
-            | Op::CompressedAttention { .. } => self.infer_sparse(env),
+            | Op::CompressedAttention { .. }
+            | Op::Compress { .. }
+            | Op::IndexTopk { .. }
+            | Op::SparseAttention { .. } => self.infer_sparse(env),
         }
     }
 }

@@ -110,6 +110,62 @@ pub struct IndexerOperands {
     pub keys: CompressorOperands,
 }
 
+/// Attributes of a [`Op::Compress`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CompressAttrs {
+    /// The compressed-attention slot whose stream the op writes.
+    pub cache: u32,
+    /// Which stream: the indexer's keys (true) or the attention's compressed rows (false).
+    pub index: bool,
+    /// Tokens pooled into one row.
+    pub ratio: u64,
+    /// Epsilon of the RMSNorm.
+    pub eps: f32,
+    pub rope: RotaryAttrs,
+}
+
+/// Attributes of a [`Op::IndexTopk`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexTopkAttrs {
+    /// Compressed rows kept per query.
+    pub topk: u64,
+    /// Indexer heads (`q` holds `heads × dim`, `dim` the keys' width).
+    pub heads: u64,
+}
+
+/// Attributes of a [`Op::SparseAttention`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SparseAttentionAttrs {
+    /// The compressed-attention slot: raw window here, compressed streams from the ops
+    /// named by `comp` / `select`.
+    pub cache: u32,
+    pub heads: u64,
+    pub head_dim: u64,
+    pub scale: f32,
+    pub window: u64,
+    pub rope: RotaryAttrs,
+}
+
+/// Checks a rotary table for heads of `dim` channels (`what` names the op).
+fn check_rope(r: &RotaryAttrs, dim: u64, what: &str) -> Result<(), String> {
+    if r.rot_dims == 0 || r.rot_dims > dim || !r.rot_dims.is_multiple_of(2) {
+        return Err(format!("{what} rot_dims {} must be even and in 1..={dim}", r.rot_dims));
+    }
+    if !(r.theta > 1.0 && r.theta.is_finite()) {
+        return Err(format!("{what} theta {} must be above 1", r.theta));
+    }
+    if r.yarn_factor != 1.0
+        && !(r.yarn_factor > 1.0
+            && r.yarn_factor.is_finite()
+            && r.yarn_orig_ctx > 0
+            && r.yarn_beta_fast > 0.0
+            && r.yarn_beta_slow > 0.0)
+    {
+        return Err(format!("{what} YaRN needs yarn_factor > 1, yarn_orig_ctx and positive betas"));
+    }
+    Ok(())
+}
+
 /// The three matrices of one SwiGLU expert ([`Op::Moe`]'s shared expert).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ExpertParams {
@@ -293,23 +349,7 @@ impl Op {
                 }
                 f32_param(*sink, &[h], "compressed_attention sink")?;
                 let r = &a.rope;
-                if r.rot_dims == 0 || r.rot_dims > hd || r.rot_dims % 2 != 0 {
-                    return Err(format!("compressed_attention rot_dims {} must be even and in 1..={hd}", r.rot_dims));
-                }
-                if !(r.theta > 1.0 && r.theta.is_finite()) {
-                    return Err(format!("compressed_attention theta {} must be above 1", r.theta));
-                }
-                if r.yarn_factor != 1.0
-                    && !(r.yarn_factor > 1.0
-                        && r.yarn_factor.is_finite()
-                        && r.yarn_orig_ctx > 0
-                        && r.yarn_beta_fast > 0.0
-                        && r.yarn_beta_slow > 0.0)
-                {
-                    return Err(
-                        "compressed_attention YaRN needs yarn_factor > 1, yarn_orig_ctx and positive betas".into()
-                    );
-                }
+                check_rope(r, hd, "compressed_attention")?;
                 if a.window == 0 || !a.scale.is_finite() || !(a.eps.is_finite() && a.eps >= 0.0) {
                     return Err("compressed_attention needs window ≥ 1, a finite scale and eps".into());
                 }
@@ -359,6 +399,73 @@ impl Op {
                                 .into(),
                         );
                     }
+                }
+                Ok(act(h * hd))
+            }
+            Op::Compress { kv, gate, ape, norm, attrs: a } => {
+                let nt = pt(*norm)?;
+                let dim = match nt.fixed_dims().as_deref() {
+                    Some([d]) if nt.dtype == DType::F32 && *d > 0 && *d <= 4096 => *d,
+                    _ => return Err(format!("compress norm @{} must be f32[dim], found {nt}", env.param_name(*norm))),
+                };
+                let w = row(*kv, "compress kv")?;
+                if (w != dim && w != 2 * dim) || row(*gate, "compress gate")? != w {
+                    return Err(format!("compress: kv and gate must both have {dim} or {} columns", 2 * dim));
+                }
+                if a.ratio == 0 || a.ratio > 1 << 16 {
+                    return Err(format!("compress ratio {} must be in 1..=65536", a.ratio));
+                }
+                if !(a.eps.is_finite() && a.eps >= 0.0) {
+                    return Err(format!("compress eps {} must be finite and non-negative", a.eps));
+                }
+                f32_param(*ape, &[a.ratio, w], "compress ape")?;
+                check_rope(&a.rope, dim, "compress")?;
+                Ok(act(dim))
+            }
+            Op::IndexTopk { q, w, keys, attrs: a } => {
+                let di = row(*keys, "index_topk keys")?;
+                let nh = a.heads;
+                if nh == 0 || nh > 4096 {
+                    return Err(format!("index_topk heads {nh} out of range"));
+                }
+                if row(*q, "index_topk q")? != nh * di || row(*w, "index_topk w")? != nh {
+                    return Err(format!("index_topk q must have heads×dim = {} and w {nh} columns", nh * di));
+                }
+                if a.topk == 0 || a.topk > 1 << 20 {
+                    return Err(format!("index_topk topk {} must be in 1..=1048576", a.topk));
+                }
+                Ok(TensorType::new(DType::I32, vec![Dim::Seq, Dim::Fixed(a.topk)]))
+            }
+            Op::SparseAttention { q, kv, sink, comp, select, attrs: a } => {
+                let (h, hd) = (a.heads, a.head_dim);
+                if h == 0 || hd == 0 || h > 4096 || hd > 4096 {
+                    return Err(format!("sparse_attention heads {h} / head_dim {hd} out of range"));
+                }
+                if row(*q, "sparse_attention q")? != h * hd || row(*kv, "sparse_attention kv")? != hd {
+                    return Err(format!(
+                        "sparse_attention q must have heads×head_dim = {} and kv head_dim = {hd} columns",
+                        h * hd
+                    ));
+                }
+                f32_param(*sink, &[h], "sparse_attention sink")?;
+                check_rope(&a.rope, hd, "sparse_attention")?;
+                if a.window == 0 || !a.scale.is_finite() {
+                    return Err("sparse_attention needs window ≥ 1 and a finite scale".into());
+                }
+                if let Some(c) = comp
+                    && row(*c, "sparse_attention comp")? != hd
+                {
+                    return Err(format!("sparse_attention comp must have head_dim = {hd} columns"));
+                }
+                match (comp, select) {
+                    (_, None) => {}
+                    (Some(_), Some(s)) => {
+                        let st = vt(*s)?;
+                        if st.dtype != DType::I32 || st.shape.len() != 2 || st.shape[0] != Dim::Seq {
+                            return Err(format!("sparse_attention select must be i32[T, topk], found {st}"));
+                        }
+                    }
+                    (None, Some(_)) => return Err("sparse_attention: a selection needs a compressed stream".into()),
                 }
                 Ok(act(h * hd))
             }

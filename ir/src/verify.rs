@@ -32,6 +32,21 @@ impl Deref for VerifiedModule {
     }
 }
 
+/// What the unfused DeepSeek-V4 ops of one slot have written so far.
+struct SparseSlot {
+    /// The first op that named the slot.
+    first: ValueId,
+    comp: Option<ValueId>,
+    keys: Option<ValueId>,
+    attention: Option<ValueId>,
+}
+
+impl SparseSlot {
+    fn new(first: ValueId) -> Self {
+        SparseSlot { first, comp: None, keys: None, attention: None }
+    }
+}
+
 fn fail<T>(at: impl Into<String>, msg: impl Into<String>) -> IrResult<T> {
     Err(IrError::Verify { at: at.into(), msg: msg.into() })
 }
@@ -78,6 +93,9 @@ pub fn check(m: &Module) -> IrResult<()> {
     let mut caches: HashMap<u32, (ValueId, u64, u64, crate::types::DType)> = HashMap::new();
     // cache slots of compressed-attention ops (a slot kind of their own) -> writer
     let mut compressed: HashMap<u32, ValueId> = HashMap::new();
+    // slots of the unfused DeepSeek-V4 ops (`compress`, `sparse_attention`)
+    let mut sparse: HashMap<u32, SparseSlot> = HashMap::new();
+    let kind = |index: bool| if index { "index-key" } else { "compressed-row" };
     for (i, inst) in m.insts.iter().enumerate() {
         let at = format!("%{i} = {}", inst.op.name());
         let env = Env { module: m, limit: i };
@@ -104,13 +122,75 @@ pub fn check(m: &Module) -> IrResult<()> {
             }
             Op::CompressedAttention { attrs, .. } => {
                 let slot = attrs.cache;
-                if let Some(w) = compressed.get(&slot).or_else(|| caches.get(&slot).map(|c| &c.0)) {
+                if let Some(w) = compressed
+                    .get(&slot)
+                    .or_else(|| caches.get(&slot).map(|c| &c.0))
+                    .or_else(|| sparse.get(&slot).map(|s| &s.first))
+                {
                     return fail(at, format!("KV-cache slot {slot} is already written by {w}"));
                 }
                 compressed.insert(slot, ValueId(i as u32));
             }
+            Op::Compress { attrs, .. } => {
+                let slot = attrs.cache;
+                if let Some(w) = compressed.get(&slot).or_else(|| caches.get(&slot).map(|c| &c.0)) {
+                    return fail(at, format!("KV-cache slot {slot} is already written by {w}"));
+                }
+                let s = sparse.entry(slot).or_insert(SparseSlot::new(ValueId(i as u32)));
+                let stream = if attrs.index { &mut s.keys } else { &mut s.comp };
+                if let Some(w) = stream {
+                    return fail(at, format!("slot {slot}'s {} stream is already written by {w}", kind(attrs.index)));
+                }
+                if s.attention.is_some() {
+                    return fail(at, format!("slot {slot}'s sparse_attention comes before this compressor"));
+                }
+                *stream = Some(ValueId(i as u32));
+            }
+            Op::IndexTopk { keys, .. } => match &m.insts[keys.index()].op {
+                Op::Compress { attrs, .. } if attrs.index => {}
+                _ => return fail(at, format!("keys {keys} must be made by a `compress` with index=1")),
+            },
+            Op::SparseAttention { attrs, .. } => {
+                let slot = attrs.cache;
+                if let Some(w) = compressed.get(&slot).or_else(|| caches.get(&slot).map(|c| &c.0)) {
+                    return fail(at, format!("KV-cache slot {slot} is already written by {w}"));
+                }
+                let Some(g) = crate::analysis::SparseGroup::of(m, i) else {
+                    return fail(at, "comp must be made by a `compress` and select by an `index_topk` over index keys");
+                };
+                let s = sparse.entry(slot).or_insert(SparseSlot::new(ValueId(i as u32)));
+                if let Some(w) = s.attention {
+                    return fail(at, format!("slot {slot} is already attended by {w}"));
+                }
+                s.attention = Some(ValueId(i as u32));
+                // The streams it reads are the slot's, with the attention's rotary table and one ratio and eps.
+                let mut ratio_eps = None;
+                for (op_at, stream, index) in [(g.comp, s.comp, false), (g.keys, s.keys, true)] {
+                    let Some(j) = op_at else { continue };
+                    let Op::Compress { attrs: c, .. } = &m.insts[j].op else { continue };
+                    if stream != Some(ValueId(j as u32)) {
+                        return fail(
+                            at,
+                            format!("reads the {} stream %{j} of slot {}, not of slot {slot}", kind(index), c.cache),
+                        );
+                    }
+                    if c.rope != attrs.rope {
+                        return fail(
+                            at,
+                            format!("the {} stream %{j} rotates with another table than the attention", kind(index)),
+                        );
+                    }
+                    if ratio_eps.is_some_and(|re| re != (c.ratio, c.eps.to_bits())) {
+                        return fail(at, "the compressed rows and the index keys need one ratio and one eps");
+                    }
+                    ratio_eps = Some((c.ratio, c.eps.to_bits()));
+                }
+                if (s.comp.is_some() && g.comp.is_none()) || (s.keys.is_some() && g.keys.is_none()) {
+                    return fail(at, format!("slot {slot} has a compressor stream this attention does not read"));
+                }
+            }
             Op::Attention { k, attrs, .. } => {
-                if let Some(w) = compressed.get(&attrs.cache) {
+                if let Some(w) = compressed.get(&attrs.cache).or_else(|| sparse.get(&attrs.cache).map(|s| &s.first)) {
                     return fail(
                         at,
                         format!(
@@ -156,6 +236,11 @@ pub fn check(m: &Module) -> IrResult<()> {
                 }
             }
             _ => {}
+        }
+    }
+    for (slot, s) in &sparse {
+        if s.attention.is_none() {
+            return fail(format!("{} = compress", s.first), format!("slot {slot} has no sparse_attention to read it"));
         }
     }
     let Some(out) = m.output else {

@@ -635,7 +635,9 @@ mod tests {
         .unwrap();
         let rows = 7;
         let data = |seed: u32, width: usize| -> Vec<f32> {
-            (0..rows * width).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+            (0..rows * width)
+                .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+                .collect()
         };
         let (q, k, v) = (data(1, 16), data(2, 8), data(3, 8));
         for negate in [false, true] {

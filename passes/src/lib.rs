@@ -4,6 +4,7 @@
 //! Every pass reports what it did; the driver verifies the module after each one.
 
 pub mod dce;
+pub mod fuse_sparse_attention;
 pub mod kv_quant;
 pub mod kv_share;
 pub mod quantize;

@@ -5,7 +5,8 @@ use kiln_ir::Module;
 use serde_json::Value;
 
 use crate::{
-    Calibration, Pass, PassCtx, PassError, PassReport, dce, kv_quant, kv_share, quantize, sliding_window, steer,
+    Calibration, Pass, PassCtx, PassError, PassReport, dce, fuse_sparse_attention, kv_quant, kv_share, quantize,
+    sliding_window, steer,
 };
 
 pub static PASSES: &[&dyn Pass] = &[
@@ -15,6 +16,7 @@ pub static PASSES: &[&dyn Pass] = &[
     &kv_share::KvShare,
     &kv_quant::KvQuant,
     &sliding_window::SlidingWindow,
+    &fuse_sparse_attention::FuseSparseAttention,
 ];
 
 pub fn by_name(name: &str) -> Result<&'static dyn Pass, PassError> {

@@ -88,7 +88,22 @@ impl Model {
                 steer: Default::default(),
             });
         }
-        let imported = kiln_frontend::import(path)?;
+        let mut imported = kiln_frontend::import(path)?;
+        // A checkpoint run as it is gets the lowering every build gets: DeepSeek-V4's
+        // unfused attention becomes the fused op the backends run fast (the importer's
+        // unfused form is what `kiln_frontend::import` returns).
+        if !kiln_ir::analysis::sparse_groups(&imported.module).is_empty() {
+            kiln_passes::run_pipeline(
+                &mut imported.module,
+                &mut imported.weights,
+                &[("fuse_sparse_attention".into(), Value::Null)],
+                "",
+                path,
+                Default::default(),
+                &mut |_| {},
+            )
+            .map_err(|e| RuntimeError::bad(path, e.to_string()))?;
+        }
         let module = kiln_ir::verify(imported.module)
             .map_err(|e| RuntimeError::bad(path, format!("imported module failed verification: {e}")))?;
         let tokenizer = Tokenizer::from_bytes(imported.tokenizer_json.as_bytes(), &path.display().to_string())?;

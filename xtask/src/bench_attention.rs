@@ -512,10 +512,12 @@ mod tests {
             let (m, _) = kiln_frontend::hf::import_dir_graph(dir).unwrap();
             kiln_ir::print(&m).matches(what).count()
         };
-        assert_eq!(count(&csa, "ratio=4,"), 2);
+        // The importer's unfused form: a CSA layer has two compressor streams (rows, index keys).
+        assert_eq!(count(&csa, "ratio=4,"), 4);
         assert_eq!(count(&csa, "ratio=128,"), 2);
         assert_eq!(count(&csa, "topk=512,"), 2);
-        assert_eq!(count(&dense, "window=131072, eps"), 6, "dense layers: no compressor, a window over everything");
+        assert_eq!(count(&dense, " = compress "), 0, "dense layers: no compressor");
+        assert_eq!(count(&dense, "window=131072,"), 6, "dense layers: a window over everything");
         std::fs::remove_dir_all(&work).ok();
     }
 }

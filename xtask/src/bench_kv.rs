@@ -238,13 +238,13 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
          first budget search): the mean over layers of the per-token cosine between layer l's and layer l−1's K \
          rows and V rows, and of the cosine between layer l's attention output over its own cache and over layer \
          l−1's (the score `min_similarity` and `candidates` rank by); ρ is Spearman's rank correlation between \
-         that score and the measured perplexity cost of each single merge.\n\n\
+         that score and the measured perplexity cost of each single merge (taken from the first budget search).\n\n\
          | model | K cosine | V cosine | attention-output cosine | ρ (score vs measured cost) |\n|---|---:|---:|---:|---:|\n",
     );
     for model in &o.models {
         let Some(sim) = rows
             .iter()
-            .find(|r| r["model"] == model.as_str() && r["similarity"]["adjacent"].is_array())
+            .find(|r| r["model"] == model.as_str() && r["similarity"]["spearman_similarity_vs_cost"].is_number())
             .map(|r| &r["similarity"])
         else {
             continue;

@@ -55,7 +55,10 @@ pub fn unsupported(module: &VerifiedModule, op: &Op) -> Option<String> {
         | Op::MoeRoute { .. }
         | Op::Moe { .. }
         | Op::GroupedMatMul { .. }
-        | Op::CompressedAttention { .. } => Some(format!("op `{}`", op.name())),
+        | Op::CompressedAttention { .. }
+        | Op::Compress { .. }
+        | Op::IndexTopk { .. }
+        | Op::SparseAttention { .. } => Some(format!("op `{}`", op.name())),
     }
 }
 
@@ -388,7 +391,10 @@ pub fn lower(module: &VerifiedModule, weights: &dyn WeightSource, max_context: u
             | Op::MoeRoute { .. }
             | Op::Moe { .. }
             | Op::GroupedMatMul { .. }
-            | Op::CompressedAttention { .. } => unreachable!("refused above"),
+            | Op::CompressedAttention { .. }
+            | Op::Compress { .. }
+            | Op::IndexTopk { .. }
+            | Op::SparseAttention { .. } => unreachable!("refused above"),
         };
         steps.push(step);
     }

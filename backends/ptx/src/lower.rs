@@ -40,7 +40,10 @@ pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
         | Op::MoeRoute { .. }
         | Op::Moe { .. }
         | Op::GroupedMatMul { .. }
-        | Op::CompressedAttention { .. } => false,
+        | Op::CompressedAttention { .. }
+        | Op::Compress { .. }
+        | Op::IndexTopk { .. }
+        | Op::SparseAttention { .. } => false,
         Op::MatMul { w, .. } => {
             let ty = &module.param(*w).ty;
             let plain = ty.dtype.block_elems() == 1;
@@ -125,7 +128,10 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             | Op::MoeRoute { .. }
             | Op::Moe { .. }
             | Op::GroupedMatMul { .. }
-            | Op::CompressedAttention { .. } => {}
+            | Op::CompressedAttention { .. }
+            | Op::Compress { .. }
+            | Op::IndexTopk { .. }
+            | Op::SparseAttention { .. } => {}
         }
     }
     // Greedy decoding and top-k sampling on the device.

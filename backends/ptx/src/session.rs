@@ -564,7 +564,10 @@ impl<D: Device> PtxSession<D> {
                 | Op::MoeRoute { .. }
                 | Op::Moe { .. }
                 | Op::GroupedMatMul { .. }
-                | Op::CompressedAttention { .. }) => {
+                | Op::CompressedAttention { .. }
+                | Op::Compress { .. }
+                | Op::IndexTopk { .. }
+                | Op::SparseAttention { .. }) => {
                     return Err(internal(format!("`{}` reached the PTX session", op.name())));
                 }
             }

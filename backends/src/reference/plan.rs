@@ -69,6 +69,19 @@ pub(crate) fn reads(op: &Op, rows: Rows) -> Vec<(ValueId, Rows)> {
             }
             out
         }
+        // A compressor absorbs every row; its slot's attention reads what it wrote.
+        Op::Compress { kv, gate, .. } => vec![(*kv, Rows::All), (*gate, Rows::All)],
+        // The raw rows are appended whole; the streams are read through the slot, so the
+        // `comp` operand only orders the ops (its ops always run).
+        Op::SparseAttention { q, kv, select, .. } => {
+            let mut out = vec![(*kv, Rows::All)];
+            if rows != Rows::Skip {
+                out.push((*q, rows));
+                out.extend(select.iter().map(|&s| (s, rows)));
+            }
+            out
+        }
+        Op::IndexTopk { q, w, .. } if rows != Rows::Skip => vec![(*q, rows), (*w, rows)],
         _ if rows == Rows::Skip => vec![],
         _ => op.values().into_iter().map(|v| (v, rows)).collect(),
     }
@@ -76,7 +89,14 @@ pub(crate) fn reads(op: &Op, rows: Rows) -> Vec<(ValueId, Rows)> {
 
 /// Whether instruction `op` runs at all for `rows` (a KV-cache writer always runs).
 pub(crate) fn executes(op: &Op, rows: Rows) -> bool {
-    rows != Rows::Skip || matches!(op, Op::Attention { k: Some(_), .. } | Op::CompressedAttention { .. })
+    rows != Rows::Skip
+        || matches!(
+            op,
+            Op::Attention { k: Some(_), .. }
+                | Op::CompressedAttention { .. }
+                | Op::Compress { .. }
+                | Op::SparseAttention { .. }
+        )
 }
 
 impl Schedule {

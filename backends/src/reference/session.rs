@@ -128,6 +128,8 @@ pub struct ReferenceSession {
     steer: std::collections::BTreeMap<String, f32>,
     /// Values to copy out of each forward call, and what was copied.
     capture: Option<(Vec<ValueId>, HashMap<ValueId, Captured>)>,
+    /// Forward calls run so far (compressed slots begin each call's update once).
+    calls: u64,
 }
 
 /// A value copied out of a forward call ([`ReferenceSession::capture`]): rows
@@ -257,7 +259,7 @@ impl ReferenceSession {
                     }
                     bias.iter().chain(table.iter()).copied().collect()
                 }
-                Op::CompressedAttention { .. } => inst.op.params(),
+                Op::CompressedAttention { .. } | Op::Compress { .. } | Op::SparseAttention { .. } => inst.op.params(),
                 Op::Attention { k: Some(_), attrs, .. } => {
                     let width = usize::try_from(attrs.kv_heads * attrs.head_dim)
                         .map_err(|_| internal("attention width overflows"))?;
@@ -282,31 +284,34 @@ impl ReferenceSession {
             }
         }
         let mut compressed = HashMap::new();
-        for inst in &module.insts {
-            match &inst.op {
-                Op::CompressedAttention { comp, indexer, attrs, .. } => {
-                    let init = |c: &kiln_ir::CompressorOperands| -> Result<StreamInit, BackendError> {
-                        let width = module.value_type(c.kv).last_fixed().unwrap_or(0) as usize;
-                        let get = |p: ParamId| {
-                            vectors.get(&p).cloned().ok_or_else(|| internal("compressor parameter not decoded"))
-                        };
-                        Ok(StreamInit { ape: get(c.ape)?, norm: get(c.norm)?, width })
+        // One slot per compressed attention, fused or not (an unfused group's slot is the
+        // one its fused op would own).
+        let fused: Vec<Op> =
+            kiln_ir::analysis::sparse_groups(&module).iter().filter_map(|g| g.fused(&module)).collect();
+        for op in module.insts.iter().map(|i| &i.op).chain(&fused) {
+            if let Op::CompressedAttention { comp, indexer, attrs, .. } = op {
+                let init = |c: &kiln_ir::CompressorOperands| -> Result<StreamInit, BackendError> {
+                    let width = module.value_type(c.kv).last_fixed().unwrap_or(0) as usize;
+                    let get = |p: ParamId| {
+                        vectors.get(&p).cloned().ok_or_else(|| internal("compressor parameter not decoded"))
                     };
-                    let c = comp.as_ref().map(init).transpose()?;
-                    let ix = indexer.as_ref().map(|ix| init(&ix.keys)).transpose()?;
-                    compressed.insert(attrs.cache, CompressedCache::new(attrs, c, ix));
+                    Ok(StreamInit { ape: get(c.ape)?, norm: get(c.norm)?, width })
+                };
+                let c = comp.as_ref().map(init).transpose()?;
+                let ix = indexer.as_ref().map(|ix| init(&ix.keys)).transpose()?;
+                compressed.insert(attrs.cache, CompressedCache::new(attrs, c, ix));
+            }
+        }
+        for inst in &module.insts {
+            if let Op::MoeRoute { logits, table: Some(t), .. } = &inst.op {
+                let experts = module.value_type(*logits).last_fixed().unwrap_or(0) as f32;
+                let table = vectors.get(t).ok_or_else(|| internal("routing table not decoded"))?;
+                if let Some(bad) = table.iter().find(|v| !(v.fract() == 0.0 && **v >= 0.0 && **v < experts)) {
+                    return Err(BackendError::BadInput(format!(
+                        "routing table @{} holds {bad}, which is not an expert number below {experts}",
+                        module.param(*t).name
+                    )));
                 }
-                Op::MoeRoute { logits, table: Some(t), .. } => {
-                    let experts = module.value_type(*logits).last_fixed().unwrap_or(0) as f32;
-                    let table = vectors.get(t).ok_or_else(|| internal("routing table not decoded"))?;
-                    if let Some(bad) = table.iter().find(|v| !(v.fract() == 0.0 && **v >= 0.0 && **v < experts)) {
-                        return Err(BackendError::BadInput(format!(
-                            "routing table @{} holds {bad}, which is not an expert number below {experts}",
-                            module.param(*t).name
-                        )));
-                    }
-                }
-                _ => {}
             }
         }
         let pool = rayon::ThreadPoolBuilder::new()
@@ -336,7 +341,23 @@ impl ReferenceSession {
             stats: None,
             steer: options.steer.clone(),
             capture: None,
+            calls: 0,
         })
+    }
+
+    /// Compressed slot `slot` for instruction `i`, checked to hold the positions before this call.
+    fn compressed_slot(&mut self, i: usize, slot: u32, pos: usize) -> Result<&mut CompressedCache, BackendError> {
+        let cache = self
+            .compressed
+            .get_mut(&slot)
+            .ok_or_else(|| internal(format!("%{i}: compressed slot {slot} was not made")))?;
+        if cache.len() != pos {
+            return Err(internal(format!(
+                "%{i}: compressed slot {slot} holds {} positions, expected {pos}",
+                cache.len()
+            )));
+        }
+        Ok(cache)
     }
 
     fn vector(&self, p: ParamId) -> Result<&[f32], BackendError> {
@@ -360,6 +381,7 @@ impl ReferenceSession {
         if let Some((_, got)) = self.capture.as_mut() {
             got.clear();
         }
+        self.calls += 1;
         let mut values: Vec<Option<Value>> = Vec::with_capacity(module.insts.len());
         values.resize_with(module.insts.len(), || None);
 
@@ -610,7 +632,7 @@ impl ReferenceSession {
                         self.pos
                     )));
                 }
-                cache.append(kv_all, c, ix).map_err(BackendError::BadInput)?;
+                cache.append(self.calls, kv_all, c, ix).map_err(BackendError::BadInput)?;
                 if rows == Rows::Skip {
                     return Ok(None);
                 }
@@ -620,6 +642,60 @@ impl ReferenceSession {
                 let sink = self.vectors.get(sink).ok_or_else(|| internal("sink not decoded"))?;
                 let cache = &self.compressed[&attrs.cache];
                 out(self.kernel.compressed_attend(cache, qv, self.pos + first, iq, iw, sink), cols)
+            }
+            Op::Compress { kv, gate, attrs, .. } => {
+                let whole = |v: ValueId| match values.get(v.index()) {
+                    Some(Some(Value::Act { data, first: 0, cols })) if data.len() == t_len * cols => {
+                        Ok(data.as_slice())
+                    }
+                    _ => Err(internal(format!("%{i}: operand {v} is not available for every row"))),
+                };
+                let (kv, gate) = (whole(*kv)?, whole(*gate)?);
+                let (calls, pos) = (self.calls, self.pos);
+                let cache = self.compressed_slot(i, attrs.cache, pos)?;
+                let rows = cache.append_stream(calls, attrs.index, kv, gate).map_err(BackendError::BadInput)?;
+                let dim = rows.len() / t_len.max(1);
+                out(rows[first * dim..].to_vec(), dim)
+            }
+            Op::IndexTopk { q, w, keys, attrs } => {
+                let Op::Compress { attrs: k, .. } = &self.module.insts[keys.index()].op else {
+                    return Err(internal(format!("%{i}: keys {keys} are not a compressor's")));
+                };
+                let (q, _) = act(*q)?;
+                let (w, _) = act(*w)?;
+                let pos = self.pos;
+                let view = self.compressed_slot(i, k.cache, pos)?.view();
+                let (nh, di, topk) = (attrs.heads as usize, view.attrs.index_dim as usize, attrs.topk as usize);
+                let mut chosen = vec![-1f32; n_rows * topk];
+                for (t, row) in chosen.chunks_mut(topk.max(1)).enumerate() {
+                    let sel = view.select(Some(&q[t * nh * di..]), Some(&w[t * nh..]), pos + first + t);
+                    row.iter_mut().zip(sel).for_each(|(r, s)| *r = s as f32);
+                }
+                out(chosen, topk)
+            }
+            Op::SparseAttention { q, kv, sink, select, attrs, .. } => {
+                let kv_all = match values.get(kv.index()) {
+                    Some(Some(Value::Act { data, first: 0, cols })) if data.len() == t_len * cols => data.as_slice(),
+                    _ => return Err(internal(format!("%{i}: operand {kv} is not available for every row"))),
+                };
+                let (calls, pos) = (self.calls, self.pos);
+                let cache = self.compressed_slot(i, attrs.cache, pos)?;
+                cache.append_raw(calls, kv_all).map_err(BackendError::BadInput)?;
+                if rows == Rows::Skip {
+                    return Ok(None);
+                }
+                let (qv, cols) = act(*q)?;
+                let chosen = select.map(act).transpose()?;
+                let sink = self.vectors.get(sink).ok_or_else(|| internal("sink not decoded"))?;
+                let view = self.compressed[&attrs.cache].view();
+                let y = view.attend_chosen(qv, pos + first, sink, |t, p| match chosen {
+                    // The selection's row numbers are exact in f32; −1 pads.
+                    Some((sel, k)) => {
+                        sel[t * k..(t + 1) * k].iter().filter(|w| **w >= 0.0).map(|w| *w as usize).collect()
+                    }
+                    None => (0..view.visible(p)).collect(),
+                });
+                out(y, cols)
             }
             Op::Attention { q, k, v, attrs } => {
                 let cache = self
@@ -696,7 +772,10 @@ impl Session for ReferenceSession {
             Err(e) => {
                 let pos = self.pos;
                 self.caches.values_mut().for_each(|c| c.truncate(pos));
-                self.compressed.values_mut().for_each(|c| c.truncate(pos));
+                self.compressed.values_mut().for_each(|c| {
+                    c.abort_call();
+                    c.truncate(pos);
+                });
                 return Err(e);
             }
         };

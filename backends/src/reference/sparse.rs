@@ -487,6 +487,10 @@ pub struct CompressedCache {
     pos: usize,
     /// Set after a rollback past the last call (the state is then unknown).
     lost: bool,
+    /// The forward call the state was last begun for ([`CompressedCache::begin_call`]), and
+    /// whether that call's update is still open (begun, not yet ended by its raw rows).
+    call: Option<u64>,
+    open: bool,
 }
 
 /// A compressor stream's parameters when a slot is made: per-slot gate bias, norm weight,
@@ -565,6 +569,33 @@ impl CompressedView<'_> {
         chosen
     }
 
+    /// The compressed rows the indexer chooses for the query at position `p` from its
+    /// projections `iq` (`index_heads × index_dim`) and head weights `iw`: the
+    /// [`CompressedView::top_k`] of the visible rows by `Σ_h w_h · (max(q_h · k_w, 0) ·
+    /// dscale)` over the index keys (every visible row without an indexer).
+    pub fn select(&self, iq: Option<&[f32]>, iw: Option<&[f32]>, p: usize) -> Vec<u32> {
+        let a = self.attrs;
+        let visible = self.visible(p);
+        let (Some(keys), Some(iq), Some(iw)) = (self.index_keys, iq, iw) else {
+            return (0..visible as u32).collect();
+        };
+        let di = a.index_dim as usize;
+        let (qi, wh, dscale) = self.index_query(iq, iw, p);
+        let scored = (0..visible)
+            .filter(|&w| (w + 1) * di <= keys.len())
+            .map(|w| {
+                let k = &keys[w * di..(w + 1) * di];
+                let s: f64 = qi
+                    .chunks(di)
+                    .zip(&wh)
+                    .map(|(qh, w)| f64::from(*w) * f64::from(dot64(qh, k).max(0.0) * dscale))
+                    .sum();
+                (s as f32, w as u32)
+            })
+            .collect();
+        self.top_k(scored)
+    }
+
     /// Attention of query rows `q` (`[rows, heads·head_dim]`, not rotated; row t at position
     /// `first_pos + t`) over these rows; `idx_q`, `idx_w`: the indexer's query projections
     /// and head weights per row. The definition: f64 sums, a full softmax.
@@ -576,6 +607,23 @@ impl CompressedView<'_> {
         idx_w: Option<&[f32]>,
         sink: &[f32],
     ) -> Vec<f32> {
+        let (nh, di) = (self.attrs.index_heads as usize, self.attrs.index_dim as usize);
+        self.attend_chosen(q, first_pos, sink, |t, p| {
+            let iq = idx_q.map(|x| &x[t * nh * di..]);
+            let iw = idx_w.map(|x| &x[t * nh..]);
+            self.select(iq, iw, p).into_iter().map(|w| w as usize).collect()
+        })
+    }
+
+    /// [`CompressedView::attend`] over the compressed rows `chosen(t, p)` of each query row
+    /// (`t`: row of `q`, `p`: its position).
+    pub fn attend_chosen(
+        &self,
+        q: &[f32],
+        first_pos: usize,
+        sink: &[f32],
+        chosen: impl Fn(usize, usize) -> Vec<usize> + Sync,
+    ) -> Vec<f32> {
         let v = *self;
         let a = v.attrs;
         let (h, hd) = (a.heads as usize, a.head_dim as usize);
@@ -584,27 +632,17 @@ impl CompressedView<'_> {
             .into_par_iter()
             .map(|t| {
                 let p = first_pos + t;
-                let mut comp_rows: Vec<usize> = (0..v.visible(p)).collect();
-                if let (Some(keys), Some(iq), Some(iw)) = (v.index_keys, idx_q, idx_w) {
-                    let (nh, di) = (a.index_heads as usize, a.index_dim as usize);
-                    let (qi, wh, dscale) = v.index_query(&iq[t * nh * di..], &iw[t * nh..], p);
-                    let scored = comp_rows
-                        .iter()
-                        .filter(|&&w| (w + 1) * di <= keys.len())
-                        .map(|&w| {
-                            let k = &keys[w * di..(w + 1) * di];
-                            let s: f64 = qi
-                                .chunks(di)
-                                .zip(&wh)
-                                .map(|(qh, w)| f64::from(*w) * f64::from(dot64(qh, k).max(0.0) * dscale))
-                                .sum();
-                            (s as f32, w as u32)
-                        })
-                        .collect();
-                    comp_rows = v.top_k(scored).into_iter().map(|w| w as usize).collect();
-                }
-                let all: Vec<&[f32]> =
-                    v.raw_rows(p).chunks(hd).chain(comp_rows.iter().map(|&w| &v.comp[w * hd..(w + 1) * hd])).collect();
+                let comp_rows = chosen(t, p);
+                let all: Vec<&[f32]> = v
+                    .raw_rows(p)
+                    .chunks(hd)
+                    .chain(
+                        comp_rows
+                            .iter()
+                            .filter(|&&w| (w + 1) * hd <= v.comp.len())
+                            .map(|&w| &v.comp[w * hd..(w + 1) * hd]),
+                    )
+                    .collect();
                 let mut qr = q[t * h * hd..(t + 1) * h * hd].to_vec();
                 v.rope(&mut qr, hd, p, 1.0);
                 let mut o = vec![0f32; h * hd];
@@ -651,6 +689,8 @@ impl CompressedCache {
             last: CallInputs::default(),
             pos: 0,
             lost: false,
+            call: None,
+            open: false,
         }
     }
 
@@ -774,15 +814,13 @@ impl CompressedCache {
         self.pos += inputs.tokens;
     }
 
-    /// One forward call's cache update: drops the raw rows that left the window, remembers
-    /// the state before the call (for rollback) and absorbs the call's `kv` rows
-    /// (`[T, head_dim]`, not rotated) and compressor projections.
-    pub(crate) fn append(
-        &mut self,
-        kv: &[f32],
-        comp: Option<(&[f32], &[f32])>,
-        index: Option<(&[f32], &[f32])>,
-    ) -> Result<(), String> {
+    /// Starts forward call `call` (the session's count; a second begin of the same call does
+    /// nothing, so the unfused ops of one slot can each begin it): drops the raw rows that
+    /// left the window and remembers the state before the call (for rollback).
+    pub(crate) fn begin_call(&mut self, call: u64) -> Result<(), String> {
+        if self.call == Some(call) {
+            return Ok(());
+        }
         if self.lost {
             return Err("the compressed-attention cache was rolled back past the last forward call, \
                         which it cannot restore; truncate to 0 and run the text again"
@@ -792,12 +830,88 @@ impl CompressedCache {
         let drop = self.raw.len() / hd.max(1) - self.kept_rows();
         self.raw.drain(..drop * hd);
         self.raw_pos += drop;
-        let own = |x: Option<(&[f32], &[f32])>| x.map(|(k, g)| (k.to_vec(), g.to_vec()));
-        let inputs = CallInputs { tokens: kv.len() / hd, kv: kv.to_vec(), comp: own(comp), index: own(index) };
         self.base = self.mark();
         self.base_pos = self.pos;
+        self.last = CallInputs::default();
+        (self.call, self.open) = (Some(call), true);
+        Ok(())
+    }
+
+    /// Undoes an update a failed forward call left open (the state before the call).
+    pub(crate) fn abort_call(&mut self) {
+        if self.open {
+            let base = std::mem::take(&mut self.base);
+            self.restore(&base);
+            self.base = base;
+            (self.pos, self.open, self.call) = (self.base_pos, false, None);
+            self.last = CallInputs::default();
+        }
+    }
+
+    /// One forward call's cache update (`compressed_attention`): absorbs the call's `kv`
+    /// rows (`[T, head_dim]`, not rotated) and compressor projections.
+    pub(crate) fn append(
+        &mut self,
+        call: u64,
+        kv: &[f32],
+        comp: Option<(&[f32], &[f32])>,
+        index: Option<(&[f32], &[f32])>,
+    ) -> Result<(), String> {
+        self.begin_call(call)?;
+        let hd = self.attrs.head_dim as usize;
+        let own = |x: Option<(&[f32], &[f32])>| x.map(|(k, g)| (k.to_vec(), g.to_vec()));
+        let inputs = CallInputs { tokens: kv.len() / hd, kv: kv.to_vec(), comp: own(comp), index: own(index) };
         self.absorb(&inputs);
         self.last = inputs;
+        self.open = false;
+        Ok(())
+    }
+
+    /// The `compress` op's share of a call: absorbs one stream's projections (`index`: the
+    /// indexer's keys) and returns `[T, dim]` with, at each token that closes a window,
+    /// the row it closed (zeros elsewhere). Runs before the call's [`Self::append_raw`].
+    pub(crate) fn append_stream(
+        &mut self,
+        call: u64,
+        index: bool,
+        kv: &[f32],
+        gate: &[f32],
+    ) -> Result<Vec<f32>, String> {
+        self.begin_call(call)?;
+        let pos = self.pos;
+        let (inv, stream, last) = if index {
+            (&self.inv, self.index.as_mut(), &mut self.last.index)
+        } else {
+            (&self.inv, self.comp.as_mut(), &mut self.last.comp)
+        };
+        let c = stream.ok_or("the slot has no such compressor stream")?;
+        let (ratio, dim) = (c.ratio, c.dim);
+        let tokens = kv.len() / c.width().max(1);
+        let before = c.rows();
+        c.absorb(kv, gate, inv);
+        let mut out = vec![0f32; tokens * dim];
+        for w in before..c.rows() {
+            let t = (w + 1) * ratio - 1 - pos;
+            out[t * dim..(t + 1) * dim].copy_from_slice(&c.entries[w * dim..(w + 1) * dim]);
+        }
+        *last = Some((kv.to_vec(), gate.to_vec()));
+        Ok(out)
+    }
+
+    /// The `sparse_attention` op's share of a call: appends its raw `kv` rows (`[T,
+    /// head_dim]`, not rotated) and ends the call's update.
+    pub(crate) fn append_raw(&mut self, call: u64, kv: &[f32]) -> Result<(), String> {
+        self.begin_call(call)?;
+        let hd = self.attrs.head_dim as usize;
+        let tokens = kv.len() / hd.max(1);
+        for (t, row) in kv.chunks(hd).enumerate() {
+            let at = self.raw.len();
+            self.raw.extend_from_slice(row);
+            rope_heads(&mut self.raw[at..], hd, &self.inv, self.pos + t, 1.0);
+        }
+        self.pos += tokens;
+        (self.last.tokens, self.last.kv) = (tokens, kv.to_vec());
+        self.open = false;
         Ok(())
     }
 

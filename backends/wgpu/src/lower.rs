@@ -72,7 +72,10 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             | Op::MoeRoute { .. }
             | Op::Moe { .. }
             | Op::GroupedMatMul { .. }
-            | Op::CompressedAttention { .. } => {}
+            | Op::CompressedAttention { .. }
+            | Op::Compress { .. }
+            | Op::IndexTopk { .. }
+            | Op::SparseAttention { .. } => {}
         }
     }
     add(kernels::argmax());

@@ -20,8 +20,8 @@
 //! (int64) becomes an f32 param of exact expert numbers (`blk.N.ffn_gate_hash.weight`).
 
 use kiln_ir::{
-    CompressedAttentionAttrs, CompressorOperands, DType, ExpertParams, IndexerOperands, Meta, Module, MoeRouteAttrs,
-    Op, ParamId, RotaryAttrs, Scoring, TensorType, ValueId,
+    CompressAttrs, CompressorOperands, DType, ExpertParams, IndexTopkAttrs, Meta, Module, MoeRouteAttrs, Op, ParamId,
+    RotaryAttrs, Scoring, SparseAttentionAttrs, TensorType, ValueId,
 };
 use serde_json::Value;
 
@@ -544,33 +544,40 @@ pub fn lower(c: &HfConfig, src: &dyn TensorSource, model_name: &str) -> Frontend
             let gate = b.mm(a, wg)?;
             Ok(CompressorOperands { kv, gate, ape, norm })
         };
-        let comp = if ratio > 0 { Some(stream(&mut b, "attn_comp", hd, overlap)?) } else { None };
-        let indexer = if kind == LayerKind::Csa {
-            let keys = stream(&mut b, "attn_idx", cfg.index_dim, true)?;
+        // The unfused form (as transformers' modules compute it: compressors, indexer,
+        // attention); the `fuse_sparse_attention` pass makes it one `compressed_attention`.
+        let rope = rotary(&cfg, if kind == LayerKind::Sliding { &cfg.rope_main } else { &cfg.rope_compress });
+        let compress = |b: &mut Builder, c: CompressorOperands, index: bool| {
+            let attrs = CompressAttrs { cache: l as u32, index, ratio, eps, rope: rope.clone() };
+            b.push(Op::Compress { kv: c.kv, gate: c.gate, ape: c.ape, norm: c.norm, attrs })
+        };
+        let comp = if ratio > 0 {
+            let c = stream(&mut b, "attn_comp", hd, overlap)?;
+            Some(compress(&mut b, c, false)?)
+        } else {
+            None
+        };
+        let select = if kind == LayerKind::Csa {
+            let c = stream(&mut b, "attn_idx", cfg.index_dim, true)?;
+            let keys = compress(&mut b, c, true)?;
             let wq = b.matrix(&t("attn_idx_q.weight"), &[cfg.index_heads * cfg.index_dim, cfg.q_lora])?;
             let ww = b.matrix(&t("attn_idx_w.weight"), &[cfg.index_heads, d])?;
             let q = b.mm(qr, wq)?;
             let w = b.mm(a, ww)?;
-            Some(IndexerOperands { q, w, keys })
+            let attrs = IndexTopkAttrs { topk: cfg.index_topk, heads: cfg.index_heads };
+            Some(b.push(Op::IndexTopk { q, w, keys, attrs })?)
         } else {
             None
         };
-        let rope = if kind == LayerKind::Sliding { &cfg.rope_main } else { &cfg.rope_compress };
-        let csa = kind == LayerKind::Csa;
-        let attrs = CompressedAttentionAttrs {
+        let attrs = SparseAttentionAttrs {
             cache: l as u32,
             heads: cfg.heads,
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
             window: cfg.window,
-            ratio,
-            topk: if csa { cfg.index_topk } else { 0 },
-            index_heads: if csa { cfg.index_heads } else { 0 },
-            index_dim: if csa { cfg.index_dim } else { 0 },
-            eps,
-            rope: rotary(&cfg, rope),
+            rope,
         };
-        let o = b.push(Op::CompressedAttention { q, kv, sink, comp, indexer, attrs })?;
+        let o = b.push(Op::SparseAttention { q, kv, sink, comp, select, attrs })?;
         let g = cfg.o_groups;
         let woa = b.matrix(&t("attn_output_a.weight"), &[g * cfg.o_lora, cfg.heads * hd / g])?;
         let wob = b.matrix(&t("attn_output_b.weight"), &[d, g * cfg.o_lora])?;
