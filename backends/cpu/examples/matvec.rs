@@ -1,7 +1,8 @@
 //! Single-thread matvec (decode) throughput of the CPU backend's kernels per
 //! layout, for a matrix that fits in L2 and one that streams from memory, and
-//! matmul (prefill) throughput for 64 token rows:
-//! `cargo run --release -p kiln-cpu --example matvec`.
+//! matmul (prefill) throughput for 64 token rows (`KILN_MATVEC_ROWS`):
+//! `cargo run --release -p kiln-cpu --example matvec`. `KILN_MATVEC_ONLY=Q5_0` picks one
+//! layout, `KILN_MATVEC_ISA=avx2` an instruction set below the best one.
 
 use std::time::Instant;
 
@@ -11,7 +12,14 @@ use kiln_ir::DType;
 
 fn main() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-    let k = CpuKernels { isa: Isa::detect() };
+    let isa = match std::env::var("KILN_MATVEC_ISA").as_deref() {
+        Ok("avx2") => Isa::Avx2,
+        Ok("scalar") => Isa::Scalar,
+        _ => Isa::detect(),
+    };
+    let k = CpuKernels { isa: kiln_cpu::CpuBackend::with_isa(isa).isa() };
+    println!("isa: {}", k.isa.name());
+    let prefill_rows: usize = std::env::var("KILN_MATVEC_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(64);
     let only = std::env::var("KILN_MATVEC_ONLY").ok();
     for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q8_0, DType::Q3K, DType::Q4K, DType::Q6K, DType::KQ2]
         .into_iter()
@@ -67,14 +75,16 @@ fn main() {
             if n > 2048 {
                 continue;
             }
-            let rows = 64;
+            let rows = prefill_rows;
             let xs: Vec<f32> = (0..rows * kk).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let t = pool.install(|| {
-                let t0 = Instant::now();
-                for _ in 0..3 {
-                    std::hint::black_box(k.matmul(&xs, rows, w, None, 0, rows).unwrap());
-                }
-                t0.elapsed().as_secs_f64() / 3.0
+                (0..5)
+                    .map(|_| {
+                        let t0 = Instant::now();
+                        std::hint::black_box(k.matmul(&xs, rows, w, None, 0, rows).unwrap());
+                        t0.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::INFINITY, f64::min)
             });
             println!(
                 "{:>5} {n:>6}x{kk:<5} x {rows} tokens {:>8.1} us  {:>6.2} GMAC/s",

@@ -23,7 +23,7 @@ pub(crate) fn attend(
     }
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
-    if isa != Isa::Avx2 || !ggml || hd == 0 || !hd.is_multiple_of(8) || heads == 0 {
+    if !isa.avx2() || !ggml || hd == 0 || !hd.is_multiple_of(8) || heads == 0 {
         return reference::attend(q, first_pos, cache, attrs, ggml);
     }
     attend_avx2(q, first_pos, cache, attrs)

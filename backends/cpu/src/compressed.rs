@@ -26,7 +26,7 @@ const INDEX_TASK: usize = 1024;
 #[inline]
 fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2 and FMA.
         return unsafe { x86::dot(a, b) };
     }
@@ -38,7 +38,7 @@ fn dot(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
 #[inline]
 fn max(isa: Isa, s: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: as in `dot`.
         return unsafe { x86::max(s) };
     }
@@ -50,7 +50,7 @@ fn max(isa: Isa, s: &[f32]) -> f32 {
 #[inline]
 fn scores(isa: Isa, q: &[f32], scale: f32, keys: &[&[f32]], s: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: as in `dot`.
         return unsafe { x86::scores(q, scale, keys, s) };
     }
@@ -63,7 +63,7 @@ fn scores(isa: Isa, q: &[f32], scale: f32, keys: &[&[f32]], s: &mut [f32]) {
 #[inline]
 fn index_scores(isa: Isa, qi: &[f32], wh: &[f32], dscale: f32, keys: &[f32], di: usize, out: &mut Vec<f32>) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: as in `dot`.
         return unsafe { x86::index_scores(qi, wh, dscale, keys, di, out) };
     }
@@ -76,7 +76,7 @@ fn index_scores(isa: Isa, qi: &[f32], wh: &[f32], dscale: f32, keys: &[f32], di:
 #[inline]
 fn scale_add(isa: Isa, acc: &mut [f32], c: f32, w: &[f32], rows: &[&[f32]]) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && rows.iter().all(|r| r.len() >= acc.len()) {
+    if isa.avx2() && rows.iter().all(|r| r.len() >= acc.len()) {
         // SAFETY: as in `dot`; every row is at least as long as `acc`.
         return unsafe { x86::scale_add(acc, c, w, rows) };
     }
@@ -93,7 +93,7 @@ fn scale_add(isa: Isa, acc: &mut [f32], c: f32, w: &[f32], rows: &[&[f32]]) {
 #[inline]
 fn exp_sub(isa: Isa, s: &mut [f32], m: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 {
+    if isa.avx2() {
         // SAFETY: as in `dot`.
         return unsafe { x86::exp_sub(s, m) };
     }

@@ -20,6 +20,9 @@ use crate::x86::{self, Legacy};
 /// The instruction set the kernels use, detected once at session start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// The AVX2 kernels, with AVX-512 VNNI (`vpdpbusd` on 256-bit vectors) for the
+    /// 8-bit dots that have a VNNI kernel (x86-64 since Ice Lake / Zen 4).
+    Avx512Vnni,
     /// AVX2 + FMA + F16C (x86-64 since Haswell / Zen).
     Avx2,
     /// Portable scalar code.
@@ -27,19 +30,42 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// The best instruction set this CPU has.
     pub fn detect() -> Isa {
+        [Isa::Avx512Vnni, Isa::Avx2].into_iter().find(|i| i.available()).unwrap_or(Isa::Scalar)
+    }
+
+    /// Whether this CPU can run the kernels of `self`.
+    pub fn available(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
         {
-            return Isa::Avx2;
+            let avx2 = std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c");
+            match self {
+                Isa::Avx512Vnni => {
+                    avx2 && std::is_x86_feature_detected!("avx512f")
+                        && std::is_x86_feature_detected!("avx512vl")
+                        && std::is_x86_feature_detected!("avx512vnni")
+                }
+                Isa::Avx2 => avx2,
+                Isa::Scalar => true,
+            }
         }
-        Isa::Scalar
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
+    }
+
+    /// Whether the AVX2 kernels run (the VNNI set includes them).
+    pub fn avx2(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::Avx512Vnni)
     }
 
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Avx512Vnni => "avx512vnni",
             Isa::Avx2 => "avx2",
             Isa::Scalar => "scalar",
         }
@@ -55,12 +81,12 @@ pub(crate) enum Prepared {
 /// Prepares `x` (one row of `k` values) for dots with weights of `dtype`.
 pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0) {
+    if isa.avx2() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0) {
         // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
         return Prepared::Int(Activations::Q8(unsafe { x86::quantize_q8(x) }));
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && matches!(dtype, DType::Q3K | DType::Q4K | DType::Q6K) && x.len().is_multiple_of(256) {
+    if isa.avx2() && matches!(dtype, DType::Q3K | DType::Q4K | DType::Q6K) && x.len().is_multiple_of(256) {
         // SAFETY: as above.
         return Prepared::Int(Activations::Q8K(unsafe { x86::quantize_q8_k(x) }));
     }
@@ -89,7 +115,7 @@ pub(crate) fn dot_tile(
 ) -> Result<(), QuantError> {
     let nb = rows.len().checked_div(rb).unwrap_or(0);
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx2 && avx2_tile(dtype, rows, rb, nb, xs, groups, tile) {
+    if isa.avx2() && avx2_tile(isa, dtype, rows, rb, nb, xs, groups, tile) {
         return Ok(());
     }
     let _ = isa;
@@ -127,7 +153,7 @@ const TOKEN_CHUNK: usize = 32;
 /// Prefill tiles of `R` weight rows × `T` token rows over token chunks of
 /// [`TOKEN_CHUNK`]; leftover rows and tokens one at a time.
 #[cfg(target_arch = "x86_64")]
-fn prefill_legacy<const R: usize, const T: usize>(
+fn prefill_legacy<const R: usize, const T: usize, const VNNI: bool>(
     legacy: Legacy,
     rows: &[u8],
     rb: usize,
@@ -145,8 +171,15 @@ fn prefill_legacy<const R: usize, const T: usize>(
             let rs: [&[u8]; R] = std::array::from_fn(|r| row(j + r));
             for t in (0..tfull).step_by(T) {
                 let xs: [&ggml_dot::Q8Row; T] = std::array::from_fn(|u| ts[t + u]);
-                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
-                let v = unsafe { x86::dot_legacy_tile(legacy, rs, xs) };
+                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C, and
+                // `VNNI` only with `Isa::Avx512Vnni`, when it also has AVX512F/VL/VNNI.
+                let v = unsafe {
+                    if VNNI {
+                        crate::vnni::dot_legacy_tile(legacy, rs, xs)
+                    } else {
+                        x86::dot_legacy_tile(legacy, rs, xs)
+                    }
+                };
                 for (r, vr) in v.into_iter().enumerate() {
                     for (u, v) in vr.into_iter().enumerate() {
                         tile[(t0 + t + u) * nb + j + r] = v;
@@ -166,15 +199,24 @@ fn prefill_legacy<const R: usize, const T: usize>(
 
 /// Decode: `R` consecutive weight rows at a time share each activation block.
 #[cfg(target_arch = "x86_64")]
-fn decode_rows<const R: usize>(legacy: Legacy, rows: &[u8], rb: usize, x: &ggml_dot::Q8Row, out: &mut [f32]) {
+fn decode_rows<const R: usize, const VNNI: bool>(
+    legacy: Legacy,
+    rows: &[u8],
+    rb: usize,
+    x: &ggml_dot::Q8Row,
+    out: &mut [f32],
+) {
     let rb = rb.max(1);
     let groups = rows.chunks_exact(rb * R);
     let rest = groups.remainder();
     let mut o = out.chunks_exact_mut(R);
     for (g, dst) in groups.zip(&mut o) {
         let rs: [&[u8]; R] = std::array::from_fn(|r| &g[r * rb..(r + 1) * rb]);
-        // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
-        let v = unsafe { x86::dot_legacy_tile(legacy, rs, [x]) };
+        // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C, and
+        // `VNNI` only with `Isa::Avx512Vnni`, when it also has AVX512F/VL/VNNI.
+        let v = unsafe {
+            if VNNI { crate::vnni::dot_legacy_tile(legacy, rs, [x]) } else { x86::dot_legacy_tile(legacy, rs, [x]) }
+        };
         for (d, v) in dst.iter_mut().zip(v) {
             *d = v[0];
         }
@@ -188,7 +230,9 @@ fn decode_rows<const R: usize>(legacy: Legacy, rows: &[u8], rb: usize, x: &ggml_
 
 /// [`dot_tile`] with the AVX2 kernels; false (nothing written) when `dtype` has none.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn avx2_tile(
+    isa: Isa,
     dtype: DType,
     rows: &[u8],
     rb: usize,
@@ -291,12 +335,20 @@ fn avx2_tile(
     // a third of the speed when they stream from memory, as they do in a
     // model; see `examples/matvec.rs`.)
     if let [x] = q8[..] {
-        decode_rows::<1>(legacy, rows, rb, x, tile);
+        if isa == Isa::Avx512Vnni {
+            decode_rows::<1, true>(legacy, rows, rb, x, tile);
+        } else {
+            decode_rows::<1, false>(legacy, rows, rb, x, tile);
+        }
         return true;
     }
     // Prefill: token rows in cache-sized chunks; in each, tiles of weight
     // rows × token rows, each weight block unpacked once for the tile's
     // tokens and each activation block loaded once for its rows.
-    prefill_legacy::<2, 4>(legacy, rows, rb, nb, &q8, tile);
+    if isa == Isa::Avx512Vnni {
+        prefill_legacy::<3, 4, true>(legacy, rows, rb, nb, &q8, tile);
+    } else {
+        prefill_legacy::<2, 4, false>(legacy, rows, rb, nb, &q8, tile);
+    }
     true
 }

@@ -23,6 +23,8 @@ mod compressed;
 pub mod kernels;
 pub mod matmul;
 #[cfg(target_arch = "x86_64")]
+mod vnni;
+#[cfg(target_arch = "x86_64")]
 mod x86;
 
 use std::sync::Arc;
@@ -52,9 +54,12 @@ impl CpuBackend {
         CpuBackend { isa: Isa::detect() }
     }
 
-    /// The backend restricted to `isa` (tests compare the paths).
+    /// The backend restricted to `isa`, or the best set below it this CPU has (tests
+    /// compare the paths).
     pub fn with_isa(isa: Isa) -> Self {
-        CpuBackend { isa: if isa == Isa::Avx2 { Isa::detect() } else { Isa::Scalar } }
+        let order = [Isa::Avx512Vnni, Isa::Avx2, Isa::Scalar];
+        let at = order.iter().position(|i| *i == isa).unwrap_or(2);
+        CpuBackend { isa: order[at..].iter().copied().find(|i| i.available()).unwrap_or(Isa::Scalar) }
     }
 
     pub fn isa(&self) -> Isa {

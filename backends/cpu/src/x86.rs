@@ -30,14 +30,14 @@ fn f16(b: &[u8], at: usize) -> f32 {
 /// unless the whole crate were compiled for FMA).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn fma(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn fma(a: f32, b: f32, c: f32) -> f32 {
     _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)))
 }
 
 /// `hsum_float_8`: (l0+l4, l1+l5, l2+l6, l3+l7) → ((r0+r2) + (r1+r3)).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum8(x: __m256) -> f32 {
+pub(crate) fn hsum8(x: __m256) -> f32 {
     let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
     let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     let r = _mm_add_ss(r, _mm_movehdup_ps(r));
@@ -96,7 +96,7 @@ pub(crate) fn dot_legacy(kind: Legacy, row: &[u8], x: &Q8Row) -> f32 {
 }
 
 /// How far ahead of the block being read the weight prefetches reach, bytes.
-const PREFETCH: usize = 2048;
+pub(crate) const PREFETCH: usize = 2048;
 
 /// Prefetch hints for the cache lines `PREFETCH` bytes past a block of
 /// `len` bytes at `p` (hints only: addresses past the row are harmless).
@@ -110,11 +110,11 @@ fn prefetch_ahead(p: *const u8, len: usize) {
     }
 }
 
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q5_0: u8 = 2;
-const Q5_1: u8 = 3;
-const Q8_0: u8 = 4;
+pub(crate) const Q4_0: u8 = 0;
+pub(crate) const Q4_1: u8 = 1;
+pub(crate) const Q5_0: u8 = 2;
+pub(crate) const Q5_1: u8 = 3;
+pub(crate) const Q8_0: u8 = 4;
 
 /// Two little-endian f16 at `p` as f32 (one F16C conversion).
 #[inline]
@@ -132,7 +132,7 @@ unsafe fn f16x2(p: *const u8) -> (f32, f32) {
 /// `p` points at one whole block of layout `K`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
+pub(crate) unsafe fn unpack<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
     let nib = |q: *const u8| {
         // SAFETY: 16 bytes of quants follow the block header.
         let lo = unsafe { _mm_loadu_si128(q.cast()) };

@@ -1,7 +1,8 @@
 //! The CPU backend against the reference interpreter: the common differential
 //! body (per-op budgets against kiln's exact numerics), and bit-for-bit
 //! equality with the reference in llama.cpp numerics, which is what the CPU
-//! backend computes, on the AVX2 path and on the portable scalar path.
+//! backend computes, on every instruction-set path this CPU has (AVX-512 VNNI, AVX2,
+//! portable scalar).
 
 use std::sync::Arc;
 
@@ -63,4 +64,13 @@ fn scalar_path_equals_the_reference_in_ggml_numerics_bit_for_bit() {
     let b = CpuBackend::with_isa(Isa::Scalar);
     assert_eq!(b.isa(), Isa::Scalar);
     bit_exact(&b);
+}
+
+#[test]
+fn avx2_path_equals_the_reference_in_ggml_numerics_bit_for_bit() {
+    // On a CPU with AVX-512 VNNI the default path is that one; this holds the AVX2 kernels too.
+    let b = CpuBackend::with_isa(Isa::Avx2);
+    if b.isa() == Isa::Avx2 {
+        bit_exact(&b);
+    }
 }
