@@ -288,8 +288,25 @@ fn avx2_tile(
             }
             let rb = rb.max(1);
             let quads = q8k.len() / 4 * 4;
+            // VNNI, Q4_K: eight weight rows at a time (one per lane) for the batch's `gemm`
+            // tokens, each super-block of the rows laid out once for all of them.
+            let (rows8, gemm) = if isa == Isa::Avx512Vnni && dtype == DType::Q4K {
+                let g = groups.iter().take_while(|g| **g == RowGroup::Gemm).count() / 4 * 4;
+                (if g > 0 { nb / crate::vnni::Q4K_ROWS * crate::vnni::Q4K_ROWS } else { 0 }, g)
+            } else {
+                (0, 0)
+            };
+            let nblocks = q8k.iter().map(|x| x.d.len()).fold(rb / 144, usize::min);
+            for j0 in (0..rows8).step_by(crate::vnni::Q4K_ROWS) {
+                let rs: [&[u8]; crate::vnni::Q4K_ROWS] =
+                    std::array::from_fn(|r| &rows[(j0 + r) * rb..(j0 + r + 1) * rb]);
+                // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
+                // AVX512F/VL/VNNI; every row and token row hold `nblocks` super-blocks.
+                unsafe { crate::vnni::q4_k_gemm_rows(rs, &q8k[..gemm], nblocks, tile, nb, j0) };
+            }
             for (j, r) in rows.chunks_exact(rb).enumerate() {
-                for t in (0..quads).step_by(4) {
+                let done = if j < rows8 { gemm } else { 0 };
+                for t in (done..quads).step_by(4) {
                     let x4 = [q8k[t], q8k[t + 1], q8k[t + 2], q8k[t + 3]];
                     let g4 = [groups[t], groups[t + 1], groups[t + 2], groups[t + 3]];
                     // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.

@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use kiln_quant::ggml_dot::Q8Row;
+use kiln_quant::ggml_dot::{Q8KRow, Q8Row};
 
 use crate::x86::{self, Legacy, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
@@ -95,6 +95,180 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
     std::array::from_fn(|r| std::array::from_fn(|t| x86::hsum8(acc[r][t]) + summs[r][t]))
 }
 
+/// Q4_K weight rows per [`q4_k_gemm_rows`] tile: one per 32-bit lane.
+pub(crate) const Q4K_ROWS: usize = 8;
+
+/// One Q4_K super-block of [`Q4K_ROWS`] rows, laid out for lanes = rows: per group g
+/// (64 weights) and dword k, the low nibbles (weights 64g + 4k..+4 of each row, sub-block
+/// 2g) and the high nibbles (weights 64g + 32 + 4k..+4, sub-block 2g + 1); the rows'
+/// eight scales and minimums as i32 lanes; `d` and `dmin` as f32 lanes.
+struct Q4kRows {
+    lo: [[__m256i; 8]; 4],
+    hi: [[__m256i; 8]; 4],
+    sc: [__m256i; 8],
+    mn: [__m256i; 8],
+    dw: __m256,
+    dmin: __m256,
+}
+
+/// The 8×8 transpose of 32-bit lanes: lane r of output k is lane k of input r.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+    let lo32 = |a, b| _mm256_unpacklo_epi32(a, b);
+    let hi32 = |a, b| _mm256_unpackhi_epi32(a, b);
+    let (t0, t1, t2, t3) = (lo32(r[0], r[1]), hi32(r[0], r[1]), lo32(r[2], r[3]), hi32(r[2], r[3]));
+    let (t4, t5, t6, t7) = (lo32(r[4], r[5]), hi32(r[4], r[5]), lo32(r[6], r[7]), hi32(r[6], r[7]));
+    let (u0, u1) = (_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2));
+    let (u2, u3) = (_mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3));
+    let (u4, u5) = (_mm256_unpacklo_epi64(t4, t6), _mm256_unpackhi_epi64(t4, t6));
+    let (u6, u7) = (_mm256_unpacklo_epi64(t5, t7), _mm256_unpackhi_epi64(t5, t7));
+    [
+        _mm256_permute2x128_si256::<0x20>(u0, u4),
+        _mm256_permute2x128_si256::<0x20>(u1, u5),
+        _mm256_permute2x128_si256::<0x20>(u2, u6),
+        _mm256_permute2x128_si256::<0x20>(u3, u7),
+        _mm256_permute2x128_si256::<0x31>(u0, u4),
+        _mm256_permute2x128_si256::<0x31>(u1, u5),
+        _mm256_permute2x128_si256::<0x31>(u2, u6),
+        _mm256_permute2x128_si256::<0x31>(u3, u7),
+    ]
+}
+
+/// Super-block `bi` of eight Q4_K rows, laid out by [`Q4kRows`].
+///
+/// # Safety
+/// Every row holds block `bi` (144 bytes).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn q4_k_rows(rows: &[&[u8]; Q4K_ROWS], bi: usize) -> Q4kRows {
+    let blk = |r: usize| &rows[r][bi * 144..bi * 144 + 144];
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut lo = [[_mm256_setzero_si256(); 8]; 4];
+    let mut hi = [[_mm256_setzero_si256(); 8]; 4];
+    for g in 0..4 {
+        // SAFETY: 32 bytes of each row's quants.
+        let q: [__m256i; 8] =
+            std::array::from_fn(|r| unsafe { _mm256_loadu_si256(blk(r)[16 + 32 * g..].as_ptr().cast()) });
+        let t = transpose8(q);
+        for k in 0..8 {
+            lo[g][k] = _mm256_and_si256(t[k], mask);
+            hi[g][k] = _mm256_and_si256(_mm256_srli_epi16::<4>(t[k]), mask);
+        }
+    }
+    let mut sc = [[0i32; 8]; 8];
+    let mut mn = [[0i32; 8]; 8];
+    let mut dw = [0f32; 8];
+    let mut dmin = [0f32; 8];
+    for r in 0..Q4K_ROWS {
+        let b = blk(r);
+        // SAFETY: the block's first 4 bytes.
+        (dw[r], dmin[r]) = unsafe { x86::f16x2(b.as_ptr()) };
+        let (s, m) = x86::q4_k_scales_mins(&b[4..16]);
+        for j in 0..8 {
+            sc[j][r] = ((s >> (8 * j)) & 0xff) as i32;
+            mn[j][r] = ((m >> (8 * j)) & 0xff) as i32;
+        }
+    }
+    // SAFETY: 8 lanes each.
+    unsafe {
+        Q4kRows {
+            lo,
+            hi,
+            sc: sc.map(|v| _mm256_loadu_si256(v.as_ptr().cast())),
+            mn: mn.map(|v| _mm256_loadu_si256(v.as_ptr().cast())),
+            dw: _mm256_loadu_ps(dw.as_ptr()),
+            dmin: _mm256_loadu_ps(dmin.as_ptr()),
+        }
+    }
+}
+
+/// Super-block `bi` of `N` token rows against [`Q4kRows`] `w`, into their accumulators
+/// (`acc[t] = [Σ d·d8 terms, Σ dmin·d8 terms]`, one lane per weight row).
+///
+/// # Safety
+/// The CPU must support AVX512VNNI/VL; every token row holds super-block `bi`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn q4_k_tokens<const N: usize>(w: &Q4kRows, xs: [&Q8KRow; N], bi: usize, acc: &mut [[__m256; 2]]) {
+    let q: [*const i8; N] = xs.map(|x| x.q[bi * 256..bi * 256 + 256].as_ptr());
+    let dx: [__m256; N] = xs.map(|x| _mm256_set1_ps(x.d[bi]));
+    let mut a: [[__m256; 2]; N] = std::array::from_fn(|t| acc[t]);
+    for g in 0..4 {
+        let mut s0 = [_mm256_setzero_si256(); N];
+        let mut s1 = [_mm256_setzero_si256(); N];
+        for k in 0..8 {
+            let (lo, hi) = (w.lo[g][k], w.hi[g][k]);
+            for t in 0..N {
+                // SAFETY: 4 quants at 64g + 4k and at 64g + 32 + 4k of the super-block.
+                let (y0, y1) = unsafe {
+                    (
+                        _mm256_set1_epi32(q[t].add(64 * g + 4 * k).cast::<i32>().read_unaligned()),
+                        _mm256_set1_epi32(q[t].add(64 * g + 32 + 4 * k).cast::<i32>().read_unaligned()),
+                    )
+                };
+                s0[t] = _mm256_dpbusd_epi32(s0[t], lo, y0);
+                s1[t] = _mm256_dpbusd_epi32(s1[t], hi, y1);
+            }
+        }
+        for t in 0..N {
+            let bs = &xs[t].bsums[bi * 16 + 4 * g..bi * 16 + 4 * g + 4];
+            let s =
+                _mm256_add_epi32(_mm256_mullo_epi32(s0[t], w.sc[2 * g]), _mm256_mullo_epi32(s1[t], w.sc[2 * g + 1]));
+            let m = _mm256_add_epi32(
+                _mm256_mullo_epi32(w.mn[2 * g], _mm256_set1_epi32(bs[0] + bs[1])),
+                _mm256_mullo_epi32(w.mn[2 * g + 1], _mm256_set1_epi32(bs[2] + bs[3])),
+            );
+            a[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(w.dw, dx[t]), a[t][0]);
+            a[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_mul_ps(w.dmin, dx[t]), a[t][1]);
+        }
+    }
+    acc[..N].copy_from_slice(&a);
+}
+
+/// Dots of eight Q4_K weight rows with every token row of `xs` (all of a batch's `gemm`
+/// group), `out[t·nb + j0 + r]` for row r: each output lane-parallel in one 32-bit lane,
+/// so the K-dimension sums need no horizontal reductions; per output the float steps are
+/// `dot_q4_k`'s `gemm` steps in its order (per sub-block pair g: `acc = fma(Σ_g, d·d8,
+/// acc)`, the same for the minimums, then `acc − acc_min`), so each result is the AVX2
+/// kernel's bit for bit. Each super-block of the rows is laid out once for all tokens.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI; every row
+/// and every token row hold `nblocks` super-blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) unsafe fn q4_k_gemm_rows(
+    rows: [&[u8]; Q4K_ROWS],
+    xs: &[&Q8KRow],
+    nblocks: usize,
+    out: &mut [f32],
+    nb: usize,
+    j0: usize,
+) {
+    let mut acc = vec![[_mm256_setzero_ps(); 2]; xs.len()];
+    for bi in 0..nblocks {
+        // SAFETY: the caller's.
+        let w = unsafe { q4_k_rows(&rows, bi) };
+        // Four token rows at a time share each weight register.
+        let mut quads = xs.chunks_exact(4).zip(acc.chunks_exact_mut(4));
+        for (x4, a4) in &mut quads {
+            // SAFETY: the caller's.
+            unsafe { q4_k_tokens::<4>(&w, [x4[0], x4[1], x4[2], x4[3]], bi, a4) };
+        }
+        let done = xs.len() / 4 * 4;
+        for (x, a) in xs[done..].iter().zip(acc[done..].chunks_exact_mut(1)) {
+            // SAFETY: the caller's.
+            unsafe { q4_k_tokens::<1>(&w, [*x], bi, a) };
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        let mut v = [0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(v.as_mut_ptr(), _mm256_sub_ps(a[0], a[1])) };
+        out[t * nb + j0..t * nb + j0 + Q4K_ROWS].copy_from_slice(&v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use kiln_quant::ggml_dot;
@@ -154,6 +328,59 @@ mod tests {
                 let (got, want) = unsafe { (dot_legacy_tile(kind, rs, x4), x86::dot_legacy_tile(kind, rs, x4)) };
                 for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                     assert_eq!(g.to_bits(), w.to_bits(), "{kind:?} {blocks} blocks: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// Eight Q4_K rows at a time equal the AVX2 `gemm` kernel bit for bit, on random
+    /// blocks (every nibble, scale and minimum pattern) and activations reaching ±127.
+    #[test]
+    fn q4_k_rows_equal_the_avx2_gemm_kernel_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        for seed in 0..6u64 {
+            let blocks = 1 + seed as usize % 4;
+            let mut r = rng(seed + 99);
+            let rows: Vec<Vec<u8>> = (0..Q4K_ROWS)
+                .map(|_| {
+                    let mut row: Vec<u8> = (0..blocks * 144).map(|_| r() as u8).collect();
+                    for blk in row.chunks_mut(144) {
+                        blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
+                        blk[2..4].copy_from_slice(&half::f16::from_f32(0.0071).to_le_bytes());
+                    }
+                    row
+                })
+                .collect();
+            let tokens = 4 * (1 + seed as usize % 3);
+            let xs: Vec<_> = (0..tokens)
+                .map(|t| {
+                    let x: Vec<f32> = (0..blocks * 256)
+                        .map(|i| if (i + t) % 13 == 0 { 4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                        .collect();
+                    ggml_dot::quantize_q8_k(&x)
+                })
+                .collect();
+            let xr: Vec<&Q8KRow> = xs.iter().collect();
+            let rs: [&[u8]; Q4K_ROWS] = std::array::from_fn(|i| rows[i].as_slice());
+            let mut got = vec![0f32; tokens * Q4K_ROWS];
+            // SAFETY: checked above; every row and token row hold `blocks` super-blocks.
+            unsafe { q4_k_gemm_rows(rs, &xr, blocks, &mut got, Q4K_ROWS, 0) };
+            for t in (0..tokens).step_by(4) {
+                for (j, row) in rows.iter().enumerate() {
+                    // SAFETY: as above.
+                    let want = unsafe { x86::dot_q4_k_gemm4(row, [xr[t], xr[t + 1], xr[t + 2], xr[t + 3]]) };
+                    for u in 0..4 {
+                        let g = got[(t + u) * Q4K_ROWS + j];
+                        assert_eq!(
+                            g.to_bits(),
+                            want[u].to_bits(),
+                            "seed {seed} row {j} token {}: {g} vs {}",
+                            t + u,
+                            want[u]
+                        );
+                    }
                 }
             }
         }

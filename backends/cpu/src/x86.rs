@@ -119,7 +119,7 @@ pub(crate) const Q8_0: u8 = 4;
 /// Two little-endian f16 at `p` as f32 (one F16C conversion).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16x2(p: *const u8) -> (f32, f32) {
+pub(crate) unsafe fn f16x2(p: *const u8) -> (f32, f32) {
     // SAFETY: the caller guarantees 4 readable bytes.
     let v = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { p.cast::<i32>().read_unaligned() }));
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
@@ -255,7 +255,7 @@ pub(crate) fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
 /// from its 12 scale bytes with whole-word operations (the same values as
 /// `scale_min_k4`): `(scales, mins)`, each as eight bytes of a u64.
 #[inline(always)]
-fn q4_k_scales_mins(s: &[u8]) -> (u64, u64) {
+pub(crate) fn q4_k_scales_mins(s: &[u8]) -> (u64, u64) {
     let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
     let (u0, u1, u2) = (w(0), w(1), w(2));
     const M6: u32 = 0x3f3f_3f3f;
