@@ -128,36 +128,33 @@ pub fn compile_device(
         Some(spec) => Some((spec, r.read_text(spec)?.1)),
         None => None,
     };
-    let measure = |m: &kiln_ir::Module, w: &kiln_frontend::Weights| -> Result<f64, String> {
-        let Some((spec, text)) = &calib_text else { return Err("no calibration text".into()) };
-        let mut model = kiln_runtime::Model::from_parts(
+    // A candidate module as a model (the source's tokenizer), for the oracles below.
+    let candidate = |m: &kiln_ir::Module, w: &kiln_frontend::Weights| {
+        kiln_runtime::Model::from_parts(
             &src_path,
             m.clone(),
             w.clone(),
             imported.tokenizer_json.as_bytes(),
             imported.chat_template.as_deref(),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+    };
+    let measure = |m: &kiln_ir::Module, w: &kiln_frontend::Weights| -> Result<f64, String> {
+        let Some((spec, text)) = &calib_text else { return Err("no calibration text".into()) };
+        let mut model = candidate(m, w)?;
         model.backend = "cpu".into();
         let ppl = kiln_runtime::ppl::perplexity(&model, text, spec.ctx, spec.chunks, 0, &mut |_, _, _| {})
             .map_err(|e| e.to_string())?;
         Ok(ppl.ppl)
     };
+    // Passes that choose by what the model computes get chosen values on the same text.
     let capture = |m: &kiln_ir::Module,
                    w: &kiln_frontend::Weights,
                    values: &[kiln_ir::ValueId],
                    visit: &mut dyn FnMut(usize, &[&[f32]])|
      -> Result<(), String> {
         let Some((spec, text)) = &calib_text else { return Err("no calibration text".into()) };
-        let model = kiln_runtime::Model::from_parts(
-            &src_path,
-            m.clone(),
-            w.clone(),
-            imported.tokenizer_json.as_bytes(),
-            imported.chat_template.as_deref(),
-        )
-        .map_err(|e| e.to_string())?;
-        kiln_runtime::calibrate::capture_values(&model, text, spec.ctx, spec.chunks, 0, values, visit)
+        kiln_runtime::calibrate::capture_values(&candidate(m, w)?, text, spec.ctx, spec.chunks, 0, values, visit)
             .map_err(|e| e.to_string())
     };
     let oracles = match &calib_text {

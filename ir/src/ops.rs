@@ -802,13 +802,7 @@ impl Op {
                     kw.extend([("idx_q", Value(ix.q)), ("idx_w", Value(ix.w))]);
                 }
                 let a = attrs;
-                kw.extend([
-                    ("cache", Int(a.cache as u64)),
-                    ("heads", Int(a.heads)),
-                    ("head_dim", Int(a.head_dim)),
-                    ("scale", Float(a.scale)),
-                    ("window", Int(a.window)),
-                ]);
+                kw.extend(head_kw(a.cache, a.heads, a.head_dim, a.scale, a.window));
                 if a.ratio != 0 {
                     kw.push(("ratio", Int(a.ratio)));
                 }
@@ -844,13 +838,7 @@ impl Op {
                 if let Some(s) = select {
                     kw.push(("select", Value(*s)));
                 }
-                kw.extend([
-                    ("cache", Int(a.cache as u64)),
-                    ("heads", Int(a.heads)),
-                    ("head_dim", Int(a.head_dim)),
-                    ("scale", Float(a.scale)),
-                    ("window", Int(a.window)),
-                ]);
+                kw.extend(head_kw(a.cache, a.heads, a.head_dim, a.scale, a.window));
                 kw.extend(rotary_kw(&a.rope));
                 (vec![Value(*q), Value(*kv)], kw)
             }
@@ -1045,6 +1033,17 @@ impl Op {
         a.finish()?;
         Ok(op)
     }
+}
+
+/// The slot and head keywords of a DeepSeek-V4 attention op.
+fn head_kw(cache: u32, heads: u64, head_dim: u64, scale: f32, window: u64) -> [(&'static str, Arg); 5] {
+    [
+        ("cache", Arg::Int(u64::from(cache))),
+        ("heads", Arg::Int(heads)),
+        ("head_dim", Arg::Int(head_dim)),
+        ("scale", Arg::Float(scale)),
+        ("window", Arg::Int(window)),
+    ]
 }
 
 /// The keywords of a rotary table (YaRN's only when it is on).
