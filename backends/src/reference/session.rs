@@ -161,6 +161,14 @@ impl std::fmt::Debug for ReferenceSession {
     }
 }
 
+/// Every row of this call of f32 operand `v` of instruction `i` (what a cache append needs).
+fn whole_rows(values: &[Option<Value>], v: ValueId, t_len: usize, i: usize) -> Result<&[f32], BackendError> {
+    match values.get(v.index()) {
+        Some(Some(Value::Act { data, first: 0, cols })) if data.len() == t_len * cols => Ok(data.as_slice()),
+        _ => Err(internal(format!("%{i}: operand {v} is not available for every row"))),
+    }
+}
+
 /// The fixed dimensions of parameter `p`, as `usize`.
 fn param_dims(m: &VerifiedModule, p: ParamId) -> Result<Vec<usize>, BackendError> {
     let param = m.params.get(p.index()).ok_or_else(|| internal(format!("parameter #{} is not declared", p.0)))?;
@@ -608,12 +616,7 @@ impl ReferenceSession {
                 out(y, n)
             }
             Op::CompressedAttention { q, kv, sink, comp, indexer, attrs } => {
-                let whole = |v: ValueId| match values.get(v.index()) {
-                    Some(Some(Value::Act { data, first: 0, cols })) if data.len() == t_len * cols => {
-                        Ok(data.as_slice())
-                    }
-                    _ => Err(internal(format!("%{i}: operand {v} is not available for every row"))),
-                };
+                let whole = |v: ValueId| whole_rows(values, v, t_len, i);
                 let kv_all = whole(*kv)?;
                 let c = comp.as_ref().map(|c| Ok::<_, BackendError>((whole(c.kv)?, whole(c.gate)?))).transpose()?;
                 let ix = indexer
@@ -644,12 +647,7 @@ impl ReferenceSession {
                 out(self.kernel.compressed_attend(cache, qv, self.pos + first, iq, iw, sink), cols)
             }
             Op::Compress { kv, gate, attrs, .. } => {
-                let whole = |v: ValueId| match values.get(v.index()) {
-                    Some(Some(Value::Act { data, first: 0, cols })) if data.len() == t_len * cols => {
-                        Ok(data.as_slice())
-                    }
-                    _ => Err(internal(format!("%{i}: operand {v} is not available for every row"))),
-                };
+                let whole = |v: ValueId| whole_rows(values, v, t_len, i);
                 let (kv, gate) = (whole(*kv)?, whole(*gate)?);
                 let (calls, pos) = (self.calls, self.pos);
                 let cache = self.compressed_slot(i, attrs.cache, pos)?;
@@ -674,10 +672,7 @@ impl ReferenceSession {
                 out(chosen, topk)
             }
             Op::SparseAttention { q, kv, sink, select, attrs, .. } => {
-                let kv_all = match values.get(kv.index()) {
-                    Some(Some(Value::Act { data, first: 0, cols })) if data.len() == t_len * cols => data.as_slice(),
-                    _ => return Err(internal(format!("%{i}: operand {kv} is not available for every row"))),
-                };
+                let kv_all = whole_rows(values, *kv, t_len, i)?;
                 let (calls, pos) = (self.calls, self.pos);
                 let cache = self.compressed_slot(i, attrs.cache, pos)?;
                 cache.append_raw(calls, kv_all).map_err(BackendError::BadInput)?;
