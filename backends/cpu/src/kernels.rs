@@ -296,6 +296,7 @@ fn avx2_tile(
             } else {
                 (0, 0)
             };
+            // (Q4_K super-blocks: 144 bytes.)
             let nblocks = q8k.iter().map(|x| x.d.len()).fold(rb / 144, usize::min);
             for j0 in (0..rows8).step_by(crate::vnni::Q4K_ROWS) {
                 let rs: [&[u8]; crate::vnni::Q4K_ROWS] =

@@ -42,14 +42,8 @@ pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8Row; T]) -> [[f32; T]; R] {
-    let bytes = [18, 20, 22, 24, 34][K as usize];
     let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
-    let nblocks = rows
-        .iter()
-        .map(|r| r.len() / bytes)
-        .chain(xs.iter().map(|x| x.scales.len().min(x.q.len() / QK)))
-        .min()
-        .unwrap_or(0);
+    let (bytes, nblocks) = x86::legacy_blocks(K, &rows, &xs);
     let wp: [*const u8; R] = rows.map(|r| r.as_ptr());
     let qp: [*const i8; T] = xs.map(|x| x.q.as_ptr());
     let sp: [*const (f32, f32); T] = xs.map(|x| x.scales.as_ptr());

@@ -190,17 +190,25 @@ pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
     }
 }
 
+/// Bytes per block of legacy layout `k`, and the blocks every weight row and every
+/// activation row of a tile hold.
 #[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8Row; T]) -> [[f32; T]; R] {
-    let bytes = [18, 20, 22, 24, 34][K as usize];
-    let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
+pub(crate) fn legacy_blocks(k: u8, rows: &[&[u8]], xs: &[&Q8Row]) -> (usize, usize) {
+    let bytes = [18, 20, 22, 24, 34][k as usize];
     let nblocks = rows
         .iter()
         .map(|r| r.len() / bytes)
         .chain(xs.iter().map(|x| x.scales.len().min(x.q.len() / QK)))
         .min()
         .unwrap_or(0);
+    (bytes, nblocks)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8Row; T]) -> [[f32; T]; R] {
+    let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
+    let (bytes, nblocks) = legacy_blocks(K, &rows, &xs);
     let wp: [*const u8; R] = rows.map(|r| r.as_ptr());
     let qp: [*const i8; T] = xs.map(|x| x.q.as_ptr());
     let sp: [*const (f32, f32); T] = xs.map(|x| x.scales.as_ptr());
