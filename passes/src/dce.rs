@@ -19,10 +19,7 @@ impl Pass for DeadCode {
     }
 
     fn check_options(&self, options: &serde_json::Value) -> Result<(), PassError> {
-        if !options.is_null() && options.as_object().is_none_or(|o| !o.is_empty()) {
-            return Err(PassError::BadOptions { pass: "dce", msg: "takes no options".into() });
-        }
-        Ok(())
+        crate::no_options("dce", options)
     }
 
     fn run(&self, m: &mut Module, w: &mut Weights, ctx: &PassCtx) -> Result<PassReport, PassError> {

@@ -62,10 +62,7 @@ impl Pass for FuseSparseAttention {
     }
 
     fn check_options(&self, options: &Value) -> Result<(), PassError> {
-        if !options.is_null() && options.as_object().is_none_or(|o| !o.is_empty()) {
-            return Err(PassError::BadOptions { pass: NAME, msg: "takes no options".into() });
-        }
-        Ok(())
+        crate::no_options(NAME, options)
     }
 
     fn run(&self, m: &mut Module, w: &mut Weights, ctx: &PassCtx) -> Result<PassReport, PassError> {

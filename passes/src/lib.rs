@@ -41,6 +41,14 @@ pub enum PassError {
     Broken { pass: String, err: kiln_ir::IrError },
 }
 
+/// The options check of a pass that takes none: `null` or `{}`.
+pub(crate) fn no_options(pass: &'static str, options: &Value) -> Result<(), PassError> {
+    if !options.is_null() && options.as_object().is_none_or(|o| !o.is_empty()) {
+        return Err(PassError::BadOptions { pass, msg: "takes no options".into() });
+    }
+    Ok(())
+}
+
 /// What a pass is given besides the module and its weights.
 pub struct PassCtx<'a> {
     /// The pass's options from the recipe (`{}` when none).
