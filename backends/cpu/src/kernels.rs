@@ -288,6 +288,7 @@ fn avx2_tile(
             }
             let rb = rb.max(1);
             let quads = q8k.len() / 4 * 4;
+            let vnni = isa == Isa::Avx512Vnni;
             // VNNI, Q4_K: eight weight rows at a time (one per lane) for the batch's `gemm`
             // tokens, each super-block of the rows laid out once for all of them.
             let (rows8, gemm) = if isa == Isa::Avx512Vnni && dtype == DType::Q4K {
@@ -316,6 +317,7 @@ fn avx2_tile(
                             DType::Q4K if g4.iter().all(|g| *g == RowGroup::Gemm) => x86::dot_q4_k_gemm4(r, x4),
                             DType::Q4K => x86::dot_q4_k_tile(r, x4, g4),
                             DType::Q3K => x86::dot_q3_k_tile(r, x4),
+                            _ if vnni => x86::dot_q6_k_tile_vnni(r, x4),
                             _ => x86::dot_q6_k_tile(r, x4),
                         }
                     };
@@ -327,8 +329,10 @@ fn avx2_tile(
                     // SAFETY: as above.
                     tile[t * nb + j] = unsafe {
                         match dtype {
+                            DType::Q4K if vnni && groups[t] == RowGroup::Gemv => x86::dot_q4_k_gemv_vnni(r, q),
                             DType::Q4K => x86::dot_q4_k(r, q, groups[t]),
                             DType::Q3K => x86::dot_q3_k_tile(r, [*q])[0],
+                            _ if vnni => x86::dot_q6_k_tile_vnni(r, [*q])[0],
                             _ => x86::dot_q6_k(r, q),
                         }
                     };

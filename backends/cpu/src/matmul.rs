@@ -42,7 +42,9 @@ impl Kernels for CpuKernels {
         let threads = rayon::current_num_threads().max(1);
         let by_cache = (BLOCK_BYTES / rb.max(1)).max(8);
         let by_balance = n.div_ceil(4 * threads).max(8);
-        let block = by_cache.min(by_balance).min(n);
+        // Whole groups of eight rows: the VNNI Q4_K kernel takes rows eight at a time
+        // and leaves the rest of a block to a slower one.
+        let block = (by_cache.min(by_balance) / 8 * 8).max(8).min(n);
         let isa = self.isa;
         if rows == 1 {
             // One token row: each block's outputs are contiguous, written in place.

@@ -265,7 +265,7 @@ pub(crate) unsafe fn q4_k_gemm_rows(
 
 #[cfg(test)]
 mod tests {
-    use kiln_quant::ggml_dot;
+    use kiln_quant::ggml_dot::{self, RowGroup};
 
     use super::*;
 
@@ -323,6 +323,49 @@ mod tests {
                 for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                     assert_eq!(g.to_bits(), w.to_bits(), "{kind:?} {blocks} blocks: {g} vs {w}");
                 }
+            }
+        }
+    }
+
+    /// The VNNI Q6_K tile and Q4_K gemv equal the AVX2 kernels bit for bit, on random
+    /// blocks (every quant, scale and minimum pattern, −128 scales included) and
+    /// activations reaching ±127.
+    #[test]
+    fn q6_k_tile_and_q4_k_gemv_equal_the_avx2_kernels_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        for seed in 0..8u64 {
+            let blocks = 1 + seed as usize % 4;
+            let mut r = rng(seed + 31);
+            let mut q6: Vec<u8> = (0..blocks * 210).map(|_| r() as u8).collect();
+            for blk in q6.chunks_mut(210) {
+                blk[208..210].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
+            }
+            q6[192] = 0x80;
+            let mut q4: Vec<u8> = (0..blocks * 144).map(|_| r() as u8).collect();
+            for blk in q4.chunks_mut(144) {
+                blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
+                blk[2..4].copy_from_slice(&half::f16::from_f32(0.0071).to_le_bytes());
+            }
+            let xs: Vec<_> = (0..4)
+                .map(|t| {
+                    let x: Vec<f32> = (0..blocks * 256)
+                        .map(|i| if (i + t) % 13 == 0 { -4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                        .collect();
+                    ggml_dot::quantize_q8_k(&x)
+                })
+                .collect();
+            let x4 = [&xs[0], &xs[1], &xs[2], &xs[3]];
+            // SAFETY: checked above (VNNI implies the AVX2 set).
+            let (got, want) = unsafe { (x86::dot_q6_k_tile_vnni(&q6, x4), x86::dot_q6_k_tile(&q6, x4)) };
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.to_bits(), w.to_bits(), "Q6_K seed {seed}: {g} vs {w}");
+            }
+            for x in &xs {
+                // SAFETY: as above.
+                let (g, w) = unsafe { (x86::dot_q4_k_gemv_vnni(&q4, x), x86::dot_q4_k(&q4, x, RowGroup::Gemv)) };
+                assert_eq!(g.to_bits(), w.to_bits(), "Q4_K seed {seed}: {g} vs {w}");
             }
         }
     }

@@ -284,6 +284,24 @@ pub(crate) fn q4_k_scales_mins(s: &[u8]) -> (u64, u64) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q4_k_gemv(row: &[u8], x: &Q8KRow) -> f32 {
+    q4_k_gemv::<false>(row, x)
+}
+
+/// [`dot_q4_k_gemv`] with VNNI: each scale product added by one `vpdpwssd` into a
+/// single accumulator for the super-block (the same exact integer sum).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) fn dot_q4_k_gemv_vnni(row: &[u8], x: &Q8KRow) -> f32 {
+    q4_k_gemv::<true>(row, x)
+}
+
+/// The body of [`dot_q4_k_gemv`] and [`dot_q4_k_gemv_vnni`], inlined into each.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_k_gemv<const VNNI: bool>(row: &[u8], x: &Q8KRow) -> f32 {
     let (mut acc, mut acc_min) = (0f32, 0f32);
     let nblocks = (row.len() / 144).min(x.d.len());
     let picks = q4_k_picks();
@@ -291,8 +309,28 @@ fn dot_q4_k_gemv(row: &[u8], x: &Q8KRow) -> f32 {
         let blk = &row[bi * 144..bi * 144 + 144];
         prefetch_ahead(blk.as_ptr(), 144);
         let b = q4_k_unpack(blk, &picks);
-        let (p, prod) = q4_k_token(&b, x, bi);
-        let isum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3])));
+        let isum = if VNNI {
+            let q8 = x.q.as_ptr().wrapping_add(bi * QK_K);
+            let mut a = _mm256_setzero_si256();
+            for (g, u) in b.u.iter().enumerate() {
+                // SAFETY: 64 quants of the super-block; VNNI only in `dot_q4_k_gemv_vnni`.
+                unsafe {
+                    let (y0, y1) =
+                        (_mm256_loadu_si256(q8.add(64 * g).cast()), _mm256_loadu_si256(q8.add(64 * g + 32).cast()));
+                    a = _mm256_dpwssd_epi32(a, _mm256_maddubs_epi16(u[0], y0), u[2]);
+                    a = _mm256_dpwssd_epi32(a, _mm256_maddubs_epi16(u[1], y1), u[3]);
+                }
+            }
+            hsum_i32(a)
+        } else {
+            let (p, _) = q4_k_token(&b, x, bi);
+            hsum_i32(_mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3])))
+        };
+        let bs = &x.bsums[bi * 16..bi * 16 + 16];
+        // SAFETY: 16 i32.
+        let (b0, b1) =
+            unsafe { (_mm256_loadu_si256(bs.as_ptr().cast()), _mm256_loadu_si256(bs.as_ptr().add(8).cast())) };
+        let prod = _mm256_mullo_epi32(_mm256_hadd_epi32(b0, b1), b.mins);
         let dx = x.d[bi];
         acc = fma(isum as f32, b.dw * dx, acc);
         acc_min = fma(hsum_i32(prod) as f32, b.dmin * dx, acc_min);
@@ -494,6 +532,24 @@ pub(crate) fn dot_q6_k(row: &[u8], x: &Q8KRow) -> f32 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+    q6_k_tile::<T, false>(row, xs)
+}
+
+/// [`dot_q6_k_tile`] with VNNI: the scale products added by one `vpdpwssd` instead of
+/// `madd` + `add` (the same exact lanes).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) fn dot_q6_k_tile_vnni<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+    q6_k_tile::<T, true>(row, xs)
+}
+
+/// The body of [`dot_q6_k_tile`] and [`dot_q6_k_tile_vnni`], inlined into each.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q6_k_tile<const T: usize, const VNNI: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
     let mut acc = [_mm256_setzero_ps(); T];
     let m4 = _mm256_set1_epi8(0x0f);
     let m2 = _mm256_set1_epi8(3);
@@ -540,7 +596,13 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
                     // SAFETY: 32 quants at this segment.
                     let y =
                         unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(bi * QK_K + half * 128 + seg * 32).cast()) };
-                    lanes[t] = _mm256_add_epi32(lanes[t], _mm256_madd_epi16(_mm256_maddubs_epi16(q6, y), scales));
+                    let p = _mm256_maddubs_epi16(q6, y);
+                    lanes[t] = if VNNI {
+                        // SAFETY: only in `dot_q6_k_tile_vnni`, for CPUs with AVX512VNNI/VL.
+                        unsafe { _mm256_dpwssd_epi32(lanes[t], p, scales) }
+                    } else {
+                        _mm256_add_epi32(lanes[t], _mm256_madd_epi16(p, scales))
+                    };
                 }
             }
         }
