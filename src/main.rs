@@ -802,6 +802,7 @@ fn cmd_fetch(a: FetchArgs) -> KilnResult<()> {
 }
 
 fn main() {
+    kiln_runtime::tune_allocator();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => cmd_run(a),

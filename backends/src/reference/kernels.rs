@@ -266,10 +266,14 @@ pub(crate) fn swiglu_ggml(gate: &[f32], up: &[f32], cols: usize) -> Vec<f32> {
 /// One row of [`swiglu_ggml`].
 #[inline(always)]
 fn swiglu_row(y: &mut [f32], g: &[f32], u: &[f32]) {
-    let vec_end = g.len() - g.len() % 8;
-    for (i, ((yv, &gv), &uv)) in y.iter_mut().zip(g).zip(u).enumerate() {
-        let e = if i < vec_end { ggml_v_expf(-gv) } else { (-gv).exp() };
-        *yv = gv / (1.0 + e) * uv;
+    let n = y.len().min(g.len()).min(u.len());
+    let vec_end = n - n % 8;
+    // Two loops, the first branch-free, so that the compiler vectorises it.
+    for ((yv, &gv), &uv) in y[..vec_end].iter_mut().zip(&g[..vec_end]).zip(&u[..vec_end]) {
+        *yv = gv / (1.0 + ggml_v_expf(-gv)) * uv;
+    }
+    for ((yv, &gv), &uv) in y[vec_end..n].iter_mut().zip(&g[vec_end..n]).zip(&u[vec_end..n]) {
+        *yv = gv / (1.0 + (-gv).exp()) * uv;
     }
 }
 
@@ -300,13 +304,13 @@ pub(crate) fn ggml_v_expf(x: f32) -> f32 {
         .mul_add(b, p(0x3d2b_9f17))
         .mul_add(u, p(0x3e2a_af33).mul_add(b, p(0x3eff_fedb)))
         .mul_add(u, p(0x3f7f_fff6) * b);
-    if n.abs() <= 126.0 {
-        return j.mul_add(k, k);
-    }
+    // All three cases computed and one selected (no branches, so loops over it vectorise).
+    let normal = j.mul_add(k, k);
     let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
     let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
     let s2 = f32::from_bits(e.wrapping_sub(g));
-    if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 }
+    let big = if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 };
+    if n.abs() <= 126.0 { normal } else { big }
 }
 
 /// Softmax of one row in place: `e^(x − max) / Σ e^(x − max)`. The sum is
@@ -404,6 +408,50 @@ mod tests {
         let got = dot4([&w[0], &w[1], &w[2], &w[3]], &x);
         for r in 0..4 {
             assert_eq!(got[r].to_bits(), dot(&w[r], &x).to_bits());
+        }
+    }
+
+    /// The branch-free `ggml_v_expf` picks ggml's case by case result (its vector code
+    /// blends the three) for every input class: normal, the scaled ranges beyond ±126·ln 2
+    /// and ±192·ln 2, infinities and NaN; and the vectorised SwiGLU row equals the
+    /// element-by-element definition.
+    #[test]
+    fn branch_free_expf_and_swiglu_match_the_case_by_case_definition() {
+        fn cases(x: f32) -> f32 {
+            const SHIFT: f32 = 12582912.0;
+            let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), SHIFT);
+            let n = z - SHIFT;
+            let b = (-n).mul_add(f32::from_bits(0x35bf_be8e), (-n).mul_add(f32::from_bits(0x3f31_7200), x));
+            let e = z.to_bits() << 23;
+            let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
+            let u = b * b;
+            let p = |bits: u32| f32::from_bits(bits);
+            let j = p(0x3c07_2010)
+                .mul_add(b, p(0x3d2b_9f17))
+                .mul_add(u, p(0x3e2a_af33).mul_add(b, p(0x3eff_fedb)))
+                .mul_add(u, p(0x3f7f_fff6) * b);
+            if n.abs() <= 126.0 {
+                return j.mul_add(k, k);
+            }
+            let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+            let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+            let s2 = f32::from_bits(e.wrapping_sub(g));
+            if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 }
+        }
+        let mut xs: Vec<f32> = (-3000..=3000).map(|i| i as f32 * 0.047).collect();
+        xs.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, -0.0, 88.7, -87.4, -103.9, 89.0]);
+        for &x in &xs {
+            let (got, want) = (ggml_v_expf(x), cases(x));
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{x}: {got} vs {want}");
+        }
+        let g: Vec<f32> = xs.iter().map(|x| x * 0.1).collect();
+        let u: Vec<f32> = (0..g.len()).map(|i| (i as f32 * 0.3).sin()).collect();
+        let got = swiglu_ggml(&g, &u, g.len());
+        let vec_end = g.len() / 8 * 8;
+        for (i, got) in got.iter().enumerate() {
+            let e = if i < vec_end { cases(-g[i]) } else { (-g[i]).exp() };
+            let want = g[i] / (1.0 + e) * u[i];
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{i}: {got} vs {want}");
         }
     }
 
