@@ -153,7 +153,7 @@ const TOKEN_CHUNK: usize = 32;
 /// Prefill tiles of `R` weight rows × `T` token rows over token chunks of
 /// [`TOKEN_CHUNK`]; leftover rows and tokens one at a time.
 #[cfg(target_arch = "x86_64")]
-fn prefill_legacy<const R: usize, const T: usize, const VNNI: bool>(
+fn prefill_legacy<const R: usize, const T: usize>(
     legacy: Legacy,
     rows: &[u8],
     rb: usize,
@@ -171,15 +171,8 @@ fn prefill_legacy<const R: usize, const T: usize, const VNNI: bool>(
             let rs: [&[u8]; R] = std::array::from_fn(|r| row(j + r));
             for t in (0..tfull).step_by(T) {
                 let xs: [&ggml_dot::Q8Row; T] = std::array::from_fn(|u| ts[t + u]);
-                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C, and
-                // `VNNI` only with `Isa::Avx512Vnni`, when it also has AVX512F/VL/VNNI.
-                let v = unsafe {
-                    if VNNI {
-                        crate::vnni::dot_legacy_tile(legacy, rs, xs)
-                    } else {
-                        x86::dot_legacy_tile(legacy, rs, xs)
-                    }
-                };
+                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+                let v = unsafe { x86::dot_legacy_tile(legacy, rs, xs) };
                 for (r, vr) in v.into_iter().enumerate() {
                     for (u, v) in vr.into_iter().enumerate() {
                         tile[(t0 + t + u) * nb + j + r] = v;
@@ -193,6 +186,30 @@ fn prefill_legacy<const R: usize, const T: usize, const VNNI: bool>(
                 // SAFETY: as above.
                 tile[(t0 + t) * nb + j] = unsafe { x86::dot_legacy(legacy, row(j), q) };
             }
+        }
+    }
+}
+
+/// The outputs [`crate::vnni::legacy_gemm`] left: rows from `rows_done` for its token
+/// rows, every row for the rest, one dot at a time.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn legacy_rest(
+    legacy: Legacy,
+    rows: &[u8],
+    rb: usize,
+    nb: usize,
+    q8: &[&ggml_dot::Q8Row],
+    tile: &mut [f32],
+    rows_done: usize,
+    tokens_done: usize,
+) {
+    let rb = rb.max(1);
+    for (t, q) in q8.iter().enumerate() {
+        let first = if t < tokens_done { rows_done } else { 0 };
+        for j in first..nb {
+            // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+            tile[t * nb + j] = unsafe { x86::dot_legacy(legacy, &rows[j * rb..(j + 1) * rb], q) };
         }
     }
 }
@@ -368,9 +385,13 @@ fn avx2_tile(
     // rows × token rows, each weight block unpacked once for the tile's
     // tokens and each activation block loaded once for its rows.
     if isa == Isa::Avx512Vnni {
-        prefill_legacy::<3, 4, true>(legacy, rows, rb, nb, &q8, tile);
+        // Each group of weight rows unpacked once for all the token rows.
+        // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
+        // AVX512F/VL/VNNI; `rows` holds `nb` rows of `rb` bytes.
+        let (rd, td) = unsafe { crate::vnni::legacy_gemm(legacy, rows, rb, nb, &q8, tile) };
+        legacy_rest(legacy, rows, rb, nb, &q8, tile, rd, td);
     } else {
-        prefill_legacy::<2, 4, false>(legacy, rows, rb, nb, &q8, tile);
+        prefill_legacy::<2, 4>(legacy, rows, rb, nb, &q8, tile);
     }
     true
 }

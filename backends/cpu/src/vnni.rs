@@ -89,6 +89,137 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
     std::array::from_fn(|r| std::array::from_fn(|t| x86::hsum8(acc[r][t]) + summs[r][t]))
 }
 
+/// Weight rows per [`legacy_gemm`] tile.
+const LEG_ROWS: usize = 4;
+/// Token rows per [`legacy_gemm`] tile.
+const LEG_TOKENS: usize = 4;
+
+/// One legacy block of a weight row, unpacked for [`legacy_gemm`]: its 32 weights as
+/// bytes (signed for the `_0` types, unsigned for the `_1` ones), the accumulator's start
+/// (`−128·Σw` per lane for the signed types, else 0), `d` and `m`.
+#[derive(Clone, Copy)]
+struct LegacyBlock {
+    w: __m256i,
+    start: __m256i,
+    d: f32,
+    m: f32,
+}
+
+/// Prefill with legacy-block weights: `tile[t·nb + j] = row_j · xs[t]` for the first
+/// `nb / LEG_ROWS · LEG_ROWS` rows and `xs.len() / LEG_TOKENS · LEG_TOKENS` token rows
+/// (the caller does the rest); returns those two counts. Unlike [`dot_legacy_tile`],
+/// which unpacks each weight block again for every group of token rows, each group of
+/// rows is unpacked once ([`LegacyBlock`]s, small enough for L1) and then meets every
+/// token row; the activations are offset to unsigned once per call. The integer and
+/// float steps per output are [`dot_legacy_tile`]'s, so results equal it bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI; `rows` holds
+/// `nb` rows of `rb` bytes.
+pub(crate) unsafe fn legacy_gemm(
+    kind: Legacy,
+    rows: &[u8],
+    rb: usize,
+    nb: usize,
+    xs: &[&Q8Row],
+    tile: &mut [f32],
+) -> (usize, usize) {
+    // SAFETY: the caller's.
+    unsafe {
+        match kind {
+            Legacy::Q4_0 => legacy_gemm_k::<Q4_0>(rows, rb, nb, xs, tile),
+            Legacy::Q4_1 => legacy_gemm_k::<Q4_1>(rows, rb, nb, xs, tile),
+            Legacy::Q5_0 => legacy_gemm_k::<Q5_0>(rows, rb, nb, xs, tile),
+            Legacy::Q5_1 => legacy_gemm_k::<Q5_1>(rows, rb, nb, xs, tile),
+            Legacy::Q8_0 => legacy_gemm_k::<Q8_0>(rows, rb, nb, xs, tile),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+fn legacy_gemm_k<const K: u8>(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8Row], tile: &mut [f32]) -> (usize, usize) {
+    let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
+    let rfull = nb / LEG_ROWS * LEG_ROWS;
+    let tfull = xs.len() / LEG_TOKENS * LEG_TOKENS;
+    let row = |j: usize| &rows[j * rb..(j + 1) * rb];
+    let all_rows: Vec<&[u8]> = (0..rfull).map(row).collect();
+    let (bytes, nblocks) = x86::legacy_blocks(K, &all_rows, xs);
+    if rfull == 0 || tfull == 0 || nblocks == 0 {
+        return (0, 0);
+    }
+    // The activations as unsigned bytes y + 128 for the signed weight types (flipping the top bit).
+    let flip = if signed { 0x80u8 } else { 0 };
+    let xq: Vec<Vec<u8>> =
+        xs[..tfull].iter().map(|x| x.q[..nblocks * QK].iter().map(|&q| q as u8 ^ flip).collect()).collect();
+    let offset = _mm256_set1_epi8(-128);
+    let mut blocks = vec![
+        LegacyBlock { w: _mm256_setzero_si256(), start: _mm256_setzero_si256(), d: 0.0, m: 0.0 };
+        LEG_ROWS * nblocks
+    ];
+    for j in (0..rfull).step_by(LEG_ROWS) {
+        for r in 0..LEG_ROWS {
+            let p = row(j + r).as_ptr();
+            for (b, blk) in blocks[r * nblocks..(r + 1) * nblocks].iter_mut().enumerate() {
+                // SAFETY: block `b` < nblocks of the row.
+                let (w, d, m) = unsafe { x86::unpack::<K>(p.add(b * bytes)) };
+                let start = if signed {
+                    _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), offset, w))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                *blk = LegacyBlock { w, start, d, m };
+            }
+        }
+        for t0 in (0..tfull).step_by(LEG_TOKENS) {
+            let qp: [*const u8; LEG_TOKENS] = std::array::from_fn(|u| xq[t0 + u].as_ptr());
+            let sp: [*const (f32, f32); LEG_TOKENS] = std::array::from_fn(|u| xs[t0 + u].scales.as_ptr());
+            let mut acc = [[_mm256_setzero_ps(); LEG_TOKENS]; LEG_ROWS];
+            // The `_1` types' `m·s` sums, the tile's tokens as the lanes of one vector per row.
+            let mut summs = [_mm_setzero_ps(); LEG_ROWS];
+            for b in 0..nblocks {
+                // (Plain loops, not `array::map`: closures do not inherit the target features.)
+                let mut qx = [_mm256_setzero_si256(); LEG_TOKENS];
+                let mut dx = [_mm256_setzero_ps(); LEG_TOKENS];
+                let mut sx = [0f32; LEG_TOKENS];
+                for t in 0..LEG_TOKENS {
+                    // SAFETY: block `b` < nblocks of every activation row.
+                    unsafe {
+                        qx[t] = _mm256_loadu_si256(qp[t].add(b * QK).cast());
+                        let (d, s) = *sp[t].add(b);
+                        (dx[t], sx[t]) = (_mm256_set1_ps(d), s);
+                    }
+                }
+                // SAFETY: 4 floats.
+                let sxv = unsafe { _mm_loadu_ps(sx.as_ptr()) };
+                for r in 0..LEG_ROWS {
+                    let blk = &blocks[r * nblocks + b];
+                    let dwv = _mm256_set1_ps(blk.d);
+                    if !signed {
+                        summs[r] = _mm_fmadd_ps(_mm_set1_ps(blk.m), sxv, summs[r]);
+                    }
+                    for t in 0..LEG_TOKENS {
+                        let p = if signed {
+                            _mm256_dpbusd_epi32(blk.start, qx[t], blk.w)
+                        } else {
+                            _mm256_dpbusd_epi32(blk.start, blk.w, qx[t])
+                        };
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dwv, dx[t]), _mm256_cvtepi32_ps(p), acc[r][t]);
+                    }
+                }
+            }
+            for r in 0..LEG_ROWS {
+                let mut sm = [0f32; LEG_TOKENS];
+                // SAFETY: 4 floats.
+                unsafe { _mm_storeu_ps(sm.as_mut_ptr(), summs[r]) };
+                for t in 0..LEG_TOKENS {
+                    tile[(t0 + t) * nb + j + r] = x86::hsum8(acc[r][t]) + sm[t];
+                }
+            }
+        }
+    }
+    (rfull, tfull)
+}
+
 /// Q4_K weight rows per [`q4_k_gemm_rows`] tile: one per 32-bit lane.
 pub(crate) const Q4K_ROWS: usize = 8;
 
@@ -185,8 +316,15 @@ unsafe fn q4_k_rows(rows: &[&[u8]; Q4K_ROWS], bi: usize) -> Q4kRows {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 unsafe fn q4_k_tokens<const N: usize>(w: &Q4kRows, xs: [&Q8KRow; N], bi: usize, acc: &mut [[__m256; 2]]) {
-    let q: [*const i8; N] = xs.map(|x| x.q[bi * 256..bi * 256 + 256].as_ptr());
-    let dx: [__m256; N] = xs.map(|x| _mm256_set1_ps(x.d[bi]));
+    let mut q = [std::ptr::null::<i8>(); N];
+    for (q, x) in q.iter_mut().zip(&xs) {
+        *q = x.q[bi * 256..bi * 256 + 256].as_ptr();
+    }
+    // (A loop, not `array::map`: closures do not inherit the target features.)
+    let mut dx = [_mm256_setzero_ps(); N];
+    for (d, x) in dx.iter_mut().zip(&xs) {
+        *d = _mm256_set1_ps(x.d[bi]);
+    }
     let mut a: [[__m256; 2]; N] = std::array::from_fn(|t| acc[t]);
     for g in 0..4 {
         let mut s0 = [_mm256_setzero_si256(); N];
@@ -322,6 +460,61 @@ mod tests {
                 let (got, want) = unsafe { (dot_legacy_tile(kind, rs, x4), x86::dot_legacy_tile(kind, rs, x4)) };
                 for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
                     assert_eq!(g.to_bits(), w.to_bits(), "{kind:?} {blocks} blocks: {g} vs {w}");
+                }
+            }
+        }
+    }
+
+    /// The VNNI legacy GEMM equals the AVX2 tiles bit for bit for every legacy layout,
+    /// with row and token counts that leave remainders to the caller (left untouched).
+    #[test]
+    fn legacy_gemm_equals_the_avx2_tiles_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        let kinds =
+            [(Legacy::Q4_0, 18), (Legacy::Q4_1, 20), (Legacy::Q5_0, 22), (Legacy::Q5_1, 24), (Legacy::Q8_0, 34)];
+        for (kind, bytes) in kinds {
+            for seed in 0..6u64 {
+                let blocks = 1 + seed as usize % 5;
+                let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
+                let mut r = rng(seed + 17);
+                let mut rows: Vec<u8> = (0..nb * blocks * bytes).map(|_| r() as u8).collect();
+                for blk in rows.chunks_mut(bytes) {
+                    blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
+                    if matches!(kind, Legacy::Q4_1 | Legacy::Q5_1) {
+                        blk[2..4].copy_from_slice(&half::f16::from_f32(-0.0071).to_le_bytes());
+                    }
+                }
+                let xs: Vec<_> = (0..tokens)
+                    .map(|t| {
+                        let x: Vec<f32> = (0..blocks * 32)
+                            .map(|i| if (i + t) % 11 == 0 { -3.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                            .collect();
+                        ggml_dot::quantize_q8(&x)
+                    })
+                    .collect();
+                let xr: Vec<&Q8Row> = xs.iter().collect();
+                let mut got = vec![f32::NAN; tokens * nb];
+                // SAFETY: checked above; `nb` rows of `blocks` blocks.
+                let (rd, td) = unsafe { legacy_gemm(kind, &rows, blocks * bytes, nb, &xr, &mut got) };
+                assert_eq!((rd, td), (nb / 4 * 4, tokens / 4 * 4));
+                for j in 0..nb {
+                    for t in 0..tokens {
+                        let g = got[t * nb + j];
+                        if j >= rd || t >= td {
+                            assert!(g.is_nan(), "{kind:?}: row {j} token {t} written");
+                            continue;
+                        }
+                        let row = &rows[j * blocks * bytes..(j + 1) * blocks * bytes];
+                        // SAFETY: as above.
+                        let want = unsafe { x86::dot_legacy_tile(kind, [row], [xr[t]]) }[0][0];
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{kind:?} seed {seed} row {j} token {t}: {g} vs {want}"
+                        );
+                    }
                 }
             }
         }
