@@ -155,6 +155,20 @@ pub fn cases() -> Vec<Case> {
         c.calls = vec![((0..40).map(|i| (i * 7 + 1) % VOCAB as u32).collect(), Logits::All), (vec![2], Logits::Last)];
         out.push(c);
     }
+    // Q4_K with whole groups of eight rows (the CPU backend repacks those for its lane
+    // kernels), two super-blocks per row; then to vocabulary-sized logits. Decode, and a
+    // prefill whose token rows split into four-row `gemm` groups and a `gemv` rest.
+    {
+        let mut b = ModuleBuilder::new("matmul-q4k-rows8", 29);
+        let x = b.input(VOCAB, 512);
+        let w = b.param("h.weight", DType::Q4K, &[64, 512], 0.5);
+        let h = b.push(Op::MatMul { x, w, bias: None });
+        let o = b.param("o.weight", DType::F32, &[VOCAB, 64], 0.3);
+        let y = b.push(Op::MatMul { x: h, w: o, bias: None });
+        let mut c = case("matmul q4_K 64×512 (rows in groups of 8)", b, y, 3e-3);
+        c.calls.push(((0..23).map(|i| (i * 5 + 3) % VOCAB as u32).collect(), Logits::All));
+        out.push(c);
+    }
     // Unquantized rows whose length is not a multiple of 8 (e.g. glassllm's 341-wide FFN).
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let mut b = ModuleBuilder::new("matmul-ragged", 3);

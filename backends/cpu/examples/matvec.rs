@@ -17,7 +17,7 @@ fn main() {
         Ok("scalar") => Isa::Scalar,
         _ => Isa::detect(),
     };
-    let k = CpuKernels { isa: kiln_cpu::CpuBackend::with_isa(isa).isa() };
+    let k = CpuKernels::new(kiln_cpu::CpuBackend::with_isa(isa).isa());
     println!("isa: {}", k.isa.name());
     let prefill_rows: usize = std::env::var("KILN_MATVEC_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(64);
     let only = std::env::var("KILN_MATVEC_ONLY").ok();

@@ -18,7 +18,7 @@ use kiln_quant::{self as quant, QuantError};
 use crate::x86::{self, Legacy};
 
 /// The instruction set the kernels use, detected once at session start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Isa {
     /// The AVX2 kernels, with AVX-512 VNNI (`vpdpbusd` on 256-bit vectors) for the
     /// 8-bit dots that have a VNNI kernel (x86-64 since Ice Lake / Zen 4).
@@ -26,6 +26,7 @@ pub enum Isa {
     /// AVX2 + FMA + F16C (x86-64 since Haswell / Zen).
     Avx2,
     /// Portable scalar code.
+    #[default]
     Scalar,
 }
 
@@ -321,7 +322,9 @@ fn avx2_tile(
                     std::array::from_fn(|r| &rows[(j0 + r) * rb..(j0 + r + 1) * rb]);
                 // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
                 // AVX512F/VL/VNNI; every row and token row hold `nblocks` super-blocks.
-                unsafe { crate::vnni::q4_k_gemm_rows(rs, &q8k[..gemm], nblocks, tile, nb, j0) };
+                unsafe {
+                    crate::vnni::q4_k_gemm_rows(crate::vnni::Q4kSource::Rows(rs), &q8k[..gemm], nblocks, tile, nb, j0)
+                };
             }
             for (j, r) in rows.chunks_exact(rb).enumerate() {
                 let done = if j < rows8 { gemm } else { 0 };

@@ -23,6 +23,8 @@ mod compressed;
 pub mod kernels;
 pub mod matmul;
 #[cfg(target_arch = "x86_64")]
+pub mod packed;
+#[cfg(target_arch = "x86_64")]
 mod vnni;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -35,6 +37,8 @@ use kiln_ir::{Op, VerifiedModule};
 
 pub use kernels::Isa;
 pub use matmul::CpuKernels;
+#[cfg(target_arch = "x86_64")]
+pub use packed::PackedWeights;
 
 /// The compiled CPU backend.
 #[derive(Clone, Copy, Debug)]
@@ -84,7 +88,14 @@ impl Backend for CpuBackend {
         options: &SessionOptions,
     ) -> Result<Box<dyn Session>, BackendError> {
         let options = SessionOptions { numerics: Numerics::Ggml, ..options.clone() };
-        let kernel = Arc::new(CpuKernels { isa: self.isa });
+        #[allow(unused_mut)]
+        let mut kernel = CpuKernels::new(self.isa);
+        // The VNNI lane kernels read Q4_K weights repacked once here.
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512Vnni {
+            kernel.packed = Some(Arc::new(PackedWeights::build(&module, weights.as_ref()))).filter(|p| !p.is_empty());
+        }
+        let kernel = Arc::new(kernel);
         Ok(Box::new(ReferenceSession::with_kernel(module, weights, &options, kernel)?))
     }
 }

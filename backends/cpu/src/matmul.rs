@@ -9,15 +9,49 @@ use kiln_quant::QuantError;
 use kiln_quant::ggml_dot::RowGroup;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use std::sync::Arc;
+
+#[cfg(target_arch = "x86_64")]
+use kiln_quant::ggml_dot::Activations;
+
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::Prepared;
 use crate::kernels::{Isa, dot_tile, prepare};
+#[cfg(target_arch = "x86_64")]
+use crate::packed::PackedWeights;
 
 /// Stored weight bytes one task reads per block (about half an L2).
 const BLOCK_BYTES: usize = 256 * 1024;
 
 /// [`Kernels`] with the crate's SIMD kernels.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Default)]
 pub struct CpuKernels {
     pub isa: Isa,
+    /// Weights repacked at session start (see [`crate::packed`]).
+    #[cfg(target_arch = "x86_64")]
+    pub packed: Option<Arc<PackedWeights>>,
+}
+
+impl CpuKernels {
+    /// The kernels of `isa`, reading every weight as stored.
+    pub fn new(isa: Isa) -> Self {
+        CpuKernels {
+            isa,
+            #[cfg(target_arch = "x86_64")]
+            packed: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for CpuKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("CpuKernels");
+        d.field("isa", &self.isa);
+        #[cfg(target_arch = "x86_64")]
+        d.field("packed", &self.packed.is_some());
+        d.finish()
+    }
 }
 
 impl Kernels for CpuKernels {
@@ -37,6 +71,21 @@ impl Kernels for CpuKernels {
         let rb = w.row_bytes();
         let xs: Vec<_> = x.chunks(k.max(1)).take(rows).map(|r| prepare(self.isa, w.dtype, r)).collect();
         let groups: Vec<RowGroup> = (0..rows).map(|t| RowGroup::of(first + t, total)).collect();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(packed) = &self.packed {
+            let q8k: Vec<_> = xs
+                .iter()
+                .filter_map(|p| match p {
+                    Prepared::Int(Activations::Q8K(q)) => Some(q),
+                    _ => None,
+                })
+                .collect();
+            if q8k.len() == xs.len()
+                && let Some(y) = packed.matmul(&w, &q8k, &groups, bias)
+            {
+                return Ok(y);
+            }
+        }
         // Enough blocks to balance the threads (four each), few enough rows per
         // block that a block's bytes stay in L2 while every token row passes.
         let threads = rayon::current_num_threads().max(1);

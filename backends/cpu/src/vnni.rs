@@ -223,6 +223,13 @@ fn legacy_gemm_k<const K: u8>(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8Row], 
 /// Q4_K weight rows per [`q4_k_gemm_rows`] tile: one per 32-bit lane.
 pub(crate) const Q4K_ROWS: usize = 8;
 
+/// Where [`q4_k_gemm_rows`] reads its eight rows: the stored rows, or their packed form.
+#[derive(Clone, Copy)]
+pub(crate) enum Q4kSource<'a> {
+    Rows([&'a [u8]; Q4K_ROWS]),
+    Packed(&'a [u8]),
+}
+
 /// One Q4_K super-block of [`Q4K_ROWS`] rows, laid out for lanes = rows: per group g
 /// (64 weights) and dword k, the low nibbles (weights 64g + 4k..+4 of each row, sub-block
 /// 2g) and the high nibbles (weights 64g + 32 + 4k..+4, sub-block 2g + 1); the rows'
@@ -308,6 +315,132 @@ unsafe fn q4_k_rows(rows: &[&[u8]; Q4K_ROWS], bi: usize) -> Q4kRows {
     }
 }
 
+/// Bytes of one super-block of eight Q4_K rows packed by [`q4_k_pack`].
+pub(crate) const Q4K_PACKED: usize = 1184;
+
+/// Packs eight Q4_K rows of `nblocks` super-blocks each into `out` (`nblocks ·
+/// Q4K_PACKED` bytes), per super-block in the order the lane kernels read it: for group g
+/// and dword k the eight rows' dword k of the group's 32 quant bytes (32 bytes, row r at
+/// 4r: the [`transpose8`] of the rows), then the eight 6-bit scales and the eight
+/// minimums of each sub-block j as one byte per row (`1024 + 8j + r`, `1088 + 8j + r`),
+/// then the rows' `d` and `dmin` as f16 (`1152 + 2r`, `1168 + 2r`). Lossless: every
+/// value of the rows is kept, only moved, so kernels on it equal kernels on the rows.
+pub(crate) fn q4_k_pack(rows: [&[u8]; Q4K_ROWS], nblocks: usize, out: &mut [u8]) {
+    for (bi, c) in out.chunks_exact_mut(Q4K_PACKED).take(nblocks).enumerate() {
+        for (r, row) in rows.iter().enumerate() {
+            let b = &row[bi * 144..bi * 144 + 144];
+            for g in 0..4 {
+                for k in 0..8 {
+                    let at = (g * 8 + k) * 32 + 4 * r;
+                    c[at..at + 4].copy_from_slice(&b[16 + 32 * g + 4 * k..16 + 32 * g + 4 * k + 4]);
+                }
+            }
+            let (sc, mn) = x86::q4_k_scales_mins(&b[4..16]);
+            for j in 0..8 {
+                c[1024 + 8 * j + r] = (sc >> (8 * j)) as u8;
+                c[1088 + 8 * j + r] = (mn >> (8 * j)) as u8;
+            }
+            c[1152 + 2 * r..1154 + 2 * r].copy_from_slice(&b[0..2]);
+            c[1168 + 2 * r..1170 + 2 * r].copy_from_slice(&b[2..4]);
+        }
+    }
+}
+
+/// [`q4_k_rows`] from a packed super-block ([`q4_k_pack`]): loads instead of a transpose.
+///
+/// # Safety
+/// `c` holds [`Q4K_PACKED`] bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn q4_k_packed_rows(c: &[u8]) -> Q4kRows {
+    let mask = _mm256_set1_epi8(0x0f);
+    let p = c.as_ptr();
+    let mut lo = [[_mm256_setzero_si256(); 8]; 4];
+    let mut hi = [[_mm256_setzero_si256(); 8]; 4];
+    let mut sc = [_mm256_setzero_si256(); 8];
+    let mut mn = [_mm256_setzero_si256(); 8];
+    // SAFETY: every read is inside the packed super-block.
+    unsafe {
+        for g in 0..4 {
+            for k in 0..8 {
+                let t = _mm256_loadu_si256(p.add((g * 8 + k) * 32).cast());
+                lo[g][k] = _mm256_and_si256(t, mask);
+                hi[g][k] = _mm256_and_si256(_mm256_srli_epi16::<4>(t), mask);
+            }
+        }
+        for j in 0..8 {
+            sc[j] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(1024 + 8 * j).cast()));
+            mn[j] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(1088 + 8 * j).cast()));
+        }
+        Q4kRows {
+            lo,
+            hi,
+            sc,
+            mn,
+            dw: _mm256_cvtph_ps(_mm_loadu_si128(p.add(1152).cast())),
+            dmin: _mm256_cvtph_ps(_mm_loadu_si128(p.add(1168).cast())),
+        }
+    }
+}
+
+/// Decode with packed Q4_K rows: the dots of eight rows (`nblocks` packed super-blocks in
+/// `pk`) with one token row of a batch's `gemv` group, one row per lane: per super-block
+/// the exact integer sums `Σ_j sc_j Σ q·q8` and `Σ_j m_j·(bsum pair j)`, each added with
+/// one fused multiply-add by `d·d8` / `dmin·d8` — `dot_q4_k`'s `gemv` steps, so each
+/// result is the AVX2 kernel's bit for bit. No transpose, no horizontal sums, and the
+/// scales come ready as bytes: about a third of the row-at-a-time kernel's work per weight,
+/// so decode stays bound by memory.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI; `pk` holds
+/// `nblocks` packed super-blocks and `x` at least `nblocks` super-blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+pub(crate) unsafe fn q4_k_packed_gemv(pk: &[u8], nblocks: usize, x: &Q8KRow) -> [f32; Q4K_ROWS] {
+    let mask = _mm256_set1_epi8(0x0f);
+    let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for bi in 0..nblocks {
+        let c = pk[bi * Q4K_PACKED..(bi + 1) * Q4K_PACKED].as_ptr();
+        let q = x.q[bi * 256..bi * 256 + 256].as_ptr();
+        let bs = &x.bsums[bi * 16..bi * 16 + 16];
+        if x86::PREFETCH > 0 {
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(x86::PREFETCH).cast());
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(x86::PREFETCH + 512).cast());
+        }
+        let mut isum = _mm256_setzero_si256();
+        let mut imin = _mm256_setzero_si256();
+        // SAFETY: every read is inside packed super-block `bi` and the token's super-block `bi`.
+        unsafe {
+            for g in 0..4 {
+                let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for k in 0..8 {
+                    let t = _mm256_loadu_si256(c.add((g * 8 + k) * 32).cast());
+                    let y0 = _mm256_set1_epi32(q.add(64 * g + 4 * k).cast::<i32>().read_unaligned());
+                    let y1 = _mm256_set1_epi32(q.add(64 * g + 32 + 4 * k).cast::<i32>().read_unaligned());
+                    s0 = _mm256_dpbusd_epi32(s0, _mm256_and_si256(t, mask), y0);
+                    s1 = _mm256_dpbusd_epi32(s1, _mm256_and_si256(_mm256_srli_epi16::<4>(t), mask), y1);
+                }
+                let sc0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(1024 + 16 * g).cast()));
+                let sc1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(1024 + 16 * g + 8).cast()));
+                isum =
+                    _mm256_add_epi32(isum, _mm256_add_epi32(_mm256_mullo_epi32(s0, sc0), _mm256_mullo_epi32(s1, sc1)));
+            }
+            for j in 0..8 {
+                let m = _mm256_cvtepu8_epi32(_mm_loadl_epi64(c.add(1088 + 8 * j).cast()));
+                imin = _mm256_add_epi32(imin, _mm256_mullo_epi32(m, _mm256_set1_epi32(bs[2 * j] + bs[2 * j + 1])));
+            }
+            let dx = _mm256_set1_ps(x.d[bi]);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(c.add(1152).cast()));
+            let dmin = _mm256_cvtph_ps(_mm_loadu_si128(c.add(1168).cast()));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), acc);
+            acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_mul_ps(dmin, dx), acc_min);
+        }
+    }
+    let mut out = [0f32; Q4K_ROWS];
+    // SAFETY: 8 floats.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc, acc_min)) };
+    out
+}
+
 /// Super-block `bi` of `N` token rows against [`Q4kRows`] `w`, into their accumulators
 /// (`acc[t] = [Σ d·d8 terms, Σ dmin·d8 terms]`, one lane per weight row).
 ///
@@ -370,7 +503,7 @@ unsafe fn q4_k_tokens<const N: usize>(w: &Q4kRows, xs: [&Q8KRow; N], bi: usize, 
 /// and every token row hold `nblocks` super-blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 pub(crate) unsafe fn q4_k_gemm_rows(
-    rows: [&[u8]; Q4K_ROWS],
+    rows: Q4kSource<'_>,
     xs: &[&Q8KRow],
     nblocks: usize,
     out: &mut [f32],
@@ -380,7 +513,12 @@ pub(crate) unsafe fn q4_k_gemm_rows(
     let mut acc = vec![[_mm256_setzero_ps(); 2]; xs.len()];
     for bi in 0..nblocks {
         // SAFETY: the caller's.
-        let w = unsafe { q4_k_rows(&rows, bi) };
+        let w = unsafe {
+            match rows {
+                Q4kSource::Rows(rows) => q4_k_rows(&rows, bi),
+                Q4kSource::Packed(pk) => q4_k_packed_rows(&pk[bi * Q4K_PACKED..(bi + 1) * Q4K_PACKED]),
+            }
+        };
         // Four token rows at a time share each weight register.
         let mut quads = xs.chunks_exact(4).zip(acc.chunks_exact_mut(4));
         for (x4, a4) in &mut quads {
@@ -563,6 +701,60 @@ mod tests {
         }
     }
 
+    /// Packed Q4_K rows give the AVX2 kernels' results bit for bit: decode (`gemv`) and the
+    /// lane `gemm` kernel reading the packed form.
+    #[test]
+    fn packed_q4_k_equals_the_avx2_kernels_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        for seed in 0..6u64 {
+            let blocks = 1 + seed as usize % 4;
+            let mut r = rng(seed + 61);
+            let rows: Vec<Vec<u8>> = (0..Q4K_ROWS)
+                .map(|_| {
+                    let mut row: Vec<u8> = (0..blocks * 144).map(|_| r() as u8).collect();
+                    for blk in row.chunks_mut(144) {
+                        blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
+                        blk[2..4].copy_from_slice(&half::f16::from_f32(0.0071).to_le_bytes());
+                    }
+                    row
+                })
+                .collect();
+            let rs: [&[u8]; Q4K_ROWS] = std::array::from_fn(|i| rows[i].as_slice());
+            let mut pk = vec![0u8; blocks * Q4K_PACKED];
+            q4_k_pack(rs, blocks, &mut pk);
+            let xs: Vec<_> = (0..8)
+                .map(|t| {
+                    let x: Vec<f32> = (0..blocks * 256)
+                        .map(|i| if (i + t) % 13 == 0 { -4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                        .collect();
+                    ggml_dot::quantize_q8_k(&x)
+                })
+                .collect();
+            let xr: Vec<&Q8KRow> = xs.iter().collect();
+            for x in &xr {
+                // SAFETY: checked above; `pk` holds `blocks` packed super-blocks.
+                let got = unsafe { q4_k_packed_gemv(&pk, blocks, x) };
+                for (j, row) in rows.iter().enumerate() {
+                    // SAFETY: as above.
+                    let want = unsafe { x86::dot_q4_k(row, x, RowGroup::Gemv) };
+                    assert_eq!(got[j].to_bits(), want.to_bits(), "gemv seed {seed} row {j}");
+                }
+            }
+            let (mut a, mut b) = (vec![0f32; 8 * Q4K_ROWS], vec![0f32; 8 * Q4K_ROWS]);
+            // SAFETY: as above.
+            unsafe {
+                q4_k_gemm_rows(Q4kSource::Packed(&pk), &xr, blocks, &mut a, Q4K_ROWS, 0);
+                q4_k_gemm_rows(Q4kSource::Rows(rs), &xr, blocks, &mut b, Q4K_ROWS, 0);
+            }
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
+    }
+
     /// Eight Q4_K rows at a time equal the AVX2 `gemm` kernel bit for bit, on random
     /// blocks (every nibble, scale and minimum pattern) and activations reaching ±127.
     #[test]
@@ -596,7 +788,7 @@ mod tests {
             let rs: [&[u8]; Q4K_ROWS] = std::array::from_fn(|i| rows[i].as_slice());
             let mut got = vec![0f32; tokens * Q4K_ROWS];
             // SAFETY: checked above; every row and token row hold `blocks` super-blocks.
-            unsafe { q4_k_gemm_rows(rs, &xr, blocks, &mut got, Q4K_ROWS, 0) };
+            unsafe { q4_k_gemm_rows(Q4kSource::Rows(rs), &xr, blocks, &mut got, Q4K_ROWS, 0) };
             for t in (0..tokens).step_by(4) {
                 for (j, row) in rows.iter().enumerate() {
                     // SAFETY: as above.
