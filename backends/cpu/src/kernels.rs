@@ -326,8 +326,16 @@ fn avx2_tile(
                     crate::vnni::q4_k_gemm_rows(crate::vnni::Q4kSource::Rows(rs), &q8k[..gemm], nblocks, tile, nb, j0)
                 };
             }
+            // VNNI, Q6_K prefill: each group of rows unpacked once for all token rows.
+            let (rows_done, tokens_done) = if vnni && dtype == DType::Q6K && q8k.len() >= 4 {
+                // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
+                // AVX512F/VL/VNNI; `rows` holds `nb` rows of `rb` bytes.
+                unsafe { crate::vnni::q6_k_gemm(rows, rb, nb, &q8k, tile) }
+            } else {
+                (rows8, gemm)
+            };
             for (j, r) in rows.chunks_exact(rb).enumerate() {
-                let done = if j < rows8 { gemm } else { 0 };
+                let done = if j < rows_done { tokens_done } else { 0 };
                 for t in (done..quads).step_by(4) {
                     let x4 = [q8k[t], q8k[t + 1], q8k[t + 2], q8k[t + 3]];
                     let g4 = [groups[t], groups[t + 1], groups[t + 2], groups[t + 3]];

@@ -89,6 +89,144 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
     std::array::from_fn(|r| std::array::from_fn(|t| x86::hsum8(acc[r][t]) + summs[r][t]))
 }
 
+/// Weight rows per [`q6_k_gemm`] tile.
+const Q6K_ROWS: usize = 4;
+/// Token rows per [`q6_k_gemm`] tile.
+const Q6K_TOKENS: usize = 4;
+
+/// Prefill with Q6_K weights: `tile[t·nb + j] = row_j · xs[t]` for the first
+/// `nb / Q6K_ROWS · Q6K_ROWS` rows and `xs.len() / Q6K_TOKENS · Q6K_TOKENS` token rows
+/// (the caller does the rest); returns those two counts. Each group of rows is unpacked
+/// once per call — its 6-bit values as bytes and each segment's two scales spread over
+/// 16-bit lanes, a few KiB per row, kept in L1/L2 — and then meets every token row, so
+/// the inner loop is a load, `maddubs` and `vpdpwssd` per segment. The `32·Σ` offset of
+/// each lane is one more `vpdpwssd` per super-block (the 16-bit block sums times −32·scale,
+/// pairs 2l, 2l + 1 in lane l). The integer lanes and float steps are
+/// [`x86::dot_q6_k_tile`]'s, so results equal it bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI; `rows` holds
+/// `nb` rows of `rb` bytes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // tile indices read clearer than zipped iterators
+pub(crate) unsafe fn q6_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow], tile: &mut [f32]) -> (usize, usize) {
+    let nblocks = rb / 210;
+    let rfull = nb / Q6K_ROWS * Q6K_ROWS;
+    let tfull = xs.len() / Q6K_TOKENS * Q6K_TOKENS;
+    if rfull == 0
+        || tfull == 0
+        || nblocks == 0
+        || xs.iter().any(|x| x.d.len() < nblocks || x.q.len() < nblocks * 256 || x.bsums.len() < nblocks * 16)
+    {
+        return (0, 0);
+    }
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(3);
+    // Per row of the group and super-block: 8 segments of (6-bit values, scales), the
+    // −32·scales as 16 i16, and `d`.
+    let zero = _mm256_setzero_si256();
+    let mut q6 = vec![zero; Q6K_ROWS * nblocks * 8];
+    let mut scl = vec![zero; Q6K_ROWS * nblocks * 8];
+    let mut offs = vec![zero; Q6K_ROWS * nblocks];
+    let mut d6 = vec![0f32; Q6K_ROWS * nblocks];
+    // The token rows' block sums as 16-bit lanes, per super-block.
+    let bs16: Vec<__m256i> = xs[..tfull]
+        .iter()
+        .flat_map(|x| x.bsums[..nblocks * 16].chunks_exact(16))
+        .map(|b| {
+            // SAFETY: 16 i32.
+            let (b0, b1) =
+                unsafe { (_mm256_loadu_si256(b.as_ptr().cast()), _mm256_loadu_si256(b.as_ptr().add(8).cast())) };
+            _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(b0, b1))
+        })
+        .collect();
+    for j in (0..rfull).step_by(Q6K_ROWS) {
+        for r in 0..Q6K_ROWS {
+            let row = &rows[(j + r) * rb..(j + r + 1) * rb];
+            for bi in 0..nblocks {
+                let blk = &row[bi * 210..bi * 210 + 210];
+                let at = (r * nblocks + bi) * 8;
+                for half in 0..2 {
+                    // SAFETY: inside the 210-byte block.
+                    let (ql0, ql1, qh) = unsafe {
+                        (
+                            _mm256_loadu_si256(blk[half * 64..].as_ptr().cast()),
+                            _mm256_loadu_si256(blk[half * 64 + 32..].as_ptr().cast()),
+                            _mm256_loadu_si256(blk[128 + half * 32..].as_ptr().cast()),
+                        )
+                    };
+                    for seg in 0..4 {
+                        let ql = if seg & 1 == 0 { ql0 } else { ql1 };
+                        let lo = if seg >> 1 == 0 {
+                            _mm256_and_si256(ql, m4)
+                        } else {
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
+                        };
+                        let h = match seg {
+                            0 => qh,
+                            1 => _mm256_srli_epi16::<2>(qh),
+                            2 => _mm256_srli_epi16::<4>(qh),
+                            _ => _mm256_srli_epi16::<6>(qh),
+                        };
+                        q6[at + half * 4 + seg] = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)));
+                        let s = 192 + half * 8 + seg * 2;
+                        scl[at + half * 4 + seg] = _mm256_set_m128i(
+                            _mm_set1_epi16(i16::from(blk[s + 1] as i8)),
+                            _mm_set1_epi16(i16::from(blk[s] as i8)),
+                        );
+                    }
+                }
+                let mut o = [0i16; 16];
+                for (i, v) in o.iter_mut().enumerate() {
+                    *v = -32 * i16::from(blk[192 + i] as i8);
+                }
+                // SAFETY: 16 i16; the f16 at 208.
+                unsafe {
+                    offs[r * nblocks + bi] = _mm256_loadu_si256(o.as_ptr().cast());
+                    d6[r * nblocks + bi] =
+                        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(u16::from_le_bytes([
+                            blk[208], blk[209],
+                        ])))));
+                }
+            }
+        }
+        for t0 in (0..tfull).step_by(Q6K_TOKENS) {
+            let mut acc = [[_mm256_setzero_ps(); Q6K_TOKENS]; Q6K_ROWS];
+            for bi in 0..nblocks {
+                let mut lanes = [[zero; Q6K_TOKENS]; Q6K_ROWS];
+                for seg in 0..8 {
+                    let mut y = [zero; Q6K_TOKENS];
+                    for (t, y) in y.iter_mut().enumerate() {
+                        // SAFETY: 32 quants of super-block `bi` (checked above).
+                        *y = unsafe { _mm256_loadu_si256(xs[t0 + t].q.as_ptr().add(bi * 256 + seg * 32).cast()) };
+                    }
+                    for r in 0..Q6K_ROWS {
+                        let at = (r * nblocks + bi) * 8 + seg;
+                        let (w, sc) = (q6[at], scl[at]);
+                        for t in 0..Q6K_TOKENS {
+                            lanes[r][t] = _mm256_dpwssd_epi32(lanes[r][t], _mm256_maddubs_epi16(w, y[t]), sc);
+                        }
+                    }
+                }
+                for r in 0..Q6K_ROWS {
+                    let (off, dw) = (offs[r * nblocks + bi], d6[r * nblocks + bi]);
+                    for t in 0..Q6K_TOKENS {
+                        let l = _mm256_dpwssd_epi32(lanes[r][t], bs16[(t0 + t) * nblocks + bi], off);
+                        let d = _mm256_set1_ps(xs[t0 + t].d[bi] * dw);
+                        acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(l), acc[r][t]);
+                    }
+                }
+            }
+            for r in 0..Q6K_ROWS {
+                for t in 0..Q6K_TOKENS {
+                    tile[(t0 + t) * nb + j + r] = x86::hsum8(acc[r][t]);
+                }
+            }
+        }
+    }
+    (rfull, tfull)
+}
+
 /// Weight rows per [`legacy_gemm`] tile.
 const LEG_ROWS: usize = 4;
 /// Token rows per [`legacy_gemm`] tile.
@@ -653,6 +791,51 @@ mod tests {
                             "{kind:?} seed {seed} row {j} token {t}: {g} vs {want}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The Q6_K GEMM (rows unpacked once per call) equals the AVX2 kernel bit for bit, with
+    /// row and token counts that leave remainders to the caller (left untouched).
+    #[test]
+    fn q6_k_gemm_equals_the_avx2_kernel_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        for seed in 0..6u64 {
+            let blocks = 1 + seed as usize % 3;
+            let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
+            let mut r = rng(seed + 5);
+            let mut rows: Vec<u8> = (0..nb * blocks * 210).map(|_| r() as u8).collect();
+            for blk in rows.chunks_mut(210) {
+                blk[208..210].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
+            }
+            rows[192] = 0x80;
+            let xs: Vec<_> = (0..tokens)
+                .map(|t| {
+                    let x: Vec<f32> = (0..blocks * 256)
+                        .map(|i| if (i + t) % 13 == 0 { -4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                        .collect();
+                    ggml_dot::quantize_q8_k(&x)
+                })
+                .collect();
+            let xr: Vec<&Q8KRow> = xs.iter().collect();
+            let mut got = vec![f32::NAN; tokens * nb];
+            // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
+            let (rd, td) = unsafe { q6_k_gemm(&rows, blocks * 210, nb, &xr, &mut got) };
+            assert_eq!((rd, td), (nb / Q6K_ROWS * Q6K_ROWS, tokens / 4 * 4));
+            for j in 0..nb {
+                for t in 0..tokens {
+                    let g = got[t * nb + j];
+                    if j >= rd || t >= td {
+                        assert!(g.is_nan(), "row {j} token {t} written");
+                        continue;
+                    }
+                    // SAFETY: as above.
+                    let want =
+                        unsafe { x86::dot_q6_k_tile(&rows[j * blocks * 210..(j + 1) * blocks * 210], [xr[t]]) }[0];
+                    assert_eq!(g.to_bits(), want.to_bits(), "seed {seed} row {j} token {t}: {g} vs {want}");
                 }
             }
         }
