@@ -276,10 +276,19 @@ fn avx2_tile(
             if acts.len() != xs.len() {
                 return false;
             }
+            // VNNI: each group of weight rows decoded once for all token rows.
+            let (rows_done, tokens_done) = if isa == Isa::Avx512Vnni && acts.len() >= 4 {
+                // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
+                // AVX512F/VL/VNNI; `rows` holds `nb` rows of `rb` bytes.
+                unsafe { crate::vnni::kq2_gemm(rows, rb, nb, &acts, tile) }
+            } else {
+                (0, 0)
+            };
             // Four token rows per weight row (each block decoded once for them), the rest one by one.
             let quads = acts.len() / 4 * 4;
             for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
-                for t in (0..quads).step_by(4) {
+                let done = if j < rows_done { tokens_done } else { 0 };
+                for t in (done..quads).step_by(4) {
                     // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
                     let v = unsafe { x86::dot_kq2_tile(r, [acts[t], acts[t + 1], acts[t + 2], acts[t + 3]]) };
                     for (u, v) in v.into_iter().enumerate() {

@@ -14,6 +14,7 @@
 use std::arch::x86_64::*;
 
 use kiln_quant::ggml_dot::{Q8KRow, Q8Row};
+use kiln_quant::kq2::Kq2Q8Row;
 
 use crate::x86::{self, Legacy, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
@@ -87,6 +88,102 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
         }
     }
     std::array::from_fn(|r| std::array::from_fn(|t| x86::hsum8(acc[r][t]) + summs[r][t]))
+}
+
+/// Weight rows per [`kq2_gemm`] tile.
+const KQ2_ROWS: usize = 4;
+/// Token rows per [`kq2_gemm`] tile.
+const KQ2_TOKENS: usize = 4;
+
+/// One kq2 block of a weight row decoded for [`kq2_gemm`]: its 64 weights (`4·c`, as
+/// signed bytes), the accumulator's start `−128·Σw` per lane (for activations offset to
+/// unsigned), the block scale (0: the block adds nothing) and its basis.
+#[derive(Clone, Copy)]
+struct Kq2Block {
+    w: [__m256i; 2],
+    start: __m256i,
+    s: f32,
+    unrotated: bool,
+}
+
+/// Prefill with kq2 weights: `tile[t·nb + j] = row_j · xs[t]` for the first
+/// `nb / KQ2_ROWS · KQ2_ROWS` rows and `xs.len() / KQ2_TOKENS · KQ2_TOKENS` token rows
+/// (the caller does the rest); returns those two counts. kq2's codebook decoding (table
+/// gathers and sign shuffles) is most of its dot's work, and [`x86::dot_kq2_tile`] redoes
+/// it for every four token rows; here each group of rows is decoded once per call (a few
+/// KiB, kept in L1/L2) and meets every token row through `vpdpbusd` on activations offset
+/// once to unsigned. Each lane's integer is the same exact sum and the float steps are
+/// `dot_kq2_q8`'s, so results equal the AVX2 kernel bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI; `rows` holds
+/// `nb` rows of `rb` bytes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // tile indices read clearer than zipped iterators
+pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Kq2Q8Row], tile: &mut [f32]) -> (usize, usize) {
+    let nblocks = rb / 18;
+    let rfull = nb / KQ2_ROWS * KQ2_ROWS;
+    let tfull = xs.len() / KQ2_TOKENS * KQ2_TOKENS;
+    if rfull == 0 || tfull == 0 || nblocks == 0 || xs.iter().any(|x| x.d.len() < nblocks || x.q.len() < nblocks * 128) {
+        return (0, 0);
+    }
+    let tables = &*x86::KQ2_TABLES;
+    let offset = _mm256_set1_epi8(-128);
+    let zero = _mm256_setzero_si256();
+    // The activations (both bases) as unsigned bytes y + 128.
+    let xq: Vec<Vec<u8>> =
+        xs[..tfull].iter().map(|x| x.q[..nblocks * 128].iter().map(|&q| q as u8 ^ 0x80).collect()).collect();
+    let mut blocks = vec![Kq2Block { w: [zero; 2], start: zero, s: 0.0, unrotated: false }; KQ2_ROWS * nblocks];
+    for j in (0..rfull).step_by(KQ2_ROWS) {
+        for r in 0..KQ2_ROWS {
+            let row = &rows[(j + r) * rb..(j + r) * rb + nblocks * 18];
+            for (bi, b) in row.as_chunks::<18>().0.iter().enumerate() {
+                let s = tables.scale[usize::from(b[0] & 0x7f)];
+                // SAFETY: AVX2 (this function's target features); `b` is one block.
+                let w = if s == 0.0 { [zero; 2] } else { unsafe { x86::kq2_decode(tables, b) } };
+                let start =
+                    _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, offset, w[0]), offset, w[1]));
+                blocks[r * nblocks + bi] = Kq2Block { w, start, s, unrotated: b[0] & 0x80 != 0 };
+            }
+        }
+        for t0 in (0..tfull).step_by(KQ2_TOKENS) {
+            let mut acc = [[_mm256_setzero_ps(); KQ2_TOKENS]; KQ2_ROWS];
+            let mut qp = [std::ptr::null::<u8>(); KQ2_TOKENS];
+            let mut dp = [std::ptr::null::<[f32; 2]>(); KQ2_TOKENS];
+            for t in 0..KQ2_TOKENS {
+                (qp[t], dp[t]) = (xq[t0 + t].as_ptr(), xs[t0 + t].d.as_ptr());
+            }
+            for bi in 0..nblocks {
+                for r in 0..KQ2_ROWS {
+                    let blk = &blocks[r * nblocks + bi];
+                    if blk.s == 0.0 {
+                        continue;
+                    }
+                    let which = usize::from(!blk.unrotated);
+                    for t in 0..KQ2_TOKENS {
+                        // SAFETY: the block's 64 quants in this basis and its scales (checked above).
+                        let (q0, q1, d) = unsafe {
+                            let q = qp[t].add(bi * 128 + 64 * which);
+                            (
+                                _mm256_loadu_si256(q.cast()),
+                                _mm256_loadu_si256(q.add(32).cast()),
+                                (*dp[t].add(bi))[which],
+                            )
+                        };
+                        let p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(blk.start, q0, blk.w[0]), q1, blk.w[1]);
+                        let f = _mm256_set1_ps(0.25 * (blk.s * d));
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), f, acc[r][t]);
+                    }
+                }
+            }
+            for r in 0..KQ2_ROWS {
+                for t in 0..KQ2_TOKENS {
+                    tile[(t0 + t) * nb + j + r] = x86::hsum8(acc[r][t]);
+                }
+            }
+        }
+    }
+    (rfull, tfull)
 }
 
 /// Weight rows per [`q6_k_gemm`] tile.
@@ -835,6 +932,53 @@ mod tests {
                     // SAFETY: as above.
                     let want =
                         unsafe { x86::dot_q6_k_tile(&rows[j * blocks * 210..(j + 1) * blocks * 210], [xr[t]]) }[0];
+                    assert_eq!(g.to_bits(), want.to_bits(), "seed {seed} row {j} token {t}: {g} vs {want}");
+                }
+            }
+        }
+    }
+
+    /// The kq2 GEMM (rows decoded once per call) equals the AVX2 kernel bit for bit on
+    /// quantized random rows (both bases, zero-scale blocks), with row and token counts
+    /// that leave remainders to the caller (left untouched).
+    #[test]
+    fn kq2_gemm_equals_the_avx2_kernel_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        for seed in 0..4u64 {
+            let blocks = 1 + seed as usize % 3;
+            let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
+            let mut r = rng(seed + 41);
+            let mut rows = vec![0u8; nb * blocks * 18];
+            for (j, row) in rows.chunks_mut(blocks * 18).enumerate() {
+                let w: Vec<f32> = (0..blocks * 64)
+                    .map(|i| if j == 2 && i < 64 { 0.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                    .collect();
+                kiln_quant::kq2::quantize_kq2(&w, None, row).unwrap();
+            }
+            let xs: Vec<_> = (0..tokens)
+                .map(|t| {
+                    let x: Vec<f32> = (0..blocks * 64)
+                        .map(|i| if (i + t) % 13 == 0 { -4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                        .collect();
+                    kiln_quant::kq2::quantize_kq2_q8(&x)
+                })
+                .collect();
+            let xr: Vec<&Kq2Q8Row> = xs.iter().collect();
+            let mut got = vec![f32::NAN; tokens * nb];
+            // SAFETY: checked above; `nb` rows of `blocks` blocks, token rows as wide.
+            let (rd, td) = unsafe { kq2_gemm(&rows, blocks * 18, nb, &xr, &mut got) };
+            assert_eq!((rd, td), (nb / KQ2_ROWS * KQ2_ROWS, tokens / 4 * 4));
+            for j in 0..nb {
+                for t in 0..tokens {
+                    let g = got[t * nb + j];
+                    if j >= rd || t >= td {
+                        assert!(g.is_nan(), "row {j} token {t} written");
+                        continue;
+                    }
+                    // SAFETY: as above.
+                    let want = unsafe { x86::dot_kq2_tile(&rows[j * blocks * 18..(j + 1) * blocks * 18], [xr[t]]) }[0];
                     assert_eq!(g.to_bits(), want.to_bits(), "seed {seed} row {j} token {t}: {g} vs {want}");
                 }
             }

@@ -839,7 +839,7 @@ pub(crate) fn quantize_q8(x: &[f32]) -> Q8Row {
 /// for its codeword `c` (see `kiln_quant::kq2`).
 pub(crate) struct Kq2Tables {
     mag: [u64; 512],
-    scale: [f32; 128],
+    pub(crate) scale: [f32; 128],
 }
 
 pub(crate) static KQ2_TABLES: std::sync::LazyLock<Kq2Tables> = std::sync::LazyLock::new(|| {
@@ -884,7 +884,7 @@ const KQ2_SPREAD: [[u8; 32]; 2] = {
 /// # Safety
 /// The CPU must support AVX2; `b` is one 18-byte block.
 #[inline(always)]
-unsafe fn kq2_decode(t: &Kq2Tables, b: &[u8; 18]) -> [__m256i; 2] {
+pub(crate) unsafe fn kq2_decode(t: &Kq2Tables, b: &[u8; 18]) -> [__m256i; 2] {
     // SAFETY: the caller's (the CPU has AVX2; the reads are in bounds, see above).
     unsafe {
         let words = _mm_loadu_si128(b.as_ptr().add(2).cast());
