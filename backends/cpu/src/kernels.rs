@@ -79,6 +79,16 @@ pub(crate) enum Prepared {
     Float(Vec<f32>),
 }
 
+/// The token rows' activations of one integer kind (`pick`), if every row has that kind.
+pub(crate) fn all_of<'a, T>(xs: &'a [Prepared], pick: fn(&'a Activations) -> Option<&'a T>) -> Option<Vec<&'a T>> {
+    xs.iter().map(|p| if let Prepared::Int(a) = p { pick(a) } else { None }).collect()
+}
+
+/// The Q8_K activations of an [`Activations`] (for [`all_of`]).
+pub(crate) fn q8k_of(a: &Activations) -> Option<&ggml_dot::Q8KRow> {
+    if let Activations::Q8K(q) = a { Some(q) } else { None }
+}
+
 /// Prepares `x` (one row of `k` values) for dots with weights of `dtype`.
 pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
     #[cfg(target_arch = "x86_64")]
@@ -181,18 +191,13 @@ fn prefill_legacy<const R: usize, const T: usize>(
                 }
             }
         }
-        for (t, q) in ts.iter().enumerate() {
-            let rows_done = if t < tfull { rfull } else { 0 };
-            for j in rows_done..nb {
-                // SAFETY: as above.
-                tile[(t0 + t) * nb + j] = unsafe { x86::dot_legacy(legacy, row(j), q) };
-            }
-        }
+        legacy_rest(legacy, rows, rb, nb, ts, &mut tile[t0 * nb..], rfull, tfull);
     }
 }
 
-/// The outputs [`crate::vnni::legacy_gemm`] left: rows from `rows_done` for its token
-/// rows, every row for the rest, one dot at a time.
+/// The outputs a tiled kernel left (it did rows below `rows_done` for token rows below
+/// `tokens_done`): the other rows of those token rows and every row of the rest, one
+/// dot at a time.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn legacy_rest(
@@ -266,16 +271,9 @@ fn avx2_tile(
         DType::Q5_1 => Legacy::Q5_1,
         DType::Q8_0 => Legacy::Q8_0,
         DType::KQ2 => {
-            let acts: Vec<_> = xs
-                .iter()
-                .filter_map(|p| match p {
-                    Prepared::Int(Activations::Kq2(a)) => Some(a),
-                    _ => None,
-                })
-                .collect();
-            if acts.len() != xs.len() {
+            let Some(acts) = all_of(xs, |a| if let Activations::Kq2(a) = a { Some(a) } else { None }) else {
                 return false;
-            }
+            };
             // VNNI: each group of weight rows decoded once for all token rows.
             let (rows_done, tokens_done) = if isa == Isa::Avx512Vnni && acts.len() >= 4 {
                 // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
@@ -303,16 +301,9 @@ fn avx2_tile(
             return true;
         }
         DType::Q3K | DType::Q4K | DType::Q6K => {
-            let q8k: Vec<_> = xs
-                .iter()
-                .filter_map(|x| match x {
-                    Prepared::Int(Activations::Q8K(q)) => Some(q),
-                    _ => None,
-                })
-                .collect();
-            if q8k.len() != xs.len() {
+            let Some(q8k) = all_of(xs, q8k_of) else {
                 return false;
-            }
+            };
             let rb = rb.max(1);
             let quads = q8k.len() / 4 * 4;
             let vnni = isa == Isa::Avx512Vnni;
@@ -379,16 +370,9 @@ fn avx2_tile(
         }
         _ => return false,
     };
-    let q8: Vec<_> = xs
-        .iter()
-        .filter_map(|x| match x {
-            Prepared::Int(Activations::Q8(q)) => Some(q),
-            _ => None,
-        })
-        .collect();
-    if q8.len() != xs.len() {
+    let Some(q8) = all_of(xs, |a| if let Activations::Q8(q) = a { Some(q) } else { None }) else {
         return false;
-    }
+    };
     // Decode (one token row): one weight row at a time. (Two or four rows
     // sharing each activation block win when the weights sit in L2, but lose
     // a third of the speed when they stream from memory, as they do in a

@@ -12,12 +12,9 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use std::sync::Arc;
 
-#[cfg(target_arch = "x86_64")]
-use kiln_quant::ggml_dot::Activations;
-
-#[cfg(target_arch = "x86_64")]
-use crate::kernels::Prepared;
 use crate::kernels::{Isa, dot_tile, prepare};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::{all_of, q8k_of};
 #[cfg(target_arch = "x86_64")]
 use crate::packed::PackedWeights;
 
@@ -72,19 +69,11 @@ impl Kernels for CpuKernels {
         let xs: Vec<_> = x.chunks(k.max(1)).take(rows).map(|r| prepare(self.isa, w.dtype, r)).collect();
         let groups: Vec<RowGroup> = (0..rows).map(|t| RowGroup::of(first + t, total)).collect();
         #[cfg(target_arch = "x86_64")]
-        if let Some(packed) = &self.packed {
-            let q8k: Vec<_> = xs
-                .iter()
-                .filter_map(|p| match p {
-                    Prepared::Int(Activations::Q8K(q)) => Some(q),
-                    _ => None,
-                })
-                .collect();
-            if q8k.len() == xs.len()
-                && let Some(y) = packed.matmul(&w, &q8k, &groups, bias)
-            {
-                return Ok(y);
-            }
+        if let Some(packed) = &self.packed
+            && let Some(q8k) = all_of(&xs, q8k_of)
+            && let Some(y) = packed.matmul(&w, &q8k, &groups, bias)
+        {
+            return Ok(y);
         }
         // Enough blocks to balance the threads (four each), few enough rows per
         // block that a block's bytes stay in L2 while every token row passes.

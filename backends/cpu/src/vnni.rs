@@ -217,8 +217,6 @@ pub(crate) unsafe fn q6_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
     {
         return (0, 0);
     }
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m2 = _mm256_set1_epi8(3);
     // Per row of the group and super-block: 8 segments of (6-bit values, scales), the
     // −32·scales as 16 i16, and `d`.
     let zero = _mm256_setzero_si256();
@@ -253,19 +251,7 @@ pub(crate) unsafe fn q6_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
                         )
                     };
                     for seg in 0..4 {
-                        let ql = if seg & 1 == 0 { ql0 } else { ql1 };
-                        let lo = if seg >> 1 == 0 {
-                            _mm256_and_si256(ql, m4)
-                        } else {
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
-                        };
-                        let h = match seg {
-                            0 => qh,
-                            1 => _mm256_srli_epi16::<2>(qh),
-                            2 => _mm256_srli_epi16::<4>(qh),
-                            _ => _mm256_srli_epi16::<6>(qh),
-                        };
-                        q6[at + half * 4 + seg] = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)));
+                        q6[at + half * 4 + seg] = x86::q6_k_segment([ql0, ql1, qh], seg);
                         let s = 192 + half * 8 + seg * 2;
                         scl[at + half * 4 + seg] = _mm256_set_m128i(
                             _mm_set1_epi16(i16::from(blk[s + 1] as i8)),
@@ -794,6 +780,68 @@ mod tests {
         }
     }
 
+    /// `count` blocks of `bytes` random bytes (every quant pattern), with sane f16 values at
+    /// the given offsets of each block (random bits would be NaN or Inf at times).
+    fn random_blocks(r: &mut impl FnMut() -> u64, count: usize, bytes: usize, f16s: &[(usize, f32)]) -> Vec<u8> {
+        let mut out: Vec<u8> = (0..count * bytes).map(|_| r() as u8).collect();
+        for blk in out.chunks_mut(bytes) {
+            for &(at, v) in f16s {
+                blk[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// `tokens` activation rows of `width` values in [−1, 1] with a spike every `every`
+    /// values (so the 8-bit quants reach ±127), quantized by `quantize`.
+    fn activations<T>(
+        r: &mut impl FnMut() -> u64,
+        tokens: usize,
+        width: usize,
+        (every, spike): (usize, f32),
+        quantize: fn(&[f32]) -> T,
+    ) -> Vec<T> {
+        (0..tokens)
+            .map(|t| {
+                let x: Vec<f32> = (0..width)
+                    .map(|i| if (i + t) % every == 0 { spike } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                    .collect();
+                quantize(&x)
+            })
+            .collect()
+    }
+
+    /// Checks a GEMM's `tile` (`tokens × nb`) that claims `done` = (rows, token rows): those
+    /// outputs equal `want(row, token)` bit for bit, the rest are untouched (NaN).
+    fn check_gemm(
+        what: &str,
+        tile: &[f32],
+        nb: usize,
+        tokens: usize,
+        done: (usize, usize),
+        want: impl Fn(usize, usize) -> f32,
+    ) {
+        for j in 0..nb {
+            for t in 0..tokens {
+                let g = tile[t * nb + j];
+                if j >= done.0 || t >= done.1 {
+                    assert!(g.is_nan(), "{what}: row {j} token {t} written");
+                    continue;
+                }
+                let w = want(j, t);
+                assert_eq!(g.to_bits(), w.to_bits(), "{what}: row {j} token {t}: {g} vs {w}");
+            }
+        }
+    }
+
+    const LEGACY: [(Legacy, usize); 5] =
+        [(Legacy::Q4_0, 18), (Legacy::Q4_1, 20), (Legacy::Q5_0, 22), (Legacy::Q5_1, 24), (Legacy::Q8_0, 34)];
+
+    /// Sane scales of a legacy block (`d`, and `m` for the `_1` types).
+    fn legacy_scales(kind: Legacy) -> &'static [(usize, f32)] {
+        if matches!(kind, Legacy::Q4_1 | Legacy::Q5_1) { &[(0, 0.0123), (2, -0.0071)] } else { &[(0, 0.0123)] }
+    }
+
     /// Tiles of every legacy layout equal the AVX2 tiles bit for bit, random bytes (every
     /// quant pattern, Q8_0's −128 included) against activations that reach ±127.
     #[test]
@@ -801,33 +849,13 @@ mod tests {
         if !available() {
             return;
         }
-        let kinds =
-            [(Legacy::Q4_0, 18), (Legacy::Q4_1, 20), (Legacy::Q5_0, 22), (Legacy::Q5_1, 24), (Legacy::Q8_0, 34)];
-        for (kind, bytes) in kinds {
+        for (kind, bytes) in LEGACY {
             for seed in 0..12u64 {
                 let blocks = 1 + seed as usize % 9;
                 let mut r = rng(seed + 7);
-                let rows: Vec<Vec<u8>> = (0..3)
-                    .map(|_| {
-                        let mut row: Vec<u8> = (0..blocks * bytes).map(|_| r() as u8).collect();
-                        for blk in row.chunks_mut(bytes) {
-                            blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
-                            if matches!(kind, Legacy::Q4_1 | Legacy::Q5_1) {
-                                blk[2..4].copy_from_slice(&half::f16::from_f32(-0.0071).to_le_bytes());
-                            }
-                        }
-                        row
-                    })
-                    .collect();
-                let xs: Vec<_> = (0..4)
-                    .map(|t| {
-                        let x: Vec<f32> = (0..blocks * 32)
-                            .map(|i| if (i + t) % 11 == 0 { -3.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                            .collect();
-                        ggml_dot::quantize_q8(&x)
-                    })
-                    .collect();
-                let rs = [rows[0].as_slice(), rows[1].as_slice(), rows[2].as_slice()];
+                let rows = random_blocks(&mut r, 3 * blocks, bytes, legacy_scales(kind));
+                let xs = activations(&mut r, 4, blocks * 32, (11, -3.0), ggml_dot::quantize_q8);
+                let rs: [&[u8]; 3] = std::array::from_fn(|j| &rows[j * blocks * bytes..(j + 1) * blocks * bytes]);
                 let x4 = [&xs[0], &xs[1], &xs[2], &xs[3]];
                 // SAFETY: checked above (VNNI implies the AVX2 set).
                 let (got, want) = unsafe { (dot_legacy_tile(kind, rs, x4), x86::dot_legacy_tile(kind, rs, x4)) };
@@ -845,50 +873,24 @@ mod tests {
         if !available() {
             return;
         }
-        let kinds =
-            [(Legacy::Q4_0, 18), (Legacy::Q4_1, 20), (Legacy::Q5_0, 22), (Legacy::Q5_1, 24), (Legacy::Q8_0, 34)];
-        for (kind, bytes) in kinds {
+        for (kind, bytes) in LEGACY {
             for seed in 0..6u64 {
                 let blocks = 1 + seed as usize % 5;
                 let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
                 let mut r = rng(seed + 17);
-                let mut rows: Vec<u8> = (0..nb * blocks * bytes).map(|_| r() as u8).collect();
-                for blk in rows.chunks_mut(bytes) {
-                    blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
-                    if matches!(kind, Legacy::Q4_1 | Legacy::Q5_1) {
-                        blk[2..4].copy_from_slice(&half::f16::from_f32(-0.0071).to_le_bytes());
-                    }
-                }
-                let xs: Vec<_> = (0..tokens)
-                    .map(|t| {
-                        let x: Vec<f32> = (0..blocks * 32)
-                            .map(|i| if (i + t) % 11 == 0 { -3.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                            .collect();
-                        ggml_dot::quantize_q8(&x)
-                    })
-                    .collect();
+                let rows = random_blocks(&mut r, nb * blocks, bytes, legacy_scales(kind));
+                let xs = activations(&mut r, tokens, blocks * 32, (11, -3.0), ggml_dot::quantize_q8);
                 let xr: Vec<&Q8Row> = xs.iter().collect();
                 let mut got = vec![f32::NAN; tokens * nb];
                 // SAFETY: checked above; `nb` rows of `blocks` blocks.
-                let (rd, td) = unsafe { legacy_gemm(kind, &rows, blocks * bytes, nb, &xr, &mut got) };
-                assert_eq!((rd, td), (nb / 4 * 4, tokens / 4 * 4));
-                for j in 0..nb {
-                    for t in 0..tokens {
-                        let g = got[t * nb + j];
-                        if j >= rd || t >= td {
-                            assert!(g.is_nan(), "{kind:?}: row {j} token {t} written");
-                            continue;
-                        }
-                        let row = &rows[j * blocks * bytes..(j + 1) * blocks * bytes];
-                        // SAFETY: as above.
-                        let want = unsafe { x86::dot_legacy_tile(kind, [row], [xr[t]]) }[0][0];
-                        assert_eq!(
-                            g.to_bits(),
-                            want.to_bits(),
-                            "{kind:?} seed {seed} row {j} token {t}: {g} vs {want}"
-                        );
-                    }
-                }
+                let done = unsafe { legacy_gemm(kind, &rows, blocks * bytes, nb, &xr, &mut got) };
+                assert_eq!(done, (nb / 4 * 4, tokens / 4 * 4));
+                check_gemm(&format!("{kind:?} seed {seed}"), &got, nb, tokens, done, |j, t| {
+                    let row = &rows[j * blocks * bytes..(j + 1) * blocks * bytes];
+                    // SAFETY: as above.
+                    let v = unsafe { x86::dot_legacy_tile(kind, [row], [xr[t]]) };
+                    v[0][0]
+                });
             }
         }
     }
@@ -904,37 +906,19 @@ mod tests {
             let blocks = 1 + seed as usize % 3;
             let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
             let mut r = rng(seed + 5);
-            let mut rows: Vec<u8> = (0..nb * blocks * 210).map(|_| r() as u8).collect();
-            for blk in rows.chunks_mut(210) {
-                blk[208..210].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
-            }
+            let mut rows = random_blocks(&mut r, nb * blocks, 210, &[(208, 0.0123)]);
             rows[192] = 0x80;
-            let xs: Vec<_> = (0..tokens)
-                .map(|t| {
-                    let x: Vec<f32> = (0..blocks * 256)
-                        .map(|i| if (i + t) % 13 == 0 { -4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                        .collect();
-                    ggml_dot::quantize_q8_k(&x)
-                })
-                .collect();
+            let xs = activations(&mut r, tokens, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
             let xr: Vec<&Q8KRow> = xs.iter().collect();
             let mut got = vec![f32::NAN; tokens * nb];
             // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
-            let (rd, td) = unsafe { q6_k_gemm(&rows, blocks * 210, nb, &xr, &mut got) };
-            assert_eq!((rd, td), (nb / Q6K_ROWS * Q6K_ROWS, tokens / 4 * 4));
-            for j in 0..nb {
-                for t in 0..tokens {
-                    let g = got[t * nb + j];
-                    if j >= rd || t >= td {
-                        assert!(g.is_nan(), "row {j} token {t} written");
-                        continue;
-                    }
-                    // SAFETY: as above.
-                    let want =
-                        unsafe { x86::dot_q6_k_tile(&rows[j * blocks * 210..(j + 1) * blocks * 210], [xr[t]]) }[0];
-                    assert_eq!(g.to_bits(), want.to_bits(), "seed {seed} row {j} token {t}: {g} vs {want}");
-                }
-            }
+            let done = unsafe { q6_k_gemm(&rows, blocks * 210, nb, &xr, &mut got) };
+            assert_eq!(done, (nb / Q6K_ROWS * Q6K_ROWS, tokens / 4 * 4));
+            check_gemm(&format!("seed {seed}"), &got, nb, tokens, done, |j, t| {
+                // SAFETY: as above.
+                let v = unsafe { x86::dot_q6_k_tile(&rows[j * blocks * 210..(j + 1) * blocks * 210], [xr[t]]) };
+                v[0]
+            });
         }
     }
 
@@ -957,33 +941,22 @@ mod tests {
                     .collect();
                 kiln_quant::kq2::quantize_kq2(&w, None, row).unwrap();
             }
-            let xs: Vec<_> = (0..tokens)
-                .map(|t| {
-                    let x: Vec<f32> = (0..blocks * 64)
-                        .map(|i| if (i + t) % 13 == 0 { -4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                        .collect();
-                    kiln_quant::kq2::quantize_kq2_q8(&x)
-                })
-                .collect();
+            let xs = activations(&mut r, tokens, blocks * 64, (13, -4.0), kiln_quant::kq2::quantize_kq2_q8);
             let xr: Vec<&Kq2Q8Row> = xs.iter().collect();
             let mut got = vec![f32::NAN; tokens * nb];
             // SAFETY: checked above; `nb` rows of `blocks` blocks, token rows as wide.
-            let (rd, td) = unsafe { kq2_gemm(&rows, blocks * 18, nb, &xr, &mut got) };
-            assert_eq!((rd, td), (nb / KQ2_ROWS * KQ2_ROWS, tokens / 4 * 4));
-            for j in 0..nb {
-                for t in 0..tokens {
-                    let g = got[t * nb + j];
-                    if j >= rd || t >= td {
-                        assert!(g.is_nan(), "row {j} token {t} written");
-                        continue;
-                    }
-                    // SAFETY: as above.
-                    let want = unsafe { x86::dot_kq2_tile(&rows[j * blocks * 18..(j + 1) * blocks * 18], [xr[t]]) }[0];
-                    assert_eq!(g.to_bits(), want.to_bits(), "seed {seed} row {j} token {t}: {g} vs {want}");
-                }
-            }
+            let done = unsafe { kq2_gemm(&rows, blocks * 18, nb, &xr, &mut got) };
+            assert_eq!(done, (nb / KQ2_ROWS * KQ2_ROWS, tokens / 4 * 4));
+            check_gemm(&format!("seed {seed}"), &got, nb, tokens, done, |j, t| {
+                // SAFETY: as above.
+                let v = unsafe { x86::dot_kq2_tile(&rows[j * blocks * 18..(j + 1) * blocks * 18], [xr[t]]) };
+                v[0]
+            });
         }
     }
+
+    /// Sane `d` and `dmin` of a Q4_K block.
+    const Q4K_SCALES: &[(usize, f32)] = &[(0, 0.0123), (2, 0.0071)];
 
     /// The VNNI Q6_K tile and Q4_K gemv equal the AVX2 kernels bit for bit, on random
     /// blocks (every quant, scale and minimum pattern, −128 scales included) and
@@ -996,24 +969,10 @@ mod tests {
         for seed in 0..8u64 {
             let blocks = 1 + seed as usize % 4;
             let mut r = rng(seed + 31);
-            let mut q6: Vec<u8> = (0..blocks * 210).map(|_| r() as u8).collect();
-            for blk in q6.chunks_mut(210) {
-                blk[208..210].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
-            }
+            let mut q6 = random_blocks(&mut r, blocks, 210, &[(208, 0.0123)]);
             q6[192] = 0x80;
-            let mut q4: Vec<u8> = (0..blocks * 144).map(|_| r() as u8).collect();
-            for blk in q4.chunks_mut(144) {
-                blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
-                blk[2..4].copy_from_slice(&half::f16::from_f32(0.0071).to_le_bytes());
-            }
-            let xs: Vec<_> = (0..4)
-                .map(|t| {
-                    let x: Vec<f32> = (0..blocks * 256)
-                        .map(|i| if (i + t) % 13 == 0 { -4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                        .collect();
-                    ggml_dot::quantize_q8_k(&x)
-                })
-                .collect();
+            let q4 = random_blocks(&mut r, blocks, 144, Q4K_SCALES);
+            let xs = activations(&mut r, 4, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
             let x4 = [&xs[0], &xs[1], &xs[2], &xs[3]];
             // SAFETY: checked above (VNNI implies the AVX2 set).
             let (got, want) = unsafe { (x86::dot_q6_k_tile_vnni(&q6, x4), x86::dot_q6_k_tile(&q6, x4)) };
@@ -1038,32 +997,16 @@ mod tests {
         for seed in 0..6u64 {
             let blocks = 1 + seed as usize % 4;
             let mut r = rng(seed + 61);
-            let rows: Vec<Vec<u8>> = (0..Q4K_ROWS)
-                .map(|_| {
-                    let mut row: Vec<u8> = (0..blocks * 144).map(|_| r() as u8).collect();
-                    for blk in row.chunks_mut(144) {
-                        blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
-                        blk[2..4].copy_from_slice(&half::f16::from_f32(0.0071).to_le_bytes());
-                    }
-                    row
-                })
-                .collect();
-            let rs: [&[u8]; Q4K_ROWS] = std::array::from_fn(|i| rows[i].as_slice());
+            let rows = random_blocks(&mut r, Q4K_ROWS * blocks, 144, Q4K_SCALES);
+            let rs: [&[u8]; Q4K_ROWS] = std::array::from_fn(|j| &rows[j * blocks * 144..(j + 1) * blocks * 144]);
             let mut pk = vec![0u8; blocks * Q4K_PACKED];
             q4_k_pack(rs, blocks, &mut pk);
-            let xs: Vec<_> = (0..8)
-                .map(|t| {
-                    let x: Vec<f32> = (0..blocks * 256)
-                        .map(|i| if (i + t) % 13 == 0 { -4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                        .collect();
-                    ggml_dot::quantize_q8_k(&x)
-                })
-                .collect();
+            let xs = activations(&mut r, 8, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
             let xr: Vec<&Q8KRow> = xs.iter().collect();
             for x in &xr {
                 // SAFETY: checked above; `pk` holds `blocks` packed super-blocks.
                 let got = unsafe { q4_k_packed_gemv(&pk, blocks, x) };
-                for (j, row) in rows.iter().enumerate() {
+                for (j, row) in rs.iter().enumerate() {
                     // SAFETY: as above.
                     let want = unsafe { x86::dot_q4_k(row, x, RowGroup::Gemv) };
                     assert_eq!(got[j].to_bits(), want.to_bits(), "gemv seed {seed} row {j}");
@@ -1092,32 +1035,16 @@ mod tests {
         for seed in 0..6u64 {
             let blocks = 1 + seed as usize % 4;
             let mut r = rng(seed + 99);
-            let rows: Vec<Vec<u8>> = (0..Q4K_ROWS)
-                .map(|_| {
-                    let mut row: Vec<u8> = (0..blocks * 144).map(|_| r() as u8).collect();
-                    for blk in row.chunks_mut(144) {
-                        blk[0..2].copy_from_slice(&half::f16::from_f32(0.0123).to_le_bytes());
-                        blk[2..4].copy_from_slice(&half::f16::from_f32(0.0071).to_le_bytes());
-                    }
-                    row
-                })
-                .collect();
+            let rows = random_blocks(&mut r, Q4K_ROWS * blocks, 144, Q4K_SCALES);
             let tokens = 4 * (1 + seed as usize % 3);
-            let xs: Vec<_> = (0..tokens)
-                .map(|t| {
-                    let x: Vec<f32> = (0..blocks * 256)
-                        .map(|i| if (i + t) % 13 == 0 { 4.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                        .collect();
-                    ggml_dot::quantize_q8_k(&x)
-                })
-                .collect();
+            let xs = activations(&mut r, tokens, blocks * 256, (13, 4.0), ggml_dot::quantize_q8_k);
             let xr: Vec<&Q8KRow> = xs.iter().collect();
-            let rs: [&[u8]; Q4K_ROWS] = std::array::from_fn(|i| rows[i].as_slice());
+            let rs: [&[u8]; Q4K_ROWS] = std::array::from_fn(|j| &rows[j * blocks * 144..(j + 1) * blocks * 144]);
             let mut got = vec![0f32; tokens * Q4K_ROWS];
             // SAFETY: checked above; every row and token row hold `blocks` super-blocks.
             unsafe { q4_k_gemm_rows(Q4kSource::Rows(rs), &xr, blocks, &mut got, Q4K_ROWS, 0) };
             for t in (0..tokens).step_by(4) {
-                for (j, row) in rows.iter().enumerate() {
+                for (j, row) in rs.iter().enumerate() {
                     // SAFETY: as above.
                     let want = unsafe { x86::dot_q4_k_gemm4(row, [xr[t], xr[t + 1], xr[t + 2], xr[t + 3]]) };
                     for u in 0..4 {

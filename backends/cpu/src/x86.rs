@@ -514,6 +514,23 @@ fn k_scale_picks() -> [__m256i; 4] {
     })
 }
 
+/// The 32 six-bit values (as bytes) of segment `seg` (0..4) of one 128-element half of a
+/// Q6_K super-block, from the half's two 32-byte low-nibble vectors and its 32 high-bit bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn q6_k_segment([ql0, ql1, qh]: [__m256i; 3], seg: usize) -> __m256i {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let ql = if seg & 1 == 0 { ql0 } else { ql1 };
+    let lo = if seg >> 1 == 0 { _mm256_and_si256(ql, m4) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4) };
+    let h = match seg {
+        0 => qh,
+        1 => _mm256_srli_epi16::<2>(qh),
+        2 => _mm256_srli_epi16::<4>(qh),
+        _ => _mm256_srli_epi16::<6>(qh),
+    };
+    _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(3))))
+}
+
 /// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
 /// super-block, each `fma(d, lane − sub, acc)`).
 ///
@@ -551,8 +568,6 @@ pub(crate) fn dot_q6_k_tile_vnni<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q6_k_tile<const T: usize, const VNNI: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
     let mut acc = [_mm256_setzero_ps(); T];
-    let m4 = _mm256_set1_epi8(0x0f);
-    let m2 = _mm256_set1_epi8(3);
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 210, usize::min);
     let picks = k_scale_picks();
     for bi in 0..nblocks {
@@ -578,19 +593,7 @@ fn q6_k_tile<const T: usize, const VNNI: bool>(row: &[u8], xs: [&Q8KRow; T]) -> 
                 _mm256_permute2x128_si256::<0x11>(sc_all, sc_all)
             };
             for (seg, pick) in picks.iter().enumerate() {
-                let ql = if seg & 1 == 0 { ql0 } else { ql1 };
-                let lo = if seg >> 1 == 0 {
-                    _mm256_and_si256(ql, m4)
-                } else {
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql), m4)
-                };
-                let h = match seg {
-                    0 => qh,
-                    1 => _mm256_srli_epi16::<2>(qh),
-                    2 => _mm256_srli_epi16::<4>(qh),
-                    _ => _mm256_srli_epi16::<6>(qh),
-                };
-                let q6 = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)));
+                let q6 = q6_k_segment([ql0, ql1, qh], seg);
                 let scales = _mm256_shuffle_epi8(sc_half, *pick);
                 for t in 0..T {
                     // SAFETY: 32 quants at this segment.
@@ -901,15 +904,13 @@ pub(crate) unsafe fn kq2_decode(t: &Kq2Tables, b: &[u8; 18]) -> [__m256i; 2] {
         let tmask = _mm256_broadcastsi128_si256(_mm_srai_epi16::<15>(words));
         let bits = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let one = _mm256_set1_epi8(1);
-        // Magnitude indices: the low byte of each group word, bit 8 from byte 1.
-        let lo = _mm_and_si128(words, _mm_set1_epi16(0xff));
-        let hsel = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
-        let hi = _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(i16::from(b[1])), hsel), hsel);
-        let idx = _mm256_cvtepu16_epi32(_mm_or_si128(lo, _mm_and_si128(hi, _mm_set1_epi16(0x100))));
+        // Magnitudes: group g's index is the low byte of its word, bit 8 from byte 1. Eight
+        // scalar table loads (a `vpgatherdq` per four was slower on Zen 4).
+        let m = |g: usize| t.mag[usize::from(b[2 + 2 * g]) | (usize::from(b[1] >> g) & 1) << 8] as i64;
         let mut out = [_mm256_setzero_si256(); 2];
         for (half, o) in out.iter_mut().enumerate() {
-            let ix = if half == 0 { _mm256_castsi256_si128(idx) } else { _mm256_extracti128_si256::<1>(idx) };
-            let mag = _mm256_i32gather_epi64::<8>(t.mag.as_ptr().cast(), ix);
+            let g0 = 4 * half;
+            let mag = _mm256_set_epi64x(m(g0 + 3), m(g0 + 2), m(g0 + 1), m(g0));
             // Byte 2g + 1 (group g's signs and shift bit) over group g's 8 bytes.
             let spread = _mm256_loadu_si256(KQ2_SPREAD[half].as_ptr().cast());
             let neg = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(signs, spread), bits), bits);

@@ -292,6 +292,16 @@ fn swiglu_row_fma(y: &mut [f32], g: &[f32], u: &[f32]) {
 /// where ggml fuses) so the result is bit-identical.
 #[inline(always)]
 pub(crate) fn ggml_v_expf(x: f32) -> f32 {
+    let (n, j, k, e) = expf_parts(x);
+    // All three cases computed and one selected (no branches, so loops over it vectorise).
+    let (normal, big) = (j.mul_add(k, k), expf_scaled(n, j, e));
+    if n.abs() <= 126.0 { normal } else { big }
+}
+
+/// The shared steps of [`ggml_v_expf`]: `n = round(x / ln 2)`, the polynomial `j` of the
+/// remainder, `k = 2^n` as built from the bits, and those bits `e`.
+#[inline(always)]
+fn expf_parts(x: f32) -> (f32, f32, f32, u32) {
     const SHIFT: f32 = 12582912.0; // 0x1.8p23
     let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), SHIFT); // 1/ln 2
     let n = z - SHIFT;
@@ -304,13 +314,16 @@ pub(crate) fn ggml_v_expf(x: f32) -> f32 {
         .mul_add(b, p(0x3d2b_9f17))
         .mul_add(u, p(0x3e2a_af33).mul_add(b, p(0x3eff_fedb)))
         .mul_add(u, p(0x3f7f_fff6) * b);
-    // All three cases computed and one selected (no branches, so loops over it vectorise).
-    let normal = j.mul_add(k, k);
+    (n, j, k, e)
+}
+
+/// [`ggml_v_expf`] where `|n| > 126`: explicit scaling, saturating beyond `|n| > 192`.
+#[inline(always)]
+fn expf_scaled(n: f32, j: f32, e: u32) -> f32 {
     let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
     let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
     let s2 = f32::from_bits(e.wrapping_sub(g));
-    let big = if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 };
-    if n.abs() <= 126.0 { normal } else { big }
+    if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 }
 }
 
 /// Softmax of one row in place: `e^(x − max) / Σ e^(x − max)`. The sum is
@@ -417,26 +430,13 @@ mod tests {
     /// element-by-element definition.
     #[test]
     fn branch_free_expf_and_swiglu_match_the_case_by_case_definition() {
+        // ggml's vector code as its scalar reading: one case or the other, by branch.
         fn cases(x: f32) -> f32 {
-            const SHIFT: f32 = 12582912.0;
-            let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), SHIFT);
-            let n = z - SHIFT;
-            let b = (-n).mul_add(f32::from_bits(0x35bf_be8e), (-n).mul_add(f32::from_bits(0x3f31_7200), x));
-            let e = z.to_bits() << 23;
-            let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
-            let u = b * b;
-            let p = |bits: u32| f32::from_bits(bits);
-            let j = p(0x3c07_2010)
-                .mul_add(b, p(0x3d2b_9f17))
-                .mul_add(u, p(0x3e2a_af33).mul_add(b, p(0x3eff_fedb)))
-                .mul_add(u, p(0x3f7f_fff6) * b);
+            let (n, j, k, e) = expf_parts(x);
             if n.abs() <= 126.0 {
                 return j.mul_add(k, k);
             }
-            let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
-            let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
-            let s2 = f32::from_bits(e.wrapping_sub(g));
-            if n.abs() > 192.0 { s1 * s1 } else { s2.mul_add(j, s2) * s1 }
+            expf_scaled(n, j, e)
         }
         let mut xs: Vec<f32> = (-3000..=3000).map(|i| i as f32 * 0.047).collect();
         xs.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, -0.0, 88.7, -87.4, -103.9, 89.0]);
