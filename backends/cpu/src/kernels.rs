@@ -326,11 +326,14 @@ fn avx2_tile(
                     crate::vnni::q4_k_gemm_rows(crate::vnni::Q4kSource::Rows(rs), &q8k[..gemm], nblocks, tile, nb, j0)
                 };
             }
-            // VNNI, Q6_K prefill: each group of rows unpacked once for all token rows.
+            // VNNI, Q6_K and Q3_K prefill: each group of rows unpacked once for all token rows.
             let (rows_done, tokens_done) = if vnni && dtype == DType::Q6K && q8k.len() >= 4 {
                 // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
                 // AVX512F/VL/VNNI; `rows` holds `nb` rows of `rb` bytes.
                 unsafe { crate::vnni::q6_k_gemm(rows, rb, nb, &q8k, tile) }
+            } else if vnni && dtype == DType::Q3K && q8k.len() >= 4 {
+                // SAFETY: as above.
+                unsafe { crate::vnni::q3_k_gemm(rows, rb, nb, &q8k, tile) }
             } else {
                 (rows8, gemm)
             };

@@ -90,6 +90,103 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
     std::array::from_fn(|r| std::array::from_fn(|t| x86::hsum8(acc[r][t]) + summs[r][t]))
 }
 
+/// Weight rows per [`q3_k_gemm`] tile.
+const Q3K_ROWS: usize = 4;
+/// Token rows per [`q3_k_gemm`] tile.
+const Q3K_TOKENS: usize = 4;
+
+/// Prefill with Q3_K weights, as [`q6_k_gemm`] does Q6_K: each group of rows unpacked
+/// once per call (per 32-element segment the weights −4..3, their magnitudes, and the
+/// segment's two scales spread over 16-bit lanes), then per segment and token row the
+/// sign moved onto the activations, `maddubs` and one `vpdpwssd`. The integer lanes and
+/// float steps are [`x86::dot_q3_k_tile`]'s, so results equal it bit for bit. Returns the
+/// rows and token rows done (the caller does the rest).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI; `rows` holds
+/// `nb` rows of `rb` bytes.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // tile indices read clearer than zipped iterators
+pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow], tile: &mut [f32]) -> (usize, usize) {
+    let nblocks = rb / 110;
+    let rfull = nb / Q3K_ROWS * Q3K_ROWS;
+    let tfull = xs.len() / Q3K_TOKENS * Q3K_TOKENS;
+    if rfull == 0 || tfull == 0 || nblocks == 0 || xs.iter().any(|x| x.d.len() < nblocks || x.q.len() < nblocks * 256) {
+        return (0, 0);
+    }
+    let zero = _mm256_setzero_si256();
+    let (m3, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
+    // Per row of the group, super-block and segment: weights, magnitudes, scales; per
+    // row and super-block `d`.
+    let mut seg = vec![[zero; 3]; Q3K_ROWS * nblocks * 8];
+    let mut d3 = vec![0f32; Q3K_ROWS * nblocks];
+    for j in (0..rfull).step_by(Q3K_ROWS) {
+        for r in 0..Q3K_ROWS {
+            let row = &rows[(j + r) * rb..(j + r + 1) * rb];
+            for bi in 0..nblocks {
+                let blk = &row[bi * 110..bi * 110 + 110];
+                let sc = kiln_quant::ggml_dot::q3_k_scales(&blk[96..108]);
+                // SAFETY: the 32 bytes of the high-bit mask.
+                let hbits = unsafe { _mm256_loadu_si256(blk.as_ptr().cast()) };
+                for half in 0..2 {
+                    // SAFETY: 32 bytes of 2-bit quants inside the block.
+                    let q3 = unsafe { _mm256_loadu_si256(blk.as_ptr().add(32 + 32 * half).cast()) };
+                    for shift in 0..4 {
+                        let low = match shift {
+                            0 => _mm256_and_si256(q3, m3),
+                            1 => _mm256_and_si256(_mm256_srli_epi16::<2>(q3), m3),
+                            2 => _mm256_and_si256(_mm256_srli_epi16::<4>(q3), m3),
+                            _ => _mm256_and_si256(_mm256_srli_epi16::<6>(q3), m3),
+                        };
+                        let bit = _mm256_set1_epi8(1 << (half * 4 + shift));
+                        let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), zero);
+                        let w = _mm256_sub_epi8(low, _mm256_and_si256(clear, four));
+                        let g = 8 * half + 2 * shift;
+                        let (s0, s1) = (i16::from(sc[g] as i8), i16::from(sc[g + 1] as i8));
+                        let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                        seg[(r * nblocks + bi) * 8 + half * 4 + shift] = [w, _mm256_sign_epi8(w, w), scales];
+                    }
+                }
+                d3[r * nblocks + bi] =
+                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(u16::from_le_bytes([blk[108], blk[109]])))));
+            }
+        }
+        for t0 in (0..tfull).step_by(Q3K_TOKENS) {
+            let mut acc = [[_mm256_setzero_ps(); Q3K_TOKENS]; Q3K_ROWS];
+            for bi in 0..nblocks {
+                let mut lanes = [[zero; Q3K_TOKENS]; Q3K_ROWS];
+                for s8 in 0..8 {
+                    let mut y = [zero; Q3K_TOKENS];
+                    for (t, y) in y.iter_mut().enumerate() {
+                        // SAFETY: 32 quants of super-block `bi` (checked above).
+                        *y = unsafe { _mm256_loadu_si256(xs[t0 + t].q.as_ptr().add(bi * 256 + s8 * 32).cast()) };
+                    }
+                    for r in 0..Q3K_ROWS {
+                        let [w, wabs, sc] = seg[(r * nblocks + bi) * 8 + s8];
+                        for t in 0..Q3K_TOKENS {
+                            let p = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(y[t], w));
+                            lanes[r][t] = _mm256_dpwssd_epi32(lanes[r][t], p, sc);
+                        }
+                    }
+                }
+                for r in 0..Q3K_ROWS {
+                    let dw = d3[r * nblocks + bi];
+                    for t in 0..Q3K_TOKENS {
+                        let d = _mm256_set1_ps(xs[t0 + t].d[bi] * dw);
+                        acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes[r][t]), acc[r][t]);
+                    }
+                }
+            }
+            for r in 0..Q3K_ROWS {
+                for t in 0..Q3K_TOKENS {
+                    tile[(t0 + t) * nb + j + r] = x86::hsum8(acc[r][t]);
+                }
+            }
+        }
+    }
+    (rfull, tfull)
+}
+
 /// Weight rows per [`kq2_gemm`] tile.
 const KQ2_ROWS: usize = 4;
 /// Token rows per [`kq2_gemm`] tile.
@@ -917,6 +1014,32 @@ mod tests {
             check_gemm(&format!("seed {seed}"), &got, nb, tokens, done, |j, t| {
                 // SAFETY: as above.
                 let v = unsafe { x86::dot_q6_k_tile(&rows[j * blocks * 210..(j + 1) * blocks * 210], [xr[t]]) };
+                v[0]
+            });
+        }
+    }
+
+    /// The Q3_K GEMM (rows unpacked once per call) equals the AVX2 kernel bit for bit, with
+    /// row and token counts that leave remainders to the caller (left untouched).
+    #[test]
+    fn q3_k_gemm_equals_the_avx2_kernel_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        for seed in 0..6u64 {
+            let blocks = 1 + seed as usize % 3;
+            let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
+            let mut r = rng(seed + 23);
+            let rows = random_blocks(&mut r, nb * blocks, 110, &[(108, 0.0123)]);
+            let xs = activations(&mut r, tokens, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
+            let xr: Vec<&Q8KRow> = xs.iter().collect();
+            let mut got = vec![f32::NAN; tokens * nb];
+            // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
+            let done = unsafe { q3_k_gemm(&rows, blocks * 110, nb, &xr, &mut got) };
+            assert_eq!(done, (nb / Q3K_ROWS * Q3K_ROWS, tokens / 4 * 4));
+            check_gemm(&format!("seed {seed}"), &got, nb, tokens, done, |j, t| {
+                // SAFETY: as above.
+                let v = unsafe { x86::dot_q3_k_tile(&rows[j * blocks * 110..(j + 1) * blocks * 110], [xr[t]]) };
                 v[0]
             });
         }
