@@ -309,7 +309,7 @@ fn avx2_tile(
             let vnni = isa == Isa::Avx512Vnni;
             // VNNI, Q4_K: eight weight rows at a time (one per lane) for the batch's `gemm`
             // tokens, each super-block of the rows laid out once for all of them.
-            let (rows8, gemm) = if isa == Isa::Avx512Vnni && dtype == DType::Q4K {
+            let (rows8, gemm) = if vnni && dtype == DType::Q4K {
                 let g = groups.iter().take_while(|g| **g == RowGroup::Gemm).count() / 4 * 4;
                 (if g > 0 { nb / crate::vnni::Q4K_ROWS * crate::vnni::Q4K_ROWS } else { 0 }, g)
             } else {

@@ -14,8 +14,6 @@ use std::sync::Arc;
 
 use crate::kernels::{Isa, dot_tile, prepare};
 #[cfg(target_arch = "x86_64")]
-use crate::kernels::{all_of, q8k_of};
-#[cfg(target_arch = "x86_64")]
 use crate::packed::PackedWeights;
 
 /// Stored weight bytes one task reads per block (about half an L2).
@@ -70,8 +68,7 @@ impl Kernels for CpuKernels {
         let groups: Vec<RowGroup> = (0..rows).map(|t| RowGroup::of(first + t, total)).collect();
         #[cfg(target_arch = "x86_64")]
         if let Some(packed) = &self.packed
-            && let Some(q8k) = all_of(&xs, q8k_of)
-            && let Some(y) = packed.matmul(&w, &q8k, &groups, bias)
+            && let Some(y) = packed.matmul(&w, &xs, &groups, bias)
         {
             return Ok(y);
         }

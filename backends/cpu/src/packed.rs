@@ -16,9 +16,10 @@ use std::collections::HashMap;
 use kiln_backends::WeightSource;
 use kiln_backends::reference::Weight;
 use kiln_ir::{DType, Op, VerifiedModule};
-use kiln_quant::ggml_dot::{Q8KRow, RowGroup};
+use kiln_quant::ggml_dot::RowGroup;
 use rayon::prelude::*;
 
+use crate::kernels::{Prepared, all_of, q8k_of};
 use crate::vnni::{self, Q4K_PACKED, Q4K_ROWS};
 
 /// One packed weight: `n / 8` groups of eight rows, each `nblocks` packed super-blocks.
@@ -39,16 +40,12 @@ impl PackedWeights {
     /// Packs every Q4_K weight of a `matmul` whose rows come in whole groups of eight.
     pub fn build(module: &VerifiedModule, weights: &dyn WeightSource) -> PackedWeights {
         let mut q4k = HashMap::new();
+        let file_maps = read_only_file_maps();
         for inst in &module.insts {
             let Op::MatMul { w, .. } = inst.op else { continue };
             let ty = &module.param(w).ty;
-            let (DType::Q4K, Some([n, k])) = (ty.dtype, ty.fixed_dims().as_deref().map(|d| [d[0], d[d.len() - 1]]))
-            else {
-                continue;
-            };
-            if ty.shape.len() != 2 {
-                continue;
-            }
+            let Some(dims) = ty.fixed_dims().filter(|_| ty.dtype == DType::Q4K) else { continue };
+            let [n, k] = dims[..] else { continue };
             let (Ok(n), Ok(k)) = (usize::try_from(n), usize::try_from(k)) else { continue };
             let bytes = weights.bytes(w);
             if n == 0 || !n.is_multiple_of(Q4K_ROWS) || !k.is_multiple_of(256) || bytes.len() != n * k / 256 * 144 {
@@ -66,7 +63,7 @@ impl PackedWeights {
                 let rows: [&[u8]; Q4K_ROWS] = std::array::from_fn(|r| &bytes[(g * 8 + r) * rb..(g * 8 + r + 1) * rb]);
                 vnni::q4_k_pack(rows, nblocks, out);
             });
-            release_mapped(bytes);
+            release_mapped(&file_maps, bytes);
             q4k.insert(key, PackedQ4k { n, nblocks, data });
         }
         PackedWeights { q4k }
@@ -77,16 +74,17 @@ impl PackedWeights {
         self.q4k.is_empty()
     }
 
-    /// `x · Wᵀ (+ bias)` from the packed form of `w`, or `None` when `w` was not packed.
-    /// `xs` are the token rows' Q8_K activations, `groups` their [`RowGroup`]s.
+    /// `x · Wᵀ (+ bias)` from the packed form of `w`, or `None` when `w` was not packed
+    /// (or the token rows, `xs` with [`RowGroup`]s `groups`, are not Q8_K activations).
     pub(crate) fn matmul(
         &self,
         w: &Weight<'_>,
-        xs: &[&Q8KRow],
+        xs: &[Prepared],
         groups: &[RowGroup],
         bias: Option<&[f32]>,
     ) -> Option<Vec<f32>> {
         let p = self.q4k.get(&(w.bytes.as_ptr() as usize, w.bytes.len()))?;
+        let xs = all_of(xs, q8k_of)?;
         if p.n != w.n || xs.iter().any(|x| x.d.len() < p.nblocks || x.bsums.len() < 16 * p.nblocks) {
             return None;
         }
@@ -129,39 +127,38 @@ impl PackedWeights {
     }
 }
 
-/// Drops the pages of `bytes` from this process when they lie in a read-only file
-/// mapping (re-read from the file if ever touched again); anything else — heap memory,
-/// writable mappings — is left alone.
-fn release_mapped(bytes: &[u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        let (start, end) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
-        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
-        // `lo-hi perms offset dev inode path`: a file-backed, read-only, private mapping.
-        let file_mapped = maps.lines().any(|l| {
+/// The address ranges of this process's read-only file mappings (`r--p` / `r--s` with a
+/// file behind them), from `/proc/self/maps` (Linux); empty where that cannot be read.
+fn read_only_file_maps() -> Vec<(usize, usize)> {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return Vec::new() };
+    // `lo-hi perms offset dev inode path`.
+    maps.lines()
+        .filter_map(|l| {
             let mut f = l.split_whitespace();
-            let (Some(range), Some(perms), Some(_), Some(_), Some(inode), Some(path)) =
-                (f.next(), f.next(), f.next(), f.next(), f.next(), f.next())
-            else {
-                return false;
-            };
-            let Some((lo, hi)) = range.split_once('-') else { return false };
-            let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) else {
-                return false;
-            };
-            lo <= start && end <= hi && (perms == "r--p" || perms == "r--s") && inode != "0" && path.starts_with('/')
-        });
-        if !file_mapped {
-            return;
-        }
-        let page = 4096;
-        let (a, b) = (start.div_ceil(page) * page, end / page * page);
-        if a < b {
-            // SAFETY: the whole pages of a read-only file mapping that holds `bytes`;
-            // dropping them only makes a later read fault them in again from the file.
-            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
-        }
+            let (range, perms, _, _, inode, path) = (f.next()?, f.next()?, f.next()?, f.next()?, f.next()?, f.next()?);
+            let (lo, hi) = range.split_once('-')?;
+            let read_only_file = matches!(perms, "r--p" | "r--s") && inode != "0" && path.starts_with('/');
+            read_only_file.then_some((usize::from_str_radix(lo, 16).ok()?, usize::from_str_radix(hi, 16).ok()?))
+        })
+        .collect()
+}
+
+/// Drops the pages of `bytes` from this process when they lie in one of the read-only
+/// file mappings `maps` (re-read from the file if ever touched again); anything else —
+/// heap memory, writable mappings — is left alone.
+fn release_mapped(maps: &[(usize, usize)], bytes: &[u8]) {
+    let (start, end) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
+    if !maps.iter().any(|&(lo, hi)| lo <= start && end <= hi) {
+        return;
+    }
+    let page = 4096;
+    let (a, b) = (start.div_ceil(page) * page, end / page * page);
+    #[cfg(target_os = "linux")]
+    if a < b {
+        // SAFETY: the whole pages of a read-only file mapping that holds `bytes`; dropping
+        // them only makes a later read fault them in again from the file.
+        unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = bytes;
+    let _ = (a, b);
 }

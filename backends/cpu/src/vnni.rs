@@ -90,6 +90,12 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
     std::array::from_fn(|r| std::array::from_fn(|t| x86::hsum8(acc[r][t]) + summs[r][t]))
 }
 
+/// Token rows' quants as bytes with `flip` xor-ed in: with 0x80, `y + 128` as unsigned
+/// bytes (the `vpdpbusd` operand the signed weights meet), once per GEMM call.
+fn flipped<'a>(rows: impl Iterator<Item = &'a [i8]>, flip: u8) -> Vec<Vec<u8>> {
+    rows.map(|q| q.iter().map(|&v| v as u8 ^ flip).collect()).collect()
+}
+
 /// Weight rows per [`q3_k_gemm`] tile.
 const Q3K_ROWS: usize = 4;
 /// Token rows per [`q3_k_gemm`] tile.
@@ -115,7 +121,6 @@ pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
         return (0, 0);
     }
     let zero = _mm256_setzero_si256();
-    let (m3, four) = (_mm256_set1_epi8(3), _mm256_set1_epi8(4));
     // Per row of the group, super-block and segment: weights, magnitudes, scales; per
     // row and super-block `d`.
     let mut seg = vec![[zero; 3]; Q3K_ROWS * nblocks * 8];
@@ -132,15 +137,7 @@ pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
                     // SAFETY: 32 bytes of 2-bit quants inside the block.
                     let q3 = unsafe { _mm256_loadu_si256(blk.as_ptr().add(32 + 32 * half).cast()) };
                     for shift in 0..4 {
-                        let low = match shift {
-                            0 => _mm256_and_si256(q3, m3),
-                            1 => _mm256_and_si256(_mm256_srli_epi16::<2>(q3), m3),
-                            2 => _mm256_and_si256(_mm256_srli_epi16::<4>(q3), m3),
-                            _ => _mm256_and_si256(_mm256_srli_epi16::<6>(q3), m3),
-                        };
-                        let bit = _mm256_set1_epi8(1 << (half * 4 + shift));
-                        let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), zero);
-                        let w = _mm256_sub_epi8(low, _mm256_and_si256(clear, four));
+                        let w = x86::q3_k_segment(q3, hbits, half, shift);
                         let g = 8 * half + 2 * shift;
                         let (s0, s1) = (i16::from(sc[g] as i8), i16::from(sc[g + 1] as i8));
                         let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
@@ -228,8 +225,7 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Kq2Q8Row
     let offset = _mm256_set1_epi8(-128);
     let zero = _mm256_setzero_si256();
     // The activations (both bases) as unsigned bytes y + 128.
-    let xq: Vec<Vec<u8>> =
-        xs[..tfull].iter().map(|x| x.q[..nblocks * 128].iter().map(|&q| q as u8 ^ 0x80).collect()).collect();
+    let xq = flipped(xs[..tfull].iter().map(|x| &x.q[..nblocks * 128]), 0x80);
     let mut blocks = vec![Kq2Block { w: [zero; 2], start: zero, s: 0.0, unrotated: false }; KQ2_ROWS * nblocks];
     for j in (0..rfull).step_by(KQ2_ROWS) {
         for r in 0..KQ2_ROWS {
@@ -465,10 +461,8 @@ fn legacy_gemm_k<const K: u8>(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8Row], 
     if rfull == 0 || tfull == 0 || nblocks == 0 {
         return (0, 0);
     }
-    // The activations as unsigned bytes y + 128 for the signed weight types (flipping the top bit).
-    let flip = if signed { 0x80u8 } else { 0 };
-    let xq: Vec<Vec<u8>> =
-        xs[..tfull].iter().map(|x| x.q[..nblocks * QK].iter().map(|&q| q as u8 ^ flip).collect()).collect();
+    // The activations as unsigned bytes y + 128 for the signed weight types.
+    let xq = flipped(xs[..tfull].iter().map(|x| &x.q[..nblocks * QK]), if signed { 0x80 } else { 0 });
     let offset = _mm256_set1_epi8(-128);
     let mut blocks = vec![
         LegacyBlock { w: _mm256_setzero_si256(), start: _mm256_setzero_si256(), d: 0.0, m: 0.0 };

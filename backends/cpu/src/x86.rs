@@ -531,6 +531,24 @@ pub(crate) fn q6_k_segment([ql0, ql1, qh]: [__m256i; 3], seg: usize) -> __m256i 
     _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(h, _mm256_set1_epi8(3))))
 }
 
+/// The 32 weights (−4..3, as bytes) of segment `shift` (0..4) of 128-element half `half` of
+/// a Q3_K super-block: the 2-bit values of the half's 32 bytes `q3` at that shift, less 4
+/// where the segment's bit of the high-bit mask `hbits` is clear.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn q3_k_segment(q3: __m256i, hbits: __m256i, half: usize, shift: usize) -> __m256i {
+    let m3 = _mm256_set1_epi8(3);
+    let low = match shift {
+        0 => _mm256_and_si256(q3, m3),
+        1 => _mm256_and_si256(_mm256_srli_epi16::<2>(q3), m3),
+        2 => _mm256_and_si256(_mm256_srli_epi16::<4>(q3), m3),
+        _ => _mm256_and_si256(_mm256_srli_epi16::<6>(q3), m3),
+    };
+    let bit = _mm256_set1_epi8(1 << (half * 4 + shift));
+    let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), _mm256_setzero_si256());
+    _mm256_sub_epi8(low, _mm256_and_si256(clear, _mm256_set1_epi8(4)))
+}
+
 /// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
 /// super-block, each `fma(d, lane − sub, acc)`).
 ///
@@ -637,8 +655,6 @@ fn q6_k_tile<const T: usize, const VNNI: bool>(row: &[u8], xs: [&Q8KRow; T]) -> 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q3_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
     let mut acc = [_mm256_setzero_ps(); T];
-    let m3 = _mm256_set1_epi8(3);
-    let four = _mm256_set1_epi8(4);
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 110, usize::min);
     let picks = k_scale_picks();
     for (bi, blk) in row.chunks_exact(110).enumerate().take(nblocks) {
@@ -658,16 +674,8 @@ pub(crate) fn dot_q3_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
                 _mm256_permute2x128_si256::<0x11>(sc_all, sc_all)
             };
             for (shift, pick) in picks.iter().enumerate() {
-                let low = match shift {
-                    0 => _mm256_and_si256(q3, m3),
-                    1 => _mm256_and_si256(_mm256_srli_epi16::<2>(q3), m3),
-                    2 => _mm256_and_si256(_mm256_srli_epi16::<4>(q3), m3),
-                    _ => _mm256_and_si256(_mm256_srli_epi16::<6>(q3), m3),
-                };
-                let bit = _mm256_set1_epi8(1 << (half * 4 + shift));
-                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), _mm256_setzero_si256());
                 // The weights (−4..3), their magnitudes for `maddubs`, their signs for the activations.
-                let w = _mm256_sub_epi8(low, _mm256_and_si256(clear, four));
+                let w = q3_k_segment(q3, hbits, half, shift);
                 let wabs = _mm256_sign_epi8(w, w);
                 let scales = _mm256_shuffle_epi8(sc_half, *pick);
                 for t in 0..T {
