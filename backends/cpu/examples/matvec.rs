@@ -2,7 +2,8 @@
 //! layout, for a matrix that fits in L2 and one that streams from memory, and
 //! matmul (prefill) throughput for 64 token rows (`KILN_MATVEC_ROWS`):
 //! `cargo run --release -p kiln-cpu --example matvec`. `KILN_MATVEC_ONLY=Q5_0` picks one
-//! layout, `KILN_MATVEC_ISA=avx2` an instruction set below the best one.
+//! layout, `KILN_MATVEC_ISA=avx2` an instruction set below the best one, `KILN_MATVEC_REPS`
+//! the prefill repetitions (5).
 
 use std::time::Instant;
 
@@ -77,8 +78,9 @@ fn main() {
             }
             let rows = prefill_rows;
             let xs: Vec<f32> = (0..rows * kk).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let reps: usize = std::env::var("KILN_MATVEC_REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
             let t = pool.install(|| {
-                (0..5)
+                (0..reps)
                     .map(|_| {
                         let t0 = Instant::now();
                         std::hint::black_box(k.matmul(&xs, rows, w, None, 0, rows).unwrap());

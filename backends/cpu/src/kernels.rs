@@ -112,21 +112,56 @@ pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
     }
 }
 
+/// Activation layouts built once per matmul for the whole batch of token rows, for the
+/// prefill kernels that read them (every row block of the matmul shares them).
+#[derive(Default)]
+pub(crate) struct Batch {
+    /// Each token row's [`RowGroup`] (which kernel llama.cpp would run it through).
+    pub(crate) groups: Vec<RowGroup>,
+    /// kq2 with 512-bit decoding: the token rows side by side ([`crate::vnni::Kq2Panel`]).
+    #[cfg(target_arch = "x86_64")]
+    kq2: Option<crate::vnni::Kq2Panel>,
+}
+
+/// Token rows from which kq2 prefill uses the panel kernel rather than one 512-bit decode
+/// pass per row (a panel tile holds 32, zero-padded).
+#[cfg(target_arch = "x86_64")]
+const KQ2_PANEL_MIN_TOKENS: usize = 8;
+
+impl Batch {
+    /// What the kernels for `dtype` on `isa` read besides the token rows `xs` (of the
+    /// given groups).
+    pub(crate) fn build(isa: Isa, dtype: DType, xs: &[Prepared], groups: Vec<RowGroup>) -> Batch {
+        #[cfg(target_arch = "x86_64")]
+        if dtype == DType::KQ2
+            && xs.len() >= KQ2_PANEL_MIN_TOKENS
+            && isa == Isa::Avx512Vnni
+            && *crate::vnni::KQ2_ZMM
+            && let Some(acts) = all_of(xs, |a| if let Activations::Kq2(a) = a { Some(a) } else { None })
+        {
+            return Batch { groups, kq2: Some(crate::vnni::Kq2Panel::build(&acts)) };
+        }
+        let _ = (isa, dtype, xs);
+        Batch { groups, ..Batch::default() }
+    }
+}
+
 /// `tile[t·nb + j] = row_j · xs[t]` for the `nb` consecutive stored rows in
 /// `rows` (`rb` bytes each) and every prepared token row `xs[t]` (of
-/// [`RowGroup`] `groups[t]`).
+/// [`RowGroup`] `batch.groups[t]`).
 pub(crate) fn dot_tile(
     isa: Isa,
     dtype: DType,
     rows: &[u8],
     rb: usize,
     xs: &[Prepared],
-    groups: &[RowGroup],
+    batch: &Batch,
     tile: &mut [f32],
 ) -> Result<(), QuantError> {
     let nb = rows.len().checked_div(rb).unwrap_or(0);
+    let groups = &batch.groups[..];
     #[cfg(target_arch = "x86_64")]
-    if isa.avx2() && avx2_tile(isa, dtype, rows, rb, nb, xs, groups, tile) {
+    if isa.avx2() && avx2_tile(isa, dtype, rows, rb, nb, xs, batch, tile) {
         return Ok(());
     }
     let _ = isa;
@@ -261,9 +296,10 @@ fn avx2_tile(
     rb: usize,
     nb: usize,
     xs: &[Prepared],
-    groups: &[RowGroup],
+    batch: &Batch,
     tile: &mut [f32],
 ) -> bool {
+    let groups = &batch.groups[..];
     let legacy = match dtype {
         DType::Q4_0 => Legacy::Q4_0,
         DType::Q4_1 => Legacy::Q4_1,
@@ -274,19 +310,24 @@ fn avx2_tile(
             let Some(acts) = all_of(xs, |a| if let Activations::Kq2(a) = a { Some(a) } else { None }) else {
                 return false;
             };
-            // VNNI: each group of weight rows decoded once for all token rows.
-            let (rows_done, tokens_done) = if isa == Isa::Avx512Vnni && acts.len() >= 4 {
-                // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
-                // AVX512F/VL/VNNI; `rows` holds `nb` rows of `rb` bytes.
-                unsafe { crate::vnni::kq2_gemm(rows, rb, nb, &acts, tile) }
-            } else {
-                (0, 0)
-            };
+            if isa == Isa::Avx512Vnni && *crate::vnni::KQ2_ZMM {
+                if let Some(panel) = &batch.kq2 {
+                    // SAFETY: `Isa::Avx512Vnni` and `KQ2_ZMM` are only detected when the CPU has
+                    // AVX2, FMA, F16C, AVX512F/VL/BW/VNNI/VBMI/BITALG and GFNI; `rows` holds `nb`
+                    // rows of `rb` bytes and `tile` the panel's token rows × `nb` values.
+                    unsafe { crate::vnni::kq2_gemm(rows, rb.max(1), nb, panel, tile) };
+                } else {
+                    for (t, a) in acts.iter().enumerate() {
+                        // SAFETY: as above.
+                        unsafe { crate::vnni::kq2_gemv(rows, rb.max(1), nb, a, &mut tile[t * nb..(t + 1) * nb]) };
+                    }
+                }
+                return true;
+            }
             // Four token rows per weight row (each block decoded once for them), the rest one by one.
             let quads = acts.len() / 4 * 4;
             for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
-                let done = if j < rows_done { tokens_done } else { 0 };
-                for t in (done..quads).step_by(4) {
+                for t in (0..quads).step_by(4) {
                     // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
                     let v = unsafe { x86::dot_kq2_tile(r, [acts[t], acts[t + 1], acts[t + 2], acts[t + 3]]) };
                     for (u, v) in v.into_iter().enumerate() {

@@ -12,7 +12,7 @@ use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
 use std::sync::Arc;
 
-use crate::kernels::{Isa, dot_tile, prepare};
+use crate::kernels::{Batch, Isa, dot_tile, prepare};
 #[cfg(target_arch = "x86_64")]
 use crate::packed::PackedWeights;
 
@@ -81,12 +81,13 @@ impl Kernels for CpuKernels {
         // and leaves the rest of a block to a slower one.
         let block = (by_cache.min(by_balance) / 8 * 8).max(8).min(n);
         let isa = self.isa;
+        let batch = Batch::build(isa, w.dtype, &xs, groups);
         if rows == 1 {
             // One token row: each block's outputs are contiguous, written in place.
             let mut y = vec![0.0f32; n];
             y.par_chunks_mut(block).enumerate().try_for_each(|(b, out)| {
                 let o0 = b * block;
-                dot_tile(isa, w.dtype, &w.bytes[o0 * rb..(o0 + out.len()) * rb], rb, &xs, &groups, out)
+                dot_tile(isa, w.dtype, &w.bytes[o0 * rb..(o0 + out.len()) * rb], rb, &xs, &batch, out)
             })?;
             if let Some(bias) = bias {
                 y.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
@@ -100,7 +101,7 @@ impl Kernels for CpuKernels {
                 let nb = block.min(n - o0);
                 let bytes = &w.bytes[o0 * rb..(o0 + nb) * rb];
                 let mut tile = vec![0.0f32; rows * nb];
-                dot_tile(isa, w.dtype, bytes, rb, &xs, &groups, &mut tile)?;
+                dot_tile(isa, w.dtype, bytes, rb, &xs, &batch, &mut tile)?;
                 Ok(tile)
             })
             .collect::<Result<_, QuantError>>()?;

@@ -184,99 +184,407 @@ pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
     (rfull, tfull)
 }
 
-/// Weight rows per [`kq2_gemm`] tile.
-const KQ2_ROWS: usize = 4;
-/// Token rows per [`kq2_gemm`] tile.
-const KQ2_TOKENS: usize = 4;
+/// Token rows per tile of a [`Kq2Panel`] (two 512-bit vectors of 16 lanes).
+const KQ2_PANEL_TOKENS: usize = 32;
 
-/// One kq2 block of a weight row decoded for [`kq2_gemm`]: its 64 weights (`4·c`, as
-/// signed bytes), the accumulator's start `−128·Σw` per lane (for activations offset to
-/// unsigned), the block scale (0: the block adds nothing) and its basis.
-#[derive(Clone, Copy)]
-struct Kq2Block {
-    w: [__m256i; 2],
-    start: __m256i,
-    s: f32,
-    unrotated: bool,
+/// The activations of a whole batch of token rows laid out for [`kq2_gemm`], built once
+/// per matmul: per tile of 32 token rows, per block and basis (original, rotated), the 16
+/// four-byte groups of the block with the 32 rows' quants side by side (group `g`: 128
+/// bytes, rows in order, each quant offset to unsigned `q + 128`), and the 32 rows' scales.
+/// A last partial tile is padded with zero rows (scale 0).
+pub(crate) struct Kq2Panel {
+    tokens: usize,
+    nblocks: usize,
+    x: Vec<u8>,
+    d: Vec<f32>,
 }
 
-/// Prefill with kq2 weights: `tile[t·nb + j] = row_j · xs[t]` for the first
-/// `nb / KQ2_ROWS · KQ2_ROWS` rows and `xs.len() / KQ2_TOKENS · KQ2_TOKENS` token rows
-/// (the caller does the rest); returns those two counts. kq2's codebook decoding (table
-/// gathers and sign shuffles) is most of its dot's work, and [`x86::dot_kq2_tile`] redoes
-/// it for every four token rows; here each group of rows is decoded once per call (a few
-/// KiB, kept in L1/L2) and meets every token row through `vpdpbusd` on activations offset
-/// once to unsigned. Each lane's integer is the same exact sum and the float steps are
-/// `dot_kq2_q8`'s, so results equal the AVX2 kernel bit for bit.
+/// Bytes of one block and basis of a [`Kq2Panel`] tile.
+const KQ2_PANEL_BLOCK: usize = 64 * KQ2_PANEL_TOKENS;
+
+impl Kq2Panel {
+    /// The panel of `xs` (each holding at least `nblocks` blocks).
+    pub(crate) fn build(xs: &[&Kq2Q8Row]) -> Kq2Panel {
+        use rayon::prelude::*;
+        let nblocks = xs.iter().map(|x| x.d.len().min(x.q.len() / 128)).min().unwrap_or(0);
+        let tiles = xs.len().div_ceil(KQ2_PANEL_TOKENS);
+        let mut x = vec![0x80u8; tiles * nblocks * 2 * KQ2_PANEL_BLOCK];
+        let mut d = vec![0f32; tiles * nblocks * 2 * KQ2_PANEL_TOKENS];
+        let tile_bytes = nblocks * 2 * KQ2_PANEL_BLOCK;
+        let tile_scales = nblocks * 2 * KQ2_PANEL_TOKENS;
+        if tile_bytes > 0 {
+            x.par_chunks_mut(tile_bytes).zip(d.par_chunks_mut(tile_scales)).enumerate().for_each(|(tile, (xt, dt))| {
+                for (t, row) in xs.iter().skip(tile * KQ2_PANEL_TOKENS).take(KQ2_PANEL_TOKENS).enumerate() {
+                    for bw in 0..2 * nblocks {
+                        let src = &row.q[64 * bw..64 * bw + 64];
+                        let dst = &mut xt[bw * KQ2_PANEL_BLOCK..(bw + 1) * KQ2_PANEL_BLOCK];
+                        for g in 0..16 {
+                            for e in 0..4 {
+                                dst[g * 4 * KQ2_PANEL_TOKENS + 4 * t + e] = src[4 * g + e] as u8 ^ 0x80;
+                            }
+                        }
+                        dt[bw * KQ2_PANEL_TOKENS + t] = row.d[bw / 2][bw % 2];
+                    }
+                }
+            });
+        }
+        Kq2Panel { tokens: xs.len(), nblocks, x, d }
+    }
+}
+
+/// One kq2 block of a weight row decoded for [`kq2_gemm`]: its 64 weights `4·c` as signed
+/// bytes, per lane of 16 weights the offset `−128·Σw` of unsigned activations, the block
+/// scale (0: the block adds nothing) and its basis (0: original, 1: rotated).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Kq2Block {
+    w: [i8; 64],
+    start: [i32; 4],
+    s: f32,
+    basis: usize,
+}
+
+/// Weight rows [`kq2_gemm`] decodes at a time (their blocks stay in L2 while every tile of
+/// token rows passes).
+const KQ2_GEMM_ROWS: usize = 8;
+
+/// Prefill with kq2 weights: `tile[t·nb + j] = row_j · x_t` for the `nb` rows of `rb` bytes
+/// in `rows` and every token row of `panel`. Each group of rows is decoded once per call;
+/// then per tile of 32 token rows, row and block, sixteen `vpdpbusd` with the token rows
+/// across the vector lanes (a broadcast four-byte weight group against the 32 rows' quants)
+/// give each row's four 16-weight lane sums, which go to its float lanes as in
+/// `kiln_quant::kq2::dot_kq2_q8`. So results equal the AVX2 kernel bit for bit.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI; `rows` holds
-/// `nb` rows of `rb` bytes.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-#[allow(clippy::needless_range_loop)] // tile indices read clearer than zipped iterators
-pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Kq2Q8Row], tile: &mut [f32]) -> (usize, usize) {
-    let nblocks = rb / 18;
-    let rfull = nb / KQ2_ROWS * KQ2_ROWS;
-    let tfull = xs.len() / KQ2_TOKENS * KQ2_TOKENS;
-    if rfull == 0 || tfull == 0 || nblocks == 0 || xs.iter().any(|x| x.d.len() < nblocks || x.q.len() < nblocks * 128) {
-        return (0, 0);
-    }
+/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL, AVX512BW and AVX512VNNI; `rows`
+/// holds `nb` rows of `rb` bytes; `tile` holds `panel`'s token rows × `nb` values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // lane indices over fixed arrays unroll; closures would not inline
+pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Panel, tile: &mut [f32]) {
+    let nblocks = (rb / 18).min(panel.nblocks);
     let tables = &*x86::KQ2_TABLES;
-    let offset = _mm256_set1_epi8(-128);
-    let zero = _mm256_setzero_si256();
-    // The activations (both bases) as unsigned bytes y + 128.
-    let xq = flipped(xs[..tfull].iter().map(|x| &x.q[..nblocks * 128]), 0x80);
-    let mut blocks = vec![Kq2Block { w: [zero; 2], start: zero, s: 0.0, unrotated: false }; KQ2_ROWS * nblocks];
-    for j in (0..rfull).step_by(KQ2_ROWS) {
-        for r in 0..KQ2_ROWS {
-            let row = &rows[(j + r) * rb..(j + r) * rb + nblocks * 18];
+    let zero = Kq2Block { w: [0; 64], start: [0; 4], s: 0.0, basis: 0 };
+    let mut blocks = vec![zero; KQ2_GEMM_ROWS * nblocks];
+    let tiles = panel.tokens.div_ceil(KQ2_PANEL_TOKENS);
+    for j0 in (0..nb).step_by(KQ2_GEMM_ROWS) {
+        let group = KQ2_GEMM_ROWS.min(nb - j0);
+        for r in 0..group {
+            let row = &rows[(j0 + r) * rb..(j0 + r) * rb + nblocks * 18];
             for (bi, b) in row.as_chunks::<18>().0.iter().enumerate() {
                 let s = tables.scale[usize::from(b[0] & 0x7f)];
-                // SAFETY: AVX2 (this function's target features); `b` is one block.
-                let w = if s == 0.0 { [zero; 2] } else { unsafe { x86::kq2_decode(tables, b) } };
-                let start =
-                    _mm256_sub_epi32(zero, _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(zero, offset, w[0]), offset, w[1]));
-                blocks[r * nblocks + bi] = Kq2Block { w, start, s, unrotated: b[0] & 0x80 != 0 };
+                let blk = &mut blocks[r * nblocks + bi];
+                *blk = Kq2Block { s, basis: usize::from(b[0] & 0x80 == 0), ..zero };
+                if s != 0.0 {
+                    // SAFETY: AVX2 (this function's target features); `b` is one block.
+                    let w = unsafe { x86::kq2_decode(tables, b) };
+                    // SAFETY: 64 bytes.
+                    unsafe {
+                        _mm256_storeu_si256(blk.w.as_mut_ptr().cast(), w[0]);
+                        _mm256_storeu_si256(blk.w.as_mut_ptr().add(32).cast(), w[1]);
+                    }
+                    for m in 0..4 {
+                        blk.start[m] = -128 * blk.w[16 * m..16 * m + 16].iter().map(|&v| i32::from(v)).sum::<i32>();
+                    }
+                }
             }
         }
-        for t0 in (0..tfull).step_by(KQ2_TOKENS) {
-            let mut acc = [[_mm256_setzero_ps(); KQ2_TOKENS]; KQ2_ROWS];
-            let mut qp = [std::ptr::null::<u8>(); KQ2_TOKENS];
-            let mut dp = [std::ptr::null::<[f32; 2]>(); KQ2_TOKENS];
-            for t in 0..KQ2_TOKENS {
-                (qp[t], dp[t]) = (xq[t0 + t].as_ptr(), xs[t0 + t].d.as_ptr());
-            }
-            for bi in 0..nblocks {
-                for r in 0..KQ2_ROWS {
+        for t in 0..tiles {
+            let xt = &panel.x[t * nblocks * 2 * KQ2_PANEL_BLOCK..];
+            let dt = &panel.d[t * nblocks * 2 * KQ2_PANEL_TOKENS..];
+            let count = KQ2_PANEL_TOKENS.min(panel.tokens - t * KQ2_PANEL_TOKENS);
+            // Per row of the group its float lanes m = 0..4 of the 32 token rows (two vectors
+            // each), kept in L1 while the blocks pass: each block's quants (both bases, 4 KiB)
+            // then serve every row of the group from L1.
+            let mut accs = [[[_mm512_setzero_ps(); 2]; 4]; KQ2_GEMM_ROWS];
+            for r in 0..group {
+                let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+                for bi in 0..nblocks {
                     let blk = &blocks[r * nblocks + bi];
                     if blk.s == 0.0 {
                         continue;
                     }
-                    let which = usize::from(!blk.unrotated);
-                    for t in 0..KQ2_TOKENS {
-                        // SAFETY: the block's 64 quants in this basis and its scales (checked above).
-                        let (q0, q1, d) = unsafe {
-                            let q = qp[t].add(bi * 128 + 64 * which);
-                            (
-                                _mm256_loadu_si256(q.cast()),
-                                _mm256_loadu_si256(q.add(32).cast()),
-                                (*dp[t].add(bi))[which],
-                            )
-                        };
-                        let p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(blk.start, q0, blk.w[0]), q1, blk.w[1]);
-                        let f = _mm256_set1_ps(0.25 * (blk.s * d));
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), f, acc[r][t]);
+                    let at = 2 * bi + blk.basis;
+                    // SAFETY: block `bi` of this tile in the block's basis (the panel holds
+                    // `nblocks` blocks per tile), 32 scales and 16 groups of 128 bytes.
+                    unsafe {
+                        let xb = xt.as_ptr().add(at * KQ2_PANEL_BLOCK);
+                        let dp = dt.as_ptr().add(at * KQ2_PANEL_TOKENS);
+                        let s = _mm512_set1_ps(blk.s);
+                        let quarter = _mm512_set1_ps(0.25);
+                        let f = [
+                            _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp))),
+                            _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(16)))),
+                        ];
+                        let wp = blk.w.as_ptr().cast::<i32>();
+                        // Eight independent sums (lane m, token half h), their four steps
+                        // interleaved so that the `vpdpbusd` latency overlaps.
+                        let mut isum = [[_mm512_setzero_si512(); 2]; 4];
+                        for m in 0..4 {
+                            isum[m] = [_mm512_set1_epi32(blk.start[m]); 2];
+                        }
+                        for step in 0..4 {
+                            for m in 0..4 {
+                                let g = 4 * m + step;
+                                let w = _mm512_set1_epi32(wp.add(g).read_unaligned());
+                                let xg = xb.add(g * 4 * KQ2_PANEL_TOKENS);
+                                isum[m][0] = _mm512_dpbusd_epi32(isum[m][0], _mm512_loadu_si512(xg.cast()), w);
+                                isum[m][1] = _mm512_dpbusd_epi32(isum[m][1], _mm512_loadu_si512(xg.add(64).cast()), w);
+                            }
+                        }
+                        for m in 0..4 {
+                            for h in 0..2 {
+                                acc[m][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m][h]), f[h], acc[m][h]);
+                            }
+                        }
                     }
                 }
+                accs[r] = acc;
             }
-            for r in 0..KQ2_ROWS {
-                for t in 0..KQ2_TOKENS {
-                    tile[(t0 + t) * nb + j + r] = x86::hsum8(acc[r][t]);
+            for r in 0..group {
+                let mut out = [0f32; KQ2_PANEL_TOKENS];
+                for h in 0..2 {
+                    let a = &accs[r];
+                    let v = _mm512_add_ps(_mm512_add_ps(a[0][h], a[2][h]), _mm512_add_ps(a[1][h], a[3][h]));
+                    // SAFETY: 16 floats.
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v) };
+                }
+                for (u, v) in out.iter().take(count).enumerate() {
+                    tile[(t * KQ2_PANEL_TOKENS + u) * nb + j0 + r] = *v;
                 }
             }
         }
     }
-    (rfull, tfull)
+}
+
+/// Whether this CPU has what [`kq2_gemv`] needs besides the VNNI set: AVX512BW, VBMI,
+/// BITALG and GFNI (Ice Lake, Zen 4 and later have them; Cascade Lake does not).
+pub(crate) static KQ2_ZMM: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+    is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vbmi")
+        && is_x86_feature_detected!("avx512bitalg")
+        && is_x86_feature_detected!("gfni")
+});
+
+/// `vgf2p8affineqb` matrix taking a 2-bit magnitude code `c` (bits 0–1 of a byte) to bits
+/// 2–3 and dropping the rest (byte `7 − i` of the matrix masks the input bits whose parity
+/// is output bit `i`); with the constant 3 a byte becomes `4c + 3 = 2A + 1`.
+const KQ2_GF_MAG: i64 = 0x0000_0102_0000_0000;
+
+/// Blocks [`kq2_gemv`] decodes together (72 bytes: two 64-byte loads).
+const KQ2_BATCH: usize = 4;
+
+/// Index tables of [`kq2_gemv`]'s batch decoding, built once.
+struct Kq2Zmm {
+    /// The 512 magnitude vectors as 2-bit codes `(A_j − 1)/2` in bits `2j..2j+2` of a u16.
+    codes: [[i16; 32]; 16],
+    /// `vpermi2b` indices gathering the batch's group words (word `8k + g`: bytes
+    /// `18k + 2 + 2g`, `18k + 3 + 2g`) ...
+    words: [u8; 64],
+    /// ... and each group's high index bit source (word `8k + g`: byte `18k + 1` twice).
+    high: [u8; 64],
+    /// Word `8k + g`: bit `g` of each byte (picks group `g`'s bit 8 of the index).
+    high_bit: [i16; 32],
+    /// Per block `k` of the batch, `vpermi2w` indices laying group `g`'s code three times
+    /// and its sign word once in qword `g`.
+    mix: [[i16; 32]; KQ2_BATCH],
+    /// `vpmultishiftqb` offsets: byte `j` reads bits `2j..` (its code `c_j` in bits 0–1).
+    shifts: [u8; 64],
+    /// `vpshufbitqmb` selectors: byte `j` of each qword, bit `48 + j` (σ_j) ...
+    sigma: [u8; 64],
+    /// ... and bit `56 + j` (σ_j ≠ τ).
+    flip: [u8; 64],
+}
+
+static KQ2_ZMM_TABLES: std::sync::LazyLock<Kq2Zmm> = std::sync::LazyLock::new(|| {
+    let abs = kiln_quant::kq2::kq2_abs_codebook();
+    let mut codes = [[0i16; 32]; 16];
+    for (i, a) in abs.iter().enumerate() {
+        let c = a.iter().enumerate().fold(0u16, |c, (j, &k)| c | u16::from((k - 1) / 2) << (2 * j));
+        codes[i / 32][i % 32] = c as i16;
+    }
+    let (mut words, mut high, mut high_bit) = ([0u8; 64], [0u8; 64], [0i16; 32]);
+    for w in 0..32 {
+        let (k, g) = (w / 8, w % 8);
+        words[2 * w] = (18 * k + 2 + 2 * g) as u8;
+        words[2 * w + 1] = (18 * k + 3 + 2 * g) as u8;
+        high[2 * w] = (18 * k + 1) as u8;
+        high[2 * w + 1] = (18 * k + 1) as u8;
+        high_bit[w] = 0x0101 << g;
+    }
+    let mut mix = [[0i16; 32]; KQ2_BATCH];
+    for (k, m) in mix.iter_mut().enumerate() {
+        for g in 0..8 {
+            for u in 0..4 {
+                // Words 32.. of a `vpermi2w` are its second source: the sign words.
+                m[4 * g + u] = (if u < 3 { 8 * k + g } else { 32 + 8 * k + g }) as i16;
+            }
+        }
+    }
+    let (shifts, sigma, flip) = (
+        std::array::from_fn(|i| 2 * (i % 8) as u8),
+        std::array::from_fn(|i| 48 + (i % 8) as u8),
+        std::array::from_fn(|i| 56 + (i % 8) as u8),
+    );
+    Kq2Zmm { codes, words, high, high_bit, mix, shifts, sigma, flip }
+});
+
+/// Weight rows [`kq2_gemv`] works on at once.
+const KQ2_GEMV_ROWS: usize = 4;
+
+/// Decode with kq2 weights: `out[j] = row_j · x` for the `nb` rows of `rb` bytes in `rows`.
+/// Four blocks at a time are decoded in 512-bit vectors (see [`kq2_rows`]); the float steps
+/// are [`x86::dot_kq2_tile`]'s, so results equal it bit for bit.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA, F16C, AVX512F/BW/VL/VNNI/VBMI/BITALG and GFNI
+/// ([`KQ2_ZMM`]); `rows` holds `nb` rows of `rb` bytes and `out` `nb` values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,avx512bitalg,gfni")]
+pub(crate) unsafe fn kq2_gemv(rows: &[u8], rb: usize, nb: usize, x: &Kq2Q8Row, out: &mut [f32]) {
+    let nblocks = (rb / 18).min(x.d.len()).min(x.q.len() / 128);
+    for j in (0..nb).step_by(KQ2_GEMV_ROWS) {
+        // A last group of fewer rows repeats its last row (its extra results are dropped).
+        let r = std::array::from_fn(|r| rows[(j + r).min(nb - 1) * rb..].as_ptr());
+        // SAFETY: each row holds `rb ≥ 18·nblocks` bytes; the CPU features are this function's.
+        let v = unsafe { kq2_rows(r, x, nblocks) };
+        let n = KQ2_GEMV_ROWS.min(nb - j);
+        out[j..j + n].copy_from_slice(&v[..n]);
+    }
+}
+
+/// The dots of `R` rows (one or two) for [`kq2_gemv`]. Per batch of four blocks of a row:
+/// their group words gathered into one vector (`vpermi2b` over two loads); the magnitude
+/// codes looked up for all 32 groups at once from the 1 KiB code table held in 16 registers
+/// (`vpermi2w` on the index's low six bits, blends on bits 6–8); per group a sign word
+/// (the seven stored signs, coordinate 7's sign from their parity and `P(i)` by `vpopcntw`,
+/// and which signs differ from the shift bit τ). Per block one `vpermi2w` lays each group's
+/// code and sign word over its qword; `vpmultishiftqb` + `vgf2p8affineqb` cut the code into
+/// bytes `2A + 1` and `vpshufbitqmb` turns the sign word into byte masks. A weight is
+/// `4·c = σ·2A + τ`, so `|4·c| = 2A + σ·τ` is the unsigned `vpdpbusd` operand and σ goes onto
+/// the activation: exact integers (|4·c| ≤ 15, |q| ≤ 127) in [`x86::dot_kq2_tile`]'s lanes,
+/// then its float steps. About 25 vector instructions per 64 weights (the AVX2 decoder: 8
+/// scalar table loads and about 60 more instructions).
+///
+/// # Safety
+/// As [`kq2_gemv`]; each of `row` points at `nblocks` blocks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,avx512bitalg,gfni")]
+#[allow(clippy::needless_range_loop)] // block indices over fixed arrays unroll; closures would not inline
+unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize) -> [f32; KQ2_GEMV_ROWS] {
+    const R: usize = KQ2_GEMV_ROWS;
+    let z = &*KQ2_ZMM_TABLES;
+    let scales = &x86::KQ2_TABLES.scale;
+    // SAFETY: the tables are 64-byte arrays; the row reads below stay within its blocks
+    // (masked loads); the CPU features are this function's.
+    unsafe {
+        let ld = |p: *const u8| _mm512_loadu_si512(p.cast());
+        let t: [__m512i; 16] = std::array::from_fn(|i| ld(z.codes[i].as_ptr().cast()));
+        let (words_ix, high_ix, high_bit) = (ld(z.words.as_ptr()), ld(z.high.as_ptr()), ld(z.high_bit.as_ptr().cast()));
+        let mix: [__m512i; KQ2_BATCH] = std::array::from_fn(|k| ld(z.mix[k].as_ptr().cast()));
+        let (shifts, sel_sigma, sel_flip) = (ld(z.shifts.as_ptr()), ld(z.sigma.as_ptr()), ld(z.flip.as_ptr()));
+        let gf_mag = _mm512_set1_epi64(KQ2_GF_MAG);
+        let (two, zero) = (_mm512_set1_epi8(2), _mm512_setzero_si512());
+        let (q0, d0) = (x.q.as_ptr(), x.d.as_ptr().cast::<f32>());
+        // A batch of `n` blocks at `p`: its magnitude codes and sign words.
+        let lookup = |p: *const u8, n: usize| {
+            let (r0, r1) = if n == KQ2_BATCH {
+                (_mm512_loadu_si512(p.cast()), _mm512_maskz_loadu_epi8(0xff, p.add(64).cast()))
+            } else {
+                (_mm512_maskz_loadu_epi8((1u64 << (18 * n)) - 1, p.cast()), zero)
+            };
+            let words = _mm512_permutex2var_epi8(r0, words_ix, r1);
+            let high = _mm512_test_epi16_mask(_mm512_permutex2var_epi8(r0, high_ix, r1), high_bit);
+            // Bits 0–5 of each index pick within 64 entries, bits 6–8 among the eight such tables.
+            let r: [__m512i; 8] = std::array::from_fn(|i| _mm512_permutex2var_epi16(t[2 * i], words, t[2 * i + 1]));
+            let (k6, k7) = (
+                _mm512_test_epi16_mask(words, _mm512_set1_epi16(0x40)),
+                _mm512_test_epi16_mask(words, _mm512_set1_epi16(0x80)),
+            );
+            let a: [__m512i; 4] = std::array::from_fn(|i| _mm512_mask_blend_epi16(k6, r[2 * i], r[2 * i + 1]));
+            let codes = _mm512_mask_blend_epi16(
+                high,
+                _mm512_mask_blend_epi16(k7, a[0], a[1]),
+                _mm512_mask_blend_epi16(k7, a[2], a[3]),
+            );
+            // Per group a sign word: low byte σ₀..σ₇ (σ₇ = the parity of the seven stored sign
+            // bits and of P(i), itself the parity of the codes' low bits as Σ A / 2 = Σ c + 4),
+            // high byte σ_j ≠ τ (τ, the shift bit, is bit 15 of the group word).
+            let low = _mm512_and_si512(codes, _mm512_set1_epi16(0x5555));
+            // (words & 0x7f00) ^ low
+            let both = _mm512_ternarylogic_epi32::<0x78>(low, words, _mm512_set1_epi16(0x7f00));
+            let odd = _mm512_slli_epi16::<7>(_mm512_and_si512(_mm512_popcnt_epi16(both), _mm512_set1_epi16(1)));
+            // (words >> 8 & 0x7f) | odd
+            let sigma = _mm512_ternarylogic_epi32::<0xea>(_mm512_srli_epi16::<8>(words), _mm512_set1_epi16(0x7f), odd);
+            let tau = _mm512_and_si512(_mm512_srai_epi16::<15>(words), _mm512_set1_epi16(0xff00u16 as i16));
+            // sigma | ((sigma << 8) ^ tau)
+            let signs = _mm512_ternarylogic_epi32::<0xf6>(sigma, _mm512_slli_epi16::<8>(sigma), tau);
+            (codes, signs)
+        };
+        // Block `k` of the batch at `p` (block `bi` of the row) added to `acc`.
+        let block = |p: *const u8, (codes, signs): (__m512i, __m512i), k: usize, bi: usize| {
+            let hdr = *p.add(18 * k);
+            let s = *scales.get_unchecked(usize::from(hdr & 0x7f));
+            // Qword g: group g's code three times, then its sign word.
+            let v = _mm512_permutex2var_epi16(codes, mix[k], signs);
+            // |4·c| = 2A + 1 where σ = τ, else 2A − 1.
+            let m = _mm512_gf2p8affine_epi64_epi8::<3>(_mm512_multishift_epi64_epi8(shifts, v), gf_mag);
+            let sigma = _mm512_bitshuffle_epi64_mask(v, sel_sigma);
+            let w = _mm512_mask_sub_epi8(m, _mm512_bitshuffle_epi64_mask(v, sel_flip), m, two);
+            // The block's basis: its activation quants and their scale.
+            let at = 2 * bi + usize::from(hdr >> 7 ^ 1);
+            let q = _mm512_loadu_si512(q0.add(64 * at).cast());
+            let d = _mm512_dpbusd_epi32(zero, w, _mm512_mask_sub_epi8(q, sigma, zero, q));
+            // A zero-scale block adds nothing (as in the AVX2 kernel, which skips it).
+            (d, 0.25 * (s * *d0.add(at)), s != 0.0)
+        };
+        // One accumulator for the four rows: lane 4m + r holds lane m of row r.
+        let mut acc = _mm512_setzero_ps();
+        let mut step = |p: &[*const u8; R], dec: &[(__m512i, __m512i); R], k: usize, bi: usize| {
+            let (d0, f0, l0) = block(p[0], dec[0], k, bi);
+            let (d1, f1, l1) = block(p[1], dec[1], k, bi);
+            let (d2, f2, l2) = block(p[2], dec[2], k, bi);
+            let (d3, f3, l3) = block(p[3], dec[3], k, bi);
+            // Per 128-bit lane m the four rows' sums over its 16 weights: a transposing
+            // reduction (exact integers, so the order of the additions does not matter).
+            let s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
+            let s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));
+            let isum = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+            // [f0, f1, f2, f3] in every 128-bit lane, by broadcasts and blends: LLVM turns the
+            // four scalar scale lookups behind a built vector into gathers, slow on Zen 4.
+            let f = _mm512_mask_mov_ps(_mm512_set1_ps(f0), 0x2222, _mm512_set1_ps(f1));
+            let f = _mm512_mask_mov_ps(f, 0x4444, _mm512_set1_ps(f2));
+            let f = _mm512_mask_mov_ps(f, 0x8888, _mm512_set1_ps(f3));
+            let live = u16::from(l0) | u16::from(l1) << 1 | u16::from(l2) << 2 | u16::from(l3) << 3;
+            acc = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum), f, acc, live * 0x1111);
+        };
+        let mut b0 = 0;
+        while b0 < nblocks {
+            let n = (nblocks - b0).min(KQ2_BATCH);
+            let mut p = [row[0]; R];
+            let mut dec = [(zero, zero); R];
+            for r in 0..R {
+                p[r] = row[r].add(18 * b0);
+                _mm_prefetch::<_MM_HINT_T0>(p[r].wrapping_add(x86::PREFETCH).cast());
+                _mm_prefetch::<_MM_HINT_T0>(p[r].wrapping_add(x86::PREFETCH + 64).cast());
+                dec[r] = lookup(p[r], n);
+            }
+            if n == KQ2_BATCH {
+                for k in 0..KQ2_BATCH {
+                    step(&p, &dec, k, b0 + k);
+                }
+            } else {
+                for k in 0..n {
+                    step(&p, &dec, k, b0 + k);
+                }
+            }
+            b0 += n;
+        }
+        // (l0 + l2) + (l1 + l3) for each row.
+        let half = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps::<1>(acc));
+        let sum = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps::<1>(half));
+        let mut out = [0f32; R];
+        _mm_storeu_ps(out.as_mut_ptr(), sum);
+        out
+    }
 }
 
 /// Weight rows per [`q6_k_gemm`] tile.
@@ -1039,36 +1347,80 @@ mod tests {
         }
     }
 
-    /// The kq2 GEMM (rows decoded once per call) equals the AVX2 kernel bit for bit on
-    /// quantized random rows (both bases, zero-scale blocks), with row and token counts
-    /// that leave remainders to the caller (left untouched).
+    /// The kq2 panel GEMM equals the AVX2 kernel bit for bit on random block bytes and on
+    /// quantized rows (both bases, zero-scale blocks), with row counts that leave a partial
+    /// group of rows and token counts that leave a partial, zero-padded tile.
     #[test]
     fn kq2_gemm_equals_the_avx2_kernel_bit_for_bit() {
-        if !available() {
+        if !available() || !*KQ2_ZMM {
             return;
         }
         for seed in 0..4u64 {
             let blocks = 1 + seed as usize % 3;
-            let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
+            let (nb, tokens) = (5 + seed as usize * 3, [8, 33, 40, 64][seed as usize]);
             let mut r = rng(seed + 41);
             let mut rows = vec![0u8; nb * blocks * 18];
             for (j, row) in rows.chunks_mut(blocks * 18).enumerate() {
-                let w: Vec<f32> = (0..blocks * 64)
-                    .map(|i| if j == 2 && i < 64 { 0.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                    .collect();
-                kiln_quant::kq2::quantize_kq2(&w, None, row).unwrap();
+                if seed % 2 == 0 {
+                    row.iter_mut().for_each(|b| *b = r() as u8);
+                    if j % 3 == 1 {
+                        row[0] &= 0x80;
+                    }
+                } else {
+                    let w: Vec<f32> = (0..blocks * 64)
+                        .map(|i| if j == 2 && i < 64 { 0.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                        .collect();
+                    kiln_quant::kq2::quantize_kq2(&w, None, row).unwrap();
+                }
             }
             let xs = activations(&mut r, tokens, blocks * 64, (13, -4.0), kiln_quant::kq2::quantize_kq2_q8);
             let xr: Vec<&Kq2Q8Row> = xs.iter().collect();
+            let panel = Kq2Panel::build(&xr);
             let mut got = vec![f32::NAN; tokens * nb];
             // SAFETY: checked above; `nb` rows of `blocks` blocks, token rows as wide.
-            let done = unsafe { kq2_gemm(&rows, blocks * 18, nb, &xr, &mut got) };
-            assert_eq!(done, (nb / KQ2_ROWS * KQ2_ROWS, tokens / 4 * 4));
-            check_gemm(&format!("seed {seed}"), &got, nb, tokens, done, |j, t| {
+            unsafe { kq2_gemm(&rows, blocks * 18, nb, &panel, &mut got) };
+            for t in 0..tokens {
+                for j in 0..nb {
+                    // SAFETY: as above.
+                    let want = unsafe { x86::dot_kq2_tile(&rows[j * blocks * 18..(j + 1) * blocks * 18], [xr[t]]) }[0];
+                    let g = got[t * nb + j];
+                    assert_eq!(g.to_bits(), want.to_bits(), "seed {seed} row {j} token {t}: {g} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kq2_gemv_equals_the_avx2_kernel_bit_for_bit() {
+        if !available() || !*KQ2_ZMM {
+            return;
+        }
+        for seed in 0..8u64 {
+            let blocks = 1 + seed as usize % 5;
+            let nb = 3 + 2 * seed as usize;
+            let mut r = rng(seed + 77);
+            let mut rows = vec![0u8; nb * blocks * 18];
+            for (j, row) in rows.chunks_mut(blocks * 18).enumerate() {
+                if seed % 2 == 0 {
+                    row.iter_mut().for_each(|b| *b = r() as u8);
+                    // Some zero-scale blocks (scale index 0), in both bases.
+                    if j % 3 == 1 {
+                        row[0] &= 0x80;
+                    }
+                } else {
+                    let w: Vec<f32> = (0..blocks * 64).map(|_| ((r() % 20001) as f32 / 10000.0) - 1.0).collect();
+                    kiln_quant::kq2::quantize_kq2(&w, None, row).unwrap();
+                }
+            }
+            let xs = activations(&mut r, 1, blocks * 64, (11, 3.0), kiln_quant::kq2::quantize_kq2_q8);
+            let mut got = vec![f32::NAN; nb];
+            // SAFETY: checked above; `nb` rows of `blocks` blocks, the token row as wide.
+            unsafe { kq2_gemv(&rows, blocks * 18, nb, &xs[0], &mut got) };
+            for (j, g) in got.iter().enumerate() {
                 // SAFETY: as above.
-                let v = unsafe { x86::dot_kq2_tile(&rows[j * blocks * 18..(j + 1) * blocks * 18], [xr[t]]) };
-                v[0]
-            });
+                let want = unsafe { x86::dot_kq2_tile(&rows[j * blocks * 18..(j + 1) * blocks * 18], [&xs[0]]) }[0];
+                assert_eq!(g.to_bits(), want.to_bits(), "seed {seed} row {j}: {g} vs {want}");
+            }
         }
     }
 

@@ -929,10 +929,10 @@ pub(crate) unsafe fn kq2_decode(t: &Kq2Tables, b: &[u8; 18]) -> [__m256i; 2] {
     }
 }
 
-/// The eight integer lanes of `Σ w·q` over 64 weights (lane `l`: weights
-/// `4l..4l+4` and `32+4l..32+4l+4`): `w` the bytes `4·c` of [`kq2_decode`]
-/// (odd, so never 0) and `wabs` their magnitudes, `q` 64 activation quants;
-/// exact (|pair sums| ≤ 2·15·127).
+/// The four integer lanes of `Σ w·q` over 64 weights (lane `m`: weights `16m..16m+16`,
+/// `kiln_quant::kq2::dot_kq2_q8`'s lanes) as `[c0, c2, c0, c2 | c1, c3, c1, c3]`: `w` the
+/// bytes `4·c` of [`kq2_decode`] (odd, so never 0) and `wabs` their magnitudes, `q` 64
+/// activation quants; exact (|pair sums| ≤ 2·15·127).
 ///
 /// # Safety
 /// The CPU must support AVX2; `q` holds 64 bytes.
@@ -941,10 +941,25 @@ unsafe fn kq2_isum(w: &[__m256i; 2], wabs: &[__m256i; 2], q: &[i8]) -> __m256i {
     // SAFETY: the caller's (the CPU has AVX2; the reads are in bounds, see above).
     unsafe {
         let (q0, q1) = (_mm256_loadu_si256(q.as_ptr().cast()), _mm256_loadu_si256(q.as_ptr().add(32).cast()));
-        let p0 = _mm256_maddubs_epi16(wabs[0], _mm256_sign_epi8(q0, w[0]));
-        let p1 = _mm256_maddubs_epi16(wabs[1], _mm256_sign_epi8(q1, w[1]));
-        _mm256_madd_epi16(_mm256_add_epi16(p0, p1), _mm256_set1_epi16(1))
+        let ones = _mm256_set1_epi16(1);
+        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[0], _mm256_sign_epi8(q0, w[0])), ones);
+        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(wabs[1], _mm256_sign_epi8(q1, w[1])), ones);
+        let h = _mm256_hadd_epi32(p0, p1);
+        _mm256_hadd_epi32(h, h)
     }
+}
+
+/// The kq2 dot's final reduction `(l0 + l2) + (l1 + l3)` of an accumulator laid out as
+/// [`kq2_isum`]'s lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn kq2_hsum(acc: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(acc);
+    let hi = _mm256_extractf128_ps::<1>(acc);
+    // [l0, l1, l2, l3] (lanes 0 and 1 of `lo` are l0 and l2, of `hi` l1 and l3).
+    let x = _mm_unpacklo_ps(lo, hi);
+    let y = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)))
 }
 
 /// Dots of one kq2 row with `T` token rows of 8-bit kq2 activations
@@ -976,7 +991,7 @@ pub(crate) fn dot_kq2_tile<const T: usize>(row: &[u8], xs: [&Kq2Q8Row; T]) -> [f
             *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(0.25 * (s * d)), *a);
         }
     }
-    acc.map(|a| hsum8(a))
+    acc.map(|a| kq2_hsum(a))
 }
 
 /// `ggml_dot::quantize_q8_k` (Q8_K activations), 8 lanes at a time; bit-identical.

@@ -646,14 +646,19 @@ fn decode_code4(cb: &Codebook, code: u32) -> [i8; 8] {
 /// Dot of a kq2 row with [`Kq2Q8Row`] activations, the definition the SIMD
 /// kernels reproduce bit for bit. Per block with a nonzero scale `s`, against
 /// the quants of the block's storage basis (rotated unless the `U` flag is
-/// set) with their scale `d`: eight exact integer lanes, lane `l` summing
-/// `4c·q` over weights `4l..4l+4` and `32+4l..32+4l+4`, each added to its
-/// float lane as `lane = fma(isum_l, ¼·(s·d), lane)`; blocks in order, the
-/// lanes reduced at the end as `((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7))`.
-/// Blocks past the shorter of `row` and `x` are ignored.
+/// set) with their scale `d`: four exact integer lanes, lane `m` summing `4c·q`
+/// over the block's weights `16m..16m+16`, each added to its float lane as
+/// `lane = fma(isum_m, ¼·(s·d), lane)`; blocks in order, the lanes reduced at
+/// the end as `(l0 + l2) + (l1 + l3)`. Blocks past the shorter of `row` and `x`
+/// are ignored.
+///
+/// Four lanes of 16 weights suit both kernel shapes: a decode kernel holding a
+/// block in one 512-bit vector reduces each 128-bit lane of its `vpdpbusd`
+/// sums, and a prefill kernel with token rows across its vector lanes keeps
+/// four accumulators per row.
 pub fn dot_kq2_q8(row: &[u8], x: &Kq2Q8Row) -> f32 {
     let cb = &*CODEBOOK;
-    let mut lanes = [0.0f32; 8];
+    let mut lanes = [0.0f32; 4];
     for (bi, b) in row.as_chunks::<KQ2_BLOCK_BYTES>().0.iter().enumerate().take(x.d.len()) {
         let s = kq2_scale(b[0]);
         if s == 0.0 {
@@ -665,16 +670,12 @@ pub fn dot_kq2_q8(row: &[u8], x: &Kq2Q8Row) -> f32 {
             wg.copy_from_slice(&decode_code4(cb, block_code(b, g)));
         }
         let f = 0.25 * (s * d);
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            let isum: i32 = [4 * l, 32 + 4 * l]
-                .into_iter()
-                .flat_map(|j0| j0..j0 + 4)
-                .map(|j| i32::from(w[j]) * i32::from(q[j]))
-                .sum();
+        for (m, lane) in lanes.iter_mut().enumerate() {
+            let isum: i32 = (16 * m..16 * m + 16).map(|j| i32::from(w[j]) * i32::from(q[j])).sum();
             *lane = (isum as f32).mul_add(f, *lane);
         }
     }
-    ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]))
+    (lanes[0] + lanes[2]) + (lanes[1] + lanes[3])
 }
 
 /// Quantizes a row of `src.len()` weights (a multiple of 64) into `dst`
