@@ -1,6 +1,7 @@
 //! Single-thread matvec (decode) throughput of the CPU backend's kernels per
-//! layout, for a matrix that fits in L2 and one that streams from memory, and
-//! matmul (prefill) throughput for 64 token rows (`KILN_MATVEC_ROWS`):
+//! layout, for a matrix that fits in L2, one of a feed-forward down projection's shape and
+//! one that streams from memory, and matmul (prefill) throughput for 64 token rows
+//! (`KILN_MATVEC_ROWS`) on the first two:
 //! `cargo run --release -p kiln-cpu --example matvec`. `KILN_MATVEC_ONLY=Q5_0` picks one
 //! layout, `KILN_MATVEC_ISA=avx2` an instruction set below the best one, `KILN_MATVEC_REPS`
 //! the prefill repetitions (5).
@@ -26,7 +27,7 @@ fn main() {
         .into_iter()
         .filter(|d| only.as_deref().is_none_or(|o| format!("{d:?}") == o))
     {
-        for (n, kk) in [(1536usize, 576usize), (32768, 2048)] {
+        for (n, kk) in [(1536usize, 576usize), (1536, 8960), (32768, 2048)] {
             let kk = if dtype.block_elems() == 256 { kk.next_multiple_of(256) } else { kk };
             let rb = dtype.row_bytes(kk as u64).unwrap() as usize;
             let mut bytes = vec![0u8; n * rb];

@@ -101,6 +101,11 @@ pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
         // SAFETY: as above.
         return Prepared::Int(Activations::Q8K(unsafe { x86::quantize_q8_k(x) }));
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && dtype == DType::KQ2 && std::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: AVX512F/VL with `Isa::Avx512Vnni`, AVX512BW checked.
+        return Prepared::Int(Activations::Kq2(unsafe { crate::vnni::quantize_kq2_q8(x) }));
+    }
     let _ = isa;
     match ggml_dot::quantize_for(dtype, x) {
         Some(a) => Prepared::Int(a),

@@ -184,6 +184,96 @@ pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
     (rfull, tfull)
 }
 
+/// `kiln_quant::kq2::quantize_kq2_q8` on 512-bit vectors, bit for bit: per block the
+/// original quants and those of its randomized Hadamard rotation (sign flips, the radix-2
+/// butterflies level by level, each output the same sum or difference of the same two
+/// values, then ×⅛), each quantized to ±127 by its largest magnitude with the same
+/// round-half-even arithmetic.
+///
+/// # Safety
+/// The CPU must support AVX512F, AVX512BW and AVX512VL.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
+#[allow(clippy::needless_range_loop)] // lane indices over fixed arrays unroll; closures would not inline
+pub(crate) fn quantize_kq2_q8(x: &[f32]) -> Kq2Q8Row {
+    let blocks = x.as_chunks::<64>().0;
+    let mut d = Vec::with_capacity(blocks.len());
+    let mut q = vec![0i8; blocks.len() * 128];
+    let sign: [__m512; 4] = std::array::from_fn(|v| {
+        let bits = (kiln_quant::kq2::KQ2_RHT_SIGNS >> (16 * v)) as u16;
+        _mm512_mask_mov_ps(_mm512_set1_ps(1.0), bits, _mm512_set1_ps(-1.0))
+    });
+    // Within a vector, level h pairs lane j with lane j ^ h; the upper lane of each pair
+    // (bit h set) takes the difference.
+    let upper: [u16; 4] = [0xaaaa, 0xcccc, 0xf0f0, 0xff00];
+    for (b, qb) in blocks.iter().zip(q.as_chunks_mut::<128>().0) {
+        let mut v = [_mm512_setzero_ps(); 4];
+        for i in 0..4 {
+            // SAFETY: 16 of the block's 64 floats.
+            v[i] = unsafe { _mm512_loadu_ps(b.as_ptr().add(16 * i)) };
+        }
+        let mut r = [_mm512_setzero_ps(); 4];
+        for i in 0..4 {
+            let mut y = _mm512_mul_ps(v[i], sign[i]);
+            for (level, mask) in upper.iter().enumerate() {
+                let p = match level {
+                    0 => _mm512_permute_ps::<0b10_11_00_01>(y),
+                    1 => _mm512_permute_ps::<0b01_00_11_10>(y),
+                    2 => _mm512_shuffle_f32x4::<0b10_11_00_01>(y, y),
+                    _ => _mm512_shuffle_f32x4::<0b01_00_11_10>(y, y),
+                };
+                y = _mm512_mask_sub_ps(_mm512_add_ps(y, p), *mask, p, y);
+            }
+            r[i] = y;
+        }
+        // Levels 16 and 32: whole vectors.
+        for (lo, hi) in [(0, 1), (2, 3), (0, 2), (1, 3)] {
+            (r[lo], r[hi]) = (_mm512_add_ps(r[lo], r[hi]), _mm512_sub_ps(r[lo], r[hi]));
+        }
+        for e in &mut r {
+            *e = _mm512_mul_ps(*e, _mm512_set1_ps(0.125));
+        }
+        let mut ds = [0f32; 2];
+        for ((vals, dv), out) in [v, r].iter().zip(&mut ds).zip(qb.as_chunks_mut::<64>().0) {
+            *dv = quantize_i8_block(vals, out);
+        }
+        d.push(ds);
+    }
+    Kq2Q8Row { d, q }
+}
+
+/// `kq2::quantize_i8` for one block of 64 values in four vectors: quants
+/// `round_half_even(v·127/amax)` and the scale `amax/127` (0 and zero quants for an
+/// all-zero block, NaN and zero quants when a value is not finite).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw")]
+#[allow(clippy::needless_range_loop)] // as above
+fn quantize_i8_block(v: &[__m512; 4], out: &mut [i8; 64]) -> f32 {
+    let mut abs = [_mm512_setzero_ps(); 4];
+    let mut finite = 0xffffu16;
+    for i in 0..4 {
+        abs[i] = _mm512_abs_ps(v[i]);
+        finite &= _mm512_cmp_ps_mask::<_CMP_LE_OQ>(abs[i], _mm512_set1_ps(f32::MAX));
+    }
+    if finite != 0xffff {
+        *out = [0; 64];
+        return f32::NAN;
+    }
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(abs[0], abs[1]), _mm512_max_ps(abs[2], abs[3])));
+    if amax == 0.0 {
+        *out = [0; 64];
+        return 0.0;
+    }
+    let id = _mm512_set1_ps(127.0 / amax);
+    // 1.5·2²³: adding and taking it away leaves the nearest integer, ties to even.
+    let magic = _mm512_set1_ps(12582912.0);
+    for (i, e) in v.iter().enumerate() {
+        let r = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(*e, id), magic), magic);
+        // SAFETY: 16 bytes of `out`.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().add(16 * i).cast(), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r))) };
+    }
+    amax / 127.0
+}
+
 /// Token rows per tile of a [`Kq2Panel`] (two 512-bit vectors of 16 lanes).
 const KQ2_PANEL_TOKENS: usize = 32;
 
@@ -218,10 +308,10 @@ impl Kq2Panel {
                     for bw in 0..2 * nblocks {
                         let src = &row.q[64 * bw..64 * bw + 64];
                         let dst = &mut xt[bw * KQ2_PANEL_BLOCK..(bw + 1) * KQ2_PANEL_BLOCK];
-                        for g in 0..16 {
-                            for e in 0..4 {
-                                dst[g * 4 * KQ2_PANEL_TOKENS + 4 * t + e] = src[4 * g + e] as u8 ^ 0x80;
-                            }
+                        for (g, quad) in src.as_chunks::<4>().0.iter().enumerate() {
+                            let v = u32::from_le_bytes(quad.map(|q| q as u8)) ^ 0x8080_8080;
+                            let at = g * 4 * KQ2_PANEL_TOKENS + 4 * t;
+                            dst[at..at + 4].copy_from_slice(&v.to_le_bytes());
                         }
                         dt[bw * KQ2_PANEL_TOKENS + t] = row.d[bw / 2][bw % 2];
                     }
@@ -256,36 +346,53 @@ const KQ2_GEMM_ROWS: usize = 8;
 /// `kiln_quant::kq2::dot_kq2_q8`. So results equal the AVX2 kernel bit for bit.
 ///
 /// # Safety
-/// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL, AVX512BW and AVX512VNNI; `rows`
-/// holds `nb` rows of `rb` bytes; `tile` holds `panel`'s token rows × `nb` values.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+/// The CPU must support AVX2, FMA, F16C, AVX512F/BW/VL/VNNI/VBMI/BITALG and GFNI
+/// ([`KQ2_ZMM`]); `rows` holds `nb` rows of `rb` bytes; `tile` holds `panel`'s token rows ×
+/// `nb` values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,avx512bitalg,gfni")]
 #[allow(clippy::needless_range_loop)] // lane indices over fixed arrays unroll; closures would not inline
 pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Panel, tile: &mut [f32]) {
     let nblocks = (rb / 18).min(panel.nblocks);
     let tables = &*x86::KQ2_TABLES;
+    // SAFETY: the CPU features are this function's.
+    let dec = unsafe { Kq2Decoder::new() };
     let zero = Kq2Block { w: [0; 64], start: [0; 4], s: 0.0, basis: 0 };
     let mut blocks = vec![zero; KQ2_GEMM_ROWS * nblocks];
     let tiles = panel.tokens.div_ceil(KQ2_PANEL_TOKENS);
     for j0 in (0..nb).step_by(KQ2_GEMM_ROWS) {
         let group = KQ2_GEMM_ROWS.min(nb - j0);
         for r in 0..group {
-            let row = &rows[(j0 + r) * rb..(j0 + r) * rb + nblocks * 18];
-            for (bi, b) in row.as_chunks::<18>().0.iter().enumerate() {
-                let s = tables.scale[usize::from(b[0] & 0x7f)];
-                let blk = &mut blocks[r * nblocks + bi];
-                *blk = Kq2Block { s, basis: usize::from(b[0] & 0x80 == 0), ..zero };
-                if s != 0.0 {
-                    // SAFETY: AVX2 (this function's target features); `b` is one block.
-                    let w = unsafe { x86::kq2_decode(tables, b) };
-                    // SAFETY: 64 bytes.
+            let row = rows[(j0 + r) * rb..].as_ptr();
+            let mut b0 = 0;
+            while b0 < nblocks {
+                let n = (nblocks - b0).min(KQ2_BATCH);
+                // SAFETY: the row holds `nblocks` blocks; the CPU features are this function's.
+                let batch = unsafe { dec.lookup(row.add(18 * b0), n) };
+                for k in 0..n {
+                    // SAFETY: as above.
+                    let hdr = unsafe { *row.add(18 * (b0 + k)) };
+                    let s = tables.scale[usize::from(hdr & 0x7f)];
+                    let blk = &mut blocks[r * nblocks + b0 + k];
+                    *blk = Kq2Block { s, basis: usize::from(hdr & 0x80 == 0), ..zero };
+                    if s == 0.0 {
+                        continue;
+                    }
+                    // SAFETY: as above.
+                    let (m, sigma) = unsafe { dec.weights(batch, k) };
+                    let w = _mm512_mask_sub_epi8(m, sigma, _mm512_setzero_si512(), m);
+                    // Per 16 weights Σw, from the byte sums of w + 128 over each 8.
+                    let mut sums = [0u64; 8];
+                    // SAFETY: 64 bytes each.
                     unsafe {
-                        _mm256_storeu_si256(blk.w.as_mut_ptr().cast(), w[0]);
-                        _mm256_storeu_si256(blk.w.as_mut_ptr().add(32).cast(), w[1]);
+                        _mm512_storeu_si512(blk.w.as_mut_ptr().cast(), w);
+                        let biased = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
+                        _mm512_storeu_si512(sums.as_mut_ptr().cast(), _mm512_sad_epu8(biased, _mm512_setzero_si512()));
                     }
                     for m in 0..4 {
-                        blk.start[m] = -128 * blk.w[16 * m..16 * m + 16].iter().map(|&v| i32::from(v)).sum::<i32>();
+                        blk.start[m] = -128 * ((sums[2 * m] + sums[2 * m + 1]) as i32 - 16 * 128);
                     }
                 }
+                b0 += n;
             }
         }
         for t in 0..tiles {
@@ -296,49 +403,13 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
             // each), kept in L1 while the blocks pass: each block's quants (both bases, 4 KiB)
             // then serve every row of the group from L1.
             let mut accs = [[[_mm512_setzero_ps(); 2]; 4]; KQ2_GEMM_ROWS];
-            for r in 0..group {
-                let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-                for bi in 0..nblocks {
-                    let blk = &blocks[r * nblocks + bi];
-                    if blk.s == 0.0 {
-                        continue;
-                    }
-                    let at = 2 * bi + blk.basis;
-                    // SAFETY: block `bi` of this tile in the block's basis (the panel holds
-                    // `nblocks` blocks per tile), 32 scales and 16 groups of 128 bytes.
-                    unsafe {
-                        let xb = xt.as_ptr().add(at * KQ2_PANEL_BLOCK);
-                        let dp = dt.as_ptr().add(at * KQ2_PANEL_TOKENS);
-                        let s = _mm512_set1_ps(blk.s);
-                        let quarter = _mm512_set1_ps(0.25);
-                        let f = [
-                            _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp))),
-                            _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(16)))),
-                        ];
-                        let wp = blk.w.as_ptr().cast::<i32>();
-                        // Eight independent sums (lane m, token half h), their four steps
-                        // interleaved so that the `vpdpbusd` latency overlaps.
-                        let mut isum = [[_mm512_setzero_si512(); 2]; 4];
-                        for m in 0..4 {
-                            isum[m] = [_mm512_set1_epi32(blk.start[m]); 2];
-                        }
-                        for step in 0..4 {
-                            for m in 0..4 {
-                                let g = 4 * m + step;
-                                let w = _mm512_set1_epi32(wp.add(g).read_unaligned());
-                                let xg = xb.add(g * 4 * KQ2_PANEL_TOKENS);
-                                isum[m][0] = _mm512_dpbusd_epi32(isum[m][0], _mm512_loadu_si512(xg.cast()), w);
-                                isum[m][1] = _mm512_dpbusd_epi32(isum[m][1], _mm512_loadu_si512(xg.add(64).cast()), w);
-                            }
-                        }
-                        for m in 0..4 {
-                            for h in 0..2 {
-                                acc[m][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[m][h]), f[h], acc[m][h]);
-                            }
-                        }
-                    }
+            for bi in 0..nblocks {
+                for r in 0..group {
+                    let blks = [&blocks[r * nblocks + bi]];
+                    // SAFETY: the panel holds `nblocks` blocks per tile; the CPU features are
+                    // this function's.
+                    unsafe { kq2_micro(blks, &mut accs[r..r + 1], xt.as_ptr(), dt.as_ptr(), bi) };
                 }
-                accs[r] = acc;
             }
             for r in 0..group {
                 let mut out = [0f32; KQ2_PANEL_TOKENS];
@@ -350,6 +421,66 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
                 }
                 for (u, v) in out.iter().take(count).enumerate() {
                     tile[(t * KQ2_PANEL_TOKENS + u) * nb + j0 + r] = *v;
+                }
+            }
+        }
+    }
+}
+
+/// Block `bi` of `N` weight rows against one [`Kq2Panel`] tile (`xt`, `dt`: the tile's
+/// quants and scales), added to the rows' float lanes `accs`: per lane m of 16 weights and
+/// half of the 32 token rows, `start` plus four `vpdpbusd` (a broadcast four-byte weight
+/// group against the rows' quants), then `fma(isum, ¼·(s·d), lane)`, skipped (masked) for
+/// a zero-scale block as the definition skips it.
+///
+/// # Safety
+/// The CPU must support AVX512F/BW/VL/VNNI; `xt` and `dt` hold the tile's blocks up to `bi`.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // indices over fixed arrays unroll; closures would not inline
+unsafe fn kq2_micro<const N: usize>(
+    blks: [&Kq2Block; N],
+    accs: &mut [[[__m512; 2]; 4]],
+    xt: *const u8,
+    dt: *const f32,
+    bi: usize,
+) {
+    // SAFETY: the caller's (reads within the tile; CPU features).
+    unsafe {
+        let quarter = _mm512_set1_ps(0.25);
+        let mut xb = [xt; N];
+        let mut f = [[quarter; 2]; N];
+        let mut live = [0u16; N];
+        let mut isum = [[[_mm512_setzero_si512(); 2]; 4]; N];
+        for u in 0..N {
+            let at = 2 * bi + blks[u].basis;
+            xb[u] = xt.add(at * KQ2_PANEL_BLOCK);
+            let dp = dt.add(at * KQ2_PANEL_TOKENS);
+            let s = _mm512_set1_ps(blks[u].s);
+            f[u] = [
+                _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp))),
+                _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(16)))),
+            ];
+            live[u] = if blks[u].s == 0.0 { 0 } else { 0xffff };
+            for m in 0..4 {
+                isum[u][m] = [_mm512_set1_epi32(blks[u].start[m]); 2];
+            }
+        }
+        for step in 0..4 {
+            for m in 0..4 {
+                let g = 4 * m + step;
+                for u in 0..N {
+                    let w = _mm512_set1_epi32(blks[u].w.as_ptr().cast::<i32>().add(g).read_unaligned());
+                    let xg = xb[u].add(g * 4 * KQ2_PANEL_TOKENS);
+                    isum[u][m][0] = _mm512_dpbusd_epi32(isum[u][m][0], _mm512_loadu_si512(xg.cast()), w);
+                    isum[u][m][1] = _mm512_dpbusd_epi32(isum[u][m][1], _mm512_loadu_si512(xg.add(64).cast()), w);
+                }
+            }
+        }
+        for u in 0..N {
+            for m in 0..4 {
+                for h in 0..2 {
+                    let a = &mut accs[u][m][h];
+                    *a = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum[u][m][h]), f[u][h], *a, live[u]);
                 }
             }
         }
@@ -428,6 +559,127 @@ static KQ2_ZMM_TABLES: std::sync::LazyLock<Kq2Zmm> = std::sync::LazyLock::new(||
     Kq2Zmm { codes, words, high, high_bit, mix, shifts, sigma, flip }
 });
 
+/// The 512-bit kq2 decoder's tables in registers (see [`kq2_rows`]): per batch of four
+/// blocks [`Self::lookup`], then per block [`Self::weights`].
+struct Kq2Decoder {
+    t: [__m512i; 16],
+    words_ix: __m512i,
+    high_ix: __m512i,
+    high_bit: __m512i,
+    mix: [__m512i; KQ2_BATCH],
+    shifts: __m512i,
+    sel_sigma: __m512i,
+    sel_flip: __m512i,
+}
+
+impl Kq2Decoder {
+    /// The decoder (plain `inline(always)` functions, like `x86::kq2_decode`, so that they
+    /// inline into their AVX-512 callers).
+    ///
+    /// # Safety
+    /// The CPU must support AVX512F/BW/VL/VBMI/BITALG and GFNI ([`KQ2_ZMM`]).
+    #[inline(always)]
+    unsafe fn new() -> Kq2Decoder {
+        let z = &*KQ2_ZMM_TABLES;
+        // SAFETY: the caller's CPU features; 64-byte tables.
+        unsafe {
+            let ld = |p: *const u8| _mm512_loadu_si512(p.cast());
+            let mut t = [_mm512_setzero_si512(); 16];
+            for (i, v) in t.iter_mut().enumerate() {
+                *v = ld(z.codes[i].as_ptr().cast());
+            }
+            let mut mix = [_mm512_setzero_si512(); KQ2_BATCH];
+            for (k, v) in mix.iter_mut().enumerate() {
+                *v = ld(z.mix[k].as_ptr().cast());
+            }
+            Kq2Decoder {
+                t,
+                words_ix: ld(z.words.as_ptr()),
+                high_ix: ld(z.high.as_ptr()),
+                high_bit: ld(z.high_bit.as_ptr().cast()),
+                mix,
+                shifts: ld(z.shifts.as_ptr()),
+                sel_sigma: ld(z.sigma.as_ptr()),
+                sel_flip: ld(z.flip.as_ptr()),
+            }
+        }
+    }
+
+    /// A batch of `n` (1..=4) blocks at `p`: their magnitude codes and sign words.
+    ///
+    /// # Safety
+    /// As [`Self::new`]; `p` points at `n` blocks.
+    #[inline(always)]
+    unsafe fn lookup(&self, p: *const u8, n: usize) -> (__m512i, __m512i) {
+        // SAFETY: the caller's (masked loads stay within the `n` blocks).
+        unsafe {
+            let (r0, r1) = if n == KQ2_BATCH {
+                (_mm512_loadu_si512(p.cast()), _mm512_maskz_loadu_epi8(0xff, p.add(64).cast()))
+            } else {
+                (_mm512_maskz_loadu_epi8((1u64 << (18 * n)) - 1, p.cast()), _mm512_setzero_si512())
+            };
+            let t = &self.t;
+            let words = _mm512_permutex2var_epi8(r0, self.words_ix, r1);
+            let high = _mm512_test_epi16_mask(_mm512_permutex2var_epi8(r0, self.high_ix, r1), self.high_bit);
+            // Bits 0–5 of each index pick within 64 entries, bits 6–8 among the eight such tables.
+            let mut r = [_mm512_setzero_si512(); 8];
+            for (i, v) in r.iter_mut().enumerate() {
+                *v = _mm512_permutex2var_epi16(t[2 * i], words, t[2 * i + 1]);
+            }
+            let (k6, k7) = (
+                _mm512_test_epi16_mask(words, _mm512_set1_epi16(0x40)),
+                _mm512_test_epi16_mask(words, _mm512_set1_epi16(0x80)),
+            );
+            let a = [
+                _mm512_mask_blend_epi16(k6, r[0], r[1]),
+                _mm512_mask_blend_epi16(k6, r[2], r[3]),
+                _mm512_mask_blend_epi16(k6, r[4], r[5]),
+                _mm512_mask_blend_epi16(k6, r[6], r[7]),
+            ];
+            let codes = _mm512_mask_blend_epi16(
+                high,
+                _mm512_mask_blend_epi16(k7, a[0], a[1]),
+                _mm512_mask_blend_epi16(k7, a[2], a[3]),
+            );
+            // Per group a sign word: low byte σ₀..σ₇ (σ₇ = the parity of the seven stored sign
+            // bits and of P(i), itself the parity of the codes' low bits as Σ A / 2 = Σ c + 4),
+            // high byte σ_j ≠ τ (τ, the shift bit, is bit 15 of the group word).
+            let low = _mm512_and_si512(codes, _mm512_set1_epi16(0x5555));
+            // (words & 0x7f00) ^ low
+            let both = _mm512_ternarylogic_epi32::<0x78>(low, words, _mm512_set1_epi16(0x7f00));
+            let odd = _mm512_slli_epi16::<7>(_mm512_and_si512(_mm512_popcnt_epi16(both), _mm512_set1_epi16(1)));
+            // (words >> 8 & 0x7f) | odd
+            let sigma = _mm512_ternarylogic_epi32::<0xea>(_mm512_srli_epi16::<8>(words), _mm512_set1_epi16(0x7f), odd);
+            let tau = _mm512_and_si512(_mm512_srai_epi16::<15>(words), _mm512_set1_epi16(0xff00u16 as i16));
+            // sigma | ((sigma << 8) ^ tau)
+            let signs = _mm512_ternarylogic_epi32::<0xf6>(sigma, _mm512_slli_epi16::<8>(sigma), tau);
+            (codes, signs)
+        }
+    }
+
+    /// Block `k` of a looked-up batch: the magnitudes `|4·c|` of its 64 weights as bytes and
+    /// their signs σ as a mask (set: negative).
+    ///
+    /// # Safety
+    /// As [`Self::new`].
+    #[inline(always)]
+    unsafe fn weights(&self, (codes, signs): (__m512i, __m512i), k: usize) -> (__m512i, __mmask64) {
+        // SAFETY: the caller's CPU features.
+        unsafe {
+            // Qword g: group g's code three times, then its sign word.
+            let v = _mm512_permutex2var_epi16(codes, self.mix[k], signs);
+            // |4·c| = 2A + 1 where σ = τ, else 2A − 1.
+            let m = _mm512_gf2p8affine_epi64_epi8::<3>(
+                _mm512_multishift_epi64_epi8(self.shifts, v),
+                _mm512_set1_epi64(KQ2_GF_MAG),
+            );
+            let sigma = _mm512_bitshuffle_epi64_mask(v, self.sel_sigma);
+            let w = _mm512_mask_sub_epi8(m, _mm512_bitshuffle_epi64_mask(v, self.sel_flip), m, _mm512_set1_epi8(2));
+            (w, sigma)
+        }
+    }
+}
+
 /// Weight rows [`kq2_gemv`] works on at once.
 const KQ2_GEMV_ROWS: usize = 4;
 
@@ -471,64 +723,19 @@ pub(crate) unsafe fn kq2_gemv(rows: &[u8], rb: usize, nb: usize, x: &Kq2Q8Row, o
 #[allow(clippy::needless_range_loop)] // block indices over fixed arrays unroll; closures would not inline
 unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize) -> [f32; KQ2_GEMV_ROWS] {
     const R: usize = KQ2_GEMV_ROWS;
-    let z = &*KQ2_ZMM_TABLES;
     let scales = &x86::KQ2_TABLES.scale;
-    // SAFETY: the tables are 64-byte arrays; the row reads below stay within its blocks
-    // (masked loads); the CPU features are this function's.
+    // SAFETY: the decoder's reads stay within the blocks (masked loads), the activation
+    // reads within `x` (nblocks ≤ its blocks); the CPU features are this function's.
     unsafe {
-        let ld = |p: *const u8| _mm512_loadu_si512(p.cast());
-        let t: [__m512i; 16] = std::array::from_fn(|i| ld(z.codes[i].as_ptr().cast()));
-        let (words_ix, high_ix, high_bit) = (ld(z.words.as_ptr()), ld(z.high.as_ptr()), ld(z.high_bit.as_ptr().cast()));
-        let mix: [__m512i; KQ2_BATCH] = std::array::from_fn(|k| ld(z.mix[k].as_ptr().cast()));
-        let (shifts, sel_sigma, sel_flip) = (ld(z.shifts.as_ptr()), ld(z.sigma.as_ptr()), ld(z.flip.as_ptr()));
-        let gf_mag = _mm512_set1_epi64(KQ2_GF_MAG);
-        let (two, zero) = (_mm512_set1_epi8(2), _mm512_setzero_si512());
+        let dec = Kq2Decoder::new();
+        let zero = _mm512_setzero_si512();
         let (q0, d0) = (x.q.as_ptr(), x.d.as_ptr().cast::<f32>());
-        // A batch of `n` blocks at `p`: its magnitude codes and sign words.
-        let lookup = |p: *const u8, n: usize| {
-            let (r0, r1) = if n == KQ2_BATCH {
-                (_mm512_loadu_si512(p.cast()), _mm512_maskz_loadu_epi8(0xff, p.add(64).cast()))
-            } else {
-                (_mm512_maskz_loadu_epi8((1u64 << (18 * n)) - 1, p.cast()), zero)
-            };
-            let words = _mm512_permutex2var_epi8(r0, words_ix, r1);
-            let high = _mm512_test_epi16_mask(_mm512_permutex2var_epi8(r0, high_ix, r1), high_bit);
-            // Bits 0–5 of each index pick within 64 entries, bits 6–8 among the eight such tables.
-            let r: [__m512i; 8] = std::array::from_fn(|i| _mm512_permutex2var_epi16(t[2 * i], words, t[2 * i + 1]));
-            let (k6, k7) = (
-                _mm512_test_epi16_mask(words, _mm512_set1_epi16(0x40)),
-                _mm512_test_epi16_mask(words, _mm512_set1_epi16(0x80)),
-            );
-            let a: [__m512i; 4] = std::array::from_fn(|i| _mm512_mask_blend_epi16(k6, r[2 * i], r[2 * i + 1]));
-            let codes = _mm512_mask_blend_epi16(
-                high,
-                _mm512_mask_blend_epi16(k7, a[0], a[1]),
-                _mm512_mask_blend_epi16(k7, a[2], a[3]),
-            );
-            // Per group a sign word: low byte σ₀..σ₇ (σ₇ = the parity of the seven stored sign
-            // bits and of P(i), itself the parity of the codes' low bits as Σ A / 2 = Σ c + 4),
-            // high byte σ_j ≠ τ (τ, the shift bit, is bit 15 of the group word).
-            let low = _mm512_and_si512(codes, _mm512_set1_epi16(0x5555));
-            // (words & 0x7f00) ^ low
-            let both = _mm512_ternarylogic_epi32::<0x78>(low, words, _mm512_set1_epi16(0x7f00));
-            let odd = _mm512_slli_epi16::<7>(_mm512_and_si512(_mm512_popcnt_epi16(both), _mm512_set1_epi16(1)));
-            // (words >> 8 & 0x7f) | odd
-            let sigma = _mm512_ternarylogic_epi32::<0xea>(_mm512_srli_epi16::<8>(words), _mm512_set1_epi16(0x7f), odd);
-            let tau = _mm512_and_si512(_mm512_srai_epi16::<15>(words), _mm512_set1_epi16(0xff00u16 as i16));
-            // sigma | ((sigma << 8) ^ tau)
-            let signs = _mm512_ternarylogic_epi32::<0xf6>(sigma, _mm512_slli_epi16::<8>(sigma), tau);
-            (codes, signs)
-        };
+        let lookup = |p: *const u8, n: usize| dec.lookup(p, n);
         // Block `k` of the batch at `p` (block `bi` of the row) added to `acc`.
-        let block = |p: *const u8, (codes, signs): (__m512i, __m512i), k: usize, bi: usize| {
+        let block = |p: *const u8, batch: (__m512i, __m512i), k: usize, bi: usize| {
             let hdr = *p.add(18 * k);
             let s = *scales.get_unchecked(usize::from(hdr & 0x7f));
-            // Qword g: group g's code three times, then its sign word.
-            let v = _mm512_permutex2var_epi16(codes, mix[k], signs);
-            // |4·c| = 2A + 1 where σ = τ, else 2A − 1.
-            let m = _mm512_gf2p8affine_epi64_epi8::<3>(_mm512_multishift_epi64_epi8(shifts, v), gf_mag);
-            let sigma = _mm512_bitshuffle_epi64_mask(v, sel_sigma);
-            let w = _mm512_mask_sub_epi8(m, _mm512_bitshuffle_epi64_mask(v, sel_flip), m, two);
+            let (w, sigma) = dec.weights(batch, k);
             // The block's basis: its activation quants and their scale.
             let at = 2 * bi + usize::from(hdr >> 7 ^ 1);
             let q = _mm512_loadu_si512(q0.add(64 * at).cast());
@@ -1344,6 +1551,30 @@ mod tests {
                 let v = unsafe { x86::dot_q3_k_tile(&rows[j * blocks * 110..(j + 1) * blocks * 110], [xr[t]]) };
                 v[0]
             });
+        }
+    }
+
+    /// The 512-bit kq2 activation quantizer equals `kiln_quant::kq2::quantize_kq2_q8` bit
+    /// for bit: random rows with spikes, an all-zero block, a block with a NaN, a tail.
+    #[test]
+    fn kq2_activation_quantizer_equals_the_definition_bit_for_bit() {
+        if !available() || !is_x86_feature_detected!("avx512bw") {
+            return;
+        }
+        let mut r = rng(91);
+        for (n, spike) in [(64usize, 3.0f32), (576, -40.0), (1536, 0.5), (200, 7.0)] {
+            let mut x: Vec<f32> =
+                (0..n).map(|i| if i % 37 == 5 { spike } else { ((r() % 20001) as f32 / 10000.0) - 1.0 }).collect();
+            if n >= 576 {
+                x[64..128].iter_mut().for_each(|v| *v = 0.0);
+                x[130] = f32::NAN;
+            }
+            let want = kiln_quant::kq2::quantize_kq2_q8(&x);
+            // SAFETY: checked above.
+            let got = unsafe { quantize_kq2_q8(&x) };
+            assert_eq!(got.q, want.q, "{n}");
+            let bits = |d: &[[f32; 2]]| d.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.d), bits(&want.d), "{n}");
         }
     }
 
