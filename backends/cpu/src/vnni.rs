@@ -1590,20 +1590,7 @@ mod tests {
             let blocks = 1 + seed as usize % 3;
             let (nb, tokens) = (5 + seed as usize * 3, [8, 33, 40, 64][seed as usize]);
             let mut r = rng(seed + 41);
-            let mut rows = vec![0u8; nb * blocks * 18];
-            for (j, row) in rows.chunks_mut(blocks * 18).enumerate() {
-                if seed % 2 == 0 {
-                    row.iter_mut().for_each(|b| *b = r() as u8);
-                    if j % 3 == 1 {
-                        row[0] &= 0x80;
-                    }
-                } else {
-                    let w: Vec<f32> = (0..blocks * 64)
-                        .map(|i| if j == 2 && i < 64 { 0.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
-                        .collect();
-                    kiln_quant::kq2::quantize_kq2(&w, None, row).unwrap();
-                }
-            }
+            let rows = kq2_rows_for_test(&mut r, seed % 2 == 0, nb, blocks);
             let xs = activations(&mut r, tokens, blocks * 64, (13, -4.0), kiln_quant::kq2::quantize_kq2_q8);
             let xr: Vec<&Kq2Q8Row> = xs.iter().collect();
             let panel = Kq2Panel::build(&xr);
@@ -1621,6 +1608,29 @@ mod tests {
         }
     }
 
+    /// `nb` kq2 rows of `blocks` blocks: random bytes (every magnitude index, sign, shift,
+    /// basis and scale; every third row's first block zero-scale, in either basis) or
+    /// quantized random weights (row 2's first block all zero).
+    fn kq2_rows_for_test(r: &mut impl FnMut() -> u64, random_bytes: bool, nb: usize, blocks: usize) -> Vec<u8> {
+        let mut rows = vec![0u8; nb * blocks * 18];
+        for (j, row) in rows.chunks_mut(blocks * 18).enumerate() {
+            if random_bytes {
+                row.iter_mut().for_each(|b| *b = r() as u8);
+                if j % 3 == 1 {
+                    row[0] &= 0x80;
+                }
+            } else {
+                let w: Vec<f32> = (0..blocks * 64)
+                    .map(|i| if j == 2 && i < 64 { 0.0 } else { ((r() % 20001) as f32 / 10000.0) - 1.0 })
+                    .collect();
+                kiln_quant::kq2::quantize_kq2(&w, None, row).unwrap();
+            }
+        }
+        rows
+    }
+
+    /// The 512-bit kq2 gemv equals the AVX2 kernel bit for bit on random block bytes and
+    /// on quantized rows, with row counts that leave a partial group of four.
     #[test]
     fn kq2_gemv_equals_the_avx2_kernel_bit_for_bit() {
         if !available() || !*KQ2_ZMM {
@@ -1630,19 +1640,7 @@ mod tests {
             let blocks = 1 + seed as usize % 5;
             let nb = 3 + 2 * seed as usize;
             let mut r = rng(seed + 77);
-            let mut rows = vec![0u8; nb * blocks * 18];
-            for (j, row) in rows.chunks_mut(blocks * 18).enumerate() {
-                if seed % 2 == 0 {
-                    row.iter_mut().for_each(|b| *b = r() as u8);
-                    // Some zero-scale blocks (scale index 0), in both bases.
-                    if j % 3 == 1 {
-                        row[0] &= 0x80;
-                    }
-                } else {
-                    let w: Vec<f32> = (0..blocks * 64).map(|_| ((r() % 20001) as f32 / 10000.0) - 1.0).collect();
-                    kiln_quant::kq2::quantize_kq2(&w, None, row).unwrap();
-                }
-            }
+            let rows = kq2_rows_for_test(&mut r, seed % 2 == 0, nb, blocks);
             let xs = activations(&mut r, 1, blocks * 64, (11, 3.0), kiln_quant::kq2::quantize_kq2_q8);
             let mut got = vec![f32::NAN; nb];
             // SAFETY: checked above; `nb` rows of `blocks` blocks, the token row as wide.
