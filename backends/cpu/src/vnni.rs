@@ -130,16 +130,19 @@ pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
             let row = &rows[(j + r) * rb..(j + r + 1) * rb];
             for bi in 0..nblocks {
                 let blk = &row[bi * 110..bi * 110 + 110];
-                let sc = kiln_quant::ggml_dot::q3_k_scales(&blk[96..108]);
-                // SAFETY: the 32 bytes of the high-bit mask.
-                let hbits = unsafe { _mm256_loadu_si256(blk.as_ptr().cast()) };
+                let mut sc = [0i8; 16];
+                // SAFETY: the 12 scale bytes; 16 bytes out; the 32 bytes of the high-bit mask.
+                let hbits = unsafe {
+                    _mm_storeu_si128(sc.as_mut_ptr().cast(), x86::q3_k_scales(blk.as_ptr().add(96)));
+                    _mm256_loadu_si256(blk.as_ptr().cast())
+                };
                 for half in 0..2 {
                     // SAFETY: 32 bytes of 2-bit quants inside the block.
                     let q3 = unsafe { _mm256_loadu_si256(blk.as_ptr().add(32 + 32 * half).cast()) };
                     for shift in 0..4 {
                         let w = x86::q3_k_segment(q3, hbits, half, shift);
                         let g = 8 * half + 2 * shift;
-                        let (s0, s1) = (i16::from(sc[g] as i8), i16::from(sc[g + 1] as i8));
+                        let (s0, s1) = (i16::from(sc[g]), i16::from(sc[g + 1]));
                         let scales = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
                         seg[(r * nblocks + bi) * 8 + half * 4 + shift] = [w, _mm256_sign_epi8(w, w), scales];
                     }
