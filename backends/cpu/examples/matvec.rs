@@ -23,9 +23,20 @@ fn main() {
     println!("isa: {}", k.isa.name());
     let prefill_rows: usize = std::env::var("KILN_MATVEC_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(64);
     let only = std::env::var("KILN_MATVEC_ONLY").ok();
-    for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q8_0, DType::Q3K, DType::Q4K, DType::Q6K, DType::KQ2]
-        .into_iter()
-        .filter(|d| only.as_deref().is_none_or(|o| format!("{d:?}") == o))
+    for dtype in [
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q8_0,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+        DType::KQ2,
+    ]
+    .into_iter()
+    .filter(|d| only.as_deref().is_none_or(|o| format!("{d:?}") == o))
     {
         for (n, kk) in [(1536usize, 576usize), (1536, 8960), (32768, 2048)] {
             let kk = if dtype.block_elems() == 256 { kk.next_multiple_of(256) } else { kk };
@@ -46,7 +57,11 @@ fn main() {
                     DType::Q6K => blk[208..210].copy_from_slice(&h),
                     DType::Q3K => blk[108..110].copy_from_slice(&h),
                     DType::KQ2 => {}
-                    DType::Q4K | DType::Q4_1 => {
+                    DType::Q2K => {
+                        blk[80..82].copy_from_slice(&h);
+                        blk[82..84].copy_from_slice(&h);
+                    }
+                    DType::Q4K | DType::Q5K | DType::Q4_1 => {
                         blk[0..2].copy_from_slice(&h);
                         blk[2..4].copy_from_slice(&h);
                     }

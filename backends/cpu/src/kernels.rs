@@ -169,16 +169,31 @@ pub(crate) fn dot_tile(
     if isa.avx2() && avx2_tile(isa, dtype, rows, rb, nb, xs, batch, tile) {
         return Ok(());
     }
-    let _ = isa;
     let k = xs.iter().find_map(|x| if let Prepared::Float(x) = x { Some(x.len()) } else { None });
     if let Some(k) = k {
         // Float layouts: each weight row dequantized once, dotted with every
         // token row in the reference's order.
+        // (AVX2: Q2_K and Q5_K dequantized and the dots taken 8 lanes at a time, bit for bit.)
         let mut w = vec![0f32; k];
         for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
+            #[cfg(target_arch = "x86_64")]
+            match dtype {
+                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C; the
+                // row's whole blocks fill `w` (k weights per row).
+                DType::Q2K if isa.avx2() && r.len() == k / 256 * 84 => unsafe { x86::dequant_q2_k_row(r, &mut w) },
+                DType::Q5K if isa.avx2() && r.len() == k / 256 * 176 => unsafe { x86::dequant_q5_k_row(r, &mut w) },
+                _ => quant::dequantize_row(dtype, r, &mut w)?,
+            }
+            #[cfg(not(target_arch = "x86_64"))]
             quant::dequantize_row(dtype, r, &mut w)?;
             for (t, x) in xs.iter().enumerate() {
                 if let Prepared::Float(x) = x {
+                    #[cfg(target_arch = "x86_64")]
+                    if isa.avx2() {
+                        // SAFETY: as above.
+                        tile[t * nb + j] = unsafe { x86::dot_f32(&w, x) };
+                        continue;
+                    }
                     tile[t * nb + j] = kiln_backends::reference::dot(&w, x);
                 }
             }

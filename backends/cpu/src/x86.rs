@@ -571,6 +571,107 @@ pub(crate) unsafe fn q3_k_scales(s: *const u8) -> __m128i {
     }
 }
 
+/// `kiln_backends::reference::dot` on AVX2, bit for bit: eight f32 lanes (element `i` in lane
+/// `i % 8`), each step a rounded product then a rounded sum (no fused multiply-add), the lanes
+/// summed pairwise as the reference does, then the tail of fewer than eight elements.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..full).step_by(8) {
+        // SAFETY: 8 floats of each.
+        let (x, y) = unsafe { (_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i))) };
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+    }
+    let mut tail = 0.0f32;
+    for i in full..n {
+        tail += a[i] * b[i];
+    }
+    // ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)), the reference's `sum_lanes`.
+    let r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let t = _mm_add_ps(r, _mm_shuffle_ps::<0b10_11_00_01>(r, r));
+    _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t))) + tail
+}
+
+/// `kiln_quant`'s Q2_K dequantizer on AVX2, bit for bit (per 16 weights `d·sc·q − dmin·m`,
+/// a rounded product then a rounded difference): whole 84-byte blocks of `row` into `out`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dequant_q2_k_row(row: &[u8], out: &mut [f32]) {
+    let three = _mm_set1_epi8(3);
+    for (b, o) in row.as_chunks::<84>().0.iter().zip(out.as_chunks_mut::<256>().0) {
+        let (d, dmin) = (f16(b, 80), f16(b, 82));
+        for half in 0..2 {
+            for shift in 0..4 {
+                for part in 0..2 {
+                    let sc = b[half * 8 + shift * 2 + part];
+                    let (dl, ml) =
+                        (_mm256_set1_ps(d * f32::from(sc & 0x0f)), _mm256_set1_ps(dmin * f32::from(sc >> 4)));
+                    // SAFETY: 16 of the block's quant bytes.
+                    let q = unsafe { _mm_loadu_si128(b.as_ptr().add(16 + half * 32 + part * 16).cast()) };
+                    let v = _mm_and_si128(_mm_srl_epi16(q, _mm_cvtsi32_si128(2 * shift as i32)), three);
+                    let base = half * 128 + shift * 32 + part * 16;
+                    for (h, v) in [v, _mm_srli_si128::<8>(v)].into_iter().enumerate() {
+                        let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                        // SAFETY: 8 floats of the block's 256.
+                        unsafe {
+                            _mm256_storeu_ps(o.as_mut_ptr().add(base + 8 * h), _mm256_sub_ps(_mm256_mul_ps(dl, f), ml))
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `kiln_quant`'s Q5_K dequantizer on AVX2, bit for bit (per 32 weights `d·sc·q − dmin·m`):
+/// whole 176-byte blocks of `row` into `out`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dequant_q5_k_row(row: &[u8], out: &mut [f32]) {
+    let nib = _mm256_set1_epi8(0x0f);
+    for (b, o) in row.as_chunks::<176>().0.iter().zip(out.as_chunks_mut::<256>().0) {
+        let (d, dmin) = (f16(b, 0), f16(b, 2));
+        // SAFETY: the 32 high-bit bytes.
+        let qh = unsafe { _mm256_loadu_si256(b.as_ptr().add(16).cast()) };
+        for g in 0..4 {
+            // SAFETY: 32 of the block's nibble bytes.
+            let q = unsafe { _mm256_loadu_si256(b.as_ptr().add(48 + 32 * g).cast()) };
+            for half in 0..2 {
+                let j = g * 2 + half;
+                let (sc, m) = kiln_quant::ggml_dot::scale_min_k4(j, &b[4..16]);
+                let (d1, m1) = (_mm256_set1_ps(d * f32::from(sc)), _mm256_set1_ps(dmin * f32::from(m)));
+                let low =
+                    if half == 0 { _mm256_and_si256(q, nib) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib) };
+                let bit = _mm256_set1_epi8(1 << j);
+                let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), _mm256_set1_epi8(16));
+                let v = _mm256_or_si256(low, high);
+                let lanes = [_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)];
+                for (p, v) in lanes.into_iter().enumerate() {
+                    for (h, v) in [v, _mm_srli_si128::<8>(v)].into_iter().enumerate() {
+                        let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                        // SAFETY: 8 floats of the block's 256.
+                        unsafe {
+                            _mm256_storeu_ps(
+                                o.as_mut_ptr().add(j * 32 + p * 16 + h * 8),
+                                _mm256_sub_ps(_mm256_mul_ps(d1, f), m1),
+                            )
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
 /// super-block, each `fma(d, lane − sub, acc)`).
 ///
@@ -1142,6 +1243,46 @@ mod tests {
                 let got = unsafe { dot_legacy(kind, &row, &x) };
                 assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} n={n}: {got} vs {want}");
             }
+        }
+    }
+
+    /// The AVX2 Q2_K and Q5_K dequantizers and the f32 dot equal the scalar definitions
+    /// bit for bit (random blocks: every quant, scale and minimum; sane f16 scales).
+    #[test]
+    fn float_path_kernels_equal_the_definitions_bit_for_bit() {
+        if !crate::Isa::Avx2.available() {
+            return;
+        }
+        let mut r = rng(61);
+        for (dtype, bb, scales) in [(DType::Q2K, 84usize, [80usize, 82]), (DType::Q5K, 176, [0, 2])] {
+            let mut row: Vec<u8> = (0..3 * bb).map(|_| r() as u8).collect();
+            for blk in row.chunks_mut(bb) {
+                for (k, at) in scales.iter().enumerate() {
+                    let h = half::f16::from_f32(0.01 + 0.003 * k as f32 + (r() % 100) as f32 * 1e-4).to_le_bytes();
+                    blk[*at..*at + 2].copy_from_slice(&h);
+                }
+            }
+            let mut want = vec![0f32; 3 * 256];
+            kiln_quant::dequantize_row(dtype, &row, &mut want).unwrap();
+            let mut got = vec![f32::NAN; 3 * 256];
+            // SAFETY: checked above.
+            unsafe {
+                if dtype == DType::Q2K { dequant_q2_k_row(&row, &mut got) } else { dequant_q5_k_row(&row, &mut got) }
+            };
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{dtype:?}"
+            );
+        }
+        for n in [0usize, 5, 8, 45, 64, 1003] {
+            // Magnitudes spread over decades, so that a different lane order would show.
+            let a: Vec<f32> =
+                (0..n).map(|i| ((r() % 2001) as f32 - 1000.0) / 77.0 * 10f32.powi((i % 7) as i32 - 3)).collect();
+            let b: Vec<f32> = (0..n).map(|_| ((r() % 2001) as f32 - 1000.0) / 313.0).collect();
+            // SAFETY: checked above.
+            let got = unsafe { dot_f32(&a, &b) };
+            assert_eq!(got.to_bits(), kiln_backends::reference::dot(&a, &b).to_bits(), "n {n}");
         }
     }
 
