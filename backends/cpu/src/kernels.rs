@@ -173,7 +173,20 @@ pub(crate) fn dot_tile(
     if let Some(k) = k {
         // Float layouts: each weight row dequantized once, dotted with every
         // token row in the reference's order.
-        // (AVX2: Q2_K and Q5_K dequantized and the dots taken 8 lanes at a time, bit for bit.)
+        // (AVX2: Q2_K and Q5_K dequantized and the dots taken 8 lanes at a time, bit for bit;
+        // for one token row without storing the weights.)
+        #[cfg(target_arch = "x86_64")]
+        if let [Prepared::Float(x)] = xs
+            && isa.avx2()
+            && matches!(dtype, DType::Q2K | DType::Q5K)
+            && rb == k / 256 * dtype.block_bytes() as usize
+        {
+            for (o, r) in tile.iter_mut().zip(rows.chunks_exact(rb)) {
+                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+                *o = unsafe { if dtype == DType::Q2K { x86::dot_q2_k_f32(r, x) } else { x86::dot_q5_k_f32(r, x) } };
+            }
+            return Ok(());
+        }
         let mut w = vec![0f32; k];
         for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
             #[cfg(target_arch = "x86_64")]

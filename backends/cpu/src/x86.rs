@@ -587,11 +587,18 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         let (x, y) = unsafe { (_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_loadu_ps(b.as_ptr().add(i))) };
         acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
     }
+    dot_f32_tail(acc, &a[full..n], &b[full..n])
+}
+
+/// The end of [`dot_f32`]: the eight lanes summed as the reference's `sum_lanes`,
+/// `((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))`, plus the tail `a·b` in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_f32_tail(acc: __m256, a: &[f32], b: &[f32]) -> f32 {
     let mut tail = 0.0f32;
-    for i in full..n {
-        tail += a[i] * b[i];
+    for (x, y) in a.iter().zip(b) {
+        tail += x * y;
     }
-    // ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)), the reference's `sum_lanes`.
     let r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
     let t = _mm_add_ps(r, _mm_shuffle_ps::<0b10_11_00_01>(r, r));
     _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t))) + tail
@@ -604,8 +611,28 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dequant_q2_k_row(row: &[u8], out: &mut [f32]) {
+    let n = (row.len() / 84).min(out.len() / 256);
+    q2_k_row::<false>(&row[..n * 84], out, &[]);
+}
+
+/// [`dot_f32`] of a Q2_K row's dequantized weights with `x`, without storing them (decode).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_q2_k_f32(row: &[u8], x: &[f32]) -> f32 {
+    let n = (row.len() / 84).min(x.len() / 256);
+    dot_f32_tail(q2_k_row::<true>(&row[..n * 84], &mut [], x), &[], &[])
+}
+
+/// The Q2_K dequantizer over whole blocks of `row`: with `DOT`, each 8 weights go into the
+/// lanes of [`dot_f32`] against `x` (returned), else into `out`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q2_k_row<const DOT: bool>(row: &[u8], out: &mut [f32], x: &[f32]) -> __m256 {
     let three = _mm_set1_epi8(3);
-    for (b, o) in row.as_chunks::<84>().0.iter().zip(out.as_chunks_mut::<256>().0) {
+    let mut acc = _mm256_setzero_ps();
+    for (bi, b) in row.as_chunks::<84>().0.iter().enumerate() {
         let (d, dmin) = (f16(b, 80), f16(b, 82));
         for half in 0..2 {
             for shift in 0..4 {
@@ -616,16 +643,32 @@ pub(crate) fn dequant_q2_k_row(row: &[u8], out: &mut [f32]) {
                     // SAFETY: 16 of the block's quant bytes.
                     let q = unsafe { _mm_loadu_si128(b.as_ptr().add(16 + half * 32 + part * 16).cast()) };
                     let v = _mm_and_si128(_mm_srl_epi16(q, _mm_cvtsi32_si128(2 * shift as i32)), three);
-                    let base = half * 128 + shift * 32 + part * 16;
+                    let base = bi * 256 + half * 128 + shift * 32 + part * 16;
                     for (h, v) in [v, _mm_srli_si128::<8>(v)].into_iter().enumerate() {
-                        let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                        // SAFETY: 8 floats of the block's 256.
-                        unsafe {
-                            _mm256_storeu_ps(o.as_mut_ptr().add(base + 8 * h), _mm256_sub_ps(_mm256_mul_ps(dl, f), ml))
-                        };
+                        let w = _mm256_sub_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))), ml);
+                        // SAFETY: 8 of the block's 256 floats (`x` or `out` holds every block).
+                        unsafe { sink::<DOT>(w, base + 8 * h, out, x, &mut acc) };
                     }
                 }
             }
+        }
+    }
+    acc
+}
+
+/// Where the float-path dequantizers put 8 weights `w` of element `at`: into the lanes of
+/// [`dot_f32`] against `x` (`DOT`), else into `out`.
+///
+/// # Safety
+/// The CPU must support AVX2; `x` (`DOT`) or `out` holds 8 floats at `at`.
+#[inline(always)]
+unsafe fn sink<const DOT: bool>(w: __m256, at: usize, out: &mut [f32], x: &[f32], acc: &mut __m256) {
+    // SAFETY: the caller's.
+    unsafe {
+        if DOT {
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, _mm256_loadu_ps(x.as_ptr().add(at))));
+        } else {
+            _mm256_storeu_ps(out.as_mut_ptr().add(at), w);
         }
     }
 }
@@ -637,8 +680,28 @@ pub(crate) fn dequant_q2_k_row(row: &[u8], out: &mut [f32]) {
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dequant_q5_k_row(row: &[u8], out: &mut [f32]) {
+    let n = (row.len() / 176).min(out.len() / 256);
+    q5_k_row::<false>(&row[..n * 176], out, &[]);
+}
+
+/// [`dot_f32`] of a Q5_K row's dequantized weights with `x`, without storing them (decode).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn dot_q5_k_f32(row: &[u8], x: &[f32]) -> f32 {
+    let n = (row.len() / 176).min(x.len() / 256);
+    dot_f32_tail(q5_k_row::<true>(&row[..n * 176], &mut [], x), &[], &[])
+}
+
+/// The Q5_K dequantizer over whole blocks of `row`: with `DOT`, each 8 weights go into the
+/// lanes of [`dot_f32`] against `x` (returned), else into `out`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q5_k_row<const DOT: bool>(row: &[u8], out: &mut [f32], x: &[f32]) -> __m256 {
     let nib = _mm256_set1_epi8(0x0f);
-    for (b, o) in row.as_chunks::<176>().0.iter().zip(out.as_chunks_mut::<256>().0) {
+    let mut acc = _mm256_setzero_ps();
+    for (bi, b) in row.as_chunks::<176>().0.iter().enumerate() {
         let (d, dmin) = (f16(b, 0), f16(b, 2));
         // SAFETY: the 32 high-bit bytes.
         let qh = unsafe { _mm256_loadu_si256(b.as_ptr().add(16).cast()) };
@@ -657,19 +720,15 @@ pub(crate) fn dequant_q5_k_row(row: &[u8], out: &mut [f32]) {
                 let lanes = [_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)];
                 for (p, v) in lanes.into_iter().enumerate() {
                     for (h, v) in [v, _mm_srli_si128::<8>(v)].into_iter().enumerate() {
-                        let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                        // SAFETY: 8 floats of the block's 256.
-                        unsafe {
-                            _mm256_storeu_ps(
-                                o.as_mut_ptr().add(j * 32 + p * 16 + h * 8),
-                                _mm256_sub_ps(_mm256_mul_ps(d1, f), m1),
-                            )
-                        };
+                        let w = _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))), m1);
+                        // SAFETY: 8 of the block's 256 floats (`x` or `out` holds every block).
+                        unsafe { sink::<DOT>(w, bi * 256 + j * 32 + p * 16 + h * 8, out, x, &mut acc) };
                     }
                 }
             }
         }
     }
+    acc
 }
 
 /// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
@@ -1274,6 +1333,12 @@ mod tests {
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "{dtype:?}"
             );
+            // The fused decode dot equals dequantize-then-dot.
+            let x: Vec<f32> =
+                (0..3 * 256).map(|i| ((r() % 2001) as f32 - 1000.0) / 97.0 * 10f32.powi(i % 5 - 2)).collect();
+            // SAFETY: checked above.
+            let fused = unsafe { if dtype == DType::Q2K { dot_q2_k_f32(&row, &x) } else { dot_q5_k_f32(&row, &x) } };
+            assert_eq!(fused.to_bits(), kiln_backends::reference::dot(&want, &x).to_bits(), "{dtype:?} fused");
         }
         for n in [0usize, 5, 8, 45, 64, 1003] {
             // Magnitudes spread over decades, so that a different lane order would show.
