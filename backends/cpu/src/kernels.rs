@@ -97,7 +97,7 @@ pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
         return Prepared::Int(Activations::Q8(unsafe { x86::quantize_q8(x) }));
     }
     #[cfg(target_arch = "x86_64")]
-    if isa.avx2() && matches!(dtype, DType::Q3K | DType::Q4K | DType::Q6K) && x.len().is_multiple_of(256) {
+    if isa.avx2() && matches!(dtype, DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K) && x.len().is_multiple_of(256) {
         // SAFETY: as above.
         return Prepared::Int(Activations::Q8K(unsafe { x86::quantize_q8_k(x) }));
     }
@@ -173,17 +173,17 @@ pub(crate) fn dot_tile(
     if let Some(k) = k {
         // Float layouts: each weight row dequantized once, dotted with every
         // token row in the reference's order.
-        // (AVX2: Q2_K and Q5_K dequantized and the dots taken 8 lanes at a time, bit for bit;
-        // for one token row without storing the weights.)
+        // (AVX2: Q2_K dequantized and the dots taken 8 lanes at a time, bit for bit; for one
+        // token row without storing the weights.)
         #[cfg(target_arch = "x86_64")]
         if let [Prepared::Float(x)] = xs
             && isa.avx2()
-            && matches!(dtype, DType::Q2K | DType::Q5K)
-            && rb == k / 256 * dtype.block_bytes() as usize
+            && dtype == DType::Q2K
+            && rb == k / 256 * 84
         {
             for (o, r) in tile.iter_mut().zip(rows.chunks_exact(rb)) {
                 // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
-                *o = unsafe { if dtype == DType::Q2K { x86::dot_q2_k_f32(r, x) } else { x86::dot_q5_k_f32(r, x) } };
+                *o = unsafe { x86::dot_q2_k_f32(r, x) };
             }
             return Ok(());
         }
@@ -194,7 +194,6 @@ pub(crate) fn dot_tile(
                 // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C; the
                 // row's whole blocks fill `w` (k weights per row).
                 DType::Q2K if isa.avx2() && r.len() == k / 256 * 84 => unsafe { x86::dequant_q2_k_row(r, &mut w) },
-                DType::Q5K if isa.avx2() && r.len() == k / 256 * 176 => unsafe { x86::dequant_q5_k_row(r, &mut w) },
                 _ => quant::dequantize_row(dtype, r, &mut w)?,
             }
             #[cfg(not(target_arch = "x86_64"))]
@@ -374,7 +373,7 @@ fn avx2_tile(
             }
             return true;
         }
-        DType::Q3K | DType::Q4K | DType::Q6K => {
+        DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
             let Some(q8k) = all_of(xs, q8k_of) else {
                 return false;
             };
@@ -422,6 +421,7 @@ fn avx2_tile(
                             DType::Q4K if g4.iter().all(|g| *g == RowGroup::Gemm) => x86::dot_q4_k_gemm4(r, x4),
                             DType::Q4K => x86::dot_q4_k_tile(r, x4, g4),
                             DType::Q3K => x86::dot_q3_k_tile(r, x4),
+                            DType::Q5K => x86::dot_q5_k_tile(r, x4),
                             _ if vnni => x86::dot_q6_k_tile_vnni(r, x4),
                             _ => x86::dot_q6_k_tile(r, x4),
                         }
@@ -437,6 +437,7 @@ fn avx2_tile(
                             DType::Q4K if vnni && groups[t] == RowGroup::Gemv => x86::dot_q4_k_gemv_vnni(r, q),
                             DType::Q4K => x86::dot_q4_k(r, q, groups[t]),
                             DType::Q3K => x86::dot_q3_k_tile(r, [*q])[0],
+                            DType::Q5K => x86::dot_q5_k_tile(r, [*q])[0],
                             _ if vnni => x86::dot_q6_k_tile_vnni(r, [*q])[0],
                             _ => x86::dot_q6_k(r, q),
                         }

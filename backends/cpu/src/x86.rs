@@ -673,62 +673,68 @@ unsafe fn sink<const DOT: bool>(w: __m256, at: usize, out: &mut [f32], x: &[f32]
     }
 }
 
-/// `kiln_quant`'s Q5_K dequantizer on AVX2, bit for bit (per 32 weights `d·sc·q − dmin·m`):
-/// whole 176-byte blocks of `row` into `out`.
+/// Q5_K with Q8_K activations (`ggml_dot::dot_q5_k` order, ggml's AVX2 kernel): one weight
+/// row with `T` token rows, each super-block's 5-bit values assembled once for all of them.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dequant_q5_k_row(row: &[u8], out: &mut [f32]) {
-    let n = (row.len() / 176).min(out.len() / 256);
-    q5_k_row::<false>(&row[..n * 176], out, &[]);
-}
-
-/// [`dot_f32`] of a Q5_K row's dequantized weights with `x`, without storing them (decode).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_q5_k_f32(row: &[u8], x: &[f32]) -> f32 {
-    let n = (row.len() / 176).min(x.len() / 256);
-    dot_f32_tail(q5_k_row::<true>(&row[..n * 176], &mut [], x), &[], &[])
-}
-
-/// The Q5_K dequantizer over whole blocks of `row`: with `DOT`, each 8 weights go into the
-/// lanes of [`dot_f32`] against `x` (returned), else into `out`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q5_k_row<const DOT: bool>(row: &[u8], out: &mut [f32], x: &[f32]) -> __m256 {
-    let nib = _mm256_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
-    for (bi, b) in row.as_chunks::<176>().0.iter().enumerate() {
-        let (d, dmin) = (f16(b, 0), f16(b, 2));
+#[allow(clippy::needless_range_loop)] // token indices over fixed arrays unroll
+pub(crate) fn dot_q5_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut summs = [0f32; T];
+    let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 176, usize::min);
+    let (m4, one) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(1));
+    for (bi, blk) in row.as_chunks::<176>().0.iter().enumerate().take(nblocks) {
+        prefetch_ahead(blk.as_ptr(), 176);
+        // The eight 6-bit scales and minimums (ggml's `utmp` unpacking).
+        let u = |i: usize| u32::from_le_bytes([blk[4 + 4 * i], blk[5 + 4 * i], blk[6 + 4 * i], blk[7 + 4 * i]]);
+        let (u0, u1, u2) = (u(0), u(1), u(2));
+        let sc = [u0 & 0x3f3f_3f3f, (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4)];
+        let mn = [u1 & 0x3f3f_3f3f, ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4)];
+        let scale = |j: usize| (sc[j / 4] >> (8 * (j % 4))) as u8;
+        let min = |j: usize| (mn[j / 4] >> (8 * (j % 4))) as u8;
+        let (dw, dmin) = (f16(blk, 0), f16(blk, 2));
+        for t in 0..T {
+            let bs = &xs[t].bsums[bi * 16..bi * 16 + 16];
+            let mut imin = 0i32;
+            for j in 0..8 {
+                imin += i32::from(min(j)) * (bs[2 * j] + bs[2 * j + 1]);
+            }
+            summs[t] += (-xs[t].d[bi] * dmin) * imin as f32;
+        }
         // SAFETY: the 32 high-bit bytes.
-        let qh = unsafe { _mm256_loadu_si256(b.as_ptr().add(16).cast()) };
+        let hbits = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16).cast()) };
+        let mut lanes = [_mm256_setzero_si256(); T];
         for g in 0..4 {
-            // SAFETY: 32 of the block's nibble bytes.
-            let q = unsafe { _mm256_loadu_si256(b.as_ptr().add(48 + 32 * g).cast()) };
-            for half in 0..2 {
-                let j = g * 2 + half;
-                let (sc, m) = kiln_quant::ggml_dot::scale_min_k4(j, &b[4..16]);
-                let (d1, m1) = (_mm256_set1_ps(d * f32::from(sc)), _mm256_set1_ps(dmin * f32::from(m)));
-                let low =
-                    if half == 0 { _mm256_and_si256(q, nib) } else { _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib) };
-                let bit = _mm256_set1_epi8(1 << j);
-                let high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit), _mm256_set1_epi8(16));
-                let v = _mm256_or_si256(low, high);
-                let lanes = [_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v)];
-                for (p, v) in lanes.into_iter().enumerate() {
-                    for (h, v) in [v, _mm_srli_si128::<8>(v)].into_iter().enumerate() {
-                        let w = _mm256_sub_ps(_mm256_mul_ps(d1, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))), m1);
-                        // SAFETY: 8 of the block's 256 floats (`x` or `out` holds every block).
-                        unsafe { sink::<DOT>(w, bi * 256 + j * 32 + p * 16 + h * 8, out, x, &mut acc) };
-                    }
-                }
+            // SAFETY: 32 bytes of nibbles inside the block.
+            let q5 = unsafe { _mm256_loadu_si256(blk.as_ptr().add(48 + 32 * g).cast()) };
+            let high =
+                |j: i32| _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srl_epi16(hbits, _mm_cvtsi32_si128(j)), one));
+            let w0 = _mm256_add_epi8(_mm256_and_si256(q5, m4), high(2 * g as i32));
+            let w1 = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(q5), m4), high(2 * g as i32 + 1));
+            let (s0, s1) = (_mm256_set1_epi16(i16::from(scale(2 * g))), _mm256_set1_epi16(i16::from(scale(2 * g + 1))));
+            for t in 0..T {
+                // SAFETY: 64 quants of this pair of sub-blocks.
+                let (y0, y1) = unsafe {
+                    let p = xs[t].q.as_ptr().add(bi * QK_K + 64 * g);
+                    (_mm256_loadu_si256(p.cast()), _mm256_loadu_si256(p.add(32).cast()))
+                };
+                let p0 = _mm256_madd_epi16(s0, _mm256_maddubs_epi16(w0, y0));
+                let p1 = _mm256_madd_epi16(s1, _mm256_maddubs_epi16(w1, y1));
+                lanes[t] = _mm256_add_epi32(lanes[t], _mm256_add_epi32(p0, p1));
             }
         }
+        for t in 0..T {
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xs[t].d[bi] * dw), _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+        }
     }
-    acc
+    let mut out = [0f32; T];
+    for t in 0..T {
+        out[t] = hsum8(acc[t]) + summs[t];
+    }
+    out
 }
 
 /// Q6_K with Q8_K activations (`ggml_dot::dot_q6_k` order: eight lanes per
@@ -1251,7 +1257,7 @@ mod tests {
         let bb = dtype.block_bytes() as usize;
         for blk in row.chunks_mut(bb) {
             match dtype {
-                DType::Q4K => {
+                DType::Q4K | DType::Q5K => {
                     blk[0..2].copy_from_slice(&s);
                     blk[2..4].copy_from_slice(&m);
                 }
@@ -1305,15 +1311,15 @@ mod tests {
         }
     }
 
-    /// The AVX2 Q2_K and Q5_K dequantizers and the f32 dot equal the scalar definitions
-    /// bit for bit (random blocks: every quant, scale and minimum; sane f16 scales).
+    /// The AVX2 Q2_K dequantizer, its fused decode dot and the f32 dot equal the scalar
+    /// definitions bit for bit (random blocks: every quant, scale and minimum; sane f16 scales).
     #[test]
     fn float_path_kernels_equal_the_definitions_bit_for_bit() {
         if !crate::Isa::Avx2.available() {
             return;
         }
         let mut r = rng(61);
-        for (dtype, bb, scales) in [(DType::Q2K, 84usize, [80usize, 82]), (DType::Q5K, 176, [0, 2])] {
+        for (dtype, bb, scales) in [(DType::Q2K, 84usize, [80usize, 82])] {
             let mut row: Vec<u8> = (0..3 * bb).map(|_| r() as u8).collect();
             for blk in row.chunks_mut(bb) {
                 for (k, at) in scales.iter().enumerate() {
@@ -1325,9 +1331,7 @@ mod tests {
             kiln_quant::dequantize_row(dtype, &row, &mut want).unwrap();
             let mut got = vec![f32::NAN; 3 * 256];
             // SAFETY: checked above.
-            unsafe {
-                if dtype == DType::Q2K { dequant_q2_k_row(&row, &mut got) } else { dequant_q5_k_row(&row, &mut got) }
-            };
+            unsafe { dequant_q2_k_row(&row, &mut got) };
             assert_eq!(
                 got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -1337,7 +1341,7 @@ mod tests {
             let x: Vec<f32> =
                 (0..3 * 256).map(|i| ((r() % 2001) as f32 - 1000.0) / 97.0 * 10f32.powi(i % 5 - 2)).collect();
             // SAFETY: checked above.
-            let fused = unsafe { if dtype == DType::Q2K { dot_q2_k_f32(&row, &x) } else { dot_q5_k_f32(&row, &x) } };
+            let fused = unsafe { dot_q2_k_f32(&row, &x) };
             assert_eq!(fused.to_bits(), kiln_backends::reference::dot(&want, &x).to_bits(), "{dtype:?} fused");
         }
         for n in [0usize, 5, 8, 45, 64, 1003] {
@@ -1449,7 +1453,7 @@ mod tests {
         for seed in 0..20 {
             let n = 256 * (1 + seed as usize % 6);
             let x = acts(n, seed + 7);
-            for dtype in [DType::Q3K, DType::Q4K, DType::Q6K] {
+            for dtype in [DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
                 let row = random_row(dtype, n, seed);
                 let a = ggml_dot::quantize_for(dtype, &x).unwrap();
                 let Activations::Q8K(q) = &a else { unreachable!() };
@@ -1460,6 +1464,7 @@ mod tests {
                         match dtype {
                             DType::Q4K => dot_q4_k(&row, q, group),
                             DType::Q3K => dot_q3_k_tile(&row, [q])[0],
+                            DType::Q5K => dot_q5_k_tile(&row, [q])[0],
                             _ => dot_q6_k(&row, q),
                         }
                     };

@@ -111,7 +111,7 @@ pub enum Activations {
 pub fn quantize_for(dtype: DType, x: &[f32]) -> Option<Activations> {
     match dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => Some(Activations::Q8(quantize_q8(x))),
-        DType::Q3K | DType::Q4K | DType::Q6K => Some(Activations::Q8K(quantize_q8_k(x))),
+        DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => Some(Activations::Q8K(quantize_q8_k(x))),
         DType::KQ2 => Some(Activations::Kq2(crate::kq2::quantize_kq2_q8(x))),
         _ => None,
     }
@@ -128,6 +128,7 @@ pub fn supports(dtype: DType) -> bool {
             | DType::Q8_0
             | DType::Q3K
             | DType::Q4K
+            | DType::Q5K
             | DType::Q6K
             | DType::KQ2
     )
@@ -157,6 +158,7 @@ pub fn dot(dtype: DType, row: &[u8], x: &Activations, group: RowGroup) -> f32 {
         (DType::Q4K, Activations::Q8K(a)) => dot_q4_k(row, a, group),
         (DType::Q6K, Activations::Q8K(a)) => dot_q6_k(row, a),
         (DType::Q3K, Activations::Q8K(a)) => dot_q3_k(row, a),
+        (DType::Q5K, Activations::Q8K(a)) => dot_q5_k(row, a),
         (DType::KQ2, Activations::Kq2(a)) => crate::kq2::dot_kq2_q8(row, a),
         (_, Activations::Q8(a)) => dot_legacy(dtype, row, a),
         _ => 0.0,
@@ -268,6 +270,44 @@ fn dot_q3_k(row: &[u8], x: &Q8KRow) -> f32 {
         }
     }
     hsum8(&acc)
+}
+
+/// Q5_K as ggml's AVX2 `ggml_vec_dot_q5_K_q8_K`: per super-block the minimums' share as
+/// one exact integer `Σ_j m_j·(Σ q8 of sub-block j)`, added to a float sum as
+/// `summs + (−d8·dmin)·I` (a rounded product, then a rounded sum); eight integer lanes (lane
+/// `l` holds elements `4l..4l+3` of every 32-element sub-block times its scale) added to the
+/// float lanes as `fma(d8·d, lane, acc)`; at the end `hsum8(acc) + summs`.
+fn dot_q5_k(row: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    for (bi, blk) in row.chunks_exact(176).enumerate().take(x.d.len()) {
+        let (qh, qs) = (&blk[16..48], &blk[48..176]);
+        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+        let d = x.d[bi] * h(blk, 0);
+        let dmin = -x.d[bi] * h(blk, 2);
+        let mut lanes = [0i32; 8];
+        let mut imin = 0i32;
+        for j in 0..8 {
+            let (sc, m) = super::kquants::scale_min_k4(j, &blk[4..16]);
+            imin += i32::from(m) * (bs[2 * j] + bs[2 * j + 1]);
+            let q = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let p: i32 = (4 * l..4 * l + 4)
+                    .map(|e| {
+                        let v = ((q[e] >> (4 * (j % 2))) & 15) | (((qh[e] >> j) & 1) << 4);
+                        i32::from(v) * i32::from(q8[j * 32 + e])
+                    })
+                    .sum();
+                *lane += i32::from(sc) * p;
+            }
+        }
+        summs += dmin * imin as f32;
+        for (a, lane) in acc.iter_mut().zip(lanes) {
+            *a = d.mul_add(lane as f32, *a);
+        }
+    }
+    hsum8(&acc) + summs
 }
 
 fn h(b: &[u8], at: usize) -> f32 {
