@@ -97,7 +97,10 @@ pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
         return Prepared::Int(Activations::Q8(unsafe { x86::quantize_q8(x) }));
     }
     #[cfg(target_arch = "x86_64")]
-    if isa.avx2() && matches!(dtype, DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K) && x.len().is_multiple_of(256) {
+    if isa.avx2()
+        && matches!(dtype, DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K)
+        && x.len().is_multiple_of(256)
+    {
         // SAFETY: as above.
         return Prepared::Int(Activations::Q8K(unsafe { x86::quantize_q8_k(x) }));
     }
@@ -173,36 +176,15 @@ pub(crate) fn dot_tile(
     if let Some(k) = k {
         // Float layouts: each weight row dequantized once, dotted with every
         // token row in the reference's order.
-        // (AVX2: Q2_K dequantized and the dots taken 8 lanes at a time, bit for bit; for one
-        // token row without storing the weights.)
-        #[cfg(target_arch = "x86_64")]
-        if let [Prepared::Float(x)] = xs
-            && isa.avx2()
-            && dtype == DType::Q2K
-            && rb == k / 256 * 84
-        {
-            for (o, r) in tile.iter_mut().zip(rows.chunks_exact(rb)) {
-                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
-                *o = unsafe { x86::dot_q2_k_f32(r, x) };
-            }
-            return Ok(());
-        }
+        // (AVX2: the dots taken 8 lanes at a time, bit for bit.)
         let mut w = vec![0f32; k];
         for (j, r) in rows.chunks_exact(rb.max(1)).enumerate() {
-            #[cfg(target_arch = "x86_64")]
-            match dtype {
-                // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C; the
-                // row's whole blocks fill `w` (k weights per row).
-                DType::Q2K if isa.avx2() && r.len() == k / 256 * 84 => unsafe { x86::dequant_q2_k_row(r, &mut w) },
-                _ => quant::dequantize_row(dtype, r, &mut w)?,
-            }
-            #[cfg(not(target_arch = "x86_64"))]
             quant::dequantize_row(dtype, r, &mut w)?;
             for (t, x) in xs.iter().enumerate() {
                 if let Prepared::Float(x) = x {
                     #[cfg(target_arch = "x86_64")]
                     if isa.avx2() {
-                        // SAFETY: as above.
+                        // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
                         tile[t * nb + j] = unsafe { x86::dot_f32(&w, x) };
                         continue;
                     }
@@ -373,7 +355,7 @@ fn avx2_tile(
             }
             return true;
         }
-        DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
+        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => {
             let Some(q8k) = all_of(xs, q8k_of) else {
                 return false;
             };
@@ -422,6 +404,7 @@ fn avx2_tile(
                             DType::Q4K => x86::dot_q4_k_tile(r, x4, g4),
                             DType::Q3K => x86::dot_q3_k_tile(r, x4),
                             DType::Q5K => x86::dot_q5_k_tile(r, x4),
+                            DType::Q2K => x86::dot_q2_k_tile(r, x4),
                             _ if vnni => x86::dot_q6_k_tile_vnni(r, x4),
                             _ => x86::dot_q6_k_tile(r, x4),
                         }
@@ -438,6 +421,7 @@ fn avx2_tile(
                             DType::Q4K => x86::dot_q4_k(r, q, groups[t]),
                             DType::Q3K => x86::dot_q3_k_tile(r, [*q])[0],
                             DType::Q5K => x86::dot_q5_k_tile(r, [*q])[0],
+                            DType::Q2K => x86::dot_q2_k_tile(r, [*q])[0],
                             _ if vnni => x86::dot_q6_k_tile_vnni(r, [*q])[0],
                             _ => x86::dot_q6_k(r, q),
                         }

@@ -604,73 +604,68 @@ fn dot_f32_tail(acc: __m256, a: &[f32], b: &[f32]) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t))) + tail
 }
 
-/// `kiln_quant`'s Q2_K dequantizer on AVX2, bit for bit (per 16 weights `d·sc·q − dmin·m`,
-/// a rounded product then a rounded difference): whole 84-byte blocks of `row` into `out`.
+/// Q2_K with Q8_K activations (`ggml_dot::dot_q2_k` order, ggml's AVX2 kernel): one weight
+/// row with `T` token rows, each super-block's scales unpacked once for all of them.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dequant_q2_k_row(row: &[u8], out: &mut [f32]) {
-    let n = (row.len() / 84).min(out.len() / 256);
-    q2_k_row::<false>(&row[..n * 84], out, &[]);
-}
-
-/// [`dot_f32`] of a Q2_K row's dequantized weights with `x`, without storing them (decode).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_q2_k_f32(row: &[u8], x: &[f32]) -> f32 {
-    let n = (row.len() / 84).min(x.len() / 256);
-    dot_f32_tail(q2_k_row::<true>(&row[..n * 84], &mut [], x), &[], &[])
-}
-
-/// The Q2_K dequantizer over whole blocks of `row`: with `DOT`, each 8 weights go into the
-/// lanes of [`dot_f32`] against `x` (returned), else into `out`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q2_k_row<const DOT: bool>(row: &[u8], out: &mut [f32], x: &[f32]) -> __m256 {
-    let three = _mm_set1_epi8(3);
-    let mut acc = _mm256_setzero_ps();
-    for (bi, b) in row.as_chunks::<84>().0.iter().enumerate() {
-        let (d, dmin) = (f16(b, 80), f16(b, 82));
+#[allow(clippy::needless_range_loop)] // token indices over fixed arrays unroll
+pub(crate) fn dot_q2_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+    let mut acc = [_mm256_setzero_ps(); T];
+    let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 84, usize::min);
+    let picks = k_scale_picks();
+    let (m3, m4) = (_mm256_set1_epi8(3), _mm_set1_epi8(0x0f));
+    for (bi, blk) in row.as_chunks::<84>().0.iter().enumerate().take(nblocks) {
+        prefetch_ahead(blk.as_ptr(), 84);
+        // SAFETY: the 16 scale bytes.
+        let sm = unsafe { _mm_loadu_si128(blk.as_ptr().cast()) };
+        let mins = _mm256_cvtepi8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(sm), m4));
+        let scales = _mm256_cvtepi8_epi16(_mm_and_si128(sm, m4));
+        let (dw, dmin) = (f16(blk, 80), f16(blk, 82));
+        for t in 0..T {
+            // The block's 16 activation sums as i16 (|Σ| ≤ 16·127), in order.
+            // SAFETY: 16 sums of block `bi`.
+            let bs = unsafe {
+                let p = xs[t].bsums.as_ptr().add(16 * bi);
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(
+                    _mm256_loadu_si256(p.cast()),
+                    _mm256_loadu_si256(p.add(8).cast()),
+                ))
+            };
+            let prod = _mm256_madd_epi16(mins, bs);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-xs[t].d[bi] * dmin), _mm256_cvtepi32_ps(prod), acc[t]);
+        }
+        let mut lanes = [_mm256_setzero_si256(); T];
         for half in 0..2 {
-            for shift in 0..4 {
-                for part in 0..2 {
-                    let sc = b[half * 8 + shift * 2 + part];
-                    let (dl, ml) =
-                        (_mm256_set1_ps(d * f32::from(sc & 0x0f)), _mm256_set1_ps(dmin * f32::from(sc >> 4)));
-                    // SAFETY: 16 of the block's quant bytes.
-                    let q = unsafe { _mm_loadu_si128(b.as_ptr().add(16 + half * 32 + part * 16).cast()) };
-                    let v = _mm_and_si128(_mm_srl_epi16(q, _mm_cvtsi32_si128(2 * shift as i32)), three);
-                    let base = bi * 256 + half * 128 + shift * 32 + part * 16;
-                    for (h, v) in [v, _mm_srli_si128::<8>(v)].into_iter().enumerate() {
-                        let w = _mm256_sub_ps(_mm256_mul_ps(dl, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))), ml);
-                        // SAFETY: 8 of the block's 256 floats (`x` or `out` holds every block).
-                        unsafe { sink::<DOT>(w, base + 8 * h, out, x, &mut acc) };
-                    }
+            // SAFETY: 32 bytes of 2-bit quants inside the block.
+            let q2 = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * half).cast()) };
+            let sc_half = if half == 0 {
+                _mm256_permute2x128_si256::<0x00>(scales, scales)
+            } else {
+                _mm256_permute2x128_si256::<0x11>(scales, scales)
+            };
+            for (shift, pick) in picks.iter().enumerate() {
+                let w = _mm256_and_si256(_mm256_srl_epi16(q2, _mm_cvtsi32_si128(2 * shift as i32)), m3);
+                let sc = _mm256_shuffle_epi8(sc_half, *pick);
+                for t in 0..T {
+                    // SAFETY: 32 quants at this segment.
+                    let y =
+                        unsafe { _mm256_loadu_si256(xs[t].q.as_ptr().add(bi * QK_K + half * 128 + shift * 32).cast()) };
+                    lanes[t] = _mm256_add_epi32(lanes[t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), sc));
                 }
             }
         }
-    }
-    acc
-}
-
-/// Where the float-path dequantizers put 8 weights `w` of element `at`: into the lanes of
-/// [`dot_f32`] against `x` (`DOT`), else into `out`.
-///
-/// # Safety
-/// The CPU must support AVX2; `x` (`DOT`) or `out` holds 8 floats at `at`.
-#[inline(always)]
-unsafe fn sink<const DOT: bool>(w: __m256, at: usize, out: &mut [f32], x: &[f32], acc: &mut __m256) {
-    // SAFETY: the caller's.
-    unsafe {
-        if DOT {
-            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(w, _mm256_loadu_ps(x.as_ptr().add(at))));
-        } else {
-            _mm256_storeu_ps(out.as_mut_ptr().add(at), w);
+        for t in 0..T {
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xs[t].d[bi] * dw), _mm256_cvtepi32_ps(lanes[t]), acc[t]);
         }
     }
+    let mut out = [0f32; T];
+    for t in 0..T {
+        out[t] = hsum8(acc[t]);
+    }
+    out
 }
 
 /// Q5_K with Q8_K activations (`ggml_dot::dot_q5_k` order, ggml's AVX2 kernel): one weight
@@ -1263,6 +1258,10 @@ mod tests {
                 }
                 DType::Q6K => blk[208..210].copy_from_slice(&s),
                 DType::Q3K => blk[108..110].copy_from_slice(&s),
+                DType::Q2K => {
+                    blk[80..82].copy_from_slice(&s);
+                    blk[82..84].copy_from_slice(&m);
+                }
                 DType::Q4_1 | DType::Q5_1 => {
                     blk[0..2].copy_from_slice(&s);
                     blk[2..4].copy_from_slice(&m);
@@ -1311,39 +1310,13 @@ mod tests {
         }
     }
 
-    /// The AVX2 Q2_K dequantizer, its fused decode dot and the f32 dot equal the scalar
-    /// definitions bit for bit (random blocks: every quant, scale and minimum; sane f16 scales).
+    /// The AVX2 f32 dot equals the reference's bit for bit, its lane order included.
     #[test]
-    fn float_path_kernels_equal_the_definitions_bit_for_bit() {
+    fn f32_dot_equals_the_reference_bit_for_bit() {
         if !crate::Isa::Avx2.available() {
             return;
         }
         let mut r = rng(61);
-        for (dtype, bb, scales) in [(DType::Q2K, 84usize, [80usize, 82])] {
-            let mut row: Vec<u8> = (0..3 * bb).map(|_| r() as u8).collect();
-            for blk in row.chunks_mut(bb) {
-                for (k, at) in scales.iter().enumerate() {
-                    let h = half::f16::from_f32(0.01 + 0.003 * k as f32 + (r() % 100) as f32 * 1e-4).to_le_bytes();
-                    blk[*at..*at + 2].copy_from_slice(&h);
-                }
-            }
-            let mut want = vec![0f32; 3 * 256];
-            kiln_quant::dequantize_row(dtype, &row, &mut want).unwrap();
-            let mut got = vec![f32::NAN; 3 * 256];
-            // SAFETY: checked above.
-            unsafe { dequant_q2_k_row(&row, &mut got) };
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{dtype:?}"
-            );
-            // The fused decode dot equals dequantize-then-dot.
-            let x: Vec<f32> =
-                (0..3 * 256).map(|i| ((r() % 2001) as f32 - 1000.0) / 97.0 * 10f32.powi(i % 5 - 2)).collect();
-            // SAFETY: checked above.
-            let fused = unsafe { dot_q2_k_f32(&row, &x) };
-            assert_eq!(fused.to_bits(), kiln_backends::reference::dot(&want, &x).to_bits(), "{dtype:?} fused");
-        }
         for n in [0usize, 5, 8, 45, 64, 1003] {
             // Magnitudes spread over decades, so that a different lane order would show.
             let a: Vec<f32> =
@@ -1453,7 +1426,7 @@ mod tests {
         for seed in 0..20 {
             let n = 256 * (1 + seed as usize % 6);
             let x = acts(n, seed + 7);
-            for dtype in [DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
+            for dtype in [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K] {
                 let row = random_row(dtype, n, seed);
                 let a = ggml_dot::quantize_for(dtype, &x).unwrap();
                 let Activations::Q8K(q) = &a else { unreachable!() };
@@ -1465,6 +1438,7 @@ mod tests {
                             DType::Q4K => dot_q4_k(&row, q, group),
                             DType::Q3K => dot_q3_k_tile(&row, [q])[0],
                             DType::Q5K => dot_q5_k_tile(&row, [q])[0],
+                            DType::Q2K => dot_q2_k_tile(&row, [q])[0],
                             _ => dot_q6_k(&row, q),
                         }
                     };

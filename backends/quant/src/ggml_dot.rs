@@ -111,7 +111,7 @@ pub enum Activations {
 pub fn quantize_for(dtype: DType, x: &[f32]) -> Option<Activations> {
     match dtype {
         DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => Some(Activations::Q8(quantize_q8(x))),
-        DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => Some(Activations::Q8K(quantize_q8_k(x))),
+        DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => Some(Activations::Q8K(quantize_q8_k(x))),
         DType::KQ2 => Some(Activations::Kq2(crate::kq2::quantize_kq2_q8(x))),
         _ => None,
     }
@@ -126,6 +126,7 @@ pub fn supports(dtype: DType) -> bool {
             | DType::Q5_0
             | DType::Q5_1
             | DType::Q8_0
+            | DType::Q2K
             | DType::Q3K
             | DType::Q4K
             | DType::Q5K
@@ -159,6 +160,7 @@ pub fn dot(dtype: DType, row: &[u8], x: &Activations, group: RowGroup) -> f32 {
         (DType::Q6K, Activations::Q8K(a)) => dot_q6_k(row, a),
         (DType::Q3K, Activations::Q8K(a)) => dot_q3_k(row, a),
         (DType::Q5K, Activations::Q8K(a)) => dot_q5_k(row, a),
+        (DType::Q2K, Activations::Q8K(a)) => dot_q2_k(row, a),
         (DType::KQ2, Activations::Kq2(a)) => crate::kq2::dot_kq2_q8(row, a),
         (_, Activations::Q8(a)) => dot_legacy(dtype, row, a),
         _ => 0.0,
@@ -265,6 +267,45 @@ fn dot_q3_k(row: &[u8], x: &Q8KRow) -> f32 {
             }
         }
         let d = x.d[bi] * h(blk, 108);
+        for (a, lane) in acc.iter_mut().zip(lanes) {
+            *a = d.mul_add(lane as f32, *a);
+        }
+    }
+    hsum8(&acc)
+}
+
+/// Q2_K as ggml's AVX2 `ggml_vec_dot_q2_K_q8_K`: per super-block eight exact lanes of the
+/// minimums' share (lane `l`: `m_2l·bsum_2l + m_2l+1·bsum_2l+1`) added to the float lanes as
+/// `fma(−d8·dmin, lane, acc)`, then eight exact lanes of scaled products (lane `l` holds
+/// elements `4l..4l+3` of every 32-element segment, times the scale of its 16) added as
+/// `fma(d8·d, lane, acc)`; the lanes reduced at the end.
+fn dot_q2_k(row: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = [0f32; 8];
+    for (bi, blk) in row.chunks_exact(84).enumerate().take(x.d.len()) {
+        let (scales, qs) = (&blk[0..16], &blk[16..80]);
+        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+        let d = x.d[bi] * h(blk, 80);
+        let dmin = -x.d[bi] * h(blk, 82);
+        for (l, a) in acc.iter_mut().enumerate() {
+            let prod = i32::from(scales[2 * l] >> 4) * bs[2 * l] + i32::from(scales[2 * l + 1] >> 4) * bs[2 * l + 1];
+            *a = dmin.mul_add(prod as f32, *a);
+        }
+        let mut lanes = [0i32; 8];
+        for half in 0..2 {
+            for shift in 0..4 {
+                for (l, lane) in lanes.iter_mut().enumerate() {
+                    let sc = i32::from(scales[half * 8 + 2 * shift + l / 4] & 15);
+                    let p: i32 = (4 * l..4 * l + 4)
+                        .map(|e| {
+                            i32::from((qs[half * 32 + e] >> (2 * shift)) & 3)
+                                * i32::from(q8[half * 128 + shift * 32 + e])
+                        })
+                        .sum();
+                    *lane += sc * p;
+                }
+            }
+        }
         for (a, lane) in acc.iter_mut().zip(lanes) {
             *a = d.mul_add(lane as f32, *a);
         }
