@@ -23,20 +23,9 @@ fn main() {
     println!("isa: {}", k.isa.name());
     let prefill_rows: usize = std::env::var("KILN_MATVEC_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(64);
     let only = std::env::var("KILN_MATVEC_ONLY").ok();
-    for dtype in [
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q5_0,
-        DType::Q8_0,
-        DType::Q2K,
-        DType::Q3K,
-        DType::Q4K,
-        DType::Q5K,
-        DType::Q6K,
-        DType::KQ2,
-    ]
-    .into_iter()
-    .filter(|d| only.as_deref().is_none_or(|o| format!("{d:?}") == o))
+    // Every quantized layout.
+    for dtype in
+        DType::ALL.iter().copied().filter(|d| d.is_quantized() && only.as_deref().is_none_or(|o| format!("{d:?}") == o))
     {
         for (n, kk) in [(1536usize, 576usize), (1536, 8960), (32768, 2048)] {
             let kk = if dtype.block_elems() == 256 { kk.next_multiple_of(256) } else { kk };
@@ -61,7 +50,7 @@ fn main() {
                         blk[80..82].copy_from_slice(&h);
                         blk[82..84].copy_from_slice(&h);
                     }
-                    DType::Q4K | DType::Q5K | DType::Q4_1 => {
+                    DType::Q4K | DType::Q5K | DType::Q4_1 | DType::Q5_1 => {
                         blk[0..2].copy_from_slice(&h);
                         blk[2..4].copy_from_slice(&h);
                     }

@@ -89,6 +89,11 @@ pub(crate) fn q8k_of(a: &Activations) -> Option<&ggml_dot::Q8KRow> {
     if let Activations::Q8K(q) = a { Some(q) } else { None }
 }
 
+/// The kq2 activations of an [`Activations`] (for [`all_of`]).
+pub(crate) fn kq2_of(a: &Activations) -> Option<&kiln_quant::kq2::Kq2Q8Row> {
+    if let Activations::Kq2(q) = a { Some(q) } else { None }
+}
+
 /// Prepares `x` (one row of `k` values) for dots with weights of `dtype`.
 pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
     #[cfg(target_arch = "x86_64")]
@@ -145,7 +150,7 @@ impl Batch {
             && xs.len() >= KQ2_PANEL_MIN_TOKENS
             && isa == Isa::Avx512Vnni
             && *crate::vnni::KQ2_ZMM
-            && let Some(acts) = all_of(xs, |a| if let Activations::Kq2(a) = a { Some(a) } else { None })
+            && let Some(acts) = all_of(xs, kq2_of)
         {
             return Batch { groups, kq2: Some(crate::vnni::Kq2Panel::build(&acts)) };
         }
@@ -321,7 +326,7 @@ fn avx2_tile(
         DType::Q5_1 => Legacy::Q5_1,
         DType::Q8_0 => Legacy::Q8_0,
         DType::KQ2 => {
-            let Some(acts) = all_of(xs, |a| if let Activations::Kq2(a) = a { Some(a) } else { None }) else {
+            let Some(acts) = all_of(xs, kq2_of) else {
                 return false;
             };
             if isa == Isa::Avx512Vnni && *crate::vnni::KQ2_ZMM {

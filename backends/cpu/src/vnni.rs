@@ -408,10 +408,9 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
             let mut accs = [[[_mm512_setzero_ps(); 2]; 4]; KQ2_GEMM_ROWS];
             for bi in 0..nblocks {
                 for r in 0..group {
-                    let blks = [&blocks[r * nblocks + bi]];
                     // SAFETY: the panel holds `nblocks` blocks per tile; the CPU features are
                     // this function's.
-                    unsafe { kq2_micro(blks, &mut accs[r..r + 1], xt.as_ptr(), dt.as_ptr(), bi) };
+                    unsafe { kq2_micro(&blocks[r * nblocks + bi], &mut accs[r], xt.as_ptr(), dt.as_ptr(), bi) };
                 }
             }
             for r in 0..group {
@@ -430,61 +429,46 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
     }
 }
 
-/// Block `bi` of `N` weight rows against one [`Kq2Panel`] tile (`xt`, `dt`: the tile's
-/// quants and scales), added to the rows' float lanes `accs`: per lane m of 16 weights and
-/// half of the 32 token rows, `start` plus four `vpdpbusd` (a broadcast four-byte weight
-/// group against the rows' quants), then `fma(isum, ¼·(s·d), lane)`, skipped (masked) for
-/// a zero-scale block as the definition skips it.
+/// Block `bi` of one weight row (`blk`) against one [`Kq2Panel`] tile (`xt`, `dt`: the
+/// tile's quants and scales), added to the row's float lanes `acc`: per lane m of 16 weights
+/// and half of the 32 token rows, `start` plus four `vpdpbusd` (a broadcast four-byte weight
+/// group against the rows' quants), then `fma(isum, ¼·(s·d), lane)`, skipped (masked) for a
+/// zero-scale block as the definition skips it.
 ///
 /// # Safety
 /// The CPU must support AVX512F/BW/VL/VNNI; `xt` and `dt` hold the tile's blocks up to `bi`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indices over fixed arrays unroll; closures would not inline
-unsafe fn kq2_micro<const N: usize>(
-    blks: [&Kq2Block; N],
-    accs: &mut [[[__m512; 2]; 4]],
-    xt: *const u8,
-    dt: *const f32,
-    bi: usize,
-) {
+unsafe fn kq2_micro(blk: &Kq2Block, acc: &mut [[__m512; 2]; 4], xt: *const u8, dt: *const f32, bi: usize) {
     // SAFETY: the caller's (reads within the tile; CPU features).
     unsafe {
-        let quarter = _mm512_set1_ps(0.25);
-        let mut xb = [xt; N];
-        let mut f = [[quarter; 2]; N];
-        let mut live = [0u16; N];
-        let mut isum = [[[_mm512_setzero_si512(); 2]; 4]; N];
-        for u in 0..N {
-            let at = 2 * bi + blks[u].basis;
-            xb[u] = xt.add(at * KQ2_PANEL_BLOCK);
-            let dp = dt.add(at * KQ2_PANEL_TOKENS);
-            let s = _mm512_set1_ps(blks[u].s);
-            f[u] = [
-                _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp))),
-                _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(16)))),
-            ];
-            live[u] = if blks[u].s == 0.0 { 0 } else { 0xffff };
-            for m in 0..4 {
-                isum[u][m] = [_mm512_set1_epi32(blks[u].start[m]); 2];
-            }
+        let at = 2 * bi + blk.basis;
+        let xb = xt.add(at * KQ2_PANEL_BLOCK);
+        let dp = dt.add(at * KQ2_PANEL_TOKENS);
+        let (s, quarter) = (_mm512_set1_ps(blk.s), _mm512_set1_ps(0.25));
+        let f = [
+            _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp))),
+            _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(16)))),
+        ];
+        let live: u16 = if blk.s == 0.0 { 0 } else { 0xffff };
+        let mut isum = [[_mm512_setzero_si512(); 2]; 4];
+        for m in 0..4 {
+            isum[m] = [_mm512_set1_epi32(blk.start[m]); 2];
         }
+        // Eight independent sums (lane m, token half h), their four steps interleaved so
+        // that the `vpdpbusd` latency overlaps.
         for step in 0..4 {
             for m in 0..4 {
                 let g = 4 * m + step;
-                for u in 0..N {
-                    let w = _mm512_set1_epi32(blks[u].w.as_ptr().cast::<i32>().add(g).read_unaligned());
-                    let xg = xb[u].add(g * 4 * KQ2_PANEL_TOKENS);
-                    isum[u][m][0] = _mm512_dpbusd_epi32(isum[u][m][0], _mm512_loadu_si512(xg.cast()), w);
-                    isum[u][m][1] = _mm512_dpbusd_epi32(isum[u][m][1], _mm512_loadu_si512(xg.add(64).cast()), w);
-                }
+                let w = _mm512_set1_epi32(blk.w.as_ptr().cast::<i32>().add(g).read_unaligned());
+                let xg = xb.add(g * 4 * KQ2_PANEL_TOKENS);
+                isum[m][0] = _mm512_dpbusd_epi32(isum[m][0], _mm512_loadu_si512(xg.cast()), w);
+                isum[m][1] = _mm512_dpbusd_epi32(isum[m][1], _mm512_loadu_si512(xg.add(64).cast()), w);
             }
         }
-        for u in 0..N {
-            for m in 0..4 {
-                for h in 0..2 {
-                    let a = &mut accs[u][m][h];
-                    *a = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum[u][m][h]), f[u][h], *a, live[u]);
-                }
+        for m in 0..4 {
+            for h in 0..2 {
+                acc[m][h] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum[m][h]), f[h], acc[m][h], live);
             }
         }
     }
@@ -733,8 +717,8 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
         let dec = Kq2Decoder::new();
         let zero = _mm512_setzero_si512();
         let (q0, d0) = (x.q.as_ptr(), x.d.as_ptr().cast::<f32>());
-        let lookup = |p: *const u8, n: usize| dec.lookup(p, n);
-        // Block `k` of the batch at `p` (block `bi` of the row) added to `acc`.
+        // Block `k` of the looked-up batch at `p` (block `bi` of the row): its 16 lane sums
+        // against the activations, its float factor, and whether its scale is nonzero.
         let block = |p: *const u8, batch: (__m512i, __m512i), k: usize, bi: usize| {
             let hdr = *p.add(18 * k);
             let s = *scales.get_unchecked(usize::from(hdr & 0x7f));
@@ -748,11 +732,11 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
         };
         // One accumulator for the four rows: lane 4m + r holds lane m of row r.
         let mut acc = _mm512_setzero_ps();
-        let mut step = |p: &[*const u8; R], dec: &[(__m512i, __m512i); R], k: usize, bi: usize| {
-            let (d0, f0, l0) = block(p[0], dec[0], k, bi);
-            let (d1, f1, l1) = block(p[1], dec[1], k, bi);
-            let (d2, f2, l2) = block(p[2], dec[2], k, bi);
-            let (d3, f3, l3) = block(p[3], dec[3], k, bi);
+        let mut step = |p: &[*const u8; R], looked: &[(__m512i, __m512i); R], k: usize, bi: usize| {
+            let (d0, f0, l0) = block(p[0], looked[0], k, bi);
+            let (d1, f1, l1) = block(p[1], looked[1], k, bi);
+            let (d2, f2, l2) = block(p[2], looked[2], k, bi);
+            let (d3, f3, l3) = block(p[3], looked[3], k, bi);
             // Per 128-bit lane m the four rows' sums over its 16 weights: a transposing
             // reduction (exact integers, so the order of the additions does not matter).
             let s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
@@ -770,20 +754,20 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
         while b0 < nblocks {
             let n = (nblocks - b0).min(KQ2_BATCH);
             let mut p = [row[0]; R];
-            let mut dec = [(zero, zero); R];
+            let mut looked = [(zero, zero); R];
             for r in 0..R {
                 p[r] = row[r].add(18 * b0);
                 _mm_prefetch::<_MM_HINT_T0>(p[r].wrapping_add(x86::PREFETCH).cast());
                 _mm_prefetch::<_MM_HINT_T0>(p[r].wrapping_add(x86::PREFETCH + 64).cast());
-                dec[r] = lookup(p[r], n);
+                looked[r] = dec.lookup(p[r], n);
             }
             if n == KQ2_BATCH {
                 for k in 0..KQ2_BATCH {
-                    step(&p, &dec, k, b0 + k);
+                    step(&p, &looked, k, b0 + k);
                 }
             } else {
                 for k in 0..n {
-                    step(&p, &dec, k, b0 + k);
+                    step(&p, &looked, k, b0 + k);
                 }
             }
             b0 += n;

@@ -259,6 +259,14 @@ pub(crate) fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
     dot_q4_k_tile(row, [x], [group])[0]
 }
 
+/// The 128-bit lane `half` (0 or 1) of `v` in both lanes: a K-quant super-block's eight
+/// 16-bit scales of one 128-element half, for the segments of that half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn half_lanes(v: __m256i, half: usize) -> __m256i {
+    if half == 0 { _mm256_permute2x128_si256::<0x00>(v, v) } else { _mm256_permute2x128_si256::<0x11>(v, v) }
+}
+
 /// The eight 6-bit scales and eight 6-bit minimums of a Q4_K block, unpacked
 /// from its 12 scale bytes with whole-word operations (the same values as
 /// `scale_min_k4`): `(scales, mins)`, each as eight bytes of a u64.
@@ -641,11 +649,7 @@ pub(crate) fn dot_q2_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
         for half in 0..2 {
             // SAFETY: 32 bytes of 2-bit quants inside the block.
             let q2 = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * half).cast()) };
-            let sc_half = if half == 0 {
-                _mm256_permute2x128_si256::<0x00>(scales, scales)
-            } else {
-                _mm256_permute2x128_si256::<0x11>(scales, scales)
-            };
+            let sc_half = half_lanes(scales, half);
             for (shift, pick) in picks.iter().enumerate() {
                 let w = _mm256_and_si256(_mm256_srl_epi16(q2, _mm_cvtsi32_si128(2 * shift as i32)), m3);
                 let sc = _mm256_shuffle_epi8(sc_half, *pick);
@@ -683,13 +687,10 @@ pub(crate) fn dot_q5_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
     let (m4, one) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(1));
     for (bi, blk) in row.as_chunks::<176>().0.iter().enumerate().take(nblocks) {
         prefetch_ahead(blk.as_ptr(), 176);
-        // The eight 6-bit scales and minimums (ggml's `utmp` unpacking).
-        let u = |i: usize| u32::from_le_bytes([blk[4 + 4 * i], blk[5 + 4 * i], blk[6 + 4 * i], blk[7 + 4 * i]]);
-        let (u0, u1, u2) = (u(0), u(1), u(2));
-        let sc = [u0 & 0x3f3f_3f3f, (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4)];
-        let mn = [u1 & 0x3f3f_3f3f, ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4)];
-        let scale = |j: usize| (sc[j / 4] >> (8 * (j % 4))) as u8;
-        let min = |j: usize| (mn[j / 4] >> (8 * (j % 4))) as u8;
+        // The eight 6-bit scales and minimums (Q5_K keeps them as Q4_K does).
+        let (sc, mn) = q4_k_scales_mins(&blk[4..16]);
+        let scale = |j: usize| (sc >> (8 * j)) as u8;
+        let min = |j: usize| (mn >> (8 * j)) as u8;
         let (dw, dmin) = (f16(blk, 0), f16(blk, 2));
         for t in 0..T {
             let bs = &xs[t].bsums[bi * 16..bi * 16 + 16];
@@ -788,11 +789,7 @@ fn q6_k_tile<const T: usize, const VNNI: bool>(row: &[u8], xs: [&Q8KRow; T]) -> 
                 )
             };
             // Scales 8·half .. 8·half + 8 as i16, in both 128-bit lanes.
-            let sc_half = if half == 0 {
-                _mm256_permute2x128_si256::<0x00>(sc_all, sc_all)
-            } else {
-                _mm256_permute2x128_si256::<0x11>(sc_all, sc_all)
-            };
+            let sc_half = half_lanes(sc_all, half);
             for (seg, pick) in picks.iter().enumerate() {
                 let q6 = q6_k_segment([ql0, ql1, qh], seg);
                 let scales = _mm256_shuffle_epi8(sc_half, *pick);
@@ -850,11 +847,7 @@ pub(crate) fn dot_q3_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
         for half in 0..2 {
             // SAFETY: 32 bytes of 2-bit quants inside the block.
             let q3 = unsafe { _mm256_loadu_si256(blk.as_ptr().add(32 + 32 * half).cast()) };
-            let sc_half = if half == 0 {
-                _mm256_permute2x128_si256::<0x00>(sc_all, sc_all)
-            } else {
-                _mm256_permute2x128_si256::<0x11>(sc_all, sc_all)
-            };
+            let sc_half = half_lanes(sc_all, half);
             for (shift, pick) in picks.iter().enumerate() {
                 // The weights (−4..3), their magnitudes for `maddubs`, their signs for the activations.
                 let w = q3_k_segment(q3, hbits, half, shift);
