@@ -155,13 +155,14 @@ pub fn llama_ftype(d: DType) -> Option<u32> {
         DType::Q5K => 16, // Q5_K_S
         DType::Q6K => 18,
         DType::BF16 => 32,
+        DType::IQ4NL => 25,
         DType::I32 | DType::KQ2 | DType::F8E4M3 => return None,
     })
 }
 
 /// llama.cpp's fallback (`tensor_type_fallback`) when a row of `row` elements is not
-/// whole blocks of `want`: a 32-block type of similar size, else f16. kiln has no
-/// IQ4_NL, so q2_k/q3_k fall to q4_0 as in llama.cpp b11434.
+/// whole blocks of `want`: a 32-block type of similar size, else f16 (q2_k/q3_k fall
+/// to q4_0, as in llama.cpp b11434).
 pub fn fit_type(want: DType, row: u64) -> DType {
     if row.is_multiple_of(want.block_elems()) {
         return want;

@@ -569,7 +569,7 @@ fn official_tensor_names_import_to_the_same_module() {
 }
 
 /// DeepSeek-V4's precision split as a recipe (`recipes/deepseek-v4-tiny-2bit-experts.yaml`):
-/// routed experts in kq2 (the fixture's 32-wide down projections fall back to q4_0, which
+/// routed experts in kq2 (the fixture's 32-wide down projections fall back to iq4_nl, which
 /// kq2's 64-value blocks do not divide), everything else q8_0; the build runs on the CPU
 /// backend and its manifest carries the quality report against the source.
 #[test]
@@ -602,7 +602,7 @@ fn two_bit_experts_recipe_builds_and_reports_its_quality() {
         for kind in ["ffn_gate_exps", "ffn_up_exps"] {
             assert_eq!(formats[&format!("blk.{l}.{kind}.weight")], "kq2", "blk.{l}.{kind}");
         }
-        assert_eq!(formats[&format!("blk.{l}.ffn_down_exps.weight")], "q4_0", "blk.{l}.ffn_down_exps");
+        assert_eq!(formats[&format!("blk.{l}.ffn_down_exps.weight")], "iq4_nl", "blk.{l}.ffn_down_exps");
         assert_eq!(formats[&format!("blk.{l}.ffn_gate_shexp.weight")], "q8_0");
     }
     assert!(formats.values().filter(|f| *f == "kq2").count() == 2 * layers);

@@ -169,3 +169,66 @@ fn gemma3_perplexity_matches_llama_cpp() {
     let Some(m) = common::model("gemma3-270m-q4_k_m.gguf") else { return };
     check_ppl(&m, "gemma3-270m", 3);
 }
+
+/// The f32 activations of `tests/oracle/make_matmul_refs.py` (row `t`, element `i`).
+fn matmul_activation(i: usize, t: usize) -> f32 {
+    let v = (((i * 7919 + t * 104_729) % 2001) as f32 - 1000.0) / 250.0;
+    if i.is_multiple_of(37) { v * 8.0 } else { v }
+}
+
+/// kiln's llama.cpp-numerics dot definitions against ggml's own CPU kernels, matmul by
+/// matmul: each stored output of `tests/fixtures/oracle/matmul.json` (ggml's result, as
+/// llama.cpp runs the matmul: Q4_0 and IQ4_NL weights repacked, Q4_1 and Q8_0 not) is
+/// recomputed with `kiln_quant::ggml_dot` and must hash the same, bit for bit. The Q4_0 and
+/// IQ4_NL files are kiln's own exports of SmolLM2, remade here and checked by hash first.
+#[test]
+fn matmuls_equal_ggml_bit_for_bit() {
+    use kiln_backends::quant::ggml_dot;
+    use sha2::Digest;
+    let Some(src) = common::smollm2() else { return };
+    let o = oracle("matmul");
+    let dir = common::tempdir("oracle-matmul");
+    let mut files = std::collections::BTreeMap::new();
+    for (key, f) in o["files"].as_object().unwrap() {
+        let ty = key.strip_prefix("smollm2-").unwrap();
+        let path = if ty == "q4_1" {
+            src.clone()
+        } else {
+            let out = dir.join(format!("{key}.gguf"));
+            let r = common::run(&["export", src.to_str().unwrap(), "--gguf", out.to_str().unwrap(), "--type", ty]);
+            assert!(r.status.success(), "kiln export --type {ty}: {}", common::stderr(&r));
+            out
+        };
+        let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&path).unwrap()));
+        assert_eq!(
+            sha,
+            f["sha256"].as_str().unwrap(),
+            "{key}: kiln's export changed (quantizer or writer); remake the fixture with \
+             tests/oracle/make_matmul_refs.py (tests/oracle/README.md)"
+        );
+        files.insert(key.clone(), kiln_frontend::gguf::GgufFile::open(&path).unwrap());
+    }
+    let cases = o["cases"].as_array().unwrap();
+    for c in cases {
+        let f = &files[c["file"].as_str().unwrap()];
+        let name = c["tensor"].as_str().unwrap();
+        let info = f.tensor(name).unwrap();
+        let dtype = info.dtype;
+        let (k, n) = (info.dims[0] as usize, info.dims[1] as usize);
+        let data = f.tensor_data(info);
+        let rb = data.len() / n;
+        let tokens = c["tokens"].as_u64().unwrap() as usize;
+        let mut y = Vec::with_capacity(tokens * n * 4);
+        for t in 0..tokens {
+            let x: Vec<f32> = (0..k).map(|i| matmul_activation(i, t)).collect();
+            let a = ggml_dot::quantize_for(dtype, &x).unwrap();
+            let group = ggml_dot::RowGroup::of(t, tokens);
+            for o in 0..n {
+                y.extend_from_slice(&ggml_dot::dot(dtype, &data[o * rb..(o + 1) * rb], &a, group).to_le_bytes());
+            }
+        }
+        let got = format!("{:x}", sha2::Sha256::digest(&y));
+        assert_eq!(got, c["sha256"].as_str().unwrap(), "{} {name} ({dtype}) with {tokens} token rows", c["file"]);
+    }
+    eprintln!("{} matmuls equal ggml's bit for bit", cases.len());
+}

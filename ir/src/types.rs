@@ -22,6 +22,9 @@ pub enum DType {
     Q5_0,
     Q5_1,
     Q8_0,
+    /// ggml's IQ4_NL: 32-weight blocks of an f16 scale and 4-bit indices into a
+    /// fixed non-linear table of 16 signed bytes (4.5 bits per weight).
+    IQ4NL,
     Q2K,
     Q3K,
     Q4K,
@@ -45,6 +48,7 @@ impl DType {
         DType::Q5_0,
         DType::Q5_1,
         DType::Q8_0,
+        DType::IQ4NL,
         DType::Q2K,
         DType::Q3K,
         DType::Q4K,
@@ -77,6 +81,7 @@ impl DType {
             DType::Q5_0 => "q5_0",
             DType::Q5_1 => "q5_1",
             DType::Q8_0 => "q8_0",
+            DType::IQ4NL => "iq4_nl",
             DType::Q2K => "q2_k",
             DType::Q3K => "q3_k",
             DType::Q4K => "q4_k",
@@ -94,7 +99,7 @@ impl DType {
     pub fn block_elems(self) -> u64 {
         match self {
             DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 | DType::I32 => 1,
-            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL => 32,
             DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => 256,
             DType::KQ2 => 64,
         }
@@ -111,6 +116,7 @@ impl DType {
             DType::Q5_0 => 22,
             DType::Q5_1 => 24,
             DType::Q8_0 => 34,
+            DType::IQ4NL => 18,
             DType::Q2K => 84,
             DType::Q3K => 110,
             DType::Q4K => 144,

@@ -11,7 +11,7 @@
 //!       ffn_down: q4_k
 //!       token_embd: q8_0
 //!     target_bpw: 4.5            # optional: choose formats per tensor to meet this budget
-//!     candidates: [kq2, q2_k, q3_k, q4_k, q5_k, q6_k, q8_0]   # formats target_bpw may choose from (this list is the default)
+//!     candidates: [kq2, q2_k, q3_k, iq4_nl, q4_k, q5_k, q6_k, q8_0]   # formats target_bpw may choose from (this list is the default)
 //!     sensitivity: measured      # optional: weigh errors by their measured effect on calibration perplexity
 //! ```
 //! Patterns match a substring of the tensor name, or a glob with `*`. Format
@@ -156,7 +156,7 @@ fn parse_options(v: &Value) -> Result<Options, PassError> {
         })
         .transpose()?;
     let candidates = match obj.get("candidates") {
-        None => vec![DType::KQ2, DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K, DType::Q8_0],
+        None => vec![DType::KQ2, DType::Q2K, DType::Q3K, DType::IQ4NL, DType::Q4K, DType::Q5K, DType::Q6K, DType::Q8_0],
         Some(Value::Array(list)) => list
             .iter()
             .map(|c| match c.as_str().map(parse_format) {
@@ -183,7 +183,9 @@ fn parse_options(v: &Value) -> Result<Options, PassError> {
 /// The format llama.cpp falls back to when a row does not fill `d`'s blocks.
 fn fallback(d: DType) -> DType {
     match d {
-        DType::Q2K | DType::Q3K | DType::KQ2 => DType::Q4_0,
+        DType::Q2K | DType::Q3K => DType::Q4_0,
+        // kiln's own 64-blocks fall back as llama.cpp's IQ2 types do.
+        DType::KQ2 => DType::IQ4NL,
         DType::Q4K => DType::Q5_0,
         DType::Q5K => DType::Q5_1,
         DType::Q6K => DType::Q8_0,

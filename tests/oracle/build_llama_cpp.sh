@@ -104,4 +104,17 @@ if [ -f "$GREEDY_SRC" ]; then
     fi
 fi
 
+# 6. our matmul harness against ggml's public headers -----------------------------
+MM_SRC="$HERE/ggml_matmul.cpp"
+MM_BIN="$BUILD/bin/kiln-ggml-matmul"
+if [ -f "$MM_SRC" ]; then
+    if [ ! -x "$MM_BIN" ] || [ "$MM_SRC" -nt "$MM_BIN" ] || [ "$BUILD/bin/libggml-cpu.so" -nt "$MM_BIN" ]; then
+        log "compiling $MM_SRC"
+        "${CXX:-c++}" -O2 -std=c++17 -Wall -I"$SRC/ggml/include" "$MM_SRC" -o "$MM_BIN" \
+            -L"$BUILD/bin" -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$BUILD/bin"
+    else
+        log "kiln-ggml-matmul up to date"
+    fi
+fi
+
 log "done; binaries in $BUILD/bin"

@@ -156,6 +156,8 @@ int main(int argc, char ** argv) {
 
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = 0;
+    // KILN_NO_REPACK=1: weights stay in ggml's plain CPU buffer (no repacked kernels).
+    if (getenv("KILN_NO_REPACK")) mp.use_extra_bufts = false;
     llama_model * model = llama_model_load_from_file(model_path.c_str(), mp);
     if (!model) { fprintf(stderr, "failed to load %s\n", model_path.c_str()); return 1; }
     const llama_vocab * vocab = llama_model_get_vocab(model);

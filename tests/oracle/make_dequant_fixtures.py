@@ -69,6 +69,7 @@ FORCED = {
     T.Q5_K: "blk.2.ffn_down.weight",
     T.Q4_0: "blk.3.ffn_down.weight",
     T.Q5_1: "blk.4.ffn_down.weight",
+    T.IQ4_NL: "blk.5.ffn_down.weight",
 }
 
 
@@ -208,6 +209,12 @@ def main() -> None:
             f"llama-quantize SmolLM2 {FORCED[T.Q4_0]} to Q4_0, first 16 blocks + 1 block with d=+inf")
     fx.pair(T.Q5_1, "q5_1", forced[T.Q5_1],
             f"llama-quantize SmolLM2 {FORCED[T.Q5_1]} to Q5_1, first 16 blocks")
+    # IQ4_NL: every index in both nibbles and a negative scale, besides the real blocks.
+    all_codes = forced[T.IQ4_NL][:18].copy()
+    all_codes[0:2] = np.array([0xA8F3], dtype=np.uint16).view(np.uint8)  # d = -0.0999
+    all_codes[2:18] = np.array([(i & 15) | ((15 - i) << 4) for i in range(16)], dtype=np.uint8)
+    fx.pair(T.IQ4_NL, "iq4_nl", np.concatenate([forced[T.IQ4_NL], all_codes]),
+            f"llama-quantize SmolLM2 {FORCED[T.IQ4_NL]} to IQ4_NL, first 16 blocks + 1 block of all codes, d < 0")
 
     # --- k-quants: 4 real blocks + 4 random ones -----------------------------
     real_k = {

@@ -167,15 +167,16 @@ fn llama_iq2_xs(o: &Opts, model: &Path, work: &Path) -> Result<PathBuf, String> 
 /// weight (kq2 where calibration says it costs least), made once in `work`.
 fn kiln_two_bit(env: &Env, o: &Opts, model: &Path, bpw: f64, work: &Path) -> Result<PathBuf, String> {
     let build = work.join("kiln").join("kiln-2bit-cpu").join("laptop");
-    if build.join("manifest.json").exists() {
-        return Ok(build);
-    }
     let recipe = work.join("kiln-2bit-cpu.yaml");
     let text = format!(
-        "name: kiln-2bit-cpu\nmodel: {}\ndevices:\n  laptop:\n    backend: cpu\n    passes: [dce, {{ quantize: {{ target_bpw: {bpw}, candidates: [kq2, q2_k, q3_k, q4_k, q5_k, q6_k, q4_0, q4_1, q5_0, q5_1, q8_0] }} }}]\ncalibration: {{ text: {}, ctx: 512, chunks: 4 }}\n",
+        "name: kiln-2bit-cpu\nmodel: {}\ndevices:\n  laptop:\n    backend: cpu\n    passes: [dce, {{ quantize: {{ target_bpw: {bpw}, candidates: [kq2, q2_k, q3_k, iq4_nl, q4_k, q5_k, q6_k, q4_0, q4_1, q5_0, q5_1, q8_0] }} }}]\ncalibration: {{ text: {}, ctx: 512, chunks: 4 }}\n",
         s(model),
         s(&o.calib),
     );
+    // The cached build is reused only if it was made from this very recipe.
+    if build.join("manifest.json").exists() && std::fs::read_to_string(&recipe).is_ok_and(|r| r == text) {
+        return Ok(build);
+    }
     std::fs::write(&recipe, text).map_err(|e| e.to_string())?;
     eprintln!("kiln compile {} (2-bit, {bpw:.3} bpw)", model.display());
     let args = ["compile", "--recipe", &s(&recipe), "--device", "laptop", "--out", &s(&work.join("kiln"))];

@@ -29,9 +29,13 @@ const LLAMA_TYPES: &[&str] = &["IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "
 /// (preset, llama.cpp type whose bpw it targets, candidate formats). Every preset
 /// allocates its budget by measured sensitivity (`sensitivity: measured`).
 const PRESETS: &[(&str, &str, &[&str])] = &[
-    ("kiln-2bit", "IQ2_XS", &["kq2", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]),
-    ("kiln-3bit", "Q3_K_S", &["kq2", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q8_0"]),
-    ("kiln-4bit", "Q4_K_M", &["q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0"]),
+    (
+        "kiln-2bit",
+        "IQ2_XS",
+        &["kq2", "q2_k", "q3_k", "iq4_nl", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"],
+    ),
+    ("kiln-3bit", "Q3_K_S", &["kq2", "q2_k", "q3_k", "iq4_nl", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q8_0"]),
+    ("kiln-4bit", "Q4_K_M", &["q3_k", "iq4_nl", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0"]),
 ];
 
 pub struct Env {

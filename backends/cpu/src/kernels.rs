@@ -1,7 +1,7 @@
 //! Row kernels by weight layout: activations prepared once per token row for
 //! the layout's dot type, then one kernel per stored weight row.
 //!
-//! Layouts with a llama.cpp dot type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q6_K)
+//! Layouts with a llama.cpp dot type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q2_K…Q6_K)
 //! take 8-bit activations and integer dot products (AVX2 when the CPU has it,
 //! else the scalar definition in `kiln_quant::ggml_dot`); so does kq2, with
 //! its own 8-bit dot type (`kiln_quant::kq2::Kq2Q8Row`: the row quantized in
@@ -97,7 +97,8 @@ pub(crate) fn kq2_of(a: &Activations) -> Option<&kiln_quant::kq2::Kq2Q8Row> {
 /// Prepares `x` (one row of `k` values) for dots with weights of `dtype`.
 pub(crate) fn prepare(isa: Isa, dtype: DType, x: &[f32]) -> Prepared {
     #[cfg(target_arch = "x86_64")]
-    if isa.avx2() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0) {
+    if isa.avx2() && matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL)
+    {
         // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
         return Prepared::Int(Activations::Q8(unsafe { x86::quantize_q8(x) }));
     }
@@ -305,6 +306,33 @@ fn decode_rows<const R: usize, const VNNI: bool>(
     }
 }
 
+/// Q4_0 or IQ4_NL rows (`table`) as stored, in tiles of two weight rows × four token rows,
+/// the rest one at a time.
+#[cfg(target_arch = "x86_64")]
+fn lut4_tiles(table: &[i8; 16], rows: &[u8], rb: usize, nb: usize, q8: &[&ggml_dot::Q8Row], tile: &mut [f32]) {
+    use crate::lut4::dot_tile;
+    let row = |j: usize| &rows[j * rb..(j + 1) * rb];
+    let (rfull, tfull) = (nb / 2 * 2, q8.len() / 4 * 4);
+    for j in (0..rfull).step_by(2) {
+        for t in (0..tfull).step_by(4) {
+            // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
+            let v = unsafe { dot_tile(table, [row(j), row(j + 1)], [q8[t], q8[t + 1], q8[t + 2], q8[t + 3]]) };
+            for (r, vr) in v.iter().enumerate() {
+                for (u, v) in vr.iter().enumerate() {
+                    tile[(t + u) * nb + j + r] = *v;
+                }
+            }
+        }
+    }
+    for (t, x) in q8.iter().enumerate() {
+        let first = if t < tfull { rfull } else { 0 };
+        for j in first..nb {
+            // SAFETY: as above.
+            tile[t * nb + j] = unsafe { dot_tile(table, [row(j)], [*x]) }[0][0];
+        }
+    }
+}
+
 /// [`dot_tile`] with the AVX2 kernels; false (nothing written) when `dtype` has none.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
@@ -320,11 +348,19 @@ fn avx2_tile(
 ) -> bool {
     let groups = &batch.groups[..];
     let legacy = match dtype {
-        DType::Q4_0 => Legacy::Q4_0,
         DType::Q4_1 => Legacy::Q4_1,
         DType::Q5_0 => Legacy::Q5_0,
         DType::Q5_1 => Legacy::Q5_1,
         DType::Q8_0 => Legacy::Q8_0,
+        DType::Q4_0 | DType::IQ4NL => {
+            // (On AVX-512 CPUs the session's packed form serves whole groups of sixteen rows;
+            // see `crate::packed`. These are the rows as stored.)
+            let Some(q8) = all_of(xs, |a| if let Activations::Q8(q) = a { Some(q) } else { None }) else {
+                return false;
+            };
+            lut4_tiles(crate::lut4::table_of(dtype), rows, rb.max(1), nb, &q8, tile);
+            return true;
+        }
         DType::KQ2 => {
             let Some(acts) = all_of(xs, kq2_of) else {
                 return false;

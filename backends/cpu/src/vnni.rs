@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 use kiln_quant::ggml_dot::{Q8KRow, Q8Row};
 use kiln_quant::kq2::Kq2Q8Row;
 
-use crate::x86::{self, Legacy, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use crate::x86::{self, Legacy, Q4_1, Q5_0, Q5_1, Q8_0};
 
 const QK: usize = 32;
 
@@ -32,7 +32,6 @@ pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
     xs: [&Q8Row; T],
 ) -> [[f32; T]; R] {
     match kind {
-        Legacy::Q4_0 => tile::<Q4_0, R, T>(rows, xs),
         Legacy::Q4_1 => tile::<Q4_1, R, T>(rows, xs),
         Legacy::Q5_0 => tile::<Q5_0, R, T>(rows, xs),
         Legacy::Q5_1 => tile::<Q5_1, R, T>(rows, xs),
@@ -43,7 +42,7 @@ pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8Row; T]) -> [[f32; T]; R] {
-    let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
+    let signed = matches!(K, Q5_0 | Q8_0);
     let (bytes, nblocks) = x86::legacy_blocks(K, &rows, &xs);
     let wp: [*const u8; R] = rows.map(|r| r.as_ptr());
     let qp: [*const i8; T] = xs.map(|x| x.q.as_ptr());
@@ -943,7 +942,6 @@ pub(crate) unsafe fn legacy_gemm(
     // SAFETY: the caller's.
     unsafe {
         match kind {
-            Legacy::Q4_0 => legacy_gemm_k::<Q4_0>(rows, rb, nb, xs, tile),
             Legacy::Q4_1 => legacy_gemm_k::<Q4_1>(rows, rb, nb, xs, tile),
             Legacy::Q5_0 => legacy_gemm_k::<Q5_0>(rows, rb, nb, xs, tile),
             Legacy::Q5_1 => legacy_gemm_k::<Q5_1>(rows, rb, nb, xs, tile),
@@ -954,7 +952,7 @@ pub(crate) unsafe fn legacy_gemm(
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 fn legacy_gemm_k<const K: u8>(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8Row], tile: &mut [f32]) -> (usize, usize) {
-    let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
+    let signed = matches!(K, Q5_0 | Q8_0);
     let rfull = nb / LEG_ROWS * LEG_ROWS;
     let tfull = xs.len() / LEG_TOKENS * LEG_TOKENS;
     let row = |j: usize| &rows[j * rb..(j + 1) * rb];
@@ -1427,8 +1425,8 @@ mod tests {
         }
     }
 
-    const LEGACY: [(Legacy, usize); 5] =
-        [(Legacy::Q4_0, 18), (Legacy::Q4_1, 20), (Legacy::Q5_0, 22), (Legacy::Q5_1, 24), (Legacy::Q8_0, 34)];
+    const LEGACY: [(Legacy, usize); 4] =
+        [(Legacy::Q4_1, 20), (Legacy::Q5_0, 22), (Legacy::Q5_1, 24), (Legacy::Q8_0, 34)];
 
     /// Sane scales of a legacy block (`d`, and `m` for the `_1` types).
     fn legacy_scales(kind: Legacy) -> &'static [(usize, f32)] {

@@ -47,7 +47,7 @@ pub(crate) fn hsum8(x: __m256) -> f32 {
 /// Sum of the eight i32 lanes (exact).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_i32(x: __m256i) -> i32 {
+pub(crate) fn hsum_i32(x: __m256i) -> i32 {
     let r = _mm_add_epi32(_mm256_extracti128_si256::<1>(x), _mm256_castsi256_si128(x));
     let r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
     let r = _mm_add_epi32(r, _mm_shuffle_epi32::<0b01>(r));
@@ -76,10 +76,10 @@ fn dot_us(u: __m256i, s: __m256i) -> __m256i {
 }
 
 /// The 32 weights of one legacy block, and its `d` and `m`: unsigned for the `_1`
-/// types (with `m`), signed for the `_0` types.
+/// types (with `m`), signed for the `_0` types. (Q4_0 is summed in another order: see
+/// [`crate::lut4`].)
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Legacy {
-    Q4_0,
     Q4_1,
     Q5_0,
     Q5_1,
@@ -110,7 +110,6 @@ fn prefetch_ahead(p: *const u8, len: usize) {
     }
 }
 
-pub(crate) const Q4_0: u8 = 0;
 pub(crate) const Q4_1: u8 = 1;
 pub(crate) const Q5_0: u8 = 2;
 pub(crate) const Q5_1: u8 = 3;
@@ -141,10 +140,6 @@ pub(crate) unsafe fn unpack<const K: u8>(p: *const u8) -> (__m256i, f32, f32) {
     // SAFETY (all reads): inside the block.
     unsafe {
         match K {
-            Q4_0 => {
-                let d = f16(std::slice::from_raw_parts(p, 2), 0);
-                (_mm256_sub_epi8(nib(p.add(2)), _mm256_set1_epi8(8)), d, 0.0)
-            }
             Q4_1 => {
                 let (d, m) = f16x2(p);
                 (nib(p.add(4)), d, m)
@@ -182,7 +177,6 @@ pub(crate) fn dot_legacy_tile<const R: usize, const T: usize>(
     xs: [&Q8Row; T],
 ) -> [[f32; T]; R] {
     match kind {
-        Legacy::Q4_0 => tile::<Q4_0, R, T>(rows, xs),
         Legacy::Q4_1 => tile::<Q4_1, R, T>(rows, xs),
         Legacy::Q5_0 => tile::<Q5_0, R, T>(rows, xs),
         Legacy::Q5_1 => tile::<Q5_1, R, T>(rows, xs),
@@ -207,7 +201,7 @@ pub(crate) fn legacy_blocks(k: u8, rows: &[&[u8]], xs: &[&Q8Row]) -> (usize, usi
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8Row; T]) -> [[f32; T]; R] {
-    let signed = matches!(K, Q4_0 | Q5_0 | Q8_0);
+    let signed = matches!(K, Q5_0 | Q8_0);
     let (bytes, nblocks) = legacy_blocks(K, &rows, &xs);
     let wp: [*const u8; R] = rows.map(|r| r.as_ptr());
     let qp: [*const i8; T] = xs.map(|x| x.q.as_ptr());
@@ -1280,7 +1274,6 @@ mod tests {
             return;
         }
         for (dtype, kind) in [
-            (DType::Q4_0, Legacy::Q4_0),
             (DType::Q4_1, Legacy::Q4_1),
             (DType::Q5_0, Legacy::Q5_0),
             (DType::Q5_1, Legacy::Q5_1),

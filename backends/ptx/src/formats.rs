@@ -4,7 +4,7 @@
 //! build's `weights.bin` (ggml blocks, kiln's kq2), so weights are uploaded
 //! as they are.
 //!
-//! The legacy ggml blocks and plain floats are here; the K-quants and kq2 are
+//! The legacy ggml blocks, IQ4_NL and plain floats are here; the K-quants and kq2 are
 //! in [`crate::formats_k`].
 
 use kiln_ir::DType;
@@ -81,6 +81,21 @@ pub fn decode8(kb: &mut Kb, dtype: DType, row: Reg, g: Reg, tables: Reg) -> Grou
                 kb.fma(qf, d, add)
             }))
         }
+        DType::IQ4NL => {
+            // Q4_0's layout; each nibble indexes the fixed table. With the table biased
+            // by 128, w = (T[q] + 128)·d − 128d in one fma: exactly the reference's d·T[q].
+            let (blk, s) = block_of(kb, row, g, 4, 18);
+            let d = ld_f16(kb, blk, 0);
+            let add = kb.mul(Ty::F32, d, -128.0f32);
+            let (a, shift) = nibble_source(kb, blk, s);
+            let words = group_words(kb, a, 2, 2, Some(shift));
+            plain(std::array::from_fn(|i| {
+                let q = byte_of(kb, &words, 2, i, 15);
+                let t = iq4nl_biased(kb, q);
+                let tf = kb.cvt(Ty::F32, t);
+                kb.fma(tf, d, add)
+            }))
+        }
         DType::Q5_0 | DType::Q5_1 => {
             let (bs, qh_off, qs, has_min, width) =
                 if dtype == DType::Q5_0 { (22, 2, 6, false, 2) } else { (24, 4, 8, true, 4) };
@@ -131,6 +146,30 @@ pub fn decode8(kb: &mut Kb, dtype: DType, row: Reg, g: Reg, tables: Reg) -> Grou
         }
         DType::I32 => unreachable!("i32 weights are rejected by supported()"),
     }
+}
+
+/// IQ4_NL's table (`kiln_quant::iq4nl::VALUES`) plus 128, as bytes of two u64
+/// immediates: entries 0..8, then 8..16.
+const IQ4NL_BIASED: [u64; 2] = {
+    let mut w = [0u64; 2];
+    let mut i = 0;
+    while i < 16 {
+        w[i / 8] |= ((kiln_quant::iq4nl::VALUES[i] as i16 + 128) as u64) << (8 * (i % 8));
+        i += 1;
+    }
+    w
+};
+
+/// `T[q] + 128` (a u32 in 1..=241) for a nibble `q` (a u32 below 16): a register-only
+/// lookup (select the half, shift its byte down), no table in memory.
+fn iq4nl_biased(kb: &mut Kb, q: Reg) -> Reg {
+    let upper = kb.setp(Cmp::Ge, q, 8u32);
+    let half = kb.selp(Ty::U64, IQ4NL_BIASED[1] as i64, IQ4NL_BIASED[0] as i64, upper);
+    let sh = kb.shl(Ty::U32, q, 3u32);
+    let sh = kb.and(Ty::U32, sh, 56u32);
+    let v = kb.shr(Ty::U64, half, sh);
+    let v = kb.cvt(Ty::U32, v);
+    kb.and(Ty::U32, v, 0xffu32)
 }
 
 /// Element `e` (a u32 index) of a row of unquantized weights, as f32.

@@ -7,24 +7,10 @@ mod common;
 use common::*;
 use kiln_ir::DType;
 use kiln_ptx::emu::{Arg, EmuMemory, launch};
-use kiln_ptx::ptx::{BinOp, Cmp, Kb, Kernel, Mem, ParamTy, Special, Ty};
-use kiln_ptx::{formats, formats_k, kernels};
+use kiln_ptx::{formats_k, kernels};
 use kiln_quant::kq2::{KQ2_UNROTATED, dot_kq2, kq2_codeword, kq2_scale, quantize_kq2};
 
 const K_QUANTS: [DType; 5] = [DType::Q2K, DType::Q3K, DType::Q4K, DType::Q5K, DType::Q6K];
-
-/// Deterministic pseudo-random bytes.
-fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 32) as u8
-        })
-        .collect()
-}
 
 /// Offsets of the f16 scale fields of a K-quant block.
 fn f16_fields(dtype: DType) -> &'static [usize] {
@@ -56,50 +42,6 @@ fn random_row(dtype: DType, k: usize, seed: u64) -> Vec<u8> {
         }
     }
     b
-}
-
-/// A kernel that decodes every group of one row: arguments `row, tables,
-/// out, groups`; thread g writes its 8 weights and 1.0 if the group is
-/// rotated (else 0.0) at `out + 36·g`.
-fn decode_kernel(dtype: DType) -> Kernel {
-    let mut kb = Kb::new(
-        format!("decode_{}", dtype.name()),
-        &[("row", ParamTy::Ptr), ("tables", ParamTy::Ptr), ("out", ParamTy::Ptr), ("groups", ParamTy::U32)],
-        kernels::BLOCK,
-    );
-    let (row, tables, out, groups) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3));
-    let tid = kb.tid();
-    let cta = kb.special(Special::CtaidX);
-    let g = kb.mad(Ty::U32, cta, kernels::BLOCK, tid);
-    let ok = kb.setp(Cmp::Lt, g, groups);
-    let last = kb.sub(Ty::U32, groups, 1u32);
-    let gc = kb.bin(BinOp::Min, Ty::U32, g, last);
-    let grp = formats::decode8(&mut kb, dtype, row, gc, tables);
-    let rot = match grp.rotated {
-        Some(p) => kb.selp(Ty::F32, 1.0f32, 0.0f32, p),
-        None => kb.imm(Ty::F32, 0.0f32),
-    };
-    let oa = kb.index(out, gc, 36);
-    kb.guarded(ok, false, |kb| {
-        for (i, &w) in grp.w.iter().enumerate() {
-            kb.st(Mem::F32, oa, 4 * i as i32, w);
-        }
-        kb.st(Mem::F32, oa, 32, rot);
-    });
-    kb.finish()
-}
-
-/// Runs [`decode_kernel`] on `row` (k weights): the 8 weights and the
-/// rotated flag of each group.
-fn decode_on_device(dtype: DType, row: &[u8], k: usize) -> Vec<([f32; 8], bool)> {
-    let groups = k / 8;
-    let mut mem = EmuMemory::new();
-    let ra = upload(&mut mem, row);
-    let ta = upload(&mut mem, &formats::tables(dtype).unwrap_or_else(|| vec![0; 4]));
-    let oa = mem.alloc(36 * groups);
-    let args = [Arg::Ptr(ra), Arg::Ptr(ta), Arg::Ptr(oa), Arg::U32(groups as u32)];
-    launch(&mut mem, &decode_kernel(dtype), [(groups as u32).div_ceil(kernels::BLOCK), 1, 1], &args).unwrap();
-    download(&mem, oa, 9 * groups).chunks_exact(9).map(|c| (std::array::from_fn(|i| c[i]), c[8] == 1.0)).collect()
 }
 
 /// The 17-bit codeword of group `g` of a kq2 block (the layout in `kiln_quant::kq2`).

@@ -12,11 +12,44 @@ use kiln_ptx::ptx::BinOp;
 
 #[test]
 fn matmul_plain_and_legacy_formats() {
-    for dtype in [DType::F32, DType::F16, DType::BF16, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0]
-    {
+    for dtype in [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q8_0,
+        DType::IQ4NL,
+    ] {
         check_matmul(dtype, 6, 96, 5, false);
         check_matmul(dtype, 5, 64, 1, true);
         check_matmul(dtype, 3, 64, 19, true);
+    }
+}
+
+/// IQ4_NL's register lookup is bit-exact: every group of random blocks (all 16 indices in
+/// both nibbles, scales of both signs) decodes to the reference dequantizer's values.
+#[test]
+fn iq4_nl_groups_are_bit_exact() {
+    let k = 32 * 48;
+    for seed in 0..3 {
+        let mut row = rand_bytes(DType::IQ4NL.row_bytes(k as u64).unwrap() as usize, 50 + seed);
+        for blk in row.chunks_exact_mut(18) {
+            // A finite f16 scale: exponent 7..=15 (2^-8 .. 2), either sign.
+            let e = 7 + (blk[1] >> 2) % 9;
+            blk[1] = (blk[1] & 0x83) | (e << 2);
+        }
+        let mut want = vec![0f32; k];
+        kiln_quant::dequantize_row(DType::IQ4NL, &row, &mut want).unwrap();
+        for (g, (w, rot)) in decode_on_device(DType::IQ4NL, &row, k).iter().enumerate() {
+            assert!(!rot);
+            for i in 0..8 {
+                let (a, b) = (w[i], want[8 * g + i]);
+                assert_eq!(a.to_bits(), b.to_bits(), "seed {seed}: weight {}: got {a}, want {b}", 8 * g + i);
+            }
+        }
     }
 }
 
@@ -306,7 +339,17 @@ fn check_matmul_mma(dtype: DType, rows: usize, k: usize, t: usize, bias: bool) {
 
 #[test]
 fn tensor_core_matmul_matches_within_f16_rounding() {
-    for dtype in [DType::F32, DType::F16, DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4K, DType::Q6K, DType::Q2K] {
+    for dtype in [
+        DType::F32,
+        DType::F16,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q8_0,
+        DType::IQ4NL,
+        DType::Q4K,
+        DType::Q6K,
+        DType::Q2K,
+    ] {
         let k = if dtype.block_elems() >= 256 { 256 } else { 96 };
         check_matmul_mma(dtype, 70, k, 67, true);
         check_matmul_mma(dtype, 16, k, 16, false);

@@ -16,7 +16,7 @@ pub fn round_for_dot(weight: DType, x: &mut [f32]) {
         DType::F32 | DType::F8E4M3 | DType::I32 => {}
         DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
         DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_1 | DType::Q5_1 => {
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_1 | DType::Q5_1 | DType::IQ4NL => {
             x.chunks_mut(32).for_each(round_q8_0_block)
         }
         DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => x.chunks_mut(256).for_each(round_q8_k_block),

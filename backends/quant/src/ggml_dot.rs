@@ -4,6 +4,9 @@
 //! friends), so that `kiln_backends::Numerics::Ggml` reproduces llama.cpp's matmul
 //! results bit for bit rather than to within rounding.
 //!
+//! Q4_0 and IQ4_NL take Q8_0 activations too but are summed as ggml's repacked 8×8
+//! kernels do ([`dot_lut4`]): llama.cpp repacks both on AVX2 CPUs.
+//!
 //! The k-quants Q3_K, Q4_K and Q6_K take 256-element Q8_K activations
 //! ([`quantize_q8_k`]); their per-super-block integer sums are exact, and the
 //! float steps follow ggml's x86 kernels: Q3_K and Q6_K the eight-lane AVX2
@@ -110,7 +113,9 @@ pub enum Activations {
 /// (`None` when [`dot`] does not handle `dtype`).
 pub fn quantize_for(dtype: DType, x: &[f32]) -> Option<Activations> {
     match dtype {
-        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => Some(Activations::Q8(quantize_q8(x))),
+        DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::IQ4NL => {
+            Some(Activations::Q8(quantize_q8(x)))
+        }
         DType::Q2K | DType::Q3K | DType::Q4K | DType::Q5K | DType::Q6K => Some(Activations::Q8K(quantize_q8_k(x))),
         DType::KQ2 => Some(Activations::Kq2(crate::kq2::quantize_kq2_q8(x))),
         _ => None,
@@ -126,6 +131,7 @@ pub fn supports(dtype: DType) -> bool {
             | DType::Q5_0
             | DType::Q5_1
             | DType::Q8_0
+            | DType::IQ4NL
             | DType::Q2K
             | DType::Q3K
             | DType::Q4K
@@ -162,6 +168,7 @@ pub fn dot(dtype: DType, row: &[u8], x: &Activations, group: RowGroup) -> f32 {
         (DType::Q5K, Activations::Q8K(a)) => dot_q5_k(row, a),
         (DType::Q2K, Activations::Q8K(a)) => dot_q2_k(row, a),
         (DType::KQ2, Activations::Kq2(a)) => crate::kq2::dot_kq2_q8(row, a),
+        (DType::Q4_0 | DType::IQ4NL, Activations::Q8(a)) => dot_lut4(row, a, lut4_table(dtype).unwrap_or(&Q4_0_TABLE)),
         (_, Activations::Q8(a)) => dot_legacy(dtype, row, a),
         _ => 0.0,
     }
@@ -201,6 +208,39 @@ fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
         }
     }
     acc - acc_min
+}
+
+/// Q4_0's codes as table values: `c − 8`.
+const Q4_0_TABLE: [i8; 16] = [-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7];
+
+/// The value table of a layout whose 18-byte blocks hold an f16 scale and 32 four-bit codes
+/// standing for `d·T[code]`: Q4_0 and IQ4_NL (`None` for every other dtype).
+pub fn lut4_table(dtype: DType) -> Option<&'static [i8; 16]> {
+    match dtype {
+        DType::Q4_0 => Some(&Q4_0_TABLE),
+        DType::IQ4NL => Some(&crate::iq4nl::VALUES),
+        _ => None,
+    }
+}
+
+/// Q4_0 or IQ4_NL (`table`, see [`lut4_table`]) with Q8_0 activations as ggml's repacked
+/// 8×8 AVX2 kernels compute one output (llama.cpp repacks both types and runs these for
+/// decode and prefill alike whenever the output count is a multiple of 8, as in every model
+/// here): per block the exact integer `Σ T[q]·q8` over all 32 elements, added with one fused
+/// multiply-add by `d·d8` (an f32 product) into a single accumulator, block after block.
+/// (Checked bit for bit against ggml's own kernels: `tests/oracle_llama_cpp.rs`.)
+pub fn dot_lut4(row: &[u8], x: &Q8Row, table: &[i8; 16]) -> f32 {
+    let mut acc = 0f32;
+    for ((blk, &(dx, _)), qx) in row.chunks_exact(18).zip(&x.scales).zip(x.q.chunks_exact(QK)) {
+        let qs = &blk[2..18];
+        let mut isum = 0i32;
+        for j in 0..QK / 2 {
+            isum += i32::from(table[usize::from(qs[j] & 15)]) * i32::from(qx[j]);
+            isum += i32::from(table[usize::from(qs[j] >> 4)]) * i32::from(qx[j + QK / 2]);
+        }
+        acc = (isum as f32).mul_add(h(blk, 0) * dx, acc);
+    }
+    acc
 }
 
 /// Q6_K as ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: eight integer lanes per
@@ -428,7 +468,7 @@ mod tests {
         let xq = Activations::Q8(quantize_q8(&x));
         let mut xr = x.clone();
         crate::act::round_for_dot(DType::Q8_0, &mut xr);
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0] {
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::IQ4NL] {
             let mut row = vec![0u8; dtype.row_bytes(96).unwrap() as usize];
             quantize_row(dtype, &w, &mut row).unwrap();
             let mut wd = vec![0f32; 96];

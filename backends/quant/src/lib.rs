@@ -5,10 +5,12 @@
 //! bit-identical to ggml's `dequantize_row_*` and gguf-py's
 //! `gguf.quants.dequantize`; quantization ([`quantize_row`],
 //! [`quantize_row_weighted`]) is bit-identical to ggml's quantizers
-//! (llama.cpp b11434), with or without an importance matrix.
+//! (llama.cpp b11434), with or without an importance matrix, for every ggml
+//! type but IQ4_NL, whose quantizer is kiln's own ([`iq4nl`]).
 
 pub mod act;
 pub mod ggml_dot;
+pub mod iq4nl;
 pub mod kq2;
 mod kquants;
 mod kquants_quant;
@@ -70,6 +72,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
         DType::Q5_0 => blocks(src, dst, legacy::dequant_q5_0),
         DType::Q5_1 => blocks(src, dst, legacy::dequant_q5_1),
         DType::Q8_0 => blocks(src, dst, legacy::dequant_q8_0),
+        DType::IQ4NL => blocks(src, dst, iq4nl::dequant_iq4_nl),
         DType::Q2K => blocks(src, dst, kquants::dequant_q2_k),
         DType::Q3K => blocks(src, dst, kquants::dequant_q3_k),
         DType::Q4K => blocks(src, dst, kquants::dequant_q4_k),
@@ -99,6 +102,7 @@ pub fn dot_row(dtype: DType, row: &[u8], x: &[f32]) -> Result<f32, QuantError> {
         DType::Q5_0 => dot_blocks(row, x, legacy::dequant_q5_0),
         DType::Q5_1 => dot_blocks(row, x, legacy::dequant_q5_1),
         DType::Q8_0 => dot_blocks(row, x, legacy::dequant_q8_0),
+        DType::IQ4NL => dot_blocks(row, x, iq4nl::dequant_iq4_nl),
         DType::Q2K => dot_blocks(row, x, kquants::dequant_q2_k),
         DType::Q3K => dot_blocks(row, x, kquants::dequant_q3_k),
         DType::Q4K => dot_blocks(row, x, kquants::dequant_q4_k),
@@ -128,6 +132,7 @@ pub fn quantize_row(dtype: DType, src: &[f32], dst: &mut [u8]) -> Result<(), Qua
         DType::Q5_0 => quant_blocks(src, dst, legacy::quant_q5_0),
         DType::Q5_1 => quant_blocks(src, dst, legacy::quant_q5_1),
         DType::Q8_0 => quant_blocks(src, dst, legacy::quant_q8_0),
+        DType::IQ4NL => quant_blocks(src, dst, iq4nl::quant_iq4_nl),
         DType::Q2K => quant_blocks(src, dst, kquants_quant::quant_q2_k),
         DType::Q3K => quant_blocks(src, dst, kquants_quant::quant_q3_k),
         DType::Q4K => quant_blocks(src, dst, kquants_quant::quant_q4_k),
@@ -175,6 +180,7 @@ pub fn quantize_row_weighted(
         DType::Q4_1 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q4_1_weighted),
         DType::Q5_0 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q5_0_weighted),
         DType::Q5_1 => legacy::quant_row_weighted(src, qw, dst, legacy::quant_q5_1_weighted),
+        DType::IQ4NL => legacy::quant_row_weighted(src, qw, dst, iq4nl::quant_iq4_nl_weighted),
         DType::Q2K => weighted_blocks(src, qw, dst, kquants_quant::quant_q2_k_weighted),
         DType::Q3K => weighted_blocks(src, qw, dst, kquants_quant::quant_q3_k_weighted),
         DType::Q4K => weighted_blocks(src, qw, dst, kquants_quant::quant_q4_k_weighted),
@@ -345,7 +351,7 @@ mod tests {
     /// replaced by values from `scales`, plain elements lose their top exponent bit.
     fn sanitize(dtype: DType, bytes: &mut [u8], scales: &[u16]) {
         let fields: &[usize] = match dtype {
-            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4NL => &[0],
             DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
             DType::Q2K => &[80, 82],
             DType::Q3K => &[108],

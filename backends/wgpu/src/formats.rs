@@ -18,6 +18,7 @@ pub fn supported(dtype: DType) -> bool {
             | DType::Q5_0
             | DType::Q5_1
             | DType::Q8_0
+            | DType::IQ4NL
             | DType::Q2K
             | DType::Q3K
             | DType::Q4K
@@ -98,6 +99,25 @@ fn byte8(w: vec2<u32>, i: u32) -> u32 {
     return (w[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu;
 }
 ";
+
+/// IQ4_NL's table (`kiln_quant::iq4nl::VALUES`): 16 signed bytes packed little-endian
+/// into 4 words, so a lookup is a dynamically indexed vector component and a sign-extending
+/// byte extract (no array in private memory).
+fn iq4nl_table() -> String {
+    let w: [u32; 4] = std::array::from_fn(|i| {
+        u32::from_le_bytes(std::array::from_fn(|j| kiln_quant::iq4nl::VALUES[4 * i + j] as u8))
+    });
+    format!(
+        "
+const IQ4NL_T = vec4<u32>({:#010x}u, {:#010x}u, {:#010x}u, {:#010x}u);
+
+fn iq4nl(n: u32) -> f32 {{
+    return f32(extractBits(bitcast<i32>(IQ4NL_T[n >> 2u]), (n & 3u) * 8u, 8u));
+}}
+",
+        w[0], w[1], w[2], w[3]
+    )
+}
 
 /// Scale and min (6 bits each) of sub-block `j` of a Q4_K/Q5_K block whose 12 packed scale
 /// bytes start at `s` (ggml's `get_scale_min_k4`).
@@ -191,6 +211,19 @@ let q = rd8x2(blk + 2u + (e0 & 15u));
 let sh = (e0 >> 4u) * 4u;
 for (var i = 0u; i < 8u; i = i + 1u) {
     o[i] = (f32((byte8(q, i) >> sh) & 15u) - 8.0) * d;
+}",
+        ),
+        // IQ4_NL: Q4_0's layout, each nibble an index into the fixed table (`d · T[q]`,
+        // one rounding like the reference).
+        DType::IQ4NL => (
+            format!("{BYTES}{HALF}{BYTES8}{}", iq4nl_table()),
+            "let blk = row + (g >> 2u) * 18u;
+let d = rdf16(blk);
+let e0 = (g & 3u) * 8u;
+let q = rd8x2(blk + 2u + (e0 & 15u));
+let sh = (e0 >> 4u) * 4u;
+for (var i = 0u; i < 8u; i = i + 1u) {
+    o[i] = iq4nl((byte8(q, i) >> sh) & 15u) * d;
 }",
         ),
         DType::Q4_1 => (

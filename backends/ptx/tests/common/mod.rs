@@ -4,6 +4,7 @@
 use kiln_ir::DType;
 use kiln_ptx::emu::{Arg, EmuMemory, launch};
 use kiln_ptx::kernels;
+use kiln_ptx::ptx::{BinOp, Cmp, Kb, Kernel, Mem, ParamTy, Special, Ty};
 
 /// Deterministic pseudo-random floats in [-1, 1).
 pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -14,6 +15,19 @@ pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
             s ^= s >> 7;
             s ^= s << 17;
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 32) as u8
         })
         .collect()
 }
@@ -107,4 +121,48 @@ pub fn check_matmul_bytes(dtype: DType, wq: &[u8], rows: usize, k: usize, t: usi
     launch(&mut mem, &kern, grid, &args).unwrap();
     let got = download(&mem, ya, t * rows);
     assert_close(&got, &want, 2e-5 * (k as f32).sqrt(), &format!("matmul {dtype}"));
+}
+
+/// A kernel that decodes every group of one row: arguments `row, tables,
+/// out, groups`; thread g writes its 8 weights and 1.0 if the group is
+/// rotated (else 0.0) at `out + 36·g`.
+pub fn decode_kernel(dtype: DType) -> Kernel {
+    let mut kb = Kb::new(
+        format!("decode_{}", dtype.name()),
+        &[("row", ParamTy::Ptr), ("tables", ParamTy::Ptr), ("out", ParamTy::Ptr), ("groups", ParamTy::U32)],
+        kernels::BLOCK,
+    );
+    let (row, tables, out, groups) = (kb.param(0), kb.param(1), kb.param(2), kb.param(3));
+    let tid = kb.tid();
+    let cta = kb.special(Special::CtaidX);
+    let g = kb.mad(Ty::U32, cta, kernels::BLOCK, tid);
+    let ok = kb.setp(Cmp::Lt, g, groups);
+    let last = kb.sub(Ty::U32, groups, 1u32);
+    let gc = kb.bin(BinOp::Min, Ty::U32, g, last);
+    let grp = kiln_ptx::formats::decode8(&mut kb, dtype, row, gc, tables);
+    let rot = match grp.rotated {
+        Some(p) => kb.selp(Ty::F32, 1.0f32, 0.0f32, p),
+        None => kb.imm(Ty::F32, 0.0f32),
+    };
+    let oa = kb.index(out, gc, 36);
+    kb.guarded(ok, false, |kb| {
+        for (i, &w) in grp.w.iter().enumerate() {
+            kb.st(Mem::F32, oa, 4 * i as i32, w);
+        }
+        kb.st(Mem::F32, oa, 32, rot);
+    });
+    kb.finish()
+}
+
+/// Runs [`decode_kernel`] on `row` (k weights): the 8 weights and the
+/// rotated flag of each group.
+pub fn decode_on_device(dtype: DType, row: &[u8], k: usize) -> Vec<([f32; 8], bool)> {
+    let groups = k / 8;
+    let mut mem = EmuMemory::new();
+    let ra = upload(&mut mem, row);
+    let ta = upload(&mut mem, &kiln_ptx::formats::tables(dtype).unwrap_or_else(|| vec![0; 4]));
+    let oa = mem.alloc(36 * groups);
+    let args = [Arg::Ptr(ra), Arg::Ptr(ta), Arg::Ptr(oa), Arg::U32(groups as u32)];
+    launch(&mut mem, &decode_kernel(dtype), [(groups as u32).div_ceil(kernels::BLOCK), 1, 1], &args).unwrap();
+    download(&mem, oa, 9 * groups).chunks_exact(9).map(|c| (std::array::from_fn(|i| c[i]), c[8] == 1.0)).collect()
 }
