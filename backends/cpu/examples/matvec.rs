@@ -19,8 +19,8 @@ fn main() {
         Ok("scalar") => Isa::Scalar,
         _ => Isa::detect(),
     };
-    let k = CpuKernels::new(kiln_cpu::CpuBackend::with_isa(isa).isa());
-    println!("isa: {}", k.isa.name());
+    let plain = CpuKernels::new(kiln_cpu::CpuBackend::with_isa(isa).isa());
+    println!("isa: {}", plain.isa.name());
     let prefill_rows: usize = std::env::var("KILN_MATVEC_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(64);
     let only = std::env::var("KILN_MATVEC_ONLY").ok();
     // Every quantized layout.
@@ -59,6 +59,12 @@ fn main() {
             }
             let x: Vec<f32> = (0..kk).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let w = Weight { bytes: &bytes, dtype, n, k: kk };
+            // The session's packed form where the backend would pack this layout (VNNI CPUs).
+            let mut k = plain.clone();
+            #[cfg(target_arch = "x86_64")]
+            if k.isa == Isa::Avx512Vnni {
+                k.packed = Some(std::sync::Arc::new(kiln_cpu::PackedWeights::of_matrix(&w))).filter(|p| !p.is_empty());
+            }
             let reps = (200_000_000 / (n * kk)).max(10);
             let t = pool.install(|| {
                 let _ = k.matmul(&x, 1, w, None, 0, 1).unwrap();

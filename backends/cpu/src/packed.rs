@@ -88,35 +88,27 @@ impl PackedWeights {
         for inst in &module.insts {
             let Op::MatMul { w, .. } = inst.op else { continue };
             let ty = &module.param(w).ty;
-            let Some(layout) = Layout::of(ty.dtype) else { continue };
             let Some(dims) = ty.fixed_dims() else { continue };
             let [n, k] = dims[..] else { continue };
             let (Ok(n), Ok(k)) = (usize::try_from(n), usize::try_from(k)) else { continue };
             let bytes = weights.bytes(w);
-            let (be, bb) = (layout.dtype().block_elems() as usize, layout.dtype().block_bytes() as usize);
-            let rows = layout.rows();
-            if n == 0 || !n.is_multiple_of(rows) || !k.is_multiple_of(be) || bytes.len() != n * (k / be) * bb {
-                continue;
-            }
             let key = (bytes.as_ptr() as usize, bytes.len());
             if packed.contains_key(&key) {
                 continue;
             }
-            let nblocks = k / be;
-            let rb = nblocks * bb;
-            let group = nblocks * layout.packed_block();
-            let mut data = vec![0u8; n / rows * group];
-            data.par_chunks_mut(group).enumerate().for_each(|(g, out)| {
-                let row = |r: usize| &bytes[(g * rows + r) * rb..(g * rows + r + 1) * rb];
-                match layout {
-                    Layout::Q4k => vnni::q4_k_pack(std::array::from_fn(row), nblocks, out),
-                    Layout::Lut4(_) => lut4::pack(std::array::from_fn(row), nblocks, out),
-                }
-            });
-            release_mapped(&file_maps, bytes);
-            packed.insert(key, Packed { layout, n, nblocks, data });
+            if let Some(p) = Packed::of(&Weight { bytes, dtype: ty.dtype, n, k }) {
+                release_mapped(&file_maps, bytes);
+                packed.insert(key, p);
+            }
         }
         PackedWeights { packed }
+    }
+
+    /// One matrix packed as [`PackedWeights::build`] packs a matmul weight (nothing when its
+    /// layout or shape has no packed form): for kernel benchmarks.
+    pub fn of_matrix(w: &Weight<'_>) -> PackedWeights {
+        let packed = Packed::of(w).map(|p| ((w.bytes.as_ptr() as usize, w.bytes.len()), p));
+        PackedWeights { packed: packed.into_iter().collect() }
     }
 
     /// Whether no weight was packed.
@@ -181,6 +173,29 @@ impl PackedWeights {
 }
 
 impl Packed {
+    /// `w` packed, if its layout has a packed form and its rows come in whole groups.
+    fn of(w: &Weight<'_>) -> Option<Packed> {
+        let layout = Layout::of(w.dtype)?;
+        let (n, k, bytes) = (w.n, w.k, w.bytes);
+        let (be, bb) = (layout.dtype().block_elems() as usize, layout.dtype().block_bytes() as usize);
+        let rows = layout.rows();
+        if n == 0 || !n.is_multiple_of(rows) || !k.is_multiple_of(be) || bytes.len() != n * (k / be) * bb {
+            return None;
+        }
+        let nblocks = k / be;
+        let rb = nblocks * bb;
+        let group = nblocks * layout.packed_block();
+        let mut data = vec![0u8; n / rows * group];
+        data.par_chunks_mut(group).enumerate().for_each(|(g, out)| {
+            let row = |r: usize| &bytes[(g * rows + r) * rb..(g * rows + r + 1) * rb];
+            match layout {
+                Layout::Q4k => vnni::q4_k_pack(std::array::from_fn(row), nblocks, out),
+                Layout::Lut4(_) => lut4::pack(std::array::from_fn(row), nblocks, out),
+            }
+        });
+        Some(Packed { layout, n, nblocks, data })
+    }
+
     /// [`PackedWeights::matmul`] for Q4_0 and IQ4_NL (`table`): per group of sixteen rows,
     /// the token rows [`lut4::TOKENS`] at a time, then the rest one by one.
     fn lut4_matmul(&self, table: &[i8; 16], w: &Weight<'_>, xs: &[Prepared], bias: Option<&[f32]>) -> Option<Vec<f32>> {
