@@ -1,7 +1,8 @@
 //! Weights repacked once at session start for the lane kernels (llama.cpp's CPU
 //! "repack" buffers do the same): Q4_K matmul weights as groups of eight rows
 //! interleaved per super-block ([`crate::vnni::q4_k_pack`]), Q4_0 and IQ4_NL ones as groups
-//! of sixteen rows interleaved per block ([`crate::lut4::pack`]), so decode reads each
+//! of sixteen rows interleaved per block ([`crate::lut4::pack`]), Q8_0 ones likewise
+//! ([`crate::q8lanes::pack`]), so decode reads each
 //! weight once with one row per vector lane and no transposes, and prefill loads
 //! the lane layout instead of building it. Only on CPUs with the VNNI kernels.
 //!
@@ -21,8 +22,8 @@ use kiln_quant::ggml_dot::RowGroup;
 use rayon::prelude::*;
 
 use crate::kernels::{Prepared, all_of, q8k_of};
-use crate::lut4;
 use crate::vnni::{self, Q4K_PACKED, Q4K_ROWS};
+use crate::{lut4, q8lanes};
 
 /// A packed layout: its dtype, rows per group and packed bytes per block of a group.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -31,6 +32,8 @@ enum Layout {
     Q4k,
     /// Sixteen Q4_0 or IQ4_NL rows per group ([`lut4::pack`]).
     Lut4(DType),
+    /// Sixteen Q8_0 rows per group ([`q8lanes::pack`]).
+    Q8,
 }
 
 impl Layout {
@@ -38,6 +41,7 @@ impl Layout {
         match dtype {
             DType::Q4K => Some(Layout::Q4k),
             DType::Q4_0 | DType::IQ4NL if *lut4::ZMM => Some(Layout::Lut4(dtype)),
+            DType::Q8_0 if *lut4::ZMM => Some(Layout::Q8),
             _ => None,
         }
     }
@@ -46,6 +50,7 @@ impl Layout {
         match self {
             Layout::Q4k => DType::Q4K,
             Layout::Lut4(d) => d,
+            Layout::Q8 => DType::Q8_0,
         }
     }
 
@@ -53,6 +58,7 @@ impl Layout {
         match self {
             Layout::Q4k => Q4K_ROWS,
             Layout::Lut4(_) => lut4::ROWS,
+            Layout::Q8 => q8lanes::ROWS,
         }
     }
 
@@ -60,6 +66,7 @@ impl Layout {
         match self {
             Layout::Q4k => Q4K_PACKED,
             Layout::Lut4(_) => lut4::PACKED,
+            Layout::Q8 => q8lanes::PACKED,
         }
     }
 }
@@ -80,8 +87,8 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0 and IQ4_NL) weight of a `matmul`
-    /// whose rows come in whole groups.
+    /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL and Q8_0) weight of a
+    /// `matmul` whose rows come in whole groups.
     pub fn build(module: &VerifiedModule, weights: &dyn WeightSource) -> PackedWeights {
         let mut packed = HashMap::new();
         let file_maps = read_only_file_maps();
@@ -126,8 +133,8 @@ impl PackedWeights {
         bias: Option<&[f32]>,
     ) -> Option<Vec<f32>> {
         let p = self.packed.get(&(w.bytes.as_ptr() as usize, w.bytes.len()))?;
-        if let Layout::Lut4(dtype) = p.layout {
-            return p.lut4_matmul(lut4::table_of(dtype), w, xs, bias);
+        if p.layout != Layout::Q4k {
+            return p.rows16_matmul(w, xs, bias);
         }
         let xs = all_of(xs, q8k_of)?;
         if p.n != w.n || xs.iter().any(|x| x.d.len() < p.nblocks || x.bsums.len() < 16 * p.nblocks) {
@@ -191,66 +198,90 @@ impl Packed {
             match layout {
                 Layout::Q4k => vnni::q4_k_pack(std::array::from_fn(row), nblocks, out),
                 Layout::Lut4(_) => lut4::pack(std::array::from_fn(row), nblocks, out),
+                Layout::Q8 => q8lanes::pack(std::array::from_fn(row), nblocks, out),
             }
         });
         Some(Packed { layout, n, nblocks, data })
     }
 
-    /// [`PackedWeights::matmul`] for Q4_0 and IQ4_NL (`table`): per group of sixteen rows,
-    /// the token rows [`lut4::TOKENS`] at a time, then the rest one by one.
-    fn lut4_matmul(&self, table: &[i8; 16], w: &Weight<'_>, xs: &[Prepared], bias: Option<&[f32]>) -> Option<Vec<f32>> {
+    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0): per
+    /// group of sixteen rows, the token rows a tile at a time (`lut4::TOKENS` or
+    /// `q8lanes::TOKENS`), then the rest one by one.
+    fn rows16_matmul(&self, w: &Weight<'_>, xs: &[Prepared], bias: Option<&[f32]>) -> Option<Vec<f32>> {
         let xs = all_of(xs, q8_of)?;
         if self.n != w.n || xs.iter().any(|x| x.scales.len() < self.nblocks || x.q.len() < 32 * self.nblocks) {
             return None;
         }
         let (n, rows, nblocks) = (self.n, xs.len(), self.nblocks);
-        let offs: Vec<Vec<i32>> = xs.iter().map(|x| lut4::offsets(x, nblocks)).collect();
-        let group = nblocks * lut4::PACKED;
-        let ngroups = n / lut4::ROWS;
+        let q8 = self.layout == Layout::Q8;
+        let tokens = if q8 { q8lanes::TOKENS } else { lut4::TOKENS };
+        let offs: Vec<Vec<i32>> =
+            xs.iter().map(|x| if q8 { q8lanes::offsets(x, nblocks) } else { lut4::offsets(x, nblocks) }).collect();
+        let group = nblocks * self.layout.packed_block();
+        let ngroups = n / ROWS16;
         let threads = rayon::current_num_threads().max(1);
         let per_task = ngroups.div_ceil(4 * threads).max(1);
-        let full = rows / lut4::TOKENS * lut4::TOKENS;
+        let full = rows / tokens * tokens;
+        // One group against token rows `t0..t0 + N` (`N` a tile, or 1).
+        let kernel = |pk: &[u8], t0: usize, out: &mut dyn FnMut(usize, &[f32; ROWS16])| {
+            // SAFETY (both layouts): packed only where `lut4::ZMM` holds; `pk` holds `nblocks`
+            // packed blocks and every token row and offset list as many (checked above).
+            unsafe {
+                match self.layout {
+                    Layout::Q8 if t0 < full => {
+                        let v = q8lanes::gemm16::<{ q8lanes::TOKENS }>(
+                            pk,
+                            nblocks,
+                            std::array::from_fn(|u| xs[t0 + u]),
+                            std::array::from_fn(|u| &offs[t0 + u][..]),
+                        );
+                        v.iter().enumerate().for_each(|(u, v)| out(t0 + u, v));
+                    }
+                    Layout::Q8 => out(t0, &q8lanes::gemm16::<1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0]),
+                    Layout::Lut4(dtype) if t0 < full => {
+                        let v = lut4::gemm16::<{ lut4::TOKENS }>(
+                            lut4::table_of(dtype),
+                            pk,
+                            nblocks,
+                            std::array::from_fn(|u| xs[t0 + u]),
+                            std::array::from_fn(|u| &offs[t0 + u][..]),
+                        );
+                        v.iter().enumerate().for_each(|(u, v)| out(t0 + u, v));
+                    }
+                    Layout::Lut4(dtype) => {
+                        out(t0, &lut4::gemm16::<1>(lut4::table_of(dtype), pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
+                    }
+                    Layout::Q4k => unreachable!("Q4_K has its own matmul"),
+                }
+            }
+        };
         let tiles: Vec<Vec<f32>> = (0..ngroups.div_ceil(per_task))
             .into_par_iter()
             .map(|task| {
                 let g0 = task * per_task;
                 let g1 = (g0 + per_task).min(ngroups);
-                let nb = (g1 - g0) * lut4::ROWS;
+                let nb = (g1 - g0) * ROWS16;
                 let mut tile = vec![0f32; rows * nb];
                 for g in g0..g1 {
                     let pk = &self.data[g * group..(g + 1) * group];
-                    let j0 = (g - g0) * lut4::ROWS;
-                    let mut put = |t: usize, v: &[f32; lut4::ROWS]| {
-                        tile[t * nb + j0..t * nb + j0 + lut4::ROWS].copy_from_slice(v);
+                    let j0 = (g - g0) * ROWS16;
+                    let mut put = |t: usize, v: &[f32; ROWS16]| {
+                        tile[t * nb + j0..t * nb + j0 + ROWS16].copy_from_slice(v);
                     };
-                    for t0 in (0..full).step_by(lut4::TOKENS) {
-                        // SAFETY: packed only where `lut4::ZMM` holds; `pk` holds `nblocks`
-                        // packed blocks and every token row and offset list as many (checked above).
-                        let v = unsafe {
-                            lut4::gemm16::<{ lut4::TOKENS }>(
-                                table,
-                                pk,
-                                nblocks,
-                                std::array::from_fn(|u| xs[t0 + u]),
-                                std::array::from_fn(|u| &offs[t0 + u][..]),
-                            )
-                        };
-                        for (u, v) in v.iter().enumerate() {
-                            put(t0 + u, v);
-                        }
-                    }
-                    for t in full..rows {
-                        // SAFETY: as above.
-                        let v = unsafe { lut4::gemm16::<1>(table, pk, nblocks, [xs[t]], [&offs[t][..]]) };
-                        put(t, &v[0]);
+                    for t0 in (0..full).step_by(tokens).chain(full..rows) {
+                        kernel(pk, t0, &mut put);
                     }
                 }
                 tile
             })
             .collect();
-        Some(kiln_backends::reference::place_tiles(&tiles, per_task * lut4::ROWS, rows, n, bias))
+        Some(kiln_backends::reference::place_tiles(&tiles, per_task * ROWS16, rows, n, bias))
     }
 }
+
+/// Rows per group of the sixteen-row layouts (one per 32-bit lane of a 512-bit vector).
+const ROWS16: usize = 16;
+const _: () = assert!(lut4::ROWS == ROWS16 && q8lanes::ROWS == ROWS16);
 
 /// The Q8_0 activations of an [`Activations`](kiln_quant::ggml_dot::Activations) (for [`all_of`]).
 fn q8_of(a: &kiln_quant::ggml_dot::Activations) -> Option<&kiln_quant::ggml_dot::Q8Row> {
