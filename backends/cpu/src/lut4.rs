@@ -107,13 +107,23 @@ pub(crate) static ZMM: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
 /// Sixteen rows of `nblocks` blocks each, interleaved into `out` (`nblocks · PACKED`
 /// bytes) as [`PACKED`] describes. Lossless: every byte moves, none changes.
 pub(crate) fn pack(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
-    for (b, dst) in out.chunks_exact_mut(PACKED).take(nblocks).enumerate() {
+    interleave16(rows, nblocks, BLOCK, 0, out);
+}
+
+/// The sixteen-row lane layout of blocks of `block` bytes (an f16 scale, then four-byte
+/// groups): per block the sixteen scales, then for each group the sixteen rows' four bytes,
+/// each XORed with `flip`. Shared by [`pack`] and `q8lanes::pack`.
+pub(crate) fn interleave16(rows: [&[u8]; ROWS], nblocks: usize, block: usize, flip: u8, out: &mut [u8]) {
+    let groups = (block - 2) / 4;
+    for (b, dst) in out.chunks_exact_mut(ROWS * block).take(nblocks).enumerate() {
         for (r, row) in rows.iter().enumerate() {
-            let blk = &row[b * BLOCK..(b + 1) * BLOCK];
+            let blk = &row[b * block..(b + 1) * block];
             dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-            for k in 0..4 {
+            for k in 0..groups {
                 let at = 2 * ROWS + k * 4 * ROWS + 4 * r;
-                dst[at..at + 4].copy_from_slice(&blk[2 + 4 * k..6 + 4 * k]);
+                for (d, s) in dst[at..at + 4].iter_mut().zip(&blk[2 + 4 * k..6 + 4 * k]) {
+                    *d = s ^ flip;
+                }
             }
         }
     }

@@ -30,18 +30,7 @@ pub(crate) const PACKED: usize = ROWS * BLOCK;
 /// Sixteen Q8_0 rows of `nblocks` blocks each, interleaved into `out` as [`PACKED`] says.
 /// Lossless: every byte moves, the weights with their sign bit flipped.
 pub(crate) fn pack(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
-    for (b, dst) in out.chunks_exact_mut(PACKED).take(nblocks).enumerate() {
-        for (r, row) in rows.iter().enumerate() {
-            let blk = &row[b * BLOCK..(b + 1) * BLOCK];
-            dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-            for l in 0..8 {
-                let at = 2 * ROWS + l * 4 * ROWS + 4 * r;
-                for e in 0..4 {
-                    dst[at + e] = blk[2 + 4 * l + e] ^ 0x80;
-                }
-            }
-        }
-    }
+    crate::lut4::interleave16(rows, nblocks, BLOCK, 0x80, out);
 }
 
 /// Per block of a token row, per group `l` of four activations, `−128·Σx`: where lane `l`'s
