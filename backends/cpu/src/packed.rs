@@ -1,8 +1,7 @@
 //! Weights repacked once at session start for the lane kernels (llama.cpp's CPU
 //! "repack" buffers do the same): Q4_K matmul weights as groups of eight rows
 //! interleaved per super-block ([`crate::vnni::q4_k_pack`]), Q4_0 and IQ4_NL ones as groups
-//! of sixteen rows interleaved per block ([`crate::lut4::pack`]), Q8_0 ones likewise
-//! ([`crate::q8lanes::pack`]), so decode reads each
+//! of sixteen rows interleaved per block ([`crate::lut4::pack`]), Q8_0 and Q5_0 ones likewise ([`crate::q8lanes::pack`]), so decode reads each
 //! weight once with one row per vector lane and no transposes, and prefill loads
 //! the lane layout instead of building it. Only on CPUs with the VNNI kernels.
 //!
@@ -34,6 +33,8 @@ enum Layout {
     Lut4(DType),
     /// Sixteen Q8_0 rows per group ([`q8lanes::pack`]).
     Q8,
+    /// Sixteen Q5_0 rows per group ([`q8lanes::pack`]).
+    Q5,
 }
 
 impl Layout {
@@ -42,6 +43,7 @@ impl Layout {
             DType::Q4K => Some(Layout::Q4k),
             DType::Q4_0 | DType::IQ4NL if *lut4::ZMM => Some(Layout::Lut4(dtype)),
             DType::Q8_0 if *lut4::ZMM => Some(Layout::Q8),
+            DType::Q5_0 if *lut4::ZMM => Some(Layout::Q5),
             _ => None,
         }
     }
@@ -51,6 +53,7 @@ impl Layout {
             Layout::Q4k => DType::Q4K,
             Layout::Lut4(d) => d,
             Layout::Q8 => DType::Q8_0,
+            Layout::Q5 => DType::Q5_0,
         }
     }
 
@@ -58,7 +61,7 @@ impl Layout {
         match self {
             Layout::Q4k => Q4K_ROWS,
             Layout::Lut4(_) => lut4::ROWS,
-            Layout::Q8 => q8lanes::ROWS,
+            Layout::Q8 | Layout::Q5 => q8lanes::ROWS,
         }
     }
 
@@ -66,7 +69,8 @@ impl Layout {
         match self {
             Layout::Q4k => Q4K_PACKED,
             Layout::Lut4(_) => lut4::PACKED,
-            Layout::Q8 => q8lanes::PACKED,
+            Layout::Q8 => q8lanes::packed(q8lanes::Q8),
+            Layout::Q5 => q8lanes::packed(q8lanes::Q5),
         }
     }
 }
@@ -87,7 +91,7 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL and Q8_0) weight of a
+    /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL, Q5_0 and Q8_0) weight of a
     /// `matmul` whose rows come in whole groups.
     pub fn build(module: &VerifiedModule, weights: &dyn WeightSource) -> PackedWeights {
         let mut packed = HashMap::new();
@@ -198,13 +202,14 @@ impl Packed {
             match layout {
                 Layout::Q4k => vnni::q4_k_pack(std::array::from_fn(row), nblocks, out),
                 Layout::Lut4(_) => lut4::pack(std::array::from_fn(row), nblocks, out),
-                Layout::Q8 => q8lanes::pack(std::array::from_fn(row), nblocks, out),
+                Layout::Q8 => q8lanes::pack::<{ q8lanes::Q8 }>(std::array::from_fn(row), nblocks, out),
+                Layout::Q5 => q8lanes::pack::<{ q8lanes::Q5 }>(std::array::from_fn(row), nblocks, out),
             }
         });
         Some(Packed { layout, n, nblocks, data })
     }
 
-    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0): per
+    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0, Q5_0): per
     /// group of sixteen rows, the token rows a tile at a time (`lut4::TOKENS` or
     /// `q8lanes::TOKENS`), then the rest one by one.
     fn rows16_matmul(&self, w: &Weight<'_>, xs: &[Prepared], bias: Option<&[f32]>) -> Option<Vec<f32>> {
@@ -213,10 +218,15 @@ impl Packed {
             return None;
         }
         let (n, rows, nblocks) = (self.n, xs.len(), self.nblocks);
-        let q8 = self.layout == Layout::Q8;
-        let tokens = if q8 { q8lanes::TOKENS } else { lut4::TOKENS };
-        let offs: Vec<Vec<i32>> =
-            xs.iter().map(|x| if q8 { q8lanes::offsets(x, nblocks) } else { lut4::offsets(x, nblocks) }).collect();
+        let tokens = if matches!(self.layout, Layout::Lut4(_)) { lut4::TOKENS } else { q8lanes::TOKENS };
+        let offs: Vec<Vec<i32>> = xs
+            .iter()
+            .map(|x| match self.layout {
+                Layout::Q8 => q8lanes::offsets::<{ q8lanes::Q8 }>(x, nblocks),
+                Layout::Q5 => q8lanes::offsets::<{ q8lanes::Q5 }>(x, nblocks),
+                _ => lut4::offsets(x, nblocks),
+            })
+            .collect();
         let group = nblocks * self.layout.packed_block();
         let ngroups = n / ROWS16;
         let threads = rayon::current_num_threads().max(1);
@@ -228,16 +238,21 @@ impl Packed {
             // packed blocks and every token row and offset list as many (checked above).
             unsafe {
                 match self.layout {
-                    Layout::Q8 if t0 < full => {
-                        let v = q8lanes::gemm16::<{ q8lanes::TOKENS }>(
-                            pk,
-                            nblocks,
-                            std::array::from_fn(|u| xs[t0 + u]),
-                            std::array::from_fn(|u| &offs[t0 + u][..]),
-                        );
+                    Layout::Q8 | Layout::Q5 if t0 < full => {
+                        let (x, o) = (std::array::from_fn(|u| xs[t0 + u]), std::array::from_fn(|u| &offs[t0 + u][..]));
+                        let v = if self.layout == Layout::Q8 {
+                            q8lanes::gemm16::<{ q8lanes::Q8 }, { q8lanes::TOKENS }>(pk, nblocks, x, o)
+                        } else {
+                            q8lanes::gemm16::<{ q8lanes::Q5 }, { q8lanes::TOKENS }>(pk, nblocks, x, o)
+                        };
                         v.iter().enumerate().for_each(|(u, v)| out(t0 + u, v));
                     }
-                    Layout::Q8 => out(t0, &q8lanes::gemm16::<1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0]),
+                    Layout::Q8 => {
+                        out(t0, &q8lanes::gemm16::<{ q8lanes::Q8 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
+                    }
+                    Layout::Q5 => {
+                        out(t0, &q8lanes::gemm16::<{ q8lanes::Q5 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
+                    }
                     Layout::Lut4(dtype) if t0 < full => {
                         let v = lut4::gemm16::<{ lut4::TOKENS }>(
                             lut4::table_of(dtype),

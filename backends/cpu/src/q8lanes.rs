@@ -1,5 +1,5 @@
-//! Q8_0 weights with one row per 32-bit lane (x86-64, AVX-512). Q8_0's definition is
-//! ggml's `vec_dot` order (llama.cpp does not repack Q8_0 on x86): per block eight integer
+//! Q8_0 and Q5_0 weights with one row per 32-bit lane (x86-64, AVX-512). Their definition is
+//! ggml's `vec_dot` order (llama.cpp repacks neither on x86): per block eight integer
 //! lanes of four consecutive products, each added to its own float accumulator by
 //! `fma(d·d8, lane, acc)`, the eight reduced as `hsum_float_8` at the end
 //! (`kiln_quant::ggml_dot`). Those are eight accumulators per output, so a row-at-a-time kernel
@@ -10,33 +10,98 @@
 //! fused multiply-add into accumulator `l`, and the reduction eight vertical adds in
 //! `hsum_float_8`'s order: every output gets the definition's bits.
 //!
-//! Weights are stored offset to unsigned (`w + 128`, the sign bit flipped) for `vpdpbusd`;
-//! each lane's sum starts at `−128·Σx` over its four activations.
+//! Q8_0 weights are stored offset to unsigned (`w + 128`, the sign bit flipped) for
+//! `vpdpbusd`, each lane's sum starting at `−128·Σx` over its four activations. Q5_0 keeps its
+//! nibbles and fifth bits (`qh`) per block of sixteen rows; the unsigned codes `w + 16` are
+//! rebuilt per lane group (the fifth bits spread to bit 4 of each byte by one multiply), each
+//! lane's sum starting at `−16·Σx`.
 
 use std::arch::x86_64::*;
 
 use kiln_quant::ggml_dot::Q8Row;
 
 const QK: usize = 32;
-const BLOCK: usize = 34;
+
+/// The layouts: Q8_0 (34-byte blocks) and Q5_0 (22-byte blocks).
+pub(crate) const Q8: u8 = 0;
+pub(crate) const Q5: u8 = 1;
+
+/// Bytes of one stored block of layout `K`.
+const fn block(k: u8) -> usize {
+    if k == Q8 { 34 } else { 22 }
+}
 
 /// Rows per packed group: one per 32-bit lane of a 512-bit vector.
 pub(crate) const ROWS: usize = 16;
-/// Bytes of one block of a packed group: the sixteen rows' f16 scales, then for each group
-/// `l` of four weights the sixteen rows' four bytes, offset to unsigned. As many bytes as the
-/// sixteen stored blocks.
-pub(crate) const PACKED: usize = ROWS * BLOCK;
 
-/// Sixteen Q8_0 rows of `nblocks` blocks each, interleaved into `out` as [`PACKED`] says.
-/// Lossless: every byte moves, the weights with their sign bit flipped.
-pub(crate) fn pack(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
-    crate::lut4::interleave16(rows, nblocks, BLOCK, 0x80, out);
+/// Bytes of one block of a packed group of layout `K`, as many as the sixteen stored blocks:
+/// the sixteen rows' f16 scales, then
+/// - Q8_0: for each group `l` of four weights the sixteen rows' four bytes, offset to unsigned;
+/// - Q5_0: the sixteen rows' `qh` words, then for each of the four quant words the sixteen
+///   rows' words (nibbles of elements `4k..4k+4` and `16+4k..16+4k+4`).
+pub(crate) const fn packed(k: u8) -> usize {
+    ROWS * block(k)
 }
 
-/// Per block of a token row, per group `l` of four activations, `−128·Σx`: where lane `l`'s
-/// integer sum against the offset weights starts.
-pub(crate) fn offsets(x: &Q8Row, nblocks: usize) -> Vec<i32> {
-    x.q.chunks_exact(4).take(8 * nblocks).map(|g| -128 * g.iter().map(|&v| i32::from(v)).sum::<i32>()).collect()
+/// Sixteen rows of layout `K` and `nblocks` blocks each, interleaved into `out` as
+/// [`packed`] says. Lossless: every byte moves (Q8_0's weights with their sign bit flipped).
+pub(crate) fn pack<const K: u8>(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
+    if K == Q8 {
+        crate::lut4::interleave16(rows, nblocks, block(Q8), 0x80, out);
+        return;
+    }
+    for (b, dst) in out.chunks_exact_mut(packed(Q5)).take(nblocks).enumerate() {
+        for (r, row) in rows.iter().enumerate() {
+            let blk = &row[b * block(Q5)..(b + 1) * block(Q5)];
+            dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+            dst[2 * ROWS + 4 * r..2 * ROWS + 4 * r + 4].copy_from_slice(&blk[2..6]);
+            for k in 0..4 {
+                let at = 6 * ROWS + k * 4 * ROWS + 4 * r;
+                dst[at..at + 4].copy_from_slice(&blk[6 + 4 * k..10 + 4 * k]);
+            }
+        }
+    }
+}
+
+/// Per block of a token row, per group `l` of four activations, `−c·Σx` (`c` = 128 for Q8_0,
+/// 16 for Q5_0): where lane `l`'s integer sum against the offset weights starts.
+pub(crate) fn offsets<const K: u8>(x: &Q8Row, nblocks: usize) -> Vec<i32> {
+    let c = if K == Q8 { -128 } else { -16 };
+    x.q.chunks_exact(4).take(8 * nblocks).map(|g| c * g.iter().map(|&v| i32::from(v)).sum::<i32>()).collect()
+}
+
+/// The eight lane groups of one packed block (`blk`) as unsigned bytes, sixteen rows each.
+///
+/// # Safety
+/// The CPU features of [`gemm16`]; `blk` points at one whole packed block of layout `K`.
+#[inline(always)]
+unsafe fn weights<const K: u8>(blk: *const u8) -> [__m512i; 8] {
+    // SAFETY (all reads): inside the block; the CPU features are the caller's.
+    unsafe {
+        let mut w = [_mm512_setzero_si512(); 8];
+        if K == Q8 {
+            for (l, w) in w.iter_mut().enumerate() {
+                *w = _mm512_loadu_si512(blk.add(2 * ROWS + 64 * l).cast());
+            }
+            return w;
+        }
+        let low = _mm512_set1_epi8(0x0f);
+        let qh = _mm512_loadu_si512(blk.add(2 * ROWS).cast());
+        for k in 0..4 {
+            let v = _mm512_loadu_si512(blk.add(6 * ROWS + 64 * k).cast());
+            w[k] = _mm512_and_si512(v, low);
+            w[4 + k] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+        }
+        for (l, w) in w.iter_mut().enumerate() {
+            // Bits 4l..4l+4 of each row's qh to bit 4 of its four bytes: the four bits times
+            // 2^4 + 2^11 + 2^18 + 2^25 land apart (no carries), bit j at 8j + 4.
+            let h = _mm512_and_si512(_mm512_srlv_epi32(qh, _mm512_set1_epi32(4 * l as i32)), _mm512_set1_epi32(0xf));
+            let spread =
+                _mm512_and_si512(_mm512_mullo_epi32(h, _mm512_set1_epi32(0x0204_0810)), _mm512_set1_epi32(0x1010_1010));
+            *w = _mm512_or_si512(*w, spread);
+        }
+        w
+    }
 }
 
 /// Token rows per call of [`gemm16`] (eight float accumulators each stay in registers).
@@ -51,7 +116,7 @@ pub(crate) const TOKENS: usize = 2;
 /// and every token row and offset list at least `nblocks` blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // indices over fixed arrays unroll; closures would not inline
-pub(crate) unsafe fn gemm16<const N: usize>(
+pub(crate) unsafe fn gemm16<const K: u8, const N: usize>(
     pk: &[u8],
     nblocks: usize,
     xs: [&Q8Row; N],
@@ -63,22 +128,22 @@ pub(crate) unsafe fn gemm16<const N: usize>(
     for b in 0..nblocks {
         // SAFETY (all reads): inside block `b` of the group and of every token row.
         unsafe {
-            let blk = base.add(b * PACKED);
+            let blk = base.add(b * packed(K));
             if crate::x86::PREFETCH > 0 {
-                for c in 0..PACKED.div_ceil(64) {
+                for c in 0..packed(K).div_ceil(64) {
                     _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(crate::x86::PREFETCH + 64 * c).cast());
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
+            let w = weights::<K>(blk);
             for t in 0..N {
                 let q = xs[t].q.as_ptr().add(b * QK).cast::<i32>();
                 let o = off[t].as_ptr().add(8 * b);
                 let d = _mm512_mul_ps(dw, _mm512_set1_ps(xs[t].scales.get_unchecked(b).0));
                 for l in 0..8 {
-                    let w = _mm512_loadu_si512(blk.add(2 * ROWS + 64 * l).cast());
                     let lane = _mm512_dpbusd_epi32(
                         _mm512_set1_epi32(*o.add(l)),
-                        w,
+                        w[l],
                         _mm512_set1_epi32(q.add(l).read_unaligned()),
                     );
                     acc[t][l] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lane), acc[t][l]);
@@ -110,11 +175,7 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn packed_kernel_equals_the_definition_bit_for_bit() {
-        if !*crate::lut4::ZMM {
-            return;
-        }
+    fn check<const K: u8>(dtype: DType) {
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
         let mut r = move || {
             s ^= s << 13;
@@ -126,35 +187,44 @@ mod tests {
             let nblocks = k / QK;
             let rows: Vec<Vec<u8>> = (0..ROWS)
                 .map(|_| {
-                    let mut row: Vec<u8> = (0..nblocks * BLOCK).map(|_| r() as u8).collect();
-                    for blk in row.chunks_mut(BLOCK) {
+                    let mut row: Vec<u8> = (0..nblocks * block(K)).map(|_| r() as u8).collect();
+                    for blk in row.chunks_mut(block(K)) {
                         let d = (r() % 1000) as f32 * 1e-5 * if r() % 2 == 0 { 1.0 } else { -1.0 };
                         blk[0..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
                     }
                     row
                 })
                 .collect();
-            let mut pk = vec![0u8; nblocks * PACKED];
-            pack(std::array::from_fn(|i| &rows[i][..]), nblocks, &mut pk);
+            let mut pk = vec![0u8; nblocks * packed(K)];
+            pack::<K>(std::array::from_fn(|i| &rows[i][..]), nblocks, &mut pk);
             let xs: Vec<Q8Row> = (0..TOKENS)
                 .map(|t| {
                     let x: Vec<f32> = (0..k).map(|i| ((i * 7919 + t * 104_729) % 2001) as f32 / 1000.0 - 1.0).collect();
                     ggml_dot::quantize_q8(&x)
                 })
                 .collect();
-            let offs: Vec<Vec<i32>> = xs.iter().map(|x| offsets(x, nblocks)).collect();
-            // SAFETY: checked above; sizes as built.
-            let got = unsafe { gemm16::<TOKENS>(&pk, nblocks, [&xs[0], &xs[1]], [&offs[0][..], &offs[1][..]]) };
+            let offs: Vec<Vec<i32>> = xs.iter().map(|x| offsets::<K>(x, nblocks)).collect();
+            // SAFETY: checked by the caller; sizes as built.
+            let got = unsafe { gemm16::<K, TOKENS>(&pk, nblocks, [&xs[0], &xs[1]], [&offs[0][..], &offs[1][..]]) };
             // SAFETY: as above.
-            let one = unsafe { gemm16::<1>(&pk, nblocks, [&xs[1]], [&offs[1][..]]) };
+            let one = unsafe { gemm16::<K, 1>(&pk, nblocks, [&xs[1]], [&offs[1][..]]) };
             assert_eq!(one[0], got[1]);
             for t in 0..TOKENS {
                 let a = Activations::Q8(Q8Row { scales: xs[t].scales.clone(), q: xs[t].q.clone() });
                 for (lane, row) in rows.iter().enumerate() {
-                    let want = ggml_dot::dot(DType::Q8_0, row, &a, RowGroup::Gemv);
-                    assert_eq!(got[t][lane].to_bits(), want.to_bits(), "k={k} t={t} row={lane}");
+                    let want = ggml_dot::dot(dtype, row, &a, RowGroup::Gemv);
+                    assert_eq!(got[t][lane].to_bits(), want.to_bits(), "{dtype} k={k} t={t} row={lane}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn packed_kernels_equal_the_definition_bit_for_bit() {
+        if !*crate::lut4::ZMM {
+            return;
+        }
+        check::<Q8>(DType::Q8_0);
+        check::<Q5>(DType::Q5_0);
     }
 }
