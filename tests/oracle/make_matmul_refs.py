@@ -25,6 +25,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from make_llama_refs import sha256  # same directory: the file hash both scripts record
+
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
 BIN = CACHE / "llama.cpp" / "build" / "bin" / "kiln-ggml-matmul"
@@ -63,14 +65,6 @@ def activations(k, t):
             v *= 8.0
         out.append(v)
     return out
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main():

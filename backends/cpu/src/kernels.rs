@@ -84,6 +84,11 @@ pub(crate) fn all_of<'a, T>(xs: &'a [Prepared], pick: fn(&'a Activations) -> Opt
     xs.iter().map(|p| if let Prepared::Int(a) = p { pick(a) } else { None }).collect()
 }
 
+/// The Q8_0/Q8_1 activations of an [`Activations`] (for [`all_of`]).
+pub(crate) fn q8_of(a: &Activations) -> Option<&ggml_dot::Q8Row> {
+    if let Activations::Q8(q) = a { Some(q) } else { None }
+}
+
 /// The Q8_K activations of an [`Activations`] (for [`all_of`]).
 pub(crate) fn q8k_of(a: &Activations) -> Option<&ggml_dot::Q8KRow> {
     if let Activations::Q8K(q) = a { Some(q) } else { None }
@@ -355,7 +360,7 @@ fn avx2_tile(
         DType::Q4_0 | DType::IQ4NL => {
             // (On AVX-512 CPUs the session's packed form serves whole groups of sixteen rows;
             // see `crate::packed`. These are the rows as stored.)
-            let Some(q8) = all_of(xs, |a| if let Activations::Q8(q) = a { Some(q) } else { None }) else {
+            let Some(q8) = all_of(xs, q8_of) else {
                 return false;
             };
             lut4_tiles(crate::lut4::table_of(dtype), rows, rb.max(1), nb, &q8, tile);
@@ -473,7 +478,7 @@ fn avx2_tile(
         }
         _ => return false,
     };
-    let Some(q8) = all_of(xs, |a| if let Activations::Q8(q) = a { Some(q) } else { None }) else {
+    let Some(q8) = all_of(xs, q8_of) else {
         return false;
     };
     // Decode (one token row): one weight row at a time. (Two or four rows

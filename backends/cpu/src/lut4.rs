@@ -165,11 +165,7 @@ pub(crate) unsafe fn gemm16<const N: usize>(
         // SAFETY (all reads): inside block `b` of the group and of every token row.
         unsafe {
             let blk = base.add(b * PACKED);
-            if x86::PREFETCH > 0 {
-                for l in 0..PACKED.div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(x86::PREFETCH + 64 * l).cast());
-                }
-            }
+            x86::prefetch_ahead(blk, PACKED);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
             let mut w = [_mm512_setzero_si512(); 8];
             for k in 0..4 {

@@ -20,7 +20,7 @@ use kiln_ir::{DType, Op, VerifiedModule};
 use kiln_quant::ggml_dot::RowGroup;
 use rayon::prelude::*;
 
-use crate::kernels::{Prepared, all_of, q8k_of};
+use crate::kernels::{Prepared, all_of, q8_of, q8k_of};
 use crate::vnni::{self, Q4K_PACKED, Q4K_ROWS};
 use crate::{lut4, q8lanes};
 
@@ -144,42 +144,21 @@ impl PackedWeights {
         if p.n != w.n || xs.iter().any(|x| x.d.len() < p.nblocks || x.bsums.len() < 16 * p.nblocks) {
             return None;
         }
-        let (n, rows) = (p.n, xs.len());
-        let group = p.nblocks * Q4K_PACKED;
-        let ngroups = n / Q4K_ROWS;
         // The batch's `gemm` rows (a multiple of four) and its `gemv` rest.
         let gemm = groups.iter().take_while(|g| **g == RowGroup::Gemm).count();
-        // Enough tasks to balance the threads, each a run of row groups.
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = ngroups.div_ceil(4 * threads).max(1);
-        let tiles: Vec<Vec<f32>> = (0..ngroups.div_ceil(per_task))
-            .into_par_iter()
-            .map(|task| {
-                let g0 = task * per_task;
-                let g1 = (g0 + per_task).min(ngroups);
-                let nb = (g1 - g0) * Q4K_ROWS;
-                let mut tile = vec![0f32; rows * nb];
-                for g in g0..g1 {
-                    let pk = &p.data[g * group..(g + 1) * group];
-                    let j0 = (g - g0) * Q4K_ROWS;
-                    if gemm > 0 {
-                        // SAFETY: the backend packs only with `Isa::Avx512Vnni` (AVX2, FMA, F16C,
-                        // AVX512F/VL/VNNI); `pk` holds `nblocks` packed super-blocks and every
-                        // token row at least as many (checked above).
-                        unsafe {
-                            vnni::q4_k_gemm_rows(vnni::Q4kSource::Packed(pk), &xs[..gemm], p.nblocks, &mut tile, nb, j0)
-                        };
-                    }
-                    for (t, x) in xs.iter().enumerate().skip(gemm) {
-                        // SAFETY: as above.
-                        let v = unsafe { vnni::q4_k_packed_gemv(pk, p.nblocks, x) };
-                        tile[t * nb + j0..t * nb + j0 + Q4K_ROWS].copy_from_slice(&v);
-                    }
-                }
-                tile
-            })
-            .collect();
-        Some(kiln_backends::reference::place_tiles(&tiles, per_task * Q4K_ROWS, rows, n, bias))
+        Some(p.over_groups(xs.len(), bias, |pk, tile, nb, j0| {
+            if gemm > 0 {
+                // SAFETY: the backend packs only with `Isa::Avx512Vnni` (AVX2, FMA, F16C,
+                // AVX512F/VL/VNNI); `pk` holds `nblocks` packed super-blocks and every
+                // token row at least as many (checked above).
+                unsafe { vnni::q4_k_gemm_rows(vnni::Q4kSource::Packed(pk), &xs[..gemm], p.nblocks, tile, nb, j0) };
+            }
+            for (t, x) in xs.iter().enumerate().skip(gemm) {
+                // SAFETY: as above.
+                let v = unsafe { vnni::q4_k_packed_gemv(pk, p.nblocks, x) };
+                tile[t * nb + j0..t * nb + j0 + Q4K_ROWS].copy_from_slice(&v);
+            }
+        }))
     }
 }
 
@@ -217,7 +196,7 @@ impl Packed {
         if self.n != w.n || xs.iter().any(|x| x.scales.len() < self.nblocks || x.q.len() < 32 * self.nblocks) {
             return None;
         }
-        let (n, rows, nblocks) = (self.n, xs.len(), self.nblocks);
+        let (rows, nblocks) = (xs.len(), self.nblocks);
         let tokens = if matches!(self.layout, Layout::Lut4(_)) { lut4::TOKENS } else { q8lanes::TOKENS };
         let offs: Vec<Vec<i32>> = xs
             .iter()
@@ -227,10 +206,6 @@ impl Packed {
                 _ => lut4::offsets(x, nblocks),
             })
             .collect();
-        let group = nblocks * self.layout.packed_block();
-        let ngroups = n / ROWS16;
-        let threads = rayon::current_num_threads().max(1);
-        let per_task = ngroups.div_ceil(4 * threads).max(1);
         let full = rows / tokens * tokens;
         // One group against token rows `t0..t0 + N` (`N` a tile, or 1).
         let kernel = |pk: &[u8], t0: usize, out: &mut dyn FnMut(usize, &[f32; ROWS16])| {
@@ -270,38 +245,50 @@ impl Packed {
                 }
             }
         };
+        Some(self.over_groups(rows, bias, |pk, tile, nb, j0| {
+            let mut put = |t: usize, v: &[f32; ROWS16]| {
+                tile[t * nb + j0..t * nb + j0 + ROWS16].copy_from_slice(v);
+            };
+            for t0 in (0..full).step_by(tokens).chain(full..rows) {
+                kernel(pk, t0, &mut put);
+            }
+        }))
+    }
+
+    /// `x · Wᵀ (+ bias)` for `rows` token rows, the groups of rows split into enough tasks to
+    /// balance the threads (each a run of groups): `group(pk, tile, nb, j0)` writes one packed
+    /// group's outputs into its task's tile (`rows` × `nb` values) from column `j0`.
+    fn over_groups(
+        &self,
+        rows: usize,
+        bias: Option<&[f32]>,
+        group: impl Fn(&[u8], &mut [f32], usize, usize) + Sync,
+    ) -> Vec<f32> {
+        let per_group = self.layout.rows();
+        let bytes = self.nblocks * self.layout.packed_block();
+        let ngroups = self.n / per_group;
+        let threads = rayon::current_num_threads().max(1);
+        let per_task = ngroups.div_ceil(4 * threads).max(1);
         let tiles: Vec<Vec<f32>> = (0..ngroups.div_ceil(per_task))
             .into_par_iter()
             .map(|task| {
                 let g0 = task * per_task;
                 let g1 = (g0 + per_task).min(ngroups);
-                let nb = (g1 - g0) * ROWS16;
+                let nb = (g1 - g0) * per_group;
                 let mut tile = vec![0f32; rows * nb];
                 for g in g0..g1 {
-                    let pk = &self.data[g * group..(g + 1) * group];
-                    let j0 = (g - g0) * ROWS16;
-                    let mut put = |t: usize, v: &[f32; ROWS16]| {
-                        tile[t * nb + j0..t * nb + j0 + ROWS16].copy_from_slice(v);
-                    };
-                    for t0 in (0..full).step_by(tokens).chain(full..rows) {
-                        kernel(pk, t0, &mut put);
-                    }
+                    group(&self.data[g * bytes..(g + 1) * bytes], &mut tile, nb, (g - g0) * per_group);
                 }
                 tile
             })
             .collect();
-        Some(kiln_backends::reference::place_tiles(&tiles, per_task * ROWS16, rows, n, bias))
+        kiln_backends::reference::place_tiles(&tiles, per_task * per_group, rows, self.n, bias)
     }
 }
 
 /// Rows per group of the sixteen-row layouts (one per 32-bit lane of a 512-bit vector).
 const ROWS16: usize = 16;
 const _: () = assert!(lut4::ROWS == ROWS16 && q8lanes::ROWS == ROWS16);
-
-/// The Q8_0 activations of an [`Activations`](kiln_quant::ggml_dot::Activations) (for [`all_of`]).
-fn q8_of(a: &kiln_quant::ggml_dot::Activations) -> Option<&kiln_quant::ggml_dot::Q8Row> {
-    if let kiln_quant::ggml_dot::Activations::Q8(q) = a { Some(q) } else { None }
-}
 
 /// The address ranges of this process's read-only file mappings (`r--p` / `r--s` with a
 /// file behind them), from `/proc/self/maps` (Linux); empty where that cannot be read.

@@ -129,11 +129,7 @@ pub(crate) unsafe fn gemm16<const K: u8, const N: usize>(
         // SAFETY (all reads): inside block `b` of the group and of every token row.
         unsafe {
             let blk = base.add(b * packed(K));
-            if crate::x86::PREFETCH > 0 {
-                for c in 0..packed(K).div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(crate::x86::PREFETCH + 64 * c).cast());
-                }
-            }
+            crate::x86::prefetch_ahead(blk, packed(K));
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
             let w = weights::<K>(blk);
             for t in 0..N {

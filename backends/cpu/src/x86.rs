@@ -102,7 +102,7 @@ pub(crate) const PREFETCH: usize = 2048;
 /// `len` bytes at `p` (hints only: addresses past the row are harmless).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn prefetch_ahead(p: *const u8, len: usize) {
+pub(crate) fn prefetch_ahead(p: *const u8, len: usize) {
     let mut off = 0;
     while off < len {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH + off).cast());

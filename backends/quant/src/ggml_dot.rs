@@ -399,13 +399,14 @@ fn h(b: &[u8], at: usize) -> f32 {
 /// `_1` types, as ggml feeds them to `maddubs`), its `d` and its `m` (0 for `_0`).
 fn unpack(dtype: DType, b: &[u8], w: &mut [i32; QK]) -> (f32, f32) {
     match dtype {
-        DType::Q4_0 | DType::Q4_1 => {
-            let (qs, bias, m) = if dtype == DType::Q4_0 { (&b[2..18], 8, 0.0) } else { (&b[4..20], 0, h(b, 2)) };
+        // (Q4_0 is summed by `dot_lut4`.)
+        DType::Q4_1 => {
+            let qs = &b[4..20];
             for j in 0..16 {
-                w[j] = (qs[j] & 15) as i32 - bias;
-                w[j + 16] = (qs[j] >> 4) as i32 - bias;
+                w[j] = (qs[j] & 15) as i32;
+                w[j + 16] = (qs[j] >> 4) as i32;
             }
-            (h(b, 0), m)
+            (h(b, 0), h(b, 2))
         }
         DType::Q5_0 | DType::Q5_1 => {
             let (qh, qs, bias, m) =

@@ -100,6 +100,27 @@ fn byte8(w: vec2<u32>, i: u32) -> u32 {
 }
 ";
 
+/// The `dec8` body of a 4-bit 32-block layout (an f16 scale, then 16 quant bytes: elements
+/// 0..16 the low nibbles, 16..32 the high ones; group `g & 3` reads 8 bytes at one shift),
+/// each weight the WGSL expression `$w` of its nibble `n` and the scale `d` (Q4_0, IQ4_NL).
+macro_rules! nibbles32 {
+    ($w:literal) => {
+        concat!(
+            "let blk = row + (g >> 2u) * 18u;
+let d = rdf16(blk);
+let e0 = (g & 3u) * 8u;
+let q = rd8x2(blk + 2u + (e0 & 15u));
+let sh = (e0 >> 4u) * 4u;
+for (var i = 0u; i < 8u; i = i + 1u) {
+    let n = (byte8(q, i) >> sh) & 15u;
+    o[i] = ",
+            $w,
+            ";
+}"
+        )
+    };
+}
+
 /// IQ4_NL's table (`kiln_quant::iq4nl::VALUES`): 16 signed bytes packed little-endian
 /// into 4 words, so a lookup is a dynamically indexed vector component and a sign-extending
 /// byte extract (no array in private memory).
@@ -200,32 +221,10 @@ for (var i = 0u; i < 8u; i = i + 1u) {
     o[i] = f32(extractBits(bitcast<i32>(q[i >> 2u]), (i & 3u) * 8u, 8u)) * d;
 }",
         ),
-        // 4-bit blocks of 32: elements 0..16 are the low nibbles of the 16 quant bytes,
-        // 16..32 the high ones; group g & 3 reads 8 bytes at one shift.
-        DType::Q4_0 => (
-            format!("{BYTES}{HALF}{BYTES8}"),
-            "let blk = row + (g >> 2u) * 18u;
-let d = rdf16(blk);
-let e0 = (g & 3u) * 8u;
-let q = rd8x2(blk + 2u + (e0 & 15u));
-let sh = (e0 >> 4u) * 4u;
-for (var i = 0u; i < 8u; i = i + 1u) {
-    o[i] = (f32((byte8(q, i) >> sh) & 15u) - 8.0) * d;
-}",
-        ),
+        DType::Q4_0 => (format!("{BYTES}{HALF}{BYTES8}"), nibbles32!("(f32(n) - 8.0) * d")),
         // IQ4_NL: Q4_0's layout, each nibble an index into the fixed table (`d · T[q]`,
         // one rounding like the reference).
-        DType::IQ4NL => (
-            format!("{BYTES}{HALF}{BYTES8}{}", iq4nl_table()),
-            "let blk = row + (g >> 2u) * 18u;
-let d = rdf16(blk);
-let e0 = (g & 3u) * 8u;
-let q = rd8x2(blk + 2u + (e0 & 15u));
-let sh = (e0 >> 4u) * 4u;
-for (var i = 0u; i < 8u; i = i + 1u) {
-    o[i] = iq4nl((byte8(q, i) >> sh) & 15u) * d;
-}",
-        ),
+        DType::IQ4NL => (format!("{BYTES}{HALF}{BYTES8}{}", iq4nl_table()), nibbles32!("iq4nl(n) * d")),
         DType::Q4_1 => (
             format!("{BYTES}{HALF}{BYTES8}"),
             "let blk = row + (g >> 2u) * 20u;

@@ -6,30 +6,27 @@ use kiln_ptx::emu::{Arg, EmuMemory, launch};
 use kiln_ptx::kernels;
 use kiln_ptx::ptx::{BinOp, Cmp, Kb, Kernel, Mem, ParamTy, Special, Ty};
 
+/// A xorshift64 stream from `seed` (the tests' one source of pseudo-random numbers).
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    }
+}
+
 /// Deterministic pseudo-random floats in [-1, 1).
 pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    let mut r = xorshift(seed);
+    (0..n).map(|_| ((r() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0).collect()
 }
 
 /// Deterministic pseudo-random bytes.
 pub fn rand_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 32) as u8
-        })
-        .collect()
+    let mut r = xorshift(seed);
+    (0..n).map(|_| (r() >> 32) as u8).collect()
 }
 
 pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
