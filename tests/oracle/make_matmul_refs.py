@@ -29,17 +29,27 @@ from make_llama_refs import sha256  # same directory: the file hash both scripts
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln"))
-BIN = CACHE / "llama.cpp" / "build" / "bin" / "kiln-ggml-matmul"
+# The AVX2 numerics oracle build (build_llama_cpp.sh); kiln follows llama.cpp's AVX2 CPU code.
+BIN = CACHE / "llama.cpp" / "build-avx2" / "bin" / "kiln-ggml-matmul"
 MODELS = CACHE / "models"
 
+# key: (file, how it was made, the `kiln export` arguments after SRC that remake it from
+# SmolLM2's registry file, or None for a registry file itself).
+KQUANT_RULES = ["--type", "q8_0", "--rule", "blk.0.ffn_down=q2_k", "--rule", "blk.1.ffn_down=q3_k",
+                "--rule", "blk.2.ffn_down=q5_k", "--rule", "blk.3.ffn_down=q6_k"]
 FILES = {
-    "smollm2-q4_1": ("smollm2-135m-instruct-q4_1.gguf", "the registry checkpoint (Q4_1 weights, Q8_0 token_embd)"),
-    "smollm2-q4_0": ("smollm2-135m-instruct-q4_0-kiln.gguf", "kiln export SRC --gguf OUT --type q4_0"),
-    "smollm2-iq4_nl": ("smollm2-135m-instruct-iq4_nl-kiln.gguf", "kiln export SRC --gguf OUT --type iq4_nl"),
+    "smollm2-q4_1": ("smollm2-135m-instruct-q4_1.gguf", "the registry checkpoint (Q4_1 weights, Q8_0 token_embd)", None),
+    "smollm2-q4_0": ("smollm2-135m-instruct-q4_0-kiln.gguf", "kiln export SRC --gguf OUT --type q4_0", ["--type", "q4_0"]),
+    "smollm2-iq4_nl": ("smollm2-135m-instruct-iq4_nl-kiln.gguf", "kiln export SRC --gguf OUT --type iq4_nl",
+                       ["--type", "iq4_nl"]),
+    "smollm2-kquants": ("smollm2-135m-instruct-kquants-kiln.gguf",
+                        "kiln export SRC --gguf OUT " + " ".join(KQUANT_RULES), KQUANT_RULES),
+    "qwen2.5-coder-0.5b": ("qwen2.5-coder-0.5b.gguf", "the registry checkpoint (Q5_0/Q8_0/Q4_K/Q6_K)", None),
 }
 
 # (file, tensor, K, token counts): decode (1), llama.cpp's gemm groups of four plus gemv
-# leftovers (5, 6, 9), a longer prompt (20).
+# leftovers (5, 6, 9), longer prompts (20); for the K-quants the tiled kernels llama.cpp runs
+# from 8 token rows (7 below it, 8 and 20 through them).
 CASES = [
     ("smollm2-q4_1", "blk.0.attn_q.weight", 576, [1, 5, 9]),
     ("smollm2-q4_1", "token_embd.weight", 576, [1, 5]),
@@ -49,6 +59,13 @@ CASES = [
     ("smollm2-iq4_nl", "blk.0.attn_k.weight", 576, [1, 6]),
     ("smollm2-iq4_nl", "blk.3.ffn_down.weight", 1536, [1, 9]),
     ("smollm2-iq4_nl", "token_embd.weight", 576, [1, 5]),
+    ("smollm2-kquants", "blk.0.ffn_down.weight", 1536, [1, 7, 8, 20]),
+    ("smollm2-kquants", "blk.1.ffn_down.weight", 1536, [1, 7, 8, 20]),
+    ("smollm2-kquants", "blk.2.ffn_down.weight", 1536, [1, 7, 8, 20]),
+    ("smollm2-kquants", "blk.3.ffn_down.weight", 1536, [1, 7, 8, 20]),
+    ("qwen2.5-coder-0.5b", "blk.0.ffn_down.weight", 4864, [1, 7, 8, 9, 20]),
+    ("qwen2.5-coder-0.5b", "blk.0.attn_q.weight", 896, [20]),
+    ("qwen2.5-coder-0.5b", "blk.0.attn_v.weight", 896, [20]),
 ]
 
 
@@ -69,8 +86,10 @@ def activations(k, t):
 
 def main():
     files = {}
-    for key, (name, made_by) in FILES.items():
+    for key, (name, made_by, export) in FILES.items():
         files[key] = {"file": name, "made_by": made_by, "sha256": sha256(MODELS / name)}
+        if export is not None:
+            files[key]["export"] = export
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
         for key, tensor, k, tokens in CASES:

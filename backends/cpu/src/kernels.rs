@@ -411,7 +411,7 @@ fn avx2_tile(
             // VNNI, Q4_K: eight weight rows at a time (one per lane) for the batch's `gemm`
             // tokens, each super-block of the rows laid out once for all of them.
             let (rows8, gemm) = if vnni && dtype == DType::Q4K {
-                let g = groups.iter().take_while(|g| **g == RowGroup::Gemm).count() / 4 * 4;
+                let g = groups.iter().take_while(|g| g.is_gemm()).count() / 4 * 4;
                 (if g > 0 { nb / crate::vnni::Q4K_ROWS * crate::vnni::Q4K_ROWS } else { 0 }, g)
             } else {
                 (0, 0)
@@ -427,16 +427,26 @@ fn avx2_tile(
                     crate::vnni::q4_k_gemm_rows(crate::vnni::Q4kSource::Rows(rs), &q8k[..gemm], nblocks, tile, nb, j0)
                 };
             }
+            // Whether the batch goes through llama.cpp's tiled K-quant order (all its rows do
+            // or none; Q4_K, repacked, keeps its `gemm`/`gemv` split).
+            let tiled = groups.first().is_some_and(|g| g.is_tiled());
             // VNNI, Q6_K and Q3_K prefill: each group of rows unpacked once for all token rows.
-            let (rows_done, tokens_done) = if vnni && dtype == DType::Q6K && q8k.len() >= 4 {
-                // SAFETY: `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA, F16C and
-                // AVX512F/VL/VNNI; `rows` holds `nb` rows of `rb` bytes.
-                unsafe { crate::vnni::q6_k_gemm(rows, rb, nb, &q8k, tile) }
-            } else if vnni && dtype == DType::Q3K && q8k.len() >= 4 {
-                // SAFETY: as above.
-                unsafe { crate::vnni::q3_k_gemm(rows, rb, nb, &q8k, tile) }
-            } else {
-                (rows8, gemm)
+            // SAFETY (all four): `Isa::Avx512Vnni` is only detected when the CPU has AVX2, FMA,
+            // F16C and AVX512F/VL/VNNI; `rows` holds `nb` rows of `rb` bytes.
+            let (rows_done, tokens_done) = match (dtype, tiled) {
+                (DType::Q6K, false) if vnni && q8k.len() >= 4 => unsafe {
+                    crate::vnni::q6_k_gemm::<false>(rows, rb, nb, &q8k, tile)
+                },
+                (DType::Q6K, true) if vnni && q8k.len() >= 4 => unsafe {
+                    crate::vnni::q6_k_gemm::<true>(rows, rb, nb, &q8k, tile)
+                },
+                (DType::Q3K, false) if vnni && q8k.len() >= 4 => unsafe {
+                    crate::vnni::q3_k_gemm::<false>(rows, rb, nb, &q8k, tile)
+                },
+                (DType::Q3K, true) if vnni && q8k.len() >= 4 => unsafe {
+                    crate::vnni::q3_k_gemm::<true>(rows, rb, nb, &q8k, tile)
+                },
+                _ => (rows8, gemm),
             };
             for (j, r) in rows.chunks_exact(rb).enumerate() {
                 let done = if j < rows_done { tokens_done } else { 0 };
@@ -445,14 +455,19 @@ fn avx2_tile(
                     let g4 = [groups[t], groups[t + 1], groups[t + 2], groups[t + 3]];
                     // SAFETY: `Isa::Avx2` is only detected when the CPU has AVX2, FMA and F16C.
                     let v = unsafe {
-                        match dtype {
-                            DType::Q4K if g4.iter().all(|g| *g == RowGroup::Gemm) => x86::dot_q4_k_gemm4(r, x4),
-                            DType::Q4K => x86::dot_q4_k_tile(r, x4, g4),
-                            DType::Q3K => x86::dot_q3_k_tile(r, x4),
-                            DType::Q5K => x86::dot_q5_k_tile(r, x4),
-                            DType::Q2K => x86::dot_q2_k_tile(r, x4),
-                            _ if vnni => x86::dot_q6_k_tile_vnni(r, x4),
-                            _ => x86::dot_q6_k_tile(r, x4),
+                        match (dtype, tiled) {
+                            (DType::Q4K, _) if g4.iter().all(|g| g.is_gemm()) => x86::dot_q4_k_gemm4(r, x4),
+                            (DType::Q4K, _) => x86::dot_q4_k_tile(r, x4, g4),
+                            (DType::Q3K, false) => x86::dot_q3_k_tile::<4, false>(r, x4),
+                            (DType::Q3K, true) => x86::dot_q3_k_tile::<4, true>(r, x4),
+                            (DType::Q5K, false) => x86::dot_q5_k_tile::<4, false>(r, x4),
+                            (DType::Q5K, true) => x86::dot_q5_k_tile::<4, true>(r, x4),
+                            (DType::Q2K, false) => x86::dot_q2_k_tile::<4, false>(r, x4),
+                            (DType::Q2K, true) => x86::dot_q2_k_tile::<4, true>(r, x4),
+                            (_, false) if vnni => x86::dot_q6_k_tile_vnni::<4, false>(r, x4),
+                            (_, true) if vnni => x86::dot_q6_k_tile_vnni::<4, true>(r, x4),
+                            (_, false) => x86::dot_q6_k_tile::<4, false>(r, x4),
+                            (_, true) => x86::dot_q6_k_tile::<4, true>(r, x4),
                         }
                     };
                     for (u, v) in v.into_iter().enumerate() {
@@ -462,14 +477,19 @@ fn avx2_tile(
                 for (t, q) in q8k.iter().enumerate().skip(quads) {
                     // SAFETY: as above.
                     tile[t * nb + j] = unsafe {
-                        match dtype {
-                            DType::Q4K if vnni && groups[t] == RowGroup::Gemv => x86::dot_q4_k_gemv_vnni(r, q),
-                            DType::Q4K => x86::dot_q4_k(r, q, groups[t]),
-                            DType::Q3K => x86::dot_q3_k_tile(r, [*q])[0],
-                            DType::Q5K => x86::dot_q5_k_tile(r, [*q])[0],
-                            DType::Q2K => x86::dot_q2_k_tile(r, [*q])[0],
-                            _ if vnni => x86::dot_q6_k_tile_vnni(r, [*q])[0],
-                            _ => x86::dot_q6_k(r, q),
+                        match (dtype, tiled) {
+                            (DType::Q4K, _) if vnni && !groups[t].is_gemm() => x86::dot_q4_k_gemv_vnni(r, q),
+                            (DType::Q4K, _) => x86::dot_q4_k(r, q, groups[t]),
+                            (DType::Q3K, false) => x86::dot_q3_k_tile::<1, false>(r, [*q])[0],
+                            (DType::Q3K, true) => x86::dot_q3_k_tile::<1, true>(r, [*q])[0],
+                            (DType::Q5K, false) => x86::dot_q5_k_tile::<1, false>(r, [*q])[0],
+                            (DType::Q5K, true) => x86::dot_q5_k_tile::<1, true>(r, [*q])[0],
+                            (DType::Q2K, false) => x86::dot_q2_k_tile::<1, false>(r, [*q])[0],
+                            (DType::Q2K, true) => x86::dot_q2_k_tile::<1, true>(r, [*q])[0],
+                            (_, false) if vnni => x86::dot_q6_k_tile_vnni::<1, false>(r, [*q])[0],
+                            (_, true) if vnni => x86::dot_q6_k_tile_vnni::<1, true>(r, [*q])[0],
+                            (_, false) => x86::dot_q6_k(r, q),
+                            (_, true) => x86::dot_q6_k_tile::<1, true>(r, [*q])[0],
                         }
                     };
                 }

@@ -3,7 +3,7 @@
 //! rows read once per call (all token rows dotted against a block while it
 //! is in cache).
 
-use kiln_backends::reference::{CompressedCache, Kernels, KvCache, Weight, place_tiles};
+use kiln_backends::reference::{AttnNumerics, CompressedCache, Kernels, KvCache, Weight, place_tiles};
 use kiln_ir::AttentionAttrs;
 use kiln_quant::QuantError;
 use kiln_quant::ggml_dot::RowGroup;
@@ -108,8 +108,15 @@ impl Kernels for CpuKernels {
         Ok(place_tiles(&tiles, block, rows, n, bias))
     }
 
-    fn attend(&self, q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
-        crate::attention::attend(self.isa, q, first_pos, cache, attrs, ggml)
+    fn attend(
+        &self,
+        q: &[f32],
+        first_pos: usize,
+        cache: &KvCache,
+        attrs: &AttentionAttrs,
+        mode: AttnNumerics,
+    ) -> Vec<f32> {
+        crate::attention::attend(self.isa, q, first_pos, cache, attrs, mode)
     }
 
     fn compressed_attend(

@@ -145,7 +145,7 @@ impl PackedWeights {
             return None;
         }
         // The batch's `gemm` rows (a multiple of four) and its `gemv` rest.
-        let gemm = groups.iter().take_while(|g| **g == RowGroup::Gemm).count();
+        let gemm = groups.iter().take_while(|g| g.is_gemm()).count();
         Some(p.over_groups(xs.len(), bias, |pk, tile, nb, j0| {
             if gemm > 0 {
                 // SAFETY: the backend packs only with `Isa::Avx512Vnni` (AVX2, FMA, F16C,

@@ -112,7 +112,13 @@ const Q3K_TOKENS: usize = 4;
 /// `nb` rows of `rb` bytes.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // tile indices read clearer than zipped iterators
-pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow], tile: &mut [f32]) -> (usize, usize) {
+pub(crate) unsafe fn q3_k_gemm<const TILED: bool>(
+    rows: &[u8],
+    rb: usize,
+    nb: usize,
+    xs: &[&Q8KRow],
+    tile: &mut [f32],
+) -> (usize, usize) {
     let nblocks = rb / 110;
     let rfull = nb / Q3K_ROWS * Q3K_ROWS;
     let tfull = xs.len() / Q3K_TOKENS * Q3K_TOKENS;
@@ -152,6 +158,7 @@ pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
         }
         for t0 in (0..tfull).step_by(Q3K_TOKENS) {
             let mut acc = [[_mm256_setzero_ps(); Q3K_TOKENS]; Q3K_ROWS];
+            let mut tiled = [[0f32; Q3K_TOKENS]; Q3K_ROWS];
             for bi in 0..nblocks {
                 let mut lanes = [[zero; Q3K_TOKENS]; Q3K_ROWS];
                 for s8 in 0..8 {
@@ -171,14 +178,18 @@ pub(crate) unsafe fn q3_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
                 for r in 0..Q3K_ROWS {
                     let dw = d3[r * nblocks + bi];
                     for t in 0..Q3K_TOKENS {
-                        let d = _mm256_set1_ps(xs[t0 + t].d[bi] * dw);
-                        acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes[r][t]), acc[r][t]);
+                        if TILED {
+                            tiled[r][t] = x86::tiled_step(tiled[r][t], lanes[r][t], dw, None, xs[t0 + t].d[bi]);
+                        } else {
+                            let d = _mm256_set1_ps(xs[t0 + t].d[bi] * dw);
+                            acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes[r][t]), acc[r][t]);
+                        }
                     }
                 }
             }
             for r in 0..Q3K_ROWS {
                 for t in 0..Q3K_TOKENS {
-                    tile[(t0 + t) * nb + j + r] = x86::hsum8(acc[r][t]);
+                    tile[(t0 + t) * nb + j + r] = if TILED { tiled[r][t] } else { x86::hsum8(acc[r][t]) };
                 }
             }
         }
@@ -800,7 +811,13 @@ const Q6K_TOKENS: usize = 4;
 /// `nb` rows of `rb` bytes.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::needless_range_loop)] // tile indices read clearer than zipped iterators
-pub(crate) unsafe fn q6_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow], tile: &mut [f32]) -> (usize, usize) {
+pub(crate) unsafe fn q6_k_gemm<const TILED: bool>(
+    rows: &[u8],
+    rb: usize,
+    nb: usize,
+    xs: &[&Q8KRow],
+    tile: &mut [f32],
+) -> (usize, usize) {
     let nblocks = rb / 210;
     let rfull = nb / Q6K_ROWS * Q6K_ROWS;
     let tfull = xs.len() / Q6K_TOKENS * Q6K_TOKENS;
@@ -869,6 +886,7 @@ pub(crate) unsafe fn q6_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
         }
         for t0 in (0..tfull).step_by(Q6K_TOKENS) {
             let mut acc = [[_mm256_setzero_ps(); Q6K_TOKENS]; Q6K_ROWS];
+            let mut tiled = [[0f32; Q6K_TOKENS]; Q6K_ROWS];
             for bi in 0..nblocks {
                 let mut lanes = [[zero; Q6K_TOKENS]; Q6K_ROWS];
                 for seg in 0..8 {
@@ -889,14 +907,18 @@ pub(crate) unsafe fn q6_k_gemm(rows: &[u8], rb: usize, nb: usize, xs: &[&Q8KRow]
                     let (off, dw) = (offs[r * nblocks + bi], d6[r * nblocks + bi]);
                     for t in 0..Q6K_TOKENS {
                         let l = _mm256_dpwssd_epi32(lanes[r][t], bs16[(t0 + t) * nblocks + bi], off);
-                        let d = _mm256_set1_ps(xs[t0 + t].d[bi] * dw);
-                        acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(l), acc[r][t]);
+                        if TILED {
+                            tiled[r][t] = x86::tiled_step(tiled[r][t], l, dw, None, xs[t0 + t].d[bi]);
+                        } else {
+                            let d = _mm256_set1_ps(xs[t0 + t].d[bi] * dw);
+                            acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(l), acc[r][t]);
+                        }
                     }
                 }
             }
             for r in 0..Q6K_ROWS {
                 for t in 0..Q6K_TOKENS {
-                    tile[(t0 + t) * nb + j + r] = x86::hsum8(acc[r][t]);
+                    tile[(t0 + t) * nb + j + r] = if TILED { tiled[r][t] } else { x86::hsum8(acc[r][t]) };
                 }
             }
         }
@@ -1501,15 +1523,30 @@ mod tests {
             rows[192] = 0x80;
             let xs = activations(&mut r, tokens, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
             let xr: Vec<&Q8KRow> = xs.iter().collect();
-            let mut got = vec![f32::NAN; tokens * nb];
-            // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
-            let done = unsafe { q6_k_gemm(&rows, blocks * 210, nb, &xr, &mut got) };
-            assert_eq!(done, (nb / Q6K_ROWS * Q6K_ROWS, tokens / 4 * 4));
-            check_gemm(&format!("seed {seed}"), &got, nb, tokens, done, |j, t| {
-                // SAFETY: as above.
-                let v = unsafe { x86::dot_q6_k_tile(&rows[j * blocks * 210..(j + 1) * blocks * 210], [xr[t]]) };
-                v[0]
-            });
+            for tiled in [false, true] {
+                let mut got = vec![f32::NAN; tokens * nb];
+                // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
+                let done = unsafe {
+                    if tiled {
+                        q6_k_gemm::<true>(&rows, blocks * 210, nb, &xr, &mut got)
+                    } else {
+                        q6_k_gemm::<false>(&rows, blocks * 210, nb, &xr, &mut got)
+                    }
+                };
+                assert_eq!(done, (nb / Q6K_ROWS * Q6K_ROWS, tokens / 4 * 4));
+                check_gemm(&format!("seed {seed} tiled {tiled}"), &got, nb, tokens, done, |j, t| {
+                    let row = &rows[j * blocks * 210..(j + 1) * blocks * 210];
+                    // SAFETY: as above.
+                    let v = unsafe {
+                        if tiled {
+                            x86::dot_q6_k_tile::<1, true>(row, [xr[t]])
+                        } else {
+                            x86::dot_q6_k_tile::<1, false>(row, [xr[t]])
+                        }
+                    };
+                    v[0]
+                });
+            }
         }
     }
 
@@ -1527,15 +1564,30 @@ mod tests {
             let rows = random_blocks(&mut r, nb * blocks, 110, &[(108, 0.0123)]);
             let xs = activations(&mut r, tokens, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
             let xr: Vec<&Q8KRow> = xs.iter().collect();
-            let mut got = vec![f32::NAN; tokens * nb];
-            // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
-            let done = unsafe { q3_k_gemm(&rows, blocks * 110, nb, &xr, &mut got) };
-            assert_eq!(done, (nb / Q3K_ROWS * Q3K_ROWS, tokens / 4 * 4));
-            check_gemm(&format!("seed {seed}"), &got, nb, tokens, done, |j, t| {
-                // SAFETY: as above.
-                let v = unsafe { x86::dot_q3_k_tile(&rows[j * blocks * 110..(j + 1) * blocks * 110], [xr[t]]) };
-                v[0]
-            });
+            for tiled in [false, true] {
+                let mut got = vec![f32::NAN; tokens * nb];
+                // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
+                let done = unsafe {
+                    if tiled {
+                        q3_k_gemm::<true>(&rows, blocks * 110, nb, &xr, &mut got)
+                    } else {
+                        q3_k_gemm::<false>(&rows, blocks * 110, nb, &xr, &mut got)
+                    }
+                };
+                assert_eq!(done, (nb / Q3K_ROWS * Q3K_ROWS, tokens / 4 * 4));
+                check_gemm(&format!("seed {seed} tiled {tiled}"), &got, nb, tokens, done, |j, t| {
+                    let row = &rows[j * blocks * 110..(j + 1) * blocks * 110];
+                    // SAFETY: as above.
+                    let v = unsafe {
+                        if tiled {
+                            x86::dot_q3_k_tile::<1, true>(row, [xr[t]])
+                        } else {
+                            x86::dot_q3_k_tile::<1, false>(row, [xr[t]])
+                        }
+                    };
+                    v[0]
+                });
+            }
         }
     }
 
@@ -1658,7 +1710,8 @@ mod tests {
             let xs = activations(&mut r, 4, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
             let x4 = [&xs[0], &xs[1], &xs[2], &xs[3]];
             // SAFETY: checked above (VNNI implies the AVX2 set).
-            let (got, want) = unsafe { (x86::dot_q6_k_tile_vnni(&q6, x4), x86::dot_q6_k_tile(&q6, x4)) };
+            let (got, want) =
+                unsafe { (x86::dot_q6_k_tile_vnni::<4, false>(&q6, x4), x86::dot_q6_k_tile::<4, false>(&q6, x4)) };
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(g.to_bits(), w.to_bits(), "Q6_K seed {seed}: {g} vs {w}");
             }

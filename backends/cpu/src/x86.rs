@@ -54,6 +54,19 @@ pub(crate) fn hsum_i32(x: __m256i) -> i32 {
     _mm_cvtsi128_si32(r)
 }
 
+/// One super-block of `kiln_quant::ggml_dot::dot_k_tiled` (llama.cpp's tiled K-quant matmul,
+/// for batches of eight token rows or more): `s1` the sum of the block's exact integer lanes,
+/// `r = d·f32(s1)`, with minimums `r = fma(−dmin, f32(s2), r)`, then `fma(r, d8, acc)`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn tiled_step(acc: f32, lanes: __m256i, d: f32, min: Option<(f32, i32)>, d8: f32) -> f32 {
+    let mut r = d * hsum_i32(lanes) as f32;
+    if let Some((dmin, s2)) = min {
+        r = (-dmin).mul_add(s2 as f32, r);
+    }
+    r.mul_add(d8, acc)
+}
+
 /// Bit `j` of `bits` → byte `j` is 0xFF when set, 0 otherwise (32 bytes).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -247,7 +260,7 @@ fn tile<const K: u8, const R: usize, const T: usize>(rows: [&[u8]; R], xs: [&Q8R
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
-    if group == RowGroup::Gemv {
+    if !group.is_gemm() {
         return dot_q4_k_gemv(row, x);
     }
     dot_q4_k_tile(row, [x], [group])[0]
@@ -437,7 +450,7 @@ pub(crate) fn dot_q4_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T], groups
         for t in 0..T {
             let (p, prod) = q4_k_token(&b, xs[t], bi);
             let dx = xs[t].d[bi];
-            if groups[t] == RowGroup::Gemm {
+            if groups[t].is_gemm() {
                 let (sums, mins) = q4_k_pair_sums(&p, prod);
                 let lanes = |v: __m128i| {
                     let mut o = [0i32; 4];
@@ -606,16 +619,19 @@ fn dot_f32_tail(acc: __m256, a: &[f32], b: &[f32]) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t))) + tail
 }
 
-/// Q2_K with Q8_K activations (`ggml_dot::dot_q2_k` order, ggml's AVX2 kernel): one weight
-/// row with `T` token rows, each super-block's scales unpacked once for all of them.
+/// Q2_K with Q8_K activations (`ggml_dot::dot_q2_k` order, ggml's AVX2 kernel; with `TILED`
+/// `ggml_dot::dot_k_tiled`'s, its tiled kernel): one weight row with `T` token rows, each
+/// super-block's scales unpacked once for all of them.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // token indices over fixed arrays unroll
-pub(crate) fn dot_q2_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+pub(crate) fn dot_q2_k_tile<const T: usize, const TILED: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
     let mut acc = [_mm256_setzero_ps(); T];
+    let mut tiled = [0f32; T];
+    let mut mins_share = [_mm256_setzero_si256(); T];
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 84, usize::min);
     let picks = k_scale_picks();
     let (m3, m4) = (_mm256_set1_epi8(3), _mm_set1_epi8(0x0f));
@@ -637,7 +653,11 @@ pub(crate) fn dot_q2_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
                 ))
             };
             let prod = _mm256_madd_epi16(mins, bs);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-xs[t].d[bi] * dmin), _mm256_cvtepi32_ps(prod), acc[t]);
+            if TILED {
+                mins_share[t] = prod;
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(-xs[t].d[bi] * dmin), _mm256_cvtepi32_ps(prod), acc[t]);
+            }
         }
         let mut lanes = [_mm256_setzero_si256(); T];
         for half in 0..2 {
@@ -656,8 +676,15 @@ pub(crate) fn dot_q2_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
             }
         }
         for t in 0..T {
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xs[t].d[bi] * dw), _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+            if TILED {
+                tiled[t] = tiled_step(tiled[t], lanes[t], dw, Some((dmin, hsum_i32(mins_share[t]))), xs[t].d[bi]);
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xs[t].d[bi] * dw), _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+            }
         }
+    }
+    if TILED {
+        return tiled;
     }
     let mut out = [0f32; T];
     for t in 0..T {
@@ -666,17 +693,19 @@ pub(crate) fn dot_q2_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
     out
 }
 
-/// Q5_K with Q8_K activations (`ggml_dot::dot_q5_k` order, ggml's AVX2 kernel): one weight
-/// row with `T` token rows, each super-block's 5-bit values assembled once for all of them.
+/// Q5_K with Q8_K activations (`ggml_dot::dot_q5_k` order, ggml's AVX2 kernel; with `TILED`
+/// `ggml_dot::dot_k_tiled`'s): one weight row with `T` token rows, each super-block's 5-bit
+/// values assembled once for all of them.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::needless_range_loop)] // token indices over fixed arrays unroll
-pub(crate) fn dot_q5_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+pub(crate) fn dot_q5_k_tile<const T: usize, const TILED: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
     let mut acc = [_mm256_setzero_ps(); T];
     let mut summs = [0f32; T];
+    let mut imins = [0i32; T];
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 176, usize::min);
     let (m4, one) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(1));
     for (bi, blk) in row.as_chunks::<176>().0.iter().enumerate().take(nblocks) {
@@ -692,7 +721,11 @@ pub(crate) fn dot_q5_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
             for j in 0..8 {
                 imin += i32::from(min(j)) * (bs[2 * j] + bs[2 * j + 1]);
             }
-            summs[t] += (-xs[t].d[bi] * dmin) * imin as f32;
+            if TILED {
+                imins[t] = imin;
+            } else {
+                summs[t] = (-xs[t].d[bi] * dmin).mul_add(imin as f32, summs[t]);
+            }
         }
         // SAFETY: the 32 high-bit bytes.
         let hbits = unsafe { _mm256_loadu_si256(blk.as_ptr().add(16).cast()) };
@@ -717,8 +750,16 @@ pub(crate) fn dot_q5_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
             }
         }
         for t in 0..T {
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xs[t].d[bi] * dw), _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+            if TILED {
+                // (`summs` holds the tiled sums here.)
+                summs[t] = tiled_step(summs[t], lanes[t], dw, Some((dmin, imins[t])), xs[t].d[bi]);
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xs[t].d[bi] * dw), _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+            }
         }
+    }
+    if TILED {
+        return summs;
     }
     let mut out = [0f32; T];
     for t in 0..T {
@@ -734,18 +775,18 @@ pub(crate) fn dot_q5_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_q6_k(row: &[u8], x: &Q8KRow) -> f32 {
-    dot_q6_k_tile(row, [x])[0]
+    dot_q6_k_tile::<1, false>(row, [x])[0]
 }
 
 /// [`dot_q6_k`] of one weight row with `T` token rows, each segment's 6-bit
-/// values assembled once for all of them.
+/// values assembled once for all of them (with `TILED`, `ggml_dot::dot_k_tiled`'s order).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
-    q6_k_tile::<T, false>(row, xs)
+pub(crate) fn dot_q6_k_tile<const T: usize, const TILED: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+    q6_k_tile::<T, false, TILED>(row, xs)
 }
 
 /// [`dot_q6_k_tile`] with VNNI: the scale products added by one `vpdpwssd` instead of
@@ -755,15 +796,16 @@ pub(crate) fn dot_q6_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
 /// The CPU must support AVX2, FMA, F16C, AVX512F, AVX512VL and AVX512VNNI.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
-pub(crate) fn dot_q6_k_tile_vnni<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
-    q6_k_tile::<T, true>(row, xs)
+pub(crate) fn dot_q6_k_tile_vnni<const T: usize, const TILED: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+    q6_k_tile::<T, true, TILED>(row, xs)
 }
 
 /// The body of [`dot_q6_k_tile`] and [`dot_q6_k_tile_vnni`], inlined into each.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn q6_k_tile<const T: usize, const VNNI: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+fn q6_k_tile<const T: usize, const VNNI: bool, const TILED: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
     let mut acc = [_mm256_setzero_ps(); T];
+    let mut tiled = [0f32; T];
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 210, usize::min);
     let picks = k_scale_picks();
     for bi in 0..nblocks {
@@ -812,23 +854,31 @@ fn q6_k_tile<const T: usize, const VNNI: bool>(row: &[u8], xs: [&Q8KRow; T]) -> 
             // hadd within lanes: [p0 p1 p4 p5 | p2 p3 p6 p7], p_l = bs[2l]·sc[2l] + bs[2l+1]·sc[2l+1]; put in order.
             let pairs = _mm256_hadd_epi32(_mm256_mullo_epi32(b0, sc32[0]), _mm256_mullo_epi32(b1, sc32[1]));
             let sub = _mm256_slli_epi32::<5>(_mm256_permute4x64_epi64::<0b11_01_10_00>(pairs));
-            let d = _mm256_set1_ps(xs[t].d[bi] * d6);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_sub_epi32(lanes[t], sub)), acc[t]);
+            let lanes = _mm256_sub_epi32(lanes[t], sub);
+            if TILED {
+                tiled[t] = tiled_step(tiled[t], lanes, d6, None, xs[t].d[bi]);
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xs[t].d[bi] * d6), _mm256_cvtepi32_ps(lanes), acc[t]);
+            }
         }
+    }
+    if TILED {
+        return tiled;
     }
     std::array::from_fn(|t| hsum8(acc[t]))
 }
 
 /// Q3_K with Q8_K activations (`ggml_dot`'s Q3_K order: eight exact lanes
-/// per super-block, each `fma(d8·d, lane, acc)`), `T` token rows at once:
-/// each 32-weight segment is unpacked once for all of them.
+/// per super-block, each `fma(d8·d, lane, acc)`; with `TILED` `ggml_dot::dot_k_tiled`'s), `T`
+/// token rows at once: each 32-weight segment is unpacked once for all of them.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn dot_q3_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
+pub(crate) fn dot_q3_k_tile<const T: usize, const TILED: bool>(row: &[u8], xs: [&Q8KRow; T]) -> [f32; T] {
     let mut acc = [_mm256_setzero_ps(); T];
+    let mut tiled = [0f32; T];
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 110, usize::min);
     let picks = k_scale_picks();
     for (bi, blk) in row.chunks_exact(110).enumerate().take(nblocks) {
@@ -858,9 +908,15 @@ pub(crate) fn dot_q3_k_tile<const T: usize>(row: &[u8], xs: [&Q8KRow; T]) -> [f3
         }
         let d3 = f16(blk, 108);
         for t in 0..T {
-            let d = _mm256_set1_ps(xs[t].d[bi] * d3);
-            acc[t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+            if TILED {
+                tiled[t] = tiled_step(tiled[t], lanes[t], d3, None, xs[t].d[bi]);
+            } else {
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(xs[t].d[bi] * d3), _mm256_cvtepi32_ps(lanes[t]), acc[t]);
+            }
         }
+    }
+    if TILED {
+        return tiled;
     }
     std::array::from_fn(|t| hsum8(acc[t]))
 }
@@ -1416,16 +1472,20 @@ mod tests {
                 let row = random_row(dtype, n, seed);
                 let a = ggml_dot::quantize_for(dtype, &x).unwrap();
                 let Activations::Q8K(q) = &a else { unreachable!() };
-                for group in [RowGroup::Gemv, RowGroup::Gemm] {
+                for group in [RowGroup::Gemv, RowGroup::Gemm, RowGroup::TiledGemv, RowGroup::TiledGemm] {
                     let want = ggml_dot::dot(dtype, &row, &a, group);
                     // SAFETY: checked above.
                     let got = unsafe {
-                        match dtype {
-                            DType::Q4K => dot_q4_k(&row, q, group),
-                            DType::Q3K => dot_q3_k_tile(&row, [q])[0],
-                            DType::Q5K => dot_q5_k_tile(&row, [q])[0],
-                            DType::Q2K => dot_q2_k_tile(&row, [q])[0],
-                            _ => dot_q6_k(&row, q),
+                        match (dtype, group.is_tiled()) {
+                            (DType::Q4K, _) => dot_q4_k(&row, q, group),
+                            (DType::Q3K, false) => dot_q3_k_tile::<1, false>(&row, [q])[0],
+                            (DType::Q3K, true) => dot_q3_k_tile::<1, true>(&row, [q])[0],
+                            (DType::Q5K, false) => dot_q5_k_tile::<1, false>(&row, [q])[0],
+                            (DType::Q5K, true) => dot_q5_k_tile::<1, true>(&row, [q])[0],
+                            (DType::Q2K, false) => dot_q2_k_tile::<1, false>(&row, [q])[0],
+                            (DType::Q2K, true) => dot_q2_k_tile::<1, true>(&row, [q])[0],
+                            (_, false) => dot_q6_k(&row, q),
+                            (_, true) => dot_q6_k_tile::<1, true>(&row, [q])[0],
                         }
                     };
                     assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} {group:?} n={n}: {got} vs {want}");

@@ -141,20 +141,48 @@ pub fn supports(dtype: DType) -> bool {
     )
 }
 
-/// How ggml's repacked Q4_K kernels treat a row of activations: rows of a
-/// matmul are taken in groups of four by `gemm` (which adds each pair of
-/// sub-blocks to the float accumulators), and the `rows % 4` left over one at a
-/// time by `gemv` (which adds each whole super-block).
+/// Token rows from which llama.cpp b11434 runs a matmul of Q2_K, Q3_K, Q5_K or Q6_K weights
+/// (Q4_K too where it does not repack them) through its tiled K-quant kernels
+/// (`ggml-cpu/tiled`) instead of `vec_dot`.
+pub const TILED_MIN_ROWS: usize = 8;
+
+/// How llama.cpp runs one token row of a matmul, which decides the float summation order:
+/// - the repacked Q4_K kernels take the rows in groups of four by `gemm` (which adds each
+///   pair of sub-blocks to the float accumulators) and the `rows % 4` left over one at a
+///   time by `gemv` (which adds each whole super-block);
+/// - in a matmul of [`TILED_MIN_ROWS`] rows or more, the other K-quants go through the
+///   tiled kernels (one exact integer per super-block, see [`dot`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RowGroup {
+    /// In a `gemm` group of four, in a matmul of fewer than [`TILED_MIN_ROWS`] rows.
     Gemm,
+    /// Left over (`gemv`), in a matmul of fewer than [`TILED_MIN_ROWS`] rows.
     Gemv,
+    /// In a `gemm` group of four, in a tiled matmul.
+    TiledGemm,
+    /// Left over (`gemv`), in a tiled matmul.
+    TiledGemv,
 }
 
 impl RowGroup {
     /// The group of row `t` of a matmul over `rows` rows.
     pub fn of(t: usize, rows: usize) -> RowGroup {
-        if t < rows - rows % 4 { RowGroup::Gemm } else { RowGroup::Gemv }
+        match (t < rows - rows % 4, rows >= TILED_MIN_ROWS) {
+            (true, false) => RowGroup::Gemm,
+            (false, false) => RowGroup::Gemv,
+            (true, true) => RowGroup::TiledGemm,
+            (false, true) => RowGroup::TiledGemv,
+        }
+    }
+
+    /// Whether the repacked Q4_K kernels take the row in a `gemm` group of four.
+    pub fn is_gemm(self) -> bool {
+        matches!(self, RowGroup::Gemm | RowGroup::TiledGemm)
+    }
+
+    /// Whether the matmul goes through the tiled K-quant kernels.
+    pub fn is_tiled(self) -> bool {
+        matches!(self, RowGroup::TiledGemm | RowGroup::TiledGemv)
     }
 }
 
@@ -163,6 +191,9 @@ impl RowGroup {
 pub fn dot(dtype: DType, row: &[u8], x: &Activations, group: RowGroup) -> f32 {
     match (dtype, x) {
         (DType::Q4K, Activations::Q8K(a)) => dot_q4_k(row, a, group),
+        (DType::Q6K | DType::Q3K | DType::Q5K | DType::Q2K, Activations::Q8K(a)) if group.is_tiled() => {
+            dot_k_tiled(dtype, row, a)
+        }
         (DType::Q6K, Activations::Q8K(a)) => dot_q6_k(row, a),
         (DType::Q3K, Activations::Q8K(a)) => dot_q3_k(row, a),
         (DType::Q5K, Activations::Q8K(a)) => dot_q5_k(row, a),
@@ -196,13 +227,13 @@ fn dot_q4_k(row: &[u8], x: &Q8KRow, group: RowGroup) -> f32 {
                 q.iter().zip(&q8[j * 32..j * 32 + 32]).map(|(&b, &y)| ((b >> (4 * nib)) & 15) as i32 * y as i32).sum();
             isum += sc as i32 * s;
             imin += m as i32 * (bs[2 * j] + bs[2 * j + 1]);
-            if group == RowGroup::Gemm && nib == 1 {
+            if group.is_gemm() && nib == 1 {
                 acc = (isum as f32).mul_add(dw * dx, acc);
                 acc_min = (imin as f32).mul_add(dmin * dx, acc_min);
                 (isum, imin) = (0, 0);
             }
         }
-        if group == RowGroup::Gemv {
+        if !group.is_gemm() {
             acc = (isum as f32).mul_add(dw * dx, acc);
             acc_min = (imin as f32).mul_add(dmin * dx, acc_min);
         }
@@ -244,69 +275,102 @@ pub fn dot_lut4(row: &[u8], x: &Q8Row, table: &[i8; 16]) -> f32 {
 }
 
 /// Q6_K as ggml's AVX2 `ggml_vec_dot_q6_K_q8_K`: eight integer lanes per
-/// super-block (lane `l` holds elements `4l..4l+3` of every 32-element segment,
-/// times their 16-element scale, less `32·Σ scale·bsum` of 16-groups `2l, 2l+1`),
-/// each added to its float lane as `fma(d8·d, lane, acc)`, lanes reduced at the end.
+/// super-block ([`q6_k_lanes`]), each added to its float lane as `fma(d8·d, lane, acc)`,
+/// lanes reduced at the end.
 fn dot_q6_k(row: &[u8], x: &Q8KRow) -> f32 {
     let mut acc = [0f32; 8];
     for (bi, blk) in row.chunks_exact(210).enumerate() {
-        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
-        let sc = |i: usize| sc[i] as i8 as i32;
-        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
-        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
-        let mut lanes = [0i32; 8];
-        for half in 0..2 {
-            let (ql, qh) = (&ql[half * 64..half * 64 + 64], &qh[half * 32..half * 32 + 32]);
-            for seg in 0..4 {
-                let (lo_off, lo_shift) = ((seg & 1) * 32, (seg >> 1) * 4);
-                for (l, lane) in lanes.iter_mut().enumerate() {
-                    let s = sc(half * 8 + seg * 2 + l / 4);
-                    let mut p = 0i32;
-                    for e in 4 * l..4 * l + 4 {
-                        let q6 = ((ql[lo_off + e] >> lo_shift) & 15) | (((qh[e] >> (2 * seg)) & 3) << 4);
-                        p += q6 as i32 * q8[half * 128 + seg * 32 + e] as i32;
-                    }
-                    *lane += s * p;
-                }
-            }
-        }
         let d = x.d[bi] * h(blk, 208);
-        for (l, (a, lane)) in acc.iter_mut().zip(lanes).enumerate() {
-            let sub = 32 * (bs[2 * l] * sc(2 * l) + bs[2 * l + 1] * sc(2 * l + 1));
-            *a = d.mul_add((lane - sub) as f32, *a);
+        for (a, lane) in acc.iter_mut().zip(q6_k_lanes(blk, x, bi)) {
+            *a = d.mul_add(lane as f32, *a);
         }
     }
     hsum8(&acc)
 }
 
-/// Q3_K as ggml's AVX2 `ggml_vec_dot_q3_K_q8_K`: eight integer lanes per
-/// super-block (lane `l` holds elements `4l..4l+3` of every 32-element
-/// segment, each weight `(low 2 bits − 4·[high bit clear])` times its
-/// 16-element scale), added to the float lanes as `fma(d8·d, lane, acc)`,
-/// lanes reduced at the end.
+/// The eight exact integer lanes of Q6_K super-block `bi` (`blk`) against `x`: lane `l`
+/// holds elements `4l..4l+3` of every 32-element segment, times their 16-element scale,
+/// less `32·Σ scale·bsum` of 16-groups `2l, 2l+1`.
+fn q6_k_lanes(blk: &[u8], x: &Q8KRow, bi: usize) -> [i32; 8] {
+    let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+    let sc = |i: usize| sc[i] as i8 as i32;
+    let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+    let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+    let mut lanes = [0i32; 8];
+    for half in 0..2 {
+        let (ql, qh) = (&ql[half * 64..half * 64 + 64], &qh[half * 32..half * 32 + 32]);
+        for seg in 0..4 {
+            let (lo_off, lo_shift) = ((seg & 1) * 32, (seg >> 1) * 4);
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let s = sc(half * 8 + seg * 2 + l / 4);
+                let mut p = 0i32;
+                for e in 4 * l..4 * l + 4 {
+                    let q6 = ((ql[lo_off + e] >> lo_shift) & 15) | (((qh[e] >> (2 * seg)) & 3) << 4);
+                    p += q6 as i32 * q8[half * 128 + seg * 32 + e] as i32;
+                }
+                *lane += s * p;
+            }
+        }
+    }
+    for (l, lane) in lanes.iter_mut().enumerate() {
+        *lane -= 32 * (bs[2 * l] * sc(2 * l) + bs[2 * l + 1] * sc(2 * l + 1));
+    }
+    lanes
+}
+
+/// Q3_K as ggml's AVX2 `ggml_vec_dot_q3_K_q8_K`: eight integer lanes per super-block
+/// ([`q3_k_lanes`]), added to the float lanes as `fma(d8·d, lane, acc)`, lanes reduced at
+/// the end.
 fn dot_q3_k(row: &[u8], x: &Q8KRow) -> f32 {
     let mut acc = [0f32; 8];
     for (bi, blk) in row.chunks_exact(110).enumerate().take(x.d.len()) {
-        let (hmask, qs) = (&blk[0..32], &blk[32..96]);
-        let sc = super::kquants::q3_k_scales(&blk[96..108]);
-        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
-        let mut lanes = [0i32; 8];
-        for half in 0..2 {
-            for shift in 0..4 {
-                let bit = half * 4 + shift;
-                for (l, lane) in lanes.iter_mut().enumerate() {
-                    let s = i32::from(sc[half * 8 + shift * 2 + l / 4]);
-                    let mut p = 0i32;
-                    for e in 4 * l..4 * l + 4 {
-                        let low = i32::from((qs[half * 32 + e] >> (2 * shift)) & 3);
-                        let w = low - if hmask[e] >> bit & 1 == 0 { 4 } else { 0 };
-                        p += w * i32::from(q8[half * 128 + shift * 32 + e]);
-                    }
-                    *lane += s * p;
+        let d = x.d[bi] * h(blk, 108);
+        for (a, lane) in acc.iter_mut().zip(q3_k_lanes(blk, x, bi)) {
+            *a = d.mul_add(lane as f32, *a);
+        }
+    }
+    hsum8(&acc)
+}
+
+/// The eight exact integer lanes of Q3_K super-block `bi`: lane `l` holds elements
+/// `4l..4l+3` of every 32-element segment, each weight `(low 2 bits − 4·[high bit clear])`
+/// times its 16-element scale.
+fn q3_k_lanes(blk: &[u8], x: &Q8KRow, bi: usize) -> [i32; 8] {
+    let (hmask, qs) = (&blk[0..32], &blk[32..96]);
+    let sc = super::kquants::q3_k_scales(&blk[96..108]);
+    let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+    let mut lanes = [0i32; 8];
+    for half in 0..2 {
+        for shift in 0..4 {
+            let bit = half * 4 + shift;
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let s = i32::from(sc[half * 8 + shift * 2 + l / 4]);
+                let mut p = 0i32;
+                for e in 4 * l..4 * l + 4 {
+                    let low = i32::from((qs[half * 32 + e] >> (2 * shift)) & 3);
+                    let w = low - if hmask[e] >> bit & 1 == 0 { 4 } else { 0 };
+                    p += w * i32::from(q8[half * 128 + shift * 32 + e]);
                 }
+                *lane += s * p;
             }
         }
-        let d = x.d[bi] * h(blk, 108);
+    }
+    lanes
+}
+
+/// Q2_K as ggml's AVX2 `ggml_vec_dot_q2_K_q8_K`: per super-block eight exact lanes of the
+/// minimums' share added to the float lanes as `fma(−d8·dmin, lane, acc)`, then eight exact
+/// lanes of scaled products added as `fma(d8·d, lane, acc)` ([`q2_k_lanes`]); the lanes
+/// reduced at the end.
+fn dot_q2_k(row: &[u8], x: &Q8KRow) -> f32 {
+    let mut acc = [0f32; 8];
+    for (bi, blk) in row.chunks_exact(84).enumerate().take(x.d.len()) {
+        let d = x.d[bi] * h(blk, 80);
+        let dmin = -x.d[bi] * h(blk, 82);
+        let (lanes, mins) = q2_k_lanes(blk, x, bi);
+        for (a, m) in acc.iter_mut().zip(mins) {
+            *a = dmin.mul_add(m as f32, *a);
+        }
         for (a, lane) in acc.iter_mut().zip(lanes) {
             *a = d.mul_add(lane as f32, *a);
         }
@@ -314,81 +378,121 @@ fn dot_q3_k(row: &[u8], x: &Q8KRow) -> f32 {
     hsum8(&acc)
 }
 
-/// Q2_K as ggml's AVX2 `ggml_vec_dot_q2_K_q8_K`: per super-block eight exact lanes of the
-/// minimums' share (lane `l`: `m_2l·bsum_2l + m_2l+1·bsum_2l+1`) added to the float lanes as
-/// `fma(−d8·dmin, lane, acc)`, then eight exact lanes of scaled products (lane `l` holds
-/// elements `4l..4l+3` of every 32-element segment, times the scale of its 16) added as
-/// `fma(d8·d, lane, acc)`; the lanes reduced at the end.
-fn dot_q2_k(row: &[u8], x: &Q8KRow) -> f32 {
-    let mut acc = [0f32; 8];
-    for (bi, blk) in row.chunks_exact(84).enumerate().take(x.d.len()) {
-        let (scales, qs) = (&blk[0..16], &blk[16..80]);
-        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
-        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
-        let d = x.d[bi] * h(blk, 80);
-        let dmin = -x.d[bi] * h(blk, 82);
-        for (l, a) in acc.iter_mut().enumerate() {
-            let prod = i32::from(scales[2 * l] >> 4) * bs[2 * l] + i32::from(scales[2 * l + 1] >> 4) * bs[2 * l + 1];
-            *a = dmin.mul_add(prod as f32, *a);
-        }
-        let mut lanes = [0i32; 8];
-        for half in 0..2 {
-            for shift in 0..4 {
-                for (l, lane) in lanes.iter_mut().enumerate() {
-                    let sc = i32::from(scales[half * 8 + 2 * shift + l / 4] & 15);
-                    let p: i32 = (4 * l..4 * l + 4)
-                        .map(|e| {
-                            i32::from((qs[half * 32 + e] >> (2 * shift)) & 3)
-                                * i32::from(q8[half * 128 + shift * 32 + e])
-                        })
-                        .sum();
-                    *lane += sc * p;
-                }
+/// The exact integer lanes of Q2_K super-block `bi`: the scaled products (lane `l` holds
+/// elements `4l..4l+3` of every 32-element segment, times the scale of its 16) and the
+/// minimums' share (lane `l`: `m_2l·bsum_2l + m_2l+1·bsum_2l+1`).
+fn q2_k_lanes(blk: &[u8], x: &Q8KRow, bi: usize) -> ([i32; 8], [i32; 8]) {
+    let (scales, qs) = (&blk[0..16], &blk[16..80]);
+    let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+    let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+    let mins: [i32; 8] = std::array::from_fn(|l| {
+        i32::from(scales[2 * l] >> 4) * bs[2 * l] + i32::from(scales[2 * l + 1] >> 4) * bs[2 * l + 1]
+    });
+    let mut lanes = [0i32; 8];
+    for half in 0..2 {
+        for shift in 0..4 {
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let sc = i32::from(scales[half * 8 + 2 * shift + l / 4] & 15);
+                let p: i32 = (4 * l..4 * l + 4)
+                    .map(|e| {
+                        i32::from((qs[half * 32 + e] >> (2 * shift)) & 3) * i32::from(q8[half * 128 + shift * 32 + e])
+                    })
+                    .sum();
+                *lane += sc * p;
             }
         }
-        for (a, lane) in acc.iter_mut().zip(lanes) {
-            *a = d.mul_add(lane as f32, *a);
-        }
     }
-    hsum8(&acc)
+    (lanes, mins)
 }
 
 /// Q5_K as ggml's AVX2 `ggml_vec_dot_q5_K_q8_K`: per super-block the minimums' share as
 /// one exact integer `Σ_j m_j·(Σ q8 of sub-block j)`, added to a float sum as
-/// `summs + (−d8·dmin)·I` (a rounded product, then a rounded sum); eight integer lanes (lane
-/// `l` holds elements `4l..4l+3` of every 32-element sub-block times its scale) added to the
-/// float lanes as `fma(d8·d, lane, acc)`; at the end `hsum8(acc) + summs`.
+/// `fma(−d8·dmin, I, summs)` (ggml's `summs += dmin * I`, which GCC contracts into one fused
+/// multiply-add when it compiles for FMA, as llama.cpp's x86 builds do); eight integer lanes
+/// ([`q5_k_lanes`]) added to the float lanes as `fma(d8·d, lane, acc)`; at the end
+/// `hsum8(acc) + summs`.
 fn dot_q5_k(row: &[u8], x: &Q8KRow) -> f32 {
     let mut acc = [0f32; 8];
     let mut summs = 0f32;
     for (bi, blk) in row.chunks_exact(176).enumerate().take(x.d.len()) {
-        let (qh, qs) = (&blk[16..48], &blk[48..176]);
-        let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
-        let bs = &x.bsums[bi * 16..(bi + 1) * 16];
         let d = x.d[bi] * h(blk, 0);
         let dmin = -x.d[bi] * h(blk, 2);
-        let mut lanes = [0i32; 8];
-        let mut imin = 0i32;
-        for j in 0..8 {
-            let (sc, m) = super::kquants::scale_min_k4(j, &blk[4..16]);
-            imin += i32::from(m) * (bs[2 * j] + bs[2 * j + 1]);
-            let q = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
-            for (l, lane) in lanes.iter_mut().enumerate() {
-                let p: i32 = (4 * l..4 * l + 4)
-                    .map(|e| {
-                        let v = ((q[e] >> (4 * (j % 2))) & 15) | (((qh[e] >> j) & 1) << 4);
-                        i32::from(v) * i32::from(q8[j * 32 + e])
-                    })
-                    .sum();
-                *lane += i32::from(sc) * p;
-            }
-        }
-        summs += dmin * imin as f32;
+        let (lanes, imin) = q5_k_lanes(blk, x, bi);
+        summs = dmin.mul_add(imin as f32, summs);
         for (a, lane) in acc.iter_mut().zip(lanes) {
             *a = d.mul_add(lane as f32, *a);
         }
     }
     hsum8(&acc) + summs
+}
+
+/// The exact integers of Q5_K super-block `bi`: eight lanes (lane `l` holds elements
+/// `4l..4l+3` of every 32-element sub-block times its scale) and the minimums' share
+/// `Σ_j m_j·(Σ q8 of sub-block j)`.
+fn q5_k_lanes(blk: &[u8], x: &Q8KRow, bi: usize) -> ([i32; 8], i32) {
+    let (qh, qs) = (&blk[16..48], &blk[48..176]);
+    let q8 = &x.q[bi * QK_K..(bi + 1) * QK_K];
+    let bs = &x.bsums[bi * 16..(bi + 1) * 16];
+    let mut lanes = [0i32; 8];
+    let mut imin = 0i32;
+    for j in 0..8 {
+        let (sc, m) = super::kquants::scale_min_k4(j, &blk[4..16]);
+        imin += i32::from(m) * (bs[2 * j] + bs[2 * j + 1]);
+        let q = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            let p: i32 = (4 * l..4 * l + 4)
+                .map(|e| {
+                    let v = ((q[e] >> (4 * (j % 2))) & 15) | (((qh[e] >> j) & 1) << 4);
+                    i32::from(v) * i32::from(q8[j * 32 + e])
+                })
+                .sum();
+            *lane += i32::from(sc) * p;
+        }
+    }
+    (lanes, imin)
+}
+
+/// Q2_K, Q3_K, Q5_K or Q6_K in a tiled matmul ([`RowGroup::is_tiled`]), as ggml's AVX2 tiled
+/// K-quant kernel computes one output: per super-block the exact integers `s1 = Σ_j sc_j·Σ
+/// w·q8` (the weights' signed codes times their sub-block scales) and, for the types with
+/// minimums, `s2 = Σ_j m_j·bsum_j`; then `r = d·f32(s1)`, `r = fma(−dmin, f32(s2), r)`, and
+/// `acc = fma(r, d8, acc)` block after block. (Checked bit for bit against ggml's own
+/// kernels: `tests/oracle_llama_cpp.rs`.)
+pub fn dot_k_tiled(dtype: DType, row: &[u8], x: &Q8KRow) -> f32 {
+    let bytes = dtype.block_bytes() as usize;
+    let mut acc = 0f32;
+    for (bi, blk) in row.chunks_exact(bytes).enumerate().take(x.d.len()) {
+        let sum = |l: [i32; 8]| l.iter().sum::<i32>();
+        let (s1, min) = match dtype {
+            DType::Q6K => (sum(q6_k_lanes(blk, x, bi)), None),
+            DType::Q3K => (sum(q3_k_lanes(blk, x, bi)), None),
+            DType::Q2K => {
+                let (lanes, mins) = q2_k_lanes(blk, x, bi);
+                (sum(lanes), Some((h(blk, 82), sum(mins))))
+            }
+            DType::Q5K => {
+                let (lanes, imin) = q5_k_lanes(blk, x, bi);
+                (sum(lanes), Some((h(blk, 2), imin)))
+            }
+            _ => return 0.0,
+        };
+        // Where each layout keeps its f16 `d`.
+        let d = h(
+            blk,
+            match dtype {
+                DType::Q6K => 208,
+                DType::Q3K => 108,
+                DType::Q2K => 80,
+                _ => 0,
+            },
+        );
+        let mut r = d * s1 as f32;
+        if let Some((dmin, s2)) = min {
+            r = (-dmin).mul_add(s2 as f32, r);
+        }
+        acc = r.mul_add(x.d[bi], acc);
+    }
+    acc
 }
 
 fn h(b: &[u8], at: usize) -> f32 {

@@ -219,14 +219,53 @@ fn rotate64(row: &mut [f32]) {
     }
 }
 
+/// Query rows per call from which llama.cpp's CPU flash attention takes its tiled path
+/// (`GGML_FA_TILE_Q`), and the keys per tile there (`GGML_FA_TILE_KV`).
+pub const FA_TILE_Q: usize = 64;
+pub const FA_TILE_KV: usize = 64;
+
+/// How attention is computed: kiln's definition, or one of llama.cpp's two CPU flash
+/// attention paths (`Numerics::Ggml`), chosen as llama.cpp chooses by the number of token
+/// rows of the call.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum AttnNumerics {
+    /// f32 scores, a max-subtracted softmax with an f64 sum, then `Σ a_j·v_j`.
+    Exact,
+    /// llama.cpp's one-query flash attention (calls of fewer than [`FA_TILE_Q`] rows): q
+    /// rounded to f16, ggml's f16 dot order, an online softmax key by key with libm's
+    /// `expf`, the value accumulator rounded to f16 after every step.
+    GgmlRows,
+    /// llama.cpp's tiled flash attention (calls of [`FA_TILE_Q`] rows or more): per tile of
+    /// [`FA_TILE_KV`] positions, f32 scores (each one fused multiply-add chain over the head
+    /// dimension), the tile's maximum, ggml's vector `expf` and an f64 sum by groups of eight
+    /// (its AVX2 `ggml_vec_soft_max_f32`), an f32 value accumulator (one fused chain per tile).
+    GgmlTiled,
+}
+
+impl AttnNumerics {
+    /// The attention numerics of `numerics` in a call over `batch` token rows.
+    pub fn of(numerics: crate::Numerics, batch: usize) -> AttnNumerics {
+        match numerics {
+            crate::Numerics::Exact => AttnNumerics::Exact,
+            crate::Numerics::Ggml if batch >= FA_TILE_Q => AttnNumerics::GgmlTiled,
+            crate::Numerics::Ggml => AttnNumerics::GgmlRows,
+        }
+    }
+
+    /// Whether the cache is read as llama.cpp reads it (f16 values).
+    pub fn is_ggml(self) -> bool {
+        self != AttnNumerics::Exact
+    }
+}
+
 /// Attention of query rows `q` (`[rows][heads · head_dim]`, row `t` at
 /// position `first_pos + t`) over `cache`, which must already hold every
 /// position up to the last query's. Returns `[rows][heads · head_dim]`.
 ///
 /// Parallel over (token, head) pairs.
-pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
+pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, mode: AttnNumerics) -> Vec<f32> {
     if cache.is_quantized() {
-        return attend(q, first_pos, &cache.dequantized(ggml), attrs, ggml);
+        return attend(q, first_pos, &cache.dequantized(mode.is_ggml()), attrs, mode);
     }
     let heads = attrs.heads as usize;
     let hd = attrs.head_dim as usize;
@@ -244,9 +283,12 @@ pub fn attend(q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAtt
         let (sinks, window) = attrs.key_ranges(p, cache.len());
         // Rows of the keys, in key order.
         let keys = || sinks.clone().chain(window.clone()).map(|j| cache.row(j));
-        if ggml {
-            flash_f16(qh, keys(), cache, kv_off, attrs, o);
-            return;
+        match mode {
+            AttnNumerics::GgmlRows => return flash_f16(qh, keys(), cache, kv_off, attrs, o),
+            AttnNumerics::GgmlTiled => {
+                return flash_tiled(qh, sinks.clone().chain(window.clone()), cache, kv_off, attrs, o);
+            }
+            AttnNumerics::Exact => {}
         }
         scores.clear();
         for j in keys() {
@@ -343,6 +385,90 @@ fn flash_f16(
     }
 }
 
+/// The f64 sum of a tile's probabilities as ggml's AVX2 `ggml_vec_soft_max_f32` adds them:
+/// per group of eight `((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7))` in f32, the groups
+/// added in f64 in order.
+pub fn tile_sum(p: &[f32; FA_TILE_KV]) -> f64 {
+    p.as_chunks::<8>()
+        .0
+        .iter()
+        .fold(0f64, |sum, v| sum + f64::from(((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))))
+}
+
+/// The score scale and softcap as llama.cpp's tiled path applies them: `s = dot·scale`, or
+/// with a softcap `c`, `s = c·tanh(dot·(scale/c))`.
+pub fn tiled_scale(attrs: &AttentionAttrs) -> (f32, f32) {
+    if attrs.softcap > 0.0 { (attrs.scale / attrs.softcap, attrs.softcap) } else { (attrs.scale, 0.0) }
+}
+
+/// llama.cpp's tiled CPU flash attention ([`AttnNumerics::GgmlTiled`]) for one (query,
+/// head) over the positions `keys` (ascending) of an f16-valued cache. The keys go by tiles
+/// of [`FA_TILE_KV`] positions (`position / 64`, as llama.cpp tiles a cache's cells); per
+/// tile holding a key of this query:
+///
+/// ```text
+/// s_j   = fma chain over d of q_d·k_jd, times scale     (−∞ for the tile's other positions)
+/// M'    = max(M, max_j s_j);  if M' > M: acc *= e^(M−M') and S *= e^(M−M')   (libm expf)
+/// p_j   = ggml_v_expf(s_j − M');  S = f32(S + tile_sum(p))
+/// acc_d = fma chain over the tile's j of p_j·v_jd
+/// ```
+///
+/// then `out = acc · (1/S)`. A key whose `p_j` is zero is left out of the value chain: with
+/// the accumulator starting at +0 that changes no bit.
+fn flash_tiled(
+    qh: &[f32],
+    keys: impl Iterator<Item = usize>,
+    cache: &KvCache,
+    kv_off: usize,
+    attrs: &AttentionAttrs,
+    o: &mut [f32],
+) {
+    let hd = o.len();
+    let width = cache.width;
+    let (scale, softcap) = tiled_scale(attrs);
+    let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
+    let mut acc = vec![0f32; hd];
+    let mut keys = keys.peekable();
+    while let Some(&first) = keys.peek() {
+        let tile = first / FA_TILE_KV;
+        let mut s = [f32::NEG_INFINITY; FA_TILE_KV];
+        while let Some(j) = keys.next_if(|j| j / FA_TILE_KV == tile) {
+            let r = cache.row(j);
+            let kj = &cache.k[r * width + kv_off..r * width + kv_off + hd];
+            let dot = qh.iter().zip(kj).fold(0f32, |a, (&q, &k)| k.mul_add(q, a));
+            let v = dot * scale;
+            s[j % FA_TILE_KV] = if softcap > 0.0 { softcap * v.tanh() } else { v };
+        }
+        let tile_max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        if tile_max == f32::NEG_INFINITY {
+            continue;
+        }
+        let m_new = m.max(tile_max);
+        if m_new > m {
+            let ms = (m - m_new).exp();
+            acc.iter_mut().for_each(|a| *a *= ms);
+            s_sum *= ms;
+        }
+        m = m_new;
+        let p = s.map(|v| super::kernels::ggml_v_expf(v - m));
+        s_sum = (f64::from(s_sum) + tile_sum(&p)) as f32;
+        for (jt, &pj) in p.iter().enumerate() {
+            if pj == 0.0 {
+                continue;
+            }
+            let r = cache.row(tile * FA_TILE_KV + jt);
+            let vj = &cache.v[r * width + kv_off..r * width + kv_off + hd];
+            for (a, &v) in acc.iter_mut().zip(vj) {
+                *a = v.mul_add(pj, *a);
+            }
+        }
+    }
+    let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
+    for (od, a) in o.iter_mut().zip(&acc) {
+        *od = a * inv;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,7 +505,7 @@ mod tests {
         };
         let rows = (sink + window) as usize + chunk - 1;
         for dtype in [DType::F32, DType::Q8_0, DType::F8E4M3] {
-            for ggml in [false, true] {
+            for mode in [AttnNumerics::Exact, AttnNumerics::GgmlRows, AttnNumerics::GgmlTiled] {
                 let mut full = KvCache::with_dtype(width, 100, dtype);
                 let mut ring = KvCache::with_dtype(width, 100, dtype).with_ring(rows, sink as usize);
                 // Chunks of up to `chunk` tokens; after the fifth a rollback of `chunk`.
@@ -392,11 +518,11 @@ mod tests {
                     );
                     full.append(&k, &v);
                     ring.append(&k, &v);
-                    let a = attend(&q, pos, &full, &attrs, ggml);
-                    let b = attend(&q, pos, &ring, &attrs, ggml);
+                    let a = attend(&q, pos, &full, &attrs, mode);
+                    let b = attend(&q, pos, &ring, &attrs, mode);
                     assert!(
                         a.iter().map(|x| x.to_bits()).eq(b.iter().map(|x| x.to_bits())),
-                        "{dtype} ggml {ggml} step {step}"
+                        "{dtype} {mode:?} step {step}"
                     );
                     pos += t;
                     if step == 4 {

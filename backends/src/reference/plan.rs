@@ -36,6 +36,11 @@ pub(crate) struct Schedule {
     pub rows: Vec<Rows>,
     /// `free_after[i]`: values whose last read is instruction `i`.
     pub free_after: Vec<Vec<ValueId>>,
+    /// Whether llama.cpp runs instruction `i` on the gathered output rows only (one row for
+    /// [`Logits::Last`]): it gathers them after the last attention's output projection, so
+    /// the matmuls after it are batches of one there, which decides their summation order
+    /// in `Numerics::Ggml` (`kiln_quant::ggml_dot::RowGroup`).
+    pub gathered: Vec<bool>,
 }
 
 /// Value operands that instruction `op`, executed for `rows`, actually reads,
@@ -135,6 +140,15 @@ impl Schedule {
                 free_after[*i].push(ValueId(v as u32));
             }
         }
-        Schedule { rows, free_after }
+        // The last attention's output projection: the first matmul after it.
+        let projection = module
+            .insts
+            .iter()
+            .rposition(|inst| {
+                matches!(inst.op, Op::Attention { .. } | Op::CompressedAttention { .. } | Op::SparseAttention { .. })
+            })
+            .and_then(|a| (a + 1..n).find(|&i| matches!(module.insts[i].op, Op::MatMul { .. })));
+        let gathered = (0..n).map(|i| rows[i] == Rows::Last && projection.is_some_and(|p| i > p)).collect();
+        Schedule { rows, free_after, gathered }
     }
 }

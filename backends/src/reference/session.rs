@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use kiln_ir::{AttentionAttrs, Op, ParamId, ValueId, VerifiedModule};
 
-use super::attention::{KvCache, attend};
+use super::attention::{AttnNumerics, KvCache, attend};
 use super::kernels;
 use super::matmul::{Weight, matmul, matmul_ggml};
 use super::plan::{Rows, Schedule, executes};
@@ -33,10 +33,17 @@ pub trait Kernels: Send + Sync {
     ) -> Result<Vec<f32>, QuantError>;
 
     /// Attention of query rows `q` (row `t` at position `first_pos + t`) over
-    /// `cache`, which already holds every position up to the last query's;
-    /// `ggml`: llama.cpp's flash attention over an f16 cache.
-    fn attend(&self, q: &[f32], first_pos: usize, cache: &KvCache, attrs: &AttentionAttrs, ggml: bool) -> Vec<f32> {
-        attend(q, first_pos, cache, attrs, ggml)
+    /// `cache`, which already holds every position up to the last query's, in the numerics
+    /// `mode`.
+    fn attend(
+        &self,
+        q: &[f32],
+        first_pos: usize,
+        cache: &KvCache,
+        attrs: &AttentionAttrs,
+        mode: AttnNumerics,
+    ) -> Vec<f32> {
+        attend(q, first_pos, cache, attrs, mode)
     }
 
     /// Compressed (DeepSeek-V4) attention of query rows `q` (row `t` at position
@@ -398,7 +405,7 @@ impl ReferenceSession {
             if !executes(&inst.op, rows) {
                 continue;
             }
-            let result = self.exec(i, &inst.op, &values, tokens, rows)?;
+            let result = self.exec(i, &inst.op, &values, tokens, rows, sched.gathered[i])?;
             if let (Some((want, got)), Some(Value::Act { data, cols, first })) = (self.capture.as_mut(), &result)
                 && want.contains(&ValueId(i as u32))
             {
@@ -415,7 +422,8 @@ impl ReferenceSession {
 
     /// Executes instruction `i` for `rows` of this call's tokens; `None` when
     /// it only had a side effect (an attention op whose result is not needed
-    /// still appends to its KV-cache slot).
+    /// still appends to its KV-cache slot). `gathered`: llama.cpp runs it on the gathered
+    /// output rows alone (see [`super::plan::Schedule::gathered`]).
     fn exec(
         &mut self,
         i: usize,
@@ -423,6 +431,7 @@ impl ReferenceSession {
         values: &[Option<Value>],
         tokens: &[u32],
         rows: Rows,
+        gathered: bool,
     ) -> Result<Option<Value>, BackendError> {
         let t_len = tokens.len();
         let first = if rows == Rows::All { 0 } else { t_len.saturating_sub(1) };
@@ -497,7 +506,9 @@ impl ReferenceSession {
                 }
                 let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
                 let b = bias.map(|p| self.vector(p)).transpose()?;
-                let y = self.kernel.matmul(x, n_rows, weight, b, first, t_len).map_err(|e| quant_err(i, e))?;
+                // The rows of llama.cpp's matmul: the call's, or only these once gathered.
+                let (at, batch) = if gathered { (0, n_rows) } else { (first, t_len) };
+                let y = self.kernel.matmul(x, n_rows, weight, b, at, batch).map_err(|e| quant_err(i, e))?;
                 out(y, n)
             }
             Op::Add { a, b } => {
@@ -732,8 +743,8 @@ impl ReferenceSession {
                     return Ok(None);
                 }
                 let (q, cols) = act(*q)?;
-                let ggml = self.numerics == Numerics::Ggml;
-                out(self.kernel.attend(q, self.pos + first, cache, attrs, ggml), cols)
+                let mode = AttnNumerics::of(self.numerics, t_len);
+                out(self.kernel.attend(q, self.pos + first, cache, attrs, mode), cols)
             }
         }
     }
