@@ -158,6 +158,8 @@ struct RowState<const HD: usize> {
 #[inline(always)]
 fn tiled_task<const HD: usize>(task: &Task<'_>, out: &mut [f32]) {
     const KV: usize = FA_TILE_KV;
+    // Rows per group: their value accumulators (`R·HD` floats) stay in registers.
+    const R: usize = 2;
     let Task { q, first_pos, cache, attrs, g, group, ref toks } = *task;
     let heads = group * (attrs.kv_heads as usize).max(1);
     let width = cache.width;
@@ -170,6 +172,7 @@ fn tiled_task<const HD: usize>(task: &Task<'_>, out: &mut [f32]) {
     let ranges: Vec<_> = toks.clone().map(|t| attrs.key_ranges(first_pos + t, cache.len())).collect();
     let last = ranges.iter().map(|(s, w)| w.end.max(s.end)).max().unwrap_or(0);
     let mut kt = vec![[0f32; KV]; HD];
+    let mut active: Vec<(usize, usize, usize, [[u32; 2]; 2])> = Vec::new();
     for tile in 0..last.div_ceil(KV) {
         let (lo, hi) = (tile * KV, ((tile + 1) * KV).min(cache.len()));
         let needed = ranges.iter().any(|(s, w)| s.start.max(lo) < s.end.min(hi) || w.start.max(lo) < w.end.min(hi));
@@ -192,29 +195,57 @@ fn tiled_task<const HD: usize>(task: &Task<'_>, out: &mut [f32]) {
             }
         }
         let kt: &[[f32; KV]; HD] = kt.as_slice().try_into().expect("HD rows");
+        // The rows (token, head of the group) with a key in this tile, with the tile's
+        // allowed positions (sinks, window) as two ranges of tile indices.
+        active.clear();
         for (ti, (sinks, window)) in ranges.iter().enumerate() {
-            // This token's allowed positions within the tile, as a mask of 64 bits.
-            let bits = |r: &std::ops::Range<usize>| -> u64 {
+            let within = |r: &std::ops::Range<usize>| -> [u32; 2] {
                 let (a, b) = (r.start.max(lo), r.end.min(lo + KV));
-                if a >= b { 0 } else { (u64::MAX >> (64 - (b - a))) << (a - lo) }
+                if a >= b { [0, 0] } else { [(a - lo) as u32, (b - lo) as u32] }
             };
-            let allowed = bits(sinks) | bits(window);
-            if allowed == 0 {
-                continue;
+            let allowed = [within(sinks), within(window)];
+            if allowed.iter().any(|[a, b]| a < b) {
+                active.extend((0..group).map(|hh| (ti * group + hh, toks.start + ti, g * group + hh, allowed)));
             }
-            let t = toks.start + ti;
-            for hh in 0..group {
-                let h = g * group + hh;
-                let qh: &[f32; HD] = q[(t * heads + h) * HD..(t * heads + h + 1) * HD].try_into().expect("HD values");
-                let st = &mut state[ti * group + hh];
-                let mut s = scores::<HD>(qh, kt);
-                for (jt, v) in s.iter_mut().enumerate() {
-                    let x = *v * scale;
-                    let x = if softcap > 0.0 { softcap * x.tanh() } else { x };
-                    *v = if allowed >> jt & 1 == 1 { x } else { f32::NEG_INFINITY };
+        }
+        // `R` rows at a time share each load of the tile's keys and values (a last group of
+        // fewer rows is padded with copies of its last row's query, their probabilities zero
+        // and their results dropped).
+        let n_keys = hi - lo;
+        for chunk in active.chunks(R) {
+            let rows: [(usize, usize, usize, [[u32; 2]; 2]); R] =
+                std::array::from_fn(|r| chunk[r.min(chunk.len() - 1)]);
+            let qs: [&[f32; HD]; R] = std::array::from_fn(|r| {
+                let (_, t, h, _) = rows[r];
+                q[(t * heads + h) * HD..(t * heads + h + 1) * HD].try_into().expect("HD values")
+            });
+            let s = scores::<HD, R>(qs, kt);
+            let mut p = [[0f32; KV]; R];
+            let mut acc = [[0f32; HD]; R];
+            for r in 0..chunk.len() {
+                let (at, _, _, [[a0, b0], [a1, b1]]) = rows[r];
+                let st = &mut state[at];
+                let mut sr = s[r];
+                if softcap > 0.0 {
+                    sr.iter_mut().for_each(|v| *v = softcap * (*v * scale).tanh());
+                } else {
+                    sr.iter_mut().for_each(|v| *v *= scale);
                 }
-                let tile_max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                for (jt, v) in (0u32..).zip(sr.iter_mut()) {
+                    let allowed = (a0 <= jt && jt < b0) || (a1 <= jt && jt < b1);
+                    *v = if allowed { *v } else { f32::NEG_INFINITY };
+                }
+                // The tile's maximum, sixteen lanes at a time (a maximum is exact: any order).
+                let mut lanes = [f32::NEG_INFINITY; 16];
+                for c in sr.as_chunks::<16>().0 {
+                    for (l, &v) in lanes.iter_mut().zip(c) {
+                        *l = l.max(v);
+                    }
+                }
+                let tile_max = lanes.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                 if tile_max == f32::NEG_INFINITY {
+                    // (No finite score: the row takes nothing from this tile.)
+                    acc[r] = st.acc;
                     continue;
                 }
                 let m_new = st.m.max(tile_max);
@@ -224,22 +255,24 @@ fn tiled_task<const HD: usize>(task: &Task<'_>, out: &mut [f32]) {
                     st.s *= ms;
                 }
                 st.m = m_new;
-                let mut p = [0f32; KV];
-                for (pj, &v) in p.iter_mut().zip(&s) {
+                for (pj, &v) in p[r].iter_mut().zip(&sr) {
                     *pj = ggml_v_expf(v - m_new);
                 }
-                st.s = (f64::from(st.s) + tile_sum(&p)) as f32;
-                let mut acc = st.acc;
-                for (jt, &pj) in p.iter().enumerate() {
-                    if pj == 0.0 {
-                        continue;
-                    }
-                    let vj: &[f32; HD] = cache.v[vrow[jt]..vrow[jt] + HD].try_into().expect("HD values");
-                    for (a, &v) in acc.iter_mut().zip(vj) {
+                st.s = (f64::from(st.s) + tile_sum(&p[r])) as f32;
+                acc[r] = st.acc;
+            }
+            // The value chains of the `R` rows, key by key.
+            for jt in 0..n_keys {
+                let vj: &[f32; HD] = cache.v[vrow[jt]..vrow[jt] + HD].try_into().expect("HD values");
+                for r in 0..R {
+                    let pj = p[r][jt];
+                    for (a, &v) in acc[r].iter_mut().zip(vj) {
                         *a = v.mul_add(pj, *a);
                     }
                 }
-                st.acc = acc;
+            }
+            for (r, &(at, ..)) in rows.iter().enumerate().take(chunk.len()) {
+                state[at].acc = acc[r];
             }
         }
     }
@@ -251,14 +284,18 @@ fn tiled_task<const HD: usize>(task: &Task<'_>, out: &mut [f32]) {
     }
 }
 
-/// The 64 scores of one query row against a transposed tile: lane `j` is the fused chain
-/// `Σ_d q_d·k_jd` over `d` in order, from zero.
+/// The 64 scores of `R` query rows against a transposed tile: lane `j` of row `r` is the
+/// fused chain `Σ_d q_d·k_jd` over `d` in order, from zero (the rows share each load of the
+/// keys).
 #[inline(always)]
-fn scores<const HD: usize>(q: &[f32; HD], kt: &[[f32; FA_TILE_KV]; HD]) -> [f32; FA_TILE_KV] {
-    let mut s = [0f32; FA_TILE_KV];
-    for (qd, kd) in q.iter().zip(kt) {
-        for (sj, &k) in s.iter_mut().zip(kd) {
-            *sj = k.mul_add(*qd, *sj);
+fn scores<const HD: usize, const R: usize>(q: [&[f32; HD]; R], kt: &[[f32; FA_TILE_KV]; HD]) -> [[f32; FA_TILE_KV]; R] {
+    let mut s = [[0f32; FA_TILE_KV]; R];
+    for (d, kd) in kt.iter().enumerate() {
+        for r in 0..R {
+            let qd = q[r][d];
+            for (sj, &k) in s[r].iter_mut().zip(kd) {
+                *sj = k.mul_add(qd, *sj);
+            }
         }
     }
     s

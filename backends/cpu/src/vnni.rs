@@ -336,13 +336,13 @@ impl Kq2Panel {
 }
 
 /// One kq2 block of a weight row decoded for [`kq2_gemm`]: its 64 weights `4·c` as signed
-/// bytes, per lane of 16 weights the offset `−128·Σw` of unsigned activations, the block
-/// scale (0: the block adds nothing) and its basis (0: original, 1: rotated).
+/// bytes, the offset `−128·Σw` of unsigned activations, the block scale (0: the block adds
+/// nothing) and its basis (0: original, 1: rotated).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Kq2Block {
     w: [i8; 64],
-    start: [i32; 4],
+    start: i32,
     s: f32,
     basis: usize,
 }
@@ -355,8 +355,8 @@ const KQ2_GEMM_ROWS: usize = 8;
 /// in `rows` and every token row of `panel`. Each group of rows is decoded once per call;
 /// then per tile of 32 token rows, row and block, sixteen `vpdpbusd` with the token rows
 /// across the vector lanes (a broadcast four-byte weight group against the 32 rows' quants)
-/// give each row's four 16-weight lane sums, which go to its float lanes as in
-/// `kiln_quant::kq2::dot_kq2_q8`. So results equal the AVX2 kernel bit for bit.
+/// give each row's block integers, added with one fused multiply-add per half of the token
+/// rows as in `kiln_quant::kq2::dot_kq2_q8`. So results equal the AVX2 kernel bit for bit.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA, F16C, AVX512F/BW/VL/VNNI/VBMI/BITALG and GFNI
@@ -369,7 +369,7 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
     let tables = &*x86::KQ2_TABLES;
     // SAFETY: the CPU features are this function's.
     let dec = unsafe { Kq2Decoder::new() };
-    let zero = Kq2Block { w: [0; 64], start: [0; 4], s: 0.0, basis: 0 };
+    let zero = Kq2Block { w: [0; 64], start: 0, s: 0.0, basis: 0 };
     let mut blocks = vec![zero; KQ2_GEMM_ROWS * nblocks];
     let tiles = panel.tokens.div_ceil(KQ2_PANEL_TOKENS);
     for j0 in (0..nb).step_by(KQ2_GEMM_ROWS) {
@@ -393,7 +393,7 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
                     // SAFETY: as above.
                     let (m, sigma) = unsafe { dec.weights(batch, k) };
                     let w = _mm512_mask_sub_epi8(m, sigma, _mm512_setzero_si512(), m);
-                    // Per 16 weights Σw, from the byte sums of w + 128 over each 8.
+                    // Σw, from the byte sums of w + 128 over each 8.
                     let mut sums = [0u64; 8];
                     // SAFETY: 64 bytes each.
                     unsafe {
@@ -401,9 +401,7 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
                         let biased = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
                         _mm512_storeu_si512(sums.as_mut_ptr().cast(), _mm512_sad_epu8(biased, _mm512_setzero_si512()));
                     }
-                    for m in 0..4 {
-                        blk.start[m] = -128 * ((sums[2 * m] + sums[2 * m + 1]) as i32 - 16 * 128);
-                    }
+                    blk.start = -128 * (sums.iter().sum::<u64>() as i32 - 64 * 128);
                 }
                 b0 += n;
             }
@@ -412,10 +410,10 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
             let xt = &panel.x[t * nblocks * 2 * KQ2_PANEL_BLOCK..];
             let dt = &panel.d[t * nblocks * 2 * KQ2_PANEL_TOKENS..];
             let count = KQ2_PANEL_TOKENS.min(panel.tokens - t * KQ2_PANEL_TOKENS);
-            // Per row of the group its float lanes m = 0..4 of the 32 token rows (two vectors
-            // each), kept in L1 while the blocks pass: each block's quants (both bases, 4 KiB)
-            // then serve every row of the group from L1.
-            let mut accs = [[[_mm512_setzero_ps(); 2]; 4]; KQ2_GEMM_ROWS];
+            // Per row of the group its accumulators of the 32 token rows (two vectors, all
+            // sixteen in registers) while the blocks pass: each block's quants (both bases,
+            // 4 KiB) serve every row of the group from L1.
+            let mut accs = [[_mm512_setzero_ps(); 2]; KQ2_GEMM_ROWS];
             for bi in 0..nblocks {
                 for r in 0..group {
                     // SAFETY: the panel holds `nblocks` blocks per tile; the CPU features are
@@ -426,10 +424,8 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
             for r in 0..group {
                 let mut out = [0f32; KQ2_PANEL_TOKENS];
                 for h in 0..2 {
-                    let a = &accs[r];
-                    let v = _mm512_add_ps(_mm512_add_ps(a[0][h], a[2][h]), _mm512_add_ps(a[1][h], a[3][h]));
                     // SAFETY: 16 floats.
-                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v) };
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), accs[r][h]) };
                 }
                 for (u, v) in out.iter().take(count).enumerate() {
                     tile[(t * KQ2_PANEL_TOKENS + u) * nb + j0 + r] = *v;
@@ -440,16 +436,16 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
 }
 
 /// Block `bi` of one weight row (`blk`) against one [`Kq2Panel`] tile (`xt`, `dt`: the
-/// tile's quants and scales), added to the row's float lanes `acc`: per lane m of 16 weights
-/// and half of the 32 token rows, `start` plus four `vpdpbusd` (a broadcast four-byte weight
-/// group against the rows' quants), then `fma(isum, ¼·(s·d), lane)`, skipped (masked) for a
-/// zero-scale block as the definition skips it.
+/// tile's quants and scales), added to the row's accumulators `acc` (one per half of the 32
+/// token rows): per half, `start` plus sixteen `vpdpbusd` (a broadcast four-byte weight group
+/// against the rows' quants) in two chains, then `fma(isum, ¼·(s·d), acc)`, skipped (masked)
+/// for a zero-scale block as the definition skips it.
 ///
 /// # Safety
 /// The CPU must support AVX512F/BW/VL/VNNI; `xt` and `dt` hold the tile's blocks up to `bi`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indices over fixed arrays unroll; closures would not inline
-unsafe fn kq2_micro(blk: &Kq2Block, acc: &mut [[__m512; 2]; 4], xt: *const u8, dt: *const f32, bi: usize) {
+unsafe fn kq2_micro(blk: &Kq2Block, acc: &mut [__m512; 2], xt: *const u8, dt: *const f32, bi: usize) {
     // SAFETY: the caller's (reads within the tile; CPU features).
     unsafe {
         let at = 2 * bi + blk.basis;
@@ -461,25 +457,18 @@ unsafe fn kq2_micro(blk: &Kq2Block, acc: &mut [[__m512; 2]; 4], xt: *const u8, d
             _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(16)))),
         ];
         let live: u16 = if blk.s == 0.0 { 0 } else { 0xffff };
-        let mut isum = [[_mm512_setzero_si512(); 2]; 4];
-        for m in 0..4 {
-            isum[m] = [_mm512_set1_epi32(blk.start[m]); 2];
+        // Four independent sums (token half h, even/odd groups), so that the `vpdpbusd`
+        // latency overlaps; integers, so their order does not matter.
+        let mut isum = [[_mm512_set1_epi32(blk.start), _mm512_setzero_si512()]; 2];
+        for g in 0..16 {
+            let w = _mm512_set1_epi32(blk.w.as_ptr().cast::<i32>().add(g).read_unaligned());
+            let xg = xb.add(g * 4 * KQ2_PANEL_TOKENS);
+            isum[0][g & 1] = _mm512_dpbusd_epi32(isum[0][g & 1], _mm512_loadu_si512(xg.cast()), w);
+            isum[1][g & 1] = _mm512_dpbusd_epi32(isum[1][g & 1], _mm512_loadu_si512(xg.add(64).cast()), w);
         }
-        // Eight independent sums (lane m, token half h), their four steps interleaved so
-        // that the `vpdpbusd` latency overlaps.
-        for step in 0..4 {
-            for m in 0..4 {
-                let g = 4 * m + step;
-                let w = _mm512_set1_epi32(blk.w.as_ptr().cast::<i32>().add(g).read_unaligned());
-                let xg = xb.add(g * 4 * KQ2_PANEL_TOKENS);
-                isum[m][0] = _mm512_dpbusd_epi32(isum[m][0], _mm512_loadu_si512(xg.cast()), w);
-                isum[m][1] = _mm512_dpbusd_epi32(isum[m][1], _mm512_loadu_si512(xg.add(64).cast()), w);
-            }
-        }
-        for m in 0..4 {
-            for h in 0..2 {
-                acc[m][h] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum[m][h]), f[h], acc[m][h], live);
-            }
+        for h in 0..2 {
+            let total = _mm512_add_epi32(isum[h][0], isum[h][1]);
+            acc[h] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(total), f[h], acc[h], live);
         }
     }
 }
@@ -740,7 +729,7 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
             // A zero-scale block adds nothing (as in the AVX2 kernel, which skips it).
             (d, 0.25 * (s * *d0.add(at)), s != 0.0)
         };
-        // One accumulator for the four rows: lane 4m + r holds lane m of row r.
+        // One accumulator for the four rows: lane r of every 128-bit lane holds row r.
         let mut acc = _mm512_setzero_ps();
         let mut step = |p: &[*const u8; R], looked: &[(__m512i, __m512i); R], k: usize, bi: usize| {
             let (d0, f0, l0) = block(p[0], looked[0], k, bi);
@@ -752,6 +741,10 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
             let s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
             let s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));
             let isum = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+            // Lane 4m + r holds lane m of row r: the four 128-bit lanes added (exact integers),
+            // each then holding the four rows' block sums.
+            let isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b01_00_11_10>(isum, isum));
+            let isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b10_11_00_01>(isum, isum));
             // [f0, f1, f2, f3] in every 128-bit lane, by broadcasts and blends: LLVM turns the
             // four scalar scale lookups behind a built vector into gathers, slow on Zen 4.
             let f = _mm512_mask_mov_ps(_mm512_set1_ps(f0), 0x2222, _mm512_set1_ps(f1));
@@ -782,11 +775,8 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
             }
             b0 += n;
         }
-        // (l0 + l2) + (l1 + l3) for each row.
-        let half = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps::<1>(acc));
-        let sum = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps::<1>(half));
         let mut out = [0f32; R];
-        _mm_storeu_ps(out.as_mut_ptr(), sum);
+        _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(acc));
         out
     }
 }

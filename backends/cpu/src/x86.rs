@@ -1154,8 +1154,9 @@ pub(crate) unsafe fn kq2_decode(t: &Kq2Tables, b: &[u8; 18]) -> [__m256i; 2] {
     }
 }
 
-/// The four integer lanes of `Σ w·q` over 64 weights (lane `m`: weights `16m..16m+16`,
-/// `kiln_quant::kq2::dot_kq2_q8`'s lanes) as `[c0, c2, c0, c2 | c1, c3, c1, c3]`: `w` the
+/// The four integer lanes of `Σ w·q` over 64 weights (lane `m`: weights `16m..16m+16`) as
+/// `[c0, c2, c0, c2 | c1, c3, c1, c3]` (their sum, [`kq2_total`], is the block's integer of
+/// `kiln_quant::kq2::dot_kq2_q8`): `w` the
 /// bytes `4·c` of [`kq2_decode`] (odd, so never 0) and `wabs` their magnitudes, `q` 64
 /// activation quants; exact (|pair sums| ≤ 2·15·127).
 ///
@@ -1174,30 +1175,26 @@ unsafe fn kq2_isum(w: &[__m256i; 2], wabs: &[__m256i; 2], q: &[i8]) -> __m256i {
     }
 }
 
-/// The kq2 dot's final reduction `(l0 + l2) + (l1 + l3)` of an accumulator laid out as
-/// [`kq2_isum`]'s lanes.
+/// The block's integer `l0 + l1 + l2 + l3` from [`kq2_isum`]'s lanes (lanes 0 and 1 of the
+/// low half are `l0` and `l2`, of the high half `l1` and `l3`; lanes 2 and 3 repeat them).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn kq2_hsum(acc: __m256) -> f32 {
-    let lo = _mm256_castps256_ps128(acc);
-    let hi = _mm256_extractf128_ps::<1>(acc);
-    // [l0, l1, l2, l3] (lanes 0 and 1 of `lo` are l0 and l2, of `hi` l1 and l3).
-    let x = _mm_unpacklo_ps(lo, hi);
-    let y = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    _mm_cvtss_f32(_mm_add_ss(y, _mm_movehdup_ps(y)))
+fn kq2_total(isum: __m256i) -> i32 {
+    let x = _mm_add_epi32(_mm256_castsi256_si128(isum), _mm256_extracti128_si256::<1>(isum));
+    _mm_cvtsi128_si32(_mm_add_epi32(x, _mm_shuffle_epi32::<0b01>(x)))
 }
 
 /// Dots of one kq2 row with `T` token rows of 8-bit kq2 activations
 /// (`kiln_quant::kq2::Kq2Q8Row`): each block decoded once for all of them,
 /// each result `kiln_quant::kq2::dot_kq2_q8`'s, bit for bit (exact integer
-/// lanes, one fused multiply-add per lane and block, the same reduction).
+/// lanes summed to the block's integer, one fused multiply-add per block).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn dot_kq2_tile<const T: usize>(row: &[u8], xs: [&Kq2Q8Row; T]) -> [f32; T] {
     let t = &*KQ2_TABLES;
-    let mut acc = [_mm256_setzero_ps(); T];
+    let mut acc = [0f32; T];
     let nblocks = xs.iter().map(|x| x.d.len()).fold(row.len() / 18, usize::min);
     for (bi, b) in row.as_chunks::<18>().0.iter().enumerate().take(nblocks) {
         prefetch_ahead(b.as_ptr(), 18);
@@ -1213,10 +1210,10 @@ pub(crate) fn dot_kq2_tile<const T: usize>(row: &[u8], xs: [&Kq2Q8Row; T]) -> [f
             let (q, d) = x.block(bi, unrotated);
             // SAFETY: AVX2; `q` is the block's 64 quants.
             let isum = unsafe { kq2_isum(&w, &wabs, q) };
-            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(0.25 * (s * d)), *a);
+            *a = (kq2_total(isum) as f32).mul_add(0.25 * (s * d), *a);
         }
     }
-    acc.map(|a| kq2_hsum(a))
+    acc
 }
 
 /// `ggml_dot::quantize_q8_k` (Q8_K activations), 8 lanes at a time; bit-identical.

@@ -647,36 +647,32 @@ fn decode_code4(cb: &Codebook, code: u32) -> [i8; 8] {
 /// Dot of a kq2 row with [`Kq2Q8Row`] activations, the definition the SIMD
 /// kernels reproduce bit for bit. Per block with a nonzero scale `s`, against
 /// the quants of the block's storage basis (rotated unless the `U` flag is
-/// set) with their scale `d`: four exact integer lanes, lane `m` summing `4c·q`
-/// over the block's weights `16m..16m+16`, each added to its float lane as
-/// `lane = fma(isum_m, ¼·(s·d), lane)`; blocks in order, the lanes reduced at
-/// the end as `(l0 + l2) + (l1 + l3)`. Blocks past the shorter of `row` and `x`
-/// are ignored.
+/// set) with their scale `d`: one exact integer `Σ 4c·q` over the block's 64
+/// weights, added as `acc = fma(isum, ¼·(s·d), acc)`, blocks in order. Blocks
+/// past the shorter of `row` and `x` are ignored.
 ///
-/// Four lanes of 16 weights suit both kernel shapes: a decode kernel holding a
-/// block in one 512-bit vector reduces each 128-bit lane of its `vpdpbusd`
-/// sums, and a prefill kernel with token rows across its vector lanes keeps
-/// four accumulators per row.
+/// One float step per block (not one per lane, as ggml's legacy dots take): a
+/// decode kernel holding a block in one 512-bit vector reduces its `vpdpbusd`
+/// sums exactly in integers, and a prefill kernel with token rows across its
+/// vector lanes keeps one accumulator per row and token half, in registers.
 pub fn dot_kq2_q8(row: &[u8], x: &Kq2Q8Row) -> f32 {
     let cb = &*CODEBOOK;
-    let mut lanes = [0.0f32; 4];
+    let mut acc = 0f32;
     for (bi, b) in row.as_chunks::<KQ2_BLOCK_BYTES>().0.iter().enumerate().take(x.d.len()) {
         let s = kq2_scale(b[0]);
         if s == 0.0 {
             continue;
         }
         let (q, d) = x.block(bi, b[0] & KQ2_UNROTATED != 0);
-        let mut w = [0i8; 64];
-        for (g, wg) in w.chunks_exact_mut(8).enumerate() {
-            wg.copy_from_slice(&decode_code4(cb, block_code(b, g)));
+        let mut isum = 0i32;
+        for g in 0..8 {
+            for (w, &qv) in decode_code4(cb, block_code(b, g)).iter().zip(&q[8 * g..8 * g + 8]) {
+                isum += i32::from(*w) * i32::from(qv);
+            }
         }
-        let f = 0.25 * (s * d);
-        for (m, lane) in lanes.iter_mut().enumerate() {
-            let isum: i32 = (16 * m..16 * m + 16).map(|j| i32::from(w[j]) * i32::from(q[j])).sum();
-            *lane = (isum as f32).mul_add(f, *lane);
-        }
+        acc = (isum as f32).mul_add(0.25 * (s * d), acc);
     }
-    (lanes[0] + lanes[2]) + (lanes[1] + lanes[3])
+    acc
 }
 
 /// Quantizes a row of `src.len()` weights (a multiple of 64) into `dst`

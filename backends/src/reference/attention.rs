@@ -413,8 +413,8 @@ pub fn tiled_scale(attrs: &AttentionAttrs) -> (f32, f32) {
 /// acc_d = fma chain over the tile's j of p_j·v_jd
 /// ```
 ///
-/// then `out = acc · (1/S)`. A key whose `p_j` is zero is left out of the value chain: with
-/// the accumulator starting at +0 that changes no bit.
+/// then `out = acc · (1/S)`. The value chain runs over every cached position of the tile,
+/// those of other queries (probability zero) included, as llama.cpp's tile product does.
 fn flash_tiled(
     qh: &[f32],
     keys: impl Iterator<Item = usize>,
@@ -452,10 +452,9 @@ fn flash_tiled(
         m = m_new;
         let p = s.map(|v| super::kernels::ggml_v_expf(v - m));
         s_sum = (f64::from(s_sum) + tile_sum(&p)) as f32;
-        for (jt, &pj) in p.iter().enumerate() {
-            if pj == 0.0 {
-                continue;
-            }
+        // Every cached position of the tile, as llama.cpp's tile product takes them (the
+        // others' probabilities are zero: they add ±0).
+        for (jt, &pj) in p.iter().enumerate().take(cache.len().saturating_sub(tile * FA_TILE_KV)) {
             let r = cache.row(tile * FA_TILE_KV + jt);
             let vj = &cache.v[r * width + kv_off..r * width + kv_off + hd];
             for (a, &v) in acc.iter_mut().zip(vj) {
