@@ -415,7 +415,9 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
             // 4 KiB) serve every row of the group from L1.
             let mut accs = [[_mm512_setzero_ps(); 2]; KQ2_GEMM_ROWS];
             for bi in 0..nblocks {
-                for r in 0..group {
+                // All eight rows (a last, smaller group computes rows it does not keep), so
+                // that the loop unrolls and the accumulators stay in registers.
+                for r in 0..KQ2_GEMM_ROWS {
                     // SAFETY: the panel holds `nblocks` blocks per tile; the CPU features are
                     // this function's.
                     unsafe { kq2_micro(&blocks[r * nblocks + bi], &mut accs[r], xt.as_ptr(), dt.as_ptr(), bi) };
