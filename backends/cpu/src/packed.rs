@@ -35,6 +35,8 @@ enum Layout {
     Q8,
     /// Sixteen Q5_0 rows per group ([`q8lanes::pack`]).
     Q5,
+    /// Sixteen Q4_1 rows per group ([`q8lanes::pack`]).
+    Q41,
 }
 
 impl Layout {
@@ -44,6 +46,7 @@ impl Layout {
             DType::Q4_0 | DType::IQ4NL if *lut4::ZMM => Some(Layout::Lut4(dtype)),
             DType::Q8_0 if *lut4::ZMM => Some(Layout::Q8),
             DType::Q5_0 if *lut4::ZMM => Some(Layout::Q5),
+            DType::Q4_1 if *lut4::ZMM => Some(Layout::Q41),
             _ => None,
         }
     }
@@ -54,6 +57,7 @@ impl Layout {
             Layout::Lut4(d) => d,
             Layout::Q8 => DType::Q8_0,
             Layout::Q5 => DType::Q5_0,
+            Layout::Q41 => DType::Q4_1,
         }
     }
 
@@ -61,7 +65,7 @@ impl Layout {
         match self {
             Layout::Q4k => Q4K_ROWS,
             Layout::Lut4(_) => lut4::ROWS,
-            Layout::Q8 | Layout::Q5 => q8lanes::ROWS,
+            Layout::Q8 | Layout::Q5 | Layout::Q41 => q8lanes::ROWS,
         }
     }
 
@@ -71,6 +75,7 @@ impl Layout {
             Layout::Lut4(_) => lut4::PACKED,
             Layout::Q8 => q8lanes::packed(q8lanes::Q8),
             Layout::Q5 => q8lanes::packed(q8lanes::Q5),
+            Layout::Q41 => q8lanes::packed(q8lanes::Q41),
         }
     }
 }
@@ -91,7 +96,7 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL, Q5_0 and Q8_0) weight of a
+    /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL, Q5_0, Q4_1 and Q8_0) weight of a
     /// `matmul` whose rows come in whole groups.
     pub fn build(module: &VerifiedModule, weights: &dyn WeightSource) -> PackedWeights {
         let mut packed = HashMap::new();
@@ -183,12 +188,13 @@ impl Packed {
                 Layout::Lut4(_) => lut4::pack(std::array::from_fn(row), nblocks, out),
                 Layout::Q8 => q8lanes::pack::<{ q8lanes::Q8 }>(std::array::from_fn(row), nblocks, out),
                 Layout::Q5 => q8lanes::pack::<{ q8lanes::Q5 }>(std::array::from_fn(row), nblocks, out),
+                Layout::Q41 => q8lanes::pack::<{ q8lanes::Q41 }>(std::array::from_fn(row), nblocks, out),
             }
         });
         Some(Packed { layout, n, nblocks, data })
     }
 
-    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0, Q5_0): per
+    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0, Q5_0, Q4_1): per
     /// group of sixteen rows, the token rows a tile at a time (`lut4::TOKENS` or
     /// `q8lanes::TOKENS`), then the rest one by one.
     fn rows16_matmul(&self, w: &Weight<'_>, xs: &[Prepared], bias: Option<&[f32]>) -> Option<Vec<f32>> {
@@ -203,6 +209,7 @@ impl Packed {
             .map(|x| match self.layout {
                 Layout::Q8 => q8lanes::offsets::<{ q8lanes::Q8 }>(x, nblocks),
                 Layout::Q5 => q8lanes::offsets::<{ q8lanes::Q5 }>(x, nblocks),
+                Layout::Q41 => q8lanes::offsets::<{ q8lanes::Q41 }>(x, nblocks),
                 _ => lut4::offsets(x, nblocks),
             })
             .collect();
@@ -213,12 +220,12 @@ impl Packed {
             // packed blocks and every token row and offset list as many (checked above).
             unsafe {
                 match self.layout {
-                    Layout::Q8 | Layout::Q5 if t0 < full => {
+                    Layout::Q8 | Layout::Q5 | Layout::Q41 if t0 < full => {
                         let (x, o) = (std::array::from_fn(|u| xs[t0 + u]), std::array::from_fn(|u| &offs[t0 + u][..]));
-                        let v = if self.layout == Layout::Q8 {
-                            q8lanes::gemm16::<{ q8lanes::Q8 }, { q8lanes::TOKENS }>(pk, nblocks, x, o)
-                        } else {
-                            q8lanes::gemm16::<{ q8lanes::Q5 }, { q8lanes::TOKENS }>(pk, nblocks, x, o)
+                        let v = match self.layout {
+                            Layout::Q8 => q8lanes::gemm16::<{ q8lanes::Q8 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
+                            Layout::Q5 => q8lanes::gemm16::<{ q8lanes::Q5 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
+                            _ => q8lanes::gemm16::<{ q8lanes::Q41 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
                         };
                         v.iter().enumerate().for_each(|(u, v)| out(t0 + u, v));
                     }
@@ -227,6 +234,9 @@ impl Packed {
                     }
                     Layout::Q5 => {
                         out(t0, &q8lanes::gemm16::<{ q8lanes::Q5 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
+                    }
+                    Layout::Q41 => {
+                        out(t0, &q8lanes::gemm16::<{ q8lanes::Q41 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
                     }
                     Layout::Lut4(dtype) if t0 < full => {
                         let v = lut4::gemm16::<{ lut4::TOKENS }>(

@@ -1,5 +1,5 @@
-//! Q8_0 and Q5_0 weights with one row per 32-bit lane (x86-64, AVX-512). Their definition is
-//! ggml's `vec_dot` order (llama.cpp repacks neither on x86): per block eight integer
+//! Q8_0, Q5_0 and Q4_1 weights with one row per 32-bit lane (x86-64, AVX-512). Their definition
+//! is ggml's `vec_dot` order (llama.cpp repacks none of them on x86): per block eight integer
 //! lanes of four consecutive products, each added to its own float accumulator by
 //! `fma(d·d8, lane, acc)`, the eight reduced as `hsum_float_8` at the end
 //! (`kiln_quant::ggml_dot`). Those are eight accumulators per output, so a row-at-a-time kernel
@@ -14,7 +14,9 @@
 //! `vpdpbusd`, each lane's sum starting at `−128·Σx` over its four activations. Q5_0 keeps its
 //! nibbles and fifth bits (`qh`) per block of sixteen rows; the unsigned codes `w + 16` are
 //! rebuilt per lane group (the fifth bits spread to bit 4 of each byte by one multiply), each
-//! lane's sum starting at `−16·Σx`.
+//! lane's sum starting at `−16·Σx`. Q4_1's codes are unsigned already (sums from zero); its
+//! minimums add `fma(m, s8, summs)` per block, sixteen rows per vector, and the float lanes'
+//! reduction then adds `summs`, as ggml's `hsum_float_8(acc) + summs`.
 
 use std::arch::x86_64::*;
 
@@ -22,13 +24,18 @@ use kiln_quant::ggml_dot::Q8Row;
 
 const QK: usize = 32;
 
-/// The layouts: Q8_0 (34-byte blocks) and Q5_0 (22-byte blocks).
+/// The layouts: Q8_0 (34-byte blocks), Q5_0 (22-byte blocks) and Q4_1 (20-byte blocks).
 pub(crate) const Q8: u8 = 0;
 pub(crate) const Q5: u8 = 1;
+pub(crate) const Q41: u8 = 2;
 
 /// Bytes of one stored block of layout `K`.
 const fn block(k: u8) -> usize {
-    if k == Q8 { 34 } else { 22 }
+    match k {
+        Q8 => 34,
+        Q5 => 22,
+        _ => 20,
+    }
 }
 
 /// Rows per packed group: one per 32-bit lane of a 512-bit vector.
@@ -38,7 +45,8 @@ pub(crate) const ROWS: usize = 16;
 /// the sixteen rows' f16 scales, then
 /// - Q8_0: for each group `l` of four weights the sixteen rows' four bytes, offset to unsigned;
 /// - Q5_0: the sixteen rows' `qh` words, then for each of the four quant words the sixteen
-///   rows' words (nibbles of elements `4k..4k+4` and `16+4k..16+4k+4`).
+///   rows' words (nibbles of elements `4k..4k+4` and `16+4k..16+4k+4`);
+/// - Q4_1: the sixteen rows' f16 minimums, then the quant words as Q5_0's.
 pub(crate) const fn packed(k: u8) -> usize {
     ROWS * block(k)
 }
@@ -50,23 +58,29 @@ pub(crate) fn pack<const K: u8>(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [
         crate::lut4::interleave16(rows, nblocks, block(Q8), 0x80, out);
         return;
     }
-    for (b, dst) in out.chunks_exact_mut(packed(Q5)).take(nblocks).enumerate() {
+    // Q5_0: its 4-byte `qh` after the scale; Q4_1: its 2-byte minimum.
+    let head = if K == Q5 { 4 } else { 2 };
+    for (b, dst) in out.chunks_exact_mut(packed(K)).take(nblocks).enumerate() {
         for (r, row) in rows.iter().enumerate() {
-            let blk = &row[b * block(Q5)..(b + 1) * block(Q5)];
+            let blk = &row[b * block(K)..(b + 1) * block(K)];
             dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-            dst[2 * ROWS + 4 * r..2 * ROWS + 4 * r + 4].copy_from_slice(&blk[2..6]);
+            dst[2 * ROWS + head * r..2 * ROWS + head * (r + 1)].copy_from_slice(&blk[2..2 + head]);
             for k in 0..4 {
-                let at = 6 * ROWS + k * 4 * ROWS + 4 * r;
-                dst[at..at + 4].copy_from_slice(&blk[6 + 4 * k..10 + 4 * k]);
+                let at = (2 + head) * ROWS + k * 4 * ROWS + 4 * r;
+                dst[at..at + 4].copy_from_slice(&blk[2 + head + 4 * k..6 + head + 4 * k]);
             }
         }
     }
 }
 
 /// Per block of a token row, per group `l` of four activations, `−c·Σx` (`c` = 128 for Q8_0,
-/// 16 for Q5_0): where lane `l`'s integer sum against the offset weights starts.
+/// 16 for Q5_0, 0 for Q4_1): where lane `l`'s integer sum against the offset weights starts.
 pub(crate) fn offsets<const K: u8>(x: &Q8Row, nblocks: usize) -> Vec<i32> {
-    let c = if K == Q8 { -128 } else { -16 };
+    let c = match K {
+        Q8 => -128,
+        Q5 => -16,
+        _ => 0,
+    };
     x.q.chunks_exact(4).take(8 * nblocks).map(|g| c * g.iter().map(|&v| i32::from(v)).sum::<i32>()).collect()
 }
 
@@ -86,12 +100,16 @@ unsafe fn weights<const K: u8>(blk: *const u8) -> [__m512i; 8] {
             return w;
         }
         let low = _mm512_set1_epi8(0x0f);
-        let qh = _mm512_loadu_si512(blk.add(2 * ROWS).cast());
+        let quants = if K == Q5 { 6 * ROWS } else { 4 * ROWS };
         for k in 0..4 {
-            let v = _mm512_loadu_si512(blk.add(6 * ROWS + 64 * k).cast());
+            let v = _mm512_loadu_si512(blk.add(quants + 64 * k).cast());
             w[k] = _mm512_and_si512(v, low);
             w[4 + k] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
         }
+        if K == Q41 {
+            return w;
+        }
+        let qh = _mm512_loadu_si512(blk.add(2 * ROWS).cast());
         for (l, w) in w.iter_mut().enumerate() {
             // Bits 4l..4l+4 of each row's qh to bit 4 of its four bytes: the four bits times
             // 2^4 + 2^11 + 2^18 + 2^25 land apart (no carries), bit j at 8j + 4.
@@ -124,6 +142,8 @@ pub(crate) unsafe fn gemm16<const K: u8, const N: usize>(
 ) -> [[f32; ROWS]; N] {
     const { assert!(N <= TOKENS) };
     let mut acc = [[_mm512_setzero_ps(); 8]; N];
+    // Q4_1: the minimums' share, `summs` of sixteen rows.
+    let mut summs = [_mm512_setzero_ps(); N];
     let base = pk.as_ptr();
     for b in 0..nblocks {
         // SAFETY (all reads): inside block `b` of the group and of every token row.
@@ -132,6 +152,12 @@ pub(crate) unsafe fn gemm16<const K: u8, const N: usize>(
             crate::x86::prefetch_ahead(blk, packed(K));
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
             let w = weights::<K>(blk);
+            if K == Q41 {
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * ROWS).cast()));
+                for t in 0..N {
+                    summs[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[t].scales.get_unchecked(b).1), summs[t]);
+                }
+            }
             for t in 0..N {
                 let q = xs[t].q.as_ptr().add(b * QK).cast::<i32>();
                 let o = off[t].as_ptr().add(8 * b);
@@ -156,8 +182,8 @@ pub(crate) unsafe fn gemm16<const K: u8, const N: usize>(
             _mm512_add_ps(a[2], a[6]),
             _mm512_add_ps(a[3], a[7]),
         ];
-        // `hsum_float_8`, then the `_0` types' `+ 0` (which turns −0 into +0).
-        let v = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3])), _mm512_setzero_ps());
+        // `hsum_float_8`, then `+ summs` (the `_0` types' `+ 0`, which turns −0 into +0).
+        let v = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3])), summs[t]);
         // SAFETY: 16 floats.
         unsafe { _mm512_storeu_ps(out[t].as_mut_ptr(), v) };
     }
@@ -187,6 +213,10 @@ mod tests {
                     for blk in row.chunks_mut(block(K)) {
                         let d = (r() % 1000) as f32 * 1e-5 * if r() % 2 == 0 { 1.0 } else { -1.0 };
                         blk[0..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
+                        if K == Q41 {
+                            let m = (r() % 1000) as f32 * -1e-5;
+                            blk[2..4].copy_from_slice(&half::f16::from_f32(m).to_le_bytes());
+                        }
                     }
                     row
                 })
@@ -222,5 +252,6 @@ mod tests {
         }
         check::<Q8>(DType::Q8_0);
         check::<Q5>(DType::Q5_0);
+        check::<Q41>(DType::Q4_1);
     }
 }
