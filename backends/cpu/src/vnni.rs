@@ -1500,87 +1500,76 @@ mod tests {
         }
     }
 
-    /// The Q6_K GEMM (rows unpacked once per call) equals the AVX2 kernel bit for bit, with
-    /// row and token counts that leave remainders to the caller (left untouched).
-    #[test]
-    fn q6_k_gemm_equals_the_avx2_kernel_bit_for_bit() {
-        if !available() {
-            return;
-        }
+    /// A K-quant GEMM and the AVX2 kernel it must equal, in `vec_dot`'s and the tiled order.
+    type KGemm = unsafe fn(&[u8], usize, usize, &[&Q8KRow], &mut [f32]) -> (usize, usize);
+    type KDot = unsafe fn(&[u8], [&Q8KRow; 1]) -> [f32; 1];
+
+    /// A K-quant GEMM (rows unpacked once per call, `rows_per` at a time) equals the AVX2
+    /// kernel bit for bit in both orders, with row and token counts that leave remainders to
+    /// the caller (left untouched): random blocks of `bb` bytes, a sane f16 `d` at `d_at`.
+    fn check_k_gemm(
+        seed0: u64,
+        bb: usize,
+        d_at: usize,
+        rows_per: usize,
+        patch: Option<usize>,
+        kernels: [(KGemm, KDot); 2],
+    ) {
         for seed in 0..6u64 {
             let blocks = 1 + seed as usize % 3;
             let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
-            let mut r = rng(seed + 5);
-            let mut rows = random_blocks(&mut r, nb * blocks, 210, &[(208, 0.0123)]);
-            rows[192] = 0x80;
+            let mut r = rng(seed + seed0);
+            let mut rows = random_blocks(&mut r, nb * blocks, bb, &[(d_at, 0.0123)]);
+            if let Some(at) = patch {
+                rows[at] = 0x80;
+            }
             let xs = activations(&mut r, tokens, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
             let xr: Vec<&Q8KRow> = xs.iter().collect();
-            for tiled in [false, true] {
+            for (tiled, (gemm, dot)) in kernels.into_iter().enumerate() {
                 let mut got = vec![f32::NAN; tokens * nb];
-                // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
-                let done = unsafe {
-                    if tiled {
-                        q6_k_gemm::<true>(&rows, blocks * 210, nb, &xr, &mut got)
-                    } else {
-                        q6_k_gemm::<false>(&rows, blocks * 210, nb, &xr, &mut got)
-                    }
-                };
-                assert_eq!(done, (nb / Q6K_ROWS * Q6K_ROWS, tokens / 4 * 4));
-                check_gemm(&format!("seed {seed} tiled {tiled}"), &got, nb, tokens, done, |j, t| {
-                    let row = &rows[j * blocks * 210..(j + 1) * blocks * 210];
+                // SAFETY: checked by the callers; `nb` rows of `blocks` super-blocks, token rows
+                // as wide.
+                let done = unsafe { gemm(&rows, blocks * bb, nb, &xr, &mut got) };
+                assert_eq!(done, (nb / rows_per * rows_per, tokens / 4 * 4));
+                check_gemm(&format!("seed {seed} tiled {}", tiled == 1), &got, nb, tokens, done, |j, t| {
                     // SAFETY: as above.
-                    let v = unsafe {
-                        if tiled {
-                            x86::dot_q6_k_tile::<1, true>(row, [xr[t]])
-                        } else {
-                            x86::dot_q6_k_tile::<1, false>(row, [xr[t]])
-                        }
-                    };
+                    let v = unsafe { dot(&rows[j * blocks * bb..(j + 1) * blocks * bb], [xr[t]]) };
                     v[0]
                 });
             }
         }
     }
 
-    /// The Q3_K GEMM (rows unpacked once per call) equals the AVX2 kernel bit for bit, with
-    /// row and token counts that leave remainders to the caller (left untouched).
+    /// The Q6_K GEMM equals the AVX2 kernel bit for bit (a scale of −128 included).
+    #[test]
+    fn q6_k_gemm_equals_the_avx2_kernel_bit_for_bit() {
+        if !available() {
+            return;
+        }
+        check_k_gemm(
+            5,
+            210,
+            208,
+            Q6K_ROWS,
+            Some(192),
+            [(q6_k_gemm::<false>, x86::dot_q6_k_tile::<1, false>), (q6_k_gemm::<true>, x86::dot_q6_k_tile::<1, true>)],
+        );
+    }
+
+    /// The Q3_K GEMM equals the AVX2 kernel bit for bit.
     #[test]
     fn q3_k_gemm_equals_the_avx2_kernel_bit_for_bit() {
         if !available() {
             return;
         }
-        for seed in 0..6u64 {
-            let blocks = 1 + seed as usize % 3;
-            let (nb, tokens) = (5 + seed as usize % 4, 4 + seed as usize * 3 % 7);
-            let mut r = rng(seed + 23);
-            let rows = random_blocks(&mut r, nb * blocks, 110, &[(108, 0.0123)]);
-            let xs = activations(&mut r, tokens, blocks * 256, (13, -4.0), ggml_dot::quantize_q8_k);
-            let xr: Vec<&Q8KRow> = xs.iter().collect();
-            for tiled in [false, true] {
-                let mut got = vec![f32::NAN; tokens * nb];
-                // SAFETY: checked above; `nb` rows of `blocks` super-blocks, token rows as wide.
-                let done = unsafe {
-                    if tiled {
-                        q3_k_gemm::<true>(&rows, blocks * 110, nb, &xr, &mut got)
-                    } else {
-                        q3_k_gemm::<false>(&rows, blocks * 110, nb, &xr, &mut got)
-                    }
-                };
-                assert_eq!(done, (nb / Q3K_ROWS * Q3K_ROWS, tokens / 4 * 4));
-                check_gemm(&format!("seed {seed} tiled {tiled}"), &got, nb, tokens, done, |j, t| {
-                    let row = &rows[j * blocks * 110..(j + 1) * blocks * 110];
-                    // SAFETY: as above.
-                    let v = unsafe {
-                        if tiled {
-                            x86::dot_q3_k_tile::<1, true>(row, [xr[t]])
-                        } else {
-                            x86::dot_q3_k_tile::<1, false>(row, [xr[t]])
-                        }
-                    };
-                    v[0]
-                });
-            }
-        }
+        check_k_gemm(
+            23,
+            110,
+            108,
+            Q3K_ROWS,
+            None,
+            [(q3_k_gemm::<false>, x86::dot_q3_k_tile::<1, false>), (q3_k_gemm::<true>, x86::dot_q3_k_tile::<1, true>)],
+        );
     }
 
     /// The 512-bit kq2 activation quantizer equals `kiln_quant::kq2::quantize_kq2_q8` bit
