@@ -12,7 +12,7 @@
 //!   fused chain per tile. The head dimension is a compile-time constant (64, 128 or 256),
 //!   so a row's accumulator stays in registers.
 
-use kiln_backends::reference::{self, AttnNumerics, FA_TILE_KV, KvCache, ggml_v_expf, tile_sum, tiled_scale};
+use kiln_backends::reference::{self, AttnNumerics, FA_TILE_KV, KvCache, tiled_scale, tiled_score, tiled_softmax};
 use kiln_ir::AttentionAttrs;
 use rayon::prelude::*;
 
@@ -164,7 +164,7 @@ fn tiled_task<const HD: usize>(task: &Task<'_>, out: &mut [f32]) {
     let heads = group * (attrs.kv_heads as usize).max(1);
     let width = cache.width;
     let kv_off = g * HD;
-    let (scale, softcap) = tiled_scale(attrs);
+    let scale = tiled_scale(attrs);
     let n_rows = toks.len() * group;
     let mut state: Vec<RowState<HD>> =
         (0..n_rows).map(|_| RowState { m: f32::NEG_INFINITY, s: 0.0, acc: [0.0; HD] }).collect();
@@ -226,39 +226,14 @@ fn tiled_task<const HD: usize>(task: &Task<'_>, out: &mut [f32]) {
                 let (at, _, _, [[a0, b0], [a1, b1]]) = rows[r];
                 let st = &mut state[at];
                 let mut sr = s[r];
-                if softcap > 0.0 {
-                    sr.iter_mut().for_each(|v| *v = softcap * (*v * scale).tanh());
-                } else {
-                    sr.iter_mut().for_each(|v| *v *= scale);
-                }
                 for (jt, v) in (0u32..).zip(sr.iter_mut()) {
                     let allowed = (a0 <= jt && jt < b0) || (a1 <= jt && jt < b1);
-                    *v = if allowed { *v } else { f32::NEG_INFINITY };
+                    *v = if allowed { tiled_score(*v, scale) } else { f32::NEG_INFINITY };
                 }
-                // The tile's maximum, sixteen lanes at a time (a maximum is exact: any order).
-                let mut lanes = [f32::NEG_INFINITY; 16];
-                for c in sr.as_chunks::<16>().0 {
-                    for (l, &v) in lanes.iter_mut().zip(c) {
-                        *l = l.max(v);
-                    }
+                // (No finite score: the row takes nothing from this tile, its `p` stays zero.)
+                if let Some(pr) = tiled_softmax(&sr, &mut st.m, &mut st.s, &mut st.acc) {
+                    p[r] = pr;
                 }
-                let tile_max = lanes.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                if tile_max == f32::NEG_INFINITY {
-                    // (No finite score: the row takes nothing from this tile.)
-                    acc[r] = st.acc;
-                    continue;
-                }
-                let m_new = st.m.max(tile_max);
-                if m_new > st.m {
-                    let ms = (st.m - m_new).exp();
-                    st.acc.iter_mut().for_each(|a| *a *= ms);
-                    st.s *= ms;
-                }
-                st.m = m_new;
-                for (pj, &v) in p[r].iter_mut().zip(&sr) {
-                    *pj = ggml_v_expf(v - m_new);
-                }
-                st.s = (f64::from(st.s) + tile_sum(&p[r])) as f32;
                 acc[r] = st.acc;
             }
             // The value chains of the `R` rows, key by key.

@@ -55,16 +55,12 @@ pub(crate) fn hsum_i32(x: __m256i) -> i32 {
 }
 
 /// One super-block of `kiln_quant::ggml_dot::dot_k_tiled` (llama.cpp's tiled K-quant matmul,
-/// for batches of eight token rows or more): `s1` the sum of the block's exact integer lanes,
-/// `r = d·f32(s1)`, with minimums `r = fma(−dmin, f32(s2), r)`, then `fma(r, d8, acc)`.
+/// for batches of eight token rows or more): the definition's `tiled_block` with `s1` the sum
+/// of the block's exact integer lanes (here, under FMA, its `mul_add`s are single instructions).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) fn tiled_step(acc: f32, lanes: __m256i, d: f32, min: Option<(f32, i32)>, d8: f32) -> f32 {
-    let mut r = d * hsum_i32(lanes) as f32;
-    if let Some((dmin, s2)) = min {
-        r = (-dmin).mul_add(s2 as f32, r);
-    }
-    r.mul_add(d8, acc)
+    kiln_quant::ggml_dot::tiled_block(acc, hsum_i32(lanes), d, min, d8)
 }
 
 /// Bit `j` of `bits` → byte `j` is 0xFF when set, 0 otherwise (32 bytes).

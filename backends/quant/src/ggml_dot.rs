@@ -486,13 +486,21 @@ pub fn dot_k_tiled(dtype: DType, row: &[u8], x: &Q8KRow) -> f32 {
                 _ => 0,
             },
         );
-        let mut r = d * s1 as f32;
-        if let Some((dmin, s2)) = min {
-            r = (-dmin).mul_add(s2 as f32, r);
-        }
-        acc = r.mul_add(x.d[bi], acc);
+        acc = tiled_block(acc, s1, d, min, x.d[bi]);
     }
     acc
+}
+
+/// One super-block of [`dot_k_tiled`] added to `acc`: `r = d·f32(s1)`, with minimums
+/// `(dmin, s2)` `r = fma(−dmin, f32(s2), r)`, then `fma(r, d8, acc)`. (The SIMD kernels call
+/// it with the integers they sum.)
+#[inline(always)]
+pub fn tiled_block(acc: f32, s1: i32, d: f32, min: Option<(f32, i32)>, d8: f32) -> f32 {
+    let mut r = d * s1 as f32;
+    if let Some((dmin, s2)) = min {
+        r = (-dmin).mul_add(s2 as f32, r);
+    }
+    r.mul_add(d8, acc)
 }
 
 fn h(b: &[u8], at: usize) -> f32 {

@@ -388,17 +388,58 @@ fn flash_f16(
 /// The f64 sum of a tile's probabilities as ggml's AVX2 `ggml_vec_soft_max_f32` adds them:
 /// per group of eight `((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7))` in f32, the groups
 /// added in f64 in order.
-pub fn tile_sum(p: &[f32; FA_TILE_KV]) -> f64 {
+fn tile_sum(p: &[f32; FA_TILE_KV]) -> f64 {
     p.as_chunks::<8>()
         .0
         .iter()
         .fold(0f64, |sum, v| sum + f64::from(((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))))
 }
 
-/// The score scale and softcap as llama.cpp's tiled path applies them: `s = dot·scale`, or
-/// with a softcap `c`, `s = c·tanh(dot·(scale/c))`.
+/// The score scale and softcap as llama.cpp's tiled path applies them (see [`tiled_score`]).
 pub fn tiled_scale(attrs: &AttentionAttrs) -> (f32, f32) {
     if attrs.softcap > 0.0 { (attrs.scale / attrs.softcap, attrs.softcap) } else { (attrs.scale, 0.0) }
+}
+
+/// A score of the tiled path from its dot product, with [`tiled_scale`]'s `(scale, softcap)`:
+/// `dot·scale`, or with a softcap `c`, `c·tanh(dot·(scale/c))`.
+#[inline(always)]
+pub fn tiled_score(dot: f32, (scale, softcap): (f32, f32)) -> f32 {
+    let v = dot * scale;
+    if softcap > 0.0 { softcap * v.tanh() } else { v }
+}
+
+/// One tile of [`AttnNumerics::GgmlTiled`] for one query row: `s` the tile's scores
+/// ([`tiled_score`], `−∞` where the query sees no key), `m` and `sum` the row's running
+/// maximum and sum, `acc` its value accumulator. With `M' = max(m, max_j s_j)`: when
+/// `M' > m`, `acc` and `sum` scale by `e^(m−M')` (libm `expf`); then `p_j = ggml_v_expf(s_j −
+/// M')` and `sum = f32(sum + tile_sum(p))`. Returns the `p_j` that weigh the tile's values
+/// (`None` when no score is finite: the tile adds nothing). The tile maximum is taken
+/// sixteen lanes at a time (exact in any order).
+#[inline(always)]
+pub fn tiled_softmax(s: &[f32; FA_TILE_KV], m: &mut f32, sum: &mut f32, acc: &mut [f32]) -> Option<[f32; FA_TILE_KV]> {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for c in s.as_chunks::<16>().0 {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let tile_max = lanes.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    if tile_max == f32::NEG_INFINITY {
+        return None;
+    }
+    let m_new = m.max(tile_max);
+    if m_new > *m {
+        let ms = (*m - m_new).exp();
+        acc.iter_mut().for_each(|a| *a *= ms);
+        *sum *= ms;
+    }
+    *m = m_new;
+    let mut p = [0f32; FA_TILE_KV];
+    for (pj, &v) in p.iter_mut().zip(s) {
+        *pj = super::kernels::ggml_v_expf(v - m_new);
+    }
+    *sum = (f64::from(*sum) + tile_sum(&p)) as f32;
+    Some(p)
 }
 
 /// llama.cpp's tiled CPU flash attention ([`AttnNumerics::GgmlTiled`]) for one (query,
@@ -425,7 +466,7 @@ fn flash_tiled(
 ) {
     let hd = o.len();
     let width = cache.width;
-    let (scale, softcap) = tiled_scale(attrs);
+    let scale = tiled_scale(attrs);
     let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
     let mut acc = vec![0f32; hd];
     let mut keys = keys.peekable();
@@ -436,22 +477,9 @@ fn flash_tiled(
             let r = cache.row(j);
             let kj = &cache.k[r * width + kv_off..r * width + kv_off + hd];
             let dot = qh.iter().zip(kj).fold(0f32, |a, (&q, &k)| k.mul_add(q, a));
-            let v = dot * scale;
-            s[j % FA_TILE_KV] = if softcap > 0.0 { softcap * v.tanh() } else { v };
+            s[j % FA_TILE_KV] = tiled_score(dot, scale);
         }
-        let tile_max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        if tile_max == f32::NEG_INFINITY {
-            continue;
-        }
-        let m_new = m.max(tile_max);
-        if m_new > m {
-            let ms = (m - m_new).exp();
-            acc.iter_mut().for_each(|a| *a *= ms);
-            s_sum *= ms;
-        }
-        m = m_new;
-        let p = s.map(|v| super::kernels::ggml_v_expf(v - m));
-        s_sum = (f64::from(s_sum) + tile_sum(&p)) as f32;
+        let Some(p) = tiled_softmax(&s, &mut m, &mut s_sum, &mut acc) else { continue };
         // Every cached position of the tile, as llama.cpp's tile product takes them (the
         // others' probabilities are zero: they add ±0).
         for (jt, &pj) in p.iter().enumerate().take(cache.len().saturating_sub(tile * FA_TILE_KV)) {

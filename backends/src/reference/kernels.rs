@@ -291,7 +291,7 @@ fn swiglu_row_fma(y: &mut [f32], g: &[f32], u: &[f32]) {
 /// scaling where `|n| > 126`. Every step is the same f32 operation (fused
 /// where ggml fuses) so the result is bit-identical.
 #[inline(always)]
-pub fn ggml_v_expf(x: f32) -> f32 {
+pub(crate) fn ggml_v_expf(x: f32) -> f32 {
     let (n, j, k, e) = expf_parts(x);
     // All three cases computed and one selected (no branches, so loops over it vectorise).
     let (normal, big) = (j.mul_add(k, k), expf_scaled(n, j, e));

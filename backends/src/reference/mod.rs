@@ -28,8 +28,8 @@ use std::sync::Arc;
 
 use kiln_ir::{Op, VerifiedModule};
 
-pub use attention::{AttnNumerics, FA_TILE_KV, FA_TILE_Q, KvCache, attend, tile_sum, tiled_scale};
-pub use kernels::{dot, ggml_v_expf, rope_angles};
+pub use attention::{AttnNumerics, FA_TILE_KV, FA_TILE_Q, KvCache, attend, tiled_scale, tiled_score, tiled_softmax};
+pub use kernels::{dot, rope_angles};
 pub use matmul::{Weight, place_tiles};
 pub use session::{Captured, ChannelStats, Kernels, ReferenceKernels, ReferenceSession};
 pub use sparse::{CompressedCache, CompressedView};
