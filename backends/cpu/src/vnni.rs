@@ -335,16 +335,21 @@ impl Kq2Panel {
     }
 }
 
-/// One kq2 block of a weight row decoded for [`kq2_gemm`]: its 64 weights `4·c` as signed
-/// bytes, the offset `−128·Σw` of unsigned activations, the block scale (0: the block adds
-/// nothing) and its basis (0: original, 1: rotated).
+/// One block index of a group of [`KQ2_GEMM_ROWS`] weight rows decoded for [`kq2_gemm`],
+/// its entries ordered by basis (the `n0` rows stored unrotated first, whose activations
+/// are the original quants, then the rotated ones): per entry the 64 weights `4·c` as
+/// signed bytes, the offset `−128·Σw` of unsigned activations, the block scale, the row of
+/// the group it belongs to, and whether it adds anything (a zero-scale block, or a padding
+/// row past the last, does not).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Kq2Block {
-    w: [i8; 64],
-    start: i32,
-    s: f32,
-    basis: usize,
+struct Kq2Slot {
+    w: [[i8; 64]; KQ2_GEMM_ROWS],
+    start: [i32; KQ2_GEMM_ROWS],
+    s: [f32; KQ2_GEMM_ROWS],
+    row: [u8; KQ2_GEMM_ROWS],
+    live: [u16; KQ2_GEMM_ROWS],
+    n0: u8,
 }
 
 /// Weight rows [`kq2_gemm`] decodes at a time (their blocks stay in L2 while every tile of
@@ -352,11 +357,13 @@ struct Kq2Block {
 const KQ2_GEMM_ROWS: usize = 8;
 
 /// Prefill with kq2 weights: `tile[t·nb + j] = row_j · x_t` for the `nb` rows of `rb` bytes
-/// in `rows` and every token row of `panel`. Each group of rows is decoded once per call;
-/// then per tile of 32 token rows, row and block, sixteen `vpdpbusd` with the token rows
-/// across the vector lanes (a broadcast four-byte weight group against the 32 rows' quants)
-/// give each row's block integers, added with one fused multiply-add per half of the token
-/// rows as in `kiln_quant::kq2::dot_kq2_q8`. So results equal the AVX2 kernel bit for bit.
+/// in `rows` and every token row of `panel`. Each group of eight rows is decoded once per
+/// call, each block's rows sorted by basis ([`Kq2Slot`]); then per tile of 32 token rows
+/// and block, each four-byte group of the block's quants (32 token rows across the vector
+/// lanes, two loads per basis) meets the broadcast weight group of every row that reads
+/// that basis: one load for several `vpdpbusd`, not one each. Each row's block integers
+/// are added with one fused multiply-add per half of the token rows as in
+/// `kiln_quant::kq2::dot_kq2_q8`, so results equal the AVX2 kernel bit for bit.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA, F16C, AVX512F/BW/VL/VNNI/VBMI/BITALG and GFNI
@@ -365,31 +372,49 @@ const KQ2_GEMM_ROWS: usize = 8;
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,avx512bitalg,gfni")]
 #[allow(clippy::needless_range_loop)] // lane indices over fixed arrays unroll; closures would not inline
 pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Panel, tile: &mut [f32]) {
+    const R: usize = KQ2_GEMM_ROWS;
     let nblocks = (rb / 18).min(panel.nblocks);
     let tables = &*x86::KQ2_TABLES;
     // SAFETY: the CPU features are this function's.
     let dec = unsafe { Kq2Decoder::new() };
-    let zero = Kq2Block { w: [0; 64], start: 0, s: 0.0, basis: 0 };
-    let mut blocks = vec![zero; KQ2_GEMM_ROWS * nblocks];
+    let empty = Kq2Slot { w: [[0; 64]; R], start: [0; R], s: [0.0; R], row: [0; R], live: [0; R], n0: 0 };
+    let mut slots = vec![empty; nblocks];
     let tiles = panel.tokens.div_ceil(KQ2_PANEL_TOKENS);
-    for j0 in (0..nb).step_by(KQ2_GEMM_ROWS) {
-        let group = KQ2_GEMM_ROWS.min(nb - j0);
+    for j0 in (0..nb).step_by(R) {
+        let group = R.min(nb - j0);
+        let row = |r: usize| rows[(j0 + r) * rb..].as_ptr();
+        // Each (row, block)'s entry: the unrotated rows first, in row order, then the
+        // rotated ones and the padding rows past the group.
+        let mut at = vec![[0u8; R]; nblocks];
+        for (bi, slot) in slots.iter_mut().enumerate() {
+            let unrotated = |r: usize| r < group && rows[(j0 + r) * rb + 18 * bi] & 0x80 != 0;
+            let n0 = (0..R).filter(|&r| unrotated(r)).count();
+            let (mut e0, mut e1) = (0, n0);
+            *slot = Kq2Slot { n0: n0 as u8, ..empty };
+            for r in 0..R {
+                let e = if unrotated(r) { &mut e0 } else { &mut e1 };
+                at[bi][r] = *e as u8;
+                slot.row[*e] = r as u8;
+                *e += 1;
+            }
+        }
         for r in 0..group {
-            let row = rows[(j0 + r) * rb..].as_ptr();
             let mut b0 = 0;
             while b0 < nblocks {
                 let n = (nblocks - b0).min(KQ2_BATCH);
                 // SAFETY: the row holds `nblocks` blocks; the CPU features are this function's.
-                let batch = unsafe { dec.lookup(row.add(18 * b0), n) };
+                let batch = unsafe { dec.lookup(row(r).add(18 * b0), n) };
                 for k in 0..n {
+                    let bi = b0 + k;
                     // SAFETY: as above.
-                    let hdr = unsafe { *row.add(18 * (b0 + k)) };
+                    let hdr = unsafe { *row(r).add(18 * bi) };
                     let s = tables.scale[usize::from(hdr & 0x7f)];
-                    let blk = &mut blocks[r * nblocks + b0 + k];
-                    *blk = Kq2Block { s, basis: usize::from(hdr & 0x80 == 0), ..zero };
+                    let (slot, e) = (&mut slots[bi], usize::from(at[bi][r]));
+                    slot.s[e] = s;
                     if s == 0.0 {
                         continue;
                     }
+                    slot.live[e] = 0xffff;
                     // SAFETY: as above.
                     let (m, sigma) = unsafe { dec.weights(batch, k) };
                     let w = _mm512_mask_sub_epi8(m, sigma, _mm512_setzero_si512(), m);
@@ -397,11 +422,11 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
                     let mut sums = [0u64; 8];
                     // SAFETY: 64 bytes each.
                     unsafe {
-                        _mm512_storeu_si512(blk.w.as_mut_ptr().cast(), w);
+                        _mm512_storeu_si512(slot.w[e].as_mut_ptr().cast(), w);
                         let biased = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
                         _mm512_storeu_si512(sums.as_mut_ptr().cast(), _mm512_sad_epu8(biased, _mm512_setzero_si512()));
                     }
-                    blk.start = -128 * (sums.iter().sum::<u64>() as i32 - 64 * 128);
+                    slot.start[e] = -128 * (sums.iter().sum::<u64>() as i32 - 64 * 128);
                 }
                 b0 += n;
             }
@@ -410,17 +435,24 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
             let xt = &panel.x[t * nblocks * 2 * KQ2_PANEL_BLOCK..];
             let dt = &panel.d[t * nblocks * 2 * KQ2_PANEL_TOKENS..];
             let count = KQ2_PANEL_TOKENS.min(panel.tokens - t * KQ2_PANEL_TOKENS);
-            // Per row of the group its accumulators of the 32 token rows (two vectors, all
-            // sixteen in registers) while the blocks pass: each block's quants (both bases,
-            // 4 KiB) serve every row of the group from L1.
-            let mut accs = [[_mm512_setzero_ps(); 2]; KQ2_GEMM_ROWS];
-            for bi in 0..nblocks {
-                // All eight rows (a last, smaller group computes rows it does not keep), so
-                // that the loop unrolls and the accumulators stay in registers.
-                for r in 0..KQ2_GEMM_ROWS {
-                    // SAFETY: the panel holds `nblocks` blocks per tile; the CPU features are
-                    // this function's.
-                    unsafe { kq2_micro(&blocks[r * nblocks + bi], &mut accs[r], xt.as_ptr(), dt.as_ptr(), bi) };
+            // Per row of the group its accumulators of the 32 token rows (two vectors).
+            let mut accs = [[_mm512_setzero_ps(); 2]; R];
+            for (bi, slot) in slots.iter().enumerate() {
+                // SAFETY: the panel holds `nblocks` blocks per tile; the CPU features are
+                // this function's.
+                unsafe {
+                    let (x, d) = (xt.as_ptr(), dt.as_ptr());
+                    match slot.n0 {
+                        0 => kq2_micro::<0>(slot, &mut accs, x, d, bi),
+                        1 => kq2_micro::<1>(slot, &mut accs, x, d, bi),
+                        2 => kq2_micro::<2>(slot, &mut accs, x, d, bi),
+                        3 => kq2_micro::<3>(slot, &mut accs, x, d, bi),
+                        4 => kq2_micro::<4>(slot, &mut accs, x, d, bi),
+                        5 => kq2_micro::<5>(slot, &mut accs, x, d, bi),
+                        6 => kq2_micro::<6>(slot, &mut accs, x, d, bi),
+                        7 => kq2_micro::<7>(slot, &mut accs, x, d, bi),
+                        _ => kq2_micro::<8>(slot, &mut accs, x, d, bi),
+                    }
                 }
             }
             for r in 0..group {
@@ -437,40 +469,62 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
     }
 }
 
-/// Block `bi` of one weight row (`blk`) against one [`Kq2Panel`] tile (`xt`, `dt`: the
-/// tile's quants and scales), added to the row's accumulators `acc` (one per half of the 32
-/// token rows): per half, `start` plus sixteen `vpdpbusd` (a broadcast four-byte weight group
-/// against the rows' quants) in two chains, then `fma(isum, ¼·(s·d), acc)`, skipped (masked)
-/// for a zero-scale block as the definition skips it.
+/// Block `bi` of a group of rows (`slot`, whose first `N0` entries read the original
+/// basis) against one [`Kq2Panel`] tile (`xt`, `dt`: the tile's quants and scales), added
+/// to the rows' accumulators `accs` (one per half of the 32 token rows): per entry and
+/// half, `start` plus sixteen `vpdpbusd` (its broadcast four-byte weight group against the
+/// rows' quants, each quant vector loaded once for every entry of its basis), then
+/// `fma(isum, ¼·(s·d), acc)`, skipped (masked) where the entry adds nothing, as the
+/// definition skips a zero-scale block.
 ///
 /// # Safety
 /// The CPU must support AVX512F/BW/VL/VNNI; `xt` and `dt` hold the tile's blocks up to `bi`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // indices over fixed arrays unroll; closures would not inline
-unsafe fn kq2_micro(blk: &Kq2Block, acc: &mut [__m512; 2], xt: *const u8, dt: *const f32, bi: usize) {
+unsafe fn kq2_micro<const N0: usize>(
+    slot: &Kq2Slot,
+    accs: &mut [[__m512; 2]; KQ2_GEMM_ROWS],
+    xt: *const u8,
+    dt: *const f32,
+    bi: usize,
+) {
+    const R: usize = KQ2_GEMM_ROWS;
     // SAFETY: the caller's (reads within the tile; CPU features).
     unsafe {
-        let at = 2 * bi + blk.basis;
-        let xb = xt.add(at * KQ2_PANEL_BLOCK);
-        let dp = dt.add(at * KQ2_PANEL_TOKENS);
-        let (s, quarter) = (_mm512_set1_ps(blk.s), _mm512_set1_ps(0.25));
-        let f = [
-            _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp))),
-            _mm512_mul_ps(quarter, _mm512_mul_ps(s, _mm512_loadu_ps(dp.add(16)))),
-        ];
-        let live: u16 = if blk.s == 0.0 { 0 } else { 0xffff };
-        // Four independent sums (token half h, even/odd groups), so that the `vpdpbusd`
-        // latency overlaps; integers, so their order does not matter.
-        let mut isum = [[_mm512_set1_epi32(blk.start), _mm512_setzero_si512()]; 2];
+        let xb = [xt.add(2 * bi * KQ2_PANEL_BLOCK), xt.add((2 * bi + 1) * KQ2_PANEL_BLOCK)];
+        let isum: [__m512i; R] = std::array::from_fn(|e| _mm512_set1_epi32(slot.start[e]));
+        let mut isum = isum.map(|s| [s; 2]);
         for g in 0..16 {
-            let w = _mm512_set1_epi32(blk.w.as_ptr().cast::<i32>().add(g).read_unaligned());
-            let xg = xb.add(g * 4 * KQ2_PANEL_TOKENS);
-            isum[0][g & 1] = _mm512_dpbusd_epi32(isum[0][g & 1], _mm512_loadu_si512(xg.cast()), w);
-            isum[1][g & 1] = _mm512_dpbusd_epi32(isum[1][g & 1], _mm512_loadu_si512(xg.add(64).cast()), w);
+            // The basis of entries below N0 (the original quants), then the rotated one;
+            // a basis no entry reads is not loaded.
+            let mut x = [[_mm512_setzero_si512(); 2]; 2];
+            for b in 0..2 {
+                if (b == 0 && N0 > 0) || (b == 1 && N0 < R) {
+                    let p = xb[b].add(g * 4 * KQ2_PANEL_TOKENS);
+                    x[b] = [_mm512_loadu_si512(p.cast()), _mm512_loadu_si512(p.add(64).cast())];
+                }
+            }
+            for e in 0..R {
+                let w = _mm512_set1_epi32(slot.w[e].as_ptr().cast::<i32>().add(g).read_unaligned());
+                let xe = &x[usize::from(e >= N0)];
+                isum[e][0] = _mm512_dpbusd_epi32(isum[e][0], xe[0], w);
+                isum[e][1] = _mm512_dpbusd_epi32(isum[e][1], xe[1], w);
+            }
         }
-        for h in 0..2 {
-            let total = _mm512_add_epi32(isum[h][0], isum[h][1]);
-            acc[h] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(total), f[h], acc[h], live);
+        let quarter = _mm512_set1_ps(0.25);
+        let d = |b: usize| {
+            let p = dt.add((2 * bi + b) * KQ2_PANEL_TOKENS);
+            [_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))]
+        };
+        let d = [d(0), d(1)];
+        for e in 0..R {
+            let s = _mm512_set1_ps(slot.s[e]);
+            let de = &d[usize::from(e >= N0)];
+            let acc = &mut accs[usize::from(slot.row[e])];
+            for h in 0..2 {
+                let f = _mm512_mul_ps(quarter, _mm512_mul_ps(s, de[h]));
+                acc[h] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum[e][h]), f, acc[h], slot.live[e]);
+            }
         }
     }
 }
