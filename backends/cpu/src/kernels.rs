@@ -145,7 +145,7 @@ pub(crate) struct Batch {
 /// Token rows from which kq2 prefill uses the panel kernel rather than one 512-bit decode
 /// pass per row (a panel tile holds 32, zero-padded).
 #[cfg(target_arch = "x86_64")]
-const KQ2_PANEL_MIN_TOKENS: usize = 8;
+pub(crate) const KQ2_PANEL_MIN_TOKENS: usize = 8;
 
 impl Batch {
     /// What the kernels for `dtype` on `isa` read besides the token rows `xs` (of the

@@ -22,6 +22,8 @@ mod attention;
 mod compressed;
 pub mod kernels;
 #[cfg(target_arch = "x86_64")]
+mod kq2x;
+#[cfg(target_arch = "x86_64")]
 mod lut4;
 pub mod matmul;
 #[cfg(target_arch = "x86_64")]

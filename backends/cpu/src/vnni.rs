@@ -297,7 +297,7 @@ const KQ2_PANEL_TOKENS: usize = 32;
 /// A last partial tile is padded with zero rows (scale 0).
 pub(crate) struct Kq2Panel {
     tokens: usize,
-    nblocks: usize,
+    pub(crate) nblocks: usize,
     x: Vec<u8>,
     d: Vec<f32>,
 }
@@ -343,7 +343,7 @@ impl Kq2Panel {
 /// row past the last, does not).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Kq2Slot {
+pub(crate) struct Kq2Slot {
     w: [[i8; 64]; KQ2_GEMM_ROWS],
     start: [i32; KQ2_GEMM_ROWS],
     s: [f32; KQ2_GEMM_ROWS],
@@ -354,7 +354,7 @@ struct Kq2Slot {
 
 /// Weight rows [`kq2_gemm`] decodes at a time (their blocks stay in L2 while every tile of
 /// token rows passes).
-const KQ2_GEMM_ROWS: usize = 8;
+pub(crate) const KQ2_GEMM_ROWS: usize = 8;
 
 /// Prefill with kq2 weights: `tile[t·nb + j] = row_j · x_t` for the `nb` rows of `rb` bytes
 /// in `rows` and every token row of `panel`. Each group of eight rows is decoded once per
@@ -377,27 +377,11 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
     let tables = &*x86::KQ2_TABLES;
     // SAFETY: the CPU features are this function's.
     let dec = unsafe { Kq2Decoder::new() };
-    let empty = Kq2Slot { w: [[0; 64]; R], start: [0; R], s: [0.0; R], row: [0; R], live: [0; R], n0: 0 };
-    let mut slots = vec![empty; nblocks];
-    let tiles = panel.tokens.div_ceil(KQ2_PANEL_TOKENS);
+    let mut slots = vec![Kq2Slot::EMPTY; nblocks];
     for j0 in (0..nb).step_by(R) {
         let group = R.min(nb - j0);
         let row = |r: usize| rows[(j0 + r) * rb..].as_ptr();
-        // Each (row, block)'s entry: the unrotated rows first, in row order, then the
-        // rotated ones and the padding rows past the group.
-        let mut at = vec![[0u8; R]; nblocks];
-        for (bi, slot) in slots.iter_mut().enumerate() {
-            let unrotated = |r: usize| r < group && rows[(j0 + r) * rb + 18 * bi] & 0x80 != 0;
-            let n0 = (0..R).filter(|&r| unrotated(r)).count();
-            let (mut e0, mut e1) = (0, n0);
-            *slot = Kq2Slot { n0: n0 as u8, ..empty };
-            for r in 0..R {
-                let e = if unrotated(r) { &mut e0 } else { &mut e1 };
-                at[bi][r] = *e as u8;
-                slot.row[*e] = r as u8;
-                *e += 1;
-            }
-        }
+        let at = Kq2Slot::order(&mut slots, group, |r, bi| rows[(j0 + r) * rb + 18 * bi]);
         for r in 0..group {
             let mut b0 = 0;
             while b0 < nblocks {
@@ -409,61 +393,129 @@ pub(crate) unsafe fn kq2_gemm(rows: &[u8], rb: usize, nb: usize, panel: &Kq2Pane
                     // SAFETY: as above.
                     let hdr = unsafe { *row(r).add(18 * bi) };
                     let s = tables.scale[usize::from(hdr & 0x7f)];
-                    let (slot, e) = (&mut slots[bi], usize::from(at[bi][r]));
-                    slot.s[e] = s;
-                    if s == 0.0 {
-                        continue;
-                    }
-                    slot.live[e] = 0xffff;
                     // SAFETY: as above.
-                    let (m, sigma) = unsafe { dec.weights(batch, k) };
-                    let w = _mm512_mask_sub_epi8(m, sigma, _mm512_setzero_si512(), m);
-                    // Σw, from the byte sums of w + 128 over each 8.
-                    let mut sums = [0u64; 8];
-                    // SAFETY: 64 bytes each.
-                    unsafe {
-                        _mm512_storeu_si512(slot.w[e].as_mut_ptr().cast(), w);
-                        let biased = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
-                        _mm512_storeu_si512(sums.as_mut_ptr().cast(), _mm512_sad_epu8(biased, _mm512_setzero_si512()));
-                    }
-                    slot.start[e] = -128 * (sums.iter().sum::<u64>() as i32 - 64 * 128);
+                    unsafe { slots[bi].put(usize::from(at[bi][r]), s, || dec.weights(batch, k)) };
                 }
                 b0 += n;
             }
         }
-        for t in 0..tiles {
-            let xt = &panel.x[t * nblocks * 2 * KQ2_PANEL_BLOCK..];
-            let dt = &panel.d[t * nblocks * 2 * KQ2_PANEL_TOKENS..];
-            let count = KQ2_PANEL_TOKENS.min(panel.tokens - t * KQ2_PANEL_TOKENS);
-            // Per row of the group its accumulators of the 32 token rows (two vectors).
-            let mut accs = [[_mm512_setzero_ps(); 2]; R];
-            for (bi, slot) in slots.iter().enumerate() {
-                // SAFETY: the panel holds `nblocks` blocks per tile; the CPU features are
-                // this function's.
-                unsafe {
-                    let (x, d) = (xt.as_ptr(), dt.as_ptr());
-                    match slot.n0 {
-                        0 => kq2_micro::<0>(slot, &mut accs, x, d, bi),
-                        1 => kq2_micro::<1>(slot, &mut accs, x, d, bi),
-                        2 => kq2_micro::<2>(slot, &mut accs, x, d, bi),
-                        3 => kq2_micro::<3>(slot, &mut accs, x, d, bi),
-                        4 => kq2_micro::<4>(slot, &mut accs, x, d, bi),
-                        5 => kq2_micro::<5>(slot, &mut accs, x, d, bi),
-                        6 => kq2_micro::<6>(slot, &mut accs, x, d, bi),
-                        7 => kq2_micro::<7>(slot, &mut accs, x, d, bi),
-                        _ => kq2_micro::<8>(slot, &mut accs, x, d, bi),
-                    }
+        // SAFETY: the slots hold `nblocks ≤ panel.nblocks` blocks; the CPU features and
+        // `tile` are this function's.
+        unsafe { kq2_slots_gemm(&slots, group, panel, tile, nb, j0) };
+    }
+}
+
+impl Kq2Slot {
+    pub(crate) const EMPTY: Kq2Slot = Kq2Slot {
+        w: [[0; 64]; KQ2_GEMM_ROWS],
+        start: [0; KQ2_GEMM_ROWS],
+        s: [0.0; KQ2_GEMM_ROWS],
+        row: [0; KQ2_GEMM_ROWS],
+        live: [0; KQ2_GEMM_ROWS],
+        n0: 0,
+    };
+
+    /// Empties `slots` for a group of `group` rows whose block headers are `hdr(row, block)`
+    /// and orders each block's entries: the unrotated rows first, in row order, then the
+    /// rotated ones and the padding rows past the group. Returns each (block, row)'s entry.
+    pub(crate) fn order(
+        slots: &mut [Kq2Slot],
+        group: usize,
+        hdr: impl Fn(usize, usize) -> u8,
+    ) -> Vec<[u8; KQ2_GEMM_ROWS]> {
+        let mut at = vec![[0u8; KQ2_GEMM_ROWS]; slots.len()];
+        for (bi, slot) in slots.iter_mut().enumerate() {
+            let unrotated = |r: usize| r < group && hdr(r, bi) & 0x80 != 0;
+            let n0 = (0..KQ2_GEMM_ROWS).filter(|&r| unrotated(r)).count();
+            let (mut e0, mut e1) = (0, n0);
+            *slot = Kq2Slot { n0: n0 as u8, ..Kq2Slot::EMPTY };
+            for (r, a) in at[bi].iter_mut().enumerate() {
+                let e = if unrotated(r) { &mut e0 } else { &mut e1 };
+                *a = *e as u8;
+                slot.row[*e] = r as u8;
+                *e += 1;
+            }
+        }
+        at
+    }
+
+    /// Entry `e`: a block of scale `s` whose weights `weights()` gives as magnitudes `|4·c|`
+    /// and a negative-sign mask (not called for a zero-scale block, which adds nothing).
+    ///
+    /// # Safety
+    /// The CPU must support AVX512F/BW.
+    #[inline(always)]
+    pub(crate) unsafe fn put(&mut self, e: usize, s: f32, weights: impl FnOnce() -> (__m512i, __mmask64)) {
+        self.s[e] = s;
+        if s == 0.0 {
+            return;
+        }
+        self.live[e] = 0xffff;
+        let (m, sigma) = weights();
+        // Σw, from the byte sums of w + 128 over each 8.
+        let mut sums = [0u64; 8];
+        // SAFETY: 64 bytes each; the caller's CPU features.
+        unsafe {
+            let w = _mm512_mask_sub_epi8(m, sigma, _mm512_setzero_si512(), m);
+            _mm512_storeu_si512(self.w[e].as_mut_ptr().cast(), w);
+            let biased = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
+            _mm512_storeu_si512(sums.as_mut_ptr().cast(), _mm512_sad_epu8(biased, _mm512_setzero_si512()));
+        }
+        self.start[e] = -128 * (sums.iter().sum::<u64>() as i32 - 64 * 128);
+    }
+}
+
+/// The tile loop of [`kq2_gemm`] for one group of `group` rows decoded into `slots` (one
+/// per block): `tile[t·nb + j0 + r]` for each row `r` of the group and every token row of
+/// `panel`.
+///
+/// # Safety
+/// The CPU must support AVX512F/BW/VL/VNNI; `slots.len() ≤ panel.nblocks`; `tile` holds
+/// `panel`'s token rows × `nb ≥ j0 + group` values.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")]
+pub(crate) unsafe fn kq2_slots_gemm(
+    slots: &[Kq2Slot],
+    group: usize,
+    panel: &Kq2Panel,
+    tile: &mut [f32],
+    nb: usize,
+    j0: usize,
+) {
+    let nblocks = slots.len();
+    let tiles = panel.tokens.div_ceil(KQ2_PANEL_TOKENS);
+    let stride = panel.nblocks;
+    for t in 0..tiles {
+        let xt = &panel.x[t * stride * 2 * KQ2_PANEL_BLOCK..];
+        let dt = &panel.d[t * stride * 2 * KQ2_PANEL_TOKENS..];
+        let count = KQ2_PANEL_TOKENS.min(panel.tokens - t * KQ2_PANEL_TOKENS);
+        // Per row of the group its accumulators of the 32 token rows (two vectors).
+        let mut accs = [[_mm512_setzero_ps(); 2]; KQ2_GEMM_ROWS];
+        for (bi, slot) in slots.iter().enumerate().take(nblocks) {
+            // SAFETY: the panel holds `nblocks` blocks per tile; the CPU features are
+            // this function's.
+            unsafe {
+                let (x, d) = (xt.as_ptr(), dt.as_ptr());
+                match slot.n0 {
+                    0 => kq2_micro::<0>(slot, &mut accs, x, d, bi),
+                    1 => kq2_micro::<1>(slot, &mut accs, x, d, bi),
+                    2 => kq2_micro::<2>(slot, &mut accs, x, d, bi),
+                    3 => kq2_micro::<3>(slot, &mut accs, x, d, bi),
+                    4 => kq2_micro::<4>(slot, &mut accs, x, d, bi),
+                    5 => kq2_micro::<5>(slot, &mut accs, x, d, bi),
+                    6 => kq2_micro::<6>(slot, &mut accs, x, d, bi),
+                    7 => kq2_micro::<7>(slot, &mut accs, x, d, bi),
+                    _ => kq2_micro::<8>(slot, &mut accs, x, d, bi),
                 }
             }
-            for r in 0..group {
-                let mut out = [0f32; KQ2_PANEL_TOKENS];
-                for h in 0..2 {
-                    // SAFETY: 16 floats.
-                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), accs[r][h]) };
-                }
-                for (u, v) in out.iter().take(count).enumerate() {
-                    tile[(t * KQ2_PANEL_TOKENS + u) * nb + j0 + r] = *v;
-                }
+        }
+        for r in 0..group {
+            let mut out = [0f32; KQ2_PANEL_TOKENS];
+            for (h, a) in accs[r].iter().enumerate() {
+                // SAFETY: 16 floats.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), *a) };
+            }
+            for (u, v) in out.iter().take(count).enumerate() {
+                tile[(t * KQ2_PANEL_TOKENS + u) * nb + j0 + r] = *v;
             }
         }
     }
@@ -541,15 +593,15 @@ pub(crate) static KQ2_ZMM: std::sync::LazyLock<bool> = std::sync::LazyLock::new(
 /// `vgf2p8affineqb` matrix taking a 2-bit magnitude code `c` (bits 0–1 of a byte) to bits
 /// 2–3 and dropping the rest (byte `7 − i` of the matrix masks the input bits whose parity
 /// is output bit `i`); with the constant 3 a byte becomes `4c + 3 = 2A + 1`.
-const KQ2_GF_MAG: i64 = 0x0000_0102_0000_0000;
+pub(crate) const KQ2_GF_MAG: i64 = 0x0000_0102_0000_0000;
 
 /// Blocks [`kq2_gemv`] decodes together (72 bytes: two 64-byte loads).
 const KQ2_BATCH: usize = 4;
 
 /// Index tables of [`kq2_gemv`]'s batch decoding, built once.
-struct Kq2Zmm {
+pub(crate) struct Kq2Zmm {
     /// The 512 magnitude vectors as 2-bit codes `(A_j − 1)/2` in bits `2j..2j+2` of a u16.
-    codes: [[i16; 32]; 16],
+    pub(crate) codes: [[i16; 32]; 16],
     /// `vpermi2b` indices gathering the batch's group words (word `8k + g`: bytes
     /// `18k + 2 + 2g`, `18k + 3 + 2g`) ...
     words: [u8; 64],
@@ -561,14 +613,14 @@ struct Kq2Zmm {
     /// and its sign word once in qword `g`.
     mix: [[i16; 32]; KQ2_BATCH],
     /// `vpmultishiftqb` offsets: byte `j` reads bits `2j..` (its code `c_j` in bits 0–1).
-    shifts: [u8; 64],
+    pub(crate) shifts: [u8; 64],
     /// `vpshufbitqmb` selectors: byte `j` of each qword, bit `48 + j` (σ_j) ...
     sigma: [u8; 64],
     /// ... and bit `56 + j` (σ_j ≠ τ).
     flip: [u8; 64],
 }
 
-static KQ2_ZMM_TABLES: std::sync::LazyLock<Kq2Zmm> = std::sync::LazyLock::new(|| {
+pub(crate) static KQ2_ZMM_TABLES: std::sync::LazyLock<Kq2Zmm> = std::sync::LazyLock::new(|| {
     let abs = kiln_quant::kq2::kq2_abs_codebook();
     let mut codes = [[0i16; 32]; 16];
     for (i, a) in abs.iter().enumerate() {
@@ -792,22 +844,8 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
             let (d1, f1, l1) = block(p[1], looked[1], k, bi);
             let (d2, f2, l2) = block(p[2], looked[2], k, bi);
             let (d3, f3, l3) = block(p[3], looked[3], k, bi);
-            // Per 128-bit lane m the four rows' sums over its 16 weights: a transposing
-            // reduction (exact integers, so the order of the additions does not matter).
-            let s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
-            let s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));
-            let isum = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
-            // Lane 4m + r holds lane m of row r: the four 128-bit lanes added (exact integers),
-            // each then holding the four rows' block sums.
-            let isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b01_00_11_10>(isum, isum));
-            let isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b10_11_00_01>(isum, isum));
-            // [f0, f1, f2, f3] in every 128-bit lane, by broadcasts and blends: LLVM turns the
-            // four scalar scale lookups behind a built vector into gathers, slow on Zen 4.
-            let f = _mm512_mask_mov_ps(_mm512_set1_ps(f0), 0x2222, _mm512_set1_ps(f1));
-            let f = _mm512_mask_mov_ps(f, 0x4444, _mm512_set1_ps(f2));
-            let f = _mm512_mask_mov_ps(f, 0x8888, _mm512_set1_ps(f3));
             let live = u16::from(l0) | u16::from(l1) << 1 | u16::from(l2) << 2 | u16::from(l3) << 3;
-            acc = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum), f, acc, live * 0x1111);
+            acc = kq2_step4([d0, d1, d2, d3], [f0, f1, f2, f3], live, acc);
         };
         let mut b0 = 0;
         while b0 < nblocks {
@@ -834,6 +872,36 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
         let mut out = [0f32; R];
         _mm_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps128(acc));
         out
+    }
+}
+
+/// One block of four kq2 rows added to their accumulator (lane `r` of every 128-bit lane
+/// holds row `r`): the rows' 16 lane sums `d` reduced to one exact integer each (a
+/// transposing reduction, so the order of the additions does not matter), then
+/// `fma(isum, f, acc)` for the rows whose bit of `live` is set (a zero-scale block adds
+/// nothing, as in the definition).
+///
+/// # Safety
+/// The CPU must support AVX512F.
+#[inline(always)]
+pub(crate) unsafe fn kq2_step4(d: [__m512i; 4], f: [f32; 4], live: u16, acc: __m512) -> __m512 {
+    // SAFETY: the caller's CPU features.
+    unsafe {
+        let [d0, d1, d2, d3] = d;
+        // Per 128-bit lane m the four rows' sums over its 16 weights.
+        let s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(d0, d1), _mm512_unpackhi_epi32(d0, d1));
+        let s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(d2, d3), _mm512_unpackhi_epi32(d2, d3));
+        let isum = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+        // Lane 4m + r holds lane m of row r: the four 128-bit lanes added, each then holding
+        // the four rows' block sums.
+        let isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b01_00_11_10>(isum, isum));
+        let isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b10_11_00_01>(isum, isum));
+        // [f0, f1, f2, f3] in every 128-bit lane, by broadcasts and blends: LLVM turns four
+        // scalar scale lookups behind a built vector into gathers, slow on Zen 4.
+        let fv = _mm512_mask_mov_ps(_mm512_set1_ps(f[0]), 0x2222, _mm512_set1_ps(f[1]));
+        let fv = _mm512_mask_mov_ps(fv, 0x4444, _mm512_set1_ps(f[2]));
+        let fv = _mm512_mask_mov_ps(fv, 0x8888, _mm512_set1_ps(f[3]));
+        _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum), fv, acc, live * 0x1111)
     }
 }
 
