@@ -446,17 +446,31 @@ impl Kq2Slot {
     /// The CPU must support AVX512F/BW.
     #[inline(always)]
     pub(crate) unsafe fn put(&mut self, e: usize, s: f32, weights: impl FnOnce() -> (__m512i, __mmask64)) {
+        // SAFETY: the caller's CPU features.
+        unsafe {
+            self.put_signed(e, s, || {
+                let (m, sigma) = weights();
+                _mm512_mask_sub_epi8(m, sigma, _mm512_setzero_si512(), m)
+            })
+        }
+    }
+
+    /// [`Self::put`] with the weights `4·c` as signed bytes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX512F/BW.
+    #[inline(always)]
+    pub(crate) unsafe fn put_signed(&mut self, e: usize, s: f32, weights: impl FnOnce() -> __m512i) {
         self.s[e] = s;
         if s == 0.0 {
             return;
         }
         self.live[e] = 0xffff;
-        let (m, sigma) = weights();
+        let w = weights();
         // Σw, from the byte sums of w + 128 over each 8.
         let mut sums = [0u64; 8];
         // SAFETY: 64 bytes each; the caller's CPU features.
         unsafe {
-            let w = _mm512_mask_sub_epi8(m, sigma, _mm512_setzero_si512(), m);
             _mm512_storeu_si512(self.w[e].as_mut_ptr().cast(), w);
             let biased = _mm512_xor_si512(w, _mm512_set1_epi8(-128));
             _mm512_storeu_si512(sums.as_mut_ptr().cast(), _mm512_sad_epu8(biased, _mm512_setzero_si512()));
@@ -876,15 +890,32 @@ unsafe fn kq2_rows(row: [*const u8; KQ2_GEMV_ROWS], x: &Kq2Q8Row, nblocks: usize
 }
 
 /// One block of four kq2 rows added to their accumulator (lane `r` of every 128-bit lane
-/// holds row `r`): the rows' 16 lane sums `d` reduced to one exact integer each (a
-/// transposing reduction, so the order of the additions does not matter), then
-/// `fma(isum, f, acc)` for the rows whose bit of `live` is set (a zero-scale block adds
-/// nothing, as in the definition).
+/// holds row `r`): [`kq2_reduce4`], then `fma(isum, f, acc)` for the rows whose bit of
+/// `live` is set (a zero-scale block adds nothing, as in the definition).
 ///
 /// # Safety
 /// The CPU must support AVX512F.
 #[inline(always)]
 pub(crate) unsafe fn kq2_step4(d: [__m512i; 4], f: [f32; 4], live: u16, acc: __m512) -> __m512 {
+    // SAFETY: the caller's CPU features.
+    unsafe {
+        // [f0, f1, f2, f3] in every 128-bit lane, by broadcasts and blends: LLVM turns four
+        // scalar scale lookups behind a built vector into gathers, slow on Zen 4.
+        let fv = _mm512_mask_mov_ps(_mm512_set1_ps(f[0]), 0x2222, _mm512_set1_ps(f[1]));
+        let fv = _mm512_mask_mov_ps(fv, 0x4444, _mm512_set1_ps(f[2]));
+        let fv = _mm512_mask_mov_ps(fv, 0x8888, _mm512_set1_ps(f[3]));
+        _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(kq2_reduce4(d)), fv, acc, live * 0x1111)
+    }
+}
+
+/// Four kq2 rows' 16 lane sums `d` reduced to one exact integer each, row `r` in lane `r`
+/// of every 128-bit lane (a transposing reduction: integers, so the order of the additions
+/// does not matter).
+///
+/// # Safety
+/// The CPU must support AVX512F.
+#[inline(always)]
+pub(crate) unsafe fn kq2_reduce4(d: [__m512i; 4]) -> __m512i {
     // SAFETY: the caller's CPU features.
     unsafe {
         let [d0, d1, d2, d3] = d;
@@ -895,13 +926,7 @@ pub(crate) unsafe fn kq2_step4(d: [__m512i; 4], f: [f32; 4], live: u16, acc: __m
         // Lane 4m + r holds lane m of row r: the four 128-bit lanes added, each then holding
         // the four rows' block sums.
         let isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b01_00_11_10>(isum, isum));
-        let isum = _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b10_11_00_01>(isum, isum));
-        // [f0, f1, f2, f3] in every 128-bit lane, by broadcasts and blends: LLVM turns four
-        // scalar scale lookups behind a built vector into gathers, slow on Zen 4.
-        let fv = _mm512_mask_mov_ps(_mm512_set1_ps(f[0]), 0x2222, _mm512_set1_ps(f[1]));
-        let fv = _mm512_mask_mov_ps(fv, 0x4444, _mm512_set1_ps(f[2]));
-        let fv = _mm512_mask_mov_ps(fv, 0x8888, _mm512_set1_ps(f[3]));
-        _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(isum), fv, acc, live * 0x1111)
+        _mm512_add_epi32(isum, _mm512_shuffle_i32x4::<0b10_11_00_01>(isum, isum))
     }
 }
 
