@@ -2,6 +2,7 @@
 
 pub mod bench_attention;
 pub mod bench_cpu;
+pub mod bench_cranelift;
 pub mod bench_kv;
 pub mod bench_quant;
 pub mod bench_spec;

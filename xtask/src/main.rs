@@ -7,6 +7,7 @@
 //! - `glassllm-to-hf --npz P --tokenizer P --out DIR`: the glassllm converter on its own.
 //! - `bench quant`: kiln's quantization presets vs llama.cpp's (see `bench_quant`).
 //! - `bench attention`: DeepSeek-V4 compressed attention vs dense decode (see `bench_attention`).
+//! - `bench cranelift`: a Cranelift-JIT matvec vs the hand-written kernels (see `bench_cranelift`).
 //! - `fuzz [--seconds N] [TARGET...]`: run the cargo-fuzz targets (see `fuzz.rs`).
 
 mod fuzz;
@@ -115,6 +116,7 @@ const USAGE: &str = "usage: cargo xtask <command>\n\
   bench kv [--models ID,ID] [--budgets 5%,25%] [--ctx 512] [--chunks 4] [--calib-ctx 256] [--calib-chunks 1]\n\
   bench watch [--recipes R,R] [--steps 32]   # Cortex-M4 under QEMU: flash, RAM, instructions/token\n\
   bench attention [--contexts 1024,4096,16384,65536] [--steps 24] [--chunk 2048] [--threads 2]   # CSA/HCA vs dense decode\n\
+  bench cranelift [--out DIR]   # Cranelift-JIT Q8_0 matvec vs the hand-written kernels\n\
   glassllm-to-hf --npz PATH --tokenizer PATH --out DIR\n\
   fuzz [--seconds 20] [--jobs 1] [--seed] [TARGET...]   run the fuzz targets (needs cargo-fuzz)";
 
@@ -160,7 +162,10 @@ fn main() -> ExitCode {
                     &xtask::bench_quant::Env { root: root(), kiln, cache: cache_dir() },
                 )
             }),
-            _ => Err(format!("usage: cargo xtask bench cpu|quant|spec|steer|kv|watch|attention [OPTIONS]\n{USAGE}")),
+            Some("cranelift") => xtask::bench_cranelift::run(&rest[1..], &root()),
+            _ => Err(format!(
+                "usage: cargo xtask bench cpu|quant|spec|steer|kv|watch|attention|cranelift [OPTIONS]\n{USAGE}"
+            )),
         },
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
