@@ -108,6 +108,12 @@ impl Kernels for CpuKernels {
         Ok(place_tiles(&tiles, block, rows, n, bias))
     }
 
+    /// The jobs as one parallel region: each job's own row blocks are parallel too, so
+    /// threads take work from the other jobs instead of waiting at each one's end.
+    fn matmuls(&self, jobs: &[(&[f32], usize, Weight<'_>)]) -> Result<Vec<Vec<f32>>, QuantError> {
+        jobs.par_iter().map(|&(x, rows, w)| self.matmul(x, rows, w, None, 0, rows)).collect()
+    }
+
     fn attend(
         &self,
         q: &[f32],

@@ -32,6 +32,15 @@ pub trait Kernels: Send + Sync {
         total: usize,
     ) -> Result<Vec<f32>, QuantError>;
 
+    /// Independent matmuls at once, each `(x, rows, w)` as [`Self::matmul`] with no bias over
+    /// a call of `rows` tokens; results in order. The reference runs them in turn; a backend
+    /// may run them in one parallel region (the MoE dispatch: every chosen expert's
+    /// projections together, so that threads do not wait at each small matmul's end). Each
+    /// result must equal its [`Self::matmul`].
+    fn matmuls(&self, jobs: &[(&[f32], usize, Weight<'_>)]) -> Result<Vec<Vec<f32>>, QuantError> {
+        jobs.iter().map(|&(x, rows, w)| self.matmul(x, rows, w, None, 0, rows)).collect()
+    }
+
     /// Attention of query rows `q` (row `t` at position `first_pos + t`) over
     /// `cache`, which already holds every position up to the last query's, in the numerics
     /// `mode`.

@@ -193,25 +193,12 @@ pub(crate) fn moe_route(
     out
 }
 
-/// One SwiGLU expert (or the shared one) over `rows` rows of `x`; `w*` are its matrices.
-#[allow(clippy::too_many_arguments)]
-fn expert(
-    kernel: &dyn Kernels,
-    x: &[f32],
-    rows: usize,
-    gate: Weight<'_>,
-    up: Weight<'_>,
-    down: Weight<'_>,
-    limit: f32,
-) -> Result<Vec<f32>, QuantError> {
-    let g = kernel.matmul(x, rows, gate, None, 0, rows)?;
-    let u = kernel.matmul(x, rows, up, None, 0, rows)?;
-    let h: Vec<f32> = g
-        .iter()
-        .zip(&u)
+/// SwiGLU of an expert's gate and up projections (with DeepSeek-V4's clamp when `limit > 0`).
+fn swiglu(g: &[f32], u: &[f32], limit: f32) -> Vec<f32> {
+    g.iter()
+        .zip(u)
         .map(|(&g, &u)| if limit > 0.0 { silu(g.min(limit)) * u.clamp(-limit, limit) } else { silu(g) * u })
-        .collect();
-    kernel.matmul(&h, rows, down, None, 0, rows)
+        .collect()
 }
 
 /// Stacked expert matrices `[E, n, k]` of one kind (`all.n` = rows of one expert).
@@ -229,7 +216,11 @@ impl<'a> Stacked<'a> {
 }
 
 /// The `moe` op: each expert runs on the rows that chose it (gathered), its output
-/// weighted and summed per row in expert order, then the shared expert added.
+/// weighted and summed per row in expert order, then the shared expert added. The experts
+/// are dispatched together ([`Kernels::matmuls`]): every chosen expert's gate and up
+/// projections (and the shared expert's) in one batch, then every down projection in one,
+/// so a backend runs each batch as one parallel region rather than three small matmuls
+/// per expert in turn. The sums are the same, in the same order.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn moe(
     kernel: &dyn Kernels,
@@ -244,22 +235,44 @@ pub(crate) fn moe(
 ) -> Result<Vec<f32>, QuantError> {
     let e = gate.experts;
     let rows = x.len() / d.max(1);
+    // The chosen experts, each with its rows gathered.
+    let chosen: Vec<(usize, Vec<usize>, Vec<f32>)> = (0..e)
+        .filter_map(|ex| {
+            let picked: Vec<usize> = (0..rows).filter(|&t| w[t * e + ex] != 0.0).collect();
+            (!picked.is_empty()).then(|| {
+                let xs = picked.iter().flat_map(|&t| x[t * d..(t + 1) * d].iter().copied()).collect();
+                (ex, picked, xs)
+            })
+        })
+        .collect();
+    // Gate and up projections of every chosen expert, then the shared expert's.
+    let mut jobs: Vec<(&[f32], usize, Weight<'_>)> = vec![];
+    for (ex, picked, xs) in &chosen {
+        jobs.push((xs, picked.len(), gate.expert(*ex)));
+        jobs.push((xs, picked.len(), up.expert(*ex)));
+    }
+    if let Some([g, u, _]) = shared {
+        jobs.push((x, rows, g));
+        jobs.push((x, rows, u));
+    }
+    let gu = kernel.matmuls(&jobs)?;
+    let hidden: Vec<Vec<f32>> = gu.chunks(2).map(|p| swiglu(&p[0], &p[1], limit)).collect();
+    // Every down projection.
+    let mut jobs: Vec<(&[f32], usize, Weight<'_>)> =
+        chosen.iter().zip(&hidden).map(|((ex, picked, _), h)| (&h[..], picked.len(), down.expert(*ex))).collect();
+    if let Some([_, _, dn]) = shared {
+        jobs.push((&hidden[chosen.len()], rows, dn));
+    }
+    let ys = kernel.matmuls(&jobs)?;
     let mut out = vec![0f32; x.len()];
-    for ex in 0..e {
-        let picked: Vec<usize> = (0..rows).filter(|&t| w[t * e + ex] != 0.0).collect();
-        if picked.is_empty() {
-            continue;
-        }
-        let xs: Vec<f32> = picked.iter().flat_map(|&t| x[t * d..(t + 1) * d].iter().copied()).collect();
-        let y = expert(kernel, &xs, picked.len(), gate.expert(ex), up.expert(ex), down.expert(ex), limit)?;
-        for (yr, &t) in y.chunks(d).zip(&picked) {
+    for ((ex, picked, _), y) in chosen.iter().zip(&ys) {
+        for (yr, &t) in y.chunks(d).zip(picked) {
             let wt = w[t * e + ex];
             out[t * d..(t + 1) * d].iter_mut().zip(yr).for_each(|(o, v)| *o += wt * v);
         }
     }
-    if let Some([g, u, dn]) = shared {
-        let y = expert(kernel, x, rows, g, u, dn, limit)?;
-        out.iter_mut().zip(&y).for_each(|(o, v)| *o += v);
+    if shared.is_some() {
+        out.iter_mut().zip(&ys[chosen.len()]).for_each(|(o, v)| *o += v);
     }
     Ok(out)
 }
@@ -926,5 +939,106 @@ impl CompressedCache {
         sink: &[f32],
     ) -> Vec<f32> {
         self.view().attend(q, first_pos, idx_q, idx_w, sink)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_ir::DType;
+
+    use super::*;
+    use crate::Numerics;
+    use crate::reference::session::ReferenceKernels;
+
+    /// Runs each batch of matmuls last job first: the dispatch must not depend on the order.
+    struct Reversed(ReferenceKernels);
+
+    impl Kernels for Reversed {
+        fn matmul(
+            &self,
+            x: &[f32],
+            rows: usize,
+            w: Weight<'_>,
+            bias: Option<&[f32]>,
+            first: usize,
+            total: usize,
+        ) -> Result<Vec<f32>, QuantError> {
+            self.0.matmul(x, rows, w, bias, first, total)
+        }
+
+        fn matmuls(&self, jobs: &[(&[f32], usize, Weight<'_>)]) -> Result<Vec<Vec<f32>>, QuantError> {
+            let mut out: Vec<Vec<f32>> =
+                jobs.iter().rev().map(|&(x, r, w)| self.0.matmul(x, r, w, None, 0, r)).collect::<Result<_, _>>()?;
+            out.reverse();
+            Ok(out)
+        }
+    }
+
+    fn floats(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    }
+
+    fn bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|f| f.to_le_bytes()).collect()
+    }
+
+    /// The batched expert dispatch gives the bits of running each chosen expert in turn
+    /// (gate, up, SwiGLU, down; weighted sums in expert order; the shared expert last),
+    /// whichever order a backend runs a batch in; rows choosing no expert get only the
+    /// shared one.
+    #[test]
+    fn batched_dispatch_equals_experts_in_turn_bit_for_bit() {
+        let (e, d, inter, rows, limit) = (4usize, 8usize, 6usize, 5usize, 3.0f32);
+        let (g, u, dn) = (floats(e * inter * d, 1), floats(e * inter * d, 2), floats(e * d * inter, 3));
+        let (sg, su, sd) = (floats(inter * d, 4), floats(inter * d, 5), floats(d * inter, 6));
+        let x = floats(rows * d, 7);
+        // Row t chooses experts t % 4 and (t + 1) % 4, except row 3 (none); expert 2 is
+        // chosen only by rows 1 and 2.
+        let mut w = vec![0f32; rows * e];
+        for t in [0usize, 1, 2, 4] {
+            w[t * e + t % e] = 0.6;
+            w[t * e + (t + 1) % e] = 0.4;
+        }
+        // Leaked so that the weight views can be made by one closure (a test's few KiB).
+        let leak = |v: &[f32]| -> &'static [u8] { Vec::leak(bytes(v)) };
+        let (gb, ub, db) = (leak(&g), leak(&u), leak(&dn));
+        let (sgb, sub, sdb) = (leak(&sg), leak(&su), leak(&sd));
+        fn mat(b: &[u8], n: usize, k: usize) -> Weight<'_> {
+            Weight { bytes: b, dtype: DType::F32, n, k }
+        }
+        let stacked = |b: &'static [u8], n: usize, k: usize| Stacked { all: mat(b, n, k), experts: e };
+        let shared = Some([mat(sgb, inter, d), mat(sub, inter, d), mat(sdb, d, inter)]);
+        let kernel = ReferenceKernels(Numerics::Exact);
+        let run = |k: &dyn Kernels| {
+            moe(k, &x, d, &w, stacked(gb, inter, d), stacked(ub, inter, d), stacked(db, d, inter), shared, limit)
+                .expect("moe")
+        };
+        let (got, reversed) = (run(&kernel), run(&Reversed(kernel)));
+        // Each expert in turn, as written before the batched dispatch.
+        let expert = |xs: &[f32], r: usize, ws: [Weight<'_>; 3]| {
+            let gg = kernel.matmul(xs, r, ws[0], None, 0, r).expect("gate");
+            let uu = kernel.matmul(xs, r, ws[1], None, 0, r).expect("up");
+            kernel.matmul(&swiglu(&gg, &uu, limit), r, ws[2], None, 0, r).expect("down")
+        };
+        let mut want = vec![0f32; rows * d];
+        for ex in 0..e {
+            let picked: Vec<usize> = (0..rows).filter(|&t| w[t * e + ex] != 0.0).collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let xs: Vec<f32> = picked.iter().flat_map(|&t| x[t * d..(t + 1) * d].to_vec()).collect();
+            let ws =
+                [stacked(gb, inter, d).expert(ex), stacked(ub, inter, d).expert(ex), stacked(db, d, inter).expert(ex)];
+            for (yr, &t) in expert(&xs, picked.len(), ws).chunks(d).zip(&picked) {
+                want[t * d..(t + 1) * d].iter_mut().zip(yr).for_each(|(o, v)| *o += w[t * e + ex] * v);
+            }
+        }
+        let sh = expert(&x, rows, shared.expect("shared"));
+        want.iter_mut().zip(&sh).for_each(|(o, v)| *o += v);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+        assert_eq!(bits(&reversed), bits(&want));
     }
 }
