@@ -1009,7 +1009,8 @@ mod tests {
             Weight { bytes: b, dtype: DType::F32, n, k }
         }
         let stacked = |b: &'static [u8], n: usize, k: usize| Stacked { all: mat(b, n, k), experts: e };
-        let shared = Some([mat(sgb, inter, d), mat(sub, inter, d), mat(sdb, d, inter)]);
+        let shared_ws = [mat(sgb, inter, d), mat(sub, inter, d), mat(sdb, d, inter)];
+        let shared = Some(shared_ws);
         let kernel = ReferenceKernels(Numerics::Exact);
         let run = |k: &dyn Kernels| {
             moe(k, &x, d, &w, stacked(gb, inter, d), stacked(ub, inter, d), stacked(db, d, inter), shared, limit)
@@ -1035,7 +1036,7 @@ mod tests {
                 want[t * d..(t + 1) * d].iter_mut().zip(yr).for_each(|(o, v)| *o += w[t * e + ex] * v);
             }
         }
-        let sh = expert(&x, rows, shared.expect("shared"));
+        let sh = expert(&x, rows, shared_ws);
         want.iter_mut().zip(&sh).for_each(|(o, v)| *o += v);
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&got), bits(&want));
