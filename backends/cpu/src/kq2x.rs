@@ -260,38 +260,19 @@ mod tests {
     use kiln_quant::kq2::Kq2Q8Row;
 
     use super::*;
-
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        }
-    }
+    use crate::vnni::tests::{activations, kq2_rows_for_test};
+    use crate::x86::tests::rng;
 
     fn available() -> bool {
         *vnni::KQ2_ZMM && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("bmi2")
     }
 
-    /// Eight random stored rows of `blocks` blocks (every index, sign, shift, basis and
-    /// scale; some zero-scale blocks) and random activations.
+    /// Eight stored rows of `blocks` blocks (random bytes, every index, sign, shift, basis
+    /// and scale with zero-scale blocks, or quantized weights) and `tokens` activation rows.
     fn case(seed: u64, blocks: usize, tokens: usize) -> (Vec<u8>, Vec<Kq2Q8Row>) {
         let mut r = rng(seed);
-        let mut rows = vec![0u8; ROWS * blocks * 18];
-        rows.iter_mut().for_each(|b| *b = r() as u8);
-        for (j, row) in rows.chunks_mut(blocks * 18).enumerate() {
-            if j % 3 == 1 {
-                row[0] &= 0x80;
-            }
-        }
-        let xs = (0..tokens)
-            .map(|_| {
-                let x: Vec<f32> = (0..64 * blocks).map(|_| (r() % 2001) as f32 / 1000.0 - 1.0).collect();
-                kiln_quant::kq2::quantize_kq2_q8(&x)
-            })
-            .collect();
+        let rows = kq2_rows_for_test(&mut r, seed % 2 == 0, ROWS, blocks);
+        let xs = activations(&mut r, tokens, 64 * blocks, (13, -4.0), kiln_quant::kq2::quantize_kq2_q8);
         (rows, xs)
     }
 

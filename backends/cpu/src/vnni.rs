@@ -1513,23 +1513,14 @@ pub(crate) unsafe fn q4_k_gemm_rows(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use kiln_quant::ggml_dot::{self, RowGroup};
 
     use super::*;
+    use crate::x86::tests::rng;
 
     fn available() -> bool {
         crate::Isa::Avx512Vnni.available()
-    }
-
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        }
     }
 
     /// `count` blocks of `bytes` random bytes (every quant pattern), with sane f16 values at
@@ -1546,7 +1537,7 @@ mod tests {
 
     /// `tokens` activation rows of `width` values in [−1, 1] with a spike every `every`
     /// values (so the 8-bit quants reach ±127), quantized by `quantize`.
-    fn activations<T>(
+    pub(crate) fn activations<T>(
         r: &mut impl FnMut() -> u64,
         tokens: usize,
         width: usize,
@@ -1776,7 +1767,12 @@ mod tests {
     /// `nb` kq2 rows of `blocks` blocks: random bytes (every magnitude index, sign, shift,
     /// basis and scale; every third row's first block zero-scale, in either basis) or
     /// quantized random weights (row 2's first block all zero).
-    fn kq2_rows_for_test(r: &mut impl FnMut() -> u64, random_bytes: bool, nb: usize, blocks: usize) -> Vec<u8> {
+    pub(crate) fn kq2_rows_for_test(
+        r: &mut impl FnMut() -> u64,
+        random_bytes: bool,
+        nb: usize,
+        blocks: usize,
+    ) -> Vec<u8> {
         let mut rows = vec![0u8; nb * blocks * 18];
         for (j, row) in rows.chunks_mut(blocks * 18).enumerate() {
             if random_bytes {

@@ -1263,13 +1263,14 @@ pub(crate) fn quantize_q8_k(x: &[f32]) -> Q8KRow {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use kiln_ir::DType;
     use kiln_quant::ggml_dot::{self, Activations};
 
     use super::*;
 
-    fn rng(seed: u64) -> impl FnMut() -> u64 {
+    /// The kernel tests' xorshift stream (seeded, never zero).
+    pub(crate) fn rng(seed: u64) -> impl FnMut() -> u64 {
         let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         move || {
             s ^= s << 13;
