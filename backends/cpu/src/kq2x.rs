@@ -271,7 +271,7 @@ mod tests {
     /// and scale with zero-scale blocks, or quantized weights) and `tokens` activation rows.
     fn case(seed: u64, blocks: usize, tokens: usize) -> (Vec<u8>, Vec<Kq2Q8Row>) {
         let mut r = rng(seed);
-        let rows = kq2_rows_for_test(&mut r, seed % 2 == 0, ROWS, blocks);
+        let rows = kq2_rows_for_test(&mut r, seed.is_multiple_of(2), ROWS, blocks);
         let xs = activations(&mut r, tokens, 64 * blocks, (13, -4.0), kiln_quant::kq2::quantize_kq2_q8);
         (rows, xs)
     }
