@@ -1,8 +1,8 @@
 //! Weights repacked once at session start for the lane kernels (llama.cpp's CPU
 //! "repack" buffers do the same): Q4_K matmul weights as groups of eight rows
 //! interleaved per super-block ([`crate::vnni::q4_k_pack`]), Q4_0 and IQ4_NL ones as groups
-//! of sixteen rows interleaved per block ([`crate::lut4::pack`]), Q8_0, Q5_0 and Q4_1 ones
-//! likewise ([`crate::q8lanes::pack`]), so decode reads each weight once with one row per
+//! of sixteen rows interleaved per block ([`crate::lut4::pack`]), Q8_0, Q5_0, Q4_1 and Q5_1
+//! ones likewise ([`crate::q8lanes::pack`]), so decode reads each weight once with one row per
 //! vector lane and no transposes, and prefill loads the lane layout instead of building it.
 //! kq2 weights are stored with their codebook lookup done ([`crate::kq2x`]): 3.25 bits per
 //! weight in memory instead of 2.25, traded for a decode kernel 40% faster (it was bound
@@ -40,6 +40,8 @@ enum Layout {
     Q5,
     /// Sixteen Q4_1 rows per group ([`q8lanes::pack`]).
     Q41,
+    /// Sixteen Q5_1 rows per group ([`q8lanes::pack`]).
+    Q51,
     /// Eight kq2 rows per group, the codebook lookup done ([`kq2x::pack`]).
     Kq2,
 }
@@ -52,6 +54,7 @@ impl Layout {
             DType::Q8_0 if *lut4::ZMM => Some(Layout::Q8),
             DType::Q5_0 if *lut4::ZMM => Some(Layout::Q5),
             DType::Q4_1 if *lut4::ZMM => Some(Layout::Q41),
+            DType::Q5_1 if *lut4::ZMM => Some(Layout::Q51),
             DType::KQ2 if *vnni::KQ2_ZMM && is_x86_feature_detected!("bmi2") => Some(Layout::Kq2),
             _ => None,
         }
@@ -64,6 +67,7 @@ impl Layout {
             Layout::Q8 => DType::Q8_0,
             Layout::Q5 => DType::Q5_0,
             Layout::Q41 => DType::Q4_1,
+            Layout::Q51 => DType::Q5_1,
             Layout::Kq2 => DType::KQ2,
         }
     }
@@ -72,7 +76,7 @@ impl Layout {
         match self {
             Layout::Q4k => Q4K_ROWS,
             Layout::Lut4(_) => lut4::ROWS,
-            Layout::Q8 | Layout::Q5 | Layout::Q41 => q8lanes::ROWS,
+            Layout::Q8 | Layout::Q5 | Layout::Q41 | Layout::Q51 => q8lanes::ROWS,
             Layout::Kq2 => kq2x::ROWS,
         }
     }
@@ -84,6 +88,7 @@ impl Layout {
             Layout::Q8 => q8lanes::packed(q8lanes::Q8),
             Layout::Q5 => q8lanes::packed(q8lanes::Q5),
             Layout::Q41 => q8lanes::packed(q8lanes::Q41),
+            Layout::Q51 => q8lanes::packed(q8lanes::Q51),
             Layout::Kq2 => kq2x::PACKED,
         }
     }
@@ -105,7 +110,7 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL, Q5_0, Q4_1 and Q8_0, and
+    /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL, Q5_0, Q4_1, Q5_1 and Q8_0, and
     /// with VBMI, BITALG, GFNI and BMI2 too, kq2) weight of a `matmul` whose rows come in
     /// whole groups.
     pub fn build(module: &VerifiedModule, weights: &dyn WeightSource) -> PackedWeights {
@@ -201,6 +206,7 @@ impl Packed {
                 Layout::Q8 => q8lanes::pack::<{ q8lanes::Q8 }>(std::array::from_fn(row), nblocks, out),
                 Layout::Q5 => q8lanes::pack::<{ q8lanes::Q5 }>(std::array::from_fn(row), nblocks, out),
                 Layout::Q41 => q8lanes::pack::<{ q8lanes::Q41 }>(std::array::from_fn(row), nblocks, out),
+                Layout::Q51 => q8lanes::pack::<{ q8lanes::Q51 }>(std::array::from_fn(row), nblocks, out),
                 Layout::Kq2 => kq2x::pack(std::array::from_fn(row), nblocks, out),
             }
         });
@@ -238,7 +244,7 @@ impl Packed {
         }))
     }
 
-    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0, Q5_0, Q4_1): per
+    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0, Q5_0, Q4_1, Q5_1): per
     /// group of sixteen rows, the token rows a tile at a time (`lut4::TOKENS` or
     /// `q8lanes::TOKENS`), then the rest one by one.
     fn rows16_matmul(&self, w: &Weight<'_>, xs: &[Prepared], bias: Option<&[f32]>) -> Option<Vec<f32>> {
@@ -254,6 +260,7 @@ impl Packed {
                 Layout::Q8 => q8lanes::offsets::<{ q8lanes::Q8 }>(x, nblocks),
                 Layout::Q5 => q8lanes::offsets::<{ q8lanes::Q5 }>(x, nblocks),
                 Layout::Q41 => q8lanes::offsets::<{ q8lanes::Q41 }>(x, nblocks),
+                Layout::Q51 => q8lanes::offsets::<{ q8lanes::Q51 }>(x, nblocks),
                 _ => lut4::offsets(x, nblocks),
             })
             .collect();
@@ -264,12 +271,13 @@ impl Packed {
             // packed blocks and every token row and offset list as many (checked above).
             unsafe {
                 match self.layout {
-                    Layout::Q8 | Layout::Q5 | Layout::Q41 if t0 < full => {
+                    Layout::Q8 | Layout::Q5 | Layout::Q41 | Layout::Q51 if t0 < full => {
                         let (x, o) = (std::array::from_fn(|u| xs[t0 + u]), std::array::from_fn(|u| &offs[t0 + u][..]));
                         let v = match self.layout {
                             Layout::Q8 => q8lanes::gemm16::<{ q8lanes::Q8 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
                             Layout::Q5 => q8lanes::gemm16::<{ q8lanes::Q5 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
-                            _ => q8lanes::gemm16::<{ q8lanes::Q41 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
+                            Layout::Q41 => q8lanes::gemm16::<{ q8lanes::Q41 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
+                            _ => q8lanes::gemm16::<{ q8lanes::Q51 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
                         };
                         v.iter().enumerate().for_each(|(u, v)| out(t0 + u, v));
                     }
@@ -281,6 +289,9 @@ impl Packed {
                     }
                     Layout::Q41 => {
                         out(t0, &q8lanes::gemm16::<{ q8lanes::Q41 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
+                    }
+                    Layout::Q51 => {
+                        out(t0, &q8lanes::gemm16::<{ q8lanes::Q51 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
                     }
                     Layout::Lut4(dtype) if t0 < full => {
                         let v = lut4::gemm16::<{ lut4::TOKENS }>(

@@ -1,4 +1,4 @@
-//! Q8_0, Q5_0 and Q4_1 weights with one row per 32-bit lane (x86-64, AVX-512). Their definition
+//! Q8_0, Q5_0, Q4_1 and Q5_1 weights with one row per 32-bit lane (x86-64, AVX-512). Their definition
 //! is ggml's `vec_dot` order (llama.cpp repacks none of them on x86): per block eight integer
 //! lanes of four consecutive products, each added to its own float accumulator by
 //! `fma(d·d8, lane, acc)`, the eight reduced as `hsum_float_8` at the end
@@ -16,7 +16,8 @@
 //! rebuilt per lane group (the fifth bits spread to bit 4 of each byte by one multiply), each
 //! lane's sum starting at `−16·Σx`. Q4_1's codes are unsigned already (sums from zero); its
 //! minimums add `fma(m, s8, summs)` per block, sixteen rows per vector, and the float lanes'
-//! reduction then adds `summs`, as ggml's `hsum_float_8(acc) + summs`.
+//! reduction then adds `summs`, as ggml's `hsum_float_8(acc) + summs`. Q5_1 is Q5_0's codes
+//! without the offset (unsigned, sums from zero) and Q4_1's minimums.
 
 use std::arch::x86_64::*;
 
@@ -24,17 +25,41 @@ use kiln_quant::ggml_dot::Q8Row;
 
 const QK: usize = 32;
 
-/// The layouts: Q8_0 (34-byte blocks), Q5_0 (22-byte blocks) and Q4_1 (20-byte blocks).
+/// The layouts: Q8_0 (34-byte blocks), Q5_0 (22-byte blocks), Q4_1 (20-byte blocks) and
+/// Q5_1 (24-byte blocks).
 pub(crate) const Q8: u8 = 0;
 pub(crate) const Q5: u8 = 1;
 pub(crate) const Q41: u8 = 2;
+pub(crate) const Q51: u8 = 3;
+
+/// Whether layout `K` has a minimum per block (the `_1` types).
+const fn has_min(k: u8) -> bool {
+    k == Q41 || k == Q51
+}
+
+/// Whether layout `K` has fifth bits (`qh`) per block.
+const fn has_qh(k: u8) -> bool {
+    k == Q5 || k == Q51
+}
+
+/// Offset of the sixteen rows' `qh` words in a packed block (after the scales, and the
+/// minimums for Q5_1).
+const fn qh_at(k: u8) -> usize {
+    if k == Q51 { 4 * ROWS } else { 2 * ROWS }
+}
+
+/// Offset of the quant words in a packed block.
+const fn quants_at(k: u8) -> usize {
+    2 * ROWS + if has_min(k) { 2 * ROWS } else { 0 } + if has_qh(k) { 4 * ROWS } else { 0 }
+}
 
 /// Bytes of one stored block of layout `K`.
 const fn block(k: u8) -> usize {
     match k {
         Q8 => 34,
         Q5 => 22,
-        _ => 20,
+        Q41 => 20,
+        _ => 24,
     }
 }
 
@@ -46,7 +71,8 @@ pub(crate) const ROWS: usize = 16;
 /// - Q8_0: for each group `l` of four weights the sixteen rows' four bytes, offset to unsigned;
 /// - Q5_0: the sixteen rows' `qh` words, then for each of the four quant words the sixteen
 ///   rows' words (nibbles of elements `4k..4k+4` and `16+4k..16+4k+4`);
-/// - Q4_1: the sixteen rows' f16 minimums, then the quant words as Q5_0's.
+/// - Q4_1: the sixteen rows' f16 minimums, then the quant words as Q5_0's;
+/// - Q5_1: the sixteen rows' f16 minimums, their `qh` words, then the quant words.
 pub(crate) const fn packed(k: u8) -> usize {
     ROWS * block(k)
 }
@@ -58,15 +84,22 @@ pub(crate) fn pack<const K: u8>(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [
         crate::lut4::interleave16(rows, nblocks, block(Q8), 0x80, out);
         return;
     }
-    // Q5_0: its 4-byte `qh` after the scale; Q4_1: its 2-byte minimum.
-    let head = if K == Q5 { 4 } else { 2 };
+    // After the scale: Q5_0 its 4-byte `qh`, Q4_1 its 2-byte minimum, Q5_1 both.
+    let head = if has_min(K) { 2 } else { 0 } + if has_qh(K) { 4 } else { 0 };
     for (b, dst) in out.chunks_exact_mut(packed(K)).take(nblocks).enumerate() {
         for (r, row) in rows.iter().enumerate() {
             let blk = &row[b * block(K)..(b + 1) * block(K)];
             dst[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
-            dst[2 * ROWS + head * r..2 * ROWS + head * (r + 1)].copy_from_slice(&blk[2..2 + head]);
+            let mut at = 2;
+            if has_min(K) {
+                dst[2 * ROWS + 2 * r..2 * ROWS + 2 * r + 2].copy_from_slice(&blk[at..at + 2]);
+                at += 2;
+            }
+            if has_qh(K) {
+                dst[qh_at(K) + 4 * r..qh_at(K) + 4 * r + 4].copy_from_slice(&blk[at..at + 4]);
+            }
             for k in 0..4 {
-                let at = (2 + head) * ROWS + k * 4 * ROWS + 4 * r;
+                let at = quants_at(K) + k * 4 * ROWS + 4 * r;
                 dst[at..at + 4].copy_from_slice(&blk[2 + head + 4 * k..6 + head + 4 * k]);
             }
         }
@@ -74,7 +107,8 @@ pub(crate) fn pack<const K: u8>(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [
 }
 
 /// Per block of a token row, per group `l` of four activations, `−c·Σx` (`c` = 128 for Q8_0,
-/// 16 for Q5_0, 0 for Q4_1): where lane `l`'s integer sum against the offset weights starts.
+/// 16 for Q5_0, 0 for Q4_1 and Q5_1): where lane `l`'s integer sum against the offset weights
+/// starts.
 pub(crate) fn offsets<const K: u8>(x: &Q8Row, nblocks: usize) -> Vec<i32> {
     let c = match K {
         Q8 => -128,
@@ -100,16 +134,15 @@ unsafe fn weights<const K: u8>(blk: *const u8) -> [__m512i; 8] {
             return w;
         }
         let low = _mm512_set1_epi8(0x0f);
-        let quants = if K == Q5 { 6 * ROWS } else { 4 * ROWS };
         for k in 0..4 {
-            let v = _mm512_loadu_si512(blk.add(quants + 64 * k).cast());
+            let v = _mm512_loadu_si512(blk.add(quants_at(K) + 64 * k).cast());
             w[k] = _mm512_and_si512(v, low);
             w[4 + k] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
         }
-        if K == Q41 {
+        if !has_qh(K) {
             return w;
         }
-        let qh = _mm512_loadu_si512(blk.add(2 * ROWS).cast());
+        let qh = _mm512_loadu_si512(blk.add(qh_at(K)).cast());
         for (l, w) in w.iter_mut().enumerate() {
             // Bits 4l..4l+4 of each row's qh to bit 4 of its four bytes: the four bits times
             // 2^4 + 2^11 + 2^18 + 2^25 land apart (no carries), bit j at 8j + 4.
@@ -142,7 +175,7 @@ pub(crate) unsafe fn gemm16<const K: u8, const N: usize>(
 ) -> [[f32; ROWS]; N] {
     const { assert!(N <= TOKENS) };
     let mut acc = [[_mm512_setzero_ps(); 8]; N];
-    // Q4_1: the minimums' share, `summs` of sixteen rows.
+    // Q4_1 and Q5_1: the minimums' share, `summs` of sixteen rows.
     let mut summs = [_mm512_setzero_ps(); N];
     let base = pk.as_ptr();
     for b in 0..nblocks {
@@ -152,7 +185,7 @@ pub(crate) unsafe fn gemm16<const K: u8, const N: usize>(
             crate::x86::prefetch_ahead(blk, packed(K));
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
             let w = weights::<K>(blk);
-            if K == Q41 {
+            if has_min(K) {
                 let mw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(2 * ROWS).cast()));
                 for t in 0..N {
                     summs[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[t].scales.get_unchecked(b).1), summs[t]);
@@ -213,7 +246,7 @@ mod tests {
                     for blk in row.chunks_mut(block(K)) {
                         let d = (r() % 1000) as f32 * 1e-5 * if r() % 2 == 0 { 1.0 } else { -1.0 };
                         blk[0..2].copy_from_slice(&half::f16::from_f32(d).to_le_bytes());
-                        if K == Q41 {
+                        if has_min(K) {
                             let m = (r() % 1000) as f32 * -1e-5;
                             blk[2..4].copy_from_slice(&half::f16::from_f32(m).to_le_bytes());
                         }
@@ -253,5 +286,6 @@ mod tests {
         check::<Q8>(DType::Q8_0);
         check::<Q5>(DType::Q5_0);
         check::<Q41>(DType::Q4_1);
+        check::<Q51>(DType::Q5_1);
     }
 }
