@@ -3,7 +3,7 @@
 //! rows read once per call (all token rows dotted against a block while it
 //! is in cache).
 
-use kiln_backends::reference::{AttnNumerics, CompressedCache, Kernels, KvCache, Weight, place_tiles};
+use kiln_backends::reference::{AttnNumerics, CompressedCache, Kernels, KvCache, MatJob, Weight, place_tiles};
 use kiln_ir::AttentionAttrs;
 use kiln_quant::QuantError;
 use kiln_quant::ggml_dot::RowGroup;
@@ -110,8 +110,8 @@ impl Kernels for CpuKernels {
 
     /// The jobs as one parallel region: each job's own row blocks are parallel too, so
     /// threads take work from the other jobs instead of waiting at each one's end.
-    fn matmuls(&self, jobs: &[(&[f32], usize, Weight<'_>)]) -> Result<Vec<Vec<f32>>, QuantError> {
-        jobs.par_iter().map(|&(x, rows, w)| self.matmul(x, rows, w, None, 0, rows)).collect()
+    fn matmuls(&self, jobs: &[MatJob<'_>]) -> Result<Vec<Vec<f32>>, QuantError> {
+        jobs.par_iter().map(|j| self.matmul(j.x, j.rows, j.w, j.bias, j.first, j.total)).collect()
     }
 
     fn attend(

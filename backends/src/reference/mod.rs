@@ -31,7 +31,7 @@ use kiln_ir::{Op, VerifiedModule};
 pub use attention::{AttnNumerics, FA_TILE_KV, FA_TILE_Q, KvCache, attend, tiled_scale, tiled_score, tiled_softmax};
 pub use kernels::{dot, rope_angles};
 pub use matmul::{Weight, place_tiles};
-pub use session::{Captured, ChannelStats, Kernels, ReferenceKernels, ReferenceSession};
+pub use session::{Captured, ChannelStats, Kernels, MatJob, ReferenceKernels, ReferenceSession};
 pub use sparse::{CompressedCache, CompressedView};
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};

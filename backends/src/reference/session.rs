@@ -32,13 +32,13 @@ pub trait Kernels: Send + Sync {
         total: usize,
     ) -> Result<Vec<f32>, QuantError>;
 
-    /// Independent matmuls at once, each `(x, rows, w)` as [`Self::matmul`] with no bias over
-    /// a call of `rows` tokens; results in order. The reference runs them in turn; a backend
-    /// may run them in one parallel region (the MoE dispatch: every chosen expert's
-    /// projections together, so that threads do not wait at each small matmul's end). Each
-    /// result must equal its [`Self::matmul`].
-    fn matmuls(&self, jobs: &[(&[f32], usize, Weight<'_>)]) -> Result<Vec<Vec<f32>>, QuantError> {
-        jobs.iter().map(|&(x, rows, w)| self.matmul(x, rows, w, None, 0, rows)).collect()
+    /// Independent matmuls at once, each as [`Self::matmul`] with its [`MatJob`]'s arguments;
+    /// results in order. The reference runs them in turn; a backend may run them in one
+    /// parallel region (a layer's projections of one input, a MoE layer's experts), so that
+    /// threads do not wait at each small matmul's end. Each result must equal its
+    /// [`Self::matmul`].
+    fn matmuls(&self, jobs: &[MatJob<'_>]) -> Result<Vec<Vec<f32>>, QuantError> {
+        jobs.iter().map(|j| self.matmul(j.x, j.rows, j.w, j.bias, j.first, j.total)).collect()
     }
 
     /// Attention of query rows `q` (row `t` at position `first_pos + t`) over
@@ -68,6 +68,24 @@ pub trait Kernels: Send + Sync {
         sink: &[f32],
     ) -> Vec<f32> {
         cache.attend(q, first_pos, idx_q, idx_w, sink)
+    }
+}
+
+/// One matmul of a [`Kernels::matmuls`] batch: the arguments of [`Kernels::matmul`].
+#[derive(Clone, Copy)]
+pub struct MatJob<'a> {
+    pub x: &'a [f32],
+    pub rows: usize,
+    pub w: Weight<'a>,
+    pub bias: Option<&'a [f32]>,
+    pub first: usize,
+    pub total: usize,
+}
+
+impl<'a> MatJob<'a> {
+    /// `rows` rows of `x` times `w`, a call of its own (no bias).
+    pub fn whole(x: &'a [f32], rows: usize, w: Weight<'a>) -> MatJob<'a> {
+        MatJob { x, rows, w, bias: None, first: 0, total: rows }
     }
 }
 
@@ -409,24 +427,87 @@ impl ReferenceSession {
         let mut values: Vec<Option<Value>> = Vec::with_capacity(module.insts.len());
         values.resize_with(module.insts.len(), || None);
 
-        for (i, inst) in module.insts.iter().enumerate() {
+        let mut i = 0;
+        while i < module.insts.len() {
             let rows = sched.rows[i];
-            if !executes(&inst.op, rows) {
+            if !executes(&module.insts[i].op, rows) {
+                i += 1;
                 continue;
             }
-            let result = self.exec(i, &inst.op, &values, tokens, rows, sched.gathered[i])?;
-            if let (Some((want, got)), Some(Value::Act { data, cols, first })) = (self.capture.as_mut(), &result)
-                && want.contains(&ValueId(i as u32))
-            {
-                got.insert(ValueId(i as u32), Captured { data: data.clone(), cols: *cols, first: *first });
+            // Consecutive matmuls of one input (a layer's q/k/v, gate/up) run as one batch.
+            let end = self.siblings(&sched, i);
+            let results = if end > i + 1 {
+                self.exec_matmuls(i..end, &values, tokens, rows, sched.gathered[i])?
+            } else {
+                vec![self.exec(i, &module.insts[i].op, &values, tokens, rows, sched.gathered[i])?]
+            };
+            for (j, result) in (i..end).zip(results) {
+                if let (Some((want, got)), Some(Value::Act { data, cols, first })) = (self.capture.as_mut(), &result)
+                    && want.contains(&ValueId(j as u32))
+                {
+                    got.insert(ValueId(j as u32), Captured { data: data.clone(), cols: *cols, first: *first });
+                }
+                values[j] = result;
+                for v in &sched.free_after[j] {
+                    values[v.index()] = None;
+                }
             }
-            values[i] = result;
-            for v in &sched.free_after[i] {
-                values[v.index()] = None;
-            }
+            i = end;
         }
         let out = module.output.ok_or_else(|| internal("module has no output"))?;
         values.get_mut(out.index()).and_then(Option::take).ok_or_else(|| internal("the output value was not computed"))
+    }
+
+    /// The end of the run of matmuls from instruction `i` that read `i`'s input with the same
+    /// rows (`i + 1` when `i` is not a matmul or has no such sibling). Not while collecting
+    /// activation statistics, which `exec` gathers per matmul.
+    fn siblings(&self, sched: &super::plan::Schedule, i: usize) -> usize {
+        let insts = &self.module.insts;
+        let Op::MatMul { x, .. } = insts[i].op else { return i + 1 };
+        if self.stats.is_some() {
+            return i + 1;
+        }
+        let mut end = i + 1;
+        while end < insts.len()
+            && matches!(insts[end].op, Op::MatMul { x: x2, .. } if x2 == x)
+            && sched.rows[end] == sched.rows[i]
+            && sched.gathered[end] == sched.gathered[i]
+        {
+            end += 1;
+        }
+        end
+    }
+
+    /// The matmuls `range` (siblings: one input, one schedule) as one [`Kernels::matmuls`]
+    /// batch, each result what [`Self::exec`] would give it.
+    fn exec_matmuls(
+        &self,
+        range: std::ops::Range<usize>,
+        values: &[Option<Value>],
+        tokens: &[u32],
+        rows: Rows,
+        gathered: bool,
+    ) -> Result<Vec<Option<Value>>, BackendError> {
+        let t_len = tokens.len();
+        let first = if rows == Rows::All { 0 } else { t_len.saturating_sub(1) };
+        let n_rows = t_len - first;
+        // The rows of llama.cpp's matmul: the call's, or only these once gathered.
+        let (at, batch) = if gathered { (0, n_rows) } else { (first, t_len) };
+        let mut jobs = Vec::with_capacity(range.len());
+        let mut widths = Vec::with_capacity(range.len());
+        for i in range.clone() {
+            let Op::MatMul { x, w, bias } = &self.module.insts[i].op else {
+                return Err(internal(format!("%{i}: not a matmul")));
+            };
+            let (x, k) = act_rows(values, *x, first, n_rows, i)?;
+            let n = matmul_rows(&self.module, i, *w, k)?;
+            let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
+            let bias = bias.map(|p| self.vector(p)).transpose()?;
+            jobs.push(MatJob { x, rows: n_rows, w: weight, bias, first: at, total: batch });
+            widths.push(n);
+        }
+        let ys = self.kernel.matmuls(&jobs).map_err(|e| quant_err(range.start, e))?;
+        Ok(ys.into_iter().zip(widths).map(|(data, cols)| Some(Value::Act { data, cols, first })).collect())
     }
 
     /// Executes instruction `i` for `rows` of this call's tokens; `None` when
@@ -446,18 +527,7 @@ impl ReferenceSession {
         let first = if rows == Rows::All { 0 } else { t_len.saturating_sub(1) };
         let n_rows = t_len - first;
         // Rows `first..` of an f32 operand, and its row length.
-        let act = |v: ValueId| -> Result<(&[f32], usize), BackendError> {
-            match values.get(v.index()) {
-                Some(Some(Value::Act { data, cols, first: f })) if *f <= first => {
-                    let start = (first - f) * cols;
-                    let end = start + n_rows * cols;
-                    data.get(start..end)
-                        .map(|d| (d, *cols))
-                        .ok_or_else(|| internal(format!("%{i}: operand {v} is too short")))
-                }
-                _ => Err(internal(format!("%{i}: operand {v} is not available for rows {first}..{t_len}"))),
-            }
-        };
+        let act = |v: ValueId| act_rows(values, v, first, n_rows, i);
         let out = |data: Vec<f32>, cols: usize| Ok(Some(Value::Act { data, cols, first }));
         match op {
             Op::Tokens => Ok(Some(Value::Ids(tokens.to_vec()))),
@@ -497,13 +567,7 @@ impl ReferenceSession {
             }
             Op::MatMul { x, w, bias } => {
                 let (x, k) = act(*x)?;
-                let dims = param_dims(&self.module, *w)?;
-                let n = match dims.as_slice() {
-                    [n, kk] if *kk == k => *n,
-                    _ => {
-                        return Err(internal(format!("%{i}: weight shape {dims:?} does not fit input rows of {k}")));
-                    }
-                };
+                let n = matmul_rows(&self.module, i, *w, k)?;
                 if let Some(stats) = self.stats.as_mut() {
                     let st = stats.entry(*w).or_insert_with(|| ChannelStats { sum_sq: vec![0.0; k], rows: 0 });
                     for row in x.chunks(k.max(1)) {
@@ -826,5 +890,33 @@ impl Session for ReferenceSession {
 
     fn kv_cache_bytes(&self) -> Option<usize> {
         Some(ReferenceSession::kv_cache_bytes(self))
+    }
+}
+
+/// Rows `first..first + n_rows` of the f32 value `v` (read by instruction `i`), and its row
+/// length.
+fn act_rows(
+    values: &[Option<Value>],
+    v: ValueId,
+    first: usize,
+    n_rows: usize,
+    i: usize,
+) -> Result<(&[f32], usize), BackendError> {
+    match values.get(v.index()) {
+        Some(Some(Value::Act { data, cols, first: f })) if *f <= first => {
+            let start = (first - f) * cols;
+            let end = start + n_rows * cols;
+            data.get(start..end).map(|d| (d, *cols)).ok_or_else(|| internal(format!("%{i}: operand {v} is too short")))
+        }
+        _ => Err(internal(format!("%{i}: operand {v} is not available for rows {first}..{}", first + n_rows))),
+    }
+}
+
+/// The output width of matmul `i` with weight `w` over input rows of `k`.
+fn matmul_rows(module: &VerifiedModule, i: usize, w: ParamId, k: usize) -> Result<usize, BackendError> {
+    let dims = param_dims(module, w)?;
+    match dims.as_slice() {
+        [n, kk] if *kk == k => Ok(*n),
+        _ => Err(internal(format!("%{i}: weight shape {dims:?} does not fit input rows of {k}"))),
     }
 }

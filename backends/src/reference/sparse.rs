@@ -16,7 +16,7 @@ use kiln_ir::{CompressedAttentionAttrs, MoeRouteAttrs, RotaryAttrs, Scoring};
 use rayon::prelude::*;
 
 use super::matmul::Weight;
-use super::session::Kernels;
+use super::session::{Kernels, MatJob};
 use crate::quant::QuantError;
 
 fn sigmoid(x: f32) -> f32 {
@@ -246,22 +246,25 @@ pub(crate) fn moe(
         })
         .collect();
     // Gate and up projections of every chosen expert, then the shared expert's.
-    let mut jobs: Vec<(&[f32], usize, Weight<'_>)> = vec![];
+    let mut jobs: Vec<MatJob<'_>> = vec![];
     for (ex, picked, xs) in &chosen {
-        jobs.push((xs, picked.len(), gate.expert(*ex)));
-        jobs.push((xs, picked.len(), up.expert(*ex)));
+        jobs.push(MatJob::whole(xs, picked.len(), gate.expert(*ex)));
+        jobs.push(MatJob::whole(xs, picked.len(), up.expert(*ex)));
     }
     if let Some([g, u, _]) = shared {
-        jobs.push((x, rows, g));
-        jobs.push((x, rows, u));
+        jobs.push(MatJob::whole(x, rows, g));
+        jobs.push(MatJob::whole(x, rows, u));
     }
     let gu = kernel.matmuls(&jobs)?;
     let hidden: Vec<Vec<f32>> = gu.chunks(2).map(|p| swiglu(&p[0], &p[1], limit)).collect();
     // Every down projection.
-    let mut jobs: Vec<(&[f32], usize, Weight<'_>)> =
-        chosen.iter().zip(&hidden).map(|((ex, picked, _), h)| (&h[..], picked.len(), down.expert(*ex))).collect();
+    let mut jobs: Vec<MatJob<'_>> = chosen
+        .iter()
+        .zip(&hidden)
+        .map(|((ex, picked, _), h)| MatJob::whole(h, picked.len(), down.expert(*ex)))
+        .collect();
     if let Some([_, _, dn]) = shared {
-        jobs.push((&hidden[chosen.len()], rows, dn));
+        jobs.push(MatJob::whole(&hidden[chosen.len()], rows, dn));
     }
     let ys = kernel.matmuls(&jobs)?;
     let mut out = vec![0f32; x.len()];
@@ -966,9 +969,12 @@ mod tests {
             self.0.matmul(x, rows, w, bias, first, total)
         }
 
-        fn matmuls(&self, jobs: &[(&[f32], usize, Weight<'_>)]) -> Result<Vec<Vec<f32>>, QuantError> {
-            let mut out: Vec<Vec<f32>> =
-                jobs.iter().rev().map(|&(x, r, w)| self.0.matmul(x, r, w, None, 0, r)).collect::<Result<_, _>>()?;
+        fn matmuls(&self, jobs: &[MatJob<'_>]) -> Result<Vec<Vec<f32>>, QuantError> {
+            let mut out: Vec<Vec<f32>> = jobs
+                .iter()
+                .rev()
+                .map(|j| self.0.matmul(j.x, j.rows, j.w, j.bias, j.first, j.total))
+                .collect::<Result<_, _>>()?;
             out.reverse();
             Ok(out)
         }
