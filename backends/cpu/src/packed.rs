@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use kiln_backends::WeightSource;
 use kiln_backends::reference::Weight;
 use kiln_ir::{DType, Op, VerifiedModule};
-use kiln_quant::ggml_dot::RowGroup;
+use kiln_quant::ggml_dot::{Q8Row, RowGroup};
 use rayon::prelude::*;
 
 use crate::kernels::{Prepared, all_of, kq2_of, q8_of, q8k_of};
@@ -244,80 +244,67 @@ impl Packed {
         }))
     }
 
-    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0, Q5_0, Q4_1, Q5_1): per
-    /// group of sixteen rows, the token rows a tile at a time (`lut4::TOKENS` or
+    /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0, Q5_0, Q4_1,
+    /// Q5_1): per group of sixteen rows, the token rows a tile at a time (`lut4::TOKENS` or
     /// `q8lanes::TOKENS`), then the rest one by one.
     fn rows16_matmul(&self, w: &Weight<'_>, xs: &[Prepared], bias: Option<&[f32]>) -> Option<Vec<f32>> {
         let xs = all_of(xs, q8_of)?;
         if self.n != w.n || xs.iter().any(|x| x.scales.len() < self.nblocks || x.q.len() < 32 * self.nblocks) {
             return None;
         }
+        Some(match self.layout {
+            Layout::Q8 => self.lanes_matmul::<{ q8lanes::Q8 }>(&xs, bias),
+            Layout::Q5 => self.lanes_matmul::<{ q8lanes::Q5 }>(&xs, bias),
+            Layout::Q41 => self.lanes_matmul::<{ q8lanes::Q41 }>(&xs, bias),
+            Layout::Q51 => self.lanes_matmul::<{ q8lanes::Q51 }>(&xs, bias),
+            Layout::Lut4(dtype) => self.lut4_matmul(lut4::table_of(dtype), &xs, bias),
+            Layout::Q4k | Layout::Kq2 => unreachable!("Q4_K and kq2 have their own matmuls"),
+        })
+    }
+
+    /// [`Self::rows16_matmul`] for `q8lanes` layout `K` (token rows checked there).
+    fn lanes_matmul<const K: u8>(&self, xs: &[&Q8Row], bias: Option<&[f32]>) -> Vec<f32> {
         let (rows, nblocks) = (xs.len(), self.nblocks);
-        let tokens = if matches!(self.layout, Layout::Lut4(_)) { lut4::TOKENS } else { q8lanes::TOKENS };
-        let offs: Vec<Vec<i32>> = xs
-            .iter()
-            .map(|x| match self.layout {
-                Layout::Q8 => q8lanes::offsets::<{ q8lanes::Q8 }>(x, nblocks),
-                Layout::Q5 => q8lanes::offsets::<{ q8lanes::Q5 }>(x, nblocks),
-                Layout::Q41 => q8lanes::offsets::<{ q8lanes::Q41 }>(x, nblocks),
-                Layout::Q51 => q8lanes::offsets::<{ q8lanes::Q51 }>(x, nblocks),
-                _ => lut4::offsets(x, nblocks),
-            })
-            .collect();
-        let full = rows / tokens * tokens;
-        // One group against token rows `t0..t0 + N` (`N` a tile, or 1).
-        let kernel = |pk: &[u8], t0: usize, out: &mut dyn FnMut(usize, &[f32; ROWS16])| {
-            // SAFETY (both layouts): packed only where `lut4::ZMM` holds; `pk` holds `nblocks`
-            // packed blocks and every token row and offset list as many (checked above).
+        let offs: Vec<Vec<i32>> = xs.iter().map(|x| q8lanes::offsets::<K>(x, nblocks)).collect();
+        let full = rows / q8lanes::TOKENS * q8lanes::TOKENS;
+        self.over_groups(rows, bias, |pk, tile, nb, j0| {
+            let mut put = |t: usize, v: &[f32; ROWS16]| tile[t * nb + j0..t * nb + j0 + ROWS16].copy_from_slice(v);
+            // SAFETY: packed only where `lut4::ZMM` holds; `pk` holds `nblocks` packed blocks and
+            // every token row and offset list as many (checked by the caller).
             unsafe {
-                match self.layout {
-                    Layout::Q8 | Layout::Q5 | Layout::Q41 | Layout::Q51 if t0 < full => {
-                        let (x, o) = (std::array::from_fn(|u| xs[t0 + u]), std::array::from_fn(|u| &offs[t0 + u][..]));
-                        let v = match self.layout {
-                            Layout::Q8 => q8lanes::gemm16::<{ q8lanes::Q8 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
-                            Layout::Q5 => q8lanes::gemm16::<{ q8lanes::Q5 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
-                            Layout::Q41 => q8lanes::gemm16::<{ q8lanes::Q41 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
-                            _ => q8lanes::gemm16::<{ q8lanes::Q51 }, { q8lanes::TOKENS }>(pk, nblocks, x, o),
-                        };
-                        v.iter().enumerate().for_each(|(u, v)| out(t0 + u, v));
-                    }
-                    Layout::Q8 => {
-                        out(t0, &q8lanes::gemm16::<{ q8lanes::Q8 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
-                    }
-                    Layout::Q5 => {
-                        out(t0, &q8lanes::gemm16::<{ q8lanes::Q5 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
-                    }
-                    Layout::Q41 => {
-                        out(t0, &q8lanes::gemm16::<{ q8lanes::Q41 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
-                    }
-                    Layout::Q51 => {
-                        out(t0, &q8lanes::gemm16::<{ q8lanes::Q51 }, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
-                    }
-                    Layout::Lut4(dtype) if t0 < full => {
-                        let v = lut4::gemm16::<{ lut4::TOKENS }>(
-                            lut4::table_of(dtype),
-                            pk,
-                            nblocks,
-                            std::array::from_fn(|u| xs[t0 + u]),
-                            std::array::from_fn(|u| &offs[t0 + u][..]),
-                        );
-                        v.iter().enumerate().for_each(|(u, v)| out(t0 + u, v));
-                    }
-                    Layout::Lut4(dtype) => {
-                        out(t0, &lut4::gemm16::<1>(lut4::table_of(dtype), pk, nblocks, [xs[t0]], [&offs[t0][..]])[0])
-                    }
-                    Layout::Q4k | Layout::Kq2 => unreachable!("Q4_K and kq2 have their own matmuls"),
+                for t0 in (0..full).step_by(q8lanes::TOKENS) {
+                    let x = std::array::from_fn(|u| xs[t0 + u]);
+                    let o = std::array::from_fn(|u| &offs[t0 + u][..]);
+                    let v = q8lanes::gemm16::<K, { q8lanes::TOKENS }>(pk, nblocks, x, o);
+                    v.iter().enumerate().for_each(|(u, v)| put(t0 + u, v));
+                }
+                for t0 in full..rows {
+                    put(t0, &q8lanes::gemm16::<K, 1>(pk, nblocks, [xs[t0]], [&offs[t0][..]])[0]);
                 }
             }
-        };
-        Some(self.over_groups(rows, bias, |pk, tile, nb, j0| {
-            let mut put = |t: usize, v: &[f32; ROWS16]| {
-                tile[t * nb + j0..t * nb + j0 + ROWS16].copy_from_slice(v);
-            };
-            for t0 in (0..full).step_by(tokens).chain(full..rows) {
-                kernel(pk, t0, &mut put);
+        })
+    }
+
+    /// [`Self::rows16_matmul`] for Q4_0 and IQ4_NL (`table`; token rows checked there).
+    fn lut4_matmul(&self, table: &[i8; 16], xs: &[&Q8Row], bias: Option<&[f32]>) -> Vec<f32> {
+        let (rows, nblocks) = (xs.len(), self.nblocks);
+        let offs: Vec<Vec<i32>> = xs.iter().map(|x| lut4::offsets(x, nblocks)).collect();
+        let full = rows / lut4::TOKENS * lut4::TOKENS;
+        self.over_groups(rows, bias, |pk, tile, nb, j0| {
+            let mut put = |t: usize, v: &[f32; ROWS16]| tile[t * nb + j0..t * nb + j0 + ROWS16].copy_from_slice(v);
+            // SAFETY: as in `lanes_matmul`.
+            unsafe {
+                for t0 in (0..full).step_by(lut4::TOKENS) {
+                    let x = std::array::from_fn(|u| xs[t0 + u]);
+                    let o = std::array::from_fn(|u| &offs[t0 + u][..]);
+                    let v = lut4::gemm16::<{ lut4::TOKENS }>(table, pk, nblocks, x, o);
+                    v.iter().enumerate().for_each(|(u, v)| put(t0 + u, v));
+                }
+                for t0 in full..rows {
+                    put(t0, &lut4::gemm16::<1>(table, pk, nblocks, [xs[t0]], [&offs[t0][..]])[0]);
+                }
             }
-        }))
+        })
     }
 
     /// `x · Wᵀ (+ bias)` for `rows` token rows, the groups of rows split into enough tasks to
