@@ -111,7 +111,7 @@ impl Kernels for CpuKernels {
     /// The jobs as one parallel region: each job's own row blocks are parallel too, so
     /// threads take work from the other jobs instead of waiting at each one's end.
     fn matmuls(&self, jobs: &[MatJob<'_>]) -> Result<Vec<Vec<f32>>, QuantError> {
-        jobs.par_iter().map(|j| self.matmul(j.x, j.rows, j.w, j.bias, j.first, j.total)).collect()
+        jobs.par_iter().map(|j| j.run(self)).collect()
     }
 
     fn attend(

@@ -38,7 +38,7 @@ pub trait Kernels: Send + Sync {
     /// threads do not wait at each small matmul's end. Each result must equal its
     /// [`Self::matmul`].
     fn matmuls(&self, jobs: &[MatJob<'_>]) -> Result<Vec<Vec<f32>>, QuantError> {
-        jobs.iter().map(|j| self.matmul(j.x, j.rows, j.w, j.bias, j.first, j.total)).collect()
+        jobs.iter().map(|j| j.run(self)).collect()
     }
 
     /// Attention of query rows `q` (row `t` at position `first_pos + t`) over
@@ -86,6 +86,11 @@ impl<'a> MatJob<'a> {
     /// `rows` rows of `x` times `w`, a call of its own (no bias).
     pub fn whole(x: &'a [f32], rows: usize, w: Weight<'a>) -> MatJob<'a> {
         MatJob { x, rows, w, bias: None, first: 0, total: rows }
+    }
+
+    /// This job on `kernel` alone.
+    pub fn run(&self, kernel: &(impl Kernels + ?Sized)) -> Result<Vec<f32>, QuantError> {
+        kernel.matmul(self.x, self.rows, self.w, self.bias, self.first, self.total)
     }
 }
 
@@ -434,12 +439,13 @@ impl ReferenceSession {
                 i += 1;
                 continue;
             }
-            // Consecutive matmuls of one input (a layer's q/k/v, gate/up) run as one batch.
+            // Matmuls run as batches: consecutive matmuls of one input (a layer's q/k/v,
+            // gate/up) together.
             let end = self.siblings(&sched, i);
-            let results = if end > i + 1 {
+            let results = if matches!(module.insts[i].op, Op::MatMul { .. }) {
                 self.exec_matmuls(i..end, &values, tokens, rows, sched.gathered[i])?
             } else {
-                vec![self.exec(i, &module.insts[i].op, &values, tokens, rows, sched.gathered[i])?]
+                vec![self.exec(i, &module.insts[i].op, &values, tokens, rows)?]
             };
             for (j, result) in (i..end).zip(results) {
                 if let (Some((want, got)), Some(Value::Act { data, cols, first })) = (self.capture.as_mut(), &result)
@@ -459,14 +465,10 @@ impl ReferenceSession {
     }
 
     /// The end of the run of matmuls from instruction `i` that read `i`'s input with the same
-    /// rows (`i + 1` when `i` is not a matmul or has no such sibling). Not while collecting
-    /// activation statistics, which `exec` gathers per matmul.
+    /// rows (`i + 1` when `i` is not a matmul or has no such sibling).
     fn siblings(&self, sched: &super::plan::Schedule, i: usize) -> usize {
         let insts = &self.module.insts;
         let Op::MatMul { x, .. } = insts[i].op else { return i + 1 };
-        if self.stats.is_some() {
-            return i + 1;
-        }
         let mut end = i + 1;
         while end < insts.len()
             && matches!(insts[end].op, Op::MatMul { x: x2, .. } if x2 == x)
@@ -478,10 +480,12 @@ impl ReferenceSession {
         end
     }
 
-    /// The matmuls `range` (siblings: one input, one schedule) as one [`Kernels::matmuls`]
-    /// batch, each result what [`Self::exec`] would give it.
+    /// The matmuls `range` (siblings: one input, one schedule; or one matmul) as one
+    /// [`Kernels::matmuls`] batch, collecting each one's input statistics while calibrating.
+    /// `gathered`: llama.cpp runs them on the gathered output rows alone (see
+    /// [`super::plan::Schedule::gathered`]).
     fn exec_matmuls(
-        &self,
+        &mut self,
         range: std::ops::Range<usize>,
         values: &[Option<Value>],
         tokens: &[u32],
@@ -493,15 +497,29 @@ impl ReferenceSession {
         let n_rows = t_len - first;
         // The rows of llama.cpp's matmul: the call's, or only these once gathered.
         let (at, batch) = if gathered { (0, n_rows) } else { (first, t_len) };
+        let module = Arc::clone(&self.module);
+        let matmul = |i: usize| match module.insts[i].op {
+            Op::MatMul { x, w, bias } => Ok((act_rows(values, x, first, n_rows, i)?, w, bias)),
+            _ => Err(internal(format!("%{i}: not a matmul"))),
+        };
+        if let Some(stats) = self.stats.as_mut() {
+            for i in range.clone() {
+                let ((x, k), w, _) = matmul(i)?;
+                let st = stats.entry(w).or_insert_with(|| ChannelStats { sum_sq: vec![0.0; k], rows: 0 });
+                for row in x.chunks(k.max(1)) {
+                    for (acc, &v) in st.sum_sq.iter_mut().zip(row) {
+                        *acc += f64::from(v) * f64::from(v);
+                    }
+                    st.rows += 1;
+                }
+            }
+        }
         let mut jobs = Vec::with_capacity(range.len());
         let mut widths = Vec::with_capacity(range.len());
         for i in range.clone() {
-            let Op::MatMul { x, w, bias } = &self.module.insts[i].op else {
-                return Err(internal(format!("%{i}: not a matmul")));
-            };
-            let (x, k) = act_rows(values, *x, first, n_rows, i)?;
-            let n = matmul_rows(&self.module, i, *w, k)?;
-            let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
+            let ((x, k), w, bias) = matmul(i)?;
+            let n = matmul_rows(&module, i, w, k)?;
+            let weight = Weight { bytes: self.weights.bytes(w), dtype: module.param(w).ty.dtype, n, k };
             let bias = bias.map(|p| self.vector(p)).transpose()?;
             jobs.push(MatJob { x, rows: n_rows, w: weight, bias, first: at, total: batch });
             widths.push(n);
@@ -512,8 +530,7 @@ impl ReferenceSession {
 
     /// Executes instruction `i` for `rows` of this call's tokens; `None` when
     /// it only had a side effect (an attention op whose result is not needed
-    /// still appends to its KV-cache slot). `gathered`: llama.cpp runs it on the gathered
-    /// output rows alone (see [`super::plan::Schedule::gathered`]).
+    /// still appends to its KV-cache slot). Matmuls run through [`Self::exec_matmuls`].
     fn exec(
         &mut self,
         i: usize,
@@ -521,7 +538,6 @@ impl ReferenceSession {
         values: &[Option<Value>],
         tokens: &[u32],
         rows: Rows,
-        gathered: bool,
     ) -> Result<Option<Value>, BackendError> {
         let t_len = tokens.len();
         let first = if rows == Rows::All { 0 } else { t_len.saturating_sub(1) };
@@ -565,25 +581,8 @@ impl ReferenceSession {
                 let b = bias.map(|p| self.vector(p)).transpose()?;
                 out(kernels::layer_norm(x, cols, *eps, w, b), cols)
             }
-            Op::MatMul { x, w, bias } => {
-                let (x, k) = act(*x)?;
-                let n = matmul_rows(&self.module, i, *w, k)?;
-                if let Some(stats) = self.stats.as_mut() {
-                    let st = stats.entry(*w).or_insert_with(|| ChannelStats { sum_sq: vec![0.0; k], rows: 0 });
-                    for row in x.chunks(k.max(1)) {
-                        for (acc, &v) in st.sum_sq.iter_mut().zip(row) {
-                            *acc += f64::from(v) * f64::from(v);
-                        }
-                        st.rows += 1;
-                    }
-                }
-                let weight = Weight { bytes: self.weights.bytes(*w), dtype: self.module.param(*w).ty.dtype, n, k };
-                let b = bias.map(|p| self.vector(p)).transpose()?;
-                // The rows of llama.cpp's matmul: the call's, or only these once gathered.
-                let (at, batch) = if gathered { (0, n_rows) } else { (first, t_len) };
-                let y = self.kernel.matmul(x, n_rows, weight, b, at, batch).map_err(|e| quant_err(i, e))?;
-                out(y, n)
-            }
+            // (Matmuls run through `exec_matmuls`.)
+            Op::MatMul { .. } => Err(internal(format!("%{i}: a matmul outside a batch"))),
             Op::Add { a, b } => {
                 let ((a, cols), (b, _)) = (act(*a)?, act(*b)?);
                 out(kernels::add(a, b), cols)

@@ -970,11 +970,7 @@ mod tests {
         }
 
         fn matmuls(&self, jobs: &[MatJob<'_>]) -> Result<Vec<Vec<f32>>, QuantError> {
-            let mut out: Vec<Vec<f32>> = jobs
-                .iter()
-                .rev()
-                .map(|j| self.0.matmul(j.x, j.rows, j.w, j.bias, j.first, j.total))
-                .collect::<Result<_, _>>()?;
+            let mut out: Vec<Vec<f32>> = jobs.iter().rev().map(|j| j.run(&self.0)).collect::<Result<_, _>>()?;
             out.reverse();
             Ok(out)
         }
