@@ -4,7 +4,8 @@
 //! (`KILN_MATVEC_ROWS`) on the first two:
 //! `cargo run --release -p kiln-cpu --example matvec`. `KILN_MATVEC_ONLY=Q5_0` picks one
 //! layout, `KILN_MATVEC_ISA=avx2` an instruction set below the best one, `KILN_MATVEC_REPS`
-//! the prefill repetitions (5).
+//! the prefill repetitions (5), `KILN_MATVEC_DECODE_SCALE` multiplies the decode ones (for a
+//! profiler).
 
 use std::time::Instant;
 
@@ -65,7 +66,8 @@ fn main() {
             if k.isa == Isa::Avx512Vnni {
                 k.packed = Some(std::sync::Arc::new(kiln_cpu::PackedWeights::of_matrix(&w))).filter(|p| !p.is_empty());
             }
-            let reps = (200_000_000 / (n * kk)).max(10);
+            let reps = (200_000_000 / (n * kk)).max(10)
+                * std::env::var("KILN_MATVEC_DECODE_SCALE").ok().and_then(|r| r.parse().ok()).unwrap_or(1);
             let t = pool.install(|| {
                 let _ = k.matmul(&x, 1, w, None, 0, 1).unwrap();
                 // The fastest repetition: other work on the machine only slows some down.

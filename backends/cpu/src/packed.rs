@@ -223,9 +223,9 @@ impl Packed {
             return None;
         }
         let panel = (xs.len() >= crate::kernels::KQ2_PANEL_MIN_TOKENS).then(|| vnni::Kq2Panel::build(&xs));
-        // The decode kernel's activations, their groups in its order.
-        let permuted: Vec<Vec<i8>> =
-            if panel.is_none() { xs.iter().map(|x| kq2x::permute(&x.q)).collect() } else { Vec::new() };
+        // The decode kernel's tables of the shift bits' part, once per token row.
+        let taus: Vec<kq2x::ShiftSums> =
+            if panel.is_none() { xs.iter().map(|x| kq2x::ShiftSums::new(&x.q)).collect() } else { Vec::new() };
         Some(self.over_groups(xs.len(), bias, |pk, tile, nb, j0| {
             // SAFETY: packed only where `KQ2_ZMM` and BMI2 hold (and the backend packs only
             // with `Isa::Avx512Vnni`); `pk` holds `nblocks` packed blocks, every token row
@@ -234,8 +234,8 @@ impl Packed {
                 match &panel {
                     Some(panel) => kq2x::gemm(pk, nblocks, panel, tile, nb, j0),
                     None => {
-                        for (t, (x, q)) in xs.iter().zip(&permuted).enumerate() {
-                            let v = kq2x::gemv(pk, nblocks, q, &x.d);
+                        for (t, (x, taus)) in xs.iter().zip(&taus).enumerate() {
+                            let v = kq2x::gemv(pk, nblocks, &x.q, taus, &x.d);
                             tile[t * nb + j0..t * nb + j0 + kq2x::ROWS].copy_from_slice(&v);
                         }
                     }
