@@ -13,25 +13,34 @@
 //! - the block header (scale index and basis flag, 1 byte).
 //!
 //! That is 26 bytes per 64 weights (3.25 bits per weight in memory instead of 2.25, still
-//! 28% less than Q4_K's 4.5). Decoding a row is half a `vpermb` (each group's three bytes
-//! into its qword, two rows at once), a `vpmultishiftqb` (each weight's three bits into its
-//! byte) and a `vpand`: `t`, an unsigned byte, whose `vpdpbusd` with the activation quants
-//! needs no per-row sign work (the activations' own signs stand; the block integer is
-//! `4·Σ t·q` plus the part below). On Zen 4 the shuffles, `vpdpbusd`, `vpmaddwd` and
-//! `vpackssdw` of 512 bits each take about a cycle of the same two pipes, so the kernel is
-//! written to count them: 26 → 40 Gweights/s per thread against the previous form (signs
-//! and magnitudes apart, 2.25 + 1 bits: a `vpmultishiftqb`, a `vgf2p8affineqb` and masked
-//! sign and shift fix-ups per row, and a transposing reduction by shuffles).
+//! 28% less than Q4_K's 4.5).
+//!
+//! The decode kernel works on the eight rows of a group at once, one group of 8 weights of
+//! each row per step: qword r of a step's vector is row r's group s. Decoding a step is half
+//! a `vpermb` (each row's three code bytes into its qword, two steps at once), a
+//! `vpmultishiftqb` (each weight's three bits into its byte) and a `vpand`: `t`, an unsigned
+//! byte, whose `vpdpbusd` meets group s's activation quants broadcast to every qword (the
+//! rotated ones where a row's block is stored rotated: a masked broadcast load). No per-row
+//! sign work (the activations' own signs stand: the block integer is `4·Σ t·q` plus the part
+//! below), and no reduction across vector lanes: a row's sum is its qword's two dwords.
+//! On Zen 4 the 512-bit shuffles, `vpdpbusd` and `vpermi2ps` each take about a cycle of the
+//! same two pipes, so the kernel is written to count them, and the block scales are
+//! computed in 256-bit lanes instead of looked up ([`Scales`]): 26 → 46 Gweights/s per
+//! thread against the previous form (signs and magnitudes apart, 2.25 + 1 bits: a
+//! `vpmultishiftqb`, a `vgf2p8affineqb` and masked sign and shift fix-ups per row, a
+//! transposing reduction by shuffles and a 128-entry scale table in registers).
 //!
 //! The shift bits and the `−14` offset are the same for all weights of a group, so their
-//! part of a row's block integer, `Σ_g τ'_g·Q_g − 14·Σq` (`Q_g` the sum of group g's quants), is a function of
-//! the row's τ byte alone: [`ShiftSums`] tabulates it once per token row and block
-//! (two 16-entry halves per basis, looked up for eight rows at once by `vpermi2d`).
-//! The values are moved, not changed: results equal the stored-form kernels bit for bit.
+//! part of a row's block integer, `Σ_g τ'_g·Q_g − 14·Σq` (`Q_g` the sum of group g's
+//! quants), is a function of the row's τ byte alone: [`ShiftSums`] tabulates it once per
+//! token row and block (two 16-entry halves per basis, looked up for eight rows at once by
+//! `vpermi2d`). The values are moved, not changed: results equal the stored-form kernels
+//! bit for bit.
 //!
-//! Rows are packed in groups of [`ROWS`] (eight: [`crate::vnni::kq2_gemm`]'s group, the
-//! decode kernel's step), block by block: for each block the eight rows' codes (192 bytes),
-//! shift bits (8) and headers (8), [`PACKED`] bytes.
+//! Rows are packed in groups of [`ROWS`] (eight: [`crate::vnni::kq2_gemm`]'s group and the
+//! decode kernel's), block by block: for each block the eight steps' codes (24 bytes each,
+//! row r's group s at `24s + 3r`), the rows' shift bits (8) and headers (8), [`PACKED`]
+//! bytes.
 
 use std::arch::x86_64::*;
 
@@ -50,6 +59,7 @@ const HEADERS: usize = TAUS + ROWS;
 pub(crate) fn pack(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
     let codes = &vnni::KQ2_ZMM_TABLES.codes;
     for (bi, o) in out.chunks_exact_mut(PACKED).take(nblocks).enumerate() {
+        let mut t = [[0u8; 64]; ROWS];
         for (r, row) in rows.iter().enumerate() {
             let b = &row[18 * bi..18 * bi + 18];
             let mut tau = 0u8;
@@ -57,29 +67,35 @@ pub(crate) fn pack(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
                 let word = u16::from_le_bytes([b[2 + 2 * g], b[3 + 2 * g]]);
                 let index = usize::from(word & 0xff) | usize::from(b[1] >> g & 1) << 8;
                 // Two bits per weight, (A − 1)/2.
-                let code = u32::from(codes[index / 32][index % 32] as u16);
+                let code = codes[index / 32][index % 32] as u16;
                 // σ₀..σ₆ stored; σ₇ the parity of those and of P(i), the parity of the
                 // codes' low bits (Σ A / 2 = Σ c + 4).
-                let stored = u32::from(word >> 8) & 0x7f;
-                let sigma = stored | ((stored.count_ones() + (code & 0x5555).count_ones()) & 1) << 7;
-                // t = σ ? 3 − c : 4 + c, three bits per weight.
-                let t = (0..8).fold(0u32, |t, i| {
-                    let c = code >> (2 * i) & 3;
-                    t | (if sigma >> i & 1 == 1 { 3 - c } else { 4 + c }) << (3 * i)
-                });
-                o[24 * r + 3 * g..24 * r + 3 * g + 3].copy_from_slice(&t.to_le_bytes()[..3]);
+                let stored = (word >> 8) & 0x7f;
+                let sigma = stored | (((stored.count_ones() + (code & 0x5555).count_ones()) & 1) as u16) << 7;
+                for i in 0..8 {
+                    // t = σ ? 3 − c : 4 + c.
+                    let c = (code >> (2 * i) & 3) as u8;
+                    t[r][8 * g + i] = if sigma >> i & 1 == 1 { 3 - c } else { 4 + c };
+                }
                 tau |= ((word >> 15) as u8) << g;
             }
             o[TAUS + r] = tau;
             o[HEADERS + r] = b[0];
         }
+        // Step s: group s of each row, row r's in qword r.
+        for s in 0..8 {
+            for (r, t) in t.iter().enumerate() {
+                let bits = (0..8).fold(0u32, |acc, i| acc | u32::from(t[8 * s + i]) << (3 * i));
+                o[24 * s + 3 * r..24 * s + 3 * r + 3].copy_from_slice(&bits.to_le_bytes()[..3]);
+            }
+        }
     }
 }
 
-/// A token row's per-block table of the shift bits' and offset's part of a row's block
-/// integer, `Σ_g τ'_g·Q_g − 14·Σq` over the quants of the row's basis (τ'_g = −1 where bit
-/// g of its shift byte τ is set, else +1): for basis flag `U` (the header's bit 7) it is
-/// `lo[16U + (τ & 15)]` plus `hi[16U + (τ >> 4)]`.
+/// A token row's table of the shift bits' and offset's part of a row's block integer, per
+/// block: `Σ_g τ'_g·Q_g − 14·Σq` over the quants of the row's basis (`Q_g` the sum of
+/// group g's quants, τ'_g = −1 where bit g of the row's shift byte τ is set, else +1). For
+/// basis flag `U` (the header's bit 7) it is `t[16U + (τ & 15)]` plus `t[32 + 16U + (τ >> 4)]`.
 pub(crate) struct ShiftSums(Vec<[i32; 64]>);
 
 impl ShiftSums {
@@ -97,13 +113,17 @@ impl ShiftSums {
                             b[base + 8 * g..base + 8 * g + 8].iter().map(|&v| i32::from(v)).sum()
                         });
                         let total: i32 = sums.iter().sum();
-                        for x in 0..16 {
-                            let part =
-                                |off: usize| -> i32 { (0..4).filter(|g| x >> g & 1 == 1).map(|g| sums[off + g]).sum() };
-                            // Σ τ'Q = Σq − 2·Σ_{τ set} Q, so with −14·Σq: −13·Σq − 2·(…).
-                            t[16 * u + x] = -13 * total - 2 * part(0);
-                            t[32 + 16 * u + x] = -2 * part(4);
+                        // Σ τ'Q = Σq − 2·Σ_{τ set} Q, so with −14·Σq: −13·Σq − 2·(…), built
+                        // up one group at a time over the 16 subsets of each half.
+                        let (mut lo, mut hi) = ([-13 * total; 16], [0i32; 16]);
+                        for g in 0..4 {
+                            for x in (0..16).filter(|x| x >> g & 1 == 1) {
+                                lo[x] -= 2 * sums[g];
+                                hi[x] -= 2 * sums[4 + g];
+                            }
                         }
+                        t[16 * u..16 * u + 16].copy_from_slice(&lo);
+                        t[32 + 16 * u..32 + 16 * u + 16].copy_from_slice(&hi);
                     }
                     t
                 })
@@ -112,9 +132,9 @@ impl ShiftSums {
     }
 }
 
-/// The decoder's constant vectors: the `vpermb` indices (qword k's bytes 0..3 group k's
-/// three code bytes of the first row of a pair, bytes 3..6 those of the second) and the
-/// two rows' `vpmultishiftqb` offsets (byte i of a qword its weight's three bits).
+/// The decoder's constant vectors: the `vpermb` indices (qword k's bytes 0..3 the three
+/// code bytes at `3k` of the first step of a pair, bytes 3..6 those of the second) and the
+/// two steps' `vpmultishiftqb` offsets (byte i of a qword its weight's three bits).
 struct Decoder {
     place: __m512i,
     shifts: [__m512i; 2],
@@ -137,9 +157,9 @@ impl Decoder {
         }
     }
 
-    /// The two rows whose 24 code bytes each are at `codes` (64 readable): their 64
-    /// weights' `t = ((−1)^σ·2A + 14) / 4` as unsigned bytes, in order. One `vpermb` places
-    /// both rows' groups; a `vpand` (which any vector pipe runs, where a `vgf2p8affineqb`
+    /// The two steps whose 24 code bytes each are at `codes` (64 readable): their 64
+    /// weights' `t = ((−1)^σ·2A + 14) / 4` as unsigned bytes (qword r: row r's group). One
+    /// `vpermb` places both steps' codes; a `vpand` (which any vector pipe runs, where a `vgf2p8affineqb`
     /// could have made `4t` at once: Zen 4 has two pipes for that, already busy with
     /// `vpdpbusd`) keeps each weight's bits, the factor 4 applied to the block integers.
     ///
@@ -155,63 +175,40 @@ impl Decoder {
     }
 }
 
-/// kq2's 128 block scales in eight registers.
-struct ScaleTable([__m512; 8]);
+/// kq2's block scales computed, not looked up: `scale(k) = M[(k − 1) mod 5]·2^(⌊(k − 1)/5⌋ −
+/// 17)` (`kiln_quant::kq2`), the five mantissas with their 2⁻¹⁷ in one register, the
+/// exponent added to the float's bits. A 128-entry table lookup for eight rows took four
+/// `vpermi2ps` of 512 bits and their blends, about 1.5 cycles per row of the decode kernel.
+struct Scales(__m256);
 
-impl ScaleTable {
+impl Scales {
     /// # Safety
-    /// The CPU must support AVX512F.
+    /// The CPU must support AVX.
     #[inline(always)]
-    unsafe fn new() -> ScaleTable {
-        let scales = &x86::KQ2_TABLES.scale;
-        // SAFETY: 16 of the 128 floats each; the caller's CPU features.
-        ScaleTable(std::array::from_fn(|i| unsafe { _mm512_loadu_ps(scales.as_ptr().add(16 * i)) }))
+    unsafe fn new() -> Scales {
+        let t = &x86::KQ2_TABLES.scale;
+        // SAFETY: the caller's CPU features.
+        Scales(unsafe { _mm256_setr_ps(t[1], t[2], t[3], t[4], t[5], 0.0, 0.0, 0.0) })
     }
 
-    /// The scales of the header bytes in the low eight lanes of `hdr` (bit 7, the basis
-    /// flag, ignored): `vpermi2ps` within each 32 entries, blends on bits 5 and 6.
+    /// The scales of the header bytes in the eight lanes of `hdr` (bit 7, the basis flag,
+    /// ignored) and which are not zero (`k ≠ 0`; the scale of those lanes is not defined).
     ///
     /// # Safety
-    /// The CPU must support AVX512F.
+    /// The CPU must support AVX2 and AVX512F/VL.
     #[inline(always)]
-    unsafe fn lookup(&self, hdr: __m512i) -> __m256 {
+    unsafe fn of(&self, hdr: __m256i) -> (__m256, __mmask8) {
         // SAFETY: the caller's CPU features.
         unsafe {
-            let t = &self.0;
-            let q: [__m512; 4] = std::array::from_fn(|i| _mm512_permutex2var_ps(t[2 * i], hdr, t[2 * i + 1]));
-            let b5 = _mm512_test_epi32_mask(hdr, _mm512_set1_epi32(0x20));
-            let b6 = _mm512_test_epi32_mask(hdr, _mm512_set1_epi32(0x40));
-            let lo = _mm512_mask_blend_ps(b5, q[0], q[1]);
-            let hi = _mm512_mask_blend_ps(b5, q[2], q[3]);
-            _mm512_castps512_ps256(_mm512_mask_blend_ps(b6, lo, hi))
+            let k = _mm256_and_si256(hdr, _mm256_set1_epi32(0x7f));
+            let live = _mm256_test_epi32_mask(k, k);
+            let x = _mm256_max_epi32(_mm256_sub_epi32(k, _mm256_set1_epi32(1)), _mm256_setzero_si256());
+            // ⌊x/5⌋ = (205·x) >> 10 for x < 1024; the product fits the low 16 bits.
+            let e = _mm256_srli_epi32::<10>(_mm256_mullo_epi16(x, _mm256_set1_epi32(205)));
+            let r = _mm256_sub_epi32(x, _mm256_add_epi32(_mm256_slli_epi32::<2>(e), e));
+            let m = _mm256_permutevar8x32_ps(self.0, r);
+            (_mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(m), _mm256_slli_epi32::<23>(e))), live)
         }
-    }
-}
-
-/// Eight rows' 16 lane sums `d` (each within ±2¹³) reduced to one exact integer each, row
-/// `r` in lane `r`: pairs narrowed to 16 bits and added by `vpmaddwd` twice, then the four
-/// 128-bit lanes added.
-///
-/// # Safety
-/// The CPU must support AVX512F/BW/VL.
-#[inline(always)]
-unsafe fn reduce8(d: [__m512i; 8]) -> __m256i {
-    // SAFETY: the caller's CPU features.
-    unsafe {
-        let ones = _mm512_set1_epi16(1);
-        // Per 128-bit lane: [a0+a1, a2+a3, b0+b1, b2+b3] of rows a, b.
-        let m: [__m512i; 4] =
-            std::array::from_fn(|i| _mm512_madd_epi16(_mm512_packs_epi32(d[2 * i], d[2 * i + 1]), ones));
-        // Per 128-bit lane: rows 4h..4h + 4's sums over the lane.
-        let v0 = _mm512_madd_epi16(_mm512_packs_epi32(m[0], m[1]), ones);
-        let v1 = _mm512_madd_epi16(_mm512_packs_epi32(m[2], m[3]), ones);
-        // [v0 lanes 0+2, 1+3, v1 lanes 0+2, 1+3], then the halves' two lanes added.
-        let u = _mm512_add_epi32(
-            _mm512_shuffle_i32x4::<0b01_00_01_00>(v0, v1),
-            _mm512_shuffle_i32x4::<0b11_10_11_10>(v0, v1),
-        );
-        let (lo, hi) = (_mm512_castsi512_si256(u), _mm512_extracti64x4_epi64::<1>(u));
-        _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(lo, hi), _mm256_permute2x128_si256::<0x31>(lo, hi))
     }
 }
 
@@ -229,7 +226,7 @@ pub(crate) unsafe fn gemv(pk: &[u8], nblocks: usize, q: &[i8], taus: &ShiftSums,
     // features are this function's.
     unsafe {
         let dec = Decoder::new();
-        let table = ScaleTable::new();
+        let scales = Scales::new();
         let quarter = _mm256_set1_ps(0.25);
         let (q0, d0, t0) = (q.as_ptr(), d.as_ptr().cast::<f32>(), taus.0.as_ptr().cast::<i32>());
         let mut acc = _mm256_setzero_ps();
@@ -238,29 +235,37 @@ pub(crate) unsafe fn gemv(pk: &[u8], nblocks: usize, q: &[i8], taus: &ShiftSums,
             for off in (0..PACKED).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(x86::PREFETCH + off).cast());
             }
-            let qb = q0.add(128 * bi);
             let hdrs = p.add(HEADERS).cast::<u64>().read_unaligned();
-            let mut dots = [_mm512_setzero_si512(); ROWS];
-            for (pair, dots) in dots.as_chunks_mut::<2>().0.iter_mut().enumerate() {
+            let hv = _mm_cvtsi64_si128(hdrs as i64);
+            // Bit 7 of a header: the block is stored unrotated (its basis is the original).
+            let unrotated = _mm_movepi8_mask(hv) as u8;
+            let qb = q0.add(128 * bi);
+            // Two accumulators: steps in turn, the dependency chains half as long.
+            let mut dots = [_mm512_setzero_si512(); 2];
+            for pair in 0..4 {
                 let w = dec.pair(p.add(48 * pair));
-                for ((dot, w), r) in dots.iter_mut().zip(w).zip(2 * pair..) {
-                    // The rotated quants follow the original ones.
-                    let q = _mm512_loadu_si512(qb.add(((!hdrs >> (8 * r + 7)) & 1) as usize * 64).cast());
-                    *dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, q);
+                for (h, (dot, w)) in dots.iter_mut().zip(w).enumerate() {
+                    let s = 2 * pair + h;
+                    // Group s's quants in every qword, the rotated ones where the row's block is.
+                    let q = _mm512_mask_blend_epi64(
+                        unrotated,
+                        _mm512_set1_epi64(qb.add(64 + 8 * s).cast::<i64>().read_unaligned()),
+                        _mm512_set1_epi64(qb.add(8 * s).cast::<i64>().read_unaligned()),
+                    );
+                    *dot = _mm512_dpbusd_epi32(*dot, w, q);
                 }
             }
+            // Row r's sum: the two dwords of qword r.
+            let sum = _mm512_add_epi32(dots[0], dots[1]);
+            let sum = _mm512_cvtepi64_epi32(_mm512_add_epi32(sum, _mm512_srli_epi64::<32>(sum)));
             // The eight rows' float factors ¼·(s·d) at once: each row's scale (looked up in
             // the 128-entry table held in registers, a gather is slow on Zen 4) and the
             // scale of its basis's activations.
-            let hv = _mm_cvtsi64_si128(hdrs as i64);
             let h32 = _mm512_cvtepu8_epi32(hv);
-            let s = table.lookup(h32);
-            // Bit 7 of a header: the block is stored unrotated (its basis is the original).
-            let unrotated = _mm_movepi8_mask(hv) as u8;
+            let (s, live) = scales.of(_mm512_castsi512_si256(h32));
             let d =
                 _mm256_mask_blend_ps(unrotated, _mm256_set1_ps(*d0.add(2 * bi + 1)), _mm256_set1_ps(*d0.add(2 * bi)));
             let f = _mm256_mul_ps(quarter, _mm256_mul_ps(s, d));
-            let live = _mm256_cmp_ps_mask::<_CMP_NEQ_UQ>(s, _mm256_setzero_ps());
             // The shift bits' part: 16·U + each half of τ into the block's tables.
             let u16 = _mm512_and_si512(_mm512_srli_epi32::<3>(h32), _mm512_set1_epi32(16));
             let tau = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(p.add(TAUS).cast::<i64>().read_unaligned()));
@@ -275,7 +280,7 @@ pub(crate) unsafe fn gemv(pk: &[u8], nblocks: usize, q: &[i8], taus: &ShiftSums,
                     _mm512_loadu_si512(tb.add(48).cast()),
                 ),
             );
-            let isum = _mm256_add_epi32(_mm256_slli_epi32::<2>(reduce8(dots)), _mm512_castsi512_si256(shift));
+            let isum = _mm256_add_epi32(_mm256_slli_epi32::<2>(sum), _mm512_castsi512_si256(shift));
             acc = _mm256_mask3_fmadd_ps(_mm256_cvtepi32_ps(isum), f, acc, live);
         }
         let mut out = [0f32; ROWS];
@@ -298,14 +303,22 @@ pub(crate) unsafe fn gemm(pk: &[u8], nblocks: usize, panel: &Kq2Panel, tile: &mu
     // SAFETY: reads within `nblocks` packed blocks; the CPU features are this function's.
     unsafe {
         let dec = Decoder::new();
+        let mut steps = [[0u64; 8]; 8];
         for (bi, (slot, at)) in slots.iter_mut().zip(&at).enumerate() {
             let p = pk.as_ptr().add(bi * PACKED);
+            for pair in 0..4 {
+                for (h, w) in dec.pair(p.add(48 * pair)).into_iter().enumerate() {
+                    _mm512_storeu_si512(steps[2 * pair + h].as_mut_ptr().cast(), w);
+                }
+            }
             for (row, &e) in at.iter().enumerate() {
                 let (hdr, tau) = (*p.add(HEADERS + row), *p.add(TAUS + row));
                 let s = scales[usize::from(hdr & 0x7f)];
                 slot.put_signed(usize::from(e), s, || {
+                    // The row's t in order: its group s is qword `row` of step s.
+                    let t: [u64; 8] = std::array::from_fn(|s| steps[s][row]);
+                    let t = _mm512_loadu_si512(t.as_ptr().cast());
                     // 4·c = 4t − 14 + τ': 4t − 13, less 2 in the groups whose τ is set.
-                    let t = dec.pair(p.add(48 * (row / 2)))[row % 2];
                     let w = _mm512_sub_epi8(_mm512_slli_epi16::<2>(t), _mm512_set1_epi8(13));
                     let set = _pdep_u64(u64::from(tau), 0x0101_0101_0101_0101).wrapping_mul(0xff);
                     _mm512_mask_sub_epi8(w, set, w, _mm512_set1_epi8(2))
@@ -341,6 +354,33 @@ mod tests {
         let mut pk = vec![0u8; blocks * PACKED];
         pack(std::array::from_fn(|r| &rows[r * blocks * 18..(r + 1) * blocks * 18]), blocks, &mut pk);
         pk
+    }
+
+    /// The computed block scales equal kq2's table, every header byte.
+    #[test]
+    fn computed_scales_equal_the_table() {
+        if !available() {
+            return;
+        }
+        for hi in [0u8, 0x80] {
+            for k0 in (0..128u8).step_by(8) {
+                let hdr: [i32; 8] = std::array::from_fn(|i| i32::from(hi | (k0 + i as u8)));
+                let mut got = [0f32; 8];
+                // SAFETY: checked above.
+                let live = unsafe {
+                    let (s, live) = Scales::new().of(_mm256_loadu_si256(hdr.as_ptr().cast()));
+                    _mm256_storeu_ps(got.as_mut_ptr(), s);
+                    live
+                };
+                for (i, g) in got.iter().enumerate() {
+                    let k = usize::from(k0) + i;
+                    assert_eq!(live >> i & 1 == 1, k != 0, "k {k}");
+                    if k != 0 {
+                        assert_eq!(g.to_bits(), x86::KQ2_TABLES.scale[k].to_bits(), "k {k}");
+                    }
+                }
+            }
+        }
     }
 
     /// The packed decode kernel equals the stored-form AVX2 kernel bit for bit.
