@@ -915,7 +915,7 @@ pub(crate) unsafe fn kq2_step4(d: [__m512i; 4], f: [f32; 4], live: u16, acc: __m
 /// # Safety
 /// The CPU must support AVX512F.
 #[inline(always)]
-pub(crate) unsafe fn kq2_reduce4(d: [__m512i; 4]) -> __m512i {
+unsafe fn kq2_reduce4(d: [__m512i; 4]) -> __m512i {
     // SAFETY: the caller's CPU features.
     unsafe {
         let [d0, d1, d2, d3] = d;
