@@ -1,11 +1,13 @@
-//! Single-thread matvec (decode) throughput of the CPU backend's kernels per
-//! layout, for a matrix that fits in L2, one of a feed-forward down projection's shape and
-//! one that streams from memory, and matmul (prefill) throughput for 64 token rows
+//! Single-thread matvec (decode) throughput of the CPU backend's kernels per layout, for a
+//! matrix that fits in L2, a feed-forward down projection (and its gate: the same size, short
+//! rows) and one that streams from memory, and matmul (prefill) throughput for 64 token rows
 //! (`KILN_MATVEC_ROWS`) on the first two:
 //! `cargo run --release -p kiln-cpu --example matvec`. `KILN_MATVEC_ONLY=Q5_0` picks one
 //! layout, `KILN_MATVEC_ISA=avx2` an instruction set below the best one, `KILN_MATVEC_REPS`
 //! the prefill repetitions (5), `KILN_MATVEC_DECODE_SCALE` multiplies the decode ones (for a
-//! profiler).
+//! profiler), `KILN_MATVEC_THREADS` runs on that many threads instead of one (the memory-fed
+//! regime of a model's decode), `KILN_MATVEC_FLUSH=1` evicts the caches before each decode
+//! repetition (weights read from memory, as in a model, not from L3).
 
 use std::time::Instant;
 
@@ -14,7 +16,10 @@ use kiln_cpu::{CpuKernels, Isa};
 use kiln_ir::DType;
 
 fn main() {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let flush = std::env::var("KILN_MATVEC_FLUSH").is_ok_and(|v| v == "1");
+    let evict: Vec<u8> = (0..if flush { 96usize << 20 } else { 0 }).map(|i| i as u8).collect();
+    let threads = std::env::var("KILN_MATVEC_THREADS").ok().and_then(|r| r.parse().ok()).unwrap_or(1);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let isa = match std::env::var("KILN_MATVEC_ISA").as_deref() {
         Ok("avx2") => Isa::Avx2,
         Ok("scalar") => Isa::Scalar,
@@ -28,7 +33,7 @@ fn main() {
     for dtype in
         DType::ALL.iter().copied().filter(|d| d.is_quantized() && only.as_deref().is_none_or(|o| format!("{d:?}") == o))
     {
-        for (n, kk) in [(1536usize, 576usize), (1536, 8960), (32768, 2048)] {
+        for (n, kk) in [(1536usize, 576usize), (1536, 8960), (8960, 1536), (32768, 2048)] {
             let kk = if dtype.block_elems() == 256 { kk.next_multiple_of(256) } else { kk };
             let rb = dtype.row_bytes(kk as u64).unwrap() as usize;
             let mut bytes = vec![0u8; n * rb];
@@ -73,6 +78,8 @@ fn main() {
                 // The fastest repetition: other work on the machine only slows some down.
                 (0..reps)
                     .map(|_| {
+                        // Reads only: dirty lines written back would tax the timed reads.
+                        std::hint::black_box(evict.iter().step_by(64).fold(0u8, |a, &b| a ^ b));
                         let t0 = Instant::now();
                         std::hint::black_box(k.matmul(&x, 1, w, None, 0, 1).unwrap());
                         t0.elapsed().as_secs_f64()

@@ -18,29 +18,33 @@
 //! The decode kernel works on the eight rows of a group at once, one group of 8 weights of
 //! each row per step: qword r of a step's vector is row r's group s. Decoding a step is half
 //! a `vpermb` (each row's three code bytes into its qword, two steps at once), a
-//! `vpmultishiftqb` (each weight's three bits into its byte) and a `vpand`: `t`, an unsigned
-//! byte, whose `vpdpbusd` meets group s's activation quants broadcast to every qword (the
-//! rotated ones where a row's block is stored rotated: a masked broadcast load). No per-row
-//! sign work (the activations' own signs stand: the block integer is `4·Σ t·q` plus the part
-//! below), and no reduction across vector lanes: a row's sum is its qword's two dwords.
-//! On Zen 4 the 512-bit shuffles, `vpdpbusd` and `vpermi2ps` each take about a cycle of the
-//! same two pipes, so the kernel is written to count them, and the block scales are
-//! computed in 256-bit lanes instead of looked up ([`Scales`]): 26 → 46 Gweights/s per
-//! thread against the previous form (signs and magnitudes apart, 2.25 + 1 bits: a
-//! `vpmultishiftqb`, a `vgf2p8affineqb` and masked sign and shift fix-ups per row, a
-//! transposing reduction by shuffles and a 128-entry scale table in registers).
+//! `vpmultishiftqb` (each weight's three bits into bits 2..5 of its byte), a `vpternlogd`
+//! (those bits, and bit 1 set: `4t + 2`) and a masked `vpxorq` (bit 1 cleared in the rows
+//! whose group s has its shift bit set): `4c + 15`, an unsigned byte, whose `vpdpbusd` meets
+//! group s's activation quants broadcast to every qword (the rotated ones where a row's
+//! block is stored rotated: a masked broadcast load). No per-row sign work (the
+//! activations' own signs stand), and no reduction across vector lanes: a row's sum is its
+//! qword's two dwords, less `15·Σq` of its basis (a per-token sum per block and basis,
+//! [`BlockSums`]). On Zen 4 the 512-bit shuffles, `vpdpbusd` and `vpermi2ps` each take
+//! about a cycle of the same two pipes while logic ops run on any, so the kernel is written
+//! to count the former, and the block scales are computed in 256-bit lanes instead of
+//! looked up ([`Scales`]): 26 → 46 Gweights/s per thread against the previous form (signs
+//! and magnitudes apart, 2.25 + 1 bits: a `vpmultishiftqb`, a `vgf2p8affineqb` and masked
+//! sign and shift fix-ups per row, a transposing reduction by shuffles and a 128-entry
+//! scale table in registers).
 //!
-//! The shift bits and the `−14` offset are the same for all weights of a group, so their
-//! part of a row's block integer, `Σ_g τ'_g·Q_g − 14·Σq` (`Q_g` the sum of group g's
-//! quants), is a function of the row's τ byte alone: [`ShiftSums`] tabulates it once per
-//! token row and block (two 16-entry halves per basis, looked up for eight rows at once by
-//! `vpermi2d`). The values are moved, not changed: results equal the stored-form kernels
-//! bit for bit.
+//! The shift bits were once a per-token table (`Σ_g τ'_g·Q_g` for each τ byte, 256 bytes
+//! per block, looked up by two `vpermi2d`). For a feed-forward down projection's 8960-wide
+//! rows that table and the quants (54 KiB) overflowed L1 beside the weight stream, and
+//! read from memory those rows decoded at two thirds of the speed of short ones; with the
+//! shift applied per step the activations take 144 bytes per block and long rows stream
+//! like short ones. The values are moved, not changed: results equal the stored-form
+//! kernels bit for bit.
 //!
 //! Rows are packed in groups of [`ROWS`] (eight: [`crate::vnni::kq2_gemm`]'s group and the
 //! decode kernel's), block by block: for each block the eight steps' codes (24 bytes each,
-//! row r's group s at `24s + 3r`), the rows' shift bits (8) and headers (8), [`PACKED`]
-//! bytes.
+//! row r's group s at `24s + 3r`), the shift bits transposed (byte s: bit r is row r's
+//! shift bit of group s) and the rows' headers (8), [`PACKED`] bytes.
 
 use std::arch::x86_64::*;
 
@@ -60,6 +64,7 @@ pub(crate) fn pack(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
     let codes = &vnni::KQ2_ZMM_TABLES.codes;
     for (bi, o) in out.chunks_exact_mut(PACKED).take(nblocks).enumerate() {
         let mut t = [[0u8; 64]; ROWS];
+        o[TAUS..TAUS + ROWS].fill(0);
         for (r, row) in rows.iter().enumerate() {
             let b = &row[18 * bi..18 * bi + 18];
             let mut tau = 0u8;
@@ -79,7 +84,10 @@ pub(crate) fn pack(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
                 }
                 tau |= ((word >> 15) as u8) << g;
             }
-            o[TAUS + r] = tau;
+            // Transposed: byte s holds the eight rows' shift bits of group s (bit r: row r).
+            for g in 0..8 {
+                o[TAUS + g] |= (tau >> g & 1) << r;
+            }
             o[HEADERS + r] = b[0];
         }
         // Step s: group s of each row, row r's in qword r.
@@ -92,40 +100,21 @@ pub(crate) fn pack(rows: [&[u8]; ROWS], nblocks: usize, out: &mut [u8]) {
     }
 }
 
-/// A token row's table of the shift bits' and offset's part of a row's block integer, per
-/// block: `Σ_g τ'_g·Q_g − 14·Σq` over the quants of the row's basis (`Q_g` the sum of
-/// group g's quants, τ'_g = −1 where bit g of the row's shift byte τ is set, else +1). For
-/// basis flag `U` (the header's bit 7) it is `t[16U + (τ & 15)]` plus `t[32 + 16U + (τ >> 4)]`.
-pub(crate) struct ShiftSums(Vec<[i32; 64]>);
+/// A token row's sums of its kq2 activation quants per block and basis, `[original
+/// (quants 0..64), rotated (64..128)]`: the decode kernel's weight bytes are `4·c + 15`, so
+/// a row's block integer is its dot with the quants less `15·Σq` of its basis.
+pub(crate) struct BlockSums(Vec<[i32; 2]>);
 
-impl ShiftSums {
-    /// The table of a token row's kq2 activation quants (both bases of every block).
-    pub(crate) fn new(q: &[i8]) -> ShiftSums {
-        ShiftSums(
+impl BlockSums {
+    /// The sums of a token row's kq2 activation quants (both bases of every block).
+    pub(crate) fn new(q: &[i8]) -> BlockSums {
+        BlockSums(
             q.as_chunks::<128>()
                 .0
                 .iter()
                 .map(|b| {
-                    let mut t = [0i32; 64];
-                    // U = 1: the original basis (quants 0..64); U = 0: the rotated one.
-                    for (u, base) in [(0usize, 64usize), (1, 0)] {
-                        let sums: [i32; 8] = std::array::from_fn(|g| {
-                            b[base + 8 * g..base + 8 * g + 8].iter().map(|&v| i32::from(v)).sum()
-                        });
-                        let total: i32 = sums.iter().sum();
-                        // Σ τ'Q = Σq − 2·Σ_{τ set} Q, so with −14·Σq: −13·Σq − 2·(…), built
-                        // up one group at a time over the 16 subsets of each half.
-                        let (mut lo, mut hi) = ([-13 * total; 16], [0i32; 16]);
-                        for g in 0..4 {
-                            for x in (0..16).filter(|x| x >> g & 1 == 1) {
-                                lo[x] -= 2 * sums[g];
-                                hi[x] -= 2 * sums[4 + g];
-                            }
-                        }
-                        t[16 * u..16 * u + 16].copy_from_slice(&lo);
-                        t[32 + 16 * u..32 + 16 * u + 16].copy_from_slice(&hi);
-                    }
-                    t
+                    let sum = |h: &[i8]| h.iter().map(|&v| i32::from(v)).sum::<i32>();
+                    [sum(&b[..64]), sum(&b[64..])]
                 })
                 .collect(),
         )
@@ -134,7 +123,8 @@ impl ShiftSums {
 
 /// The decoder's constant vectors: the `vpermb` indices (qword k's bytes 0..3 the three
 /// code bytes at `3k` of the first step of a pair, bytes 3..6 those of the second) and the
-/// two steps' `vpmultishiftqb` offsets (byte i of a qword its weight's three bits).
+/// two steps' `vpmultishiftqb` offsets (byte i of a qword: its weight's three bits at bits
+/// 2..5, the window starting two bits early, rotating within the qword).
 struct Decoder {
     place: __m512i,
     shifts: [__m512i; 2],
@@ -149,7 +139,7 @@ impl Decoder {
             let (k, i) = (j / 8, (j % 8).min(5));
             (24 * (i / 3) + 3 * k + i % 3) as u8
         });
-        let shifts = |row: usize| -> [u8; 64] { std::array::from_fn(|j| (24 * row + 3 * (j % 8)) as u8) };
+        let shifts = |row: usize| -> [u8; 64] { std::array::from_fn(|j| ((24 * row + 3 * (j % 8) + 62) % 64) as u8) };
         // SAFETY: 64-byte tables; the caller's CPU features.
         unsafe {
             let load = |t: [u8; 64]| _mm512_loadu_si512(t.as_ptr().cast());
@@ -158,10 +148,11 @@ impl Decoder {
     }
 
     /// The two steps whose 24 code bytes each are at `codes` (64 readable): their 64
-    /// weights' `t = ((−1)^σ·2A + 14) / 4` as unsigned bytes (qword r: row r's group). One
-    /// `vpermb` places both steps' codes; a `vpand` (which any vector pipe runs, where a `vgf2p8affineqb`
-    /// could have made `4t` at once: Zen 4 has two pipes for that, already busy with
-    /// `vpdpbusd`) keeps each weight's bits, the factor 4 applied to the block integers.
+    /// weights' `4t + 2` (`t = ((−1)^σ·2A + 14) / 4`) as unsigned bytes (qword r: row r's
+    /// group). One `vpermb` places both steps' codes, a `vpmultishiftqb` puts each weight's
+    /// three bits at bits 2..5 of its byte and one `vpternlogd` (which any vector pipe runs,
+    /// unlike the shuffles and `vpdpbusd`) keeps them and sets bit 1: `4t + 2 = 4c + 16 − τ'`
+    /// for a group whose shift τ' is +1 (bit 1 cleared where it is −1: `4c + 15` either way).
     ///
     /// # Safety
     /// The CPU must support AVX512F/BW/VBMI; `codes` points at 64 readable bytes.
@@ -170,7 +161,14 @@ impl Decoder {
         // SAFETY: the caller's CPU features and 64 bytes.
         unsafe {
             let v = _mm512_permutexvar_epi8(self.place, _mm512_loadu_si512(codes.cast()));
-            self.shifts.map(|s| _mm512_and_si512(_mm512_multishift_epi64_epi8(s, v), _mm512_set1_epi8(7)))
+            self.shifts.map(|s| {
+                // (x & 0x1c) | 0x02.
+                _mm512_ternarylogic_epi32::<0xea>(
+                    _mm512_multishift_epi64_epi8(s, v),
+                    _mm512_set1_epi8(0x1c),
+                    _mm512_set1_epi8(0x02),
+                )
+            })
         }
     }
 }
@@ -213,7 +211,7 @@ impl Scales {
 }
 
 /// Decode with a packed group: the eight rows' dots with a token row whose activation
-/// quants are `q`, their [`ShiftSums`] `taus` and scales `d`, as `x86::dot_kq2_tile` takes
+/// quants are `q`, their [`BlockSums`] `sums` and scales `d`, as `x86::dot_kq2_tile` takes
 /// them (per block one exact integer and `fma(isum, ¼·(s·d), acc)`), bit for bit.
 ///
 /// # Safety
@@ -221,14 +219,16 @@ impl Scales {
 /// ([`vnni::KQ2_ZMM`]); `pk` holds `nblocks` packed blocks, `q`, `taus` and `d` at least as
 /// many.
 #[target_feature(enable = "avx2,fma,f16c,bmi2,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,avx512bitalg,gfni")]
-pub(crate) unsafe fn gemv(pk: &[u8], nblocks: usize, q: &[i8], taus: &ShiftSums, d: &[[f32; 2]]) -> [f32; ROWS] {
+pub(crate) unsafe fn gemv(pk: &[u8], nblocks: usize, q: &[i8], sums: &BlockSums, d: &[[f32; 2]]) -> [f32; ROWS] {
     // SAFETY: reads within `nblocks` packed blocks and the activations' blocks; the CPU
     // features are this function's.
     unsafe {
         let dec = Decoder::new();
         let scales = Scales::new();
         let quarter = _mm256_set1_ps(0.25);
-        let (q0, d0, t0) = (q.as_ptr(), d.as_ptr().cast::<f32>(), taus.0.as_ptr().cast::<i32>());
+        let (q0, d0, s0) = (q.as_ptr(), d.as_ptr().cast::<f32>(), sums.0.as_ptr().cast::<i32>());
+        let fifteen = _mm256_set1_epi32(15);
+        let shift = _mm512_set1_epi8(0x02);
         let mut acc = _mm256_setzero_ps();
         for bi in 0..nblocks {
             let p = pk.as_ptr().add(bi * PACKED);
@@ -240,12 +240,16 @@ pub(crate) unsafe fn gemv(pk: &[u8], nblocks: usize, q: &[i8], taus: &ShiftSums,
             // Bit 7 of a header: the block is stored unrotated (its basis is the original).
             let unrotated = _mm_movepi8_mask(hv) as u8;
             let qb = q0.add(128 * bi);
+            // Byte s: the rows (bit r: row r) whose group s has its shift bit set (τ' = −1).
+            let taus = p.add(TAUS).cast::<u64>().read_unaligned();
             // Two accumulators: steps in turn, the dependency chains half as long.
             let mut dots = [_mm512_setzero_si512(); 2];
             for pair in 0..4 {
                 let w = dec.pair(p.add(48 * pair));
                 for (h, (dot, w)) in dots.iter_mut().zip(w).enumerate() {
                     let s = 2 * pair + h;
+                    // 4c + 15: bit 1 cleared in the rows whose group s shifts by −¼.
+                    let w = _mm512_mask_xor_epi64(w, (taus >> (8 * s)) as u8, w, shift);
                     // Group s's quants in every qword, the rotated ones where the row's block is.
                     let q = _mm512_mask_blend_epi64(
                         unrotated,
@@ -266,21 +270,13 @@ pub(crate) unsafe fn gemv(pk: &[u8], nblocks: usize, q: &[i8], taus: &ShiftSums,
             let d =
                 _mm256_mask_blend_ps(unrotated, _mm256_set1_ps(*d0.add(2 * bi + 1)), _mm256_set1_ps(*d0.add(2 * bi)));
             let f = _mm256_mul_ps(quarter, _mm256_mul_ps(s, d));
-            // The shift bits' part: 16·U + each half of τ into the block's tables.
-            let u16 = _mm512_and_si512(_mm512_srli_epi32::<3>(h32), _mm512_set1_epi32(16));
-            let tau = _mm512_cvtepu8_epi32(_mm_cvtsi64_si128(p.add(TAUS).cast::<i64>().read_unaligned()));
-            let lo = _mm512_add_epi32(u16, _mm512_and_si512(tau, _mm512_set1_epi32(15)));
-            let hi = _mm512_add_epi32(u16, _mm512_srli_epi32::<4>(tau));
-            let tb = t0.add(64 * bi);
-            let shift = _mm512_add_epi32(
-                _mm512_permutex2var_epi32(_mm512_loadu_si512(tb.cast()), lo, _mm512_loadu_si512(tb.add(16).cast())),
-                _mm512_permutex2var_epi32(
-                    _mm512_loadu_si512(tb.add(32).cast()),
-                    hi,
-                    _mm512_loadu_si512(tb.add(48).cast()),
-                ),
+            // The block integer Σ 4c·q: less 15·Σq of each row's basis.
+            let basis_sum = _mm256_mask_blend_epi32(
+                unrotated,
+                _mm256_set1_epi32(*s0.add(2 * bi + 1)),
+                _mm256_set1_epi32(*s0.add(2 * bi)),
             );
-            let isum = _mm256_add_epi32(_mm256_slli_epi32::<2>(sum), _mm512_castsi512_si256(shift));
+            let isum = _mm256_sub_epi32(sum, _mm256_mullo_epi32(basis_sum, fifteen));
             acc = _mm256_mask3_fmadd_ps(_mm256_cvtepi32_ps(isum), f, acc, live);
         }
         let mut out = [0f32; ROWS];
@@ -311,16 +307,18 @@ pub(crate) unsafe fn gemm(pk: &[u8], nblocks: usize, panel: &Kq2Panel, tile: &mu
                     _mm512_storeu_si512(steps[2 * pair + h].as_mut_ptr().cast(), w);
                 }
             }
+            let taus = p.add(TAUS).cast::<u64>().read_unaligned();
             for (row, &e) in at.iter().enumerate() {
-                let (hdr, tau) = (*p.add(HEADERS + row), *p.add(TAUS + row));
+                // The row's shift bits (bit g: group g) from the transposed bytes.
+                let (hdr, tau) = (*p.add(HEADERS + row), _pext_u64(taus, 0x0101_0101_0101_0101 << row));
                 let s = scales[usize::from(hdr & 0x7f)];
                 slot.put_signed(usize::from(e), s, || {
-                    // The row's t in order: its group s is qword `row` of step s.
+                    // The row's 4t + 2 in order: its group s is qword `row` of step s.
                     let t: [u64; 8] = std::array::from_fn(|s| steps[s][row]);
                     let t = _mm512_loadu_si512(t.as_ptr().cast());
                     // 4·c = 4t − 14 + τ': 4t − 13, less 2 in the groups whose τ is set.
-                    let w = _mm512_sub_epi8(_mm512_slli_epi16::<2>(t), _mm512_set1_epi8(13));
-                    let set = _pdep_u64(u64::from(tau), 0x0101_0101_0101_0101).wrapping_mul(0xff);
+                    let w = _mm512_sub_epi8(t, _mm512_set1_epi8(15));
+                    let set = _pdep_u64(tau, 0x0101_0101_0101_0101).wrapping_mul(0xff);
                     _mm512_mask_sub_epi8(w, set, w, _mm512_set1_epi8(2))
                 });
             }
@@ -395,7 +393,7 @@ mod tests {
             let pk = packed(&rows, blocks);
             for x in &xs {
                 // SAFETY: checked above; `blocks` packed blocks and activation blocks.
-                let got = unsafe { gemv(&pk, blocks, &x.q, &ShiftSums::new(&x.q), &x.d) };
+                let got = unsafe { gemv(&pk, blocks, &x.q, &BlockSums::new(&x.q), &x.d) };
                 for (j, g) in got.iter().enumerate() {
                     // SAFETY: as above.
                     let want = unsafe { x86::dot_kq2_tile(&rows[j * blocks * 18..(j + 1) * blocks * 18], [x]) }[0];

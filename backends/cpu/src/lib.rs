@@ -20,6 +20,7 @@
 
 mod attention;
 mod compressed;
+mod hugebuf;
 pub mod kernels;
 #[cfg(target_arch = "x86_64")]
 mod kq2x;

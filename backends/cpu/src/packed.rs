@@ -99,7 +99,8 @@ struct Packed {
     layout: Layout,
     n: usize,
     nblocks: usize,
-    data: Vec<u8>,
+    /// On 2 MiB pages where the system gives them ([`crate::hugebuf`]).
+    data: crate::hugebuf::HugeBuf,
 }
 
 /// The session's packed weights, found by the address and length of their stored bytes
@@ -197,7 +198,7 @@ impl Packed {
         let nblocks = k / be;
         let rb = nblocks * bb;
         let group = nblocks * layout.packed_block();
-        let mut data = vec![0u8; n / rows * group];
+        let mut data = crate::hugebuf::HugeBuf::zeroed(n / rows * group);
         data.par_chunks_mut(group).enumerate().for_each(|(g, out)| {
             let row = |r: usize| &bytes[(g * rows + r) * rb..(g * rows + r + 1) * rb];
             match layout {
@@ -224,8 +225,8 @@ impl Packed {
         }
         let panel = (xs.len() >= crate::kernels::KQ2_PANEL_MIN_TOKENS).then(|| vnni::Kq2Panel::build(&xs));
         // The decode kernel's tables of the shift bits' part, once per token row.
-        let taus: Vec<kq2x::ShiftSums> =
-            if panel.is_none() { xs.iter().map(|x| kq2x::ShiftSums::new(&x.q)).collect() } else { Vec::new() };
+        let sums: Vec<kq2x::BlockSums> =
+            if panel.is_none() { xs.iter().map(|x| kq2x::BlockSums::new(&x.q)).collect() } else { Vec::new() };
         Some(self.over_groups(xs.len(), bias, |pk, tile, nb, j0| {
             // SAFETY: packed only where `KQ2_ZMM` and BMI2 hold (and the backend packs only
             // with `Isa::Avx512Vnni`); `pk` holds `nblocks` packed blocks, every token row
@@ -234,8 +235,8 @@ impl Packed {
                 match &panel {
                     Some(panel) => kq2x::gemm(pk, nblocks, panel, tile, nb, j0),
                     None => {
-                        for (t, (x, taus)) in xs.iter().zip(&taus).enumerate() {
-                            let v = kq2x::gemv(pk, nblocks, &x.q, taus, &x.d);
+                        for (t, (x, sums)) in xs.iter().zip(&sums).enumerate() {
+                            let v = kq2x::gemv(pk, nblocks, &x.q, sums, &x.d);
                             tile[t * nb + j0..t * nb + j0 + kq2x::ROWS].copy_from_slice(&v);
                         }
                     }

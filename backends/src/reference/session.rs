@@ -169,6 +169,40 @@ pub struct ReferenceSession {
     capture: Option<(Vec<ValueId>, HashMap<ValueId, Captured>)>,
     /// Forward calls run so far (compressed slots begin each call's update once).
     calls: u64,
+    /// `KILN_PROFILE=1`: wall time and runs per op kind, printed when the session ends.
+    profile: Option<Profile>,
+}
+
+/// Wall time per op kind (matmul batches by their weights' layouts and shapes), for
+/// `KILN_PROFILE=1`: where a forward call's time goes, without a profiler.
+#[derive(Default)]
+struct Profile(HashMap<String, (std::time::Duration, u64)>);
+
+impl Profile {
+    fn add(&mut self, label: impl FnOnce() -> String, t: std::time::Duration) {
+        let e = self.0.entry(label()).or_default();
+        e.0 += t;
+        e.1 += 1;
+    }
+}
+
+impl Drop for ReferenceSession {
+    fn drop(&mut self) {
+        let Some(p) = self.profile.take() else { return };
+        let total: f64 = p.0.values().map(|(t, _)| t.as_secs_f64()).sum();
+        let mut rows: Vec<_> = p.0.into_iter().collect();
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1.0));
+        eprintln!("KILN_PROFILE: {:.3} s in ops over {} forward calls", total, self.calls);
+        for (label, (t, n)) in rows {
+            eprintln!(
+                "{:>6.1}% {:>10.3} ms {:>8} runs {:>9.1} us/run  {label}",
+                100.0 * t.as_secs_f64() / total.max(1e-12),
+                t.as_secs_f64() * 1e3,
+                n,
+                t.as_secs_f64() * 1e6 / n.max(1) as f64
+            );
+        }
+    }
 }
 
 /// A value copied out of a forward call ([`ReferenceSession::capture`]): rows
@@ -389,6 +423,7 @@ impl ReferenceSession {
             steer: options.steer.clone(),
             capture: None,
             calls: 0,
+            profile: std::env::var("KILN_PROFILE").is_ok_and(|v| v == "1").then(Profile::default),
         })
     }
 
@@ -442,11 +477,15 @@ impl ReferenceSession {
             // Matmuls run as batches: consecutive matmuls of one input (a layer's q/k/v,
             // gate/up) together.
             let end = self.siblings(&sched, i);
+            let t0 = self.profile.is_some().then(std::time::Instant::now);
             let results = if matches!(module.insts[i].op, Op::MatMul { .. }) {
                 self.exec_matmuls(i..end, &values, tokens, rows, sched.gathered[i])?
             } else {
                 vec![self.exec(i, &module.insts[i].op, &values, tokens, rows)?]
             };
+            if let (Some(p), Some(t0)) = (self.profile.as_mut(), t0) {
+                p.add(|| op_label(&module, i..end, tokens.len()), t0.elapsed());
+            }
             for (j, result) in (i..end).zip(results) {
                 if let (Some((want, got)), Some(Value::Act { data, cols, first })) = (self.capture.as_mut(), &result)
                     && want.contains(&ValueId(j as u32))
@@ -918,4 +957,19 @@ fn matmul_rows(module: &VerifiedModule, i: usize, w: ParamId, k: usize) -> Resul
         [n, kk] if *kk == k => Ok(*n),
         _ => Err(internal(format!("%{i}: weight shape {dims:?} does not fit input rows of {k}"))),
     }
+}
+
+/// The profile's label of instructions `range` (one op, or a batch of sibling matmuls by
+/// their weights' layouts and shapes) in a call of `tokens` tokens.
+fn op_label(module: &VerifiedModule, range: std::ops::Range<usize>, tokens: usize) -> String {
+    let call = if tokens == 1 { "decode" } else { "prefill" };
+    let parts: Vec<String> = range
+        .map(|i| match &module.insts[i].op {
+            Op::MatMul { w, .. } => {
+                format!("matmul {}", module.param(*w).ty)
+            }
+            op => op.name().to_string(),
+        })
+        .collect();
+    format!("{call} {}", parts.join(" + "))
 }
