@@ -33,7 +33,7 @@ impl HugeBuf {
     /// `len` zero bytes.
     pub(crate) fn zeroed(len: usize) -> HugeBuf {
         #[cfg(target_os = "linux")]
-        if len >= HUGE && std::env::var("KILN_AB_SMALLPAGES").is_err() {
+        if len >= HUGE {
             let map_len = len.next_multiple_of(PAGE);
             let over = map_len + HUGE;
             // SAFETY: a fresh private anonymous mapping; the parts outside the aligned
@@ -116,7 +116,7 @@ mod tests {
                 *x = i as u8;
             }
             assert!(b.iter().enumerate().all(|(i, &x)| x == i as u8));
-            if len >= HUGE && std::env::var("KILN_AB_SMALLPAGES").is_err() {
+            if len >= HUGE {
                 assert_eq!(b.as_ptr() as usize % HUGE, 0, "{len} bytes: not 2 MiB-aligned");
             }
         }
