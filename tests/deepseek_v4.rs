@@ -351,7 +351,6 @@ fn new_ops_round_trip_and_verify() {
 fn other_backends_refuse_the_new_ops_by_name() {
     let (m, _) = import();
     let backends: Vec<Box<dyn Backend>> = vec![
-        Box::new(kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator }),
         Box::new(kiln_wgpu::WgpuBackend::new()),
         Box::new(kiln_fixed::FixedBackend::new()),
         Box::new(kiln_metal::MetalBackend::new()),
@@ -376,6 +375,11 @@ fn other_backends_refuse_the_new_ops_by_name() {
             assert!(refuses(&inst.op), "{}", inst.op.name());
         }
     }
+    // The PTX backend runs the fused form and refuses only the unfused attention ops.
+    let ptx = kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator };
+    assert!(kiln_backends::first_unsupported(&ptx, &f).is_none());
+    let what = kiln_backends::first_unsupported(&ptx, &m).expect("ptx accepts the unfused form");
+    assert!(what.starts_with("op `compress`"), "ptx: {what}");
 }
 
 fn copy_fixture(tag: &str) -> PathBuf {
@@ -615,4 +619,62 @@ fn two_bit_experts_recipe_builds_and_reports_its_quality() {
     assert!(top1 > 0.3, "{q}");
     let run = common::run(&["run", build.to_str().unwrap(), "-p", "Once upon", "-n", "4"]);
     assert!(run.status.success(), "{}", common::stderr(&run));
+}
+
+/// The PTX backend's budget against transformers (the emulator runs the same kernels as
+/// the GPU): f32 sums throughout (the reference sums long dots in f64), `ex2.approx` in
+/// every softmax, sigmoid and SiLU.
+const PTX_TOL: f64 = 1e-4;
+
+fn ptx_options() -> SessionOptions {
+    SessionOptions { max_context: 256, threads: 2, ..Default::default() }
+}
+
+/// The fused form on the PTX backend, on kiln's SIMT emulator: hyper-connections, routing,
+/// the experts through the stacked-experts matmul over gathered rows, the grouped output
+/// projection and the compressed attention with its device cache (rings by position,
+/// compressed rows by window), prefill, decode (a recorded launch sequence replayed each
+/// step) and chunked prefill.
+#[test]
+fn ptx_backend_reproduces_transformers_logits() {
+    let (m, w, _) = fused();
+    let ptx = kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator };
+    assert!(kiln_backends::first_unsupported(&ptx, &m).is_none());
+    let new = || ptx.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let worst = reproduce("ptx (emulator)", &new, PTX_TOL, 1e-8);
+    println!("ptx (emulator): worst max|Δ| against transformers: {worst:.2e} (tolerance {PTX_TOL})");
+}
+
+/// Rolling the PTX session back within its rings is exact (it recomputes the windows that
+/// close again), also with other tokens in between, and a restart at 0 is a fresh session.
+/// (A rollback of more than a chunk, which the rings may no longer hold, is refused by the
+/// session's `RollbackGuard`; the fixture's chunk is the whole context.)
+#[test]
+fn ptx_rollback_is_exact_within_a_chunk() {
+    let (m, w, _) = fused();
+    let ptx = kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator };
+    let new = || ptx.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq0.tokens"));
+    let mut a = new();
+    a.forward(&tokens[..40], Logits::Last).unwrap();
+    let want = a.forward(&tokens[40..45], Logits::All).unwrap();
+    // A longer call, rolled back into itself (a window of every ratio closes again), then
+    // the same tokens again.
+    let mut b = new();
+    b.forward(&tokens[..30], Logits::Last).unwrap();
+    b.forward(&tokens[30..50], Logits::Last).unwrap();
+    b.truncate(40);
+    assert_eq!(b.pos(), 40);
+    let got = b.forward(&tokens[40..45], Logits::All).unwrap();
+    assert_eq!(got, want);
+    // Different tokens after a rollback overwrite what the rings held.
+    let mut c = new();
+    c.forward(&tokens[..40], Logits::Last).unwrap();
+    c.forward(&tokens[60..70], Logits::Last).unwrap();
+    c.truncate(40);
+    assert_eq!(c.forward(&tokens[40..45], Logits::All).unwrap(), want);
+    // Back to 0 from anywhere: a fresh session's logits.
+    b.truncate(0);
+    assert_eq!(b.forward(&tokens[..40], Logits::Last).unwrap(), new().forward(&tokens[..40], Logits::Last).unwrap());
 }
