@@ -678,3 +678,24 @@ fn ptx_rollback_is_exact_within_a_chunk() {
     b.truncate(0);
     assert_eq!(b.forward(&tokens[..40], Logits::Last).unwrap(), new().forward(&tokens[..40], Logits::Last).unwrap());
 }
+
+/// The same cases on a real NVIDIA GPU through the CUDA driver (feature `cuda`): prefill,
+/// decode through a CUDA graph, chunked prefill. Without a driver it skips with a printed
+/// reason, or fails under `KILN_REQUIRE_GPU=1`.
+#[cfg(feature = "cuda")]
+#[test]
+fn ptx_backend_on_the_gpu_reproduces_transformers_logits() {
+    if !kiln_ptx::cuda::driver_present() {
+        let msg = "no CUDA driver on this machine: the DeepSeek-V4 GPU test did not run";
+        if std::env::var("KILN_REQUIRE_GPU").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let (m, w, _) = fused();
+    let ptx = kiln_ptx::PtxBackend { target: kiln_ptx::Target::Cuda };
+    let new = || ptx.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let worst = reproduce("ptx (cuda)", &new, PTX_TOL, 1e-8);
+    println!("ptx (cuda): worst max|Δ| against transformers: {worst:.2e} (tolerance {PTX_TOL})");
+}

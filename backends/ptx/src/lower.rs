@@ -74,7 +74,7 @@ fn routed(module: &VerifiedModule, w: kiln_ir::ValueId) -> bool {
 
 /// Whether the matmul kernels decode `dtype` rows of `k` values.
 fn weight_ok(dtype: kiln_ir::DType, k: u64) -> bool {
-    formats::supported(dtype) && k > 0 && k <= u32::MAX as u64 && (dtype.block_elems() == 1 || k % 8 == 0)
+    formats::supported(dtype) && k > 0 && k <= u32::MAX as u64 && (dtype.block_elems() == 1 || k.is_multiple_of(8))
 }
 
 /// The first expert or grouped weight of `op` the matmul kernels cannot read, as a message.
@@ -129,9 +129,23 @@ pub fn ragged(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
 }
 
 /// Whether prefill matmuls with weight `w` run on tensor cores ([`kernels::matmul_mma`]).
+/// Not in a module that routes experts or selects compressed rows by top-k (DeepSeek-V4):
+/// the f16 operands' ~3e-4 relative error flips decisions whose margins are that small
+/// (the fixture's router margin is 3e-4), so prefill would choose other experts and rows
+/// than decode does; its matmuls stay f32.
 pub fn uses_mma(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
     let ty = &module.param(w).ty;
-    ty.last_fixed().is_some_and(|k| kernels::mma_eligible(ty.dtype, k))
+    ty.last_fixed().is_some_and(|k| kernels::mma_eligible(ty.dtype, k)) && !top_k_decisions(module)
+}
+
+/// Whether `module` takes top-k decisions on activations (`moe_route`, the indexer of
+/// `compressed_attention`).
+pub fn top_k_decisions(module: &VerifiedModule) -> bool {
+    module.insts.iter().any(|i| match &i.op {
+        Op::MoeRoute { table, .. } => table.is_none(),
+        Op::CompressedAttention { indexer, .. } => indexer.is_some(),
+        _ => false,
+    })
 }
 
 /// Tokens from which a forward call's matmuls use tensor cores.

@@ -22,6 +22,7 @@ use crate::kernels::{self, BLOCK};
 use crate::kernels_ds4 as k4;
 
 /// One compressor stream's device state.
+#[derive(Clone, Copy)]
 pub(super) struct Stream {
     kv: u64,
     gate: u64,
@@ -200,7 +201,7 @@ impl Ds4 {
                     let ratio = usize_of(attrs.ratio, "ratio")?;
                     let window = usize_of(attrs.window, "window")?;
                     let ring = chunk + window.max(2 * ratio).max(1);
-                    let cap = if ratio > 0 { max_context / ratio + 1 } else { 1 };
+                    let cap = max_context.checked_div(ratio).map_or(1, |c| c + 1);
                     let key: Vec<u32> = vec![
                         attrs.rope.rot_dims as u32,
                         attrs.rope.theta.to_bits(),
@@ -577,11 +578,9 @@ impl<D: Device> PtxSession<D> {
                 .into_iter()
                 .flatten()
                 .collect();
-                let slot_info: Vec<(u64, u64, u64, u64, u64, usize, usize, u64, u64)> = streams
+                let slot_info: Vec<(u64, u64, Stream)> = streams
                     .iter()
-                    .map(|(c, s)| -> Result<_, BackendError> {
-                        Ok((self.buf(c.kv)?, self.buf(c.gate)?, s.kv, s.gate, s.entries, s.width, s.dim, s.ape, s.norm))
-                    })
+                    .map(|(c, s)| Ok::<_, BackendError>((self.buf(c.kv)?, self.buf(c.gate)?, **s)))
                     .collect::<Result<_, _>>()?;
                 // Raw rows, rotated, into the ring.
                 let args = [
@@ -596,7 +595,8 @@ impl<D: Device> PtxSession<D> {
                     Arg::U32(u(ring)?),
                 ];
                 self.launch1("ca_rope", t * hd, &args)?;
-                for (kv_v, gate_v, kv_r, gate_r, entries, width, dim, ape, norm) in slot_info {
+                for (kv_v, gate_v, st) in slot_info {
+                    let Stream { kv: kv_r, gate: gate_r, entries, width, dim, ape, norm } = st;
                     for (src, dst) in [(kv_v, kv_r), (gate_v, gate_r)] {
                         let args = [
                             Arg::Ptr(src),
