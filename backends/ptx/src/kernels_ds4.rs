@@ -329,9 +329,14 @@ pub fn moe_route(scoring: Scoring, hash: bool, bias: bool) -> Kernel {
             });
         });
     }
-    // Mark the chosen experts.
+    // Mark the chosen experts: the top-k's with PICKED; a hash row's count each expert
+    // (a table row may name one twice, which counts twice, as in the reference).
     let last_e = kb.sub(Ty::U32, e, 1u32);
     if hash {
+        kb.for_range(0u32, e, 1u32, |kb, j| {
+            let sa = kb.index(srow, j, 4);
+            kb.guarded(ok, false, |kb| kb.st(Mem::F32, sa, 0, 0.0f32));
+        });
         let id = ld_u(&mut kb, ids, row);
         let tb = kb.mul(Ty::U32, id, k);
         kb.for_range(0u32, k, 1u32, |kb, j| {
@@ -340,7 +345,9 @@ pub fn moe_route(scoring: Scoring, hash: bool, bias: bool) -> Kernel {
             let ex = kb.cvt_rni(Ty::U32, ex);
             let ex = kb.bin(BinOp::Min, Ty::U32, ex, last_e);
             let sa = kb.index(srow, ex, 4);
-            kb.guarded(ok, false, |kb| kb.st(Mem::F32, sa, 0, PICKED));
+            let c = kb.ld(Mem::F32, sa, 0);
+            let c = kb.add(Ty::F32, c, 1.0f32);
+            kb.guarded(ok, false, |kb| kb.st(Mem::F32, sa, 0, c));
         });
     } else {
         kb.for_range(0u32, k, 1u32, |kb, _| {
@@ -358,25 +365,31 @@ pub fn moe_route(scoring: Scoring, hash: bool, bias: bool) -> Kernel {
             kb.guarded(ok, false, |kb| kb.st(Mem::F32, sa, 0, PICKED));
         });
     }
-    // Weights of the chosen: s / (Σ s + 1e-20) · scale.
+    // How many times expert j was chosen.
+    let count = |kb: &mut Kb, j: Reg| {
+        let sv = ld_f(kb, srow, j);
+        if hash {
+            sv
+        } else {
+            let picked = kb.setp(Cmp::Eq, sv, PICKED);
+            kb.selp(Ty::F32, 1.0f32, 0.0f32, picked)
+        }
+    };
+    // Weights of the chosen: s / (Σ s + 1e-20) · scale (once per choice).
     let total = kb.imm(Ty::F32, 0.0f32);
     kb.for_range(0u32, e, 1u32, |kb, j| {
-        let sv = ld_f(kb, srow, j);
-        let picked = kb.setp(Cmp::Eq, sv, PICKED);
+        let c = count(kb, j);
         let s = ld_f(kb, yrow, j);
-        let add = kb.add(Ty::F32, total, s);
-        let nt = kb.selp(Ty::F32, add, total, picked);
-        kb.mov_to(total, nt);
+        kb.fma_to(total, c, s);
     });
     let total = kb.add(Ty::F32, total, 1e-20f32);
     kb.for_range(0u32, e, 1u32, |kb, j| {
-        let sv = ld_f(kb, srow, j);
-        let picked = kb.setp(Cmp::Eq, sv, PICKED);
+        let c = count(kb, j);
         let ya = kb.index(yrow, j, 4);
         let s = kb.ld(Mem::F32, ya, 0);
         let w = kb.bin(BinOp::Div, Ty::F32, s, total);
         let w = kb.mul(Ty::F32, w, scale);
-        let w = kb.selp(Ty::F32, w, 0.0f32, picked);
+        let w = kb.mul(Ty::F32, w, c);
         kb.guarded(ok, false, |kb| kb.st(Mem::F32, ya, 0, w));
     });
     kb.finish()

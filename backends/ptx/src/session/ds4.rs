@@ -40,10 +40,6 @@ pub(super) struct Slot {
     cap: usize,
     comp: Option<Stream>,
     index: Option<Stream>,
-    /// Indexer scratch: rotated queries, scores, the chosen rows (a dummy row list without one).
-    iq: u64,
-    scores: u64,
-    sel: u64,
     /// A compressed row of zeros when the op has no compressor.
     no_comp: u64,
     table: u64,
@@ -80,6 +76,12 @@ pub(super) struct Ds4 {
     /// `grouped_matmul` scratch: one group's input and output rows.
     gx: u64,
     gy: u64,
+    /// Indexer scratch shared by the compressed-attention ops (which run in turn): rotated
+    /// queries, scores `[chunk, rows]`, the chosen rows `[chunk, topk]` (a row list of
+    /// `chunk` entries the attention kernel reads, unused, when no op has an indexer).
+    iq: u64,
+    scores: u64,
+    sel: u64,
 }
 
 /// Rows of the gathered expert inputs of a `moe` whose weights come from `w`: every token
@@ -145,6 +147,7 @@ impl Ds4 {
         let (mut moe_rows, mut moe_d, mut moe_i, mut moe_si, mut moe_e) = (0usize, 0usize, 0usize, 0usize, 0usize);
         let (mut g_in, mut g_out) = (0usize, 0usize);
         let mut slots = HashMap::new();
+        let (mut iq_floats, mut score_floats, mut sel_rows) = (0usize, 0usize, chunk);
         let mut tables: HashMap<Vec<u32>, u64> = HashMap::new();
         let cols = |v: kiln_ir::ValueId| usize_of(module.value_type(v).last_fixed().unwrap_or(0), "columns");
         for (i, inst) in module.insts.iter().enumerate() {
@@ -241,22 +244,23 @@ impl Ds4 {
                         Some(ix) if ratio > 0 => Some(stream(dev, &ix.keys, attrs.index_dim)?),
                         _ => None,
                     };
-                    let (iq, scores, sel) = if index_s.is_some() {
+                    if index_s.is_some() {
                         let nq = usize_of(attrs.index_heads * attrs.index_dim, "indexer width")?;
-                        let topk = usize_of(attrs.topk, "topk")?.max(1);
-                        (dev.alloc(4 * chunk * nq)?, dev.alloc(4 * chunk * cap)?, dev.alloc(4 * chunk * topk)?)
-                    } else {
-                        (0, 0, dev.alloc(4 * chunk)?)
-                    };
+                        iq_floats = iq_floats.max(chunk * nq);
+                        score_floats = score_floats.max(chunk * cap);
+                        sel_rows = sel_rows.max(chunk * usize_of(attrs.topk, "topk")?.max(1));
+                    }
                     let no_comp = if comp_s.is_none() { dev.alloc(4 * hd)? } else { 0 };
                     let raw = dev.alloc(4 * ring * hd)?;
-                    slots.insert(
-                        i,
-                        Slot { raw, ring, cap, comp: comp_s, index: index_s, iq, scores, sel, no_comp, table },
-                    );
+                    slots.insert(i, Slot { raw, ring, cap, comp: comp_s, index: index_s, no_comp, table });
                 }
                 _ => {}
             }
+        }
+        if !slots.is_empty() {
+            s.iq = dev.alloc(4 * iq_floats.max(1))?;
+            s.scores = dev.alloc(4 * score_floats.max(1))?;
+            s.sel = dev.alloc(4 * sel_rows)?;
         }
         s.slots = slots;
         if route_floats > 0 {
@@ -630,7 +634,7 @@ impl<D: Device> PtxSession<D> {
                 let (sel, topk) = match (indexer, slot.index.as_ref()) {
                     (Some(ix), Some(st)) => {
                         let (nh, di) = (usize_of(attrs.index_heads, "heads")?, usize_of(attrs.index_dim, "dim")?);
-                        let (iq, scores, sel, entries) = (slot.iq, slot.scores, slot.sel, st.entries);
+                        let (iq, scores, sel, entries) = (self.ds4.iq, self.ds4.scores, self.ds4.sel, st.entries);
                         let args = [
                             Arg::Ptr(self.buf(ix.q)?),
                             Arg::Ptr(iq),
@@ -669,7 +673,7 @@ impl<D: Device> PtxSession<D> {
                         self.dev.launch("ca_index_topk", [tu, 1, 1], &args)?;
                         (sel, topk)
                     }
-                    _ => (slot.sel, 0),
+                    _ => (self.ds4.sel, 0),
                 };
                 let slot = &self.ds4.slots[&i];
                 let (comp_rows, ratio_arg, cap_arg) = match slot.comp.as_ref() {
