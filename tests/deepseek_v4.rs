@@ -379,7 +379,14 @@ fn other_backends_refuse_the_new_ops_by_name() {
     let ptx = kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator };
     assert!(kiln_backends::first_unsupported(&ptx, &f).is_none());
     let what = kiln_backends::first_unsupported(&ptx, &m).expect("ptx accepts the unfused form");
-    assert!(what.starts_with("op `compress`"), "ptx: {what}");
+    assert!(
+        ["compress", "index_topk", "sparse_attention"].iter().any(|op| what.starts_with(&format!("op `{op}`"))),
+        "ptx: {what}"
+    );
+    for inst in &m.insts {
+        let unfused = matches!(inst.op, Op::Compress { .. } | Op::IndexTopk { .. } | Op::SparseAttention { .. });
+        assert_eq!(ptx.supports(&m, &inst.op), !unfused, "ptx: {}", inst.op.name());
+    }
 }
 
 fn copy_fixture(tag: &str) -> PathBuf {

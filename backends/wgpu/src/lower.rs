@@ -13,6 +13,15 @@ use crate::kernels::{self, Kernel};
 pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
     let decodes = match op {
         Op::MatMul { w, .. } => formats::supported(module.param(*w).ty.dtype),
+        // DeepSeek-V4's ops have PTX kernels but no WGSL ones yet: refused by name.
+        Op::Repeat { .. }
+        | Op::HcCoeffs { .. }
+        | Op::HcPre { .. }
+        | Op::HcPost { .. }
+        | Op::MoeRoute { .. }
+        | Op::Moe { .. }
+        | Op::GroupedMatMul { .. }
+        | Op::CompressedAttention { .. } => false,
         _ => true,
     };
     decodes && kiln_ptx::lower::supports(module, op)
