@@ -322,10 +322,16 @@ pub fn moe_route(scoring: Scoring, hash: bool, bias: bool) -> Kernel {
             let ya = kb.index(yrow, j, 4);
             let v = kb.ld(Mem::F32, ya, 0);
             let v = kb.mul(Ty::F32, v, inv);
+            let sv = if bias {
+                let b = ld_f(kb, bias_p, j);
+                kb.add(Ty::F32, v, b)
+            } else {
+                v
+            };
             let sa = kb.index(srow, j, 4);
             kb.guarded(ok, false, |kb| {
                 kb.st(Mem::F32, ya, 0, v);
-                kb.st(Mem::F32, sa, 0, v);
+                kb.st(Mem::F32, sa, 0, sv);
             });
         });
     }
