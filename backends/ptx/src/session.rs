@@ -703,9 +703,11 @@ impl<D: Device> Session for PtxSession<D> {
     }
 
     /// The device memory of the KV slots (allocated once: the context's rows, or a
-    /// windowed slot's sinks and ring).
+    /// windowed slot's sinks and ring; a compressed slot's rings and compressed rows).
     fn kv_cache_bytes(&self) -> Option<usize> {
-        Some(self.caches.values().map(|c| 2 * c.rows * c.dtype.row_bytes(c.width as u64).unwrap_or(0) as usize).sum())
+        let kv: usize =
+            self.caches.values().map(|c| 2 * c.rows * c.dtype.row_bytes(c.width as u64).unwrap_or(0) as usize).sum();
+        Some(kv + self.ds4.cache_bytes)
     }
 
     fn truncate(&mut self, pos: usize) {

@@ -82,6 +82,8 @@ pub(super) struct Ds4 {
     iq: u64,
     scores: u64,
     sel: u64,
+    /// Device bytes of the compressed slots (rings and compressed rows, allocated once).
+    pub(super) cache_bytes: usize,
 }
 
 /// Rows of the gathered expert inputs of a `moe` whose weights come from `w`: every token
@@ -223,9 +225,11 @@ impl Ds4 {
                             a
                         }
                     };
+                    let mut bytes = 4 * ring * hd;
                     let mut stream = |dev: &mut D, c: &CompressorOperands, dim: u64| -> Result<Stream, BackendError> {
                         let width = cols(c.kv)?;
                         let dim = usize_of(dim, "dim")?;
+                        bytes += 4 * (2 * ring * width + cap * dim);
                         Ok(Stream {
                             kv: dev.alloc(4 * ring * width)?,
                             gate: dev.alloc(4 * ring * width)?,
@@ -250,6 +254,7 @@ impl Ds4 {
                         score_floats = score_floats.max(chunk * cap);
                         sel_rows = sel_rows.max(chunk * usize_of(attrs.topk, "topk")?.max(1));
                     }
+                    s.cache_bytes += bytes;
                     let no_comp = if comp_s.is_none() { dev.alloc(4 * hd)? } else { 0 };
                     let raw = dev.alloc(4 * ring * hd)?;
                     slots.insert(i, Slot { raw, ring, cap, comp: comp_s, index: index_s, no_comp, table });
