@@ -708,3 +708,65 @@ fn ptx_backend_on_the_gpu_reproduces_transformers_logits() {
     let worst = reproduce("ptx (cuda)", &new, PTX_TOL, 1e-8);
     println!("ptx (cuda): worst max|Δ| against transformers: {worst:.2e} (tolerance {PTX_TOL})");
 }
+
+/// The wgpu backend's budget against transformers: f32 sums as on PTX (in other orders
+/// where no top-k decision depends on them: attention, RMSNorm), the adapter's `exp`.
+const WGPU_TOL: f64 = 1e-4;
+
+/// Whether wgpu finds an adapter (Mesa's lavapipe in CI); without one the wgpu tests skip
+/// with a message, or fail under `KILN_REQUIRE_WGPU=1`.
+fn have_wgpu_adapter() -> bool {
+    match kiln_wgpu::device::open_device() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(std::env::var("KILN_REQUIRE_WGPU").as_deref() != Ok("1"), "KILN_REQUIRE_WGPU=1 but {e}");
+            eprintln!("SKIPPED (no wgpu adapter): {e}");
+            false
+        }
+    }
+}
+
+/// The fused form on the wgpu backend (the PTX launch sequence with the WGSL kernels; on
+/// lavapipe in CI): prefill, decode one token per call (a recorded launch sequence
+/// replayed each step), chunked prefill, against transformers' logits.
+#[test]
+fn wgpu_backend_reproduces_transformers_logits() {
+    if !have_wgpu_adapter() {
+        return;
+    }
+    let (m, w, _) = fused();
+    let wgpu = kiln_wgpu::WgpuBackend::new();
+    assert!(kiln_backends::first_unsupported(&wgpu, &m).is_none());
+    let new = || wgpu.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let worst = reproduce("wgpu", &new, WGPU_TOL, 1e-8);
+    println!("wgpu: worst max|Δ| against transformers: {worst:.2e} (tolerance {WGPU_TOL})");
+}
+
+/// Rolling a wgpu session back within the last call is exact, also with other tokens in
+/// between, as on PTX (the same device cache by position).
+#[test]
+fn wgpu_rollback_is_exact_within_a_chunk() {
+    if !have_wgpu_adapter() {
+        return;
+    }
+    let (m, w, _) = fused();
+    let wgpu = kiln_wgpu::WgpuBackend::new();
+    let new = || wgpu.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq0.tokens"));
+    let mut a = new();
+    a.forward(&tokens[..40], Logits::Last).unwrap();
+    let want = a.forward(&tokens[40..45], Logits::All).unwrap();
+    let mut b = new();
+    b.forward(&tokens[..30], Logits::Last).unwrap();
+    b.forward(&tokens[30..50], Logits::Last).unwrap();
+    b.truncate(40);
+    assert_eq!(b.pos(), 40);
+    assert_eq!(b.forward(&tokens[40..45], Logits::All).unwrap(), want);
+    // Different tokens after a rollback overwrite what the rings held.
+    let mut c = new();
+    c.forward(&tokens[..40], Logits::Last).unwrap();
+    c.forward(&tokens[60..70], Logits::Last).unwrap();
+    c.truncate(40);
+    assert_eq!(c.forward(&tokens[40..45], Logits::All).unwrap(), want);
+}
