@@ -663,13 +663,12 @@ let xr_base = p.xr_off + first * p.k;
 let y_base = p.y_off + first * p.rows;
 "
     } else {
-        "let tt = p.t;
-let w_base = 4u * p.w_off;
-let x_base = p.x_off;
-let xr_base = p.xr_off;
-let y_base = p.y_off;
-"
+        ""
     };
+    // The bases as the body reads them (a plain matmul's print as they always have).
+    let (w_base, x_base, y_base, tt) =
+        if experts { ("w_base", "x_base", "y_base", "tt") } else { ("4u * p.w_off", "p.x_off", "p.y_off", "p.t") };
+    let xbase = |buf: &str| if experts { format!("{buf}_base") } else { format!("p.{buf}_off") };
     let tk = MATMUL_TOKENS;
     let rotated = kiln_ptx::formats::needs_rotated_x(dtype) && !ragged;
     let add_bias = if bias { " + b_bias[p.bias_off + row]" } else { "" };
@@ -689,7 +688,7 @@ let y_base = p.y_off;
             let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
             inner += &format!(
                 "    {guard}{{
-        let xb = x_base + (t0 + {j}u) * p.k;
+        let xb = {x_base} + (t0 + {j}u) * p.k;
         for (var i = 0u; i < 8u; i = i + 1u) {{
             let e = g * 8u + i;
             a{j} = fma(wv[i], select(0.0, b_x[xb + min(e, p.k - 1u)], e < p.k), a{j});
@@ -703,7 +702,7 @@ let y_base = p.y_off;
         // Rows of k (a multiple of 8) floats: a group is two aligned vec4s. kq2 groups read
         // `x` or its block rotation `xr` (same layout), as their block is stored.
         let tokens = |buf: &str, indent: &str| {
-            let mut s = format!("{indent}let xg = ({buf}_base >> 2u) + (t0 * p.k >> 2u) + 2u * g;\n");
+            let mut s = format!("{indent}let xg = ({} >> 2u) + (t0 * p.k >> 2u) + 2u * g;\n", xbase(buf));
             for j in 0..tk {
                 let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
                 s += &format!(
@@ -738,7 +737,7 @@ let y_base = p.y_off;
         let outs: String = (0..tk)
             .map(|j| {
                 let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
-                format!("{guard}{{\n    b_y[y_base + (t0 + {j}u) * p.rows + row] = a{j}{add_bias};\n}}\n")
+                format!("{guard}{{\n    b_y[{y_base} + (t0 + {j}u) * p.rows + row] = a{j}{add_bias};\n}}\n")
             })
             .collect();
         (
@@ -748,9 +747,9 @@ let y_base = p.y_off;
 if row >= p.rows {{
     return;
 }}
-let wrow = w_base + row * p.row_bytes;
+let wrow = {w_base} + row * p.row_bytes;
 let t0 = wg.y * TOK;
-let nt = min(TOK, tt - t0);
+let nt = min(TOK, {tt} - t0);
 let groups = {groups};
 {accs}for (var g = 0u; g < groups; g = g + 1u) {{
 {inner}}}
@@ -767,9 +766,9 @@ let groups = {groups};
             format!(
                 "{prelude}let lane = tid & 31u;
 let row = wg.x * 4u + (tid >> 5u);
-let wrow = w_base + min(row, p.rows - 1u) * p.row_bytes;
+let wrow = {w_base} + min(row, p.rows - 1u) * p.row_bytes;
 let t0 = wg.y * TOK;
-let nt = min(TOK, tt - t0);
+let nt = min(TOK, {tt} - t0);
 let groups = {groups};
 {accs}for (var g = lane; g < groups; g = g + 32u) {{
 {inner}}}
@@ -784,7 +783,7 @@ for (var s = 16u; s > 0u; s = s >> 1u) {{
 }}
 if lane == 0u && row < p.rows {{
     for (var j = 0u; j < nt; j = j + 1u) {{
-        b_y[y_base + (t0 + j) * p.rows + row] = part[j * 128u + tid]{add_bias};
+        b_y[{y_base} + (t0 + j) * p.rows + row] = part[j * 128u + tid]{add_bias};
     }}
 }}
 "
