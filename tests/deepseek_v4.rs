@@ -350,18 +350,11 @@ fn new_ops_round_trip_and_verify() {
 #[test]
 fn other_backends_refuse_the_new_ops_by_name() {
     let (m, _) = import();
-    let backends: Vec<Box<dyn Backend>> = vec![
-        Box::new(kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator }),
-        Box::new(kiln_wgpu::WgpuBackend::new()),
-        Box::new(kiln_fixed::FixedBackend::new()),
-        Box::new(kiln_metal::MetalBackend::new()),
-    ];
-    for b in &backends {
-        let what = kiln_backends::first_unsupported(b.as_ref(), &m).unwrap_or_else(|| panic!("{} accepts", b.name()));
-        assert!(what.starts_with("op `repeat`"), "{}: {what}", b.name());
-    }
-    let refuses = |op: &Op| backends.iter().all(|b| !b.supports(&m, op));
     let (f, _, _) = fused();
+    // The fixed-point backend refuses DeepSeek-V4's ops by name.
+    let fixed = kiln_fixed::FixedBackend::new();
+    let what = kiln_backends::first_unsupported(&fixed, &m).expect("fixed accepts");
+    assert!(what.starts_with("op `repeat`"), "fixed: {what}");
     for inst in m.insts.iter().chain(&f.insts) {
         if matches!(
             inst.op,
@@ -373,7 +366,27 @@ fn other_backends_refuse_the_new_ops_by_name() {
                 | Op::MoeRoute { .. }
                 | Op::HcCoeffs { .. }
         ) {
-            assert!(refuses(&inst.op), "{}", inst.op.name());
+            assert!(!fixed.supports(&m, &inst.op), "fixed: {}", inst.op.name());
+        }
+    }
+    // The PTX backend, and wgpu and Metal with its launch sequence and WGSL twins of its
+    // kernels, run the fused form and refuse only the unfused attention ops.
+    let backends: Vec<Box<dyn Backend>> = vec![
+        Box::new(kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator }),
+        Box::new(kiln_wgpu::WgpuBackend::new()),
+        Box::new(kiln_metal::MetalBackend::new()),
+    ];
+    for b in &backends {
+        let name = b.name();
+        assert!(kiln_backends::first_unsupported(b.as_ref(), &f).is_none(), "{name}");
+        let what = kiln_backends::first_unsupported(b.as_ref(), &m).expect("accepts the unfused form");
+        assert!(
+            ["compress", "index_topk", "sparse_attention"].iter().any(|op| what.starts_with(&format!("op `{op}`"))),
+            "{name}: {what}"
+        );
+        for inst in &m.insts {
+            let unfused = matches!(inst.op, Op::Compress { .. } | Op::IndexTopk { .. } | Op::SparseAttention { .. });
+            assert_eq!(b.supports(&m, &inst.op), !unfused, "{name}: {}", inst.op.name());
         }
     }
 }
@@ -615,4 +628,145 @@ fn two_bit_experts_recipe_builds_and_reports_its_quality() {
     assert!(top1 > 0.3, "{q}");
     let run = common::run(&["run", build.to_str().unwrap(), "-p", "Once upon", "-n", "4"]);
     assert!(run.status.success(), "{}", common::stderr(&run));
+}
+
+/// The PTX backend's budget against transformers (the emulator runs the same kernels as
+/// the GPU): f32 sums throughout (the reference sums long dots in f64), `ex2.approx` in
+/// every softmax, sigmoid and SiLU.
+const PTX_TOL: f64 = 1e-4;
+
+fn ptx_options() -> SessionOptions {
+    SessionOptions { max_context: 256, threads: 2, ..Default::default() }
+}
+
+/// The fused form on the PTX backend, on kiln's SIMT emulator: hyper-connections, routing,
+/// the experts through the stacked-experts matmul over gathered rows, the grouped output
+/// projection and the compressed attention with its device cache (rings by position,
+/// compressed rows by window), prefill, decode (a recorded launch sequence replayed each
+/// step) and chunked prefill.
+#[test]
+fn ptx_backend_reproduces_transformers_logits() {
+    let (m, w, _) = fused();
+    let ptx = kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator };
+    assert!(kiln_backends::first_unsupported(&ptx, &m).is_none());
+    let new = || ptx.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let worst = reproduce("ptx (emulator)", &new, PTX_TOL, 1e-8);
+    println!("ptx (emulator): worst max|Δ| against transformers: {worst:.2e} (tolerance {PTX_TOL})");
+}
+
+/// Rolling the PTX session back within its rings is exact (it recomputes the windows that
+/// close again), also with other tokens in between, and a restart at 0 is a fresh session.
+/// (A rollback of more than a chunk, which the rings may no longer hold, is refused by the
+/// session's `RollbackGuard`; the fixture's chunk is the whole context.)
+#[test]
+fn ptx_rollback_is_exact_within_a_chunk() {
+    let (m, w, _) = fused();
+    let ptx = kiln_ptx::PtxBackend { target: kiln_ptx::Target::Emulator };
+    let new = || ptx.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq0.tokens"));
+    let mut a = new();
+    a.forward(&tokens[..40], Logits::Last).unwrap();
+    let want = a.forward(&tokens[40..45], Logits::All).unwrap();
+    // A longer call, rolled back into itself (a window of every ratio closes again), then
+    // the same tokens again.
+    let mut b = new();
+    b.forward(&tokens[..30], Logits::Last).unwrap();
+    b.forward(&tokens[30..50], Logits::Last).unwrap();
+    b.truncate(40);
+    assert_eq!(b.pos(), 40);
+    let got = b.forward(&tokens[40..45], Logits::All).unwrap();
+    assert_eq!(got, want);
+    // Different tokens after a rollback overwrite what the rings held.
+    let mut c = new();
+    c.forward(&tokens[..40], Logits::Last).unwrap();
+    c.forward(&tokens[60..70], Logits::Last).unwrap();
+    c.truncate(40);
+    assert_eq!(c.forward(&tokens[40..45], Logits::All).unwrap(), want);
+    // Back to 0 from anywhere: a fresh session's logits.
+    b.truncate(0);
+    assert_eq!(b.forward(&tokens[..40], Logits::Last).unwrap(), new().forward(&tokens[..40], Logits::Last).unwrap());
+}
+
+/// The same cases on a real NVIDIA GPU through the CUDA driver (feature `cuda`): prefill,
+/// decode through a CUDA graph, chunked prefill. Without a driver it skips with a printed
+/// reason, or fails under `KILN_REQUIRE_GPU=1`.
+#[cfg(feature = "cuda")]
+#[test]
+fn ptx_backend_on_the_gpu_reproduces_transformers_logits() {
+    if !kiln_ptx::cuda::driver_present() {
+        let msg = "no CUDA driver on this machine: the DeepSeek-V4 GPU test did not run";
+        if std::env::var("KILN_REQUIRE_GPU").as_deref() == Ok("1") {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return;
+    }
+    let (m, w, _) = fused();
+    let ptx = kiln_ptx::PtxBackend { target: kiln_ptx::Target::Cuda };
+    let new = || ptx.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let worst = reproduce("ptx (cuda)", &new, PTX_TOL, 1e-8);
+    println!("ptx (cuda): worst max|Δ| against transformers: {worst:.2e} (tolerance {PTX_TOL})");
+}
+
+/// The wgpu backend's budget against transformers: f32 sums as on PTX (in other orders
+/// where no top-k decision depends on them: attention, RMSNorm), the adapter's `exp`.
+const WGPU_TOL: f64 = 1e-4;
+
+/// Whether wgpu finds an adapter (Mesa's lavapipe in CI); without one the wgpu tests skip
+/// with a message, or fail under `KILN_REQUIRE_WGPU=1`.
+fn have_wgpu_adapter() -> bool {
+    match kiln_wgpu::device::open_device() {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(std::env::var("KILN_REQUIRE_WGPU").as_deref() != Ok("1"), "KILN_REQUIRE_WGPU=1 but {e}");
+            eprintln!("SKIPPED (no wgpu adapter): {e}");
+            false
+        }
+    }
+}
+
+/// The fused form on the wgpu backend (the PTX launch sequence with the WGSL kernels; on
+/// lavapipe in CI): prefill, decode one token per call (a recorded launch sequence
+/// replayed each step), chunked prefill, against transformers' logits.
+#[test]
+fn wgpu_backend_reproduces_transformers_logits() {
+    if !have_wgpu_adapter() {
+        return;
+    }
+    let (m, w, _) = fused();
+    let wgpu = kiln_wgpu::WgpuBackend::new();
+    assert!(kiln_backends::first_unsupported(&wgpu, &m).is_none());
+    let new = || wgpu.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let worst = reproduce("wgpu", &new, WGPU_TOL, 1e-8);
+    println!("wgpu: worst max|Δ| against transformers: {worst:.2e} (tolerance {WGPU_TOL})");
+}
+
+/// Rolling a wgpu session back within the last call is exact, also with other tokens in
+/// between, as on PTX (the same device cache by position).
+#[test]
+fn wgpu_rollback_is_exact_within_a_chunk() {
+    if !have_wgpu_adapter() {
+        return;
+    }
+    let (m, w, _) = fused();
+    let wgpu = kiln_wgpu::WgpuBackend::new();
+    let new = || wgpu.prepare(m.clone(), w.clone(), &ptx_options()).unwrap();
+    let refs = Refs::open();
+    let tokens = toks(&refs.ints("seq0.tokens"));
+    let mut a = new();
+    a.forward(&tokens[..40], Logits::Last).unwrap();
+    let want = a.forward(&tokens[40..45], Logits::All).unwrap();
+    let mut b = new();
+    b.forward(&tokens[..30], Logits::Last).unwrap();
+    b.forward(&tokens[30..50], Logits::Last).unwrap();
+    b.truncate(40);
+    assert_eq!(b.pos(), 40);
+    assert_eq!(b.forward(&tokens[40..45], Logits::All).unwrap(), want);
+    // Different tokens after a rollback overwrite what the rings held.
+    let mut c = new();
+    c.forward(&tokens[..40], Logits::Last).unwrap();
+    c.forward(&tokens[60..70], Logits::Last).unwrap();
+    c.truncate(40);
+    assert_eq!(c.forward(&tokens[40..45], Logits::All).unwrap(), want);
 }

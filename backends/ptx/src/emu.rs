@@ -384,6 +384,7 @@ fn exec(b: &mut Block<'_>, mem: &mut EmuMemory, args: &[Arg], inst: &Inst, t: us
                 (UnOp::Sqrt, _) => fb(f(x).sqrt()),
                 (UnOp::Rcp, _) => fb(1.0 / f(x)),
                 (UnOp::Ex2, _) => fb(f(x).exp2()),
+                (UnOp::Lg2, _) => fb(f(x).log2()),
                 (UnOp::Tanh, _) => fb(f(x).tanh()),
                 (UnOp::Popc, _) => (x as u32).count_ones() as u64,
             };

@@ -61,18 +61,69 @@ pub fn matmul(dtype: DType, bias: bool) -> Kernel {
 
 /// [`matmul`], or its `ragged` variant for unquantized rows of any length.
 pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool) -> Kernel {
+    matmul_impl(dtype, bias, ragged, false)
+}
+
+pub fn matmul_experts_name(dtype: DType, ragged: bool) -> String {
+    format!("{}_experts", matmul_name(dtype, false, ragged))
+}
+
+/// The grid of [`matmul_experts`]: [`matmul_grid`] for the most rows one expert can get,
+/// times the experts.
+pub fn matmul_experts_grid(rows: u32, max_t: u32, experts: u32) -> [u32; 3] {
+    let [a, b, _] = matmul_grid(rows, max_t);
+    [a, b, experts]
+}
+
+/// [`matmul_variant`] (no bias) over stacked experts, one launch for all of them: expert
+/// `e = ctaid.z` multiplies its `[rows, k]` matrix at `w + e·expert_bytes` with its
+/// gathered rows `seg[2e] .. seg[2e] + seg[2e+1]` of `x` (and `xr`) into the same rows of
+/// `y`; blocks past an expert's row count exit at once. Arguments: the matmul's (its `t`
+/// unused), then `seg, expert_bytes`.
+pub fn matmul_experts(dtype: DType, ragged: bool) -> Kernel {
+    matmul_impl(dtype, false, ragged, true)
+}
+
+fn matmul_impl(dtype: DType, bias: bool, ragged: bool, experts: bool) -> Kernel {
     assert!(!ragged || dtype.block_elems() == 1, "ragged rows are for unquantized weights");
-    let mut kb = Kb::new(matmul_name(dtype, bias, ragged), MATMUL_PARAMS, BLOCK);
-    let w = kb.param(0);
-    let x = kb.param(1);
-    let xr = kb.param(2);
-    let y = kb.param(3);
+    let mut params = MATMUL_PARAMS.to_vec();
+    if experts {
+        params.extend([("seg", ParamTy::Ptr), ("expert_bytes", ParamTy::U32)]);
+    }
+    let name = if experts { matmul_experts_name(dtype, ragged) } else { matmul_name(dtype, bias, ragged) };
+    let mut kb = Kb::new(name, &params, BLOCK);
+    let mut w = kb.param(0);
+    let mut x = kb.param(1);
+    let mut xr = kb.param(2);
+    let mut y = kb.param(3);
     let bias_p = kb.param(4);
     let tables = kb.param(5);
     let rows = kb.param(6);
     let k = kb.param(7);
-    let t = kb.param(8);
+    let mut t = kb.param(8);
     let row_bytes = kb.param(9);
+    let exit = experts.then(|| kb.label());
+    if let Some(exit) = exit {
+        let seg = kb.param(10);
+        let eb = kb.param(11);
+        let e = kb.special(Special::CtaidZ);
+        let si = kb.mul(Ty::U32, e, 2u32);
+        let sa = kb.index(seg, si, 4);
+        let first = kb.ld(Mem::U32, sa, 0);
+        t = kb.ld(Mem::U32, sa, 4);
+        let woff = kb.mul_wide(e, eb);
+        w = kb.add(Ty::U64, w, woff);
+        let xo = kb.mul(Ty::U32, first, k);
+        x = kb.index(x, xo, 4);
+        xr = kb.index(xr, xo, 4);
+        let yo = kb.mul(Ty::U32, first, rows);
+        y = kb.index(y, yo, 4);
+        // This block's tokens start past the expert's rows: nothing to do (uniform).
+        let tile = kb.special(Special::CtaidY);
+        let t0 = kb.mul(Ty::U32, tile, MATMUL_TOKENS);
+        let idle = kb.setp(Cmp::Ge, t0, t);
+        kb.bra(exit, Some((idle, false)));
+    }
 
     let tid = kb.tid();
     let lane = kb.and(Ty::U32, tid, 31);
@@ -190,6 +241,9 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool) -> Kernel {
         }
     };
     pass(&mut kb, t0);
+    if let Some(exit) = exit {
+        kb.place(exit);
+    }
     kb.finish()
 }
 
@@ -313,7 +367,7 @@ pub fn glu(kind: Activation) -> Kernel {
 
 /// Sum of `v` over the block: every thread gets it. Uses 4 floats of shared
 /// memory at `smem + off`.
-fn block_sum(kb: &mut Kb, v: Reg, smem: Reg, off: u32) -> Reg {
+pub(crate) fn block_sum(kb: &mut Kb, v: Reg, smem: Reg, off: u32) -> Reg {
     let s = kb.warp_sum(v);
     let tid = kb.tid();
     let lane = kb.and(Ty::U32, tid, 31);

@@ -4,6 +4,7 @@
 //!
 //! - `ptx`: the kernel builder (typed registers, a closed instruction set) and the PTX printer;
 //! - `kernels`, `formats`, `formats_k`: the kernels, and the fused weight decoders per layout;
+//! - `kernels_ds4`: DeepSeek-V4's kernels (hyper-connections, experts, compressed attention);
 //! - `lower`: which ops run and which kernels a module needs;
 //! - `emu`: a SIMT emulator that runs the same kernels on the CPU (tests, CI);
 //! - `device`, `cuda`: where kernels run (the emulator, or the CUDA driver with feature `cuda`);
@@ -16,6 +17,7 @@ pub mod emu;
 pub mod formats;
 pub mod formats_k;
 pub mod kernels;
+pub mod kernels_ds4;
 pub mod lower;
 pub mod ptx;
 pub mod session;
@@ -61,6 +63,10 @@ impl Backend for PtxBackend {
 
     fn supports(&self, module: &VerifiedModule, op: &Op) -> bool {
         lower::supports(module, op)
+    }
+
+    fn unsupported_detail(&self, module: &VerifiedModule, op: &Op) -> Option<String> {
+        lower::unsupported_detail(module, op)
     }
 
     fn emit(&self, module: &VerifiedModule, _weights: &dyn WeightSource) -> Result<Vec<BuildFile>, BackendError> {

@@ -8,6 +8,7 @@ use kiln_ir::{Op, VerifiedModule};
 
 use crate::formats;
 use crate::kernels;
+use crate::kernels_ds4 as k4;
 use crate::ptx::{self, BinOp, Kernel};
 
 /// Name of kq2's activation-rotation kernel.
@@ -30,20 +31,23 @@ pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
         | Op::Softmax { .. }
         | Op::Steer { .. }
         | Op::Rope { .. } => true,
-        // Not built for the GPU yet (hyper-connections, experts, compressed attention):
-        // refused by name before a session starts.
-        Op::LayerNorm { .. }
-        | Op::Repeat { .. }
-        | Op::HcCoeffs { .. }
-        | Op::HcPre { .. }
-        | Op::HcPost { .. }
-        | Op::MoeRoute { .. }
-        | Op::Moe { .. }
-        | Op::GroupedMatMul { .. }
-        | Op::CompressedAttention { .. }
-        | Op::Compress { .. }
-        | Op::IndexTopk { .. }
-        | Op::SparseAttention { .. } => false,
+        // DeepSeek-V4 (`kernels_ds4`, `session/ds4.rs`).
+        Op::Repeat { .. } | Op::HcPre { .. } | Op::HcPost { .. } | Op::MoeRoute { .. } => true,
+        Op::HcCoeffs { streams, .. } => (1..=k4::MAX_HC_STREAMS).contains(streams),
+        Op::Moe { w, .. } => routed(module, *w) && bad_weight(module, op).is_none(),
+        Op::GroupedMatMul { .. } => bad_weight(module, op).is_none(),
+        Op::CompressedAttention { indexer, attrs, .. } => {
+            let rd = attrs.rope.rot_dims;
+            attrs.head_dim.is_multiple_of(32)
+                && attrs.head_dim <= k4::MAX_CA_DIM
+                && attrs.index_dim <= k4::MAX_CA_DIM
+                && rd.is_multiple_of(2)
+                && rd <= attrs.head_dim
+                && (indexer.is_none() || rd <= attrs.index_dim)
+        }
+        // Not built for the GPU: layer norm, and the unfused DeepSeek-V4 attention (the
+        // `fuse_sparse_attention` pass makes `compressed_attention` of it).
+        Op::LayerNorm { .. } | Op::Compress { .. } | Op::IndexTopk { .. } | Op::SparseAttention { .. } => false,
         Op::MatMul { w, .. } => {
             let ty = &module.param(*w).ty;
             let plain = ty.dtype.block_elems() == 1;
@@ -63,15 +67,85 @@ pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
     }
 }
 
+/// Whether `w` is a `moe_route` result (which bounds the experts a token chooses).
+fn routed(module: &VerifiedModule, w: kiln_ir::ValueId) -> bool {
+    matches!(module.insts.get(w.index()).map(|i| &i.op), Some(Op::MoeRoute { .. }))
+}
+
+/// Whether the matmul kernels decode `dtype` rows of `k` values.
+fn weight_ok(dtype: kiln_ir::DType, k: u64) -> bool {
+    formats::supported(dtype) && k > 0 && k <= u32::MAX as u64 && (dtype.block_elems() == 1 || k.is_multiple_of(8))
+}
+
+/// The first expert or grouped weight of `op` the matmul kernels cannot read, as a message.
+fn bad_weight(module: &VerifiedModule, op: &Op) -> Option<String> {
+    let ws: Vec<kiln_ir::ParamId> = match op {
+        Op::Moe { gate, up, down, shared, .. } => {
+            let mut v = vec![*gate, *up, *down];
+            if let Some(s) = shared {
+                v.extend([s.gate, s.up, s.down]);
+            }
+            v
+        }
+        Op::GroupedMatMul { w, .. } => vec![*w],
+        _ => vec![],
+    };
+    ws.into_iter().find_map(|p| {
+        let ty = &module.param(p).ty;
+        let k = ty.last_fixed().unwrap_or(0);
+        (!weight_ok(ty.dtype, k)).then(|| {
+            format!(
+                "weight @{} is {} with rows of {k} (the PTX matmul kernels decode {} rows of a multiple of 8)",
+                module.param(p).name,
+                ty.dtype.name(),
+                if formats::supported(ty.dtype) { "its" } else { "other types'" }
+            )
+        })
+    })
+}
+
+/// What `supports` refuses about `op` beyond its name.
+pub fn unsupported_detail(module: &VerifiedModule, op: &Op) -> Option<String> {
+    match op {
+        Op::Moe { w, .. } if !routed(module, *w) => Some("its routing weights do not come from `moe_route`".into()),
+        Op::Moe { .. } | Op::GroupedMatMul { .. } => bad_weight(module, op),
+        Op::HcCoeffs { streams, .. } => {
+            Some(format!("{streams} streams (the kernel holds at most {} in registers)", k4::MAX_HC_STREAMS))
+        }
+        Op::CompressedAttention { attrs, .. } => Some(format!(
+            "head_dim {} / index_dim {} / rope dims {} (built for head dims a multiple of 32 up to {})",
+            attrs.head_dim,
+            attrs.index_dim,
+            attrs.rope.rot_dims,
+            k4::MAX_CA_DIM
+        )),
+        _ => None,
+    }
+}
+
 /// Whether matmuls with weight `w` need the ragged kernel (row length not a multiple of 8).
 pub fn ragged(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
     module.param(w).ty.last_fixed().is_some_and(|k| k % 8 != 0)
 }
 
 /// Whether prefill matmuls with weight `w` run on tensor cores ([`kernels::matmul_mma`]).
+/// Not in a module that routes experts or selects compressed rows by top-k (DeepSeek-V4):
+/// the f16 operands' ~3e-4 relative error flips decisions whose margins are that small
+/// (the fixture's router margin is 3e-4), so prefill would choose other experts and rows
+/// than decode does; its matmuls stay f32.
 pub fn uses_mma(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
     let ty = &module.param(w).ty;
-    ty.last_fixed().is_some_and(|k| kernels::mma_eligible(ty.dtype, k))
+    ty.last_fixed().is_some_and(|k| kernels::mma_eligible(ty.dtype, k)) && !top_k_decisions(module)
+}
+
+/// Whether `module` takes top-k decisions on activations (`moe_route`, the indexer of
+/// `compressed_attention`).
+pub fn top_k_decisions(module: &VerifiedModule) -> bool {
+    module.insts.iter().any(|i| match &i.op {
+        Op::MoeRoute { table, .. } => table.is_none(),
+        Op::CompressedAttention { indexer, .. } => indexer.is_some(),
+        _ => false,
+    })
 }
 
 /// Tokens from which a forward call's matmuls use tensor cores.
@@ -120,18 +194,55 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
                 add(kernels::attn_combine());
             }
             Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
+            Op::Repeat { .. } => add(k4::repeat()),
+            Op::HcCoeffs { f, streams, .. } => {
+                let pre_only = module.value_type(*f).last_fixed() == Some(*streams);
+                add(k4::hc_coeffs(*streams, pre_only));
+            }
+            Op::HcPre { .. } => add(k4::hc_pre()),
+            Op::HcPost { .. } => add(k4::hc_post()),
+            Op::MoeRoute { ids, bias, table, attrs, .. } => {
+                let hash = table.is_some() && ids.is_some();
+                add(k4::moe_route(attrs.scoring, hash, bias.is_some() && !hash));
+            }
+            Op::Moe { gate, up, down, shared, .. } => {
+                for k in [k4::moe_plan(), k4::moe_gather(), k4::moe_swiglu(), k4::moe_combine()] {
+                    add(k);
+                }
+                for (p, stacked) in [(*gate, true), (*up, true), (*down, true)]
+                    .into_iter()
+                    .chain(shared.iter().flat_map(|s| [(s.gate, false), (s.up, false), (s.down, false)]))
+                {
+                    let dt = module.param(p).ty.dtype;
+                    let r = ragged(module, p);
+                    add(if stacked { kernels::matmul_experts(dt, r) } else { kernels::matmul_variant(dt, false, r) });
+                    if formats::needs_rotated_x(dt) {
+                        add(crate::formats_k::rotate_kernel());
+                    }
+                }
+            }
+            Op::GroupedMatMul { w, .. } => {
+                let dt = module.param(*w).ty.dtype;
+                add(k4::copy_cols());
+                add(kernels::matmul_variant(dt, false, ragged(module, *w)));
+                if formats::needs_rotated_x(dt) {
+                    add(crate::formats_k::rotate_kernel());
+                }
+            }
+            Op::CompressedAttention { comp, indexer, attrs, .. } => {
+                add(k4::ca_rope());
+                if attrs.ratio > 0 && (comp.is_some() || indexer.is_some()) {
+                    add(k4::ca_store());
+                    add(k4::ca_compress());
+                }
+                if attrs.ratio > 0 && indexer.is_some() {
+                    add(k4::ca_index_scores());
+                    add(k4::ca_index_topk());
+                }
+                add(k4::ca_attend(attrs.head_dim as u32));
+            }
             // Refused by `supports`.
-            Op::Repeat { .. }
-            | Op::HcCoeffs { .. }
-            | Op::HcPre { .. }
-            | Op::HcPost { .. }
-            | Op::MoeRoute { .. }
-            | Op::Moe { .. }
-            | Op::GroupedMatMul { .. }
-            | Op::CompressedAttention { .. }
-            | Op::Compress { .. }
-            | Op::IndexTopk { .. }
-            | Op::SparseAttention { .. } => {}
+            Op::Compress { .. } | Op::IndexTopk { .. } | Op::SparseAttention { .. } => {}
         }
     }
     // Greedy decoding and top-k sampling on the device.
@@ -189,6 +300,13 @@ pub fn all_kernels() -> Vec<Kernel> {
     ks.push(kernels::attn_combine());
     ks.push(kernels::argmax());
     ks.push(kernels::top_k());
+    for dt in DType::floats() {
+        ks.push(kernels::matmul_experts(dt, false));
+        if dt.block_elems() == 1 {
+            ks.push(kernels::matmul_experts(dt, true));
+        }
+    }
+    ks.extend(k4::all());
     ks
 }
 

@@ -157,6 +157,8 @@ pub enum UnOp {
     Rcp,
     /// 2^x (`ex2.approx.f32`, about 2 ulp).
     Ex2,
+    /// log2(x) (`lg2.approx.f32`, about 2⁻²² relative error).
+    Lg2,
     /// tanh (`tanh.approx.f32`, sm_75+, about 2⁻¹¹ relative error).
     Tanh,
     /// Number of set bits of a 32-bit register (result u32).
@@ -821,6 +823,7 @@ fn print_inst(out: &mut String, k: &Kernel, inst: &Inst) {
                 UnOp::Sqrt => "sqrt.rn.f32".into(),
                 UnOp::Rcp => "rcp.rn.f32".into(),
                 UnOp::Ex2 => "ex2.approx.ftz.f32".into(),
+                UnOp::Lg2 => "lg2.approx.f32".into(),
                 UnOp::Tanh => "tanh.approx.f32".into(),
                 UnOp::Popc => "popc.b32".into(),
             };

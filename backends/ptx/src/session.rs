@@ -18,6 +18,8 @@ use crate::emu::Arg;
 use crate::kernels::{self, BLOCK};
 use crate::lower;
 
+mod ds4;
+
 /// Most tokens one launch sequence processes; longer inputs run in chunks.
 pub const MAX_CHUNK: usize = 512;
 /// Largest k the device top-k selects (larger k select on the host).
@@ -82,6 +84,8 @@ pub struct PtxSession<D: Device> {
     use_graphs: bool,
     decode_graph: Option<crate::device::GraphId>,
     logits_host: Vec<u8>,
+    /// DeepSeek-V4 ops' device state.
+    ds4: ds4::Ds4,
 }
 
 fn rope_key(a: &RopeAttrs) -> (u64, u32, u32) {
@@ -123,7 +127,7 @@ impl<D: Device> PtxSession<D> {
         let max_context = options.max_context;
         // Windowed slots as rings (and shorter chunks when all attention is windowed).
         let ring_plan = kiln_backends::ring::plan(&module, max_context, MAX_CHUNK);
-        let rollback = ring_plan.guard();
+        let mut rollback = ring_plan.guard();
         let (chunk, rings) = (ring_plan.chunk, ring_plan.slots);
 
         // Weights read on the device, uploaded once in their stored layout.
@@ -153,6 +157,20 @@ impl<D: Device> PtxSession<D> {
                         e.insert(a);
                     }
                     std::iter::once(*w).chain(bias.iter().copied()).collect()
+                }
+                Op::Moe { .. } | Op::GroupedMatMul { .. } => {
+                    let ws = ds4::weights_of(&inst.op);
+                    for w in &ws {
+                        let dt = module.param(*w).ty.dtype;
+                        if let std::collections::hash_map::Entry::Vacant(e) = tables.entry(dt)
+                            && let Some(t) = crate::formats::tables(dt)
+                        {
+                            let a = dev.alloc(t.len())?;
+                            dev.upload(a, &t)?;
+                            e.insert(a);
+                        }
+                    }
+                    ws
                 }
                 Op::RmsNorm { weight, .. } => weight.iter().copied().collect(),
                 Op::Steer { dir, .. } => vec![*dir],
@@ -247,7 +265,12 @@ impl<D: Device> PtxSession<D> {
         } else {
             None
         };
-        let xr = dev.alloc(4 * (chunk * max_kq2_k).max(1))?;
+        let xr = dev.alloc(4 * (chunk * max_kq2_k).max(ds4::xr_floats(&module, chunk)?).max(1))?;
+        let ds4 = ds4::Ds4::new(&mut dev, &module, weights.as_ref(), chunk, max_context)?;
+        if ds4.has_slots() {
+            // Compressed slots keep `chunk` positions of slack in their rings (see `ds4`).
+            rollback = kiln_backends::ring::RollbackGuard::new(Some(chunk));
+        }
         let argmax_out = dev.alloc(4)?;
         let top_k_out = dev.alloc(8 * MAX_TOP_K)?;
         let step = dev.alloc(16)?;
@@ -279,6 +302,7 @@ impl<D: Device> PtxSession<D> {
             steer: options.steer.clone(),
             decode_graph: None,
             logits_host: Vec::new(),
+            ds4,
         })
     }
 
@@ -326,6 +350,10 @@ impl<D: Device> PtxSession<D> {
         }
         let posu = u32_of(self.pos, "position")?;
         self.dev.upload(self.step, &posu.to_le_bytes())?;
+        if let Some(ids) = self.ds4.ids {
+            let raw: Vec<u8> = tokens.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.dev.upload(ids, &raw)?;
+        }
         if t == 1 && last_only && self.use_graphs {
             // Decode: one recorded graph, replayed every step.
             let g = match self.decode_graph {
@@ -557,17 +585,19 @@ impl<D: Device> PtxSession<D> {
                     self.dev.launch("attn_combine", [heads, tu, 1], &cargs)?;
                 }
                 Op::LayerNorm { .. } => return Err(internal("layer_norm reached the PTX session")),
-                op @ (Op::Repeat { .. }
+                Op::Repeat { .. }
                 | Op::HcCoeffs { .. }
                 | Op::HcPre { .. }
                 | Op::HcPost { .. }
                 | Op::MoeRoute { .. }
                 | Op::Moe { .. }
                 | Op::GroupedMatMul { .. }
-                | Op::CompressedAttention { .. }
-                | Op::Compress { .. }
-                | Op::IndexTopk { .. }
-                | Op::SparseAttention { .. }) => {
+                | Op::CompressedAttention { .. } => {
+                    self.launch_ds4(i, t)?;
+                    // The DS4 matmuls may have used the kq2 rotation scratch.
+                    rotated = None;
+                }
+                op @ (Op::Compress { .. } | Op::IndexTopk { .. } | Op::SparseAttention { .. }) => {
                     return Err(internal(format!("`{}` reached the PTX session", op.name())));
                 }
             }
@@ -673,9 +703,11 @@ impl<D: Device> Session for PtxSession<D> {
     }
 
     /// The device memory of the KV slots (allocated once: the context's rows, or a
-    /// windowed slot's sinks and ring).
+    /// windowed slot's sinks and ring; a compressed slot's rings and compressed rows).
     fn kv_cache_bytes(&self) -> Option<usize> {
-        Some(self.caches.values().map(|c| 2 * c.rows * c.dtype.row_bytes(c.width as u64).unwrap_or(0) as usize).sum())
+        let kv: usize =
+            self.caches.values().map(|c| 2 * c.rows * c.dtype.row_bytes(c.width as u64).unwrap_or(0) as usize).sum();
+        Some(kv + self.ds4.cache_bytes)
     }
 
     fn truncate(&mut self, pos: usize) {

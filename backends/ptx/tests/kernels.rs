@@ -388,3 +388,148 @@ fn top_k_orders_by_value_then_index_and_skips_nan() {
         }
     }
 }
+
+/// `moe_route` against the reference's definition: every scoring, top-k with and without the
+/// selection bias (ties to the lower expert), and hash routing whose table row names an
+/// expert twice (counted twice).
+#[test]
+fn moe_route_scorings_top_k_and_hash() {
+    use kiln_ir::Scoring;
+    use kiln_ptx::kernels_ds4 as k4;
+    let (t, e, k, scale) = (5usize, 8usize, 2usize, 1.5f32);
+    let mut logits = rand_vec(t * e, 21);
+    logits[3] = logits[5]; // a tie in row 0
+    let bias: Vec<f32> = rand_vec(e, 22).iter().map(|v| v * 0.1).collect();
+    let table: Vec<f32> = vec![1.0, 6.0, 3.0, 3.0, 0.0, 7.0, 2.0, 5.0, 4.0, 4.0];
+    let ids = [0u32, 1, 2, 3, 4];
+    let score = |s: Scoring, row: &[f32]| -> Vec<f32> {
+        match s {
+            Scoring::SqrtSoftplus => row.iter().map(|z| if *z > 20.0 { *z } else { z.exp().ln_1p() }.sqrt()).collect(),
+            Scoring::Sigmoid => row.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect(),
+            Scoring::Softmax => {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let ex: Vec<f32> = row.iter().map(|z| (z - m).exp()).collect();
+                let sum: f32 = ex.iter().sum();
+                ex.iter().map(|v| v / sum).collect()
+            }
+        }
+    };
+    let mut mem = EmuMemory::new();
+    let la = upload(&mut mem, &f32_bytes(&logits));
+    let ba = upload(&mut mem, &f32_bytes(&bias));
+    let ta = upload(&mut mem, &f32_bytes(&table));
+    let ia = upload(&mut mem, &ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>());
+    let sel = mem.alloc(4 * t * e);
+    let ya = mem.alloc(4 * t * e);
+    for s in [Scoring::SqrtSoftplus, Scoring::Sigmoid, Scoring::Softmax] {
+        for (hash, with_bias) in [(false, false), (false, true), (true, false)] {
+            let args = [
+                Arg::Ptr(la),
+                Arg::Ptr(ia),
+                Arg::Ptr(ba),
+                Arg::Ptr(ta),
+                Arg::Ptr(sel),
+                Arg::Ptr(ya),
+                Arg::U32(t as u32),
+                Arg::U32(e as u32),
+                Arg::U32(k as u32),
+                Arg::F32(scale),
+            ];
+            launch(&mut mem, &k4::moe_route(s, hash, with_bias), [1, 1, 1], &args).unwrap();
+            let mut want = vec![0f32; t * e];
+            for (r, row) in logits.chunks(e).enumerate() {
+                let sc = score(s, row);
+                let chosen: Vec<usize> = if hash {
+                    table[r * k..(r + 1) * k].iter().map(|v| *v as usize).collect()
+                } else {
+                    let v: Vec<f32> = sc.iter().zip(&bias).map(|(a, b)| if with_bias { a + b } else { *a }).collect();
+                    let mut order: Vec<usize> = (0..e).collect();
+                    order.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+                    order.truncate(k);
+                    order
+                };
+                let total: f32 = chosen.iter().map(|&j| sc[j]).sum::<f32>() + 1e-20;
+                for &j in &chosen {
+                    want[r * e + j] += sc[j] / total * scale;
+                }
+            }
+            assert_close(&download(&mem, ya, t * e), &want, 2e-6, &format!("{s:?} hash={hash} bias={with_bias}"));
+        }
+    }
+}
+
+/// The stacked-experts matmul over the device's plan (`moe_plan`, `moe_gather`) equals each
+/// expert's own matmul over the rows that chose it, for a quantized and a plain layout.
+#[test]
+fn expert_matmuls_over_gathered_rows() {
+    use kiln_ptx::kernels_ds4 as k4;
+    let (t, e, d, n) = (6usize, 4usize, 64usize, 5usize);
+    // Row r < 5 chooses experts r % 4 and (r + 1) % 4; row 5 chooses none.
+    let mut w = vec![0f32; t * e];
+    for r in 0..t - 1 {
+        w[r * e + r % e] = 0.5;
+        w[r * e + (r + 1) % e] = 0.25;
+    }
+    let x = rand_vec(t * d, 31);
+    for dtype in [DType::F32, DType::Q8_0] {
+        let rb = dtype.row_bytes(d as u64).unwrap() as usize;
+        let wf = rand_vec(e * n * d, 32);
+        let mut wq = vec![0u8; e * n * rb];
+        for (row, out) in wf.chunks(d).zip(wq.chunks_mut(rb)) {
+            kiln_quant::quantize_row(dtype, row, out).unwrap();
+        }
+        let mut mem = EmuMemory::new();
+        let (wa, xa, wa_w) =
+            (upload(&mut mem, &wq), upload(&mut mem, &f32_bytes(&x)), upload(&mut mem, &f32_bytes(&w)));
+        let cap = t * 2;
+        let (seg, idx, at) = (mem.alloc(4 * (2 * e + 1)), mem.alloc(4 * cap), mem.alloc(4 * t * e));
+        let (xs, ys) = (mem.alloc(4 * cap * d), mem.alloc(4 * cap * n));
+        let args = [Arg::Ptr(wa_w), Arg::Ptr(seg), Arg::Ptr(idx), Arg::Ptr(at), Arg::U32(t as u32), Arg::U32(e as u32)];
+        launch(&mut mem, &k4::moe_plan(), [1, 1, 1], &args).unwrap();
+        let args = [
+            Arg::Ptr(xa),
+            Arg::Ptr(idx),
+            Arg::Ptr(seg),
+            Arg::Ptr(xs),
+            Arg::U32((cap * d) as u32),
+            Arg::U32(d as u32),
+            Arg::U32(e as u32),
+        ];
+        launch(&mut mem, &k4::moe_gather(), [((cap * d) as u32).div_ceil(kernels::BLOCK), 1, 1], &args).unwrap();
+        let args = [
+            Arg::Ptr(wa),
+            Arg::Ptr(xs),
+            Arg::Ptr(xs),
+            Arg::Ptr(ys),
+            Arg::Ptr(0),
+            Arg::Ptr(0),
+            Arg::U32(n as u32),
+            Arg::U32(d as u32),
+            Arg::U32(0),
+            Arg::U32(rb as u32),
+            Arg::Ptr(seg),
+            Arg::U32((n * rb) as u32),
+        ];
+        let grid = kernels::matmul_experts_grid(n as u32, t as u32, e as u32);
+        launch(&mut mem, &kernels::matmul_experts(dtype, false), grid, &args).unwrap();
+        let at_v: Vec<u32> = download(&mem, at, t * e).iter().map(|v| v.to_bits()).collect();
+        let got = download(&mem, ys, cap * n);
+        for ex in 0..e {
+            let mut wd = vec![0f32; n * d];
+            for (row, out) in wq[ex * n * rb..(ex + 1) * n * rb].chunks(rb).zip(wd.chunks_mut(d)) {
+                kiln_quant::dequantize_row(dtype, row, out).unwrap();
+            }
+            for r in (0..t).filter(|r| w[r * e + ex] != 0.0) {
+                let g = at_v[r * e + ex] as usize;
+                for o in 0..n {
+                    let want: f32 = (0..d).map(|c| wd[o * d + c] * x[r * d + c]).sum();
+                    let v = got[g * n + o];
+                    assert!(
+                        (v - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{dtype:?} expert {ex} row {r} out {o}: {v} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

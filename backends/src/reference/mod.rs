@@ -32,7 +32,7 @@ pub use attention::{AttnNumerics, FA_TILE_KV, FA_TILE_Q, KvCache, attend, tiled_
 pub use kernels::{dot, rope_angles};
 pub use matmul::{Weight, place_tiles};
 pub use session::{Captured, ChannelStats, Kernels, MatJob, ReferenceKernels, ReferenceSession};
-pub use sparse::{CompressedCache, CompressedView};
+pub use sparse::{CompressedCache, CompressedView, inv_freq};
 
 use crate::{Backend, BackendError, Session, SessionOptions, WeightSource};
 

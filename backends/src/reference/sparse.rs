@@ -304,7 +304,7 @@ pub(crate) fn grouped_matmul(
 }
 
 /// RoPE frequencies of a [`RotaryAttrs`] (see its doc comment), f32 like transformers.
-pub(crate) fn inv_freq(r: &RotaryAttrs) -> Vec<f32> {
+pub fn inv_freq(r: &RotaryAttrs) -> Vec<f32> {
     let rd = r.rot_dims as usize;
     let pos_freqs: Vec<f32> = (0..rd / 2).map(|i| r.theta.powf((2 * i) as f32 / rd as f32)).collect();
     let extra: Vec<f32> = pos_freqs.iter().map(|p| 1.0 / p).collect();

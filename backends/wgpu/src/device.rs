@@ -263,7 +263,7 @@ impl WgpuDevice {
                     }
                     params.extend_from_slice(&((off / 4) as u32).to_le_bytes());
                     if k.is_buffer() {
-                        if buf == usize::MAX && k != Arg::Unused {
+                        if buf == usize::MAX && k != Arg::InOpt {
                             return Err(internal(format!("`{name}`: `{pname}` is null")));
                         }
                         bound.push(buf);

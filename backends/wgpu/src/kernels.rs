@@ -25,6 +25,9 @@ pub const BLOCK: u32 = 128;
 pub enum Arg {
     /// A buffer of f32 the kernel reads.
     In,
+    /// A buffer of f32 the kernel reads when a launch argument says so, else a null
+    /// pointer (bound to a placeholder).
+    InOpt,
     /// A buffer of f32 the kernel reads four at a time (`array<vec4<f32>>`; its offset is
     /// still in 4-byte words and must be a multiple of 4).
     In4,
@@ -42,7 +45,7 @@ pub enum Arg {
 
 impl Arg {
     pub fn is_buffer(self) -> bool {
-        matches!(self, Arg::In | Arg::In4 | Arg::Out | Arg::Words | Arg::OutWords)
+        matches!(self, Arg::In | Arg::InOpt | Arg::In4 | Arg::Out | Arg::Words | Arg::OutWords)
     }
     pub fn is_pointer(self) -> bool {
         self.is_buffer() || self == Arg::Unused
@@ -88,7 +91,7 @@ impl Kernel {
         s += "}\n\n@group(0) @binding(0) var<uniform> p: Params;\n";
         for (i, (name, a)) in self.args.iter().enumerate() {
             let decl = match a {
-                Arg::In | Arg::In4 => "var<storage, read> ",
+                Arg::In | Arg::InOpt | Arg::In4 => "var<storage, read> ",
                 Arg::Out => "var<storage, read_write> ",
                 Arg::Words => "var<storage, read> ",
                 Arg::OutWords => "var<storage, read_write> ",
@@ -125,7 +128,7 @@ impl Kernel {
 
 /// Sum and max of one value per thread over the workgroup (every thread gets the result).
 /// Call from uniform control flow.
-const REDUCE: &str = "
+pub(crate) const REDUCE: &str = "
 var<workgroup> red: array<f32, 128>;
 
 fn block_sum(v: f32, tid: u32) -> f32 {
@@ -630,8 +633,42 @@ pub const ROW_PER_THREAD: &str = "_r1";
 /// coroutine switch per SIMD group there). Grid `(ceil(rows / 128), ceil(t / 8))`; the
 /// device picks the variant and the grid.
 pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool, row_per_thread: bool) -> Kernel {
-    let name =
-        format!("{}{}", ptxk::matmul_name(dtype, bias, ragged), if row_per_thread { ROW_PER_THREAD } else { "" });
+    matmul_impl(dtype, bias, ragged, row_per_thread, false)
+}
+
+/// [`matmul_variant`] (no bias) over stacked experts, as `kiln_ptx::kernels::matmul_experts`:
+/// expert `e = wg.z` multiplies its `[rows, k]` matrix at `w + e·expert_bytes` with its
+/// gathered rows `seg[2e] .. seg[2e] + seg[2e+1]` of `x` (and `xr`) into the same rows of
+/// `y`; workgroups past an expert's row count exit at once. Arguments: the matmul's (its
+/// `t` unused), then `seg, expert_bytes`.
+pub fn matmul_experts(dtype: DType, ragged: bool, row_per_thread: bool) -> Kernel {
+    matmul_impl(dtype, false, ragged, row_per_thread, true)
+}
+
+fn matmul_impl(dtype: DType, bias: bool, ragged: bool, row_per_thread: bool, experts: bool) -> Kernel {
+    let base = if experts { ptxk::matmul_experts_name(dtype, ragged) } else { ptxk::matmul_name(dtype, bias, ragged) };
+    let name = format!("{base}{}", if row_per_thread { ROW_PER_THREAD } else { "" });
+    // The operands' bases: the launch's, or the expert's (weights at `e·expert_bytes`,
+    // rows from `seg[2e]`, `seg[2e+1]` of them); an expert's idle tiles exit at once.
+    let prelude = if experts {
+        "let ex = wg.z;
+let first = b_seg[p.seg_off + 2u * ex];
+let tt = b_seg[p.seg_off + 2u * ex + 1u];
+if wg.y * TOK >= tt {
+    return;
+}
+let w_base = 4u * p.w_off + ex * p.expert_bytes;
+let x_base = p.x_off + first * p.k;
+let xr_base = p.xr_off + first * p.k;
+let y_base = p.y_off + first * p.rows;
+"
+    } else {
+        ""
+    };
+    // The bases as the body reads them (a plain matmul's print as they always have).
+    let (w_base, x_base, y_base, tt) =
+        if experts { ("w_base", "x_base", "y_base", "tt") } else { ("4u * p.w_off", "p.x_off", "p.y_off", "p.t") };
+    let xbase = |buf: &str| if experts { format!("{buf}_base") } else { format!("p.{buf}_off") };
     let tk = MATMUL_TOKENS;
     let rotated = kiln_ptx::formats::needs_rotated_x(dtype) && !ragged;
     let add_bias = if bias { " + b_bias[p.bias_off + row]" } else { "" };
@@ -651,7 +688,7 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool, row_per_thread: bo
             let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
             inner += &format!(
                 "    {guard}{{
-        let xb = p.x_off + (t0 + {j}u) * p.k;
+        let xb = {x_base} + (t0 + {j}u) * p.k;
         for (var i = 0u; i < 8u; i = i + 1u) {{
             let e = g * 8u + i;
             a{j} = fma(wv[i], select(0.0, b_x[xb + min(e, p.k - 1u)], e < p.k), a{j});
@@ -665,7 +702,7 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool, row_per_thread: bo
         // Rows of k (a multiple of 8) floats: a group is two aligned vec4s. kq2 groups read
         // `x` or its block rotation `xr` (same layout), as their block is stored.
         let tokens = |buf: &str, indent: &str| {
-            let mut s = format!("{indent}let xg = (p.{buf}_off >> 2u) + (t0 * p.k >> 2u) + 2u * g;\n");
+            let mut s = format!("{indent}let xg = ({} >> 2u) + (t0 * p.k >> 2u) + 2u * g;\n", xbase(buf));
             for j in 0..tk {
                 let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
                 s += &format!(
@@ -700,19 +737,19 @@ pub fn matmul_variant(dtype: DType, bias: bool, ragged: bool, row_per_thread: bo
         let outs: String = (0..tk)
             .map(|j| {
                 let guard = if j == 0 { String::new() } else { format!("if nt > {j}u ") };
-                format!("{guard}{{\n    b_y[p.y_off + (t0 + {j}u) * p.rows + row] = a{j}{add_bias};\n}}\n")
+                format!("{guard}{{\n    b_y[{y_base} + (t0 + {j}u) * p.rows + row] = a{j}{add_bias};\n}}\n")
             })
             .collect();
         (
             format!("const TOK: u32 = {tk}u;\n{}", formats::decoder(dtype, ragged)),
             format!(
-                "let row = wg.x * 128u + tid;
+                "{prelude}let row = wg.x * 128u + tid;
 if row >= p.rows {{
     return;
 }}
-let wrow = 4u * p.w_off + row * p.row_bytes;
+let wrow = {w_base} + row * p.row_bytes;
 let t0 = wg.y * TOK;
-let nt = min(TOK, p.t - t0);
+let nt = min(TOK, {tt} - t0);
 let groups = {groups};
 {accs}for (var g = 0u; g < groups; g = g + 1u) {{
 {inner}}}
@@ -727,11 +764,11 @@ let groups = {groups};
                 formats::decoder(dtype, ragged)
             ),
             format!(
-                "let lane = tid & 31u;
+                "{prelude}let lane = tid & 31u;
 let row = wg.x * 4u + (tid >> 5u);
-let wrow = 4u * p.w_off + min(row, p.rows - 1u) * p.row_bytes;
+let wrow = {w_base} + min(row, p.rows - 1u) * p.row_bytes;
 let t0 = wg.y * TOK;
-let nt = min(TOK, p.t - t0);
+let nt = min(TOK, {tt} - t0);
 let groups = {groups};
 {accs}for (var g = lane; g < groups; g = g + 32u) {{
 {inner}}}
@@ -746,7 +783,7 @@ for (var s = 16u; s > 0u; s = s >> 1u) {{
 }}
 if lane == 0u && row < p.rows {{
     for (var j = 0u; j < nt; j = j + 1u) {{
-        b_y[p.y_off + (t0 + j) * p.rows + row] = part[j * 128u + tid]{add_bias};
+        b_y[{y_base} + (t0 + j) * p.rows + row] = part[j * 128u + tid]{add_bias};
     }}
 }}
 "
@@ -766,7 +803,10 @@ if lane == 0u && row < p.rows {{
             ("k", Arg::U32),
             ("t", Arg::U32),
             ("row_bytes", Arg::U32),
-        ],
+        ]
+        .into_iter()
+        .chain(experts.then_some([("seg", Arg::Words), ("expert_bytes", Arg::U32)]).into_iter().flatten())
+        .collect::<Vec<_>>(),
         decls,
         body,
     )

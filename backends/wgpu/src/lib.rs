@@ -5,6 +5,7 @@
 //! - `kernels`: the kernels (signature + body) and the small printer of a WGSL module;
 //! - `formats`: the fused weight decoders per layout;
 //! - `kv`: the quantized KV-cache kernels (append with rotation and rounding, dequantize);
+//! - `ds4`: DeepSeek-V4's kernels (hyper-connections, routing, experts, compressed attention);
 //! - `lower`: which ops run and which kernels a module needs; naga validation;
 //! - `device`: buffers, queued launches and submissions on a wgpu device.
 //!
@@ -13,6 +14,7 @@
 //! trait: the WGSL kernels carry the PTX kernels' names, arguments and grids.
 
 pub mod device;
+pub mod ds4;
 pub mod formats;
 pub mod kernels;
 pub mod kv;

@@ -5,17 +5,30 @@ use std::collections::BTreeMap;
 
 use kiln_ir::{DType, Op, VerifiedModule};
 
-use crate::formats;
 use crate::kernels::{self, Kernel};
+use crate::{ds4, formats};
 
 /// Whether the wgpu backend runs `op` of `module`: what the shared launch sequence runs
-/// (`kiln_ptx::lower::supports`), with a WGSL decoder for the matmul's weight layout.
+/// (`kiln_ptx::lower::supports`, which refuses the unfused DeepSeek-V4 attention ops), with
+/// a WGSL decoder for every matmul-like weight's layout (DeepSeek-V4's experts and grouped
+/// projections too; a group of a grouped projection must start at a 4-byte boundary, where
+/// the launch sequence points its matmul).
 pub fn supports(module: &VerifiedModule, op: &Op) -> bool {
-    let decodes = match op {
-        Op::MatMul { w, .. } => formats::supported(module.param(*w).ty.dtype),
+    let decodes = |p: kiln_ir::ParamId| formats::supported(module.param(p).ty.dtype);
+    let ok = match op {
+        Op::MatMul { w, .. } => decodes(*w),
+        Op::Moe { gate, up, down, shared, .. } => {
+            [*gate, *up, *down].into_iter().chain(shared.iter().flat_map(|s| [s.gate, s.up, s.down])).all(decodes)
+        }
+        Op::GroupedMatMul { w, groups, .. } => {
+            let ty = &module.param(*w).ty;
+            let rows = ty.fixed_dims().and_then(|d| d.first().copied()).unwrap_or(0) / (*groups).max(1);
+            let bytes = ty.last_fixed().and_then(|k| ty.dtype.row_bytes(k)).unwrap_or(0);
+            decodes(*w) && (rows * bytes).is_multiple_of(4)
+        }
         _ => true,
     };
-    decodes && kiln_ptx::lower::supports(module, op)
+    ok && kiln_ptx::lower::supports(module, op)
 }
 
 fn ragged(module: &VerifiedModule, w: kiln_ir::ParamId) -> bool {
@@ -64,18 +77,64 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
                 add(kernels::attn_combine());
             }
             Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
+            // DeepSeek-V4: the PTX backend's kernels (`kiln_ptx::lower::kernels_for`).
+            Op::Repeat { .. } => add(ds4::repeat()),
+            Op::HcCoeffs { f, streams, .. } => {
+                let pre_only = module.value_type(*f).last_fixed() == Some(*streams);
+                add(ds4::hc_coeffs(*streams, pre_only));
+            }
+            Op::HcPre { .. } => add(ds4::hc_pre()),
+            Op::HcPost { .. } => add(ds4::hc_post()),
+            Op::MoeRoute { ids, bias, table, attrs, .. } => {
+                let hash = table.is_some() && ids.is_some();
+                add(ds4::moe_route(attrs.scoring, hash, bias.is_some() && !hash));
+            }
+            Op::Moe { gate, up, down, shared, .. } => {
+                for k in [ds4::moe_plan(), ds4::moe_gather(), ds4::moe_swiglu(), ds4::moe_combine()] {
+                    add(k);
+                }
+                for (p, stacked) in [(*gate, true), (*up, true), (*down, true)]
+                    .into_iter()
+                    .chain(shared.iter().flat_map(|s| [(s.gate, false), (s.up, false), (s.down, false)]))
+                {
+                    let dt = module.param(p).ty.dtype;
+                    let r = ragged(module, p);
+                    for rpt in [false, true] {
+                        add(if stacked {
+                            kernels::matmul_experts(dt, r, rpt)
+                        } else {
+                            kernels::matmul_variant(dt, false, r, rpt)
+                        });
+                    }
+                    if kiln_ptx::formats::needs_rotated_x(dt) {
+                        add(kernels::kq2_rotate());
+                    }
+                }
+            }
+            Op::GroupedMatMul { w, .. } => {
+                let dt = module.param(*w).ty.dtype;
+                add(ds4::copy_cols());
+                for rpt in [false, true] {
+                    add(kernels::matmul_variant(dt, false, ragged(module, *w), rpt));
+                }
+                if kiln_ptx::formats::needs_rotated_x(dt) {
+                    add(kernels::kq2_rotate());
+                }
+            }
+            Op::CompressedAttention { comp, indexer, attrs, .. } => {
+                add(ds4::ca_rope());
+                if attrs.ratio > 0 && (comp.is_some() || indexer.is_some()) {
+                    add(ds4::ca_store());
+                    add(ds4::ca_compress());
+                }
+                if attrs.ratio > 0 && indexer.is_some() {
+                    add(ds4::ca_index_scores());
+                    add(ds4::ca_index_topk());
+                }
+                add(ds4::ca_attend(attrs.head_dim as u32));
+            }
             // Refused by `supports` (the PTX backend's list).
-            Op::Repeat { .. }
-            | Op::HcCoeffs { .. }
-            | Op::HcPre { .. }
-            | Op::HcPost { .. }
-            | Op::MoeRoute { .. }
-            | Op::Moe { .. }
-            | Op::GroupedMatMul { .. }
-            | Op::CompressedAttention { .. }
-            | Op::Compress { .. }
-            | Op::IndexTopk { .. }
-            | Op::SparseAttention { .. } => {}
+            Op::Compress { .. } | Op::IndexTopk { .. } | Op::SparseAttention { .. } => {}
         }
     }
     add(kernels::argmax());
@@ -96,6 +155,12 @@ pub fn all_kernels() -> Vec<Kernel> {
                 if dt.block_elems() == 1 {
                     ks.push(kernels::matmul_variant(dt, bias, true, rpt));
                 }
+            }
+        }
+        for rpt in [false, true] {
+            ks.push(kernels::matmul_experts(dt, false, rpt));
+            if dt.block_elems() == 1 {
+                ks.push(kernels::matmul_experts(dt, true, rpt));
             }
         }
     }
@@ -126,6 +191,7 @@ pub fn all_kernels() -> Vec<Kernel> {
     ks.push(kernels::attn_combine());
     ks.push(kernels::argmax());
     ks.push(kernels::top_k());
+    ks.extend(ds4::all());
     ks
 }
 
