@@ -5,7 +5,10 @@
 #           reference interpreter), glassllm greedy GPU vs reference;
 #   stage2: SmolLM2-135M: the 4-bit GGUF (Q4_1) and a 2-bit build compiled from
 #           the same recipe: greedy 32 tokens on 3 prompts, perplexity, and
-#           `kiln bench` on the GPU beside PyTorch (transformers on the same GGUF).
+#           `kiln bench` on the GPU beside PyTorch (transformers on the same GGUF);
+#   build:  a build compiled here for the `gpu` device and carried in .dev/build
+#           (greedy, perplexity and bench, PTX vs reference), after stage1.
+# stage1 also runs the DeepSeek-V4 fixture on the GPU when .dev/ds4_test is carried.
 # Results go to $OUT (JSON lines + logs). See bench/gpu/README.md.
 set -uo pipefail
 stage=$1
@@ -21,6 +24,13 @@ if [ "$stage" = stage1 ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee $OUT/gpu.txt $K/gpu.txt
   log "differential test on the GPU"
   KILN_REQUIRE_GPU=1 $K/cuda_test --nocapture 2>&1 | tee $OUT/differential.txt | tail -80
+  if [ -x .dev/ds4_test ]; then
+    # The test binary finds its fixture under the checkout it was built in.
+    src=$(cat .dev/ds4_test.src)
+    [ -e "$src" ] || { mkdir -p "$(dirname "$src")" && ln -sfn "$PWD" "$src"; }
+    log "DeepSeek-V4 fixture on the GPU: prefill, CUDA-graph decode, chunked prefill vs transformers"
+    KILN_REQUIRE_GPU=1 .dev/ds4_test ptx_backend_on_the_gpu --nocapture 2>&1 | tee $OUT/ds4.txt | tail -20
+  fi
   log "glassllm greedy: ptx vs reference"
   for b in ptx reference; do
     $K/kiln run $KILN_CACHE/models/glassllm-en-hf --backend $b -p "Once upon a time" -n 48 --json > $OUT/glassllm-$b.json 2>>$OUT/log.txt
@@ -33,6 +43,37 @@ b = json.load(open(f"{o}/glassllm-reference.json"))["output"]["tokens"]
 print("glassllm greedy 48 tokens:", "IDENTICAL" if a == b else f"DIFFER at {next(i for i,(x,y) in enumerate(zip(a,b)) if x!=y)}")
 PY
   tar czf $K/stage1.tgz -C $OUT glassllm-ptx.json glassllm-reference.json && rm -f $OUT/glassllm-*.json && mv $K/stage1.tgz $OUT/
+  exit 0
+fi
+if [ "$stage" = build ]; then
+  # A build compiled elsewhere for the `gpu` device and carried in .dev/build: greedy 32
+  # tokens on 3 prompts, perplexity and `kiln bench`, PTX against the reference interpreter.
+  cp $K/gpu.txt $OUT/ 2>/dev/null
+  B=.dev/build
+  i=0
+  for p in "The capital of France is" "def fibonacci(n):" "Once upon a time, in a small village,"; do
+    i=$((i+1))
+    for b in ptx reference; do
+      $K/kiln run $B --backend $b -p "$p" -n 32 --ignore-eos --json > $OUT/greedy-2bit-$i-$b.json 2>>$OUT/log.txt
+    done
+  done
+  for b in ptx reference; do
+    $K/kiln ppl $B --backend $b --file tests/fixtures/text/ppl-excerpt.txt --ctx 512 --chunks 4 --json > $OUT/ppl-2bit-$b.json 2>>$OUT/log.txt
+  done
+  $K/kiln bench $B --backend ptx --pp 512 --tg 128 --reps 3 --json > $OUT/bench-2bit-ptx.json 2>>$OUT/log.txt
+  python3 bench/gpu/summarize.py $OUT > $K/summary.json
+  tar czf $K/raw.tgz -C $OUT --exclude log.txt --exclude gpu.txt .
+  find $OUT -maxdepth 1 -type f ! -name log.txt ! -name gpu.txt -delete
+  mv $K/summary.json $K/raw.tgz $OUT/
+  python3 - <<'PY'
+import json, os
+s = json.load(open(os.path.join(os.environ["OUT"], "summary.json")))
+for g in s["greedy"]:
+    print("greedy", g["build"], repr(g["prompt"]), "IDENTICAL" if g["identical"] else f"differs at {g['first_difference']}")
+print("ppl", s["ppl"])
+for k, v in s["bench"].items():
+    print("bench", k, "pp", round(v["prefill_tokens_per_second"]), "tg", round(v["decode_tokens_per_second"], 1))
+PY
   exit 0
 fi
 # stage2
