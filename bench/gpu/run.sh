@@ -65,15 +65,7 @@ if [ "$stage" = build ]; then
   tar czf $K/raw.tgz -C $OUT --exclude log.txt --exclude gpu.txt .
   find $OUT -maxdepth 1 -type f ! -name log.txt ! -name gpu.txt -delete
   mv $K/summary.json $K/raw.tgz $OUT/
-  python3 - <<'PY'
-import json, os
-s = json.load(open(os.path.join(os.environ["OUT"], "summary.json")))
-for g in s["greedy"]:
-    print("greedy", g["build"], repr(g["prompt"]), "IDENTICAL" if g["identical"] else f"differs at {g['first_difference']}")
-print("ppl", s["ppl"])
-for k, v in s["bench"].items():
-    print("bench", k, "pp", round(v["prefill_tokens_per_second"]), "tg", round(v["decode_tokens_per_second"], 1))
-PY
+  python3 bench/gpu/summarize.py --print $OUT/summary.json
   exit 0
 fi
 # stage2
@@ -128,12 +120,4 @@ python3 bench/gpu/summarize.py $OUT > $K/summary.json
 tar czf $K/raw.tgz -C $OUT --exclude log.txt --exclude gpu.txt .
 find $OUT -maxdepth 1 -type f ! -name log.txt ! -name gpu.txt -delete
 mv $K/summary.json $K/raw.tgz $OUT/
-python3 - <<'PY'
-import json, os
-s = json.load(open(os.path.join(os.environ["OUT"], "summary.json")))
-for g in s["greedy"]:
-    print("greedy", g["build"], repr(g["prompt"]), "IDENTICAL" if g["identical"] else f"differs at {g['first_difference']}")
-print("ppl", s["ppl"])
-for k, v in s["bench"].items():
-    print("bench", k, "pp", round(v["prefill_tokens_per_second"]), "tg", round(v["decode_tokens_per_second"], 1))
-PY
+python3 bench/gpu/summarize.py --print $OUT/summary.json

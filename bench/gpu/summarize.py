@@ -1,9 +1,19 @@
-"""Collects the outputs of bench/gpu/run.sh stage2 into one JSON document."""
+"""Collects the outputs of bench/gpu/run.sh stage2 (or its build stage) into one JSON document;
+with --print SUMMARY, prints one line per result of a summary written before."""
 import glob
 import json
 import os
 import sys
 
+if sys.argv[1] == "--print":
+    # One line per result of a summary written before.
+    s = json.load(open(sys.argv[2]))
+    for g in s["greedy"]:
+        print("greedy", g["build"], repr(g["prompt"]), "IDENTICAL" if g["identical"] else f"differs at {g['first_difference']}")
+    print("ppl", s["ppl"])
+    for k, v in s["bench"].items():
+        print("bench", k, "pp", round(v["prefill_tokens_per_second"]), "tg", round(v["decode_tokens_per_second"], 1))
+    sys.exit(0)
 o = sys.argv[1]
 
 
