@@ -12,7 +12,7 @@
 //! it depends on the order of calls, so a rollback needs only that the rings still hold
 //! the positions the next call reads.
 
-use kiln_ir::Scoring;
+use kiln_ir::{Op, Scoring, VerifiedModule};
 
 use crate::kernels::{BLOCK, STEP_POS};
 use crate::ptx::{BinOp, Cmp, Kb, Kernel, Mem, ParamTy, Reg, Shfl, Special, Ty, UnOp};
@@ -1199,22 +1199,104 @@ pub fn ca_attend(head_dim: u32) -> Kernel {
     kb.finish()
 }
 
-/// Every DS4 kernel variant (for the ptxas check).
-pub fn all() -> Vec<Kernel> {
-    let mut ks = vec![repeat(), hc_pre(), hc_post()];
-    for n in [4, MAX_HC_STREAMS] {
-        ks.push(hc_coeffs(n, false));
-        ks.push(hc_coeffs(n, true));
+/// A DeepSeek-V4 kernel variant by what it computes (not a matmul: those are the matmul
+/// kernels' own variants). The PTX and WGSL backends share the plan of which variants an op
+/// launches ([`for_op`], [`variants`]) and each builds its own source for one ([`build`] here,
+/// `kiln_wgpu::ds4::build` in WGSL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ds4Kernel {
+    Repeat,
+    HcCoeffs { streams: u64, pre_only: bool },
+    HcPre,
+    HcPost,
+    MoeRoute { scoring: Scoring, hash: bool, bias: bool },
+    MoePlan,
+    MoeGather,
+    MoeSwiglu,
+    MoeCombine,
+    CopyCols,
+    CaRope,
+    CaStore,
+    CaCompress,
+    CaIndexScores,
+    CaIndexTopk,
+    CaAttend(u32),
+}
+
+/// The DeepSeek-V4 kernels `op` of `module` launches besides matmuls (none for other ops).
+pub fn for_op(module: &VerifiedModule, op: &Op) -> Vec<Ds4Kernel> {
+    use Ds4Kernel as K;
+    match op {
+        Op::Repeat { .. } => vec![K::Repeat],
+        Op::HcCoeffs { f, streams, .. } => {
+            vec![K::HcCoeffs { streams: *streams, pre_only: module.value_type(*f).last_fixed() == Some(*streams) }]
+        }
+        Op::HcPre { .. } => vec![K::HcPre],
+        Op::HcPost { .. } => vec![K::HcPost],
+        Op::MoeRoute { ids, bias, table, attrs, .. } => {
+            let hash = table.is_some() && ids.is_some();
+            vec![K::MoeRoute { scoring: attrs.scoring, hash, bias: bias.is_some() && !hash }]
+        }
+        Op::Moe { .. } => vec![K::MoePlan, K::MoeGather, K::MoeSwiglu, K::MoeCombine],
+        Op::GroupedMatMul { .. } => vec![K::CopyCols],
+        Op::CompressedAttention { comp, indexer, attrs, .. } => {
+            let mut ks = vec![K::CaRope];
+            if attrs.ratio > 0 && (comp.is_some() || indexer.is_some()) {
+                ks.extend([K::CaStore, K::CaCompress]);
+            }
+            if attrs.ratio > 0 && indexer.is_some() {
+                ks.extend([K::CaIndexScores, K::CaIndexTopk]);
+            }
+            ks.push(K::CaAttend(attrs.head_dim as u32));
+            ks
+        }
+        _ => vec![],
     }
-    for s in [Scoring::SqrtSoftplus, Scoring::Sigmoid, Scoring::Softmax] {
+}
+
+/// Every DS4 kernel variant (the ptxas check; naga and MSL for the WGSL twins).
+pub fn variants() -> Vec<Ds4Kernel> {
+    use Ds4Kernel as K;
+    let mut ks = vec![K::Repeat, K::HcPre, K::HcPost];
+    for streams in [4, MAX_HC_STREAMS] {
+        ks.push(K::HcCoeffs { streams, pre_only: false });
+        ks.push(K::HcCoeffs { streams, pre_only: true });
+    }
+    for scoring in [Scoring::SqrtSoftplus, Scoring::Sigmoid, Scoring::Softmax] {
         for (hash, bias) in [(false, false), (false, true), (true, false)] {
-            ks.push(moe_route(s, hash, bias));
+            ks.push(K::MoeRoute { scoring, hash, bias });
         }
     }
-    ks.extend([moe_plan(), moe_gather(), moe_swiglu(), moe_combine(), copy_cols()]);
-    ks.extend([ca_rope(), ca_store(), ca_compress(), ca_index_scores(), ca_index_topk()]);
-    for hd in [64, 128, 512] {
-        ks.push(ca_attend(hd));
-    }
+    ks.extend([K::MoePlan, K::MoeGather, K::MoeSwiglu, K::MoeCombine, K::CopyCols]);
+    ks.extend([K::CaRope, K::CaStore, K::CaCompress, K::CaIndexScores, K::CaIndexTopk]);
+    ks.extend([64, 128, 512].map(K::CaAttend));
     ks
+}
+
+/// The PTX kernel of a variant.
+pub fn build(k: Ds4Kernel) -> Kernel {
+    use Ds4Kernel as K;
+    match k {
+        K::Repeat => repeat(),
+        K::HcCoeffs { streams, pre_only } => hc_coeffs(streams, pre_only),
+        K::HcPre => hc_pre(),
+        K::HcPost => hc_post(),
+        K::MoeRoute { scoring, hash, bias } => moe_route(scoring, hash, bias),
+        K::MoePlan => moe_plan(),
+        K::MoeGather => moe_gather(),
+        K::MoeSwiglu => moe_swiglu(),
+        K::MoeCombine => moe_combine(),
+        K::CopyCols => copy_cols(),
+        K::CaRope => ca_rope(),
+        K::CaStore => ca_store(),
+        K::CaCompress => ca_compress(),
+        K::CaIndexScores => ca_index_scores(),
+        K::CaIndexTopk => ca_index_topk(),
+        K::CaAttend(hd) => ca_attend(hd),
+    }
+}
+
+/// Every DS4 kernel variant (for the ptxas check).
+pub fn all() -> Vec<Kernel> {
+    variants().into_iter().map(build).collect()
 }

@@ -158,6 +158,12 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
         ks.entry(k.name.clone()).or_insert(k);
     };
     for inst in &module.insts {
+        // DeepSeek-V4's own kernels for this op (the plan shared with the other GPU backend).
+        let ds4_plan = |add: &mut dyn FnMut(Kernel)| {
+            for k in k4::for_op(module, &inst.op) {
+                add(k4::build(k));
+            }
+        };
         match &inst.op {
             Op::RmsNorm { weight, .. } => add(kernels::rms_norm(weight.is_some())),
             Op::MatMul { w, bias, .. } => {
@@ -194,21 +200,11 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
                 add(kernels::attn_combine());
             }
             Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
-            Op::Repeat { .. } => add(k4::repeat()),
-            Op::HcCoeffs { f, streams, .. } => {
-                let pre_only = module.value_type(*f).last_fixed() == Some(*streams);
-                add(k4::hc_coeffs(*streams, pre_only));
-            }
-            Op::HcPre { .. } => add(k4::hc_pre()),
-            Op::HcPost { .. } => add(k4::hc_post()),
-            Op::MoeRoute { ids, bias, table, attrs, .. } => {
-                let hash = table.is_some() && ids.is_some();
-                add(k4::moe_route(attrs.scoring, hash, bias.is_some() && !hash));
+            Op::Repeat { .. } | Op::HcCoeffs { .. } | Op::HcPre { .. } | Op::HcPost { .. } | Op::MoeRoute { .. } => {
+                ds4_plan(&mut add)
             }
             Op::Moe { gate, up, down, shared, .. } => {
-                for k in [k4::moe_plan(), k4::moe_gather(), k4::moe_swiglu(), k4::moe_combine()] {
-                    add(k);
-                }
+                ds4_plan(&mut add);
                 for (p, stacked) in [(*gate, true), (*up, true), (*down, true)]
                     .into_iter()
                     .chain(shared.iter().flat_map(|s| [(s.gate, false), (s.up, false), (s.down, false)]))
@@ -223,24 +219,13 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             }
             Op::GroupedMatMul { w, .. } => {
                 let dt = module.param(*w).ty.dtype;
-                add(k4::copy_cols());
+                ds4_plan(&mut add);
                 add(kernels::matmul_variant(dt, false, ragged(module, *w)));
                 if formats::needs_rotated_x(dt) {
                     add(crate::formats_k::rotate_kernel());
                 }
             }
-            Op::CompressedAttention { comp, indexer, attrs, .. } => {
-                add(k4::ca_rope());
-                if attrs.ratio > 0 && (comp.is_some() || indexer.is_some()) {
-                    add(k4::ca_store());
-                    add(k4::ca_compress());
-                }
-                if attrs.ratio > 0 && indexer.is_some() {
-                    add(k4::ca_index_scores());
-                    add(k4::ca_index_topk());
-                }
-                add(k4::ca_attend(attrs.head_dim as u32));
-            }
+            Op::CompressedAttention { .. } => ds4_plan(&mut add),
             // Refused by `supports`.
             Op::Compress { .. } | Op::IndexTopk { .. } | Op::SparseAttention { .. } => {}
         }

@@ -878,23 +878,31 @@ for (var c = tid; c < HD; c = c + 128u) {
     )
 }
 
+/// The WGSL kernel of a variant of the shared plan ([`k4::Ds4Kernel`]).
+pub fn build(k: k4::Ds4Kernel) -> Kernel {
+    use k4::Ds4Kernel as K;
+    match k {
+        K::Repeat => repeat(),
+        K::HcCoeffs { streams, pre_only } => hc_coeffs(streams, pre_only),
+        K::HcPre => hc_pre(),
+        K::HcPost => hc_post(),
+        K::MoeRoute { scoring, hash, bias } => moe_route(scoring, hash, bias),
+        K::MoePlan => moe_plan(),
+        K::MoeGather => moe_gather(),
+        K::MoeSwiglu => moe_swiglu(),
+        K::MoeCombine => moe_combine(),
+        K::CopyCols => copy_cols(),
+        K::CaRope => ca_rope(),
+        K::CaStore => ca_store(),
+        K::CaCompress => ca_compress(),
+        K::CaIndexScores => ca_index_scores(),
+        K::CaIndexTopk => ca_index_topk(),
+        K::CaAttend(hd) => ca_attend(hd),
+    }
+}
+
 /// Every DS4 kernel variant (the naga validation and MSL tests); the stacked-experts
 /// matmuls are with the other matmuls in `lower::all_kernels`.
 pub fn all() -> Vec<Kernel> {
-    let mut ks = vec![repeat(), hc_pre(), hc_post()];
-    for n in [4, k4::MAX_HC_STREAMS] {
-        ks.push(hc_coeffs(n, false));
-        ks.push(hc_coeffs(n, true));
-    }
-    for s in [Scoring::SqrtSoftplus, Scoring::Sigmoid, Scoring::Softmax] {
-        for (hash, bias) in [(false, false), (false, true), (true, false)] {
-            ks.push(moe_route(s, hash, bias));
-        }
-    }
-    ks.extend([moe_plan(), moe_gather(), moe_swiglu(), moe_combine(), copy_cols()]);
-    ks.extend([ca_rope(), ca_store(), ca_compress(), ca_index_scores(), ca_index_topk()]);
-    for hd in [64, 128, 512] {
-        ks.push(ca_attend(hd));
-    }
-    ks
+    k4::variants().into_iter().map(build).collect()
 }

@@ -42,6 +42,12 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
         ks.entry(k.name.clone()).or_insert(k);
     };
     for inst in &module.insts {
+        // DeepSeek-V4's own kernels for this op (the plan shared with the other GPU backend).
+        let ds4_plan = |add: &mut dyn FnMut(Kernel)| {
+            for k in kiln_ptx::kernels_ds4::for_op(module, &inst.op) {
+                add(ds4::build(k));
+            }
+        };
         match &inst.op {
             Op::RmsNorm { weight, .. } => add(kernels::rms_norm(weight.is_some())),
             Op::MatMul { w, bias, .. } => {
@@ -77,22 +83,12 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
                 add(kernels::attn_combine());
             }
             Op::Tokens | Op::Embed { .. } | Op::LayerNorm { .. } => {}
-            // DeepSeek-V4: the PTX backend's kernels (`kiln_ptx::lower::kernels_for`).
-            Op::Repeat { .. } => add(ds4::repeat()),
-            Op::HcCoeffs { f, streams, .. } => {
-                let pre_only = module.value_type(*f).last_fixed() == Some(*streams);
-                add(ds4::hc_coeffs(*streams, pre_only));
-            }
-            Op::HcPre { .. } => add(ds4::hc_pre()),
-            Op::HcPost { .. } => add(ds4::hc_post()),
-            Op::MoeRoute { ids, bias, table, attrs, .. } => {
-                let hash = table.is_some() && ids.is_some();
-                add(ds4::moe_route(attrs.scoring, hash, bias.is_some() && !hash));
+            // DeepSeek-V4: the PTX backend's plan (`kiln_ptx::kernels_ds4::for_op`) in WGSL.
+            Op::Repeat { .. } | Op::HcCoeffs { .. } | Op::HcPre { .. } | Op::HcPost { .. } | Op::MoeRoute { .. } => {
+                ds4_plan(&mut add)
             }
             Op::Moe { gate, up, down, shared, .. } => {
-                for k in [ds4::moe_plan(), ds4::moe_gather(), ds4::moe_swiglu(), ds4::moe_combine()] {
-                    add(k);
-                }
+                ds4_plan(&mut add);
                 for (p, stacked) in [(*gate, true), (*up, true), (*down, true)]
                     .into_iter()
                     .chain(shared.iter().flat_map(|s| [(s.gate, false), (s.up, false), (s.down, false)]))
@@ -113,7 +109,7 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
             }
             Op::GroupedMatMul { w, .. } => {
                 let dt = module.param(*w).ty.dtype;
-                add(ds4::copy_cols());
+                ds4_plan(&mut add);
                 for rpt in [false, true] {
                     add(kernels::matmul_variant(dt, false, ragged(module, *w), rpt));
                 }
@@ -121,18 +117,7 @@ pub fn kernels_for(module: &VerifiedModule) -> Vec<Kernel> {
                     add(kernels::kq2_rotate());
                 }
             }
-            Op::CompressedAttention { comp, indexer, attrs, .. } => {
-                add(ds4::ca_rope());
-                if attrs.ratio > 0 && (comp.is_some() || indexer.is_some()) {
-                    add(ds4::ca_store());
-                    add(ds4::ca_compress());
-                }
-                if attrs.ratio > 0 && indexer.is_some() {
-                    add(ds4::ca_index_scores());
-                    add(ds4::ca_index_topk());
-                }
-                add(ds4::ca_attend(attrs.head_dim as u32));
-            }
+            Op::CompressedAttention { .. } => ds4_plan(&mut add),
             // Refused by `supports` (the PTX backend's list).
             Op::Compress { .. } | Op::IndexTopk { .. } | Op::SparseAttention { .. } => {}
         }
