@@ -139,12 +139,40 @@ pub fn compile_device(
         )
         .map_err(|e| e.to_string())
     };
+    // Results of expensive work builds of one model share (quantized tensors, measured
+    // perplexities), kept between runs (see `memo`).
+    let memo = crate::memo::DiskMemo::from_env();
     let measure = |m: &kiln_ir::Module, w: &kiln_frontend::Weights| -> Result<f64, String> {
+        use kiln_passes::Memo;
         let Some((spec, text)) = &calib_text else { return Err("no calibration text".into()) };
+        // The perplexity depends on the module, every weight byte, the text and its chunking.
+        let key: Option<[u8; 32]> = memo.as_ref().map(|_| {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(b"kiln.measure.v1 cpu\0");
+            h.update(kiln_ir::printer::print(m).as_bytes());
+            for t in &w.tensors {
+                let b = t.as_bytes();
+                h.update((b.len() as u64).to_le_bytes());
+                h.update(b);
+            }
+            h.update((spec.ctx as u64).to_le_bytes());
+            h.update((spec.chunks as u64).to_le_bytes());
+            h.update(text.as_bytes());
+            h.finalize().into()
+        });
+        if let (Some(memo), Some(key)) = (&memo, &key)
+            && let Some(v) = memo.get(key).and_then(|v| <[u8; 8]>::try_from(v).ok())
+        {
+            return Ok(f64::from_le_bytes(v));
+        }
         let mut model = candidate(m, w)?;
         model.backend = "cpu".into();
         let ppl = kiln_runtime::ppl::perplexity(&model, text, spec.ctx, spec.chunks, 0, &mut |_, _, _| {})
             .map_err(|e| e.to_string())?;
+        if let (Some(memo), Some(key)) = (&memo, &key) {
+            memo.put(key, &ppl.ppl.to_le_bytes());
+        }
         Ok(ppl.ppl)
     };
     // Passes that choose by what the model computes get chosen values on the same text.
@@ -165,10 +193,14 @@ pub fn compile_device(
         },
         None => kiln_passes::Calibration { importance: importance.as_ref(), ..Default::default() },
     };
-    let reports =
-        kiln_passes::run_pipeline(&mut module, &mut weights, &passes, device, base_dir, oracles, &mut |rep| {
-            log(&format!("pass {}: {}", rep.pass, rep.summary));
-        })?;
+    let memo_ref = memo.as_ref().map(|m| m as &dyn kiln_passes::Memo);
+    let reports = kiln_passes::run_pipeline(
+        &mut module,
+        &mut weights,
+        &passes,
+        &kiln_passes::PipelineCtx { device, base_dir, calibration: oracles, memo: memo_ref },
+        &mut |rep| log(&format!("pass {}: {}", rep.pass, rep.summary)),
+    )?;
     // Quality against the source, when the model's outputs changed and the recipe gives a
     // text: the weights (quantize), the KV cache (kv_quant, kv_share) or what attention sees
     // (sliding_window). A fixed-point build changes every weight and activation, whatever the

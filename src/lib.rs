@@ -7,6 +7,7 @@
 pub mod compile;
 pub mod error;
 pub mod export;
+pub mod memo;
 pub mod models;
 pub mod progress;
 pub mod recipe;

@@ -64,9 +64,12 @@ fn fused() -> (Arc<VerifiedModule>, Arc<dyn WeightSource>, serde_json::Value) {
         &mut m,
         &mut w,
         &[("fuse_sparse_attention".into(), serde_json::Value::Null)],
-        "laptop",
-        &fixture(),
-        kiln_passes::Calibration::default(),
+        &kiln_passes::PipelineCtx {
+            device: "laptop",
+            base_dir: &fixture(),
+            calibration: kiln_passes::Calibration::default(),
+            memo: None,
+        },
         &mut |_| {},
     )
     .unwrap();
@@ -218,6 +221,7 @@ fn fusion_pass_keeps_the_logits_bit_for_bit() {
                 device: "",
                 base_dir: Path::new("."),
                 calibration: Default::default(),
+                memo: None,
             },
         )
         .unwrap();
@@ -508,9 +512,12 @@ fn quantized(options: serde_json::Value) -> (Module, Vec<f32>) {
         &mut m,
         &mut w,
         &[("quantize".into(), options)],
-        "laptop",
-        &fixture(),
-        kiln_passes::Calibration::default(),
+        &kiln_passes::PipelineCtx {
+            device: "laptop",
+            base_dir: &fixture(),
+            calibration: kiln_passes::Calibration::default(),
+            memo: None,
+        },
         &mut |_| {},
     )
     .unwrap();

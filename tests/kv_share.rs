@@ -183,9 +183,12 @@ fn a_budget_plan_stays_within_its_budget() {
         &mut m,
         &mut w,
         &[("kv_share".into(), json!({"max_ppl_increase": "3%"}))],
-        "laptop",
-        &common::root(),
-        kiln_passes::Calibration::default(),
+        &kiln_passes::PipelineCtx {
+            device: "laptop",
+            base_dir: &common::root(),
+            calibration: kiln_passes::Calibration::default(),
+            memo: None,
+        },
         &mut |_| {},
     )
     .expect_err("needs calibration")

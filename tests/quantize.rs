@@ -130,6 +130,52 @@ fn measured_sensitivity_is_reported_and_meets_the_budget() {
     assert!(!out.join("nocal/laptop").exists());
 }
 
+/// The compile driver's memo: a second build of the same recipe reuses every quantized
+/// tensor, error sample and measured perplexity of the first and writes the same bytes; a
+/// build with the memo off writes them too.
+#[test]
+fn memoized_quantization_gives_the_same_build() {
+    let Some(model) = model("glassllm-en-hf") else { return };
+    let dir = tempdir("quantize-memo");
+    let memo = dir.join("memo");
+    let passes =
+        "[dce, { quantize: { target_bpw: 6.0, sensitivity: measured, candidates: [kq2, q3_k, q4_0, q5_0, q8_0] } }]";
+    let r = recipe(&dir, "glass-memo", &model, passes, 64, 2);
+    let build = |out: &str, memo_env: (&str, &Path)| -> Value {
+        let out = dir.join(out);
+        let o = kiln()
+            .env("KILN_CACHE", cache_dir())
+            .env(memo_env.0, memo_env.1)
+            .args(["compile", "--recipe", r.to_str().unwrap(), "--device", "laptop", "--out", out.to_str().unwrap()])
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "compile failed: {}", stderr(&o));
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["builds"][0]["manifest"].clone()
+    };
+    let cold = build("cold", ("KILN_MEMO_DIR", &memo));
+    let warm = build("warm", ("KILN_MEMO_DIR", &memo));
+    let off = build("off", ("KILN_MEMO", Path::new("off")));
+    let (c, w, o) =
+        (&quantize_report(&cold)["details"], &quantize_report(&warm)["details"], &quantize_report(&off)["details"]);
+    assert_eq!(c["memo"]["hits"], 0, "{}", c["memo"]);
+    assert!(c["memo"]["misses"].as_u64().unwrap() > 0, "{}", c["memo"]);
+    assert_eq!(w["memo"]["misses"], 0, "{}", w["memo"]);
+    assert_eq!(w["memo"]["hits"], c["memo"]["misses"], "every result the first build stored is reused");
+    assert_eq!(o["memo"], serde_json::json!({"hits": 0, "misses": 0}));
+    // Same measurements, same choices, same bytes.
+    assert_eq!(c["sensitivity"], w["sensitivity"]);
+    assert_eq!(c["sensitivity"], o["sensitivity"]);
+    let weights = |m: &Value| {
+        m["files"].as_array().unwrap().iter().find(|f| f["path"] == "weights.bin").expect("weights.bin")["sha256"]
+            .clone()
+    };
+    assert!(weights(&cold).is_string(), "{}", cold["files"]);
+    assert_eq!(weights(&cold), weights(&warm));
+    assert_eq!(weights(&cold), weights(&off));
+}
+
 #[test]
 fn bad_quantize_options_fail_before_work() {
     let Some(model) = model("glassllm-en-hf") else { return };

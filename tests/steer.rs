@@ -308,9 +308,12 @@ fn the_pass_refuses_bad_vectors_naming_the_file() {
             &mut m,
             &mut w,
             &[("steer".into(), opts)],
-            "laptop",
-            &dir,
-            kiln_passes::Calibration::default(),
+            &kiln_passes::PipelineCtx {
+                device: "laptop",
+                base_dir: &dir,
+                calibration: kiln_passes::Calibration::default(),
+                memo: None,
+            },
             &mut |_| {},
         )
         .expect_err("refused")

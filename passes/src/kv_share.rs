@@ -393,6 +393,7 @@ fn apply(m: &mut Module, w: &mut Weights, share: &BTreeMap<usize, usize>) -> Res
         device: "",
         base_dir: std::path::Path::new("."),
         calibration: crate::Calibration::default(),
+        memo: None,
     };
     dce::DeadCode.run(m, w, &ctx)?;
     Ok(())

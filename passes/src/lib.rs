@@ -59,6 +59,31 @@ pub struct PassCtx<'a> {
     pub base_dir: &'a std::path::Path,
     /// What the compile driver knows of the recipe's calibration text.
     pub calibration: Calibration<'a>,
+    /// Where the results of expensive deterministic work may be kept between builds
+    /// (absent: everything is computed).
+    pub memo: Option<&'a dyn Memo>,
+}
+
+/// What a pipeline's passes are given besides their options (see [`PassCtx`]).
+#[derive(Clone, Copy)]
+pub struct PipelineCtx<'a> {
+    pub device: &'a str,
+    pub base_dir: &'a std::path::Path,
+    pub calibration: Calibration<'a>,
+    pub memo: Option<&'a dyn Memo>,
+}
+
+/// A store for the results of deterministic, expensive work inside passes (a
+/// tensor quantized to a format, its measured error), keyed by a hash of
+/// everything the result depends on. The compile driver keeps one on disk, so that
+/// builds of one model with other budgets or candidates reuse what they share. A
+/// pass must produce the same bytes with or without it; a value the store lost or
+/// mangled is simply recomputed.
+pub trait Memo: Sync {
+    /// The value stored under `key`, if any.
+    fn get(&self, key: &[u8; 32]) -> Option<Vec<u8>>;
+    /// Stores `value` under `key` (best effort: a store that cannot write drops it).
+    fn put(&self, key: &[u8; 32], value: &[u8]);
 }
 
 /// What the compile driver measured, or can measure, on the recipe's calibration

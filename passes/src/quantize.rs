@@ -39,13 +39,15 @@
 //! measurement.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use kiln_frontend::{TensorBytes, Weights};
 use kiln_ir::{DType, Module, Op, ParamId};
 use rayon::prelude::*;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
-use crate::{Importance, Pass, PassCtx, PassError, PassReport};
+use crate::{Importance, Memo, Pass, PassCtx, PassError, PassReport};
 
 pub struct Quantize;
 
@@ -269,6 +271,99 @@ fn quantize_rows(name: &str, d: DType, data: &[f32], k: usize, imp: Option<&[f32
     Ok(out)
 }
 
+/// Quantizing and error sampling through the driver's memo (when there is one),
+/// keyed by everything the result depends on: the tensor's stored bytes and dtype,
+/// its shape, the format and the importance. Counts what the memo saved.
+struct Cached<'a> {
+    memo: Option<&'a dyn Memo>,
+    hits: AtomicUsize,
+    misses: AtomicUsize,
+}
+
+impl<'a> Cached<'a> {
+    fn new(memo: Option<&'a dyn Memo>) -> Self {
+        Cached { memo, hits: AtomicUsize::new(0), misses: AtomicUsize::new(0) }
+    }
+
+    fn key(what: &str, c: &Candidate, src: &[u8], d: DType, imp: Option<&[f32]>) -> [u8; 32] {
+        let mut h = Sha256::new();
+        for part in ["kiln.quantize.v1", what, c.dtype.name(), d.name()] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        h.update(c.rows.to_le_bytes());
+        h.update(c.k.to_le_bytes());
+        match imp {
+            Some(w) => {
+                h.update([1]);
+                for v in w {
+                    h.update(v.to_le_bytes());
+                }
+            }
+            None => h.update([0]),
+        }
+        h.update(src);
+        h.finalize().into()
+    }
+
+    /// The stored value of `key` when it has `len` bytes.
+    fn lookup(&self, key: &[u8; 32], len: usize) -> Option<Vec<u8>> {
+        let v = self.memo?.get(key).filter(|v| v.len() == len)?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(v)
+    }
+
+    fn store(&self, key: &[u8; 32], value: &[u8]) {
+        if let Some(m) = self.memo {
+            m.put(key, value);
+            self.misses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `c` (stored bytes `src`) quantized to `d`.
+    fn quantize(&self, c: &Candidate, src: &[u8], d: DType, imp: Option<&[f32]>) -> Result<Vec<u8>, PassError> {
+        let len = (d.row_bytes(c.k).unwrap_or(0) * c.rows) as usize;
+        let key = self.memo.map(|_| Self::key("rows", c, src, d, imp));
+        if let Some(v) = key.as_ref().and_then(|k| self.lookup(k, len)) {
+            return Ok(v);
+        }
+        let out = quantize_rows(&c.name, d, &to_f32(c, src)?, c.k as usize, imp)?;
+        if let Some(k) = &key {
+            self.store(k, &out);
+        }
+        Ok(out)
+    }
+
+    /// [`weighted_error`] of `c` in `d` on its sample of `max_rows` rows; `data` is
+    /// `c` as f32, converted from `src` when first needed.
+    fn error(
+        &self,
+        c: &Candidate,
+        src: &[u8],
+        data: &mut Option<Vec<f32>>,
+        d: DType,
+        imp: Option<&[f32]>,
+        max_rows: usize,
+    ) -> Result<f64, PassError> {
+        let key = self.memo.map(|_| Self::key(&format!("error/{max_rows}"), c, src, d, imp));
+        if let Some(v) = key.as_ref().and_then(|k| self.lookup(k, 8)) {
+            return Ok(f64::from_le_bytes(v.try_into().unwrap_or_default()));
+        }
+        if data.is_none() {
+            *data = Some(to_f32(c, src)?);
+        }
+        let err = weighted_error(c, data.as_deref().unwrap_or_default(), d, imp, max_rows)?;
+        if let Some(k) = &key {
+            self.store(k, &err.to_le_bytes());
+        }
+        Ok(err)
+    }
+
+    fn report(&self) -> Value {
+        json!({"hits": self.hits.load(Ordering::Relaxed), "misses": self.misses.load(Ordering::Relaxed)})
+    }
+}
+
 /// Σ_j imp_j (w_ij − q_ij)² over a sample of at most `max_rows` rows (scaled to
 /// all rows), and the format's bytes for the whole tensor.
 fn weighted_error(
@@ -316,11 +411,12 @@ fn format_options(
     w: &Weights,
     imps: &[Option<Vec<f32>>],
     opts: &Options,
+    cached: &Cached<'_>,
 ) -> Result<FormatOptions, PassError> {
     let mut options: FormatOptions = vec![];
     for (c, imp) in cands.iter().zip(imps) {
         // One tensor's f32 copy at a time keeps peak memory near the largest tensor.
-        let d = &to_f32(c, w.bytes(c.param))?;
+        let mut data = None;
         let mut fmts: BTreeMap<u64, (DType, f64)> = BTreeMap::new();
         for &f in &opts.candidates {
             let Some(f) = fit(f, c.k) else { continue };
@@ -328,7 +424,7 @@ fn format_options(
             if fmts.values().any(|(g, _)| *g == f) {
                 continue;
             }
-            let err = weighted_error(c, d, f, imp.as_deref(), 256)?;
+            let err = cached.error(c, w.bytes(c.param), &mut data, f, imp.as_deref(), 256)?;
             // Of two formats of one size keep the better.
             if fmts.get(&bytes).is_none_or(|(_, e)| err < *e) {
                 fmts.insert(bytes, (f, err));
@@ -413,6 +509,7 @@ fn measure_sensitivity(
     imps: &[Option<Vec<f32>>],
     options: &mut FormatOptions,
     measure: &crate::Measure<'_>,
+    cached: &Cached<'_>,
 ) -> Result<(Vec<Option<TensorBytes>>, Value), PassError> {
     let fail = |e: String| PassError::Unsupported { pass: NAME, msg: format!("measuring sensitivity: {e}") };
     let layers = cands
@@ -432,8 +529,7 @@ fn measure_sensitivity(
         let mut err = 0.0;
         for &i in members {
             let (c, (probe, _, e)) = (&cands[i], options[i][0]);
-            let data = to_f32(c, w.bytes(c.param))?;
-            let bytes = TensorBytes::owned(quantize_rows(&c.name, probe, &data, c.k as usize, imps[i].as_deref())?);
+            let bytes = TensorBytes::owned(cached.quantize(c, w.bytes(c.param), probe, imps[i].as_deref())?);
             w2.tensors[c.param.index()] = bytes.clone();
             m2.params[c.param.index()].ty.dtype = probe;
             probes[i] = Some(bytes);
@@ -493,6 +589,7 @@ impl Pass for Quantize {
         let imps: Vec<Option<Vec<f32>>> = cands.iter().map(importance).collect();
 
         let mut formats: Vec<Target> = by_rule.clone();
+        let cached = Cached::new(ctx.memo);
         // Tensors already quantized while measuring sensitivity: (format, bytes).
         let mut probe_bytes: BTreeMap<usize, (DType, TensorBytes)> = BTreeMap::new();
         let mut sensitivity = Value::Null;
@@ -518,12 +615,13 @@ impl Pass for Quantize {
                     .sum::<u64>();
             let free_cands: Vec<Candidate> = free.iter().map(|&i| cands[i].clone()).collect();
             let free_imps: Vec<Option<Vec<f32>>> = free.iter().map(|&i| imps[i].clone()).collect();
-            let mut options = format_options(&free_cands, w, &free_imps, &opts)?;
+            let mut options = format_options(&free_cands, w, &free_imps, &opts, &cached)?;
             if opts.measured {
                 let measure = ctx.calibration.measure.ok_or_else(|| {
                     bad("`sensitivity: measured` needs the recipe's `calibration` text to measure perplexity on")
                 })?;
-                let (probes, report) = measure_sensitivity(m, w, &free_cands, &free_imps, &mut options, measure)?;
+                let (probes, report) =
+                    measure_sensitivity(m, w, &free_cands, &free_imps, &mut options, measure, &cached)?;
                 for (fi, (&i, p)) in free.iter().zip(probes).enumerate() {
                     if let Some(p) = p {
                         probe_bytes.insert(i, (options[fi][0].0, p));
@@ -553,10 +651,7 @@ impl Pass for Quantize {
             }
             w.tensors[c.param.index()] = match probe_bytes.remove(&i) {
                 Some((p, bytes)) if p == d => bytes,
-                _ => {
-                    let data = to_f32(c, w.bytes(c.param))?;
-                    TensorBytes::owned(quantize_rows(&c.name, d, &data, c.k as usize, imps[i].as_deref())?)
-                }
+                _ => TensorBytes::owned(cached.quantize(c, w.bytes(c.param), d, imps[i].as_deref())?),
             };
             m.params[c.param.index()].ty.dtype = d;
             *counts.entry(d.name()).or_default() += 1;
@@ -584,6 +679,7 @@ impl Pass for Quantize {
                 "fallbacks": fallbacks,
                 "formats": counts,
                 "sensitivity": sensitivity,
+                "memo": cached.report(),
             }),
         })
     }

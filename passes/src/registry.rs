@@ -5,7 +5,7 @@ use kiln_ir::Module;
 use serde_json::Value;
 
 use crate::{
-    Calibration, Pass, PassCtx, PassError, PassReport, dce, fuse_sparse_attention, kv_quant, kv_share, quantize,
+    Pass, PassCtx, PassError, PassReport, PipelineCtx, dce, fuse_sparse_attention, kv_quant, kv_share, quantize,
     sliding_window, steer,
 };
 
@@ -27,15 +27,13 @@ pub fn by_name(name: &str) -> Result<&'static dyn Pass, PassError> {
 }
 
 /// Runs `(name, options)` passes in order, verifying the module after each.
-/// Relative paths in options are resolved against `base_dir` (the recipe's
+/// Relative paths in options are resolved against `cx.base_dir` (the recipe's
 /// directory). `on_pass` is called with each report (for progress output).
 pub fn run_pipeline(
     module: &mut Module,
     weights: &mut Weights,
     passes: &[(String, Value)],
-    device: &str,
-    base_dir: &std::path::Path,
-    calibration: Calibration<'_>,
+    cx: &PipelineCtx<'_>,
     on_pass: &mut dyn FnMut(&PassReport),
 ) -> Result<Vec<PassReport>, PassError> {
     // Resolve every name first so a typo fails before any work is done.
@@ -49,7 +47,11 @@ pub fn run_pipeline(
         .collect::<Result<Vec<_>, PassError>>()?;
     let mut reports = vec![];
     for (pass, options) in resolved {
-        let report = pass.run(module, weights, &PassCtx { options, device, base_dir, calibration })?;
+        let report = pass.run(
+            module,
+            weights,
+            &PassCtx { options, device: cx.device, base_dir: cx.base_dir, calibration: cx.calibration, memo: cx.memo },
+        )?;
         kiln_ir::check(module).map_err(|err| PassError::Broken { pass: pass.name().to_string(), err })?;
         if weights.tensors.len() != module.params.len() {
             return Err(PassError::Broken {

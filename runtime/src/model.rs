@@ -97,9 +97,7 @@ impl Model {
                 &mut imported.module,
                 &mut imported.weights,
                 &[("fuse_sparse_attention".into(), Value::Null)],
-                "",
-                path,
-                Default::default(),
+                &kiln_passes::PipelineCtx { device: "", base_dir: path, calibration: Default::default(), memo: None },
                 &mut |_| {},
             )
             .map_err(|e| RuntimeError::bad(path, e.to_string()))?;

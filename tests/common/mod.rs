@@ -108,9 +108,7 @@ pub fn after_pass(
         &mut m,
         &mut w,
         &[(pass.into(), options)],
-        "laptop",
-        &root(),
-        calibration,
+        &kiln_passes::PipelineCtx { device: "laptop", base_dir: &root(), calibration, memo: None },
         &mut |_| {},
     )
     .unwrap();

@@ -394,12 +394,33 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
                     "compile_seconds": secs,
                     "compile_peak_rss_mib": rss,
                     "weights_per_second": params as f64 / secs,
+                    "memo": rep["details"]["memo"],
+                    "sensitivity_groups": rep["details"]["sensitivity"]["groups"].as_object().map_or(0, |g| g.len()),
                     "build": s(&build),
                 })
             }
         };
         kiln.insert(preset.to_string(), entry);
     }
+
+    // Interop: the 4-bit build exported as GGUF and scored by llama.cpp itself.
+    let export = if kiln["kiln-4bit"].get("error").is_none() {
+        eprintln!("[{id}] kiln export --gguf kiln-4bit, llama-perplexity");
+        let gguf = work.join("kiln-4bit.gguf");
+        let build = work.join("kiln").join("kiln-4bit").join("laptop");
+        match timed(&env.kiln, &["export".into(), s(&build), "--gguf".into(), s(&gguf)])
+            .and_then(|_| timed(&lb("llama-perplexity"), &ppl_args(&gguf)))
+        {
+            Ok((_, err, _, _)) => {
+                let ppl = llama_ppl(&err);
+                let (bpw, _) = gguf_bpw(&gguf)?;
+                json!({"bpw": bpw, "llama_ppl": ppl, "kiln_ppl": kiln["kiln-4bit"]["ppl"]})
+            }
+            Err(e) => json!({"error": e}),
+        }
+    } else {
+        Value::Null
+    };
 
     // Decode speed of the 2-bit and 4-bit files (64-token prompt, 32 generated tokens).
     let mut speed = BTreeMap::new();
@@ -453,6 +474,7 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
         "source_ppl": {"llama.cpp": llama_src_ppl, "kiln": kiln_src_ppl},
         "llama.cpp": llama,
         "kiln": kiln,
+        "export_4bit": export,
         "decode_tokens_per_second": speed,
     }))
 }
@@ -475,7 +497,7 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
             continue;
         }
         md += &format!(
-            "## {} ({} parameters, source {:.3} bpw, source ppl llama.cpp {:.4} / kiln {:.4})\n\n| quantizer | bpw | ppl | quantize s | peak RSS MiB |\n|---|---:|---:|---:|---:|\n",
+            "## {} ({} parameters, source {:.3} bpw, source ppl llama.cpp {:.4} / kiln {:.4})\n\n| quantizer | bpw | ppl | quantize s | Mweights/s | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|\n",
             r["model"].as_str().unwrap_or(""),
             r["params"],
             r["source_bpw"].as_f64().unwrap_or(0.0),
@@ -483,13 +505,15 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
             r["source_ppl"]["kiln"].as_f64().unwrap_or(0.0),
         );
         let f = |v: &Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into());
+        let mw = |v: &Value| v.as_f64().map(|x| format!("{:.2}", x / 1e6)).unwrap_or_else(|| "–".into());
         for ty in LLAMA_TYPES {
             let e = &r["llama.cpp"][*ty];
             md += &format!(
-                "| llama.cpp {ty} | {} | {} | {} | {} |\n",
+                "| llama.cpp {ty} | {} | {} | {} | {} | {} |\n",
                 f(&e["bpw"], 3),
                 f(&e["ppl"], 4),
                 f(&e["quantize_seconds"], 1),
+                mw(&e["weights_per_second"]),
                 f(&e["quantize_peak_rss_mib"], 0)
             );
         }
@@ -497,19 +521,49 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
             let e = &r["kiln"][*p];
             if let Some(err) = e.get("error") {
                 md += &format!(
-                    "| {p} [{ty}] | target {} | failed: {} | | |\n",
+                    "| {p} [{ty}] | target {} | failed: {} | | | |\n",
                     f(&e["target_bpw"], 3),
                     err.as_str().unwrap_or("").lines().last().unwrap_or("")
                 );
             } else {
+                let hits = e["memo"]["hits"].as_u64().unwrap_or(0);
                 md += &format!(
-                    "| {p} [{ty}] | {} | {} | {} | {} |\n",
+                    "| {p} [{ty}] | {} | {} | {}{} | {} | {} |\n",
                     f(&e["bpw"], 3),
                     f(&e["ppl"], 4),
                     f(&e["compile_seconds"], 1),
+                    if hits > 0 { "†" } else { "" },
+                    mw(&e["weights_per_second"]),
                     f(&e["compile_peak_rss_mib"], 0)
                 );
             }
+        }
+        md += "\nkiln's time is the whole `kiln compile` (import, importance matrix, the measured sensitivity's perplexity runs, quantization, writing the build); † reused work an earlier preset of this run left in kiln's memo (quantized tensors and measured perplexities, keyed by content).\n";
+        // The comparisons, each at no more bits per weight than llama.cpp's file.
+        for (p, ty, _) in PRESETS {
+            let (k, l) = (&r["kiln"][*p], &r["llama.cpp"][*ty]);
+            if let (Some(kb), Some(kp), Some(lb), Some(lp)) =
+                (k["bpw"].as_f64(), k["ppl"].as_f64(), l["bpw"].as_f64(), l["ppl"].as_f64())
+            {
+                md += &format!(
+                    "- {p} vs {ty}: {kb:.4} vs {lb:.4} bpw, ppl {kp:.4} vs {lp:.4} ({:+.1}%): {}\n",
+                    (kp / lp - 1.0) * 100.0,
+                    if kb <= lb + 5e-4 && kp < lp { "kiln better at no more bits" } else { "kiln **not** better" }
+                );
+            }
+        }
+        let x = &r["export_4bit"];
+        if let (Some(lp), Some(kp)) = (x["llama_ppl"].as_f64(), x["kiln_ppl"].as_f64()) {
+            md += &format!(
+                "- kiln-4bit exported by `kiln export --gguf` ({} bpw), scored by llama-perplexity: {lp:.4} vs kiln's {kp:.4} ({:+.2}%)\n",
+                f(&x["bpw"], 3),
+                (lp / kp - 1.0) * 100.0
+            );
+        } else if let Some(e) = x.get("error") {
+            md += &format!(
+                "- kiln-4bit GGUF export: failed: {}\n",
+                e.as_str().unwrap_or("").lines().last().unwrap_or("")
+            );
         }
         md += "\nDecode tokens/s (tg32, same threads): ";
         md += &r["decode_tokens_per_second"]
@@ -610,14 +664,12 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         .map(|d| String::from_utf8_lossy(&d.stdout).trim().to_string())
         .unwrap_or_default();
     let work = env.cache.join("bench-quant");
-    let mut results = vec![];
-    for id in &o.models {
-        let dir = work.join(id);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let r = bench_model(env, &o, id, &dir).unwrap_or_else(|e| json!({"model": id, "error": e}));
-        eprintln!("[{id}] done");
-        results.push(r);
-    }
+    // kiln's memo starts empty, so the run's first preset of each model pays for all its
+    // work and the table marks what later presets reused.
+    let memo = work.join("memo");
+    let _ = std::fs::remove_dir_all(&memo);
+    // SAFETY: set before this process starts any thread; the kiln processes inherit it.
+    unsafe { std::env::set_var("KILN_MEMO_DIR", &memo) };
     std::fs::create_dir_all(&o.out).map_err(|e| e.to_string())?;
     let base = o.out.join(format!("quant-{date}"));
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -628,11 +680,23 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
-    let doc = json!({"date": date, "machine": {"cpu": cpu, "threads": o.threads}, "ctx": o.ctx, "chunks": o.chunks, "calib_chunks": o.calib_chunks, "results": results});
-    std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
-        .map_err(|e| e.to_string())?;
-    std::fs::write(base.with_extension("md"), markdown(&results, &o, &date)).map_err(|e| e.to_string())?;
-    std::fs::write(base.with_extension("svg"), svg(&results)).map_err(|e| e.to_string())?;
+    // Written after every model, so a long run that stops early keeps what it measured.
+    let write = |results: &[Value]| -> Result<(), String> {
+        let doc = json!({"date": date, "machine": {"cpu": cpu, "threads": o.threads}, "ctx": o.ctx, "chunks": o.chunks, "calib_chunks": o.calib_chunks, "models": o.models, "results": results});
+        std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
+            .map_err(|e| e.to_string())?;
+        std::fs::write(base.with_extension("md"), markdown(results, &o, &date)).map_err(|e| e.to_string())?;
+        std::fs::write(base.with_extension("svg"), svg(results)).map_err(|e| e.to_string())
+    };
+    let mut results = vec![];
+    for id in &o.models {
+        let dir = work.join(id);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let r = bench_model(env, &o, id, &dir).unwrap_or_else(|e| json!({"model": id, "error": e}));
+        eprintln!("[{id}] done");
+        results.push(r);
+        write(&results)?;
+    }
     println!("{}", markdown(&results, &o, &date));
     println!("wrote {}.{{json,md,svg}}", base.display());
     Ok(())

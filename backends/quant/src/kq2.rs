@@ -847,15 +847,21 @@ fn refine(cb: &Codebook, blk: &Block, c: &mut Cand) {
     decode_codes(cb, |g| c.codes[g], 1.0, &mut cv);
     let mut r: [f32; 64] = std::array::from_fn(|i| u[i] - cv[i]);
     let mut changed = false;
+    // M·r·64, recomputed only after r changed.
+    let mut t = [0.0f32; 64];
+    let mut stale = true;
     for _ in 0..SWEEPS {
         let mut moved = false;
         for g in 0..GROUPS {
-            let mut t = r;
-            fwht64(&mut t);
-            for (tj, dj) in t.iter_mut().zip(&blk.d) {
-                *tj *= dj;
+            if stale {
+                t = r;
+                fwht64(&mut t);
+                for (tj, dj) in t.iter_mut().zip(&blk.d) {
+                    *tj *= dj;
+                }
+                fwht64(&mut t);
+                stale = false;
             }
-            fwht64(&mut t);
             let mr: [f32; 8] = std::array::from_fn(|i| t[8 * g + i] / 64.0);
             let rg: [f32; 8] = std::array::from_fn(|i| r[8 * g + i]);
             let mrg = mul_llt(&l, &rg);
@@ -873,6 +879,7 @@ fn refine(cb: &Codebook, blk: &Block, c: &mut Cand) {
                     r[8 * g + i] += dr[i];
                 }
                 moved = true;
+                stale = true;
             }
         }
         changed |= moved;
