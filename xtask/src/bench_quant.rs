@@ -26,14 +26,16 @@ use serde_json::{Value, json};
 
 /// llama.cpp types compared, and the kiln preset that targets each one's size.
 const LLAMA_TYPES: &[&str] = &["IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "Q3_K_S", "Q4_K_M"];
-/// (preset, llama.cpp type whose bpw it targets, candidate formats). Every preset
-/// allocates its budget by measured sensitivity (`sensitivity: measured`).
+/// The candidates of kiln's 2-bit presets.
+const TWO_BIT: &[&str] =
+    &["kq2", "q2_k", "q3_k", "iq4_nl", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"];
+/// (preset, the llama.cpp type whose bpw it targets or a bpw, candidate formats).
+/// Every preset allocates its budget by measured sensitivity (`sensitivity:
+/// measured`). `kiln-2.6` is a true 2-bit build of every model, also of those whose
+/// rows llama.cpp's 2-bit types cannot hold (its IQ2_XS of SmolLM2 is ~4.9 bpw).
 const PRESETS: &[(&str, &str, &[&str])] = &[
-    (
-        "kiln-2bit",
-        "IQ2_XS",
-        &["kq2", "q2_k", "q3_k", "iq4_nl", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"],
-    ),
+    ("kiln-2bit", "IQ2_XS", TWO_BIT),
+    ("kiln-2.6", "2.6", TWO_BIT),
     ("kiln-3bit", "Q3_K_S", &["kq2", "q2_k", "q3_k", "iq4_nl", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q8_0"]),
     ("kiln-4bit", "Q4_K_M", &["q3_k", "iq4_nl", "q4_k", "q5_k", "q6_k", "q4_0", "q5_0", "q5_1", "q8_0"]),
 ];
@@ -332,7 +334,7 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
 
     let mut kiln = BTreeMap::new();
     for (preset, target_ty, candidates) in PRESETS {
-        let target = llama[*target_ty]["bpw"].as_f64().unwrap_or(0.0);
+        let target = target_ty.parse::<f64>().ok().or_else(|| llama[*target_ty]["bpw"].as_f64()).unwrap_or(0.0);
         eprintln!("[{id}] {preset} (target {target:.4} bpw)");
         let recipe = work.join(format!("{preset}.yaml"));
         // The CPU backend: 8-bit activations in every dot product, as llama-perplexity
@@ -424,7 +426,7 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
 
     // Decode speed of the 2-bit and 4-bit files (64-token prompt, 32 generated tokens).
     let mut speed = BTreeMap::new();
-    for (name, build) in [("kiln-2bit", "kiln-2bit"), ("kiln-4bit", "kiln-4bit")] {
+    for (name, build) in [("kiln-2bit", "kiln-2bit"), ("kiln-2.6", "kiln-2.6"), ("kiln-4bit", "kiln-4bit")] {
         if kiln[name].get("error").is_some() {
             continue;
         }
@@ -483,7 +485,7 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
     let mut md = format!(
         "# Quantization: kiln vs llama.cpp ({date})\n\nOne run on this machine (`cargo xtask bench quant`). Calibration: `{}` ({} chunks of {}); \
          perplexity: `{}`, {} chunks of {} tokens (llama-perplexity's chunking for both). bpw = all tensor bytes × 8 ÷ all parameters. \
-         kiln presets target the bpw of the llama.cpp file named in brackets.\n\n",
+         kiln presets target the bpw of the llama.cpp file named in brackets (or the bpw there).\n\n",
         o.calib.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
         o.calib_chunks,
         o.ctx,
