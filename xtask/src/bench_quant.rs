@@ -550,7 +550,7 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
                 md += &format!(
                     "- {p} vs {ty}: {kb:.4} vs {lb:.4} bpw, ppl {kp:.4} vs {lp:.4} ({:+.1}%): {}\n",
                     (kp / lp - 1.0) * 100.0,
-                    if kb <= lb + 5e-4 && kp < lp { "kiln better at no more bits" } else { "kiln **not** better" }
+                    if kb <= lb && kp < lp { "kiln better at no more bits" } else { "kiln **not** better" }
                 );
             }
         }
@@ -572,6 +572,10 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
             .as_object()
             .map(|m| m.iter().map(|(k, v)| format!("{k} {}", f(v, 2))).collect::<Vec<_>>().join(", "))
             .unwrap_or_default();
+        let tps = |k: &str| r["decode_tokens_per_second"][k].as_f64();
+        if let (Some(k2), Some(k4), Some(l2)) = (tps("kiln-2bit"), tps("kiln-4bit"), tps("llama.cpp IQ2_XS")) {
+            md += &format!(" (kiln-2bit: {:.2}× kiln-4bit, {:.2}× llama.cpp IQ2_XS)", k2 / k4, k2 / l2);
+        }
         md += "\n\n";
     }
     md
@@ -658,7 +662,37 @@ fn svg(results: &[Value]) -> String {
     out + "</svg>\n"
 }
 
+/// `--render FILE.json`: rewrites a run's markdown and SVG from its JSON (the table and
+/// picture change without measuring again).
+fn render(json_path: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(json_path).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let doc: Value = serde_json::from_str(&text).map_err(|e| format!("{}: bad JSON: {e}", json_path.display()))?;
+    let results = doc["results"].as_array().ok_or_else(|| format!("{}: no `results`", json_path.display()))?;
+    let num = |k: &str| doc[k].as_u64().map(|v| v as usize).ok_or_else(|| format!("{}: no `{k}`", json_path.display()));
+    let o = Opts {
+        models: vec![],
+        ctx: num("ctx")?,
+        chunks: num("chunks")?,
+        calib_chunks: num("calib_chunks")?,
+        threads: doc["machine"]["threads"].as_u64().unwrap_or(0) as usize,
+        llama_bin: PathBuf::new(),
+        out: PathBuf::new(),
+        calib: PathBuf::from(doc["calib"].as_str().unwrap_or("calib-excerpt.txt")),
+        heldout: PathBuf::from(doc["heldout"].as_str().unwrap_or("ppl-excerpt.txt")),
+    };
+    let date = doc["date"].as_str().unwrap_or("");
+    std::fs::write(json_path.with_extension("md"), markdown(results, &o, date)).map_err(|e| e.to_string())?;
+    std::fs::write(json_path.with_extension("svg"), svg(results)).map_err(|e| e.to_string())?;
+    println!("wrote {}", json_path.with_extension("{md,svg}").display());
+    Ok(())
+}
+
 pub fn run(args: &[String], env: &Env) -> Result<(), String> {
+    if let [flag, file] = args
+        && flag == "--render"
+    {
+        return render(Path::new(file));
+    }
     let o = parse(args, env)?;
     let date = Command::new("date")
         .arg("+%Y-%m-%d")
@@ -684,7 +718,7 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         .unwrap_or_default();
     // Written after every model, so a long run that stops early keeps what it measured.
     let write = |results: &[Value]| -> Result<(), String> {
-        let doc = json!({"date": date, "machine": {"cpu": cpu, "threads": o.threads}, "ctx": o.ctx, "chunks": o.chunks, "calib_chunks": o.calib_chunks, "models": o.models, "results": results});
+        let doc = json!({"date": date, "machine": {"cpu": cpu, "threads": o.threads}, "ctx": o.ctx, "chunks": o.chunks, "calib_chunks": o.calib_chunks, "calib": s(&o.calib), "heldout": s(&o.heldout), "models": o.models, "results": results});
         std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
             .map_err(|e| e.to_string())?;
         std::fs::write(base.with_extension("md"), markdown(results, &o, &date)).map_err(|e| e.to_string())?;
