@@ -540,7 +540,7 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
                 );
             }
         }
-        md += "\nkiln's time is the whole `kiln compile` (import, importance matrix, the measured sensitivity's perplexity runs, quantization, writing the build); † reused work an earlier preset of this run left in kiln's memo (quantized tensors and measured perplexities, keyed by content).\n";
+        md += "\nkiln's time is the whole `kiln compile` (import, importance matrix, the measured sensitivity's perplexity runs, quantization, writing the build); † the build reused results from kiln's memo (quantized tensors, error samples, measured perplexities, keyed by content), which each run starts empty: left by an earlier preset of the model, or the same work repeated within the build.\n";
         // The comparisons, each at no more bits per weight than llama.cpp's file.
         for (p, ty, _) in PRESETS {
             let (k, l) = (&r["kiln"][*p], &r["llama.cpp"][*ty]);
