@@ -27,8 +27,14 @@ fn recipe(dir: &Path, name: &str, model: &Path, passes: &str, ctx: usize, chunks
 }
 
 fn compile(recipe: &Path, out: &Path) -> Value {
+    compile_with(recipe, out, &[])
+}
+
+/// [`compile`] with extra environment variables.
+fn compile_with(recipe: &Path, out: &Path, env: &[(&str, &Path)]) -> Value {
     let o = kiln()
         .env("KILN_CACHE", cache_dir())
+        .envs(env.iter().copied())
         .args(["compile", "--recipe", recipe.to_str().unwrap(), "--device", "laptop", "--out", out.to_str().unwrap()])
         .arg("--json")
         .output()
@@ -141,19 +147,7 @@ fn memoized_quantization_gives_the_same_build() {
     let passes =
         "[dce, { quantize: { target_bpw: 6.0, sensitivity: measured, candidates: [kq2, q3_k, q4_0, q5_0, q8_0] } }]";
     let r = recipe(&dir, "glass-memo", &model, passes, 64, 2);
-    let build = |out: &str, memo_env: (&str, &Path)| -> Value {
-        let out = dir.join(out);
-        let o = kiln()
-            .env("KILN_CACHE", cache_dir())
-            .env(memo_env.0, memo_env.1)
-            .args(["compile", "--recipe", r.to_str().unwrap(), "--device", "laptop", "--out", out.to_str().unwrap()])
-            .arg("--json")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "compile failed: {}", stderr(&o));
-        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
-        v["builds"][0]["manifest"].clone()
-    };
+    let build = |out: &str, memo_env: (&str, &Path)| compile_with(&r, &dir.join(out), &[memo_env]);
     let cold = build("cold", ("KILN_MEMO_DIR", &memo));
     let warm = build("warm", ("KILN_MEMO_DIR", &memo));
     let off = build("off", ("KILN_MEMO", Path::new("off")));
