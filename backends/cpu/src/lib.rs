@@ -30,6 +30,8 @@ pub mod matmul;
 #[cfg(target_arch = "x86_64")]
 pub mod packed;
 #[cfg(target_arch = "x86_64")]
+mod q6lanes;
+#[cfg(target_arch = "x86_64")]
 mod q8lanes;
 #[cfg(target_arch = "x86_64")]
 mod vnni;

@@ -2,7 +2,8 @@
 //! "repack" buffers do the same): Q4_K matmul weights as groups of eight rows
 //! interleaved per super-block ([`crate::vnni::q4_k_pack`]), Q4_0 and IQ4_NL ones as groups
 //! of sixteen rows interleaved per block ([`crate::lut4::pack`]), Q8_0, Q5_0, Q4_1 and Q5_1
-//! ones likewise ([`crate::q8lanes::pack`]), so decode reads each weight once with one row per
+//! ones likewise ([`crate::q8lanes::pack`]), Q6_K ones as groups of sixteen rows
+//! ([`crate::q6lanes::pack`]), so decode reads each weight once with one row per
 //! vector lane and no transposes, and prefill loads the lane layout instead of building it.
 //! kq2 weights are stored with their codebook lookup done ([`crate::kq2x`]): 3.25 bits per
 //! weight in memory instead of 2.25, traded for a decode kernel 40% faster (it was bound
@@ -25,7 +26,7 @@ use rayon::prelude::*;
 
 use crate::kernels::{Prepared, all_of, kq2_of, q8_of, q8k_of};
 use crate::vnni::{self, Q4K_PACKED, Q4K_ROWS};
-use crate::{kq2x, lut4, q8lanes};
+use crate::{kq2x, lut4, q6lanes, q8lanes};
 
 /// A packed layout: its dtype, rows per group and packed bytes per block of a group.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -44,6 +45,8 @@ enum Layout {
     Q51,
     /// Eight kq2 rows per group, the codebook lookup done ([`kq2x::pack`]).
     Kq2,
+    /// Sixteen Q6_K rows per group ([`q6lanes::pack`]).
+    Q6k,
 }
 
 impl Layout {
@@ -55,6 +58,7 @@ impl Layout {
             DType::Q5_0 if *lut4::ZMM => Some(Layout::Q5),
             DType::Q4_1 if *lut4::ZMM => Some(Layout::Q41),
             DType::Q5_1 if *lut4::ZMM => Some(Layout::Q51),
+            DType::Q6K if *lut4::ZMM => Some(Layout::Q6k),
             DType::KQ2 if *vnni::KQ2_ZMM && is_x86_feature_detected!("bmi2") => Some(Layout::Kq2),
             _ => None,
         }
@@ -69,6 +73,7 @@ impl Layout {
             Layout::Q41 => DType::Q4_1,
             Layout::Q51 => DType::Q5_1,
             Layout::Kq2 => DType::KQ2,
+            Layout::Q6k => DType::Q6K,
         }
     }
 
@@ -77,6 +82,7 @@ impl Layout {
             Layout::Q4k => Q4K_ROWS,
             Layout::Lut4(_) => lut4::ROWS,
             Layout::Q8 | Layout::Q5 | Layout::Q41 | Layout::Q51 => q8lanes::ROWS,
+            Layout::Q6k => q6lanes::ROWS,
             Layout::Kq2 => kq2x::ROWS,
         }
     }
@@ -90,6 +96,7 @@ impl Layout {
             Layout::Q41 => q8lanes::packed(q8lanes::Q41),
             Layout::Q51 => q8lanes::packed(q8lanes::Q51),
             Layout::Kq2 => kq2x::PACKED,
+            Layout::Q6k => q6lanes::PACKED,
         }
     }
 }
@@ -161,6 +168,7 @@ impl PackedWeights {
         match p.layout {
             Layout::Q4k => {}
             Layout::Kq2 => return p.kq2_matmul(w, xs, bias),
+            Layout::Q6k => return p.q6k_matmul(w, xs, groups, bias),
             _ => return p.rows16_matmul(w, xs, bias),
         }
         let xs = all_of(xs, q8k_of)?;
@@ -209,6 +217,7 @@ impl Packed {
                 Layout::Q41 => q8lanes::pack::<{ q8lanes::Q41 }>(std::array::from_fn(row), nblocks, out),
                 Layout::Q51 => q8lanes::pack::<{ q8lanes::Q51 }>(std::array::from_fn(row), nblocks, out),
                 Layout::Kq2 => kq2x::pack(std::array::from_fn(row), nblocks, out),
+                Layout::Q6k => q6lanes::pack(std::array::from_fn(row), nblocks, out),
             }
         });
         Some(Packed { layout, n, nblocks, data })
@@ -245,6 +254,55 @@ impl Packed {
         }))
     }
 
+    /// [`PackedWeights::matmul`] for Q6_K: batches in llama.cpp's tiled order (eight token
+    /// rows or more) through [`q6lanes::gemm_tiled`], eight token rows a call; smaller ones
+    /// (decode) through the lane kernel, a token row at a time.
+    fn q6k_matmul(
+        &self,
+        w: &Weight<'_>,
+        xs: &[Prepared],
+        groups: &[RowGroup],
+        bias: Option<&[f32]>,
+    ) -> Option<Vec<f32>> {
+        let xs = all_of(xs, q8k_of)?;
+        let nblocks = self.nblocks;
+        if self.n != w.n
+            || xs.iter().any(|x| x.d.len() < nblocks || x.bsums.len() < 16 * nblocks || x.q.len() < 256 * nblocks)
+        {
+            return None;
+        }
+        let tiled = groups.first().is_some_and(|g| g.is_tiled());
+        let pairs: Vec<Vec<i32>> = xs.iter().map(|x| q6lanes::bsum_pairs(x, nblocks)).collect();
+        let rows = xs.len();
+        Some(self.over_groups(rows, bias, |pk, tile, nb, j0| {
+            let mut put = |t: usize, v: &[f32; ROWS16]| tile[t * nb + j0..t * nb + j0 + ROWS16].copy_from_slice(v);
+            // SAFETY: packed only where `lut4::ZMM` holds; `pk` holds `nblocks` packed
+            // super-blocks, every token row and its pairs at least as many (checked above).
+            unsafe {
+                if !tiled {
+                    for t in 0..rows {
+                        put(t, &q6lanes::gemv(pk, nblocks, xs[t], &pairs[t]));
+                    }
+                    return;
+                }
+                const T: usize = q6lanes::TILE_TOKENS;
+                let full = rows / T * T;
+                for t0 in (0..full).step_by(T) {
+                    let v = q6lanes::gemm_tiled::<T>(
+                        pk,
+                        nblocks,
+                        std::array::from_fn(|u| xs[t0 + u]),
+                        std::array::from_fn(|u| &pairs[t0 + u][..]),
+                    );
+                    v.iter().enumerate().for_each(|(u, v)| put(t0 + u, v));
+                }
+                for t in full..rows {
+                    put(t, &q6lanes::gemm_tiled::<1>(pk, nblocks, [xs[t]], [&pairs[t][..]])[0]);
+                }
+            }
+        }))
+    }
+
     /// [`PackedWeights::matmul`] for the sixteen-row layouts (Q4_0 and IQ4_NL, Q8_0, Q5_0, Q4_1,
     /// Q5_1): per group of sixteen rows, the token rows a tile at a time (`lut4::TOKENS` or
     /// `q8lanes::TOKENS`), then the rest one by one.
@@ -259,7 +317,7 @@ impl Packed {
             Layout::Q41 => self.lanes_matmul::<{ q8lanes::Q41 }>(&xs, bias),
             Layout::Q51 => self.lanes_matmul::<{ q8lanes::Q51 }>(&xs, bias),
             Layout::Lut4(dtype) => self.lut4_matmul(lut4::table_of(dtype), &xs, bias),
-            Layout::Q4k | Layout::Kq2 => unreachable!("Q4_K and kq2 have their own matmuls"),
+            Layout::Q4k | Layout::Kq2 | Layout::Q6k => unreachable!("Q4_K, Q6_K and kq2 have their own matmuls"),
         })
     }
 
@@ -377,4 +435,49 @@ fn release_mapped(maps: &[(usize, usize)], bytes: &[u8]) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (a, b);
+}
+
+#[cfg(test)]
+mod tests {
+    use kiln_backends::reference::Kernels;
+
+    use super::*;
+    use crate::{CpuKernels, Isa};
+
+    /// A Q6_K matrix through the packed kernels (decode: the lane kernel; prefill, tiled or
+    /// not: the groups unpacked to rows) equals it through the row kernels, bit for bit.
+    #[test]
+    fn packed_q6_k_matmul_equals_the_row_kernels_bit_for_bit() {
+        if !*lut4::ZMM {
+            return;
+        }
+        let (n, k) = (48usize, 512usize);
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut bytes: Vec<u8> = (0..n * (k / 256) * 210)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect();
+        for (i, blk) in bytes.chunks_mut(210).enumerate() {
+            blk[208..210].copy_from_slice(&half::f16::from_f32(0.002 + 0.0003 * (i % 5) as f32).to_le_bytes());
+        }
+        let w = Weight { bytes: &bytes, dtype: DType::Q6K, n, k };
+        let rows = CpuKernels::new(Isa::Avx512Vnni);
+        let mut packed = rows.clone();
+        packed.packed = Some(std::sync::Arc::new(PackedWeights::of_matrix(&w)));
+        assert!(packed.packed.as_ref().is_some_and(|p| !p.is_empty()));
+        for tokens in [1usize, 2, 3, 4, 7, 40] {
+            let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+            let want = rows.matmul(&x, tokens, w, None, 0, tokens).unwrap();
+            let got = packed.matmul(&x, tokens, w, None, 0, tokens).unwrap();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{tokens} token rows"
+            );
+        }
+    }
 }
