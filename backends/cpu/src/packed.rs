@@ -452,15 +452,8 @@ mod tests {
             return;
         }
         let (n, k) = (48usize, 512usize);
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut bytes: Vec<u8> = (0..n * (k / 256) * 210)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                s as u8
-            })
-            .collect();
+        let mut r = crate::x86::tests::rng(0x2545);
+        let mut bytes: Vec<u8> = (0..n * (k / 256) * 210).map(|_| r() as u8).collect();
         for (i, blk) in bytes.chunks_mut(210).enumerate() {
             blk[208..210].copy_from_slice(&half::f16::from_f32(0.002 + 0.0003 * (i % 5) as f32).to_le_bytes());
         }

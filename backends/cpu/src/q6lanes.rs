@@ -175,6 +175,54 @@ pub(crate) unsafe fn gemv(pk: &[u8], nblocks: usize, x: &Q8KRow, pairs: &[i32]) 
     out
 }
 
+/// The 6-bit codes (as bytes) of four-byte group `g` of half `h` of packed super-block `c`,
+/// sixteen rows per vector, one vector per 32-weight segment of the half.
+///
+/// # Safety
+/// As [`gemv`]'s; `c` points at one whole packed super-block.
+#[inline(always)]
+unsafe fn segments(c: *const u8, h: usize, g: usize) -> [__m512i; 4] {
+    // SAFETY: the caller's (the reads inside the super-block; the CPU features).
+    unsafe {
+        let m4 = _mm512_set1_epi8(0x0f);
+        let at = c.add(QUANTS + (8 * h + g) * 192);
+        let a = _mm512_loadu_si512(at.cast());
+        let b = _mm512_loadu_si512(at.add(64).cast());
+        let qh = _mm512_loadu_si512(at.add(128).cast());
+        // Segment s: the low (s < 2) or high nibbles of `a` (even s) or `b`, and bits 2s..2s+2
+        // of `qh` as bits 4..6.
+        let high =
+            [_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30), _mm512_set1_epi8(0xc0u8 as i8)];
+        [
+            _mm512_or_si512(_mm512_and_si512(a, m4), _mm512_slli_epi16::<4>(_mm512_and_si512(qh, high[0]))),
+            _mm512_or_si512(_mm512_and_si512(b, m4), _mm512_slli_epi16::<2>(_mm512_and_si512(qh, high[1]))),
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(a), m4), _mm512_and_si512(qh, high[2])),
+            _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(b), m4),
+                _mm512_srli_epi16::<2>(_mm512_and_si512(qh, high[3])),
+            ),
+        ]
+    }
+}
+
+/// The rows' scales of sub-blocks `8h + 2s + e` (s = 0..4) of packed super-block `c`, each i16
+/// twice per 32-bit lane (`pick`: the low (e = 0) or high i16 of each scale pair).
+///
+/// # Safety
+/// As [`segments`].
+#[inline(always)]
+unsafe fn scales(c: *const u8, h: usize, pick: &__m512i) -> [__m512i; 4] {
+    // SAFETY: the caller's (the reads inside the super-block; the CPU features).
+    unsafe {
+        let mut sc = [_mm512_setzero_si512(); 4];
+        for (s, sc) in sc.iter_mut().enumerate() {
+            let pairs = _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.add(SCALES + 32 * (4 * h + s)).cast()));
+            *sc = _mm512_shuffle_epi8(pairs, *pick);
+        }
+        sc
+    }
+}
+
 /// Token rows per call of [`gemm_tiled`].
 pub(crate) const TILE_TOKENS: usize = 8;
 
@@ -194,9 +242,6 @@ pub(crate) unsafe fn gemm_tiled<const N: usize>(
     xs: [&Q8KRow; N],
     pairs: [&[i32]; N],
 ) -> [[f32; ROWS]; N] {
-    let m4 = _mm512_set1_epi8(0x0f);
-    let (m03, m0c, m30, mc0) =
-        (_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30), _mm512_set1_epi8(0xc0u8 as i8));
     let pick: [__m512i; 2] = std::array::from_fn(|hi| {
         let idx: [u8; 64] = std::array::from_fn(|i| ((i & 12) + (i & 1) + 2 * hi) as u8);
         // SAFETY: 64 bytes.
@@ -211,25 +256,9 @@ pub(crate) unsafe fn gemm_tiled<const N: usize>(
             let mut total = [_mm512_setzero_si512(); N];
             for h in 0..2 {
                 for e in 0..2 {
-                    let mut sc = [_mm512_setzero_si512(); 4];
-                    for s in 0..4 {
-                        let pairs = _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.add(SCALES + 32 * (4 * h + s)).cast()));
-                        sc[s] = _mm512_shuffle_epi8(pairs, pick[e]);
-                    }
+                    let sc = scales(c, h, &pick[e]);
                     for g in 4 * e..4 * e + 4 {
-                        let at = c.add(QUANTS + (8 * h + g) * 192);
-                        let a = _mm512_loadu_si512(at.cast());
-                        let b = _mm512_loadu_si512(at.add(64).cast());
-                        let qh = _mm512_loadu_si512(at.add(128).cast());
-                        let seg = [
-                            _mm512_or_si512(_mm512_and_si512(a, m4), _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m03))),
-                            _mm512_or_si512(_mm512_and_si512(b, m4), _mm512_slli_epi16::<2>(_mm512_and_si512(qh, m0c))),
-                            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(a), m4), _mm512_and_si512(qh, m30)),
-                            _mm512_or_si512(
-                                _mm512_and_si512(_mm512_srli_epi16::<4>(b), m4),
-                                _mm512_srli_epi16::<2>(_mm512_and_si512(qh, mc0)),
-                            ),
-                        ];
+                        let seg = segments(c, h, g);
                         for t in 0..N {
                             let q = xs[t].q.as_ptr().add(bi * 256 + 128 * h + 4 * g);
                             for s in 0..4 {
@@ -272,31 +301,10 @@ pub(crate) unsafe fn gemm_tiled<const N: usize>(
 unsafe fn groups4(c: *const u8, q: *const i8, h: usize, e: usize, pick: &__m512i, lanes: &mut [__m512i; 4]) {
     // SAFETY: the caller's (all reads inside the two super-blocks; the CPU features).
     unsafe {
-        let m4 = _mm512_set1_epi8(0x0f);
-        let (m03, m0c, m30, mc0) =
-            (_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0c), _mm512_set1_epi8(0x30), _mm512_set1_epi8(0xc0u8 as i8));
-        let mut sc = [_mm512_setzero_si512(); 4];
-        for s in 0..4 {
-            sc[s] = _mm512_shuffle_epi8(
-                _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.add(SCALES + 32 * (4 * h + s)).cast())),
-                *pick,
-            );
-        }
+        let sc = scales(c, h, pick);
         for i in 0..4 {
             let g = 4 * e + i;
-            let at = c.add(QUANTS + (8 * h + g) * 192);
-            let a = _mm512_loadu_si512(at.cast());
-            let b = _mm512_loadu_si512(at.add(64).cast());
-            let qh = _mm512_loadu_si512(at.add(128).cast());
-            let seg = [
-                _mm512_or_si512(_mm512_and_si512(a, m4), _mm512_slli_epi16::<4>(_mm512_and_si512(qh, m03))),
-                _mm512_or_si512(_mm512_and_si512(b, m4), _mm512_slli_epi16::<2>(_mm512_and_si512(qh, m0c))),
-                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(a), m4), _mm512_and_si512(qh, m30)),
-                _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(b), m4),
-                    _mm512_srli_epi16::<2>(_mm512_and_si512(qh, mc0)),
-                ),
-            ];
+            let seg = segments(c, h, g);
             for s in 0..4 {
                 let y = _mm512_set1_epi32(q.add(128 * h + 32 * s + 4 * g).cast::<i32>().read_unaligned());
                 lanes[i] = _mm512_dpwssd_epi32(lanes[i], _mm512_maddubs_epi16(seg[s], y), sc[s]);
@@ -323,13 +331,19 @@ mod tests {
         out
     }
 
+    /// Random rows ([`rows`]) as sixteen slices, and their packed form.
+    fn packed(seed: u64, nblocks: usize) -> (Vec<u8>, Vec<u8>) {
+        let src = rows(seed, nblocks);
+        let rb = nblocks * BLOCK;
+        let mut pk = vec![0u8; nblocks * PACKED];
+        pack(std::array::from_fn(|r| &src[r * rb..(r + 1) * rb]), nblocks, &mut pk);
+        (src, pk)
+    }
+
     #[test]
     fn packing_is_lossless() {
         for nblocks in 1..4 {
-            let src = rows(nblocks as u64, nblocks);
-            let rb = nblocks * BLOCK;
-            let mut pk = vec![0u8; nblocks * PACKED];
-            pack(std::array::from_fn(|r| &src[r * rb..(r + 1) * rb]), nblocks, &mut pk);
+            let (src, pk) = packed(nblocks as u64, nblocks);
             let mut back = vec![0u8; src.len()];
             unpack(&pk, nblocks, &mut back);
             assert_eq!(back, src);
@@ -343,11 +357,9 @@ mod tests {
         }
         for seed in 0..4u64 {
             let nblocks = 1 + seed as usize % 3;
-            let src = rows(seed + 57, nblocks);
+            let (src, pk) = packed(seed + 57, nblocks);
             let rb = nblocks * BLOCK;
             let rs: [&[u8]; ROWS] = std::array::from_fn(|r| &src[r * rb..(r + 1) * rb]);
-            let mut pk = vec![0u8; nblocks * PACKED];
-            pack(rs, nblocks, &mut pk);
             let xs = crate::vnni::tests::activations(
                 &mut rng(seed + 3),
                 TILE_TOKENS,
@@ -385,11 +397,9 @@ mod tests {
         }
         for seed in 0..6u64 {
             let nblocks = 1 + seed as usize % 4;
-            let src = rows(seed + 31, nblocks);
+            let (src, pk) = packed(seed + 31, nblocks);
             let rb = nblocks * BLOCK;
             let rs: [&[u8]; ROWS] = std::array::from_fn(|r| &src[r * rb..(r + 1) * rb]);
-            let mut pk = vec![0u8; nblocks * PACKED];
-            pack(rs, nblocks, &mut pk);
             let xs = crate::vnni::tests::activations(
                 &mut rng(seed + 7),
                 3,
