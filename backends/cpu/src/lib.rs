@@ -23,14 +23,14 @@ mod compressed;
 mod hugebuf;
 pub mod kernels;
 #[cfg(target_arch = "x86_64")]
+mod klanes;
+#[cfg(target_arch = "x86_64")]
 mod kq2x;
 #[cfg(target_arch = "x86_64")]
 mod lut4;
 pub mod matmul;
 #[cfg(target_arch = "x86_64")]
 pub mod packed;
-#[cfg(target_arch = "x86_64")]
-mod q6lanes;
 #[cfg(target_arch = "x86_64")]
 mod q8lanes;
 #[cfg(target_arch = "x86_64")]

@@ -3,7 +3,7 @@
 //! interleaved per super-block ([`crate::vnni::q4_k_pack`]), Q4_0 and IQ4_NL ones as groups
 //! of sixteen rows interleaved per block ([`crate::lut4::pack`]), Q8_0, Q5_0, Q4_1 and Q5_1
 //! ones likewise ([`crate::q8lanes::pack`]), Q6_K ones as groups of sixteen rows
-//! ([`crate::q6lanes::pack`]), so decode reads each weight once with one row per
+//! ([`crate::klanes`]), Q3_K ones likewise, so decode reads each weight once with one row per
 //! vector lane and no transposes, and prefill loads the lane layout instead of building it.
 //! kq2 weights are stored with their codebook lookup done ([`crate::kq2x`]): 3.25 bits per
 //! weight in memory instead of 2.25, traded for a decode kernel 40% faster (it was bound
@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use crate::kernels::{Prepared, all_of, kq2_of, q8_of, q8k_of};
 use crate::vnni::{self, Q4K_PACKED, Q4K_ROWS};
-use crate::{kq2x, lut4, q6lanes, q8lanes};
+use crate::{klanes, kq2x, lut4, q8lanes};
 
 /// A packed layout: its dtype, rows per group and packed bytes per block of a group.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -45,8 +45,10 @@ enum Layout {
     Q51,
     /// Eight kq2 rows per group, the codebook lookup done ([`kq2x::pack`]).
     Kq2,
-    /// Sixteen Q6_K rows per group ([`q6lanes::pack`]).
+    /// Sixteen Q6_K rows per group ([`klanes::pack`]).
     Q6k,
+    /// Sixteen Q3_K rows per group ([`klanes::pack`]).
+    Q3k,
 }
 
 impl Layout {
@@ -59,6 +61,7 @@ impl Layout {
             DType::Q4_1 if *lut4::ZMM => Some(Layout::Q41),
             DType::Q5_1 if *lut4::ZMM => Some(Layout::Q51),
             DType::Q6K if *lut4::ZMM => Some(Layout::Q6k),
+            DType::Q3K if *lut4::ZMM => Some(Layout::Q3k),
             DType::KQ2 if *vnni::KQ2_ZMM && is_x86_feature_detected!("bmi2") => Some(Layout::Kq2),
             _ => None,
         }
@@ -74,6 +77,7 @@ impl Layout {
             Layout::Q51 => DType::Q5_1,
             Layout::Kq2 => DType::KQ2,
             Layout::Q6k => DType::Q6K,
+            Layout::Q3k => DType::Q3K,
         }
     }
 
@@ -82,7 +86,7 @@ impl Layout {
             Layout::Q4k => Q4K_ROWS,
             Layout::Lut4(_) => lut4::ROWS,
             Layout::Q8 | Layout::Q5 | Layout::Q41 | Layout::Q51 => q8lanes::ROWS,
-            Layout::Q6k => q6lanes::ROWS,
+            Layout::Q6k | Layout::Q3k => klanes::ROWS,
             Layout::Kq2 => kq2x::ROWS,
         }
     }
@@ -96,7 +100,8 @@ impl Layout {
             Layout::Q41 => q8lanes::packed(q8lanes::Q41),
             Layout::Q51 => q8lanes::packed(q8lanes::Q51),
             Layout::Kq2 => kq2x::PACKED,
-            Layout::Q6k => q6lanes::PACKED,
+            Layout::Q6k => <klanes::Q6 as klanes::Kind>::PACKED,
+            Layout::Q3k => <klanes::Q3 as klanes::Kind>::PACKED,
         }
     }
 }
@@ -168,7 +173,8 @@ impl PackedWeights {
         match p.layout {
             Layout::Q4k => {}
             Layout::Kq2 => return p.kq2_matmul(w, xs, bias),
-            Layout::Q6k => return p.q6k_matmul(w, xs, groups, bias),
+            Layout::Q6k => return p.klanes_matmul::<klanes::Q6>(w, xs, groups, bias),
+            Layout::Q3k => return p.klanes_matmul::<klanes::Q3>(w, xs, groups, bias),
             _ => return p.rows16_matmul(w, xs, bias),
         }
         let xs = all_of(xs, q8k_of)?;
@@ -217,7 +223,8 @@ impl Packed {
                 Layout::Q41 => q8lanes::pack::<{ q8lanes::Q41 }>(std::array::from_fn(row), nblocks, out),
                 Layout::Q51 => q8lanes::pack::<{ q8lanes::Q51 }>(std::array::from_fn(row), nblocks, out),
                 Layout::Kq2 => kq2x::pack(std::array::from_fn(row), nblocks, out),
-                Layout::Q6k => q6lanes::pack(std::array::from_fn(row), nblocks, out),
+                Layout::Q6k => klanes::pack::<klanes::Q6>(std::array::from_fn(row), nblocks, out),
+                Layout::Q3k => klanes::pack::<klanes::Q3>(std::array::from_fn(row), nblocks, out),
             }
         });
         Some(Packed { layout, n, nblocks, data })
@@ -254,10 +261,10 @@ impl Packed {
         }))
     }
 
-    /// [`PackedWeights::matmul`] for Q6_K: batches in llama.cpp's tiled order (eight token
-    /// rows or more) through [`q6lanes::gemm_tiled`], eight token rows a call; smaller ones
-    /// (decode) through the lane kernel, a token row at a time.
-    fn q6k_matmul(
+    /// [`PackedWeights::matmul`] for Q6_K and Q3_K (`K`): batches in llama.cpp's tiled order
+    /// (eight token rows or more) through [`klanes::gemm_tiled`], eight token rows a call;
+    /// smaller ones (decode) through the lane kernel, a token row at a time.
+    fn klanes_matmul<K: klanes::Kind>(
         &self,
         w: &Weight<'_>,
         xs: &[Prepared],
@@ -272,32 +279,32 @@ impl Packed {
             return None;
         }
         let tiled = groups.first().is_some_and(|g| g.is_tiled());
-        let pairs: Vec<Vec<i32>> = xs.iter().map(|x| q6lanes::bsum_pairs(x, nblocks)).collect();
+        let offs: Vec<Vec<i32>> = xs.iter().map(|x| K::offsets(x, nblocks)).collect();
         let rows = xs.len();
         Some(self.over_groups(rows, bias, |pk, tile, nb, j0| {
             let mut put = |t: usize, v: &[f32; ROWS16]| tile[t * nb + j0..t * nb + j0 + ROWS16].copy_from_slice(v);
             // SAFETY: packed only where `lut4::ZMM` holds; `pk` holds `nblocks` packed
-            // super-blocks, every token row and its pairs at least as many (checked above).
+            // super-blocks, every token row and its offsets at least as many (checked above).
             unsafe {
                 if !tiled {
                     for t in 0..rows {
-                        put(t, &q6lanes::gemv(pk, nblocks, xs[t], &pairs[t]));
+                        put(t, &klanes::gemv::<K>(pk, nblocks, xs[t], &offs[t]));
                     }
                     return;
                 }
-                const T: usize = q6lanes::TILE_TOKENS;
+                const T: usize = klanes::TILE_TOKENS;
                 let full = rows / T * T;
                 for t0 in (0..full).step_by(T) {
-                    let v = q6lanes::gemm_tiled::<T>(
+                    let v = klanes::gemm_tiled::<K, T>(
                         pk,
                         nblocks,
                         std::array::from_fn(|u| xs[t0 + u]),
-                        std::array::from_fn(|u| &pairs[t0 + u][..]),
+                        std::array::from_fn(|u| &offs[t0 + u][..]),
                     );
                     v.iter().enumerate().for_each(|(u, v)| put(t0 + u, v));
                 }
                 for t in full..rows {
-                    put(t, &q6lanes::gemm_tiled::<1>(pk, nblocks, [xs[t]], [&pairs[t][..]])[0]);
+                    put(t, &klanes::gemm_tiled::<K, 1>(pk, nblocks, [xs[t]], [&offs[t][..]])[0]);
                 }
             }
         }))
@@ -317,7 +324,9 @@ impl Packed {
             Layout::Q41 => self.lanes_matmul::<{ q8lanes::Q41 }>(&xs, bias),
             Layout::Q51 => self.lanes_matmul::<{ q8lanes::Q51 }>(&xs, bias),
             Layout::Lut4(dtype) => self.lut4_matmul(lut4::table_of(dtype), &xs, bias),
-            Layout::Q4k | Layout::Kq2 | Layout::Q6k => unreachable!("Q4_K, Q6_K and kq2 have their own matmuls"),
+            Layout::Q4k | Layout::Kq2 | Layout::Q6k | Layout::Q3k => {
+                unreachable!("Q4_K, Q6_K, Q3_K and kq2 have their own matmuls")
+            }
         })
     }
 
@@ -444,33 +453,41 @@ mod tests {
     use super::*;
     use crate::{CpuKernels, Isa};
 
-    /// A Q6_K matrix through the packed kernels (decode: the lane kernel; prefill, tiled or
-    /// not: the groups unpacked to rows) equals it through the row kernels, bit for bit.
+    /// Q6_K and Q3_K matrices through the packed kernels (decode: the lane kernel; batches
+    /// of eight token rows or more: the tiled one) equal them through the row kernels, bit
+    /// for bit, with and without a bias.
     #[test]
-    fn packed_q6_k_matmul_equals_the_row_kernels_bit_for_bit() {
+    fn packed_k_quant_matmuls_equal_the_row_kernels_bit_for_bit() {
         if !*lut4::ZMM {
             return;
         }
         let (n, k) = (48usize, 512usize);
-        let mut r = crate::x86::tests::rng(0x2545);
-        let mut bytes: Vec<u8> = (0..n * (k / 256) * 210).map(|_| r() as u8).collect();
-        for (i, blk) in bytes.chunks_mut(210).enumerate() {
-            blk[208..210].copy_from_slice(&half::f16::from_f32(0.002 + 0.0003 * (i % 5) as f32).to_le_bytes());
-        }
-        let w = Weight { bytes: &bytes, dtype: DType::Q6K, n, k };
-        let rows = CpuKernels::new(Isa::Avx512Vnni);
-        let mut packed = rows.clone();
-        packed.packed = Some(std::sync::Arc::new(PackedWeights::of_matrix(&w)));
-        assert!(packed.packed.as_ref().is_some_and(|p| !p.is_empty()));
-        for tokens in [1usize, 2, 3, 4, 7, 40] {
-            let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
-            let want = rows.matmul(&x, tokens, w, None, 0, tokens).unwrap();
-            let got = packed.matmul(&x, tokens, w, None, 0, tokens).unwrap();
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{tokens} token rows"
-            );
+        for (dtype, d_at) in [(DType::Q6K, 208), (DType::Q3K, 108)] {
+            let bb = dtype.block_bytes() as usize;
+            let mut r = crate::x86::tests::rng(0x2545);
+            let mut bytes: Vec<u8> = (0..n * (k / 256) * bb).map(|_| r() as u8).collect();
+            for (i, blk) in bytes.chunks_mut(bb).enumerate() {
+                let d = half::f16::from_f32(0.002 + 0.0003 * (i % 5) as f32);
+                blk[d_at..d_at + 2].copy_from_slice(&d.to_le_bytes());
+            }
+            let w = Weight { bytes: &bytes, dtype, n, k };
+            let rows = CpuKernels::new(Isa::Avx512Vnni);
+            let mut packed = rows.clone();
+            packed.packed = Some(std::sync::Arc::new(PackedWeights::of_matrix(&w)));
+            assert!(packed.packed.as_ref().is_some_and(|p| !p.is_empty()));
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 / 7.0).collect();
+            for tokens in [1usize, 2, 3, 4, 7, 40] {
+                let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
+                for b in [None, Some(&bias[..])] {
+                    let want = rows.matmul(&x, tokens, w, b, 0, tokens).unwrap();
+                    let got = packed.matmul(&x, tokens, w, b, 0, tokens).unwrap();
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{dtype:?}, {tokens} token rows"
+                    );
+                }
+            }
         }
     }
 }
