@@ -17,6 +17,11 @@
 //! Patterns match a substring of the tensor name, or a glob with `*`. Format
 //! names are kiln dtype names (`q4_k`, `q8_0`, …) or the short aliases `q2`…`q8`.
 //!
+//! A tensor already stored in the format it is given keeps its stored bytes:
+//! requantizing it (dequantize, then round again, as llama.cpp's
+//! `--allow-requantize` does) could only add error, so the budget sees that
+//! format at zero error and the report marks the tensor `unchanged`.
+//!
 //! Rows whose length is not a multiple of a format's block fall back to the
 //! nearest format that fits, as llama.cpp does (Q2_K/Q3_K → Q4_0, Q4_K → Q5_0,
 //! Q5_K → Q5_1, Q6_K → Q8_0); the report lists every fallback.
@@ -259,6 +264,12 @@ fn to_f32(c: &Candidate, bytes: &[u8]) -> Result<Vec<f32>, PassError> {
     Ok(out)
 }
 
+/// Whether `c` (stored bytes `src`) is already stored in `d`, so quantizing it to `d`
+/// keeps its bytes.
+fn unchanged(c: &Candidate, src: &[u8], d: DType) -> bool {
+    c.dtype == d && d.row_bytes(c.k).is_some_and(|b| (b * c.rows) as usize == src.len())
+}
+
 /// Quantizes rows of `k` values to `d`, weighting errors by `imp` when given.
 fn quantize_rows(name: &str, d: DType, data: &[f32], k: usize, imp: Option<&[f32]>) -> Result<Vec<u8>, PassError> {
     let row_bytes = d.row_bytes(k as u64).unwrap_or(0) as usize;
@@ -320,9 +331,12 @@ impl<'a> Cached<'a> {
         }
     }
 
-    /// `c` (stored bytes `src`) quantized to `d`.
+    /// `c` (stored bytes `src`) quantized to `d`: its stored bytes when it is stored in `d`.
     fn quantize(&self, c: &Candidate, src: &[u8], d: DType, imp: Option<&[f32]>) -> Result<Vec<u8>, PassError> {
         let len = (d.row_bytes(c.k).unwrap_or(0) * c.rows) as usize;
+        if unchanged(c, src, d) {
+            return Ok(src.to_vec());
+        }
         let key = self.memo.map(|_| Self::key("rows", c, src, d, imp));
         if let Some(v) = key.as_ref().and_then(|k| self.lookup(k, len)) {
             return Ok(v);
@@ -345,6 +359,9 @@ impl<'a> Cached<'a> {
         imp: Option<&[f32]>,
         max_rows: usize,
     ) -> Result<f64, PassError> {
+        if unchanged(c, src, d) {
+            return Ok(0.0);
+        }
         let key = self.memo.map(|_| Self::key(&format!("error/{max_rows}"), c, src, d, imp));
         if let Some(v) = key.as_ref().and_then(|k| self.lookup(k, 8)) {
             return Ok(f64::from_le_bytes(v.try_into().unwrap_or_default()));
@@ -638,6 +655,7 @@ impl Pass for Quantize {
         let mut per_tensor = vec![];
         let mut fallbacks = vec![];
         let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+        let mut kept = 0;
         for (i, c) in cands.iter().enumerate() {
             let Target::To(want) = formats[i] else { continue };
             let Some(d) = fit(want, c.k) else {
@@ -649,21 +667,24 @@ impl Pass for Quantize {
             if d != want {
                 fallbacks.push(json!({"tensor": c.name, "wanted": want.name(), "used": d.name(), "row": c.k}));
             }
+            let same = unchanged(c, w.bytes(c.param), d);
+            kept += usize::from(same);
             w.tensors[c.param.index()] = match probe_bytes.remove(&i) {
                 Some((p, bytes)) if p == d => bytes,
                 _ => TensorBytes::owned(cached.quantize(c, w.bytes(c.param), d, imps[i].as_deref())?),
             };
             m.params[c.param.index()].ty.dtype = d;
             *counts.entry(d.name()).or_default() += 1;
-            per_tensor.push(json!({"tensor": c.name, "format": d.name(), "weighted": imps[i].is_some()}));
+            per_tensor.push(json!({"tensor": c.name, "format": d.name(), "weighted": imps[i].is_some(), "unchanged": same}));
         }
         let total_bytes = w.total_bytes();
         let bpw = total_bytes as f64 * 8.0 / total_params.max(1) as f64;
         let weighted = imps.iter().filter(|i| i.is_some()).count();
         let summary = format!(
-            "{} tensors quantized ({}), {bpw:.3} bits per weight over all {total_params} parameters{}{}",
+            "{} tensors quantized ({}), {bpw:.3} bits per weight over all {total_params} parameters{}{}{}",
             per_tensor.len(),
             counts.iter().map(|(k, v)| format!("{v}× {k}")).collect::<Vec<_>>().join(", "),
+            if kept > 0 { format!(", {kept} already in their format and unchanged") } else { String::new() },
             if weighted > 0 { format!(", {weighted} importance-weighted") } else { String::new() },
             if fallbacks.is_empty() { String::new() } else { format!(", {} row-length fallbacks", fallbacks.len()) },
         );
@@ -678,6 +699,7 @@ impl Pass for Quantize {
                 "tensors": per_tensor,
                 "fallbacks": fallbacks,
                 "formats": counts,
+                "unchanged": kept,
                 "sensitivity": sensitivity,
                 "memo": cached.report(),
             }),
@@ -720,6 +742,24 @@ mod tests {
         ] {
             assert!(parse_options(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_tensor_in_its_own_format_keeps_its_bytes() {
+        // Two rows of 64 in q4_0, from a ramp; given q4_0 again it keeps its bytes and
+        // costs no error, while q8_0 re-rounds it.
+        let (k, rows) = (64usize, 2u64);
+        let data: Vec<f32> = (0..k * rows as usize).map(|i| (i as f32 * 0.37).sin()).collect();
+        let src = quantize_rows("t", DType::Q4_0, &data, k, None).unwrap();
+        let c = Candidate { param: ParamId(0), name: "t".into(), rows, k: k as u64, dtype: DType::Q4_0 };
+        let cached = Cached::new(None);
+        let imp = vec![1.0f32; k];
+        assert_eq!(cached.quantize(&c, &src, DType::Q4_0, Some(&imp)).unwrap(), src);
+        assert_eq!(cached.error(&c, &src, &mut None, DType::Q4_0, Some(&imp), 256).unwrap(), 0.0);
+        assert!(cached.error(&c, &src, &mut None, DType::Q4_1, Some(&imp), 256).unwrap() > 0.0);
+        assert_ne!(cached.quantize(&c, &src, DType::Q8_0, None).unwrap().len(), src.len());
+        // Bytes that are not a whole tensor of the format are requantized, not trusted.
+        assert!(!unchanged(&c, &src[..src.len() - 1], DType::Q4_0));
     }
 
     #[test]

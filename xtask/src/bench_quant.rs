@@ -227,6 +227,29 @@ pub(crate) fn llama_ppl(text: &str) -> Option<f64> {
     text[at + 22..].split_whitespace().next()?.parse().ok()
 }
 
+/// `label: value ± uncertainty` from llama-perplexity's KL-divergence summary.
+fn llama_stat(text: &str, label: &str) -> Option<(f64, f64)> {
+    // The label's own line: `Mean PPL(Q)` is also the start of `Mean PPL(Q)/PPL(base)`.
+    let rest = text.lines().rev().find_map(|l| l.split_once(label)?.1.trim_start().strip_prefix(':'))?;
+    let mut it = rest.split_whitespace().filter(|t| *t != "±" && *t != "%");
+    let v = it.next()?.trim_end_matches('%').parse().ok()?;
+    let u = it.next().and_then(|t| t.trim_end_matches('%').parse().ok()).unwrap_or(0.0);
+    Some((v, u))
+}
+
+/// llama-perplexity's `--kl-divergence` summary of a file against the source's logits:
+/// its perplexity, the mean ln(PPL/PPL(source)) and KL divergence (each with its
+/// uncertainty) and how often the top token is the source's.
+fn llama_kld(text: &str) -> Option<Value> {
+    let (ppl, _) = llama_stat(text, "Mean PPL(Q)")?;
+    let (ln_ratio, ln_ratio_unc) = llama_stat(text, "Mean ln(PPL(Q)/PPL(base))")?;
+    let (kld, kld_unc) = llama_stat(text, "Mean    KLD")?;
+    let (top, _) = llama_stat(text, "Same top p")?;
+    Some(
+        json!({"ppl": ppl, "ln_ppl_ratio": ln_ratio, "ln_ppl_ratio_unc": ln_ratio_unc, "kld": kld, "kld_unc": kld_unc, "same_top_pct": top}),
+    )
+}
+
 /// The registry file of `id` (from `kiln models`), fetched into the cache.
 pub(crate) fn model_path(env: &Env, id: &str) -> Result<PathBuf, String> {
     let out = Command::new(&env.kiln).args(["fetch", id]).output().map_err(|e| e.to_string())?;
@@ -268,9 +291,28 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
             t.clone(),
         ]
     };
+    // The source's log-probabilities, kept for llama-perplexity's KL divergence of every
+    // other file against the source: what perplexity differences of a few tenths of a
+    // percent on this text cannot resolve, the KL divergence to the source does.
     eprintln!("[{id}] source");
-    let (_, err, _, _) = timed(&lb("llama-perplexity"), &ppl_args(&model))?;
+    let base = work.join("source-logits.bin");
+    let mut src_args = ppl_args(&model);
+    src_args.extend(["--kl-divergence-base".into(), s(&base)]);
+    let (_, err, _, _) = timed(&lb("llama-perplexity"), &src_args)?;
     let llama_src_ppl = llama_ppl(&err).ok_or("no perplexity in llama-perplexity's output")?;
+    let kld_args = |m: &Path| -> Vec<String> {
+        vec![
+            "-m".into(),
+            s(m),
+            "-c".into(),
+            ctx.clone(),
+            "-t".into(),
+            t.clone(),
+            "--kl-divergence-base".into(),
+            s(&base),
+            "--kl-divergence".into(),
+        ]
+    };
     let (kv, _, _) = kiln_json(
         env,
         &[
@@ -327,9 +369,11 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
             ],
         )?;
         let (bpw, _) = gguf_bpw(&out)?;
-        let (_, err, _, _) = timed(&lb("llama-perplexity"), &ppl_args(&out))?;
-        let ppl = llama_ppl(&err).ok_or("no perplexity in llama-perplexity's output")?;
-        llama.insert(ty.to_string(), json!({"bpw": bpw, "ppl": ppl, "quantize_seconds": secs, "quantize_peak_rss_mib": rss, "weights_per_second": params as f64 / secs, "file": s(&out)}));
+        // The summary is printed to stdout, the log to stderr.
+        let (out_text, err, _, _) = timed(&lb("llama-perplexity"), &kld_args(&out))?;
+        let kld =
+            llama_kld(&format!("{err}\n{out_text}")).ok_or("no KL-divergence summary in llama-perplexity's output")?;
+        llama.insert(ty.to_string(), json!({"bpw": bpw, "ppl": kld["ppl"], "vs_source": kld, "quantize_seconds": secs, "quantize_peak_rss_mib": rss, "weights_per_second": params as f64 / secs, "file": s(&out)}));
     }
 
     let mut kiln = BTreeMap::new();
@@ -411,12 +455,12 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
         let gguf = work.join("kiln-4bit.gguf");
         let build = work.join("kiln").join("kiln-4bit").join("laptop");
         match timed(&env.kiln, &["export".into(), s(&build), "--gguf".into(), s(&gguf)])
-            .and_then(|_| timed(&lb("llama-perplexity"), &ppl_args(&gguf)))
+            .and_then(|_| timed(&lb("llama-perplexity"), &kld_args(&gguf)))
         {
-            Ok((_, err, _, _)) => {
-                let ppl = llama_ppl(&err);
+            Ok((out_text, err, _, _)) => {
+                let kld = llama_kld(&format!("{err}\n{out_text}")).unwrap_or(Value::Null);
                 let (bpw, _) = gguf_bpw(&gguf)?;
-                json!({"bpw": bpw, "llama_ppl": ppl, "kiln_ppl": kiln["kiln-4bit"]["ppl"]})
+                json!({"bpw": bpw, "llama_ppl": kld["ppl"], "kiln_ppl": kiln["kiln-4bit"]["ppl"], "vs_source": kld})
             }
             Err(e) => json!({"error": e}),
         }
@@ -499,7 +543,7 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
             continue;
         }
         md += &format!(
-            "## {} ({} parameters, source {:.3} bpw, source ppl llama.cpp {:.4} / kiln {:.4})\n\n| quantizer | bpw | ppl | quantize s | Mweights/s | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|\n",
+            "## {} ({} parameters, source {:.3} bpw, source ppl llama.cpp {:.4} / kiln {:.4})\n\n| quantizer | bpw | ppl | KLD vs source | quantize s | Mweights/s | peak RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|\n",
             r["model"].as_str().unwrap_or(""),
             r["params"],
             r["source_bpw"].as_f64().unwrap_or(0.0),
@@ -508,12 +552,16 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
         );
         let f = |v: &Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into());
         let mw = |v: &Value| v.as_f64().map(|x| format!("{:.2}", x / 1e6)).unwrap_or_else(|| "–".into());
+        // llama-perplexity's KL divergence reads the source's log-probabilities back rounded
+        // to 16 bits, so a file identical to the source scores a hair below zero: shown as 0.
+        let kld = |v: &Value| f(&v.as_f64().map(|x| x.max(0.0)).into(), 4);
         for ty in LLAMA_TYPES {
             let e = &r["llama.cpp"][*ty];
             md += &format!(
-                "| llama.cpp {ty} | {} | {} | {} | {} | {} |\n",
+                "| llama.cpp {ty} | {} | {} | {} | {} | {} | {} |\n",
                 f(&e["bpw"], 3),
                 f(&e["ppl"], 4),
+                kld(&e["vs_source"]["kld"]),
                 f(&e["quantize_seconds"], 1),
                 mw(&e["weights_per_second"]),
                 f(&e["quantize_peak_rss_mib"], 0)
@@ -523,14 +571,20 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
             let e = &r["kiln"][*p];
             if let Some(err) = e.get("error") {
                 md += &format!(
-                    "| {p} [{ty}] | target {} | failed: {} | | | |\n",
+                    "| {p} [{ty}] | target {} | failed: {} | | | | |\n",
                     f(&e["target_bpw"], 3),
                     err.as_str().unwrap_or("").lines().last().unwrap_or("")
                 );
             } else {
                 let hits = e["memo"]["hits"].as_u64().unwrap_or(0);
+                // Only the 4-bit build is in GGUF types, scored against the source by llama.cpp.
+                let kld = if *p == "kiln-4bit" {
+                    format!("{}‡", kld(&r["export_4bit"]["vs_source"]["kld"]))
+                } else {
+                    "–".into()
+                };
                 md += &format!(
-                    "| {p} [{ty}] | {} | {} | {}{} | {} | {} |\n",
+                    "| {p} [{ty}] | {} | {} | {kld} | {}{} | {} | {} |\n",
                     f(&e["bpw"], 3),
                     f(&e["ppl"], 4),
                     f(&e["compile_seconds"], 1),
@@ -540,7 +594,7 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
                 );
             }
         }
-        md += "\nkiln's time is the whole `kiln compile` (import, importance matrix, the measured sensitivity's perplexity runs, quantization, writing the build); † the build reused results from kiln's memo (quantized tensors, error samples, measured perplexities, keyed by content), which each run starts empty: left by an earlier preset of the model, or the same work repeated within the build.\n";
+        md += "\nkiln's time is the whole `kiln compile` (import, importance matrix, the measured sensitivity's perplexity runs, quantization, writing the build); † the build reused results from kiln's memo (quantized tensors, error samples, measured perplexities, keyed by content), which each run starts empty: left by an earlier preset of the model, or the same work repeated within the build. KLD vs source: llama-perplexity's mean KL divergence of the file's next-token distributions from the source model's on the held-out text; ‡ of kiln-4bit's build exported by `kiln export --gguf` (the other kiln builds use kiln's own formats, which llama.cpp cannot load).\n";
         // The issue's comparisons, each at no more bits per weight than llama.cpp's file.
         for (p, ty, _) in PRESETS {
             let (k, l) = (&r["kiln"][*p], &r["llama.cpp"][*ty]);
@@ -555,6 +609,23 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
             }
         }
         let x = &r["export_4bit"];
+        let (kv, lv) = (&x["vs_source"], &r["llama.cpp"]["Q4_K_M"]["vs_source"]);
+        if let (Some(kk), Some(lk)) = (kv["kld"].as_f64(), lv["kld"].as_f64()) {
+            let pm = |v: &Value, k: &str| {
+                let x = if k == "kld" { kld(&v[k]) } else { f(&v[k], 4) };
+                format!("{x} ± {}", f(&v[&format!("{k}_unc")], 4))
+            };
+            md += &format!(
+                "- kiln-4bit vs Q4_K_M against the source (llama-perplexity --kl-divergence): KLD {} vs {}, ln(PPL/PPL(source)) {} vs {}, same top token {}% vs {}%: {}\n",
+                pm(kv, "kld"),
+                pm(lv, "kld"),
+                pm(kv, "ln_ppl_ratio"),
+                pm(lv, "ln_ppl_ratio"),
+                f(&kv["same_top_pct"], 2),
+                f(&lv["same_top_pct"], 2),
+                if kk < lk { "kiln closer to the source" } else { "kiln **not** closer to the source" }
+            );
+        }
         if let (Some(lp), Some(kp)) = (x["llama_ppl"].as_f64(), x["kiln_ppl"].as_f64()) {
             md += &format!(
                 "- kiln-4bit exported by `kiln export --gguf` ({} bpw), scored by llama-perplexity: {lp:.4} vs kiln's {kp:.4} ({:+.2}%)\n",
@@ -575,6 +646,11 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
         let tps = |k: &str| r["decode_tokens_per_second"][k].as_f64();
         if let (Some(k2), Some(k4), Some(l2)) = (tps("kiln-2bit"), tps("kiln-4bit"), tps("llama.cpp IQ2_XS")) {
             md += &format!(" (kiln-2bit: {:.2}× kiln-4bit, {:.2}× llama.cpp IQ2_XS)", k2 / k4, k2 / l2);
+        }
+        // What happened to a measurement, written into the JSON by hand (e.g. decode timed
+        // again because something else ran on the machine during the run's timing).
+        if let Some(note) = r["decode_note"].as_str() {
+            md += &format!("\n\n{note}");
         }
         md += "\n\n";
     }
@@ -736,4 +812,31 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
     println!("{}", markdown(&results, &o, &date));
     println!("wrote {}.{{json,md,svg}}", base.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_divergence_summary_is_read() {
+        // Lines as llama-perplexity --kl-divergence prints them (SmolLM2's Q4_K_M).
+        let out = "Mean PPL(Q)                   :  35.501643 ±   2.561198\n\
+                   Mean PPL(base)                :  34.305685 ±   2.441804\n\
+                   Mean ln(PPL(Q)/PPL(base))     :   0.034268 ±   0.007236\n\
+                   Mean PPL(Q)/PPL(base)         :   1.034862 ±   0.007488\n\
+                   ====== KL divergence statistics ======\n\
+                   Mean    KLD:   0.044144 ±   0.001382\n\
+                   Maximum KLD:   0.983872\n\
+                   Mean    Δp: -0.357 ± 0.100 %\n\
+                   Same top p: 87.157 ± 0.741 %\n";
+        let v = llama_kld(out).unwrap();
+        assert_eq!(v["ppl"], 35.501643);
+        assert_eq!(v["ln_ppl_ratio"], 0.034268);
+        assert_eq!(v["ln_ppl_ratio_unc"], 0.007236);
+        assert_eq!(v["kld"], 0.044144);
+        assert_eq!(v["kld_unc"], 0.001382);
+        assert_eq!(v["same_top_pct"], 87.157);
+        assert!(llama_kld("Final estimate: PPL = 12.3 +/- 0.1").is_none());
+    }
 }
