@@ -675,7 +675,8 @@ impl Pass for Quantize {
             };
             m.params[c.param.index()].ty.dtype = d;
             *counts.entry(d.name()).or_default() += 1;
-            per_tensor.push(json!({"tensor": c.name, "format": d.name(), "weighted": imps[i].is_some(), "unchanged": same}));
+            per_tensor
+                .push(json!({"tensor": c.name, "format": d.name(), "weighted": imps[i].is_some(), "unchanged": same}));
         }
         let total_bytes = w.total_bytes();
         let bpw = total_bytes as f64 * 8.0 / total_params.max(1) as f64;
