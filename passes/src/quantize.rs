@@ -669,10 +669,14 @@ impl Pass for Quantize {
             }
             let same = unchanged(c, w.bytes(c.param), d);
             kept += usize::from(same);
-            w.tensors[c.param.index()] = match probe_bytes.remove(&i) {
-                Some((p, bytes)) if p == d => bytes,
-                _ => TensorBytes::owned(cached.quantize(c, w.bytes(c.param), d, imps[i].as_deref())?),
-            };
+            // A tensor in its own format stays where it is (a mapped file's pages, not a copy).
+            let probe = probe_bytes.remove(&i);
+            if !same {
+                w.tensors[c.param.index()] = match probe {
+                    Some((p, bytes)) if p == d => bytes,
+                    _ => TensorBytes::owned(cached.quantize(c, w.bytes(c.param), d, imps[i].as_deref())?),
+                };
+            }
             m.params[c.param.index()].ty.dtype = d;
             *counts.entry(d.name()).or_default() += 1;
             per_tensor
