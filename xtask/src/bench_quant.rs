@@ -56,6 +56,11 @@ struct Opts {
     out: PathBuf,
     calib: PathBuf,
     heldout: PathBuf,
+    /// The 4-bit comparison's second, longer held-out text ([`four_bit_long`]) and its chunks.
+    long_heldout: PathBuf,
+    long_chunks: usize,
+    /// `--long-4bit-only`: only [`four_bit_long`], on the files an earlier run left.
+    long_only: bool,
 }
 
 fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
@@ -71,6 +76,9 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
         out: env.root.join("bench/results"),
         calib: env.root.join("tests/fixtures/text/calib-excerpt.txt"),
         heldout: env.root.join("tests/fixtures/text/ppl-excerpt.txt"),
+        long_heldout: env.root.join("tests/fixtures/text/heldout-long.txt"),
+        long_chunks: 40,
+        long_only: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -86,6 +94,9 @@ fn parse(args: &[String], env: &Env) -> Result<Opts, String> {
             "--out" => o.out = PathBuf::from(val()?),
             "--calib" => o.calib = PathBuf::from(val()?),
             "--heldout" => o.heldout = PathBuf::from(val()?),
+            "--long-heldout" => o.long_heldout = PathBuf::from(val()?),
+            "--long-chunks" => o.long_chunks = num(val()?)?,
+            "--long-4bit-only" => o.long_only = true,
             other => return Err(format!("bench quant: unknown option `{other}`")),
         }
     }
@@ -468,6 +479,8 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
         Value::Null
     };
 
+    let long = four_bit_long(env, o, id, &model, work).unwrap_or_else(|e| json!({"error": e}));
+
     // Decode speed of the 2-bit and 4-bit files (64-token prompt, 32 generated tokens).
     let mut speed = BTreeMap::new();
     for (name, build) in [("kiln-2bit", "kiln-2bit"), ("kiln-2.6", "kiln-2.6"), ("kiln-4bit", "kiln-4bit")] {
@@ -521,8 +534,138 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
         "llama.cpp": llama,
         "kiln": kiln,
         "export_4bit": export,
+        "four_bit_long": long,
         "decode_tokens_per_second": speed,
     }))
+}
+
+/// The 4-bit comparison again on a second held-out text five times longer (`long_chunks`
+/// chunks of `long_heldout`, by default Macbeth from Act I scene VI on: disjoint from the
+/// main text). At 4 bits the quantizers' differences are a few tenths of a percent of
+/// perplexity, which is noise on the main text's 4k tokens (its ln-ratio uncertainty is
+/// ±0.003); on 20k tokens it is about ±0.0013. Scored against the source by
+/// llama-perplexity (KL divergence, ln(PPL/PPL(source)) with its uncertainty, same top
+/// token): llama.cpp's Q4_K_M file and kiln's 4-bit build exported as GGUF, plus kiln's own
+/// perplexity of that build. Uses the files the model's run made in `work`.
+fn four_bit_long(env: &Env, o: &Opts, id: &str, model: &Path, work: &Path) -> Result<Value, String> {
+    let lb = |b: &str| o.llama_bin.join(b);
+    let (ctx, chunks, t) = (o.ctx.to_string(), o.long_chunks.to_string(), o.threads.to_string());
+    let q4 = work.join("llama-Q4_K_M.gguf");
+    let gguf = work.join("kiln-4bit.gguf");
+    let build = work.join("kiln").join("kiln-4bit").join("laptop");
+    for f in [&q4, &gguf, &build] {
+        if !f.exists() {
+            return Err(format!("{} is missing (made by the model's run of this bench)", f.display()));
+        }
+    }
+    eprintln!("[{id}] 4-bit on {} ({} chunks)", o.long_heldout.display(), o.long_chunks);
+    // The source's log-probabilities on this text (several GB for a 152k vocabulary):
+    // removed again when done.
+    let base = work.join("source-logits-long.bin");
+    let src_args: Vec<String> = vec![
+        "-m".into(),
+        s(model),
+        "-f".into(),
+        s(&o.long_heldout),
+        "-c".into(),
+        ctx.clone(),
+        "--chunks".into(),
+        chunks.clone(),
+        "-t".into(),
+        t.clone(),
+        "--kl-divergence-base".into(),
+        s(&base),
+    ];
+    let scored = timed(&lb("llama-perplexity"), &src_args).and_then(|(_, err, _, _)| {
+        let source_ppl = llama_ppl(&err).ok_or("no perplexity in llama-perplexity's output")?;
+        let kld = |m: &Path| -> Result<Value, String> {
+            let args: Vec<String> = vec![
+                "-m".into(),
+                s(m),
+                "-c".into(),
+                ctx.clone(),
+                "-t".into(),
+                t.clone(),
+                "--kl-divergence-base".into(),
+                s(&base),
+                "--kl-divergence".into(),
+            ];
+            let (out, err, _, _) = timed(&lb("llama-perplexity"), &args)?;
+            llama_kld(&format!("{err}\n{out}"))
+                .ok_or_else(|| "no KL-divergence summary in llama-perplexity's output".into())
+        };
+        Ok((source_ppl, kld(&q4)?, kld(&gguf)?))
+    });
+    let _ = std::fs::remove_file(&base);
+    let (source_ppl, llama_q4, kiln_q4) = scored?;
+    let (kv, _, _) = kiln_json(
+        env,
+        &[
+            "ppl".into(),
+            s(&build),
+            "-f".into(),
+            s(&o.long_heldout),
+            "--ctx".into(),
+            ctx.clone(),
+            "--chunks".into(),
+            chunks.clone(),
+            "--threads".into(),
+            t.clone(),
+            "--json".into(),
+        ],
+    )?;
+    Ok(json!({
+        "text": s(&o.long_heldout),
+        "chunks": o.long_chunks,
+        "ctx": o.ctx,
+        "source_ppl": source_ppl,
+        "llama.cpp Q4_K_M": llama_q4,
+        "kiln-4bit": {"kiln_ppl": kv["report"]["ppl"], "exported_gguf": kiln_q4},
+    }))
+}
+
+/// Markdown lines for [`four_bit_long`]'s result `x`.
+fn four_bit_long_md(x: &Value) -> String {
+    if x.is_null() {
+        return String::new();
+    }
+    if let Some(e) = x.get("error") {
+        return format!(
+            "- 4-bit on the long held-out text: failed: {}\n",
+            e.as_str().unwrap_or("").lines().last().unwrap_or("")
+        );
+    }
+    let f = |v: &Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into());
+    let (k, l) = (&x["kiln-4bit"]["exported_gguf"], &x["llama.cpp Q4_K_M"]);
+    let pm = |v: &Value, key: &str| format!("{} ± {}", f(&v[key], 4), f(&v[&format!("{key}_unc")], 4));
+    let verdict = match (k["ppl"].as_f64(), l["ppl"].as_f64(), k["kld"].as_f64(), l["kld"].as_f64()) {
+        (Some(kp), Some(lp), Some(kk), Some(lk)) => format!(
+            "{}; {}",
+            if kp <= lp { "kiln no worse by perplexity" } else { "kiln **worse** by perplexity" },
+            if kk < lk { "closer to the source" } else { "**not** closer to the source" }
+        ),
+        _ => "incomplete".into(),
+    };
+    format!(
+        "- kiln-4bit vs Q4_K_M on the long held-out text (`{}`, {} chunks of {}; source ppl {}), scored by llama-perplexity: \
+         ppl {} vs {} (kiln's own {}), ln(PPL/PPL(source)) {} vs {}, KLD {} vs {}, same top token {}% vs {}%: {verdict}\n",
+        Path::new(x["text"].as_str().unwrap_or(""))
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        x["chunks"],
+        x["ctx"],
+        f(&x["source_ppl"], 4),
+        f(&k["ppl"], 4),
+        f(&l["ppl"], 4),
+        f(&x["kiln-4bit"]["kiln_ppl"], 4),
+        pm(k, "ln_ppl_ratio"),
+        pm(l, "ln_ppl_ratio"),
+        pm(k, "kld"),
+        pm(l, "kld"),
+        f(&k["same_top_pct"], 2),
+        f(&l["same_top_pct"], 2),
+    )
 }
 
 fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
@@ -638,6 +781,7 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
                 e.as_str().unwrap_or("").lines().last().unwrap_or("")
             );
         }
+        md += &four_bit_long_md(&r["four_bit_long"]);
         md += "\nDecode tokens/s (tg32, same threads): ";
         md += &r["decode_tokens_per_second"]
             .as_object()
@@ -755,11 +899,44 @@ fn render(json_path: &Path) -> Result<(), String> {
         out: PathBuf::new(),
         calib: PathBuf::from(doc["calib"].as_str().unwrap_or("calib-excerpt.txt")),
         heldout: PathBuf::from(doc["heldout"].as_str().unwrap_or("ppl-excerpt.txt")),
+        long_heldout: PathBuf::from(doc["long_heldout"].as_str().unwrap_or("")),
+        long_chunks: doc["long_chunks"].as_u64().unwrap_or(0) as usize,
+        long_only: false,
     };
     let date = doc["date"].as_str().unwrap_or("");
     std::fs::write(json_path.with_extension("md"), markdown(results, &o, date)).map_err(|e| e.to_string())?;
     std::fs::write(json_path.with_extension("svg"), svg(results)).map_err(|e| e.to_string())?;
     println!("wrote {}", json_path.with_extension("{md,svg}").display());
+    Ok(())
+}
+
+/// `--long-4bit-only`: [`four_bit_long`] for each model on the files an earlier full run
+/// left in the cache, written to `quant-long4-<date>.{json,md}` (a supplement to that run,
+/// not a run of the whole bench).
+fn long_only(env: &Env, o: &Opts, work: &Path, date: &str) -> Result<(), String> {
+    let mut results = vec![];
+    let mut md = format!(
+        "# Quantization at 4 bits on a longer held-out text ({date})\n\n`cargo xtask bench quant --long-4bit-only`: the files of the \
+         last full run of `bench quant` (llama.cpp's Q4_K_M and kiln's 4-bit build exported as GGUF), scored against the source \
+         by llama-perplexity on `{}` ({} chunks of {} tokens).\n\n",
+        o.long_heldout.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        o.long_chunks,
+        o.ctx
+    );
+    for id in &o.models {
+        let r = model_path(env, id).and_then(|m| four_bit_long(env, o, id, &m, &work.join(id)));
+        let r = r.unwrap_or_else(|e| json!({"error": e}));
+        md += &format!("## {id}\n\n{}\n", four_bit_long_md(&r));
+        results.push(json!({"model": id, "four_bit_long": r}));
+    }
+    let base = o.out.join(format!("quant-long4-{date}"));
+    std::fs::create_dir_all(&o.out).map_err(|e| e.to_string())?;
+    let doc = json!({"date": date, "threads": o.threads, "ctx": o.ctx, "long_heldout": s(&o.long_heldout), "long_chunks": o.long_chunks, "results": results});
+    std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
+        .map_err(|e| e.to_string())?;
+    std::fs::write(base.with_extension("md"), &md).map_err(|e| e.to_string())?;
+    println!("{md}");
+    println!("wrote {}.{{json,md}}", base.display());
     Ok(())
 }
 
@@ -776,6 +953,9 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         .map(|d| String::from_utf8_lossy(&d.stdout).trim().to_string())
         .unwrap_or_default();
     let work = env.cache.join("bench-quant");
+    if o.long_only {
+        return long_only(env, &o, &work, &date);
+    }
     // kiln's memo starts empty, so the run's first preset of each model pays for all its
     // work and the table marks what later presets reused.
     let memo = work.join("memo");
@@ -794,7 +974,7 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
         .unwrap_or_default();
     // Written after every model, so a long run that stops early keeps what it measured.
     let write = |results: &[Value]| -> Result<(), String> {
-        let doc = json!({"date": date, "machine": {"cpu": cpu, "threads": o.threads}, "ctx": o.ctx, "chunks": o.chunks, "calib_chunks": o.calib_chunks, "calib": s(&o.calib), "heldout": s(&o.heldout), "models": o.models, "results": results});
+        let doc = json!({"date": date, "machine": {"cpu": cpu, "threads": o.threads}, "ctx": o.ctx, "chunks": o.chunks, "calib_chunks": o.calib_chunks, "calib": s(&o.calib), "heldout": s(&o.heldout), "long_heldout": s(&o.long_heldout), "long_chunks": o.long_chunks, "models": o.models, "results": results});
         std::fs::write(base.with_extension("json"), serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n")
             .map_err(|e| e.to_string())?;
         std::fs::write(base.with_extension("md"), markdown(results, &o, &date)).map_err(|e| e.to_string())?;
@@ -817,6 +997,20 @@ pub fn run(args: &[String], env: &Env) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_text_verdict_reads_perplexity_and_kl_divergence() {
+        let side = |ppl: f64, kld: f64| json!({"ppl": ppl, "kld": kld, "kld_unc": 0.0001, "ln_ppl_ratio": 0.001, "ln_ppl_ratio_unc": 0.001, "same_top_pct": 97.5});
+        let x = |k: Value, l: Value| json!({"text": "/x/heldout-long.txt", "chunks": 40, "ctx": 512, "source_ppl": 20.0, "kiln-4bit": {"kiln_ppl": 20.01, "exported_gguf": k}, "llama.cpp Q4_K_M": l});
+        let md = four_bit_long_md(&x(side(20.0, 0.0), side(20.1, 0.006)));
+        assert!(md.contains("heldout-long.txt`, 40 chunks of 512"), "{md}");
+        assert!(md.contains("ppl 20.0000 vs 20.1000 (kiln's own 20.0100)"), "{md}");
+        assert!(md.ends_with("kiln no worse by perplexity; closer to the source\n"), "{md}");
+        let md = four_bit_long_md(&x(side(20.2, 0.007), side(20.1, 0.006)));
+        assert!(md.ends_with("kiln **worse** by perplexity; **not** closer to the source\n"), "{md}");
+        assert!(four_bit_long_md(&json!({"error": "a\nb is missing"})).contains("failed: b is missing"));
+        assert_eq!(four_bit_long_md(&Value::Null), "");
+    }
 
     #[test]
     fn kl_divergence_summary_is_read() {
