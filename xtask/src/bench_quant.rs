@@ -283,6 +283,35 @@ fn kiln_json(env: &Env, args: &[String]) -> Result<(Value, f64, Option<f64>), St
     Ok((v, secs, rss))
 }
 
+/// `kiln ppl` of `model` on `text` (`chunks` chunks of `o.ctx` tokens, `o.threads` threads;
+/// `backend` where `model` is a GGUF file rather than a build): its report.
+fn kiln_ppl(
+    env: &Env,
+    o: &Opts,
+    model: &Path,
+    text: &Path,
+    chunks: usize,
+    backend: Option<&str>,
+) -> Result<Value, String> {
+    let mut args: Vec<String> = vec![
+        "ppl".into(),
+        s(model),
+        "-f".into(),
+        s(text),
+        "--ctx".into(),
+        o.ctx.to_string(),
+        "--chunks".into(),
+        chunks.to_string(),
+        "--threads".into(),
+        o.threads.to_string(),
+        "--json".into(),
+    ];
+    if let Some(b) = backend {
+        args.extend(["--backend".into(), b.into()]);
+    }
+    Ok(kiln_json(env, &args)?.0["report"].clone())
+}
+
 fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, String> {
     let model = model_path(env, id)?;
     let (src_bpw, params) = gguf_bpw(&model)?;
@@ -324,25 +353,8 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
             "--kl-divergence".into(),
         ]
     };
-    let (kv, _, _) = kiln_json(
-        env,
-        &[
-            "ppl".into(),
-            s(&model),
-            "--backend".into(),
-            "cpu".into(),
-            "-f".into(),
-            s(&o.heldout),
-            "--ctx".into(),
-            ctx.clone(),
-            "--chunks".into(),
-            chunks.clone(),
-            "--threads".into(),
-            t.clone(),
-            "--json".into(),
-        ],
-    )?;
-    let kiln_src_ppl = kv["report"]["ppl"].as_f64().ok_or("kiln ppl: no ppl")?;
+    let kv = kiln_ppl(env, o, &model, &o.heldout, o.chunks, Some("cpu"))?;
+    let kiln_src_ppl = kv["ppl"].as_f64().ok_or("kiln ppl: no ppl")?;
 
     eprintln!("[{id}] llama-imatrix");
     let imatrix = work.join("imatrix.gguf");
@@ -427,27 +439,12 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
                     .cloned()
                     .unwrap_or(Value::Null);
                 let build = work.join("kiln").join(preset).join("laptop");
-                let (pv, _, _) = kiln_json(
-                    env,
-                    &[
-                        "ppl".into(),
-                        s(&build),
-                        "-f".into(),
-                        s(&o.heldout),
-                        "--ctx".into(),
-                        ctx.clone(),
-                        "--chunks".into(),
-                        chunks.clone(),
-                        "--threads".into(),
-                        t.clone(),
-                        "--json".into(),
-                    ],
-                )?;
+                let pv = kiln_ppl(env, o, &build, &o.heldout, o.chunks, None)?;
                 json!({
                     "target_bpw": target,
                     "bpw": rep["details"]["bits_per_weight"],
                     "formats": rep["details"]["formats"],
-                    "ppl": pv["report"]["ppl"],
+                    "ppl": pv["ppl"],
                     "compile_seconds": secs,
                     "compile_peak_rss_mib": rss,
                     "weights_per_second": params as f64 / secs,
@@ -598,29 +595,14 @@ fn four_bit_long(env: &Env, o: &Opts, id: &str, model: &Path, work: &Path) -> Re
     });
     let _ = std::fs::remove_file(&base);
     let (source_ppl, llama_q4, kiln_q4) = scored?;
-    let (kv, _, _) = kiln_json(
-        env,
-        &[
-            "ppl".into(),
-            s(&build),
-            "-f".into(),
-            s(&o.long_heldout),
-            "--ctx".into(),
-            ctx.clone(),
-            "--chunks".into(),
-            chunks.clone(),
-            "--threads".into(),
-            t.clone(),
-            "--json".into(),
-        ],
-    )?;
+    let kv = kiln_ppl(env, o, &build, &o.long_heldout, o.long_chunks, None)?;
     Ok(json!({
         "text": s(&o.long_heldout),
         "chunks": o.long_chunks,
         "ctx": o.ctx,
         "source_ppl": source_ppl,
         "llama.cpp Q4_K_M": llama_q4,
-        "kiln-4bit": {"kiln_ppl": kv["report"]["ppl"], "exported_gguf": kiln_q4},
+        "kiln-4bit": {"kiln_ppl": kv["ppl"], "exported_gguf": kiln_q4},
     }))
 }
 
