@@ -15,6 +15,12 @@
 //! mapping (a GGUF or a kiln build, mapped by the runtime) they are dropped from
 //! this process (`MADV_DONTNEED`: the file and the page cache keep them), so the
 //! weights are not resident twice.
+//!
+//! Matmul weights with no packed form (Q6_K while its lanes are off, Q2_K, Q5_K, ...) that
+//! are read from a file mapping are copied as they are onto 2 MiB pages
+//! ([`crate::hugebuf`]) and read from there: a Q4_K_M file's Q6_K tensors are a third of its
+//! bytes, and from the mapping's 4 KiB pages every 4 KiB of the stream is a TLB miss and a
+//! prefetcher restart. `KILN_HUGE_COPIES=0` reads them in place.
 
 use std::collections::HashMap;
 
@@ -126,14 +132,22 @@ struct Packed {
 #[derive(Default)]
 pub struct PackedWeights {
     packed: HashMap<(usize, usize), Packed>,
+    /// Matmul weights with no packed form that were read from a file mapping, copied as
+    /// they are onto 2 MiB pages ([`PackedWeights::relocated`]).
+    copies: HashMap<(usize, usize), crate::hugebuf::HugeBuf>,
 }
+
+/// Whether matmul weights without a packed form are copied onto huge pages
+/// (`KILN_HUGE_COPIES=0` turns it off).
+static HUGE_COPIES: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("KILN_HUGE_COPIES").is_none_or(|v| v != "0"));
 
 impl PackedWeights {
     /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL, Q5_0, Q4_1, Q5_1 and Q8_0, and
     /// with VBMI, BITALG, GFNI and BMI2 too, kq2) weight of a `matmul` whose rows come in
     /// whole groups.
     pub fn build(module: &VerifiedModule, weights: &dyn WeightSource) -> PackedWeights {
-        let mut packed = HashMap::new();
+        let (mut packed, mut copies) = (HashMap::new(), HashMap::new());
         let file_maps = read_only_file_maps();
         // A tied output matrix is also the token embedding table, whose rows the embedding
         // lookup reads from the stored bytes: those pages stay mapped (dropped, each prompt's
@@ -160,21 +174,39 @@ impl PackedWeights {
                     release_mapped(&file_maps, bytes);
                 }
                 packed.insert(key, p);
+            } else if *HUGE_COPIES
+                && bytes.len() >= COPY_MIN
+                && in_maps(&file_maps, bytes)
+                && !copies.contains_key(&key)
+            {
+                // The row kernels read it as stored, but from a file mapping's 4 KiB pages
+                // (Q6_K, a third of a Q4_K_M file's bytes, is not repacked: module docs).
+                let mut copy = crate::hugebuf::HugeBuf::zeroed(bytes.len());
+                copy.copy_from_slice(bytes);
+                if !embedded.contains(&w) {
+                    release_mapped(&file_maps, bytes);
+                }
+                copies.insert(key, copy);
             }
         }
-        PackedWeights { packed }
+        PackedWeights { packed, copies }
+    }
+
+    /// The bytes a matmul reads for `w`: its copy on huge pages, if it has one.
+    pub(crate) fn relocated<'a>(&'a self, w: &Weight<'a>) -> Option<&'a [u8]> {
+        self.copies.get(&(w.bytes.as_ptr() as usize, w.bytes.len())).map(|c| &c[..])
     }
 
     /// One matrix packed as [`PackedWeights::build`] packs a matmul weight (nothing when its
     /// layout or shape has no packed form): for kernel benchmarks.
     pub fn of_matrix(w: &Weight<'_>) -> PackedWeights {
         let packed = Packed::of(w).map(|p| ((w.bytes.as_ptr() as usize, w.bytes.len()), p));
-        PackedWeights { packed: packed.into_iter().collect() }
+        PackedWeights { packed: packed.into_iter().collect(), copies: HashMap::new() }
     }
 
     /// Whether no weight was packed.
     pub fn is_empty(&self) -> bool {
-        self.packed.is_empty()
+        self.packed.is_empty() && self.copies.is_empty()
     }
 
     /// `x · Wᵀ (+ bias)` from the packed form of `w`, or `None` when `w` was not packed
@@ -447,14 +479,24 @@ fn read_only_file_maps() -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// The smallest weight copied onto huge pages: one huge page's worth.
+const COPY_MIN: usize = 2 << 20;
+
+/// Whether `bytes` lie in one of the mappings `maps`.
+fn in_maps(maps: &[(usize, usize)], bytes: &[u8]) -> bool {
+    let (start, end) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
+    maps.iter().any(|&(lo, hi)| lo <= start && end <= hi)
+}
+
 /// Drops the pages of `bytes` from this process when they lie in one of the read-only
 /// file mappings `maps` (re-read from the file if ever touched again); anything else —
 /// heap memory, writable mappings — is left alone.
 fn release_mapped(maps: &[(usize, usize)], bytes: &[u8]) {
-    let (start, end) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
-    if !maps.iter().any(|&(lo, hi)| lo <= start && end <= hi) {
+    if !in_maps(maps, bytes) {
         return;
     }
+    let start = bytes.as_ptr() as usize;
+    let end = start + bytes.len();
     let page = 4096;
     let (a, b) = (start.div_ceil(page) * page, end / page * page);
     #[cfg(target_os = "linux")]
@@ -497,7 +539,10 @@ mod tests {
             let layout = if dtype == DType::Q6K { Layout::Q6k } else { Layout::Q3k };
             let p = Packed::with(&w, layout).unwrap();
             let key = (w.bytes.as_ptr() as usize, w.bytes.len());
-            packed.packed = Some(std::sync::Arc::new(PackedWeights { packed: [(key, p)].into_iter().collect() }));
+            packed.packed = Some(std::sync::Arc::new(PackedWeights {
+                packed: [(key, p)].into_iter().collect(),
+                copies: HashMap::new(),
+            }));
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / 7.0).collect();
             for tokens in [1usize, 2, 3, 4, 7, 40] {
                 let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
@@ -511,6 +556,42 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// A weight read from its copy on huge pages gives what it gives read in place, bit for
+    /// bit, and the copy is what is read (the stored bytes are poisoned after copying).
+    #[test]
+    fn weights_read_from_their_huge_page_copies_are_the_same() {
+        let (n, k) = (40usize, 512usize);
+        let dtype = DType::Q6K;
+        let bb = dtype.block_bytes() as usize;
+        let mut r = crate::x86::tests::rng(0x77);
+        let mut stored: Vec<u8> = (0..n * (k / 256) * bb).map(|_| r() as u8).collect();
+        for blk in stored.chunks_mut(bb) {
+            blk[208..210].copy_from_slice(&half::f16::from_f32(0.003).to_le_bytes());
+        }
+        let isa = Isa::detect();
+        let plain = CpuKernels::new(isa);
+        let x: Vec<f32> = (0..3 * k).map(|i| ((i * 29 % 97) as f32 - 48.0) / 30.0).collect();
+        let want: Vec<Vec<u32>> = [1usize, 3]
+            .iter()
+            .map(|&t| plain.matmul(&x[..t * k], t, Weight { bytes: &stored, dtype, n, k }, None, 0, t).unwrap())
+            .map(|y| y.iter().map(|v| v.to_bits()).collect())
+            .collect();
+        let mut copy = crate::hugebuf::HugeBuf::zeroed(stored.len());
+        copy.copy_from_slice(&stored);
+        let key = (stored.as_ptr() as usize, stored.len());
+        let mut relocated = plain.clone();
+        relocated.packed = Some(std::sync::Arc::new(PackedWeights {
+            packed: HashMap::new(),
+            copies: [(key, copy)].into_iter().collect(),
+        }));
+        // Same address and length, other contents: only the copy holds the weights now.
+        stored.iter_mut().for_each(|b| *b = 0xff);
+        for (t, want) in [1usize, 3].into_iter().zip(want) {
+            let got = relocated.matmul(&x[..t * k], t, Weight { bytes: &stored, dtype, n, k }, None, 0, t).unwrap();
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "{t} token rows");
         }
     }
 }
