@@ -283,6 +283,32 @@ fn kiln_json(env: &Env, args: &[String]) -> Result<(Value, f64, Option<f64>), St
     Ok((v, secs, rss))
 }
 
+/// llama-perplexity's arguments for `model`'s perplexity on `chunks` chunks of `text`.
+fn llama_ppl_args(o: &Opts, model: &Path, text: &Path, chunks: usize) -> Vec<String> {
+    let mut args: Vec<String> = vec!["-m".into(), s(model), "-f".into(), s(text), "-c".into(), o.ctx.to_string()];
+    args.extend(["--chunks".into(), chunks.to_string(), "-t".into(), o.threads.to_string()]);
+    args
+}
+
+/// llama-perplexity's KL divergence of `model` from the source whose log-probabilities are
+/// in `base` (`--kl-divergence-base`, which also holds the text's tokens): its summary.
+fn score_kld(o: &Opts, model: &Path, base: &Path) -> Result<Value, String> {
+    let args: Vec<String> = vec![
+        "-m".into(),
+        s(model),
+        "-c".into(),
+        o.ctx.to_string(),
+        "-t".into(),
+        o.threads.to_string(),
+        "--kl-divergence-base".into(),
+        s(base),
+        "--kl-divergence".into(),
+    ];
+    // The summary is printed to stdout, the log to stderr.
+    let (out, err, _, _) = timed(&o.llama_bin.join("llama-perplexity"), &args)?;
+    llama_kld(&format!("{err}\n{out}")).ok_or_else(|| "no KL-divergence summary in llama-perplexity's output".into())
+}
+
 /// `kiln ppl` of `model` on `text` (`chunks` chunks of `o.ctx` tokens, `o.threads` threads;
 /// `backend` where `model` is a GGUF file rather than a build): its report.
 fn kiln_ppl(
@@ -316,21 +342,8 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
     let model = model_path(env, id)?;
     let (src_bpw, params) = gguf_bpw(&model)?;
     let lb = |b: &str| o.llama_bin.join(b);
-    let (ctx, chunks, t) = (o.ctx.to_string(), o.chunks.to_string(), o.threads.to_string());
-    let ppl_args = |m: &Path| {
-        vec![
-            "-m".into(),
-            s(m),
-            "-f".into(),
-            s(&o.heldout),
-            "-c".into(),
-            ctx.clone(),
-            "--chunks".into(),
-            chunks.clone(),
-            "-t".into(),
-            t.clone(),
-        ]
-    };
+    let (ctx, t) = (o.ctx.to_string(), o.threads.to_string());
+    let ppl_args = |m: &Path| llama_ppl_args(o, m, &o.heldout, o.chunks);
     // The source's log-probabilities, kept for llama-perplexity's KL divergence of every
     // other file against the source: what perplexity differences of a few tenths of a
     // percent on this text cannot resolve, the KL divergence to the source does.
@@ -340,19 +353,6 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
     src_args.extend(["--kl-divergence-base".into(), s(&base)]);
     let (_, err, _, _) = timed(&lb("llama-perplexity"), &src_args)?;
     let llama_src_ppl = llama_ppl(&err).ok_or("no perplexity in llama-perplexity's output")?;
-    let kld_args = |m: &Path| -> Vec<String> {
-        vec![
-            "-m".into(),
-            s(m),
-            "-c".into(),
-            ctx.clone(),
-            "-t".into(),
-            t.clone(),
-            "--kl-divergence-base".into(),
-            s(&base),
-            "--kl-divergence".into(),
-        ]
-    };
     let kv = kiln_ppl(env, o, &model, &o.heldout, o.chunks, Some("cpu"))?;
     let kiln_src_ppl = kv["ppl"].as_f64().ok_or("kiln ppl: no ppl")?;
 
@@ -392,10 +392,7 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
             ],
         )?;
         let (bpw, _) = gguf_bpw(&out)?;
-        // The summary is printed to stdout, the log to stderr.
-        let (out_text, err, _, _) = timed(&lb("llama-perplexity"), &kld_args(&out))?;
-        let kld =
-            llama_kld(&format!("{err}\n{out_text}")).ok_or("no KL-divergence summary in llama-perplexity's output")?;
+        let kld = score_kld(o, &out, &base)?;
         llama.insert(ty.to_string(), json!({"bpw": bpw, "ppl": kld["ppl"], "vs_source": kld, "quantize_seconds": secs, "quantize_peak_rss_mib": rss, "weights_per_second": params as f64 / secs, "file": s(&out)}));
     }
 
@@ -463,10 +460,9 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
         let gguf = work.join("kiln-4bit.gguf");
         let build = work.join("kiln").join("kiln-4bit").join("laptop");
         match timed(&env.kiln, &["export".into(), s(&build), "--gguf".into(), s(&gguf)])
-            .and_then(|_| timed(&lb("llama-perplexity"), &kld_args(&gguf)))
+            .and_then(|_| score_kld(o, &gguf, &base))
         {
-            Ok((out_text, err, _, _)) => {
-                let kld = llama_kld(&format!("{err}\n{out_text}")).unwrap_or(Value::Null);
+            Ok(kld) => {
                 let (bpw, _) = gguf_bpw(&gguf)?;
                 json!({"bpw": bpw, "llama_ppl": kld["ppl"], "kiln_ppl": kiln["kiln-4bit"]["ppl"], "vs_source": kld})
             }
@@ -546,7 +542,6 @@ fn bench_model(env: &Env, o: &Opts, id: &str, work: &Path) -> Result<Value, Stri
 /// perplexity of that build. Uses the files the model's run made in `work`.
 fn four_bit_long(env: &Env, o: &Opts, id: &str, model: &Path, work: &Path) -> Result<Value, String> {
     let lb = |b: &str| o.llama_bin.join(b);
-    let (ctx, chunks, t) = (o.ctx.to_string(), o.long_chunks.to_string(), o.threads.to_string());
     let q4 = work.join("llama-Q4_K_M.gguf");
     let gguf = work.join("kiln-4bit.gguf");
     let build = work.join("kiln").join("kiln-4bit").join("laptop");
@@ -559,39 +554,11 @@ fn four_bit_long(env: &Env, o: &Opts, id: &str, model: &Path, work: &Path) -> Re
     // The source's log-probabilities on this text (several GB for a 152k vocabulary):
     // removed again when done.
     let base = work.join("source-logits-long.bin");
-    let src_args: Vec<String> = vec![
-        "-m".into(),
-        s(model),
-        "-f".into(),
-        s(&o.long_heldout),
-        "-c".into(),
-        ctx.clone(),
-        "--chunks".into(),
-        chunks.clone(),
-        "-t".into(),
-        t.clone(),
-        "--kl-divergence-base".into(),
-        s(&base),
-    ];
+    let mut src_args = llama_ppl_args(o, model, &o.long_heldout, o.long_chunks);
+    src_args.extend(["--kl-divergence-base".into(), s(&base)]);
     let scored = timed(&lb("llama-perplexity"), &src_args).and_then(|(_, err, _, _)| {
         let source_ppl = llama_ppl(&err).ok_or("no perplexity in llama-perplexity's output")?;
-        let kld = |m: &Path| -> Result<Value, String> {
-            let args: Vec<String> = vec![
-                "-m".into(),
-                s(m),
-                "-c".into(),
-                ctx.clone(),
-                "-t".into(),
-                t.clone(),
-                "--kl-divergence-base".into(),
-                s(&base),
-                "--kl-divergence".into(),
-            ];
-            let (out, err, _, _) = timed(&lb("llama-perplexity"), &args)?;
-            llama_kld(&format!("{err}\n{out}"))
-                .ok_or_else(|| "no KL-divergence summary in llama-perplexity's output".into())
-        };
-        Ok((source_ppl, kld(&q4)?, kld(&gguf)?))
+        Ok((source_ppl, score_kld(o, &q4, &base)?, score_kld(o, &gguf, &base)?))
     });
     let _ = std::fs::remove_file(&base);
     let (source_ppl, llama_q4, kiln_q4) = scored?;
