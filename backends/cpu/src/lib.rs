@@ -98,11 +98,14 @@ impl Backend for CpuBackend {
     ) -> Result<Box<dyn Session>, BackendError> {
         let options = SessionOptions { numerics: Numerics::Ggml, ..options.clone() };
         #[allow(unused_mut)]
-        let mut kernel = CpuKernels::new(self.isa);
-        // The VNNI lane kernels read Q4_K weights repacked once here.
+        let (mut kernel, mut weights) = (CpuKernels::new(self.isa), weights);
+        // The VNNI lane kernels read Q4_K weights repacked once here; the other matmul
+        // weights of a mapped file are read from copies on huge pages.
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512Vnni {
-            kernel.packed = Some(Arc::new(PackedWeights::build(&module, weights.as_ref()))).filter(|p| !p.is_empty());
+            let (packed, w) = PackedWeights::build(&module, weights);
+            kernel.packed = Some(Arc::new(packed)).filter(|p| !p.is_empty());
+            weights = w;
         }
         let kernel = Arc::new(kernel);
         Ok(Box::new(ReferenceSession::with_kernel(module, weights, &options, kernel)?))

@@ -72,12 +72,6 @@ impl Kernels for CpuKernels {
         {
             return Ok(y);
         }
-        // A weight with no packed form, read from its copy on huge pages if it has one.
-        #[cfg(target_arch = "x86_64")]
-        let w = match self.packed.as_deref().and_then(|p| p.relocated(&w)) {
-            Some(bytes) => Weight { bytes, ..w },
-            None => w,
-        };
         // Enough blocks to balance the threads (four each), few enough rows per
         // block that a block's bytes stay in L2 while every token row passes.
         let threads = rayon::current_num_threads().max(1);

@@ -18,15 +18,18 @@
 //!
 //! Matmul weights with no packed form (Q6_K while its lanes are off, Q2_K, Q5_K, ...) that
 //! are read from a file mapping are copied as they are onto 2 MiB pages
-//! ([`crate::hugebuf`]) and read from there: a Q4_K_M file's Q6_K tensors are a third of its
-//! bytes, and from the mapping's 4 KiB pages every 4 KiB of the stream is a TLB miss and a
-//! prefetcher restart. `KILN_HUGE_COPIES=0` reads them in place.
+//! ([`crate::hugebuf`]), and the session reads them there ([`HugeCopies`], the weights it is
+//! given): a Q4_K_M file's Q6_K tensors are a third of its bytes, and from the mapping's 4 KiB
+//! pages every 4 KiB of the stream is a TLB miss and a prefetcher restart.
+//! `KILN_HUGE_COPIES=0` reads them in place.
 
 use std::collections::HashMap;
 
 use kiln_backends::WeightSource;
 use kiln_backends::reference::Weight;
-use kiln_ir::{DType, Op, VerifiedModule};
+use std::sync::Arc;
+
+use kiln_ir::{DType, Op, ParamId, VerifiedModule};
 use kiln_quant::ggml_dot::{Q8Row, RowGroup};
 use rayon::prelude::*;
 
@@ -132,9 +135,23 @@ struct Packed {
 #[derive(Default)]
 pub struct PackedWeights {
     packed: HashMap<(usize, usize), Packed>,
-    /// Matmul weights with no packed form that were read from a file mapping, copied as
-    /// they are onto 2 MiB pages ([`PackedWeights::relocated`]).
-    copies: HashMap<(usize, usize), crate::hugebuf::HugeBuf>,
+}
+
+/// A session's weights with some parameters read from copies on 2 MiB pages instead of
+/// where `inner` keeps them (module docs): every reader — matmuls and the embedding lookup
+/// alike — gets the copy.
+pub struct HugeCopies {
+    inner: Arc<dyn WeightSource>,
+    copies: HashMap<ParamId, crate::hugebuf::HugeBuf>,
+}
+
+impl WeightSource for HugeCopies {
+    fn bytes(&self, p: ParamId) -> &[u8] {
+        match self.copies.get(&p) {
+            Some(c) => c,
+            None => self.inner.bytes(p),
+        }
+    }
 }
 
 /// Whether matmul weights without a packed form are copied onto huge pages
@@ -145,14 +162,17 @@ static HUGE_COPIES: std::sync::LazyLock<bool> =
 impl PackedWeights {
     /// Packs every Q4_K (and, on CPUs with AVX512BW, Q4_0, IQ4_NL, Q5_0, Q4_1, Q5_1 and Q8_0, and
     /// with VBMI, BITALG, GFNI and BMI2 too, kq2) weight of a `matmul` whose rows come in
-    /// whole groups.
-    pub fn build(module: &VerifiedModule, weights: &dyn WeightSource) -> PackedWeights {
+    /// whole groups, and copies the other matmul weights read from a file mapping onto huge
+    /// pages: the packed weights, and the weights the session is to read (`weights`, or
+    /// [`HugeCopies`] of it).
+    pub fn build(module: &VerifiedModule, weights: Arc<dyn WeightSource>) -> (PackedWeights, Arc<dyn WeightSource>) {
         let (mut packed, mut copies) = (HashMap::new(), HashMap::new());
         let file_maps = read_only_file_maps();
         // A tied output matrix is also the token embedding table, whose rows the embedding
-        // lookup reads from the stored bytes: those pages stay mapped (dropped, each prompt's
-        // scattered rows would fault back in one page at a time: 105 ms of a 512-token
-        // prefill of Qwen2.5-Coder-0.5B, 5% of it, with its 151,936-row Q8_0 table).
+        // lookup reads from the stored bytes when the matmul reads a packed form: those pages
+        // stay mapped (dropped, each prompt's scattered rows would fault back in one page at
+        // a time: 105 ms of a 512-token prefill of Qwen2.5-Coder-0.5B, 5% of it, with its
+        // 151,936-row Q8_0 table). A copy is read by both, so its pages go.
         let embedded: std::collections::HashSet<_> = module
             .insts
             .iter()
@@ -166,47 +186,40 @@ impl PackedWeights {
             let (Ok(n), Ok(k)) = (usize::try_from(n), usize::try_from(k)) else { continue };
             let bytes = weights.bytes(w);
             let key = (bytes.as_ptr() as usize, bytes.len());
-            if packed.contains_key(&key) {
+            if packed.contains_key(&key) || copies.contains_key(&w) {
                 continue;
             }
             if let Some(p) = Packed::of(&Weight { bytes, dtype: ty.dtype, n, k }) {
-                if !embedded.contains(&w) {
-                    release_mapped(&file_maps, bytes);
-                }
                 packed.insert(key, p);
-            } else if *HUGE_COPIES
-                && bytes.len() >= COPY_MIN
-                && in_maps(&file_maps, bytes)
-                && !copies.contains_key(&key)
-            {
+                if embedded.contains(&w) {
+                    continue;
+                }
+            } else if *HUGE_COPIES && bytes.len() >= COPY_MIN && in_maps(&file_maps, bytes) {
                 // The row kernels read it as stored, but from a file mapping's 4 KiB pages
                 // (Q6_K, a third of a Q4_K_M file's bytes, is not repacked: module docs).
                 let mut copy = crate::hugebuf::HugeBuf::zeroed(bytes.len());
                 copy.copy_from_slice(bytes);
-                if !embedded.contains(&w) {
-                    release_mapped(&file_maps, bytes);
-                }
-                copies.insert(key, copy);
+                copies.insert(w, copy);
+            } else {
+                continue;
             }
+            release_mapped(&file_maps, bytes);
         }
-        PackedWeights { packed, copies }
-    }
-
-    /// The bytes a matmul reads for `w`: its copy on huge pages, if it has one.
-    pub(crate) fn relocated<'a>(&'a self, w: &Weight<'a>) -> Option<&'a [u8]> {
-        self.copies.get(&(w.bytes.as_ptr() as usize, w.bytes.len())).map(|c| &c[..])
+        let weights: Arc<dyn WeightSource> =
+            if copies.is_empty() { weights } else { Arc::new(HugeCopies { inner: weights, copies }) };
+        (PackedWeights { packed }, weights)
     }
 
     /// One matrix packed as [`PackedWeights::build`] packs a matmul weight (nothing when its
     /// layout or shape has no packed form): for kernel benchmarks.
     pub fn of_matrix(w: &Weight<'_>) -> PackedWeights {
         let packed = Packed::of(w).map(|p| ((w.bytes.as_ptr() as usize, w.bytes.len()), p));
-        PackedWeights { packed: packed.into_iter().collect(), copies: HashMap::new() }
+        PackedWeights { packed: packed.into_iter().collect() }
     }
 
     /// Whether no weight was packed.
     pub fn is_empty(&self) -> bool {
-        self.packed.is_empty() && self.copies.is_empty()
+        self.packed.is_empty()
     }
 
     /// `x · Wᵀ (+ bias)` from the packed form of `w`, or `None` when `w` was not packed
@@ -539,10 +552,7 @@ mod tests {
             let layout = if dtype == DType::Q6K { Layout::Q6k } else { Layout::Q3k };
             let p = Packed::with(&w, layout).unwrap();
             let key = (w.bytes.as_ptr() as usize, w.bytes.len());
-            packed.packed = Some(std::sync::Arc::new(PackedWeights {
-                packed: [(key, p)].into_iter().collect(),
-                copies: HashMap::new(),
-            }));
+            packed.packed = Some(std::sync::Arc::new(PackedWeights { packed: [(key, p)].into_iter().collect() }));
             let bias: Vec<f32> = (0..n).map(|j| j as f32 / 7.0).collect();
             for tokens in [1usize, 2, 3, 4, 7, 40] {
                 let x: Vec<f32> = (0..tokens * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0).collect();
@@ -559,39 +569,22 @@ mod tests {
         }
     }
 
-    /// A weight read from its copy on huge pages gives what it gives read in place, bit for
-    /// bit, and the copy is what is read (the stored bytes are poisoned after copying).
+    /// [`HugeCopies`] gives its copies' bytes for the copied parameters (the stored ones
+    /// poisoned after copying) and the stored bytes for the others.
     #[test]
-    fn weights_read_from_their_huge_page_copies_are_the_same() {
-        let (n, k) = (40usize, 512usize);
-        let dtype = DType::Q6K;
-        let bb = dtype.block_bytes() as usize;
-        let mut r = crate::x86::tests::rng(0x77);
-        let mut stored: Vec<u8> = (0..n * (k / 256) * bb).map(|_| r() as u8).collect();
-        for blk in stored.chunks_mut(bb) {
-            blk[208..210].copy_from_slice(&half::f16::from_f32(0.003).to_le_bytes());
+    fn huge_copies_are_what_the_session_reads() {
+        struct Stored(Vec<Vec<u8>>);
+        impl WeightSource for Stored {
+            fn bytes(&self, p: ParamId) -> &[u8] {
+                &self.0[p.index()]
+            }
         }
-        let isa = Isa::detect();
-        let plain = CpuKernels::new(isa);
-        let x: Vec<f32> = (0..3 * k).map(|i| ((i * 29 % 97) as f32 - 48.0) / 30.0).collect();
-        let want: Vec<Vec<u32>> = [1usize, 3]
-            .iter()
-            .map(|&t| plain.matmul(&x[..t * k], t, Weight { bytes: &stored, dtype, n, k }, None, 0, t).unwrap())
-            .map(|y| y.iter().map(|v| v.to_bits()).collect())
-            .collect();
-        let mut copy = crate::hugebuf::HugeBuf::zeroed(stored.len());
-        copy.copy_from_slice(&stored);
-        let key = (stored.as_ptr() as usize, stored.len());
-        let mut relocated = plain.clone();
-        relocated.packed = Some(std::sync::Arc::new(PackedWeights {
-            packed: HashMap::new(),
-            copies: [(key, copy)].into_iter().collect(),
-        }));
-        // Same address and length, other contents: only the copy holds the weights now.
-        stored.iter_mut().for_each(|b| *b = 0xff);
-        for (t, want) in [1usize, 3].into_iter().zip(want) {
-            let got = relocated.matmul(&x[..t * k], t, Weight { bytes: &stored, dtype, n, k }, None, 0, t).unwrap();
-            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "{t} token rows");
-        }
+        let want: Vec<u8> = (0..(3usize << 20)).map(|i| (i * 31 % 251) as u8).collect();
+        let mut copy = crate::hugebuf::HugeBuf::zeroed(want.len());
+        copy.copy_from_slice(&want);
+        let inner = Arc::new(Stored(vec![vec![0xff; want.len()], vec![7u8; 100]]));
+        let w = HugeCopies { inner, copies: [(ParamId(0), copy)].into_iter().collect() };
+        assert!(w.bytes(ParamId(0)) == &want[..]);
+        assert_eq!(w.bytes(ParamId(1)), &[7u8; 100][..]);
     }
 }
