@@ -573,6 +573,24 @@ fn four_bit_long(env: &Env, o: &Opts, id: &str, model: &Path, work: &Path) -> Re
     }))
 }
 
+/// `v` with `d` decimals, or "–" when it is not a number.
+fn fmt_num(v: &Value, d: usize) -> String {
+    v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into())
+}
+
+/// A mean KL divergence, 4 decimals. llama-perplexity's KL divergence reads the source's
+/// log-probabilities back rounded to 16 bits, so a file identical to the source scores a
+/// hair below zero: shown as 0.
+fn fmt_kld(v: &Value) -> String {
+    fmt_num(&v.as_f64().map(|x| x.max(0.0)).into(), 4)
+}
+
+/// llama-perplexity's summary value `key` of `v` with its uncertainty (`key_unc`).
+fn plus_minus(v: &Value, key: &str) -> String {
+    let x = if key == "kld" { fmt_kld(&v[key]) } else { fmt_num(&v[key], 4) };
+    format!("{x} ± {}", fmt_num(&v[&format!("{key}_unc")], 4))
+}
+
 /// Markdown lines for [`four_bit_long`]'s result `x`.
 fn four_bit_long_md(x: &Value) -> String {
     if x.is_null() {
@@ -584,9 +602,9 @@ fn four_bit_long_md(x: &Value) -> String {
             e.as_str().unwrap_or("").lines().last().unwrap_or("")
         );
     }
-    let f = |v: &Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into());
+    let f = fmt_num;
     let (k, l) = (&x["kiln-4bit"]["exported_gguf"], &x["llama.cpp Q4_K_M"]);
-    let pm = |v: &Value, key: &str| format!("{} ± {}", f(&v[key], 4), f(&v[&format!("{key}_unc")], 4));
+    let pm = plus_minus;
     let verdict = match (k["ppl"].as_f64(), l["ppl"].as_f64(), k["kld"].as_f64(), l["kld"].as_f64()) {
         (Some(kp), Some(lp), Some(kk), Some(lk)) => format!(
             "{}; {}",
@@ -642,11 +660,9 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
             r["source_ppl"]["llama.cpp"].as_f64().unwrap_or(0.0),
             r["source_ppl"]["kiln"].as_f64().unwrap_or(0.0),
         );
-        let f = |v: &Value, d: usize| v.as_f64().map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into());
+        let f = fmt_num;
         let mw = |v: &Value| v.as_f64().map(|x| format!("{:.2}", x / 1e6)).unwrap_or_else(|| "–".into());
-        // llama-perplexity's KL divergence reads the source's log-probabilities back rounded
-        // to 16 bits, so a file identical to the source scores a hair below zero: shown as 0.
-        let kld = |v: &Value| f(&v.as_f64().map(|x| x.max(0.0)).into(), 4);
+        let kld = fmt_kld;
         for ty in LLAMA_TYPES {
             let e = &r["llama.cpp"][*ty];
             md += &format!(
@@ -703,10 +719,7 @@ fn markdown(results: &[Value], o: &Opts, date: &str) -> String {
         let x = &r["export_4bit"];
         let (kv, lv) = (&x["vs_source"], &r["llama.cpp"]["Q4_K_M"]["vs_source"]);
         if let (Some(kk), Some(lk)) = (kv["kld"].as_f64(), lv["kld"].as_f64()) {
-            let pm = |v: &Value, k: &str| {
-                let x = if k == "kld" { kld(&v[k]) } else { f(&v[k], 4) };
-                format!("{x} ± {}", f(&v[&format!("{k}_unc")], 4))
-            };
+            let pm = plus_minus;
             md += &format!(
                 "- kiln-4bit vs Q4_K_M against the source (llama-perplexity --kl-divergence): KLD {} vs {}, ln(PPL/PPL(source)) {} vs {}, same top token {}% vs {}%: {}\n",
                 pm(kv, "kld"),
